@@ -1,0 +1,255 @@
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::ConfigError;
+
+/// The resolved address of the client, in the request extensions.
+///
+/// Set once by [`ClientIpLayer`](crate::client_ip::ClientIpLayer) from the TCP peer
+/// and, when the peer is a trusted proxy, the forwarded header; read by the allowlist,
+/// the rate limiter and the access log. An IPv4-mapped IPv6 address
+/// (`::ffff:192.0.2.1`) is always stored as plain IPv4.
+///
+/// A request without this extension has no resolvable client address, and the layers
+/// that need one treat it as denied, never as allowed.
+///
+/// ```
+/// use portcullis::ClientIp;
+/// let ip = ClientIp::new("::ffff:192.0.2.1".parse().unwrap());
+/// assert_eq!(ip.addr().to_string(), "192.0.2.1");
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientIp(IpAddr);
+
+impl ClientIp {
+    /// Wraps an address, normalising IPv4-mapped IPv6 to IPv4.
+    pub fn new(addr: IpAddr) -> Self {
+        Self(addr.to_canonical())
+    }
+
+    /// The client address.
+    pub fn addr(self) -> IpAddr {
+        self.0
+    }
+}
+
+impl From<ClientIp> for IpAddr {
+    fn from(ip: ClientIp) -> Self {
+        ip.0
+    }
+}
+
+impl fmt::Debug for ClientIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientIp({})", self.0)
+    }
+}
+
+impl fmt::Display for ClientIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// A set of IPv4 and IPv6 networks, checked in O(log n).
+///
+/// Parsed from a comma-separated list (the form an environment variable holds) of
+/// CIDRs or single addresses. A CIDR with host bits set (`10.0.0.1/8`) is refused as
+/// ambiguous rather than guessed at; an IPv4-mapped IPv6 network
+/// (`::ffff:10.0.0.0/104`) is stored as the IPv4 network it names, since addresses
+/// are normalised the same way before lookup.
+///
+/// ```
+/// use portcullis::IpSet;
+/// let set = IpSet::parse("10.0.0.0/8, 2001:db8::/32, 192.0.2.7").unwrap();
+/// assert!(set.contains("10.20.30.40".parse().unwrap()));
+/// assert!(set.contains("::ffff:10.0.0.1".parse().unwrap()));
+/// assert!(set.contains("2001:db8::1".parse().unwrap()));
+/// assert!(!set.contains("192.0.2.8".parse().unwrap()));
+/// let err = IpSet::parse("10.0.0.1/8").unwrap_err();
+/// assert!(err.to_string().contains("host bits"));
+/// ```
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct IpSet {
+    nets: Vec<IpNet>,
+    // Sorted, merged, inclusive ranges for the lookup.
+    v4: Vec<(u32, u32)>,
+    v6: Vec<(u128, u128)>,
+}
+
+impl IpSet {
+    /// Parses a comma-separated list. Empty entries are refused, so is an empty list.
+    pub fn parse(list: &str) -> Result<Self, ConfigError> {
+        let mut nets = Vec::new();
+        for (i, entry) in list.split(',').enumerate() {
+            nets.push(
+                parse_net(entry.trim())
+                    .map_err(|why| ConfigError::new(format!("IP list entry {}: {why}", i + 1)))?,
+            );
+        }
+        Self::from_nets(nets)
+    }
+
+    /// Builds a set from networks. An empty set is refused: a list that matches
+    /// nothing is almost always a configuration mistake.
+    pub fn from_nets(nets: impl IntoIterator<Item = IpNet>) -> Result<Self, ConfigError> {
+        let nets: Vec<IpNet> = nets.into_iter().map(normalise_net).collect();
+        if nets.is_empty() {
+            return Err(ConfigError::new("IP list is empty"));
+        }
+        let mut v4: Vec<(u32, u32)> = Vec::new();
+        let mut v6: Vec<(u128, u128)> = Vec::new();
+        for net in &nets {
+            match net {
+                IpNet::V4(n) => v4.push((n.network().into(), n.broadcast().into())),
+                IpNet::V6(n) => v6.push((n.network().into(), n.broadcast().into())),
+            }
+        }
+        Ok(Self {
+            nets,
+            v4: merge(v4),
+            v6: merge(v6),
+        })
+    }
+
+    /// Whether `ip` (normalised first) is inside one of the networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match ip.to_canonical() {
+            IpAddr::V4(a) => in_ranges(&self.v4, u32::from(a)),
+            IpAddr::V6(a) => in_ranges(&self.v6, u128::from(a)),
+        }
+    }
+
+    /// The networks, as configured (after normalisation).
+    pub fn nets(&self) -> &[IpNet] {
+        &self.nets
+    }
+}
+
+impl fmt::Debug for IpSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.nets.iter().map(ToString::to_string))
+            .finish()
+    }
+}
+
+impl std::str::FromStr for IpSet {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        Self::parse(s)
+    }
+}
+
+fn parse_net(s: &str) -> Result<IpNet, &'static str> {
+    if s.is_empty() {
+        return Err("empty entry");
+    }
+    if !s.contains('/') {
+        let ip: IpAddr = s.parse().map_err(|_| "not an IP address or CIDR")?;
+        return Ok(IpNet::from(ip));
+    }
+    let net: IpNet = s.parse().map_err(|_| "not an IP address or CIDR")?;
+    if net.addr() != net.network() {
+        return Err("host bits are set below the prefix (write the network address)");
+    }
+    Ok(net)
+}
+
+fn normalise_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(n) = net {
+        if let (Some(v4), true) = (n.addr().to_ipv4_mapped(), n.prefix_len() >= 96) {
+            if let Ok(n4) = Ipv4Net::new(v4, n.prefix_len() - 96) {
+                return IpNet::V4(n4.trunc());
+            }
+        }
+    }
+    net.trunc()
+}
+
+fn merge<T: Ord + Copy + num::One>(mut r: Vec<(T, T)>) -> Vec<(T, T)> {
+    r.sort_unstable();
+    let mut out: Vec<(T, T)> = Vec::with_capacity(r.len());
+    for (lo, hi) in r {
+        match out.last_mut() {
+            Some((_, phi)) if lo <= num::succ(*phi) => *phi = (*phi).max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+fn in_ranges<T: Ord + Copy>(ranges: &[(T, T)], x: T) -> bool {
+    // Index of the first range starting after x; the one before it may contain x.
+    let i = ranges.partition_point(|&(lo, _)| lo <= x);
+    i > 0 && x <= ranges[i - 1].1
+}
+
+mod num {
+    pub(super) trait One: Sized {
+        fn checked_succ(self) -> Option<Self>;
+    }
+    impl One for u32 {
+        fn checked_succ(self) -> Option<Self> {
+            self.checked_add(1)
+        }
+    }
+    impl One for u128 {
+        fn checked_succ(self) -> Option<Self> {
+            self.checked_add(1)
+        }
+    }
+    /// x + 1, saturating: adjacent ranges merge, and the top of the space stays put.
+    pub(super) fn succ<T: One + Copy>(x: T) -> T {
+        x.checked_succ().unwrap_or(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_name_the_entry() {
+        for (list, pos) in [
+            ("", 1),
+            ("10.0.0.0/8,", 2),
+            ("10.0.0.0/8, x", 2),
+            ("1.2.3.4/33", 1),
+        ] {
+            let e = IpSet::parse(list).unwrap_err().to_string();
+            assert!(e.contains(&format!("entry {pos}")), "{list:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn lookup_matches_linear_scan() {
+        let set = IpSet::parse(
+            "10.0.0.0/8, 10.1.0.0/16, 192.168.0.0/24, 192.168.1.0/24, 0.0.0.0/32, 255.255.255.255, ::/128, 2001:db8::/32, ::ffff:172.16.0.0/108",
+        )
+        .unwrap();
+        assert!(set.contains("172.16.5.1".parse().unwrap()));
+        assert!(!set.contains("172.32.0.1".parse().unwrap()));
+        for probe in [
+            "9.255.255.255",
+            "10.0.0.0",
+            "11.0.0.0",
+            "192.167.255.255",
+            "192.168.1.255",
+            "192.168.2.0",
+            "0.0.0.0",
+            "0.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "2001:db8:ffff::1",
+            "2001:db9::",
+        ] {
+            let ip: IpAddr = probe.parse().unwrap();
+            let linear = set.nets().iter().any(|n| n.contains(&ip.to_canonical()));
+            assert_eq!(set.contains(ip), linear, "{probe}");
+        }
+    }
+}

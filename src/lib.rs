@@ -1,0 +1,105 @@
+//! # portcullis
+//!
+//! Composable [tower] layers that guard the front door of a hyper-based service
+//! (plain hyper 1, axum, tonic). Each layer does one check, is usable on its own, and
+//! refuses a request with a generic `application/problem+json` response that never
+//! echoes what the client sent.
+//!
+//! The request path, outermost first:
+//!
+//! | layer | module | what it does |
+//! |---|---|---|
+//! | [`ClientIpLayer`](client_ip::ClientIpLayer) | [`client_ip`] | resolve the real client address once: the TCP peer, or a forwarded header when the peer is a trusted proxy |
+//! | [`IpAllowlistLayer`](allowlist::IpAllowlistLayer) | [`allowlist`] | 403 unless the client address is inside the allowed CIDRs |
+//!
+//! Layers talk to each other through request extensions: [`ClientIp`] and
+//! [`Principal`]. Every refusal is built by one module, [`rejection`], so every layer
+//! answers in the same shape.
+//!
+//! ## Example
+//!
+//! Plain hyper has no peer address in the request: attach it per connection with
+//! [`PeerAddrLayer`](client_ip::PeerAddrLayer), then resolve and check it.
+//!
+//! ```
+//! # #[cfg(all(feature = "client-ip", feature = "allowlist"))]
+//! # fn main() -> Result<(), portcullis::ConfigError> {
+//! use std::convert::Infallible;
+//! use std::net::SocketAddr;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use portcullis::allowlist::{IpAllowlistLayer, IpSet};
+//! use portcullis::client_ip::{ClientIpConfig, ClientIpLayer, PeerAddrLayer};
+//! use portcullis::ClientIp;
+//! use tower::ServiceBuilder;
+//!
+//! let client_ip = ClientIpLayer::new(ClientIpConfig::trusted_proxies("10.0.0.0/8")?);
+//! let allowlist = IpAllowlistLayer::new(IpSet::parse("10.0.0.0/8, 192.168.0.0/16")?);
+//!
+//! // Per accepted connection:
+//! let peer: SocketAddr = "10.1.2.3:51000".parse().unwrap();
+//! let service = ServiceBuilder::new()
+//!     .layer(PeerAddrLayer::new(peer))
+//!     .layer(client_ip.clone())
+//!     .layer(allowlist.clone())
+//!     .service_fn(|req: Request<Full<Bytes>>| async move {
+//!         let ip = req.extensions().get::<ClientIp>().copied();
+//!         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{ip:?}")))))
+//!     });
+//! # let _ = service;
+//! # Ok(())
+//! # }
+//! # #[cfg(not(all(feature = "client-ip", feature = "allowlist")))]
+//! # fn main() {}
+//! ```
+//!
+//! ## Response bodies
+//!
+//! A layer that refuses a request builds the body itself, so every layer requires the
+//! response body type to implement `From<Bytes>`. `http_body_util::Full<Bytes>`,
+//! `axum::body::Body` and `String`-free custom bodies that wrap bytes all do. The
+//! body type passes through unchanged: stacking layers never nests body types.
+//!
+//! ## Features
+//!
+//! Each layer sits behind its own cargo feature; all features are additive.
+//!
+//! - `client-ip` (default): [`client_ip`].
+//! - `allowlist` (default): [`allowlist`].
+//! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
+//! - `fuzzing`: the entry points of the cargo-fuzz targets, for the corpus replay tests.
+//!
+//! ## What portcullis does not do
+//!
+//! See `SECURITY.md` for the threat model: what each layer defends against and what
+//! it leaves to you (TLS, body limits, authorisation beyond scopes).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(unreachable_pub, missing_debug_implementations, rust_2018_idioms)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod error;
+pub mod future;
+mod ip;
+mod principal;
+pub mod rejection;
+
+#[cfg(feature = "client-ip")]
+pub mod client_ip;
+
+#[cfg(feature = "allowlist")]
+pub mod allowlist;
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
+pub use error::ConfigError;
+pub use ip::{ClientIp, IpSet};
+pub use principal::{AuthMethod, Principal, Scopes};
+
+/// The README's examples are compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
