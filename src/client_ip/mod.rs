@@ -1,0 +1,399 @@
+//! Resolve the real client address once, from the TCP peer and trusted proxies.
+//!
+//! The source of truth is the TCP peer. Forwarding headers are read **only** when
+//! the peer is inside the configured trusted-proxy networks; from anyone else they
+//! are client-written and ignored. The header is walked right to left over all its
+//! instances: trusted hops are skipped and the first untrusted address is the client.
+//! An `unknown`, obfuscated or unparsable entry stops the walk and the request gets
+//! no [`ClientIp`] (the allowlist then denies it), because everything to the left of
+//! such an entry could have been written by anyone.
+//!
+//! Plain hyper has no peer address in the request: wrap each connection's service in
+//! [`PeerAddrLayer`]. With the `axum` feature, axum's `ConnectInfo<SocketAddr>` (from
+//! `into_make_service_with_connect_info`) is accepted too. A request with neither is
+//! a wiring bug: it is answered with 500 and logged at error level, never resolved to
+//! a made-up address.
+//!
+//! ```
+//! use portcullis::client_ip::{ClientIpConfig, ClientIpLayer, ForwardedHeader};
+//!
+//! // Behind two load balancers in 10.0.0.0/8 that append to `Forwarded`:
+//! let layer = ClientIpLayer::new(
+//!     ClientIpConfig::trusted_proxies("10.0.0.0/8")?.header(ForwardedHeader::Forwarded),
+//! );
+//! // Exposed directly, no proxy: headers are never read.
+//! let direct = ClientIpLayer::new(ClientIpConfig::peer_only());
+//! # let _ = (layer, direct);
+//! # Ok::<(), portcullis::ConfigError>(())
+//! ```
+//!
+//! ## Costs and limits
+//! From an untrusted peer: one set lookup, no header parsing. From a trusted peer:
+//! one pass over at most [`MAX_HOPS`] entries from the right (no allocation for
+//! `X-Forwarded-For`; one small vector per `Forwarded` instance).
+
+mod parse;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{FORWARDED, HeaderMap, HeaderName};
+use http::{Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+pub use crate::ClientIp;
+use crate::ConfigError;
+pub use crate::IpSet;
+use crate::future::ResponseFuture;
+use crate::rejection::Rejection;
+pub use parse::{
+    Forwarded, MAX_HOPS, Node, parse_forwarded, parse_x_forwarded_for, parse_x_real_ip, walk,
+    walk_depth,
+};
+
+/// The TCP peer of the connection, in the request extensions.
+///
+/// Inserted by [`PeerAddrLayer`] for plain hyper servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Which forwarding header the trusted proxies write. Exactly one is read: reading a
+/// second header that the proxies do not sanitise would let a client write its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2` (the default; what most proxies write).
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    Forwarded,
+    /// `X-Real-IP: client`: one address set by the nearest proxy. Several instances
+    /// are ambiguous and resolve to nothing.
+    XRealIp,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Skip trusted hops; the first untrusted one is the client.
+    Trusted,
+    /// The n-th entry from the right is the client.
+    Depth(usize),
+}
+
+/// How the client address is found. One resolver serves every layer that needs it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientIpConfig {
+    trusted: Option<IpSet>,
+    header: ForwardedHeader,
+    mode: Mode,
+}
+
+impl ClientIpConfig {
+    /// The peer is the client; forwarding headers are never read. The safe default
+    /// for a service that is reached directly.
+    pub fn peer_only() -> Self {
+        Self {
+            trusted: None,
+            header: ForwardedHeader::default(),
+            mode: Mode::Trusted,
+        }
+    }
+
+    /// Read `X-Forwarded-For` (see [`header`](Self::header)) from peers inside these
+    /// comma-separated networks, skipping hops inside them.
+    pub fn trusted_proxies(cidrs: &str) -> Result<Self, ConfigError> {
+        Ok(Self::trusted_proxy_set(IpSet::parse(cidrs)?))
+    }
+
+    /// As [`trusted_proxies`](Self::trusted_proxies), from a parsed set.
+    pub fn trusted_proxy_set(set: IpSet) -> Self {
+        Self {
+            trusted: Some(set),
+            header: ForwardedHeader::default(),
+            mode: Mode::Trusted,
+        }
+    }
+
+    /// Which header the trusted proxies write.
+    pub fn header(mut self, header: ForwardedHeader) -> Self {
+        self.header = header;
+        self
+    }
+
+    /// Hop-count mode, for proxies whose addresses are not known in advance: when
+    /// the peer is trusted, the client is the `depth`-th entry from the right of the
+    /// header (1 = the entry the peer appended). `depth` must be 1 to [`MAX_HOPS`],
+    /// and the peer must still be inside the trusted networks, so that a client
+    /// connecting directly cannot choose its own address.
+    pub fn depth(mut self, depth: usize) -> Result<Self, ConfigError> {
+        if self.trusted.is_none() {
+            return Err(ConfigError::new(
+                "client IP depth mode needs trusted proxies for the peer",
+            ));
+        }
+        if !(1..=MAX_HOPS).contains(&depth) {
+            return Err(ConfigError::new(format!(
+                "client IP depth must be between 1 and {MAX_HOPS}"
+            )));
+        }
+        self.mode = Mode::Depth(depth);
+        Ok(self)
+    }
+
+    /// Resolves the client address of a request from `peer`. `None` when a trusted
+    /// proxy reported an address that cannot be used (see the module docs).
+    ///
+    /// ```
+    /// use http::HeaderMap;
+    /// use portcullis::client_ip::ClientIpConfig;
+    /// let cfg = ClientIpConfig::trusted_proxies("127.0.0.0/8").unwrap();
+    /// let mut h = HeaderMap::new();
+    /// h.append("x-forwarded-for", "203.0.113.5, 127.0.0.2".parse().unwrap());
+    /// assert_eq!(cfg.resolve("127.0.0.1".parse().unwrap(), &h), Some("203.0.113.5".parse().unwrap()));
+    /// assert_eq!(cfg.resolve("192.0.2.1".parse().unwrap(), &h), Some("192.0.2.1".parse().unwrap()));
+    /// ```
+    pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> Option<IpAddr> {
+        let peer = peer.to_canonical();
+        let Some(trusted) = &self.trusted else {
+            return Some(peer);
+        };
+        let is_trusted = |ip: IpAddr| trusted.contains(ip);
+        if !is_trusted(peer) {
+            return Some(peer);
+        }
+        match self.header {
+            ForwardedHeader::XForwardedFor => {
+                let nodes = headers
+                    .get_all(&X_FORWARDED_FOR)
+                    .iter()
+                    .rev()
+                    .flat_map(|v| parse_x_forwarded_for(v.as_bytes()));
+                self.pick(peer, nodes, is_trusted)
+            }
+            ForwardedHeader::Forwarded => {
+                let nodes = headers.get_all(FORWARDED).iter().rev().flat_map(|v| {
+                    // Elements are delimited left to right (quotes may hide commas), so
+                    // a value is parsed whole and then read from its right end.
+                    let mut per_value: Vec<Node> = parse_forwarded(v.as_bytes()).collect();
+                    per_value.reverse();
+                    per_value
+                });
+                self.pick(peer, nodes, is_trusted)
+            }
+            ForwardedHeader::XRealIp => {
+                let mut values = headers.get_all(&X_REAL_IP).iter();
+                match (values.next(), values.next()) {
+                    (Some(v), None) => match parse_x_real_ip(v.as_bytes()) {
+                        Node::Ip(ip) => Some(ip),
+                        _ => None,
+                    },
+                    (None, _) => Some(peer),
+                    (Some(_), Some(_)) => None,
+                }
+            }
+        }
+    }
+
+    fn pick(
+        &self,
+        peer: IpAddr,
+        nodes: impl Iterator<Item = Node>,
+        is_trusted: impl Fn(IpAddr) -> bool,
+    ) -> Option<IpAddr> {
+        match self.mode {
+            Mode::Trusted => walk(peer, nodes, is_trusted),
+            Mode::Depth(d) => walk_depth(peer, nodes, d, is_trusted),
+        }
+    }
+}
+
+impl fmt::Debug for ClientIpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIpConfig")
+            .field("trusted", &self.trusted)
+            .field("header", &self.header)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// Inserts the connection's [`PeerAddr`] into every request; build one per accepted
+/// connection.
+///
+/// ```
+/// use portcullis::client_ip::PeerAddrLayer;
+/// use tower::ServiceBuilder;
+/// # async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+/// let (_stream, peer) = listener.accept().await?;
+/// let svc = ServiceBuilder::new()
+///     .layer(PeerAddrLayer::new(peer))
+///     .service_fn(|_req: http::Request<()>| async { Ok::<_, std::convert::Infallible>(http::Response::new(())) });
+/// # let _ = svc; Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddrLayer {
+    peer: SocketAddr,
+}
+
+impl PeerAddrLayer {
+    /// The layer for one connection from `peer`.
+    pub fn new(peer: SocketAddr) -> Self {
+        Self { peer }
+    }
+}
+
+impl<S> Layer<S> for PeerAddrLayer {
+    type Service = AddPeerAddr<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AddPeerAddr {
+            inner,
+            peer: self.peer,
+        }
+    }
+}
+
+/// Service that inserts [`PeerAddr`]; see [`PeerAddrLayer`].
+#[derive(Clone, Copy, Debug)]
+pub struct AddPeerAddr<S> {
+    inner: S,
+    peer: SocketAddr,
+}
+
+impl<S> AddPeerAddr<S> {
+    /// Gets a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    /// Gets a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for AddPeerAddr<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        req.extensions_mut().insert(PeerAddr(self.peer));
+        self.inner.call(req)
+    }
+}
+
+/// Resolves [`ClientIp`] once per request; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ClientIpLayer {
+    config: std::sync::Arc<ClientIpConfig>,
+}
+
+impl ClientIpLayer {
+    /// A layer resolving with `config`.
+    pub fn new(config: ClientIpConfig) -> Self {
+        Self {
+            config: std::sync::Arc::new(config),
+        }
+    }
+}
+
+impl<S> Layer<S> for ClientIpLayer {
+    type Service = ClientIpService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ClientIpService {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Service that resolves [`ClientIp`]; see [`ClientIpLayer`].
+#[derive(Clone, Debug)]
+pub struct ClientIpService<S> {
+    inner: S,
+    config: std::sync::Arc<ClientIpConfig>,
+}
+
+impl<S> ClientIpService<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, config: ClientIpConfig) -> Self {
+        ClientIpLayer::new(config).layer(inner)
+    }
+    /// Gets a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    /// Gets a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The peer address of a request: [`PeerAddr`], else axum's `ConnectInfo`.
+pub fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
+    if let Some(p) = req.extensions().get::<PeerAddr>() {
+        return Some(p.0);
+    }
+    #[cfg(feature = "axum")]
+    if let Some(c) = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(c.0);
+    }
+    None
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ClientIpService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: From<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let Some(peer) = peer_addr(&req) else {
+            tracing::error!(
+                target: "portcullis::client_ip",
+                "request has no peer address: wrap each connection in PeerAddrLayer (or serve axum with connect info); answering 500"
+            );
+            return ResponseFuture::rejected(Rejection::misconfigured().into_response());
+        };
+        match self.config.resolve(peer.ip(), req.headers()) {
+            Some(ip) => {
+                req.extensions_mut().insert(ClientIp::new(ip));
+            }
+            None => tracing::debug!(
+                target: "portcullis::client_ip",
+                "a trusted proxy reported no usable client address; request has no ClientIp"
+            ),
+        }
+        ResponseFuture::inner(self.inner.call(req))
+    }
+}

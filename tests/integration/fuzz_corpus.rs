@@ -1,0 +1,21 @@
+//! Replays every cargo-fuzz seed corpus through the function its target runs.
+
+use std::path::Path;
+
+fn replay(target: &str, f: fn(&[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        f(&std::fs::read(&path).unwrap());
+        n += 1;
+    }
+    assert!(n > 0, "empty corpus for {target}");
+}
+
+#[test]
+fn forwarded_headers_corpus() {
+    replay("forwarded_headers", portcullis::fuzzing::forwarded_headers);
+}

@@ -1,0 +1,14 @@
+//! Integration tests: real hyper servers on loopback, driven over TCP.
+//!
+//! One test binary (modules below) keeps link time down.
+
+mod common;
+
+#[cfg(feature = "allowlist")]
+mod allowlist;
+#[cfg(feature = "client-ip")]
+mod client_ip;
+#[cfg(feature = "fuzzing")]
+mod fuzz_corpus;
+#[cfg(feature = "client-ip")]
+mod properties;

@@ -1,0 +1,153 @@
+//! Property tests on the forwarded-header parsers and the client-address walk.
+
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+
+use portcullis::IpSet;
+use portcullis::client_ip::{
+    Node, parse_forwarded, parse_x_forwarded_for, parse_x_real_ip, walk, walk_depth,
+};
+
+fn trusted() -> IpSet {
+    IpSet::parse("10.0.0.0/8, fd00::/8").unwrap()
+}
+
+/// A hop as a proxy might write it.
+#[derive(Clone, Debug)]
+enum Hop {
+    Trusted(IpAddr),
+    Untrusted(IpAddr),
+    Unknown,
+    Obfuscated,
+    Garbage(String),
+}
+
+fn hop() -> impl Strategy<Value = Hop> {
+    prop_oneof![
+        4 => (any::<[u8; 3]>()).prop_map(|b| Hop::Trusted(IpAddr::from([10, b[0], b[1], b[2]]))),
+        1 => any::<u64>().prop_map(|x| Hop::Trusted(IpAddr::from(std::net::Ipv6Addr::from((0xfd00u128 << 112) | u128::from(x))))),
+        4 => (1u8..=9, any::<[u8; 3]>()).prop_map(|(a, b)| Hop::Untrusted(IpAddr::from([a, b[0], b[1], b[2]]))),
+        1 => any::<u64>().prop_map(|x| Hop::Untrusted(IpAddr::from(std::net::Ipv6Addr::from((0x2001_0db8u128 << 96) | u128::from(x))))),
+        1 => Just(Hop::Unknown),
+        1 => "_[a-z0-9]{1,6}".prop_map(|_| Hop::Obfuscated),
+        1 => "[a-z]{1,5}".prop_map(Hop::Garbage),
+    ]
+}
+
+fn xff_text(h: &Hop) -> String {
+    match h {
+        Hop::Trusted(ip) | Hop::Untrusted(ip) => ip.to_string(),
+        Hop::Unknown => "unknown".into(),
+        Hop::Obfuscated => "_hidden".into(),
+        Hop::Garbage(g) => g.clone(),
+    }
+}
+
+fn forwarded_text(h: &Hop) -> String {
+    match h {
+        Hop::Trusted(IpAddr::V6(ip)) | Hop::Untrusted(IpAddr::V6(ip)) => {
+            format!("for=\"[{ip}]:443\"")
+        }
+        Hop::Trusted(ip) | Hop::Untrusted(ip) => format!("for={ip};proto=https"),
+        Hop::Unknown => "for=unknown".into(),
+        Hop::Obfuscated => "for=_hidden".into(),
+        Hop::Garbage(g) => format!("for=\"{g}\""),
+    }
+}
+
+/// The client by the definition, computed from the hops rather than the text.
+fn model(peer: IpAddr, hops: &[Hop]) -> Option<IpAddr> {
+    let set = trusted();
+    if !set.contains(peer) {
+        return Some(peer);
+    }
+    let mut client = peer;
+    for (i, h) in hops.iter().rev().enumerate() {
+        if i == portcullis::client_ip::MAX_HOPS {
+            return None;
+        }
+        match h {
+            Hop::Trusted(ip) => client = *ip,
+            Hop::Untrusted(ip) => return Some(*ip),
+            _ => return None,
+        }
+    }
+    Some(client)
+}
+
+/// Whether `client` appears in the chain with only trusted hops to its right.
+fn reached_through_trusted_hops(hops: &[Hop], client: IpAddr) -> bool {
+    for h in hops.iter().rev() {
+        match h {
+            Hop::Trusted(ip) | Hop::Untrusted(ip) if *ip == client => return true,
+            Hop::Trusted(_) => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
+fn peer() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        Just("10.0.0.1".parse().unwrap()),
+        Just("192.0.2.1".parse().unwrap()),
+        Just("::ffff:10.0.0.1".parse().unwrap())
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = parse_forwarded(&bytes).count();
+        let _ = parse_x_forwarded_for(&bytes).count();
+        let _ = parse_x_forwarded_for(&bytes).rev().count();
+        let _ = parse_x_real_ip(&bytes);
+        let set = trusted();
+        let _ = walk("10.0.0.1".parse().unwrap(), parse_x_forwarded_for(&bytes), |ip| set.contains(ip));
+    }
+
+    #[test]
+    fn forwarded_like_text_never_panics(s in r#"((for|For|by|proto)=("[^"\\]{0,20}"|[a-z0-9._:\[\]]{0,12})[;, ]{0,2}){0,6}"#) {
+        let _ = parse_forwarded(s.as_bytes()).count();
+    }
+
+    /// Resolution over XFF text split into random header instances equals the model
+    /// and satisfies the property: peer, or an address with only trusted hops to its right.
+    #[test]
+    fn xff_walk_matches_model(peer in peer(), hops in proptest::collection::vec(hop(), 0..40), split in any::<prop::sample::Index>()) {
+        let text: Vec<String> = hops.iter().map(xff_text).collect();
+        let cut = if hops.is_empty() { 0 } else { split.index(hops.len() + 1) };
+        let values = [text[..cut].join(", "), text[cut..].join(",")];
+        let nodes: Vec<Node> = values.iter().rev().flat_map(|v| parse_x_forwarded_for(v.as_bytes()).collect::<Vec<_>>()).collect();
+        let set = trusted();
+        let got = walk(peer, nodes.iter().copied(), |ip| set.contains(ip));
+        prop_assert_eq!(got, model(peer.to_canonical(), &hops));
+        if let Some(c) = got {
+            prop_assert!(c == peer.to_canonical() || reached_through_trusted_hops(&hops, c));
+        }
+    }
+
+    #[test]
+    fn forwarded_walk_matches_model(peer in peer(), hops in proptest::collection::vec(hop(), 0..40)) {
+        let text = hops.iter().map(forwarded_text).collect::<Vec<_>>().join(", ");
+        let mut nodes: Vec<Node> = parse_forwarded(text.as_bytes()).collect();
+        nodes.reverse();
+        let set = trusted();
+        prop_assert_eq!(walk(peer, nodes, |ip| set.contains(ip)), model(peer.to_canonical(), &hops));
+    }
+
+    /// Depth mode only ever picks an address that is in the header, or the peer.
+    #[test]
+    fn depth_picks_from_the_header(peer in peer(), hops in proptest::collection::vec(hop(), 0..10), depth in 1usize..12) {
+        let text = hops.iter().map(xff_text).collect::<Vec<_>>().join(",");
+        let set = trusted();
+        let got = walk_depth(peer, parse_x_forwarded_for(text.as_bytes()), depth, |ip| set.contains(ip));
+        if let Some(c) = got {
+            let in_header = hops.iter().any(|h| matches!(h, Hop::Trusted(ip) | Hop::Untrusted(ip) if *ip == c));
+            prop_assert!(c == peer.to_canonical() || in_header);
+        }
+    }
+}
