@@ -1,6 +1,6 @@
 //! # portcullis
 //!
-//! Composable [tower] layers that guard the front door of a hyper-based service
+//! Composable [tower](https://docs.rs/tower) layers that guard the front door of a hyper-based service
 //! (plain hyper 1, axum, tonic). Each layer does one check, is usable on its own, and
 //! refuses a request with a generic `application/problem+json` response that never
 //! echoes what the client sent.
