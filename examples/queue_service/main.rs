@@ -1,0 +1,156 @@
+//! The demo job-queue service.
+//!
+//! `cargo run --release --example queue_service` listens on 127.0.0.1:8080
+//! (`--addr HOST:PORT` or `PORTCULLIS_DEMO_ADDR` changes it; port 0 picks a free port
+//! and prints it). Logs are JSON lines on standard error. SIGINT/SIGTERM stop
+//! accepting, finish the job in flight and exit.
+//!
+//! Wiring today: the client address is resolved from the TCP peer
+//! (`ClientIpLayer`). The API-key and service-token layers are not wired yet, so no
+//! request carries a `Principal` and every route except `/health` answers 401.
+//! There is deliberately no open mode.
+//!
+//! Modules: [`queue`] the engine, [`worker`] the in-process worker, [`routes`] the
+//! HTTP handlers, [`auth`] the one scope table.
+
+mod auth;
+mod queue;
+mod routes;
+#[cfg(test)]
+mod tests;
+mod worker;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use portcullis::client_ip::{ClientIpConfig, ClientIpLayer, PeerAddr};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::queue::{Queue, QueueConfig};
+use crate::routes::{AppState, Counters};
+use crate::worker::{Worker, WorkerConfig, WorkerStatus};
+
+/// How long shutdown waits for the worker's job in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Copies axum's `ConnectInfo` into portcullis' `PeerAddr`, so `ClientIpLayer` works
+/// without the crate's `axum` feature.
+async fn peer_addr(req: Request, next: Next) -> Response {
+    let mut req = req;
+    if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() {
+        req.extensions_mut().insert(PeerAddr(addr));
+    }
+    next.run(req).await
+}
+
+/// The state shared by the routes and the worker.
+fn state(config: QueueConfig) -> AppState {
+    AppState {
+        queue: Arc::new(Queue::new(config)),
+        counters: Arc::new(Counters::default()),
+        worker: Arc::new(WorkerStatus::default()),
+    }
+}
+
+/// Serves `router` on `listener` with the worker running beside it until `shutdown`
+/// resolves; then stops accepting, lets open requests and the job in flight finish,
+/// and returns.
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    state: &AppState,
+    worker: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = tokio::spawn(
+        Worker::new(state.queue.clone(), worker, state.worker.clone()).run(stop_rx.clone()),
+    );
+    let app = router.layer(middleware::from_fn(peer_addr));
+    let mut server_stop = stop_rx;
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = server_stop.wait_for(|stop| *stop).await;
+    });
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!(event = "shutdown_requested");
+        let _ = stop_tx.send(true);
+    });
+    server.await?;
+    if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
+        tracing::warn!(
+            event = "drain_timeout",
+            "the job in flight did not finish in time"
+        );
+    }
+    tracing::info!(event = "stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// `--addr HOST:PORT`, else `PORTCULLIS_DEMO_ADDR`, else 127.0.0.1:8080.
+fn listen_addr(args: &[String], env: Option<String>) -> Result<SocketAddr, String> {
+    let raw = match args {
+        [] => env.unwrap_or_else(|| "127.0.0.1:8080".into()),
+        [flag, value] if flag == "--addr" => value.clone(),
+        _ => return Err("usage: queue_service [--addr HOST:PORT]".into()),
+    };
+    raw.parse()
+        .map_err(|_| format!("not a socket address (HOST:PORT): {raw:?}"))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addr = listen_addr(&args, std::env::var("PORTCULLIS_DEMO_ADDR").ok())?;
+
+    let state = state(QueueConfig::default());
+    let router = routes::app(state.clone())
+        // The only portcullis layer on main so far. Exposed directly: the peer is
+        // the client, forwarding headers are ignored.
+        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()));
+
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    println!("portcullis demo queue listening on http://{bound}");
+    println!(
+        "NOTE: authentication is not wired yet: every route except GET /health answers 401 \
+         until the API-key and service-token layers are added."
+    );
+    tracing::warn!(
+        event = "auth_not_wired",
+        "authentication is not wired yet; every protected route answers 401"
+    );
+    serve(listener, router, &state, WorkerConfig::default(), signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,695 @@
+//! The job-queue engine: plain Rust, no HTTP, no I/O, an injectable clock.
+//!
+//! - Only an HMAC-SHA256 of a job's input (under a random salt drawn at start and
+//!   never exported) is kept; the raw input is dropped once the demo's simulated
+//!   [`Work`] has been derived from it. The same owner enqueueing the same input gets
+//!   the existing job back (dedup); the hash covers the owner too, so one client
+//!   cannot learn whether another client submitted a given input.
+//! - States: `queued -> running -> completed | failed | cancelled | dead_lettered`,
+//!   `failed -> running` (a retry, once its backoff has passed) `| cancelled`,
+//!   `queued -> cancelled`. Anything else is [`QueueError::IllegalTransition`] and
+//!   leaves the job unchanged. `completed`, `cancelled` and `dead_lettered` are final.
+//! - Order: higher priority first, FIFO (by enqueue order) within a priority.
+//! - Every job is purged once its TTL (24 h by default) has passed, whatever its state.
+//! - Limits: `max_depth` unfinished jobs and `max_retained` jobs in total; beyond
+//!   either, [`QueueError::Full`].
+//!
+//! Costs: enqueue/take/transition are `O(log n)` under one mutex; nothing is persisted.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// Where the engine reads the time. Tests inject a [`ManualClock`].
+pub trait Clock: Send + Sync + 'static {
+    /// The current instant.
+    fn now(&self) -> Instant;
+}
+
+/// tokio's clock: real time, or virtual time under `tokio::time::pause`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+/// A clock that only moves when told to.
+#[allow(dead_code)]
+#[derive(Debug)]
+pub struct ManualClock(Mutex<Instant>);
+
+#[allow(dead_code)]
+impl ManualClock {
+    /// Starts at the current instant.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self(Mutex::new(Instant::now())))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, d: Duration) {
+        *self.0.lock().unwrap() += d;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// A job id: 128 random bits, shown as 32 lowercase hex digits. Unguessable, so a
+/// client cannot walk other clients' ids.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId([u8; 16]);
+
+impl JobId {
+    fn random() -> Self {
+        let mut b = [0u8; 16];
+        getrandom::fill(&mut b).expect("the OS random source is available");
+        Self(b)
+    }
+
+    /// Parses 32 lowercase hex digits; anything else is `None`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.as_bytes();
+        if s.len() != 32 {
+            return None;
+        }
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let mut b = [0u8; 16];
+        for (i, pair) in s.chunks(2).enumerate() {
+            b[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        }
+        Some(Self(b))
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for JobId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A job's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a worker.
+    Queued,
+    /// Taken by a worker.
+    Running,
+    /// Done (final).
+    Completed,
+    /// An attempt failed; retried once its backoff has passed.
+    Failed,
+    /// Cancelled by its owner (final).
+    Cancelled,
+    /// Failed `max_attempts` times; in the dead-letter queue (final).
+    DeadLettered,
+}
+
+impl JobState {
+    /// Every state, in display order.
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::DeadLettered,
+    ];
+
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::DeadLettered => "dead_lettered",
+        }
+    }
+
+    /// Whether a job may go from `self` to `to`. The one transition table.
+    pub fn can_become(self, to: JobState) -> bool {
+        use JobState::*;
+        matches!(
+            (self, to),
+            (Queued, Running)
+                | (Queued, Cancelled)
+                | (Running, Completed)
+                | (Running, Failed)
+                | (Running, Cancelled)
+                | (Running, DeadLettered)
+                | (Failed, Running)
+                | (Failed, Cancelled)
+        )
+    }
+
+    /// Counts toward the queue depth (not finished).
+    pub fn is_open(self) -> bool {
+        matches!(
+            self,
+            JobState::Queued | JobState::Running | JobState::Failed
+        )
+    }
+}
+
+/// What the demo's simulated job does, derived from the input at enqueue time (the
+/// input itself is not kept). Real work would be looked up by the input's owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Work {
+    /// Succeeds.
+    Succeed,
+    /// Input starting with `fail`: fails on every attempt (ends in the DLQ).
+    Fail,
+    /// Input starting with `flaky`: fails on its first attempt, then succeeds.
+    Flaky,
+    /// Input starting with `slow`: takes ten times as long (for shutdown drains).
+    Slow,
+}
+
+impl Work {
+    /// The simulated behaviour of an input.
+    pub fn of(input: &str) -> Self {
+        if input.starts_with("fail") {
+            Work::Fail
+        } else if input.starts_with("flaky") {
+            Work::Flaky
+        } else if input.starts_with("slow") {
+            Work::Slow
+        } else {
+            Work::Succeed
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: attempt `n` (1-based) waits a uniformly
+/// random time in `[0, min(cap, base * 2^(n-1))]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    /// The ceiling of the first retry.
+    pub base: Duration,
+    /// The largest ceiling.
+    pub cap: Duration,
+}
+
+impl Backoff {
+    /// The ceiling after `attempts` failed attempts (at least 1).
+    pub fn ceiling(&self, attempts: u32) -> Duration {
+        let exp = attempts.saturating_sub(1).min(31);
+        self.base.saturating_mul(1u32 << exp).min(self.cap)
+    }
+
+    /// Full jitter: `unit` is a uniform random number; the delay is in
+    /// `[0, ceiling(attempts)]`.
+    pub fn delay(&self, attempts: u32, unit: u64) -> Duration {
+        let ceiling = self.ceiling(attempts).as_millis() as u64;
+        Duration::from_millis(unit % (ceiling + 1))
+    }
+}
+
+/// Engine limits and policies.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueConfig {
+    /// At most this many unfinished (queued, running, failed) jobs.
+    pub max_depth: usize,
+    /// At most this many jobs in any state (finished ones stay until their TTL).
+    pub max_retained: usize,
+    /// A job is purged this long after it was enqueued.
+    pub ttl: Duration,
+    /// A job that failed this many attempts is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay between attempts.
+    pub backoff: Backoff,
+    /// The `Retry-After` a full queue suggests.
+    pub full_retry_after: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_depth: 1_000,
+            max_retained: 10_000,
+            ttl: Duration::from_secs(24 * 60 * 60),
+            max_attempts: 3,
+            backoff: Backoff {
+                base: Duration::from_millis(500),
+                cap: Duration::from_secs(30),
+            },
+            full_retry_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why an engine call was refused. The queue is unchanged in every case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueError {
+    /// No such job (never existed, expired, or not the caller's).
+    NotFound,
+    /// The transition is not in [`JobState::can_become`], or a retry before its time.
+    IllegalTransition {
+        /// The state the job is in (and stays in).
+        from: JobState,
+        /// The state asked for.
+        to: JobState,
+    },
+    /// Progress outside `0..=100`.
+    BadProgress,
+    /// The queue is at its depth or retention limit.
+    Full {
+        /// When to try again.
+        retry_after: Duration,
+    },
+}
+
+/// A snapshot of one job, safe to show to its owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct JobView {
+    /// The id.
+    pub id: JobId,
+    /// The state.
+    pub state: JobState,
+    /// Higher runs first.
+    pub priority: u8,
+    /// 0..=100.
+    pub progress: u8,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Seconds until the job is purged.
+    pub expires_in_secs: u64,
+    /// The principal that enqueued it (a public id).
+    #[serde(skip)]
+    pub owner: Arc<str>,
+    /// What the simulated worker does with it.
+    #[serde(skip)]
+    pub work: Work,
+}
+
+/// Queue figures for the admin endpoints and the dashboard.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    /// Unfinished jobs: queued, running or failed-awaiting-retry.
+    pub queue_depth: usize,
+    /// Dead-lettered jobs.
+    pub dead_letter_depth: usize,
+    /// Jobs per state (every state present).
+    pub jobs_by_state: BTreeMap<&'static str, usize>,
+}
+
+/// The outcome of an enqueue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    /// A new job.
+    New(JobView),
+    /// The owner already has a job for this input.
+    Existing(JobView),
+}
+
+struct Job {
+    id: JobId,
+    hash: [u8; 32],
+    owner: Arc<str>,
+    work: Work,
+    priority: u8,
+    seq: u64,
+    state: JobState,
+    progress: u8,
+    attempts: u32,
+    expires: Instant,
+    retry_at: Option<Instant>,
+    changed: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: HashMap<JobId, Job>,
+    by_hash: HashMap<[u8; 32], JobId>,
+    /// Jobs a worker may take now: (higher priority first, then FIFO).
+    ready: BTreeSet<(Reverse<u8>, u64, JobId)>,
+    /// Failed jobs waiting for their backoff to pass.
+    retries: BTreeSet<(Instant, JobId)>,
+    /// Every job by its purge deadline.
+    expiry: BTreeSet<(Instant, JobId)>,
+    dead: BTreeSet<(u64, JobId)>,
+    /// Jobs in an open state (the queue depth).
+    open: usize,
+    next_seq: u64,
+}
+
+/// The engine. Cheap to share behind an `Arc`.
+pub struct Queue {
+    inner: Mutex<Inner>,
+    salt: [u8; 32],
+    config: QueueConfig,
+    clock: Arc<dyn Clock>,
+    jitter: fn() -> u64,
+}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the salt.
+        f.debug_struct("Queue")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn os_random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the OS random source is available");
+    u64::from_le_bytes(b)
+}
+
+impl Queue {
+    /// A queue on tokio's clock with a fresh random salt.
+    pub fn new(config: QueueConfig) -> Self {
+        Self::with_clock(config, Arc::new(TokioClock))
+    }
+
+    /// A queue on the given clock.
+    pub fn with_clock(config: QueueConfig, clock: Arc<dyn Clock>) -> Self {
+        let mut salt = [0u8; 32];
+        getrandom::fill(&mut salt).expect("the OS random source is available");
+        Self {
+            inner: Mutex::new(Inner::default()),
+            salt,
+            config,
+            clock,
+            jitter: os_random_u64,
+        }
+    }
+
+    /// Replaces the jitter source (tests pass a constant).
+    #[allow(dead_code)]
+    pub fn with_jitter(mut self, jitter: fn() -> u64) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The current time on the queue's clock.
+    pub fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
+    fn hash(&self, owner: &str, input: &str) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.salt).expect("any key length");
+        // Length-prefixed so (owner, input) pairs cannot collide by concatenation.
+        mac.update(&(owner.len() as u64).to_be_bytes());
+        mac.update(owner.as_bytes());
+        mac.update(input.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Locks the state and drops every job whose TTL has passed.
+    fn lock(&self) -> (MutexGuard<'_, Inner>, Instant) {
+        let now = self.clock.now();
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.purge_expired(now);
+        g.promote_due(now);
+        (g, now)
+    }
+
+    /// Enqueues `input` for `owner`, or returns the owner's existing job for it.
+    pub fn enqueue(&self, owner: &str, input: &str, priority: u8) -> Result<Enqueued, QueueError> {
+        let hash = self.hash(owner, input);
+        let (mut g, now) = self.lock();
+        if let Some(id) = g.by_hash.get(&hash) {
+            return Ok(Enqueued::Existing(g.jobs[id].view(now)));
+        }
+        if g.open >= self.config.max_depth || g.jobs.len() >= self.config.max_retained {
+            return Err(QueueError::Full {
+                retry_after: self.config.full_retry_after,
+            });
+        }
+        let id = JobId::random();
+        let seq = g.next_seq;
+        g.next_seq += 1;
+        let job = Job {
+            id,
+            hash,
+            owner: owner.into(),
+            work: Work::of(input),
+            priority,
+            seq,
+            state: JobState::Queued,
+            progress: 0,
+            attempts: 0,
+            expires: now + self.config.ttl,
+            retry_at: None,
+            changed: now,
+        };
+        let view = job.view(now);
+        g.ready.insert((Reverse(priority), seq, id));
+        g.expiry.insert((job.expires, id));
+        g.by_hash.insert(hash, id);
+        g.jobs.insert(id, job);
+        g.open += 1;
+        Ok(Enqueued::New(view))
+    }
+
+    /// One job, if it exists and has not expired.
+    pub fn get(&self, id: JobId) -> Result<JobView, QueueError> {
+        let (g, now) = self.lock();
+        g.jobs
+            .get(&id)
+            .map(|j| j.view(now))
+            .ok_or(QueueError::NotFound)
+    }
+
+    /// Takes the next job by priority (then FIFO) and marks it running.
+    pub fn take_next(&self) -> Option<JobView> {
+        let (mut g, now) = self.lock();
+        let &(_, _, id) = g.ready.first()?;
+        g.transition(id, JobState::Running, now).ok()
+    }
+
+    /// Marks one specific job running (a worker claiming it by id).
+    pub fn start(&self, id: JobId) -> Result<JobView, QueueError> {
+        let (mut g, now) = self.lock();
+        g.transition(id, JobState::Running, now)
+    }
+
+    /// Records progress on a running job.
+    pub fn progress(&self, id: JobId, progress: u8) -> Result<JobView, QueueError> {
+        if progress > 100 {
+            return Err(QueueError::BadProgress);
+        }
+        let (mut g, now) = self.lock();
+        let job = g.jobs.get_mut(&id).ok_or(QueueError::NotFound)?;
+        if job.state != JobState::Running {
+            return Err(QueueError::IllegalTransition {
+                from: job.state,
+                to: JobState::Running,
+            });
+        }
+        job.progress = progress;
+        job.changed = now;
+        Ok(job.view(now))
+    }
+
+    /// Completes a running job.
+    pub fn complete(&self, id: JobId) -> Result<JobView, QueueError> {
+        let (mut g, now) = self.lock();
+        g.transition(id, JobState::Completed, now)
+    }
+
+    /// Records a failed attempt of a running job: `failed` with a backoff before
+    /// the retry, or `dead_lettered` after `max_attempts`.
+    pub fn fail(&self, id: JobId) -> Result<JobView, QueueError> {
+        let (mut g, now) = self.lock();
+        let job = g.jobs.get(&id).ok_or(QueueError::NotFound)?;
+        let attempts = job.attempts + 1;
+        let to = if attempts >= self.config.max_attempts {
+            JobState::DeadLettered
+        } else {
+            JobState::Failed
+        };
+        let delay = self.config.backoff.delay(attempts, (self.jitter)());
+        g.transition_with(id, to, now, |j| {
+            j.attempts = attempts;
+            j.retry_at = (to == JobState::Failed).then_some(now + delay);
+        })
+    }
+
+    /// Cancels a queued, running or failed job.
+    pub fn cancel(&self, id: JobId) -> Result<JobView, QueueError> {
+        let (mut g, now) = self.lock();
+        g.transition(id, JobState::Cancelled, now)
+    }
+
+    /// Sets a state by name, as the worker status endpoint does.
+    pub fn set_state(&self, id: JobId, to: JobState) -> Result<JobView, QueueError> {
+        match to {
+            JobState::Running => self.start(id),
+            JobState::Completed => self.complete(id),
+            JobState::Failed => self.fail(id),
+            JobState::Cancelled => self.cancel(id),
+            // Only the engine queues and dead-letters.
+            JobState::Queued | JobState::DeadLettered => {
+                let from = self.get(id)?.state;
+                Err(QueueError::IllegalTransition { from, to })
+            }
+        }
+    }
+
+    /// Queue depth, dead-letter depth and jobs per state.
+    pub fn stats(&self) -> QueueStats {
+        let (g, _) = self.lock();
+        let mut s = QueueStats::default();
+        for state in JobState::ALL {
+            s.jobs_by_state.insert(state.as_str(), 0);
+        }
+        for j in g.jobs.values() {
+            *s.jobs_by_state.get_mut(j.state.as_str()).unwrap() += 1;
+            s.queue_depth += usize::from(j.state.is_open());
+        }
+        s.dead_letter_depth = g.dead.len();
+        s
+    }
+
+    /// The dead-letter queue, oldest first, at most `limit` entries.
+    pub fn dead_letters(&self, limit: usize) -> Vec<JobView> {
+        let (g, now) = self.lock();
+        g.dead
+            .iter()
+            .take(limit)
+            .map(|(_, id)| g.jobs[id].view(now))
+            .collect()
+    }
+
+    /// The jobs that changed state most recently, newest first, finished or not.
+    pub fn latest_runs(&self, limit: usize) -> Vec<JobView> {
+        let (g, now) = self.lock();
+        let mut jobs: Vec<&Job> = g
+            .jobs
+            .values()
+            .filter(|j| j.state != JobState::Queued)
+            .collect();
+        jobs.sort_by_key(|j| Reverse((j.changed, j.seq)));
+        jobs.into_iter().take(limit).map(|j| j.view(now)).collect()
+    }
+
+    /// Time until the next retry becomes due, if any job waits for one.
+    pub fn next_retry_in(&self) -> Option<Duration> {
+        let (g, now) = self.lock();
+        g.retries
+            .first()
+            .map(|(at, _)| at.saturating_duration_since(now))
+    }
+}
+
+impl Job {
+    fn view(&self, now: Instant) -> JobView {
+        JobView {
+            id: self.id,
+            state: self.state,
+            priority: self.priority,
+            progress: self.progress,
+            attempts: self.attempts,
+            expires_in_secs: self.expires.saturating_duration_since(now).as_secs(),
+            owner: self.owner.clone(),
+            work: self.work,
+        }
+    }
+}
+
+impl Inner {
+    fn purge_expired(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.expiry.first() {
+            if at > now {
+                break;
+            }
+            self.expiry.pop_first();
+            if let Some(job) = self.jobs.remove(&id) {
+                self.by_hash.remove(&job.hash);
+                self.ready.remove(&(Reverse(job.priority), job.seq, id));
+                if let Some(r) = job.retry_at {
+                    self.retries.remove(&(r, id));
+                }
+                self.dead.remove(&(job.seq, id));
+                self.open -= usize::from(job.state.is_open());
+            }
+        }
+    }
+
+    fn promote_due(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.retries.first() {
+            if at > now {
+                break;
+            }
+            self.retries.pop_first();
+            let job = &self.jobs[&id];
+            self.ready.insert((Reverse(job.priority), job.seq, id));
+        }
+    }
+
+    fn transition(&mut self, id: JobId, to: JobState, now: Instant) -> Result<JobView, QueueError> {
+        self.transition_with(id, to, now, |_| {})
+    }
+
+    /// Checks the transition, applies `update` and moves the job between the
+    /// indexes. On any error nothing has changed.
+    fn transition_with(
+        &mut self,
+        id: JobId,
+        to: JobState,
+        now: Instant,
+        update: impl FnOnce(&mut Job),
+    ) -> Result<JobView, QueueError> {
+        let job = self.jobs.get_mut(&id).ok_or(QueueError::NotFound)?;
+        let from = job.state;
+        let ready_key = (Reverse(job.priority), job.seq, id);
+        // A failed job may run again only once its backoff has passed (it is then
+        // back in `ready`).
+        let waiting = from == JobState::Failed && !self.ready.contains(&ready_key);
+        if !from.can_become(to) || (to == JobState::Running && waiting) {
+            return Err(QueueError::IllegalTransition { from, to });
+        }
+        self.ready.remove(&ready_key);
+        if let Some(r) = job.retry_at.take() {
+            self.retries.remove(&(r, id));
+        }
+        job.state = to;
+        job.changed = now;
+        if to == JobState::Completed {
+            job.progress = 100;
+        }
+        update(job);
+        if let Some(r) = job.retry_at {
+            self.retries.insert((r, id));
+        }
+        if to == JobState::DeadLettered {
+            self.dead.insert((job.seq, id));
+        }
+        self.open -= usize::from(from.is_open() && !to.is_open());
+        Ok(job.view(now))
+    }
+}
