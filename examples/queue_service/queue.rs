@@ -693,3 +693,387 @@ impl Inner {
         Ok(job.view(now))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+    fn queue(config: QueueConfig) -> (Queue, Arc<ManualClock>) {
+        let clock = ManualClock::new();
+        let q = Queue::with_clock(config, clock.clone()).with_jitter(|| 499);
+        (q, clock)
+    }
+
+    fn new(e: Result<Enqueued, QueueError>) -> JobView {
+        match e {
+            Ok(Enqueued::New(v)) => v,
+            other => panic!("expected a new job, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn job_ids_round_trip_and_reject_anything_else() {
+        let id = JobId::random();
+        assert_eq!(JobId::parse(&id.to_string()), Some(id));
+        assert_eq!(id.to_string().len(), 32);
+        for bad in [
+            "",
+            "abc",
+            &id.to_string().to_uppercase(),
+            &"g".repeat(32),
+            &"0".repeat(33),
+        ] {
+            assert_eq!(JobId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_an_hmac_of_the_input_is_kept() {
+        let (q, _) = queue(QueueConfig::default());
+        let secret = "customer-4242-card-0000";
+        let v = new(q.enqueue("alice", secret, 0));
+        let shown = serde_json::to_string(&v).unwrap();
+        assert!(!shown.contains("4242"), "{shown}");
+        assert!(!format!("{q:?}").contains("4242"));
+        // The hash is keyed: two queues (two salts) hash the same input differently.
+        let (q2, _) = queue(QueueConfig::default());
+        assert_ne!(q.hash("alice", secret), q2.hash("alice", secret));
+        // Owner and input are length-prefixed: no collision by moving the boundary.
+        assert_ne!(q.hash("ab", "c"), q.hash("a", "bc"));
+    }
+
+    #[test]
+    fn the_same_input_from_the_same_owner_returns_the_existing_job() {
+        let (q, _) = queue(QueueConfig::default());
+        let a = new(q.enqueue("alice", "resize img-1", 3));
+        match q.enqueue("alice", "resize img-1", 7).unwrap() {
+            Enqueued::Existing(v) => {
+                assert_eq!(v.id, a.id);
+                assert_eq!(v.priority, 3, "the existing job is returned unchanged");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another owner gets its own job: dedup does not reveal other clients' inputs.
+        let b = new(q.enqueue("bob", "resize img-1", 3));
+        assert_ne!(a.id, b.id);
+        assert_eq!(q.stats().queue_depth, 2);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_new_jobs_but_still_dedups() {
+        let config = QueueConfig {
+            max_depth: 2,
+            ..QueueConfig::default()
+        };
+        let (q, _) = queue(config);
+        let a = new(q.enqueue("o", "a", 0));
+        new(q.enqueue("o", "b", 0));
+        assert_eq!(
+            q.enqueue("o", "c", 0),
+            Err(QueueError::Full {
+                retry_after: config.full_retry_after
+            })
+        );
+        assert!(matches!(q.enqueue("o", "a", 0), Ok(Enqueued::Existing(_))));
+        assert_eq!(q.stats().queue_depth, 2, "a refusal changes nothing");
+        // Finishing a job frees a slot.
+        q.cancel(a.id).unwrap();
+        new(q.enqueue("o", "c", 0));
+    }
+
+    #[test]
+    fn retention_is_bounded_too() {
+        let (q, _) = queue(QueueConfig {
+            max_retained: 1,
+            ..QueueConfig::default()
+        });
+        let a = new(q.enqueue("o", "a", 0));
+        q.cancel(a.id).unwrap();
+        assert!(matches!(
+            q.enqueue("o", "b", 0),
+            Err(QueueError::Full { .. })
+        ));
+    }
+
+    #[test]
+    fn the_transition_table() {
+        use JobState::*;
+        let legal = [
+            (Queued, Running),
+            (Queued, Cancelled),
+            (Running, Completed),
+            (Running, Failed),
+            (Running, Cancelled),
+            (Running, DeadLettered),
+            (Failed, Running),
+            (Failed, Cancelled),
+        ];
+        for from in JobState::ALL {
+            for to in JobState::ALL {
+                assert_eq!(
+                    from.can_become(to),
+                    legal.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+        }
+        for done in [Completed, Cancelled, DeadLettered] {
+            assert!(!done.is_open());
+            assert!(JobState::ALL.iter().all(|&to| !done.can_become(to)));
+        }
+    }
+
+    #[test]
+    fn illegal_transitions_leave_the_job_unchanged() {
+        let (q, _) = queue(QueueConfig::default());
+        let a = new(q.enqueue("o", "a", 0));
+        // Completing or failing a queued job: it was never taken.
+        for r in [q.complete(a.id), q.fail(a.id), q.progress(a.id, 10)] {
+            assert!(matches!(
+                r,
+                Err(QueueError::IllegalTransition {
+                    from: JobState::Queued,
+                    ..
+                })
+            ));
+        }
+        q.cancel(a.id).unwrap();
+        // Completing a cancelled job.
+        assert_eq!(
+            q.complete(a.id),
+            Err(QueueError::IllegalTransition {
+                from: JobState::Cancelled,
+                to: JobState::Completed
+            })
+        );
+        assert_eq!(
+            q.set_state(a.id, JobState::Running),
+            Err(QueueError::IllegalTransition {
+                from: JobState::Cancelled,
+                to: JobState::Running
+            })
+        );
+        let v = q.get(a.id).unwrap();
+        assert_eq!(
+            (v.state, v.progress, v.attempts),
+            (JobState::Cancelled, 0, 0)
+        );
+        assert!(q.take_next().is_none(), "a cancelled job is never taken");
+        // Only the engine queues and dead-letters.
+        let b = new(q.enqueue("o", "b", 0));
+        for to in [JobState::Queued, JobState::DeadLettered] {
+            assert!(matches!(
+                q.set_state(b.id, to),
+                Err(QueueError::IllegalTransition { .. })
+            ));
+        }
+        assert_eq!(q.get(b.id).unwrap().state, JobState::Queued);
+        assert_eq!(q.complete(JobId::random()), Err(QueueError::NotFound));
+    }
+
+    #[test]
+    fn progress_is_0_to_100_on_a_running_job() {
+        let (q, _) = queue(QueueConfig::default());
+        let a = new(q.enqueue("o", "a", 0));
+        q.start(a.id).unwrap();
+        assert_eq!(q.progress(a.id, 0).unwrap().progress, 0);
+        assert_eq!(q.progress(a.id, 100).unwrap().progress, 100);
+        assert_eq!(q.progress(a.id, 101), Err(QueueError::BadProgress));
+        assert_eq!(q.progress(a.id, 40).unwrap().progress, 40);
+        let done = q.complete(a.id).unwrap();
+        assert_eq!((done.state, done.progress), (JobState::Completed, 100));
+    }
+
+    #[test]
+    fn cancellation_of_queued_running_and_failed_jobs() {
+        let (q, _) = queue(QueueConfig::default());
+        let a = new(q.enqueue("o", "a", 0));
+        assert_eq!(q.cancel(a.id).unwrap().state, JobState::Cancelled);
+        let b = new(q.enqueue("o", "b", 0));
+        q.start(b.id).unwrap();
+        assert_eq!(q.cancel(b.id).unwrap().state, JobState::Cancelled);
+        let c = new(q.enqueue("o", "c", 0));
+        q.start(c.id).unwrap();
+        q.fail(c.id).unwrap();
+        assert_eq!(q.cancel(c.id).unwrap().state, JobState::Cancelled);
+        assert_eq!(q.next_retry_in(), None, "the retry was dropped");
+        assert!(matches!(
+            q.cancel(c.id),
+            Err(QueueError::IllegalTransition { .. })
+        ));
+        assert_eq!(q.stats().queue_depth, 0);
+    }
+
+    #[test]
+    fn higher_priority_first_fifo_within_a_priority() {
+        let (q, _) = queue(QueueConfig::default());
+        let low = new(q.enqueue("o", "low", 1));
+        let b = new(q.enqueue("o", "b", 5));
+        let c = new(q.enqueue("o", "c", 5));
+        let top = new(q.enqueue("o", "top", 9));
+        let d = new(q.enqueue("o", "d", 5));
+        let order: Vec<JobId> = std::iter::from_fn(|| q.take_next().map(|v| v.id)).collect();
+        assert_eq!(order, [top.id, b.id, c.id, d.id, low.id]);
+        assert!(q.stats().jobs_by_state["running"] == 5);
+    }
+
+    #[test]
+    fn jobs_expire_after_their_ttl_whatever_their_state() {
+        let (q, clock) = queue(QueueConfig::default());
+        let a = new(q.enqueue("o", "a", 0));
+        assert_eq!(a.expires_in_secs, DAY.as_secs());
+        clock.advance(Duration::from_secs(60 * 60));
+        let b = new(q.enqueue("o", "b", 0));
+        q.start(b.id).unwrap();
+        q.complete(b.id).unwrap();
+        clock.advance(DAY - Duration::from_secs(60 * 60) - Duration::from_millis(1));
+        assert_eq!(q.get(a.id).unwrap().expires_in_secs, 0);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(q.get(a.id), Err(QueueError::NotFound));
+        assert!(q.take_next().is_none(), "an expired job is not taken");
+        // Dedup is released with the job.
+        new(q.enqueue("o", "a", 0));
+        clock.advance(Duration::from_secs(60 * 60));
+        assert_eq!(q.get(b.id), Err(QueueError::NotFound));
+        assert_eq!(q.stats().jobs_by_state["completed"], 0);
+    }
+
+    #[test]
+    fn the_ttl_is_configurable() {
+        let (q, clock) = queue(QueueConfig {
+            ttl: Duration::from_secs(10),
+            ..QueueConfig::default()
+        });
+        let a = new(q.enqueue("o", "a", 0));
+        q.start(a.id).unwrap();
+        q.fail(a.id).unwrap();
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(q.get(a.id), Err(QueueError::NotFound));
+        assert_eq!(q.next_retry_in(), None);
+        assert_eq!(q.stats(), queue(QueueConfig::default()).0.stats());
+    }
+
+    #[test]
+    fn backoff_is_exponential_capped_with_full_jitter() {
+        let b = Backoff {
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(30),
+        };
+        let ceilings: Vec<u128> = (1..=9).map(|n| b.ceiling(n).as_millis()).collect();
+        assert_eq!(
+            ceilings,
+            [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        assert_eq!(b.ceiling(0), b.base);
+        assert_eq!(b.ceiling(u32::MAX), b.cap, "no overflow");
+        for attempts in 1..8 {
+            let ceiling = b.ceiling(attempts);
+            for unit in [0, 1, 499, 500, 12345, u64::MAX / 3, u64::MAX] {
+                assert!(b.delay(attempts, unit) <= ceiling);
+            }
+            assert_eq!(b.delay(attempts, 0), Duration::ZERO);
+            assert_eq!(b.delay(attempts, ceiling.as_millis() as u64), ceiling);
+        }
+    }
+
+    #[test]
+    fn a_failed_job_is_retried_after_its_backoff_then_dead_lettered() {
+        let config = QueueConfig {
+            max_attempts: 3,
+            ..QueueConfig::default()
+        };
+        let (q, clock) = queue(config); // jitter 499: the first delay is 499 ms
+        let a = new(q.enqueue("o", "fail", 0));
+        let other = new(q.enqueue("o", "other", 0));
+        assert_eq!(q.take_next().unwrap().id, a.id);
+        let v = q.fail(a.id).unwrap();
+        assert_eq!((v.state, v.attempts), (JobState::Failed, 1));
+        assert_eq!(q.next_retry_in(), Some(Duration::from_millis(499)));
+        // Not before its time, neither by take nor by claim.
+        assert_eq!(q.take_next().unwrap().id, other.id);
+        assert!(q.take_next().is_none());
+        assert!(matches!(
+            q.start(a.id),
+            Err(QueueError::IllegalTransition { .. })
+        ));
+        clock.advance(Duration::from_millis(499));
+        assert_eq!(q.take_next().unwrap().id, a.id);
+        assert_eq!(q.fail(a.id).unwrap().attempts, 2);
+        clock.advance(Duration::from_secs(1));
+        q.start(a.id).unwrap();
+        let v = q.fail(a.id).unwrap();
+        assert_eq!((v.state, v.attempts), (JobState::DeadLettered, 3));
+        let s = q.stats();
+        assert_eq!(
+            (s.dead_letter_depth, s.jobs_by_state["dead_lettered"]),
+            (1, 1)
+        );
+        assert_eq!(
+            q.dead_letters(10).iter().map(|v| v.id).collect::<Vec<_>>(),
+            [a.id]
+        );
+        assert!(matches!(
+            q.start(a.id),
+            Err(QueueError::IllegalTransition { .. })
+        ));
+    }
+
+    #[test]
+    fn stats_count_every_state() {
+        let (q, _) = queue(QueueConfig {
+            max_attempts: 1,
+            ..QueueConfig::default()
+        });
+        let ids: Vec<JobId> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|i| new(q.enqueue("o", i, 0)).id)
+            .collect();
+        q.start(ids[1]).unwrap();
+        q.start(ids[2]).unwrap();
+        q.complete(ids[2]).unwrap();
+        q.cancel(ids[3]).unwrap();
+        q.start(ids[4]).unwrap();
+        q.fail(ids[4]).unwrap(); // max_attempts 1: dead-lettered
+        let s = q.stats();
+        let by: Vec<(&str, usize)> = s.jobs_by_state.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(
+            by,
+            [
+                ("cancelled", 1),
+                ("completed", 1),
+                ("dead_lettered", 1),
+                ("failed", 0),
+                ("queued", 2),
+                ("running", 1)
+            ]
+        );
+        assert_eq!((s.queue_depth, s.dead_letter_depth), (3, 1));
+    }
+
+    #[test]
+    fn latest_runs_are_newest_first_and_skip_queued_jobs() {
+        let (q, clock) = queue(QueueConfig::default());
+        let a = new(q.enqueue("o", "a", 0));
+        let b = new(q.enqueue("o", "b", 0));
+        new(q.enqueue("o", "c", 0));
+        q.start(a.id).unwrap();
+        clock.advance(Duration::from_millis(1));
+        q.start(b.id).unwrap();
+        clock.advance(Duration::from_millis(1));
+        q.complete(a.id).unwrap();
+        let runs: Vec<JobId> = q.latest_runs(10).iter().map(|v| v.id).collect();
+        assert_eq!(runs, [a.id, b.id]);
+        assert_eq!(q.latest_runs(1).len(), 1);
+    }
+
+    #[test]
+    fn work_is_derived_from_the_input_prefix() {
+        assert_eq!(Work::of("fail: x"), Work::Fail);
+        assert_eq!(Work::of("flaky"), Work::Flaky);
+        assert_eq!(Work::of("slow 1"), Work::Slow);
+        assert_eq!(Work::of("resize"), Work::Succeed);
+        assert_eq!(Work::of("xfail"), Work::Succeed);
+    }
+}
