@@ -59,20 +59,21 @@ fn state(config: QueueConfig) -> AppState {
     }
 }
 
-/// Serves `router` on `listener` with the worker running beside it until `shutdown`
+/// Serves `router` on `listener` with the worker (if any) running beside it until `shutdown`
 /// resolves; then stops accepting, lets open requests and the job in flight finish,
 /// and returns.
 async fn serve(
     listener: TcpListener,
     router: Router,
     state: &AppState,
-    worker: WorkerConfig,
+    worker: Option<WorkerConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = tokio::spawn(
-        Worker::new(state.queue.clone(), worker, state.worker.clone()).run(stop_rx.clone()),
-    );
+    let worker = worker.map(|config| {
+        let w = Worker::new(state.queue.clone(), config, state.worker.clone());
+        tokio::spawn(w.run(stop_rx.clone()))
+    });
     let app = router.layer(middleware::from_fn(peer_addr));
     let mut server_stop = stop_rx;
     let server = axum::serve(
@@ -88,6 +89,9 @@ async fn serve(
         let _ = stop_tx.send(true);
     });
     server.await?;
+    let Some(worker) = worker else {
+        return Ok(());
+    };
     if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
         tracing::warn!(
             event = "drain_timeout",
@@ -151,6 +155,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         event = "auth_not_wired",
         "authentication is not wired yet; every protected route answers 401"
     );
-    serve(listener, router, &state, WorkerConfig::default(), signal()).await?;
+    serve(
+        listener,
+        router,
+        &state,
+        Some(WorkerConfig::default()),
+        signal(),
+    )
+    .await?;
     Ok(())
 }

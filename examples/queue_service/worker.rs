@@ -267,7 +267,7 @@ mod tests {
     }
 
     /// Polls `f` until it holds (fails after 10 s).
-    pub async fn eventually(what: &str, f: impl Fn() -> bool) {
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !f() {
             assert!(
