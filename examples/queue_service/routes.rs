@@ -181,8 +181,8 @@ fn json_rejection(e: &JsonRejection) -> Response {
     problem(status, detail)
 }
 
-fn parse_id(raw: &str) -> Result<JobId, Response> {
-    JobId::parse(raw).ok_or_else(|| queue_error(QueueError::NotFound))
+fn parse_id(raw: &str) -> Result<JobId, QueueError> {
+    JobId::parse(raw).ok_or(QueueError::NotFound)
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
@@ -232,10 +232,10 @@ async fn enqueue(
 }
 
 /// A job is visible to its owner only; to anyone else it does not exist.
-fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, Response> {
+fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, QueueError> {
     match s.queue.get(id) {
         Ok(v) if *v.owner == *p.id() => Ok(v),
-        _ => Err(queue_error(QueueError::NotFound)),
+        _ => Err(QueueError::NotFound),
     }
 }
 
@@ -244,10 +244,7 @@ async fn get_job(
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Response {
-    match parse_id(&id).and_then(|id| owned(&s, &p, id)) {
-        Ok(v) => json(StatusCode::OK, &v),
-        Err(res) => res,
-    }
+    view(parse_id(&id).and_then(|id| owned(&s, &p, id)))
 }
 
 async fn cancel_job(
@@ -255,10 +252,11 @@ async fn cancel_job(
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Response {
-    match parse_id(&id).and_then(|id| owned(&s, &p, id)) {
-        Ok(v) => view(s.queue.cancel(v.id)),
-        Err(res) => res,
-    }
+    view(
+        parse_id(&id)
+            .and_then(|id| owned(&s, &p, id))
+            .and_then(|v| s.queue.cancel(v.id)),
+    )
 }
 
 #[derive(Deserialize)]
@@ -272,10 +270,7 @@ async fn set_status(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<StatusRequest>,
 ) -> Response {
-    match parse_id(&id) {
-        Ok(id) => view(s.queue.set_state(id, req.state)),
-        Err(res) => res,
-    }
+    view(parse_id(&id).and_then(|id| s.queue.set_state(id, req.state)))
 }
 
 #[derive(Deserialize)]
@@ -289,24 +284,15 @@ async fn set_progress(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<ProgressRequest>,
 ) -> Response {
-    match parse_id(&id) {
-        Ok(id) => view(s.queue.progress(id, req.progress)),
-        Err(res) => res,
-    }
+    view(parse_id(&id).and_then(|id| s.queue.progress(id, req.progress)))
 }
 
 async fn complete(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    match parse_id(&id) {
-        Ok(id) => view(s.queue.complete(id)),
-        Err(res) => res,
-    }
+    view(parse_id(&id).and_then(|id| s.queue.complete(id)))
 }
 
 async fn fail(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    match parse_id(&id) {
-        Ok(id) => view(s.queue.fail(id)),
-        Err(res) => res,
-    }
+    view(parse_id(&id).and_then(|id| s.queue.fail(id)))
 }
 
 #[derive(Deserialize)]
