@@ -12,6 +12,23 @@
 //!
 //! Modules: [`queue`] the engine, [`worker`] the in-process worker, [`routes`] the
 //! HTTP handlers, [`auth`] the one scope table.
+//!
+//! ## Wiring the remaining layers
+//!
+//! Each protected route reads the `Principal` the authentication layer inserts and
+//! checks the scope listed for it in [`auth::ROUTES`]; stats count every refusal
+//! carrying a `DenialReason` inside [`routes::count_refusals`]. So the rest is:
+//!
+//! 1. in `main`, between `routes::app(..)` and `count_refusals(..)`, add (innermost
+//!    first) the rate limit, the failed-auth throttle, `Authenticate` (keys from a
+//!    file or ephemeral demo keys, plus the service-token verifier), the allowlist
+//!    on `/internal/latest-runs` only (a `route_layer` on that route in `app`), then
+//!    `ClientIpLayer`, the access log and the request id, as DESIGN.md orders them;
+//! 2. replace [`auth::require_scope`] by the crate's `RequireScope` per route, row
+//!    by row from [`auth::ROUTES`];
+//! 3. swap the test-only principal layer in `tests.rs` for real keys and tokens and
+//!    keep the tests; add the denied/allowed-address tests for the internal route;
+//! 4. route the JSON logs through the redacting writer.
 
 mod auth;
 mod queue;
@@ -139,14 +156,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = listen_addr(&args, std::env::var("PORTCULLIS_DEMO_ADDR").ok())?;
 
     let state = state(QueueConfig::default());
-    let router = routes::app(state.clone())
-        // The only portcullis layer on main so far. Exposed directly: the peer is
-        // the client, forwarding headers are ignored.
-        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()));
+    // The guarding layers, innermost first. Only ClientIpLayer exists on main so
+    // far (exposed directly: the peer is the client, forwarding headers are
+    // ignored). See "Wiring the remaining layers" in the module docs.
+    let router = routes::app(state.clone()).layer(ClientIpLayer::new(ClientIpConfig::peer_only()));
+    let router = routes::count_refusals(router, state.counters.clone());
 
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     println!("portcullis demo queue listening on http://{bound}");
+    tracing::info!(event = "listening", addr = %bound);
     println!(
         "NOTE: authentication is not wired yet: every route except GET /health answers 401 \
          until the API-key and service-token layers are added."

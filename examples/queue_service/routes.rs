@@ -35,7 +35,7 @@ pub const MAX_PRIORITY: u8 = 9;
 
 /// Refusals counted from the `DenialReason` in response extensions: filled by
 /// whatever layer refused (the scope check today, the auth and rate-limit layers
-/// once wired outside [`app`]: wrap them inside [`count_denials`]).
+/// once wired), as long as they sit inside [`count_refusals`].
 #[derive(Debug, Default)]
 pub struct Counters {
     auth_failures: AtomicU64,
@@ -75,8 +75,8 @@ pub struct AppState {
     pub worker: Arc<WorkerStatus>,
 }
 
-/// The router: every route behind the scope check, JSON errors, the body limit,
-/// the refusal counter. Authentication layers wrap it from outside.
+/// The router: every route behind the scope check, JSON errors, the body limit.
+/// The guarding layers wrap it from outside, then [`count_refusals`] wraps them.
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -99,11 +99,13 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(
-            state.counters.clone(),
-            count_denials,
-        ))
         .with_state(state)
+}
+
+/// Wraps `router` (the app plus the guarding layers) in [`count_denials`], so every
+/// refusal, from the scope check or from any layer inside, reaches the stats.
+pub fn count_refusals(router: Router, counters: Arc<Counters>) -> Router {
+    router.layer(middleware::from_fn_with_state(counters, count_denials))
 }
 
 /// Middleware: counts every refusal that passes through it by its `DenialReason`.

@@ -66,6 +66,7 @@ impl Demo {
         let router = routes::app(state.clone())
             .layer(middleware::from_fn(test_principal))
             .layer(ClientIpLayer::new(ClientIpConfig::peer_only()));
+        let router = routes::count_refusals(router, state.counters.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
