@@ -1077,3 +1077,133 @@ mod tests {
         assert_eq!(Work::of("xfail"), Work::Succeed);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    impl Queue {
+        /// Every index agrees with the jobs.
+        fn check_invariants(&self) {
+            let g = self.inner.lock().unwrap();
+            let mut open = 0;
+            for (id, j) in &g.jobs {
+                let ready = g.ready.contains(&(Reverse(j.priority), j.seq, *id));
+                let retry = j.retry_at.is_some_and(|r| g.retries.contains(&(r, *id)));
+                match j.state {
+                    JobState::Queued => assert!(ready && !retry),
+                    JobState::Failed => assert!(ready ^ retry),
+                    _ => assert!(!ready && !retry && j.retry_at.is_none()),
+                }
+                assert_eq!(
+                    g.dead.contains(&(j.seq, *id)),
+                    j.state == JobState::DeadLettered
+                );
+                assert_eq!(g.by_hash.get(&j.hash), Some(id));
+                assert!(g.expiry.contains(&(j.expires, *id)));
+                assert!(j.progress <= 100);
+                assert!(j.attempts <= self.config.max_attempts);
+                open += usize::from(j.state.is_open());
+            }
+            assert_eq!(g.open, open);
+            assert!(open <= self.config.max_depth);
+            assert_eq!(g.by_hash.len(), g.jobs.len());
+            assert_eq!(g.expiry.len(), g.jobs.len());
+            assert!(g.ready.len() + g.retries.len() <= open);
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Enqueue(u8, u8, u8),
+        Take,
+        Start(usize),
+        Progress(usize, u8),
+        Complete(usize),
+        Fail(usize),
+        Cancel(usize),
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u8..2, 0u8..6, 0u8..3).prop_map(|(o, i, p)| Op::Enqueue(o, i, p)),
+            2 => Just(Op::Take),
+            1 => any::<usize>().prop_map(Op::Start),
+            1 => (any::<usize>(), 0u8..=120).prop_map(|(i, p)| Op::Progress(i, p)),
+            2 => any::<usize>().prop_map(Op::Complete),
+            2 => any::<usize>().prop_map(Op::Fail),
+            1 => any::<usize>().prop_map(Op::Cancel),
+            1 => prop_oneof![0u64..2_000, Just(60_000), Just(24 * 3_600_000)].prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn job_ids_parse_only_what_they_print(s in "\\PC{0,40}", bytes in any::<[u8; 16]>()) {
+            let id = JobId(bytes);
+            prop_assert_eq!(JobId::parse(&id.to_string()), Some(id));
+            if let Some(id) = JobId::parse(&s) {
+                prop_assert_eq!(id.to_string(), s);
+            }
+        }
+
+        #[test]
+        fn any_sequence_of_operations_keeps_the_engine_consistent(ops in prop::collection::vec(op(), 1..80)) {
+            let clock = ManualClock::new();
+            let config = QueueConfig { max_depth: 5, max_retained: 8, max_attempts: 2, ..QueueConfig::default() };
+            let q = Queue::with_clock(config, clock.clone()).with_jitter(|| 700);
+            let mut ids: Vec<JobId> = Vec::new();
+            for op in ops {
+                let pick = |i: usize| ids.get(i % ids.len().max(1)).copied().unwrap_or(JobId([0; 16]));
+                let (id, to, r) = match op {
+                    Op::Enqueue(o, i, p) => {
+                        match q.enqueue(&o.to_string(), &i.to_string(), p) {
+                            Ok(Enqueued::New(v)) => ids.push(v.id),
+                            Ok(Enqueued::Existing(v)) => prop_assert!(ids.contains(&v.id)),
+                            Err(e) => {
+                                let full = matches!(e, QueueError::Full { .. });
+                                prop_assert!(full, "{:?}", e);
+                            }
+                        }
+                        q.check_invariants();
+                        continue;
+                    }
+                    Op::Take => {
+                        if let Some(v) = q.take_next() {
+                            prop_assert_eq!(v.state, JobState::Running);
+                        }
+                        q.check_invariants();
+                        continue;
+                    }
+                    Op::Advance(ms) => {
+                        clock.advance(Duration::from_millis(ms));
+                        q.check_invariants();
+                        continue;
+                    }
+                    Op::Start(i) => (pick(i), Some(JobState::Running), q.start(pick(i))),
+                    Op::Progress(i, p) => (pick(i), None, q.progress(pick(i), p)),
+                    Op::Complete(i) => (pick(i), Some(JobState::Completed), q.complete(pick(i))),
+                    Op::Fail(i) => (pick(i), None, q.fail(pick(i))),
+                    Op::Cancel(i) => (pick(i), Some(JobState::Cancelled), q.cancel(pick(i))),
+                };
+                match r {
+                    Ok(v) => {
+                        if let Some(to) = to {
+                            prop_assert_eq!(v.state, to);
+                        }
+                    }
+                    // A refused call leaves the job as it was.
+                    Err(QueueError::IllegalTransition { from, .. }) => {
+                        prop_assert_eq!(q.get(id).unwrap().state, from);
+                    }
+                    Err(QueueError::NotFound) => prop_assert!(q.get(id).is_err()),
+                    Err(QueueError::BadProgress) => {}
+                    Err(e) => prop_assert!(false, "unexpected {:?}", e),
+                }
+                q.check_invariants();
+            }
+        }
+    }
+}
