@@ -11,6 +11,9 @@
 //!   leaves the job unchanged. `completed`, `cancelled` and `dead_lettered` are final.
 //! - Order: higher priority first, FIFO (by enqueue order) within a priority.
 //! - Every job is purged once its TTL (24 h by default) has passed, whatever its state.
+//! - A running job holds a lease (5 min by default) that progress reports renew; a
+//!   worker that dies without completing or failing the job loses it, and the lapse
+//!   counts as a failed attempt (retry with backoff, or the dead-letter queue).
 //! - Limits: `max_depth` unfinished jobs and `max_retained` jobs in total; beyond
 //!   either, [`QueueError::Full`].
 //!
@@ -251,6 +254,8 @@ pub struct QueueConfig {
     pub backoff: Backoff,
     /// The `Retry-After` a full queue suggests.
     pub full_retry_after: Duration,
+    /// A running job without a progress report for this long counts as failed.
+    pub lease: Duration,
 }
 
 impl Default for QueueConfig {
@@ -265,6 +270,7 @@ impl Default for QueueConfig {
                 cap: Duration::from_secs(30),
             },
             full_retry_after: Duration::from_secs(5),
+            lease: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -345,11 +351,13 @@ struct Job {
     attempts: u32,
     expires: Instant,
     retry_at: Option<Instant>,
+    lease_until: Option<Instant>,
     changed: Instant,
 }
 
-#[derive(Default)]
 struct Inner {
+    /// How long a running job's lease lasts.
+    lease: Duration,
     jobs: HashMap<JobId, Job>,
     by_hash: HashMap<[u8; 32], JobId>,
     /// Jobs a worker may take now: (higher priority first, then FIFO).
@@ -358,6 +366,8 @@ struct Inner {
     retries: BTreeSet<(Instant, JobId)>,
     /// Every job by its purge deadline.
     expiry: BTreeSet<(Instant, JobId)>,
+    /// Running jobs by the end of their lease.
+    leases: BTreeSet<(Instant, JobId)>,
     dead: BTreeSet<(u64, JobId)>,
     /// Jobs in an open state (the queue depth).
     open: usize,
@@ -399,7 +409,18 @@ impl Queue {
         let mut salt = [0u8; 32];
         getrandom::fill(&mut salt).expect("the OS random source is available");
         Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                lease: config.lease,
+                jobs: HashMap::new(),
+                by_hash: HashMap::new(),
+                ready: BTreeSet::new(),
+                retries: BTreeSet::new(),
+                expiry: BTreeSet::new(),
+                leases: BTreeSet::new(),
+                dead: BTreeSet::new(),
+                open: 0,
+                next_seq: 0,
+            }),
             salt,
             config,
             clock,
@@ -428,11 +449,19 @@ impl Queue {
         mac.finalize().into_bytes().into()
     }
 
-    /// Locks the state and drops every job whose TTL has passed.
+    /// Locks the state and brings it up to `now`: drops every job whose TTL has
+    /// passed, fails every running job whose lease lapsed, readies due retries.
     fn lock(&self) -> (MutexGuard<'_, Inner>, Instant) {
         let now = self.clock.now();
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.purge_expired(now);
+        while let Some(&(at, id)) = g.leases.first() {
+            if at > now {
+                break;
+            }
+            // Running -> failed/dead-lettered is always legal and drops the lease.
+            let _ = g.fail_attempt(id, now, &self.config, (self.jitter)());
+        }
         g.promote_due(now);
         (g, now)
     }
@@ -464,6 +493,7 @@ impl Queue {
             attempts: 0,
             expires: now + self.config.ttl,
             retry_at: None,
+            lease_until: None,
             changed: now,
         };
         let view = job.view(now);
@@ -497,7 +527,7 @@ impl Queue {
         g.transition(id, JobState::Running, now)
     }
 
-    /// Records progress on a running job.
+    /// Records progress on a running job and renews its lease.
     pub fn progress(&self, id: JobId, progress: u8) -> Result<JobView, QueueError> {
         if progress > 100 {
             return Err(QueueError::BadProgress);
@@ -512,7 +542,9 @@ impl Queue {
         }
         job.progress = progress;
         job.changed = now;
-        Ok(job.view(now))
+        let view = job.view(now);
+        g.renew_lease(id, now);
+        Ok(view)
     }
 
     /// Completes a running job.
@@ -525,18 +557,7 @@ impl Queue {
     /// the retry, or `dead_lettered` after `max_attempts`.
     pub fn fail(&self, id: JobId) -> Result<JobView, QueueError> {
         let (mut g, now) = self.lock();
-        let job = g.jobs.get(&id).ok_or(QueueError::NotFound)?;
-        let attempts = job.attempts + 1;
-        let to = if attempts >= self.config.max_attempts {
-            JobState::DeadLettered
-        } else {
-            JobState::Failed
-        };
-        let delay = self.config.backoff.delay(attempts, (self.jitter)());
-        g.transition_with(id, to, now, |j| {
-            j.attempts = attempts;
-            j.retry_at = (to == JobState::Failed).then_some(now + delay);
-        })
+        g.fail_attempt(id, now, &self.config, (self.jitter)())
     }
 
     /// Cancels a queued, running or failed job.
@@ -634,6 +655,9 @@ impl Inner {
                 if let Some(r) = job.retry_at {
                     self.retries.remove(&(r, id));
                 }
+                if let Some(l) = job.lease_until {
+                    self.leases.remove(&(l, id));
+                }
                 self.dead.remove(&(job.seq, id));
                 self.open -= usize::from(job.state.is_open());
             }
@@ -649,6 +673,38 @@ impl Inner {
             let job = &self.jobs[&id];
             self.ready.insert((Reverse(job.priority), job.seq, id));
         }
+    }
+
+    fn renew_lease(&mut self, id: JobId, now: Instant) {
+        let job = self.jobs.get_mut(&id).expect("a running job");
+        if let Some(l) = job.lease_until.replace(now + self.lease) {
+            self.leases.remove(&(l, id));
+        }
+        self.leases.insert((now + self.lease, id));
+    }
+
+    /// A failed attempt of a running job: `failed` with a backoff before the retry
+    /// (`unit` is the jitter's random number), or `dead_lettered` after
+    /// `max_attempts`.
+    fn fail_attempt(
+        &mut self,
+        id: JobId,
+        now: Instant,
+        config: &QueueConfig,
+        unit: u64,
+    ) -> Result<JobView, QueueError> {
+        let job = self.jobs.get(&id).ok_or(QueueError::NotFound)?;
+        let attempts = job.attempts + 1;
+        let to = if attempts >= config.max_attempts {
+            JobState::DeadLettered
+        } else {
+            JobState::Failed
+        };
+        let delay = config.backoff.delay(attempts, unit);
+        self.transition_with(id, to, now, |j| {
+            j.attempts = attempts;
+            j.retry_at = (to == JobState::Failed).then_some(now + delay);
+        })
     }
 
     fn transition(&mut self, id: JobId, to: JobState, now: Instant) -> Result<JobView, QueueError> {
@@ -677,6 +733,9 @@ impl Inner {
         if let Some(r) = job.retry_at.take() {
             self.retries.remove(&(r, id));
         }
+        if let Some(l) = job.lease_until.take() {
+            self.leases.remove(&(l, id));
+        }
         job.state = to;
         job.changed = now;
         if to == JobState::Completed {
@@ -685,6 +744,10 @@ impl Inner {
         update(job);
         if let Some(r) = job.retry_at {
             self.retries.insert((r, id));
+        }
+        if to == JobState::Running {
+            job.lease_until = Some(now + self.lease);
+            self.leases.insert((now + self.lease, id));
         }
         if to == JobState::DeadLettered {
             self.dead.insert((job.seq, id));
@@ -1021,6 +1084,41 @@ mod tests {
     }
 
     #[test]
+    fn a_running_job_whose_lease_lapses_counts_as_a_failed_attempt() {
+        let (q, clock) = queue(QueueConfig {
+            lease: Duration::from_secs(60),
+            max_attempts: 2,
+            ..QueueConfig::default()
+        });
+        let a = new(q.enqueue("o", "a", 0));
+        q.take_next().unwrap();
+        clock.advance(Duration::from_secs(59));
+        // Progress renews the lease.
+        q.progress(a.id, 10).unwrap();
+        clock.advance(Duration::from_secs(59));
+        assert_eq!(q.get(a.id).unwrap().state, JobState::Running);
+        clock.advance(Duration::from_secs(1));
+        let v = q.get(a.id).unwrap();
+        assert_eq!((v.state, v.attempts), (JobState::Failed, 1));
+        // The worker that lost it can no longer complete it.
+        assert!(matches!(
+            q.complete(a.id),
+            Err(QueueError::IllegalTransition { .. })
+        ));
+        clock.advance(Duration::from_millis(499)); // the backoff (jitter 499)
+        q.take_next().unwrap();
+        clock.advance(Duration::from_secs(60));
+        let v = q.get(a.id).unwrap();
+        assert_eq!((v.state, v.attempts), (JobState::DeadLettered, 2));
+        // A completed job holds no lease.
+        let b = new(q.enqueue("o", "b", 0));
+        q.start(b.id).unwrap();
+        q.complete(b.id).unwrap();
+        clock.advance(Duration::from_secs(120));
+        assert_eq!(q.get(b.id).unwrap().state, JobState::Completed);
+    }
+
+    #[test]
     fn stats_count_every_state() {
         let (q, _) = queue(QueueConfig {
             max_attempts: 1,
@@ -1100,6 +1198,8 @@ mod properties {
                     g.dead.contains(&(j.seq, *id)),
                     j.state == JobState::DeadLettered
                 );
+                let leased = j.lease_until.is_some_and(|l| g.leases.contains(&(l, *id)));
+                assert_eq!(leased, j.state == JobState::Running);
                 assert_eq!(g.by_hash.get(&j.hash), Some(id));
                 assert!(g.expiry.contains(&(j.expires, *id)));
                 assert!(j.progress <= 100);
@@ -1110,6 +1210,12 @@ mod properties {
             assert!(open <= self.config.max_depth);
             assert_eq!(g.by_hash.len(), g.jobs.len());
             assert_eq!(g.expiry.len(), g.jobs.len());
+            let running = g
+                .jobs
+                .values()
+                .filter(|j| j.state == JobState::Running)
+                .count();
+            assert_eq!(g.leases.len(), running);
             assert!(g.ready.len() + g.retries.len() <= open);
         }
     }
@@ -1152,7 +1258,7 @@ mod properties {
         #[test]
         fn any_sequence_of_operations_keeps_the_engine_consistent(ops in prop::collection::vec(op(), 1..80)) {
             let clock = ManualClock::new();
-            let config = QueueConfig { max_depth: 5, max_retained: 8, max_attempts: 2, ..QueueConfig::default() };
+            let config = QueueConfig { max_depth: 5, max_retained: 8, max_attempts: 2, lease: Duration::from_secs(1), ..QueueConfig::default() };
             let q = Queue::with_clock(config, clock.clone()).with_jitter(|| 700);
             let mut ids: Vec<JobId> = Vec::new();
             for op in ops {
