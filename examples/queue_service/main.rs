@@ -2,7 +2,8 @@
 //!
 //! `cargo run --release --example queue_service` listens on 127.0.0.1:8080
 //! (`--addr HOST:PORT` or `PORTCULLIS_DEMO_ADDR` changes it; port 0 picks a free port
-//! and prints it). Logs are JSON lines on standard error. SIGINT/SIGTERM stop
+//! and prints it). `POST /internal/latest-runs` also requires a client address in
+//! `PORTCULLIS_DEMO_INTERNAL_CIDRS` (default `127.0.0.0/8, ::1`). Logs are JSON lines on standard error. SIGINT/SIGTERM stop
 //! accepting, finish the job in flight and exit.
 //!
 //! Wiring today: the client address is resolved from the TCP peer
@@ -21,9 +22,10 @@
 //!
 //! 1. in `main`, between `routes::app(..)` and `count_refusals(..)`, add (innermost
 //!    first) the rate limit, the failed-auth throttle, `Authenticate` (keys from a
-//!    file or ephemeral demo keys, plus the service-token verifier), the allowlist
-//!    on `/internal/latest-runs` only (a `route_layer` on that route in `app`), then
-//!    `ClientIpLayer`, the access log and the request id, as DESIGN.md orders them;
+//!    file or ephemeral demo keys, plus the service-token verifier), then
+//!    `ClientIpLayer` (already there), the access log and the request id, as
+//!    DESIGN.md orders them (the internal allowlist is already a `route_layer` on
+//!    `/internal/latest-runs` in `app`);
 //! 2. replace [`auth::require_scope`] by the crate's `RequireScope` per route, row
 //!    by row from [`auth::ROUTES`];
 //! 3. swap the test-only principal layer in `tests.rs` for real keys and tokens and
@@ -46,6 +48,8 @@ use axum::Router;
 use axum::extract::{ConnectInfo, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
+use portcullis::IpSet;
+use portcullis::allowlist::IpAllowlistLayer;
 use portcullis::client_ip::{ClientIpConfig, ClientIpLayer, PeerAddr};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -67,12 +71,16 @@ async fn peer_addr(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// The internal networks by default: loopback only.
+const DEFAULT_INTERNAL: &str = "127.0.0.0/8, ::1";
+
 /// The state shared by the routes and the worker.
-fn state(config: QueueConfig) -> AppState {
+fn state(config: QueueConfig, internal: IpSet) -> AppState {
     AppState {
         queue: Arc::new(Queue::new(config)),
         counters: Arc::new(Counters::default()),
         worker: Arc::new(WorkerStatus::default()),
+        internal: IpAllowlistLayer::new(internal),
     }
 }
 
@@ -155,7 +163,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addr = listen_addr(&args, std::env::var("PORTCULLIS_DEMO_ADDR").ok())?;
 
-    let state = state(QueueConfig::default());
+    let internal = std::env::var("PORTCULLIS_DEMO_INTERNAL_CIDRS");
+    let internal = IpSet::parse(internal.as_deref().unwrap_or(DEFAULT_INTERNAL))?;
+    let state = state(QueueConfig::default(), internal);
     // The guarding layers, innermost first. Only ClientIpLayer exists on main so
     // far (exposed directly: the peer is the client, forwarding headers are
     // ignored). See "Wiring the remaining layers" in the module docs.

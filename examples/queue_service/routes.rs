@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Extension, Json, Router};
 use portcullis::Principal;
+use portcullis::allowlist::IpAllowlistLayer;
 use portcullis::rejection::{DenialReason, Rejection};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,9 @@ pub struct AppState {
     pub counters: Arc<Counters>,
     /// The in-process worker's figures.
     pub worker: Arc<WorkerStatus>,
+    /// The networks allowed on `/internal/*` (reads the `ClientIp` that
+    /// `ClientIpLayer`, outside the router, resolves).
+    pub internal: IpAllowlistLayer,
 }
 
 /// The router: every route behind the scope check, JSON errors, the body limit.
@@ -86,7 +90,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/progress", patch(set_progress))
         .route("/v1/jobs/{id}/complete", post(complete))
         .route("/v1/jobs/{id}/fail", post(fail))
-        .route("/internal/latest-runs", post(latest_runs))
+        .route(
+            "/internal/latest-runs",
+            post(latest_runs).route_layer(state.internal.clone()),
+        )
         .route("/v1/admin/stats", get(stats))
         .route("/v1/admin/dlq", get(dlq))
         .route("/dashboard", get(dashboard))

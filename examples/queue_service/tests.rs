@@ -62,10 +62,20 @@ impl Demo {
     }
 
     async fn start_with(config: QueueConfig, worker: Option<WorkerConfig>) -> Self {
-        let state = state(config);
+        let internal = IpSet::parse(DEFAULT_INTERNAL).unwrap();
+        Self::start_full(config, worker, ClientIpConfig::peer_only(), internal).await
+    }
+
+    async fn start_full(
+        config: QueueConfig,
+        worker: Option<WorkerConfig>,
+        client_ip: ClientIpConfig,
+        internal: IpSet,
+    ) -> Self {
+        let state = state(config, internal);
         let router = routes::app(state.clone())
             .layer(middleware::from_fn(test_principal))
-            .layer(ClientIpLayer::new(ClientIpConfig::peer_only()));
+            .layer(ClientIpLayer::new(client_ip));
         let router = routes::count_refusals(router, state.counters.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -658,6 +668,48 @@ async fn refusals_are_counted_in_the_stats_and_the_dashboard_renders_them() {
         r.body.contains(r#"<td id="auth_failures">2</td>"#),
         "the dashboard's own 401 counted"
     );
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_internal_endpoint_needs_the_scope_and_an_internal_address() {
+    // The test peer (127.0.0.1) is a trusted proxy; the client is in X-Forwarded-For.
+    let demo = Demo::start_full(
+        fast_queue(),
+        None,
+        ClientIpConfig::trusted_proxies("127.0.0.1/32").unwrap(),
+        IpSet::parse("10.0.0.0/8").unwrap(),
+    )
+    .await;
+    let call = |from: &str, who: Option<&str>| {
+        let req = format!(
+            "POST /internal/latest-runs HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\
+             X-Forwarded-For: {from}\r\n{}Content-Type: application/json\r\n\
+             Content-Length: 2\r\n\r\n{{}}",
+            who.map(|w| format!("X-Test-Principal: {w}\r\n"))
+                .unwrap_or_default()
+        );
+        let addr = demo.addr;
+        async move { raw(addr, req.as_bytes()).await }
+    };
+    let r = call("10.1.2.3", Some("worker")).await;
+    assert_eq!(
+        (r.status, r.json()["runs"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    let r = call("203.0.113.9", Some("worker")).await;
+    r.assert_problem(403);
+    assert!(
+        r.header("www-authenticate").is_none(),
+        "an address refusal, not a scope one"
+    );
+    call("10.1.2.3", Some("client")).await.assert_problem(403);
+    call("10.1.2.3", None).await.assert_problem(401);
+    // Other routes are not restricted by address.
+    let r = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await;
+    assert_eq!(r.status, 201);
     demo.shutdown().await;
 }
 
