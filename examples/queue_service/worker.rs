@@ -231,7 +231,7 @@ impl Worker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::queue::{Backoff, Enqueued, JobId, JobState, QueueConfig};
 
@@ -267,7 +267,7 @@ mod tests {
     }
 
     /// Polls `f` until it holds (fails after 10 s).
-    async fn eventually(what: &str, f: impl Fn() -> bool) {
+    pub(crate) async fn eventually(what: &str, f: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !f() {
             assert!(
