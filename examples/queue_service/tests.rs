@@ -20,6 +20,7 @@ use super::*;
 use crate::auth::{Access, ROUTES};
 use crate::queue::{Backoff, JobId, JobState, QueueConfig};
 use crate::worker::BreakerConfig;
+use crate::worker::tests::eventually;
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -201,17 +202,6 @@ fn fast_worker() -> WorkerConfig {
             threshold: 100,
             cooldown: Duration::from_secs(30),
         },
-    }
-}
-
-async fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(MS).await;
     }
 }
 
