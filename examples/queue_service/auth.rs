@@ -21,7 +21,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::{Method, Response};
 use axum::middleware::Next;
 use portcullis::rejection::{Challenge, Rejection};
-use portcullis::{Principal, Scopes};
+use portcullis::{ClientIp, Principal, Scopes};
 
 /// Enqueue and cancel jobs.
 pub const JOBS_WRITE: &str = "jobs:write";
@@ -95,7 +95,11 @@ pub fn access_for(method: &Method, path: &str) -> Option<Access> {
 
 /// The one scope check: `Ok` when `principal` holds `scope`, else the refusal.
 #[allow(clippy::result_large_err)]
-pub fn check(principal: Option<&Principal>, scope: &'static str) -> Result<(), Response<Body>> {
+pub fn check(
+    principal: Option<&Principal>,
+    client_ip: Option<&ClientIp>,
+    scope: &'static str,
+) -> Result<(), Response<Body>> {
     let Some(p) = principal else {
         return Err(Rejection::missing_credential(&CHALLENGE).into_response());
     };
@@ -107,6 +111,7 @@ pub fn check(principal: Option<&Principal>, scope: &'static str) -> Result<(), R
         target: "portcullis::audit",
         event = "scope_denied",
         reason = "insufficient_scope",
+        client_ip = client_ip.map(tracing::field::display),
         principal = p.id(),
         method = p.method().as_str(),
         scope,
@@ -123,10 +128,13 @@ pub async fn require_scope(
     let access = matched.and_then(|m| access_for(req.method(), m.as_str()));
     match access {
         Some(Access::Public) => next.run(req).await,
-        Some(Access::Scope(scope)) => match check(req.extensions().get::<Principal>(), scope) {
-            Ok(()) => next.run(req).await,
-            Err(refusal) => refusal,
-        },
+        Some(Access::Scope(scope)) => {
+            let ext = req.extensions();
+            match check(ext.get::<Principal>(), ext.get::<ClientIp>(), scope) {
+                Ok(()) => next.run(req).await,
+                Err(refusal) => refusal,
+            }
+        }
         None => {
             tracing::error!(
                 method = %req.method(),

@@ -127,20 +127,20 @@ async fn serve(
     Ok(())
 }
 
-/// SIGINT or SIGTERM.
-async fn signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGINT or SIGTERM. The handlers are installed now, so a failure
+/// stops the start instead of leaving a server that ignores SIGTERM.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install the SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        #[cfg(unix)]
         tokio::select! {
-            _ = ctrl_c => {}
+            _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 /// `--addr HOST:PORT`, else `PORTCULLIS_DEMO_ADDR`, else 127.0.0.1:8080.
@@ -172,6 +172,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let router = routes::app(state.clone()).layer(ClientIpLayer::new(ClientIpConfig::peer_only()));
     let router = routes::count_refusals(router, state.counters.clone());
 
+    let shutdown = shutdown_signal()?;
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     println!("portcullis demo queue listening on http://{bound}");
@@ -189,7 +190,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         router,
         &state,
         Some(WorkerConfig::default()),
-        signal(),
+        shutdown,
     )
     .await?;
     Ok(())
