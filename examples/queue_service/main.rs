@@ -2,7 +2,8 @@
 //!
 //! `cargo run --release --example queue_service` listens on 127.0.0.1:8080
 //! (`--addr HOST:PORT` or `PORTCULLIS_DEMO_ADDR` changes it; port 0 picks a free port
-//! and prints it). `POST /internal/latest-runs` also requires a client address in
+//! and prints it). `PORTCULLIS_DEMO_JOB_TTL_SECS` (default 24 h) and
+//! `PORTCULLIS_DEMO_MAX_DEPTH` (default 1000) set the engine's limits. `POST /internal/latest-runs` also requires a client address in
 //! `PORTCULLIS_DEMO_INTERNAL_CIDRS` (default `127.0.0.0/8, ::1`). Logs are JSON lines on standard error. SIGINT/SIGTERM stop
 //! accepting, finish the job in flight and exit.
 //!
@@ -143,6 +144,30 @@ fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'stati
     })
 }
 
+/// The engine's limits from the environment (`get` reads a variable):
+/// `PORTCULLIS_DEMO_JOB_TTL_SECS` (default 86400) and `PORTCULLIS_DEMO_MAX_DEPTH`
+/// (default 1000). Zero or anything but a positive integer is an error.
+fn queue_config(get: impl Fn(&str) -> Option<String>) -> Result<QueueConfig, String> {
+    let positive = |name: &str| -> Result<Option<u64>, String> {
+        match get(name) {
+            None => Ok(None),
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Ok(Some(n)),
+                _ => Err(format!("{name} must be a positive integer")),
+            },
+        }
+    };
+    let mut config = QueueConfig::default();
+    if let Some(secs) = positive("PORTCULLIS_DEMO_JOB_TTL_SECS")? {
+        config.ttl = Duration::from_secs(secs);
+    }
+    if let Some(depth) = positive("PORTCULLIS_DEMO_MAX_DEPTH")? {
+        config.max_depth = usize::try_from(depth).map_err(|e| e.to_string())?;
+        config.max_retained = config.max_retained.max(config.max_depth);
+    }
+    Ok(config)
+}
+
 /// `--addr HOST:PORT`, else `PORTCULLIS_DEMO_ADDR`, else 127.0.0.1:8080.
 fn listen_addr(args: &[String], env: Option<String>) -> Result<SocketAddr, String> {
     let raw = match args {
@@ -165,7 +190,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let internal = std::env::var("PORTCULLIS_DEMO_INTERNAL_CIDRS");
     let internal = IpSet::parse(internal.as_deref().unwrap_or(DEFAULT_INTERNAL))?;
-    let state = state(QueueConfig::default(), internal);
+    let state = state(queue_config(|k| std::env::var(k).ok())?, internal);
     // The guarding layers, innermost first. Only ClientIpLayer exists on main so
     // far (exposed directly: the peer is the client, forwarding headers are
     // ignored). See "Wiring the remaining layers" in the module docs.

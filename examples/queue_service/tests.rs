@@ -231,6 +231,36 @@ fn the_listen_address() {
 }
 
 #[test]
+fn the_queue_limits_from_the_environment() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let c = queue_config(env(&[])).unwrap();
+    assert_eq!((c.ttl, c.max_depth), (Duration::from_secs(86_400), 1_000));
+    let c = queue_config(env(&[
+        ("PORTCULLIS_DEMO_JOB_TTL_SECS", "60"),
+        ("PORTCULLIS_DEMO_MAX_DEPTH", "20000"),
+    ]))
+    .unwrap();
+    assert_eq!((c.ttl, c.max_depth), (Duration::from_secs(60), 20_000));
+    assert!(c.max_retained >= c.max_depth);
+    const BAD: &[&[(&str, &str)]] = &[
+        &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "0")],
+        &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "-1")],
+        &[("PORTCULLIS_DEMO_MAX_DEPTH", "ten")],
+        &[("PORTCULLIS_DEMO_MAX_DEPTH", "")],
+    ];
+    for bad in BAD {
+        assert!(queue_config(env(bad)).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
 fn every_route_is_in_the_scope_table_once() {
     let mut seen = std::collections::HashSet::new();
     for (m, p, _) in ROUTES {
