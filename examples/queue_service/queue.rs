@@ -17,7 +17,9 @@
 //! - Limits: `max_depth` unfinished jobs and `max_retained` jobs in total; beyond
 //!   either, [`QueueError::Full`].
 //!
-//! Costs: enqueue/take/transition are `O(log n)` under one mutex; nothing is persisted.
+//! Costs: enqueue, take and every transition are `O(log n)` under one mutex (plus
+//! the expired jobs and lapsed leases they clean up); `stats` and `latest_runs` walk
+//! every retained job. Nothing is persisted: a restart loses the queue.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
