@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
+use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -190,8 +191,21 @@ fn json_rejection(e: &JsonRejection) -> Response {
     problem(status, detail)
 }
 
-fn parse_id(raw: &str) -> Result<JobId, QueueError> {
-    JobId::parse(raw).ok_or(QueueError::NotFound)
+/// The `{id}` of a job route. Anything but 32 lowercase hex digits (including a
+/// path that does not decode) is 404, like an unknown id.
+pub struct JobPath(pub JobId);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobPath {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(raw)) => JobId::parse(&raw)
+                .map(JobPath)
+                .ok_or_else(|| queue_error(QueueError::NotFound)),
+            Err(_) => Err(queue_error(QueueError::NotFound)),
+        }
+    }
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
@@ -251,21 +265,17 @@ fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, QueueError> 
 async fn get_job(
     State(s): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    JobPath(id): JobPath,
 ) -> Response {
-    view(parse_id(&id).and_then(|id| owned(&s, &p, id)))
+    view(owned(&s, &p, id))
 }
 
 async fn cancel_job(
     State(s): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    JobPath(id): JobPath,
 ) -> Response {
-    view(
-        parse_id(&id)
-            .and_then(|id| owned(&s, &p, id))
-            .and_then(|v| s.queue.cancel(v.id)),
-    )
+    view(owned(&s, &p, id).and_then(|v| s.queue.cancel(v.id)))
 }
 
 #[derive(Deserialize)]
@@ -276,10 +286,10 @@ struct StatusRequest {
 
 async fn set_status(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    JobPath(id): JobPath,
     JsonBody(req): JsonBody<StatusRequest>,
 ) -> Response {
-    view(parse_id(&id).and_then(|id| s.queue.set_state(id, req.state)))
+    view(s.queue.set_state(id, req.state))
 }
 
 #[derive(Deserialize)]
@@ -290,18 +300,18 @@ struct ProgressRequest {
 
 async fn set_progress(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    JobPath(id): JobPath,
     JsonBody(req): JsonBody<ProgressRequest>,
 ) -> Response {
-    view(parse_id(&id).and_then(|id| s.queue.progress(id, req.progress)))
+    view(s.queue.progress(id, req.progress))
 }
 
-async fn complete(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    view(parse_id(&id).and_then(|id| s.queue.complete(id)))
+async fn complete(State(s): State<AppState>, JobPath(id): JobPath) -> Response {
+    view(s.queue.complete(id))
 }
 
-async fn fail(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    view(parse_id(&id).and_then(|id| s.queue.fail(id)))
+async fn fail(State(s): State<AppState>, JobPath(id): JobPath) -> Response {
+    view(s.queue.fail(id))
 }
 
 #[derive(Deserialize)]

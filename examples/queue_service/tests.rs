@@ -578,6 +578,7 @@ async fn bad_input_is_a_4xx_problem_and_changes_nothing() {
             404,
         ),
         ("GET", "/v1/jobs/not-an-id".into(), "client", None, 404),
+        ("GET", "/v1/jobs/%FF%FE".into(), "client", None, 404),
         (
             "GET",
             format!("/v1/jobs/{}", id.to_uppercase()),
