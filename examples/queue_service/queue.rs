@@ -14,8 +14,9 @@
 //! - A running job holds a lease (5 min by default) that progress reports renew; a
 //!   worker that dies without completing or failing the job loses it, and the lapse
 //!   counts as a failed attempt (retry with backoff, or the dead-letter queue).
-//! - Limits: `max_depth` unfinished jobs and `max_retained` jobs in total; beyond
-//!   either, [`QueueError::Full`].
+//! - Limits: at most `max_depth` unfinished jobs (beyond, [`QueueError::Full`]) and
+//!   `max_retained` jobs in total: at that limit a new job evicts the oldest finished
+//!   one (whose dedup entry goes with it); with nothing finished to evict, `Full`.
 //!
 //! Costs: enqueue, take and every transition are `O(log n)` under one mutex (plus
 //! the expired jobs and lapsed leases they clean up); `stats` and `latest_runs` walk
@@ -246,7 +247,8 @@ impl Backoff {
 pub struct QueueConfig {
     /// At most this many unfinished (queued, running, failed) jobs.
     pub max_depth: usize,
-    /// At most this many jobs in any state (finished ones stay until their TTL).
+    /// At most this many jobs in any state: finished ones stay until their TTL or
+    /// until a new job needs the room (the oldest finished one goes first).
     pub max_retained: usize,
     /// A job is purged this long after it was enqueued.
     pub ttl: Duration,
@@ -475,10 +477,14 @@ impl Queue {
         if let Some(id) = g.by_hash.get(&hash) {
             return Ok(Enqueued::Existing(g.jobs[id].view(now)));
         }
-        if g.open >= self.config.max_depth || g.jobs.len() >= self.config.max_retained {
-            return Err(QueueError::Full {
-                retry_after: self.config.full_retry_after,
-            });
+        let full = Err(QueueError::Full {
+            retry_after: self.config.full_retry_after,
+        });
+        if g.open >= self.config.max_depth {
+            return full;
+        }
+        if g.jobs.len() >= self.config.max_retained && !g.evict_oldest_finished() {
+            return full;
         }
         let id = JobId::random();
         let seq = g.next_seq;
@@ -650,20 +656,36 @@ impl Inner {
             if at > now {
                 break;
             }
-            self.expiry.pop_first();
-            if let Some(job) = self.jobs.remove(&id) {
-                self.by_hash.remove(&job.hash);
-                self.ready.remove(&(Reverse(job.priority), job.seq, id));
-                if let Some(r) = job.retry_at {
-                    self.retries.remove(&(r, id));
-                }
-                if let Some(l) = job.lease_until {
-                    self.leases.remove(&(l, id));
-                }
-                self.dead.remove(&(job.seq, id));
-                self.open -= usize::from(job.state.is_open());
-            }
+            self.remove(id);
         }
+    }
+
+    /// Drops the finished job closest to its expiry; `false` if none is finished.
+    fn evict_oldest_finished(&mut self) -> bool {
+        let oldest = self
+            .expiry
+            .iter()
+            .map(|&(_, id)| id)
+            .find(|id| !self.jobs[id].state.is_open());
+        oldest.map(|id| self.remove(id)).is_some()
+    }
+
+    /// Drops a job from every index.
+    fn remove(&mut self, id: JobId) {
+        let Some(job) = self.jobs.remove(&id) else {
+            return;
+        };
+        self.expiry.remove(&(job.expires, id));
+        self.by_hash.remove(&job.hash);
+        self.ready.remove(&(Reverse(job.priority), job.seq, id));
+        if let Some(r) = job.retry_at {
+            self.retries.remove(&(r, id));
+        }
+        if let Some(l) = job.lease_until {
+            self.leases.remove(&(l, id));
+        }
+        self.dead.remove(&(job.seq, id));
+        self.open -= usize::from(job.state.is_open());
     }
 
     fn promote_due(&mut self, now: Instant) {
@@ -849,17 +871,32 @@ mod tests {
     }
 
     #[test]
-    fn retention_is_bounded_too() {
-        let (q, _) = queue(QueueConfig {
-            max_retained: 1,
+    fn retention_is_bounded_by_evicting_the_oldest_finished_job() {
+        let (q, clock) = queue(QueueConfig {
+            max_retained: 2,
             ..QueueConfig::default()
         });
         let a = new(q.enqueue("o", "a", 0));
-        q.cancel(a.id).unwrap();
+        clock.advance(Duration::from_secs(1));
+        let b = new(q.enqueue("o", "b", 0));
+        // Nothing finished: nothing to evict.
         assert!(matches!(
-            q.enqueue("o", "b", 0),
+            q.enqueue("o", "c", 0),
             Err(QueueError::Full { .. })
         ));
+        q.cancel(b.id).unwrap();
+        q.cancel(a.id).unwrap();
+        let c = new(q.enqueue("o", "c", 0));
+        assert_eq!(
+            q.get(a.id),
+            Err(QueueError::NotFound),
+            "the oldest finished job went"
+        );
+        assert_eq!(q.get(b.id).unwrap().state, JobState::Cancelled);
+        // Its dedup entry went with it.
+        new(q.enqueue("o", "a", 0));
+        assert_eq!(q.get(b.id), Err(QueueError::NotFound));
+        assert_eq!(q.get(c.id).unwrap().state, JobState::Queued);
     }
 
     #[test]
