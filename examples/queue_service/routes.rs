@@ -1,0 +1,421 @@
+//! The HTTP face of the queue. Handlers are thin: parse, call the engine, map its
+//! answer. Every route's access rule lives in [`crate::auth::ROUTES`].
+//!
+//! Errors are `application/problem+json` with fixed texts (no request input is
+//! echoed): 400 malformed JSON, 404 unknown job or route, 405, 409 illegal state
+//! transition, 413 body over [`BODY_LIMIT`], 415 not JSON, 422 a value out of range,
+//! 503 queue full (with `Retry-After`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::{Extension, Json, Router};
+use portcullis::Principal;
+use portcullis::allowlist::IpAllowlistLayer;
+use portcullis::rejection::{DenialReason, Rejection};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::auth;
+use crate::queue::{Enqueued, JobId, JobState, JobView, Queue, QueueError};
+use crate::worker::{WorkerSnapshot, WorkerStatus};
+
+/// The largest request body accepted (bytes).
+pub const BODY_LIMIT: usize = 16 * 1024;
+/// The longest job input accepted (bytes).
+pub const MAX_INPUT: usize = 4 * 1024;
+/// The highest priority.
+pub const MAX_PRIORITY: u8 = 9;
+
+/// Refusals counted from the `DenialReason` in response extensions: filled by
+/// whatever layer refused (the scope check today, the auth and rate-limit layers
+/// once wired), as long as they sit inside [`count_refusals`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    auth_failures: AtomicU64,
+    scope_denials: AtomicU64,
+    rate_limited: AtomicU64,
+}
+
+impl Counters {
+    /// Counts one refusal by its reason.
+    pub fn record(&self, reason: DenialReason) {
+        let c = match reason {
+            DenialReason::InsufficientScope => &self.scope_denials,
+            DenialReason::RateLimited | DenialReason::AuthThrottled => &self.rate_limited,
+            DenialReason::MissingCredential
+            | DenialReason::MalformedCredential
+            | DenialReason::MultipleCredentials
+            | DenialReason::InvalidKeyFormat
+            | DenialReason::UnknownKey
+            | DenialReason::ExpiredKey
+            | DenialReason::NotYetValidKey
+            | DenialReason::RevokedKey
+            | DenialReason::InvalidToken => &self.auth_failures,
+            _ => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The engine.
+    pub queue: Arc<Queue>,
+    /// Refusal counters.
+    pub counters: Arc<Counters>,
+    /// The in-process worker's figures.
+    pub worker: Arc<WorkerStatus>,
+    /// The networks allowed on `/internal/*` (reads the `ClientIp` that
+    /// `ClientIpLayer`, outside the router, resolves).
+    pub internal: IpAllowlistLayer,
+}
+
+/// The router: every route behind the scope check, JSON errors, the body limit.
+/// The guarding layers wrap it from outside, then [`count_refusals`] wraps them.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/jobs", post(enqueue))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/jobs/{id}/status", patch(set_status))
+        .route("/v1/jobs/{id}/progress", patch(set_progress))
+        .route("/v1/jobs/{id}/complete", post(complete))
+        .route("/v1/jobs/{id}/fail", post(fail))
+        .route(
+            "/internal/latest-runs",
+            post(latest_runs).route_layer(state.internal.clone()),
+        )
+        .route("/v1/admin/stats", get(stats))
+        .route("/v1/admin/dlq", get(dlq))
+        .route("/dashboard", get(dashboard))
+        .route_layer(middleware::from_fn(auth::require_scope))
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "No such resource.") })
+        .method_not_allowed_fallback(|| async {
+            problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "This method is not allowed on this resource.",
+            )
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Wraps `router` (the app plus the guarding layers) in [`count_denials`], so every
+/// refusal, from the scope check or from any layer inside, reaches the stats.
+pub fn count_refusals(router: Router, counters: Arc<Counters>) -> Router {
+    router.layer(middleware::from_fn_with_state(counters, count_denials))
+}
+
+/// Middleware: counts every refusal that passes through it by its `DenialReason`.
+pub async fn count_denials(
+    State(counters): State<Arc<Counters>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let res = next.run(req).await;
+    if let Some(reason) = res.extensions().get::<DenialReason>() {
+        counters.record(*reason);
+    }
+    res
+}
+
+/// An RFC 9457 problem document with a fixed detail.
+pub fn problem(status: StatusCode, detail: &'static str) -> Response {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    (
+        status,
+        [
+            (CONTENT_TYPE, "application/problem+json"),
+            (CACHE_CONTROL, "no-store"),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn queue_error(e: QueueError) -> Response {
+    match e {
+        QueueError::NotFound => problem(StatusCode::NOT_FOUND, "No such job."),
+        QueueError::IllegalTransition { .. } => problem(
+            StatusCode::CONFLICT,
+            "The job's current state does not allow this change.",
+        ),
+        QueueError::BadProgress => problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Progress must be between 0 and 100.",
+        ),
+        QueueError::Full { retry_after } => {
+            Rejection::unavailable(DenialReason::BackendUnavailable, Some(retry_after))
+                .into_response()
+        }
+    }
+}
+
+/// `axum::Json` with problem+json refusals that never echo the parser's message.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(JsonBody(v)),
+            Err(e) => Err(json_rejection(&e)),
+        }
+    }
+}
+
+fn json_rejection(e: &JsonRejection) -> Response {
+    let status = e.status();
+    let detail = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "The request body is larger than the limit.",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "The request body must be application/json.",
+        StatusCode::UNPROCESSABLE_ENTITY => "The request body does not have the expected fields.",
+        _ => "The request body is not valid JSON.",
+    };
+    problem(status, detail)
+}
+
+/// The `{id}` of a job route. Anything but 32 lowercase hex digits (including a
+/// path that does not decode) is 404, like an unknown id.
+pub struct JobPath(pub JobId);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobPath {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(raw)) => JobId::parse(&raw)
+                .map(JobPath)
+                .ok_or_else(|| queue_error(QueueError::NotFound)),
+            Err(_) => Err(queue_error(QueueError::NotFound)),
+        }
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
+    (status, [(CACHE_CONTROL, "no-store")], Json(v)).into_response()
+}
+
+fn view(r: Result<JobView, QueueError>) -> Response {
+    match r {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(e) => queue_error(e),
+    }
+}
+
+async fn health() -> Response {
+    json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnqueueRequest {
+    input: String,
+    #[serde(default)]
+    priority: u8,
+}
+
+async fn enqueue(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    JsonBody(req): JsonBody<EnqueueRequest>,
+) -> Response {
+    if req.input.is_empty() || req.input.len() > MAX_INPUT || req.priority > MAX_PRIORITY {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "input must be 1 to 4096 bytes and priority 0 to 9.",
+        );
+    }
+    match s.queue.enqueue(p.id(), &req.input, req.priority) {
+        Ok(Enqueued::New(v)) => {
+            let mut res = json(StatusCode::CREATED, &v);
+            let loc = HeaderValue::try_from(format!("/v1/jobs/{}", v.id)).expect("hex id");
+            res.headers_mut().insert(LOCATION, loc);
+            res
+        }
+        Ok(Enqueued::Existing(v)) => json(StatusCode::OK, &v),
+        Err(e) => queue_error(e),
+    }
+}
+
+/// A job is visible to its owner only; to anyone else it does not exist.
+fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, QueueError> {
+    match s.queue.get(id) {
+        Ok(v) if *v.owner == *p.id() => Ok(v),
+        _ => Err(QueueError::NotFound),
+    }
+}
+
+async fn get_job(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    JobPath(id): JobPath,
+) -> Response {
+    view(owned(&s, &p, id))
+}
+
+async fn cancel_job(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    JobPath(id): JobPath,
+) -> Response {
+    view(owned(&s, &p, id).and_then(|v| s.queue.cancel(v.id)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusRequest {
+    state: JobState,
+}
+
+async fn set_status(
+    State(s): State<AppState>,
+    JobPath(id): JobPath,
+    JsonBody(req): JsonBody<StatusRequest>,
+) -> Response {
+    view(s.queue.set_state(id, req.state))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProgressRequest {
+    progress: u8,
+}
+
+async fn set_progress(
+    State(s): State<AppState>,
+    JobPath(id): JobPath,
+    JsonBody(req): JsonBody<ProgressRequest>,
+) -> Response {
+    view(s.queue.progress(id, req.progress))
+}
+
+async fn complete(State(s): State<AppState>, JobPath(id): JobPath) -> Response {
+    view(s.queue.complete(id))
+}
+
+async fn fail(State(s): State<AppState>, JobPath(id): JobPath) -> Response {
+    view(s.queue.fail(id))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LatestRunsRequest {
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    20
+}
+
+async fn latest_runs(
+    State(s): State<AppState>,
+    JsonBody(req): JsonBody<LatestRunsRequest>,
+) -> Response {
+    if !(1..=100).contains(&req.limit) {
+        return problem(StatusCode::UNPROCESSABLE_ENTITY, "limit must be 1 to 100.");
+    }
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "runs": s.queue.latest_runs(req.limit) }),
+    )
+}
+
+/// The figures of the stats endpoint and the dashboard.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    #[serde(flatten)]
+    queue: crate::queue::QueueStats,
+    auth_failures: u64,
+    scope_denials: u64,
+    rate_limited: u64,
+    worker: WorkerSnapshot,
+}
+
+fn gather(s: &AppState) -> Stats {
+    Stats {
+        queue: s.queue.stats(),
+        auth_failures: s.counters.auth_failures.load(Ordering::Relaxed),
+        scope_denials: s.counters.scope_denials.load(Ordering::Relaxed),
+        rate_limited: s.counters.rate_limited.load(Ordering::Relaxed),
+        worker: s.worker.snapshot(),
+    }
+}
+
+async fn stats(State(s): State<AppState>) -> Response {
+    json(StatusCode::OK, &gather(&s))
+}
+
+async fn dlq(State(s): State<AppState>) -> Response {
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "dead_letters": s.queue.dead_letters(100) }),
+    )
+}
+
+async fn dashboard(State(s): State<AppState>) -> Response {
+    let st = gather(&s);
+    // Every value below is a number or a fixed state name: nothing to escape.
+    let mut rows = String::new();
+    let mut row = |k: &str, v: String| {
+        rows.push_str(&format!("<tr><th>{k}</th><td id=\"{k}\">{v}</td></tr>\n"));
+    };
+    row("queue_depth", st.queue.queue_depth.to_string());
+    row("dead_letter_depth", st.queue.dead_letter_depth.to_string());
+    for (state, n) in &st.queue.jobs_by_state {
+        row(state, n.to_string());
+    }
+    row("auth_failures", st.auth_failures.to_string());
+    row("scope_denials", st.scope_denials.to_string());
+    row("rate_limited", st.rate_limited.to_string());
+    row(
+        "worker",
+        if st.worker.paused {
+            "paused"
+        } else {
+            "running"
+        }
+        .to_string(),
+    );
+    let html = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"5\"><title>portcullis demo queue</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}th{{text-align:left;padding-right:2em}}</style>\
+         </head><body><h1>Job queue</h1><table>\n{rows}</table></body></html>\n"
+    );
+    let mut res = (StatusCode::OK, html).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        HeaderName::from_static("content-security-policy"),
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    res
+}

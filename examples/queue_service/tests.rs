@@ -1,0 +1,776 @@
+//! The service over real TCP: the routes, the engine and the worker together.
+//!
+//! Authentication is not wired yet, so a test-only layer stands in for it: it maps
+//! an `X-Test-Principal` header to one of a few fixed principals. It exists only
+//! under `cfg(test)`; the binary has no such door.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use portcullis::{AuthMethod, Principal, Scopes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::auth::{Access, ROUTES};
+use crate::queue::{Backoff, JobId, JobState, QueueConfig};
+use crate::worker::BreakerConfig;
+use crate::worker::tests::eventually;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// The stand-in for the authentication layers.
+async fn test_principal(mut req: Request, next: Next) -> Response {
+    let who = req
+        .headers()
+        .get("x-test-principal")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let principal = who.and_then(|who| {
+        let (method, scopes) = match who.as_str() {
+            "client" | "other" => (AuthMethod::ApiKey, "jobs:read jobs:write"),
+            "reader" => (AuthMethod::ApiKey, "jobs:read"),
+            "worker" => (AuthMethod::ServiceToken, "jobs:work"),
+            "admin" => (AuthMethod::ApiKey, "admin dashboard:read"),
+            "nobody" => (AuthMethod::ApiKey, ""),
+            _ => return None,
+        };
+        let scopes = Scopes::parse(scopes).unwrap();
+        Some(Principal::new(who, method).with_scopes(scopes))
+    });
+    if let Some(p) = principal {
+        req.extensions_mut().insert(p);
+    }
+    next.run(req).await
+}
+
+struct Demo {
+    addr: SocketAddr,
+    state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Demo {
+    /// The demo on 127.0.0.1:0, wired as `main` wires it plus the test principal.
+    async fn start(config: QueueConfig, worker: WorkerConfig) -> Self {
+        Self::start_with(config, Some(worker)).await
+    }
+
+    async fn start_with(config: QueueConfig, worker: Option<WorkerConfig>) -> Self {
+        let internal = IpSet::parse(DEFAULT_INTERNAL).unwrap();
+        Self::start_full(config, worker, ClientIpConfig::peer_only(), internal).await
+    }
+
+    async fn start_full(
+        config: QueueConfig,
+        worker: Option<WorkerConfig>,
+        client_ip: ClientIpConfig,
+        internal: IpSet,
+    ) -> Self {
+        let state = state(config, internal);
+        let router = routes::app(state.clone())
+            .layer(middleware::from_fn(test_principal))
+            .layer(ClientIpLayer::new(client_ip));
+        let router = routes::count_refusals(router, state.counters.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let s = state.clone();
+        let server = tokio::spawn(async move {
+            serve(listener, router, &s, worker, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Self {
+            addr,
+            state,
+            stop: Some(tx),
+            server,
+        }
+    }
+
+    /// Without the in-process worker: the test drives the worker endpoints itself.
+    async fn manual(config: QueueConfig) -> Self {
+        Self::start_with(config, None).await
+    }
+
+    async fn call(&self, method: &str, path: &str, who: Option<&str>, body: Option<&str>) -> Reply {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n");
+        if let Some(who) = who {
+            req.push_str(&format!("X-Test-Principal: {who}\r\n"));
+        }
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        req.push_str(body.unwrap_or(""));
+        raw(self.addr, req.as_bytes()).await
+    }
+
+    async fn shutdown(mut self) -> AppState {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.server)
+            .await
+            .expect("stops within 10 s")
+            .unwrap()
+            .unwrap();
+        self.state
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    fn assert_problem(&self, status: u16) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{self:?}"
+        );
+        assert_eq!(self.json()["status"], status);
+    }
+
+    fn id(&self) -> String {
+        self.json()["id"].as_str().unwrap().to_owned()
+    }
+}
+
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap()[9..12].parse().unwrap();
+    let headers = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.to_ascii_lowercase(), v.trim().to_owned())
+        })
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+fn fast_queue() -> QueueConfig {
+    QueueConfig {
+        backoff: Backoff {
+            base: MS,
+            cap: 4 * MS,
+        },
+        ..QueueConfig::default()
+    }
+}
+
+fn fast_worker() -> WorkerConfig {
+    WorkerConfig {
+        idle_poll: MS,
+        work_time: 2 * MS,
+        breaker: BreakerConfig {
+            threshold: 100,
+            cooldown: Duration::from_secs(30),
+        },
+    }
+}
+
+fn job_state(state: &AppState, id: &str) -> JobState {
+    state.queue.get(JobId::parse(id).unwrap()).unwrap().state
+}
+
+#[test]
+fn the_listen_address() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        listen_addr(&[], None).unwrap(),
+        "127.0.0.1:8080".parse().unwrap()
+    );
+    assert_eq!(
+        listen_addr(&[], Some("127.0.0.1:0".into())).unwrap().port(),
+        0
+    );
+    assert_eq!(
+        listen_addr(&args(&["--addr", "[::1]:9000"]), Some("127.0.0.1:1".into())).unwrap(),
+        "[::1]:9000".parse().unwrap(),
+        "the flag wins over the environment"
+    );
+    assert!(listen_addr(&args(&["--addr"]), None).is_err());
+    assert!(listen_addr(&args(&["--port", "1"]), None).is_err());
+    assert!(listen_addr(&[], Some("localhost".into())).is_err());
+}
+
+#[test]
+fn the_queue_limits_from_the_environment() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let c = queue_config(env(&[])).unwrap();
+    assert_eq!((c.ttl, c.max_depth), (Duration::from_secs(86_400), 1_000));
+    let c = queue_config(env(&[
+        ("PORTCULLIS_DEMO_JOB_TTL_SECS", "60"),
+        ("PORTCULLIS_DEMO_MAX_DEPTH", "20000"),
+    ]))
+    .unwrap();
+    assert_eq!((c.ttl, c.max_depth), (Duration::from_secs(60), 20_000));
+    assert!(c.max_retained >= c.max_depth);
+    const BAD: &[&[(&str, &str)]] = &[
+        &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "0")],
+        &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "-1")],
+        &[("PORTCULLIS_DEMO_MAX_DEPTH", "ten")],
+        &[("PORTCULLIS_DEMO_MAX_DEPTH", "")],
+    ];
+    for bad in BAD {
+        assert!(queue_config(env(bad)).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn every_route_is_in_the_scope_table_once() {
+    let mut seen = std::collections::HashSet::new();
+    for (m, p, _) in ROUTES {
+        assert!(seen.insert((m.clone(), *p)), "{m} {p} listed twice");
+    }
+    assert_eq!(
+        ROUTES.iter().filter(|r| r.2 == Access::Public).count(),
+        1,
+        "only /health is public"
+    );
+}
+
+fn concrete(path: &str) -> String {
+    path.replace("{id}", &"0".repeat(32))
+}
+
+#[tokio::test]
+async fn without_a_principal_every_protected_route_is_401_and_health_is_public() {
+    let demo = Demo::start(fast_queue(), fast_worker()).await;
+    for (method, path, access) in ROUTES {
+        let body = (*method == "POST" || *method == "PATCH").then_some("{not json");
+        let r = demo
+            .call(method.as_str(), &concrete(path), None, body)
+            .await;
+        match access {
+            Access::Public => assert_eq!(r.status, 200, "{method} {path}"),
+            Access::Scope(_) => {
+                // 401 before the body is even parsed.
+                r.assert_problem(401);
+                assert_eq!(
+                    r.header("www-authenticate"),
+                    Some(r#"Bearer realm="portcullis-demo""#)
+                );
+            }
+        }
+    }
+    let r = demo.call("GET", "/health", None, None).await;
+    assert_eq!(r.body, r#"{"status":"ok"}"#);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_principal_without_the_scope_is_403_insufficient_scope() {
+    let demo = Demo::start(fast_queue(), fast_worker()).await;
+    for (method, path, access) in ROUTES {
+        let Access::Scope(scope) = access else {
+            continue;
+        };
+        let r = demo
+            .call(method.as_str(), &concrete(path), Some("nobody"), Some("{}"))
+            .await;
+        r.assert_problem(403);
+        assert_eq!(
+            r.header("www-authenticate").unwrap(),
+            format!(
+                r#"Bearer realm="portcullis-demo", error="insufficient_scope", scope="{scope}""#
+            )
+        );
+    }
+    // A client key on the worker endpoints, a worker on the client endpoints.
+    let r = demo
+        .call(
+            "POST",
+            &concrete("/v1/jobs/{id}/complete"),
+            Some("client"),
+            None,
+        )
+        .await;
+    r.assert_problem(403);
+    let r = demo
+        .call("POST", "/v1/jobs", Some("worker"), Some(r#"{"input":"x"}"#))
+        .await;
+    r.assert_problem(403);
+    let r = demo.call("GET", "/dashboard", Some("client"), None).await;
+    r.assert_problem(403);
+    assert_eq!(demo.state.queue.stats().queue_depth, 0);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_life_cycle_through_the_worker_endpoints() {
+    let demo = Demo::manual(fast_queue()).await;
+    let r = demo
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some("client"),
+            Some(r#"{"input":"resize photo-1","priority":5}"#),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.id();
+    assert_eq!(r.header("location").unwrap(), format!("/v1/jobs/{id}"));
+    assert_eq!(r.json()["state"], "queued");
+    assert!(!r.body.contains("photo-1"), "the input is never echoed");
+
+    let job = format!("/v1/jobs/{id}");
+    let r = demo.call("GET", &job, Some("client"), None).await;
+    assert_eq!((r.status, r.json()["priority"].as_u64()), (200, Some(5)));
+
+    let r = demo
+        .call(
+            "PATCH",
+            &format!("{job}/status"),
+            Some("worker"),
+            Some(r#"{"state":"running"}"#),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["state"].as_str()),
+        (200, Some("running"))
+    );
+    let r = demo
+        .call(
+            "PATCH",
+            &format!("{job}/progress"),
+            Some("worker"),
+            Some(r#"{"progress":60}"#),
+        )
+        .await;
+    assert_eq!((r.status, r.json()["progress"].as_u64()), (200, Some(60)));
+    let r = demo
+        .call("POST", &format!("{job}/complete"), Some("worker"), None)
+        .await;
+    assert_eq!(
+        (r.status, r.json()["state"].as_str()),
+        (200, Some("completed"))
+    );
+
+    let r = demo.call("GET", &job, Some("client"), None).await;
+    assert_eq!(r.json()["state"], "completed");
+    assert_eq!(r.json()["progress"], 100);
+
+    let r = demo
+        .call(
+            "POST",
+            "/internal/latest-runs",
+            Some("worker"),
+            Some(r#"{"limit":5}"#),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["runs"][0]["id"], id.as_str());
+
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let s = r.json();
+    assert_eq!(s["jobs_by_state"]["completed"], 1);
+    assert_eq!(s["queue_depth"], 0);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_in_process_worker_retries_into_the_dead_letter_queue() {
+    let demo = Demo::start(fast_queue(), fast_worker()).await;
+    let ok = demo
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some("client"),
+            Some(r#"{"input":"thumbnail"}"#),
+        )
+        .await
+        .id();
+    let bad = demo
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some("client"),
+            Some(r#"{"input":"fail: corrupt"}"#),
+        )
+        .await
+        .id();
+    let state = &demo.state;
+    eventually("dead-lettered", || {
+        job_state(state, &bad) == JobState::DeadLettered
+    })
+    .await;
+    eventually("completed", || job_state(state, &ok) == JobState::Completed).await;
+    let r = demo
+        .call("GET", &format!("/v1/jobs/{bad}"), Some("client"), None)
+        .await;
+    assert_eq!(
+        (r.json()["state"].as_str(), r.json()["attempts"].as_u64()),
+        (Some("dead_lettered"), Some(3))
+    );
+    let r = demo.call("GET", "/v1/admin/dlq", Some("admin"), None).await;
+    assert_eq!(r.json()["dead_letters"][0]["id"], bad.as_str());
+    assert_eq!(r.json()["dead_letters"].as_array().unwrap().len(), 1);
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
+    assert_eq!(r.json()["dead_letter_depth"], 1);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn dedup_queue_full_and_cancellation() {
+    let demo = Demo::manual(QueueConfig {
+        max_depth: 2,
+        ..fast_queue()
+    })
+    .await;
+    let enqueue = |who, input: &str| {
+        let body = format!(r#"{{"input":"{input}"}}"#);
+        let demo = &demo;
+        async move { demo.call("POST", "/v1/jobs", Some(who), Some(&body)).await }
+    };
+    let first = enqueue("client", "a").await;
+    assert_eq!(first.status, 201);
+    let again = enqueue("client", "a").await;
+    assert_eq!((again.status, again.id()), (200, first.id()), "dedup");
+    let other = enqueue("other", "a").await;
+    assert_eq!(other.status, 201, "another owner's job is its own");
+    assert_ne!(other.id(), first.id());
+
+    let full = enqueue("client", "b").await;
+    full.assert_problem(503);
+    assert_eq!(full.header("retry-after"), Some("5"));
+    assert_eq!(demo.state.queue.stats().queue_depth, 2);
+
+    // Another owner can neither see nor cancel the job.
+    let job = format!("/v1/jobs/{}", first.id());
+    demo.call("GET", &job, Some("other"), None)
+        .await
+        .assert_problem(404);
+    demo.call("DELETE", &job, Some("other"), None)
+        .await
+        .assert_problem(404);
+    let r = demo.call("DELETE", &job, Some("client"), None).await;
+    assert_eq!(
+        (r.status, r.json()["state"].as_str()),
+        (200, Some("cancelled"))
+    );
+    // Completing a cancelled job is a conflict and changes nothing.
+    let r = demo
+        .call("POST", &format!("{job}/complete"), Some("worker"), None)
+        .await;
+    r.assert_problem(409);
+    demo.call("DELETE", &job, Some("client"), None)
+        .await
+        .assert_problem(409);
+    assert_eq!(job_state(&demo.state, &first.id()), JobState::Cancelled);
+    // The slot is free again.
+    assert_eq!(enqueue("client", "b").await.status, 201);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_a_4xx_problem_and_changes_nothing() {
+    let demo = Demo::manual(fast_queue()).await;
+    let id = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await
+        .id();
+    let before = demo.state.queue.stats();
+    let job = format!("/v1/jobs/{id}");
+    let cases: Vec<(&str, String, &str, Option<String>, u16)> = vec![
+        (
+            "POST",
+            "/v1/jobs".into(),
+            "client",
+            Some("{\"input\":".into()),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            "client",
+            Some(format!(r#"{{"input":"{}"}}"#, "a".repeat(17 * 1024))),
+            413,
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            "client",
+            Some(r#"{"input":"x","extra":1}"#.into()),
+            422,
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            "client",
+            Some(r#"{"priority":1}"#.into()),
+            422,
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            "client",
+            Some(r#"{"input":"y","priority":10}"#.into()),
+            422,
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            "client",
+            Some(r#"{"input":""}"#.into()),
+            422,
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            "client",
+            Some(format!(r#"{{"input":"{}"}}"#, "a".repeat(4097))),
+            422,
+        ),
+        (
+            "GET",
+            format!("/v1/jobs/{}", "f".repeat(32)),
+            "client",
+            None,
+            404,
+        ),
+        ("GET", "/v1/jobs/not-an-id".into(), "client", None, 404),
+        ("GET", "/v1/jobs/%FF%FE".into(), "client", None, 404),
+        (
+            "GET",
+            format!("/v1/jobs/{}", id.to_uppercase()),
+            "client",
+            None,
+            404,
+        ),
+        (
+            "PATCH",
+            format!("{job}/progress"),
+            "worker",
+            Some(r#"{"progress":101}"#.into()),
+            422,
+        ),
+        (
+            "PATCH",
+            format!("{job}/progress"),
+            "worker",
+            Some(r#"{"progress":-1}"#.into()),
+            422,
+        ),
+        (
+            "PATCH",
+            format!("{job}/progress"),
+            "worker",
+            Some(r#"{"progress":5}"#.into()),
+            409,
+        ),
+        (
+            "PATCH",
+            format!("{job}/status"),
+            "worker",
+            Some(r#"{"state":"dead_lettered"}"#.into()),
+            409,
+        ),
+        (
+            "PATCH",
+            format!("{job}/status"),
+            "worker",
+            Some(r#"{"state":"exploded"}"#.into()),
+            422,
+        ),
+        ("POST", format!("{job}/fail"), "worker", None, 409),
+        (
+            "POST",
+            "/internal/latest-runs".into(),
+            "worker",
+            Some(r#"{"limit":0}"#.into()),
+            422,
+        ),
+        ("GET", "/nowhere".into(), "client", None, 404),
+        ("PUT", job.clone(), "client", None, 405),
+    ];
+    for (method, path, who, body, status) in cases {
+        let r = demo.call(method, &path, Some(who), body.as_deref()).await;
+        assert_eq!(r.status, status, "{method} {path} {body:?}: {r:?}");
+        r.assert_problem(status);
+        assert!(!r.body.contains("aaaa"), "no input echoed");
+    }
+    // Not JSON at all.
+    let req = "POST /v1/jobs HTTP/1.1\r\nHost: d\r\nConnection: close\r\nX-Test-Principal: client\r\nContent-Type: text/plain\r\nContent-Length: 1\r\n\r\nx";
+    raw(demo.addr, req.as_bytes()).await.assert_problem(415);
+    assert_eq!(demo.state.queue.stats(), before);
+    assert_eq!(job_state(&demo.state, &id), JobState::Queued);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn refusals_are_counted_in_the_stats_and_the_dashboard_renders_them() {
+    let demo = Demo::manual(fast_queue()).await;
+    demo.call("GET", "/v1/admin/stats", None, None)
+        .await
+        .assert_problem(401);
+    demo.call("GET", "/v1/admin/stats", Some("client"), None)
+        .await
+        .assert_problem(403);
+    demo.call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"q"}"#))
+        .await;
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
+    let s = r.json();
+    assert_eq!(
+        (s["auth_failures"].as_u64(), s["scope_denials"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(s["rate_limited"], 0);
+    assert_eq!(s["queue_depth"], 1);
+
+    demo.call("GET", "/dashboard", None, None)
+        .await
+        .assert_problem(401);
+    let r = demo.call("GET", "/dashboard", Some("admin"), None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    assert!(
+        r.header("content-security-policy")
+            .unwrap()
+            .starts_with("default-src 'none'")
+    );
+    assert!(
+        r.body.contains(r#"<td id="queue_depth">1</td>"#),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains(r#"<td id="queued">1</td>"#));
+    assert!(
+        r.body.contains(r#"<td id="auth_failures">2</td>"#),
+        "the dashboard's own 401 counted"
+    );
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_internal_endpoint_needs_the_scope_and_an_internal_address() {
+    // The test peer (127.0.0.1) is a trusted proxy; the client is in X-Forwarded-For.
+    let demo = Demo::start_full(
+        fast_queue(),
+        None,
+        ClientIpConfig::trusted_proxies("127.0.0.1/32").unwrap(),
+        IpSet::parse("10.0.0.0/8").unwrap(),
+    )
+    .await;
+    let call = |from: &str, who: Option<&str>| {
+        let req = format!(
+            "POST /internal/latest-runs HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\
+             X-Forwarded-For: {from}\r\n{}Content-Type: application/json\r\n\
+             Content-Length: 2\r\n\r\n{{}}",
+            who.map(|w| format!("X-Test-Principal: {w}\r\n"))
+                .unwrap_or_default()
+        );
+        let addr = demo.addr;
+        async move { raw(addr, req.as_bytes()).await }
+    };
+    let r = call("10.1.2.3", Some("worker")).await;
+    assert_eq!(
+        (r.status, r.json()["runs"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    let r = call("203.0.113.9", Some("worker")).await;
+    r.assert_problem(403);
+    assert!(
+        r.header("www-authenticate").is_none(),
+        "an address refusal, not a scope one"
+    );
+    call("10.1.2.3", Some("client")).await.assert_problem(403);
+    call("10.1.2.3", None).await.assert_problem(401);
+    // Other routes are not restricted by address.
+    let r = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await;
+    assert_eq!(r.status, 201);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_a_job_in_flight_and_stops() {
+    let worker = WorkerConfig {
+        work_time: 20 * MS, // a slow job takes 200 ms
+        ..fast_worker()
+    };
+    let demo = Demo::start(fast_queue(), worker).await;
+    let id = demo
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some("client"),
+            Some(r#"{"input":"slow render"}"#),
+        )
+        .await
+        .id();
+    let waiting = demo
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some("client"),
+            Some(r#"{"input":"next"}"#),
+        )
+        .await
+        .id();
+    let state = demo.state.clone();
+    eventually("running", || job_state(&state, &id) == JobState::Running).await;
+    let addr = demo.addr;
+    demo.shutdown().await;
+    assert_eq!(
+        job_state(&state, &id),
+        JobState::Completed,
+        "drained, not abandoned"
+    );
+    assert_eq!(job_state(&state, &waiting), JobState::Queued);
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
+}

@@ -1,0 +1,463 @@
+//! The in-process worker: takes jobs by priority, runs the simulated work, records
+//! the outcome through the same engine calls the worker endpoints use, and pauses
+//! when the downstream keeps failing (a circuit breaker).
+//!
+//! Retries and the dead-letter queue are the engine's ([`Queue::fail`]); the worker
+//! only reports. On shutdown it finishes the job in flight, then returns.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::queue::{JobView, Queue, QueueError, Work};
+
+/// After `threshold` failed attempts in a row the worker pauses for `cooldown`, then
+/// tries one job (half-open): a success closes the breaker, a failure reopens it.
+#[derive(Clone, Copy, Debug)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub threshold: u32,
+    /// How long an open breaker pauses the worker.
+    pub cooldown: Duration,
+}
+
+/// The circuit breaker's state. Plain data; the caller passes the time.
+#[derive(Debug)]
+pub struct Breaker {
+    config: BreakerConfig,
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(config: BreakerConfig) -> Self {
+        Self {
+            config,
+            consecutive_failures: 0,
+            open_until: None,
+        }
+    }
+
+    /// `Err(wait)` while the breaker is open.
+    pub fn check(&self, now: Instant) -> Result<(), Duration> {
+        match self.open_until {
+            Some(until) if until > now => Err(until - now),
+            _ => Ok(()),
+        }
+    }
+
+    /// A job succeeded: close.
+    pub fn record_success(&mut self) {
+        self.consecutive_failures = 0;
+        self.open_until = None;
+    }
+
+    /// A job failed: open once the threshold is reached (again at once when the
+    /// half-open trial fails).
+    pub fn record_failure(&mut self, now: Instant) {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        if self.consecutive_failures >= self.config.threshold {
+            self.open_until = Some(now + self.config.cooldown);
+        }
+    }
+}
+
+/// What the worker is doing, for the stats endpoint and the dashboard.
+#[derive(Debug, Default)]
+pub struct WorkerStatus {
+    paused: AtomicBool,
+    busy: AtomicBool,
+    processed: AtomicU64,
+}
+
+/// A snapshot of [`WorkerStatus`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct WorkerSnapshot {
+    /// The circuit breaker is open.
+    pub paused: bool,
+    /// A job is in flight.
+    pub busy: bool,
+    /// Attempts run since start.
+    pub processed: u64,
+}
+
+impl WorkerStatus {
+    /// The current figures.
+    pub fn snapshot(&self) -> WorkerSnapshot {
+        WorkerSnapshot {
+            paused: self.paused.load(Ordering::Relaxed),
+            busy: self.busy.load(Ordering::Relaxed),
+            processed: self.processed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Worker timing.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerConfig {
+    /// The longest the worker sleeps when the queue is empty.
+    pub idle_poll: Duration,
+    /// How long one simulated job takes (`slow` inputs take ten times as long).
+    pub work_time: Duration,
+    /// The circuit breaker.
+    pub breaker: BreakerConfig,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            idle_poll: Duration::from_millis(250),
+            work_time: Duration::from_millis(200),
+            breaker: BreakerConfig {
+                threshold: 5,
+                cooldown: Duration::from_secs(30),
+            },
+        }
+    }
+}
+
+/// The in-process worker.
+pub struct Worker {
+    queue: Arc<Queue>,
+    config: WorkerConfig,
+    breaker: Breaker,
+    status: Arc<WorkerStatus>,
+}
+
+/// The simulated outcome of one attempt.
+pub fn simulate(work: Work, failed_attempts: u32) -> Result<(), ()> {
+    match work {
+        Work::Succeed | Work::Slow => Ok(()),
+        Work::Fail => Err(()),
+        Work::Flaky if failed_attempts == 0 => Err(()),
+        Work::Flaky => Ok(()),
+    }
+}
+
+impl Worker {
+    /// A worker on `queue`, reporting into `status`.
+    pub fn new(queue: Arc<Queue>, config: WorkerConfig, status: Arc<WorkerStatus>) -> Self {
+        Self {
+            queue,
+            breaker: Breaker::new(config.breaker),
+            config,
+            status,
+        }
+    }
+
+    /// Runs until `shutdown` turns true (or its sender is dropped), finishing the
+    /// job in flight first.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        tracing::info!(event = "worker_started");
+        loop {
+            if *shutdown.borrow_and_update() {
+                break;
+            }
+            let wait = match self.breaker.check(self.queue.now()) {
+                Err(wait) => {
+                    self.status.paused.store(true, Ordering::Relaxed);
+                    wait
+                }
+                Ok(()) => {
+                    self.status.paused.store(false, Ordering::Relaxed);
+                    match self.queue.take_next() {
+                        // Not raced against shutdown: in-flight work drains.
+                        Some(job) => {
+                            self.run_job(job).await;
+                            continue;
+                        }
+                        None => self
+                            .queue
+                            .next_retry_in()
+                            .map_or(self.config.idle_poll, |d| d.min(self.config.idle_poll)),
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                r = shutdown.changed() => if r.is_err() { break },
+            }
+        }
+        tracing::info!(event = "worker_stopped");
+    }
+
+    async fn run_job(&mut self, job: JobView) {
+        self.status.busy.store(true, Ordering::Relaxed);
+        let total = match job.work {
+            Work::Slow => self.config.work_time * 10,
+            _ => self.config.work_time,
+        };
+        tokio::time::sleep(total / 2).await;
+        // Cancelled meanwhile: stop early, the engine already has its final state.
+        let cancelled = self.queue.progress(job.id, 50).is_err();
+        if !cancelled {
+            tokio::time::sleep(total / 2).await;
+        }
+        let result = if cancelled {
+            None
+        } else if simulate(job.work, job.attempts).is_ok() {
+            Some(self.queue.complete(job.id).map(|v| (v, true)))
+        } else {
+            Some(self.queue.fail(job.id).map(|v| (v, false)))
+        };
+        match result {
+            Some(Ok((view, ok))) => {
+                if ok {
+                    self.breaker.record_success();
+                } else {
+                    self.breaker.record_failure(self.queue.now());
+                }
+                tracing::info!(
+                    event = "job_attempt",
+                    job = %view.id,
+                    state = view.state.as_str(),
+                    attempts = view.attempts,
+                );
+            }
+            Some(Err(QueueError::IllegalTransition { from, .. })) => {
+                tracing::info!(event = "job_changed_under_worker", job = %job.id, state = from.as_str());
+            }
+            None | Some(Err(_)) => {
+                tracing::info!(event = "job_gone_under_worker", job = %job.id);
+            }
+        }
+        self.status.processed.fetch_add(1, Ordering::Relaxed);
+        self.status.busy.store(false, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::queue::{Backoff, Enqueued, JobId, JobState, QueueConfig};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn fast_queue(max_attempts: u32) -> Arc<Queue> {
+        Arc::new(Queue::new(QueueConfig {
+            max_attempts,
+            backoff: Backoff {
+                base: MS,
+                cap: 4 * MS,
+            },
+            ..QueueConfig::default()
+        }))
+    }
+
+    fn fast_worker(threshold: u32, cooldown: Duration) -> WorkerConfig {
+        WorkerConfig {
+            idle_poll: MS,
+            work_time: 2 * MS,
+            breaker: BreakerConfig {
+                threshold,
+                cooldown,
+            },
+        }
+    }
+
+    fn enqueue(q: &Queue, input: &str, priority: u8) -> JobId {
+        match q.enqueue("o", input, priority).unwrap() {
+            Enqueued::New(v) => v.id,
+            Enqueued::Existing(v) => panic!("dedup hit {v:?}"),
+        }
+    }
+
+    /// Polls `f` until it holds (fails after 10 s).
+    pub(crate) async fn eventually(what: &str, f: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(MS).await;
+        }
+    }
+
+    fn start(
+        q: &Arc<Queue>,
+        config: WorkerConfig,
+    ) -> (
+        Arc<WorkerStatus>,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let status = Arc::new(WorkerStatus::default());
+        let (tx, rx) = watch::channel(false);
+        let handle = tokio::spawn(Worker::new(q.clone(), config, status.clone()).run(rx));
+        (status, tx, handle)
+    }
+
+    fn state(q: &Queue, id: JobId) -> JobState {
+        q.get(id).unwrap().state
+    }
+
+    #[test]
+    fn the_breaker_opens_after_the_threshold_and_half_opens_after_the_cooldown() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(BreakerConfig {
+            threshold: 3,
+            cooldown: Duration::from_secs(30),
+        });
+        b.record_failure(t0);
+        b.record_failure(t0);
+        assert_eq!(b.check(t0), Ok(()));
+        b.record_success();
+        b.record_failure(t0);
+        b.record_failure(t0);
+        assert_eq!(b.check(t0), Ok(()), "a success reset the count");
+        b.record_failure(t0);
+        assert_eq!(b.check(t0), Err(Duration::from_secs(30)));
+        assert_eq!(
+            b.check(t0 + Duration::from_secs(10)),
+            Err(Duration::from_secs(20))
+        );
+        // Half-open: one trial after the cooldown.
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(b.check(t1), Ok(()));
+        b.record_failure(t1);
+        assert_eq!(
+            b.check(t1),
+            Err(Duration::from_secs(30)),
+            "a failed trial reopens"
+        );
+        let t2 = t1 + Duration::from_secs(30);
+        b.record_success();
+        assert_eq!(b.check(t2), Ok(()));
+        b.record_failure(t2);
+        assert_eq!(b.check(t2), Ok(()), "closed again: counting from zero");
+    }
+
+    #[test]
+    fn simulated_outcomes() {
+        assert_eq!(simulate(Work::Succeed, 0), Ok(()));
+        assert_eq!(simulate(Work::Slow, 0), Ok(()));
+        assert_eq!(simulate(Work::Fail, 0), Err(()));
+        assert_eq!(simulate(Work::Fail, 5), Err(()));
+        assert_eq!(simulate(Work::Flaky, 0), Err(()));
+        assert_eq!(simulate(Work::Flaky, 1), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn the_worker_runs_jobs_by_priority() {
+        let q = fast_queue(3);
+        let ids = [
+            enqueue(&q, "low", 0),
+            enqueue(&q, "mid-1", 5),
+            enqueue(&q, "high", 9),
+            enqueue(&q, "mid-2", 5),
+        ];
+        let (_, stop, handle) = start(&q, fast_worker(5, Duration::from_secs(30)));
+        eventually("all completed", || {
+            q.stats().jobs_by_state["completed"] == 4
+        })
+        .await;
+        let mut order: Vec<JobId> = q.latest_runs(10).iter().map(|v| v.id).collect();
+        order.reverse();
+        assert_eq!(order, [ids[2], ids[1], ids[3], ids[0]]);
+        assert!(ids.iter().all(|&id| q.get(id).unwrap().progress == 100));
+        stop.send(true).unwrap();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn failures_are_retried_then_dead_lettered() {
+        let q = fast_queue(3);
+        let bad = enqueue(&q, "fail always", 0);
+        let flaky = enqueue(&q, "flaky once", 0);
+        let (status, stop, handle) = start(&q, fast_worker(100, Duration::from_secs(30)));
+        eventually("dead-lettered", || state(&q, bad) == JobState::DeadLettered).await;
+        eventually("flaky completed", || {
+            state(&q, flaky) == JobState::Completed
+        })
+        .await;
+        assert_eq!(q.get(bad).unwrap().attempts, 3);
+        assert_eq!(q.get(flaky).unwrap().attempts, 1);
+        assert_eq!(q.stats().dead_letter_depth, 1);
+        assert_eq!(status.snapshot().processed, 5);
+        stop.send(true).unwrap();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn repeated_failures_pause_the_worker() {
+        let q = fast_queue(1);
+        enqueue(&q, "fail-1", 9);
+        enqueue(&q, "fail-2", 9);
+        let good = enqueue(&q, "good", 0);
+        let (status, stop, handle) = start(&q, fast_worker(2, Duration::from_secs(3600)));
+        eventually("paused", || status.snapshot().paused).await;
+        tokio::time::sleep(20 * MS).await;
+        assert_eq!(
+            state(&q, good),
+            JobState::Queued,
+            "no job runs while paused"
+        );
+        assert_eq!(q.stats().dead_letter_depth, 2);
+        // Shutdown is not held up by an open breaker.
+        stop.send(true).unwrap();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_worker_resumes_after_the_cooldown() {
+        let q = fast_queue(1);
+        enqueue(&q, "fail-1", 9);
+        let good = enqueue(&q, "good", 0);
+        let (_, stop, handle) = start(&q, fast_worker(1, 30 * MS));
+        eventually("completed", || state(&q, good) == JobState::Completed).await;
+        stop.send(true).unwrap();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_drains_the_job_in_flight() {
+        let q = fast_queue(3);
+        let slow = enqueue(&q, "slow job", 0);
+        let waiting = enqueue(&q, "next", 0);
+        let config = WorkerConfig {
+            work_time: 10 * MS, // slow: 100 ms
+            ..fast_worker(5, Duration::from_secs(30))
+        };
+        let (status, stop, handle) = start(&q, config);
+        eventually("busy", || status.snapshot().busy).await;
+        stop.send(true).unwrap();
+        handle.await.unwrap();
+        assert_eq!(
+            state(&q, slow),
+            JobState::Completed,
+            "finished, not abandoned"
+        );
+        assert_eq!(
+            state(&q, waiting),
+            JobState::Queued,
+            "nothing new was taken"
+        );
+        assert!(!status.snapshot().busy);
+    }
+
+    #[tokio::test]
+    async fn a_job_cancelled_while_running_stays_cancelled() {
+        let q = fast_queue(3);
+        let slow = enqueue(&q, "slow job", 0);
+        let config = WorkerConfig {
+            work_time: 10 * MS,
+            ..fast_worker(1, Duration::from_secs(3600))
+        };
+        let (status, stop, handle) = start(&q, config);
+        eventually("running", || state(&q, slow) == JobState::Running).await;
+        q.cancel(slow).unwrap();
+        eventually("idle", || status.snapshot().processed == 1).await;
+        assert_eq!(state(&q, slow), JobState::Cancelled);
+        assert!(
+            !status.snapshot().paused,
+            "a cancellation is not a downstream failure"
+        );
+        stop.send(true).unwrap();
+        handle.await.unwrap();
+    }
+}
