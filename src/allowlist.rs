@@ -149,7 +149,7 @@ where
             Ok(()) => ResponseFuture::inner(self.inner.call(req)),
             Err(reason) => {
                 tracing::info!(
-                    target: "portcullis::audit",
+                    target: crate::audit::TARGET,
                     event = "ip_denied",
                     reason = reason.as_str(),
                     client_ip = ip.map(tracing::field::display),

@@ -79,6 +79,7 @@
 #![warn(unreachable_pub, missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod audit;
 mod error;
 pub mod future;
 mod ip;
