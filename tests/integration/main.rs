@@ -3,6 +3,7 @@
 //! One test binary (modules below) keeps link time down.
 
 mod common;
+mod log_capture;
 
 #[cfg(feature = "allowlist")]
 mod allowlist;
