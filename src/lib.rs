@@ -11,6 +11,7 @@
 //! |---|---|---|
 //! | [`ClientIpLayer`](client_ip::ClientIpLayer) | [`client_ip`] | resolve the real client address once: the TCP peer, or a forwarded header when the peer is a trusted proxy |
 //! | [`IpAllowlistLayer`](allowlist::IpAllowlistLayer) | [`allowlist`] | 403 unless the client address is inside the allowed CIDRs |
+//! | `TokenVerifier` / `BearerTokenLayer` (feature `jwt`) | `jwt` | verify service tokens (JWT) into a [`Principal`]; mint and attach them on outgoing requests |
 //!
 //! Layers talk to each other through request extensions: [`ClientIp`] and
 //! [`Principal`]. Every refusal is built by one module, [`rejection`], so every layer
@@ -67,6 +68,7 @@
 //!
 //! - `client-ip` (default): [`client_ip`].
 //! - `allowlist` (default): [`allowlist`].
+//! - `jwt`: service tokens (`jwt`): verifier, issuer and client-side layer.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
 //! - `fuzzing`: the entry points of the cargo-fuzz targets, for the corpus replay tests.
 //!
@@ -91,6 +93,9 @@ pub mod client_ip;
 
 #[cfg(feature = "allowlist")]
 pub mod allowlist;
+
+#[cfg(feature = "jwt")]
+pub mod jwt;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

@@ -1,0 +1,142 @@
+//! Service tokens: short-lived JWTs between services, both sides.
+//!
+//! - Receiving side: [`TokenVerifier`] checks a compact JWS against a [`KeySet`] and
+//!   returns the caller's [`Principal`](crate::Principal)
+//!   ([`AuthMethod::ServiceToken`](crate::AuthMethod::ServiceToken), id = `sub`,
+//!   scopes from `scope` or `scp`). Keys come from code ([`VerifyingKey`]), PEM and
+//!   JWK / JWKS files ([`KeyFile`], reloadable). A verified token is cached until its
+//!   `exp`.
+//! - Sending side: [`TokenIssuer`] mints tokens, and [`BearerTokenLayer`] attaches
+//!   one to every outgoing request, re-minting before it expires.
+//!
+//! Every key is pinned to one [`Algorithm`] and a token's `alg` must equal its key's:
+//! `alg: none` matches no key, and an HS256 key can only be made from a secret, so a
+//! token "signed" with a public key's bytes as an HMAC secret matches nothing.
+//! Signatures are checked with `jsonwebtoken` and its pure-Rust (`rust_crypto`)
+//! backend; the parsing around it is this crate's own and strict (see
+//! [`parse_compact`] and [`parse_claims`]).
+//!
+//! A failure is a [`TokenRejection`]: the class of the failure, for the audit log.
+//! The client sees only "invalid token" (RFC 6750).
+//!
+//! ```
+//! use std::time::Duration;
+//! use portcullis::jwt::{KeyFile, TokenVerifier, VerifyingKey};
+//!
+//! # fn main() -> Result<(), portcullis::ConfigError> {
+//! # let dir = std::env::temp_dir().join(format!("portcullis-jwt-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir).unwrap();
+//! # let path = dir.join("jwks.json");
+//! # std::fs::write(&path, r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"ci-1","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#).unwrap();
+//! let verifier = TokenVerifier::builder()
+//!     .key_file(KeyFile::jwks(&path))
+//!     .issuer("https://ci.example")
+//!     .audience("jobs-api")
+//!     .allowed_subjects(["scheduler", "coordinator"])
+//!     .max_lifetime(Duration::from_secs(15 * 60))
+//!     .build()?;
+//! // Reload the JWKS when it changes; a broken file keeps the keys in force.
+//! let watcher = verifier.watch_key_files(Duration::from_secs(5));
+//! # drop(watcher);
+//! # Ok(())
+//! # }
+//! ```
+
+mod cache;
+mod client;
+mod issue;
+mod keys;
+mod parse;
+#[cfg(test)]
+mod tests;
+mod verify;
+
+use std::fmt;
+
+pub use client::{BearerToken, BearerTokenError, BearerTokenLayer, ResponseFuture};
+pub use issue::{
+    DEFAULT_LIFETIME, MIN_LIFETIME, MintError, MintedToken, SigningKey, TokenIssuer,
+    TokenIssuerBuilder,
+};
+pub use keys::{Algorithm, KeySet, MIN_HMAC_SECRET_LEN, VerifyingKey};
+pub use parse::{
+    DEFAULT_MAX_TOKEN_LEN, ParsedToken, TokenClaims, TokenHeader, parse_claims, parse_compact,
+};
+pub use verify::{
+    DEFAULT_CACHE_CAPACITY, DEFAULT_LEEWAY, DEFAULT_MAX_LIFETIME, KeyFile, KeyFileWatcher,
+    TokenVerifier, TokenVerifierBuilder, VerifiedToken,
+};
+
+/// Why a service token was refused: a class for the audit log, never the token or
+/// which value failed. Every class gets the same response on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TokenRejection {
+    /// Longer than the configured cap; refused before any decoding.
+    TooLarge,
+    /// Not three base64url parts, or a header or claims set that is not one JSON
+    /// object without duplicate members, or a header field of the wrong type.
+    Malformed,
+    /// The header carries `crit`: no extension is understood.
+    UnsupportedHeader,
+    /// No key has the token's `kid`, or the token has no `kid` and the set holds
+    /// several keys.
+    UnknownKey,
+    /// The token's `alg` is not the algorithm its key is pinned to (`none` included).
+    AlgorithmMismatch,
+    /// The signature does not verify.
+    BadSignature,
+    /// `typ` is missing or not the required one.
+    WrongType,
+    /// One of `exp`, `iat`, `iss`, `sub`, `aud` is missing.
+    MissingClaim,
+    /// A claim has the wrong type or form (a time as a string or a float, an invalid
+    /// scope token, `exp` not after `iat`, both `scope` and `scp`).
+    InvalidClaims,
+    /// `iss` is not an accepted issuer, or not the one its key is bound to.
+    WrongIssuer,
+    /// `aud` does not contain our audience.
+    WrongAudience,
+    /// Past `exp` plus the leeway.
+    Expired,
+    /// Before `nbf` minus the leeway.
+    NotYetValid,
+    /// `iat` later than now plus the leeway.
+    IssuedInFuture,
+    /// `exp - iat` longer than the maximum lifetime.
+    LifetimeTooLong,
+    /// `sub` is not in the allowed-subject list.
+    SubjectNotAllowed,
+}
+
+impl TokenRejection {
+    /// A stable snake_case name for logs, e.g. `bad_signature`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRejection::TooLarge => "too_large",
+            TokenRejection::Malformed => "malformed",
+            TokenRejection::UnsupportedHeader => "unsupported_header",
+            TokenRejection::UnknownKey => "unknown_key",
+            TokenRejection::AlgorithmMismatch => "algorithm_mismatch",
+            TokenRejection::BadSignature => "bad_signature",
+            TokenRejection::WrongType => "wrong_type",
+            TokenRejection::MissingClaim => "missing_claim",
+            TokenRejection::InvalidClaims => "invalid_claims",
+            TokenRejection::WrongIssuer => "wrong_issuer",
+            TokenRejection::WrongAudience => "wrong_audience",
+            TokenRejection::Expired => "expired",
+            TokenRejection::NotYetValid => "not_yet_valid",
+            TokenRejection::IssuedInFuture => "issued_in_future",
+            TokenRejection::LifetimeTooLong => "lifetime_too_long",
+            TokenRejection::SubjectNotAllowed => "subject_not_allowed",
+        }
+    }
+}
+
+impl fmt::Display for TokenRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "service token rejected: {}", self.as_str())
+    }
+}
+
+impl std::error::Error for TokenRejection {}

@@ -1,0 +1,769 @@
+//! `TokenVerifier`: the whole verification path, key sources and their reload.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+
+use super::TokenRejection;
+use super::cache::{TokenCache, digest};
+use super::keys::{Algorithm, KeySet, VerifyingKey, keys_from_jwks};
+use super::parse::{DEFAULT_MAX_TOKEN_LEN, decode_part, parse_claims, parse_compact};
+use crate::{AuthMethod, ConfigError, Principal, Scopes};
+
+/// Default maximum token lifetime (`exp - iat`): one hour.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(3600);
+/// Default clock-skew leeway: 30 seconds.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// Default number of verified tokens the cache holds.
+pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+
+/// A token that passed every check: the [`Principal`] it grants and the claims the
+/// audit log names. Never holds the token itself.
+#[derive(Clone, Debug)]
+pub struct VerifiedToken {
+    principal: Principal,
+    issuer: String,
+    kid: Option<Arc<str>>,
+    alg: Algorithm,
+    jti: Option<String>,
+    issued_at: i64,
+    expires_at: i64,
+}
+
+impl VerifiedToken {
+    /// The principal: id = `sub`, method = [`AuthMethod::ServiceToken`], the scopes.
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+    /// `sub`.
+    pub fn subject(&self) -> &str {
+        self.principal.id()
+    }
+    /// `iss`.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+    /// The `kid` of the key that verified the token, if it has one.
+    pub fn key_id(&self) -> Option<&str> {
+        self.kid.as_deref()
+    }
+    /// The algorithm of the key that verified the token.
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
+    }
+    /// `jti`, if present.
+    pub fn jti(&self) -> Option<&str> {
+        self.jti.as_deref()
+    }
+    /// `iat`.
+    pub fn issued_at(&self) -> SystemTime {
+        unix_to_time(self.issued_at)
+    }
+    /// `exp`.
+    pub fn expires_at(&self) -> SystemTime {
+        unix_to_time(self.expires_at)
+    }
+    pub(crate) fn expires_at_unix(&self) -> i64 {
+        self.expires_at
+    }
+}
+
+fn unix_to_time(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
+}
+
+/// A key file the verifier loads at build time and again on [`TokenVerifier::reload`].
+///
+/// ```
+/// use portcullis::jwt::{Algorithm, KeyFile};
+/// let pem = KeyFile::pem("/etc/svc/ci-signer.pub.pem", Algorithm::ES256).kid("ci-2026");
+/// let jwks = KeyFile::jwks("/etc/svc/jwks.json").issuer("https://ci.example");
+/// # let _ = (pem, jwks);
+/// ```
+#[derive(Clone, Debug)]
+pub struct KeyFile {
+    path: PathBuf,
+    kind: KeyFileKind,
+    kid: Option<Arc<str>>,
+    issuer: Option<Arc<str>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum KeyFileKind {
+    Pem(Algorithm),
+    Jwks,
+}
+
+impl KeyFile {
+    /// A public key in PEM form, pinned to `alg` (see [`VerifyingKey::from_pem`]).
+    pub fn pem(path: impl Into<PathBuf>, alg: Algorithm) -> Self {
+        Self {
+            path: path.into(),
+            kind: KeyFileKind::Pem(alg),
+            kid: None,
+            issuer: None,
+        }
+    }
+
+    /// A JWK Set or a single JWK (see [`KeySet::from_jwks`]); each key keeps its own
+    /// `kid`.
+    pub fn jwks(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            kind: KeyFileKind::Jwks,
+            kid: None,
+            issuer: None,
+        }
+    }
+
+    /// The `kid` of a PEM file's key (a JWK names its own).
+    pub fn kid(mut self, kid: impl Into<Arc<str>>) -> Self {
+        self.kid = Some(kid.into());
+        self
+    }
+
+    /// Binds every key of the file to one issuer (see [`VerifyingKey::issuer`]).
+    pub fn issuer(mut self, iss: impl Into<Arc<str>>) -> Self {
+        self.issuer = Some(iss.into());
+        self
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn load(&self) -> Result<Vec<VerifyingKey>, ConfigError> {
+        let named =
+            |e: ConfigError| ConfigError::new(format!("key file {}: {e}", self.path.display()));
+        let bytes = std::fs::read(&self.path)
+            .map_err(|e| ConfigError::new(format!("key file {}: {e}", self.path.display())))?;
+        let mut keys = match self.kind {
+            KeyFileKind::Pem(alg) => {
+                let mut k = VerifyingKey::from_pem(alg, &bytes).map_err(named)?;
+                k.kid = self.kid.clone();
+                vec![k]
+            }
+            KeyFileKind::Jwks => {
+                let text = std::str::from_utf8(&bytes)
+                    .map_err(|_| named(ConfigError::new("not UTF-8")))?;
+                keys_from_jwks(text).map_err(named)?
+            }
+        };
+        if let Some(iss) = &self.issuer {
+            for k in &mut keys {
+                k.issuer = Some(iss.clone());
+            }
+        }
+        Ok(keys)
+    }
+
+    fn fingerprint(&self) -> Option<(SystemTime, u64)> {
+        let m = std::fs::metadata(&self.path).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    }
+}
+
+/// The claim rules, fixed at build time.
+struct Policy {
+    issuers: HashSet<Box<str>>,
+    audience: Box<str>,
+    max_lifetime: i64,
+    leeway: i64,
+    subjects: Option<HashSet<Box<str>>>,
+    typ: Option<Box<str>>,
+    max_len: usize,
+    cache_capacity: usize,
+}
+
+/// The keys in force and the cache of tokens they verified: swapped as one, so a
+/// key change empties the cache by construction.
+struct State {
+    keys: KeySet,
+    cache: Option<TokenCache>,
+}
+
+struct Sources {
+    in_code: Vec<VerifyingKey>,
+    files: Vec<KeyFile>,
+    fingerprints: Vec<Option<(SystemTime, u64)>>,
+}
+
+struct Inner {
+    policy: Policy,
+    state: ArcSwap<State>,
+    sources: Mutex<Sources>,
+    generation: AtomicU64,
+}
+
+/// Verifies service tokens (compact JWS, RFC 7515/7519) against a [`KeySet`] and
+/// turns them into a [`Principal`].
+///
+/// Every check, in order: the length cap (before any decoding); three base64url
+/// parts; a header without duplicate members or `crit`; the key named by `kid` (no
+/// `kid` only with a single-key set); `alg` equal to that key's algorithm; `typ` when
+/// required; the signature; then the claims, parsed strictly (integers for times, no
+/// duplicate members): `exp`, `iat`, `iss`, `sub` and `aud` required, `iss` one of
+/// the issuers (and the key's own issuer when it is bound to one), `aud` containing
+/// the audience, not expired (leeway applies), `iat` not in the future beyond the
+/// leeway, `exp - iat` within the maximum lifetime, `nbf` honoured, the subject in the
+/// allowed list when one is set, and valid scope tokens in `scope` or `scp`.
+///
+/// A verified token is cached under the SHA-256 of its text until its `exp`, so a
+/// reused token costs one hash and one map lookup. The cache is bounded
+/// ([`cache_capacity`](TokenVerifierBuilder::cache_capacity)) and is emptied whenever
+/// the key set changes. Cloning a verifier is cheap and shares keys and cache.
+///
+/// ```
+/// use portcullis::jwt::{SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
+/// use portcullis::AuthMethod;
+///
+/// let secret = [42u8; 32]; // in real code: from a secret store, never a literal
+/// let verifier = TokenVerifier::builder()
+///     .key(VerifyingKey::hs256(&secret)?.kid("k1"))
+///     .issuer("https://ci.example")
+///     .audience("jobs-api")
+///     .build()?;
+/// let issuer = TokenIssuer::builder(SigningKey::hs256(&secret)?.kid("k1"))
+///     .issuer("https://ci.example")
+///     .subject("scheduler")
+///     .audience("jobs-api")
+///     .scope("jobs:write")
+///     .build()?;
+///
+/// let token = issuer.mint()?;
+/// let principal = verifier.verify(token.as_str())?;
+/// assert_eq!(principal.id(), "scheduler");
+/// assert_eq!(principal.method(), AuthMethod::ServiceToken);
+/// assert!(principal.scopes().contains("jobs:write"));
+/// assert!(verifier.verify("not.a.token").is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct TokenVerifier {
+    inner: Arc<Inner>,
+}
+
+impl TokenVerifier {
+    /// Starts a builder: at least one key, one issuer and the audience are required.
+    pub fn builder() -> TokenVerifierBuilder {
+        TokenVerifierBuilder::default()
+    }
+
+    /// Verifies `token` (without the `Bearer ` prefix) and returns its principal.
+    /// The error names only the class of the failure.
+    pub fn verify(&self, token: &str) -> Result<Principal, TokenRejection> {
+        self.verify_token(token).map(|t| t.principal.clone())
+    }
+
+    /// Like [`verify`](Self::verify), returning the verified claims as well.
+    pub fn verify_token(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenRejection> {
+        let result = self.verify_inner(token);
+        match &result {
+            Ok((t, cached)) => tracing::info!(
+                target: crate::audit::TARGET,
+                event = "service_token_accepted",
+                sub = t.subject(),
+                iss = t.issuer(),
+                kid = t.key_id(),
+                scopes = %t.principal.scopes(),
+                jti = t.jti(),
+                cached = *cached,
+            ),
+            Err(reason) => tracing::info!(
+                target: crate::audit::TARGET,
+                event = "service_token_rejected",
+                reason = reason.as_str(),
+            ),
+        }
+        result.map(|(t, _)| t)
+    }
+
+    fn verify_inner(&self, token: &str) -> Result<(Arc<VerifiedToken>, bool), TokenRejection> {
+        let policy = &self.inner.policy;
+        if token.len() > policy.max_len {
+            return Err(TokenRejection::TooLarge);
+        }
+        let state = self.inner.state.load();
+        let now = unix_now();
+        let d = state.cache.as_ref().map(|_| digest(token));
+        if let (Some(cache), Some(d)) = (&state.cache, &d) {
+            if let Some(t) = cache.get(d, now) {
+                return Ok((t, true));
+            }
+        }
+        let verified = Arc::new(check(policy, &state.keys, token, now)?);
+        if let (Some(cache), Some(d)) = (&state.cache, d) {
+            cache.insert(d, now, verified.clone());
+        }
+        Ok((verified, false))
+    }
+
+    /// Re-reads every key file and, when all load, swaps in the new key set and
+    /// empties the cache. When any file fails to load, the keys in force stay, an
+    /// audit event records the failure, and the error is returned.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let mut sources = self
+            .inner
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.rebuild(&mut sources)
+    }
+
+    /// [`reload`](Self::reload) when a key file's modification time or size changed
+    /// since the last load. Returns whether it reloaded.
+    pub fn reload_if_changed(&self) -> Result<bool, ConfigError> {
+        let mut sources = self
+            .inner
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now: Vec<_> = sources.files.iter().map(KeyFile::fingerprint).collect();
+        if now == sources.fingerprints {
+            return Ok(false);
+        }
+        let result = self.rebuild(&mut sources);
+        // A broken file is not retried until it changes again.
+        sources.fingerprints = now;
+        result.map(|()| true)
+    }
+
+    /// Replaces the keys given in code (key files stay) and empties the cache.
+    pub fn replace_keys(
+        &self,
+        keys: impl IntoIterator<Item = VerifyingKey>,
+    ) -> Result<(), ConfigError> {
+        let mut sources = self
+            .inner
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let old = std::mem::replace(&mut sources.in_code, keys.into_iter().collect());
+        let result = self.rebuild(&mut sources);
+        if result.is_err() {
+            sources.in_code = old;
+        }
+        result
+    }
+
+    fn rebuild(&self, sources: &mut Sources) -> Result<(), ConfigError> {
+        let fingerprints: Vec<_> = sources.files.iter().map(KeyFile::fingerprint).collect();
+        match load_keys(&self.inner.policy, sources) {
+            Ok(keys) => {
+                let count = keys.len();
+                self.inner.state.store(Arc::new(State {
+                    keys,
+                    cache: TokenCache::new(self.inner.policy.cache_capacity),
+                }));
+                sources.fingerprints = fingerprints;
+                let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::info!(
+                    target: crate::audit::TARGET,
+                    event = "service_token_keys_reloaded",
+                    keys = count,
+                    generation,
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(
+                    target: crate::audit::TARGET,
+                    event = "service_token_keys_reload_failed",
+                    error = %e,
+                    "the previous key set stays in force"
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Polls the key files every `interval` on a background thread and reloads them
+    /// when they change (see [`reload_if_changed`](Self::reload_if_changed)). The
+    /// thread stops when the returned watcher is dropped.
+    pub fn watch_key_files(&self, interval: Duration) -> KeyFileWatcher {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let verifier = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("portcullis-jwt-keys".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                    // A failure is already in the audit log; the old keys stay.
+                    let _ = verifier.reload_if_changed();
+                }
+            })
+            .ok();
+        KeyFileWatcher {
+            stop: Some(stop),
+            thread,
+        }
+    }
+
+    /// Number of keys in force.
+    pub fn key_count(&self) -> usize {
+        self.inner.state.load().keys.len()
+    }
+
+    /// How many times the key set was replaced since the verifier was built.
+    pub fn key_generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Relaxed)
+    }
+
+    /// Number of tokens in the verified-token cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.inner
+            .state
+            .load()
+            .cache
+            .as_ref()
+            .map_or(0, TokenCache::len)
+    }
+}
+
+impl fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &self.inner.policy;
+        f.debug_struct("TokenVerifier")
+            .field("issuers", &p.issuers)
+            .field("audience", &p.audience)
+            .field("keys", &self.inner.state.load().keys)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stops the key-file polling thread of [`TokenVerifier::watch_key_files`] when
+/// dropped.
+#[derive(Debug)]
+pub struct KeyFileWatcher {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for KeyFileWatcher {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn load_keys(policy: &Policy, sources: &Sources) -> Result<KeySet, ConfigError> {
+    let mut keys = sources.in_code.clone();
+    for f in &sources.files {
+        keys.extend(f.load()?);
+    }
+    for (i, k) in keys.iter().enumerate() {
+        if let Some(iss) = &k.issuer {
+            if !policy.issuers.contains(&**iss) {
+                return Err(ConfigError::new(format!(
+                    "key {}: its bound issuer is not one of the verifier's issuers",
+                    i + 1
+                )));
+            }
+        }
+    }
+    KeySet::new(keys)
+}
+
+/// `typ` comparison per RFC 7515 §4.1.9: case-insensitive, `application/` optional.
+fn typ_matches(got: &str, want: &str) -> bool {
+    let strip = |s: &str| -> String {
+        let l = s.to_ascii_lowercase();
+        l.strip_prefix("application/")
+            .map(str::to_owned)
+            .unwrap_or(l)
+    };
+    strip(got) == strip(want)
+}
+
+/// The cold path: every check of [`TokenVerifier`], no cache, no logging.
+fn check(
+    policy: &Policy,
+    keys: &KeySet,
+    token: &str,
+    now: i64,
+) -> Result<VerifiedToken, TokenRejection> {
+    use TokenRejection as R;
+    let parsed = parse_compact(token, policy.max_len)?;
+    let key = keys.select(parsed.header.kid.as_deref())?;
+    if parsed.header.alg != key.alg.as_str() {
+        return Err(R::AlgorithmMismatch);
+    }
+    if let Some(want) = &policy.typ {
+        match &parsed.header.typ {
+            Some(got) if typ_matches(got, want) => {}
+            _ => return Err(R::WrongType),
+        }
+    }
+    match jsonwebtoken::crypto::verify(
+        parsed.signature_b64,
+        parsed.signing_input.as_bytes(),
+        &key.key,
+        key.alg.to_jwt(),
+    ) {
+        Ok(true) => {}
+        _ => return Err(R::BadSignature),
+    }
+    let claims = parse_claims(&decode_part(parsed.payload_b64)?)?;
+    let (Some(exp), Some(iat), Some(iss), Some(sub), Some(aud)) =
+        (claims.exp, claims.iat, claims.iss, claims.sub, claims.aud)
+    else {
+        return Err(R::MissingClaim);
+    };
+    if !policy.issuers.contains(iss.as_str()) || key.issuer.as_deref().is_some_and(|b| b != iss) {
+        return Err(R::WrongIssuer);
+    }
+    if !aud.iter().any(|a| *a == *policy.audience) {
+        return Err(R::WrongAudience);
+    }
+    let leeway = policy.leeway;
+    if now > exp.saturating_add(leeway) {
+        return Err(R::Expired);
+    }
+    if iat > now.saturating_add(leeway) {
+        return Err(R::IssuedInFuture);
+    }
+    if exp <= iat {
+        return Err(R::InvalidClaims);
+    }
+    if exp - iat > policy.max_lifetime {
+        return Err(R::LifetimeTooLong);
+    }
+    if claims
+        .nbf
+        .is_some_and(|nbf| now.saturating_add(leeway) < nbf)
+    {
+        return Err(R::NotYetValid);
+    }
+    if policy
+        .subjects
+        .as_ref()
+        .is_some_and(|s| !s.contains(sub.as_str()))
+    {
+        return Err(R::SubjectNotAllowed);
+    }
+    let scopes = match claims.scopes {
+        Some(s) => Scopes::from_iter_checked(s).map_err(|_| R::InvalidClaims)?,
+        None => Scopes::default(),
+    };
+    Ok(VerifiedToken {
+        principal: Principal::new(sub, AuthMethod::ServiceToken).with_scopes(scopes),
+        issuer: iss,
+        kid: key.kid.clone(),
+        alg: key.alg,
+        jti: claims.jti,
+        issued_at: iat,
+        expires_at: exp,
+    })
+}
+
+/// Builds a [`TokenVerifier`]; see [`TokenVerifier::builder`].
+#[derive(Debug)]
+pub struct TokenVerifierBuilder {
+    keys: Vec<VerifyingKey>,
+    files: Vec<KeyFile>,
+    issuers: Vec<String>,
+    audience: Option<String>,
+    max_lifetime: Duration,
+    leeway: Duration,
+    subjects: Option<Vec<String>>,
+    typ: Option<String>,
+    max_len: usize,
+    cache_capacity: usize,
+}
+
+impl Default for TokenVerifierBuilder {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            files: Vec::new(),
+            issuers: Vec::new(),
+            audience: None,
+            max_lifetime: DEFAULT_MAX_LIFETIME,
+            leeway: DEFAULT_LEEWAY,
+            subjects: None,
+            typ: None,
+            max_len: DEFAULT_MAX_TOKEN_LEN,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+        }
+    }
+}
+
+impl TokenVerifierBuilder {
+    /// Adds a key given in code.
+    pub fn key(mut self, key: VerifyingKey) -> Self {
+        self.keys.push(key);
+        self
+    }
+
+    /// Adds every key of a set.
+    pub fn keys(mut self, keys: KeySet) -> Self {
+        self.keys.extend(keys.iter().cloned());
+        self
+    }
+
+    /// Adds a key file, loaded at build time and on every reload.
+    pub fn key_file(mut self, file: KeyFile) -> Self {
+        self.files.push(file);
+        self
+    }
+
+    /// Accepts tokens from this issuer (`iss`). At least one is required.
+    pub fn issuer(mut self, iss: impl Into<String>) -> Self {
+        self.issuers.push(iss.into());
+        self
+    }
+
+    /// Our audience: `aud` must contain it. Required.
+    pub fn audience(mut self, aud: impl Into<String>) -> Self {
+        self.audience = Some(aud.into());
+        self
+    }
+
+    /// Longest accepted `exp - iat` (default one hour, at most one day).
+    pub fn max_lifetime(mut self, d: Duration) -> Self {
+        self.max_lifetime = d;
+        self
+    }
+
+    /// Clock-skew allowance for `exp`, `nbf` and `iat` (default 30 s, at most 5 min).
+    pub fn leeway(mut self, d: Duration) -> Self {
+        self.leeway = d;
+        self
+    }
+
+    /// Accepts only these subjects (`sub`), e.g. the names of the calling services.
+    pub fn allowed_subjects<I, S>(mut self, subjects: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.subjects = Some(subjects.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Requires the header `typ` (e.g. `JWT` or `at+jwt`; case-insensitive, with or
+    /// without `application/`), so tokens minted for another purpose are refused
+    /// (RFC 8725 §3.11).
+    pub fn required_type(mut self, typ: impl Into<String>) -> Self {
+        self.typ = Some(typ.into());
+        self
+    }
+
+    /// Longest token accepted, checked before any decoding (default 8 KiB; 256 B to
+    /// 64 KiB).
+    pub fn max_token_len(mut self, len: usize) -> Self {
+        self.max_len = len;
+        self
+    }
+
+    /// Bound of the verified-token cache, in tokens (default 10 000; 0 disables it).
+    pub fn cache_capacity(mut self, n: usize) -> Self {
+        self.cache_capacity = n;
+        self
+    }
+
+    /// Checks the configuration, loads the keys and runs a sign-and-verify self-test
+    /// of the crypto backend.
+    pub fn build(self) -> Result<TokenVerifier, ConfigError> {
+        if self.issuers.is_empty() || self.issuers.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                "at least one non-empty issuer is required",
+            ));
+        }
+        let audience = match self.audience {
+            Some(a) if !a.is_empty() => a,
+            _ => return Err(ConfigError::new("the audience is required")),
+        };
+        if self.max_lifetime < Duration::from_secs(1)
+            || self.max_lifetime > Duration::from_secs(86_400)
+        {
+            return Err(ConfigError::new(
+                "max_lifetime must be between 1 s and 24 h",
+            ));
+        }
+        if self.leeway > Duration::from_secs(300) {
+            return Err(ConfigError::new("leeway must be at most 5 minutes"));
+        }
+        if !(256..=64 * 1024).contains(&self.max_len) {
+            return Err(ConfigError::new(
+                "max_token_len must be between 256 B and 64 KiB",
+            ));
+        }
+        if let Some(s) = &self.subjects {
+            if s.is_empty() {
+                return Err(ConfigError::new(
+                    "allowed_subjects is empty: no token could pass",
+                ));
+            }
+        }
+        crypto_self_test()?;
+        let policy = Policy {
+            issuers: self.issuers.into_iter().map(Into::into).collect(),
+            audience: audience.into(),
+            max_lifetime: i64::try_from(self.max_lifetime.as_secs()).unwrap_or(i64::MAX),
+            leeway: i64::try_from(self.leeway.as_secs()).unwrap_or(i64::MAX),
+            subjects: self
+                .subjects
+                .map(|s| s.into_iter().map(Into::into).collect()),
+            typ: self.typ.map(Into::into),
+            max_len: self.max_len,
+            cache_capacity: self.cache_capacity,
+        };
+        let sources = Sources {
+            fingerprints: self.files.iter().map(KeyFile::fingerprint).collect(),
+            in_code: self.keys,
+            files: self.files,
+        };
+        let keys = load_keys(&policy, &sources)?;
+        let cache = TokenCache::new(policy.cache_capacity);
+        Ok(TokenVerifier {
+            inner: Arc::new(Inner {
+                policy,
+                state: ArcSwap::from_pointee(State { keys, cache }),
+                sources: Mutex::new(sources),
+                generation: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+/// `jsonwebtoken` needs exactly one crypto backend feature; with both or neither
+/// (features merge across a dependency graph) it panics on every use. Fail at build
+/// time instead.
+pub(crate) fn crypto_self_test() -> Result<(), ConfigError> {
+    use jsonwebtoken::{DecodingKey, EncodingKey};
+    let ok = std::panic::catch_unwind(|| {
+        let secret = [0x5a_u8; 32];
+        let alg = jsonwebtoken::Algorithm::HS256;
+        let sig = jsonwebtoken::crypto::sign(b"self-test", &EncodingKey::from_secret(&secret), alg)
+            .ok()?;
+        jsonwebtoken::crypto::verify(&sig, b"self-test", &DecodingKey::from_secret(&secret), alg)
+            .ok()
+    });
+    match ok {
+        Ok(Some(true)) => Ok(()),
+        _ => Err(ConfigError::new(
+            "the jsonwebtoken crypto backend failed its self-test: enable exactly one of its `rust_crypto` and `aws_lc_rs` features",
+        )),
+    }
+}
