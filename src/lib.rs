@@ -67,6 +67,7 @@
 //!
 //! - `client-ip` (default): [`client_ip`].
 //! - `allowlist` (default): [`allowlist`].
+//! - `api-key` (default): [`api_key`], the hashed API-key store.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
 //! - `fuzzing`: the entry points of the cargo-fuzz targets, for the corpus replay tests.
 //!
@@ -91,6 +92,9 @@ pub mod client_ip;
 
 #[cfg(feature = "allowlist")]
 pub mod allowlist;
+
+#[cfg(feature = "api-key")]
+pub mod api_key;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
