@@ -11,6 +11,8 @@
 //! |---|---|---|
 //! | [`ClientIpLayer`](client_ip::ClientIpLayer) | [`client_ip`] | resolve the real client address once: the TCP peer, or a forwarded header when the peer is a trusted proxy |
 //! | [`IpAllowlistLayer`](allowlist::IpAllowlistLayer) | [`allowlist`] | 403 unless the client address is inside the allowed CIDRs |
+//! | [`AuthenticateLayer`](authenticate::AuthenticateLayer) | [`authenticate`], [`api_key`] | verify the request's API key and insert its [`Principal`], else 401 (400 for a malformed credential) |
+//! | [`RequireScopeLayer`](scope::RequireScopeLayer) | [`scope`] | per route: 403 `insufficient_scope` unless the [`Principal`] holds the scopes |
 //! | `TokenVerifier` / `BearerTokenLayer` (feature `jwt`) | `jwt` | verify service tokens (JWT) into a [`Principal`]; mint and attach them on outgoing requests |
 //!
 //! Layers talk to each other through request extensions: [`ClientIp`] and
@@ -68,6 +70,8 @@
 //!
 //! - `client-ip` (default): [`client_ip`].
 //! - `allowlist` (default): [`allowlist`].
+//! - `authenticate`: [`authenticate`] and [`scope`] (the layers, without a verifier).
+//! - `api-key` (default): [`api_key`], API keys for [`authenticate`]; the `portcullis keygen` binary.
 //! - `jwt`: service tokens (`jwt`): verifier, issuer and client-side layer.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
 //! - `fuzzing`: the entry points of the cargo-fuzz targets, for the corpus replay tests.
@@ -94,6 +98,14 @@ pub mod client_ip;
 #[cfg(feature = "allowlist")]
 pub mod allowlist;
 
+#[cfg(feature = "authenticate")]
+pub mod authenticate;
+
+#[cfg(feature = "authenticate")]
+pub mod scope;
+
+#[cfg(feature = "api-key")]
+pub mod api_key;
 #[cfg(feature = "jwt")]
 pub mod jwt;
 

@@ -1,0 +1,387 @@
+//! The TOML key file: parsed fully, validated, positions in every error, no values.
+
+use std::ops::Range;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use toml::de::{DeTable, DeValue};
+use toml_datetime::{Datetime, Offset};
+
+use super::{KeyDigest, KeyRecord, KeyStore};
+use crate::{ConfigError, Scopes};
+
+const FIELDS: &str = "id, digest, scopes, tier, not_before, expires_at, revoked";
+
+/// Line and column (1-based, in characters) of a byte offset.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+fn err_at(text: &str, span: Range<usize>, msg: impl std::fmt::Display) -> ConfigError {
+    let (line, column) = position(text, span.start);
+    ConfigError::new(format!("line {line}, column {column}: {msg}"))
+}
+
+/// The TOML parser's message with anything quoted removed: a parse error must not
+/// repeat a value from the file (which could be a key pasted by mistake).
+fn sanitize(message: &str) -> String {
+    let mut out = String::new();
+    let mut quoted = false;
+    for c in message.lines().next().unwrap_or("").chars() {
+        match c {
+            '"' | '\'' => {
+                if !quoted {
+                    out.push_str("\"…\"");
+                }
+                quoted = !quoted;
+            }
+            _ if quoted => {}
+            _ => out.push(c),
+        }
+    }
+    out.chars().take(200).collect()
+}
+
+pub(super) fn parse_key_file(text: &str) -> Result<KeyStore, ConfigError> {
+    let doc = DeTable::parse(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        err_at(
+            text,
+            span,
+            format_args!("invalid TOML: {}", sanitize(e.message())),
+        )
+    })?;
+    let mut keys = None;
+    for (name, value) in doc.get_ref().iter() {
+        if name.get_ref() == "keys" {
+            keys = Some(value);
+        } else {
+            return Err(err_at(
+                text,
+                name.span(),
+                "unknown top-level entry; the file holds only [[keys]] tables",
+            ));
+        }
+    }
+    let Some(keys) = keys else {
+        return Err(ConfigError::new(
+            "the key file has no [[keys]] entries: the key store would be empty",
+        ));
+    };
+    let DeValue::Array(array) = keys.get_ref() else {
+        return Err(err_at(
+            text,
+            keys.span(),
+            "`keys` must be an array of tables ([[keys]])",
+        ));
+    };
+    let mut records = Vec::with_capacity(array.len());
+    for item in array.iter() {
+        let DeValue::Table(table) = item.get_ref() else {
+            return Err(err_at(
+                text,
+                item.span(),
+                "each `keys` entry must be a table",
+            ));
+        };
+        let record = parse_record(text, item.span(), table)?;
+        let (line, _) = position(text, item.span().start);
+        records.push((record, Some(format!("line {line}"))));
+    }
+    KeyStore::build(records, false)
+}
+
+fn parse_record(
+    text: &str,
+    span: Range<usize>,
+    table: &DeTable<'_>,
+) -> Result<KeyRecord, ConfigError> {
+    let mut id = None;
+    let mut digest = None;
+    let mut scopes = Scopes::default();
+    let mut tier = None;
+    let mut not_before = None;
+    let mut expires_at = None;
+    let mut revoked = false;
+    for (name, value) in table.iter() {
+        let at = value.span();
+        let v = value.get_ref();
+        match &**name.get_ref() {
+            "id" => {
+                let s = string(text, at.clone(), v, "id")?;
+                super::store::check_name("key id", s).map_err(|e| err_at(text, at, e))?;
+                id = Some(s);
+            }
+            "digest" => {
+                let s = string(text, at.clone(), v, "digest")?;
+                digest = Some(KeyDigest::parse(s).map_err(|e| err_at(text, at, e))?);
+            }
+            "scopes" => {
+                let DeValue::Array(items) = v else {
+                    return Err(err_at(text, at, "`scopes` must be an array of strings"));
+                };
+                let mut tokens = Vec::with_capacity(items.len());
+                for item in items.iter() {
+                    tokens.push(string(text, item.span(), item.get_ref(), "each scope")?);
+                }
+                scopes = Scopes::from_iter_checked(tokens).map_err(|e| err_at(text, at, e))?;
+            }
+            "tier" => {
+                let s = string(text, at.clone(), v, "tier")?;
+                super::store::check_name("tier", s).map_err(|e| err_at(text, at, e))?;
+                tier = Some(s);
+            }
+            "not_before" => not_before = Some(datetime(text, at, v, "not_before")?),
+            "expires_at" => expires_at = Some(datetime(text, at, v, "expires_at")?),
+            "revoked" => {
+                let DeValue::Boolean(b) = v else {
+                    return Err(err_at(text, at, "`revoked` must be true or false"));
+                };
+                revoked = *b;
+            }
+            "key" | "secret" | "api_key" => {
+                return Err(err_at(
+                    text,
+                    name.span(),
+                    "a key file holds digests only, never keys: remove this entry and rotate the key",
+                ));
+            }
+            _ => {
+                return Err(err_at(
+                    text,
+                    name.span(),
+                    format_args!("unknown field; expected one of {FIELDS}"),
+                ));
+            }
+        }
+    }
+    let id = id.ok_or_else(|| err_at(text, span.clone(), "key entry without `id`"))?;
+    let digest = digest.ok_or_else(|| err_at(text, span.clone(), "key entry without `digest`"))?;
+    let mut record = KeyRecord::new(id, digest)
+        .map_err(|e| err_at(text, span.clone(), e))?
+        .with_scopes(scopes)
+        .revoked(revoked);
+    if let Some(t) = tier {
+        record = record
+            .with_tier(t)
+            .map_err(|e| err_at(text, span.clone(), e))?;
+    }
+    if let Some(t) = not_before {
+        record = record.not_before(t);
+    }
+    if let Some(t) = expires_at {
+        record = record.expires_at(t);
+    }
+    if let (Some(nb), Some(exp)) = (not_before, expires_at) {
+        if exp <= nb {
+            return Err(err_at(
+                text,
+                span,
+                "`expires_at` must be after `not_before`",
+            ));
+        }
+    }
+    Ok(record)
+}
+
+fn string<'a>(
+    text: &str,
+    at: Range<usize>,
+    v: &'a DeValue<'_>,
+    what: &str,
+) -> Result<&'a str, ConfigError> {
+    match v {
+        DeValue::String(s) => Ok(s),
+        _ => Err(err_at(text, at, format_args!("{what} must be a string"))),
+    }
+}
+
+fn datetime(
+    text: &str,
+    at: Range<usize>,
+    v: &DeValue<'_>,
+    what: &str,
+) -> Result<SystemTime, ConfigError> {
+    let DeValue::Datetime(dt) = v else {
+        return Err(err_at(
+            text,
+            at,
+            format_args!("`{what}` must be an RFC 3339 date-time such as 2027-01-31T00:00:00Z"),
+        ));
+    };
+    to_system_time(dt).ok_or_else(|| {
+        err_at(
+            text,
+            at,
+            format_args!(
+                "`{what}` needs a date, a time and an offset (Z or +hh:mm), e.g. 2027-01-31T00:00:00Z"
+            ),
+        )
+    })
+}
+
+/// An offset date-time as a `SystemTime`; `None` for local or partial date-times.
+pub(crate) fn to_system_time(dt: &Datetime) -> Option<SystemTime> {
+    let (date, time, offset) = (dt.date?, dt.time?, dt.offset?);
+    let days = days_from_civil(i64::from(date.year), date.month.into(), date.day.into());
+    let offset_secs = match offset {
+        Offset::Z => 0,
+        Offset::Custom { minutes } => i64::from(minutes) * 60,
+    };
+    let secs = days * 86_400
+        + i64::from(time.hour) * 3600
+        + i64::from(time.minute) * 60
+        + i64::from(time.second.min(59))
+        - offset_secs;
+    let nanos = Duration::from_nanos(u64::from(time.nanosecond));
+    if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(secs as u64) + nanos)
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(secs.unsigned_abs()))?
+            .checked_add(nanos)
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(k: &str) -> String {
+        KeyDigest::of(k).to_string()
+    }
+
+    #[test]
+    fn full_file() {
+        let text = format!(
+            r#"
+# two keys of one client during rotation
+[[keys]]
+id = "billing"
+digest = "{}"
+scopes = ["jobs:read", "jobs:write"]
+tier = "gold"
+not_before = 2020-01-01T00:00:00Z
+expires_at = 2999-01-01T00:00:00+01:00
+
+[[keys]]
+id = "billing"
+digest = "{}"
+revoked = true
+"#,
+            d("one"),
+            d("two")
+        );
+        let store = KeyStore::from_toml(&text).unwrap();
+        assert_eq!(store.len(), 2);
+        let r = store.records().find(|r| !r.is_revoked()).unwrap();
+        assert_eq!(r.tier(), Some("gold"));
+        assert!(r.scopes().contains("jobs:write"));
+        assert_eq!(
+            r.valid_from(),
+            Some(UNIX_EPOCH + Duration::from_secs(1_577_836_800))
+        );
+    }
+
+    #[test]
+    fn datetimes() {
+        let dt: Datetime = "1970-01-02T00:00:01.5+01:00".parse().unwrap();
+        assert_eq!(
+            to_system_time(&dt),
+            Some(UNIX_EPOCH + Duration::from_millis(86_401_500 - 3_600_000))
+        );
+        let dt: Datetime = "1969-12-31T23:59:59Z".parse().unwrap();
+        assert_eq!(
+            to_system_time(&dt),
+            UNIX_EPOCH.checked_sub(Duration::from_secs(1))
+        );
+        let local: Datetime = "2027-01-01T00:00:00".parse().unwrap();
+        assert_eq!(to_system_time(&local), None);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+    }
+
+    #[test]
+    fn errors_name_positions_not_values() {
+        let secret = "pc_live_SECRETSECRETSECRETSECRET123456";
+        let good = d("x");
+        for (text, needle) in [
+            (
+                format!("[[keys]]\nid = \"a\"\nkey = \"{secret}\"\n"),
+                "line 3, column 1: a key file holds digests only",
+            ),
+            (
+                format!("[[keys]]\nid = \"a\"\ndigest = \"{secret}\"\n"),
+                "line 3, column 10: a digest",
+            ),
+            (
+                format!("[[keys]]\nid = \"a\"\ndigest = {secret}\n"),
+                "line 3, column 10: invalid TOML",
+            ),
+            (
+                format!("[[keys]]\nid = \"a\"\ndigest = \"{good}\"\nnot_before = \"{secret}\"\n"),
+                "line 4, column 14: `not_before` must be",
+            ),
+            (
+                format!("[[keys]]\nid = \"a b\"\ndigest = \"{good}\"\n"),
+                "line 2, column 6: key id",
+            ),
+            (
+                format!(
+                    "[[keys]]\nid = \"a\"\ndigest = \"{good}\"\nscopes = [\"ok\", \"{secret} x\"]\n"
+                ),
+                "line 4, column 10: scope 2",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\n".to_owned(),
+                "line 1, column 1: key entry without `digest`",
+            ),
+            (
+                format!("[[keys]]\nid = \"a\"\ndigest = \"{good}\"\nrevoked = \"{secret}\"\n"),
+                "line 4, column 11",
+            ),
+            (
+                format!(
+                    "[[keys]]\nid = \"a\"\ndigest = \"{good}\"\n\n[[keys]]\nid = \"b\"\ndigest = \"{good}\"\n"
+                ),
+                "line 5: key `b` has the same digest",
+            ),
+            (
+                format!("other = \"{secret}\"\n"),
+                "line 1, column 1: unknown top-level",
+            ),
+            (String::new(), "no [[keys]]"),
+            ("keys = []\n".to_owned(), "empty"),
+            (
+                format!(
+                    "[[keys]]\nid = \"a\"\ndigest = \"{good}\"\nnot_before = 2030-01-01T00:00:00Z\nexpires_at = 2029-01-01T00:00:00Z\n"
+                ),
+                "must be after",
+            ),
+        ] {
+            let e = KeyStore::from_toml(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text:?}\n=> {e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
+    }
+
+    #[test]
+    fn sanitize_drops_quoted_text() {
+        assert_eq!(sanitize("invalid \"abc\" here"), "invalid \"…\" here");
+        assert_eq!(sanitize("a 'b' c\nsecond line"), "a \"…\" c");
+    }
+}

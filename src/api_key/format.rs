@@ -1,0 +1,293 @@
+//! The key format: `<prefix>_<random><checksum>`.
+
+use std::fmt;
+
+use subtle::ConstantTimeEq;
+
+use crate::ConfigError;
+
+/// The prefix of generated keys unless another is chosen.
+pub const DEFAULT_PREFIX: &str = "pc_live";
+
+/// Base62 characters of CSPRNG output in a key: 22 characters carry 130.9 bits.
+pub const RANDOM_LEN: usize = 22;
+
+/// Base62 characters of the CRC32 checksum (62^6 > 2^32).
+pub const CHECKSUM_LEN: usize = 6;
+
+/// The longest presented key the store digests; anything longer is refused unread.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// The shortest key accepted from a plain key list (keys not in the generated format).
+pub const MIN_LEGACY_KEY_LEN: usize = 32;
+
+const MAX_PREFIX_LEN: usize = 32;
+const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A freshly generated key. Shown once, then only its digest is kept.
+///
+/// `Debug` prints the prefix only; read the key with [`GeneratedKey::expose_secret`].
+///
+/// ```
+/// use portcullis::api_key::{generate_key, parse_key, KeyDigest};
+/// let key = generate_key("pc_test").unwrap();
+/// assert!(key.expose_secret().starts_with("pc_test_"));
+/// assert!(parse_key(key.expose_secret()).is_ok());
+/// assert!(!format!("{key:?}").contains(key.expose_secret()));
+/// assert_eq!(key.digest(), KeyDigest::of(key.expose_secret()));
+/// ```
+#[derive(Clone)]
+pub struct GeneratedKey {
+    key: String,
+    prefix_len: usize,
+}
+
+impl GeneratedKey {
+    /// The key itself. Show it to its owner once; store only [`GeneratedKey::digest`].
+    pub fn expose_secret(&self) -> &str {
+        &self.key
+    }
+
+    /// The SHA-256 digest to put in the key file.
+    pub fn digest(&self) -> super::KeyDigest {
+        super::KeyDigest::of(&self.key)
+    }
+
+    /// The prefix, e.g. `pc_live`.
+    pub fn prefix(&self) -> &str {
+        &self.key[..self.prefix_len]
+    }
+}
+
+impl fmt::Debug for GeneratedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GeneratedKey({}_<redacted>)", self.prefix())
+    }
+}
+
+/// Generates a key `<prefix>_<22 base62 characters from the OS CSPRNG><6 base62 checksum>`.
+///
+/// The prefix is 1 to 32 characters of `a-z`, `0-9` and `_`, starting with a letter
+/// and not ending with `_` (e.g. `pc_live`, `pc_test`, `billing_live`). It names the
+/// key's kind for people and secret scanners; it is not a secret.
+///
+/// Fails only for a bad prefix or when the OS has no randomness to give.
+pub fn generate_key(prefix: &str) -> Result<GeneratedKey, ConfigError> {
+    check_prefix(prefix)?;
+    let mut random = [0u8; RANDOM_LEN];
+    let mut filled = 0;
+    let mut buf = [0u8; 64];
+    while filled < RANDOM_LEN {
+        getrandom::fill(&mut buf)
+            .map_err(|_| ConfigError::new("the OS random number generator failed"))?;
+        // Rejection sampling: 248 = 4 * 62, so `b % 62` is uniform for b < 248.
+        for &b in &buf {
+            if b < 248 && filled < RANDOM_LEN {
+                random[filled] = ALPHABET[usize::from(b % 62)];
+                filled += 1;
+            }
+        }
+    }
+    let mut key = String::with_capacity(prefix.len() + 1 + RANDOM_LEN + CHECKSUM_LEN);
+    key.push_str(prefix);
+    key.push('_');
+    key.extend(random.iter().map(|&b| char::from(b)));
+    let sum = checksum(key.as_bytes());
+    key.extend(sum.iter().map(|&b| char::from(b)));
+    Ok(GeneratedKey {
+        key,
+        prefix_len: prefix.len(),
+    })
+}
+
+/// Checks a key prefix (see [`generate_key`]).
+pub fn check_prefix(prefix: &str) -> Result<(), ConfigError> {
+    if is_prefix(prefix.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            "key prefix must be 1 to 32 characters of a-z, 0-9 and '_', start with a letter and not end with '_'",
+        ))
+    }
+}
+
+fn is_prefix(p: &[u8]) -> bool {
+    !p.is_empty()
+        && p.len() <= MAX_PREFIX_LEN
+        && p[0].is_ascii_lowercase()
+        && p[p.len() - 1] != b'_'
+        && p.iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Why a string is not a key in the generated format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyFormatError {
+    /// Not `<prefix>_<28 base62 characters>` at all (maybe a plain listed key).
+    Shape,
+    /// The right shape, but the checksum does not match: a typo or a made-up key.
+    Checksum,
+}
+
+impl fmt::Display for KeyFormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyFormatError::Shape => "not in the <prefix>_<random><checksum> key format",
+            KeyFormatError::Checksum => "the key's checksum does not match",
+        })
+    }
+}
+
+impl std::error::Error for KeyFormatError {}
+
+/// A key that passed the format and checksum check. `Debug` shows the prefix only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ParsedKey<'a> {
+    prefix: &'a str,
+}
+
+impl<'a> ParsedKey<'a> {
+    /// The prefix, e.g. `pc_live`.
+    pub fn prefix(&self) -> &'a str {
+        self.prefix
+    }
+}
+
+impl fmt::Debug for ParsedKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ParsedKey({}_<redacted>)", self.prefix)
+    }
+}
+
+/// Checks the format and checksum of a presented key, before any lookup.
+///
+/// A pure function over the string: no allocation, and the checksum is compared in
+/// constant time. The checksum catches typos and garbage cheaply; it is not a
+/// security control (anyone can compute it for a guess).
+///
+/// ```
+/// use portcullis::api_key::{parse_key, KeyFormatError};
+/// let key = portcullis::api_key::generate_key("pc_live").unwrap();
+/// let key = key.expose_secret();
+/// assert_eq!(parse_key(key).unwrap().prefix(), "pc_live");
+///
+/// // One changed character fails the checksum.
+/// let mut typo = key.to_owned();
+/// let last = typo.pop().unwrap();
+/// typo.push(if last == 'a' { 'b' } else { 'a' });
+/// assert_eq!(parse_key(&typo), Err(KeyFormatError::Checksum));
+/// assert_eq!(parse_key("hunter2"), Err(KeyFormatError::Shape));
+/// ```
+pub fn parse_key(key: &str) -> Result<ParsedKey<'_>, KeyFormatError> {
+    let bytes = key.as_bytes();
+    let body_len = RANDOM_LEN + CHECKSUM_LEN;
+    if bytes.len() < body_len + 2 || bytes.len() > MAX_PREFIX_LEN + 1 + body_len {
+        return Err(KeyFormatError::Shape);
+    }
+    let sep = bytes.len() - body_len - 1;
+    let (prefix, body) = (&bytes[..sep], &bytes[sep + 1..]);
+    if bytes[sep] != b'_' || !is_prefix(prefix) || !body.iter().all(u8::is_ascii_alphanumeric) {
+        return Err(KeyFormatError::Shape);
+    }
+    let expected = checksum(&bytes[..sep + 1 + RANDOM_LEN]);
+    if bool::from(expected.ct_eq(&body[RANDOM_LEN..])) {
+        Ok(ParsedKey {
+            prefix: &key[..sep],
+        })
+    } else {
+        Err(KeyFormatError::Checksum)
+    }
+}
+
+/// CRC32 (IEEE) of `data` as six base62 digits, most significant first.
+fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut n = crc32(data);
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+};
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c = CRC_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_check_value() {
+        // The standard CRC-32/ISO-HDLC check value.
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn generated_keys_parse_and_differ() {
+        let a = generate_key("pc_test").unwrap();
+        let b = generate_key("pc_test").unwrap();
+        assert_ne!(a.expose_secret(), b.expose_secret());
+        assert_eq!(
+            a.expose_secret().len(),
+            "pc_test_".len() + RANDOM_LEN + CHECKSUM_LEN
+        );
+        assert_eq!(parse_key(a.expose_secret()).unwrap().prefix(), "pc_test");
+        assert_eq!(a.prefix(), "pc_test");
+    }
+
+    #[test]
+    fn prefixes() {
+        for ok in ["pc_live", "a", "x9", "billing_live_2"] {
+            assert!(check_prefix(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "_pc", "pc_", "PC", "9pc", "pc-live", &"a".repeat(33)] {
+            assert!(check_prefix(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shapes() {
+        let k = generate_key("pc_live").unwrap();
+        let k = k.expose_secret();
+        assert_eq!(parse_key(&k[..k.len() - 1]), Err(KeyFormatError::Shape));
+        assert_eq!(parse_key(&k[1..]), Err(KeyFormatError::Checksum));
+        assert_eq!(parse_key(&format!("{k}x")), Err(KeyFormatError::Shape));
+        assert_eq!(
+            parse_key(&k.replace("pc_live_", "pc_live-")),
+            Err(KeyFormatError::Shape)
+        );
+        assert_eq!(
+            parse_key(&k.replace("pc_live", "pc_test")),
+            Err(KeyFormatError::Checksum),
+            "the prefix is covered by the checksum"
+        );
+        assert_eq!(parse_key(""), Err(KeyFormatError::Shape));
+    }
+}

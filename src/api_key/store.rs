@@ -1,0 +1,518 @@
+//! Key records and the immutable key store with its O(1) verification.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::format::{KeyFormatError, MAX_KEY_LEN, MIN_LEGACY_KEY_LEN, parse_key};
+use super::{KeyDigest, file};
+use crate::rejection::DenialReason;
+use crate::{AuthMethod, ConfigError, Principal, Scopes};
+
+/// One key as the store knows it: public facts and the digest, never the key.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use portcullis::api_key::{KeyDigest, KeyRecord};
+/// use portcullis::Scopes;
+///
+/// let record = KeyRecord::new("billing", KeyDigest::of("pc_live_..."))?
+///     .with_scopes(Scopes::parse("jobs:read jobs:write")?)
+///     .with_tier("gold")?
+///     .expires_at(SystemTime::now() + Duration::from_secs(90 * 86_400));
+/// assert_eq!(record.id(), "billing");
+/// # Ok::<(), portcullis::ConfigError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct KeyRecord {
+    id: Arc<str>,
+    digest: KeyDigest,
+    scopes: Scopes,
+    tier: Option<Arc<str>>,
+    not_before: Option<SystemTime>,
+    expires_at: Option<SystemTime>,
+    revoked: bool,
+}
+
+/// Ids and tiers: 1 to 64 characters of `A-Z a-z 0-9 . _ : -`, safe in logs and as
+/// rate-limit keys.
+pub(crate) fn check_name(what: &str, s: &str) -> Result<(), ConfigError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(format!(
+            "{what} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
+        )))
+    }
+}
+
+impl KeyRecord {
+    /// A valid, unrevoked record without scopes, tier or validity window.
+    ///
+    /// The id is the key's public name in logs, audit events and rate limiting. Several
+    /// records may share an id (old and new key of one client during rotation).
+    pub fn new(id: &str, digest: KeyDigest) -> Result<Self, ConfigError> {
+        check_name("key id", id)?;
+        Ok(Self {
+            id: id.into(),
+            digest,
+            scopes: Scopes::default(),
+            tier: None,
+            not_before: None,
+            expires_at: None,
+            revoked: false,
+        })
+    }
+
+    /// Sets the scopes the key grants.
+    pub fn with_scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = scopes;
+        self
+    }
+
+    /// Sets the rate-limit tier.
+    pub fn with_tier(mut self, tier: &str) -> Result<Self, ConfigError> {
+        check_name("tier", tier)?;
+        self.tier = Some(tier.into());
+        Ok(self)
+    }
+
+    /// The key is refused before this time.
+    pub fn not_before(mut self, t: SystemTime) -> Self {
+        self.not_before = Some(t);
+        self
+    }
+
+    /// The key is refused from this time on.
+    pub fn expires_at(mut self, t: SystemTime) -> Self {
+        self.expires_at = Some(t);
+        self
+    }
+
+    /// Marks the key revoked (or not).
+    pub fn revoked(mut self, revoked: bool) -> Self {
+        self.revoked = revoked;
+        self
+    }
+
+    /// The public id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// The key's digest.
+    pub fn digest(&self) -> &KeyDigest {
+        &self.digest
+    }
+    /// The granted scopes.
+    pub fn scopes(&self) -> &Scopes {
+        &self.scopes
+    }
+    /// The rate-limit tier.
+    pub fn tier(&self) -> Option<&str> {
+        self.tier.as_deref()
+    }
+    /// Start of validity, if any.
+    pub fn valid_from(&self) -> Option<SystemTime> {
+        self.not_before
+    }
+    /// End of validity, if any.
+    pub fn valid_until(&self) -> Option<SystemTime> {
+        self.expires_at
+    }
+    /// Whether the key is revoked.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked
+    }
+
+    fn principal(&self) -> Principal {
+        let p =
+            Principal::new(self.id.clone(), AuthMethod::ApiKey).with_scopes(self.scopes.clone());
+        match &self.tier {
+            Some(t) => p.with_tier(t.clone()),
+            None => p,
+        }
+    }
+}
+
+/// Why a presented key was refused, and which record it matched, if any.
+///
+/// `key_id` is set only when the digest matched a record (revoked, expired, not yet
+/// valid): the id is public, and naming it in the audit log tells an operator whose
+/// old key is still in use. The client sees the same 401 either way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRejection {
+    reason: DenialReason,
+    key_id: Option<Arc<str>>,
+}
+
+impl KeyRejection {
+    fn new(reason: DenialReason) -> Self {
+        Self {
+            reason,
+            key_id: None,
+        }
+    }
+
+    /// One of `InvalidKeyFormat`, `UnknownKey`, `RevokedKey`, `NotYetValidKey`,
+    /// `ExpiredKey`.
+    pub fn reason(&self) -> DenialReason {
+        self.reason
+    }
+
+    /// The id of the matched record, for revoked, expired and not-yet-valid keys.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id.as_deref()
+    }
+}
+
+struct Stored {
+    record: KeyRecord,
+    principal: Principal,
+}
+
+/// An immutable set of key records, indexed by digest.
+///
+/// Verification digests the presented key once (SHA-256), finds the record by digest
+/// in a hash map (O(1) however many keys; the map's hasher is randomly keyed, and an
+/// attacker cannot steer which digest a guess produces), confirms with a constant-time
+/// comparison of the 32-byte digests, then checks revocation and the validity window.
+/// There is no scan over the keys and no `==` on key material.
+///
+/// Memory: about 200 bytes per key (record, prebuilt `Principal`, map slot).
+///
+/// An empty store cannot be built: portcullis never runs open by accident.
+///
+/// ```
+/// use std::time::SystemTime;
+/// use portcullis::api_key::{generate_key, KeyRecord, KeyStore};
+/// use portcullis::rejection::DenialReason;
+///
+/// let key = generate_key("pc_live")?;
+/// let store = KeyStore::from_records([KeyRecord::new("billing", key.digest())?])?;
+/// let p = store.verify(key.expose_secret(), SystemTime::now()).unwrap();
+/// assert_eq!(p.id(), "billing");
+///
+/// let other = generate_key("pc_live")?;
+/// let err = store.verify(other.expose_secret(), SystemTime::now()).unwrap_err();
+/// assert_eq!(err.reason(), DenialReason::UnknownKey);
+/// # Ok::<(), portcullis::ConfigError>(())
+/// ```
+pub struct KeyStore {
+    by_digest: HashMap<KeyDigest, Stored>,
+    /// Whether keys outside the generated format were listed (a plain key list).
+    legacy: bool,
+}
+
+impl KeyStore {
+    /// Builds a store from records. Fails on an empty list or two records with the
+    /// same digest.
+    pub fn from_records<I>(records: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = KeyRecord>,
+    {
+        Self::build(records.into_iter().map(|r| (r, None)), false)
+    }
+
+    /// `positions` names each record in errors (e.g. "key file line 7").
+    pub(super) fn build<I>(records: I, legacy: bool) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (KeyRecord, Option<String>)>,
+    {
+        let records = records.into_iter();
+        let mut by_digest = HashMap::with_capacity(records.size_hint().0);
+        for (i, (record, pos)) in records.enumerate() {
+            let principal = record.principal();
+            match by_digest.entry(record.digest) {
+                Entry::Occupied(_) => {
+                    let at = pos.unwrap_or_else(|| format!("record {}", i + 1));
+                    return Err(ConfigError::new(format!(
+                        "{at}: key `{}` has the same digest as an earlier key",
+                        record.id
+                    )));
+                }
+                Entry::Vacant(v) => {
+                    v.insert(Stored { record, principal });
+                }
+            }
+        }
+        if by_digest.is_empty() {
+            return Err(ConfigError::new(
+                "the key store is empty: configure at least one key (portcullis never runs open by default)",
+            ));
+        }
+        Ok(Self { by_digest, legacy })
+    }
+
+    /// Parses a TOML key file's text (format in the module docs). Errors name the
+    /// line and column, never a value.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        file::parse_key_file(text)
+    }
+
+    /// Reads and parses a TOML key file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(format!("key file {}: cannot read: {e}", path.display()))
+        })?;
+        file::parse_key_file(&text)
+            .map_err(|e| ConfigError::new(format!("key file {}: {e}", path.display())))
+    }
+
+    /// Reads a comma-separated list of raw keys from the environment variable `var`.
+    /// See [`KeyStore::from_key_list`].
+    pub fn from_env(var: &str, scopes: Scopes) -> Result<Self, ConfigError> {
+        let list = std::env::var(var).map_err(|e| match e {
+            std::env::VarError::NotPresent => {
+                ConfigError::new(format!("environment variable {var} is not set"))
+            }
+            std::env::VarError::NotUnicode(_) => {
+                ConfigError::new(format!("environment variable {var} is not valid UTF-8"))
+            }
+        })?;
+        Self::from_key_list(&list, scopes).map_err(|e| ConfigError::new(format!("{var}: {e}")))
+    }
+
+    /// Builds a store from a comma-separated list of raw keys, the simple case.
+    ///
+    /// Every key gets `scopes` and the id `env-` followed by the first 8 hex digits of
+    /// its digest (stable across restarts and reorderings, and not secret). Each entry
+    /// is trimmed; an empty entry, one under 32 characters, one with characters outside
+    /// printable ASCII or a comma, a key in the generated format whose checksum is
+    /// wrong (a typo), and a repeated key are load errors naming the entry's position.
+    /// Keys need not be in the generated format.
+    ///
+    /// ```
+    /// use portcullis::api_key::KeyStore;
+    /// use portcullis::Scopes;
+    /// let store = KeyStore::from_key_list(
+    ///     "0123456789abcdef0123456789abcdef, fedcba9876543210fedcba9876543210",
+    ///     Scopes::parse("jobs:read")?,
+    /// )?;
+    /// assert_eq!(store.len(), 2);
+    /// let err = KeyStore::from_key_list("short", Scopes::default()).unwrap_err();
+    /// assert!(err.to_string().contains("entry 1"));
+    /// assert!(!err.to_string().contains("short"));
+    /// # Ok::<(), portcullis::ConfigError>(())
+    /// ```
+    pub fn from_key_list(list: &str, scopes: Scopes) -> Result<Self, ConfigError> {
+        let mut records = Vec::new();
+        for (i, entry) in list.split(',').enumerate() {
+            let n = i + 1;
+            let key = entry.trim();
+            if key.is_empty() {
+                return Err(ConfigError::new(format!("key list entry {n} is empty")));
+            }
+            if key.len() < MIN_LEGACY_KEY_LEN || key.len() > MAX_KEY_LEN {
+                return Err(ConfigError::new(format!(
+                    "key list entry {n} must be {MIN_LEGACY_KEY_LEN} to {MAX_KEY_LEN} characters long"
+                )));
+            }
+            if !key.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+                return Err(ConfigError::new(format!(
+                    "key list entry {n} has a character outside printable ASCII"
+                )));
+            }
+            if parse_key(key) == Err(KeyFormatError::Checksum) {
+                return Err(ConfigError::new(format!(
+                    "key list entry {n} looks like a generated key but its checksum is wrong (a typo?)"
+                )));
+            }
+            let digest = KeyDigest::of(key);
+            let hex = digest.to_string();
+            let id = format!("env-{}", &hex["sha256:".len()..][..8]);
+            records.push((
+                KeyRecord::new(&id, digest)?.with_scopes(scopes.clone()),
+                Some(format!("key list entry {n}")),
+            ));
+        }
+        Self::build(records, true)
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    /// Always `false`: an empty store cannot be built.
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+
+    /// The records, in no particular order.
+    pub fn records(&self) -> impl Iterator<Item = &KeyRecord> {
+        self.by_digest.values().map(|s| &s.record)
+    }
+
+    /// Verifies a presented key at time `now`; on success the key's [`Principal`].
+    ///
+    /// Order: length and format (checksum) before any lookup, then the digest lookup
+    /// and constant-time confirmation, then revocation, not-before and expiry.
+    pub fn verify(&self, key: &str, now: SystemTime) -> Result<Principal, KeyRejection> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(KeyRejection::new(DenialReason::InvalidKeyFormat));
+        }
+        match parse_key(key) {
+            Ok(_) => {}
+            // Listed plain keys may have any shape; a wrong checksum never matches,
+            // since listed keys in the generated format were checked at load.
+            Err(KeyFormatError::Shape) if self.legacy && key.len() >= MIN_LEGACY_KEY_LEN => {}
+            Err(_) => return Err(KeyRejection::new(DenialReason::InvalidKeyFormat)),
+        }
+        let digest = KeyDigest::of(key);
+        let Some(stored) = self.by_digest.get(&digest) else {
+            return Err(KeyRejection::new(DenialReason::UnknownKey));
+        };
+        if !stored.record.digest.ct_eq(&digest) {
+            return Err(KeyRejection::new(DenialReason::UnknownKey));
+        }
+        let r = &stored.record;
+        let reason = if r.revoked {
+            Some(DenialReason::RevokedKey)
+        } else if r.not_before.is_some_and(|t| now < t) {
+            Some(DenialReason::NotYetValidKey)
+        } else if r.expires_at.is_some_and(|t| now >= t) {
+            Some(DenialReason::ExpiredKey)
+        } else {
+            None
+        };
+        match reason {
+            None => Ok(stored.principal.clone()),
+            Some(reason) => Err(KeyRejection {
+                reason,
+                key_id: Some(r.id.clone()),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("keys", &self.by_digest.len())
+            .field("plain_keys_allowed", &self.legacy)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api_key::generate_key;
+    use std::time::Duration;
+
+    #[test]
+    fn verification_order_and_reasons() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let keys: Vec<_> = (0..5).map(|_| generate_key("pc_test").unwrap()).collect();
+        let store = KeyStore::from_records([
+            KeyRecord::new("ok", keys[0].digest())
+                .unwrap()
+                .with_tier("gold")
+                .unwrap(),
+            KeyRecord::new("revoked", keys[1].digest())
+                .unwrap()
+                .revoked(true),
+            KeyRecord::new("future", keys[2].digest())
+                .unwrap()
+                .not_before(now + hour),
+            KeyRecord::new("old", keys[3].digest())
+                .unwrap()
+                .expires_at(now - hour),
+        ])
+        .unwrap();
+        let p = store.verify(keys[0].expose_secret(), now).unwrap();
+        assert_eq!((p.id(), p.tier()), ("ok", Some("gold")));
+        assert_eq!(p.method(), AuthMethod::ApiKey);
+        for (k, reason, id) in [
+            (1, DenialReason::RevokedKey, Some("revoked")),
+            (2, DenialReason::NotYetValidKey, Some("future")),
+            (3, DenialReason::ExpiredKey, Some("old")),
+            (4, DenialReason::UnknownKey, None),
+        ] {
+            let e = store.verify(keys[k].expose_secret(), now).unwrap_err();
+            assert_eq!((e.reason(), e.key_id()), (reason, id));
+        }
+        // Valid again once the window opens.
+        assert!(
+            store
+                .verify(keys[2].expose_secret(), now + 2 * hour)
+                .is_ok()
+        );
+        // Plain keys are refused by a store of generated keys, before any lookup.
+        let e = store.verify(&"x".repeat(40), now).unwrap_err();
+        assert_eq!(e.reason(), DenialReason::InvalidKeyFormat);
+        let e = store.verify("", now).unwrap_err();
+        assert_eq!(e.reason(), DenialReason::InvalidKeyFormat);
+    }
+
+    #[test]
+    fn empty_and_duplicate_stores_are_errors() {
+        assert!(KeyStore::from_records([]).is_err());
+        let d = KeyDigest::of("same");
+        let err = KeyStore::from_records([
+            KeyRecord::new("a", d).unwrap(),
+            KeyRecord::new("b", d).unwrap(),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("record 2"), "{err}");
+        assert!(KeyRecord::new("bad id", d).is_err());
+        assert!(KeyRecord::new("", d).is_err());
+    }
+
+    #[test]
+    fn key_lists() {
+        let a = "A".repeat(32);
+        let store =
+            KeyStore::from_key_list(&format!(" {a} ,{}", "b".repeat(40)), Scopes::default())
+                .unwrap();
+        assert_eq!(store.len(), 2);
+        let p = store.verify(&a, SystemTime::now()).unwrap();
+        assert!(p.id().starts_with("env-") && p.id().len() == 12);
+        assert_eq!(
+            store
+                .verify(&"A".repeat(31), SystemTime::now())
+                .unwrap_err()
+                .reason(),
+            DenialReason::InvalidKeyFormat
+        );
+        for (list, needle) in [
+            ("", "entry 1 is empty"),
+            (&format!("{a},"), "entry 2 is empty"),
+            (&format!("{a},{}", "c".repeat(31)), "entry 2 must be"),
+            (&format!("{a},{a}"), "entry 2"),
+            (&format!("{}é", "c".repeat(32)), "printable ASCII"),
+        ] {
+            let e = KeyStore::from_key_list(list, Scopes::default()).unwrap_err();
+            assert!(e.to_string().contains(needle), "{list:?}: {e}");
+            assert!(!e.to_string().contains(&a));
+        }
+        // A generated key with a typo in a list is caught at load.
+        let k = generate_key("pc_live").unwrap();
+        let mut typo = k.expose_secret().to_owned();
+        let last = typo.pop().unwrap();
+        typo.push(if last == '0' { '1' } else { '0' });
+        let e = KeyStore::from_key_list(&typo, Scopes::default()).unwrap_err();
+        assert!(e.to_string().contains("checksum"));
+        // A generated key is accepted in a list too.
+        let s = KeyStore::from_key_list(k.expose_secret(), Scopes::default()).unwrap();
+        assert!(s.verify(k.expose_secret(), SystemTime::now()).is_ok());
+    }
+
+    #[test]
+    fn debug_holds_no_digests() {
+        let k = generate_key("pc_live").unwrap();
+        let s = KeyStore::from_records([KeyRecord::new("x", k.digest()).unwrap()]).unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains(&k.digest().to_string()[7..]));
+        assert!(!dbg.contains(k.expose_secret()));
+    }
+}

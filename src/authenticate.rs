@@ -1,0 +1,587 @@
+//! Authentication: a credential in, a [`Principal`] out, or a refusal.
+//!
+//! [`AuthenticateLayer`] reads the request's one credential ([`extract_credential`]),
+//! verifies it, and on success inserts the [`Principal`] into the request extensions
+//! (and a copy into the response extensions, for the access log outside it). Parsing
+//! is separate from verification: the extraction functions are plain, fuzzed
+//! functions over header bytes; the layer only decides.
+//!
+//! Credentials accepted:
+//!
+//! - `X-API-Key: <key>` (the header name in any case);
+//! - `Authorization: Bearer <key>` and `Authorization: ApiKey <key>` (scheme in any
+//!   case);
+//! - a query-string parameter, only after [`AuthenticateLayer::allow_key_in_query_dangerously`].
+//!
+//! Refusals (all built by [`rejection`](crate::rejection)):
+//!
+//! | request | status |
+//! |---|---|
+//! | no credential | 401, `WWW-Authenticate` without an error code |
+//! | empty, malformed, over 8 KiB, non-ASCII credential; a known scheme without one | 400 `invalid_request` |
+//! | two credentials (even identical) | 400 `invalid_request` |
+//! | wrong checksum, unknown, expired, not yet valid, revoked key | 401 `invalid_token`, one identical response |
+//!
+//! The credential header is removed before the request reaches the inner service
+//! (like Kong's `hide_credentials`; see [`AuthenticateLayer::hide_credentials`]), and
+//! marked sensitive if kept. Every success and failure is an audit event on
+//! [`audit::TARGET`](crate::audit::TARGET): `auth_succeeded` (principal, method,
+//! client ip) and `auth_failed` (reason class, client ip, and the key id only when the
+//! key matched a revoked, expired or not-yet-valid record). No credential is ever
+//! logged.
+//!
+//! ```
+//! # #[cfg(feature = "api-key")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # tokio::runtime::Runtime::new()?.block_on(async {
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use portcullis::api_key::{generate_key, ApiKeys, KeyRecord, KeyStore};
+//! use portcullis::authenticate::AuthenticateLayer;
+//! use portcullis::{Principal, Scopes};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! let key = generate_key("pc_test")?;
+//! let store = KeyStore::from_records([KeyRecord::new("billing", key.digest())?
+//!     .with_scopes(Scopes::parse("jobs:read")?)])?;
+//! let auth = AuthenticateLayer::api_keys(ApiKeys::new(store)).realm("jobs")?;
+//!
+//! let svc = ServiceBuilder::new().layer(auth).service_fn(|req: Request<()>| async move {
+//!     let who = req.extensions().get::<Principal>().unwrap().id().to_owned();
+//!     assert!(req.headers().get("x-api-key").is_none(), "hidden from the service");
+//!     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(who))))
+//! });
+//! let req = Request::builder().header("X-API-Key", key.expose_secret()).body(())?;
+//! let res = svc.clone().oneshot(req).await?;
+//! assert_eq!(res.status(), 200);
+//! assert_eq!(res.extensions().get::<Principal>().unwrap().id(), "billing");
+//!
+//! let res = svc.oneshot(Request::new(())).await?;
+//! assert_eq!(res.status(), 401);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })
+//! # }
+//! # #[cfg(not(feature = "api-key"))]
+//! # fn main() {}
+//! ```
+
+mod credentials;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+pub use credentials::{
+    Credential, CredentialError, CredentialSource, MAX_CREDENTIAL_LEN, X_API_KEY,
+    extract_credential, parse_api_key_header, parse_authorization,
+};
+
+#[cfg(feature = "api-key")]
+use crate::api_key::ApiKeys;
+use crate::rejection::{Challenge, DenialReason, Rejection};
+use crate::{AuthMethod, ClientIp, ConfigError, Principal, Scopes};
+
+/// The realm of the `WWW-Authenticate` challenge unless another is set.
+pub const DEFAULT_REALM: &str = "api";
+
+/// The id of the principal of every request in unauthenticated mode.
+pub const UNAUTHENTICATED_ID: &str = "unauthenticated";
+
+/// A failed verification: the reason class and, when a record matched, its public id.
+#[derive(Debug)]
+struct Failure {
+    reason: DenialReason,
+    key_id: Option<Arc<str>>,
+}
+
+impl Failure {
+    fn new(reason: DenialReason) -> Self {
+        Self {
+            reason,
+            key_id: None,
+        }
+    }
+}
+
+/// Everything a credential can be verified against. One place, so that a new kind
+/// of credential is one more field and one more branch in `verify`.
+#[derive(Clone, Default)]
+struct Verifiers {
+    #[cfg(feature = "api-key")]
+    api_keys: Option<ApiKeys>,
+}
+
+impl Verifiers {
+    #[allow(unused_variables)]
+    fn verify(&self, credential: &Credential<'_>) -> Result<Principal, Failure> {
+        #[cfg(feature = "api-key")]
+        if let Some(keys) = &self.api_keys {
+            return keys
+                .verify(credential.expose_secret())
+                .map_err(|e| Failure {
+                    reason: e.reason(),
+                    key_id: e.key_id().map(Arc::from),
+                });
+        }
+        Err(Failure::new(DenialReason::InvalidToken))
+    }
+}
+
+#[derive(Clone)]
+struct Config {
+    verifiers: Verifiers,
+    challenge: Challenge,
+    hide_credentials: bool,
+    query_param: Option<Arc<str>>,
+    /// `Some` only in the explicitly requested unauthenticated mode.
+    unauthenticated: Option<Principal>,
+}
+
+/// Layer applying [`Authenticate`]: verifies the request's credential and inserts the
+/// [`Principal`]. See the [module docs](self).
+#[derive(Clone)]
+pub struct AuthenticateLayer {
+    config: Arc<Config>,
+}
+
+impl AuthenticateLayer {
+    fn with_verifiers(verifiers: Verifiers) -> Self {
+        Self {
+            config: Arc::new(Config {
+                verifiers,
+                challenge: Challenge::api_key(DEFAULT_REALM)
+                    .expect("the default realm is valid")
+                    .and_bearer(),
+                hide_credentials: true,
+                query_param: None,
+                unauthenticated: None,
+            }),
+        }
+    }
+
+    /// Authenticates requests with API keys from `keys`.
+    ///
+    /// The store is never empty (an empty one cannot be built), so this layer cannot
+    /// run open.
+    #[cfg(feature = "api-key")]
+    pub fn api_keys(keys: ApiKeys) -> Self {
+        Self::with_verifiers(Verifiers {
+            api_keys: Some(keys),
+        })
+    }
+
+    /// Lets **every request in without authentication**, as the principal
+    /// `unauthenticated` with [`AuthMethod::Unauthenticated`] and the given scopes.
+    ///
+    /// For local development only. Logs a warning (on the audit target) when called;
+    /// credentials are not read; handlers and logs can tell such requests apart by the
+    /// principal's method. There is no other way to run this layer open.
+    pub fn allow_unauthenticated_requests_dangerously(scopes: Scopes) -> Self {
+        tracing::warn!(
+            target: crate::audit::TARGET,
+            event = "authentication_disabled",
+            scopes = %scopes,
+            "AUTHENTICATION IS DISABLED: every request is let in unauthenticated"
+        );
+        let mut layer = Self::with_verifiers(Verifiers::default());
+        Arc::make_mut(&mut layer.config).unauthenticated = Some(
+            Principal::new(UNAUTHENTICATED_ID, AuthMethod::Unauthenticated).with_scopes(scopes),
+        );
+        layer
+    }
+
+    /// Sets the realm of the `WWW-Authenticate` challenges (default `api`).
+    pub fn realm(mut self, realm: &str) -> Result<Self, ConfigError> {
+        Arc::make_mut(&mut self.config).challenge = Challenge::api_key(realm)?.and_bearer();
+        Ok(self)
+    }
+
+    /// Whether the credential is removed from the request before the inner service
+    /// sees it (default `true`). When kept, the header value is marked sensitive.
+    pub fn hide_credentials(mut self, hide: bool) -> Self {
+        Arc::make_mut(&mut self.config).hide_credentials = hide;
+        self
+    }
+
+    /// Also accepts a key in the query-string parameter `name` (e.g. `api_key`).
+    ///
+    /// Off by default, and dangerous: URLs end up in proxy logs, browser history and
+    /// `Referer` headers, where a key outlives its revocation in plain text. Use it
+    /// only for clients that cannot set a header. The value must be URL-safe as is
+    /// (generated keys are); a parameter given twice, or with a header credential, is
+    /// `invalid_request`. With hidden credentials the parameter is removed from the
+    /// URI before the inner service.
+    pub fn allow_key_in_query_dangerously(mut self, name: &str) -> Result<Self, ConfigError> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(ConfigError::new(
+                "query parameter name must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'",
+            ));
+        }
+        Arc::make_mut(&mut self.config).query_param = Some(name.into());
+        Ok(self)
+    }
+}
+
+impl fmt::Debug for AuthenticateLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.config.fmt(f)
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("AuthenticateLayer");
+        #[cfg(feature = "api-key")]
+        d.field("api_keys", &self.verifiers.api_keys);
+        d.field("realm", &self.challenge.realm())
+            .field("hide_credentials", &self.hide_credentials)
+            .field("query_param", &self.query_param)
+            .field("unauthenticated", &self.unauthenticated.is_some())
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for AuthenticateLayer {
+    type Service = Authenticate<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticate {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Service that authenticates requests; see [`AuthenticateLayer`].
+#[derive(Clone)]
+pub struct Authenticate<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> Authenticate<S> {
+    /// Gets a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    /// Gets a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Authenticate<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticate")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Config {
+    /// The policy: who is calling, or the refusal. Reads the request, changes nothing.
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+        client_ip: Option<ClientIp>,
+    ) -> Result<(Principal, CredentialSource), DenialReason> {
+        let query_param = self.query_param.as_deref();
+        let refuse = |failure: Failure| {
+            tracing::info!(
+                target: crate::audit::TARGET,
+                event = "auth_failed",
+                reason = failure.reason.as_str(),
+                client_ip = client_ip.map(tracing::field::display),
+                key_id = failure.key_id.as_deref(),
+            );
+            failure.reason
+        };
+        let credential = match extract_credential(headers, uri.query(), query_param) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(refuse(Failure::new(DenialReason::MissingCredential))),
+            Err(CredentialError::Multiple) => {
+                return Err(refuse(Failure::new(DenialReason::MultipleCredentials)));
+            }
+            Err(_) => return Err(refuse(Failure::new(DenialReason::MalformedCredential))),
+        };
+        let principal = self.verifiers.verify(&credential).map_err(refuse)?;
+        tracing::info!(
+            target: crate::audit::TARGET,
+            event = "auth_succeeded",
+            principal = principal.id(),
+            method = principal.method().as_str(),
+            client_ip = client_ip.map(tracing::field::display),
+        );
+        Ok((principal, credential.source()))
+    }
+
+    /// The response for a refusal: the class is all the client learns.
+    fn rejection(&self, reason: DenialReason) -> Rejection {
+        match reason {
+            DenialReason::MissingCredential => Rejection::missing_credential(&self.challenge),
+            DenialReason::MalformedCredential | DenialReason::MultipleCredentials => {
+                Rejection::invalid_request(&self.challenge, reason)
+            }
+            reason => Rejection::invalid_credential(&self.challenge, reason),
+        }
+    }
+
+    /// Removes (or marks sensitive) the credential the request was authenticated with.
+    fn hide<B>(&self, req: &mut Request<B>, source: CredentialSource) {
+        let headers = req.headers_mut();
+        match source {
+            CredentialSource::ApiKeyHeader if self.hide_credentials => {
+                headers.remove(X_API_KEY);
+            }
+            CredentialSource::Bearer | CredentialSource::ApiKeyScheme if self.hide_credentials => {
+                // Keep `Authorization` values of other schemes; drop ours.
+                let others: Vec<HeaderValue> = headers
+                    .get_all(AUTHORIZATION)
+                    .iter()
+                    .filter(|v| matches!(parse_authorization(v.as_bytes()), Ok(None)))
+                    .cloned()
+                    .collect();
+                headers.remove(AUTHORIZATION);
+                for v in others {
+                    headers.append(AUTHORIZATION, v);
+                }
+            }
+            CredentialSource::Query if self.hide_credentials => {
+                if let Some(param) = self.query_param.as_deref() {
+                    strip_query(req.uri_mut(), param);
+                }
+            }
+            _ => {
+                for name in [X_API_KEY, AUTHORIZATION.as_str()] {
+                    if let http::header::Entry::Occupied(mut e) = headers.entry(name) {
+                        for v in e.iter_mut() {
+                            v.set_sensitive(true);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn strip_query(uri: &mut Uri, param: &str) {
+    let Some(query) = uri.query() else { return };
+    let path = uri.path();
+    let pq = match credentials::strip_query_param(query, param) {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    // The new path-and-query is a subset of a valid one, so it parses.
+    parts.path_and_query = pq.parse().ok();
+    if let Ok(u) = Uri::from_parts(parts) {
+        *uri = u;
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Authenticate<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: From<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        if let Some(p) = &self.config.unauthenticated {
+            req.extensions_mut().insert(p.clone());
+            return ResponseFuture::inner(self.inner.call(req), p.clone());
+        }
+        let client_ip = req.extensions().get::<ClientIp>().copied();
+        match self
+            .config
+            .authenticate(req.headers(), req.uri(), client_ip)
+        {
+            Ok((principal, source)) => {
+                self.config.hide(&mut req, source);
+                req.extensions_mut().insert(principal.clone());
+                ResponseFuture::inner(self.inner.call(req), principal)
+            }
+            Err(reason) => ResponseFuture::rejected(self.config.rejection(reason).into_response()),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Authenticate`]: the inner service's future, which also
+    /// copies the [`Principal`] into the response extensions, or a refusal.
+    pub struct ResponseFuture<F, B> {
+        #[pin]
+        kind: Kind<F, B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B> {
+        Inner { #[pin] future: F, principal: Option<Principal> },
+        Rejected { response: Option<Response<B>> },
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    fn inner(future: F, principal: Principal) -> Self {
+        Self {
+            kind: Kind::Inner {
+                future,
+                principal: Some(principal),
+            },
+        }
+    }
+
+    fn rejected(response: Response<B>) -> Self {
+        Self {
+            kind: Kind::Rejected {
+                response: Some(response),
+            },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Inner { future, principal } => {
+                let mut res = std::task::ready!(future.poll(cx));
+                if let (Ok(res), Some(p)) = (&mut res, principal.take()) {
+                    res.extensions_mut().insert(p);
+                }
+                Poll::Ready(res)
+            }
+            KindProj::Rejected { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+        }
+    }
+}
+
+impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Kind::Inner { .. } => "Inner",
+            Kind::Rejected { .. } => "Rejected",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+#[cfg(all(test, feature = "api-key"))]
+mod tests {
+    use super::*;
+    use crate::api_key::{KeyRecord, KeyStore, generate_key};
+    use std::convert::Infallible;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    async fn call(layer: &AuthenticateLayer, req: Request<()>) -> (Response<Bytes>, String) {
+        let svc =
+            ServiceBuilder::new()
+                .layer(layer.clone())
+                .service_fn(|req: Request<()>| async move {
+                    let seen = format!(
+                        "{:?}|{:?}|{}",
+                        req.headers().get(X_API_KEY),
+                        req.headers().get(AUTHORIZATION).map(|v| v.is_sensitive()),
+                        req.uri()
+                    );
+                    Ok::<_, Infallible>(Response::new(Bytes::from(seen)))
+                });
+        let res = svc.oneshot(req).await.unwrap();
+        let body = String::from_utf8(res.body().to_vec()).unwrap();
+        (res, body)
+    }
+
+    fn layer() -> (AuthenticateLayer, String) {
+        let key = generate_key("pc_test").unwrap();
+        let store = KeyStore::from_records([KeyRecord::new("k", key.digest()).unwrap()]).unwrap();
+        (
+            AuthenticateLayer::api_keys(ApiKeys::new(store)),
+            key.expose_secret().to_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn hides_or_marks_credentials() {
+        let (l, key) = layer();
+        let req = |h: &str, v: String| Request::builder().header(h, v).body(()).unwrap();
+        let (res, seen) = call(&l, req("x-api-key", key.clone())).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(seen, "None|None|/");
+        assert_eq!(res.extensions().get::<Principal>().unwrap().id(), "k");
+
+        let (_, seen) = call(&l, req("authorization", format!("Bearer {key}"))).await;
+        assert_eq!(seen, "None|None|/");
+
+        let kept = l.clone().hide_credentials(false);
+        let (_, seen) = call(&kept, req("authorization", format!("ApiKey {key}"))).await;
+        assert_eq!(seen, "None|Some(true)|/");
+
+        let q = l.allow_key_in_query_dangerously("api_key").unwrap();
+        let r = Request::builder()
+            .uri(format!("/x?a=1&api_key={key}&b=2"))
+            .body(())
+            .unwrap();
+        let (res, seen) = call(&q, r).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(seen, "None|None|/x?a=1&b=2");
+        assert!(
+            AuthenticateLayer::api_keys(ApiKeys::new(
+                KeyStore::from_records([
+                    KeyRecord::new("k", crate::api_key::KeyDigest::of("x")).unwrap()
+                ])
+                .unwrap()
+            ))
+            .allow_key_in_query_dangerously("a b")
+            .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_mode_marks_the_principal() {
+        let l = AuthenticateLayer::allow_unauthenticated_requests_dangerously(
+            Scopes::parse("jobs:read").unwrap(),
+        );
+        let (res, _) = call(&l, Request::new(())).await;
+        assert_eq!(res.status(), 200);
+        let p = res.extensions().get::<Principal>().unwrap();
+        assert_eq!(p.method(), AuthMethod::Unauthenticated);
+        assert_eq!(p.id(), UNAUTHENTICATED_ID);
+    }
+}

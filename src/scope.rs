@@ -1,0 +1,287 @@
+//! Scopes per route: 403 `insufficient_scope` unless the [`Principal`] holds them.
+//!
+//! [`RequireScopeLayer`] sits inside [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer)
+//! (per route, e.g. axum's `route_layer`) and reads the [`Principal`] it inserted. A
+//! request without a principal (the layer is mounted without authentication in
+//! front) is refused with 401, never let through. [`require_scope`] is the same
+//! check for a handler. Every refusal for a missing scope is an audit event
+//! `scope_denied` (principal, method, the required scope, client ip).
+//!
+//! ```
+//! use portcullis::scope::RequireScopeLayer;
+//! let write = RequireScopeLayer::new("jobs:write")?;
+//! let both = RequireScopeLayer::new("jobs:read jobs:write")?.realm("jobs")?;
+//! assert!(RequireScopeLayer::new("").is_err());
+//! # let _ = (write, both);
+//! # Ok::<(), portcullis::ConfigError>(())
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Extensions, Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::future::ResponseFuture;
+use crate::rejection::{Challenge, Rejection};
+use crate::{ClientIp, ConfigError, Principal, Scopes};
+
+/// The default realm, the same as the authentication layer's.
+const DEFAULT_REALM: &str = "api";
+
+#[derive(Clone)]
+struct Policy {
+    required: Scopes,
+    challenge: Challenge,
+}
+
+impl Policy {
+    #[allow(clippy::result_large_err)]
+    fn check(&self, extensions: &Extensions) -> Result<(), Rejection> {
+        let client_ip = extensions.get::<ClientIp>().copied();
+        let Some(p) = extensions.get::<Principal>() else {
+            tracing::error!(
+                target: crate::audit::TARGET,
+                event = "scope_denied",
+                reason = "missing_credential",
+                client_ip = client_ip.map(tracing::field::display),
+                scope = %self.required,
+                "no Principal: RequireScopeLayer must sit inside the authentication layer"
+            );
+            return Err(Rejection::missing_credential(&self.challenge));
+        };
+        if p.scopes().contains_all(&self.required) {
+            return Ok(());
+        }
+        tracing::info!(
+            target: crate::audit::TARGET,
+            event = "scope_denied",
+            reason = "insufficient_scope",
+            client_ip = client_ip.map(tracing::field::display),
+            principal = p.id(),
+            method = p.method().as_str(),
+            scope = %self.required,
+        );
+        Err(Rejection::insufficient_scope(
+            &self.challenge,
+            &self.required,
+        ))
+    }
+}
+
+/// Layer applying [`RequireScope`]: every scope in the list is required.
+#[derive(Clone)]
+pub struct RequireScopeLayer {
+    policy: Arc<Policy>,
+}
+
+impl RequireScopeLayer {
+    /// Requires every scope of a space-separated list, e.g. `"jobs:read jobs:write"`.
+    /// An empty or invalid list is an error.
+    pub fn new(scopes: &str) -> Result<Self, ConfigError> {
+        Self::scopes(Scopes::parse(scopes)?)
+    }
+
+    /// Requires every scope of `scopes`; an empty set is an error (it would require
+    /// nothing, which is never what a route meant).
+    pub fn scopes(scopes: Scopes) -> Result<Self, ConfigError> {
+        if scopes.is_empty() {
+            return Err(ConfigError::new(
+                "RequireScopeLayer needs at least one scope",
+            ));
+        }
+        Ok(Self {
+            policy: Arc::new(Policy {
+                required: scopes,
+                challenge: Challenge::bearer(DEFAULT_REALM)
+                    .expect("the default realm is valid")
+                    .and_api_key(),
+            }),
+        })
+    }
+
+    /// Sets the realm of the challenge (default `api`; use the authentication
+    /// layer's).
+    pub fn realm(self, realm: &str) -> Result<Self, ConfigError> {
+        Ok(Self {
+            policy: Arc::new(Policy {
+                required: self.policy.required.clone(),
+                challenge: Challenge::bearer(realm)?.and_api_key(),
+            }),
+        })
+    }
+}
+
+impl fmt::Debug for RequireScopeLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequireScopeLayer")
+            .field("required", &self.policy.required)
+            .field("realm", &self.policy.challenge.realm())
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for RequireScopeLayer {
+    type Service = RequireScope<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequireScope {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// Service refusing principals without the required scopes; see [`RequireScopeLayer`].
+#[derive(Clone)]
+pub struct RequireScope<S> {
+    inner: S,
+    policy: Arc<Policy>,
+}
+
+impl<S> RequireScope<S> {
+    /// Gets a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    /// Gets a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for RequireScope<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequireScope")
+            .field("inner", &self.inner)
+            .field("required", &self.policy.required)
+            .finish()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequireScope<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: From<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        match self.policy.check(req.extensions()) {
+            Ok(()) => ResponseFuture::inner(self.inner.call(req)),
+            Err(rejection) => ResponseFuture::rejected(rejection.into_response()),
+        }
+    }
+}
+
+/// The scope check for a handler: `Ok` with the principal when it holds every scope
+/// of `scopes` (space separated), else the refusal to return (401 without a
+/// principal, 403 `insufficient_scope` without the scope). Emits the same
+/// `scope_denied` audit event as the layer. An invalid `scopes` string denies.
+///
+/// ```
+/// use http::Request;
+/// use portcullis::{AuthMethod, Principal, Scopes};
+/// use portcullis::scope::require_scope;
+///
+/// let mut req = Request::new(());
+/// assert_eq!(require_scope(req.extensions(), "jobs:write").unwrap_err().status(), 401);
+/// req.extensions_mut().insert(
+///     Principal::new("billing", AuthMethod::ApiKey).with_scopes(Scopes::parse("jobs:read")?),
+/// );
+/// assert_eq!(require_scope(req.extensions(), "jobs:read").unwrap().id(), "billing");
+/// let refusal = require_scope(req.extensions(), "jobs:write").unwrap_err();
+/// assert_eq!(refusal.status(), 403);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[allow(clippy::result_large_err)]
+pub fn require_scope<'a>(
+    extensions: &'a Extensions,
+    scopes: &str,
+) -> Result<&'a Principal, Rejection> {
+    let policy = match RequireScopeLayer::new(scopes) {
+        Ok(layer) => layer.policy,
+        Err(_) => {
+            tracing::error!(
+                target: crate::audit::TARGET,
+                event = "scope_denied",
+                reason = "misconfigured",
+                "require_scope called with an invalid scope list; denying"
+            );
+            return Err(Rejection::misconfigured());
+        }
+    };
+    policy.check(extensions)?;
+    Ok(extensions
+        .get::<Principal>()
+        .expect("check passed, so a principal is present"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AuthMethod;
+    use std::convert::Infallible;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    async fn status(layer: &RequireScopeLayer, p: Option<Principal>) -> Response<Bytes> {
+        let svc =
+            ServiceBuilder::new()
+                .layer(layer.clone())
+                .service_fn(|_req: Request<()>| async {
+                    Ok::<_, Infallible>(Response::new(Bytes::new()))
+                });
+        let mut req = Request::new(());
+        if let Some(p) = p {
+            req.extensions_mut().insert(p);
+        }
+        svc.oneshot(req).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn scopes_are_all_required() {
+        let l = RequireScopeLayer::new("jobs:write jobs:read").unwrap();
+        let p = |s: &str| {
+            Principal::new("p", AuthMethod::ApiKey).with_scopes(Scopes::parse(s).unwrap())
+        };
+        assert_eq!(
+            status(&l, Some(p("jobs:read jobs:write admin")))
+                .await
+                .status(),
+            200
+        );
+        let res = status(&l, Some(p("jobs:read"))).await;
+        assert_eq!(res.status(), 403);
+        assert_eq!(
+            res.headers()["www-authenticate"],
+            "Bearer realm=\"api\", error=\"insufficient_scope\", scope=\"jobs:read jobs:write\""
+        );
+        assert_eq!(status(&l, None).await.status(), 401);
+        assert!(RequireScopeLayer::scopes(Scopes::default()).is_err());
+        assert!(
+            RequireScopeLayer::new("a")
+                .unwrap()
+                .realm("bad\"realm")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn handler_check_with_bad_scope_list_denies() {
+        let mut ext = Extensions::new();
+        ext.insert(Principal::new("p", AuthMethod::ApiKey));
+        assert_eq!(require_scope(&ext, "bad\"scope").unwrap_err().status(), 500);
+    }
+}
