@@ -89,6 +89,8 @@ pub use credentials::{
 
 #[cfg(feature = "api-key")]
 use crate::api_key::ApiKeys;
+#[cfg(feature = "jwt")]
+use crate::jwt::TokenVerifier;
 use crate::rejection::{Challenge, DenialReason, Rejection};
 use crate::{AuthMethod, ClientIp, ConfigError, Principal, Scopes};
 
@@ -120,11 +122,45 @@ impl Failure {
 struct Verifiers {
     #[cfg(feature = "api-key")]
     api_keys: Option<ApiKeys>,
+    #[cfg(feature = "jwt")]
+    service_tokens: Option<TokenVerifier>,
 }
 
 impl Verifiers {
+    fn has_api_keys(&self) -> bool {
+        #[cfg(feature = "api-key")]
+        return self.api_keys.is_some();
+        #[cfg(not(feature = "api-key"))]
+        false
+    }
+
+    /// API keys answer to `ApiKey`, service tokens to `Bearer`: offer what is
+    /// accepted.
+    fn challenge(&self, realm: &str) -> Result<Challenge, ConfigError> {
+        #[cfg(feature = "jwt")]
+        if self.service_tokens.is_some() && !self.has_api_keys() {
+            return Challenge::bearer(realm);
+        }
+        Ok(Challenge::api_key(realm)?.and_bearer())
+    }
+
     #[allow(unused_variables)]
     fn verify(&self, credential: &Credential<'_>) -> Result<Principal, Failure> {
+        // A Bearer credential shaped like a JWT goes to the service-token verifier
+        // (every Bearer credential, when no API keys are configured). The verifier
+        // audits the failure's class (`service_token_rejected`); the client and the
+        // `auth_failed` event see only `invalid_token`.
+        #[cfg(feature = "jwt")]
+        if let Some(tokens) = &self.service_tokens {
+            let secret = credential.expose_secret();
+            if credential.source() == CredentialSource::Bearer
+                && (!self.has_api_keys() || crate::jwt::looks_like_jwt(secret))
+            {
+                return tokens
+                    .verify(secret)
+                    .map_err(|_| Failure::new(DenialReason::InvalidToken));
+            }
+        }
         #[cfg(feature = "api-key")]
         if let Some(keys) = &self.api_keys {
             return keys
@@ -159,10 +195,10 @@ impl AuthenticateLayer {
     fn with_verifiers(verifiers: Verifiers) -> Self {
         Self {
             config: Arc::new(Config {
+                challenge: verifiers
+                    .challenge(DEFAULT_REALM)
+                    .expect("the default realm is valid"),
                 verifiers,
-                challenge: Challenge::api_key(DEFAULT_REALM)
-                    .expect("the default realm is valid")
-                    .and_bearer(),
                 hide_credentials: true,
                 query_param: None,
                 unauthenticated: None,
@@ -178,7 +214,47 @@ impl AuthenticateLayer {
     pub fn api_keys(keys: ApiKeys) -> Self {
         Self::with_verifiers(Verifiers {
             api_keys: Some(keys),
+            ..Verifiers::default()
         })
+    }
+
+    /// Authenticates requests with service tokens (JWT) checked by `verifier`, sent
+    /// as `Authorization: Bearer <token>` (RFC 6750). A refused token is 401
+    /// `WWW-Authenticate: Bearer realm="...", error="invalid_token"`, whatever the
+    /// check that failed; the class of the failure is in the audit log
+    /// (`service_token_rejected`).
+    ///
+    /// ```
+    /// use portcullis::authenticate::AuthenticateLayer;
+    /// use portcullis::jwt::{TokenVerifier, VerifyingKey};
+    /// let verifier = TokenVerifier::builder()
+    ///     .key(VerifyingKey::hs256(&[1u8; 32])?)
+    ///     .issuer("https://ci.example")
+    ///     .audience("jobs-api")
+    ///     .build()?;
+    /// let auth = AuthenticateLayer::service_tokens(verifier).realm("jobs")?;
+    /// # let _ = auth;
+    /// # Ok::<(), portcullis::ConfigError>(())
+    /// ```
+    #[cfg(feature = "jwt")]
+    pub fn service_tokens(verifier: TokenVerifier) -> Self {
+        Self::with_verifiers(Verifiers {
+            service_tokens: Some(verifier),
+            ..Verifiers::default()
+        })
+    }
+
+    /// Also accepts service tokens: a `Bearer` credential shaped like a JWT goes to
+    /// `verifier`, every other credential to the API keys.
+    #[cfg(feature = "jwt")]
+    pub fn with_service_tokens(mut self, verifier: TokenVerifier) -> Self {
+        let config = Arc::make_mut(&mut self.config);
+        config.verifiers.service_tokens = Some(verifier);
+        config.challenge = config
+            .verifiers
+            .challenge(config.challenge.realm())
+            .expect("the realm was checked when it was set");
+        self
     }
 
     /// Lets **every request in without authentication**, as the principal
@@ -203,7 +279,8 @@ impl AuthenticateLayer {
 
     /// Sets the realm of the `WWW-Authenticate` challenges (default `api`).
     pub fn realm(mut self, realm: &str) -> Result<Self, ConfigError> {
-        Arc::make_mut(&mut self.config).challenge = Challenge::api_key(realm)?.and_bearer();
+        let config = Arc::make_mut(&mut self.config);
+        config.challenge = config.verifiers.challenge(realm)?;
         Ok(self)
     }
 
@@ -249,6 +326,8 @@ impl fmt::Debug for Config {
         let mut d = f.debug_struct("AuthenticateLayer");
         #[cfg(feature = "api-key")]
         d.field("api_keys", &self.verifiers.api_keys);
+        #[cfg(feature = "jwt")]
+        d.field("service_tokens", &self.verifiers.service_tokens);
         d.field("realm", &self.challenge.realm())
             .field("hide_credentials", &self.hide_credentials)
             .field("query_param", &self.query_param)

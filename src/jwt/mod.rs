@@ -60,7 +60,8 @@ pub use issue::{
 };
 pub use keys::{Algorithm, KeySet, MIN_HMAC_SECRET_LEN, VerifyingKey};
 pub use parse::{
-    DEFAULT_MAX_TOKEN_LEN, ParsedToken, TokenClaims, TokenHeader, parse_claims, parse_compact,
+    DEFAULT_MAX_TOKEN_LEN, ParsedToken, TokenClaims, TokenHeader, looks_like_jwt, parse_claims,
+    parse_compact,
 };
 pub use verify::{
     DEFAULT_CACHE_CAPACITY, DEFAULT_LEEWAY, DEFAULT_MAX_LIFETIME, KeyFile, KeyFileWatcher,

@@ -97,6 +97,19 @@ pub fn parse_compact(token: &str, max_len: usize) -> Result<ParsedToken<'_>, Tok
     })
 }
 
+/// Whether a credential is shaped like a compact JWS with a JSON header: three
+/// parts and a first part starting with `eyJ` (base64url of `{"`). A routing hint
+/// between API keys and service tokens, not a check.
+///
+/// ```
+/// use portcullis::jwt::looks_like_jwt;
+/// assert!(looks_like_jwt("eyJhbGciOiJIUzI1NiJ9.e30.c2ln"));
+/// assert!(!looks_like_jwt("pc_live_3Zb1sT8qNw0aX4vE7kR2mY9cH5fJ6dL1"));
+/// ```
+pub fn looks_like_jwt(credential: &str) -> bool {
+    credential.starts_with("eyJ") && credential.bytes().filter(|&b| b == b'.').count() == 2
+}
+
 fn is_base64url(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
 }
