@@ -11,5 +11,7 @@ mod allowlist;
 mod client_ip;
 #[cfg(feature = "fuzzing")]
 mod fuzz_corpus;
+#[cfg(feature = "jwt")]
+mod jwt;
 #[cfg(feature = "client-ip")]
 mod properties;

@@ -1,0 +1,618 @@
+//! Service tokens over real TCP: `AuthenticateLayer::service_tokens` in front of a
+//! hyper server, every bad input of the threat model, the happy path per algorithm,
+//! the client-side `BearerTokenLayer` across a re-mint, key-file reload and the
+//! cache emptied on a key change.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::EncodingKey;
+use portcullis::Principal;
+use portcullis::authenticate::AuthenticateLayer;
+use portcullis::jwt::{
+    Algorithm, BearerTokenError, BearerTokenLayer, KeyFile, KeySet, SigningKey, TokenIssuer,
+    TokenRejection, TokenVerifier, VerifyingKey,
+};
+use portcullis::scope::RequireScopeLayer;
+use serde_json::json;
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use crate::common::{self, Handler, Peer};
+use crate::log_capture;
+
+const EC_KEY: &[u8] = include_bytes!("../data/jwt/ec.key.pem");
+const EC_PUB: &[u8] = include_bytes!("../data/jwt/ec.pub.pem");
+const EC2_KEY: &[u8] = include_bytes!("../data/jwt/ec2.key.pem");
+const ED_KEY: &[u8] = include_bytes!("../data/jwt/ed.key.pem");
+const RSA_KEY: &[u8] = include_bytes!("../data/jwt/rsa.key.pem");
+const RSA_PUB: &[u8] = include_bytes!("../data/jwt/rsa.pub.pem");
+const JWKS: &str = include_str!("../data/jwt/jwks.json");
+const JWKS_ROTATED: &str = include_str!("../data/jwt/jwks-rotated.json");
+
+const SECRET: [u8; 32] = *b"integration-test-secret-32-bytes";
+const ISS: &str = "https://ci.example";
+const AUD: &str = "jobs-api";
+const CHALLENGE: &str = r#"Bearer realm="jobs", error="invalid_token""#;
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn b64(s: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(s)
+}
+
+fn sign(header: &str, claims: &str, key: &EncodingKey, alg: jsonwebtoken::Algorithm) -> String {
+    let input = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
+    let sig = jsonwebtoken::crypto::sign(input.as_bytes(), key, alg).unwrap();
+    format!("{input}.{sig}")
+}
+
+fn hs(header: &str, claims: &str) -> String {
+    sign(
+        header,
+        claims,
+        &EncodingKey::from_secret(&SECRET),
+        jsonwebtoken::Algorithm::HS256,
+    )
+}
+
+fn claims(sub: &str) -> serde_json::Value {
+    let n = now();
+    json!({"iss": ISS, "sub": sub, "aud": AUD, "iat": n, "exp": n + 600,
+           "jti": format!("jti-{sub}"), "scope": "jobs:read jobs:write"})
+}
+
+fn edit(sub: &str, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let mut c = claims(sub);
+    f(c.as_object_mut().unwrap());
+    c.to_string()
+}
+
+/// Four keys, one per family, each with its kid.
+fn verifier() -> TokenVerifier {
+    TokenVerifier::builder()
+        .key(VerifyingKey::hs256(&SECRET).unwrap().kid("hs-1"))
+        .keys(KeySet::from_jwks(JWKS).unwrap())
+        .issuer(ISS)
+        .audience(AUD)
+        .build()
+        .unwrap()
+}
+
+/// Answers 200 with `id|method|scopes` of the principal.
+fn echo_principal() -> Handler {
+    BoxCloneService::new(tower::service_fn(|req: Request<Incoming>| async move {
+        let body = match req.extensions().get::<Principal>() {
+            Some(p) => format!("{}|{}|{}", p.id(), p.method().as_str(), p.scopes()),
+            None => "none".to_owned(),
+        };
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+    }))
+}
+
+/// A server with the service-token layer (and optionally a scope requirement) in
+/// front of [`echo_principal`].
+async fn serve(verifier: TokenVerifier, scope: Option<&str>) -> SocketAddr {
+    let auth = AuthenticateLayer::service_tokens(verifier)
+        .realm("jobs")
+        .unwrap();
+    let scope = scope.map(|s| RequireScopeLayer::new(s).unwrap().realm("jobs").unwrap());
+    let layer = ServiceBuilder::new()
+        .layer(auth)
+        .option_layer(scope)
+        .layer(tower::layer::layer_fn(|_default: Handler| echo_principal()));
+    common::serve("127.0.0.1:0", layer, Peer::Attached).await
+}
+
+async fn with_token(addr: SocketAddr, token: &str) -> common::Reply {
+    let h = format!("Authorization: Bearer {token}");
+    common::get(addr, &[h.as_bytes()]).await
+}
+
+#[tokio::test]
+async fn happy_path_per_algorithm() {
+    let capture = log_capture::capture();
+    let addr = serve(verifier(), None).await;
+    for (kid, alg, key, sub) in [
+        (
+            "hs-1",
+            jsonwebtoken::Algorithm::HS256,
+            EncodingKey::from_secret(&SECRET),
+            "happy-hs256",
+        ),
+        (
+            "ec-1",
+            jsonwebtoken::Algorithm::ES256,
+            EncodingKey::from_ec_pem(EC_KEY).unwrap(),
+            "happy-es256",
+        ),
+        (
+            "ed-1",
+            jsonwebtoken::Algorithm::EdDSA,
+            EncodingKey::from_ed_pem(ED_KEY).unwrap(),
+            "happy-eddsa",
+        ),
+        (
+            "rsa-1",
+            jsonwebtoken::Algorithm::RS256,
+            EncodingKey::from_rsa_pem(RSA_KEY).unwrap(),
+            "happy-rs256",
+        ),
+    ] {
+        let header = format!(r#"{{"alg":"{alg:?}","kid":"{kid}","typ":"JWT"}}"#);
+        let token = sign(&header, &claims(sub).to_string(), &key, alg);
+        let r = with_token(addr, &token).await;
+        assert_eq!(r.status, 200, "{kid}: {r:?}");
+        assert_eq!(r.body, format!("{sub}|service_token|jobs:read jobs:write"));
+
+        // The audit event names sub, iss, kid, scopes and jti; never the token.
+        let events = capture.events_with(&format!("\"sub\":\"{sub}\""));
+        let accepted: Vec<_> = events
+            .iter()
+            .filter(|e| e["fields"]["event"] == "service_token_accepted")
+            .collect();
+        assert_eq!(accepted.len(), 1, "{events:?}");
+        let f = &accepted[0]["fields"];
+        assert_eq!(f["iss"], ISS);
+        assert_eq!(f["kid"], kid);
+        assert_eq!(f["scopes"], "jobs:read jobs:write");
+        assert_eq!(f["jti"], format!("jti-{sub}"));
+        assert_eq!(accepted[0]["target"], "portcullis::audit");
+        let text = capture.text();
+        assert!(!text.contains(&token));
+        assert!(!text.contains(token.rsplit('.').next().unwrap()));
+    }
+}
+
+#[tokio::test]
+async fn every_bad_input_is_the_same_401() {
+    let capture = log_capture::capture();
+    let v = verifier();
+    let addr = serve(v.clone(), None).await;
+    let n = now();
+    use TokenRejection as R;
+    let hs_claims = |c: &str| hs(r#"{"alg":"HS256","kid":"hs-1"}"#, c);
+    let forged_with_public_key = |pem: &[u8], kid: &str| {
+        sign(
+            &format!(r#"{{"alg":"HS256","kid":"{kid}"}}"#),
+            &claims("forger").to_string(),
+            &EncodingKey::from_secret(pem),
+            jsonwebtoken::Algorithm::HS256,
+        )
+    };
+    let good = claims("bad-input").to_string();
+    let cases: Vec<(&str, String, R)> = vec![
+        (
+            "alg none",
+            format!("{}.{}.", b64(br#"{"alg":"none"}"#), b64(good.as_bytes())),
+            R::Malformed,
+        ),
+        (
+            "alg none, signature bytes",
+            format!(
+                "{}.{}.c2ln",
+                b64(br#"{"alg":"none","kid":"hs-1"}"#),
+                b64(good.as_bytes())
+            ),
+            R::AlgorithmMismatch,
+        ),
+        (
+            "HS256 with the RSA public key",
+            forged_with_public_key(RSA_PUB, "rsa-1"),
+            R::AlgorithmMismatch,
+        ),
+        (
+            "HS256 with the EC public key",
+            forged_with_public_key(EC_PUB, "ec-1"),
+            R::AlgorithmMismatch,
+        ),
+        (
+            "unknown kid",
+            hs(r#"{"alg":"HS256","kid":"who"}"#, &good),
+            R::UnknownKey,
+        ),
+        (
+            "missing kid, several keys",
+            hs(r#"{"alg":"HS256"}"#, &good),
+            R::UnknownKey,
+        ),
+        (
+            "expired",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("iat".into(), json!(n - 900));
+                c.insert("exp".into(), json!(n - 300));
+            })),
+            R::Expired,
+        ),
+        (
+            "beyond the maximum lifetime",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("exp".into(), json!(n + 7200));
+            })),
+            R::LifetimeTooLong,
+        ),
+        (
+            "iat in the future",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("iat".into(), json!(n + 300));
+                c.insert("exp".into(), json!(n + 900));
+            })),
+            R::IssuedInFuture,
+        ),
+        (
+            "wrong aud (string)",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("aud".into(), json!("billing-api"));
+            })),
+            R::WrongAudience,
+        ),
+        (
+            "wrong aud (array)",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("aud".into(), json!(["billing-api", "jobs-api-v2"]));
+            })),
+            R::WrongAudience,
+        ),
+        (
+            "wrong iss",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("iss".into(), json!("https://evil.example"));
+            })),
+            R::WrongIssuer,
+        ),
+        (
+            "missing sub",
+            hs_claims(&edit("bad-input", |c| {
+                c.remove("sub");
+            })),
+            R::MissingClaim,
+        ),
+        ("garbage base64", "eyJ!!!.???.$$$".to_owned(), R::Malformed),
+        (
+            "not base64 at all",
+            "eyJhbGciOiJIUzI1NiJ9.e30.%%%".to_owned(),
+            R::Malformed,
+        ),
+        (
+            "three dots",
+            format!("{good_token}.x", good_token = hs_claims(&good)),
+            R::Malformed,
+        ),
+        ("only dots", "...".to_owned(), R::Malformed),
+        (
+            "duplicate keys",
+            hs_claims(&format!(
+                r#"{{"iss":"{ISS}","sub":"bad-input","sub":"admin","aud":"{AUD}","iat":{n},"exp":{}}}"#,
+                n + 60
+            )),
+            R::Malformed,
+        ),
+        (
+            "duplicate header keys",
+            hs(r#"{"alg":"HS256","kid":"hs-1","kid":"ec-1"}"#, &good),
+            R::Malformed,
+        ),
+        (
+            "exp as a string",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("exp".into(), json!((n + 600).to_string()));
+            })),
+            R::InvalidClaims,
+        ),
+        (
+            "exp as a float",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("exp".into(), json!((n + 600) as f64 + 0.5));
+            })),
+            R::InvalidClaims,
+        ),
+        (
+            "iat as a float",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("iat".into(), json!(n as f64));
+            })),
+            R::InvalidClaims,
+        ),
+        (
+            "iat as a string",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("iat".into(), json!(n.to_string()));
+            })),
+            R::InvalidClaims,
+        ),
+        (
+            "bad signature",
+            {
+                let t = hs_claims(&good);
+                format!("{}AAAA", &t[..t.len() - 4])
+            },
+            R::BadSignature,
+        ),
+    ];
+
+    let mut bodies = HashSet::new();
+    for (name, token, class) in &cases {
+        // The class, for the audit log ...
+        assert_eq!(v.verify(token).unwrap_err(), *class, "{name}");
+        // ... and on the wire, the same 401 for every one.
+        let r = with_token(addr, token).await;
+        assert_eq!(r.status, 401, "{name}: {r:?}");
+        assert_eq!(r.header("www-authenticate"), Some(CHALLENGE), "{name}");
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+        bodies.insert(r.body.clone());
+    }
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let body = bodies.into_iter().next().unwrap();
+    assert!(body.contains("\"status\":401"));
+
+    // The server is still up; nothing secret reached the logs.
+    let ok = with_token(addr, &hs_claims(&good)).await;
+    assert_eq!(ok.status, 200);
+    let text = capture.text();
+    for (name, token, _) in &cases {
+        assert!(!text.contains(token.as_str()), "{name} logged");
+        if let Some(sig) = token.rsplit('.').next().filter(|s| s.len() > 8) {
+            assert!(!text.contains(sig), "{name}: signature logged");
+        }
+    }
+    assert!(!text.contains("integration-test-secret"));
+    // Each class reached the audit log.
+    for (_, _, class) in &cases {
+        let needle = format!("\"reason\":\"{}\"", class.as_str());
+        assert!(
+            text.lines()
+                .any(|l| l.contains("service_token_rejected") && l.contains(&needle)),
+            "{needle}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn oversized_tokens() {
+    let v = verifier();
+    let addr = serve(v.clone(), None).await;
+    // 1 MiB: refused by the verifier before any decoding ...
+    let huge = format!("eyJ{}", "A".repeat((1 << 20) - 3));
+    assert_eq!(v.verify(&huge).unwrap_err(), TokenRejection::TooLarge);
+    // ... and over TCP hyper refuses the header block before any layer runs (431).
+    let r = with_token(addr, &huge).await;
+    assert_eq!(r.status, 431, "{:?}", r.status);
+    // 8 KiB + 1 fits hyper's buffer: the shared credential parser refuses it as an
+    // over-long credential, 400 invalid_request.
+    let long = format!("eyJ{}", "A".repeat(8 * 1024 - 2));
+    assert_eq!(v.verify(&long).unwrap_err(), TokenRejection::TooLarge);
+    let r = with_token(addr, &long).await;
+    assert_eq!(r.status, 400);
+    // Exactly at the cap it reaches the verifier: 401.
+    let at_cap = format!("eyJ{}.e30.c2ln", "A".repeat(8 * 1024 - 12));
+    assert_eq!(at_cap.len(), 8 * 1024);
+    let r = with_token(addr, &at_cap).await;
+    assert_eq!(r.status, 401);
+    // Still serving.
+    let ok = with_token(
+        addr,
+        &hs(
+            r#"{"alg":"HS256","kid":"hs-1"}"#,
+            &claims("after-huge").to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test]
+async fn missing_credential_and_insufficient_scope() {
+    let addr = serve(verifier(), Some("jobs:admin")).await;
+    let r = common::get(addr, &[]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some(r#"Bearer realm="jobs""#));
+
+    let token = hs(
+        r#"{"alg":"HS256","kid":"hs-1"}"#,
+        &claims("scope-test").to_string(),
+    );
+    let r = with_token(addr, &token).await;
+    assert_eq!(r.status, 403);
+    let challenges: Vec<_> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("www-authenticate"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert!(
+        challenges
+            .contains(&r#"Bearer realm="jobs", error="insufficient_scope", scope="jobs:admin""#),
+        "{challenges:?}"
+    );
+
+    // Two credentials: 400 invalid_request.
+    let h = format!("Authorization: Bearer {token}");
+    let r = common::get(addr, &[h.as_bytes(), h.as_bytes()]).await;
+    assert_eq!(r.status, 400);
+}
+
+/// A tower client over hyper's HTTP/1 connection API: one connection per request.
+fn http_client(
+    addr: SocketAddr,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Incoming>,
+    Error = hyper::Error,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |req: Request<Full<Bytes>>| async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        send.send_request(req).await
+    })
+}
+
+type Client = BoxCloneService<Request<Full<Bytes>>, Response<Incoming>, BearerTokenError>;
+
+/// 16 concurrent requests through clones of one client.
+async fn burst(client: &Client, addr: SocketAddr, ok: &Arc<AtomicUsize>) {
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let c = client.clone();
+        let ok = ok.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get(format!("http://{addr}/"))
+                .header("host", "test")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let res = c.oneshot(req).await.unwrap();
+            assert_eq!(res.status(), 200);
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"roundtrip-client|service_token|jobs:work");
+            ok.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn client_layer_round_trip_across_a_remint() {
+    let capture = log_capture::capture();
+    let addr = serve(verifier(), Some("jobs:work")).await;
+    let issuer = TokenIssuer::builder(
+        SigningKey::from_pem(Algorithm::ES256, EC_KEY)
+            .unwrap()
+            .kid("ec-1"),
+    )
+    .issuer(ISS)
+    .subject("roundtrip-client")
+    .audience(AUD)
+    .scope("jobs:work")
+    .lifetime(Duration::from_secs(60))
+    .build()
+    .unwrap();
+    let layer = BearerTokenLayer::new(issuer)
+        .refresh_after(Duration::from_millis(1500))
+        .unwrap();
+    let client: Client = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client(addr)),
+    );
+    let ok = Arc::new(AtomicUsize::new(0));
+    burst(&client, addr, &ok).await;
+    let jtis = |capture: &log_capture::Capture| -> HashSet<String> {
+        capture
+            .events_with("\"sub\":\"roundtrip-client\"")
+            .iter()
+            .filter(|e| e["fields"]["event"] == "service_token_accepted")
+            .map(|e| e["fields"]["jti"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // 16 concurrent requests shared one token.
+    assert_eq!(jtis(capture).len(), 1);
+
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    burst(&client, addr, &ok).await;
+    // Past the refresh age: exactly one new token, shared again.
+    assert_eq!(jtis(capture).len(), 2);
+    assert_eq!(ok.load(Ordering::Relaxed), 32);
+    assert!(!capture.text().contains("Bearer ey"));
+}
+
+#[tokio::test]
+async fn jwks_file_reload() {
+    let capture = log_capture::capture();
+    let dir = std::env::temp_dir().join(format!("portcullis-jwt-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("reload-jwks.json");
+    std::fs::write(&path, JWKS).unwrap();
+    let v = TokenVerifier::builder()
+        .key_file(KeyFile::jwks(&path))
+        .issuer(ISS)
+        .audience(AUD)
+        .build()
+        .unwrap();
+    let _watcher = v.watch_key_files(Duration::from_millis(50));
+    let addr = serve(v.clone(), None).await;
+    let ec2 = |sub: &str| {
+        sign(
+            r#"{"alg":"ES256","kid":"ec-2"}"#,
+            &claims(sub).to_string(),
+            &EncodingKey::from_ec_pem(EC2_KEY).unwrap(),
+            jsonwebtoken::Algorithm::ES256,
+        )
+    };
+    let ec1 = sign(
+        r#"{"alg":"ES256","kid":"ec-1"}"#,
+        &claims("reload-old").to_string(),
+        &EncodingKey::from_ec_pem(EC_KEY).unwrap(),
+        jsonwebtoken::Algorithm::ES256,
+    );
+    assert_eq!(with_token(addr, &ec2("reload-new")).await.status, 401);
+    assert_eq!(with_token(addr, &ec1).await.status, 200);
+
+    let generation = v.key_generation();
+    std::fs::write(&path, JWKS_ROTATED).unwrap();
+    wait_for(|| v.key_generation() > generation).await;
+    assert_eq!(with_token(addr, &ec2("reload-new")).await.status, 200);
+    // The old key is gone, and with it the cached verification of its token.
+    assert_eq!(with_token(addr, &ec1).await.status, 401);
+
+    // A broken file keeps the keys in force and is audited.
+    std::fs::write(&path, "{\"keys\": [ {broken").unwrap();
+    wait_for(|| capture.text().contains("service_token_keys_reload_failed")).await;
+    assert_eq!(v.key_count(), 1);
+    assert_eq!(with_token(addr, &ec2("reload-kept")).await.status, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn wait_for(mut f: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not met within 5 s");
+}
+
+#[tokio::test]
+async fn cache_is_emptied_when_keys_change() {
+    let v = verifier();
+    let addr = serve(v.clone(), None).await;
+    let token = hs(
+        r#"{"alg":"HS256","kid":"hs-1"}"#,
+        &claims("cache-test").to_string(),
+    );
+    assert_eq!(with_token(addr, &token).await.status, 200);
+    assert_eq!(with_token(addr, &token).await.status, 200);
+    assert!(v.cached_tokens() >= 1);
+    // Rotate the HMAC key away: the cached verification must not outlive it.
+    v.replace_keys(
+        KeySet::from_jwks(JWKS)
+            .unwrap()
+            .iter()
+            .cloned()
+            .chain([VerifyingKey::hs256(&[7u8; 32]).unwrap().kid("hs-2")]),
+    )
+    .unwrap();
+    assert_eq!(v.cached_tokens(), 0);
+    let r = with_token(addr, &token).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some(CHALLENGE));
+}
