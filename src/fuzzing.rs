@@ -97,3 +97,97 @@ pub fn is_allowed_result(
     }
     false
 }
+
+/// `jwt_verify` target: the pre-parse and the whole verification path with fixed
+/// keys. The first byte selects the mode:
+///
+/// - `0`: the rest is a token, verified as is (and pre-parsed alone);
+/// - `1`: the rest is a claims set, signed with the fixed HS256 key and verified, so
+///   the claims checks run behind a valid signature;
+/// - `2`: the rest is a protected header, signed over valid claims and verified;
+/// - `3`: the rest goes to the claims parser and the pre-parser directly.
+///
+/// Checks, besides "no panic": an accepted token's principal is its `sub` and its
+/// claims pass the rules independently; a second verification (served by the cache)
+/// gives the same answer as the first.
+#[cfg(feature = "jwt")]
+pub fn jwt_verify(data: &[u8]) {
+    use crate::jwt::{self, TokenVerifier, VerifyingKey};
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use std::sync::OnceLock;
+
+    const SECRET: [u8; 32] = *b"fuzzing-fixed-hs256-secret-32-by";
+    static VERIFIER: OnceLock<TokenVerifier> = OnceLock::new();
+    let verifier = VERIFIER.get_or_init(|| {
+        TokenVerifier::builder()
+            .key(VerifyingKey::hs256(&SECRET).expect("32 bytes").kid("fuzz"))
+            .key(
+                VerifyingKey::from_jwk(
+                    r#"{"kty":"OKP","crv":"Ed25519","kid":"ed","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}"#,
+                )
+                .expect("static JWK"),
+            )
+            .issuer("https://fuzz.example")
+            .audience("fuzz-api")
+            .cache_capacity(64)
+            .build()
+            .expect("static configuration")
+    });
+    let sign = |header: &[u8], claims: &[u8]| -> String {
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(claims)
+        );
+        let sig = jsonwebtoken::crypto::sign(
+            input.as_bytes(),
+            &jsonwebtoken::EncodingKey::from_secret(&SECRET),
+            jsonwebtoken::Algorithm::HS256,
+        )
+        .expect("HS256 signing");
+        format!("{input}.{sig}")
+    };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let token = match mode % 4 {
+        0 => String::from_utf8_lossy(rest).into_owned(),
+        1 => sign(br#"{"alg":"HS256","kid":"fuzz"}"#, rest),
+        2 => {
+            let now = crate::jwt::unix_now_for_fuzzing();
+            let claims = format!(
+                r#"{{"iss":"https://fuzz.example","sub":"svc","aud":"fuzz-api","iat":{now},"exp":{}}}"#,
+                now + 60
+            );
+            sign(rest, claims.as_bytes())
+        }
+        _ => {
+            let _ = jwt::parse_claims(rest);
+            let _ = jwt::parse_compact(&String::from_utf8_lossy(rest), 8192);
+            return;
+        }
+    };
+    let first = verifier.verify_token(&token);
+    let second = verifier.verify_token(&token);
+    match (&first, &second) {
+        (Ok(a), Ok(b)) => assert_eq!(a.principal(), b.principal(), "cache changed the answer"),
+        (Err(a), Err(b)) => assert_eq!(a, b, "a refused token changed its reason"),
+        // Expiry can fall between the two calls.
+        (Ok(_), Err(jwt::TokenRejection::Expired)) => {}
+        _ => panic!("the second verification disagrees with the first"),
+    }
+    if let Ok(t) = first {
+        let parsed = jwt::parse_compact(&token, 8192).expect("accepted tokens pre-parse");
+        assert_eq!(parsed.header.alg, "HS256", "only the HS256 key can sign here");
+        let payload = URL_SAFE_NO_PAD
+            .decode(parsed.payload_b64)
+            .expect("accepted payloads decode");
+        let claims = jwt::parse_claims(&payload).expect("accepted claims parse");
+        assert_eq!(claims.sub.as_deref(), Some(t.subject()));
+        assert_eq!(claims.iss.as_deref(), Some("https://fuzz.example"));
+        assert!(claims.aud.expect("aud").iter().any(|a| a == "fuzz-api"));
+        let (exp, iat) = (claims.exp.expect("exp"), claims.iat.expect("iat"));
+        assert!(exp > iat && exp - iat <= 3600, "lifetime rule");
+    }
+}

@@ -19,3 +19,9 @@ fn replay(target: &str, f: fn(&[u8])) {
 fn forwarded_headers_corpus() {
     replay("forwarded_headers", portcullis::fuzzing::forwarded_headers);
 }
+
+#[cfg(feature = "jwt")]
+#[test]
+fn jwt_verify_corpus() {
+    replay("jwt_verify", portcullis::fuzzing::jwt_verify);
+}
