@@ -7,6 +7,8 @@ mod log_capture;
 
 #[cfg(feature = "allowlist")]
 mod allowlist;
+#[cfg(all(feature = "api-key", feature = "client-ip"))]
+mod authenticate;
 #[cfg(feature = "client-ip")]
 mod client_ip;
 #[cfg(feature = "fuzzing")]
