@@ -19,3 +19,9 @@ fn replay(target: &str, f: fn(&[u8])) {
 fn forwarded_headers_corpus() {
     replay("forwarded_headers", portcullis::fuzzing::forwarded_headers);
 }
+
+#[cfg(feature = "api-key")]
+#[test]
+fn credentials_corpus() {
+    replay("credentials", portcullis::fuzzing::credentials);
+}

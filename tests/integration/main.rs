@@ -7,6 +7,8 @@ mod log_capture;
 
 #[cfg(feature = "allowlist")]
 mod allowlist;
+#[cfg(feature = "api-key")]
+mod api_key_properties;
 #[cfg(all(feature = "api-key", feature = "client-ip"))]
 mod authenticate;
 #[cfg(feature = "client-ip")]
