@@ -11,6 +11,8 @@
 //! |---|---|---|
 //! | [`ClientIpLayer`](client_ip::ClientIpLayer) | [`client_ip`] | resolve the real client address once: the TCP peer, or a forwarded header when the peer is a trusted proxy |
 //! | [`IpAllowlistLayer`](allowlist::IpAllowlistLayer) | [`allowlist`] | 403 unless the client address is inside the allowed CIDRs |
+//! | [`AuthThrottleLayer`](rate_limit::AuthThrottleLayer) | [`rate_limit`] | 429 for a client address after too many failed authentications, before any credential is checked |
+//! | [`RateLimitLayer`](rate_limit::RateLimitLayer) | [`rate_limit`] | per-principal (else per-address) quotas: 429 with `Retry-After` and the IETF `RateLimit` fields; in memory or shared through Redis |
 //!
 //! Layers talk to each other through request extensions: [`ClientIp`] and
 //! [`Principal`]. Every refusal is built by one module, [`rejection`], so every layer
@@ -67,6 +69,8 @@
 //!
 //! - `client-ip` (default): [`client_ip`].
 //! - `allowlist` (default): [`allowlist`].
+//! - `rate-limit` (default): [`rate_limit`].
+//! - `redis`: share rate limits between instances through Redis; `redis-tls` adds `rediss://`.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
 //! - `fuzzing`: the entry points of the cargo-fuzz targets, for the corpus replay tests.
 //!
@@ -91,6 +95,9 @@ pub mod client_ip;
 
 #[cfg(feature = "allowlist")]
 pub mod allowlist;
+
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
