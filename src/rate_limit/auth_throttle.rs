@@ -121,7 +121,11 @@ impl AuthThrottleLayer {
         if bits == 0 || bits > 128 {
             return Err(ConfigError::new("IPv6 prefix must be 1 to 128"));
         }
-        Ok(Self::build(self.shared.quota, bits, self.shared.store.cap()))
+        Ok(Self::build(
+            self.shared.quota,
+            bits,
+            self.shared.store.cap(),
+        ))
     }
 
     /// The most addresses tracked at once (default 100 000; at least 1). At the cap,
@@ -221,7 +225,8 @@ where
                 client_ip = ip.map(tracing::field::display),
                 retry_after = crate::rejection::retry_after_secs(retry),
             );
-            let res = Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response();
+            let res =
+                Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response();
             return ThrottleFuture {
                 kind: ThrottleKind::Rejected {
                     response: Some(res),
@@ -289,7 +294,9 @@ impl<F, B> fmt::Debug for ThrottleFuture<F, B> {
             ThrottleKind::Inner { .. } => "Inner",
             ThrottleKind::Rejected { .. } => "Rejected",
         };
-        f.debug_struct("ThrottleFuture").field("kind", &kind).finish()
+        f.debug_struct("ThrottleFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }
 
@@ -306,16 +313,21 @@ mod tests {
         let call = |reason: Option<DenialReason>| {
             let layer = layer.clone();
             async move {
-                let svc = ServiceBuilder::new().layer(layer).service_fn(move |_req: Request<()>| async move {
-                    let c = Challenge::api_key("api").unwrap();
-                    Ok::<_, Infallible>(match reason {
-                        Some(DenialReason::MissingCredential) => Rejection::missing_credential(&c).into_response(),
-                        Some(r) => Rejection::invalid_credential(&c, r).into_response(),
-                        None => Response::new(Bytes::new()),
-                    })
-                });
+                let svc = ServiceBuilder::new().layer(layer).service_fn(
+                    move |_req: Request<()>| async move {
+                        let c = Challenge::api_key("api").unwrap();
+                        Ok::<_, Infallible>(match reason {
+                            Some(DenialReason::MissingCredential) => {
+                                Rejection::missing_credential(&c).into_response()
+                            }
+                            Some(r) => Rejection::invalid_credential(&c, r).into_response(),
+                            None => Response::new(Bytes::new()),
+                        })
+                    },
+                );
                 let mut req = Request::new(());
-                req.extensions_mut().insert(ClientIp::new("192.0.2.1".parse().unwrap()));
+                req.extensions_mut()
+                    .insert(ClientIp::new("192.0.2.1".parse().unwrap()));
                 svc.oneshot(req).await.unwrap().status().as_u16()
             }
         };
@@ -325,6 +337,10 @@ mod tests {
         }
         assert_eq!(call(Some(DenialReason::UnknownKey)).await, 401);
         assert_eq!(call(Some(DenialReason::RevokedKey)).await, 401);
-        assert_eq!(call(None).await, 429, "throttled before the inner service runs");
+        assert_eq!(
+            call(None).await,
+            429,
+            "throttled before the inner service runs"
+        );
     }
 }

@@ -61,7 +61,11 @@ pub struct FieldError {
 
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid RateLimit field at byte {}: {}", self.at, self.what)
+        write!(
+            f,
+            "invalid RateLimit field at byte {}: {}",
+            self.at, self.what
+        )
     }
 }
 
@@ -129,7 +133,11 @@ struct Item {
 impl Item {
     /// The last value of `key` (RFC 9651: a later duplicate overrides).
     fn param(&self, key: &str) -> Option<&Bare> {
-        self.params.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
+        self.params
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
     }
 
     fn param_uint(&self, key: &'static str) -> Result<Option<u64>, FieldError> {
@@ -381,7 +389,10 @@ mod tests {
 
     #[test]
     fn accepts_the_drafts_examples_and_whitespace() {
-        let p = parse_ratelimit_policy(b"  \"default\";q=100;w=10 ,\t\"daily\";q=1000;w=86400;qu=\"requests\"").unwrap();
+        let p = parse_ratelimit_policy(
+            b"  \"default\";q=100;w=10 ,\t\"daily\";q=1000;w=86400;qu=\"requests\"",
+        )
+        .unwrap();
         assert_eq!(p.len(), 2);
         assert_eq!(p[1].quota_unit.as_deref(), Some("requests"));
         let r = parse_ratelimit(b"\"default\";r=50;t=30;pk=:cHJvamVjdC0xMjM=:").unwrap();
@@ -407,7 +418,11 @@ mod tests {
             b"\"a\";r=\"1\"",
             b"1;r=1",
         ] {
-            assert!(parse_ratelimit(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_ratelimit(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -224,8 +224,14 @@ mod tests {
     #[test]
     fn masks() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(mask(ip("2001:db8:1:2:3:4:5:6"), 32, 64), ip("2001:db8:1:2::"));
-        assert_eq!(mask(ip("2001:db8:1:2:3:4:5:6"), 32, 128), ip("2001:db8:1:2:3:4:5:6"));
+        assert_eq!(
+            mask(ip("2001:db8:1:2:3:4:5:6"), 32, 64),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            mask(ip("2001:db8:1:2:3:4:5:6"), 32, 128),
+            ip("2001:db8:1:2:3:4:5:6")
+        );
         assert_eq!(mask(ip("192.0.2.77"), 24, 64), ip("192.0.2.0"));
         assert_eq!(mask(ip("192.0.2.77"), 32, 64), ip("192.0.2.77"));
         assert_eq!(mask(ip("::ffff:192.0.2.77"), 32, 64), ip("192.0.2.77"));

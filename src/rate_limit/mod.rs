@@ -203,7 +203,9 @@ impl RateLimitBuilder {
     /// Checks the configuration and builds the layer.
     pub fn build(self) -> Result<RateLimitLayer, ConfigError> {
         if self.policies.is_empty() {
-            return Err(ConfigError::new("rate limit: at least one policy is required"));
+            return Err(ConfigError::new(
+                "rate limit: at least one policy is required",
+            ));
         }
         if self.policies.len() > MAX_POLICIES {
             return Err(ConfigError::new("rate limit: at most 4 policies"));
@@ -217,7 +219,9 @@ impl RateLimitBuilder {
             }
         }
         if self.max_tracked_keys == 0 {
-            return Err(ConfigError::new("rate limit: max_tracked_keys must be at least 1"));
+            return Err(ConfigError::new(
+                "rate limit: max_tracked_keys must be at least 1",
+            ));
         }
         self.key.check()?;
         if self.shadow {
@@ -410,8 +414,10 @@ impl Shared {
             };
         }
         self.limited.fetch_add(1, Ordering::Relaxed);
-        let mut rejection =
-            Rejection::too_many_requests(DenialReason::RateLimited, Duration::from_nanos(outcome.wait()));
+        let mut rejection = Rejection::too_many_requests(
+            DenialReason::RateLimited,
+            Duration::from_nanos(outcome.wait()),
+        );
         if let Some(set) = fields {
             for (name, value) in set.values {
                 if let Some(v) = value {
@@ -643,6 +649,8 @@ where
             Kind::Rejected { .. } => "Rejected",
             Kind::Checking { .. } => "Checking",
         };
-        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }

@@ -199,7 +199,10 @@ mod tests {
         assert_eq!(q.gcra().t, 10_000_000);
         assert_eq!(q.gcra().tau, 99 * 10_000_000);
         assert_eq!(Quota::per_minute(60).unwrap().gcra().t, 1_000_000_000);
-        assert_eq!(Quota::per_hour(1).unwrap().window(), Duration::from_secs(3600));
+        assert_eq!(
+            Quota::per_hour(1).unwrap().window(),
+            Duration::from_secs(3600)
+        );
         assert!(Quota::per_second(0).is_err());
         assert!(Quota::per_second(MAX_COUNT + 1).is_err());
         assert!(Quota::new(1, Duration::ZERO).is_err());

@@ -241,7 +241,10 @@ impl std::error::Error for RedisUnavailable {}
 impl RedisLimiter {
     /// Parses `url` (`redis://[user:password@]host[:port][/db]`, or `rediss://` with
     /// the `redis-tls` feature). Errors never repeat the URL.
-    pub fn builder(url: &str, on_failure: FailurePolicy) -> Result<RedisLimiterBuilder, ConfigError> {
+    pub fn builder(
+        url: &str,
+        on_failure: FailurePolicy,
+    ) -> Result<RedisLimiterBuilder, ConfigError> {
         let lower = url.get(..9).unwrap_or("").to_ascii_lowercase();
         let tls = lower.starts_with("rediss://");
         if !tls && !lower.starts_with("redis://") {
@@ -254,8 +257,9 @@ impl RedisLimiter {
                 "Redis URL uses rediss:// (TLS): enable the redis-tls feature",
             ));
         }
-        let client = Client::open(url)
-            .map_err(|_| ConfigError::new("Redis URL could not be parsed (not shown: it may hold a password)"))?;
+        let client = Client::open(url).map_err(|_| {
+            ConfigError::new("Redis URL could not be parsed (not shown: it may hold a password)")
+        })?;
         Ok(RedisLimiterBuilder {
             client,
             tls,
@@ -322,7 +326,12 @@ impl Inner {
             if now < until
                 || self
                     .open_until
-                    .compare_exchange(until, now + self.cooldown.as_nanos() as u64, Ordering::AcqRel, Ordering::Relaxed)
+                    .compare_exchange(
+                        until,
+                        now + self.cooldown.as_nanos() as u64,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
                     .is_err()
             {
                 return self.on_failure(local_key, &gcras[..n], &shared);
