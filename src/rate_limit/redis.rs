@@ -44,8 +44,8 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -172,11 +172,11 @@ impl RedisLimiterBuilder {
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1)
             .set_max_delay(self.cooldown);
-        let conn = ConnectionManager::new_lazy_with_config(self.client, config)
-            .map_err(|_| ConfigError::new("Redis client could not be set up"))?;
         Ok(RedisLimiter {
             inner: Arc::new(Inner {
-                conn,
+                client: self.client,
+                config,
+                conn: OnceLock::new(),
                 script: Script::new(SCRIPT),
                 tls: self.tls,
                 policy: self.policy,
@@ -198,7 +198,10 @@ pub struct RedisLimiter {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    client: Client,
+    config: ConnectionManagerConfig,
+    /// Made on first use, inside the runtime (it spawns its reconnect task there).
+    conn: OnceLock<ConnectionManager>,
     script: Script,
     tls: bool,
     policy: FailurePolicy,
@@ -273,7 +276,9 @@ impl RedisLimiter {
     /// Connects (or checks the connection) with `PING`, under a 1 s timeout: call it
     /// at start-up to fail fast or warm the connection. Not required.
     pub async fn connect(&self) -> Result<(), RedisUnavailable> {
-        let mut conn = self.inner.conn.clone();
+        let Ok(mut conn) = self.inner.conn() else {
+            return Err(RedisUnavailable(()));
+        };
         let ping = async move { redis::cmd("PING").query_async::<String>(&mut conn).await };
         match tokio::time::timeout(Duration::from_secs(1), ping).await {
             Ok(Ok(_)) => Ok(()),
@@ -306,6 +311,15 @@ impl RedisLimiter {
 }
 
 impl Inner {
+    fn conn(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Some(c) = self.conn.get() {
+            return Ok(c.clone());
+        }
+        let c = ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
+        // A concurrent first call may have won: use whichever was stored.
+        Ok(self.conn.get_or_init(|| c).clone())
+    }
+
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64 + 1
     }
@@ -402,8 +416,8 @@ impl Inner {
         keys: Vec<String>,
         gcras: &'a [Gcra],
     ) -> impl Future<Output = redis::RedisResult<Outcome>> + Send + 'a {
-        let mut conn = self.conn.clone();
         async move {
+            let mut conn = self.conn()?;
             let mut inv = self.script.prepare_invoke();
             for k in &keys {
                 inv.key(k);

@@ -15,3 +15,5 @@ mod fuzz_corpus;
 mod properties;
 #[cfg(feature = "rate-limit")]
 mod rate_limit;
+#[cfg(feature = "redis")]
+mod rate_limit_redis;

@@ -49,7 +49,7 @@ where
         let p = req
             .headers()
             .get("x-test-principal")
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .map(|v| {
                 let (id, tier) = v.split_once(';').map_or((v, None), |(a, b)| (a, Some(b)));
                 let p = Principal::new(id, AuthMethod::ApiKey);
