@@ -19,3 +19,9 @@ fn replay(target: &str, f: fn(&[u8])) {
 fn forwarded_headers_corpus() {
     replay("forwarded_headers", portcullis::fuzzing::forwarded_headers);
 }
+
+#[cfg(feature = "rate-limit")]
+#[test]
+fn ratelimit_fields_corpus() {
+    replay("ratelimit_fields", portcullis::fuzzing::ratelimit_fields);
+}
