@@ -229,4 +229,56 @@ mod tests {
         let later = now + 100_000_000;
         assert!(matches!(g.test(tat, later), Cell::Allow { .. }));
     }
+
+    proptest::proptest! {
+        /// Decisions, waits and remaining capacity equal governor's GCRA for any
+        /// quota and any arrival pattern.
+        #[test]
+        fn decisions_match_governor(
+            count in 1u32..100,
+            window in 1u64..100,
+            burst in 1u32..30,
+            steps in proptest::collection::vec(0u64..3_000_000_000, 1..150),
+        ) {
+            use governor::clock::{Clock, FakeRelativeClock};
+            use governor::middleware::StateInformationMiddleware;
+            use std::num::NonZeroU32;
+
+            let q = Quota::new(count, Duration::from_secs(window)).unwrap().with_burst(burst).unwrap();
+            let g = q.gcra();
+            let gq = governor::Quota::with_period(Duration::from_nanos(g.t))
+                .unwrap()
+                .allow_burst(NonZeroU32::new(burst).unwrap());
+            let clock = FakeRelativeClock::default();
+            let reference = governor::RateLimiter::direct_with_clock(gq, clock.clone())
+                .with_middleware::<StateInformationMiddleware>();
+            let (mut tat, mut now) = (0u64, 0u64);
+            for d in steps {
+                now += d;
+                clock.advance(Duration::from_nanos(d));
+                match (g.test(tat, now), reference.check()) {
+                    (Cell::Allow { tat: next }, Ok(snapshot)) => {
+                        tat = next;
+                        proptest::prop_assert_eq!(
+                            g.remaining(tat, now),
+                            u64::from(snapshot.remaining_burst_capacity())
+                        );
+                    }
+                    (Cell::Deny { wait }, Err(not_until)) => {
+                        proptest::prop_assert_eq!(
+                            Duration::from_nanos(wait),
+                            not_until.wait_time_from(clock.now())
+                        );
+                    }
+                    (ours, theirs) => proptest::prop_assert!(
+                        false,
+                        "ours {:?}, governor {:?} at {}",
+                        ours,
+                        theirs.is_ok(),
+                        now
+                    ),
+                }
+            }
+        }
+    }
 }
