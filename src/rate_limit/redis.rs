@@ -43,7 +43,6 @@
 //! ```
 
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -411,38 +410,32 @@ impl Inner {
         }
     }
 
-    fn run<'a>(
-        &'a self,
-        keys: Vec<String>,
-        gcras: &'a [Gcra],
-    ) -> impl Future<Output = redis::RedisResult<Outcome>> + Send + 'a {
-        async move {
-            let mut conn = self.conn()?;
-            let mut inv = self.script.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            for g in gcras {
-                inv.arg((g.t / 1000).max(1)).arg(g.tau / 1000);
-            }
-            let v: Vec<i64> = inv.invoke_async(&mut conn).await?;
-            if v.len() != 1 + 3 * gcras.len() {
-                return Err((redis::ErrorKind::Parse, "unexpected script reply").into());
-            }
-            let mut out = Outcome {
-                allowed: v[0] == 1,
-                len: gcras.len(),
-                states: [PolicyState::default(); MAX_POLICIES],
-            };
-            for i in 0..gcras.len() {
-                let us = |x: i64| (x.max(0) as u64).saturating_mul(1000);
-                out.states[i] = PolicyState {
-                    remaining: v[1 + 3 * i].max(0) as u64,
-                    reset: us(v[2 + 3 * i]),
-                    wait: us(v[3 + 3 * i]),
-                };
-            }
-            Ok(out)
+    async fn run(&self, keys: Vec<String>, gcras: &[Gcra]) -> redis::RedisResult<Outcome> {
+        let mut conn = self.conn()?;
+        let mut inv = self.script.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
         }
+        for g in gcras {
+            inv.arg((g.t / 1000).max(1)).arg(g.tau / 1000);
+        }
+        let v: Vec<i64> = inv.invoke_async(&mut conn).await?;
+        if v.len() != 1 + 3 * gcras.len() {
+            return Err((redis::ErrorKind::Parse, "unexpected script reply").into());
+        }
+        let mut out = Outcome {
+            allowed: v[0] == 1,
+            len: gcras.len(),
+            states: [PolicyState::default(); MAX_POLICIES],
+        };
+        for i in 0..gcras.len() {
+            let us = |x: i64| (x.max(0) as u64).saturating_mul(1000);
+            out.states[i] = PolicyState {
+                remaining: v[1 + 3 * i].max(0) as u64,
+                reset: us(v[2 + 3 * i]),
+                wait: us(v[3 + 3 * i]),
+            };
+        }
+        Ok(out)
     }
 }
