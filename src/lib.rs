@@ -14,6 +14,8 @@
 //! | [`AuthenticateLayer`](authenticate::AuthenticateLayer) | [`authenticate`], [`api_key`] | verify the request's API key and insert its [`Principal`], else 401 (400 for a malformed credential) |
 //! | [`RequireScopeLayer`](scope::RequireScopeLayer) | [`scope`] | per route: 403 `insufficient_scope` unless the [`Principal`] holds the scopes |
 //! | `TokenVerifier` / `BearerTokenLayer` (feature `jwt`) | `jwt` | verify service tokens (JWT) into a [`Principal`]; mint and attach them on outgoing requests |
+//! | [`AuthThrottleLayer`](rate_limit::AuthThrottleLayer) | [`rate_limit`] | 429 for a client address after too many failed authentications, before any credential is checked |
+//! | [`RateLimitLayer`](rate_limit::RateLimitLayer) | [`rate_limit`] | per-principal (else per-address) quotas: 429 with `Retry-After` and the IETF `RateLimit` fields; in memory or shared through Redis |
 //!
 //! Layers talk to each other through request extensions: [`ClientIp`] and
 //! [`Principal`]. Every refusal is built by one module, [`rejection`], so every layer
@@ -73,6 +75,8 @@
 //! - `authenticate`: [`authenticate`] and [`scope`] (the layers, without a verifier).
 //! - `api-key` (default): [`api_key`], API keys for [`authenticate`]; the `portcullis keygen` binary.
 //! - `jwt`: service tokens (`jwt`): verifier, issuer and client-side layer.
+//! - `rate-limit` (default): [`rate_limit`].
+//! - `redis`: share rate limits between instances through Redis; `redis-tls` adds `rediss://`.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
 //! - `fuzzing`: the entry points of the cargo-fuzz targets, for the corpus replay tests.
 //!
@@ -108,6 +112,8 @@ pub mod scope;
 pub mod api_key;
 #[cfg(feature = "jwt")]
 pub mod jwt;
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

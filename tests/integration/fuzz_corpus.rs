@@ -28,4 +28,8 @@ fn jwt_verify_corpus() {
 #[test]
 fn credentials_corpus() {
     replay("credentials", portcullis::fuzzing::credentials);
+#[cfg(feature = "rate-limit")]
+#[test]
+fn ratelimit_fields_corpus() {
+    replay("ratelimit_fields", portcullis::fuzzing::ratelimit_fields);
 }

@@ -19,3 +19,7 @@ mod fuzz_corpus;
 mod jwt;
 #[cfg(feature = "client-ip")]
 mod properties;
+#[cfg(feature = "rate-limit")]
+mod rate_limit;
+#[cfg(feature = "redis")]
+mod rate_limit_redis;

@@ -1,0 +1,253 @@
+//! Who a request counts against.
+
+use std::fmt;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, Request, Uri};
+
+use crate::{ClientIp, ConfigError, Principal};
+
+/// What the key function sees of a request.
+///
+/// ```
+/// use portcullis::rate_limit::KeyContext;
+/// // A key per principal and route, e.g. for an expensive endpoint:
+/// let key = |cx: &KeyContext<'_>| {
+///     cx.principal().map(|p| format!("{}:{}", p.id(), cx.uri().path()))
+/// };
+/// # let _ = key;
+/// ```
+#[derive(Debug)]
+pub struct KeyContext<'a> {
+    principal: Option<&'a Principal>,
+    client_ip: Option<ClientIp>,
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+}
+
+impl<'a> KeyContext<'a> {
+    pub(crate) fn of<B>(req: &'a Request<B>) -> Self {
+        Self {
+            principal: req.extensions().get::<Principal>(),
+            client_ip: req.extensions().get::<ClientIp>().copied(),
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+        }
+    }
+
+    /// The authenticated principal, if an authentication layer set one.
+    pub fn principal(&self) -> Option<&'a Principal> {
+        self.principal
+    }
+
+    /// The resolved client address, if the client-IP layer set one.
+    pub fn client_ip(&self) -> Option<ClientIp> {
+        self.client_ip
+    }
+
+    /// The request method.
+    pub fn method(&self) -> &'a Method {
+        self.method
+    }
+
+    /// The request URI.
+    pub fn uri(&self) -> &'a Uri {
+        self.uri
+    }
+
+    /// The request headers. Never key on a credential header: hashing a secret into
+    /// a key is safe, but keying on unauthenticated input lets a client pick its bucket.
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+}
+
+pub(crate) type KeyFn = Arc<dyn Fn(&KeyContext<'_>) -> Option<String> + Send + Sync>;
+
+/// How requests map to keys: principal id, else masked client address, else one
+/// global key; or a custom function first.
+#[derive(Clone)]
+pub(crate) struct KeyRule {
+    pub(crate) ipv4_prefix: u8,
+    pub(crate) ipv6_prefix: u8,
+    pub(crate) custom: Option<KeyFn>,
+}
+
+impl fmt::Debug for KeyRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRule")
+            .field("ipv4_prefix", &self.ipv4_prefix)
+            .field("ipv6_prefix", &self.ipv6_prefix)
+            .field("custom", &self.custom.is_some())
+            .finish()
+    }
+}
+
+impl Default for KeyRule {
+    fn default() -> Self {
+        Self {
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            custom: None,
+        }
+    }
+}
+
+impl KeyRule {
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        if self.ipv4_prefix == 0 || self.ipv4_prefix > 32 {
+            return Err(ConfigError::new("IPv4 key prefix must be 1 to 32"));
+        }
+        if self.ipv6_prefix == 0 || self.ipv6_prefix > 128 {
+            return Err(ConfigError::new("IPv6 key prefix must be 1 to 128"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn derive<'a>(&self, cx: &KeyContext<'a>) -> KeySource<'a> {
+        if let Some(f) = &self.custom {
+            if let Some(k) = f(cx) {
+                return KeySource::Custom(k);
+            }
+        }
+        if let Some(p) = cx.principal {
+            return KeySource::Principal(p.id());
+        }
+        if let Some(ip) = cx.client_ip {
+            return KeySource::Ip(mask(ip.addr(), self.ipv4_prefix, self.ipv6_prefix));
+        }
+        KeySource::Global
+    }
+}
+
+/// The masked network a client address counts against.
+pub(crate) fn mask(ip: IpAddr, v4: u8, v6: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(v4)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(v6)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+/// A derived key before a backend turns it into its own representation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum KeySource<'a> {
+    Custom(String),
+    Principal(&'a str),
+    Ip(IpAddr),
+    Global,
+}
+
+impl KeySource<'_> {
+    /// The fixed-size in-memory key: addresses as they are, strings through the
+    /// limiter's randomly keyed 128-bit SipHash (collisions cannot be steered).
+    pub(crate) fn local(&self, hasher: &impl BuildHasher) -> LocalKey {
+        let mut bytes = [0u8; 16];
+        let kind = match self {
+            KeySource::Global => 0,
+            KeySource::Ip(IpAddr::V4(a)) => {
+                bytes[..4].copy_from_slice(&a.octets());
+                1
+            }
+            KeySource::Ip(IpAddr::V6(a)) => {
+                bytes = a.octets();
+                2
+            }
+            KeySource::Principal(s) => {
+                hash128(hasher, 3, s, &mut bytes);
+                3
+            }
+            KeySource::Custom(s) => {
+                hash128(hasher, 4, s, &mut bytes);
+                4
+            }
+        };
+        LocalKey { kind, bytes }
+    }
+
+    /// A stable, printable name for the key, for shared backends: the same on every
+    /// instance. Strings are hashed (SHA-256, truncated to 128 bits, hex), so an id
+    /// with any characters becomes a safe key of fixed length.
+    #[cfg(feature = "redis")]
+    pub(crate) fn stable_name(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let hex = |kind: &str, s: &str| {
+            let d = Sha256::new()
+                .chain_update(kind.as_bytes())
+                .chain_update([0u8])
+                .chain_update(s.as_bytes())
+                .finalize();
+            let mut out = String::with_capacity(34);
+            out.push_str(kind);
+            out.push(':');
+            for b in &d[..16] {
+                out.push_str(&format!("{b:02x}"));
+            }
+            out
+        };
+        match self {
+            KeySource::Global => "g".to_owned(),
+            KeySource::Ip(ip) => format!("ip:{ip}"),
+            KeySource::Principal(s) => hex("p", s),
+            KeySource::Custom(s) => hex("c", s),
+        }
+    }
+}
+
+fn hash128(hasher: &impl BuildHasher, kind: u8, s: &str, out: &mut [u8; 16]) {
+    let a = hasher.hash_one((kind, 0u8, s));
+    let b = hasher.hash_one((kind, 1u8, s));
+    out[..8].copy_from_slice(&a.to_le_bytes());
+    out[8..].copy_from_slice(&b.to_le_bytes());
+}
+
+/// The in-memory key: 17 bytes, whatever the principal id's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct LocalKey {
+    kind: u8,
+    bytes: [u8; 16],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            mask(ip("2001:db8:1:2:3:4:5:6"), 32, 64),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            mask(ip("2001:db8:1:2:3:4:5:6"), 32, 128),
+            ip("2001:db8:1:2:3:4:5:6")
+        );
+        assert_eq!(mask(ip("192.0.2.77"), 24, 64), ip("192.0.2.0"));
+        assert_eq!(mask(ip("192.0.2.77"), 32, 64), ip("192.0.2.77"));
+        assert_eq!(mask(ip("::ffff:192.0.2.77"), 32, 64), ip("192.0.2.77"));
+        assert_eq!(mask(ip("192.0.2.77"), 1, 64), ip("128.0.0.0"));
+    }
+
+    #[test]
+    fn kinds_never_collide() {
+        let h = std::hash::RandomState::new();
+        let a = KeySource::Principal("x").local(&h);
+        let b = KeySource::Custom("x".into()).local(&h);
+        assert_ne!(a, b);
+        assert_eq!(a, KeySource::Principal("x").local(&h));
+        assert_ne!(
+            KeySource::Ip("0.0.0.0".parse().unwrap()).local(&h),
+            KeySource::Global.local(&h)
+        );
+    }
+}

@@ -1,0 +1,326 @@
+//! The in-memory backend: GCRA state per key in a `DashMap`, bounded and self-cleaning.
+//!
+//! Each tracked key costs one map entry: a 17-byte key and one 8-byte timestamp per
+//! policy (four slots), about 56 bytes plus the map's load-factor slack. Nothing
+//! runs in the background: cleanup is amortised over the requests that add keys.
+
+use std::hash::RandomState;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+use super::key::LocalKey;
+use super::quota::{Cell, Gcra};
+
+/// At most this many policies are checked together.
+pub(crate) const MAX_POLICIES: usize = 4;
+
+type Tats = [u64; MAX_POLICIES];
+
+/// One policy's state after a check, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PolicyState {
+    pub(crate) remaining: u64,
+    pub(crate) reset: u64,
+    /// 0 when this policy allowed the request.
+    pub(crate) wait: u64,
+}
+
+/// The decision for one request over every policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub(crate) allowed: bool,
+    pub(crate) len: usize,
+    pub(crate) states: [PolicyState; MAX_POLICIES],
+}
+
+impl Outcome {
+    /// Time until a refused request could succeed: the longest wait of any policy.
+    pub(crate) fn wait(&self) -> u64 {
+        self.states[..self.len]
+            .iter()
+            .map(|s| s.wait)
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn states(&self) -> &[PolicyState] {
+        &self.states[..self.len]
+    }
+}
+
+/// GCRA over every policy of one key, all or nothing: a request refused by one
+/// policy consumes nothing from the others.
+pub(crate) fn decide(gcras: &[Gcra], tats: &mut Tats, now: u64) -> Outcome {
+    let mut next = *tats;
+    let mut out = Outcome {
+        allowed: true,
+        len: gcras.len(),
+        states: [PolicyState::default(); MAX_POLICIES],
+    };
+    for (i, g) in gcras.iter().enumerate() {
+        match g.test(tats[i], now) {
+            Cell::Allow { tat } => next[i] = tat,
+            Cell::Deny { wait } => {
+                out.allowed = false;
+                out.states[i].wait = wait;
+            }
+        }
+    }
+    if out.allowed {
+        *tats = next;
+    }
+    for (i, g) in gcras.iter().enumerate() {
+        out.states[i].remaining = g.remaining(tats[i], now);
+        out.states[i].reset = g.reset(tats[i], now);
+    }
+    out
+}
+
+/// Keyed GCRA state with a cap on tracked keys.
+///
+/// At the cap, a key not yet tracked shares one overflow state with every other
+/// untracked key (under the quota its own request resolves to), so a flood of new
+/// keys cannot evict or reset the keys already tracked, and cannot grow memory.
+#[derive(Debug)]
+pub(crate) struct LocalStore {
+    map: DashMap<LocalKey, Tats>,
+    overflow: Mutex<Tats>,
+    cap: usize,
+    epoch: Instant,
+    hasher: RandomState,
+    inserts_since_sweep: AtomicUsize,
+    last_sweep: AtomicU64,
+    sweeping: AtomicBool,
+}
+
+/// Sweep after this many new keys (or a quarter of the cap, whichever is larger).
+const SWEEP_EVERY: usize = 4096;
+/// At the cap, sweep at most this often (ns), so a saturated table costs one pass
+/// over it per interval, not one per request.
+const SATURATED_SWEEP_INTERVAL: u64 = 1_000_000_000;
+
+impl LocalStore {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            map: DashMap::new(),
+            overflow: Mutex::new([0; MAX_POLICIES]),
+            cap,
+            epoch: Instant::now(),
+            hasher: RandomState::new(),
+            inserts_since_sweep: AtomicUsize::new(0),
+            last_sweep: AtomicU64::new(0),
+            sweeping: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn hasher(&self) -> &RandomState {
+        &self.hasher
+    }
+
+    /// Monotonic nanoseconds since the store was made (wall-clock jumps do not
+    /// matter). Starts at 1 s so that 0 can mean "never seen".
+    pub(crate) fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1_000_000_000
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Checks and, when allowed, records one request for `key` at `now`.
+    pub(crate) fn check(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Outcome {
+        if let Some(mut tats) = self.map.get_mut(&key) {
+            return decide(gcras, &mut tats, now);
+        }
+        self.maybe_sweep(now);
+        if self.map.len() >= self.cap {
+            let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+            return decide(gcras, &mut tats, now);
+        }
+        let mut tats = self.map.entry(key).or_insert([0; MAX_POLICIES]);
+        decide(gcras, &mut tats, now)
+    }
+
+    /// Reads the state without changing it: would the next request be refused, and
+    /// after how long (ns) would it be allowed? Untracked keys are never refused.
+    pub(crate) fn peek(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Option<u64> {
+        let tats = match self.map.get(&key) {
+            Some(t) => *t,
+            None => return None,
+        };
+        gcras
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| g.would_deny(tats[i], now))
+            .max()
+    }
+
+    /// Records one event for `key` (a refused one changes nothing).
+    pub(crate) fn record(&self, key: LocalKey, gcras: &[Gcra], now: u64) {
+        let _ = self.check(key, gcras, now);
+    }
+
+    fn maybe_sweep(&self, now: u64) {
+        let n = self.inserts_since_sweep.fetch_add(1, Ordering::Relaxed);
+        let due = n >= SWEEP_EVERY.max(self.cap / 4)
+            || (self.map.len() >= self.cap
+                && now.saturating_sub(self.last_sweep.load(Ordering::Relaxed))
+                    >= SATURATED_SWEEP_INTERVAL);
+        if due && !self.sweeping.swap(true, Ordering::Acquire) {
+            self.sweep(now);
+            self.sweeping.store(false, Ordering::Release);
+        }
+    }
+
+    /// Drops every key whose state has fully refilled: such a key is
+    /// indistinguishable from one never seen, so forgetting it changes no decision.
+    pub(crate) fn sweep(&self, now: u64) {
+        self.map.retain(|_, tats| tats.iter().any(|&t| t > now));
+        let len = self.map.len();
+        if self.map.capacity() > 4 * len.max(1024) {
+            self.map.shrink_to_fit();
+        }
+        self.inserts_since_sweep.store(0, Ordering::Relaxed);
+        self.last_sweep.store(now, Ordering::Relaxed);
+        let mut o = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+        if o.iter().all(|&t| t <= now) {
+            *o = [0; MAX_POLICIES];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::key::KeySource;
+    use super::super::quota::Quota;
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    fn key(store: &LocalStore, ip: IpAddr) -> LocalKey {
+        KeySource::Ip(super::super::key::mask(ip, 32, 64)).local(store.hasher())
+    }
+
+    #[test]
+    fn all_or_nothing_across_policies() {
+        let g = [
+            Quota::per_second(10).unwrap().gcra(),
+            Quota::per_minute(2).unwrap().gcra(),
+        ];
+        let mut tats = [0; MAX_POLICIES];
+        let now = 10_000_000_000;
+        assert!(decide(&g, &mut tats, now).allowed);
+        assert!(decide(&g, &mut tats, now).allowed);
+        let before = tats;
+        let o = decide(&g, &mut tats, now);
+        assert!(!o.allowed);
+        assert_eq!(tats, before, "a refused request consumes nothing");
+        assert_eq!(o.states[0].remaining, 8);
+        assert_eq!(o.states[1].remaining, 0);
+        assert_eq!(o.wait(), 30_000_000_000);
+    }
+
+    /// A flood of one-off keys (1 000 000 random IPv4 addresses, then 1 000 000
+    /// IPv6 addresses inside one /64) keeps the table under its cap, and the keys
+    /// tracked before the flood keep their state: the exhausted stay refused, the
+    /// fresh keep their allowance.
+    #[test]
+    fn flood_of_new_keys_is_bounded_and_keeps_known_keys() {
+        let cap = 10_000;
+        let store = LocalStore::new(cap);
+        let g = [Quota::per_hour(5).unwrap().gcra()];
+        let mut now = store.now();
+        let exhausted: IpAddr = "198.51.100.1".parse().unwrap();
+        let fresh: IpAddr = "198.51.100.2".parse().unwrap();
+        for _ in 0..5 {
+            assert!(store.check(key(&store, exhausted), &g, now).allowed);
+        }
+        assert!(store.check(key(&store, fresh), &g, now).allowed);
+
+        // xorshift: deterministic, no dependency.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut max_len = 0;
+        for i in 0..1_000_000u32 {
+            now += 1_000; // 1 µs apart: the whole flood is 1 s, far inside an hour
+            let ip = IpAddr::V4(Ipv4Addr::from(next() as u32));
+            let _ = store.check(key(&store, ip), &g, now);
+            if i % 1024 == 0 {
+                max_len = max_len.max(store.len());
+            }
+        }
+        let net = 0x2001_0db8_0000_0001_u128 << 64;
+        for _ in 0..1_000_000u32 {
+            now += 1_000;
+            let ip = IpAddr::V6(Ipv6Addr::from(net | u128::from(next())));
+            let _ = store.check(key(&store, ip), &g, now);
+        }
+        max_len = max_len.max(store.len());
+        assert!(max_len <= cap, "tracked {max_len} keys, cap {cap}");
+        assert!(store.map.capacity() <= 4 * cap, "{}", store.map.capacity());
+
+        // Known keys kept their limits through the flood.
+        assert!(!store.check(key(&store, exhausted), &g, now).allowed);
+        let o = store.check(key(&store, fresh), &g, now);
+        assert!(o.allowed);
+        assert_eq!(o.states[0].remaining, 3);
+        // Untracked keys share the overflow state, long since spent by the flood.
+        let newcomer = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99));
+        assert!(!store.check(key(&store, newcomer), &g, now).allowed);
+    }
+
+    #[test]
+    fn addresses_inside_one_ipv6_prefix_share_a_key() {
+        let store = LocalStore::new(100);
+        let g = [Quota::per_hour(2).unwrap().gcra()];
+        let now = store.now();
+        for (ip, allowed) in [
+            ("2001:db8:0:1::1", true),
+            ("2001:db8:0:1:ffff::2", true),
+            ("2001:db8:0:1:1234:5678:9abc:def0", false),
+            ("2001:db8:0:2::1", true),
+        ] {
+            let o = store.check(key(&store, ip.parse().unwrap()), &g, now);
+            assert_eq!(o.allowed, allowed, "{ip}");
+        }
+    }
+
+    #[test]
+    fn idle_keys_are_swept_without_a_background_task() {
+        let store = LocalStore::new(10_000);
+        let g = [Quota::per_second(10).unwrap().gcra()];
+        let mut now = store.now();
+        for i in 0..(SWEEP_EVERY as u32 * 3) {
+            now += 1_000_000; // 1 ms apart; each key refills in 100 ms
+            let ip = IpAddr::V4(Ipv4Addr::from(i));
+            let _ = store.check(key(&store, ip), &g, now);
+        }
+        // Only keys seen in the last 100 ms (and those since the last sweep) remain.
+        assert!(store.len() <= SWEEP_EVERY + 100, "{}", store.len());
+    }
+
+    #[test]
+    fn peek_changes_nothing() {
+        let store = LocalStore::new(10);
+        let g = [Quota::per_minute(2).unwrap().gcra()];
+        let k = key(&store, "192.0.2.1".parse().unwrap());
+        let now = store.now();
+        assert_eq!(store.peek(k, &g, now), None);
+        store.record(k, &g, now);
+        assert_eq!(store.peek(k, &g, now), None);
+        store.record(k, &g, now);
+        assert_eq!(store.peek(k, &g, now), Some(30_000_000_000));
+        assert_eq!(store.peek(k, &g, now), Some(30_000_000_000));
+    }
+}

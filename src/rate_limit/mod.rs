@@ -1,0 +1,656 @@
+//! Per-key rate limiting: 429 with `Retry-After` and the IETF `RateLimit` fields.
+//!
+//! [`RateLimitLayer`] sits inside authentication, so it can key on who is calling:
+//!
+//! 1. a custom key function, if one is set and returns a key;
+//! 2. else the [`Principal`] id (one compromised key cannot spend everyone's quota);
+//! 3. else the [`ClientIp`], IPv6 masked to its /64 (configurable): a client that
+//!    rotates through the addresses of its own /64 still has one bucket;
+//! 4. else one global key.
+//!
+//! Each [`Policy`] names a [`Quota`] (per tier and per principal if configured); all
+//! policies are checked together, all or nothing: a request refused by one policy
+//! spends nothing from the others.
+//!
+//! **Algorithm.** GCRA (the generic cell rate algorithm, the one `governor`
+//! implements): one timestamp per key and policy, the "theoretical arrival time". A
+//! request is allowed when that time is at most `burst − 1` emission intervals ahead
+//! of now; allowing it moves the time one interval on. Refill is smooth, there are no
+//! window boundaries to game, and time comes from the monotonic clock, so a wall-clock
+//! jump changes nothing.
+//!
+//! **Memory.** A tracked key costs one map entry of 56 bytes (a 17-byte key: the
+//! address, or a randomly keyed 128-bit hash of a principal id, and four 8-byte
+//! timestamps) plus the hash map's slack: under 128 bytes. At most
+//! [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys) keys (default 100 000)
+//! are tracked; a key is forgotten once its quota has fully refilled (then it is
+//! indistinguishable from a new key). Cleanup is amortised over the requests that
+//! add keys: nothing runs in the background and you spawn nothing. At the cap, new
+//! keys share one overflow bucket until tracked keys refill, so a flood of fresh
+//! addresses can neither evict the keys already tracked (and reset their limits) nor
+//! grow memory: it can only exhaust the overflow bucket, i.e. newcomers get limited
+//! together while the flood lasts.
+//!
+//! **Responses.** Every response (allowed or not) carries `RateLimit-Policy` and
+//! `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11, see [`fields`]); optionally
+//! the legacy `X-RateLimit-Limit`, `-Remaining` and `-Reset` for the most constrained
+//! policy. A refusal is 429 with `Retry-After` (whole seconds, rounded up, never 0)
+//! and a problem+json body, and an audit event `rate_limited`.
+//!
+//! **Shadow mode** counts, logs (`rate_limited` with `shadow = true`) and sends the
+//! fields, but never refuses: for rolling a limit out.
+//!
+//! With the `redis` feature, [`redis::RedisLimiter`] shares the limits between
+//! instances.
+//!
+//! ```
+//! use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};
+//!
+//! let limits = RateLimitLayer::builder()
+//!     // 10 requests per second each, 100 for principals of tier "gold" ...
+//!     .policy(Policy::new("burst", Quota::per_second(10)?)?.tier("gold", Quota::per_second(100)?)?)
+//!     // ... and at most 5000 per hour.
+//!     .policy(Policy::new("hourly", Quota::per_hour(5_000)?)?)
+//!     .build()?;
+//! # let _ = limits;
+//! # Ok::<(), portcullis::ConfigError>(())
+//! ```
+
+mod auth_throttle;
+pub mod fields;
+mod key;
+mod local;
+mod policy;
+mod quota;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+pub use auth_throttle::{AuthThrottle, AuthThrottleLayer};
+pub use key::KeyContext;
+pub use policy::Policy;
+pub use quota::Quota;
+
+use crate::rejection::{DenialReason, Rejection};
+use crate::{ClientIp, ConfigError, Principal};
+use key::KeyRule;
+use local::{LocalStore, MAX_POLICIES, Outcome};
+use policy::CompiledPolicy;
+use quota::Gcra;
+
+/// `RateLimit-Policy`.
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit`.
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// Builds a [`RateLimitLayer`]; see the [module docs](self).
+pub struct RateLimitBuilder {
+    policies: Vec<Policy>,
+    key: KeyRule,
+    max_tracked_keys: usize,
+    fields: bool,
+    legacy: bool,
+    shadow: bool,
+    #[cfg(feature = "redis")]
+    redis: Option<redis::RedisLimiter>,
+}
+
+impl fmt::Debug for RateLimitBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitBuilder")
+            .field("policies", &self.policies)
+            .field("key", &self.key)
+            .field("max_tracked_keys", &self.max_tracked_keys)
+            .field("fields", &self.fields)
+            .field("legacy", &self.legacy)
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimitBuilder {
+    /// Adds a policy. At least one is required, at most four, names unique.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policies.push(policy);
+        self
+    }
+
+    /// Mask IPv6 client addresses to this prefix before keying (default 64: one
+    /// subscriber's allocation). 1 to 128.
+    pub fn ipv6_prefix(mut self, bits: u8) -> Self {
+        self.key.ipv6_prefix = bits;
+        self
+    }
+
+    /// Mask IPv4 client addresses to this prefix before keying (default 32). 1 to 32.
+    pub fn ipv4_prefix(mut self, bits: u8) -> Self {
+        self.key.ipv4_prefix = bits;
+        self
+    }
+
+    /// A custom key, tried first; `None` falls back to principal, address, global.
+    /// The string is hashed, never stored or logged.
+    ///
+    /// ```
+    /// use portcullis::rate_limit::{KeyContext, Policy, Quota, RateLimitLayer};
+    /// let layer = RateLimitLayer::builder()
+    ///     .policy(Policy::new("per-route", Quota::per_minute(30)?)?)
+    ///     .key_fn(|cx: &KeyContext<'_>| {
+    ///         cx.principal().map(|p| format!("{}|{}", p.id(), cx.uri().path()))
+    ///     })
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), portcullis::ConfigError>(())
+    /// ```
+    pub fn key_fn<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&KeyContext<'_>) -> Option<String> + Send + Sync + 'static,
+    {
+        self.key.custom = Some(Arc::new(f));
+        self
+    }
+
+    /// The most keys tracked in memory at once (default 100 000; see the module
+    /// docs for what happens at the cap).
+    pub fn max_tracked_keys(mut self, n: usize) -> Self {
+        self.max_tracked_keys = n;
+        self
+    }
+
+    /// Whether to send `RateLimit-Policy` and `RateLimit` (default true).
+    pub fn fields(mut self, on: bool) -> Self {
+        self.fields = on;
+        self
+    }
+
+    /// Also send `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
+    /// `X-RateLimit-Reset` (seconds) for the most constrained policy (default false).
+    pub fn legacy_headers(mut self, on: bool) -> Self {
+        self.legacy = on;
+        self
+    }
+
+    /// Shadow mode: count, log and send the fields, but never refuse. Logged as a
+    /// warning when the layer is built.
+    pub fn shadow_mode(mut self, on: bool) -> Self {
+        self.shadow = on;
+        self
+    }
+
+    /// Keep the limits in Redis, shared by every instance.
+    #[cfg(feature = "redis")]
+    pub fn redis(mut self, limiter: redis::RedisLimiter) -> Self {
+        self.redis = Some(limiter);
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    pub fn build(self) -> Result<RateLimitLayer, ConfigError> {
+        if self.policies.is_empty() {
+            return Err(ConfigError::new(
+                "rate limit: at least one policy is required",
+            ));
+        }
+        if self.policies.len() > MAX_POLICIES {
+            return Err(ConfigError::new("rate limit: at most 4 policies"));
+        }
+        for (i, p) in self.policies.iter().enumerate() {
+            if self.policies[..i].iter().any(|q| q.name() == p.name()) {
+                return Err(ConfigError::new(format!(
+                    "rate limit: policy name {} is used twice",
+                    p.name()
+                )));
+            }
+        }
+        if self.max_tracked_keys == 0 {
+            return Err(ConfigError::new(
+                "rate limit: max_tracked_keys must be at least 1",
+            ));
+        }
+        self.key.check()?;
+        if self.shadow {
+            tracing::warn!(
+                target: crate::audit::TARGET,
+                event = "rate_limit_shadow_mode",
+                "rate limiting is in shadow mode: limits are logged, not enforced"
+            );
+        }
+        Ok(RateLimitLayer {
+            shared: Arc::new(Shared {
+                policies: self.policies.iter().map(Policy::compile).collect(),
+                key: self.key,
+                local: LocalStore::new(self.max_tracked_keys),
+                fields: self.fields,
+                legacy: self.legacy,
+                shadow: self.shadow,
+                limited: AtomicU64::new(0),
+                shadow_limited: AtomicU64::new(0),
+                #[cfg(feature = "redis")]
+                redis: self.redis,
+            }),
+        })
+    }
+}
+
+pub(crate) struct Shared {
+    policies: Vec<CompiledPolicy>,
+    key: KeyRule,
+    local: LocalStore,
+    fields: bool,
+    legacy: bool,
+    shadow: bool,
+    limited: AtomicU64,
+    shadow_limited: AtomicU64,
+    #[cfg(feature = "redis")]
+    redis: Option<redis::RedisLimiter>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("RateLimit");
+        d.field("policies", &self.policies)
+            .field("key", &self.key)
+            .field("tracked_keys", &self.local.len())
+            .field("fields", &self.fields)
+            .field("legacy", &self.legacy)
+            .field("shadow", &self.shadow);
+        #[cfg(feature = "redis")]
+        d.field("redis", &self.redis);
+        d.finish()
+    }
+}
+
+/// Counters of refusals since the layer was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RateLimitStats {
+    /// Requests refused with 429.
+    pub limited: u64,
+    /// Requests over the limit let through because of shadow mode.
+    pub shadow_limited: u64,
+}
+
+/// The result of a check, as the layer acts on it.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) enum Verdict {
+    Decided(Outcome),
+    /// A required backend is down and the policy is fail-closed.
+    Unavailable(Duration),
+    /// A backend is down and the policy is fail-open: let through, without fields.
+    Open,
+}
+
+/// The fields computed for one response.
+#[derive(Clone, Debug)]
+struct FieldSet {
+    values: [(HeaderName, Option<HeaderValue>); 5],
+}
+
+impl FieldSet {
+    fn apply(self, headers: &mut HeaderMap) {
+        for (name, value) in self.values {
+            if let Some(v) = value {
+                headers.append(name, v);
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn gcras(&self, principal: Option<&Principal>) -> ([Gcra; MAX_POLICIES], usize) {
+        let mut g = [Gcra { t: 1, tau: 0 }; MAX_POLICIES];
+        for (i, p) in self.policies.iter().enumerate() {
+            g[i] = p.entry(principal).gcra;
+        }
+        (g, self.policies.len())
+    }
+
+    fn render(&self, principal: Option<&Principal>, outcome: &Outcome) -> Option<FieldSet> {
+        if !self.fields && !self.legacy {
+            return None;
+        }
+        let mut set = FieldSet {
+            values: [
+                (RATELIMIT_POLICY, None),
+                (RATELIMIT, None),
+                (X_LIMIT, None),
+                (X_REMAINING, None),
+                (X_RESET, None),
+            ],
+        };
+        if self.fields {
+            let mut policy = BytesMut::with_capacity(32 * self.policies.len());
+            let mut limit = BytesMut::with_capacity(32 * self.policies.len());
+            for (i, (p, s)) in self.policies.iter().zip(outcome.states()).enumerate() {
+                if i > 0 {
+                    policy.put_slice(b", ");
+                    limit.put_slice(b", ");
+                }
+                policy.put_slice(p.entry(principal).item.as_bytes());
+                limit.put_u8(b'"');
+                limit.put_slice(p.name.as_bytes());
+                limit.put_slice(b"\";r=");
+                put_u64(&mut limit, s.remaining);
+                limit.put_slice(b";t=");
+                put_u64(&mut limit, fields::secs_ceil(s.reset));
+            }
+            set.values[0].1 = HeaderValue::from_maybe_shared(policy.freeze()).ok();
+            set.values[1].1 = HeaderValue::from_maybe_shared(limit.freeze()).ok();
+        }
+        if self.legacy {
+            // The most constrained policy: a refusing one (longest wait), else the
+            // one with the fewest requests left.
+            let states = outcome.states();
+            let i = (0..states.len())
+                .max_by_key(|&i| (states[i].wait, std::cmp::Reverse(states[i].remaining)))
+                .unwrap_or(0);
+            let q = self.policies[i].entry(principal).quota;
+            set.values[2].1 = Some(HeaderValue::from(q.count()));
+            set.values[3].1 = Some(HeaderValue::from(states[i].remaining));
+            set.values[4].1 = Some(HeaderValue::from(fields::secs_ceil(states[i].reset)));
+        }
+        Some(set)
+    }
+
+    /// Acts on a verdict: call the inner service (with the fields to add) or refuse.
+    fn finish<S, ReqBody, ResBody>(
+        &self,
+        inner: &mut S,
+        req: Request<ReqBody>,
+        verdict: Verdict,
+    ) -> Kind<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: From<Bytes>,
+    {
+        let outcome = match verdict {
+            Verdict::Decided(o) => o,
+            Verdict::Open => {
+                return Kind::Inner {
+                    future: inner.call(req),
+                    fields: None,
+                };
+            }
+            Verdict::Unavailable(retry) => {
+                return Kind::Rejected {
+                    response: Some(
+                        Rejection::unavailable(DenialReason::BackendUnavailable, Some(retry))
+                            .into_response(),
+                    ),
+                };
+            }
+        };
+        let principal = req.extensions().get::<Principal>();
+        let fields = self.render(principal, &outcome);
+        if outcome.allowed {
+            return Kind::Inner {
+                future: inner.call(req),
+                fields,
+            };
+        }
+        self.audit(&req, &outcome);
+        if self.shadow {
+            self.shadow_limited.fetch_add(1, Ordering::Relaxed);
+            return Kind::Inner {
+                future: inner.call(req),
+                fields,
+            };
+        }
+        self.limited.fetch_add(1, Ordering::Relaxed);
+        let mut rejection = Rejection::too_many_requests(
+            DenialReason::RateLimited,
+            Duration::from_nanos(outcome.wait()),
+        );
+        if let Some(set) = fields {
+            for (name, value) in set.values {
+                if let Some(v) = value {
+                    rejection = rejection.with_header(name, v);
+                }
+            }
+        }
+        Kind::Rejected {
+            response: Some(rejection.into_response()),
+        }
+    }
+
+    fn audit<B>(&self, req: &Request<B>, outcome: &Outcome) {
+        let states = outcome.states();
+        let policy = (0..states.len())
+            .max_by_key(|&i| states[i].wait)
+            .map(|i| &*self.policies[i].name);
+        let principal = req.extensions().get::<Principal>();
+        let client_ip = req.extensions().get::<ClientIp>();
+        tracing::info!(
+            target: crate::audit::TARGET,
+            event = "rate_limited",
+            reason = DenialReason::RateLimited.as_str(),
+            policy,
+            principal = principal.map(Principal::id),
+            client_ip = client_ip.map(tracing::field::display),
+            retry_after = crate::rejection::retry_after_secs(Duration::from_nanos(outcome.wait())),
+            shadow = self.shadow,
+        );
+    }
+}
+
+fn put_u64(buf: &mut BytesMut, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.put_slice(&digits[i..]);
+}
+
+/// Layer applying [`RateLimit`]; build it with [`RateLimitLayer::builder`].
+///
+/// Clones share the limits: build once, clone into every connection.
+#[derive(Clone, Debug)]
+pub struct RateLimitLayer {
+    shared: Arc<Shared>,
+}
+
+impl RateLimitLayer {
+    /// Starts a configuration.
+    pub fn builder() -> RateLimitBuilder {
+        RateLimitBuilder {
+            policies: Vec::new(),
+            key: KeyRule::default(),
+            max_tracked_keys: 100_000,
+            fields: true,
+            legacy: false,
+            shadow: false,
+            #[cfg(feature = "redis")]
+            redis: None,
+        }
+    }
+
+    /// Keys currently tracked in memory.
+    pub fn tracked_keys(&self) -> usize {
+        self.shared.local.len()
+    }
+
+    /// Refusals so far.
+    pub fn stats(&self) -> RateLimitStats {
+        RateLimitStats {
+            limited: self.shared.limited.load(Ordering::Relaxed),
+            shadow_limited: self.shared.shadow_limited.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Service that limits requests per key; see [`RateLimitLayer`].
+#[derive(Clone, Debug)]
+pub struct RateLimit<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> RateLimit<S> {
+    /// Wraps `inner` with the limits of `layer`.
+    pub fn new(inner: S, layer: &RateLimitLayer) -> Self {
+        layer.layer(inner)
+    }
+    /// Gets a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    /// Gets a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: From<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let shared = &*self.shared;
+        let cx = KeyContext::of(&req);
+        let source = shared.key.derive(&cx);
+        let (gcras, n) = shared.gcras(cx.principal());
+        #[cfg(feature = "redis")]
+        if let Some(r) = &shared.redis {
+            let check = r.check(
+                source.stable_name(),
+                source.local(shared.local.hasher()),
+                gcras,
+                n,
+                self.shared.clone(),
+            );
+            let clone = self.inner.clone();
+            let inner = std::mem::replace(&mut self.inner, clone);
+            return ResponseFuture {
+                kind: Kind::Checking {
+                    check,
+                    pending: Some((inner, req, self.shared.clone())),
+                },
+            };
+        }
+        let key = source.local(shared.local.hasher());
+        let outcome = shared.local.check(key, &gcras[..n], shared.local.now());
+        ResponseFuture {
+            kind: shared.finish(&mut self.inner, req, Verdict::Decided(outcome)),
+        }
+    }
+}
+
+pub(crate) type CheckFuture = Pin<Box<dyn Future<Output = Verdict> + Send>>;
+
+pin_project! {
+    /// Response future of [`RateLimit`]: the inner future plus the fields to add,
+    /// a ready refusal, or (with a shared backend) the check in flight.
+    pub struct ResponseFuture<S, ReqBody, B>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        #[pin]
+        kind: Kind<S, ReqBody, B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<S, ReqBody, B>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        Inner { #[pin] future: S::Future, fields: Option<FieldSet> },
+        Rejected { response: Option<Response<B>> },
+        Checking { check: CheckFuture, pending: Option<(S, Request<ReqBody>, Arc<Shared>)> },
+    }
+}
+
+impl<S, ReqBody, B> Future for ResponseFuture<S, ReqBody, B>
+where
+    S: Service<Request<ReqBody>, Response = Response<B>>,
+    B: From<Bytes>,
+{
+    type Output = Result<Response<B>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut kind = self.project().kind;
+        loop {
+            match kind.as_mut().project() {
+                KindProj::Inner { future, fields } => {
+                    let mut res = ready!(future.poll(cx))?;
+                    if let Some(set) = fields.take() {
+                        set.apply(res.headers_mut());
+                    }
+                    return Poll::Ready(Ok(res));
+                }
+                KindProj::Rejected { response } => {
+                    return Poll::Ready(Ok(response.take().expect("polled after completion")));
+                }
+                KindProj::Checking { check, pending } => {
+                    let verdict = ready!(check.as_mut().poll(cx));
+                    let (mut svc, req, shared) = pending.take().expect("polled after completion");
+                    let next = shared.finish(&mut svc, req, verdict);
+                    kind.set(next);
+                }
+            }
+        }
+    }
+}
+
+impl<S, ReqBody, B> fmt::Debug for ResponseFuture<S, ReqBody, B>
+where
+    S: Service<Request<ReqBody>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Kind::Inner { .. } => "Inner",
+            Kind::Rejected { .. } => "Rejected",
+            Kind::Checking { .. } => "Checking",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
+    }
+}

@@ -1,0 +1,192 @@
+//! Named policies: a default quota, per-tier quotas and per-principal overrides.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+use super::quota::{Gcra, Quota};
+use crate::{ConfigError, Principal};
+
+/// A named limit: a default [`Quota`], quotas per tier (the
+/// [`Principal::tier`]), and overrides per principal id. The most specific one
+/// applies: principal override, then tier, then the default.
+///
+/// The name appears in the `RateLimit-Policy` and `RateLimit` fields and in audit
+/// events: 1 to 32 characters of `A-Z a-z 0-9 _ - .`.
+///
+/// ```
+/// use portcullis::rate_limit::{Policy, Quota};
+/// let p = Policy::new("burst", Quota::per_second(10)?)?
+///     .tier("gold", Quota::per_second(100)?)?
+///     .principal("batch-importer", Quota::per_second(500)?)?;
+/// # let _ = p;
+/// # Ok::<(), portcullis::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct Policy {
+    name: Arc<str>,
+    default: Quota,
+    tiers: Vec<(Arc<str>, Quota)>,
+    principals: Vec<(Arc<str>, Quota)>,
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("name", &self.name)
+            .field("default", &self.default)
+            .field("tiers", &self.tiers)
+            .field("principals", &self.principals)
+            .finish()
+    }
+}
+
+pub(crate) fn check_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            "rate-limit policy name must be 1 to 32 characters of A-Z a-z 0-9 _ - .",
+        ))
+    }
+}
+
+impl Policy {
+    /// A policy named `name` with `default` for every key.
+    pub fn new(name: &str, default: Quota) -> Result<Self, ConfigError> {
+        check_name(name)?;
+        Ok(Self {
+            name: name.into(),
+            default,
+            tiers: Vec::new(),
+            principals: Vec::new(),
+        })
+    }
+
+    /// The quota for principals of tier `tier`. A tier named twice is an error.
+    pub fn tier(mut self, tier: &str, quota: Quota) -> Result<Self, ConfigError> {
+        if tier.is_empty() || self.tiers.iter().any(|(t, _)| &**t == tier) {
+            return Err(ConfigError::new(format!(
+                "rate-limit policy {}: tier names must be non-empty and unique",
+                self.name
+            )));
+        }
+        self.tiers.push((tier.into(), quota));
+        Ok(self)
+    }
+
+    /// The quota for the principal with id `id`, whatever its tier.
+    pub fn principal(mut self, id: &str, quota: Quota) -> Result<Self, ConfigError> {
+        if id.is_empty() || self.principals.iter().any(|(p, _)| &**p == id) {
+            return Err(ConfigError::new(format!(
+                "rate-limit policy {}: principal overrides must be non-empty and unique",
+                self.name
+            )));
+        }
+        self.principals.push((id.into(), quota));
+        Ok(self)
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The quota that applies to `principal` (or to an anonymous request).
+    ///
+    /// ```
+    /// use portcullis::rate_limit::{Policy, Quota};
+    /// use portcullis::{AuthMethod, Principal};
+    /// let p = Policy::new("api", Quota::per_second(10)?)?.tier("gold", Quota::per_second(100)?)?;
+    /// let gold = Principal::new("acme", AuthMethod::ApiKey).with_tier("gold");
+    /// assert_eq!(p.quota_for(Some(&gold)).count(), 100);
+    /// assert_eq!(p.quota_for(None).count(), 10);
+    /// # Ok::<(), portcullis::ConfigError>(())
+    /// ```
+    pub fn quota_for(&self, principal: Option<&Principal>) -> Quota {
+        if let Some(p) = principal {
+            if let Some((_, q)) = self.principals.iter().find(|(id, _)| &**id == p.id()) {
+                return *q;
+            }
+            if let Some(t) = p.tier() {
+                if let Some((_, q)) = self.tiers.iter().find(|(n, _)| &**n == t) {
+                    return *q;
+                }
+            }
+        }
+        self.default
+    }
+
+    pub(crate) fn compile(&self) -> CompiledPolicy {
+        let entry = |q: Quota| Entry::new(&self.name, q);
+        CompiledPolicy {
+            name: self.name.clone(),
+            default: entry(self.default),
+            tiers: self
+                .tiers
+                .iter()
+                .map(|(t, q)| (t.clone(), entry(*q)))
+                .collect(),
+            principals: self
+                .principals
+                .iter()
+                .map(|(p, q)| (p.clone(), entry(*q)))
+                .collect(),
+        }
+    }
+}
+
+/// One quota of one policy, with its precomputed `RateLimit-Policy` item.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) quota: Quota,
+    pub(crate) gcra: Gcra,
+    pub(crate) item: HeaderValue,
+}
+
+impl Entry {
+    fn new(name: &str, quota: Quota) -> Self {
+        let item = format!(
+            "\"{name}\";q={};w={}",
+            quota.count(),
+            quota.window().as_secs()
+        );
+        Self {
+            quota,
+            gcra: quota.gcra(),
+            item: HeaderValue::from_str(&item).expect("checked name and integers"),
+        }
+    }
+}
+
+/// A policy ready for lookups.
+#[derive(Debug)]
+pub(crate) struct CompiledPolicy {
+    pub(crate) name: Arc<str>,
+    default: Entry,
+    tiers: HashMap<Arc<str>, Entry>,
+    principals: HashMap<Arc<str>, Entry>,
+}
+
+impl CompiledPolicy {
+    pub(crate) fn entry(&self, principal: Option<&Principal>) -> &Entry {
+        if let Some(p) = principal {
+            if !self.principals.is_empty() {
+                if let Some(e) = self.principals.get(p.id()) {
+                    return e;
+                }
+            }
+            if let Some(e) = p.tier().and_then(|t| self.tiers.get(t)) {
+                return e;
+            }
+        }
+        &self.default
+    }
+}

@@ -1,0 +1,445 @@
+//! RateLimitLayer and AuthThrottleLayer over real TCP.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use portcullis::client_ip::{ClientIpConfig, ClientIpLayer};
+use portcullis::rate_limit::fields::{
+    LimitItem, PolicyItem, parse_ratelimit, parse_ratelimit_policy,
+};
+use portcullis::rate_limit::{AuthThrottleLayer, Policy, Quota, RateLimitLayer};
+use portcullis::rejection::{Challenge, DenialReason, Rejection};
+use portcullis::{AuthMethod, Principal};
+use tower::{Layer, Service, ServiceBuilder};
+
+use crate::common::{Peer, Reply, get, get_from, ip, serve};
+use crate::log_capture;
+
+/// Test-only authentication: `X-Test-Principal: id[;tier]` becomes a [`Principal`].
+/// (The real authentication layers are tested on their own.)
+#[derive(Clone)]
+pub struct TestPrincipalLayer;
+
+impl<S> Layer<S> for TestPrincipalLayer {
+    type Service = TestPrincipal<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        TestPrincipal(inner)
+    }
+}
+
+#[derive(Clone)]
+pub struct TestPrincipal<S>(S);
+
+impl<S, B> Service<Request<B>> for TestPrincipal<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        let p = req
+            .headers()
+            .get("x-test-principal")
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .map(|v| {
+                let (id, tier) = v.split_once(';').map_or((v, None), |(a, b)| (a, Some(b)));
+                let p = Principal::new(id, AuthMethod::ApiKey);
+                match tier {
+                    Some(t) => p.with_tier(t),
+                    None => p,
+                }
+            });
+        if let Some(p) = p {
+            req.extensions_mut().insert(p);
+        }
+        self.0.call(req)
+    }
+}
+
+pub async fn serve_limited(layer: RateLimitLayer, client_ip: ClientIpConfig) -> SocketAddr {
+    let stack = ServiceBuilder::new()
+        .layer(ClientIpLayer::new(client_ip))
+        .layer(TestPrincipalLayer)
+        .layer(layer)
+        .into_inner();
+    serve("127.0.0.1:0", stack, Peer::Attached).await
+}
+
+pub fn limits(r: &Reply) -> Vec<LimitItem> {
+    parse_ratelimit(r.header("ratelimit").expect("RateLimit field").as_bytes()).unwrap()
+}
+
+pub fn policies(r: &Reply) -> Vec<PolicyItem> {
+    parse_ratelimit_policy(
+        r.header("ratelimit-policy")
+            .expect("RateLimit-Policy")
+            .as_bytes(),
+    )
+    .unwrap()
+}
+
+pub fn rt(r: &Reply) -> Vec<(String, u64, Option<u64>)> {
+    limits(r)
+        .into_iter()
+        .map(|l| (l.name, l.remaining, l.reset))
+        .collect()
+}
+
+fn one(name: &str, r: u64, t: u64) -> Vec<(String, u64, Option<u64>)> {
+    vec![(name.to_owned(), r, Some(t))]
+}
+
+#[tokio::test]
+async fn keys_are_independent_and_fields_exact() {
+    let layer = RateLimitLayer::builder()
+        .policy(Policy::new("api", Quota::per_minute(3).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let addr = serve_limited(layer, ClientIpConfig::peer_only()).await;
+    let alice: &[&[u8]] = &[b"X-Test-Principal: alice"];
+    let bob: &[&[u8]] = &[b"X-Test-Principal: bob"];
+
+    // One request every 20 s: burst 3 at once, each refills in 20 s.
+    for (r, t) in [(2, 20), (1, 40), (0, 60)] {
+        let res = get(addr, alice).await;
+        assert_eq!(res.status, 200);
+        assert_eq!(rt(&res), one("api", r, t));
+        let p = policies(&res);
+        assert_eq!(
+            (p[0].name.as_str(), p[0].quota, p[0].window),
+            ("api", 3, Some(60))
+        );
+    }
+    let refused = get(addr, alice).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("retry-after"), Some("20"));
+    assert_eq!(rt(&refused), one("api", 0, 60));
+    assert_eq!(policies(&refused)[0].quota, 3);
+    assert_eq!(
+        refused.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert!(refused.body.contains("\"status\":429"), "{}", refused.body);
+    assert!(!refused.body.contains("alice"));
+    assert!(
+        refused.header("x-ratelimit-limit").is_none(),
+        "legacy headers are opt-in"
+    );
+
+    // Bob, from the same address, has his own bucket.
+    let res = get(addr, bob).await;
+    assert_eq!((res.status, rt(&res)), (200, one("api", 2, 20)));
+    // So does an anonymous client (keyed by its address).
+    let res = get(addr, &[]).await;
+    assert_eq!((res.status, rt(&res)), (200, one("api", 2, 20)));
+}
+
+#[tokio::test]
+async fn tiers_overrides_and_several_policies() {
+    let layer = RateLimitLayer::builder()
+        .policy(
+            Policy::new("burst", Quota::per_minute(2).unwrap())
+                .unwrap()
+                .tier("gold", Quota::per_minute(4).unwrap())
+                .unwrap()
+                .principal("vip", Quota::per_minute(6).unwrap())
+                .unwrap(),
+        )
+        .policy(Policy::new("hourly", Quota::per_hour(5).unwrap()).unwrap())
+        .legacy_headers(true)
+        .build()
+        .unwrap();
+    let addr = serve_limited(layer, ClientIpConfig::peer_only()).await;
+
+    let count_allowed = |who: &'static [u8]| async move {
+        let mut n = 0;
+        loop {
+            let r = get(addr, &[who]).await;
+            if r.status != 200 {
+                return (n, r);
+            }
+            n += 1;
+        }
+    };
+    let (n, last) = count_allowed(b"X-Test-Principal: plain").await;
+    assert_eq!(n, 2);
+    let p = policies(&last);
+    assert_eq!(
+        (p[0].quota, p[0].window, p[1].quota, p[1].window),
+        (2, Some(60), 5, Some(3600))
+    );
+    // Refused by "burst"; "hourly" spent exactly what was let through.
+    assert_eq!(
+        rt(&last),
+        vec![
+            ("burst".into(), 0, Some(60)),
+            ("hourly".into(), 3, Some(1440))
+        ]
+    );
+    assert_eq!(last.header("x-ratelimit-limit"), Some("2"));
+    assert_eq!(last.header("x-ratelimit-remaining"), Some("0"));
+    assert_eq!(last.header("x-ratelimit-reset"), Some("60"));
+
+    let (n, last) = count_allowed(b"X-Test-Principal: g1;gold").await;
+    assert_eq!(n, 4);
+    assert_eq!(policies(&last)[0].quota, 4);
+
+    // The override beats the tier; the hourly policy caps it at 5.
+    let (n, last) = count_allowed(b"X-Test-Principal: vip;gold").await;
+    assert_eq!(n, 5);
+    assert_eq!(policies(&last)[0].quota, 6);
+    assert_eq!(limits(&last)[1].remaining, 0);
+    assert_eq!(last.header("x-ratelimit-limit"), Some("5"));
+    assert_eq!(last.header("retry-after"), Some("720"));
+}
+
+#[tokio::test]
+async fn retry_after_is_right_after_waiting() {
+    let layer = RateLimitLayer::builder()
+        .policy(Policy::new("slow", Quota::new(1, Duration::from_secs(2)).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let addr = serve_limited(layer, ClientIpConfig::peer_only()).await;
+    assert_eq!(get(addr, &[]).await.status, 200);
+    let r = get(addr, &[]).await;
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("2")));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = get(addr, &[]).await;
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("1")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = get(addr, &[]).await;
+    assert_eq!(r.status, 200, "allowed once Retry-After has passed");
+    assert_eq!(rt(&r), one("slow", 0, 2));
+}
+
+#[tokio::test]
+async fn shadow_mode_never_rejects_but_counts_and_logs() {
+    let capture = log_capture::capture();
+    let layer = RateLimitLayer::builder()
+        .policy(Policy::new("shadowed", Quota::per_minute(2).unwrap()).unwrap())
+        .shadow_mode(true)
+        .build()
+        .unwrap();
+    let addr = serve_limited(layer.clone(), ClientIpConfig::peer_only()).await;
+    let who: &[&[u8]] = &[b"X-Test-Principal: shadow-probe-principal"];
+    for i in 0..10 {
+        let r = get(addr, who).await;
+        assert_eq!(r.status, 200, "request {i}");
+        assert_eq!(limits(&r)[0].remaining, 2u64.saturating_sub(i + 1));
+    }
+    assert_eq!(layer.stats().shadow_limited, 8);
+    assert_eq!(layer.stats().limited, 0);
+    let events = capture.events_with("shadow-probe-principal");
+    assert_eq!(events.len(), 8);
+    for e in &events {
+        assert_eq!(e["target"], portcullis::audit::TARGET);
+        assert_eq!(e["fields"]["event"], "rate_limited");
+        assert_eq!(e["fields"]["shadow"], true);
+        assert_eq!(e["fields"]["policy"], "shadowed");
+    }
+}
+
+#[tokio::test]
+async fn refusals_are_audited() {
+    let capture = log_capture::capture();
+    let layer = RateLimitLayer::builder()
+        .policy(Policy::new("audited", Quota::per_minute(1).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let addr = serve_limited(layer.clone(), ClientIpConfig::peer_only()).await;
+    let who: &[&[u8]] = &[b"X-Test-Principal: audit-probe-principal"];
+    assert_eq!(get(addr, who).await.status, 200);
+    assert_eq!(get(addr, who).await.status, 429);
+    let events = capture.events_with("audit-probe-principal");
+    assert_eq!(events.len(), 1);
+    let f = &events[0]["fields"];
+    assert_eq!(events[0]["target"], "portcullis::audit");
+    assert_eq!(f["event"], "rate_limited");
+    assert_eq!(f["reason"], "rate_limited");
+    assert_eq!(f["shadow"], false);
+    assert_eq!(f["client_ip"], "127.0.0.1");
+    assert_eq!(f["retry_after"], 60);
+    assert_eq!(layer.stats().limited, 1);
+}
+
+#[tokio::test]
+async fn ipv6_rotation_inside_a_64_shares_a_bucket() {
+    let layer = RateLimitLayer::builder()
+        .policy(Policy::new("anon", Quota::per_minute(2).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    // Behind a trusted proxy on loopback, so the test can pick client addresses.
+    let addr = serve_limited(layer, ClientIpConfig::trusted_proxies("127.0.0.1").unwrap()).await;
+    let from = |xff: &'static str| async move {
+        let h = format!("X-Forwarded-For: {xff}");
+        get_from(Some(ip("127.0.0.1")), addr, &[h.as_bytes()]).await
+    };
+    assert_eq!(from("2001:db8:0:1::1").await.status, 200);
+    assert_eq!(from("2001:db8:0:1:aaaa:bbbb:cccc:dddd").await.status, 200);
+    let r = from("2001:db8:0:1:ffff::7").await;
+    assert_eq!(
+        r.status, 429,
+        "a new address in the same /64 is the same client"
+    );
+    assert_eq!(
+        from("2001:db8:0:2::1").await.status,
+        200,
+        "the next /64 is another client"
+    );
+    assert_eq!(from("198.51.100.1").await.status, 200);
+    assert_eq!(
+        from("198.51.100.2").await.status,
+        200,
+        "IPv4 is per address"
+    );
+}
+
+#[tokio::test]
+async fn ipv6_prefix_is_configurable() {
+    let layer = RateLimitLayer::builder()
+        .policy(Policy::new("anon", Quota::per_minute(1).unwrap()).unwrap())
+        .ipv6_prefix(128)
+        .build()
+        .unwrap();
+    let addr = serve_limited(layer, ClientIpConfig::trusted_proxies("127.0.0.1").unwrap()).await;
+    for a in ["2001:db8::1", "2001:db8::2"] {
+        let h = format!("X-Forwarded-For: {a}");
+        assert_eq!(
+            get_from(Some(ip("127.0.0.1")), addr, &[h.as_bytes()])
+                .await
+                .status,
+            200
+        );
+    }
+    assert!(
+        RateLimitLayer::builder()
+            .policy(Policy::new("x", Quota::per_second(1).unwrap()).unwrap())
+            .ipv6_prefix(129)
+            .build()
+            .is_err()
+    );
+}
+
+#[test]
+fn bad_configuration_fails_at_build() {
+    let q = Quota::per_second(1).unwrap();
+    assert!(RateLimitLayer::builder().build().is_err(), "no policy");
+    let dup = RateLimitLayer::builder()
+        .policy(Policy::new("a", q).unwrap())
+        .policy(Policy::new("a", q).unwrap())
+        .build();
+    assert!(dup.unwrap_err().to_string().contains("twice"));
+    assert!(Policy::new("has space", q).is_err());
+    assert!(Policy::new("quote\"", q).is_err());
+    assert!(Quota::per_second(0).is_err());
+    assert!(Quota::per_hour(2_000_000_000).is_err());
+    assert!(
+        RateLimitLayer::builder()
+            .policy(Policy::new("a", q).unwrap())
+            .max_tracked_keys(0)
+            .build()
+            .is_err()
+    );
+}
+
+/// A stand-in for the authentication layer: `X-Test-Key: bad` is an unknown key,
+/// no header is a missing credential, `X-Test-Key: good` passes.
+#[derive(Clone)]
+struct FakeAuthLayer;
+
+impl<S> Layer<S> for FakeAuthLayer {
+    type Service = FakeAuth<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        FakeAuth(inner)
+    }
+}
+
+#[derive(Clone)]
+struct FakeAuth<S>(S);
+
+impl<S, B> Service<Request<B>> for FakeAuth<S>
+where
+    S: Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
+    >;
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let c = Challenge::api_key("test").unwrap();
+        match req.headers().get("x-test-key").map(|v| v.as_bytes()) {
+            Some(b"good") => Box::pin(self.0.call(req)),
+            Some(_) => {
+                let r = Rejection::invalid_credential(&c, DenialReason::UnknownKey).into_response();
+                Box::pin(async move { Ok(r) })
+            }
+            None => {
+                let r = Rejection::missing_credential(&c).into_response();
+                Box::pin(async move { Ok(r) })
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn failed_auth_throttling_kicks_in_and_expires() {
+    let capture = log_capture::capture();
+    // 3 failures, then one more per second.
+    let throttle = AuthThrottleLayer::new(Quota::new(3, Duration::from_secs(3)).unwrap());
+    let stack = ServiceBuilder::new()
+        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+        .layer(throttle)
+        .layer(FakeAuthLayer)
+        .into_inner();
+    let addr = serve("127.0.0.1:0", stack, Peer::Attached).await;
+    let attacker = Some(ip("127.0.0.21"));
+    let bystander = Some(ip("127.0.0.22"));
+    let bad: &[&[u8]] = &[b"X-Test-Key: bad"];
+    let good: &[&[u8]] = &[b"X-Test-Key: good"];
+
+    // Missing credentials are not guesses: never counted.
+    for _ in 0..10 {
+        assert_eq!(get_from(attacker, addr, &[]).await.status, 401);
+    }
+    for _ in 0..3 {
+        assert_eq!(get_from(attacker, addr, bad).await.status, 401);
+    }
+    // Now throttled before any key is checked, even with a valid key.
+    let r = get_from(attacker, addr, good).await;
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("1")));
+    assert!(
+        r.header("www-authenticate").is_none(),
+        "the key check never ran"
+    );
+    assert_eq!(get_from(attacker, addr, bad).await.status, 429);
+    // Other addresses are unaffected.
+    assert_eq!(get_from(bystander, addr, good).await.status, 200);
+    assert_eq!(get_from(bystander, addr, bad).await.status, 401);
+
+    let events = capture.events_with("127.0.0.21");
+    assert!(
+        events.iter().any(|e| e["fields"]["event"] == "auth_throttled"
+            && e["target"] == "portcullis::audit"),
+        "{events:?}"
+    );
+
+    // It expires: after Retry-After one more attempt is allowed.
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    assert_eq!(get_from(attacker, addr, good).await.status, 200);
+    assert_eq!(get_from(attacker, addr, bad).await.status, 401);
+    assert_eq!(get_from(attacker, addr, good).await.status, 429);
+}
