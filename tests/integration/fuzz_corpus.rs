@@ -24,10 +24,14 @@ fn forwarded_headers_corpus() {
 #[test]
 fn jwt_verify_corpus() {
     replay("jwt_verify", portcullis::fuzzing::jwt_verify);
+}
+
 #[cfg(feature = "api-key")]
 #[test]
 fn credentials_corpus() {
     replay("credentials", portcullis::fuzzing::credentials);
+}
+
 #[cfg(feature = "rate-limit")]
 #[test]
 fn ratelimit_fields_corpus() {
