@@ -590,6 +590,16 @@ mod tests {
     }
 
     #[test]
+    fn env_errors_name_the_variable() {
+        let e =
+            KeyStore::from_env("PORTCULLIS_TEST_UNSET_VARIABLE_3", Scopes::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("PORTCULLIS_TEST_UNSET_VARIABLE_3 is not set")
+        );
+    }
+
+    #[test]
     fn millisecond_rounding() {
         let t = |ms: i64, extra_ns: u32| {
             let base = if ms >= 0 {
