@@ -3,7 +3,7 @@
 //! # Keys
 //!
 //! A generated key is `<prefix>_<random><checksum>`, e.g.
-//! `pc_live_4GfL0dC9x2mQ7aZrT1kVbY3Ns8`: a prefix naming its kind (default `pc_live`),
+//! `pc_live_EXAMPLExDOxNOTxUSE00000bJVDo`: a prefix naming its kind (default `pc_live`),
 //! 22 base62 characters from the OS CSPRNG (130 bits), and a 6-character base62 CRC32
 //! of everything before it. The checksum rejects typos and garbage before any lookup
 //! and lets secret scanners recognise leaked keys; it is not a security control.
