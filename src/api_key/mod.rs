@@ -196,15 +196,14 @@ impl Shared {
         let Some(file) = &self.file else {
             return Ok(());
         };
+        // Held for the whole reload: two reloads never race to swap in an older file.
+        let mut last = file.last.lock().unwrap_or_else(|p| p.into_inner());
         let now = stamp(&file.path);
-        {
-            let mut last = file.last.lock().unwrap_or_else(|p| p.into_inner());
-            if !force && now == *last {
-                return Ok(());
-            }
-            // Remember the attempt, so a broken file is reported once, not every tick.
-            *last = now;
+        if !force && now == *last {
+            return Ok(());
         }
+        // Remember the attempt, so a broken file is reported once, not every tick.
+        *last = now;
         match KeyStore::from_file(&file.path) {
             Ok(store) => {
                 let keys = store.len();
