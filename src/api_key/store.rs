@@ -426,7 +426,7 @@ impl KeyStore {
         self.by_digest.is_empty()
     }
 
-    /// The records, in no particular order.
+    /// The records, in the order they were given (file order for a key file).
     pub fn records(&self) -> impl Iterator<Item = &KeyRecord> {
         self.records.iter()
     }
