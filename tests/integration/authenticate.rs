@@ -379,6 +379,30 @@ async fn credentials_can_be_kept_and_query_keys_are_opt_in() {
 }
 
 #[tokio::test]
+async fn plain_keys_from_a_list() {
+    let capture = log_capture::capture();
+    let from = "127.3.0.6";
+    let plain = "itest-plain-key-0123456789-abcdefghijklmnop";
+    let store = KeyStore::from_key_list(&format!(" {plain} ,"), Scopes::default()).unwrap_err();
+    assert!(store.to_string().contains("entry 2 is empty"));
+    let store = KeyStore::from_key_list(plain, Scopes::parse("jobs:read").unwrap()).unwrap();
+    let addr = serve(AuthenticateLayer::api_keys(ApiKeys::new(store))).await;
+    let r = get(
+        from,
+        addr,
+        &[&h("Authorization", &format!("Bearer {plain}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.starts_with("id=env-"), "{}", r.body);
+    let r = get(from, addr, &[&h("X-API-Key", &plain[..31])]).await;
+    assert_eq!((r.status, r.body.as_str()), (401, UNAUTHORIZED_BODY));
+    let r = get(from, addr, &[&h("X-API-Key", &format!("{plain}x"))]).await;
+    assert_eq!((r.status, r.body.as_str()), (401, UNAUTHORIZED_BODY));
+    assert!(!capture.text().contains(plain));
+}
+
+#[tokio::test]
 async fn require_scope_layer() {
     let capture = log_capture::capture();
     let from = "127.3.0.3";
