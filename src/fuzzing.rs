@@ -194,3 +194,132 @@ pub fn jwt_verify(data: &[u8]) {
         assert!(exp > iat && exp - iat <= 3600, "lifetime rule");
     }
 }
+
+/// `credentials` target: credential extraction and key-format parsing.
+///
+/// Input: one selector byte (bit 0: accept the `api_key` query parameter), then
+/// lines separated by `\n`. Each line's first byte picks where the rest goes:
+/// `0` and `2` `X-API-Key`, `1` `Authorization`, `3` another header,
+/// anything else the query string (last one wins).
+///
+/// Checks, besides "no panic": an extracted credential is non-empty printable ASCII
+/// without spaces, within the length cap, taken verbatim from one input value, and
+/// the only credential present; the per-header parsers agree with the extraction;
+/// a key that passes the format check round-trips through its checksum, and a
+/// one-character change breaks it; the key store refuses everything but its key.
+#[cfg(feature = "api-key")]
+pub fn credentials(data: &[u8]) {
+    use std::sync::OnceLock;
+    use std::time::SystemTime;
+
+    use crate::api_key::{KeyRecord, KeyStore, MAX_KEY_LEN, generate_key, parse_key};
+    use crate::authenticate::{
+        CredentialError, MAX_CREDENTIAL_LEN, extract_credential, parse_api_key_header,
+        parse_authorization,
+    };
+
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let query_param = (sel & 1 == 1).then_some("api_key");
+    let mut headers = HeaderMap::new();
+    let mut raw_values: Vec<&[u8]> = Vec::new();
+    let mut query: Option<&str> = None;
+    let mut ours = 0usize;
+    let mut representable = true;
+    for line in rest.split(|&b| b == b'\n') {
+        let Some((&kind, value)) = line.split_first() else {
+            continue;
+        };
+        let name = match kind {
+            0 => "x-api-key",
+            1 => "authorization",
+            2 => "x-api-key",
+            3 => "cookie",
+            _ => {
+                query = std::str::from_utf8(value).ok();
+                continue;
+            }
+        };
+        // The per-header parsers over the raw bytes, representable or not.
+        let direct = if kind == 1 {
+            parse_authorization(value).map(|o| o.map(|(_, v)| v))
+        } else {
+            parse_api_key_header(value).map(Some)
+        };
+        if let Ok(Some(v)) = direct {
+            assert!(
+                contains(value, v.as_bytes()),
+                "parser invented a credential"
+            );
+        }
+        match HeaderValue::from_bytes(value) {
+            Ok(hv) => {
+                headers.append(name, hv);
+                if kind != 3 {
+                    raw_values.push(value);
+                    // A header counts as a credential unless it is another scheme.
+                    if !(kind == 1 && matches!(direct, Ok(None))) {
+                        ours += 1;
+                    }
+                }
+            }
+            Err(_) => representable = false,
+        }
+    }
+    let query = query.filter(|q| !q.contains('#'));
+    if let (Some(q), Some(p)) = (query, query_param) {
+        ours += q
+            .split('&')
+            .filter(|pair| pair.split_once('=').map_or(*pair, |(n, _)| n) == p)
+            .count();
+        raw_values.push(q.as_bytes());
+    }
+    if !representable {
+        return;
+    }
+    match extract_credential(&headers, query, query_param) {
+        Ok(Some(c)) => {
+            let v = c.expose_secret().as_bytes();
+            assert!(!v.is_empty() && v.len() <= MAX_CREDENTIAL_LEN);
+            assert!(v.iter().all(|b| (0x21..0x7f).contains(b)));
+            assert!(raw_values.iter().any(|r| contains(r, v)));
+            assert_eq!(ours, 1, "one credential extracted from several");
+        }
+        Ok(None) => assert_eq!(ours, 0, "a credential was missed"),
+        Err(CredentialError::Multiple) => assert!(ours > 1),
+        Err(_) => assert!(ours >= 1),
+    }
+
+    // Key format and verification over every value and the whole input.
+    static STORE: OnceLock<(KeyStore, String)> = OnceLock::new();
+    let (store, known) = STORE.get_or_init(|| {
+        let k = generate_key("pc_fuzz").expect("randomness");
+        let store = KeyStore::from_records([KeyRecord::new("fuzz", k.digest()).expect("id")])
+            .expect("one key");
+        (store, k.expose_secret().to_owned())
+    });
+    let candidates = raw_values
+        .iter()
+        .copied()
+        .chain([rest])
+        .filter_map(|v| std::str::from_utf8(v).ok());
+    for s in candidates {
+        if let Ok(parsed) = parse_key(s) {
+            assert!(s.starts_with(parsed.prefix()) && s.len() <= MAX_KEY_LEN);
+            // Any one-character change of the body is caught by the checksum.
+            let mut changed = s.as_bytes().to_vec();
+            let last = changed.len() - 1;
+            changed[last] = if changed[last] == b'a' { b'b' } else { b'a' };
+            let changed = String::from_utf8(changed).expect("ASCII");
+            assert!(parse_key(&changed).is_err());
+        }
+        let verdict = store.verify(s, SystemTime::now());
+        assert_eq!(verdict.is_ok(), s == known.as_str());
+    }
+}
+
+#[cfg(feature = "api-key")]
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}

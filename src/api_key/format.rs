@@ -244,6 +244,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_documented_example_key_is_well_formed() {
+        assert!(parse_key("pc_live_EXAMPLExDOxNOTxUSE00000bJVDo").is_ok());
+    }
+
+    #[test]
     fn crc32_check_value() {
         // The standard CRC-32/ISO-HDLC check value.
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);

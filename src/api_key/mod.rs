@@ -3,7 +3,7 @@
 //! # Keys
 //!
 //! A generated key is `<prefix>_<random><checksum>`, e.g.
-//! `pc_live_4GfL0dC9x2mQ7aZrT1kVbY3Ns8`: a prefix naming its kind (default `pc_live`),
+//! `pc_live_EXAMPLExDOxNOTxUSE00000bJVDo`: a prefix naming its kind (default `pc_live`),
 //! 22 base62 characters from the OS CSPRNG (130 bits), and a 6-character base62 CRC32
 //! of everything before it. The checksum rejects typos and garbage before any lookup
 //! and lets secret scanners recognise leaked keys; it is not a security control.
@@ -196,15 +196,14 @@ impl Shared {
         let Some(file) = &self.file else {
             return Ok(());
         };
+        // Held for the whole reload: two reloads never race to swap in an older file.
+        let mut last = file.last.lock().unwrap_or_else(|p| p.into_inner());
         let now = stamp(&file.path);
-        {
-            let mut last = file.last.lock().unwrap_or_else(|p| p.into_inner());
-            if !force && now == *last {
-                return Ok(());
-            }
-            // Remember the attempt, so a broken file is reported once, not every tick.
-            *last = now;
+        if !force && now == *last {
+            return Ok(());
         }
+        // Remember the attempt, so a broken file is reported once, not every tick.
+        *last = now;
         match KeyStore::from_file(&file.path) {
             Ok(store) => {
                 let keys = store.len();

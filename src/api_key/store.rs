@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::format::{KeyFormatError, MAX_KEY_LEN, MIN_LEGACY_KEY_LEN, parse_key};
 use super::{KeyDigest, file};
@@ -172,10 +173,73 @@ impl KeyRejection {
     }
 }
 
-struct Stored {
-    record: KeyRecord,
+/// What a lookup touches, kept small so that one map slot is about one cache line:
+/// the prebuilt principal and the validity window in milliseconds since the epoch.
+struct Slot {
     principal: Principal,
+    not_before_ms: i64,
+    expires_at_ms: i64,
+    revoked: bool,
+    /// Index of the full record in `KeyStore::records`.
+    record: u32,
 }
+
+/// Milliseconds since the epoch, rounded down (`ceil` false) or up.
+fn epoch_ms_rounded(t: SystemTime, ceil: bool) -> i64 {
+    let (d, negative) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d, false),
+        Err(e) => (e.duration(), true),
+    };
+    let partial = d.subsec_nanos() % 1_000_000 != 0;
+    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let up = i64::from(partial);
+    // Rounding a negative time up is rounding its magnitude down, and vice versa.
+    match (negative, ceil) {
+        (false, false) => ms,
+        (false, true) => ms.saturating_add(up),
+        (true, false) => -ms.saturating_add(up),
+        (true, true) => -ms,
+    }
+}
+
+fn epoch_ms(t: SystemTime) -> i64 {
+    epoch_ms_rounded(t, false)
+}
+
+/// Not-before times round up and expiry times and `now` round down, so rounding
+/// never lets a key in early or keeps it valid late.
+fn epoch_ms_ceil(t: SystemTime) -> i64 {
+    epoch_ms_rounded(t, true)
+}
+
+/// The map's hasher: the first 8 bytes of the digest.
+///
+/// Digests are SHA-256 outputs, so they are already uniform. Stored digests come
+/// from the operator, and a client cannot choose the digest its guess produces
+/// without a SHA-256 preimage, so no one can aim requests at one bucket: a keyed
+/// hash (SipHash) would add about 20 ns per request and no protection.
+#[derive(Clone, Copy, Default)]
+struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached through `KeyDigest`'s `Hash`, which writes one u64; fold
+        // anything else in so the hasher stays correct if that changes.
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
+type DigestMap = HashMap<KeyDigest, Slot, BuildHasherDefault<DigestHasher>>;
 
 /// An immutable set of key records, indexed by digest.
 ///
@@ -185,7 +249,8 @@ struct Stored {
 /// comparison of the 32-byte digests, then checks revocation and the validity window.
 /// There is no scan over the keys and no `==` on key material.
 ///
-/// Memory: about 200 bytes per key (record, prebuilt `Principal`, map slot).
+/// Memory: roughly 300 bytes per key plus its id and scopes (the record, a prebuilt
+/// `Principal`, and a 64-byte map slot).
 ///
 /// An empty store cannot be built: portcullis never runs open by accident.
 ///
@@ -205,7 +270,8 @@ struct Stored {
 /// # Ok::<(), portcullis::ConfigError>(())
 /// ```
 pub struct KeyStore {
-    by_digest: HashMap<KeyDigest, Stored>,
+    by_digest: DigestMap,
+    records: Vec<KeyRecord>,
     /// Whether keys outside the generated format were listed (a plain key list).
     legacy: bool,
 }
@@ -225,10 +291,13 @@ impl KeyStore {
     where
         I: IntoIterator<Item = (KeyRecord, Option<String>)>,
     {
-        let records = records.into_iter();
-        let mut by_digest = HashMap::with_capacity(records.size_hint().0);
-        for (i, (record, pos)) in records.enumerate() {
-            let principal = record.principal();
+        let input = records.into_iter();
+        let mut by_digest =
+            DigestMap::with_capacity_and_hasher(input.size_hint().0, Default::default());
+        let mut records = Vec::with_capacity(input.size_hint().0);
+        for (i, (record, pos)) in input.enumerate() {
+            let index =
+                u32::try_from(i).map_err(|_| ConfigError::new("more than 4 294 967 295 keys"))?;
             match by_digest.entry(record.digest) {
                 Entry::Occupied(_) => {
                     let at = pos.unwrap_or_else(|| format!("record {}", i + 1));
@@ -238,16 +307,27 @@ impl KeyStore {
                     )));
                 }
                 Entry::Vacant(v) => {
-                    v.insert(Stored { record, principal });
+                    v.insert(Slot {
+                        principal: record.principal(),
+                        not_before_ms: record.not_before.map_or(i64::MIN, epoch_ms_ceil),
+                        expires_at_ms: record.expires_at.map_or(i64::MAX, epoch_ms),
+                        revoked: record.revoked,
+                        record: index,
+                    });
                 }
             }
+            records.push(record);
         }
         if by_digest.is_empty() {
             return Err(ConfigError::new(
                 "the key store is empty: configure at least one key (portcullis never runs open by default)",
             ));
         }
-        Ok(Self { by_digest, legacy })
+        Ok(Self {
+            by_digest,
+            records,
+            legacy,
+        })
     }
 
     /// Parses a TOML key file's text (format in the module docs). Errors name the
@@ -346,9 +426,9 @@ impl KeyStore {
         self.by_digest.is_empty()
     }
 
-    /// The records, in no particular order.
+    /// The records, in the order they were given (file order for a key file).
     pub fn records(&self) -> impl Iterator<Item = &KeyRecord> {
-        self.by_digest.values().map(|s| &s.record)
+        self.records.iter()
     }
 
     /// Verifies a presented key at time `now`; on success the key's [`Principal`].
@@ -367,27 +447,29 @@ impl KeyStore {
             Err(_) => return Err(KeyRejection::new(DenialReason::InvalidKeyFormat)),
         }
         let digest = KeyDigest::of(key);
-        let Some(stored) = self.by_digest.get(&digest) else {
+        // The map compares its keys with `KeyDigest`'s constant-time equality; the
+        // explicit confirmation below keeps that guarantee visible here.
+        let Some((stored_digest, slot)) = self.by_digest.get_key_value(&digest) else {
             return Err(KeyRejection::new(DenialReason::UnknownKey));
         };
-        if !stored.record.digest.ct_eq(&digest) {
+        if !stored_digest.ct_eq(&digest) {
             return Err(KeyRejection::new(DenialReason::UnknownKey));
         }
-        let r = &stored.record;
-        let reason = if r.revoked {
+        let now = epoch_ms(now);
+        let reason = if slot.revoked {
             Some(DenialReason::RevokedKey)
-        } else if r.not_before.is_some_and(|t| now < t) {
+        } else if now < slot.not_before_ms {
             Some(DenialReason::NotYetValidKey)
-        } else if r.expires_at.is_some_and(|t| now >= t) {
+        } else if now >= slot.expires_at_ms {
             Some(DenialReason::ExpiredKey)
         } else {
             None
         };
         match reason {
-            None => Ok(stored.principal.clone()),
+            None => Ok(slot.principal.clone()),
             Some(reason) => Err(KeyRejection {
                 reason,
-                key_id: Some(r.id.clone()),
+                key_id: Some(self.records[slot.record as usize].id.clone()),
             }),
         }
     }
@@ -505,6 +587,68 @@ mod tests {
         // A generated key is accepted in a list too.
         let s = KeyStore::from_key_list(k.expose_secret(), Scopes::default()).unwrap();
         assert!(s.verify(k.expose_secret(), SystemTime::now()).is_ok());
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let e =
+            KeyStore::from_env("PORTCULLIS_TEST_UNSET_VARIABLE_3", Scopes::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("PORTCULLIS_TEST_UNSET_VARIABLE_3 is not set")
+        );
+    }
+
+    #[test]
+    fn millisecond_rounding() {
+        let t = |ms: i64, extra_ns: u32| {
+            let base = if ms >= 0 {
+                UNIX_EPOCH + Duration::from_millis(ms as u64)
+            } else {
+                UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+            };
+            base + Duration::from_nanos(extra_ns.into())
+        };
+        assert_eq!(epoch_ms(t(5, 0)), 5);
+        assert_eq!(epoch_ms_ceil(t(5, 0)), 5);
+        assert_eq!(epoch_ms(t(5, 1)), 5);
+        assert_eq!(epoch_ms_ceil(t(5, 1)), 6);
+        // -1.5 ms
+        let neg = UNIX_EPOCH - Duration::from_micros(1500);
+        assert_eq!(epoch_ms(neg), -2);
+        assert_eq!(epoch_ms_ceil(neg), -1);
+        assert_eq!(epoch_ms(t(-3, 0)), -3);
+        assert_eq!(epoch_ms_ceil(t(-3, 0)), -3);
+    }
+
+    #[test]
+    fn validity_edges() {
+        let k = generate_key("pc_test").unwrap();
+        let nb = UNIX_EPOCH + Duration::from_nanos(1_000_000_500);
+        let exp = UNIX_EPOCH + Duration::from_secs(2);
+        let store = KeyStore::from_records([KeyRecord::new("e", k.digest())
+            .unwrap()
+            .not_before(nb)
+            .expires_at(exp)])
+        .unwrap();
+        let at = |t| {
+            store
+                .verify(k.expose_secret(), t)
+                .map(|_| ())
+                .map_err(|e| e.reason())
+        };
+        assert_eq!(
+            at(nb - Duration::from_nanos(1)),
+            Err(DenialReason::NotYetValidKey)
+        );
+        assert_eq!(
+            at(nb),
+            Err(DenialReason::NotYetValidKey),
+            "rounded up to the next ms"
+        );
+        assert_eq!(at(UNIX_EPOCH + Duration::from_millis(1001)), Ok(()));
+        assert_eq!(at(exp - Duration::from_millis(1)), Ok(()));
+        assert_eq!(at(exp), Err(DenialReason::ExpiredKey));
     }
 
     #[test]

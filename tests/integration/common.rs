@@ -157,3 +157,68 @@ fn parse_reply(buf: &[u8]) -> Reply {
 pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
+
+/// Like [`serve`], with the caller's handler behind the layer.
+pub async fn serve_with<L>(bind: &str, layer: L, peer: Peer, handler: Handler) -> SocketAddr
+where
+    L: Layer<Handler> + Clone + Send + 'static,
+    L::Service: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    <L::Service as Service<Request<Incoming>>>::Future: Send + 'static,
+{
+    let listener = TcpListener::bind(bind).await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, remote)) = listener.accept().await else {
+                continue;
+            };
+            let svc = layer.clone().layer(handler.clone());
+            let peer_layer = (peer == Peer::Attached).then(|| PeerAddrLayer::new(remote));
+            tokio::spawn(async move {
+                let io = TokioIo::new(stream);
+                let svc = ServiceBuilder::new().option_layer(peer_layer).service(svc);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, TowerToHyperService::new(svc))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `GET <path>` with raw header lines from source address `from` to `to`.
+pub async fn get_path_from(
+    from: Option<IpAddr>,
+    to: SocketAddr,
+    path: &str,
+    headers: &[&[u8]],
+) -> Reply {
+    let socket = match to {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .unwrap();
+    if let Some(ip) = from {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .expect("bind source address");
+    }
+    let mut stream = socket.connect(to).await.expect("connect");
+    let mut req =
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n").into_bytes();
+    for h in headers {
+        req.extend_from_slice(h);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    stream.write_all(&req).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .expect("response within 10 s")
+        .unwrap();
+    parse_reply(&buf)
+}

@@ -25,3 +25,9 @@ fn forwarded_headers_corpus() {
 fn jwt_verify_corpus() {
     replay("jwt_verify", portcullis::fuzzing::jwt_verify);
 }
+
+#[cfg(feature = "api-key")]
+#[test]
+fn credentials_corpus() {
+    replay("credentials", portcullis::fuzzing::credentials);
+}

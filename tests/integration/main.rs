@@ -7,6 +7,10 @@ mod log_capture;
 
 #[cfg(feature = "allowlist")]
 mod allowlist;
+#[cfg(feature = "api-key")]
+mod api_key_properties;
+#[cfg(all(feature = "api-key", feature = "client-ip"))]
+mod authenticate;
 #[cfg(feature = "client-ip")]
 mod client_ip;
 #[cfg(feature = "fuzzing")]
