@@ -398,8 +398,9 @@ impl TokenVerifier {
 
     /// Polls the key files every `interval` on a background thread and reloads them
     /// when they change (see [`reload_if_changed`](Self::reload_if_changed)). The
-    /// thread stops when the returned watcher is dropped.
-    pub fn watch_key_files(&self, interval: Duration) -> KeyFileWatcher {
+    /// thread stops when the returned watcher is dropped. Fails only when the thread
+    /// cannot be started.
+    pub fn watch_key_files(&self, interval: Duration) -> std::io::Result<KeyFileWatcher> {
         let (stop, stopped) = mpsc::channel::<()>();
         let verifier = self.clone();
         let thread = std::thread::Builder::new()
@@ -409,12 +410,11 @@ impl TokenVerifier {
                     // A failure is already in the audit log; the old keys stay.
                     let _ = verifier.reload_if_changed();
                 }
-            })
-            .ok();
-        KeyFileWatcher {
+            })?;
+        Ok(KeyFileWatcher {
             stop: Some(stop),
-            thread,
-        }
+            thread: Some(thread),
+        })
     }
 
     /// Number of keys in force.
