@@ -127,6 +127,7 @@ struct Verifiers {
 }
 
 impl Verifiers {
+    #[cfg(feature = "jwt")]
     fn has_api_keys(&self) -> bool {
         #[cfg(feature = "api-key")]
         return self.api_keys.is_some();
@@ -211,6 +212,8 @@ impl AuthenticateLayer {
     /// The store is never empty (an empty one cannot be built), so this layer cannot
     /// run open.
     #[cfg(feature = "api-key")]
+    // The other fields exist only with their features.
+    #[allow(clippy::needless_update)]
     pub fn api_keys(keys: ApiKeys) -> Self {
         Self::with_verifiers(Verifiers {
             api_keys: Some(keys),
@@ -237,6 +240,8 @@ impl AuthenticateLayer {
     /// # Ok::<(), portcullis::ConfigError>(())
     /// ```
     #[cfg(feature = "jwt")]
+    // The other fields exist only with their features.
+    #[allow(clippy::needless_update)]
     pub fn service_tokens(verifier: TokenVerifier) -> Self {
         Self::with_verifiers(Verifiers {
             service_tokens: Some(verifier),

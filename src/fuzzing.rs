@@ -179,7 +179,10 @@ pub fn jwt_verify(data: &[u8]) {
     }
     if let Ok(t) = first {
         let parsed = jwt::parse_compact(&token, 8192).expect("accepted tokens pre-parse");
-        assert_eq!(parsed.header.alg, "HS256", "only the HS256 key can sign here");
+        assert_eq!(
+            parsed.header.alg, "HS256",
+            "only the HS256 key can sign here"
+        );
         let payload = URL_SAFE_NO_PAD
             .decode(parsed.payload_b64)
             .expect("accepted payloads decode");

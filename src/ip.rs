@@ -159,12 +159,11 @@ fn parse_net(s: &str) -> Result<IpNet, &'static str> {
 }
 
 fn normalise_net(net: IpNet) -> IpNet {
-    if let IpNet::V6(n) = net {
-        if let (Some(v4), true) = (n.addr().to_ipv4_mapped(), n.prefix_len() >= 96) {
-            if let Ok(n4) = Ipv4Net::new(v4, n.prefix_len() - 96) {
-                return IpNet::V4(n4.trunc());
-            }
-        }
+    if let IpNet::V6(n) = net
+        && let (Some(v4), true) = (n.addr().to_ipv4_mapped(), n.prefix_len() >= 96)
+        && let Ok(n4) = Ipv4Net::new(v4, n.prefix_len() - 96)
+    {
+        return IpNet::V4(n4.trunc());
     }
     net.trunc()
 }

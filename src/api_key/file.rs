@@ -176,14 +176,14 @@ fn parse_record(
     if let Some(t) = expires_at {
         record = record.expires_at(t);
     }
-    if let (Some(nb), Some(exp)) = (not_before, expires_at) {
-        if exp <= nb {
-            return Err(err_at(
-                text,
-                span,
-                "`expires_at` must be after `not_before`",
-            ));
-        }
+    if let (Some(nb), Some(exp)) = (not_before, expires_at)
+        && exp <= nb
+    {
+        return Err(err_at(
+            text,
+            span,
+            "`expires_at` must be after `not_before`",
+        ));
     }
     Ok(record)
 }

@@ -258,10 +258,10 @@ fn parse_forwarded_node(v: &[u8]) -> Node {
             None => (v, None),
         }
     };
-    if let Some(p) = port {
-        if !(is_port(p) || is_obfuscated(p)) {
-            return Node::Invalid;
-        }
+    if let Some(p) = port
+        && !(is_port(p) || is_obfuscated(p))
+    {
+        return Node::Invalid;
     }
     if let Some(inner) = host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
         return parse_v6(inner).map_or(Node::Invalid, Node::Ip);

@@ -95,10 +95,10 @@ impl TokenCache {
             .unwrap_or_else(PoisonError::into_inner);
         if shard.len() >= self.per_shard && !shard.contains_key(&d) {
             shard.retain(|_, e| now < e.exp);
-            if shard.len() >= self.per_shard {
-                if let Some(victim) = shard.keys().next().copied() {
-                    shard.remove(&victim);
-                }
+            if shard.len() >= self.per_shard
+                && let Some(victim) = shard.keys().next().copied()
+            {
+                shard.remove(&victim);
             }
         }
         shard.insert(d, Entry { exp, token });

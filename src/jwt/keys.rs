@@ -223,10 +223,10 @@ impl VerifyingKey {
             None | Some(PublicKeyUse::Signature) => {}
             Some(_) => return Err(err("`use` is not `sig`")),
         }
-        if let Some(ops) = &common.key_operations {
-            if !ops.iter().any(|o| matches!(o, KeyOperations::Verify)) {
-                return Err(err("`key_ops` does not include `verify`"));
-            }
+        if let Some(ops) = &common.key_operations
+            && !ops.iter().any(|o| matches!(o, KeyOperations::Verify))
+        {
+            return Err(err("`key_ops` does not include `verify`"));
         }
         let named = match common.key_algorithm {
             None => None,
@@ -369,15 +369,14 @@ impl KeySet {
         let mut only = None;
         for (i, key) in keys.into_iter().enumerate() {
             let key = Arc::new(key);
-            match key.kid.clone() {
-                Some(kid) => {
-                    if by_kid.insert(kid, key.clone()).is_some() {
-                        return Err(ConfigError::new(format!(
-                            "key {}: its kid is used by another key",
-                            i + 1
-                        )));
-                    }
+            match &key.kid {
+                Some(kid) if by_kid.insert(kid.clone(), key.clone()).is_some() => {
+                    return Err(ConfigError::new(format!(
+                        "key {}: its kid is used by another key",
+                        i + 1
+                    )));
                 }
+                Some(_) => {}
                 None if len > 1 => {
                     return Err(ConfigError::new(format!(
                         "key {}: every key needs a kid when the set holds several",

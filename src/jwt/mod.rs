@@ -23,7 +23,7 @@
 //! use std::time::Duration;
 //! use portcullis::jwt::{KeyFile, TokenVerifier, VerifyingKey};
 //!
-//! # fn main() -> Result<(), portcullis::ConfigError> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = std::env::temp_dir().join(format!("portcullis-jwt-doc-{}", std::process::id()));
 //! # std::fs::create_dir_all(&dir).unwrap();
 //! # let path = dir.join("jwks.json");
@@ -36,7 +36,7 @@
 //!     .max_lifetime(Duration::from_secs(15 * 60))
 //!     .build()?;
 //! // Reload the JWKS when it changes; a broken file keeps the keys in force.
-//! let watcher = verifier.watch_key_files(Duration::from_secs(5));
+//! let watcher = verifier.watch_key_files(Duration::from_secs(5))?;
 //! # drop(watcher);
 //! # Ok(())
 //! # }

@@ -648,7 +648,8 @@ fn shape_and_size() {
         format!("{good}.{}", good.rsplit('.').next().unwrap()),
         good.replacen('.', "..", 1),
         format!("Bearer {good}"),
-        good.replace('-', "+"),
+        format!("{}+", &good[..good.len() - 1]),
+        format!("{}=", good),
     ] {
         let r = v.verify(&t).unwrap_err();
         assert!(

@@ -305,10 +305,10 @@ impl TokenVerifier {
         let state = self.inner.state.load();
         let now = unix_now();
         let d = state.cache.as_ref().map(|_| digest(token));
-        if let (Some(cache), Some(d)) = (&state.cache, &d) {
-            if let Some(t) = cache.get(d, now) {
-                return Ok((t, true));
-            }
+        if let (Some(cache), Some(d)) = (&state.cache, &d)
+            && let Some(t) = cache.get(d, now)
+        {
+            return Ok((t, true));
         }
         let verified = Arc::new(check(policy, &state.keys, token, now)?);
         if let (Some(cache), Some(d)) = (&state.cache, d) {
@@ -398,8 +398,9 @@ impl TokenVerifier {
 
     /// Polls the key files every `interval` on a background thread and reloads them
     /// when they change (see [`reload_if_changed`](Self::reload_if_changed)). The
-    /// thread stops when the returned watcher is dropped.
-    pub fn watch_key_files(&self, interval: Duration) -> KeyFileWatcher {
+    /// thread stops when the returned watcher is dropped. Fails only when the thread
+    /// cannot be started.
+    pub fn watch_key_files(&self, interval: Duration) -> std::io::Result<KeyFileWatcher> {
         let (stop, stopped) = mpsc::channel::<()>();
         let verifier = self.clone();
         let thread = std::thread::Builder::new()
@@ -409,12 +410,11 @@ impl TokenVerifier {
                     // A failure is already in the audit log; the old keys stay.
                     let _ = verifier.reload_if_changed();
                 }
-            })
-            .ok();
-        KeyFileWatcher {
+            })?;
+        Ok(KeyFileWatcher {
             stop: Some(stop),
-            thread,
-        }
+            thread: Some(thread),
+        })
     }
 
     /// Number of keys in force.
@@ -472,13 +472,13 @@ fn load_keys(policy: &Policy, sources: &Sources) -> Result<KeySet, ConfigError> 
         keys.extend(f.load()?);
     }
     for (i, k) in keys.iter().enumerate() {
-        if let Some(iss) = &k.issuer {
-            if !policy.issuers.contains(&**iss) {
-                return Err(ConfigError::new(format!(
-                    "key {}: its bound issuer is not one of the verifier's issuers",
-                    i + 1
-                )));
-            }
+        if let Some(iss) = &k.issuer
+            && !policy.issuers.contains(&**iss)
+        {
+            return Err(ConfigError::new(format!(
+                "key {}: its bound issuer is not one of the verifier's issuers",
+                i + 1
+            )));
         }
     }
     KeySet::new(keys)
@@ -709,12 +709,10 @@ impl TokenVerifierBuilder {
                 "max_token_len must be between 256 B and 64 KiB",
             ));
         }
-        if let Some(s) = &self.subjects {
-            if s.is_empty() {
-                return Err(ConfigError::new(
-                    "allowed_subjects is empty: no token could pass",
-                ));
-            }
+        if self.subjects.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ConfigError::new(
+                "allowed_subjects is empty: no token could pass",
+            ));
         }
         crypto_self_test()?;
         let policy = Policy {

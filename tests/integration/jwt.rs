@@ -547,7 +547,7 @@ async fn jwks_file_reload() {
         .audience(AUD)
         .build()
         .unwrap();
-    let _watcher = v.watch_key_files(Duration::from_millis(50));
+    let _watcher = v.watch_key_files(Duration::from_millis(50)).unwrap();
     let addr = serve(v.clone(), None).await;
     let ec2 = |sub: &str| {
         sign(
@@ -615,4 +615,57 @@ async fn cache_is_emptied_when_keys_change() {
     let r = with_token(addr, &token).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.header("www-authenticate"), Some(CHALLENGE));
+}
+
+/// One layer, both credentials: an API key (any header form) goes to the key store,
+/// a JWT-shaped Bearer credential to the token verifier.
+#[cfg(feature = "api-key")]
+#[tokio::test]
+async fn api_keys_and_service_tokens_in_one_layer() {
+    use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
+    let key = generate_key("pc_test").unwrap();
+    let store =
+        KeyStore::from_records([KeyRecord::new("billing-key", key.digest()).unwrap()]).unwrap();
+    let auth = AuthenticateLayer::api_keys(ApiKeys::new(store))
+        .with_service_tokens(verifier())
+        .realm("jobs")
+        .unwrap();
+    let layer = ServiceBuilder::new()
+        .layer(auth)
+        .layer(tower::layer::layer_fn(|_default: Handler| echo_principal()));
+    let addr = common::serve("127.0.0.1:0", layer, Peer::Attached).await;
+
+    let token = hs(
+        r#"{"alg":"HS256","kid":"hs-1"}"#,
+        &claims("both-svc").to_string(),
+    );
+    let r = with_token(addr, &token).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, "both-svc|service_token|jobs:read jobs:write");
+
+    let h = format!("X-API-Key: {}", key.expose_secret());
+    let r = common::get(addr, &[h.as_bytes()]).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "billing-key|api_key|"));
+    let r = with_token(addr, key.expose_secret()).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "billing-key|api_key|"));
+
+    // A token in X-API-Key is not a service token; a bad token is invalid_token with
+    // both schemes offered.
+    let h = format!("X-API-Key: {token}");
+    assert_eq!(common::get(addr, &[h.as_bytes()]).await.status, 401);
+    let r = with_token(addr, &format!("{}AAAA", &token[..token.len() - 4])).await;
+    assert_eq!(r.status, 401);
+    let challenges: Vec<_> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("www-authenticate"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        challenges,
+        [
+            r#"Bearer realm="jobs", error="invalid_token""#,
+            r#"ApiKey realm="jobs", error="invalid_token""#
+        ]
+    );
 }
