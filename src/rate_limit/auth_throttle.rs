@@ -274,10 +274,10 @@ where
                 shared,
             } => {
                 let res = ready!(future.poll(cx))?;
-                if let Some(&reason) = res.extensions().get::<DenialReason>() {
-                    if is_credential_failure(reason) {
-                        shared.store.record(*key, &shared.gcra, shared.store.now());
-                    }
+                if let Some(&reason) = res.extensions().get::<DenialReason>()
+                    && is_credential_failure(reason)
+                {
+                    shared.store.record(*key, &shared.gcra, shared.store.now());
                 }
                 Poll::Ready(Ok(res))
             }

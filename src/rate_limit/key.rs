@@ -109,10 +109,10 @@ impl KeyRule {
     }
 
     pub(crate) fn derive<'a>(&self, cx: &KeyContext<'a>) -> KeySource<'a> {
-        if let Some(f) = &self.custom {
-            if let Some(k) = f(cx) {
-                return KeySource::Custom(k);
-            }
+        if let Some(f) = &self.custom
+            && let Some(k) = f(cx)
+        {
+            return KeySource::Custom(k);
         }
         if let Some(p) = cx.principal {
             return KeySource::Principal(p.id());

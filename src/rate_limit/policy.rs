@@ -115,10 +115,10 @@ impl Policy {
             if let Some((_, q)) = self.principals.iter().find(|(id, _)| &**id == p.id()) {
                 return *q;
             }
-            if let Some(t) = p.tier() {
-                if let Some((_, q)) = self.tiers.iter().find(|(n, _)| &**n == t) {
-                    return *q;
-                }
+            if let Some(t) = p.tier()
+                && let Some((_, q)) = self.tiers.iter().find(|(n, _)| &**n == t)
+            {
+                return *q;
             }
         }
         self.default
@@ -178,10 +178,10 @@ pub(crate) struct CompiledPolicy {
 impl CompiledPolicy {
     pub(crate) fn entry(&self, principal: Option<&Principal>) -> &Entry {
         if let Some(p) = principal {
-            if !self.principals.is_empty() {
-                if let Some(e) = self.principals.get(p.id()) {
-                    return e;
-                }
+            if !self.principals.is_empty()
+                && let Some(e) = self.principals.get(p.id())
+            {
+                return e;
             }
             if let Some(e) = p.tier().and_then(|t| self.tiers.get(t)) {
                 return e;
