@@ -19,9 +19,10 @@
 //! window boundaries to game, and time comes from the monotonic clock, so a wall-clock
 //! jump changes nothing.
 //!
-//! **Memory.** A tracked key costs one map entry of 56 bytes (a 17-byte key: the
-//! address, or a randomly keyed 128-bit hash of a principal id, and four 8-byte
-//! timestamps) plus the hash map's slack: under 128 bytes. At most
+//! **Memory.** A tracked key costs one map entry: a 17-byte key (the address, or a
+//! randomly keyed 128-bit hash of a principal id) and one 8-byte timestamp per
+//! policy, 32 bytes with one policy, plus the hash map's slack (about 70 bytes per
+//! key in all with one policy, measured by `benches/rate_limit.rs`). At most
 //! [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys) keys (default 100 000)
 //! are tracked; a key is forgotten once its quota has fully refilled (then it is
 //! indistinguishable from a new key). Cleanup is amortised over the requests that
@@ -235,7 +236,7 @@ impl RateLimitBuilder {
             shared: Arc::new(Shared {
                 policies: self.policies.iter().map(Policy::compile).collect(),
                 key: self.key,
-                local: LocalStore::new(self.max_tracked_keys),
+                local: LocalStore::new(self.max_tracked_keys, self.policies.len()),
                 fields: self.fields,
                 legacy: self.legacy,
                 shadow: self.shadow,
