@@ -148,7 +148,15 @@ where
 }
 
 fn bench(c: &mut Criterion) {
-    // Memory first, each limiter fresh.
+    // Memory first, each limiter fresh (PORTCULLIS_BENCH_NO_MEMORY=1 skips it, for
+    // profiling one timing).
+    if std::env::var_os("PORTCULLIS_BENCH_NO_MEMORY").is_none() {
+        memory();
+    }
+    timings(c);
+}
+
+fn memory() {
     let ours = bytes_per_key(portcullis(true, SPREAD).layer(inner()));
     let cfg = GovernorConfigBuilder::default()
         .period(period(SPREAD))
@@ -160,7 +168,9 @@ fn bench(c: &mut Criterion) {
     println!(
         "memory per tracked key over {SPREAD} keys: portcullis {ours:.1} B, tower_governor {theirs:.1} B"
     );
+}
 
+fn timings(c: &mut Criterion) {
     for (group, keys) in [
         ("rate_limit/hot_key", 1u32),
         ("rate_limit/spread_1m", SPREAD),

@@ -8,7 +8,6 @@
 use std::hash::RandomState;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
 
 use dashmap::DashMap;
 
@@ -52,7 +51,8 @@ impl Outcome {
 
 /// GCRA over every policy of one key, all or nothing: a request refused by one
 /// policy consumes nothing from the others. `tats` holds one slot per policy.
-pub(crate) fn decide(gcras: &[Gcra], tats: &mut [u64], now: u64) -> Outcome {
+/// `detail` also computes what the response fields report (remaining, reset).
+pub(crate) fn decide(gcras: &[Gcra], tats: &mut [u64], now: u64, detail: bool) -> Outcome {
     let mut next = [0u64; MAX_POLICIES];
     let mut out = Outcome {
         allowed: true,
@@ -71,6 +71,9 @@ pub(crate) fn decide(gcras: &[Gcra], tats: &mut [u64], now: u64) -> Outcome {
     if out.allowed {
         tats[..gcras.len()].copy_from_slice(&next[..gcras.len()]);
     }
+    if !detail {
+        return out;
+    }
     for (i, g) in gcras.iter().enumerate() {
         out.states[i].remaining = g.remaining(tats[i], now);
         out.states[i].reset = g.reset(tats[i], now);
@@ -87,7 +90,9 @@ pub(crate) fn decide(gcras: &[Gcra], tats: &mut [u64], now: u64) -> Outcome {
 pub(crate) struct LocalStore {
     table: Table,
     cap: usize,
-    epoch: Instant,
+    detail: bool,
+    clock: quanta::Clock,
+    epoch: quanta::Instant,
     hasher: RandomState,
     inserts_since_sweep: AtomicUsize,
     last_sweep: AtomicU64,
@@ -105,7 +110,7 @@ enum Table {
 
 #[derive(Debug)]
 struct Slots<const N: usize> {
-    map: DashMap<LocalKey, [u64; N]>,
+    map: DashMap<LocalKey, [AtomicU64; N]>,
     overflow: Mutex<[u64; N]>,
 }
 
@@ -118,29 +123,52 @@ impl<const N: usize> Slots<N> {
     }
 
     fn check(&self, store: &LocalStore, key: LocalKey, gcras: &[Gcra], now: u64) -> Outcome {
-        if let Some(mut tats) = self.map.get_mut(&key) {
-            return decide(gcras, &mut tats[..], now);
+        if N == 1 {
+            // One slot: a shared lock and a compare-and-swap, as governor does.
+            if let Some(slot) = self.map.get(&key) {
+                let a = &slot[0];
+                let mut cur = a.load(Ordering::Acquire);
+                loop {
+                    let mut tats = [cur];
+                    let out = decide(gcras, &mut tats, now, store.detail);
+                    if !out.allowed {
+                        return out;
+                    }
+                    match a.compare_exchange_weak(cur, tats[0], Ordering::AcqRel, Ordering::Acquire)
+                    {
+                        Ok(_) => return out,
+                        Err(actual) => cur = actual,
+                    }
+                }
+            }
+        } else if let Some(slots) = self.map.get_mut(&key) {
+            // Several slots change together: the entry's exclusive lock.
+            return decide_atomics(gcras, &slots, now, store.detail);
         }
         store.maybe_sweep(now);
         if self.map.len() >= store.cap {
             let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
-            return decide(gcras, &mut tats[..], now);
+            return decide(gcras, &mut tats[..], now, store.detail);
         }
-        let mut tats = self.map.entry(key).or_insert([0; N]);
-        decide(gcras, &mut tats[..], now)
+        let slots = self
+            .map
+            .entry(key)
+            .or_insert_with(|| std::array::from_fn(|_| AtomicU64::new(0)));
+        decide_atomics(gcras, &slots, now, store.detail)
     }
 
     fn peek(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Option<u64> {
-        let tats = *self.map.get(&key)?;
+        let slots = self.map.get(&key)?;
         gcras
             .iter()
-            .enumerate()
-            .filter_map(|(i, g)| g.would_deny(tats[i], now))
+            .zip(slots.iter())
+            .filter_map(|(g, t)| g.would_deny(t.load(Ordering::Acquire), now))
             .max()
     }
 
     fn sweep(&self, now: u64) {
-        self.map.retain(|_, tats| tats.iter().any(|&t| t > now));
+        self.map
+            .retain(|_, tats| tats.iter().any(|t| t.load(Ordering::Relaxed) > now));
         let len = self.map.len();
         if self.map.capacity() > 4 * len.max(1024) {
             self.map.shrink_to_fit();
@@ -152,6 +180,23 @@ impl<const N: usize> Slots<N> {
     }
 }
 
+/// `decide` over slots the caller holds exclusively (the map entry's write lock).
+fn decide_atomics<const N: usize>(
+    gcras: &[Gcra],
+    slots: &[AtomicU64; N],
+    now: u64,
+    detail: bool,
+) -> Outcome {
+    let mut tats: [u64; N] = std::array::from_fn(|i| slots[i].load(Ordering::Acquire));
+    let out = decide(gcras, &mut tats, now, detail);
+    if out.allowed {
+        for (slot, t) in slots.iter().zip(tats) {
+            slot.store(t, Ordering::Release);
+        }
+    }
+    out
+}
+
 /// Sweep after this many new keys (or a quarter of the cap, whichever is larger).
 const SWEEP_EVERY: usize = 4096;
 /// At the cap, sweep at most this often (ns), so a saturated table costs one pass
@@ -160,16 +205,20 @@ const SATURATED_SWEEP_INTERVAL: u64 = 1_000_000_000;
 
 impl LocalStore {
     /// A store for `policies` policies (1 to [`MAX_POLICIES`]) and at most `cap` keys.
-    pub(crate) fn new(cap: usize, policies: usize) -> Self {
+    /// With `detail`, outcomes carry the remaining requests and reset times.
+    pub(crate) fn new(cap: usize, policies: usize, detail: bool) -> Self {
         let table = match policies {
             0 | 1 => Table::One(Slots::new()),
             2 => Table::Two(Slots::new()),
             _ => Table::Four(Slots::new()),
         };
+        let clock = quanta::Clock::new();
         Self {
             table,
             cap,
-            epoch: Instant::now(),
+            detail,
+            epoch: clock.now(),
+            clock,
             hasher: RandomState::new(),
             inserts_since_sweep: AtomicUsize::new(0),
             last_sweep: AtomicU64::new(0),
@@ -182,9 +231,11 @@ impl LocalStore {
     }
 
     /// Monotonic nanoseconds since the store was made (wall-clock jumps do not
-    /// matter). Starts at 1 s so that 0 can mean "never seen".
+    /// matter). Starts at 1 s so that 0 can mean "never seen". `quanta` reads the
+    /// CPU's invariant TSC where it can (the clock governor uses): a few ns instead
+    /// of a `clock_gettime` call.
     pub(crate) fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64 + 1_000_000_000
+        self.clock.now().duration_since(self.epoch).as_nanos() as u64 + 1_000_000_000
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -277,10 +328,10 @@ mod tests {
         ];
         let mut tats = [0; 2];
         let now = 10_000_000_000;
-        assert!(decide(&g, &mut tats, now).allowed);
-        assert!(decide(&g, &mut tats, now).allowed);
+        assert!(decide(&g, &mut tats, now, true).allowed);
+        assert!(decide(&g, &mut tats, now, true).allowed);
         let before = tats;
-        let o = decide(&g, &mut tats, now);
+        let o = decide(&g, &mut tats, now, true);
         assert!(!o.allowed);
         assert_eq!(tats, before, "a refused request consumes nothing");
         assert_eq!(o.states[0].remaining, 8);
@@ -295,7 +346,7 @@ mod tests {
     #[test]
     fn flood_of_new_keys_is_bounded_and_keeps_known_keys() {
         let cap = 10_000;
-        let store = LocalStore::new(cap, 1);
+        let store = LocalStore::new(cap, 1, true);
         let g = [Quota::per_hour(5).unwrap().gcra()];
         let mut now = store.now();
         let exhausted: IpAddr = "198.51.100.1".parse().unwrap();
@@ -344,7 +395,7 @@ mod tests {
 
     #[test]
     fn addresses_inside_one_ipv6_prefix_share_a_key() {
-        let store = LocalStore::new(100, 1);
+        let store = LocalStore::new(100, 1, true);
         let g = [Quota::per_hour(2).unwrap().gcra()];
         let now = store.now();
         for (ip, allowed) in [
@@ -360,7 +411,7 @@ mod tests {
 
     #[test]
     fn idle_keys_are_swept_without_a_background_task() {
-        let store = LocalStore::new(10_000, 1);
+        let store = LocalStore::new(10_000, 1, true);
         let g = [Quota::per_second(10).unwrap().gcra()];
         let mut now = store.now();
         for i in 0..(SWEEP_EVERY as u32 * 3) {
@@ -374,7 +425,7 @@ mod tests {
 
     #[test]
     fn peek_changes_nothing() {
-        let store = LocalStore::new(10, 1);
+        let store = LocalStore::new(10, 1, true);
         let g = [Quota::per_minute(2).unwrap().gcra()];
         let k = key(&store, "192.0.2.1".parse().unwrap());
         let now = store.now();
