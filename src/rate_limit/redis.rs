@@ -158,6 +158,24 @@ impl RedisLimiterBuilder {
         Ok(self)
     }
 
+    /// Trust this CA (PEM) for `rediss://` instead of the platform's root
+    /// certificates, e.g. a private CA in front of a managed Redis.
+    #[cfg(feature = "redis-tls")]
+    pub fn tls_root_certificate(mut self, pem: &[u8]) -> Result<Self, ConfigError> {
+        if !self.tls {
+            return Err(ConfigError::new(
+                "a TLS root certificate needs a rediss:// URL",
+            ));
+        }
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        };
+        self.client = Client::build_with_tls(self.client.get_connection_info().clone(), certs)
+            .map_err(|_| ConfigError::new("Redis TLS root certificate could not be used"))?;
+        Ok(self)
+    }
+
     /// Checks the settings. Nothing connects yet (see [`RedisLimiter::connect`]).
     pub fn build(self) -> Result<RedisLimiter, ConfigError> {
         if self.timeout < Duration::from_millis(1) || self.timeout > Duration::from_secs(1) {
