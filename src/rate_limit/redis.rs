@@ -380,6 +380,7 @@ impl Inner {
                         target: crate::audit::TARGET,
                         event = "rate_limit_backend_recovered",
                         backend = "redis",
+                        namespace = %self.namespace,
                     );
                 }
                 Verdict::Decided(outcome)
@@ -406,6 +407,7 @@ impl Inner {
                 target: crate::audit::TARGET,
                 event = "rate_limit_backend_down",
                 backend = "redis",
+                namespace = %self.namespace,
                 error = kind.map_or("timeout".to_owned(), |k| format!("{k:?}")),
                 failure_policy = ?self.policy,
                 cooldown_ms = self.cooldown.as_millis() as u64,

@@ -548,3 +548,76 @@ async fn a_dead_redis_costs_the_timeout_once_per_cooldown() {
     let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=30).contains(&secs), "{secs}");
 }
+
+#[tokio::test]
+async fn a_redis_error_reply_is_a_failure_too() {
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    // The anonymous global key holds a hash: GET inside the script fails (WRONGTYPE).
+    let mut admin = server.admin().await;
+    let _: () = redis::cmd("HSET")
+        .arg("errs:rl:api:g")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let l = limiter(&server.url(), FailurePolicy::FailClosed, "errs");
+    let layer = RateLimitLayer::builder()
+        .policy(Policy::new("api", Quota::per_minute(5).unwrap()).unwrap())
+        .redis(l.clone())
+        .build()
+        .unwrap();
+    // No ClientIp layer in this stack: requests fall back to the global key.
+    let stack = tower::ServiceBuilder::new().layer(layer).into_inner();
+    let addr = crate::common::serve("127.0.0.1:0", stack, crate::common::Peer::Attached).await;
+    let r = get(addr, &[]).await;
+    assert_eq!(r.status, 503);
+    assert!(l.breaker_open());
+}
+
+#[tokio::test]
+async fn a_silent_redis_times_out_and_opens_the_breaker() {
+    let capture = log_capture::capture();
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let l = RedisLimiter::builder(
+        &format!("redis://127.0.0.1:{port}"),
+        FailurePolicy::FailClosed,
+    )
+    .unwrap()
+    .namespace("silent-probe-ns")
+    .unwrap()
+    .timeout(Duration::from_millis(50))
+    .cooldown(Duration::from_secs(30))
+    .build()
+    .unwrap();
+    let addr = serve_limited(
+        layer(l.clone(), Quota::per_second(10).unwrap()),
+        ClientIpConfig::peer_only(),
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(get(addr, &[]).await.status, 503);
+    }
+    assert!(l.breaker_open());
+    let down: Vec<_> = capture
+        .events_with("silent-probe-ns")
+        .into_iter()
+        .filter(|e| e["fields"]["event"] == "rate_limit_backend_down")
+        .collect();
+    assert_eq!(
+        down.len(),
+        1,
+        "logged once per opening, not per request: {down:?}"
+    );
+    assert_eq!(down[0]["fields"]["error"], "timeout");
+}
