@@ -11,12 +11,13 @@
 //! id or custom key: an id with any characters becomes a short, safe key. Every key
 //! expires when its quota has fully refilled, so Redis holds only keys in use.
 //!
-//! **Failure.** Every call has a timeout (default 5 ms). When Redis errs or times
-//! out, the [`FailurePolicy`] decides (fail closed with 503 by default is *not*
-//! assumed: you choose) and a circuit breaker opens: for the cool-down (default 5 s)
-//! requests go straight to the failure policy without waiting on Redis, then one
-//! request probes it again. A dead Redis so costs the timeout at most once per
-//! cool-down, not once per request.
+//! **Failure.** Every call has a timeout (default 5 ms, connecting included). When
+//! Redis errs or times out, the [`FailurePolicy`] decides (there is no default: the
+//! builder takes it as an argument) and a circuit breaker opens: for the cool-down
+//! (default 5 s) requests go straight to the failure policy without waiting on
+//! Redis, then one request probes it again. A dead Redis so costs the timeout at most
+//! once per cool-down, not once per request. The first request after start connects;
+//! [`RedisLimiter::connect`] does it earlier with a longer timeout.
 //!
 //! **Secrets.** The URL may hold a password: it is never logged, never part of an
 //! error, and `Debug` shows only whether TLS is used.
