@@ -1,13 +1,13 @@
 //! The in-memory backend: GCRA state per key in a `DashMap`, bounded and self-cleaning.
 //!
 //! Each tracked key costs one map entry: a 17-byte key and one 8-byte timestamp per
-//! policy (four slots), about 56 bytes plus the map's load-factor slack. Nothing
+//! policy (32 bytes with one policy, 40 with two, 56 with three or four), plus the
+//! map's load-factor slack. Nothing
 //! runs in the background: cleanup is amortised over the requests that add keys.
 
 use std::hash::RandomState;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
 
 use dashmap::DashMap;
 
@@ -16,8 +16,6 @@ use super::quota::{Cell, Gcra};
 
 /// At most this many policies are checked together.
 pub(crate) const MAX_POLICIES: usize = 4;
-
-type Tats = [u64; MAX_POLICIES];
 
 /// One policy's state after a check, in nanoseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -52,9 +50,10 @@ impl Outcome {
 }
 
 /// GCRA over every policy of one key, all or nothing: a request refused by one
-/// policy consumes nothing from the others.
-pub(crate) fn decide(gcras: &[Gcra], tats: &mut Tats, now: u64) -> Outcome {
-    let mut next = *tats;
+/// policy consumes nothing from the others. `tats` holds one slot per policy.
+/// `detail` also computes what the response fields report (remaining, reset).
+pub(crate) fn decide(gcras: &[Gcra], tats: &mut [u64], now: u64, detail: bool) -> Outcome {
+    let mut next = [0u64; MAX_POLICIES];
     let mut out = Outcome {
         allowed: true,
         len: gcras.len(),
@@ -70,7 +69,10 @@ pub(crate) fn decide(gcras: &[Gcra], tats: &mut Tats, now: u64) -> Outcome {
         }
     }
     if out.allowed {
-        *tats = next;
+        tats[..gcras.len()].copy_from_slice(&next[..gcras.len()]);
+    }
+    if !detail {
+        return out;
     }
     for (i, g) in gcras.iter().enumerate() {
         out.states[i].remaining = g.remaining(tats[i], now);
@@ -86,14 +88,113 @@ pub(crate) fn decide(gcras: &[Gcra], tats: &mut Tats, now: u64) -> Outcome {
 /// keys cannot evict or reset the keys already tracked, and cannot grow memory.
 #[derive(Debug)]
 pub(crate) struct LocalStore {
-    map: DashMap<LocalKey, Tats>,
-    overflow: Mutex<Tats>,
+    table: Table,
     cap: usize,
-    epoch: Instant,
+    detail: bool,
+    clock: quanta::Clock,
+    epoch: quanta::Instant,
     hasher: RandomState,
     inserts_since_sweep: AtomicUsize,
     last_sweep: AtomicU64,
     sweeping: AtomicBool,
+}
+
+/// The map sized to the number of policies: one timestamp per policy and no more,
+/// so a one-policy key costs a 32-byte entry (17-byte key, padding, 8-byte time).
+#[derive(Debug)]
+enum Table {
+    One(Slots<1>),
+    Two(Slots<2>),
+    Four(Slots<4>),
+}
+
+#[derive(Debug)]
+struct Slots<const N: usize> {
+    map: DashMap<LocalKey, [AtomicU64; N]>,
+    overflow: Mutex<[u64; N]>,
+}
+
+impl<const N: usize> Slots<N> {
+    fn new() -> Self {
+        Self {
+            map: DashMap::new(),
+            overflow: Mutex::new([0; N]),
+        }
+    }
+
+    fn check(&self, store: &LocalStore, key: LocalKey, gcras: &[Gcra], now: u64) -> Outcome {
+        if N == 1 {
+            // One slot: a shared lock and a compare-and-swap, as governor does.
+            if let Some(slot) = self.map.get(&key) {
+                let a = &slot[0];
+                let mut cur = a.load(Ordering::Acquire);
+                loop {
+                    let mut tats = [cur];
+                    let out = decide(gcras, &mut tats, now, store.detail);
+                    if !out.allowed {
+                        return out;
+                    }
+                    match a.compare_exchange_weak(cur, tats[0], Ordering::AcqRel, Ordering::Acquire)
+                    {
+                        Ok(_) => return out,
+                        Err(actual) => cur = actual,
+                    }
+                }
+            }
+        } else if let Some(slots) = self.map.get_mut(&key) {
+            // Several slots change together: the entry's exclusive lock.
+            return decide_atomics(gcras, &slots, now, store.detail);
+        }
+        store.maybe_sweep(now);
+        if self.map.len() >= store.cap {
+            let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+            return decide(gcras, &mut tats[..], now, store.detail);
+        }
+        let slots = self
+            .map
+            .entry(key)
+            .or_insert_with(|| std::array::from_fn(|_| AtomicU64::new(0)));
+        decide_atomics(gcras, &slots, now, store.detail)
+    }
+
+    fn peek(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Option<u64> {
+        let slots = self.map.get(&key)?;
+        gcras
+            .iter()
+            .zip(slots.iter())
+            .filter_map(|(g, t)| g.would_deny(t.load(Ordering::Acquire), now))
+            .max()
+    }
+
+    fn sweep(&self, now: u64) {
+        self.map
+            .retain(|_, tats| tats.iter().any(|t| t.load(Ordering::Relaxed) > now));
+        let len = self.map.len();
+        if self.map.capacity() > 4 * len.max(1024) {
+            self.map.shrink_to_fit();
+        }
+        let mut o = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+        if o.iter().all(|&t| t <= now) {
+            *o = [0; N];
+        }
+    }
+}
+
+/// `decide` over slots the caller holds exclusively (the map entry's write lock).
+fn decide_atomics<const N: usize>(
+    gcras: &[Gcra],
+    slots: &[AtomicU64; N],
+    now: u64,
+    detail: bool,
+) -> Outcome {
+    let mut tats: [u64; N] = std::array::from_fn(|i| slots[i].load(Ordering::Acquire));
+    let out = decide(gcras, &mut tats, now, detail);
+    if out.allowed {
+        for (slot, t) in slots.iter().zip(tats) {
+            slot.store(t, Ordering::Release);
+        }
+    }
+    out
 }
 
 /// Sweep after this many new keys (or a quarter of the cap, whichever is larger).
@@ -103,12 +204,21 @@ const SWEEP_EVERY: usize = 4096;
 const SATURATED_SWEEP_INTERVAL: u64 = 1_000_000_000;
 
 impl LocalStore {
-    pub(crate) fn new(cap: usize) -> Self {
+    /// A store for `policies` policies (1 to [`MAX_POLICIES`]) and at most `cap` keys.
+    /// With `detail`, outcomes carry the remaining requests and reset times.
+    pub(crate) fn new(cap: usize, policies: usize, detail: bool) -> Self {
+        let table = match policies {
+            0 | 1 => Table::One(Slots::new()),
+            2 => Table::Two(Slots::new()),
+            _ => Table::Four(Slots::new()),
+        };
+        let clock = quanta::Clock::new();
         Self {
-            map: DashMap::new(),
-            overflow: Mutex::new([0; MAX_POLICIES]),
+            table,
             cap,
-            epoch: Instant::now(),
+            detail,
+            epoch: clock.now(),
+            clock,
             hasher: RandomState::new(),
             inserts_since_sweep: AtomicUsize::new(0),
             last_sweep: AtomicU64::new(0),
@@ -121,13 +231,28 @@ impl LocalStore {
     }
 
     /// Monotonic nanoseconds since the store was made (wall-clock jumps do not
-    /// matter). Starts at 1 s so that 0 can mean "never seen".
+    /// matter). Starts at 1 s so that 0 can mean "never seen". `quanta` reads the
+    /// CPU's invariant TSC where it can (the clock governor uses): a few ns instead
+    /// of a `clock_gettime` call.
     pub(crate) fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64 + 1_000_000_000
+        self.clock.now().duration_since(self.epoch).as_nanos() as u64 + 1_000_000_000
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.len()
+        match &self.table {
+            Table::One(t) => t.map.len(),
+            Table::Two(t) => t.map.len(),
+            Table::Four(t) => t.map.len(),
+        }
+    }
+
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        match &self.table {
+            Table::One(t) => t.map.capacity(),
+            Table::Two(t) => t.map.capacity(),
+            Table::Four(t) => t.map.capacity(),
+        }
     }
 
     pub(crate) fn cap(&self) -> usize {
@@ -135,31 +260,23 @@ impl LocalStore {
     }
 
     /// Checks and, when allowed, records one request for `key` at `now`.
+    /// `gcras` has at most as many entries as the store has policies.
     pub(crate) fn check(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Outcome {
-        if let Some(mut tats) = self.map.get_mut(&key) {
-            return decide(gcras, &mut tats, now);
+        match &self.table {
+            Table::One(t) => t.check(self, key, gcras, now),
+            Table::Two(t) => t.check(self, key, gcras, now),
+            Table::Four(t) => t.check(self, key, gcras, now),
         }
-        self.maybe_sweep(now);
-        if self.map.len() >= self.cap {
-            let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
-            return decide(gcras, &mut tats, now);
-        }
-        let mut tats = self.map.entry(key).or_insert([0; MAX_POLICIES]);
-        decide(gcras, &mut tats, now)
     }
 
     /// Reads the state without changing it: would the next request be refused, and
     /// after how long (ns) would it be allowed? Untracked keys are never refused.
     pub(crate) fn peek(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Option<u64> {
-        let tats = match self.map.get(&key) {
-            Some(t) => *t,
-            None => return None,
-        };
-        gcras
-            .iter()
-            .enumerate()
-            .filter_map(|(i, g)| g.would_deny(tats[i], now))
-            .max()
+        match &self.table {
+            Table::One(t) => t.peek(key, gcras, now),
+            Table::Two(t) => t.peek(key, gcras, now),
+            Table::Four(t) => t.peek(key, gcras, now),
+        }
     }
 
     /// Records one event for `key` (a refused one changes nothing).
@@ -170,7 +287,7 @@ impl LocalStore {
     fn maybe_sweep(&self, now: u64) {
         let n = self.inserts_since_sweep.fetch_add(1, Ordering::Relaxed);
         let due = n >= SWEEP_EVERY.max(self.cap / 4)
-            || (self.map.len() >= self.cap
+            || (self.len() >= self.cap
                 && now.saturating_sub(self.last_sweep.load(Ordering::Relaxed))
                     >= SATURATED_SWEEP_INTERVAL);
         if due && !self.sweeping.swap(true, Ordering::Acquire) {
@@ -182,17 +299,13 @@ impl LocalStore {
     /// Drops every key whose state has fully refilled: such a key is
     /// indistinguishable from one never seen, so forgetting it changes no decision.
     pub(crate) fn sweep(&self, now: u64) {
-        self.map.retain(|_, tats| tats.iter().any(|&t| t > now));
-        let len = self.map.len();
-        if self.map.capacity() > 4 * len.max(1024) {
-            self.map.shrink_to_fit();
+        match &self.table {
+            Table::One(t) => t.sweep(now),
+            Table::Two(t) => t.sweep(now),
+            Table::Four(t) => t.sweep(now),
         }
         self.inserts_since_sweep.store(0, Ordering::Relaxed);
         self.last_sweep.store(now, Ordering::Relaxed);
-        let mut o = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
-        if o.iter().all(|&t| t <= now) {
-            *o = [0; MAX_POLICIES];
-        }
     }
 }
 
@@ -213,12 +326,12 @@ mod tests {
             Quota::per_second(10).unwrap().gcra(),
             Quota::per_minute(2).unwrap().gcra(),
         ];
-        let mut tats = [0; MAX_POLICIES];
+        let mut tats = [0; 2];
         let now = 10_000_000_000;
-        assert!(decide(&g, &mut tats, now).allowed);
-        assert!(decide(&g, &mut tats, now).allowed);
+        assert!(decide(&g, &mut tats, now, true).allowed);
+        assert!(decide(&g, &mut tats, now, true).allowed);
         let before = tats;
-        let o = decide(&g, &mut tats, now);
+        let o = decide(&g, &mut tats, now, true);
         assert!(!o.allowed);
         assert_eq!(tats, before, "a refused request consumes nothing");
         assert_eq!(o.states[0].remaining, 8);
@@ -233,7 +346,7 @@ mod tests {
     #[test]
     fn flood_of_new_keys_is_bounded_and_keeps_known_keys() {
         let cap = 10_000;
-        let store = LocalStore::new(cap);
+        let store = LocalStore::new(cap, 1, true);
         let g = [Quota::per_hour(5).unwrap().gcra()];
         let mut now = store.now();
         let exhausted: IpAddr = "198.51.100.1".parse().unwrap();
@@ -268,7 +381,7 @@ mod tests {
         }
         max_len = max_len.max(store.len());
         assert!(max_len <= cap, "tracked {max_len} keys, cap {cap}");
-        assert!(store.map.capacity() <= 4 * cap, "{}", store.map.capacity());
+        assert!(store.capacity() <= 4 * cap, "{}", store.capacity());
 
         // Known keys kept their limits through the flood.
         assert!(!store.check(key(&store, exhausted), &g, now).allowed);
@@ -282,7 +395,7 @@ mod tests {
 
     #[test]
     fn addresses_inside_one_ipv6_prefix_share_a_key() {
-        let store = LocalStore::new(100);
+        let store = LocalStore::new(100, 1, true);
         let g = [Quota::per_hour(2).unwrap().gcra()];
         let now = store.now();
         for (ip, allowed) in [
@@ -298,7 +411,7 @@ mod tests {
 
     #[test]
     fn idle_keys_are_swept_without_a_background_task() {
-        let store = LocalStore::new(10_000);
+        let store = LocalStore::new(10_000, 1, true);
         let g = [Quota::per_second(10).unwrap().gcra()];
         let mut now = store.now();
         for i in 0..(SWEEP_EVERY as u32 * 3) {
@@ -312,7 +425,7 @@ mod tests {
 
     #[test]
     fn peek_changes_nothing() {
-        let store = LocalStore::new(10);
+        let store = LocalStore::new(10, 1, true);
         let g = [Quota::per_minute(2).unwrap().gcra()];
         let k = key(&store, "192.0.2.1".parse().unwrap());
         let now = store.now();

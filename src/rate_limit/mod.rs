@@ -19,9 +19,10 @@
 //! window boundaries to game, and time comes from the monotonic clock, so a wall-clock
 //! jump changes nothing.
 //!
-//! **Memory.** A tracked key costs one map entry of 56 bytes (a 17-byte key: the
-//! address, or a randomly keyed 128-bit hash of a principal id, and four 8-byte
-//! timestamps) plus the hash map's slack: under 128 bytes. At most
+//! **Memory.** A tracked key costs one map entry: a 17-byte key (the address, or a
+//! randomly keyed 128-bit hash of a principal id) and one 8-byte timestamp per
+//! policy, 32 bytes with one policy, plus the hash map's slack (about 70 bytes per
+//! key in all with one policy, measured by `benches/rate_limit.rs`). At most
 //! [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys) keys (default 100 000)
 //! are tracked; a key is forgotten once its quota has fully refilled (then it is
 //! indistinguishable from a new key). Cleanup is amortised over the requests that
@@ -235,7 +236,11 @@ impl RateLimitBuilder {
             shared: Arc::new(Shared {
                 policies: self.policies.iter().map(Policy::compile).collect(),
                 key: self.key,
-                local: LocalStore::new(self.max_tracked_keys),
+                local: LocalStore::new(
+                    self.max_tracked_keys,
+                    self.policies.len(),
+                    self.fields || self.legacy,
+                ),
                 fields: self.fields,
                 legacy: self.legacy,
                 shadow: self.shadow,
@@ -297,18 +302,30 @@ pub(crate) enum Verdict {
     Open,
 }
 
-/// The fields computed for one response.
-#[derive(Clone, Debug)]
+/// The fields computed for one response. Boxed in the response future, which so
+/// stays one pointer larger than the inner future.
+#[derive(Clone, Debug, Default)]
 struct FieldSet {
-    values: [(HeaderName, Option<HeaderValue>); 5],
+    ietf: Option<(HeaderValue, HeaderValue)>,
+    legacy: Option<[HeaderValue; 3]>,
 }
 
 impl FieldSet {
+    fn into_headers(self) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+        let ietf = self
+            .ietf
+            .into_iter()
+            .flat_map(|(p, l)| [(RATELIMIT_POLICY, p), (RATELIMIT, l)]);
+        let legacy = self
+            .legacy
+            .into_iter()
+            .flat_map(|[a, b, c]| [(X_LIMIT, a), (X_REMAINING, b), (X_RESET, c)]);
+        ietf.chain(legacy)
+    }
+
     fn apply(self, headers: &mut HeaderMap) {
-        for (name, value) in self.values {
-            if let Some(v) = value {
-                headers.append(name, v);
-            }
+        for (name, value) in self.into_headers() {
+            headers.append(name, value);
         }
     }
 }
@@ -322,28 +339,17 @@ impl Shared {
         (g, self.policies.len())
     }
 
-    fn render(&self, principal: Option<&Principal>, outcome: &Outcome) -> Option<FieldSet> {
+    fn render(&self, principal: Option<&Principal>, outcome: &Outcome) -> Option<Box<FieldSet>> {
         if !self.fields && !self.legacy {
             return None;
         }
-        let mut set = FieldSet {
-            values: [
-                (RATELIMIT_POLICY, None),
-                (RATELIMIT, None),
-                (X_LIMIT, None),
-                (X_REMAINING, None),
-                (X_RESET, None),
-            ],
-        };
+        let mut set = Box::<FieldSet>::default();
         if self.fields {
-            let mut policy = BytesMut::with_capacity(32 * self.policies.len());
             let mut limit = BytesMut::with_capacity(32 * self.policies.len());
             for (i, (p, s)) in self.policies.iter().zip(outcome.states()).enumerate() {
                 if i > 0 {
-                    policy.put_slice(b", ");
                     limit.put_slice(b", ");
                 }
-                policy.put_slice(p.entry(principal).item.as_bytes());
                 limit.put_u8(b'"');
                 limit.put_slice(p.name.as_bytes());
                 limit.put_slice(b"\";r=");
@@ -351,8 +357,22 @@ impl Shared {
                 limit.put_slice(b";t=");
                 put_u64(&mut limit, fields::secs_ceil(s.reset));
             }
-            set.values[0].1 = HeaderValue::from_maybe_shared(policy.freeze()).ok();
-            set.values[1].1 = HeaderValue::from_maybe_shared(limit.freeze()).ok();
+            // One policy: its precomputed item (a reference-count increment).
+            let policy = match &self.policies[..] {
+                [one] => one.entry(principal).item.clone(),
+                many => {
+                    let mut v = BytesMut::with_capacity(32 * many.len());
+                    for (i, p) in many.iter().enumerate() {
+                        if i > 0 {
+                            v.put_slice(b", ");
+                        }
+                        v.put_slice(p.entry(principal).item.as_bytes());
+                    }
+                    HeaderValue::from_maybe_shared(v.freeze()).expect("checked items")
+                }
+            };
+            let limit = HeaderValue::from_maybe_shared(limit.freeze()).expect("ASCII digits");
+            set.ietf = Some((policy, limit));
         }
         if self.legacy {
             // The most constrained policy: a refusing one (longest wait), else the
@@ -362,9 +382,11 @@ impl Shared {
                 .max_by_key(|&i| (states[i].wait, std::cmp::Reverse(states[i].remaining)))
                 .unwrap_or(0);
             let q = self.policies[i].entry(principal).quota;
-            set.values[2].1 = Some(HeaderValue::from(q.count()));
-            set.values[3].1 = Some(HeaderValue::from(states[i].remaining));
-            set.values[4].1 = Some(HeaderValue::from(fields::secs_ceil(states[i].reset)));
+            set.legacy = Some([
+                HeaderValue::from(q.count()),
+                HeaderValue::from(states[i].remaining),
+                HeaderValue::from(fields::secs_ceil(states[i].reset)),
+            ]);
         }
         Some(set)
     }
@@ -397,8 +419,22 @@ impl Shared {
                 };
             }
         };
-        let principal = req.extensions().get::<Principal>();
-        let fields = self.render(principal, &outcome);
+        let fields = self.render(req.extensions().get::<Principal>(), &outcome);
+        self.act(inner, req, outcome, fields)
+    }
+
+    /// Lets an allowed (or shadowed) request through with its fields, or refuses it.
+    fn act<S, ReqBody, ResBody>(
+        &self,
+        inner: &mut S,
+        req: Request<ReqBody>,
+        outcome: Outcome,
+        fields: Option<Box<FieldSet>>,
+    ) -> Kind<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: From<Bytes>,
+    {
         if outcome.allowed {
             return Kind::Inner {
                 future: inner.call(req),
@@ -419,10 +455,8 @@ impl Shared {
             Duration::from_nanos(outcome.wait()),
         );
         if let Some(set) = fields {
-            for (name, value) in set.values {
-                if let Some(v) = value {
-                    rejection = rejection.with_header(name, v);
-                }
+            for (name, value) in set.into_headers() {
+                rejection = rejection.with_header(name, value);
             }
         }
         Kind::Rejected {
@@ -569,14 +603,15 @@ where
             return ResponseFuture {
                 kind: Kind::Checking {
                     check,
-                    pending: Some((inner, req, self.shared.clone())),
+                    pending: Some(Box::new((inner, req, self.shared.clone()))),
                 },
             };
         }
         let key = source.local(shared.local.hasher());
         let outcome = shared.local.check(key, &gcras[..n], shared.local.now());
+        let fields = shared.render(cx.principal(), &outcome);
         ResponseFuture {
-            kind: shared.finish(&mut self.inner, req, Verdict::Decided(outcome)),
+            kind: shared.act(&mut self.inner, req, outcome, fields),
         }
     }
 }
@@ -601,9 +636,9 @@ pin_project! {
     where
         S: Service<Request<ReqBody>>,
     {
-        Inner { #[pin] future: S::Future, fields: Option<FieldSet> },
+        Inner { #[pin] future: S::Future, fields: Option<Box<FieldSet>> },
         Rejected { response: Option<Response<B>> },
-        Checking { check: CheckFuture, pending: Option<(S, Request<ReqBody>, Arc<Shared>)> },
+        Checking { check: CheckFuture, pending: Option<Box<(S, Request<ReqBody>, Arc<Shared>)>> },
     }
 }
 
@@ -630,7 +665,7 @@ where
                 }
                 KindProj::Checking { check, pending } => {
                     let verdict = ready!(check.as_mut().poll(cx));
-                    let (mut svc, req, shared) = pending.take().expect("polled after completion");
+                    let (mut svc, req, shared) = *pending.take().expect("polled after completion");
                     let next = shared.finish(&mut svc, req, verdict);
                     kind.set(next);
                 }

@@ -11,12 +11,13 @@
 //! id or custom key: an id with any characters becomes a short, safe key. Every key
 //! expires when its quota has fully refilled, so Redis holds only keys in use.
 //!
-//! **Failure.** Every call has a timeout (default 5 ms). When Redis errs or times
-//! out, the [`FailurePolicy`] decides (fail closed with 503 by default is *not*
-//! assumed: you choose) and a circuit breaker opens: for the cool-down (default 5 s)
-//! requests go straight to the failure policy without waiting on Redis, then one
-//! request probes it again. A dead Redis so costs the timeout at most once per
-//! cool-down, not once per request.
+//! **Failure.** Every call has a timeout (default 5 ms, connecting included). When
+//! Redis errs or times out, the [`FailurePolicy`] decides (there is no default: the
+//! builder takes it as an argument) and a circuit breaker opens: for the cool-down
+//! (default 5 s) requests go straight to the failure policy without waiting on
+//! Redis, then one request probes it again. A dead Redis so costs the timeout at most
+//! once per cool-down, not once per request. The first request after start connects;
+//! [`RedisLimiter::connect`] does it earlier with a longer timeout.
 //!
 //! **Secrets.** The URL may hold a password: it is never logged, never part of an
 //! error, and `Debug` shows only whether TLS is used.
@@ -155,6 +156,24 @@ impl RedisLimiterBuilder {
             ));
         }
         self.namespace = ns.to_owned();
+        Ok(self)
+    }
+
+    /// Trust this CA (PEM) for `rediss://` instead of the platform's root
+    /// certificates, e.g. a private CA in front of a managed Redis.
+    #[cfg(feature = "redis-tls")]
+    pub fn tls_root_certificate(mut self, pem: &[u8]) -> Result<Self, ConfigError> {
+        if !self.tls {
+            return Err(ConfigError::new(
+                "a TLS root certificate needs a rediss:// URL",
+            ));
+        }
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        };
+        self.client = Client::build_with_tls(self.client.get_connection_info().clone(), certs)
+            .map_err(|_| ConfigError::new("Redis TLS root certificate could not be used"))?;
         Ok(self)
     }
 
@@ -362,6 +381,7 @@ impl Inner {
                         target: crate::audit::TARGET,
                         event = "rate_limit_backend_recovered",
                         backend = "redis",
+                        namespace = %self.namespace,
                     );
                 }
                 Verdict::Decided(outcome)
@@ -388,6 +408,7 @@ impl Inner {
                 target: crate::audit::TARGET,
                 event = "rate_limit_backend_down",
                 backend = "redis",
+                namespace = %self.namespace,
                 error = kind.map_or("timeout".to_owned(), |k| format!("{k:?}")),
                 failure_policy = ?self.policy,
                 cooldown_ms = self.cooldown.as_millis() as u64,

@@ -21,12 +21,18 @@ const PASSWORD: &str = "s3cret-redis-pw-4e1f";
 struct RedisServer {
     child: Option<Child>,
     port: u16,
+    /// For a TLS server: the directory holding its CA and certificate.
+    tls: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     /// Starts a password-protected server, or returns `None` (after saying so) when
     /// the binary is missing and Redis is not required.
     async fn start() -> Option<Self> {
+        Self::start_with(None)
+    }
+
+    fn start_with(tls: Option<std::path::PathBuf>) -> Option<Self> {
         let found = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -50,14 +56,31 @@ impl RedisServer {
             .local_addr()
             .unwrap()
             .port();
-        let mut s = Self { child: None, port };
+        let mut s = Self {
+            child: None,
+            port,
+            tls,
+        };
         s.spawn();
         Some(s)
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => {
+                cmd.args(["--port", &self.port.to_string()]);
+            }
+            Some(dir) => {
+                let f = |n: &str| dir.join(n).to_string_lossy().into_owned();
+                cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .args(["--tls-cert-file", &f("server.crt")])
+                    .args(["--tls-key-file", &f("server.key")])
+                    .args(["--tls-ca-cert-file", &f("ca.crt")])
+                    .args(["--tls-auth-clients", "no"]);
+            }
+        }
+        let child = cmd
             .args(["--bind", "127.0.0.1"])
             .args(["--requirepass", PASSWORD])
             .args(["--save", "", "--appendonly", "no"])
@@ -84,7 +107,12 @@ impl RedisServer {
     }
 
     fn url(&self) -> String {
-        format!("redis://:{PASSWORD}@127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://:{PASSWORD}@127.0.0.1:{}/0", self.port)
     }
 
     async fn admin(&self) -> redis::aio::MultiplexedConnection {
@@ -99,7 +127,140 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1, made with the `openssl`
+/// command (CI installs it with redis-server).
+#[cfg(feature = "redis-tls")]
+fn make_certificates() -> Option<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "portcullis-redis-tls-{}-{}",
+        std::process::id(),
+        StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=portcullis test CA",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    ];
+    for args in steps {
+        let ok = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::fs::remove_dir_all(&dir);
+            if std::env::var("PORTCULLIS_REQUIRE_REDIS").as_deref() == Ok("1") {
+                panic!("PORTCULLIS_REQUIRE_REDIS=1 but openssl could not make test certificates");
+            }
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: openssl is not available; the rediss:// test did not run"
+            );
+            return None;
+        }
+    }
+    Some(dir)
+}
+
+#[cfg(feature = "redis-tls")]
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    let Some(dir) = make_certificates() else {
+        return;
+    };
+    let ca = std::fs::read(dir.join("ca.crt")).unwrap();
+    let Some(server) = RedisServer::start_with(Some(dir)) else {
+        return;
+    };
+    let trusted = RedisLimiter::builder(&server.url(), FailurePolicy::FailClosed)
+        .unwrap()
+        .tls_root_certificate(&ca)
+        .unwrap()
+        .namespace("tls")
+        .unwrap()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    trusted
+        .connect()
+        .await
+        .expect("TLS connection with the private CA");
+    let addr = serve_limited(
+        layer(trusted, Quota::per_minute(3).unwrap()),
+        ClientIpConfig::peer_only(),
+    )
+    .await;
+    for remaining in [2, 1, 0] {
+        let r = get(addr, &[]).await;
+        assert_eq!((r.status, limits(&r)[0].remaining), (200, remaining));
+    }
+    assert_eq!(get(addr, &[]).await.status, 429);
+
+    // Without the CA the server's certificate is not trusted: no connection.
+    let untrusted = limiter(&server.url(), FailurePolicy::FailClosed, "tls-untrusted");
+    assert!(untrusted.connect().await.is_err());
+    // A root certificate for a plain redis:// URL is a configuration error.
+    assert!(
+        RedisLimiter::builder("redis://127.0.0.1:1", FailurePolicy::FailClosed)
+            .unwrap()
+            .tls_root_certificate(&ca)
+            .is_err()
+    );
 }
 
 fn limiter(url: &str, on_failure: FailurePolicy, ns: &str) -> RedisLimiter {
@@ -386,4 +547,77 @@ async fn a_dead_redis_costs_the_timeout_once_per_cooldown() {
     let r = get(addr, &[]).await;
     let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=30).contains(&secs), "{secs}");
+}
+
+#[tokio::test]
+async fn a_redis_error_reply_is_a_failure_too() {
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    // The anonymous global key holds a hash: GET inside the script fails (WRONGTYPE).
+    let mut admin = server.admin().await;
+    let _: () = redis::cmd("HSET")
+        .arg("errs:rl:api:g")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let l = limiter(&server.url(), FailurePolicy::FailClosed, "errs");
+    let layer = RateLimitLayer::builder()
+        .policy(Policy::new("api", Quota::per_minute(5).unwrap()).unwrap())
+        .redis(l.clone())
+        .build()
+        .unwrap();
+    // No ClientIp layer in this stack: requests fall back to the global key.
+    let stack = tower::ServiceBuilder::new().layer(layer).into_inner();
+    let addr = crate::common::serve("127.0.0.1:0", stack, crate::common::Peer::Attached).await;
+    let r = get(addr, &[]).await;
+    assert_eq!(r.status, 503);
+    assert!(l.breaker_open());
+}
+
+#[tokio::test]
+async fn a_silent_redis_times_out_and_opens_the_breaker() {
+    let capture = log_capture::capture();
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let l = RedisLimiter::builder(
+        &format!("redis://127.0.0.1:{port}"),
+        FailurePolicy::FailClosed,
+    )
+    .unwrap()
+    .namespace("silent-probe-ns")
+    .unwrap()
+    .timeout(Duration::from_millis(50))
+    .cooldown(Duration::from_secs(30))
+    .build()
+    .unwrap();
+    let addr = serve_limited(
+        layer(l.clone(), Quota::per_second(10).unwrap()),
+        ClientIpConfig::peer_only(),
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(get(addr, &[]).await.status, 503);
+    }
+    assert!(l.breaker_open());
+    let down: Vec<_> = capture
+        .events_with("silent-probe-ns")
+        .into_iter()
+        .filter(|e| e["fields"]["event"] == "rate_limit_backend_down")
+        .collect();
+    assert_eq!(
+        down.len(),
+        1,
+        "logged once per opening, not per request: {down:?}"
+    );
+    assert_eq!(down[0]["fields"]["error"], "timeout");
 }
