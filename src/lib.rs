@@ -96,6 +96,15 @@ pub mod allowlist;
 #[doc(hidden)]
 pub mod fuzzing;
 
+#[cfg(feature = "request-id")]
+pub mod request_id;
+
+#[cfg(feature = "access-log")]
+pub mod access_log;
+
+#[cfg(feature = "redact")]
+pub mod redact;
+
 pub use error::ConfigError;
 pub use ip::{ClientIp, IpSet};
 pub use principal::{AuthMethod, Principal, Scopes};

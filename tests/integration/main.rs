@@ -13,3 +13,5 @@ mod client_ip;
 mod fuzz_corpus;
 #[cfg(feature = "client-ip")]
 mod properties;
+#[cfg(feature = "redact")]
+mod redact_properties;
