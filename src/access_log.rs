@@ -58,7 +58,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::header::{AUTHORIZATION, COOKIE, Entry, HeaderName, PROXY_AUTHORIZATION, SET_COOKIE, USER_AGENT};
+use http::header::{
+    AUTHORIZATION, COOKIE, Entry, HeaderName, PROXY_AUTHORIZATION, SET_COOKIE, USER_AGENT,
+};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -305,6 +307,8 @@ impl Pending {
         let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         let r = &self.config.redactor;
         let method = sanitize(self.method.as_str(), MAX_METHOD);
+        // Safe characters only, but a client can still send a token as its id.
+        let request_id = self.request_id.as_ref().map(|id| r.redact(id.as_str()));
         let path = clean(r.redact_uri_part(self.uri.path()), MAX_PATH);
         let query = self
             .uri
@@ -332,7 +336,7 @@ impl Pending {
         };
         tracing::info!(
             target: TARGET,
-            request_id = self.request_id.as_ref().map(RequestId::as_str),
+            request_id = request_id.as_deref(),
             method = &*method,
             path = &*path,
             query = query.as_deref(),
@@ -372,13 +376,20 @@ mod tests {
         let svc = ServiceBuilder::new()
             .layer(AccessLogLayer::new().sensitive_header(HeaderName::from_static("x-internal")))
             .service_fn(|req: Request<()>| async move {
-                for h in ["authorization", "cookie", "x-api-key", "proxy-authorization", "x-internal"] {
+                for h in [
+                    "authorization",
+                    "cookie",
+                    "x-api-key",
+                    "proxy-authorization",
+                    "x-internal",
+                ] {
                     assert!(req.headers()[h].is_sensitive(), "{h}");
                     assert!(!format!("{:?}", req.headers()).contains("s3cret"));
                 }
                 assert!(!req.headers()["accept"].is_sensitive());
                 let mut res = Response::new(());
-                res.headers_mut().insert(SET_COOKIE, HeaderValue::from_static("sid=s3cret"));
+                res.headers_mut()
+                    .insert(SET_COOKIE, HeaderValue::from_static("sid=s3cret"));
                 Ok::<_, Infallible>(res)
             });
         let req = Request::builder()

@@ -402,7 +402,10 @@ impl<S> ClientIpService<S> {
                 None,
             );
         };
-        let ip = self.config.resolve(peer.ip(), req.headers()).map(ClientIp::new);
+        let ip = self
+            .config
+            .resolve(peer.ip(), req.headers())
+            .map(ClientIp::new);
         match ip {
             Some(ip) => {
                 req.extensions_mut().insert(ip);

@@ -106,11 +106,26 @@ const KEY_PREFIXES: &[&str] = &["pc_live_", "pc_test_"];
 
 /// The rule set, shared by clones of a [`Redactor`].
 struct Rules {
+    /// Sorted by first byte, longest prefix first within one (`sk-ant-` before `sk-`).
     shapes: Vec<Shape>,
-    /// Bytes at which some rule can start.
-    trigger: [bool; 256],
+    /// The range of `shapes` starting with each byte.
+    by_first: [(u16, u16); 256],
+    /// The pairs of bytes at which some rule can start, as a 65536-bit set (8 KiB):
+    /// one lookup per byte rejects almost every `e`, `s`, `p` ... of ordinary text.
+    pairs: Box<[u64; 1024]>,
+    /// Bytes (lower case) a sensitive name can end with.
+    last: [bool; 256],
+    /// For each last byte, the indices (bits) of the `SUFFIX_NAMES` / `EXACT_NAMES`
+    /// ending with it.
+    suffix_by_last: [u32; 256],
+    exact_by_last: [u32; 256],
     /// Extra exact names, normalised.
     names: Vec<Box<[u8]>>,
+}
+
+fn set_pair(pairs: &mut [u64; 1024], first: u8, next: u8) {
+    let k = usize::from(first) << 8 | usize::from(next);
+    pairs[k >> 6] |= 1 << (k & 63);
 }
 
 impl Rules {
@@ -126,23 +141,82 @@ impl Rules {
             })
             .collect();
         shapes.extend(SHAPES.iter().map(|s| s.to_shape()));
-        // Longest prefix first, so `sk-ant-` wins over `sk-`.
-        shapes.sort_by_key(|s| std::cmp::Reverse(s.prefix.len()));
-        let mut trigger = [false; 256];
-        for s in &shapes {
-            trigger[usize::from(s.prefix[0])] = true;
+        shapes.sort_by(|a, b| {
+            (a.prefix[0], std::cmp::Reverse(a.prefix.len()))
+                .cmp(&(b.prefix[0], std::cmp::Reverse(b.prefix.len())))
+        });
+        let mut by_first = [(0u16, 0u16); 256];
+        let mut seen = [false; 256];
+        let mut pairs = Box::new([0u64; 1024]);
+        for (i, s) in shapes.iter().enumerate() {
+            let f = usize::from(s.prefix[0]);
+            let i = u16::try_from(i).expect("fewer than 65536 shapes");
+            if !seen[f] {
+                by_first[f] = (i, i + 1);
+            } else {
+                by_first[f].1 = i + 1;
+            }
+            seen[f] = true;
+            set_pair(&mut pairs, s.prefix[0], s.prefix[1]);
+            if matches!(s.prefix[1], b'_' | b'-') {
+                set_pair(&mut pairs, s.prefix[0], b'%');
+            }
         }
-        for b in [b'=', b':', b'-', b'b', b'B', b'e'] {
-            trigger[usize::from(b)] = true;
+        // `Bearer`, `Basic` (any case), `eyJ`, `-----BEGIN`.
+        for (first, next) in [
+            (b'b', b"eEaA"),
+            (b'B', b"eEaA"),
+            (b'e', b"yyyy"),
+            (b'-', b"----"),
+        ] {
+            for &n in next {
+                set_pair(&mut pairs, first, n);
+            }
         }
+        // `name=value`, `name: value`, `scheme://user:password@host`: any next byte.
+        for b in [b'=', b':'] {
+            for n in 0..=255 {
+                set_pair(&mut pairs, b, n);
+            }
+        }
+        let mut last = [false; 256];
+        for n in EXACT_NAMES
+            .iter()
+            .chain(SUFFIX_NAMES)
+            .map(|n| *n)
+            .chain(names.iter().map(|n| &**n))
+        {
+            if let Some(&l) = n.last() {
+                last[usize::from(l)] = true;
+            }
+        }
+        // Trailing digits, separators and the hex digits of a trailing escape.
+        for b in b"0123456789abcdef_-.".iter() {
+            last[usize::from(*b)] = true;
+        }
+        let by_last = |list: &[&[u8]]| {
+            let mut t = [0u32; 256];
+            for (i, n) in list.iter().enumerate() {
+                t[usize::from(n[n.len() - 1])] |= 1 << i;
+            }
+            t
+        };
         Self {
             shapes,
-            trigger,
+            by_first,
+            pairs,
+            last,
+            suffix_by_last: by_last(SUFFIX_NAMES),
+            exact_by_last: by_last(EXACT_NAMES),
             names,
         }
     }
 
-    /// `whole`: the name was seen from its start (not cut, not glued to other text).
+    fn shapes_from(&self, b: u8) -> &[Shape] {
+        let (s, e) = self.by_first[usize::from(b)];
+        &self.shapes[usize::from(s)..usize::from(e)]
+    }
+
     /// Whether the value of this name runs to the end of the line, not the next
     /// space or `;` (a `Cookie` header holds several `name=value` pairs).
     fn is_wide_name(name: &[u8]) -> bool {
@@ -151,23 +225,56 @@ impl Rules {
         buf[..n].ends_with(b"cookie")
     }
 
+    /// `whole`: the name was seen from its start (not cut, not glued to other text).
     fn is_sensitive_name(&self, name: &[u8], whole: bool) -> bool {
+        let Some(&l) = name.last() else {
+            return false;
+        };
+        if !self.last[usize::from(l.to_ascii_lowercase())] {
+            return false;
+        }
+        if name.len() <= NAME_BUF && name.iter().all(u8::is_ascii_alphanumeric) {
+            // The common case: nothing to normalise.
+            return self.check_normalised(name, whole, true);
+        }
         let mut buf = [0u8; NAME_BUF];
         let (n, fit) = normalise_name(name, &mut buf);
-        let norm = &buf[..n];
-        let trimmed = {
-            let mut e = norm.len();
-            while e > 0 && norm[e - 1].is_ascii_digit() {
-                e -= 1;
-            }
-            &norm[..e]
-        };
-        if SUFFIX_NAMES.iter().any(|s| trimmed.ends_with(s)) {
-            return true;
+        self.check_normalised(&buf[..n], whole, fit)
+    }
+
+    /// `norm`: letters and digits only, any case.
+    fn check_normalised(&self, norm: &[u8], whole: bool, fit: bool) -> bool {
+        let mut e = norm.len();
+        while e > 0 && norm[e - 1].is_ascii_digit() {
+            e -= 1;
         }
-        whole
-            && fit
-            && (EXACT_NAMES.contains(&trimmed) || self.names.iter().any(|x| **x == *norm))
+        let trimmed = &norm[..e];
+        let Some(&l) = trimmed.last() else {
+            return false;
+        };
+        let l = usize::from(l.to_ascii_lowercase());
+        let mut bits = self.suffix_by_last[l];
+        while bits != 0 {
+            let s = SUFFIX_NAMES[bits.trailing_zeros() as usize];
+            bits &= bits - 1;
+            if trimmed.len() >= s.len()
+                && trimmed[trimmed.len() - s.len()..].eq_ignore_ascii_case(s)
+            {
+                return true;
+            }
+        }
+        if !(whole && fit) {
+            return false;
+        }
+        let mut bits = self.exact_by_last[l];
+        while bits != 0 {
+            let x = EXACT_NAMES[bits.trailing_zeros() as usize];
+            bits &= bits - 1;
+            if trimmed.eq_ignore_ascii_case(x) {
+                return true;
+            }
+        }
+        self.names.iter().any(|x| norm.eq_ignore_ascii_case(x))
     }
 }
 
@@ -297,7 +404,7 @@ impl Redactor {
             let next = percent_decode(&decoded, false);
             let Cow::Owned(next) = next else { break };
             decoded = Cow::Owned(next);
-            if scan::redact(&self.rules, &decoded).is_some() {
+            if scan::redact(&self.rules, &decoded).is_some_and(|r| r != *decoded) {
                 found = true;
             }
             if !decoded.contains(&b'%') {
@@ -445,18 +552,16 @@ pub(crate) fn percent_decode(s: &[u8], plus: bool) -> Cow<'_, [u8]> {
     let mut i = 0;
     while i < s.len() {
         match s[i] {
-            b'%' if i + 2 < s.len() => {
-                match (hex(s[i + 1]), hex(s[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 3;
-                    }
-                    _ => {
-                        out.push(b'%');
-                        i += 1;
-                    }
+            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
                 }
-            }
+                _ => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
             b'+' if plus => {
                 out.push(b' ');
                 i += 1;

@@ -33,6 +33,8 @@ const UPPER_DIGIT: u8 = 8;
 const CRED_EXTRA: u8 = 16; // . ~ + / = (with ALNUM, - and _: RFC 6750 b64token)
 const NAME_EXTRA: u8 = 32; // .
 const CRED_EXTRA_NO_PAD: u8 = 128; // . ~ + /
+/// Bytes of a field name: letters, digits, `_`, `-`, `.`, and `%` of an escape.
+const NAME: u8 = ALNUM | UNDERSCORE | DASH | NAME_EXTRA;
 const DELIM: u8 = 64; // ends an unquoted field value
 
 const fn classes() -> [u8; 256] {
@@ -59,7 +61,7 @@ const fn classes() -> [u8; 256] {
         if matches!(c, b'.' | b'~' | b'+' | b'/') {
             v |= CRED_EXTRA_NO_PAD;
         }
-        if c == b'.' {
+        if c == b'.' || c == b'%' {
             v |= NAME_EXTRA;
         }
         if c.is_ascii_whitespace()
@@ -243,12 +245,12 @@ pub(super) fn redact(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
     let mut i = 0;
     // The JWT rule failed for every start before this index.
     let mut jwt_fail_until = 0;
-    while i < n {
-        let b = input[i];
-        if !rules.trigger[usize::from(b)] {
-            i += 1;
-            continue;
+    loop {
+        i = next_candidate(&rules.pairs, input, i);
+        if i >= n {
+            break;
         }
+        let b = input[i];
         let m = match b {
             b'=' => field(rules, input, i),
             b':' => {
@@ -292,6 +294,34 @@ pub(super) fn redact(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
     Some(o)
 }
 
+/// The first index at or after `from` where a rule can start (by the byte there and
+/// the next one), or `input.len()`. The hot loop: one table lookup per byte.
+fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
+    let hit = |a: u8, b: u8| {
+        let k = usize::from(a) << 8 | usize::from(b);
+        pairs[k >> 6] >> (k & 63) & 1 != 0
+    };
+    let Some(rest) = input.get(from..) else {
+        return input.len();
+    };
+    let mut it = rest.iter();
+    let Some(&first) = it.next() else {
+        return input.len();
+    };
+    let mut prev = first;
+    for (off, &b) in it.enumerate() {
+        if hit(prev, b) {
+            return from + off;
+        }
+        prev = b;
+    }
+    if hit(prev, 0) {
+        input.len() - 1
+    } else {
+        input.len()
+    }
+}
+
 /// Whether a token starting at `i` is not glued to a word on its left. A
 /// percent-escape (`%20`) or a backslash escape (`\n` in JSON) counts as a boundary.
 fn left_boundary(input: &[u8], i: usize) -> bool {
@@ -317,12 +347,13 @@ fn run(input: &[u8], from: usize, mask: u8) -> usize {
 
 fn shapes(rules: &Rules, input: &[u8], i: usize) -> Option<Match> {
     let b = input[i];
-    let rest = &input[i..];
-    for s in rules.shapes.iter().filter(|s| s.prefix[0] == b) {
-        if !rest.starts_with(&s.prefix) || (s.boundary && !left_boundary(input, i)) {
+    for s in rules.shapes_from(b) {
+        let Some(start) = match_prefix(input, i, &s.prefix) else {
+            continue;
+        };
+        if s.boundary && !left_boundary(input, i) {
             continue;
         }
-        let start = i + s.prefix.len();
         let mask = s.set.mask();
         let end = if s.exact {
             let end = start + s.min;
@@ -334,8 +365,8 @@ fn shapes(rules: &Rules, input: &[u8], i: usize) -> Option<Match> {
             }
             end
         } else {
-            let end = run(input, start, mask);
-            if end - start < s.min {
+            let (end, len) = run_escaped(input, start, mask);
+            if len < s.min {
                 continue;
             }
             end
@@ -347,6 +378,51 @@ fn shapes(rules: &Rules, input: &[u8], i: usize) -> Option<Match> {
         });
     }
     None
+}
+
+/// The end of `prefix` at `i`, where `_` and `-` may also be written `%5F` and `%2D`
+/// (a key split across encodings in a logged URL).
+fn match_prefix(input: &[u8], i: usize, prefix: &[u8]) -> Option<usize> {
+    if input[i..].starts_with(prefix) {
+        return Some(i + prefix.len());
+    }
+    let mut j = i;
+    for &p in prefix {
+        match input.get(j) {
+            Some(&c) if c == p => j += 1,
+            Some(b'%') if escape_of(input, j) == Some(p) && matches!(p, b'_' | b'-') => j += 3,
+            _ => return None,
+        }
+    }
+    Some(j)
+}
+
+/// The byte a `%XX` escape at `j` encodes.
+fn escape_of(input: &[u8], j: usize) -> Option<u8> {
+    if input.get(j) != Some(&b'%') || j + 2 >= input.len() {
+        return None;
+    }
+    Some(hex(input[j + 1])? << 4 | hex(input[j + 2])?)
+}
+
+/// A run of `mask` bytes, where `_` and `-` may be percent-escaped when the set
+/// holds them. Returns the end and the decoded length.
+fn run_escaped(input: &[u8], from: usize, mask: u8) -> (usize, usize) {
+    let mut j = from;
+    let mut len = 0;
+    while j < input.len() {
+        if is(input[j], mask) {
+            j += 1;
+        } else if input[j] == b'%'
+            && escape_of(input, j).is_some_and(|c| matches!(c, b'_' | b'-') && is(c, mask))
+        {
+            j += 3;
+        } else {
+            break;
+        }
+        len += 1;
+    }
+    (j, len)
 }
 
 /// `eyJ<header>.<payload>.<signature>`: keeps `eyJ`. On failure returns the index
@@ -393,8 +469,15 @@ fn scheme(input: &[u8], i: usize) -> Option<Match> {
     if start == after {
         return None;
     }
+    if starts_pem(input, start) {
+        return None;
+    }
     let end = b64token(input, start);
     let cred = &input[start..end];
+    if is_scheme(cred) {
+        // `Bearer Bearer x`: the second word is the scheme of the credential.
+        return None;
+    }
     let lowercase_word = word.iter().all(u8::is_ascii_lowercase);
     // A capitalised scheme word is an HTTP header; a lower-case one may be prose
     // ("the bearer authentication scheme"), so its credential must look like one.
@@ -415,8 +498,17 @@ fn scheme(input: &[u8], i: usize) -> Option<Match> {
 fn b64token(input: &[u8], start: usize) -> usize {
     let mut end = run(input, start, ALNUM | UNDERSCORE | DASH | CRED_EXTRA_NO_PAD);
     if end > start {
+        let unpadded = end;
         while input.get(end) == Some(&b'=') {
             end += 1;
+        }
+        // `Bearer password=x` is a name and a value, not a padded token.
+        if end > unpadded
+            && input
+                .get(end)
+                .is_some_and(|&c| is(c, ALNUM | UNDERSCORE | DASH | NAME_EXTRA))
+        {
+            end = unpadded;
         }
     }
     end
@@ -525,7 +617,10 @@ fn pem(input: &[u8], i: usize) -> Option<Match> {
 /// A PEM label (`RSA PRIVATE KEY`) followed by `-----`: returns the label's end.
 fn label(input: &[u8], from: usize) -> Option<usize> {
     let mut j = from;
-    while j < input.len() && j - from <= 64 && (input[j].is_ascii_uppercase() || input[j].is_ascii_digit() || input[j] == b' ') {
+    while j < input.len()
+        && j - from <= 64
+        && (input[j].is_ascii_uppercase() || input[j].is_ascii_digit() || input[j] == b' ')
+    {
         j += 1;
     }
     input[j..].starts_with(b"-----").then_some(j)
@@ -548,14 +643,14 @@ fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         j -= 1;
     }
     let name_end = j;
-    while j > 0 && is(input[j - 1], ALNUM | UNDERSCORE | DASH | NAME_EXTRA) && name_end - j < MAX_NAME {
+    while j > 0 && is(input[j - 1], NAME) && name_end - j < MAX_NAME {
         j -= 1;
     }
     if j == name_end {
         return None;
     }
     // A name is whole when nothing name-like (nor the end of a replacement) is on its left.
-    let whole = j == 0 || !matches!(input[j - 1], b'*' | b']') && !is(input[j - 1], ALNUM | UNDERSCORE | DASH | NAME_EXTRA);
+    let whole = j == 0 || !matches!(input[j - 1], b'*' | b']') && !is(input[j - 1], NAME);
     if !rules.is_sensitive_name(&input[j..name_end], whole) {
         return None;
     }
@@ -607,10 +702,7 @@ fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
                 with: REDACTED,
             });
         }
-        while e < input.len()
-            && !is(input[e], DELIM)
-            && !starts_pem(input, e)
-        {
+        while e < input.len() && !is(input[e], DELIM) && !starts_pem(input, e) {
             e += 1;
         }
         // `password: X-Api-Key: v`: a trailing `:` makes the word a name of its own,
@@ -620,19 +712,26 @@ fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         }
         // An unquoted scheme word: the credential is the next word.
         if is_scheme(&input[v..e]) {
-            let c = skip_separators(input, e);
+            let mut c = skip_separators(input, e);
             let mut ce = c;
-            while ce < input.len() && !is(input[ce], DELIM) {
-                ce += 1;
+            loop {
+                while ce < input.len() && !is(input[ce], DELIM) {
+                    ce += 1;
+                }
+                let next = skip_separators(input, ce);
+                if !is_scheme(&input[c..ce]) || next == ce {
+                    break;
+                }
+                (c, ce) = (next, next);
             }
-            if c > e && ce > c {
+            if c > e && ce > c && !starts_pem(input, c) {
                 return Some(Match {
                     start: c,
                     end: ce,
                     with: STARS,
                 });
             }
-        } else if ends_with_scheme(&input[v..e]) {
+        } else if ends_with_scheme(&input[v..e]) && !starts_pem(input, skip_separators(input, e)) {
             // `password=(Bearer abc`: the credential after the space goes too.
             let c = skip_separators(input, e);
             let mut ce = c;
@@ -676,8 +775,9 @@ fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
 /// Whether a PEM block (or its replacement) starts at `e`: a field value stops
 /// there and leaves the block to its own rule.
 fn starts_pem(input: &[u8], e: usize) -> bool {
-    (input[e] == b'-' && input[e..].starts_with(b"-----BEGIN "))
-        || (input[e] == b'[' && input[e..].starts_with(PEM))
+    e < input.len()
+        && ((input[e] == b'-' && input[e..].starts_with(b"-----BEGIN "))
+            || (input[e] == b'[' && input[e..].starts_with(PEM)))
 }
 
 /// Whether `value` ends with a scheme word that starts at a word boundary inside it.
@@ -698,7 +798,17 @@ fn is_scheme(word: &[u8]) -> bool {
 pub(super) fn normalise_name(name: &[u8], buf: &mut [u8; NAME_BUF]) -> (usize, bool) {
     // Filled from the end: the suffix rules look at the end of a name.
     let mut k = buf.len();
-    for &c in name.iter().rev() {
+    let mut i = name.len();
+    while i > 0 {
+        i -= 1;
+        let mut c = name[i];
+        // A percent-escape (`api%5Fkey`) counts as the byte it encodes.
+        if i >= 2 && name[i - 2] == b'%' {
+            if let (Some(h), Some(l)) = (hex(name[i - 1]), hex(c)) {
+                c = h << 4 | l;
+                i -= 2;
+            }
+        }
         if matches!(c, b'_' | b'-' | b'.') {
             continue;
         }
@@ -711,6 +821,10 @@ pub(super) fn normalise_name(name: &[u8], buf: &mut [u8; NAME_BUF]) -> (usize, b
     let n = buf.len() - k;
     buf.copy_within(k.., 0);
     (n, true)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
 }
 
 /// Room for a normalised name.

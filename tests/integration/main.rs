@@ -11,6 +11,8 @@ mod allowlist;
 mod client_ip;
 #[cfg(feature = "fuzzing")]
 mod fuzz_corpus;
+#[cfg(all(feature = "access-log", feature = "allowlist"))]
+mod logging;
 #[cfg(feature = "client-ip")]
 mod properties;
 #[cfg(feature = "redact")]

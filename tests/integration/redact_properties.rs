@@ -30,21 +30,28 @@ fn secret() -> impl Strategy<Value = (String, String)> {
     prop_oneof![
         b62(30).prop_map(hint("pc_live_")),
         b62(30).prop_map(hint("pc_test_")),
-        proptest::string::string_regex("[A-Z0-9]{16}").unwrap().prop_map(hint("AKIA")),
+        proptest::string::string_regex("[A-Z0-9]{16}")
+            .unwrap()
+            .prop_map(hint("AKIA")),
         b62(36).prop_map(hint("ghp_")),
         b62(36).prop_map(hint("ghs_")),
         b62(40).prop_map(hint("github_pat_")),
         b64u(20).prop_map(hint("glpat-")),
         b62(24).prop_map(hint("sk_live_")),
         b62(32).prop_map(hint("whsec_")),
-        proptest::string::string_regex("[0-9]{12}-[A-Za-z0-9]{24}").unwrap().prop_map(hint("xoxb-")),
+        proptest::string::string_regex("[0-9]{12}-[A-Za-z0-9]{24}")
+            .unwrap()
+            .prop_map(hint("xoxb-")),
         b64u(35).prop_map(hint("AIza")),
         b64u(40).prop_map(hint("sk-ant-api03-")),
         b64u(40).prop_map(hint("sk-proj-")),
         b62(48).prop_map(hint("sk-")),
-        (b64u(20), b64u(30), b64u(30)).prop_map(|(h, p, s)| (format!("eyJ{h}.{p}.{s}"), format!("{p}.{s}"))),
+        (b64u(20), b64u(30), b64u(30))
+            .prop_map(|(h, p, s)| (format!("eyJ{h}.{p}.{s}"), format!("{p}.{s}"))),
         b62(24).prop_map(|c| (format!("Bearer {c}"), c)),
-        proptest::string::string_regex("[A-Za-z0-9+/]{16}==").unwrap().prop_map(|c| (format!("Basic {c}"), c)),
+        proptest::string::string_regex("[A-Za-z0-9+/]{16}==")
+            .unwrap()
+            .prop_map(|c| (format!("Basic {c}"), c)),
         b62(16).prop_map(|p| (format!("redis://:{p}@cache:6379/0"), p)),
         b62(16).prop_map(|p| (format!("postgres://app:{p}@db/app"), p)),
         b62(48).prop_map(|b| (
