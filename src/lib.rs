@@ -9,6 +9,8 @@
 //!
 //! | layer | module | what it does |
 //! |---|---|---|
+//! | [`RequestIdLayer`](request_id::RequestIdLayer) | [`request_id`] | accept a safe incoming `x-request-id` or make one; echo it on the response |
+//! | [`AccessLogLayer`](access_log::AccessLogLayer) | [`access_log`] | one redacted `tracing` event per request, refusals included |
 //! | [`ClientIpLayer`](client_ip::ClientIpLayer) | [`client_ip`] | resolve the real client address once: the TCP peer, or a forwarded header when the peer is a trusted proxy |
 //! | [`IpAllowlistLayer`](allowlist::IpAllowlistLayer) | [`allowlist`] | 403 unless the client address is inside the allowed CIDRs |
 //!
@@ -67,6 +69,11 @@
 //!
 //! - `client-ip` (default): [`client_ip`].
 //! - `allowlist` (default): [`allowlist`].
+//! - `request-id` (default): [`request_id`].
+//! - `access-log` (default): [`access_log`].
+//! - `redact` (default): [`redact`], the redactor the access log uses.
+//! - `redact-writer`: [`RedactingMakeWriter`](redact::RedactingMakeWriter), a
+//!   `tracing-subscriber` writer that scrubs every formatted event.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
 //! - `fuzzing`: the entry points of the cargo-fuzz targets, for the corpus replay tests.
 //!

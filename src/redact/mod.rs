@@ -183,7 +183,7 @@ impl Rules {
         for n in EXACT_NAMES
             .iter()
             .chain(SUFFIX_NAMES)
-            .map(|n| *n)
+            .copied()
             .chain(names.iter().map(|n| &**n))
         {
             if let Some(&l) = n.last() {

@@ -503,11 +503,7 @@ fn b64token(input: &[u8], start: usize) -> usize {
             end += 1;
         }
         // `Bearer password=x` is a name and a value, not a padded token.
-        if end > unpadded
-            && input
-                .get(end)
-                .is_some_and(|&c| is(c, ALNUM | UNDERSCORE | DASH | NAME_EXTRA))
-        {
+        if end > unpadded && input.get(end).is_some_and(|&c| is(c, ALNUM | UNDERSCORE)) {
             end = unpadded;
         }
     }

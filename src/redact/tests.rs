@@ -194,6 +194,17 @@ fn pem_private_keys() {
 }
 
 #[test]
+fn padding_before_another_rule_is_stable() {
+    // Found by the fuzzer: the byte after `==` changed class once the PEM block
+    // behind it was replaced.
+    assert_eq!(
+        r("Basic dX====-----BEGIN EC PRIVATE KEY-----"),
+        "Basic ****[REDACTED PRIVATE KEY]"
+    );
+    assert_eq!(r("Bearer password=abcdefgh"), "Bearer ****=REDACTED");
+}
+
+#[test]
 fn escapes_are_boundaries() {
     assert_eq!(r("a\\nsk-AbCdEfGhIjKlMnOpQrStUvWxYz0123"), "a\\nsk-****");
     assert_eq!(r("q=%20sk-AbCdEfGhIjKlMnOpQrStUvWxYz0123"), "q=%20sk-****");

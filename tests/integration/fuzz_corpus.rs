@@ -19,3 +19,15 @@ fn replay(target: &str, f: fn(&[u8])) {
 fn forwarded_headers_corpus() {
     replay("forwarded_headers", portcullis::fuzzing::forwarded_headers);
 }
+
+#[cfg(feature = "redact")]
+#[test]
+fn redactor_corpus() {
+    replay("redactor", portcullis::fuzzing::redactor);
+}
+
+#[cfg(feature = "redact")]
+#[test]
+fn query_redaction_corpus() {
+    replay("query_redaction", portcullis::fuzzing::query_redaction);
+}
