@@ -127,15 +127,13 @@ pub(super) struct Shape {
     pub(super) boundary: bool,
 }
 
-impl Shape {
-    pub(super) const fn new_static(prefix: &'static str, set: Set, min: usize) -> StaticShape {
-        StaticShape {
-            prefix,
-            set,
-            min,
-            exact: false,
-            boundary: false,
-        }
+const fn shape(prefix: &'static str, set: Set, min: usize) -> StaticShape {
+    StaticShape {
+        prefix,
+        set,
+        min,
+        exact: false,
+        boundary: false,
     }
 }
 
@@ -169,53 +167,45 @@ impl StaticShape {
     }
 }
 
-/// The provider token shapes, longest prefix first within a first byte.
+/// The provider token shapes (sorted by the rule set, longest prefix first).
 pub(super) static SHAPES: &[StaticShape] = &[
     // AWS access key ids: a four-letter type then exactly 16 upper-case letters/digits.
-    Shape::new_static("AKIA", Set::UpperDigit, 16)
-        .exact()
-        .boundary(),
-    Shape::new_static("ASIA", Set::UpperDigit, 16)
-        .exact()
-        .boundary(),
-    Shape::new_static("ABIA", Set::UpperDigit, 16)
-        .exact()
-        .boundary(),
-    Shape::new_static("ACCA", Set::UpperDigit, 16)
-        .exact()
-        .boundary(),
+    shape("AKIA", Set::UpperDigit, 16).exact().boundary(),
+    shape("ASIA", Set::UpperDigit, 16).exact().boundary(),
+    shape("ABIA", Set::UpperDigit, 16).exact().boundary(),
+    shape("ACCA", Set::UpperDigit, 16).exact().boundary(),
     // Google API keys.
-    Shape::new_static("AIza", Set::Base64Url, 30),
+    shape("AIza", Set::Base64Url, 30),
     // GitHub.
-    Shape::new_static("github_pat_", Set::AlnumUnderscore, 22),
-    Shape::new_static("ghp_", Set::Alnum, 30),
-    Shape::new_static("gho_", Set::Alnum, 30),
-    Shape::new_static("ghu_", Set::Alnum, 30),
-    Shape::new_static("ghs_", Set::Alnum, 30),
-    Shape::new_static("ghr_", Set::Alnum, 30),
+    shape("github_pat_", Set::AlnumUnderscore, 22),
+    shape("ghp_", Set::Alnum, 30),
+    shape("gho_", Set::Alnum, 30),
+    shape("ghu_", Set::Alnum, 30),
+    shape("ghs_", Set::Alnum, 30),
+    shape("ghr_", Set::Alnum, 30),
     // GitLab.
-    Shape::new_static("glpat-", Set::Base64Url, 20),
-    Shape::new_static("glrt-", Set::Base64Url, 20),
-    Shape::new_static("gldt-", Set::Base64Url, 20),
+    shape("glpat-", Set::Base64Url, 20),
+    shape("glrt-", Set::Base64Url, 20),
+    shape("gldt-", Set::Base64Url, 20),
     // Stripe (secret and restricted keys, webhook secrets; publishable keys are public).
-    Shape::new_static("sk_live_", Set::Alnum, 16),
-    Shape::new_static("sk_test_", Set::Alnum, 16),
-    Shape::new_static("rk_live_", Set::Alnum, 16),
-    Shape::new_static("rk_test_", Set::Alnum, 16),
-    Shape::new_static("whsec_", Set::Alnum, 24),
+    shape("sk_live_", Set::Alnum, 16),
+    shape("sk_test_", Set::Alnum, 16),
+    shape("rk_live_", Set::Alnum, 16),
+    shape("rk_test_", Set::Alnum, 16),
+    shape("whsec_", Set::Alnum, 24),
     // Anthropic, then OpenAI's typed keys, then the generic `sk-` form.
-    Shape::new_static("sk-ant-", Set::Base64Url, 20),
-    Shape::new_static("sk-proj-", Set::Base64Url, 20),
-    Shape::new_static("sk-svcacct-", Set::Base64Url, 20),
-    Shape::new_static("sk-admin-", Set::Base64Url, 20),
-    Shape::new_static("sk-", Set::Base64Url, 20).boundary(),
+    shape("sk-ant-", Set::Base64Url, 20),
+    shape("sk-proj-", Set::Base64Url, 20),
+    shape("sk-svcacct-", Set::Base64Url, 20),
+    shape("sk-admin-", Set::Base64Url, 20),
+    shape("sk-", Set::Base64Url, 20).boundary(),
     // Slack.
-    Shape::new_static("xoxb-", Set::AlnumDash, 10),
-    Shape::new_static("xoxp-", Set::AlnumDash, 10),
-    Shape::new_static("xoxa-", Set::AlnumDash, 10),
-    Shape::new_static("xoxr-", Set::AlnumDash, 10),
-    Shape::new_static("xoxs-", Set::AlnumDash, 10),
-    Shape::new_static("xoxe-", Set::AlnumDash, 10),
+    shape("xoxb-", Set::AlnumDash, 10),
+    shape("xoxp-", Set::AlnumDash, 10),
+    shape("xoxa-", Set::AlnumDash, 10),
+    shape("xoxr-", Set::AlnumDash, 10),
+    shape("xoxs-", Set::AlnumDash, 10),
+    shape("xoxe-", Set::AlnumDash, 10),
 ];
 
 /// Scheme words whose following credential is redacted inside a sensitive field
