@@ -310,14 +310,17 @@ impl Pending {
         // Safe characters only, but a client can still send a token as its id.
         let request_id = self.request_id.as_ref().map(|id| r.redact(id.as_str()));
         let path = clean(r.redact_uri_part(self.uri.path()), MAX_PATH);
-        let query = self
-            .uri
-            .query()
-            .map(|q| clean(r.redact_uri_part(&r.redact_query(q)), MAX_QUERY));
-        let user_agent = self.user_agent.as_ref().map(|v| {
-            let s = String::from_utf8_lossy(v.as_bytes());
-            clean(r.redact(&s), MAX_USER_AGENT)
-        });
+        let query = self.uri.query().map(|q| r.redact_query(q));
+        let query = query
+            .as_deref()
+            .map(|q| clean(r.redact_uri_part(q), MAX_QUERY));
+        let user_agent = self
+            .user_agent
+            .as_ref()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()));
+        let user_agent = user_agent
+            .as_deref()
+            .map(|ua| clean(r.redact(ua), MAX_USER_AGENT));
         let (status, ext) = match &outcome {
             Outcome::Response(res) => (Some(res.status().as_u16()), Some(res.extensions())),
             _ => (None, None),
@@ -353,8 +356,13 @@ impl Pending {
     }
 }
 
-fn clean(s: Cow<'_, str>, max: usize) -> String {
-    sanitize(&s, max).into_owned()
+/// Sanitised, without a copy when there is nothing to remove or cut.
+fn clean(s: Cow<'_, str>, max: usize) -> Cow<'_, str> {
+    let cleaned = match sanitize(&s, max) {
+        Cow::Borrowed(_) => None,
+        Cow::Owned(o) => Some(o),
+    };
+    cleaned.map_or(s, Cow::Owned)
 }
 
 impl Drop for Pending {

@@ -682,6 +682,10 @@ fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
             {
                 e += 1;
             }
+            // Keep the separator to the next field (`"cookie": Sensitive, "x": 1`).
+            while e > v && matches!(input[e - 1], b' ' | b',' | b'\t') {
+                e -= 1;
+            }
             return (e > v).then_some(Match {
                 start: v,
                 end: e,
