@@ -218,6 +218,26 @@ async fn unsafe_request_ids_are_replaced() {
 }
 
 #[tokio::test]
+async fn two_request_id_headers_are_ambiguous_and_replaced() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    let (status, head, body) = send(
+        addr,
+        &get(
+            "/two-ids",
+            &["X-Request-Id: first-id-dup", "X-Request-Id: second-id-dup"],
+        ),
+    )
+    .await;
+    let id = assert_replaced(status, &head, &body);
+    assert_eq!(
+        access_events("/two-ids").await[0]["fields"]["request_id"],
+        id.as_str()
+    );
+    assert!(!head.contains("-id-dup"));
+}
+
+#[tokio::test]
 async fn a_request_id_with_a_raw_newline_never_reaches_the_log() {
     capture();
     let addr = serve(logging_stack(), echo_request_id()).await;

@@ -156,3 +156,43 @@ proptest! {
         prop_assert_eq!(redact_query(&out), out.as_ref());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn sanitize_removes_every_control_and_bounds_the_length(
+        s in "(?s).{0,200}",
+        max in 0usize..128,
+    ) {
+        let out = portcullis::redact::sanitize(&s, max);
+        prop_assert!(!out.chars().any(char::is_control));
+        let hidden = ['\u{2028}', '\u{2029}', '\u{202e}', '\u{2066}'];
+        prop_assert!(!out.contains(hidden), "line separator or bidi override kept");
+        prop_assert!(out.len() <= max + '…'.len_utf8());
+        // What is kept is the input's own characters, in order.
+        let kept: String = out.trim_end_matches('…').to_owned();
+        let removed = |c: char| {
+            c.is_control()
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
+        };
+        let filtered: String = s.chars().filter(|&c| !removed(c)).collect();
+        prop_assert!(filtered.starts_with(&kept) || s.contains('…'));
+    }
+
+    #[test]
+    fn request_ids_are_kept_exactly_when_safe(id in prop::collection::vec(any::<u8>(), 0..80)) {
+        use portcullis::request_id::{RequestId, is_safe_request_id, MAX_LEN};
+        let safe = !id.is_empty()
+            && id.len() <= MAX_LEN
+            && id.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+        prop_assert_eq!(is_safe_request_id(&id), safe);
+        match RequestId::parse(&id) {
+            Some(parsed) => {
+                prop_assert!(safe);
+                prop_assert_eq!(parsed.as_str().as_bytes(), &id[..]);
+            }
+            None => prop_assert!(!safe),
+        }
+    }
+}
