@@ -45,6 +45,9 @@
 //! # let _ = svc;
 //! ```
 //!
+//! With [`AccessLogLayer::request_span`], the inner service runs in a `request`
+//! span carrying the request id, so every event logged further in is correlated.
+//!
 //! Cost: when the target is enabled, a few reference-count increments at the
 //! request, and at completion the redaction of the path, query and user agent (one
 //! linear pass each) plus the event itself. When the target is disabled, only the
@@ -85,6 +88,7 @@ static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 struct Config {
     redactor: Redactor,
     sensitive: Vec<HeaderName>,
+    span: bool,
 }
 
 /// Layer applying [`AccessLog`]; see the [module docs](self).
@@ -120,6 +124,7 @@ impl AccessLogLayer {
                     COOKIE,
                     X_API_KEY.clone(),
                 ],
+                span: false,
             }),
         }
     }
@@ -145,10 +150,30 @@ impl AccessLogLayer {
         }
     }
 
+    /// Also runs the inner service inside an `INFO` span named `request` (target
+    /// `portcullis::access`) with a `request_id` field, so that every event the
+    /// layers inside and your handler emit carries the request id (with
+    /// `tracing-subscriber`'s JSON output: in `span` / `spans`). Costs one span per
+    /// request; off by default.
+    ///
+    /// ```
+    /// use portcullis::access_log::AccessLogLayer;
+    /// let layer = AccessLogLayer::new().request_span();
+    /// # let _ = layer;
+    /// ```
+    pub fn request_span(self) -> Self {
+        let mut config = self.into_config();
+        config.span = true;
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
     fn into_config(self) -> Config {
         Config {
             redactor: self.config.redactor.clone(),
             sensitive: self.config.sensitive.clone(),
+            span: self.config.span,
         }
     }
 }
@@ -236,9 +261,19 @@ where
             config: self.config.clone(),
             done: false,
         });
+        let span = self.config.span.then(|| {
+            let id = req.extensions().get::<RequestId>();
+            let id = id.map(|id| self.config.redactor.redact(id.as_str()));
+            tracing::info_span!(target: TARGET, "request", request_id = id.as_deref())
+        });
+        let inner = match &span {
+            Some(span) => span.in_scope(|| self.inner.call(req)),
+            None => self.inner.call(req),
+        };
         ResponseFuture {
-            inner: self.inner.call(req),
+            inner,
             pending,
+            span,
         }
     }
 }
@@ -249,6 +284,7 @@ pin_project! {
         #[pin]
         inner: F,
         pending: Option<Pending>,
+        span: Option<tracing::Span>,
     }
 }
 
@@ -266,7 +302,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        let entered = this.span.as_ref().map(tracing::Span::enter);
         let mut result = std::task::ready!(this.inner.poll(cx));
+        drop(entered);
         if let Some(mut p) = this.pending.take() {
             match &mut result {
                 Ok(res) => {

@@ -553,3 +553,28 @@ async fn an_inner_error_and_a_cancelled_request_are_logged_once_each() {
     assert_eq!(events[0]["fields"]["path"], "/slow");
     assert!(!capture().text().contains("errSecret1"));
 }
+
+#[tokio::test]
+async fn the_request_span_carries_the_request_id_into_handler_logs() {
+    capture();
+    let handler = tower::service_fn(|_req: Request<Incoming>| async move {
+        tracing::info!(marker = "handler-in-span-7", "inside the handler");
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let stack = ServiceBuilder::new()
+        .layer(RequestIdLayer::new())
+        .layer(AccessLogLayer::new().request_span())
+        .into_inner();
+    let addr = serve(stack, handler).await;
+    let (status, _, _) = send(addr, &get("/span", &["X-Request-Id: span-id-7"])).await;
+    assert_eq!(status, 200);
+    let events = capture().events_with("handler-in-span-7");
+    assert_eq!(events.len(), 1);
+    let spans = events[0]["spans"].as_array().expect("span list");
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["name"] == "request" && s["request_id"] == "span-id-7"),
+        "{events:?}"
+    );
+}
