@@ -381,4 +381,53 @@ pub fn ratelimit_fields(data: &[u8]) {
             parse_ratelimit_policy(text.join(", ").as_bytes()).expect("canonical form parses");
         assert_eq!(again, items, "RateLimit-Policy round trip");
     }
+/// `redactor` target: any bytes through the [`Redactor`](crate::redact::Redactor).
+///
+/// Checks, besides "no panic" and no hang: redaction is idempotent; the `&str` and
+/// the bytes entry points agree, and valid UTF-8 stays valid; the URL-part entry
+/// point (which also decodes percent-escapes) is idempotent on its own output's
+/// secrets (it never reveals a shape the raw pass hid).
+#[cfg(feature = "redact")]
+pub fn redactor(data: &[u8]) {
+    use crate::redact::Redactor;
+    let r = Redactor::new();
+    let once = r.redact_bytes(data);
+    let twice = r.redact_bytes(&once);
+    assert_eq!(once, twice, "redaction is not idempotent");
+    if let Ok(s) = std::str::from_utf8(data) {
+        let out = r.redact(s);
+        assert_eq!(
+            out.as_bytes(),
+            &*once,
+            "str and bytes entry points disagree"
+        );
+        let uri = r.redact_uri_part(s);
+        assert_eq!(r.redact(&uri), uri, "redacted URL part still holds a shape");
+    }
+}
+
+/// `query_redaction` target: a query string through
+/// [`redact_query`](crate::redact::redact_query).
+///
+/// Checks: the parameters keep their number, order and names; a changed parameter
+/// is exactly `name=REDACTED` for a sensitive name; the result is a fixed point.
+#[cfg(feature = "redact")]
+pub fn query_redaction(data: &[u8]) {
+    use crate::redact::{Redactor, redact_query};
+    let q = String::from_utf8_lossy(data);
+    let out = redact_query(&q);
+    assert_eq!(out.split('&').count(), q.split('&').count());
+    let r = Redactor::new();
+    for (before, after) in q.split('&').zip(out.split('&')) {
+        if before != after {
+            let (name, value) = before
+                .split_once('=')
+                .expect("only name=value pairs change");
+            assert!(!value.is_empty(), "an empty value is kept");
+            assert_eq!(after, format!("{name}=REDACTED"));
+            let decoded = crate::redact::percent_decode(name.as_bytes(), true);
+            assert!(r.is_sensitive_name(&String::from_utf8_lossy(&decoded)) || !decoded.is_ascii());
+        }
+    }
+    assert_eq!(redact_query(&out), out, "not a fixed point");
 }

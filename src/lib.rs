@@ -9,6 +9,8 @@
 //!
 //! | layer | module | what it does |
 //! |---|---|---|
+//! | [`RequestIdLayer`](request_id::RequestIdLayer) | [`request_id`] | accept a safe incoming `x-request-id` or make one; echo it on the response |
+//! | [`AccessLogLayer`](access_log::AccessLogLayer) | [`access_log`] | one redacted `tracing` event per request, refusals included |
 //! | [`ClientIpLayer`](client_ip::ClientIpLayer) | [`client_ip`] | resolve the real client address once: the TCP peer, or a forwarded header when the peer is a trusted proxy |
 //! | [`IpAllowlistLayer`](allowlist::IpAllowlistLayer) | [`allowlist`] | 403 unless the client address is inside the allowed CIDRs |
 //! | [`AuthenticateLayer`](authenticate::AuthenticateLayer) | [`authenticate`], [`api_key`] | verify the request's API key and insert its [`Principal`], else 401 (400 for a malformed credential) |
@@ -77,6 +79,11 @@
 //! - `jwt`: service tokens (`jwt`): verifier, issuer and client-side layer.
 //! - `rate-limit` (default): [`rate_limit`].
 //! - `redis`: share rate limits between instances through Redis; `redis-tls` adds `rediss://`.
+//! - `request-id` (default): [`request_id`].
+//! - `access-log` (default): [`access_log`].
+//! - `redact` (default): [`redact`], the redactor the access log uses.
+//! - `redact-writer`: [`RedactingMakeWriter`](redact::RedactingMakeWriter), a
+//!   `tracing-subscriber` writer that scrubs every formatted event.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
 //! - `fuzzing`: the entry points of the cargo-fuzz targets, for the corpus replay tests.
 //!
@@ -118,6 +125,15 @@ pub mod rate_limit;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+
+#[cfg(feature = "request-id")]
+pub mod request_id;
+
+#[cfg(feature = "access-log")]
+pub mod access_log;
+
+#[cfg(feature = "redact")]
+pub mod redact;
 
 pub use error::ConfigError;
 pub use ip::{ClientIp, IpSet};

@@ -37,3 +37,15 @@ fn credentials_corpus() {
 fn ratelimit_fields_corpus() {
     replay("ratelimit_fields", portcullis::fuzzing::ratelimit_fields);
 }
+
+#[cfg(feature = "redact")]
+#[test]
+fn redactor_corpus() {
+    replay("redactor", portcullis::fuzzing::redactor);
+}
+
+#[cfg(feature = "redact")]
+#[test]
+fn query_redaction_corpus() {
+    replay("query_redaction", portcullis::fuzzing::query_redaction);
+}

@@ -23,3 +23,7 @@ mod properties;
 mod rate_limit;
 #[cfg(feature = "redis")]
 mod rate_limit_redis;
+#[cfg(all(feature = "access-log", feature = "allowlist"))]
+mod logging;
+#[cfg(feature = "redact")]
+mod redact_properties;

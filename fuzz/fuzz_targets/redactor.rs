@@ -1,0 +1,5 @@
+#![no_main]
+//! The redactor over any bytes: idempotent, str/bytes agreement, no hang.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| portcullis::fuzzing::redactor(data));

@@ -1,0 +1,454 @@
+//! One redacted `tracing` event per request, refusals included.
+//!
+//! [`AccessLogLayer`] emits one `INFO` event on the target [`TARGET`]
+//! (`portcullis::access`) when the response head is ready, when the inner service
+//! fails, or when the request is dropped before either (the client went away). The
+//! fields, all flat, for JSON output from `tracing-subscriber`:
+//!
+//! | field | value |
+//! |---|---|
+//! | `request_id` | the [`RequestId`] (put there by [`RequestIdLayer`](crate::request_id::RequestIdLayer), outside this layer) |
+//! | `method`, `path` | from the request line: redacted, control characters removed, bounded |
+//! | `query` | sensitive parameters replaced by `REDACTED` (names kept), then redacted like the path |
+//! | `status` | the response status (absent on error or cancel) |
+//! | `latency_us` | microseconds from the request reaching this layer to the response head |
+//! | `client_ip` | the [`ClientIp`] |
+//! | `principal`, `auth_method` | the [`Principal`]'s public id and how it authenticated |
+//! | `denial_reason` | the [`DenialReason`] class of a refusal, e.g. `unknown_key` |
+//! | `user_agent` | redacted, control characters removed, at most 256 bytes |
+//! | `outcome` | `response`, `error` (the inner service failed) or `cancelled` |
+//!
+//! Headers other than the user agent are never recorded, bodies never. The
+//! credential headers (`authorization`, `proxy-authorization`, `cookie`,
+//! `x-api-key`, plus [`AccessLogLayer::sensitive_header`]) and `set-cookie` on the
+//! response are marked sensitive, so a `Debug` print of the request or response
+//! further in shows `Sensitive` instead of the value.
+//!
+//! The layer sits *outside* [`ClientIpLayer`](crate::client_ip::ClientIpLayer) and
+//! the authentication layer so that it logs their refusals too; those layers copy
+//! what they found into the *response* extensions, where this layer reads
+//! `ClientIp`, `Principal` and `DenialReason` (the request extensions are read as well,
+//! for a `ClientIp` or `Principal` set outside this layer).
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response};
+//! use portcullis::access_log::AccessLogLayer;
+//! use portcullis::request_id::RequestIdLayer;
+//! use tower::ServiceBuilder;
+//!
+//! let svc = ServiceBuilder::new()
+//!     .layer(RequestIdLayer::new())
+//!     .layer(AccessLogLayer::new())
+//!     // .layer(client_ip).layer(authenticate) ...
+//!     .service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+//! # let _ = svc;
+//! ```
+//!
+//! With [`AccessLogLayer::request_span`], the inner service runs in a `request`
+//! span carrying the request id, so every event logged further in is correlated.
+//!
+//! Cost: when the target is enabled, a few reference-count increments at the
+//! request, and at completion the redaction of the path, query and user agent (one
+//! linear pass each) plus the event itself. When the target is disabled, only the
+//! sensitive-header marking.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::header::{
+    AUTHORIZATION, COOKIE, Entry, HeaderName, PROXY_AUTHORIZATION, SET_COOKIE, USER_AGENT,
+};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::redact::{Redactor, sanitize};
+use crate::rejection::DenialReason;
+use crate::request_id::RequestId;
+use crate::{ClientIp, Principal};
+
+/// The `tracing` target of access-log events.
+pub const TARGET: &str = "portcullis::access";
+
+const MAX_METHOD: usize = 32;
+const MAX_PATH: usize = 1024;
+const MAX_QUERY: usize = 1024;
+const MAX_USER_AGENT: usize = 256;
+const MAX_PRINCIPAL: usize = 128;
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+struct Config {
+    redactor: Redactor,
+    sensitive: Vec<HeaderName>,
+    span: bool,
+}
+
+/// Layer applying [`AccessLog`]; see the [module docs](self).
+#[derive(Clone)]
+pub struct AccessLogLayer {
+    config: Arc<Config>,
+}
+
+impl fmt::Debug for AccessLogLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessLogLayer")
+            .field("redactor", &self.config.redactor)
+            .field("sensitive_headers", &self.config.sensitive)
+            .finish()
+    }
+}
+
+impl Default for AccessLogLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AccessLogLayer {
+    /// With the default [`Redactor`] and sensitive headers.
+    pub fn new() -> Self {
+        Self {
+            config: Arc::new(Config {
+                redactor: Redactor::new(),
+                sensitive: vec![
+                    AUTHORIZATION,
+                    PROXY_AUTHORIZATION,
+                    COOKIE,
+                    X_API_KEY.clone(),
+                ],
+                span: false,
+            }),
+        }
+    }
+
+    /// Redacts with `redactor` (e.g. one that knows your key prefix).
+    pub fn redactor(self, redactor: Redactor) -> Self {
+        let mut config = self.into_config();
+        config.redactor = redactor;
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
+    /// Also marks this request header sensitive (e.g. `x-internal-token`). It is
+    /// never logged either way.
+    pub fn sensitive_header(self, name: HeaderName) -> Self {
+        let mut config = self.into_config();
+        if !config.sensitive.contains(&name) {
+            config.sensitive.push(name);
+        }
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
+    /// Also runs the inner service inside an `INFO` span named `request` (target
+    /// `portcullis::access`) with a `request_id` field, so that every event the
+    /// layers inside and your handler emit carries the request id (with
+    /// `tracing-subscriber`'s JSON output: in `span` / `spans`). Costs one span per
+    /// request; off by default.
+    ///
+    /// ```
+    /// use portcullis::access_log::AccessLogLayer;
+    /// let layer = AccessLogLayer::new().request_span();
+    /// # let _ = layer;
+    /// ```
+    pub fn request_span(self) -> Self {
+        let mut config = self.into_config();
+        config.span = true;
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
+    fn into_config(self) -> Config {
+        Config {
+            redactor: self.config.redactor.clone(),
+            sensitive: self.config.sensitive.clone(),
+            span: self.config.span,
+        }
+    }
+}
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AccessLog {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Service that logs each request; see [`AccessLogLayer`].
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for AccessLog<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> AccessLog<S> {
+    /// Wraps `inner` with the default configuration.
+    pub fn new(inner: S) -> Self {
+        AccessLogLayer::new().layer(inner)
+    }
+    /// Returns a layer with the default configuration.
+    pub fn layer() -> AccessLogLayer {
+        AccessLogLayer::new()
+    }
+    /// Gets a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    /// Gets a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+fn mark_sensitive(headers: &mut HeaderMap, name: &HeaderName) {
+    if let Entry::Occupied(mut e) = headers.entry(name) {
+        for v in e.iter_mut() {
+            v.set_sensitive(true);
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AccessLog<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        for name in &self.config.sensitive {
+            mark_sensitive(req.headers_mut(), name);
+        }
+        let pending = tracing::enabled!(target: TARGET, tracing::Level::INFO).then(|| Pending {
+            start: Instant::now(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            user_agent: req.headers().get(USER_AGENT).cloned(),
+            request_id: req.extensions().get::<RequestId>().cloned(),
+            client_ip: req.extensions().get::<ClientIp>().copied(),
+            principal: req.extensions().get::<Principal>().cloned(),
+            config: self.config.clone(),
+            done: false,
+        });
+        let span = self.config.span.then(|| {
+            let id = req.extensions().get::<RequestId>();
+            let id = id.map(|id| self.config.redactor.redact(id.as_str()));
+            tracing::info_span!(target: TARGET, "request", request_id = id.as_deref())
+        });
+        let inner = match &span {
+            Some(span) => span.in_scope(|| self.inner.call(req)),
+            None => self.inner.call(req),
+        };
+        ResponseFuture {
+            inner,
+            pending,
+            span,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`AccessLog`]: logs when it completes or is dropped.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Option<Pending>,
+        span: Option<tracing::Span>,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let entered = this.span.as_ref().map(tracing::Span::enter);
+        let mut result = std::task::ready!(this.inner.poll(cx));
+        drop(entered);
+        if let Some(mut p) = this.pending.take() {
+            match &mut result {
+                Ok(res) => {
+                    mark_sensitive(res.headers_mut(), &SET_COOKIE);
+                    p.emit(Outcome::Response(res));
+                }
+                Err(_) => p.emit::<()>(Outcome::Error),
+            }
+        } else if let Ok(res) = &mut result {
+            mark_sensitive(res.headers_mut(), &SET_COOKIE);
+        }
+        Poll::Ready(result)
+    }
+}
+
+/// What the layer captured at the request, logged at completion.
+struct Pending {
+    start: Instant,
+    method: Method,
+    uri: Uri,
+    user_agent: Option<HeaderValue>,
+    request_id: Option<RequestId>,
+    client_ip: Option<ClientIp>,
+    principal: Option<Principal>,
+    config: Arc<Config>,
+    done: bool,
+}
+
+enum Outcome<'a, B> {
+    Response(&'a Response<B>),
+    Error,
+    Cancelled,
+}
+
+impl Pending {
+    fn emit<B>(&mut self, outcome: Outcome<'_, B>) {
+        self.done = true;
+        let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let r = &self.config.redactor;
+        let method = sanitize(self.method.as_str(), MAX_METHOD);
+        // Safe characters only, but a client can still send a token as its id.
+        let request_id = self.request_id.as_ref().map(|id| r.redact(id.as_str()));
+        let path = clean(r.redact_uri_part(self.uri.path()), MAX_PATH);
+        let query = self.uri.query().map(|q| r.redact_query(q));
+        let query = query
+            .as_deref()
+            .map(|q| clean(r.redact_uri_part(q), MAX_QUERY));
+        let user_agent = self
+            .user_agent
+            .as_ref()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()));
+        let user_agent = user_agent
+            .as_deref()
+            .map(|ua| clean(r.redact(ua), MAX_USER_AGENT));
+        let (status, ext) = match &outcome {
+            Outcome::Response(res) => (Some(res.status().as_u16()), Some(res.extensions())),
+            _ => (None, None),
+        };
+        let client_ip = ext
+            .and_then(|e| e.get::<ClientIp>().copied())
+            .or(self.client_ip);
+        let principal = ext
+            .and_then(|e| e.get::<Principal>())
+            .or(self.principal.as_ref());
+        let denial = ext.and_then(|e| e.get::<DenialReason>()).copied();
+        let outcome = match outcome {
+            Outcome::Response(_) => "response",
+            Outcome::Error => "error",
+            Outcome::Cancelled => "cancelled",
+        };
+        tracing::info!(
+            target: TARGET,
+            request_id = request_id.as_deref(),
+            method = &*method,
+            path = &*path,
+            query = query.as_deref(),
+            status,
+            latency_us,
+            client_ip = client_ip.map(tracing::field::display),
+            principal = principal.map(|p| sanitize(p.id(), MAX_PRINCIPAL)).as_deref(),
+            auth_method = principal.map(|p| p.method().as_str()),
+            denial_reason = denial.map(DenialReason::as_str),
+            user_agent = user_agent.as_deref(),
+            outcome,
+            "request"
+        );
+    }
+}
+
+/// Sanitised, without a copy when there is nothing to remove or cut.
+fn clean(s: Cow<'_, str>, max: usize) -> Cow<'_, str> {
+    let cleaned = match sanitize(&s, max) {
+        Cow::Borrowed(_) => None,
+        Cow::Owned(o) => Some(o),
+    };
+    cleaned.map_or(s, Cow::Owned)
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.done {
+            self.emit::<()>(Outcome::Cancelled);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    #[tokio::test]
+    async fn credential_headers_are_marked_sensitive_on_the_way_in_and_out() {
+        let svc = ServiceBuilder::new()
+            .layer(AccessLogLayer::new().sensitive_header(HeaderName::from_static("x-internal")))
+            .service_fn(|req: Request<()>| async move {
+                for h in [
+                    "authorization",
+                    "cookie",
+                    "x-api-key",
+                    "proxy-authorization",
+                    "x-internal",
+                ] {
+                    assert!(req.headers()[h].is_sensitive(), "{h}");
+                    assert!(!format!("{:?}", req.headers()).contains("s3cret"));
+                }
+                assert!(!req.headers()["accept"].is_sensitive());
+                let mut res = Response::new(());
+                res.headers_mut()
+                    .insert(SET_COOKIE, HeaderValue::from_static("sid=s3cret"));
+                Ok::<_, Infallible>(res)
+            });
+        let req = Request::builder()
+            .header("Authorization", "Bearer s3cret")
+            .header("Cookie", "sid=s3cret")
+            .header("X-API-Key", "s3cret")
+            .header("Proxy-Authorization", "Basic s3cret")
+            .header("X-Internal", "s3cret")
+            .header("Accept", "*/*")
+            .body(())
+            .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        assert!(res.headers()[SET_COOKIE].is_sensitive());
+        assert!(!format!("{:?}", res.headers()).contains("s3cret"));
+    }
+}

@@ -1,0 +1,821 @@
+//! The single-pass scanner behind [`Redactor`](super::Redactor).
+//!
+//! One left-to-right pass over the bytes. Most bytes cost one table lookup: only a
+//! few bytes can start a secret shape (the first byte of a known prefix, `-` of a PEM
+//! header, `=` and `:` of a `name=value` pair, `b`/`B` of `Bearer`/`Basic`). At such a
+//! byte each rule examines a bounded number of bytes before it fails, or matches a
+//! span that the scan then jumps over; the one rule whose failure can cost more (the
+//! JWT shape) remembers where it failed so no byte is examined twice by it. The whole
+//! pass is therefore linear in the input, whatever the input.
+//!
+//! Every match ends either at a byte that no rule continues through (the end of a
+//! maximal run, a delimiter, a closing quote) or at the end of the input, and every
+//! replacement ends in `*`, `]` or `REDACTED` followed by that same byte, which is
+//! what makes redaction idempotent (checked by the property tests).
+
+use super::Rules;
+
+/// Replacement for a secret whose non-secret prefix is kept: `ghp_****`.
+pub(super) const STARS: &[u8] = b"****";
+/// Replacement for the value of a sensitive field.
+pub(super) const REDACTED: &[u8] = b"REDACTED";
+/// Replacement for a whole PEM private-key block.
+pub(super) const PEM: &[u8] = b"[REDACTED PRIVATE KEY]";
+
+/// Longest identifier looked at before `=` or `:`.
+const MAX_NAME: usize = 128;
+
+// Byte classes.
+const ALNUM: u8 = 1;
+const UNDERSCORE: u8 = 2;
+const DASH: u8 = 4;
+const UPPER_DIGIT: u8 = 8;
+const CRED_EXTRA: u8 = 16; // . ~ + / = (with ALNUM, - and _: RFC 6750 b64token)
+const NAME_EXTRA: u8 = 32; // .
+const CRED_EXTRA_NO_PAD: u8 = 128; // . ~ + /
+/// Bytes of a field name: letters, digits, `_`, `-`, `.`, and `%` of an escape.
+const NAME: u8 = ALNUM | UNDERSCORE | DASH | NAME_EXTRA;
+const DELIM: u8 = 64; // ends an unquoted field value
+
+const fn classes() -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        let mut v = 0;
+        if c.is_ascii_alphanumeric() {
+            v |= ALNUM;
+        }
+        if c.is_ascii_uppercase() || c.is_ascii_digit() {
+            v |= UPPER_DIGIT;
+        }
+        if c == b'_' {
+            v |= UNDERSCORE;
+        }
+        if c == b'-' {
+            v |= DASH;
+        }
+        if matches!(c, b'.' | b'~' | b'+' | b'/' | b'=') {
+            v |= CRED_EXTRA;
+        }
+        if matches!(c, b'.' | b'~' | b'+' | b'/') {
+            v |= CRED_EXTRA_NO_PAD;
+        }
+        if c == b'.' || c == b'%' {
+            v |= NAME_EXTRA;
+        }
+        if c.is_ascii_whitespace()
+            || c < 0x20
+            || matches!(
+                c,
+                b'"' | b'\'' | b'&' | b',' | b';' | b'}' | b')' | b']' | b'\\' | b'<' | b'>' | b'|'
+            )
+        {
+            v |= DELIM;
+        }
+        t[b] = v;
+        b += 1;
+    }
+    t
+}
+
+static CLASS: [u8; 256] = classes();
+
+#[inline]
+fn is(b: u8, mask: u8) -> bool {
+    CLASS[usize::from(b)] & mask != 0
+}
+
+/// A run charset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Set {
+    /// `[A-Za-z0-9]`
+    Alnum,
+    /// `[A-Za-z0-9_]`
+    AlnumUnderscore,
+    /// `[A-Za-z0-9-]`
+    AlnumDash,
+    /// `[A-Za-z0-9_-]` (base64url)
+    Base64Url,
+    /// `[A-Z0-9]`
+    UpperDigit,
+}
+
+impl Set {
+    #[inline]
+    fn mask(self) -> u8 {
+        match self {
+            Set::Alnum => ALNUM,
+            Set::AlnumUnderscore => ALNUM | UNDERSCORE,
+            Set::AlnumDash => ALNUM | DASH,
+            Set::Base64Url => ALNUM | UNDERSCORE | DASH,
+            Set::UpperDigit => UPPER_DIGIT,
+        }
+    }
+}
+
+/// A token shape: a fixed, non-secret prefix followed by a run of `set` bytes.
+#[derive(Clone, Debug)]
+pub(super) struct Shape {
+    pub(super) prefix: Box<[u8]>,
+    pub(super) set: Set,
+    /// Minimum run length after the prefix.
+    pub(super) min: usize,
+    /// The run must be exactly `min` long and end at a non-alphanumeric byte.
+    pub(super) exact: bool,
+    /// The prefix must start at a token boundary (not inside a word).
+    pub(super) boundary: bool,
+}
+
+const fn shape(prefix: &'static str, set: Set, min: usize) -> StaticShape {
+    StaticShape {
+        prefix,
+        set,
+        min,
+        exact: false,
+        boundary: false,
+    }
+}
+
+/// A [`Shape`] in a `static` table.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct StaticShape {
+    pub(super) prefix: &'static str,
+    pub(super) set: Set,
+    pub(super) min: usize,
+    pub(super) exact: bool,
+    pub(super) boundary: bool,
+}
+
+impl StaticShape {
+    const fn exact(mut self) -> Self {
+        self.exact = true;
+        self
+    }
+    const fn boundary(mut self) -> Self {
+        self.boundary = true;
+        self
+    }
+    pub(super) fn to_shape(self) -> Shape {
+        Shape {
+            prefix: self.prefix.as_bytes().into(),
+            set: self.set,
+            min: self.min,
+            exact: self.exact,
+            boundary: self.boundary,
+        }
+    }
+}
+
+/// The provider token shapes (sorted by the rule set, longest prefix first).
+pub(super) static SHAPES: &[StaticShape] = &[
+    // AWS access key ids: a four-letter type then exactly 16 upper-case letters/digits.
+    shape("AKIA", Set::UpperDigit, 16).exact().boundary(),
+    shape("ASIA", Set::UpperDigit, 16).exact().boundary(),
+    shape("ABIA", Set::UpperDigit, 16).exact().boundary(),
+    shape("ACCA", Set::UpperDigit, 16).exact().boundary(),
+    // Google API keys.
+    shape("AIza", Set::Base64Url, 30),
+    // GitHub.
+    shape("github_pat_", Set::AlnumUnderscore, 22),
+    shape("ghp_", Set::Alnum, 30),
+    shape("gho_", Set::Alnum, 30),
+    shape("ghu_", Set::Alnum, 30),
+    shape("ghs_", Set::Alnum, 30),
+    shape("ghr_", Set::Alnum, 30),
+    // GitLab.
+    shape("glpat-", Set::Base64Url, 20),
+    shape("glrt-", Set::Base64Url, 20),
+    shape("gldt-", Set::Base64Url, 20),
+    // Stripe (secret and restricted keys, webhook secrets; publishable keys are public).
+    shape("sk_live_", Set::Alnum, 16),
+    shape("sk_test_", Set::Alnum, 16),
+    shape("rk_live_", Set::Alnum, 16),
+    shape("rk_test_", Set::Alnum, 16),
+    shape("whsec_", Set::Alnum, 24),
+    // Anthropic, then OpenAI's typed keys, then the generic `sk-` form.
+    shape("sk-ant-", Set::Base64Url, 20),
+    shape("sk-proj-", Set::Base64Url, 20),
+    shape("sk-svcacct-", Set::Base64Url, 20),
+    shape("sk-admin-", Set::Base64Url, 20),
+    shape("sk-", Set::Base64Url, 20).boundary(),
+    // Slack.
+    shape("xoxb-", Set::AlnumDash, 10),
+    shape("xoxp-", Set::AlnumDash, 10),
+    shape("xoxa-", Set::AlnumDash, 10),
+    shape("xoxr-", Set::AlnumDash, 10),
+    shape("xoxs-", Set::AlnumDash, 10),
+    shape("xoxe-", Set::AlnumDash, 10),
+];
+
+/// Scheme words whose following credential is redacted inside a sensitive field
+/// (`authorization: Bearer ****`).
+const SCHEMES: &[&[u8]] = &[
+    b"bearer",
+    b"basic",
+    b"token",
+    b"apikey",
+    b"digest",
+    b"negotiate",
+    b"ntlm",
+    b"dpop",
+];
+
+struct Match {
+    start: usize,
+    end: usize,
+    with: &'static [u8],
+}
+
+/// Redacts `input`; `None` when nothing was found (the common case, no allocation).
+pub(super) fn redact(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
+    let n = input.len();
+    let mut out: Option<Vec<u8>> = None;
+    let mut last = 0;
+    let mut i = 0;
+    // The JWT rule failed for every start before this index.
+    let mut jwt_fail_until = 0;
+    loop {
+        i = next_candidate(&rules.pairs, input, i);
+        if i >= n {
+            break;
+        }
+        let b = input[i];
+        let m = match b {
+            b'=' => field(rules, input, i),
+            b':' => {
+                if input[i + 1..].starts_with(b"//") {
+                    url_credentials(input, i + 3)
+                } else {
+                    field(rules, input, i)
+                }
+            }
+            b'-' => pem(input, i),
+            _ => {
+                let mut m = None;
+                if b == b'b' || b == b'B' {
+                    m = scheme(input, i);
+                }
+                if m.is_none() && b == b'e' && i >= jwt_fail_until {
+                    match jwt(input, i) {
+                        Ok(found) => m = Some(found),
+                        Err(until) => jwt_fail_until = until,
+                    }
+                }
+                if m.is_none() {
+                    m = shapes(rules, input, i);
+                }
+                m
+            }
+        };
+        match m {
+            Some(m) => {
+                let o = out.get_or_insert_with(|| Vec::with_capacity(n));
+                o.extend_from_slice(&input[last..m.start]);
+                o.extend_from_slice(m.with);
+                last = m.end;
+                i = m.end.max(i + 1);
+            }
+            None => i += 1,
+        }
+    }
+    let mut o = out?;
+    o.extend_from_slice(&input[last..]);
+    Some(o)
+}
+
+/// The first index at or after `from` where a rule can start (by the byte there and
+/// the next one), or `input.len()`. The hot loop: one table lookup per byte.
+fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
+    let hit = |a: u8, b: u8| {
+        let k = usize::from(a) << 8 | usize::from(b);
+        pairs[k >> 6] >> (k & 63) & 1 != 0
+    };
+    let Some(rest) = input.get(from..) else {
+        return input.len();
+    };
+    let mut it = rest.iter();
+    let Some(&first) = it.next() else {
+        return input.len();
+    };
+    let mut prev = first;
+    for (off, &b) in it.enumerate() {
+        if hit(prev, b) {
+            return from + off;
+        }
+        prev = b;
+    }
+    if hit(prev, 0) {
+        input.len() - 1
+    } else {
+        input.len()
+    }
+}
+
+/// Whether a token starting at `i` is not glued to a word on its left. A
+/// percent-escape (`%20`) or a backslash escape (`\n` in JSON) counts as a boundary.
+fn left_boundary(input: &[u8], i: usize) -> bool {
+    if i == 0 || !is(input[i - 1], ALNUM) {
+        return true;
+    }
+    if i >= 2 && input[i - 2] == b'\\' {
+        return true;
+    }
+    i >= 3
+        && input[i - 3] == b'%'
+        && input[i - 2].is_ascii_hexdigit()
+        && input[i - 1].is_ascii_hexdigit()
+}
+
+fn run(input: &[u8], from: usize, mask: u8) -> usize {
+    let mut j = from;
+    while j < input.len() && is(input[j], mask) {
+        j += 1;
+    }
+    j
+}
+
+fn shapes(rules: &Rules, input: &[u8], i: usize) -> Option<Match> {
+    let b = input[i];
+    for s in rules.shapes_from(b) {
+        let Some(start) = match_prefix(input, i, &s.prefix) else {
+            continue;
+        };
+        if s.boundary && !left_boundary(input, i) {
+            continue;
+        }
+        let mask = s.set.mask();
+        let end = if s.exact {
+            let end = start + s.min;
+            if end > input.len()
+                || !input[start..end].iter().all(|&c| is(c, mask))
+                || input.get(end).is_some_and(|&c| is(c, ALNUM))
+            {
+                continue;
+            }
+            end
+        } else {
+            let (end, len) = run_escaped(input, start, mask);
+            if len < s.min {
+                continue;
+            }
+            end
+        };
+        return Some(Match {
+            start,
+            end,
+            with: STARS,
+        });
+    }
+    None
+}
+
+/// The end of `prefix` at `i`, where `_` and `-` may also be written `%5F` and `%2D`
+/// (a key split across encodings in a logged URL).
+fn match_prefix(input: &[u8], i: usize, prefix: &[u8]) -> Option<usize> {
+    if input[i..].starts_with(prefix) {
+        return Some(i + prefix.len());
+    }
+    let mut j = i;
+    for &p in prefix {
+        match input.get(j) {
+            Some(&c) if c == p => j += 1,
+            Some(b'%') if escape_of(input, j) == Some(p) && matches!(p, b'_' | b'-') => j += 3,
+            _ => return None,
+        }
+    }
+    Some(j)
+}
+
+/// The byte a `%XX` escape at `j` encodes.
+fn escape_of(input: &[u8], j: usize) -> Option<u8> {
+    if input.get(j) != Some(&b'%') || j + 2 >= input.len() {
+        return None;
+    }
+    Some(hex(input[j + 1])? << 4 | hex(input[j + 2])?)
+}
+
+/// A run of `mask` bytes, where `_` and `-` may be percent-escaped when the set
+/// holds them. Returns the end and the decoded length.
+fn run_escaped(input: &[u8], from: usize, mask: u8) -> (usize, usize) {
+    let mut j = from;
+    let mut len = 0;
+    while j < input.len() {
+        if is(input[j], mask) {
+            j += 1;
+        } else if input[j] == b'%'
+            && escape_of(input, j).is_some_and(|c| matches!(c, b'_' | b'-') && is(c, mask))
+        {
+            j += 3;
+        } else {
+            break;
+        }
+        len += 1;
+    }
+    (j, len)
+}
+
+/// `eyJ<header>.<payload>.<signature>`: keeps `eyJ`. On failure returns the index
+/// before which no other start can succeed (the same segments would be re-read).
+fn jwt(input: &[u8], i: usize) -> Result<Match, usize> {
+    const SEG: u8 = ALNUM | UNDERSCORE | DASH;
+    if !input[i..].starts_with(b"eyJ") {
+        return Err(0);
+    }
+    let h = run(input, i, SEG);
+    if h - i < 10 || input.get(h) != Some(&b'.') {
+        return Err(h);
+    }
+    let p = run(input, h + 1, SEG);
+    if p - (h + 1) < 2 || input.get(p) != Some(&b'.') {
+        return Err(p);
+    }
+    let end = run(input, p + 1, SEG);
+    Ok(Match {
+        start: i + 3,
+        end,
+        with: STARS,
+    })
+}
+
+/// `Bearer <credential>` / `Basic <credential>` anywhere in text.
+fn scheme(input: &[u8], i: usize) -> Option<Match> {
+    if !left_boundary(input, i) {
+        return None;
+    }
+    let word_len = if starts_with_ci(&input[i..], b"bearer") {
+        6
+    } else if starts_with_ci(&input[i..], b"basic") {
+        5
+    } else {
+        return None;
+    };
+    let word = &input[i..i + word_len];
+    let after = i + word_len;
+    if after < input.len() && is(input[after], ALNUM | UNDERSCORE | DASH) {
+        return None;
+    }
+    let start = skip_separators(input, after);
+    if start == after {
+        return None;
+    }
+    if starts_pem(input, start) {
+        return None;
+    }
+    let end = b64token(input, start);
+    let cred = &input[start..end];
+    if is_scheme(cred) {
+        // `Bearer Bearer x`: the second word is the scheme of the credential.
+        return None;
+    }
+    let lowercase_word = word.iter().all(u8::is_ascii_lowercase);
+    // A capitalised scheme word is an HTTP header; a lower-case one may be prose
+    // ("the bearer authentication scheme"), so its credential must look like one.
+    let ok = if lowercase_word {
+        cred.len() >= 8 && looks_like_credential(cred)
+    } else {
+        cred.len() >= 4
+    };
+    ok.then_some(Match {
+        start,
+        end,
+        with: STARS,
+    })
+}
+
+/// RFC 6750 `b64token`: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
+/// Padding only at the end, so a run never reaches into a following `name=value`.
+fn b64token(input: &[u8], start: usize) -> usize {
+    let mut end = run(input, start, ALNUM | UNDERSCORE | DASH | CRED_EXTRA_NO_PAD);
+    if end > start {
+        let unpadded = end;
+        while input.get(end) == Some(&b'=') {
+            end += 1;
+        }
+        // `Bearer password=x` is a name and a value, not a padded token.
+        if end > unpadded && input.get(end).is_some_and(|&c| is(c, ALNUM | UNDERSCORE)) {
+            end = unpadded;
+        }
+    }
+    end
+}
+
+fn looks_like_credential(c: &[u8]) -> bool {
+    c.iter()
+        .any(|&b| b.is_ascii_digit() || b.is_ascii_uppercase() || is(b, CRED_EXTRA | DASH))
+}
+
+/// Spaces, tabs, `+` and `%20` between a scheme word and its credential.
+fn skip_separators(input: &[u8], mut j: usize) -> usize {
+    loop {
+        match input.get(j) {
+            Some(b' ' | b'\t' | b'+') => j += 1,
+            Some(b'%') if input[j..].starts_with(b"%20") => j += 3,
+            _ => return j,
+        }
+    }
+}
+
+fn starts_with_ci(s: &[u8], word: &[u8]) -> bool {
+    s.len() >= word.len() && s[..word.len()].eq_ignore_ascii_case(word)
+}
+
+/// `scheme://user:password@host`: the password becomes `****`. `from` is the index
+/// after `://`. Userinfo never contains `/`, so the scans of two URLs never overlap.
+fn url_credentials(input: &[u8], from: usize) -> Option<Match> {
+    let mut colon = None;
+    let mut j = from;
+    while j < input.len() {
+        match input[j] {
+            b'@' => break,
+            b':' if colon.is_none() => colon = Some(j),
+            b'/' | b'?' | b'#' | b'[' | b']' => return None,
+            c if is(c, DELIM) => return None,
+            _ => {}
+        }
+        j += 1;
+    }
+    if j >= input.len() {
+        return None;
+    }
+    let colon = colon?;
+    Some(Match {
+        start: colon + 1,
+        end: j,
+        with: STARS,
+    })
+}
+
+/// `-----BEGIN … PRIVATE KEY-----`, its base64 body (raw or JSON-escaped newlines)
+/// and its `-----END … PRIVATE KEY-----` line, replaced as a whole.
+fn pem(input: &[u8], i: usize) -> Option<Match> {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    if !input[i..].starts_with(BEGIN) {
+        return None;
+    }
+    let label_start = i + BEGIN.len();
+    let label_end = label(input, label_start)?;
+    if !contains(&input[label_start..label_end], b"PRIVATE KEY") {
+        return None;
+    }
+    let mut j = label_end + 5;
+    let mut end = j;
+    // Body: base64 with any line breaks, raw or escaped (`\n`, `\\n`, `\r\n`).
+    while j < input.len() {
+        let c = input[j];
+        if c == b'-' && input[j..].starts_with(b"-----END ") {
+            break;
+        }
+        if is(c, ALNUM | UNDERSCORE | DASH) || matches!(c, b'+' | b'/' | b'=' | b'.') {
+            j += 1;
+            end = j;
+        } else if matches!(c, b' ' | b'\t' | b'\r' | b'\n') {
+            // Trailing whitespace is not part of the block.
+            j += 1;
+        } else if c == b'\\' {
+            let k = input[j..]
+                .iter()
+                .position(|&c| c != b'\\')
+                .map_or(input.len(), |p| j + p);
+            if k < input.len() && matches!(input[k], b'n' | b'r' | b't') {
+                j = k + 1;
+            } else {
+                break;
+            }
+        } else {
+            break;
+        }
+    }
+    // The END line, if it is there.
+    const END: &[u8] = b"-----END ";
+    if input[j..].starts_with(END) {
+        if let Some(e) = label(input, j + END.len()) {
+            end = e + 5;
+        }
+    }
+    Some(Match {
+        start: i,
+        end,
+        with: PEM,
+    })
+}
+
+/// A PEM label (`RSA PRIVATE KEY`) followed by `-----`: returns the label's end.
+fn label(input: &[u8], from: usize) -> Option<usize> {
+    let mut j = from;
+    while j < input.len()
+        && j - from <= 64
+        && (input[j].is_ascii_uppercase() || input[j].is_ascii_digit() || input[j] == b' ')
+    {
+        j += 1;
+    }
+    input[j..].starts_with(b"-----").then_some(j)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `name=value`, `name: value`, `"name":"value"`, `\"name\": \"value\"` where the
+/// name is sensitive: the value becomes `REDACTED` (or `Bearer ****` for an
+/// authorization value with a scheme word). `sep` is the index of `=` or `:`.
+fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
+    // Look back over spaces, closing quotes and escapes to the name.
+    let mut j = sep;
+    while j > 0 && matches!(input[j - 1], b' ' | b'\t') && sep - j < 4 {
+        j -= 1;
+    }
+    while j > 0 && matches!(input[j - 1], b'"' | b'\'' | b'\\') && sep - j < 8 {
+        j -= 1;
+    }
+    let name_end = j;
+    while j > 0 && is(input[j - 1], NAME) && name_end - j < MAX_NAME {
+        j -= 1;
+    }
+    if j == name_end {
+        return None;
+    }
+    // A name is whole when nothing name-like (nor the end of a replacement) is on its left.
+    let whole = j == 0 || !matches!(input[j - 1], b'*' | b']') && !is(input[j - 1], NAME);
+    if !rules.is_sensitive_name(&input[j..name_end], whole) {
+        return None;
+    }
+    // Forward to the value.
+    let mut v = sep + 1;
+    while v < input.len() && matches!(input[v], b' ' | b'\t') {
+        v += 1;
+    }
+    let (start, end) = if input[v..].starts_with(b"\\\"") {
+        let start = v + 2;
+        let end = input[start..]
+            .iter()
+            .position(|&c| c == b'\\' || c == b'"')
+            .map_or(input.len(), |p| start + p);
+        (start, end)
+    } else if v < input.len() && (input[v] == b'"' || input[v] == b'\'') {
+        let q = input[v];
+        let start = v + 1;
+        let mut e = start;
+        while e < input.len() && input[e] != q {
+            e += if input[e] == b'\\' { 2 } else { 1 };
+        }
+        (start, e.min(input.len()))
+    } else {
+        if input[v..].starts_with(PEM) {
+            // Already redacted by the rule below.
+            return Some(Match {
+                start: v,
+                end: v + PEM.len(),
+                with: PEM,
+            });
+        }
+        if input[v..].starts_with(b"-----BEGIN ") {
+            if let Some(m) = pem(input, v) {
+                return Some(m);
+            }
+        }
+        let mut e = v;
+        if Rules::is_wide_name(&input[j..name_end]) {
+            while e < input.len()
+                && !matches!(input[e], b'\r' | b'\n' | b'"' | b'\'' | b'\\')
+                && !starts_pem(input, e)
+            {
+                e += 1;
+            }
+            // Keep the separator to the next field (`"cookie": Sensitive, "x": 1`).
+            while e > v && matches!(input[e - 1], b' ' | b',' | b'\t') {
+                e -= 1;
+            }
+            return (e > v).then_some(Match {
+                start: v,
+                end: e,
+                with: REDACTED,
+            });
+        }
+        while e < input.len() && !is(input[e], DELIM) && !starts_pem(input, e) {
+            e += 1;
+        }
+        // `password: X-Api-Key: v`: a trailing `:` makes the word a name of its own,
+        // left for the rule at that `:`.
+        while e > v && input[e - 1] == b':' {
+            e -= 1;
+        }
+        // An unquoted scheme word: the credential is the next word.
+        if is_scheme(&input[v..e]) {
+            let mut c = skip_separators(input, e);
+            let mut ce = c;
+            loop {
+                while ce < input.len() && !is(input[ce], DELIM) {
+                    ce += 1;
+                }
+                let next = skip_separators(input, ce);
+                if !is_scheme(&input[c..ce]) || next == ce {
+                    break;
+                }
+                (c, ce) = (next, next);
+            }
+            if c > e && ce > c && !starts_pem(input, c) {
+                return Some(Match {
+                    start: c,
+                    end: ce,
+                    with: STARS,
+                });
+            }
+        } else if ends_with_scheme(&input[v..e]) && !starts_pem(input, skip_separators(input, e)) {
+            // `password=(Bearer abc`: the credential after the space goes too.
+            let c = skip_separators(input, e);
+            let mut ce = c;
+            while ce < input.len() && !is(input[ce], DELIM) {
+                ce += 1;
+            }
+            if c > e && ce > c {
+                return Some(Match {
+                    start: v,
+                    end: ce,
+                    with: REDACTED,
+                });
+            }
+        }
+        (v, e)
+    };
+    if start >= end {
+        return None;
+    }
+    // A quoted value with a scheme word: keep the word.
+    let value = &input[start..end];
+    if let Some(w) = value.iter().position(|&c| c == b' ') {
+        if is_scheme(&value[..w]) {
+            let c = skip_separators(input, start + w);
+            if c < end {
+                return Some(Match {
+                    start: c,
+                    end,
+                    with: STARS,
+                });
+            }
+        }
+    }
+    Some(Match {
+        start,
+        end,
+        with: REDACTED,
+    })
+}
+
+/// Whether a PEM block (or its replacement) starts at `e`: a field value stops
+/// there and leaves the block to its own rule.
+fn starts_pem(input: &[u8], e: usize) -> bool {
+    e < input.len()
+        && ((input[e] == b'-' && input[e..].starts_with(b"-----BEGIN "))
+            || (input[e] == b'[' && input[e..].starts_with(PEM)))
+}
+
+/// Whether `value` ends with a scheme word that starts at a word boundary inside it.
+fn ends_with_scheme(value: &[u8]) -> bool {
+    SCHEMES.iter().any(|s| {
+        value.len() > s.len()
+            && value[value.len() - s.len()..].eq_ignore_ascii_case(s)
+            && !is(value[value.len() - s.len() - 1], ALNUM)
+    })
+}
+
+fn is_scheme(word: &[u8]) -> bool {
+    SCHEMES.iter().any(|s| word.eq_ignore_ascii_case(s))
+}
+
+/// Normalises the tail of a field name for matching: ASCII lower case without `_`,
+/// `-`, `.`, into `buf`; returns the used length and whether the whole name fit.
+pub(super) fn normalise_name(name: &[u8], buf: &mut [u8; NAME_BUF]) -> (usize, bool) {
+    // Filled from the end: the suffix rules look at the end of a name.
+    let mut k = buf.len();
+    let mut i = name.len();
+    while i > 0 {
+        i -= 1;
+        let mut c = name[i];
+        // A percent-escape (`api%5Fkey`) counts as the byte it encodes.
+        if i >= 2 && name[i - 2] == b'%' {
+            if let (Some(h), Some(l)) = (hex(name[i - 1]), hex(c)) {
+                c = h << 4 | l;
+                i -= 2;
+            }
+        }
+        if matches!(c, b'_' | b'-' | b'.') {
+            continue;
+        }
+        if k == 0 {
+            return (buf.len(), false);
+        }
+        k -= 1;
+        buf[k] = c.to_ascii_lowercase();
+    }
+    let n = buf.len() - k;
+    buf.copy_within(k.., 0);
+    (n, true)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Room for a normalised name.
+pub(super) const NAME_BUF: usize = MAX_NAME;

@@ -1,0 +1,310 @@
+use super::*;
+
+fn r(s: &str) -> String {
+    let red = Redactor::new();
+    let once = red.redact(s).into_owned();
+    assert_eq!(red.redact(&once), once, "not idempotent for {s:?}");
+    once
+}
+
+#[test]
+fn provider_shapes_keep_their_hint() {
+    let cases = [
+        ("pc_live_AbCdEfGhIjKlMnOpQrStUvWx1234", "pc_live_****"),
+        ("pc_test_AbCdEfGhIjKlMnOpQrStUvWx1234", "pc_test_****"),
+        ("AKIAIOSFODNN7EXAMPLE", "AKIA****"),
+        ("ASIAIOSFODNN7EXAMPLE", "ASIA****"),
+        ("ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789", "ghp_****"),
+        (
+            "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
+            "github_pat_****",
+        ),
+        ("glpat-AbCdEfGhIjKlMnOpQrSt", "glpat-****"),
+        ("sk_live_AbCdEfGhIjKlMnOp1234", "sk_live_****"),
+        ("rk_test_AbCdEfGhIjKlMnOp1234", "rk_test_****"),
+        (
+            "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+            "xoxb-****",
+        ),
+        ("AIzaSyA-AbCdEfGhIjKlMnOpQrStUvWxYz01234", "AIza****"),
+        (
+            "sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz-0123456789_AA",
+            "sk-ant-****",
+        ),
+        (
+            "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+            "sk-proj-****",
+        ),
+        (
+            "sk-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcdefghij",
+            "sk-****",
+        ),
+        (
+            "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
+            "eyJ****",
+        ),
+    ];
+    for (secret, hint) in cases {
+        assert_eq!(r(secret), hint, "{secret}");
+        assert_eq!(
+            r(&format!("x {secret} y")),
+            format!("x {hint} y"),
+            "{secret}"
+        );
+        assert_eq!(
+            r(&format!("\"{secret}\"")),
+            format!("\"{hint}\""),
+            "{secret}"
+        );
+    }
+}
+
+#[test]
+fn near_misses_are_left_alone() {
+    for clean in [
+        "risk-assessment-framework-for-everyone",
+        "task-sk-not-a-key",
+        "AKIAIOSFODNN7EXAMPLEX",
+        "ghp_short",
+        "eyJhbGciOiJIUzI1NiJ9 without dots",
+        "GET /v1/jobs?page=2 200 1.2ms",
+        "the bearer of bad news",
+        "the bearer authentication scheme",
+        "key_id=billing kid=k1 max_tokens=300 status_code=200",
+        "https://example.com/path?x=1",
+        "ssh://git@github.com/org/repo",
+        "time 12:30:45",
+        "::1",
+    ] {
+        assert_eq!(r(clean), clean);
+    }
+}
+
+#[test]
+fn field_names_first() {
+    assert_eq!(r("password=hunter2 user=ann"), "password=REDACTED user=ann");
+    assert_eq!(r("api_key: abc123"), "api_key: REDACTED");
+    assert_eq!(
+        r(r#"{"client_secret":"x y z","n":1}"#),
+        r#"{"client_secret":"REDACTED","n":1}"#
+    );
+    assert_eq!(r(r#"{"token": 12345}"#), r#"{"token": REDACTED}"#);
+    assert_eq!(
+        r(r#"{"message":"login with \"password\":\"hunter2\" failed"}"#),
+        r#"{"message":"login with \"password\":\"REDACTED\" failed"}"#
+    );
+    assert_eq!(
+        r(r#"msg="x" password=\"hunter2\""#),
+        r#"msg="x" password=\"REDACTED\""#
+    );
+    assert_eq!(
+        r("Authorization: Bearer abc.def"),
+        "Authorization: Bearer ****"
+    );
+    assert_eq!(
+        r("authorization=Basic dXNlcjpwYXNz"),
+        "authorization=Basic ****"
+    );
+    assert_eq!(
+        r(r#""authorization":"ApiKey legacy-key""#),
+        r#""authorization":"ApiKey ****""#
+    );
+    assert_eq!(
+        r("Cookie: sid=abc; theme=dark\nnext"),
+        "Cookie: REDACTED\nnext"
+    );
+    assert_eq!(
+        r(r#"{"set-cookie":"a=b; HttpOnly","x":1}"#),
+        r#"{"set-cookie":"REDACTED","x":1}"#
+    );
+    assert_eq!(r("key=v"), "key=REDACTED");
+    assert_eq!(
+        r("X-Hub-Signature-256: sha256=abcdef"),
+        "X-Hub-Signature-256: REDACTED"
+    );
+    assert_eq!(r("password="), "password=");
+    // A field name takes precedence over the shape: no hint.
+    assert_eq!(
+        r("token=pc_live_AbCdEfGhIjKlMnOpQrStUvWx"),
+        "token=REDACTED"
+    );
+}
+
+#[test]
+fn bearer_and_basic_in_prose() {
+    assert_eq!(
+        r("sent Bearer abcdefgh12 upstream"),
+        "sent Bearer **** upstream"
+    );
+    assert_eq!(
+        r("curl -H 'Authorization: Basic dXNlcjpwYXNz'"),
+        "curl -H 'Authorization: Basic ****'"
+    );
+    assert_eq!(r("auth=Bearer%20abcdefgh12"), "auth=REDACTED");
+    assert_eq!(r("h=Bearer%20abcdefgh12"), "h=Bearer%20****");
+}
+
+#[test]
+fn urls_with_passwords() {
+    assert_eq!(
+        r("redis://:p4ss@cache:6379/0"),
+        "redis://:****@cache:6379/0"
+    );
+    assert_eq!(
+        r("rediss://default:p4ss@cache:6380"),
+        "rediss://default:****@cache:6380"
+    );
+    assert_eq!(
+        r("postgres://app:p%40ss@db/app"),
+        "postgres://app:****@db/app"
+    );
+    assert_eq!(r("url=\"amqp://u:p@h\""), "url=\"amqp://u:****@h\"");
+    assert_eq!(
+        r("https://example.com:8443/x@y"),
+        "https://example.com:8443/x@y"
+    );
+}
+
+#[test]
+fn pem_private_keys() {
+    let raw = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7MhgHcTz6sE2I2yPB\naFDrBz9vFqU4yR3SbQ==\n-----END RSA PRIVATE KEY-----";
+    assert_eq!(
+        r(&format!("key:\n{raw}\nnext")),
+        "key:\n[REDACTED PRIVATE KEY]\nnext"
+    );
+    let escaped = raw.replace('\n', "\\n");
+    assert_eq!(
+        r(&format!("{{\"pem\":\"{escaped}\"}}")),
+        "{\"pem\":\"[REDACTED PRIVATE KEY]\"}"
+    );
+    // Without its END line the body is still taken, the closing quote kept.
+    let cut = &escaped[..80];
+    assert_eq!(
+        r(&format!("{{\"m\":\"{cut}\"}}")),
+        "{\"m\":\"[REDACTED PRIVATE KEY]\"}"
+    );
+    assert_eq!(
+        r("-----BEGIN PUBLIC KEY-----"),
+        "-----BEGIN PUBLIC KEY-----"
+    );
+    assert_eq!(
+        r("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn==\n-----END OPENSSH PRIVATE KEY-----\n"),
+        "[REDACTED PRIVATE KEY]\n"
+    );
+}
+
+#[test]
+fn padding_before_another_rule_is_stable() {
+    // Found by the fuzzer: the byte after `==` changed class once the PEM block
+    // behind it was replaced.
+    assert_eq!(
+        r("Basic dX====-----BEGIN EC PRIVATE KEY-----"),
+        "Basic ****[REDACTED PRIVATE KEY]"
+    );
+    assert_eq!(r("Bearer password=abcdefgh"), "Bearer ****=REDACTED");
+}
+
+#[test]
+fn escapes_are_boundaries() {
+    assert_eq!(r("a\\nsk-AbCdEfGhIjKlMnOpQrStUvWxYz0123"), "a\\nsk-****");
+    assert_eq!(r("q=%20sk-AbCdEfGhIjKlMnOpQrStUvWxYz0123"), "q=%20sk-****");
+}
+
+#[test]
+fn query_redaction() {
+    assert_eq!(redact_query("a=1&b=2"), "a=1&b=2");
+    assert!(matches!(redact_query("a=1&b=2"), Cow::Borrowed(_)));
+    assert_eq!(
+        redact_query("api%5Fkey=x&API_KEY=y&Api-Key=z"),
+        "api%5Fkey=REDACTED&API_KEY=REDACTED&Api-Key=REDACTED"
+    );
+    assert_eq!(
+        redact_query("token=a&token=b&token"),
+        "token=REDACTED&token=REDACTED&token"
+    );
+    assert_eq!(
+        redact_query("=x&&token=&%ff%fe=1&code=abc"),
+        "=x&&token=&%ff%fe=1&code=REDACTED"
+    );
+    assert_eq!(redact_query("access%5ftoken=x"), "access%5ftoken=REDACTED");
+    assert_eq!(redact_query("pass+word=x"), "pass+word=x");
+    assert_eq!(
+        redact_query("x=1&client_secret=a%26b"),
+        "x=1&client_secret=REDACTED"
+    );
+}
+
+#[test]
+fn uri_parts_are_checked_decoded_too() {
+    let red = Redactor::new();
+    assert_eq!(
+        red.redact_uri_part("/k/pc%5flive%5fAbCdEfGhIjKlMnOpQrStUvWx"),
+        "/k/pc_live_****"
+    );
+    assert_eq!(
+        red.redact_uri_part("/k/pc%255Flive%255FAbCdEfGhIjKlMnOpQrStUvWx"),
+        "/k/pc_live_****"
+    );
+    assert_eq!(red.redact_uri_part("/a%20b/c"), "/a%20b/c");
+    assert_eq!(
+        red.redact_uri_part("x=Bearer%20abcdefgh12"),
+        "x=Bearer ****"
+    );
+}
+
+#[test]
+fn builder_checks_its_rules() {
+    assert!(Redactor::builder().key_prefix("Bad").build().is_err());
+    assert!(
+        Redactor::builder()
+            .key_prefix("nounderscore")
+            .build()
+            .is_err()
+    );
+    assert!(Redactor::builder().sensitive_name("").build().is_err());
+    assert!(Redactor::builder().sensitive_name("a b").build().is_err());
+    assert!(Redactor::builder().sensitive_name("---").build().is_err());
+    let red = Redactor::builder()
+        .key_prefix("acme_")
+        .sensitive_name("X-Acme")
+        .build()
+        .unwrap();
+    assert_eq!(
+        red.redact("acme_AbCdEfGhIjKlMnOpQrStUv x_acme=1"),
+        "acme_**** x_acme=REDACTED"
+    );
+}
+
+#[test]
+fn sanitize_strips_controls_and_bounds() {
+    assert_eq!(
+        sanitize("/a\nb\rc\td\x1b[0m\u{7f}\u{85}e", 100),
+        "/abcd[0me"
+    );
+    assert_eq!(sanitize("abcdef", 3), "abc…");
+    assert_eq!(sanitize("ok", 3), "ok");
+}
+
+#[test]
+fn adversarial_inputs_stay_linear() {
+    // Each of these would be quadratic for a naive rescan-per-start scanner; here they
+    // finish at once (a regression shows up as a hanging test).
+    let n = 200_000;
+    for unit in [
+        "eyJ",
+        "eyJa.",
+        "eyJaaaaaaaaaaa.b",
+        "://",
+        "=",
+        "-----BEGIN ",
+        "Bearer ",
+        "a=",
+        "sk-",
+        "%",
+    ] {
+        let s = unit.repeat(n / unit.len());
+        let _ = Redactor::new().redact(&s);
+        let _ = Redactor::new().redact_uri_part(&s);
+        let _ = redact_query(&s);
+    }
+}

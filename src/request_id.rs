@@ -1,0 +1,334 @@
+//! Give every request a correlation id: accept a safe incoming `x-request-id` or make
+//! one, put it in the request extensions and echo it on the response.
+//!
+//! An incoming id is kept only when there is exactly one, it is 1 to
+//! [`MAX_LEN`] bytes long and every byte is in `[A-Za-z0-9._:-]`
+//! ([`is_safe_request_id`]). Anything else (too long, a newline, an escape
+//! sequence, a second header, non-ASCII) is replaced by a fresh random UUID v4, so the
+//! id can go into logs and response headers as it is. The request's header is
+//! replaced by the id too, so the handler and the upstream services see the same one.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response};
+//! use portcullis::request_id::{RequestId, RequestIdLayer};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let svc = ServiceBuilder::new()
+//!     .layer(RequestIdLayer::new())
+//!     .service_fn(|req: Request<()>| async move {
+//!         let id = req.extensions().get::<RequestId>().unwrap().clone();
+//!         Ok::<_, Infallible>(Response::new(id.as_str().to_owned()))
+//!     });
+//! let req = Request::builder().header("x-request-id", "abc-123").body(()).unwrap();
+//! let res = svc.clone().oneshot(req).await.unwrap();
+//! assert_eq!(res.headers()["x-request-id"], "abc-123");
+//! assert_eq!(res.body(), "abc-123");
+//!
+//! // Unsafe ids (here: spaces and a quote) are replaced.
+//! let req = Request::builder().header("x-request-id", "a \"b\"").body(()).unwrap();
+//! let res = svc.oneshot(req).await.unwrap();
+//! assert_eq!(res.headers()["x-request-id"].len(), 36); // a fresh UUID v4
+//! # }
+//! ```
+//!
+//! Cost: keeping an id is one scan of at most 64 bytes; a fresh one is 16 random
+//! bytes from the operating system's CSPRNG, fetched 256 bytes at a time per thread.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// The longest incoming id that is kept.
+pub const MAX_LEN: usize = 64;
+
+/// The default header, `x-request-id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request's correlation id, in the request extensions.
+///
+/// Always 1 to [`MAX_LEN`] bytes of `[A-Za-z0-9._:-]`: safe to log and to put in a
+/// header as it is.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// Accepts `value` if it is a safe id ([`is_safe_request_id`]).
+    ///
+    /// ```
+    /// use portcullis::request_id::RequestId;
+    /// assert!(RequestId::parse(b"7f3c-req:1").is_some());
+    /// assert!(RequestId::parse(b"a\nb").is_none());
+    /// assert!(RequestId::parse(&[b'a'; 65]).is_none());
+    /// ```
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        if !is_safe_request_id(value) {
+            return None;
+        }
+        HeaderValue::from_bytes(value).ok().map(Self)
+    }
+
+    /// A fresh random UUID v4, e.g. `0b6c1e2a-5f3d-4c8e-9a71-2d4f6b8e0c13`.
+    pub fn generate() -> Self {
+        let mut b = random16();
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = [0u8; 36];
+        let mut j = 0;
+        for (i, byte) in b.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                s[j] = b'-';
+                j += 1;
+            }
+            s[j] = HEX[usize::from(byte >> 4)];
+            s[j + 1] = HEX[usize::from(byte & 0xf)];
+            j += 2;
+        }
+        Self(HeaderValue::from_bytes(&s).expect("hex and dashes are a valid header value"))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().expect("a request id is ASCII")
+    }
+
+    /// The id as a header value.
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RequestId({})", self.as_str())
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether an incoming id is kept: 1 to [`MAX_LEN`] bytes, each in `[A-Za-z0-9._:-]`.
+///
+/// ```
+/// use portcullis::request_id::is_safe_request_id;
+/// assert!(is_safe_request_id(b"01J9Z6Q-abc_def.1:2"));
+/// for bad in [&b""[..], b"a b", b"a\r\nb", b"\x1b[31m", "é".as_bytes(), b"a/b", b"a\"b"] {
+///     assert!(!is_safe_request_id(bad));
+/// }
+/// ```
+pub fn is_safe_request_id(value: &[u8]) -> bool {
+    (1..=MAX_LEN).contains(&value.len())
+        && value
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+fn random16() -> [u8; 16] {
+    thread_local! {
+        static POOL: RefCell<([u8; 256], usize)> = const { RefCell::new(([0; 256], 256)) };
+    }
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let (bytes, used) = &mut *pool;
+        if *used + 16 > bytes.len() {
+            if getrandom::fill(bytes).is_err() {
+                return fallback16();
+            }
+            *used = 0;
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&bytes[*used..*used + 16]);
+        // Never hand out the same bytes twice.
+        bytes[*used..*used + 16].fill(0);
+        *used += 16;
+        out
+    })
+}
+
+/// Without an OS random source a request id still has to be unique, not secret:
+/// a process-wide counter and the clock.
+fn fallback16() -> [u8; 16] {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&t.to_be_bytes());
+    out[8..].copy_from_slice(&n.to_be_bytes());
+    out
+}
+
+/// Layer applying [`SetRequestId`]; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct RequestIdLayer {
+    header: HeaderName,
+}
+
+impl Default for RequestIdLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RequestIdLayer {
+    /// Reads and writes `x-request-id`.
+    pub fn new() -> Self {
+        Self {
+            header: X_REQUEST_ID.clone(),
+        }
+    }
+
+    /// Reads and writes `header` instead (e.g. `x-correlation-id`).
+    pub fn header_name(mut self, header: HeaderName) -> Self {
+        self.header = header;
+        self
+    }
+}
+
+impl<S> Layer<S> for RequestIdLayer {
+    type Service = SetRequestId<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        SetRequestId {
+            inner,
+            header: self.header.clone(),
+        }
+    }
+}
+
+/// Service that sets [`RequestId`]; see [`RequestIdLayer`].
+#[derive(Clone, Debug)]
+pub struct SetRequestId<S> {
+    inner: S,
+    header: HeaderName,
+}
+
+impl<S> SetRequestId<S> {
+    /// Wraps `inner` with the default header.
+    pub fn new(inner: S) -> Self {
+        RequestIdLayer::new().layer(inner)
+    }
+    /// Gets a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    /// Gets a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SetRequestId<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let id = {
+            let mut values = req.headers().get_all(&self.header).iter();
+            match (values.next(), values.next()) {
+                (Some(v), None) => RequestId::parse(v.as_bytes()),
+                _ => None,
+            }
+        }
+        .unwrap_or_else(RequestId::generate);
+        req.headers_mut()
+            .insert(self.header.clone(), id.header_value().clone());
+        req.extensions_mut().insert(id.clone());
+        ResponseFuture {
+            inner: self.inner.call(req),
+            header: Some((self.header.clone(), id)),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`SetRequestId`]: sets the header on the response.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        header: Option<(HeaderName, RequestId)>,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = std::task::ready!(this.inner.poll(cx))?;
+        if let Some((name, id)) = this.header.take() {
+            res.headers_mut().insert(name, id.header_value().clone());
+            res.extensions_mut().insert(id);
+        }
+        Poll::Ready(Ok(res))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_uuid_v4_and_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let id = RequestId::generate();
+            let s = id.as_str();
+            assert_eq!(s.len(), 36);
+            assert!(is_safe_request_id(s.as_bytes()));
+            assert_eq!(&s[14..15], "4", "{s}");
+            assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
+            assert_eq!(
+                s.char_indices()
+                    .filter(|&(_, c)| c == '-')
+                    .map(|(i, _)| i)
+                    .collect::<Vec<_>>(),
+                [8, 13, 18, 23]
+            );
+            assert!(seen.insert(s.to_owned()), "duplicate id {s}");
+        }
+    }
+
+    #[test]
+    fn length_bound() {
+        assert!(is_safe_request_id(&[b'a'; MAX_LEN]));
+        assert!(!is_safe_request_id(&[b'a'; MAX_LEN + 1]));
+        assert!(!is_safe_request_id(&vec![b'a'; 10 * 1024]));
+    }
+}

@@ -1,0 +1,580 @@
+//! RequestIdLayer and AccessLogLayer over real TCP: every bad input of the logging
+//! stack (control characters and 64 KiB in the path, oversized and unsafe request
+//! ids, hostile query strings, secrets split across percent-encodings), the fields of
+//! the access event, refusals, inner errors and cancelled requests.
+//!
+//! Events are read from the binary's one JSON capture; each test finds its own lines
+//! by a marker (a request id or a path segment) unique to it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use portcullis::ClientIp;
+use portcullis::IpSet;
+use portcullis::access_log::AccessLogLayer;
+use portcullis::allowlist::IpAllowlistLayer;
+use portcullis::client_ip::{ClientIpConfig, ClientIpLayer, PeerAddrLayer};
+use portcullis::request_id::{RequestId, RequestIdLayer};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::layer::util::{Identity, Stack};
+use tower::util::BoxCloneService;
+use tower::{Layer, Service, ServiceBuilder};
+
+use crate::log_capture::capture;
+
+type Body = Full<Bytes>;
+type Handler = BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
+
+/// Answers 200 with the request id it saw and the `x-request-id` header it got.
+fn echo_request_id() -> Handler {
+    BoxCloneService::new(tower::service_fn(|req: Request<Incoming>| async move {
+        let ext = req
+            .extensions()
+            .get::<RequestId>()
+            .map_or_else(|| "none".to_owned(), |id| id.to_string());
+        let header = req.headers().get("x-request-id").map_or_else(
+            || "none".to_owned(),
+            |v| String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        );
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+            "{ext} {header}"
+        )))))
+    }))
+}
+
+/// Serves `layer` around `handler` on 127.0.0.1:0 with the peer attached.
+async fn serve<L, S>(layer: L, handler: S) -> SocketAddr
+where
+    S: Clone + Send + 'static,
+    L: Layer<S> + Clone + Send + 'static,
+    L::Service: Service<Request<Incoming>, Response = Response<Body>> + Clone + Send + 'static,
+    <L::Service as Service<Request<Incoming>>>::Future: Send + 'static,
+    <L::Service as Service<Request<Incoming>>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, remote)) = listener.accept().await else {
+                continue;
+            };
+            let svc = ServiceBuilder::new()
+                .layer(PeerAddrLayer::new(remote))
+                .service(layer.clone().layer(handler.clone()));
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends raw bytes, returns (status, head, body); status 0 when the server closed
+/// the connection without an answer.
+async fn send(addr: SocketAddr, raw: &[u8]) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(raw).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .expect("response within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return (0, text, String::new());
+    };
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+fn get(target: &str, headers: &[&str]) -> Vec<u8> {
+    let mut req = format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.into_bytes()
+}
+
+/// The access events carrying `marker`, polled briefly: the event is emitted when
+/// the response head is ready, which can be a moment after the client has read it.
+async fn access_events(marker: &str) -> Vec<Value> {
+    for _ in 0..100 {
+        let events: Vec<Value> = capture()
+            .events_with(marker)
+            .into_iter()
+            .filter(|e| e["target"] == "portcullis::access")
+            .collect();
+        if !events.is_empty() {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no access event with {marker}");
+}
+
+type LoggingStack = Stack<ClientIpLayer, Stack<AccessLogLayer, Stack<RequestIdLayer, Identity>>>;
+
+fn logging_stack() -> LoggingStack {
+    ServiceBuilder::new()
+        .layer(RequestIdLayer::new())
+        .layer(AccessLogLayer::new())
+        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_safe_request_id_is_kept_logged_and_echoed() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    let (status, head, body) =
+        send(addr, &get("/kept", &["X-Request-Id: log-kept-7Q2:a.b_c"])).await;
+    assert_eq!(status, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-request-id: log-kept-7q2:a.b_c"),
+        "{head}"
+    );
+    assert_eq!(body, "log-kept-7Q2:a.b_c log-kept-7Q2:a.b_c");
+    let e = &access_events("log-kept-7Q2:a.b_c").await[0]["fields"];
+    assert_eq!(e["request_id"], "log-kept-7Q2:a.b_c");
+    assert_eq!(e["method"], "GET");
+    assert_eq!(e["path"], "/kept");
+    assert_eq!(e["status"], 200);
+    assert_eq!(e["client_ip"], "127.0.0.1");
+    assert_eq!(e["outcome"], "response");
+    assert!(e["latency_us"].as_u64().is_some());
+    assert!(e.get("query").is_none());
+    assert!(e.get("principal").is_none());
+}
+
+/// A fresh UUID v4 replaced the incoming id: the handler, the response and the log
+/// agree on it.
+fn assert_replaced(status: u16, head: &str, body: &str) -> String {
+    assert_eq!(status, 200, "{head}");
+    let (ext, header) = body.split_once(' ').unwrap();
+    assert_eq!(ext.len(), 36, "{body}");
+    assert_eq!(&ext[14..15], "4");
+    assert_eq!(ext, header, "the request header was replaced too");
+    assert!(head.contains(ext));
+    ext.to_owned()
+}
+
+#[tokio::test]
+async fn a_10_kib_request_id_is_replaced() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    let huge = "A".repeat(10 * 1024);
+    let (status, head, body) =
+        send(addr, &get("/huge-id", &[&format!("X-Request-Id: {huge}")])).await;
+    let id = assert_replaced(status, &head, &body);
+    let e = &access_events(&id).await[0]["fields"];
+    assert_eq!(e["path"], "/huge-id");
+    assert!(!capture().text().contains(&huge[..100]));
+}
+
+#[tokio::test]
+async fn unsafe_request_ids_are_replaced() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    for (i, bad) in [
+        "abc\tdef-tab-log-inject",
+        "\"quoted-log-inject\"",
+        "abc def-space-log-inject",
+        "abc%0Adef-encoded-newline-log-inject",
+        "caf\u{e9}-non-ascii-log-inject",
+        "a/b-slash-log-inject",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = format!("/unsafe-id-{i}");
+        let mut raw = get(&path, &[]);
+        // Insert the header with raw bytes (non-ASCII included).
+        let at = raw.len() - 2;
+        raw.splice(at..at, format!("X-Request-Id: {bad}\r\n").into_bytes());
+        let (status, head, body) = send(addr, &raw).await;
+        let id = assert_replaced(status, &head, &body);
+        let e = &access_events(&path).await[0]["fields"];
+        assert_eq!(e["request_id"], id.as_str());
+    }
+    assert!(!capture().text().contains("log-inject"));
+}
+
+#[tokio::test]
+async fn two_request_id_headers_are_ambiguous_and_replaced() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    let (status, head, body) = send(
+        addr,
+        &get(
+            "/two-ids",
+            &["X-Request-Id: first-id-dup", "X-Request-Id: second-id-dup"],
+        ),
+    )
+    .await;
+    let id = assert_replaced(status, &head, &body);
+    assert_eq!(
+        access_events("/two-ids").await[0]["fields"]["request_id"],
+        id.as_str()
+    );
+    assert!(!head.contains("-id-dup"));
+}
+
+#[tokio::test]
+async fn a_request_id_with_a_raw_newline_never_reaches_the_log() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    // A bare LF ends the header line in HTTP/1.1: what follows is either a second
+    // header or a malformed line hyper refuses. Either way the logged id is safe.
+    let raw = b"GET /raw-newline-id HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Request-Id: nl-ok\nInjected-line-marker\r\n\r\n";
+    let (status, _, _) = send(addr, raw).await;
+    if status == 200 {
+        let e = &access_events("/raw-newline-id").await[0]["fields"];
+        assert!(!e["request_id"].as_str().unwrap().contains('\n'));
+    } else {
+        assert_eq!(status, 400);
+    }
+    assert!(!capture().text().contains("Injected-line-marker"));
+}
+
+#[tokio::test]
+async fn a_hostile_path_is_logged_bounded_and_without_control_characters() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    // 64 KiB of characters: hyper refuses a request target that long (414) before
+    // any layer runs.
+    let long = "x".repeat(64 * 1024);
+    let (status, _, _) = send(
+        addr,
+        &get(&format!("/{long}"), &["X-Request-Id: too-long-1"]),
+    )
+    .await;
+    assert_eq!(status, 414);
+    // Encoded newline, CR, ESC (ANSI colour) and DEL, and as many characters as
+    // hyper lets through (just under 64 KiB).
+    let long = "x".repeat(65_000);
+    let target = format!("/hostile-path/%0Afake%0D%1B[31mred%7F/{long}");
+    let (status, _, _) = send(addr, &get(&target, &["X-Request-Id: hostile-path-1"])).await;
+    assert_eq!(status, 200);
+    let e = &access_events("hostile-path-1").await[0]["fields"];
+    let path = e["path"].as_str().unwrap();
+    assert!(
+        path.starts_with("/hostile-path/%0Afake%0D%1B[31mred%7F/xxx"),
+        "{path}"
+    );
+    assert!(path.len() <= 1024 + 3, "{}", path.len());
+    assert!(path.ends_with('…'));
+    assert!(!path.chars().any(char::is_control));
+
+    // Raw control bytes in the request line are refused by hyper before any layer.
+    for raw in [
+        &b"GET /a\x1b[31mb HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"[..],
+        b"GET /a\x7fb HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    ] {
+        let (status, _, _) = send(addr, raw).await;
+        assert_eq!(status, 400);
+    }
+    assert!(!capture().text().contains('\u{1b}'));
+}
+
+#[tokio::test]
+async fn a_decoded_secret_with_control_characters_is_logged_clean() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    // Decoding (to find the split key) yields a newline and an ESC: both removed.
+    let target = "/decoded/%0A%1B[2J/pc%5Flive%5FAbCdEfGhIjKlMnOpQrStUvWx0123";
+    let (status, _, _) = send(addr, &get(target, &["X-Request-Id: decoded-ctl-1"])).await;
+    assert_eq!(status, 200);
+    let e = &access_events("decoded-ctl-1").await[0]["fields"];
+    assert_eq!(e["path"], "/decoded/[2J/pc_live_****");
+    assert!(!capture().text().contains("AbCdEfGhIjKlMnOpQrStUvWx0123"));
+}
+
+#[tokio::test]
+async fn hostile_query_strings_keep_names_and_hide_sensitive_values() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    let cases = [
+        // Repeated, empty and valueless parameters.
+        (
+            "q-repeat",
+            "token=s3cr3tA1&token=s3cr3tA2&token=&token&page=2",
+            "token=REDACTED&token=REDACTED&token=&token&page=2",
+        ),
+        // Percent-encoded and upper-case names.
+        (
+            "q-encoded",
+            "api%5Fkey=s3cr3tB1&API_KEY=s3cr3tB2&Api%2DKey=s3cr3tB3&x=1",
+            "api%5Fkey=REDACTED&API_KEY=REDACTED&Api%2DKey=REDACTED&x=1",
+        ),
+        // Non-UTF-8 names and values, and an encoded `=` inside a value.
+        (
+            "q-bytes",
+            "%FF%FE=1&password=%FFs3cr3tC1&sig=a%3Ds3cr3tC2&%C3%A9=%C3%A9",
+            "%FF%FE=1&password=REDACTED&sig=REDACTED&%C3%A9=%C3%A9",
+        ),
+        // OAuth code and state.
+        (
+            "q-oauth",
+            "code=s3cr3tD1&state=xyz&client_secret=s3cr3tD2",
+            "code=REDACTED&state=xyz&client_secret=REDACTED",
+        ),
+    ];
+    for (marker, query, expected) in cases {
+        let (status, _, _) = send(
+            addr,
+            &get(
+                &format!("/query?{query}"),
+                &[&format!("X-Request-Id: {marker}")],
+            ),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let e = &access_events(marker).await[0]["fields"];
+        assert_eq!(e["query"], expected, "{marker}");
+    }
+    let text = capture().text();
+    for secret in ["s3cr3tA", "s3cr3tB", "s3cr3tC", "s3cr3tD"] {
+        assert!(!text.contains(secret), "{secret} leaked");
+    }
+}
+
+#[tokio::test]
+async fn secrets_split_across_encodings_are_caught() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    let cases = [
+        // A key with its underscores encoded, in the path.
+        (
+            "split-1",
+            "/split/pc%5Flive%5FZyXwVuTsRqPoNmLkJiHgFeDc9876",
+            "path",
+        ),
+        // Lower-case escapes and a doubly encoded prefix.
+        (
+            "split-2",
+            "/split/gh%70%5fZyXwVuTsRqPoNmLkJiHgFeDc9876abcdefghij",
+            "path",
+        ),
+        (
+            "split-3",
+            "/split/sk%252Dant%252DZyXwVuTsRqPoNmLkJiHgFeDc9876",
+            "path",
+        ),
+        // A bearer token in a harmless-looking parameter, space encoded.
+        (
+            "split-4",
+            "/split?next=Bearer%20ZyXwVuTsRqPoNmLkJiHgFeDc9876",
+            "query",
+        ),
+        (
+            "split-5",
+            "/split?next=Bearer+ZyXwVuTsRqPoNmLkJiHgFeDc9876",
+            "query",
+        ),
+        // A Redis URL with its password, encoded.
+        (
+            "split-6",
+            "/split?to=redis%3A%2F%2F%3AZyXwVuTsRqPoNmLkJiHgFeDc9876%40cache",
+            "query",
+        ),
+    ];
+    for (marker, target, field) in cases {
+        let (status, _, _) = send(addr, &get(target, &[&format!("X-Request-Id: {marker}")])).await;
+        assert_eq!(status, 200);
+        let e = &access_events(marker).await[0]["fields"];
+        let logged = e[field].as_str().unwrap();
+        assert!(logged.contains("****"), "{marker}: {logged}");
+    }
+    assert!(!capture().text().contains("ZyXwVuTsRqPoNmLkJiHgFeDc9876"));
+}
+
+#[tokio::test]
+async fn credential_headers_and_bodies_are_never_logged_user_agent_is_cleaned() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    let body = r#"{"password":"bodySecret77"}"#;
+    let mut raw = format!(
+        "POST /hdr HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Request-Id: hdr-1\r\n\
+         Authorization: Bearer hdrSecret1\r\nCookie: sid=hdrSecret2\r\nX-API-Key: hdrSecret3\r\n\
+         Proxy-Authorization: Basic hdrSecret4\r\nContent-Length: {}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    // A user agent with a tab, bytes that are not UTF-8, a token and 1000 more bytes.
+    raw.extend_from_slice(
+        b"User-Agent: curl/8.0\tred\xff\xfe ghp_hdrSecret5AAAAAAAAAAAAAAAAAAAAAAAAAAAAA ",
+    );
+    raw.extend_from_slice("u".repeat(1000).as_bytes());
+    raw.extend_from_slice(b"\r\n\r\n");
+    raw.extend_from_slice(body.as_bytes());
+    let (status, _, _) = send(addr, &raw).await;
+    assert_eq!(status, 200);
+    let e = &access_events("hdr-1").await[0]["fields"];
+    let ua = e["user_agent"].as_str().unwrap();
+    assert!(
+        ua.starts_with("curl/8.0red\u{fffd}\u{fffd} ghp_**** uuu"),
+        "{ua}"
+    );
+    assert!(ua.len() <= 256 + 3);
+    let text = capture().text();
+    for secret in ["hdrSecret", "bodySecret77"] {
+        assert!(!text.contains(secret), "{secret:?} leaked");
+    }
+    // An escape byte in a header value is refused by hyper before any layer.
+    let raw =
+        b"GET /esc HTTP/1.1\r\nHost: t\r\nConnection: close\r\nUser-Agent: a\x1b[31mb\r\n\r\n";
+    assert_eq!(send(addr, raw).await.0, 400);
+}
+
+#[tokio::test]
+async fn refusals_are_logged_with_their_reason_and_client_ip() {
+    capture();
+    let stack = ServiceBuilder::new()
+        .layer(RequestIdLayer::new())
+        .layer(AccessLogLayer::new())
+        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+        .layer(IpAllowlistLayer::new(IpSet::parse("192.0.2.0/24").unwrap()))
+        .into_inner();
+    let addr = serve(stack, echo_request_id()).await;
+    let (status, head, body) = send(addr, &get("/denied", &["X-Request-Id: denied-1"])).await;
+    assert_eq!(status, 403);
+    assert!(
+        head.contains("denied-1"),
+        "the refusal carries the request id too"
+    );
+    assert!(
+        !body.contains("ip_denied"),
+        "the reason never reaches the client"
+    );
+    let e = &access_events("denied-1").await[0]["fields"];
+    assert_eq!(e["status"], 403);
+    assert_eq!(e["denial_reason"], "ip_denied");
+    assert_eq!(e["client_ip"], "127.0.0.1");
+}
+
+/// ClientIpLayer copies the resolved address into the response extensions.
+#[tokio::test]
+async fn client_ip_is_copied_into_the_response_extensions() {
+    #[derive(Clone)]
+    struct ReadBack;
+    impl<S> Layer<S> for ReadBack {
+        type Service = tower::util::MapResponse<S, fn(Response<Body>) -> Response<Body>>;
+        fn layer(&self, inner: S) -> Self::Service {
+            tower::util::MapResponse::new(inner, |mut res: Response<Body>| {
+                let ip = res.extensions().get::<ClientIp>().map(|ip| ip.to_string());
+                res.headers_mut().insert(
+                    "x-seen-client-ip",
+                    ip.unwrap_or_else(|| "none".into()).parse().unwrap(),
+                );
+                res
+            })
+        }
+    }
+    let stack = ServiceBuilder::new()
+        .layer(ReadBack)
+        .layer(ClientIpLayer::new(
+            ClientIpConfig::trusted_proxies("127.0.0.0/8").unwrap(),
+        ))
+        .into_inner();
+    let addr = serve(stack, echo_request_id()).await;
+    let (_, head, _) = send(addr, &get("/", &["X-Forwarded-For: 198.51.100.9"])).await;
+    assert!(head.contains("x-seen-client-ip: 198.51.100.9"), "{head}");
+    // Refused by a layer inside: still copied.
+    let stack = ServiceBuilder::new()
+        .layer(ReadBack)
+        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+        .layer(IpAllowlistLayer::new(IpSet::parse("192.0.2.0/24").unwrap()))
+        .into_inner();
+    let addr = serve(stack, echo_request_id()).await;
+    let (status, head, _) = send(addr, &get("/", &[])).await;
+    assert_eq!(status, 403);
+    assert!(head.contains("x-seen-client-ip: 127.0.0.1"), "{head}");
+}
+
+#[derive(Debug)]
+struct Boom;
+impl std::fmt::Display for Boom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("boom with password=errSecret1")
+    }
+}
+impl std::error::Error for Boom {}
+
+#[tokio::test]
+async fn an_inner_error_and_a_cancelled_request_are_logged_once_each() {
+    capture();
+    let handler = tower::service_fn(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Err::<Response<Body>, Boom>(Boom)
+    });
+    let stack = ServiceBuilder::new()
+        .layer(RequestIdLayer::new())
+        .layer(AccessLogLayer::new())
+        .into_inner();
+    let addr = serve(stack, handler).await;
+    let (status, _, _) = send(addr, &get("/err", &["X-Request-Id: inner-error-1"])).await;
+    assert_eq!(status, 0, "hyper closes the connection on a service error");
+    let events = access_events("inner-error-1").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["fields"]["outcome"], "error");
+    assert!(events[0]["fields"].get("status").is_none());
+
+    // The client goes away while the handler is still working: hyper drops the future.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(&get("/slow", &["X-Request-Id: cancelled-1"]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    let events = access_events("cancelled-1").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["fields"]["outcome"], "cancelled");
+    assert_eq!(events[0]["fields"]["path"], "/slow");
+    assert!(!capture().text().contains("errSecret1"));
+}
+
+#[tokio::test]
+async fn the_request_span_carries_the_request_id_into_handler_logs() {
+    capture();
+    let handler = tower::service_fn(|_req: Request<Incoming>| async move {
+        tracing::info!(marker = "handler-in-span-7", "inside the handler");
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let stack = ServiceBuilder::new()
+        .layer(RequestIdLayer::new())
+        .layer(AccessLogLayer::new().request_span())
+        .into_inner();
+    let addr = serve(stack, handler).await;
+    let (status, _, _) = send(addr, &get("/span", &["X-Request-Id: span-id-7"])).await;
+    assert_eq!(status, 200);
+    let events = capture().events_with("handler-in-span-7");
+    assert_eq!(events.len(), 1);
+    let spans = events[0]["spans"].as_array().expect("span list");
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["name"] == "request" && s["request_id"] == "span-id-7"),
+        "{events:?}"
+    );
+}

@@ -1,0 +1,198 @@
+//! Property tests of the redactor and the query redaction: idempotent, and no planted
+//! secret survives, wherever in random text it is planted.
+
+use proptest::prelude::*;
+
+use portcullis::redact::{Redactor, redact_query};
+
+/// Text that is likely to brush against the rules: their trigger bytes and
+/// fragments of their prefixes and names, mixed with any character.
+fn noisy_text() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        3 => "(?s).{0,6}",
+        3 => "[a-zA-Z0-9_ ]{1,12}",
+        2 => prop::sample::select(vec![
+            "=", ":", "\"", "\\\"", "-", "://", "@", "&", " ", "\\n", "%20", "%5F", "*",
+            "]", "eyJ", "eyJhbGciOiJIUzI1NiJ9", ".", "Bearer ", "basic ", "bearer", "sk-", "sk-ant-",
+            "pc_live_", "AKIA", "ghp_", "xoxb-", "password", "token", "key", "api_key",
+            "authorization", "cookie", "-----BEGIN RSA PRIVATE KEY-----",
+            "-----END RSA PRIVATE KEY-----", "REDACTED", "****", "redis://", "'", "\n",
+        ]).prop_map(str::to_owned),
+    ];
+    prop::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+}
+
+/// A secret: (the text planted, the part that must not survive).
+fn secret() -> impl Strategy<Value = (String, String)> {
+    let b62 = |n: usize| proptest::string::string_regex(&format!("[A-Za-z0-9]{{{n}}}")).unwrap();
+    let b64u = |n: usize| proptest::string::string_regex(&format!("[A-Za-z0-9_-]{{{n}}}")).unwrap();
+    let hint = |p: &'static str| move |body: String| (format!("{p}{body}"), body);
+    prop_oneof![
+        b62(30).prop_map(hint("pc_live_")),
+        b62(30).prop_map(hint("pc_test_")),
+        proptest::string::string_regex("[A-Z0-9]{16}")
+            .unwrap()
+            .prop_map(hint("AKIA")),
+        b62(36).prop_map(hint("ghp_")),
+        b62(36).prop_map(hint("ghs_")),
+        b62(40).prop_map(hint("github_pat_")),
+        b64u(20).prop_map(hint("glpat-")),
+        b62(24).prop_map(hint("sk_live_")),
+        b62(32).prop_map(hint("whsec_")),
+        proptest::string::string_regex("[0-9]{12}-[A-Za-z0-9]{24}")
+            .unwrap()
+            .prop_map(hint("xoxb-")),
+        b64u(35).prop_map(hint("AIza")),
+        b64u(40).prop_map(hint("sk-ant-api03-")),
+        b64u(40).prop_map(hint("sk-proj-")),
+        b62(48).prop_map(hint("sk-")),
+        (b64u(20), b64u(30), b64u(30))
+            .prop_map(|(h, p, s)| (format!("eyJ{h}.{p}.{s}"), format!("{p}.{s}"))),
+        b62(24).prop_map(|c| (format!("Bearer {c}"), c)),
+        proptest::string::string_regex("[A-Za-z0-9+/]{16}==")
+            .unwrap()
+            .prop_map(|c| (format!("Basic {c}"), c)),
+        b62(16).prop_map(|p| (format!("redis://:{p}@cache:6379/0"), p)),
+        b62(16).prop_map(|p| (format!("postgres://app:{p}@db/app"), p)),
+        b62(48).prop_map(|b| (
+            format!("-----BEGIN PRIVATE KEY-----\n{b}\n-----END PRIVATE KEY-----"),
+            b
+        )),
+        b62(48).prop_map(|b| (
+            format!("-----BEGIN EC PRIVATE KEY-----\\n{b}\\n-----END EC PRIVATE KEY-----"),
+            b
+        )),
+        b62(20).prop_map(|v| (format!("password={v}"), v)),
+        b62(20).prop_map(|v| (format!("\"client_secret\":\"{v}\""), v)),
+        b62(20).prop_map(|v| (format!("X-Api-Key: {v}"), v)),
+    ]
+}
+
+/// What may stand right before or after a secret: not a letter or digit.
+fn separator() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec![
+        " ", "\n", "\t", "\"", "'", ",", ";", "(", ")", "[", "]", "{", "}", "<", ">", "|", "\\n",
+        "%20", " = ", ": ",
+    ])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn redaction_is_idempotent(text in noisy_text()) {
+        let r = Redactor::new();
+        let once = r.redact(&text).into_owned();
+        prop_assert_eq!(r.redact(&once), once.as_str());
+        let bytes = r.redact_bytes(text.as_bytes()).into_owned();
+        prop_assert_eq!(bytes, once.as_bytes());
+    }
+
+    #[test]
+    fn no_planted_secret_survives(
+        left in noisy_text(),
+        right in noisy_text(),
+        (planted, body) in secret(),
+        sep1 in separator(),
+        sep2 in separator(),
+    ) {
+        let text = format!("{left}{sep1}{planted}{sep2}{right}");
+        let r = Redactor::new();
+        let out = r.redact(&text);
+        prop_assert!(!out.contains(&body), "secret survived: {:?} -> {:?}", text, out);
+        let out_bytes = r.redact_bytes(text.as_bytes());
+        prop_assert!(!String::from_utf8_lossy(&out_bytes).contains(&body));
+        // And once more over the redacted text: still gone, still the same.
+        prop_assert_eq!(r.redact(&out), out.as_ref());
+    }
+
+    #[test]
+    fn secrets_split_across_percent_encodings_are_found(
+        (planted, body) in secret(),
+        mask in any::<u64>(),
+    ) {
+        // Percent-encode a random subset of the bytes, as a client might in a path.
+        let encoded: String = planted.bytes().enumerate().map(|(i, b)| {
+            if mask >> (i % 64) & 1 == 1 || !b.is_ascii_alphanumeric() {
+                format!("%{b:02X}")
+            } else {
+                (b as char).to_string()
+            }
+        }).collect();
+        let path = format!("/v1/{encoded}/x");
+        let out = Redactor::new().redact_uri_part(&path);
+        prop_assert!(!out.contains(&body), "{:?} -> {:?}", encoded, out);
+    }
+
+    #[test]
+    fn query_redaction_hides_sensitive_values_and_keeps_the_rest(
+        params in prop::collection::vec(
+            (
+                prop::sample::select(vec!["api_key", "API_KEY", "api%5Fkey", "Api-Key", "token", "access_token", "password", "sig", "code", "page", "q", "sort", ""]),
+                "[A-Za-z0-9%+._~-]{0,16}",
+                any::<bool>(),
+            ),
+            0..10,
+        ),
+    ) {
+        let query = params
+            .iter()
+            .map(|(n, v, eq)| if *eq { format!("{n}={v}") } else { (*n).to_owned() })
+            .collect::<Vec<_>>()
+            .join("&");
+        let out = redact_query(&query);
+        let out_params: Vec<&str> = out.split('&').collect();
+        prop_assert_eq!(out_params.len(), query.split('&').count());
+        for ((n, v, eq), o) in params.iter().zip(&out_params) {
+            let sensitive = !matches!(*n, "page" | "q" | "sort" | "");
+            if *eq && sensitive && !v.is_empty() {
+                prop_assert_eq!(*o, format!("{n}=REDACTED"));
+            } else if *eq {
+                prop_assert_eq!(*o, format!("{n}={v}"));
+            } else {
+                prop_assert_eq!(*o, *n);
+            }
+        }
+        prop_assert_eq!(redact_query(&out), out.as_ref());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn sanitize_removes_every_control_and_bounds_the_length(
+        s in "(?s).{0,200}",
+        max in 0usize..128,
+    ) {
+        let out = portcullis::redact::sanitize(&s, max);
+        prop_assert!(!out.chars().any(char::is_control));
+        let hidden = ['\u{2028}', '\u{2029}', '\u{202e}', '\u{2066}'];
+        prop_assert!(!out.contains(hidden), "line separator or bidi override kept");
+        prop_assert!(out.len() <= max + '…'.len_utf8());
+        // What is kept is the input's own characters, in order.
+        let kept: String = out.trim_end_matches('…').to_owned();
+        let removed = |c: char| {
+            c.is_control()
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
+        };
+        let filtered: String = s.chars().filter(|&c| !removed(c)).collect();
+        prop_assert!(filtered.starts_with(&kept) || s.contains('…'));
+    }
+
+    #[test]
+    fn request_ids_are_kept_exactly_when_safe(id in prop::collection::vec(any::<u8>(), 0..80)) {
+        use portcullis::request_id::{RequestId, is_safe_request_id, MAX_LEN};
+        let safe = !id.is_empty()
+            && id.len() <= MAX_LEN
+            && id.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+        prop_assert_eq!(is_safe_request_id(&id), safe);
+        match RequestId::parse(&id) {
+            Some(parsed) => {
+                prop_assert!(safe);
+                prop_assert_eq!(parsed.as_str().as_bytes(), &id[..]);
+            }
+            None => prop_assert!(!safe),
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! The acceptance test of the logging stack: a real server with
+//! RequestId → AccessLog → ClientIp → authentication → a handler that logs carelessly,
+//! JSON output through `RedactingMakeWriter` captured in memory. Requests carry planted
+//! secrets in every place a client can put them (headers, query, path, user agent,
+//! request id, body); none may appear in the output, while the request ids and the
+//! principal ids must.
+//!
+//! Its own test binary: it installs its own global subscriber (with the redacting
+//! writer), which the integration binary's capture must not be.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use portcullis::access_log::AccessLogLayer;
+use portcullis::client_ip::{ClientIpConfig, ClientIpLayer, PeerAddrLayer};
+use portcullis::redact::RedactingMakeWriter;
+use portcullis::rejection::{Challenge, DenialReason, Rejection};
+use portcullis::request_id::RequestIdLayer;
+use portcullis::{AuthMethod, Principal, Scopes};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::{Layer, Service, ServiceBuilder};
+use tracing_subscriber::fmt::MakeWriter;
+
+type Body = Full<Bytes>;
+
+// ---- capture: every formatted line, after the redacting writer ----
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+struct SinkWriter(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Sink {
+    type Writer = SinkWriter;
+    fn make_writer(&'a self) -> SinkWriter {
+        SinkWriter(self.0.clone())
+    }
+}
+
+impl Sink {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn sink() -> &'static Sink {
+    static SINK: OnceLock<Sink> = OnceLock::new();
+    SINK.get_or_init(|| {
+        let sink = Sink::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::TRACE)
+            .with_current_span(false)
+            .with_writer(RedactingMakeWriter::new(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+        sink
+    })
+}
+
+// ---- a stand-in for the authentication layer ----
+
+/// Accepts one API key in `x-api-key`; the principal goes into the request
+/// extensions and is copied into the response extensions, as the real layer does.
+#[derive(Clone)]
+struct TestAuthLayer;
+
+#[derive(Clone)]
+struct TestAuth<S>(S);
+
+impl<S> Layer<S> for TestAuthLayer {
+    type Service = TestAuth<S>;
+    fn layer(&self, inner: S) -> TestAuth<S> {
+        TestAuth(inner)
+    }
+}
+
+fn equal_ct(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl<S> Service<Request<Incoming>> for TestAuth<S>
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let challenge = Challenge::api_key("test").unwrap();
+        let principal = match req.headers().get("x-api-key") {
+            None => {
+                let res = Rejection::missing_credential(&challenge).into_response();
+                return Box::pin(async move { Ok(res) });
+            }
+            Some(k) if equal_ct(k.as_bytes(), VALID_KEY.as_bytes()) => {
+                Principal::new("billing-svc", AuthMethod::ApiKey)
+                    .with_scopes(Scopes::parse("jobs:write").unwrap())
+            }
+            Some(_) => {
+                tracing::info!(
+                    target: portcullis::audit::TARGET,
+                    event = "auth_failed",
+                    reason = DenialReason::UnknownKey.as_str(),
+                );
+                let res = Rejection::invalid_credential(&challenge, DenialReason::UnknownKey)
+                    .into_response();
+                return Box::pin(async move { Ok(res) });
+            }
+        };
+        req.extensions_mut().insert(principal.clone());
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            let mut res = fut.await?;
+            res.extensions_mut().insert(principal);
+            Ok(res)
+        })
+    }
+}
+
+// ---- the careless handler ----
+
+/// Logs everything it got, as application code too often does: the headers, the
+/// URI, the user agent and the body.
+async fn careless(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    tracing::info!(
+        headers = ?parts.headers,
+        uri = %parts.uri,
+        user_agent = ?parts.headers.get("user-agent"),
+        body = %String::from_utf8_lossy(&body),
+        "handling request"
+    );
+    tracing::debug!("raw body: {}", String::from_utf8_lossy(&body));
+    tracing::warn!(request = ?parts, "dumping the request parts");
+    Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+}
+
+async fn serve() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
+            let svc = ServiceBuilder::new()
+                .layer(PeerAddrLayer::new(peer))
+                .layer(RequestIdLayer::new())
+                .layer(AccessLogLayer::new())
+                .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+                .layer(TestAuthLayer)
+                .service(tower::service_fn(careless));
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn send(addr: SocketAddr, raw: &[u8]) -> u16 {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+// ---- the planted secrets ----
+
+const VALID_KEY: &str = "pc_live_Vk7Qm2Xz9Lp4Rt8Wn3Yb6Hc1Jd5Fg0Sa";
+const WRONG_KEY: &str = "pc_live_Wr0ngKeyAbCdEfGhIjKlMnOpQrSt12";
+/// Each planted secret, with the part that must never appear in the output.
+const SECRETS: &[&str] = &[
+    "Vk7Qm2Xz9Lp4Rt8Wn3Yb6Hc1Jd5Fg0Sa", // the valid key (x-api-key)
+    "Wr0ngKeyAbCdEfGhIjKlMnOpQrSt12",   // a wrong key (x-api-key)
+    "eyJzdWIiOiJhZG1pbiIsImV4cCI6OTk5OTk5OTk5OX0", // JWT payload (authorization)
+    "c2lnbmF0dXJlLXNlY3JldC1zaWduYXR1cmU", // JWT signature
+    "cookieSecretQ8w7e6r5t4",           // cookie
+    "sk-ant-api03-PlantedAnthropicKey0123456789abcdef", // custom header
+    "PlantedAnthropicKey0123456789abcdef",
+    "querySecretApiKey11",                     // ?api_key=
+    "querySecretApiKey22",                     // ?API%5FKEY=
+    "PlantedGithubToken0123456789abcdefghijk", // ghp_ in the query
+    "redisPw0rdInQuery",                       // redis URL in the query
+    "PlantedKeyInPath0123456789",              // pc_live_ in the path
+    "AKIAPLANTED0PATH1234",                    // AWS id in the path
+    "SplitEncodedKeyInPath98765",              // pc%5Flive%5F... in the path
+    "PlantedSlackInUserAgent42",               // xoxb- in the user agent
+    "PlantedOpenAiKeyInRequestId0123",         // sk-proj- as the request id
+    "bodyPassw0rdHunter2",                     // "password" in the body
+    "PlantedStripeKeyInBody12345",             // sk_live_ in the body
+    "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC",        // PEM body in the body
+    "AKIABODYPLANTED12345",                    // AWS id in the body
+    "basicUser:basicPass",                     // decoded Basic credential
+    "YmFzaWNVc2VyOmJhc2ljUGFzcw",              // Basic credential
+];
+
+fn request(target: &str, headers: &[String], body: &str) -> Vec<u8> {
+    let mut r = format!("POST {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n");
+    for h in headers {
+        r.push_str(h);
+        r.push_str("\r\n");
+    }
+    r.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    r.into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_planted_secret_reaches_the_logs() {
+    let sink = sink();
+    let addr = serve().await;
+    let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhZG1pbiIsImV4cCI6OTk5OTk5OTk5OX0.c2lnbmF0dXJlLXNlY3JldC1zaWduYXR1cmU";
+    let body = r#"{"user":"ann","password":"bodyPassw0rdHunter2","note":"use sk_live_PlantedStripeKeyInBody12345 and AKIABODYPLANTED12345","pem":"-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"}"#;
+    let common = |key: &str, id: &str| {
+        vec![
+            format!("X-API-Key: {key}"),
+            format!("X-Request-Id: {id}"),
+            format!("Authorization: Bearer {jwt}"),
+            "Cookie: session=cookieSecretQ8w7e6r5t4; theme=dark".to_owned(),
+            "X-Debug: sk-ant-api03-PlantedAnthropicKey0123456789abcdef".to_owned(),
+            "Proxy-Authorization: Basic YmFzaWNVc2VyOmJhc2ljUGFzcw==".to_owned(),
+            "User-Agent: probe/1.0 xoxb-PlantedSlackInUserAgent42".to_owned(),
+        ]
+    };
+    let target = "/v1/jobs/pc_live_PlantedKeyInPath0123456789/AKIAPLANTED0PATH1234/pc%5Flive%5FSplitEncodedKeyInPath98765\
+                  ?api_key=querySecretApiKey11&API%5FKEY=querySecretApiKey22&q=ghp_PlantedGithubToken0123456789abcdefghijk\
+                  &cache=redis://:redisPw0rdInQuery@cache:6379&page=2";
+
+    // Authenticated, with every secret planted.
+    assert_eq!(
+        send(
+            addr,
+            &request(target, &common(VALID_KEY, "stack-ok-1"), body)
+        )
+        .await,
+        200
+    );
+    // Refused: a wrong key.
+    assert_eq!(
+        send(
+            addr,
+            &request(target, &common(WRONG_KEY, "stack-denied-2"), body)
+        )
+        .await,
+        401
+    );
+    // Refused: no key, and a secret as the request id (safe alphabet, so kept).
+    let headers = vec!["X-Request-Id: sk-proj-PlantedOpenAiKeyInRequestId0123".to_owned()];
+    assert_eq!(send(addr, &request(target, &headers, body)).await, 401);
+
+    // The access events are written when each response head is ready.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = sink.text();
+        if text.matches("\"target\":\"portcullis::access\"").count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    for secret in SECRETS {
+        assert!(
+            !text.contains(secret),
+            "planted secret {secret} reached the logs:\n{text}"
+        );
+    }
+
+    let events: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("redaction keeps every line valid JSON"))
+        .collect();
+    let access: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["target"] == "portcullis::access")
+        .collect();
+    assert_eq!(access.len(), 3, "{text}");
+    let ok = access
+        .iter()
+        .find(|e| e["fields"]["request_id"] == "stack-ok-1")
+        .expect("ok event");
+    assert_eq!(ok["fields"]["status"], 200);
+    assert_eq!(ok["fields"]["principal"], "billing-svc");
+    assert_eq!(ok["fields"]["auth_method"], "api_key");
+    assert_eq!(ok["fields"]["client_ip"], "127.0.0.1");
+    assert_eq!(
+        ok["fields"]["path"],
+        "/v1/jobs/pc_live_****/AKIA****/pc_live_****"
+    );
+    let query = ok["fields"]["query"].as_str().unwrap();
+    assert!(query.contains("api_key=REDACTED"), "{query}");
+    assert!(query.contains("page=2"), "{query}");
+    let denied = access
+        .iter()
+        .find(|e| e["fields"]["request_id"] == "stack-denied-2")
+        .expect("denied event");
+    assert_eq!(denied["fields"]["status"], 401);
+    assert_eq!(denied["fields"]["denial_reason"], "unknown_key");
+    assert!(denied["fields"].get("principal").is_none());
+    let anonymous = access
+        .iter()
+        .find(|e| e["fields"]["denial_reason"] == "missing_credential")
+        .expect("missing-credential event");
+    assert_eq!(anonymous["fields"]["request_id"], "sk-proj-****");
+
+    // The careless handler's lines were written, and scrubbed.
+    assert!(text.contains("handling request"), "{text}");
+    assert!(text.contains("dumping the request parts"));
+    // A header nobody marked sensitive, printed by the handler, scrubbed by the writer.
+    assert!(text.contains("sk-ant-****"), "{text}");
+    // The audit event of the refusal is there, on its own target.
+    assert!(
+        events
+            .iter()
+            .any(|e| e["target"] == "portcullis::audit" && e["fields"]["event"] == "auth_failed")
+    );
+}
