@@ -381,6 +381,8 @@ pub fn ratelimit_fields(data: &[u8]) {
             parse_ratelimit_policy(text.join(", ").as_bytes()).expect("canonical form parses");
         assert_eq!(again, items, "RateLimit-Policy round trip");
     }
+}
+
 /// `redactor` target: any bytes through the [`Redactor`](crate::redact::Redactor).
 ///
 /// Checks, besides "no panic" and no hang: redaction is idempotent; the `&str` and

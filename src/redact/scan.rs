@@ -588,10 +588,10 @@ fn pem(input: &[u8], i: usize) -> Option<Match> {
     }
     // The END line, if it is there.
     const END: &[u8] = b"-----END ";
-    if input[j..].starts_with(END) {
-        if let Some(e) = label(input, j + END.len()) {
-            end = e + 5;
-        }
+    if input[j..].starts_with(END)
+        && let Some(e) = label(input, j + END.len())
+    {
+        end = e + 5;
     }
     Some(Match {
         start: i,
@@ -669,10 +669,10 @@ fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
                 with: PEM,
             });
         }
-        if input[v..].starts_with(b"-----BEGIN ") {
-            if let Some(m) = pem(input, v) {
-                return Some(m);
-            }
+        if input[v..].starts_with(b"-----BEGIN ")
+            && let Some(m) = pem(input, v)
+        {
+            return Some(m);
         }
         let mut e = v;
         if Rules::is_wide_name(&input[j..name_end]) {
@@ -743,16 +743,16 @@ fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
     }
     // A quoted value with a scheme word: keep the word.
     let value = &input[start..end];
-    if let Some(w) = value.iter().position(|&c| c == b' ') {
-        if is_scheme(&value[..w]) {
-            let c = skip_separators(input, start + w);
-            if c < end {
-                return Some(Match {
-                    start: c,
-                    end,
-                    with: STARS,
-                });
-            }
+    if let Some(w) = value.iter().position(|&c| c == b' ')
+        && is_scheme(&value[..w])
+    {
+        let c = skip_separators(input, start + w);
+        if c < end {
+            return Some(Match {
+                start: c,
+                end,
+                with: STARS,
+            });
         }
     }
     Some(Match {
@@ -793,11 +793,12 @@ pub(super) fn normalise_name(name: &[u8], buf: &mut [u8; NAME_BUF]) -> (usize, b
         i -= 1;
         let mut c = name[i];
         // A percent-escape (`api%5Fkey`) counts as the byte it encodes.
-        if i >= 2 && name[i - 2] == b'%' {
-            if let (Some(h), Some(l)) = (hex(name[i - 1]), hex(c)) {
-                c = h << 4 | l;
-                i -= 2;
-            }
+        if i >= 2
+            && name[i - 2] == b'%'
+            && let (Some(h), Some(l)) = (hex(name[i - 1]), hex(c))
+        {
+            c = h << 4 | l;
+            i -= 2;
         }
         if matches!(c, b'_' | b'-' | b'.') {
             continue;

@@ -17,13 +17,13 @@ mod client_ip;
 mod fuzz_corpus;
 #[cfg(feature = "jwt")]
 mod jwt;
+#[cfg(all(feature = "access-log", feature = "allowlist"))]
+mod logging;
 #[cfg(feature = "client-ip")]
 mod properties;
 #[cfg(feature = "rate-limit")]
 mod rate_limit;
 #[cfg(feature = "redis")]
 mod rate_limit_redis;
-#[cfg(all(feature = "access-log", feature = "allowlist"))]
-mod logging;
 #[cfg(feature = "redact")]
 mod redact_properties;
