@@ -774,3 +774,100 @@ async fn shutdown_drains_a_job_in_flight_and_stops() {
         "no longer listening"
     );
 }
+
+/// Where the browser driver lives, and whether it and Chromium are installed. With
+/// `PORTCULLIS_REQUIRE_BROWSER=1` (set by CI) a missing piece fails the test;
+/// otherwise the test is skipped with a message.
+fn browser_driver() -> Option<std::path::PathBuf> {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/queue_service/browser");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let missing: Vec<String> = [
+        (
+            dir.join("node_modules/playwright-core").exists(),
+            "playwright-core (npm ci in examples/queue_service/browser)".to_owned(),
+        ),
+        (
+            std::path::Path::new(&chromium).exists(),
+            format!("Chromium at {chromium}"),
+        ),
+        (
+            std::process::Command::new("node")
+                .arg("--version")
+                .output()
+                .is_ok(),
+            "node".to_owned(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(ok, what)| (!ok).then_some(what))
+    .collect();
+    if missing.is_empty() {
+        return Some(dir);
+    }
+    let required = std::env::var("PORTCULLIS_REQUIRE_BROWSER").is_ok_and(|v| v == "1");
+    assert!(!required, "the browser test needs: {}", missing.join(", "));
+    eprintln!("SKIPPED: the browser test needs {}", missing.join(", "));
+    None
+}
+
+#[tokio::test]
+async fn a_real_browser_shows_the_dashboard_only_with_the_credential() {
+    let Some(driver) = browser_driver() else {
+        return;
+    };
+    let demo = Demo::manual(fast_queue()).await;
+    demo.call(
+        "POST",
+        "/v1/jobs",
+        Some("client"),
+        Some(r#"{"input":"seen in a browser"}"#),
+    )
+    .await;
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let base = format!("http://{}", demo.addr);
+    let (header, value) = ("X-Test-Principal", "admin");
+    let out = {
+        let (driver, shot) = (driver.clone(), shot.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("node")
+                .arg(driver.join("dashboard.mjs"))
+                .args([base.as_str(), header, value])
+                .arg(&shot)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "browser driver failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(seen["refused_status"], 401, "{seen}");
+    assert_eq!(seen["refused_has_figures"], false, "{seen}");
+    assert_eq!(seen["status"], 200, "{seen}");
+    assert_eq!(seen["title"], "portcullis demo queue");
+    assert_eq!(seen["heading"], "Job queue");
+    assert_eq!(seen["cells"]["queue_depth"], "1", "{seen}");
+    assert_eq!(seen["cells"]["queued"], "1", "{seen}");
+    assert_eq!(seen["cells"]["worker"], "running", "{seen}");
+    assert!(
+        seen["csp"]
+            .as_str()
+            .unwrap()
+            .starts_with("default-src 'none'")
+    );
+    let png = std::fs::read(&shot).expect("a screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 1000,
+        "a real PNG"
+    );
+    demo.shutdown().await;
+}
