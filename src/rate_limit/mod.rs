@@ -236,11 +236,7 @@ impl RateLimitBuilder {
             shared: Arc::new(Shared {
                 policies: self.policies.iter().map(Policy::compile).collect(),
                 key: self.key,
-                local: LocalStore::new(
-                    self.max_tracked_keys,
-                    self.policies.len(),
-                    self.fields || self.legacy,
-                ),
+                local: LocalStore::new(self.max_tracked_keys, self.policies.len()),
                 fields: self.fields,
                 legacy: self.legacy,
                 shadow: self.shadow,
@@ -331,6 +327,7 @@ impl FieldSet {
 }
 
 impl Shared {
+    #[inline]
     fn gcras(&self, principal: Option<&Principal>) -> ([Gcra; MAX_POLICIES], usize) {
         let mut g = [Gcra { t: 1, tau: 0 }; MAX_POLICIES];
         for (i, p) in self.policies.iter().enumerate() {
@@ -346,16 +343,16 @@ impl Shared {
         let mut set = Box::<FieldSet>::default();
         if self.fields {
             let mut limit = BytesMut::with_capacity(32 * self.policies.len());
-            for (i, (p, s)) in self.policies.iter().zip(outcome.states()).enumerate() {
+            for (i, p) in self.policies.iter().enumerate() {
                 if i > 0 {
                     limit.put_slice(b", ");
                 }
                 limit.put_u8(b'"');
                 limit.put_slice(p.name.as_bytes());
                 limit.put_slice(b"\";r=");
-                put_u64(&mut limit, s.remaining);
+                put_u64(&mut limit, outcome.remaining(i, &p.entry(principal).gcra));
                 limit.put_slice(b";t=");
-                put_u64(&mut limit, fields::secs_ceil(s.reset));
+                put_u64(&mut limit, fields::secs_ceil(outcome.reset(i)));
             }
             // One policy: its precomputed item (a reference-count increment).
             let policy = match &self.policies[..] {
@@ -377,15 +374,16 @@ impl Shared {
         if self.legacy {
             // The most constrained policy: a refusing one (longest wait), else the
             // one with the fewest requests left.
-            let states = outcome.states();
-            let i = (0..states.len())
-                .max_by_key(|&i| (states[i].wait, std::cmp::Reverse(states[i].remaining)))
+            let remaining =
+                |i: usize| outcome.remaining(i, &self.policies[i].entry(principal).gcra);
+            let i = (0..outcome.len)
+                .max_by_key(|&i| (outcome.waits[i], std::cmp::Reverse(remaining(i))))
                 .unwrap_or(0);
             let q = self.policies[i].entry(principal).quota;
             set.legacy = Some([
                 HeaderValue::from(q.count()),
-                HeaderValue::from(states[i].remaining),
-                HeaderValue::from(fields::secs_ceil(states[i].reset)),
+                HeaderValue::from(remaining(i)),
+                HeaderValue::from(fields::secs_ceil(outcome.reset(i))),
             ]);
         }
         Some(set)
@@ -424,6 +422,7 @@ impl Shared {
     }
 
     /// Lets an allowed (or shadowed) request through with its fields, or refuses it.
+    #[inline]
     fn act<S, ReqBody, ResBody>(
         &self,
         inner: &mut S,
@@ -465,9 +464,8 @@ impl Shared {
     }
 
     fn audit<B>(&self, req: &Request<B>, outcome: &Outcome) {
-        let states = outcome.states();
-        let policy = (0..states.len())
-            .max_by_key(|&i| states[i].wait)
+        let policy = (0..outcome.len)
+            .max_by_key(|&i| outcome.waits[i])
             .map(|i| &*self.policies[i].name);
         let principal = req.extensions().get::<Principal>();
         let client_ip = req.extensions().get::<ClientIp>();
