@@ -307,21 +307,15 @@ struct FieldSet {
 }
 
 impl FieldSet {
-    fn into_headers(self) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
-        let ietf = self
-            .ietf
-            .into_iter()
-            .flat_map(|(p, l)| [(RATELIMIT_POLICY, p), (RATELIMIT, l)]);
-        let legacy = self
-            .legacy
-            .into_iter()
-            .flat_map(|[a, b, c]| [(X_LIMIT, a), (X_REMAINING, b), (X_RESET, c)]);
-        ietf.chain(legacy)
-    }
-
     fn apply(self, headers: &mut HeaderMap) {
-        for (name, value) in self.into_headers() {
-            headers.append(name, value);
+        if let Some((policy, limit)) = self.ietf {
+            headers.append(RATELIMIT_POLICY, policy);
+            headers.append(RATELIMIT, limit);
+        }
+        if let Some([limit, remaining, reset]) = self.legacy {
+            headers.append(X_LIMIT, limit);
+            headers.append(X_REMAINING, remaining);
+            headers.append(X_RESET, reset);
         }
     }
 }
@@ -454,8 +448,16 @@ impl Shared {
             Duration::from_nanos(outcome.wait()),
         );
         if let Some(set) = fields {
-            for (name, value) in set.into_headers() {
-                rejection = rejection.with_header(name, value);
+            if let Some((policy, limit)) = set.ietf {
+                rejection = rejection
+                    .with_header(RATELIMIT_POLICY, policy)
+                    .with_header(RATELIMIT, limit);
+            }
+            if let Some([limit, remaining, reset]) = set.legacy {
+                rejection = rejection
+                    .with_header(X_LIMIT, limit)
+                    .with_header(X_REMAINING, remaining)
+                    .with_header(X_RESET, reset);
             }
         }
         Kind::Rejected {
@@ -652,11 +654,11 @@ where
         loop {
             match kind.as_mut().project() {
                 KindProj::Inner { future, fields } => {
-                    let mut res = ready!(future.poll(cx))?;
-                    if let Some(set) = fields.take() {
-                        set.apply(res.headers_mut());
+                    let mut res = ready!(future.poll(cx));
+                    if let (Ok(r), Some(set)) = (&mut res, fields.take()) {
+                        set.apply(r.headers_mut());
                     }
-                    return Poll::Ready(Ok(res));
+                    return Poll::Ready(res);
                 }
                 KindProj::Rejected { response } => {
                     return Poll::Ready(Ok(response.take().expect("polled after completion")));
