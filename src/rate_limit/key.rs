@@ -29,6 +29,7 @@ pub struct KeyContext<'a> {
 }
 
 impl<'a> KeyContext<'a> {
+    #[inline]
     pub(crate) fn of<B>(req: &'a Request<B>) -> Self {
         Self {
             principal: req.extensions().get::<Principal>(),
@@ -108,6 +109,7 @@ impl KeyRule {
         Ok(())
     }
 
+    #[inline]
     pub(crate) fn derive<'a>(&self, cx: &KeyContext<'a>) -> KeySource<'a> {
         if let Some(f) = &self.custom {
             if let Some(k) = f(cx) {
@@ -150,6 +152,7 @@ pub(crate) enum KeySource<'a> {
 impl KeySource<'_> {
     /// The fixed-size in-memory key: addresses as they are, strings through the
     /// limiter's randomly keyed 128-bit SipHash (collisions cannot be steered).
+    #[inline]
     pub(crate) fn local(&self, hasher: &impl BuildHasher) -> LocalKey {
         let mut k = [0u8; 17];
         let (kind, bytes) = k.split_first_mut().expect("17 bytes");

@@ -330,10 +330,16 @@ impl Shared {
         (g, self.policies.len())
     }
 
+    #[inline]
     fn render(&self, principal: Option<&Principal>, outcome: &Outcome) -> Option<Box<FieldSet>> {
         if !self.fields && !self.legacy {
             return None;
         }
+        Some(self.render_fields(principal, outcome))
+    }
+
+    #[inline(never)]
+    fn render_fields(&self, principal: Option<&Principal>, outcome: &Outcome) -> Box<FieldSet> {
         let mut set = Box::<FieldSet>::default();
         if self.fields {
             let mut limit = BytesMut::with_capacity(32 * self.policies.len());
@@ -380,7 +386,7 @@ impl Shared {
                 HeaderValue::from(fields::secs_ceil(outcome.reset(i))),
             ]);
         }
-        Some(set)
+        set
     }
 
     /// Acts on a verdict: call the inner service (with the fields to add) or refuse.
