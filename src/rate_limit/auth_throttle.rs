@@ -110,7 +110,7 @@ impl AuthThrottleLayer {
             shared: Arc::new(Shared {
                 quota,
                 gcra: [quota.gcra()],
-                store: LocalStore::new(cap, 1, false),
+                store: LocalStore::new(cap, 1),
                 ipv6_prefix,
             }),
         }

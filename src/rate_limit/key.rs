@@ -29,6 +29,7 @@ pub struct KeyContext<'a> {
 }
 
 impl<'a> KeyContext<'a> {
+    #[inline]
     pub(crate) fn of<B>(req: &'a Request<B>) -> Self {
         Self {
             principal: req.extensions().get::<Principal>(),
@@ -108,6 +109,7 @@ impl KeyRule {
         Ok(())
     }
 
+    #[inline]
     pub(crate) fn derive<'a>(&self, cx: &KeyContext<'a>) -> KeySource<'a> {
         if let Some(f) = &self.custom
             && let Some(k) = f(cx)
@@ -150,28 +152,31 @@ pub(crate) enum KeySource<'a> {
 impl KeySource<'_> {
     /// The fixed-size in-memory key: addresses as they are, strings through the
     /// limiter's randomly keyed 128-bit SipHash (collisions cannot be steered).
+    #[inline]
     pub(crate) fn local(&self, hasher: &impl BuildHasher) -> LocalKey {
-        let mut bytes = [0u8; 16];
-        let kind = match self {
+        let mut k = [0u8; 17];
+        let (kind, bytes) = k.split_first_mut().expect("17 bytes");
+        let bytes: &mut [u8; 16] = bytes.try_into().expect("16 bytes");
+        *kind = match self {
             KeySource::Global => 0,
             KeySource::Ip(IpAddr::V4(a)) => {
                 bytes[..4].copy_from_slice(&a.octets());
                 1
             }
             KeySource::Ip(IpAddr::V6(a)) => {
-                bytes = a.octets();
+                *bytes = a.octets();
                 2
             }
             KeySource::Principal(s) => {
-                hash128(hasher, 3, s, &mut bytes);
+                hash128(hasher, 3, s, bytes);
                 3
             }
             KeySource::Custom(s) => {
-                hash128(hasher, 4, s, &mut bytes);
+                hash128(hasher, 4, s, bytes);
                 4
             }
         };
-        LocalKey { kind, bytes }
+        LocalKey(k)
     }
 
     /// A stable, printable name for the key, for shared backends: the same on every
@@ -210,11 +215,16 @@ fn hash128(hasher: &impl BuildHasher, kind: u8, s: &str, out: &mut [u8; 16]) {
     out[8..].copy_from_slice(&b.to_le_bytes());
 }
 
-/// The in-memory key: 17 bytes, whatever the principal id's length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct LocalKey {
-    kind: u8,
-    bytes: [u8; 16],
+/// The in-memory key: 17 bytes (a kind byte, then an address or a hash), whatever
+/// the principal id's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LocalKey([u8; 17]);
+
+impl std::hash::Hash for LocalKey {
+    // One write of the raw bytes: the derived impl adds a length prefix and a call.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(&self.0);
+    }
 }
 
 #[cfg(test)]

@@ -17,66 +17,58 @@ use super::quota::{Cell, Gcra};
 /// At most this many policies are checked together.
 pub(crate) const MAX_POLICIES: usize = 4;
 
-/// One policy's state after a check, in nanoseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct PolicyState {
-    pub(crate) remaining: u64,
-    pub(crate) reset: u64,
-    /// 0 when this policy allowed the request.
-    pub(crate) wait: u64,
-}
-
-/// The decision for one request over every policy.
+/// The decision for one request over every policy. Per policy, in nanoseconds:
+/// how far its theoretical arrival time is ahead of now (after the decision), and
+/// the wait before a refused request could succeed (0 where the policy allowed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Outcome {
     pub(crate) allowed: bool,
     pub(crate) len: usize,
-    pub(crate) states: [PolicyState; MAX_POLICIES],
+    pub(crate) ahead: [u64; MAX_POLICIES],
+    pub(crate) waits: [u64; MAX_POLICIES],
 }
 
 impl Outcome {
     /// Time until a refused request could succeed: the longest wait of any policy.
     pub(crate) fn wait(&self) -> u64 {
-        self.states[..self.len]
-            .iter()
-            .map(|s| s.wait)
-            .max()
-            .unwrap_or(0)
+        self.waits[..self.len].iter().copied().max().unwrap_or(0)
     }
 
-    pub(crate) fn states(&self) -> &[PolicyState] {
-        &self.states[..self.len]
+    /// Requests policy `i` (with parameters `g`) still allows at once.
+    pub(crate) fn remaining(&self, i: usize, g: &Gcra) -> u64 {
+        g.remaining(self.ahead[i], 0)
+    }
+
+    /// Nanoseconds until policy `i`'s full quota is back.
+    pub(crate) fn reset(&self, i: usize) -> u64 {
+        self.ahead[i]
     }
 }
 
 /// GCRA over every policy of one key, all or nothing: a request refused by one
 /// policy consumes nothing from the others. `tats` holds one slot per policy.
-/// `detail` also computes what the response fields report (remaining, reset).
-pub(crate) fn decide(gcras: &[Gcra], tats: &mut [u64], now: u64, detail: bool) -> Outcome {
+pub(crate) fn decide(gcras: &[Gcra], tats: &mut [u64], now: u64) -> Outcome {
     let mut next = [0u64; MAX_POLICIES];
     let mut out = Outcome {
         allowed: true,
         len: gcras.len(),
-        states: [PolicyState::default(); MAX_POLICIES],
+        ahead: [0; MAX_POLICIES],
+        waits: [0; MAX_POLICIES],
     };
     for (i, g) in gcras.iter().enumerate() {
         match g.test(tats[i], now) {
             Cell::Allow { tat } => next[i] = tat,
             Cell::Deny { wait } => {
                 out.allowed = false;
-                out.states[i].wait = wait;
+                out.waits[i] = wait;
             }
         }
     }
     if out.allowed {
         tats[..gcras.len()].copy_from_slice(&next[..gcras.len()]);
     }
-    if !detail {
-        return out;
-    }
-    for (i, g) in gcras.iter().enumerate() {
-        out.states[i].remaining = g.remaining(tats[i], now);
-        out.states[i].reset = g.reset(tats[i], now);
+    for (ahead, &tat) in out.ahead.iter_mut().zip(&tats[..gcras.len()]) {
+        *ahead = tat.saturating_sub(now);
     }
     out
 }
@@ -90,7 +82,6 @@ pub(crate) fn decide(gcras: &[Gcra], tats: &mut [u64], now: u64, detail: bool) -
 pub(crate) struct LocalStore {
     table: Table,
     cap: usize,
-    detail: bool,
     clock: quanta::Clock,
     epoch: quanta::Instant,
     hasher: RandomState,
@@ -126,35 +117,53 @@ impl<const N: usize> Slots<N> {
         if N == 1 {
             // One slot: a shared lock and a compare-and-swap, as governor does.
             if let Some(slot) = self.map.get(&key) {
-                let a = &slot[0];
+                let (a, g) = (&slot[0], &gcras[0]);
                 let mut cur = a.load(Ordering::Acquire);
+                let mut out = Outcome {
+                    allowed: true,
+                    len: 1,
+                    ahead: [0; MAX_POLICIES],
+                    waits: [0; MAX_POLICIES],
+                };
                 loop {
-                    let mut tats = [cur];
-                    let out = decide(gcras, &mut tats, now, store.detail);
-                    if !out.allowed {
-                        return out;
-                    }
-                    match a.compare_exchange_weak(cur, tats[0], Ordering::AcqRel, Ordering::Acquire)
-                    {
-                        Ok(_) => return out,
-                        Err(actual) => cur = actual,
+                    match g.test(cur, now) {
+                        Cell::Deny { wait } => {
+                            out.allowed = false;
+                            out.waits[0] = wait;
+                            out.ahead[0] = cur.saturating_sub(now);
+                            return out;
+                        }
+                        Cell::Allow { tat } => {
+                            match a.compare_exchange_weak(
+                                cur,
+                                tat,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            ) {
+                                Ok(_) => {
+                                    out.ahead[0] = tat - now;
+                                    return out;
+                                }
+                                Err(actual) => cur = actual,
+                            }
+                        }
                     }
                 }
             }
         } else if let Some(slots) = self.map.get_mut(&key) {
             // Several slots change together: the entry's exclusive lock.
-            return decide_atomics(gcras, &slots, now, store.detail);
+            return decide_atomics(gcras, &slots, now);
         }
         store.maybe_sweep(now);
         if self.map.len() >= store.cap {
             let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
-            return decide(gcras, &mut tats[..], now, store.detail);
+            return decide(gcras, &mut tats[..], now);
         }
         let slots = self
             .map
             .entry(key)
             .or_insert_with(|| std::array::from_fn(|_| AtomicU64::new(0)));
-        decide_atomics(gcras, &slots, now, store.detail)
+        decide_atomics(gcras, &slots, now)
     }
 
     fn peek(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Option<u64> {
@@ -181,14 +190,9 @@ impl<const N: usize> Slots<N> {
 }
 
 /// `decide` over slots the caller holds exclusively (the map entry's write lock).
-fn decide_atomics<const N: usize>(
-    gcras: &[Gcra],
-    slots: &[AtomicU64; N],
-    now: u64,
-    detail: bool,
-) -> Outcome {
+fn decide_atomics<const N: usize>(gcras: &[Gcra], slots: &[AtomicU64; N], now: u64) -> Outcome {
     let mut tats: [u64; N] = std::array::from_fn(|i| slots[i].load(Ordering::Acquire));
-    let out = decide(gcras, &mut tats, now, detail);
+    let out = decide(gcras, &mut tats, now);
     if out.allowed {
         for (slot, t) in slots.iter().zip(tats) {
             slot.store(t, Ordering::Release);
@@ -205,8 +209,7 @@ const SATURATED_SWEEP_INTERVAL: u64 = 1_000_000_000;
 
 impl LocalStore {
     /// A store for `policies` policies (1 to [`MAX_POLICIES`]) and at most `cap` keys.
-    /// With `detail`, outcomes carry the remaining requests and reset times.
-    pub(crate) fn new(cap: usize, policies: usize, detail: bool) -> Self {
+    pub(crate) fn new(cap: usize, policies: usize) -> Self {
         let table = match policies {
             0 | 1 => Table::One(Slots::new()),
             2 => Table::Two(Slots::new()),
@@ -216,7 +219,6 @@ impl LocalStore {
         Self {
             table,
             cap,
-            detail,
             epoch: clock.now(),
             clock,
             hasher: RandomState::new(),
@@ -328,14 +330,14 @@ mod tests {
         ];
         let mut tats = [0; 2];
         let now = 10_000_000_000;
-        assert!(decide(&g, &mut tats, now, true).allowed);
-        assert!(decide(&g, &mut tats, now, true).allowed);
+        assert!(decide(&g, &mut tats, now).allowed);
+        assert!(decide(&g, &mut tats, now).allowed);
         let before = tats;
-        let o = decide(&g, &mut tats, now, true);
+        let o = decide(&g, &mut tats, now);
         assert!(!o.allowed);
         assert_eq!(tats, before, "a refused request consumes nothing");
-        assert_eq!(o.states[0].remaining, 8);
-        assert_eq!(o.states[1].remaining, 0);
+        assert_eq!(o.remaining(0, &g[0]), 8);
+        assert_eq!(o.remaining(1, &g[1]), 0);
         assert_eq!(o.wait(), 30_000_000_000);
     }
 
@@ -346,7 +348,7 @@ mod tests {
     #[test]
     fn flood_of_new_keys_is_bounded_and_keeps_known_keys() {
         let cap = 10_000;
-        let store = LocalStore::new(cap, 1, true);
+        let store = LocalStore::new(cap, 1);
         let g = [Quota::per_hour(5).unwrap().gcra()];
         let mut now = store.now();
         let exhausted: IpAddr = "198.51.100.1".parse().unwrap();
@@ -387,7 +389,7 @@ mod tests {
         assert!(!store.check(key(&store, exhausted), &g, now).allowed);
         let o = store.check(key(&store, fresh), &g, now);
         assert!(o.allowed);
-        assert_eq!(o.states[0].remaining, 3);
+        assert_eq!(o.remaining(0, &g[0]), 3);
         // Untracked keys share the overflow state, long since spent by the flood.
         let newcomer = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99));
         assert!(!store.check(key(&store, newcomer), &g, now).allowed);
@@ -395,7 +397,7 @@ mod tests {
 
     #[test]
     fn addresses_inside_one_ipv6_prefix_share_a_key() {
-        let store = LocalStore::new(100, 1, true);
+        let store = LocalStore::new(100, 1);
         let g = [Quota::per_hour(2).unwrap().gcra()];
         let now = store.now();
         for (ip, allowed) in [
@@ -411,7 +413,7 @@ mod tests {
 
     #[test]
     fn idle_keys_are_swept_without_a_background_task() {
-        let store = LocalStore::new(10_000, 1, true);
+        let store = LocalStore::new(10_000, 1);
         let g = [Quota::per_second(10).unwrap().gcra()];
         let mut now = store.now();
         for i in 0..(SWEEP_EVERY as u32 * 3) {
@@ -425,7 +427,7 @@ mod tests {
 
     #[test]
     fn peek_changes_nothing() {
-        let store = LocalStore::new(10, 1, true);
+        let store = LocalStore::new(10, 1);
         let g = [Quota::per_minute(2).unwrap().gcra()];
         let k = key(&store, "192.0.2.1".parse().unwrap());
         let now = store.now();

@@ -236,11 +236,7 @@ impl RateLimitBuilder {
             shared: Arc::new(Shared {
                 policies: self.policies.iter().map(Policy::compile).collect(),
                 key: self.key,
-                local: LocalStore::new(
-                    self.max_tracked_keys,
-                    self.policies.len(),
-                    self.fields || self.legacy,
-                ),
+                local: LocalStore::new(self.max_tracked_keys, self.policies.len()),
                 fields: self.fields,
                 legacy: self.legacy,
                 shadow: self.shadow,
@@ -311,26 +307,21 @@ struct FieldSet {
 }
 
 impl FieldSet {
-    fn into_headers(self) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
-        let ietf = self
-            .ietf
-            .into_iter()
-            .flat_map(|(p, l)| [(RATELIMIT_POLICY, p), (RATELIMIT, l)]);
-        let legacy = self
-            .legacy
-            .into_iter()
-            .flat_map(|[a, b, c]| [(X_LIMIT, a), (X_REMAINING, b), (X_RESET, c)]);
-        ietf.chain(legacy)
-    }
-
     fn apply(self, headers: &mut HeaderMap) {
-        for (name, value) in self.into_headers() {
-            headers.append(name, value);
+        if let Some((policy, limit)) = self.ietf {
+            headers.append(RATELIMIT_POLICY, policy);
+            headers.append(RATELIMIT, limit);
+        }
+        if let Some([limit, remaining, reset]) = self.legacy {
+            headers.append(X_LIMIT, limit);
+            headers.append(X_REMAINING, remaining);
+            headers.append(X_RESET, reset);
         }
     }
 }
 
 impl Shared {
+    #[inline]
     fn gcras(&self, principal: Option<&Principal>) -> ([Gcra; MAX_POLICIES], usize) {
         let mut g = [Gcra { t: 1, tau: 0 }; MAX_POLICIES];
         for (i, p) in self.policies.iter().enumerate() {
@@ -339,23 +330,29 @@ impl Shared {
         (g, self.policies.len())
     }
 
+    #[inline]
     fn render(&self, principal: Option<&Principal>, outcome: &Outcome) -> Option<Box<FieldSet>> {
         if !self.fields && !self.legacy {
             return None;
         }
+        Some(self.render_fields(principal, outcome))
+    }
+
+    #[inline(never)]
+    fn render_fields(&self, principal: Option<&Principal>, outcome: &Outcome) -> Box<FieldSet> {
         let mut set = Box::<FieldSet>::default();
         if self.fields {
             let mut limit = BytesMut::with_capacity(32 * self.policies.len());
-            for (i, (p, s)) in self.policies.iter().zip(outcome.states()).enumerate() {
+            for (i, p) in self.policies.iter().enumerate() {
                 if i > 0 {
                     limit.put_slice(b", ");
                 }
                 limit.put_u8(b'"');
                 limit.put_slice(p.name.as_bytes());
                 limit.put_slice(b"\";r=");
-                put_u64(&mut limit, s.remaining);
+                put_u64(&mut limit, outcome.remaining(i, &p.entry(principal).gcra));
                 limit.put_slice(b";t=");
-                put_u64(&mut limit, fields::secs_ceil(s.reset));
+                put_u64(&mut limit, fields::secs_ceil(outcome.reset(i)));
             }
             // One policy: its precomputed item (a reference-count increment).
             let policy = match &self.policies[..] {
@@ -377,18 +374,19 @@ impl Shared {
         if self.legacy {
             // The most constrained policy: a refusing one (longest wait), else the
             // one with the fewest requests left.
-            let states = outcome.states();
-            let i = (0..states.len())
-                .max_by_key(|&i| (states[i].wait, std::cmp::Reverse(states[i].remaining)))
+            let remaining =
+                |i: usize| outcome.remaining(i, &self.policies[i].entry(principal).gcra);
+            let i = (0..outcome.len)
+                .max_by_key(|&i| (outcome.waits[i], std::cmp::Reverse(remaining(i))))
                 .unwrap_or(0);
             let q = self.policies[i].entry(principal).quota;
             set.legacy = Some([
                 HeaderValue::from(q.count()),
-                HeaderValue::from(states[i].remaining),
-                HeaderValue::from(fields::secs_ceil(states[i].reset)),
+                HeaderValue::from(remaining(i)),
+                HeaderValue::from(fields::secs_ceil(outcome.reset(i))),
             ]);
         }
-        Some(set)
+        set
     }
 
     /// Acts on a verdict: call the inner service (with the fields to add) or refuse.
@@ -424,6 +422,7 @@ impl Shared {
     }
 
     /// Lets an allowed (or shadowed) request through with its fields, or refuses it.
+    #[inline]
     fn act<S, ReqBody, ResBody>(
         &self,
         inner: &mut S,
@@ -455,8 +454,16 @@ impl Shared {
             Duration::from_nanos(outcome.wait()),
         );
         if let Some(set) = fields {
-            for (name, value) in set.into_headers() {
-                rejection = rejection.with_header(name, value);
+            if let Some((policy, limit)) = set.ietf {
+                rejection = rejection
+                    .with_header(RATELIMIT_POLICY, policy)
+                    .with_header(RATELIMIT, limit);
+            }
+            if let Some([limit, remaining, reset]) = set.legacy {
+                rejection = rejection
+                    .with_header(X_LIMIT, limit)
+                    .with_header(X_REMAINING, remaining)
+                    .with_header(X_RESET, reset);
             }
         }
         Kind::Rejected {
@@ -465,9 +472,8 @@ impl Shared {
     }
 
     fn audit<B>(&self, req: &Request<B>, outcome: &Outcome) {
-        let states = outcome.states();
-        let policy = (0..states.len())
-            .max_by_key(|&i| states[i].wait)
+        let policy = (0..outcome.len)
+            .max_by_key(|&i| outcome.waits[i])
             .map(|i| &*self.policies[i].name);
         let principal = req.extensions().get::<Principal>();
         let client_ip = req.extensions().get::<ClientIp>();
@@ -654,11 +660,11 @@ where
         loop {
             match kind.as_mut().project() {
                 KindProj::Inner { future, fields } => {
-                    let mut res = ready!(future.poll(cx))?;
-                    if let Some(set) = fields.take() {
-                        set.apply(res.headers_mut());
+                    let mut res = ready!(future.poll(cx));
+                    if let (Ok(r), Some(set)) = (&mut res, fields.take()) {
+                        set.apply(r.headers_mut());
                     }
-                    return Poll::Ready(Ok(res));
+                    return Poll::Ready(res);
                 }
                 KindProj::Rejected { response } => {
                     return Poll::Ready(Ok(response.take().expect("polled after completion")));

@@ -176,6 +176,7 @@ pub(crate) struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
+    #[inline]
     pub(crate) fn entry(&self, principal: Option<&Principal>) -> &Entry {
         if let Some(p) = principal {
             if !self.principals.is_empty()

@@ -182,11 +182,6 @@ impl Gcra {
         // Each whole `t` of slack under `tau + t` is one more request.
         (self.tau + self.t).saturating_sub(ahead) / self.t
     }
-
-    /// Nanoseconds until the full burst is available again.
-    pub(crate) fn reset(&self, tat: u64, now: u64) -> u64 {
-        tat.saturating_sub(now)
-    }
 }
 
 #[cfg(test)]
@@ -224,7 +219,7 @@ mod tests {
         }
         assert_eq!(g.remaining(tat, now), 0);
         assert_eq!(g.test(tat, now), Cell::Deny { wait: 100_000_000 });
-        assert_eq!(g.reset(tat, now), 1_000_000_000);
+        assert_eq!(tat - now, 1_000_000_000, "full again in 1 s");
         // 100 ms later exactly one more.
         let later = now + 100_000_000;
         assert!(matches!(g.test(tat, later), Cell::Allow { .. }));

@@ -52,7 +52,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
 use super::key::LocalKey;
-use super::local::{MAX_POLICIES, Outcome, PolicyState};
+use super::local::{MAX_POLICIES, Outcome};
 use super::quota::Gcra;
 use super::{CheckFuture, Shared, Verdict};
 use crate::ConfigError;
@@ -447,15 +447,14 @@ impl Inner {
         let mut out = Outcome {
             allowed: v[0] == 1,
             len: gcras.len(),
-            states: [PolicyState::default(); MAX_POLICIES],
+            ahead: [0; MAX_POLICIES],
+            waits: [0; MAX_POLICIES],
         };
         for i in 0..gcras.len() {
+            // Microseconds from the script; the remaining count follows from `ahead`.
             let us = |x: i64| (x.max(0) as u64).saturating_mul(1000);
-            out.states[i] = PolicyState {
-                remaining: v[1 + 3 * i].max(0) as u64,
-                reset: us(v[2 + 3 * i]),
-                wait: us(v[3 + 3 * i]),
-            };
+            out.ahead[i] = us(v[2 + 3 * i]);
+            out.waits[i] = us(v[3 + 3 * i]);
         }
         Ok(out)
     }
