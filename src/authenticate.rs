@@ -70,15 +70,12 @@
 mod credentials;
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
-use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -500,7 +497,7 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         if let Some(p) = &self.config.unauthenticated {
             req.extensions_mut().insert(p.clone());
-            return ResponseFuture::inner(self.inner.call(req), p.clone());
+            return ResponseFuture::inner_with(self.inner.call(req), Some(p.clone()));
         }
         let client_ip = req.extensions().get::<ClientIp>().copied();
         match self
@@ -510,82 +507,16 @@ where
             Ok((principal, source)) => {
                 self.config.hide(&mut req, source);
                 req.extensions_mut().insert(principal.clone());
-                ResponseFuture::inner(self.inner.call(req), principal)
+                ResponseFuture::inner_with(self.inner.call(req), Some(principal))
             }
             Err(reason) => ResponseFuture::rejected(self.config.rejection(reason).into_response()),
         }
     }
 }
 
-pin_project! {
-    /// Response future of [`Authenticate`]: the inner service's future, which also
-    /// copies the [`Principal`] into the response extensions, or a refusal.
-    pub struct ResponseFuture<F, B> {
-        #[pin]
-        kind: Kind<F, B>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<F, B> {
-        Inner { #[pin] future: F, principal: Option<Principal> },
-        Rejected { response: Option<Response<B>> },
-    }
-}
-
-impl<F, B> ResponseFuture<F, B> {
-    fn inner(future: F, principal: Principal) -> Self {
-        Self {
-            kind: Kind::Inner {
-                future,
-                principal: Some(principal),
-            },
-        }
-    }
-
-    fn rejected(response: Response<B>) -> Self {
-        Self {
-            kind: Kind::Rejected {
-                response: Some(response),
-            },
-        }
-    }
-}
-
-impl<F, B, E> Future for ResponseFuture<F, B>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<B>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Inner { future, principal } => {
-                let mut res = std::task::ready!(future.poll(cx));
-                if let (Ok(res), Some(p)) = (&mut res, principal.take()) {
-                    res.extensions_mut().insert(p);
-                }
-                Poll::Ready(res)
-            }
-            KindProj::Rejected { response } => {
-                Poll::Ready(Ok(response.take().expect("polled after completion")))
-            }
-        }
-    }
-}
-
-impl<F, B> fmt::Debug for ResponseFuture<F, B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Inner { .. } => "Inner",
-            Kind::Rejected { .. } => "Rejected",
-        };
-        f.debug_struct("ResponseFuture")
-            .field("kind", &kind)
-            .finish()
-    }
-}
+/// Response future of [`Authenticate`]: the inner service's future, which also
+/// copies the [`Principal`] into the response extensions, or a refusal.
+pub type ResponseFuture<F, B> = crate::future::ResponseFuture<F, B, Principal>;
 
 #[cfg(all(test, feature = "api-key"))]
 mod tests {

@@ -12,10 +12,17 @@ use pin_project_lite::pin_project;
 pin_project! {
     /// Either the inner service's future or a refusal that is ready now.
     ///
+    /// A layer that learned something about the request (the resolved
+    /// [`ClientIp`](crate::ClientIp), the authenticated [`Principal`](crate::Principal))
+    /// can also carry a value `X` to insert into the response extensions on completion,
+    /// where a layer *outside* it (the access log) reads it. Layers with nothing to
+    /// copy use `X = ()` and never insert anything.
+    ///
     /// No boxing: a pass-through request costs one enum tag over the inner future.
-    pub struct ResponseFuture<F, B> {
+    pub struct ResponseFuture<F, B, X = ()> {
         #[pin]
         kind: Kind<F, B>,
+        copy: Option<X>,
     }
 }
 
@@ -27,39 +34,59 @@ pin_project! {
     }
 }
 
-impl<F, B> ResponseFuture<F, B> {
-    pub(crate) fn inner(future: F) -> Self {
+impl<F, B, X> ResponseFuture<F, B, X> {
+    /// The inner service's future; `copy` goes into its response's extensions.
+    pub(crate) fn inner_with(future: F, copy: Option<X>) -> Self {
         Self {
             kind: Kind::Inner { future },
+            copy,
         }
     }
 
-    pub(crate) fn rejected(response: Response<B>) -> Self {
+    /// A refusal, ready now; `copy` goes into its extensions.
+    pub(crate) fn rejected_with(response: Response<B>, copy: Option<X>) -> Self {
         Self {
             kind: Kind::Rejected {
                 response: Some(response),
             },
+            copy,
         }
+    }
+
+    /// The inner service's future, nothing to copy.
+    pub(crate) fn inner(future: F) -> Self {
+        Self::inner_with(future, None)
+    }
+
+    /// A refusal, ready now, nothing to copy.
+    pub(crate) fn rejected(response: Response<B>) -> Self {
+        Self::rejected_with(response, None)
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B>
+impl<F, B, E, X> Future for ResponseFuture<F, B, X>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    X: Clone + Send + Sync + 'static,
 {
     type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Inner { future } => future.poll(cx),
+        let this = self.project();
+        let mut res = match this.kind.project() {
+            KindProj::Inner { future } => std::task::ready!(future.poll(cx)),
             KindProj::Rejected { response } => {
-                Poll::Ready(Ok(response.take().expect("polled after completion")))
+                Ok(response.take().expect("polled after completion"))
             }
+        };
+        if let (Ok(res), Some(copy)) = (&mut res, this.copy.take()) {
+            res.extensions_mut().insert(copy);
         }
+        Poll::Ready(res)
     }
 }
 
-impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+impl<F, B, X> fmt::Debug for ResponseFuture<F, B, X> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             Kind::Inner { .. } => "Inner",

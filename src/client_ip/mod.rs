@@ -377,30 +377,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let (future, ip) = self.resolve_and_call(req);
-        ClientIpFuture { future, ip }
-    }
-}
-
-impl<S> ClientIpService<S> {
-    fn resolve_and_call<ReqBody, ResBody>(
-        &mut self,
-        mut req: Request<ReqBody>,
-    ) -> (ResponseFuture<S::Future, ResBody>, Option<ClientIp>)
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<Bytes>,
-    {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let Some(peer) = peer_addr(&req) else {
             tracing::error!(
                 target: "portcullis::client_ip",
                 "request has no peer address: wrap each connection in PeerAddrLayer (or serve axum with connect info); answering 500"
             );
-            return (
-                ResponseFuture::rejected(Rejection::misconfigured().into_response()),
-                None,
-            );
+            return ResponseFuture::rejected(Rejection::misconfigured().into_response());
         };
         let ip = self
             .config
@@ -415,41 +398,10 @@ impl<S> ClientIpService<S> {
                 "a trusted proxy reported no usable client address; request has no ClientIp"
             ),
         }
-        (ResponseFuture::inner(self.inner.call(req)), ip)
+        ResponseFuture::inner_with(self.inner.call(req), ip)
     }
 }
 
-pin_project_lite::pin_project! {
-    /// Response future of [`ClientIpService`]: also copies the resolved [`ClientIp`]
-    /// into the response extensions, where an access log *outside* this layer reads it.
-    pub struct ClientIpFuture<F, B> {
-        #[pin]
-        future: ResponseFuture<F, B>,
-        ip: Option<ClientIp>,
-    }
-}
-
-impl<F, B> fmt::Debug for ClientIpFuture<F, B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientIpFuture")
-            .field("future", &self.future)
-            .field("ip", &self.ip)
-            .finish()
-    }
-}
-
-impl<F, B, E> std::future::Future for ClientIpFuture<F, B>
-where
-    F: std::future::Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<B>, E>;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut res = std::task::ready!(this.future.poll(cx))?;
-        if let Some(ip) = this.ip.take() {
-            res.extensions_mut().insert(ip);
-        }
-        Poll::Ready(Ok(res))
-    }
-}
+/// Response future of [`ClientIpService`]: also copies the resolved [`ClientIp`]
+/// into the response extensions, where an access log *outside* this layer reads it.
+pub type ClientIpFuture<F, B> = ResponseFuture<F, B, ClientIp>;
