@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::auth;
+use crate::guard::Guard;
 use crate::queue::{Enqueued, JobId, JobState, JobView, Queue, QueueError};
 use crate::worker::{WorkerSnapshot, WorkerStatus};
 
@@ -80,25 +81,34 @@ pub struct AppState {
     pub internal: IpAllowlistLayer,
 }
 
-/// The router: every route behind the scope check, JSON errors, the body limit.
-/// The guarding layers wrap it from outside, then [`count_refusals`] wraps them.
-pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health))
+/// The router: `/health` in the open; every other route behind `guard`'s
+/// authentication (with the failed-auth throttle and the rate limit) and the scope
+/// check of [`auth::ROUTES`]; `/internal/latest-runs` also behind the internal
+/// allowlist, outside authentication. JSON errors, the body limit. The refusal
+/// counters and the outer layers wrap it in `main`.
+pub fn app(state: AppState, guard: &Guard) -> Router {
+    let scoped = middleware::from_fn(auth::require_scope);
+    let public = Router::new().route("/health", get(health));
+    let protected = Router::new()
         .route("/v1/jobs", post(enqueue))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/status", patch(set_status))
         .route("/v1/jobs/{id}/progress", patch(set_progress))
         .route("/v1/jobs/{id}/complete", post(complete))
         .route("/v1/jobs/{id}/fail", post(fail))
-        .route(
-            "/internal/latest-runs",
-            post(latest_runs).route_layer(state.internal.clone()),
-        )
         .route("/v1/admin/stats", get(stats))
         .route("/v1/admin/dlq", get(dlq))
         .route("/dashboard", get(dashboard))
-        .route_layer(middleware::from_fn(auth::require_scope))
+        .route_layer(scoped.clone());
+    let internal = Router::new()
+        .route("/internal/latest-runs", post(latest_runs))
+        .route_layer(scoped);
+    let internal = guard
+        .authenticated(internal)
+        .route_layer(state.internal.clone());
+    public
+        .merge(guard.authenticated(protected))
+        .merge(internal)
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "No such resource.") })
         .method_not_allowed_fallback(|| async {
             problem(
