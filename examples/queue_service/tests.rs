@@ -1,16 +1,21 @@
-//! The service over real TCP: the routes, the engine and the worker together.
+//! The service over real TCP: the routes, the engine, the worker and every guarding
+//! layer together, with real API keys and service tokens.
 //!
-//! Authentication is not wired yet, so a test-only layer stands in for it: it maps
-//! an `X-Test-Principal` header to one of a few fixed principals. It exists only
-//! under `cfg(test)`; the binary has no such door.
+//! Each test's demo has its own key store: one key per name below (`client`,
+//! `other`, `reader`, `admin`, `nobody`, plus a `revoked` and an `expired` one) and
+//! service tokens signed with its own secret (`worker` holds `jobs:work`,
+//! `reporter` only `jobs:read`). The in-process worker, when running, calls the
+//! worker endpoints over HTTP with its own token, as in `main`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use axum::extract::Request;
-use axum::middleware::{self, Next};
-use axum::response::Response;
-use portcullis::{AuthMethod, Principal, Scopes};
+use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
+use portcullis::client_ip::ClientIpConfig;
+use portcullis::rate_limit::Quota;
+use portcullis::rate_limit::redis::RedisLimiter;
+use portcullis::Scopes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -18,70 +23,106 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::auth::{Access, ROUTES};
+use crate::guard::TokenSecret;
 use crate::queue::{Backoff, JobId, JobState, QueueConfig};
 use crate::worker::BreakerConfig;
 use crate::worker::tests::eventually;
 
 const MS: Duration = Duration::from_millis(1);
 
-/// The stand-in for the authentication layers.
-async fn test_principal(mut req: Request, next: Next) -> Response {
-    let who = req
-        .headers()
-        .get("x-test-principal")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let principal = who.and_then(|who| {
-        let (method, scopes) = match who.as_str() {
-            "client" | "other" => (AuthMethod::ApiKey, "jobs:read jobs:write"),
-            "reader" => (AuthMethod::ApiKey, "jobs:read"),
-            "worker" => (AuthMethod::ServiceToken, "jobs:work"),
-            "admin" => (AuthMethod::ApiKey, "admin dashboard:read"),
-            "nobody" => (AuthMethod::ApiKey, ""),
-            _ => return None,
-        };
-        let scopes = Scopes::parse(scopes).unwrap();
-        Some(Principal::new(who, method).with_scopes(scopes))
-    });
-    if let Some(p) = principal {
-        req.extensions_mut().insert(p);
+/// The API keys of a test demo: `(name, scopes, revoked, expired)`.
+const TEST_KEYS: &[(&str, &str, bool, bool)] = &[
+    ("client", "jobs:read jobs:write", false, false),
+    ("other", "jobs:read jobs:write", false, false),
+    ("reader", "jobs:read", false, false),
+    ("admin", "admin dashboard:read", false, false),
+    ("nobody", "profile:read", false, false),
+    ("revoked", "jobs:read jobs:write", true, false),
+    ("expired", "jobs:read jobs:write", false, true),
+];
+
+/// How a test demo is set up.
+struct Setup {
+    queue: QueueConfig,
+    worker: Option<WorkerConfig>,
+    client_ip: ClientIpConfig,
+    internal: IpSet,
+    rate: Quota,
+    auth_failures: Quota,
+    redis: Option<RedisLimiter>,
+    secret: TokenSecret,
+}
+
+impl Setup {
+    fn new(queue: QueueConfig, worker: Option<WorkerConfig>) -> Self {
+        Self {
+            queue,
+            worker,
+            client_ip: ClientIpConfig::peer_only(),
+            internal: IpSet::parse(DEFAULT_INTERNAL).unwrap(),
+            // Lenient unless a test is about the limits.
+            rate: Quota::per_second(10_000).unwrap(),
+            auth_failures: Quota::per_minute(10_000).unwrap(),
+            redis: None,
+            secret: TokenSecret::generate().unwrap(),
+        }
     }
-    next.run(req).await
 }
 
 struct Demo {
     addr: SocketAddr,
     state: AppState,
+    guard: Guard,
+    /// Name -> the header line that authenticates as it.
+    credentials: HashMap<&'static str, String>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
 }
 
 impl Demo {
-    /// The demo on 127.0.0.1:0, wired as `main` wires it plus the test principal.
+    /// The demo on 127.0.0.1:0 with the in-process worker, wired as `main` wires it.
     async fn start(config: QueueConfig, worker: WorkerConfig) -> Self {
-        Self::start_with(config, Some(worker)).await
+        Self::launch(Setup::new(config, Some(worker))).await
     }
 
-    async fn start_with(config: QueueConfig, worker: Option<WorkerConfig>) -> Self {
-        let internal = IpSet::parse(DEFAULT_INTERNAL).unwrap();
-        Self::start_full(config, worker, ClientIpConfig::peer_only(), internal).await
-    }
-
-    async fn start_full(
-        config: QueueConfig,
-        worker: Option<WorkerConfig>,
-        client_ip: ClientIpConfig,
-        internal: IpSet,
-    ) -> Self {
-        let state = state(config, internal);
-        let router = routes::app(state.clone())
-            .layer(middleware::from_fn(test_principal))
-            .layer(ClientIpLayer::new(client_ip));
-        let router = routes::count_refusals(router, state.counters.clone());
+    async fn launch(setup: Setup) -> Self {
+        let mut credentials = HashMap::new();
+        let mut records = Vec::new();
+        for &(name, scopes, revoked, expired) in TEST_KEYS {
+            let key = generate_key("pc_test").unwrap();
+            let mut r = KeyRecord::new(name, key.digest())
+                .unwrap()
+                .with_scopes(Scopes::parse(scopes).unwrap())
+                .revoked(revoked);
+            if expired {
+                r = r.expires_at(SystemTime::now() - Duration::from_secs(60));
+            }
+            records.push(r);
+            credentials.insert(name, format!("X-API-Key: {}", key.expose_secret()));
+        }
+        let keys = ApiKeys::new(KeyStore::from_records(records).unwrap());
+        let mut config = GuardConfig::new(keys, setup.secret).unwrap();
+        config.client_ip = setup.client_ip;
+        config.rate = setup.rate;
+        config.auth_failures = setup.auth_failures;
+        config.redis = setup.redis;
+        let guard = Guard::new(config).unwrap();
+        for (name, sub, scope) in [
+            ("worker", "test-worker", "jobs:work"),
+            ("reporter", "reporter", "jobs:read"),
+        ] {
+            let token = guard.issuer(sub, scope).unwrap().mint().unwrap();
+            credentials.insert(name, format!("Authorization: Bearer {}", token.as_str()));
+        }
+        let state = state(setup.queue, setup.internal);
+        let router = service(&state, &guard);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let s = state.clone();
+        let worker = setup
+            .worker
+            .map(|w| (w, guard.worker_issuer().unwrap()));
         let server = tokio::spawn(async move {
             serve(listener, router, &s, worker, async {
                 let _ = rx.await;
@@ -91,6 +132,8 @@ impl Demo {
         Self {
             addr,
             state,
+            guard,
+            credentials,
             stop: Some(tx),
             server,
         }
@@ -98,13 +141,27 @@ impl Demo {
 
     /// Without the in-process worker: the test drives the worker endpoints itself.
     async fn manual(config: QueueConfig) -> Self {
-        Self::start_with(config, None).await
+        Self::launch(Setup::new(config, None)).await
+    }
+
+    /// The header line of a named credential.
+    fn auth(&self, who: &str) -> &str {
+        self.credentials
+            .get(who)
+            .unwrap_or_else(|| panic!("no credential named {who}"))
     }
 
     async fn call(&self, method: &str, path: &str, who: Option<&str>, body: Option<&str>) -> Reply {
+        let headers: Vec<&str> = who.map(|w| self.auth(w)).into_iter().collect();
+        self.call_with(method, path, &headers, body).await
+    }
+
+    /// A request with these header lines (`Name: value`).
+    async fn call_with(&self, method: &str, path: &str, headers: &[&str], body: Option<&str>) -> Reply {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n");
-        if let Some(who) = who {
-            req.push_str(&format!("X-Test-Principal: {who}\r\n"));
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
         }
         if let Some(b) = body {
             req.push_str(&format!(
@@ -210,24 +267,57 @@ fn job_state(state: &AppState, id: &str) -> JobState {
 }
 
 #[test]
-fn the_listen_address() {
+fn the_command_line_and_its_environment() {
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let a = parse_args(&[], env(&[])).unwrap();
+    assert_eq!(a.addr, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(a.redis, None);
+    let a = parse_args(
+        &[],
+        env(&[
+            ("PORTCULLIS_DEMO_ADDR", "127.0.0.1:0"),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(a.addr.port(), 0);
+    assert_eq!(a.redis.as_deref(), Some("redis://127.0.0.1:6379"));
+    let a = parse_args(
+        &args(&["--redis", "redis://h:1", "--addr", "[::1]:9000"]),
+        env(&[("PORTCULLIS_DEMO_ADDR", "127.0.0.1:1"), ("REDIS_URL", "redis://x:2")]),
+    )
+    .unwrap();
     assert_eq!(
-        listen_addr(&[], None).unwrap(),
-        "127.0.0.1:8080".parse().unwrap()
+        (a.addr, a.redis.as_deref()),
+        ("[::1]:9000".parse().unwrap(), Some("redis://h:1")),
+        "the flags win over the environment"
     );
-    assert_eq!(
-        listen_addr(&[], Some("127.0.0.1:0".into())).unwrap().port(),
-        0
-    );
-    assert_eq!(
-        listen_addr(&args(&["--addr", "[::1]:9000"]), Some("127.0.0.1:1".into())).unwrap(),
-        "[::1]:9000".parse().unwrap(),
-        "the flag wins over the environment"
-    );
-    assert!(listen_addr(&args(&["--addr"]), None).is_err());
-    assert!(listen_addr(&args(&["--port", "1"]), None).is_err());
-    assert!(listen_addr(&[], Some("localhost".into())).is_err());
+    assert!(parse_args(&args(&["--addr"]), env(&[])).is_err());
+    assert!(parse_args(&args(&["--addr", "127.0.0.1:1", "--addr", "127.0.0.1:2"]), env(&[])).is_err());
+    assert!(parse_args(&args(&["--port", "1"]), env(&[])).is_err());
+    assert!(parse_args(&[], env(&[("PORTCULLIS_DEMO_ADDR", "localhost")])).is_err());
+}
+
+#[test]
+fn half_a_credential_configuration_is_refused() {
+    let only_keys = |k: &str| (k == "PORTCULLIS_DEMO_KEY_FILE").then(|| "/nonexistent".to_owned());
+    let err = Credentials::from_env(only_keys).unwrap_err().to_string();
+    assert!(err.contains("both"), "{err}");
+    let only_token =
+        |k: &str| (k == "PORTCULLIS_DEMO_TOKEN_KEY_FILE").then(|| "/nonexistent".to_owned());
+    assert!(Credentials::from_env(only_token).is_err());
+    assert!(matches!(
+        Credentials::from_env(|_| None).unwrap(),
+        Credentials::Ephemeral { .. }
+    ));
 }
 
 #[test]
@@ -639,7 +729,10 @@ async fn bad_input_is_a_4xx_problem_and_changes_nothing() {
         assert!(!r.body.contains("aaaa"), "no input echoed");
     }
     // Not JSON at all.
-    let req = "POST /v1/jobs HTTP/1.1\r\nHost: d\r\nConnection: close\r\nX-Test-Principal: client\r\nContent-Type: text/plain\r\nContent-Length: 1\r\n\r\nx";
+    let req = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: d\r\nConnection: close\r\n{}\r\nContent-Type: text/plain\r\nContent-Length: 1\r\n\r\nx",
+        demo.auth("client")
+    );
     raw(demo.addr, req.as_bytes()).await.assert_problem(415);
     assert_eq!(demo.state.queue.stats(), before);
     assert_eq!(job_state(&demo.state, &id), JobState::Queued);
@@ -695,23 +788,22 @@ async fn refusals_are_counted_in_the_stats_and_the_dashboard_renders_them() {
 #[tokio::test]
 async fn the_internal_endpoint_needs_the_scope_and_an_internal_address() {
     // The test peer (127.0.0.1) is a trusted proxy; the client is in X-Forwarded-For.
-    let demo = Demo::start_full(
-        fast_queue(),
-        None,
-        ClientIpConfig::trusted_proxies("127.0.0.1/32").unwrap(),
-        IpSet::parse("10.0.0.0/8").unwrap(),
-    )
+    let demo = Demo::launch(Setup {
+        client_ip: ClientIpConfig::trusted_proxies("127.0.0.1/32").unwrap(),
+        internal: IpSet::parse("10.0.0.0/8").unwrap(),
+        ..Setup::new(fast_queue(), None)
+    })
     .await;
     let call = |from: &str, who: Option<&str>| {
-        let req = format!(
-            "POST /internal/latest-runs HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\
-             X-Forwarded-For: {from}\r\n{}Content-Type: application/json\r\n\
-             Content-Length: 2\r\n\r\n{{}}",
-            who.map(|w| format!("X-Test-Principal: {w}\r\n"))
-                .unwrap_or_default()
-        );
-        let addr = demo.addr;
-        async move { raw(addr, req.as_bytes()).await }
+        let forwarded = format!("X-Forwarded-For: {from}");
+        let mut headers = vec![forwarded];
+        headers.extend(who.map(|w| demo.auth(w).to_owned()));
+        let demo = &demo;
+        async move {
+            let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+            demo.call_with("POST", "/internal/latest-runs", &headers, Some("{}"))
+                .await
+        }
     };
     let r = call("10.1.2.3", Some("worker")).await;
     assert_eq!(
@@ -829,13 +921,17 @@ async fn a_real_browser_shows_the_dashboard_only_with_the_credential() {
     let shot = shots.join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     let base = format!("http://{}", demo.addr);
-    let (header, value) = ("X-Test-Principal", "admin");
+    let admin = demo.auth("admin").to_owned();
+    let (header, value) = admin
+        .split_once(": ")
+        .map(|(h, v)| (h.to_owned(), v.to_owned()))
+        .unwrap();
     let out = {
         let (driver, shot) = (driver.clone(), shot.clone());
         tokio::task::spawn_blocking(move || {
             std::process::Command::new("node")
                 .arg(driver.join("dashboard.mjs"))
-                .args([base.as_str(), header, value])
+                .args([base.as_str(), header.as_str(), value.as_str()])
                 .arg(&shot)
                 .output()
                 .unwrap()
