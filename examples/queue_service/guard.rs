@@ -74,6 +74,12 @@ impl TokenSecret {
         Ok(Self(b))
     }
 
+    /// These bytes (tests craft their own tokens with them).
+    #[cfg(test)]
+    pub fn from_bytes(b: &[u8]) -> Self {
+        Self(b.to_vec())
+    }
+
     /// Lowercase hex, for printing the ephemeral secret once.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()

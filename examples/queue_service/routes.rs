@@ -359,7 +359,8 @@ pub struct Stats {
     worker: WorkerSnapshot,
 }
 
-fn gather(s: &AppState) -> Stats {
+/// The current figures.
+pub fn gather(s: &AppState) -> Stats {
     Stats {
         queue: s.queue.stats(),
         auth_failures: s.counters.auth_failures.load(Ordering::Relaxed),

@@ -72,7 +72,6 @@ impl Setup {
 struct Demo {
     addr: SocketAddr,
     state: AppState,
-    guard: Guard,
     /// Name -> the header line that authenticates as it.
     credentials: HashMap<&'static str, String>,
     stop: Option<oneshot::Sender<()>>,
@@ -132,7 +131,6 @@ impl Demo {
         Self {
             addr,
             state,
-            guard,
             credentials,
             stop: Some(tx),
             server,
@@ -865,6 +863,396 @@ async fn shutdown_drains_a_job_in_flight_and_stops() {
         TcpStream::connect(addr).await.is_err(),
         "no longer listening"
     );
+}
+
+/// A token signed with `secret`, with these claims (times relative to now).
+fn craft_token(secret: &[u8], aud: &str, scope: &str, iat: i64, exp: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = serde_json::json!({
+        "iss": guard::ISSUER, "sub": "test-worker", "aud": aud, "scope": scope,
+        "iat": now + iat, "exp": now + exp,
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.typ = Some("JWT".into());
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn every_authentication_failure_is_refused_and_changes_nothing() {
+    let secret = [7u8; 32];
+    let demo = Demo::launch(Setup {
+        secret: TokenSecret::from_bytes(&secret),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let id = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await
+        .id();
+    let before = demo.state.queue.stats();
+    let job = format!("/v1/jobs/{id}");
+    let complete = format!("{job}/complete");
+    let unknown = format!(
+        "X-API-Key: {}",
+        generate_key("pc_test").unwrap().expose_secret()
+    );
+    let bearer = |t: String| format!("Authorization: Bearer {t}");
+    let forged = bearer(craft_token(&[9u8; 32], guard::AUDIENCE, "jobs:work", -10, 600));
+    let expired = bearer(craft_token(&secret, guard::AUDIENCE, "jobs:work", -7200, -3600));
+    let wrong_aud = bearer(craft_token(&secret, "another-api", "jobs:work", -10, 600));
+    let valid = bearer(craft_token(&secret, guard::AUDIENCE, "jobs:work", -10, 600));
+    let both = [demo.auth("client"), demo.auth("worker")];
+
+    // The crafted valid token proves the crafted ones differ only in what is tested.
+    let r = demo.call_with("POST", &complete, &[&valid], None).await;
+    assert_eq!(r.status, 409, "a cancelled-or-queued job: past authentication {r:?}");
+
+    // (what, path, headers, status)
+    let cases: Vec<(&str, &str, Vec<&str>, u16)> = vec![
+        ("no credential", &job, vec![], 401),
+        ("garbage key", &job, vec!["X-API-Key: not-a-key-at-all"], 401),
+        ("bad checksum", &job, vec!["X-API-Key: pc_test_AAAAAAAAAAAAAAAAAAAAAAAAAAAA"], 401),
+        ("unknown key", &job, vec![&unknown], 401),
+        ("revoked key", &job, vec![demo.auth("revoked")], 401),
+        ("expired key", &job, vec![demo.auth("expired")], 401),
+        ("forged token", &complete, vec![&forged], 401),
+        ("expired token", &complete, vec![&expired], 401),
+        ("token for another audience", &complete, vec![&wrong_aud], 401),
+        ("a key and a token at once", &job, both.to_vec(), 400),
+        ("worker token without jobs:work", &complete, vec![demo.auth("reporter")], 403),
+        ("client key on a worker endpoint", &complete, vec![demo.auth("client")], 403),
+        ("worker token on a client endpoint", &job, vec![demo.auth("worker")], 403),
+        ("dashboard without a key", "/dashboard", vec![], 401),
+        ("dashboard with a client key", "/dashboard", vec![demo.auth("client")], 403),
+    ];
+    let mut invalid_key_bodies = std::collections::HashSet::new();
+    for (what, path, headers, status) in &cases {
+        let method = if path.ends_with("complete") { "POST" } else { "GET" };
+        let r = demo.call_with(method, path, headers, None).await;
+        assert_eq!(r.status, *status, "{what}: {r:?}");
+        r.assert_problem(*status);
+        for secret_part in headers.iter().filter_map(|h| h.split_once(": ")) {
+            assert!(!r.body.contains(secret_part.1), "{what}: credential echoed");
+        }
+        if ["unknown key", "revoked key", "expired key"].contains(what) {
+            invalid_key_bodies.insert((r.body.clone(), r.header("www-authenticate").map(str::to_owned)));
+        }
+    }
+    assert_eq!(
+        invalid_key_bodies.len(),
+        1,
+        "unknown, revoked and expired keys get the identical answer: {invalid_key_bodies:?}"
+    );
+    assert_eq!(demo.state.queue.stats(), before);
+    assert_eq!(job_state(&demo.state, &id), JobState::Queued);
+    let r = demo.call("GET", "/v1/admin/stats", Some("admin"), None).await;
+    assert_eq!(r.json()["auth_failures"], 11, "{}", r.body);
+    assert_eq!(r.json()["scope_denials"], 4, "{}", r.body);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_rate_limit_answers_429_per_principal() {
+    let demo = Demo::launch(Setup {
+        rate: Quota::per_minute(3).unwrap(),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let job = format!(
+        "/v1/jobs/{}",
+        demo.call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+            .await
+            .id()
+    );
+    for _ in 0..2 {
+        let r = demo.call("GET", &job, Some("client"), None).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.header("ratelimit").is_some(), "{r:?}");
+    }
+    let r = demo.call("GET", &job, Some("client"), None).await;
+    r.assert_problem(429);
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    // Per principal: another key is not limited by the first one's use.
+    assert_eq!(demo.call("GET", &job, Some("other"), None).await.status, 404);
+    let r = demo.call("GET", "/v1/admin/stats", Some("admin"), None).await;
+    assert_eq!(r.json()["rate_limited"], 1, "{}", r.body);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn repeated_failed_authentication_is_throttled_per_address() {
+    let demo = Demo::launch(Setup {
+        auth_failures: Quota::new(3, Duration::from_secs(600)).unwrap(),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let unknown = format!(
+        "X-API-Key: {}",
+        generate_key("pc_test").unwrap().expose_secret()
+    );
+    // Requests without a credential guess nothing and are not counted.
+    for _ in 0..5 {
+        demo.call("GET", "/v1/admin/stats", None, None)
+            .await
+            .assert_problem(401);
+    }
+    for _ in 0..3 {
+        demo.call_with("GET", "/v1/admin/stats", &[&unknown], None)
+            .await
+            .assert_problem(401);
+    }
+    let r = demo
+        .call_with("GET", "/v1/admin/stats", &[&unknown], None)
+        .await;
+    r.assert_problem(429);
+    assert!(r.header("retry-after").is_some());
+    // The address is throttled: even a valid key waits, and no lookup happens.
+    demo.call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await
+        .assert_problem(429);
+    assert_eq!(demo.call("GET", "/health", None, None).await.status, 200);
+    let s = serde_json::to_value(routes::gather(&demo.state)).unwrap();
+    assert_eq!(
+        (s["auth_failures"].as_u64(), s["rate_limited"].as_u64()),
+        (Some(8), Some(2)),
+        "{s}"
+    );
+    demo.shutdown().await;
+}
+
+/// A `redis-server` on a free loopback port, killed on drop; `None` (after saying
+/// so) when the binary is missing, unless `PORTCULLIS_REQUIRE_REDIS=1`.
+struct RedisServer(std::process::Child, u16);
+
+impl RedisServer {
+    fn start() -> Option<Self> {
+        use std::process::{Command, Stdio};
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            let required = std::env::var("PORTCULLIS_REQUIRE_REDIS").is_ok_and(|v| v == "1");
+            assert!(!required, "PORTCULLIS_REQUIRE_REDIS=1 but redis-server is not on PATH");
+            eprintln!("SKIPPED: redis-server is not on PATH; the demo's shared-limit test did not run");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        for _ in 0..300 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Self(child, port));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn two_instances_share_their_limits_through_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{}/0", redis.1);
+    let secret = TokenSecret::generate().unwrap();
+    let instance = || {
+        let limiter = guard::redis_limiter(Some(&url)).unwrap().unwrap();
+        Demo::launch(Setup {
+            rate: Quota::per_minute(3).unwrap(),
+            redis: Some(limiter),
+            secret: secret.clone(),
+            ..Setup::new(fast_queue(), None)
+        })
+    };
+    let (a, b) = (instance().await, instance().await);
+    // Each instance generated its own keys: the shared bucket is keyed by the
+    // principal's id ("reader" on both).
+    let path = format!("/v1/jobs/{}", "0".repeat(32));
+    assert_eq!(a.call("GET", &path, Some("reader"), None).await.status, 404);
+    assert_eq!(b.call("GET", &path, Some("reader"), None).await.status, 404);
+    assert_eq!(a.call("GET", &path, Some("reader"), None).await.status, 404);
+    let r = b.call("GET", &path, Some("reader"), None).await;
+    r.assert_problem(429);
+    let r = a.call("GET", &path, Some("reader"), None).await;
+    r.assert_problem(429);
+    drop(redis);
+    // Redis gone: the limiter fails closed (503), it never silently stops sharing.
+    let r = a.call("GET", &path, Some("other"), None).await;
+    r.assert_problem(503);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Replays one printed curl line without curl: `-H`, `-d` and the URL.
+async fn replay(line: &str, job: &str) -> String {
+    let line = line.replace("$JOB", job);
+    let quoted: Vec<&str> = line.split('\'').collect();
+    let mut headers = Vec::new();
+    let mut body = None;
+    for (i, part) in quoted.iter().enumerate().skip(1).step_by(2) {
+        match quoted[i - 1].trim_end().rsplit(' ').next() {
+            Some("-H") => headers.push(part.to_string()),
+            Some("-d") => body = Some(part.to_string()),
+            _ => {}
+        }
+    }
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap();
+    let (addr, path) = url["http://".len()..].split_once('/').unwrap();
+    let method = if body.is_some() { "POST" } else { "GET" };
+    let mut req = format!("{method} /{path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in &headers {
+        req.push_str(&format!("{h}\r\n"));
+    }
+    if let Some(b) = &body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body.as_deref().unwrap_or(""));
+    raw(addr.parse().unwrap(), req.as_bytes()).await.body
+}
+
+#[tokio::test]
+async fn the_printed_curl_lines_work_verbatim() {
+    let env = |k: &str| (k == "PORTCULLIS_DEMO_ADDR").then(|| "127.0.0.1:0".to_owned());
+    let (listener, router, state, _issuer, banner) = start(&[], env).await.unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let s = state.clone();
+    let server = tokio::spawn(async move {
+        serve(listener, router, &s, None, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let lines: Vec<&str> = banner
+        .lines()
+        .filter(|l| l.starts_with("curl ") || l.starts_with("JOB=$(curl "))
+        .collect();
+    assert_eq!(lines.len(), 4, "{banner}");
+    let has_curl = std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok();
+    let outputs: Vec<String> = if has_curl {
+        // One shell, the lines exactly as printed, a separator printed between them.
+        let script = lines.join("\nprintf '\\n@@\\n'\n");
+        let script = format!("{script}\nprintf '\\n@@\\nJOB=%s\\n' \"$JOB\"");
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split("\n@@\n")
+            .map(str::to_owned)
+            .collect()
+    } else {
+        eprintln!("curl is not on PATH: replaying the printed lines through the test client");
+        let created = replay(lines[0].split_once("$(").unwrap().1, "").await;
+        let job = serde_json::from_str::<serde_json::Value>(&created).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut v = vec![String::new()];
+        for l in &lines[1..] {
+            v.push(replay(l, &job).await);
+        }
+        v.push(format!("JOB={job}\n"));
+        v
+    };
+    let job = outputs[4].trim().strip_prefix("JOB=").unwrap().to_owned();
+    assert_eq!(job.len(), 32, "{outputs:?}");
+    let got: serde_json::Value = serde_json::from_str(&outputs[1]).unwrap();
+    assert_eq!((got["id"].as_str(), got["state"].as_str()), (Some(job.as_str()), Some("queued")));
+    let stats: serde_json::Value = serde_json::from_str(&outputs[2]).unwrap();
+    assert_eq!(stats["queue_depth"], 1, "{stats}");
+    assert!(outputs[3].contains(r#"<td id="queue_depth">1</td>"#), "{}", outputs[3]);
+    assert!(banner.contains("worker signing key"));
+    tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn configured_credentials_are_used_and_never_printed() {
+    let dir = std::env::temp_dir().join(format!("qs-creds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = generate_key("pc_live").unwrap();
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[keys]]\nid = \"ops\"\ndigest = \"{}\"\nscopes = [\"admin\"]\n",
+            key.digest()
+        ),
+    )
+    .unwrap();
+    let token = dir.join("token.key");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef-secret\n").unwrap();
+    let (k, t) = (keys.display().to_string(), token.display().to_string());
+    let env = move |name: &str| match name {
+        "PORTCULLIS_DEMO_ADDR" => Some("127.0.0.1:0".to_owned()),
+        "PORTCULLIS_DEMO_KEY_FILE" => Some(k.clone()),
+        "PORTCULLIS_DEMO_TOKEN_KEY_FILE" => Some(t.clone()),
+        _ => None,
+    };
+    let env = &env;
+    let (listener, router, state, _issuer, banner) = start(&[], |n| env(n)).await.unwrap();
+    assert!(!banner.contains("pc_"), "{banner}");
+    assert!(!banner.contains("curl"), "{banner}");
+    assert!(!banner.contains("secret"), "{banner}");
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let s = state.clone();
+    let server = tokio::spawn(async move {
+        serve(listener, router, &s, None, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let req = format!(
+        "GET /v1/admin/stats HTTP/1.1\r\nHost: d\r\nConnection: close\r\nX-API-Key: {}\r\n\r\n",
+        key.expose_secret()
+    );
+    assert_eq!(raw(addr, req.as_bytes()).await.status, 200);
+    tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Where the browser driver lives, and whether it and Chromium are installed. With
