@@ -135,6 +135,9 @@ pub mod access_log;
 #[cfg(feature = "redact")]
 pub mod redact;
 
+#[cfg(feature = "stack")]
+pub mod stack;
+
 pub use error::ConfigError;
 pub use ip::{ClientIp, IpSet};
 pub use principal::{AuthMethod, Principal, Scopes};
