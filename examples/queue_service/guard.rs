@@ -1,13 +1,16 @@
-//! The guarding layers of the demo, assembled in the order of the design:
+//! The guarding layers of the demo: the crate's [`StackLayer`], which assembles them
+//! in the order of the design, then the scope check per route:
 //!
 //! ```text
-//! RequestId → AccessLog → ClientIp → (refusal counters) → AuthThrottle
+//! RequestId → AccessLog → ClientIp → (IpAllowlist) → AuthThrottle
 //!   → Authenticate (API keys and service tokens) → RateLimit → scope check per route
 //! ```
 //!
-//! `POST /internal/latest-runs` is also behind the internal-network allowlist, placed
-//! outside the failed-auth throttle, as the allowlist sits before authentication.
-//! `GET /health` is the only route outside authentication.
+//! Two stacks share one key store, one token verifier, one failed-auth throttle and
+//! one rate limiter (clones share state): the main one, and the one of
+//! `POST /internal/latest-runs`, which adds the internal-network allowlist.
+//! `GET /health` has only the request id, the access log and the client address:
+//! it is the one route without authentication.
 //!
 //! Credentials: an API-key store (ephemeral demo keys, or a TOML key file) and one
 //! HS256 secret that signs the in-process worker's service tokens and verifies every
@@ -21,12 +24,13 @@ use axum::Router;
 use portcullis::ConfigError;
 use portcullis::access_log::AccessLogLayer;
 use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
-use portcullis::authenticate::AuthenticateLayer;
+use portcullis::IpSet;
 use portcullis::client_ip::{ClientIpConfig, ClientIpLayer};
 use portcullis::jwt::{SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
 use portcullis::rate_limit::redis::{FailurePolicy, RedisLimiter};
 use portcullis::rate_limit::{AuthThrottleLayer, Policy, Quota, RateLimitLayer};
 use portcullis::request_id::RequestIdLayer;
+use portcullis::stack::StackLayer;
 use portcullis::Scopes;
 
 use crate::routes::AppState;
@@ -101,6 +105,8 @@ pub struct GuardConfig {
     pub token_secret: TokenSecret,
     /// How the client address is found.
     pub client_ip: ClientIpConfig,
+    /// Who may call `POST /internal/latest-runs`.
+    pub internal: IpSet,
     /// The per-principal quota.
     pub rate: Quota,
     /// The in-process worker's own quota.
@@ -115,11 +121,16 @@ impl GuardConfig {
     /// The defaults around `keys` and `token_secret`: the TCP peer is the client;
     /// 20 requests per second per principal (bursts of 40); 10 failed
     /// authentications per address per 5 minutes; limits in memory.
-    pub fn new(keys: ApiKeys, token_secret: TokenSecret) -> Result<Self, ConfigError> {
+    pub fn new(
+        keys: ApiKeys,
+        token_secret: TokenSecret,
+        internal: IpSet,
+    ) -> Result<Self, ConfigError> {
         Ok(Self {
             keys,
             token_secret,
             client_ip: ClientIpConfig::peer_only(),
+            internal,
             rate: Quota::per_second(20)?.with_burst(40)?,
             worker_rate: Quota::per_second(1000)?,
             auth_failures: Quota::new(10, Duration::from_secs(300))?,
@@ -131,9 +142,8 @@ impl GuardConfig {
 /// The built layers, cloned onto the routers they guard (clones share state).
 #[derive(Clone, Debug)]
 pub struct Guard {
-    auth: AuthenticateLayer,
-    throttle: AuthThrottleLayer,
-    rate: RateLimitLayer,
+    stack: StackLayer,
+    internal: StackLayer,
     client_ip: ClientIpLayer,
     secret: TokenSecret,
 }
@@ -146,18 +156,25 @@ impl Guard {
             .issuer(ISSUER)
             .audience(AUDIENCE)
             .build()?;
-        let auth = AuthenticateLayer::api_keys(c.keys)
-            .with_service_tokens(verifier)
-            .realm(REALM)?;
         let policy = Policy::new("demo", c.rate)?.principal(WORKER_SUBJECT, c.worker_rate)?;
         let mut rate = RateLimitLayer::builder().policy(policy);
         if let Some(redis) = c.redis {
             rate = rate.redis(redis);
         }
+        let rate = rate.build()?;
+        let throttle = AuthThrottleLayer::new(c.auth_failures);
+        let stack = || {
+            StackLayer::builder()
+                .client_ip(c.client_ip.clone())
+                .api_keys(c.keys.clone())
+                .service_tokens(verifier.clone())
+                .realm(REALM)
+                .auth_throttle(throttle.clone())
+                .rate_limit(rate.clone())
+        };
         Ok(Self {
-            auth,
-            throttle: AuthThrottleLayer::new(c.auth_failures),
-            rate: rate.build()?,
+            stack: stack().build()?,
+            internal: stack().allow(c.internal).build()?,
             client_ip: ClientIpLayer::new(c.client_ip),
             secret: c.token_secret,
         })
@@ -182,17 +199,19 @@ impl Guard {
         self.issuer(WORKER_SUBJECT, crate::auth::JOBS_WORK)
     }
 
-    /// Authentication, the failed-auth throttle around it and the rate limit inside
-    /// it, on every route of `router`.
-    pub fn authenticated(&self, router: Router<AppState>) -> Router<AppState> {
-        router
-            .layer(self.rate.clone())
-            .layer(self.auth.clone())
-            .layer(self.throttle.clone())
+    /// The whole stack on every route of `router` (and its fallbacks).
+    pub fn guarded(&self, router: Router<AppState>) -> Router<AppState> {
+        router.layer(self.stack.clone())
     }
 
-    /// The outer layers: client address, access log, request id (outermost).
-    pub fn outer(&self, router: Router) -> Router {
+    /// The whole stack plus the internal-network allowlist.
+    pub fn internal(&self, router: Router<AppState>) -> Router<AppState> {
+        router.layer(self.internal.clone())
+    }
+
+    /// Only the outer layers (client address, access log, request id), for the
+    /// public route.
+    pub fn public(&self, router: Router<AppState>) -> Router<AppState> {
         router
             .layer(self.client_ip.clone())
             .layer(AccessLogLayer::new())

@@ -45,7 +45,6 @@ use axum::extract::{ConnectInfo, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use portcullis::IpSet;
-use portcullis::allowlist::IpAllowlistLayer;
 use portcullis::client_ip::PeerAddr;
 use portcullis::jwt::TokenIssuer;
 use portcullis::redact::RedactingMakeWriter;
@@ -75,21 +74,19 @@ async fn peer_addr(req: Request, next: Next) -> Response {
 const DEFAULT_INTERNAL: &str = "127.0.0.0/8, ::1";
 
 /// The state shared by the routes and the worker.
-fn state(config: QueueConfig, internal: IpSet) -> AppState {
+fn state(config: QueueConfig) -> AppState {
     AppState {
         queue: Arc::new(Queue::new(config)),
         counters: Arc::new(Counters::default()),
         worker: Arc::new(WorkerStatus::default()),
-        internal: IpAllowlistLayer::new(internal),
     }
 }
 
-/// The whole service: the routes inside the guarding layers, in the design's order
-/// (see [`guard`]), with the refusal counters just inside `ClientIpLayer`.
+/// The whole service: the routes inside the guarding stack (see [`guard`]), and
+/// the refusal counters around everything.
 fn service(state: &AppState, guard: &Guard) -> Router {
     let router = routes::app(state.clone(), guard);
-    let router = routes::count_refusals(router, state.counters.clone());
-    guard.outer(router)
+    routes::count_refusals(router, state.counters.clone())
 }
 
 /// Serves `router` on `listener` with the worker (if any) running beside it, its
@@ -268,10 +265,10 @@ async fn start(
     let args = parse_args(args, get)?;
     let internal = get("PORTCULLIS_DEMO_INTERNAL_CIDRS");
     let internal = IpSet::parse(internal.as_deref().unwrap_or(DEFAULT_INTERNAL))?;
-    let state = state(queue_config(get)?, internal);
+    let state = state(queue_config(get)?);
     let credentials = Credentials::from_env(get)?;
     let (keys, secret) = credentials.parts();
-    let mut config = GuardConfig::new(keys, secret)?;
+    let mut config = GuardConfig::new(keys, secret, internal)?;
     config.redis = guard::redis_limiter(args.redis.as_deref())?;
     if let Some(redis) = &config.redis {
         redis

@@ -19,7 +19,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Extension, Json, Router};
 use portcullis::Principal;
-use portcullis::allowlist::IpAllowlistLayer;
 use portcullis::rejection::{DenialReason, Rejection};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -76,19 +75,23 @@ pub struct AppState {
     pub counters: Arc<Counters>,
     /// The in-process worker's figures.
     pub worker: Arc<WorkerStatus>,
-    /// The networks allowed on `/internal/*` (reads the `ClientIp` that
-    /// `ClientIpLayer`, outside the router, resolves).
-    pub internal: IpAllowlistLayer,
 }
 
-/// The router: `/health` in the open; every other route behind `guard`'s
-/// authentication (with the failed-auth throttle and the rate limit) and the scope
-/// check of [`auth::ROUTES`]; `/internal/latest-runs` also behind the internal
-/// allowlist, outside authentication. JSON errors, the body limit. The refusal
-/// counters and the outer layers wrap it in `main`.
+/// The router: `/health` in the open; every other route (and unknown paths) behind
+/// `guard`'s stack and the scope check of [`auth::ROUTES`];
+/// `/internal/latest-runs` behind the stack with the internal allowlist. JSON
+/// errors, the body limit. The refusal counters wrap it in `main`.
 pub fn app(state: AppState, guard: &Guard) -> Router {
     let scoped = middleware::from_fn(auth::require_scope);
-    let public = Router::new().route("/health", get(health));
+    let not_allowed = || async {
+        problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This method is not allowed on this resource.",
+        )
+    };
+    let public = Router::new()
+        .route("/health", get(health))
+        .method_not_allowed_fallback(not_allowed);
     let protected = Router::new()
         .route("/v1/jobs", post(enqueue))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
@@ -99,23 +102,17 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
         .route("/v1/admin/stats", get(stats))
         .route("/v1/admin/dlq", get(dlq))
         .route("/dashboard", get(dashboard))
-        .route_layer(scoped.clone());
+        .route_layer(scoped.clone())
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "No such resource.") })
+        .method_not_allowed_fallback(not_allowed);
     let internal = Router::new()
         .route("/internal/latest-runs", post(latest_runs))
-        .route_layer(scoped);
-    let internal = guard
-        .authenticated(internal)
-        .route_layer(state.internal.clone());
-    public
-        .merge(guard.authenticated(protected))
-        .merge(internal)
-        .fallback(|| async { problem(StatusCode::NOT_FOUND, "No such resource.") })
-        .method_not_allowed_fallback(|| async {
-            problem(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "This method is not allowed on this resource.",
-            )
-        })
+        .route_layer(scoped)
+        .method_not_allowed_fallback(not_allowed);
+    guard
+        .public(public)
+        .merge(guard.guarded(protected))
+        .merge(guard.internal(internal))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
@@ -272,7 +269,8 @@ fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, QueueError> 
     }
 }
 
-async fn get_job(
+/// `GET /v1/jobs/{id}`.
+pub async fn get_job(
     State(s): State<AppState>,
     Extension(p): Extension<Principal>,
     JobPath(id): JobPath,

@@ -100,7 +100,7 @@ impl Demo {
             credentials.insert(name, format!("X-API-Key: {}", key.expose_secret()));
         }
         let keys = ApiKeys::new(KeyStore::from_records(records).unwrap());
-        let mut config = GuardConfig::new(keys, setup.secret).unwrap();
+        let mut config = GuardConfig::new(keys, setup.secret, setup.internal).unwrap();
         config.client_ip = setup.client_ip;
         config.rate = setup.rate;
         config.auth_failures = setup.auth_failures;
@@ -113,7 +113,7 @@ impl Demo {
             let token = guard.issuer(sub, scope).unwrap().mint().unwrap();
             credentials.insert(name, format!("Authorization: Bearer {}", token.as_str()));
         }
-        let state = state(setup.queue, setup.internal);
+        let state = state(setup.queue);
         let router = service(&state, &guard);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
