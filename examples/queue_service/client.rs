@@ -56,7 +56,10 @@ impl std::fmt::Debug for WorkerClient {
 }
 
 /// One HTTP/1.1 request on a fresh loopback connection.
-async fn send(req: Request<Full<Bytes>>, addr: SocketAddr) -> Result<Response<Bytes>, BearerTokenError> {
+async fn send(
+    req: Request<Full<Bytes>>,
+    addr: SocketAddr,
+) -> Result<Response<Bytes>, BearerTokenError> {
     let stream = TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -78,7 +81,12 @@ impl WorkerClient {
         }
     }
 
-    async fn call(&self, method: Method, path: String, body: Option<String>) -> Result<Outcome, CallError> {
+    async fn call(
+        &self,
+        method: Method,
+        path: String,
+        body: Option<String>,
+    ) -> Result<Outcome, CallError> {
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -93,7 +101,9 @@ impl WorkerClient {
             .await
             .map_err(|_| CallError::Unreachable)?;
         match res.status() {
-            StatusCode::OK => serde_json::from_slice(res.body()).map_err(|_| CallError::Unreachable),
+            StatusCode::OK => {
+                serde_json::from_slice(res.body()).map_err(|_| CallError::Unreachable)
+            }
             StatusCode::NOT_FOUND => Err(CallError::Gone),
             StatusCode::CONFLICT => Err(CallError::Changed),
             s => Err(CallError::Refused(s.as_u16())),

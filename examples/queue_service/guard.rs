@@ -22,16 +22,16 @@ use std::time::Duration;
 
 use axum::Router;
 use portcullis::ConfigError;
+use portcullis::IpSet;
+use portcullis::Scopes;
 use portcullis::access_log::AccessLogLayer;
 use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
-use portcullis::IpSet;
 use portcullis::client_ip::{ClientIpConfig, ClientIpLayer};
 use portcullis::jwt::{SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
 use portcullis::rate_limit::redis::{FailurePolicy, RedisLimiter};
 use portcullis::rate_limit::{AuthThrottleLayer, Policy, Quota, RateLimitLayer};
 use portcullis::request_id::RequestIdLayer;
 use portcullis::stack::StackLayer;
-use portcullis::Scopes;
 
 use crate::routes::AppState;
 
@@ -64,9 +64,8 @@ impl TokenSecret {
 
     /// From a file: its bytes, without a final line break; at least 32 bytes.
     pub fn from_file(path: &std::path::Path) -> Result<Self, BoxError> {
-        let mut b = std::fs::read(path).map_err(|_| {
-            BoxError::from("PORTCULLIS_DEMO_TOKEN_KEY_FILE could not be read")
-        })?;
+        let mut b = std::fs::read(path)
+            .map_err(|_| BoxError::from("PORTCULLIS_DEMO_TOKEN_KEY_FILE could not be read"))?;
         while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
             b.pop();
         }

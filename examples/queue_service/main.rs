@@ -292,8 +292,7 @@ async fn main() -> Result<(), guard::BoxError> {
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let shutdown = shutdown_signal()?;
-    let (listener, router, state, issuer, banner) =
-        start(&args, |k| std::env::var(k).ok()).await?;
+    let (listener, router, state, issuer, banner) = start(&args, |k| std::env::var(k).ok()).await?;
     tracing::info!(event = "listening", addr = %listener.local_addr()?);
     print!("{banner}");
     serve(

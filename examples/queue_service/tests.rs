@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
+use portcullis::Scopes;
 use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
 use portcullis::client_ip::ClientIpConfig;
 use portcullis::rate_limit::Quota;
 use portcullis::rate_limit::redis::RedisLimiter;
-use portcullis::Scopes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -119,9 +119,7 @@ impl Demo {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let s = state.clone();
-        let worker = setup
-            .worker
-            .map(|w| (w, guard.worker_issuer().unwrap()));
+        let worker = setup.worker.map(|w| (w, guard.worker_issuer().unwrap()));
         let server = tokio::spawn(async move {
             serve(listener, router, &s, worker, async {
                 let _ = rx.await;
@@ -155,7 +153,13 @@ impl Demo {
     }
 
     /// A request with these header lines (`Name: value`).
-    async fn call_with(&self, method: &str, path: &str, headers: &[&str], body: Option<&str>) -> Reply {
+    async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+        body: Option<&str>,
+    ) -> Reply {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n");
         for h in headers {
             req.push_str(h);
@@ -290,7 +294,10 @@ fn the_command_line_and_its_environment() {
     assert_eq!(a.redis.as_deref(), Some("redis://127.0.0.1:6379"));
     let a = parse_args(
         &args(&["--redis", "redis://h:1", "--addr", "[::1]:9000"]),
-        env(&[("PORTCULLIS_DEMO_ADDR", "127.0.0.1:1"), ("REDIS_URL", "redis://x:2")]),
+        env(&[
+            ("PORTCULLIS_DEMO_ADDR", "127.0.0.1:1"),
+            ("REDIS_URL", "redis://x:2"),
+        ]),
     )
     .unwrap();
     assert_eq!(
@@ -299,7 +306,13 @@ fn the_command_line_and_its_environment() {
         "the flags win over the environment"
     );
     assert!(parse_args(&args(&["--addr"]), env(&[])).is_err());
-    assert!(parse_args(&args(&["--addr", "127.0.0.1:1", "--addr", "127.0.0.1:2"]), env(&[])).is_err());
+    assert!(
+        parse_args(
+            &args(&["--addr", "127.0.0.1:1", "--addr", "127.0.0.1:2"]),
+            env(&[])
+        )
+        .is_err()
+    );
     assert!(parse_args(&args(&["--port", "1"]), env(&[])).is_err());
     assert!(parse_args(&[], env(&[("PORTCULLIS_DEMO_ADDR", "localhost")])).is_err());
 }
@@ -905,37 +918,91 @@ async fn every_authentication_failure_is_refused_and_changes_nothing() {
         generate_key("pc_test").unwrap().expose_secret()
     );
     let bearer = |t: String| format!("Authorization: Bearer {t}");
-    let forged = bearer(craft_token(&[9u8; 32], guard::AUDIENCE, "jobs:work", -10, 600));
-    let expired = bearer(craft_token(&secret, guard::AUDIENCE, "jobs:work", -7200, -3600));
+    let forged = bearer(craft_token(
+        &[9u8; 32],
+        guard::AUDIENCE,
+        "jobs:work",
+        -10,
+        600,
+    ));
+    let expired = bearer(craft_token(
+        &secret,
+        guard::AUDIENCE,
+        "jobs:work",
+        -7200,
+        -3600,
+    ));
     let wrong_aud = bearer(craft_token(&secret, "another-api", "jobs:work", -10, 600));
     let valid = bearer(craft_token(&secret, guard::AUDIENCE, "jobs:work", -10, 600));
     let both = [demo.auth("client"), demo.auth("worker")];
 
     // The crafted valid token proves the crafted ones differ only in what is tested.
     let r = demo.call_with("POST", &complete, &[&valid], None).await;
-    assert_eq!(r.status, 409, "a cancelled-or-queued job: past authentication {r:?}");
+    assert_eq!(
+        r.status, 409,
+        "a cancelled-or-queued job: past authentication {r:?}"
+    );
 
     // (what, path, headers, status)
     let cases: Vec<(&str, &str, Vec<&str>, u16)> = vec![
         ("no credential", &job, vec![], 401),
-        ("garbage key", &job, vec!["X-API-Key: not-a-key-at-all"], 401),
-        ("bad checksum", &job, vec!["X-API-Key: pc_test_AAAAAAAAAAAAAAAAAAAAAAAAAAAA"], 401),
+        (
+            "garbage key",
+            &job,
+            vec!["X-API-Key: not-a-key-at-all"],
+            401,
+        ),
+        (
+            "bad checksum",
+            &job,
+            vec!["X-API-Key: pc_test_AAAAAAAAAAAAAAAAAAAAAAAAAAAA"],
+            401,
+        ),
         ("unknown key", &job, vec![&unknown], 401),
         ("revoked key", &job, vec![demo.auth("revoked")], 401),
         ("expired key", &job, vec![demo.auth("expired")], 401),
         ("forged token", &complete, vec![&forged], 401),
         ("expired token", &complete, vec![&expired], 401),
-        ("token for another audience", &complete, vec![&wrong_aud], 401),
+        (
+            "token for another audience",
+            &complete,
+            vec![&wrong_aud],
+            401,
+        ),
         ("a key and a token at once", &job, both.to_vec(), 400),
-        ("worker token without jobs:work", &complete, vec![demo.auth("reporter")], 403),
-        ("client key on a worker endpoint", &complete, vec![demo.auth("client")], 403),
-        ("worker token on a client endpoint", &job, vec![demo.auth("worker")], 403),
+        (
+            "worker token without jobs:work",
+            &complete,
+            vec![demo.auth("reporter")],
+            403,
+        ),
+        (
+            "client key on a worker endpoint",
+            &complete,
+            vec![demo.auth("client")],
+            403,
+        ),
+        (
+            "worker token on a client endpoint",
+            &job,
+            vec![demo.auth("worker")],
+            403,
+        ),
         ("dashboard without a key", "/dashboard", vec![], 401),
-        ("dashboard with a client key", "/dashboard", vec![demo.auth("client")], 403),
+        (
+            "dashboard with a client key",
+            "/dashboard",
+            vec![demo.auth("client")],
+            403,
+        ),
     ];
     let mut invalid_key_bodies = std::collections::HashSet::new();
     for (what, path, headers, status) in &cases {
-        let method = if path.ends_with("complete") { "POST" } else { "GET" };
+        let method = if path.ends_with("complete") {
+            "POST"
+        } else {
+            "GET"
+        };
         let r = demo.call_with(method, path, headers, None).await;
         assert_eq!(r.status, *status, "{what}: {r:?}");
         r.assert_problem(*status);
@@ -943,7 +1010,10 @@ async fn every_authentication_failure_is_refused_and_changes_nothing() {
             assert!(!r.body.contains(secret_part.1), "{what}: credential echoed");
         }
         if ["unknown key", "revoked key", "expired key"].contains(what) {
-            invalid_key_bodies.insert((r.body.clone(), r.header("www-authenticate").map(str::to_owned)));
+            invalid_key_bodies.insert((
+                r.body.clone(),
+                r.header("www-authenticate").map(str::to_owned),
+            ));
         }
     }
     assert_eq!(
@@ -953,7 +1023,9 @@ async fn every_authentication_failure_is_refused_and_changes_nothing() {
     );
     assert_eq!(demo.state.queue.stats(), before);
     assert_eq!(job_state(&demo.state, &id), JobState::Queued);
-    let r = demo.call("GET", "/v1/admin/stats", Some("admin"), None).await;
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
     assert_eq!(r.json()["auth_failures"], 11, "{}", r.body);
     assert_eq!(r.json()["scope_denials"], 4, "{}", r.body);
     demo.shutdown().await;
@@ -982,8 +1054,13 @@ async fn the_rate_limit_answers_429_per_principal() {
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=20).contains(&retry), "{retry}");
     // Per principal: another key is not limited by the first one's use.
-    assert_eq!(demo.call("GET", &job, Some("other"), None).await.status, 404);
-    let r = demo.call("GET", "/v1/admin/stats", Some("admin"), None).await;
+    assert_eq!(
+        demo.call("GET", &job, Some("other"), None).await.status,
+        404
+    );
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
     assert_eq!(r.json()["rate_limited"], 1, "{}", r.body);
     demo.shutdown().await;
 }
@@ -1043,8 +1120,13 @@ impl RedisServer {
             .is_ok();
         if !found {
             let required = std::env::var("PORTCULLIS_REQUIRE_REDIS").is_ok_and(|v| v == "1");
-            assert!(!required, "PORTCULLIS_REQUIRE_REDIS=1 but redis-server is not on PATH");
-            eprintln!("SKIPPED: redis-server is not on PATH; the demo's shared-limit test did not run");
+            assert!(
+                !required,
+                "PORTCULLIS_REQUIRE_REDIS=1 but redis-server is not on PATH"
+            );
+            eprintln!(
+                "SKIPPED: redis-server is not on PATH; the demo's shared-limit test did not run"
+            );
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -1059,9 +1141,11 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
+        // Owned by the guard from here on: killed and waited for on drop.
+        let server = Self(child, port);
         for _ in 0..300 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Self(child, port));
+                return Some(server);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -1176,7 +1260,11 @@ async fn the_printed_curl_lines_work_verbatim() {
         })
         .await
         .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout)
             .unwrap()
             .split("\n@@\n")
@@ -1199,10 +1287,17 @@ async fn the_printed_curl_lines_work_verbatim() {
     let job = outputs[4].trim().strip_prefix("JOB=").unwrap().to_owned();
     assert_eq!(job.len(), 32, "{outputs:?}");
     let got: serde_json::Value = serde_json::from_str(&outputs[1]).unwrap();
-    assert_eq!((got["id"].as_str(), got["state"].as_str()), (Some(job.as_str()), Some("queued")));
+    assert_eq!(
+        (got["id"].as_str(), got["state"].as_str()),
+        (Some(job.as_str()), Some("queued"))
+    );
     let stats: serde_json::Value = serde_json::from_str(&outputs[2]).unwrap();
     assert_eq!(stats["queue_depth"], 1, "{stats}");
-    assert!(outputs[3].contains(r#"<td id="queue_depth">1</td>"#), "{}", outputs[3]);
+    assert!(
+        outputs[3].contains(r#"<td id="queue_depth">1</td>"#),
+        "{}",
+        outputs[3]
+    );
     assert!(banner.contains("worker signing key"));
     tx.send(()).unwrap();
     server.await.unwrap().unwrap();
@@ -1354,4 +1449,173 @@ async fn a_real_browser_shows_the_dashboard_only_with_the_credential() {
         "a real PNG"
     );
     demo.shutdown().await;
+}
+
+/// Requests per second of `GET path` over `conns` keep-alive connections for `dur`.
+async fn load(
+    addr: SocketAddr,
+    path: &str,
+    auth: Option<&str>,
+    conns: usize,
+    dur: Duration,
+) -> f64 {
+    use http_body_util::{BodyExt, Empty};
+    let deadline = tokio::time::Instant::now() + dur;
+    let header = auth.map(|h| {
+        let (k, v) = h.split_once(": ").unwrap();
+        (k.to_owned(), v.to_owned())
+    });
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let (path, header) = (path.to_owned(), header.clone());
+            tokio::spawn(async move {
+                let stream = TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let mut n = 0u64;
+                while tokio::time::Instant::now() < deadline {
+                    let mut req = axum::http::Request::get(path.as_str()).header("host", "bench");
+                    if let Some((k, v)) = &header {
+                        req = req.header(k.as_str(), v.as_str());
+                    }
+                    let res = sender
+                        .send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap())
+                        .await
+                        .unwrap();
+                    assert_eq!(res.status(), 200);
+                    res.into_body().collect().await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / dur.as_secs_f64()
+}
+
+/// The end-to-end throughput of `GET /v1/jobs/{id}`: the full stack against the same
+/// handler with no layers (only the `Principal` it reads, inserted as a fixed
+/// extension), in the same run, on loopback, alternating 2-second rounds. The full
+/// stack's JSON logs go through the redacting writer into a sink, as `main` writes
+/// them to standard error. Run alone:
+/// `cargo test --release --example queue_service -- --ignored --nocapture throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (about 25 s); run it with --ignored --nocapture"]
+async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
+    use axum::Extension;
+    use axum::routing::get;
+    use portcullis::{AuthMethod, Principal};
+    // PORTCULLIS_BENCH_LOGS=0: no subscriber, to see the layers' own cost.
+    let logs = std::env::var("PORTCULLIS_BENCH_LOGS").map_or(true, |v| v != "0");
+    if logs {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_writer(RedactingMakeWriter::new(std::io::sink))
+            .try_init();
+    }
+
+    let full = Demo::launch(Setup {
+        rate: Quota::per_second(100_000_000).unwrap(),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let full_job = full
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some("client"),
+            Some(r#"{"input":"bench"}"#),
+        )
+        .await
+        .id();
+
+    let bare_state = state(fast_queue());
+    let crate::queue::Enqueued::New(v) = bare_state.queue.enqueue("client", "bench", 0).unwrap()
+    else {
+        unreachable!()
+    };
+    let bare = Router::new()
+        .route("/v1/jobs/{id}", get(routes::get_job))
+        .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
+        .with_state(bare_state);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bare_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, bare).await });
+
+    // The crate's stack alone around the handler (no scope table, no counters): how
+    // much of the difference is the portcullis layers.
+    let (keys, store) = guard::demo_keys(&[("client", "jobs:read")]).unwrap();
+    let stack_key = format!("X-API-Key: {}", keys[0].key.expose_secret());
+    let mut config = GuardConfig::new(
+        store,
+        TokenSecret::generate().unwrap(),
+        IpSet::parse(DEFAULT_INTERNAL).unwrap(),
+    )
+    .unwrap();
+    config.rate = Quota::per_second(100_000_000).unwrap();
+    let stack_state = state(fast_queue());
+    let crate::queue::Enqueued::New(sv) = stack_state.queue.enqueue("client", "bench", 0).unwrap()
+    else {
+        unreachable!()
+    };
+    let stack_only = Guard::new(config)
+        .unwrap()
+        .guarded(Router::new().route("/v1/jobs/{id}", get(routes::get_job)))
+        .with_state(stack_state)
+        .layer(axum::middleware::from_fn(peer_addr));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stack_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            stack_only.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    let stack_path = format!("/v1/jobs/{}", sv.id);
+
+    let (conns, dur) = (32, Duration::from_secs(2));
+    let full_path = format!("/v1/jobs/{full_job}");
+    let bare_path = format!("/v1/jobs/{}", v.id);
+    // Warm-up.
+    load(
+        full.addr,
+        &full_path,
+        Some(full.auth("client")),
+        conns,
+        dur / 4,
+    )
+    .await;
+    load(bare_addr, &bare_path, None, conns, dur / 4).await;
+    let (mut f, mut b, mut st) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..5 {
+        b.push(load(bare_addr, &bare_path, None, conns, dur).await);
+        f.push(load(full.addr, &full_path, Some(full.auth("client")), conns, dur).await);
+        st.push(load(stack_addr, &stack_path, Some(&stack_key), conns, dur).await);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mf, mb, ms) = (median(&mut f), median(&mut b), median(&mut st));
+    println!(
+        "the crate's StackLayer alone: {ms:.0} req/s ({:.1}% of bare)",
+        100.0 * ms / mb
+    );
+    println!(
+        "GET /v1/jobs/{{id}} (logs {}): full stack {mf:.0} req/s, bare {mb:.0} req/s, ratio {:.1}% \
+         (rounds: full {f:.0?}, bare {b:.0?})",
+        if logs { "on" } else { "off" },
+        100.0 * mf / mb
+    );
+    assert!(mf > 0.0 && mb > 0.0);
+    full.shutdown().await;
 }
