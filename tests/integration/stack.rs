@@ -136,8 +136,7 @@ async fn a_denied_address_gets_403_before_any_credential_check() {
         let e = assert_logged(rid, 403, Some("ip_denied"), "127.0.0.66").await;
         assert!(e.get("principal").is_none());
     }
-    // The wrong keys from the denied address were never counted as failures: the
-    // throttle sits inside the allowlist. From an allowed address the key works.
+    // From an allowed address the key works, and the principal is logged.
     let r = call(addr, "127.0.0.67", "/", "stack-deny-allowed", Some(valid)).await;
     assert_eq!((r.status, r.body.as_str()), (200, "stack-deny-client"));
     let e = assert_logged("stack-deny-allowed", 200, None, "127.0.0.67").await;
