@@ -992,7 +992,7 @@ pub struct Stack<S> {
     inner: Inner<S>,
 }
 
-impl<S: fmt::Debug> fmt::Debug for Stack<S> {
+impl<S> fmt::Debug for Stack<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Stack").finish_non_exhaustive()
     }
