@@ -51,6 +51,8 @@ struct Setup {
     auth_failures: Quota,
     redis: Option<RedisLimiter>,
     secret: TokenSecret,
+    /// The in-process worker's token issuer instead of the guard's.
+    worker_issuer: Option<portcullis::jwt::TokenIssuer>,
 }
 
 impl Setup {
@@ -65,6 +67,7 @@ impl Setup {
             auth_failures: Quota::per_minute(10_000).unwrap(),
             redis: None,
             secret: TokenSecret::generate().unwrap(),
+            worker_issuer: None,
         }
     }
 }
@@ -119,7 +122,10 @@ impl Demo {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let s = state.clone();
-        let worker = setup.worker.map(|w| (w, guard.worker_issuer().unwrap()));
+        let issuer = setup
+            .worker_issuer
+            .unwrap_or_else(|| guard.worker_issuer().unwrap());
+        let worker = setup.worker.map(|w| (w, issuer));
         let server = tokio::spawn(async move {
             serve(listener, router, &s, worker, async {
                 let _ = rx.await;
@@ -878,6 +884,42 @@ async fn shutdown_drains_a_job_in_flight_and_stops() {
     );
 }
 
+#[tokio::test]
+async fn a_worker_whose_token_is_refused_changes_nothing_and_pauses() {
+    use portcullis::jwt::{SigningKey, TokenIssuer};
+    let forged = TokenIssuer::builder(SigningKey::hs256(&[9u8; 32]).unwrap())
+        .issuer(guard::ISSUER)
+        .subject(guard::WORKER_SUBJECT)
+        .audience(guard::AUDIENCE)
+        .scope("jobs:work")
+        .build()
+        .unwrap();
+    let demo = Demo::launch(Setup {
+        worker_issuer: Some(forged),
+        ..Setup::new(
+            fast_queue(),
+            Some(WorkerConfig {
+                breaker: BreakerConfig {
+                    threshold: 3,
+                    cooldown: Duration::from_secs(3600),
+                },
+                ..fast_worker()
+            }),
+        )
+    })
+    .await;
+    let id = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await
+        .id();
+    let state = demo.state.clone();
+    eventually("paused", || state.worker.snapshot().paused).await;
+    assert_eq!(job_state(&state, &id), JobState::Queued, "never claimed");
+    let s = serde_json::to_value(routes::gather(&state)).unwrap();
+    assert_eq!(s["auth_failures"], 3, "each claim refused with 401: {s}");
+    demo.shutdown().await;
+}
+
 /// A token signed with `secret`, with these claims (times relative to now).
 fn craft_token(secret: &[u8], aud: &str, scope: &str, iat: i64, exp: i64) -> String {
     let now = SystemTime::now()
@@ -1255,6 +1297,9 @@ async fn the_printed_curl_lines_work_verbatim() {
             std::process::Command::new("sh")
                 .arg("-c")
                 .arg(script)
+                // Loopback is never proxied, whatever the environment says.
+                .env("no_proxy", "*")
+                .env("NO_PROXY", "*")
                 .output()
                 .unwrap()
         })
