@@ -36,8 +36,9 @@ pub const MAX_INPUT: usize = 4 * 1024;
 pub const MAX_PRIORITY: u8 = 9;
 
 /// Refusals counted from the `DenialReason` in response extensions: filled by
-/// whatever layer refused (the scope check today, the auth and rate-limit layers
-/// once wired), as long as they sit inside [`count_refusals`].
+/// whatever layer refused (the scope check, authentication, the
+/// failed-auth throttle, the rate limit), as long as they sit inside
+/// [`count_refusals`].
 #[derive(Debug, Default)]
 pub struct Counters {
     auth_failures: AtomicU64,
