@@ -177,6 +177,23 @@ async fn a_throttled_address_gets_429_before_the_key_is_checked() {
     // A request without a credential is throttled too (the address is).
     let r = call(addr, "127.0.0.71", "/", "stack-thr-4", None).await;
     assert_eq!(r.status, 429);
+    // The audit trail of this address: two failures, then only throttling; the
+    // valid key was never looked up (no auth_succeeded).
+    let audit: Vec<String> = capture()
+        .events_with("127.0.0.71")
+        .iter()
+        .filter(|e| e["target"] == "portcullis::audit" && e["fields"]["client_ip"] == "127.0.0.71")
+        .map(|e| e["fields"]["event"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        audit,
+        [
+            "auth_failed",
+            "auth_failed",
+            "auth_throttled",
+            "auth_throttled"
+        ]
+    );
     // Another address is untouched.
     let r = call(addr, "127.0.0.72", "/", "stack-thr-5", Some(valid)).await;
     assert_eq!((r.status, r.body.as_str()), (200, "stack-throttle-client"));
