@@ -1027,6 +1027,34 @@ impl<S> Layer<S> for StackLayer {
 /// allowlist, failed-authentication throttle, authentication and rate limit around
 /// `S`. Works with any response body that implements `From<Bytes>`
 /// (`http_body_util::Full<Bytes>`, `axum::body::Body`).
+///
+/// The type can be named, e.g. to store the service in a struct:
+///
+/// ```
+/// use std::convert::Infallible;
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use portcullis::stack::{Stack, StackLayer};
+/// use portcullis::Scopes;
+/// use tower::util::BoxCloneService;
+/// use tower::Layer;
+///
+/// type Handler = BoxCloneService<Request<Full<Bytes>>, Response<Full<Bytes>>, Infallible>;
+/// struct App {
+///     service: Stack<Handler>,
+/// }
+///
+/// let stack = StackLayer::builder()
+///     .allow_unauthenticated_requests_dangerously(Scopes::default())
+///     .build()?;
+/// let handler: Handler = BoxCloneService::new(tower::service_fn(|_req| async {
+///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+/// }));
+/// let app = App { service: stack.layer(handler) };
+/// # let _ = app.service;
+/// # Ok::<(), portcullis::ConfigError>(())
+/// ```
 #[derive(Clone)]
 pub struct Stack<S> {
     inner: Inner<S>,
