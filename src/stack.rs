@@ -97,6 +97,7 @@
 //! | `PORTCULLIS_JWKS_FILE` | JWK Set of the service-token signers (feature `jwt`) | `/etc/svc/jwks.json` |
 //! | `PORTCULLIS_TOKEN_ISSUERS` | comma-separated accepted `iss` values (required with a JWKS file) | `https://ci.example` |
 //! | `PORTCULLIS_TOKEN_AUDIENCE` | our `aud` (required with a JWKS file) | `jobs-api` |
+//! | `PORTCULLIS_JWKS_RELOAD_SECS` | how often the JWKS file is checked (default 10, `0` never) | `60` |
 //! | `PORTCULLIS_RATE_LIMIT` | quotas, see [`parse_quotas`] (default [`DEFAULT_QUOTA`]) | `100/s, 5000/h` |
 //! | `PORTCULLIS_AUTH_THROTTLE` | failed authentications allowed per address, one quota (default `10/5m`) | `5/15m` |
 //! | `PORTCULLIS_REDIS_URL` | share the rate limits through Redis (feature `redis`); never logged | `redis://redis:6379` |
@@ -124,6 +125,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+#[cfg(feature = "jwt")]
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -175,6 +178,8 @@ pub mod env {
     pub const TOKEN_ISSUERS: &str = "PORTCULLIS_TOKEN_ISSUERS";
     /// Our token audience.
     pub const TOKEN_AUDIENCE: &str = "PORTCULLIS_TOKEN_AUDIENCE";
+    /// Seconds between checks of the JWKS file (0: never reload).
+    pub const JWKS_RELOAD_SECS: &str = "PORTCULLIS_JWKS_RELOAD_SECS";
     /// The rate-limit quotas.
     pub const RATE_LIMIT: &str = "PORTCULLIS_RATE_LIMIT";
     /// The failed-authentication quota per address.
@@ -295,6 +300,20 @@ pub fn parse_quotas(list: &str) -> Result<Vec<Quota>, ConfigError> {
     Ok(quotas)
 }
 
+/// A reload interval in whole seconds (`None`: the default; `0`: never).
+fn reload_interval(value: Option<String>, name: &str) -> Result<Option<Duration>, ConfigError> {
+    match value {
+        None => Ok(Some(DEFAULT_KEY_RELOAD)),
+        Some(s) => match parse_number(s.trim()) {
+            Some(0) => Ok(None),
+            Some(n) => Ok(Some(Duration::from_secs(n))),
+            None => Err(ConfigError::new(format!(
+                "{name}: must be a whole number of seconds"
+            ))),
+        },
+    }
+}
+
 /// A decimal number of at most 10 digits, nothing else (no sign, no separators).
 fn parse_number(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -343,6 +362,8 @@ pub struct StackBuilder {
     rate_limit: RateLimitChoice,
     #[cfg(feature = "redis")]
     redis: Option<crate::rate_limit::redis::RedisLimiter>,
+    #[cfg(feature = "jwt")]
+    jwks_watcher: Option<Arc<crate::jwt::KeyFileWatcher>>,
     conflict: Option<&'static str>,
 }
 
@@ -398,6 +419,8 @@ impl StackBuilder {
             rate_limit: RateLimitChoice::Default,
             #[cfg(feature = "redis")]
             redis: None,
+            #[cfg(feature = "jwt")]
+            jwks_watcher: None,
             conflict: None,
         }
     }
@@ -465,19 +488,8 @@ impl StackBuilder {
                         env::API_KEYS
                     )));
                 }
-                let every = match get(env::KEY_FILE_RELOAD_SECS) {
-                    None => Some(DEFAULT_KEY_RELOAD),
-                    Some(s) => match parse_number(s.trim()) {
-                        Some(0) => None,
-                        Some(n) => Some(Duration::from_secs(n)),
-                        None => {
-                            return Err(ConfigError::new(format!(
-                                "{}: must be a whole number of seconds",
-                                env::KEY_FILE_RELOAD_SECS
-                            )));
-                        }
-                    },
-                };
+                let every =
+                    reload_interval(get(env::KEY_FILE_RELOAD_SECS), env::KEY_FILE_RELOAD_SECS)?;
                 let mut keys = ApiKeys::from_file(path).map_err(named(env::KEY_FILE))?;
                 if let Some(every) = every {
                     keys = keys.reload_every(every).map_err(named(env::KEY_FILE))?;
@@ -524,6 +536,13 @@ impl StackBuilder {
         let issuers = get(env::TOKEN_ISSUERS);
         let audience = get(env::TOKEN_AUDIENCE);
         if file.is_none() && issuers.is_none() && audience.is_none() {
+            if get(env::JWKS_RELOAD_SECS).is_some() {
+                return Err(ConfigError::new(format!(
+                    "{} is set but {} is not",
+                    env::JWKS_RELOAD_SECS,
+                    env::JWKS_FILE
+                )));
+            }
             return Ok(self);
         }
         let need = |v: Option<String>, name: &str| {
@@ -553,15 +572,31 @@ impl StackBuilder {
             }
             builder = builder.issuer(iss);
         }
+        let every = reload_interval(get(env::JWKS_RELOAD_SECS), env::JWKS_RELOAD_SECS)?;
         let verifier = builder
             .build()
             .map_err(|e| ConfigError::new(format!("{}: {e}", env::JWKS_FILE)))?;
-        Ok(self.service_tokens(verifier))
+        let mut this = self;
+        if let Some(every) = every {
+            let watcher = verifier.watch_key_files(every).map_err(|e| {
+                ConfigError::new(format!(
+                    "{}: cannot start the reload thread: {e}",
+                    env::JWKS_FILE
+                ))
+            })?;
+            this.jwks_watcher = Some(Arc::new(watcher));
+        }
+        Ok(this.service_tokens(verifier))
     }
 
     #[cfg(not(feature = "jwt"))]
     fn tokens_from_env(self, get: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        for name in [env::JWKS_FILE, env::TOKEN_ISSUERS, env::TOKEN_AUDIENCE] {
+        for name in [
+            env::JWKS_FILE,
+            env::TOKEN_ISSUERS,
+            env::TOKEN_AUDIENCE,
+            env::JWKS_RELOAD_SECS,
+        ] {
             if get(name).is_some() {
                 return Err(ConfigError::new(format!(
                     "{name} is set but portcullis was built without the jwt feature"
@@ -890,6 +925,8 @@ impl StackBuilder {
         };
 
         Ok(StackLayer {
+            #[cfg(feature = "jwt")]
+            _jwks_watcher: self.jwks_watcher,
             request_id: self.request_id,
             access_log: self.access_log,
             client_ip: ClientIpLayer::new(client_ip),
@@ -910,6 +947,9 @@ impl StackBuilder {
 /// clone it per connection.
 #[derive(Clone)]
 pub struct StackLayer {
+    /// Reloads the JWKS file configured from the environment while a clone lives.
+    #[cfg(feature = "jwt")]
+    _jwks_watcher: Option<Arc<crate::jwt::KeyFileWatcher>>,
     request_id: RequestIdLayer,
     access_log: AccessLogLayer,
     client_ip: ClientIpLayer,
@@ -987,6 +1027,34 @@ impl<S> Layer<S> for StackLayer {
 /// allowlist, failed-authentication throttle, authentication and rate limit around
 /// `S`. Works with any response body that implements `From<Bytes>`
 /// (`http_body_util::Full<Bytes>`, `axum::body::Body`).
+///
+/// The type can be named, e.g. to store the service in a struct:
+///
+/// ```
+/// use std::convert::Infallible;
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use portcullis::stack::{Stack, StackLayer};
+/// use portcullis::Scopes;
+/// use tower::util::BoxCloneService;
+/// use tower::Layer;
+///
+/// type Handler = BoxCloneService<Request<Full<Bytes>>, Response<Full<Bytes>>, Infallible>;
+/// struct App {
+///     service: Stack<Handler>,
+/// }
+///
+/// let stack = StackLayer::builder()
+///     .allow_unauthenticated_requests_dangerously(Scopes::default())
+///     .build()?;
+/// let handler: Handler = BoxCloneService::new(tower::service_fn(|_req| async {
+///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+/// }));
+/// let app = App { service: stack.layer(handler) };
+/// # let _ = app.service;
+/// # Ok::<(), portcullis::ConfigError>(())
+/// ```
 #[derive(Clone)]
 pub struct Stack<S> {
     inner: Inner<S>,

@@ -177,6 +177,23 @@ async fn a_throttled_address_gets_429_before_the_key_is_checked() {
     // A request without a credential is throttled too (the address is).
     let r = call(addr, "127.0.0.71", "/", "stack-thr-4", None).await;
     assert_eq!(r.status, 429);
+    // The audit trail of this address: two failures, then only throttling; the
+    // valid key was never looked up (no auth_succeeded).
+    let audit: Vec<String> = capture()
+        .events_with("127.0.0.71")
+        .iter()
+        .filter(|e| e["target"] == "portcullis::audit" && e["fields"]["client_ip"] == "127.0.0.71")
+        .map(|e| e["fields"]["event"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        audit,
+        [
+            "auth_failed",
+            "auth_failed",
+            "auth_throttled",
+            "auth_throttled"
+        ]
+    );
     // Another address is untouched.
     let r = call(addr, "127.0.0.72", "/", "stack-thr-5", Some(valid)).await;
     assert_eq!((r.status, r.body.as_str()), (200, "stack-throttle-client"));
@@ -462,6 +479,51 @@ mod tokens {
         )
         .await;
         assert_eq!(r.status, 401);
+    }
+
+    #[tokio::test]
+    async fn the_jwks_file_from_the_environment_is_reloaded() {
+        capture();
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-stack-jwks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jwks.json");
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jwt");
+        std::fs::copy(data.join("jwks.json"), &path).unwrap();
+        let env: HashMap<&str, String> = HashMap::from([
+            ("PORTCULLIS_JWKS_FILE", path.to_str().unwrap().to_owned()),
+            ("PORTCULLIS_TOKEN_ISSUERS", ISS.to_owned()),
+            ("PORTCULLIS_TOKEN_AUDIENCE", AUD.to_owned()),
+            ("PORTCULLIS_JWKS_RELOAD_SECS", "1".to_owned()),
+        ]);
+        let stack = StackBuilder::from_env_with(|n| env.get(n).cloned())
+            .unwrap()
+            .build()
+            .unwrap();
+        let addr = serve(stack).await;
+        let token = issuer("stack-reload-worker").mint().unwrap();
+        let r = bearer(addr, "127.0.0.125", "stack-reload-1", token.as_str()).await;
+        assert_eq!(r.status, 200);
+        // Rotate: ec-1 is gone from the new file. Replace atomically.
+        let tmp = dir.join("jwks.json.tmp");
+        std::fs::copy(data.join("jwks-rotated.json"), &tmp).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        let mut status = 200;
+        for i in 0..40 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let rid = format!("stack-reload-poll-{i}");
+            status = bearer(addr, "127.0.0.125", &rid, token.as_str())
+                .await
+                .status;
+            if status == 401 {
+                break;
+            }
+        }
+        assert_eq!(
+            status, 401,
+            "the rotated-out key is refused after the reload"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
@@ -797,6 +859,16 @@ fn env_service_tokens_need_all_three_variables() {
     ])
     .unwrap_err();
     assert!(e.starts_with("PORTCULLIS_TOKEN_ISSUERS: entry 2"), "{e}");
+    let e = from_env(&[
+        ("PORTCULLIS_JWKS_FILE", jwks.as_str()),
+        ("PORTCULLIS_TOKEN_ISSUERS", "https://a"),
+        ("PORTCULLIS_TOKEN_AUDIENCE", "x"),
+        ("PORTCULLIS_JWKS_RELOAD_SECS", "often"),
+    ])
+    .unwrap_err();
+    assert!(e.starts_with("PORTCULLIS_JWKS_RELOAD_SECS:"), "{e}");
+    let e = from_env(&[("PORTCULLIS_JWKS_RELOAD_SECS", "5")]).unwrap_err();
+    assert!(e.contains("but PORTCULLIS_JWKS_FILE is not"), "{e}");
 }
 
 #[cfg(feature = "redis")]
