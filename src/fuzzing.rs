@@ -433,3 +433,64 @@ pub fn query_redaction(data: &[u8]) {
     }
     assert_eq!(redact_query(&out), out, "not a fixed point");
 }
+
+/// `stack_config` target: the quota-list parser and the environment configuration
+/// of the stack. Input: lines of UTF-8; the first is parsed by
+/// [`parse_quotas`](crate::stack::parse_quotas), then each line is the value of one
+/// variable (in the order below) for
+/// [`StackBuilder::from_env_with`](crate::stack::StackBuilder::from_env_with),
+/// followed by `build`. The file-path variables are left out (no file access).
+///
+/// Checks, besides "no panic": an accepted quota list has 1 to 4 quotas with
+/// non-zero counts and distinct windows, and each entry parses alone to the same
+/// quota; an error never repeats the raw API keys value.
+#[cfg(feature = "stack")]
+pub fn stack_config(data: &[u8]) {
+    use crate::stack::{StackBuilder, parse_quota, parse_quotas};
+    const VARS: [&str; 9] = [
+        "PORTCULLIS_RATE_LIMIT",
+        "PORTCULLIS_TRUSTED_PROXIES",
+        "PORTCULLIS_FORWARDED_HEADER",
+        "PORTCULLIS_ALLOWLIST",
+        "PORTCULLIS_DENYLIST",
+        "PORTCULLIS_API_KEYS",
+        "PORTCULLIS_API_KEY_SCOPES",
+        "PORTCULLIS_AUTH_THROTTLE",
+        "PORTCULLIS_TOKEN_AUDIENCE",
+    ];
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let lines: Vec<&str> = text.split('\n').collect();
+    if let Ok(quotas) = parse_quotas(lines[0]) {
+        assert!((1..=4).contains(&quotas.len()));
+        for (i, (q, entry)) in quotas.iter().zip(lines[0].split(',')).enumerate() {
+            assert!(q.count() >= 1 && q.window().as_secs() >= 1);
+            assert_eq!(parse_quota(entry).ok(), Some(*q));
+            assert!(quotas[..i].iter().all(|p| p.window() != q.window()));
+        }
+    }
+    let get = |name: &str| {
+        let i = VARS.iter().position(|v| *v == name)?;
+        lines.get(i).map(|v| (*v).to_owned())
+    };
+    // Only a value longer than any space-free run of the fixed message texts (the
+    // longest is a variable name) can be told apart from them.
+    let keys = lines.get(5).map(|v| v.trim()).unwrap_or("");
+    let checkable = keys.len() > 40 && !keys.contains(char::is_whitespace);
+    let check = |e: crate::ConfigError| {
+        let msg = e.to_string();
+        assert!(
+            !checkable || !msg.contains(keys),
+            "an error repeats the API keys value"
+        );
+    };
+    match StackBuilder::from_env_with(get) {
+        Ok(builder) => {
+            if let Err(e) = builder.build() {
+                check(e);
+            }
+        }
+        Err(e) => check(e),
+    }
+}

@@ -18,6 +18,7 @@
 //! | `TokenVerifier` / `BearerTokenLayer` (feature `jwt`) | `jwt` | verify service tokens (JWT) into a [`Principal`]; mint and attach them on outgoing requests |
 //! | [`AuthThrottleLayer`](rate_limit::AuthThrottleLayer) | [`rate_limit`] | 429 for a client address after too many failed authentications, before any credential is checked |
 //! | [`RateLimitLayer`](rate_limit::RateLimitLayer) | [`rate_limit`] | per-principal (else per-address) quotas: 429 with `Retry-After` and the IETF `RateLimit` fields; in memory or shared through Redis |
+//! | [`StackLayer`](stack::StackLayer) | [`stack`] | all of the above in this order as one layer, from code or `PORTCULLIS_*` environment variables; refuses to build without credentials |
 //!
 //! Layers talk to each other through request extensions: [`ClientIp`] and
 //! [`Principal`]. Every refusal is built by one module, [`rejection`], so every layer
@@ -86,6 +87,7 @@
 //!   `tracing-subscriber` writer that scrubs every formatted event.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
 //! - `fuzzing`: the entry points of the cargo-fuzz targets, for the corpus replay tests.
+//! - `stack` (default): [`stack`], the whole stack as one layer ([`StackLayer`](stack::StackLayer)).
 //!
 //! ## What portcullis does not do
 //!
@@ -134,6 +136,9 @@ pub mod access_log;
 
 #[cfg(feature = "redact")]
 pub mod redact;
+
+#[cfg(feature = "stack")]
+pub mod stack;
 
 pub use error::ConfigError;
 pub use ip::{ClientIp, IpSet};

@@ -3,16 +3,16 @@
 //! Every route is listed in [`ROUTES`] with its access rule. [`require_scope`] is a
 //! router-level middleware that looks the matched route up and answers
 //!
-//! - 401 (`Bearer realm="portcullis-demo"`) when the request carries no
-//!   [`Principal`] (the authentication layer did not admit it),
+//! through the crate's `RequireScope` for that route's scope:
+//!
+//! - 401 when the request carries no `Principal` (cannot happen behind
+//!   `Authenticate`, which refuses first; kept as the layer's own guarantee),
 //! - 403 `insufficient_scope` when the principal lacks the route's scope,
 //! - 500 when a route is missing from the table: an unlisted route is a wiring bug
 //!   and is never served open.
 //!
-//! The `Principal` is inserted by the authentication layers (API keys, service
-//! tokens). Until they are wired in, no request has one, so every protected route
-//! answers 401. When the crate's `RequireScope` layer lands, each row of [`ROUTES`]
-//! becomes a `.route_layer(RequireScope::new(..))` and this module goes away.
+//! One table rather than a `route_layer` per route: a route added to the router
+//! without a row fails closed, and a test checks that every row is unique.
 
 use std::sync::LazyLock;
 
@@ -20,8 +20,11 @@ use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{Method, Response};
 use axum::middleware::Next;
-use portcullis::rejection::{Challenge, Rejection};
-use portcullis::{ClientIp, Principal, Scopes};
+use portcullis::rejection::Rejection;
+use portcullis::scope::RequireScopeLayer;
+use tower::{Layer, ServiceExt};
+
+use crate::guard::REALM;
 
 /// Enqueue and cancel jobs.
 pub const JOBS_WRITE: &str = "jobs:write";
@@ -76,9 +79,26 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::GET, "/dashboard", Access::Scope(DASHBOARD_READ)),
 ];
 
-/// The challenge every 401/403 of the demo offers.
-pub static CHALLENGE: LazyLock<Challenge> =
-    LazyLock::new(|| Challenge::bearer("portcullis-demo").expect("a valid realm"));
+/// The crate's scope check for `scope`, with the demo's realm: one layer per scope,
+/// built once.
+fn scope_layer(scope: &'static str) -> &'static RequireScopeLayer {
+    static LAYERS: LazyLock<Vec<(&'static str, RequireScopeLayer)>> = LazyLock::new(|| {
+        [JOBS_WRITE, JOBS_READ, JOBS_WORK, ADMIN, DASHBOARD_READ]
+            .into_iter()
+            .map(|s| {
+                let layer = RequireScopeLayer::new(s)
+                    .and_then(|l| l.realm(REALM))
+                    .expect("the table's scopes and the realm are valid");
+                (s, layer)
+            })
+            .collect()
+    });
+    LAYERS
+        .iter()
+        .find(|(s, _)| *s == scope)
+        .map(|(_, l)| l)
+        .expect("every scope of the table has a layer")
+}
 
 /// The rule of a route; `HEAD` follows `GET`. `None` for an unlisted route.
 pub fn access_for(method: &Method, path: &str) -> Option<Access> {
@@ -93,33 +113,9 @@ pub fn access_for(method: &Method, path: &str) -> Option<Access> {
         .map(|(_, _, a)| *a)
 }
 
-/// The one scope check: `Ok` when `principal` holds `scope`, else the refusal.
-#[allow(clippy::result_large_err)]
-pub fn check(
-    principal: Option<&Principal>,
-    client_ip: Option<&ClientIp>,
-    scope: &'static str,
-) -> Result<(), Response<Body>> {
-    let Some(p) = principal else {
-        return Err(Rejection::missing_credential(&CHALLENGE).into_response());
-    };
-    if p.scopes().contains(scope) {
-        return Ok(());
-    }
-    let required = Scopes::parse(scope).expect("the table's scopes are valid tokens");
-    tracing::info!(
-        target: "portcullis::audit",
-        event = "scope_denied",
-        reason = "insufficient_scope",
-        client_ip = client_ip.map(tracing::field::display),
-        principal = p.id(),
-        method = p.method().as_str(),
-        scope,
-    );
-    Err(Rejection::insufficient_scope(&CHALLENGE, &required).into_response())
-}
-
-/// Router-level middleware (`Router::route_layer`) enforcing [`ROUTES`].
+/// Router-level middleware (`Router::route_layer`) enforcing [`ROUTES`]: the
+/// matched route's scope is checked by the crate's `RequireScope` (401 without a
+/// principal, 403 `insufficient_scope`, an audit event `scope_denied`).
 pub async fn require_scope(
     matched: Option<MatchedPath>,
     req: Request,
@@ -128,13 +124,10 @@ pub async fn require_scope(
     let access = matched.and_then(|m| access_for(req.method(), m.as_str()));
     match access {
         Some(Access::Public) => next.run(req).await,
-        Some(Access::Scope(scope)) => {
-            let ext = req.extensions();
-            match check(ext.get::<Principal>(), ext.get::<ClientIp>(), scope) {
-                Ok(()) => next.run(req).await,
-                Err(refusal) => refusal,
-            }
-        }
+        Some(Access::Scope(scope)) => match scope_layer(scope).layer(next).oneshot(req).await {
+            Ok(res) => res,
+            Err(never) => match never {},
+        },
         None => {
             tracing::error!(
                 method = %req.method(),

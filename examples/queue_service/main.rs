@@ -1,39 +1,34 @@
-//! The demo job-queue service.
+//! The demo job-queue service: every portcullis layer guarding a small job queue.
 //!
-//! `cargo run --release --example queue_service` listens on 127.0.0.1:8080
-//! (`--addr HOST:PORT` or `PORTCULLIS_DEMO_ADDR` changes it; port 0 picks a free port
-//! and prints it). `PORTCULLIS_DEMO_JOB_TTL_SECS` (default 24 h) and
-//! `PORTCULLIS_DEMO_MAX_DEPTH` (default 1000) set the engine's limits. `POST /internal/latest-runs` also requires a client address in
-//! `PORTCULLIS_DEMO_INTERNAL_CIDRS` (default `127.0.0.0/8, ::1`). Logs are JSON lines on standard error. SIGINT/SIGTERM stop
-//! accepting, finish the job in flight and exit.
+//! `cargo run --release --example queue_service` listens on 127.0.0.1:8080, makes
+//! ephemeral credentials (an admin key, a client key, a worker signing key) and
+//! prints them once to standard output with ready-to-paste curl lines. Logs are
+//! JSON lines on standard error, through the redacting writer.
 //!
-//! Wiring today: the client address is resolved from the TCP peer
-//! (`ClientIpLayer`). The API-key and service-token layers are not wired yet, so no
-//! request carries a `Principal` and every route except `/health` answers 401.
-//! There is deliberately no open mode.
+//! Settings (flags win over the environment):
 //!
-//! Modules: [`queue`] the engine, [`worker`] the in-process worker, [`routes`] the
-//! HTTP handlers, [`auth`] the one scope table.
+//! | flag / variable | meaning | default |
+//! |---|---|---|
+//! | `--addr HOST:PORT` / `PORTCULLIS_DEMO_ADDR` | listen address (port 0: a free port, printed) | `127.0.0.1:8080` |
+//! | `--redis URL` / `REDIS_URL` | share rate limits through Redis (fails closed) | in memory |
+//! | `PORTCULLIS_DEMO_KEY_FILE` | API-key file (TOML, reloaded on change) | ephemeral keys |
+//! | `PORTCULLIS_DEMO_TOKEN_KEY_FILE` | HS256 secret (>= 32 bytes) of the service tokens | ephemeral secret |
+//! | `PORTCULLIS_DEMO_INTERNAL_CIDRS` | who may call `POST /internal/latest-runs` | `127.0.0.0/8, ::1` |
+//! | `PORTCULLIS_DEMO_JOB_TTL_SECS` | job lifetime | 86400 |
+//! | `PORTCULLIS_DEMO_MAX_DEPTH` | open jobs before 503 | 1000 |
 //!
-//! ## Wiring the remaining layers
+//! The two credential files go together (one without the other is an error); with
+//! them, nothing secret is printed. SIGINT/SIGTERM: the worker finishes the job in
+//! flight (through the HTTP endpoints, which stay up meanwhile), then the server
+//! stops accepting and exits.
 //!
-//! Each protected route reads the `Principal` the authentication layer inserts and
-//! checks the scope listed for it in [`auth::ROUTES`]; stats count every refusal
-//! carrying a `DenialReason` inside [`routes::count_refusals`]. So the rest is:
-//!
-//! 1. in `main`, between `routes::app(..)` and `count_refusals(..)`, add (innermost
-//!    first) the rate limit, the failed-auth throttle, `Authenticate` (keys from a
-//!    file or ephemeral demo keys, plus the service-token verifier), then
-//!    `ClientIpLayer` (already there), the access log and the request id, as
-//!    DESIGN.md orders them (the internal allowlist is already a `route_layer` on
-//!    `/internal/latest-runs` in `app`);
-//! 2. replace [`auth::require_scope`] by the crate's `RequireScope` per route, row
-//!    by row from [`auth::ROUTES`];
-//! 3. swap the test-only principal layer in `tests.rs` for real keys and tokens and
-//!    keep the tests; add the denied/allowed-address tests for the internal route;
-//! 4. route the JSON logs through the redacting writer.
+//! Modules: [`queue`] the engine, [`worker`] the in-process worker, [`client`] its
+//! HTTP client, [`routes`] the handlers, [`auth`] the one scope table, [`guard`]
+//! the layers and credentials.
 
 mod auth;
+mod client;
+mod guard;
 mod queue;
 mod routes;
 #[cfg(test)]
@@ -41,7 +36,7 @@ mod tests;
 mod worker;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,14 +45,17 @@ use axum::extract::{ConnectInfo, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use portcullis::IpSet;
-use portcullis::allowlist::IpAllowlistLayer;
-use portcullis::client_ip::{ClientIpConfig, ClientIpLayer, PeerAddr};
+use portcullis::client_ip::PeerAddr;
+use portcullis::jwt::TokenIssuer;
+use portcullis::redact::RedactingMakeWriter;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::client::WorkerClient;
+use crate::guard::{Credentials, Guard, GuardConfig};
 use crate::queue::{Queue, QueueConfig};
 use crate::routes::{AppState, Counters};
-use crate::worker::{Worker, WorkerConfig, WorkerStatus};
+use crate::worker::{Calls, Worker, WorkerConfig, WorkerStatus};
 
 /// How long shutdown waits for the worker's job in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,54 +74,71 @@ async fn peer_addr(req: Request, next: Next) -> Response {
 const DEFAULT_INTERNAL: &str = "127.0.0.0/8, ::1";
 
 /// The state shared by the routes and the worker.
-fn state(config: QueueConfig, internal: IpSet) -> AppState {
+fn state(config: QueueConfig) -> AppState {
     AppState {
         queue: Arc::new(Queue::new(config)),
         counters: Arc::new(Counters::default()),
         worker: Arc::new(WorkerStatus::default()),
-        internal: IpAllowlistLayer::new(internal),
     }
 }
 
-/// Serves `router` on `listener` with the worker (if any) running beside it until `shutdown`
-/// resolves; then stops accepting, lets open requests and the job in flight finish,
-/// and returns.
+/// The whole service: the routes inside the guarding stack (see [`guard`]), and
+/// the refusal counters around everything.
+fn service(state: &AppState, guard: &Guard) -> Router {
+    let router = routes::app(state.clone(), guard);
+    routes::count_refusals(router, state.counters.clone())
+}
+
+/// Serves `router` on `listener` with the worker (if any) running beside it, its
+/// calls going over HTTP to `listener`'s address with tokens from the issuer. When
+/// `shutdown` resolves: the worker finishes the job in flight (the server still
+/// answers its calls), then the server stops accepting, lets open requests finish,
+/// and this returns.
 async fn serve(
     listener: TcpListener,
     router: Router,
     state: &AppState,
-    worker: Option<WorkerConfig>,
+    worker: Option<(WorkerConfig, TokenIssuer)>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = worker.map(|config| {
-        let w = Worker::new(state.queue.clone(), config, state.worker.clone());
-        tokio::spawn(w.run(stop_rx.clone()))
+    let mut own = listener.local_addr()?;
+    if own.ip().is_unspecified() {
+        own.set_ip(match own.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        });
+    }
+    let (worker_tx, worker_rx) = watch::channel(false);
+    let worker = worker.map(|(config, issuer)| {
+        let calls = Calls::Http(WorkerClient::new(own, issuer));
+        let w = Worker::new(state.queue.clone(), config, state.worker.clone()).with_calls(calls);
+        tokio::spawn(w.run(worker_rx))
     });
+    let (server_tx, mut server_rx) = watch::channel(false);
     let app = router.layer(middleware::from_fn(peer_addr));
-    let mut server_stop = stop_rx;
     let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
-        let _ = server_stop.wait_for(|stop| *stop).await;
+        let _ = server_rx.wait_for(|stop| *stop).await;
     });
-    tokio::spawn(async move {
+    let coordinator = tokio::spawn(async move {
         shutdown.await;
         tracing::info!(event = "shutdown_requested");
-        let _ = stop_tx.send(true);
+        let _ = worker_tx.send(true);
+        if let Some(worker) = worker
+            && tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err()
+        {
+            tracing::warn!(
+                event = "drain_timeout",
+                "the job in flight did not finish in time"
+            );
+        }
+        let _ = server_tx.send(true);
     });
     server.await?;
-    let Some(worker) = worker else {
-        return Ok(());
-    };
-    if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
-        tracing::warn!(
-            event = "drain_timeout",
-            "the job in flight did not finish in time"
-        );
-    }
+    let _ = coordinator.await;
     tracing::info!(event = "stopped");
     Ok(())
 }
@@ -168,53 +183,123 @@ fn queue_config(get: impl Fn(&str) -> Option<String>) -> Result<QueueConfig, Str
     Ok(config)
 }
 
-/// `--addr HOST:PORT`, else `PORTCULLIS_DEMO_ADDR`, else 127.0.0.1:8080.
-fn listen_addr(args: &[String], env: Option<String>) -> Result<SocketAddr, String> {
-    let raw = match args {
-        [] => env.unwrap_or_else(|| "127.0.0.1:8080".into()),
-        [flag, value] if flag == "--addr" => value.clone(),
-        _ => return Err("usage: queue_service [--addr HOST:PORT]".into()),
+/// The command line: `--addr HOST:PORT` and `--redis URL`, each at most once.
+#[derive(Debug, PartialEq, Eq)]
+struct Args {
+    addr: SocketAddr,
+    redis: Option<String>,
+}
+
+/// Parses the flags; `get` reads the environment (`PORTCULLIS_DEMO_ADDR`,
+/// `REDIS_URL`), which the flags override.
+fn parse_args(args: &[String], get: impl Fn(&str) -> Option<String>) -> Result<Args, String> {
+    const USAGE: &str = "usage: queue_service [--addr HOST:PORT] [--redis redis://HOST:PORT]";
+    let (mut addr, mut redis) = (None, None);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let slot = match flag.as_str() {
+            "--addr" => &mut addr,
+            "--redis" => &mut redis,
+            _ => return Err(USAGE.into()),
+        };
+        match (slot.is_some(), it.next()) {
+            (false, Some(v)) => *slot = Some(v.clone()),
+            _ => return Err(USAGE.into()),
+        }
+    }
+    let raw = addr
+        .or_else(|| get("PORTCULLIS_DEMO_ADDR"))
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let addr = raw
+        .parse()
+        .map_err(|_| format!("not a socket address (HOST:PORT): {raw:?}"))?;
+    let redis = redis.or_else(|| get("REDIS_URL")).filter(|u| !u.is_empty());
+    Ok(Args { addr, redis })
+}
+
+/// What standard output shows at start: the address, and for ephemeral
+/// credentials the keys, the worker's signing key and curl lines that work as
+/// pasted (in one shell: the first sets `JOB`).
+fn banner(bound: SocketAddr, credentials: &Credentials) -> String {
+    let base = format!("http://{bound}");
+    let mut out = format!("portcullis demo queue listening on {base}\n");
+    let Credentials::Ephemeral { keys, secret, .. } = credentials else {
+        out.push_str(
+            "Credentials: PORTCULLIS_DEMO_KEY_FILE and PORTCULLIS_DEMO_TOKEN_KEY_FILE (not shown).\n",
+        );
+        return out;
     };
-    raw.parse()
-        .map_err(|_| format!("not a socket address (HOST:PORT): {raw:?}"))
+    let key = |id: &str| {
+        keys.iter()
+            .find(|k| k.id == id)
+            .map(|k| k.key.expose_secret().to_owned())
+            .expect("the demo keys")
+    };
+    let (admin, client) = (key("demo-admin"), key("demo-client"));
+    out.push_str(&format!(
+        "\nEphemeral demo credentials (shown once, valid until this process exits):\n\
+         \x20 admin key  (admin dashboard:read): {admin}\n\
+         \x20 client key (jobs:read jobs:write): {client}\n\
+         \x20 worker signing key (HS256, hex; iss {iss}, aud {aud}): {}\n\
+         \nTry it (in one shell; the first line keeps the job id in JOB):\n\n",
+        secret.to_hex(),
+        iss = guard::ISSUER,
+        aud = guard::AUDIENCE,
+    ));
+    out.push_str(&format!(
+        "JOB=$(curl -s -H 'X-API-Key: {client}' -H 'Content-Type: application/json' \
+         -d '{{\"input\":\"resize photo-1\",\"priority\":5}}' {base}/v1/jobs | sed -E 's/.*\"id\":\"([0-9a-f]+)\".*/\\1/')\n\
+         curl -s -H 'X-API-Key: {client}' {base}/v1/jobs/$JOB\n\
+         curl -s -H 'X-API-Key: {admin}' {base}/v1/admin/stats\n\
+         curl -s -H 'X-API-Key: {admin}' {base}/dashboard\n"
+    ));
+    out
+}
+
+/// Everything `main` does before serving: configuration from `args` and `get` (the
+/// environment), credentials, the guard, the bound listener, and the banner.
+async fn start(
+    args: &[String],
+    get: impl Fn(&str) -> Option<String> + Copy,
+) -> Result<(TcpListener, Router, AppState, TokenIssuer, String), guard::BoxError> {
+    let args = parse_args(args, get)?;
+    let internal = get("PORTCULLIS_DEMO_INTERNAL_CIDRS");
+    let internal = IpSet::parse(internal.as_deref().unwrap_or(DEFAULT_INTERNAL))?;
+    let state = state(queue_config(get)?);
+    let credentials = Credentials::from_env(get)?;
+    let (keys, secret) = credentials.parts();
+    let mut config = GuardConfig::new(keys, secret, internal)?;
+    config.redis = guard::redis_limiter(args.redis.as_deref())?;
+    if let Some(redis) = &config.redis {
+        redis
+            .connect()
+            .await
+            .map_err(|_| "Redis (REDIS_URL / --redis) did not answer")?;
+    }
+    let guard = Guard::new(config)?;
+    let issuer = guard.worker_issuer()?;
+    let router = service(&state, &guard);
+    let listener = TcpListener::bind(args.addr).await?;
+    let banner = banner(listener.local_addr()?, &credentials);
+    Ok((listener, router, state, issuer, banner))
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<(), guard::BoxError> {
     tracing_subscriber::fmt()
         .json()
-        .with_writer(std::io::stderr)
+        .with_writer(RedactingMakeWriter::new(std::io::stderr))
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let addr = listen_addr(&args, std::env::var("PORTCULLIS_DEMO_ADDR").ok())?;
-
-    let internal = std::env::var("PORTCULLIS_DEMO_INTERNAL_CIDRS");
-    let internal = IpSet::parse(internal.as_deref().unwrap_or(DEFAULT_INTERNAL))?;
-    let state = state(queue_config(|k| std::env::var(k).ok())?, internal);
-    // The guarding layers, innermost first. Only ClientIpLayer exists on main so
-    // far (exposed directly: the peer is the client, forwarding headers are
-    // ignored). See "Wiring the remaining layers" in the module docs.
-    let router = routes::app(state.clone()).layer(ClientIpLayer::new(ClientIpConfig::peer_only()));
-    let router = routes::count_refusals(router, state.counters.clone());
-
     let shutdown = shutdown_signal()?;
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    println!("portcullis demo queue listening on http://{bound}");
-    tracing::info!(event = "listening", addr = %bound);
-    println!(
-        "NOTE: authentication is not wired yet: every route except GET /health answers 401 \
-         until the API-key and service-token layers are added."
-    );
-    tracing::warn!(
-        event = "auth_not_wired",
-        "authentication is not wired yet; every protected route answers 401"
-    );
+    let (listener, router, state, issuer, banner) = start(&args, |k| std::env::var(k).ok()).await?;
+    tracing::info!(event = "listening", addr = %listener.local_addr()?);
+    print!("{banner}");
     serve(
         listener,
         router,
         &state,
-        Some(WorkerConfig::default()),
+        Some((WorkerConfig::default(), issuer)),
         shutdown,
     )
     .await?;

@@ -522,11 +522,21 @@ impl Queue {
             .ok_or(QueueError::NotFound)
     }
 
-    /// Takes the next job by priority (then FIFO) and marks it running.
+    /// Takes the next job by priority (then FIFO) and marks it running (the worker
+    /// claims through the status endpoint instead: [`peek_next`](Self::peek_next),
+    /// then `start`).
+    #[cfg(test)]
     pub fn take_next(&self) -> Option<JobView> {
         let (mut g, now) = self.lock();
         let &(_, _, id) = g.ready.first()?;
         g.transition(id, JobState::Running, now).ok()
+    }
+
+    /// The job [`take_next`](Self::take_next) would take, left as it is.
+    pub fn peek_next(&self) -> Option<JobView> {
+        let (g, now) = self.lock();
+        let &(_, _, id) = g.ready.first()?;
+        g.jobs.get(&id).map(|j| j.view(now))
     }
 
     /// Marks one specific job running (a worker claiming it by id).

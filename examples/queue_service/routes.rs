@@ -19,12 +19,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Extension, Json, Router};
 use portcullis::Principal;
-use portcullis::allowlist::IpAllowlistLayer;
 use portcullis::rejection::{DenialReason, Rejection};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::auth;
+use crate::guard::Guard;
 use crate::queue::{Enqueued, JobId, JobState, JobView, Queue, QueueError};
 use crate::worker::{WorkerSnapshot, WorkerStatus};
 
@@ -36,8 +36,9 @@ pub const MAX_INPUT: usize = 4 * 1024;
 pub const MAX_PRIORITY: u8 = 9;
 
 /// Refusals counted from the `DenialReason` in response extensions: filled by
-/// whatever layer refused (the scope check today, the auth and rate-limit layers
-/// once wired), as long as they sit inside [`count_refusals`].
+/// whatever layer refused (the scope check, authentication, the
+/// failed-auth throttle, the rate limit), as long as they sit inside
+/// [`count_refusals`].
 #[derive(Debug, Default)]
 pub struct Counters {
     auth_failures: AtomicU64,
@@ -75,37 +76,44 @@ pub struct AppState {
     pub counters: Arc<Counters>,
     /// The in-process worker's figures.
     pub worker: Arc<WorkerStatus>,
-    /// The networks allowed on `/internal/*` (reads the `ClientIp` that
-    /// `ClientIpLayer`, outside the router, resolves).
-    pub internal: IpAllowlistLayer,
 }
 
-/// The router: every route behind the scope check, JSON errors, the body limit.
-/// The guarding layers wrap it from outside, then [`count_refusals`] wraps them.
-pub fn app(state: AppState) -> Router {
-    Router::new()
+/// The router: `/health` in the open; every other route (and unknown paths) behind
+/// `guard`'s stack and the scope check of [`auth::ROUTES`];
+/// `/internal/latest-runs` behind the stack with the internal allowlist. JSON
+/// errors, the body limit. The refusal counters wrap it in `main`.
+pub fn app(state: AppState, guard: &Guard) -> Router {
+    let scoped = middleware::from_fn(auth::require_scope);
+    let not_allowed = || async {
+        problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This method is not allowed on this resource.",
+        )
+    };
+    let public = Router::new()
         .route("/health", get(health))
+        .method_not_allowed_fallback(not_allowed);
+    let protected = Router::new()
         .route("/v1/jobs", post(enqueue))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/status", patch(set_status))
         .route("/v1/jobs/{id}/progress", patch(set_progress))
         .route("/v1/jobs/{id}/complete", post(complete))
         .route("/v1/jobs/{id}/fail", post(fail))
-        .route(
-            "/internal/latest-runs",
-            post(latest_runs).route_layer(state.internal.clone()),
-        )
         .route("/v1/admin/stats", get(stats))
         .route("/v1/admin/dlq", get(dlq))
         .route("/dashboard", get(dashboard))
-        .route_layer(middleware::from_fn(auth::require_scope))
+        .route_layer(scoped.clone())
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "No such resource.") })
-        .method_not_allowed_fallback(|| async {
-            problem(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "This method is not allowed on this resource.",
-            )
-        })
+        .method_not_allowed_fallback(not_allowed);
+    let internal = Router::new()
+        .route("/internal/latest-runs", post(latest_runs))
+        .route_layer(scoped)
+        .method_not_allowed_fallback(not_allowed);
+    guard
+        .public(public)
+        .merge(guard.guarded(protected))
+        .merge(guard.internal(internal))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
@@ -262,7 +270,8 @@ fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, QueueError> 
     }
 }
 
-async fn get_job(
+/// `GET /v1/jobs/{id}`.
+pub async fn get_job(
     State(s): State<AppState>,
     Extension(p): Extension<Principal>,
     JobPath(id): JobPath,
@@ -349,7 +358,8 @@ pub struct Stats {
     worker: WorkerSnapshot,
 }
 
-fn gather(s: &AppState) -> Stats {
+/// The current figures.
+pub fn gather(s: &AppState) -> Stats {
     Stats {
         queue: s.queue.stats(),
         auth_failures: s.counters.auth_failures.load(Ordering::Relaxed),

@@ -1,16 +1,21 @@
-//! The service over real TCP: the routes, the engine and the worker together.
+//! The service over real TCP: the routes, the engine, the worker and every guarding
+//! layer together, with real API keys and service tokens.
 //!
-//! Authentication is not wired yet, so a test-only layer stands in for it: it maps
-//! an `X-Test-Principal` header to one of a few fixed principals. It exists only
-//! under `cfg(test)`; the binary has no such door.
+//! Each test's demo has its own key store: one key per name below (`client`,
+//! `other`, `reader`, `admin`, `nobody`, plus a `revoked` and an `expired` one) and
+//! service tokens signed with its own secret (`worker` holds `jobs:work`,
+//! `reporter` only `jobs:read`). The in-process worker, when running, calls the
+//! worker endpoints over HTTP with its own token, as in `main`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use axum::extract::Request;
-use axum::middleware::{self, Next};
-use axum::response::Response;
-use portcullis::{AuthMethod, Principal, Scopes};
+use portcullis::Scopes;
+use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
+use portcullis::client_ip::ClientIpConfig;
+use portcullis::rate_limit::Quota;
+use portcullis::rate_limit::redis::RedisLimiter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -18,70 +23,109 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::auth::{Access, ROUTES};
+use crate::guard::TokenSecret;
 use crate::queue::{Backoff, JobId, JobState, QueueConfig};
 use crate::worker::BreakerConfig;
 use crate::worker::tests::eventually;
 
 const MS: Duration = Duration::from_millis(1);
 
-/// The stand-in for the authentication layers.
-async fn test_principal(mut req: Request, next: Next) -> Response {
-    let who = req
-        .headers()
-        .get("x-test-principal")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let principal = who.and_then(|who| {
-        let (method, scopes) = match who.as_str() {
-            "client" | "other" => (AuthMethod::ApiKey, "jobs:read jobs:write"),
-            "reader" => (AuthMethod::ApiKey, "jobs:read"),
-            "worker" => (AuthMethod::ServiceToken, "jobs:work"),
-            "admin" => (AuthMethod::ApiKey, "admin dashboard:read"),
-            "nobody" => (AuthMethod::ApiKey, ""),
-            _ => return None,
-        };
-        let scopes = Scopes::parse(scopes).unwrap();
-        Some(Principal::new(who, method).with_scopes(scopes))
-    });
-    if let Some(p) = principal {
-        req.extensions_mut().insert(p);
+/// The API keys of a test demo: `(name, scopes, revoked, expired)`.
+const TEST_KEYS: &[(&str, &str, bool, bool)] = &[
+    ("client", "jobs:read jobs:write", false, false),
+    ("other", "jobs:read jobs:write", false, false),
+    ("reader", "jobs:read", false, false),
+    ("admin", "admin dashboard:read", false, false),
+    ("nobody", "profile:read", false, false),
+    ("revoked", "jobs:read jobs:write", true, false),
+    ("expired", "jobs:read jobs:write", false, true),
+];
+
+/// How a test demo is set up.
+struct Setup {
+    queue: QueueConfig,
+    worker: Option<WorkerConfig>,
+    client_ip: ClientIpConfig,
+    internal: IpSet,
+    rate: Quota,
+    auth_failures: Quota,
+    redis: Option<RedisLimiter>,
+    secret: TokenSecret,
+    /// The in-process worker's token issuer instead of the guard's.
+    worker_issuer: Option<portcullis::jwt::TokenIssuer>,
+}
+
+impl Setup {
+    fn new(queue: QueueConfig, worker: Option<WorkerConfig>) -> Self {
+        Self {
+            queue,
+            worker,
+            client_ip: ClientIpConfig::peer_only(),
+            internal: IpSet::parse(DEFAULT_INTERNAL).unwrap(),
+            // Lenient unless a test is about the limits.
+            rate: Quota::per_second(10_000).unwrap(),
+            auth_failures: Quota::per_minute(10_000).unwrap(),
+            redis: None,
+            secret: TokenSecret::generate().unwrap(),
+            worker_issuer: None,
+        }
     }
-    next.run(req).await
 }
 
 struct Demo {
     addr: SocketAddr,
     state: AppState,
+    /// Name -> the header line that authenticates as it.
+    credentials: HashMap<&'static str, String>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
 }
 
 impl Demo {
-    /// The demo on 127.0.0.1:0, wired as `main` wires it plus the test principal.
+    /// The demo on 127.0.0.1:0 with the in-process worker, wired as `main` wires it.
     async fn start(config: QueueConfig, worker: WorkerConfig) -> Self {
-        Self::start_with(config, Some(worker)).await
+        Self::launch(Setup::new(config, Some(worker))).await
     }
 
-    async fn start_with(config: QueueConfig, worker: Option<WorkerConfig>) -> Self {
-        let internal = IpSet::parse(DEFAULT_INTERNAL).unwrap();
-        Self::start_full(config, worker, ClientIpConfig::peer_only(), internal).await
-    }
-
-    async fn start_full(
-        config: QueueConfig,
-        worker: Option<WorkerConfig>,
-        client_ip: ClientIpConfig,
-        internal: IpSet,
-    ) -> Self {
-        let state = state(config, internal);
-        let router = routes::app(state.clone())
-            .layer(middleware::from_fn(test_principal))
-            .layer(ClientIpLayer::new(client_ip));
-        let router = routes::count_refusals(router, state.counters.clone());
+    async fn launch(setup: Setup) -> Self {
+        let mut credentials = HashMap::new();
+        let mut records = Vec::new();
+        for &(name, scopes, revoked, expired) in TEST_KEYS {
+            let key = generate_key("pc_test").unwrap();
+            let mut r = KeyRecord::new(name, key.digest())
+                .unwrap()
+                .with_scopes(Scopes::parse(scopes).unwrap())
+                .revoked(revoked);
+            if expired {
+                r = r.expires_at(SystemTime::now() - Duration::from_secs(60));
+            }
+            records.push(r);
+            credentials.insert(name, format!("X-API-Key: {}", key.expose_secret()));
+        }
+        let keys = ApiKeys::new(KeyStore::from_records(records).unwrap());
+        let mut config = GuardConfig::new(keys, setup.secret, setup.internal).unwrap();
+        config.client_ip = setup.client_ip;
+        config.rate = setup.rate;
+        config.auth_failures = setup.auth_failures;
+        config.redis = setup.redis;
+        let guard = Guard::new(config).unwrap();
+        for (name, sub, scope) in [
+            ("worker", "test-worker", "jobs:work"),
+            ("reporter", "reporter", "jobs:read"),
+        ] {
+            let token = guard.issuer(sub, scope).unwrap().mint().unwrap();
+            credentials.insert(name, format!("Authorization: Bearer {}", token.as_str()));
+        }
+        let state = state(setup.queue);
+        let router = service(&state, &guard);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let s = state.clone();
+        let issuer = setup
+            .worker_issuer
+            .unwrap_or_else(|| guard.worker_issuer().unwrap());
+        let worker = setup.worker.map(|w| (w, issuer));
         let server = tokio::spawn(async move {
             serve(listener, router, &s, worker, async {
                 let _ = rx.await;
@@ -91,6 +135,7 @@ impl Demo {
         Self {
             addr,
             state,
+            credentials,
             stop: Some(tx),
             server,
         }
@@ -98,13 +143,33 @@ impl Demo {
 
     /// Without the in-process worker: the test drives the worker endpoints itself.
     async fn manual(config: QueueConfig) -> Self {
-        Self::start_with(config, None).await
+        Self::launch(Setup::new(config, None)).await
+    }
+
+    /// The header line of a named credential.
+    fn auth(&self, who: &str) -> &str {
+        self.credentials
+            .get(who)
+            .unwrap_or_else(|| panic!("no credential named {who}"))
     }
 
     async fn call(&self, method: &str, path: &str, who: Option<&str>, body: Option<&str>) -> Reply {
+        let headers: Vec<&str> = who.map(|w| self.auth(w)).into_iter().collect();
+        self.call_with(method, path, &headers, body).await
+    }
+
+    /// A request with these header lines (`Name: value`).
+    async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+        body: Option<&str>,
+    ) -> Reply {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n");
-        if let Some(who) = who {
-            req.push_str(&format!("X-Test-Principal: {who}\r\n"));
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
         }
         if let Some(b) = body {
             req.push_str(&format!(
@@ -210,24 +275,66 @@ fn job_state(state: &AppState, id: &str) -> JobState {
 }
 
 #[test]
-fn the_listen_address() {
+fn the_command_line_and_its_environment() {
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let a = parse_args(&[], env(&[])).unwrap();
+    assert_eq!(a.addr, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(a.redis, None);
+    let a = parse_args(
+        &[],
+        env(&[
+            ("PORTCULLIS_DEMO_ADDR", "127.0.0.1:0"),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(a.addr.port(), 0);
+    assert_eq!(a.redis.as_deref(), Some("redis://127.0.0.1:6379"));
+    let a = parse_args(
+        &args(&["--redis", "redis://h:1", "--addr", "[::1]:9000"]),
+        env(&[
+            ("PORTCULLIS_DEMO_ADDR", "127.0.0.1:1"),
+            ("REDIS_URL", "redis://x:2"),
+        ]),
+    )
+    .unwrap();
     assert_eq!(
-        listen_addr(&[], None).unwrap(),
-        "127.0.0.1:8080".parse().unwrap()
+        (a.addr, a.redis.as_deref()),
+        ("[::1]:9000".parse().unwrap(), Some("redis://h:1")),
+        "the flags win over the environment"
     );
-    assert_eq!(
-        listen_addr(&[], Some("127.0.0.1:0".into())).unwrap().port(),
-        0
+    assert!(parse_args(&args(&["--addr"]), env(&[])).is_err());
+    assert!(
+        parse_args(
+            &args(&["--addr", "127.0.0.1:1", "--addr", "127.0.0.1:2"]),
+            env(&[])
+        )
+        .is_err()
     );
-    assert_eq!(
-        listen_addr(&args(&["--addr", "[::1]:9000"]), Some("127.0.0.1:1".into())).unwrap(),
-        "[::1]:9000".parse().unwrap(),
-        "the flag wins over the environment"
-    );
-    assert!(listen_addr(&args(&["--addr"]), None).is_err());
-    assert!(listen_addr(&args(&["--port", "1"]), None).is_err());
-    assert!(listen_addr(&[], Some("localhost".into())).is_err());
+    assert!(parse_args(&args(&["--port", "1"]), env(&[])).is_err());
+    assert!(parse_args(&[], env(&[("PORTCULLIS_DEMO_ADDR", "localhost")])).is_err());
+}
+
+#[test]
+fn half_a_credential_configuration_is_refused() {
+    let only_keys = |k: &str| (k == "PORTCULLIS_DEMO_KEY_FILE").then(|| "/nonexistent".to_owned());
+    let err = Credentials::from_env(only_keys).unwrap_err().to_string();
+    assert!(err.contains("both"), "{err}");
+    let only_token =
+        |k: &str| (k == "PORTCULLIS_DEMO_TOKEN_KEY_FILE").then(|| "/nonexistent".to_owned());
+    assert!(Credentials::from_env(only_token).is_err());
+    assert!(matches!(
+        Credentials::from_env(|_| None).unwrap(),
+        Credentials::Ephemeral { .. }
+    ));
 }
 
 #[test]
@@ -639,7 +746,10 @@ async fn bad_input_is_a_4xx_problem_and_changes_nothing() {
         assert!(!r.body.contains("aaaa"), "no input echoed");
     }
     // Not JSON at all.
-    let req = "POST /v1/jobs HTTP/1.1\r\nHost: d\r\nConnection: close\r\nX-Test-Principal: client\r\nContent-Type: text/plain\r\nContent-Length: 1\r\n\r\nx";
+    let req = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: d\r\nConnection: close\r\n{}\r\nContent-Type: text/plain\r\nContent-Length: 1\r\n\r\nx",
+        demo.auth("client")
+    );
     raw(demo.addr, req.as_bytes()).await.assert_problem(415);
     assert_eq!(demo.state.queue.stats(), before);
     assert_eq!(job_state(&demo.state, &id), JobState::Queued);
@@ -695,23 +805,22 @@ async fn refusals_are_counted_in_the_stats_and_the_dashboard_renders_them() {
 #[tokio::test]
 async fn the_internal_endpoint_needs_the_scope_and_an_internal_address() {
     // The test peer (127.0.0.1) is a trusted proxy; the client is in X-Forwarded-For.
-    let demo = Demo::start_full(
-        fast_queue(),
-        None,
-        ClientIpConfig::trusted_proxies("127.0.0.1/32").unwrap(),
-        IpSet::parse("10.0.0.0/8").unwrap(),
-    )
+    let demo = Demo::launch(Setup {
+        client_ip: ClientIpConfig::trusted_proxies("127.0.0.1/32").unwrap(),
+        internal: IpSet::parse("10.0.0.0/8").unwrap(),
+        ..Setup::new(fast_queue(), None)
+    })
     .await;
     let call = |from: &str, who: Option<&str>| {
-        let req = format!(
-            "POST /internal/latest-runs HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\
-             X-Forwarded-For: {from}\r\n{}Content-Type: application/json\r\n\
-             Content-Length: 2\r\n\r\n{{}}",
-            who.map(|w| format!("X-Test-Principal: {w}\r\n"))
-                .unwrap_or_default()
-        );
-        let addr = demo.addr;
-        async move { raw(addr, req.as_bytes()).await }
+        let forwarded = format!("X-Forwarded-For: {from}");
+        let mut headers = vec![forwarded];
+        headers.extend(who.map(|w| demo.auth(w).to_owned()));
+        let demo = &demo;
+        async move {
+            let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+            demo.call_with("POST", "/internal/latest-runs", &headers, Some("{}"))
+                .await
+        }
     };
     let r = call("10.1.2.3", Some("worker")).await;
     assert_eq!(
@@ -775,6 +884,517 @@ async fn shutdown_drains_a_job_in_flight_and_stops() {
     );
 }
 
+#[tokio::test]
+async fn a_worker_whose_token_is_refused_changes_nothing_and_pauses() {
+    use portcullis::jwt::{SigningKey, TokenIssuer};
+    let forged = TokenIssuer::builder(SigningKey::hs256(&[9u8; 32]).unwrap())
+        .issuer(guard::ISSUER)
+        .subject(guard::WORKER_SUBJECT)
+        .audience(guard::AUDIENCE)
+        .scope("jobs:work")
+        .build()
+        .unwrap();
+    let demo = Demo::launch(Setup {
+        worker_issuer: Some(forged),
+        ..Setup::new(
+            fast_queue(),
+            Some(WorkerConfig {
+                breaker: BreakerConfig {
+                    threshold: 3,
+                    cooldown: Duration::from_secs(3600),
+                },
+                ..fast_worker()
+            }),
+        )
+    })
+    .await;
+    let id = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await
+        .id();
+    let state = demo.state.clone();
+    eventually("paused", || state.worker.snapshot().paused).await;
+    assert_eq!(job_state(&state, &id), JobState::Queued, "never claimed");
+    let s = serde_json::to_value(routes::gather(&state)).unwrap();
+    assert_eq!(s["auth_failures"], 3, "each claim refused with 401: {s}");
+    demo.shutdown().await;
+}
+
+/// A token signed with `secret`, with these claims (times relative to now).
+fn craft_token(secret: &[u8], aud: &str, scope: &str, iat: i64, exp: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = serde_json::json!({
+        "iss": guard::ISSUER, "sub": "test-worker", "aud": aud, "scope": scope,
+        "iat": now + iat, "exp": now + exp,
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.typ = Some("JWT".into());
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn every_authentication_failure_is_refused_and_changes_nothing() {
+    let secret = [7u8; 32];
+    let demo = Demo::launch(Setup {
+        secret: TokenSecret::from_bytes(&secret),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let id = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await
+        .id();
+    let before = demo.state.queue.stats();
+    let job = format!("/v1/jobs/{id}");
+    let complete = format!("{job}/complete");
+    let unknown = format!(
+        "X-API-Key: {}",
+        generate_key("pc_test").unwrap().expose_secret()
+    );
+    let bearer = |t: String| format!("Authorization: Bearer {t}");
+    let forged = bearer(craft_token(
+        &[9u8; 32],
+        guard::AUDIENCE,
+        "jobs:work",
+        -10,
+        600,
+    ));
+    let expired = bearer(craft_token(
+        &secret,
+        guard::AUDIENCE,
+        "jobs:work",
+        -7200,
+        -3600,
+    ));
+    let wrong_aud = bearer(craft_token(&secret, "another-api", "jobs:work", -10, 600));
+    let valid = bearer(craft_token(&secret, guard::AUDIENCE, "jobs:work", -10, 600));
+    let both = [demo.auth("client"), demo.auth("worker")];
+
+    // The crafted valid token proves the crafted ones differ only in what is tested.
+    let r = demo.call_with("POST", &complete, &[&valid], None).await;
+    assert_eq!(
+        r.status, 409,
+        "a cancelled-or-queued job: past authentication {r:?}"
+    );
+
+    // (what, path, headers, status)
+    let cases: Vec<(&str, &str, Vec<&str>, u16)> = vec![
+        ("no credential", &job, vec![], 401),
+        (
+            "garbage key",
+            &job,
+            vec!["X-API-Key: not-a-key-at-all"],
+            401,
+        ),
+        (
+            "bad checksum",
+            &job,
+            vec!["X-API-Key: pc_test_AAAAAAAAAAAAAAAAAAAAAAAAAAAA"],
+            401,
+        ),
+        ("unknown key", &job, vec![&unknown], 401),
+        ("revoked key", &job, vec![demo.auth("revoked")], 401),
+        ("expired key", &job, vec![demo.auth("expired")], 401),
+        ("forged token", &complete, vec![&forged], 401),
+        ("expired token", &complete, vec![&expired], 401),
+        (
+            "token for another audience",
+            &complete,
+            vec![&wrong_aud],
+            401,
+        ),
+        ("a key and a token at once", &job, both.to_vec(), 400),
+        (
+            "worker token without jobs:work",
+            &complete,
+            vec![demo.auth("reporter")],
+            403,
+        ),
+        (
+            "client key on a worker endpoint",
+            &complete,
+            vec![demo.auth("client")],
+            403,
+        ),
+        (
+            "worker token on a client endpoint",
+            &job,
+            vec![demo.auth("worker")],
+            403,
+        ),
+        ("dashboard without a key", "/dashboard", vec![], 401),
+        (
+            "dashboard with a client key",
+            "/dashboard",
+            vec![demo.auth("client")],
+            403,
+        ),
+    ];
+    let mut invalid_key_bodies = std::collections::HashSet::new();
+    for (what, path, headers, status) in &cases {
+        let method = if path.ends_with("complete") {
+            "POST"
+        } else {
+            "GET"
+        };
+        let r = demo.call_with(method, path, headers, None).await;
+        assert_eq!(r.status, *status, "{what}: {r:?}");
+        r.assert_problem(*status);
+        for secret_part in headers.iter().filter_map(|h| h.split_once(": ")) {
+            assert!(!r.body.contains(secret_part.1), "{what}: credential echoed");
+        }
+        if ["unknown key", "revoked key", "expired key"].contains(what) {
+            invalid_key_bodies.insert((
+                r.body.clone(),
+                r.header("www-authenticate").map(str::to_owned),
+            ));
+        }
+    }
+    assert_eq!(
+        invalid_key_bodies.len(),
+        1,
+        "unknown, revoked and expired keys get the identical answer: {invalid_key_bodies:?}"
+    );
+    assert_eq!(demo.state.queue.stats(), before);
+    assert_eq!(job_state(&demo.state, &id), JobState::Queued);
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
+    assert_eq!(r.json()["auth_failures"], 11, "{}", r.body);
+    assert_eq!(r.json()["scope_denials"], 4, "{}", r.body);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_rate_limit_answers_429_per_principal() {
+    let demo = Demo::launch(Setup {
+        rate: Quota::per_minute(3).unwrap(),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let job = format!(
+        "/v1/jobs/{}",
+        demo.call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+            .await
+            .id()
+    );
+    for _ in 0..2 {
+        let r = demo.call("GET", &job, Some("client"), None).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.header("ratelimit").is_some(), "{r:?}");
+    }
+    let r = demo.call("GET", &job, Some("client"), None).await;
+    r.assert_problem(429);
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    // Per principal: another key is not limited by the first one's use.
+    assert_eq!(
+        demo.call("GET", &job, Some("other"), None).await.status,
+        404
+    );
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
+    assert_eq!(r.json()["rate_limited"], 1, "{}", r.body);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn repeated_failed_authentication_is_throttled_per_address() {
+    let demo = Demo::launch(Setup {
+        auth_failures: Quota::new(3, Duration::from_secs(600)).unwrap(),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let unknown = format!(
+        "X-API-Key: {}",
+        generate_key("pc_test").unwrap().expose_secret()
+    );
+    // Requests without a credential guess nothing and are not counted.
+    for _ in 0..5 {
+        demo.call("GET", "/v1/admin/stats", None, None)
+            .await
+            .assert_problem(401);
+    }
+    for _ in 0..3 {
+        demo.call_with("GET", "/v1/admin/stats", &[&unknown], None)
+            .await
+            .assert_problem(401);
+    }
+    let r = demo
+        .call_with("GET", "/v1/admin/stats", &[&unknown], None)
+        .await;
+    r.assert_problem(429);
+    assert!(r.header("retry-after").is_some());
+    // The address is throttled: even a valid key waits, and no lookup happens.
+    demo.call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await
+        .assert_problem(429);
+    assert_eq!(demo.call("GET", "/health", None, None).await.status, 200);
+    let s = serde_json::to_value(routes::gather(&demo.state)).unwrap();
+    assert_eq!(
+        (s["auth_failures"].as_u64(), s["rate_limited"].as_u64()),
+        (Some(8), Some(2)),
+        "{s}"
+    );
+    demo.shutdown().await;
+}
+
+/// A `redis-server` on a free loopback port, killed on drop; `None` (after saying
+/// so) when the binary is missing, unless `PORTCULLIS_REQUIRE_REDIS=1`.
+struct RedisServer(std::process::Child, u16);
+
+impl RedisServer {
+    fn start() -> Option<Self> {
+        use std::process::{Command, Stdio};
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            let required = std::env::var("PORTCULLIS_REQUIRE_REDIS").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "PORTCULLIS_REQUIRE_REDIS=1 but redis-server is not on PATH"
+            );
+            eprintln!(
+                "SKIPPED: redis-server is not on PATH; the demo's shared-limit test did not run"
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        // Owned by the guard from here on: killed and waited for on drop.
+        let server = Self(child, port);
+        for _ in 0..300 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(server);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn two_instances_share_their_limits_through_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{}/0", redis.1);
+    let secret = TokenSecret::generate().unwrap();
+    let instance = || {
+        let limiter = guard::redis_limiter(Some(&url)).unwrap().unwrap();
+        Demo::launch(Setup {
+            rate: Quota::per_minute(3).unwrap(),
+            redis: Some(limiter),
+            secret: secret.clone(),
+            ..Setup::new(fast_queue(), None)
+        })
+    };
+    let (a, b) = (instance().await, instance().await);
+    // Each instance generated its own keys: the shared bucket is keyed by the
+    // principal's id ("reader" on both).
+    let path = format!("/v1/jobs/{}", "0".repeat(32));
+    assert_eq!(a.call("GET", &path, Some("reader"), None).await.status, 404);
+    assert_eq!(b.call("GET", &path, Some("reader"), None).await.status, 404);
+    assert_eq!(a.call("GET", &path, Some("reader"), None).await.status, 404);
+    let r = b.call("GET", &path, Some("reader"), None).await;
+    r.assert_problem(429);
+    let r = a.call("GET", &path, Some("reader"), None).await;
+    r.assert_problem(429);
+    drop(redis);
+    // Redis gone: the limiter fails closed (503), it never silently stops sharing.
+    let r = a.call("GET", &path, Some("other"), None).await;
+    r.assert_problem(503);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Replays one printed curl line without curl: `-H`, `-d` and the URL.
+async fn replay(line: &str, job: &str) -> String {
+    let line = line.replace("$JOB", job);
+    let quoted: Vec<&str> = line.split('\'').collect();
+    let mut headers = Vec::new();
+    let mut body = None;
+    for (i, part) in quoted.iter().enumerate().skip(1).step_by(2) {
+        match quoted[i - 1].trim_end().rsplit(' ').next() {
+            Some("-H") => headers.push(part.to_string()),
+            Some("-d") => body = Some(part.to_string()),
+            _ => {}
+        }
+    }
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap();
+    let (addr, path) = url["http://".len()..].split_once('/').unwrap();
+    let method = if body.is_some() { "POST" } else { "GET" };
+    let mut req = format!("{method} /{path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in &headers {
+        req.push_str(&format!("{h}\r\n"));
+    }
+    if let Some(b) = &body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body.as_deref().unwrap_or(""));
+    raw(addr.parse().unwrap(), req.as_bytes()).await.body
+}
+
+#[tokio::test]
+async fn the_printed_curl_lines_work_verbatim() {
+    let env = |k: &str| (k == "PORTCULLIS_DEMO_ADDR").then(|| "127.0.0.1:0".to_owned());
+    let (listener, router, state, _issuer, banner) = start(&[], env).await.unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let s = state.clone();
+    let server = tokio::spawn(async move {
+        serve(listener, router, &s, None, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let lines: Vec<&str> = banner
+        .lines()
+        .filter(|l| l.starts_with("curl ") || l.starts_with("JOB=$(curl "))
+        .collect();
+    assert_eq!(lines.len(), 4, "{banner}");
+    let has_curl = std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok();
+    let outputs: Vec<String> = if has_curl {
+        // One shell, the lines exactly as printed, a separator printed between them.
+        let script = lines.join("\nprintf '\\n@@\\n'\n");
+        let script = format!("{script}\nprintf '\\n@@\\nJOB=%s\\n' \"$JOB\"");
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                // Loopback is never proxied, whatever the environment says.
+                .env("no_proxy", "*")
+                .env("NO_PROXY", "*")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split("\n@@\n")
+            .map(str::to_owned)
+            .collect()
+    } else {
+        eprintln!("curl is not on PATH: replaying the printed lines through the test client");
+        let created = replay(lines[0].split_once("$(").unwrap().1, "").await;
+        let job = serde_json::from_str::<serde_json::Value>(&created).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut v = vec![String::new()];
+        for l in &lines[1..] {
+            v.push(replay(l, &job).await);
+        }
+        v.push(format!("JOB={job}\n"));
+        v
+    };
+    let job = outputs[4].trim().strip_prefix("JOB=").unwrap().to_owned();
+    assert_eq!(job.len(), 32, "{outputs:?}");
+    let got: serde_json::Value = serde_json::from_str(&outputs[1]).unwrap();
+    assert_eq!(
+        (got["id"].as_str(), got["state"].as_str()),
+        (Some(job.as_str()), Some("queued"))
+    );
+    let stats: serde_json::Value = serde_json::from_str(&outputs[2]).unwrap();
+    assert_eq!(stats["queue_depth"], 1, "{stats}");
+    assert!(
+        outputs[3].contains(r#"<td id="queue_depth">1</td>"#),
+        "{}",
+        outputs[3]
+    );
+    assert!(banner.contains("worker signing key"));
+    tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn configured_credentials_are_used_and_never_printed() {
+    let dir = std::env::temp_dir().join(format!("qs-creds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = generate_key("pc_live").unwrap();
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[keys]]\nid = \"ops\"\ndigest = \"{}\"\nscopes = [\"admin\"]\n",
+            key.digest()
+        ),
+    )
+    .unwrap();
+    let token = dir.join("token.key");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef-secret\n").unwrap();
+    let (k, t) = (keys.display().to_string(), token.display().to_string());
+    let env = move |name: &str| match name {
+        "PORTCULLIS_DEMO_ADDR" => Some("127.0.0.1:0".to_owned()),
+        "PORTCULLIS_DEMO_KEY_FILE" => Some(k.clone()),
+        "PORTCULLIS_DEMO_TOKEN_KEY_FILE" => Some(t.clone()),
+        _ => None,
+    };
+    let env = &env;
+    let (listener, router, state, _issuer, banner) = start(&[], |n| env(n)).await.unwrap();
+    assert!(!banner.contains("pc_"), "{banner}");
+    assert!(!banner.contains("curl"), "{banner}");
+    assert!(!banner.contains("secret"), "{banner}");
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let s = state.clone();
+    let server = tokio::spawn(async move {
+        serve(listener, router, &s, None, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let req = format!(
+        "GET /v1/admin/stats HTTP/1.1\r\nHost: d\r\nConnection: close\r\nX-API-Key: {}\r\n\r\n",
+        key.expose_secret()
+    );
+    assert_eq!(raw(addr, req.as_bytes()).await.status, 200);
+    tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Where the browser driver lives, and whether it and Chromium are installed. With
 /// `PORTCULLIS_REQUIRE_BROWSER=1` (set by CI) a missing piece fails the test;
 /// otherwise the test is skipped with a message.
@@ -829,13 +1449,17 @@ async fn a_real_browser_shows_the_dashboard_only_with_the_credential() {
     let shot = shots.join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     let base = format!("http://{}", demo.addr);
-    let (header, value) = ("X-Test-Principal", "admin");
+    let admin = demo.auth("admin").to_owned();
+    let (header, value) = admin
+        .split_once(": ")
+        .map(|(h, v)| (h.to_owned(), v.to_owned()))
+        .unwrap();
     let out = {
         let (driver, shot) = (driver.clone(), shot.clone());
         tokio::task::spawn_blocking(move || {
             std::process::Command::new("node")
                 .arg(driver.join("dashboard.mjs"))
-                .args([base.as_str(), header, value])
+                .args([base.as_str(), header.as_str(), value.as_str()])
                 .arg(&shot)
                 .output()
                 .unwrap()
@@ -870,4 +1494,173 @@ async fn a_real_browser_shows_the_dashboard_only_with_the_credential() {
         "a real PNG"
     );
     demo.shutdown().await;
+}
+
+/// Requests per second of `GET path` over `conns` keep-alive connections for `dur`.
+async fn load(
+    addr: SocketAddr,
+    path: &str,
+    auth: Option<&str>,
+    conns: usize,
+    dur: Duration,
+) -> f64 {
+    use http_body_util::{BodyExt, Empty};
+    let deadline = tokio::time::Instant::now() + dur;
+    let header = auth.map(|h| {
+        let (k, v) = h.split_once(": ").unwrap();
+        (k.to_owned(), v.to_owned())
+    });
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let (path, header) = (path.to_owned(), header.clone());
+            tokio::spawn(async move {
+                let stream = TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let mut n = 0u64;
+                while tokio::time::Instant::now() < deadline {
+                    let mut req = axum::http::Request::get(path.as_str()).header("host", "bench");
+                    if let Some((k, v)) = &header {
+                        req = req.header(k.as_str(), v.as_str());
+                    }
+                    let res = sender
+                        .send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap())
+                        .await
+                        .unwrap();
+                    assert_eq!(res.status(), 200);
+                    res.into_body().collect().await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / dur.as_secs_f64()
+}
+
+/// The end-to-end throughput of `GET /v1/jobs/{id}`: the full stack against the same
+/// handler with no layers (only the `Principal` it reads, inserted as a fixed
+/// extension), in the same run, on loopback, alternating 2-second rounds. The full
+/// stack's JSON logs go through the redacting writer into a sink, as `main` writes
+/// them to standard error. Run alone:
+/// `cargo test --release --example queue_service -- --ignored --nocapture throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (about 25 s); run it with --ignored --nocapture"]
+async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
+    use axum::Extension;
+    use axum::routing::get;
+    use portcullis::{AuthMethod, Principal};
+    // PORTCULLIS_BENCH_LOGS=0: no subscriber, to see the layers' own cost.
+    let logs = std::env::var("PORTCULLIS_BENCH_LOGS").map_or(true, |v| v != "0");
+    if logs {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_writer(RedactingMakeWriter::new(std::io::sink))
+            .try_init();
+    }
+
+    let full = Demo::launch(Setup {
+        rate: Quota::per_second(100_000_000).unwrap(),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let full_job = full
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some("client"),
+            Some(r#"{"input":"bench"}"#),
+        )
+        .await
+        .id();
+
+    let bare_state = state(fast_queue());
+    let crate::queue::Enqueued::New(v) = bare_state.queue.enqueue("client", "bench", 0).unwrap()
+    else {
+        unreachable!()
+    };
+    let bare = Router::new()
+        .route("/v1/jobs/{id}", get(routes::get_job))
+        .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
+        .with_state(bare_state);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bare_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, bare).await });
+
+    // The crate's stack alone around the handler (no scope table, no counters): how
+    // much of the difference is the portcullis layers.
+    let (keys, store) = guard::demo_keys(&[("client", "jobs:read")]).unwrap();
+    let stack_key = format!("X-API-Key: {}", keys[0].key.expose_secret());
+    let mut config = GuardConfig::new(
+        store,
+        TokenSecret::generate().unwrap(),
+        IpSet::parse(DEFAULT_INTERNAL).unwrap(),
+    )
+    .unwrap();
+    config.rate = Quota::per_second(100_000_000).unwrap();
+    let stack_state = state(fast_queue());
+    let crate::queue::Enqueued::New(sv) = stack_state.queue.enqueue("client", "bench", 0).unwrap()
+    else {
+        unreachable!()
+    };
+    let stack_only = Guard::new(config)
+        .unwrap()
+        .guarded(Router::new().route("/v1/jobs/{id}", get(routes::get_job)))
+        .with_state(stack_state)
+        .layer(axum::middleware::from_fn(peer_addr));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stack_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            stack_only.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    let stack_path = format!("/v1/jobs/{}", sv.id);
+
+    let (conns, dur) = (32, Duration::from_secs(2));
+    let full_path = format!("/v1/jobs/{full_job}");
+    let bare_path = format!("/v1/jobs/{}", v.id);
+    // Warm-up.
+    load(
+        full.addr,
+        &full_path,
+        Some(full.auth("client")),
+        conns,
+        dur / 4,
+    )
+    .await;
+    load(bare_addr, &bare_path, None, conns, dur / 4).await;
+    let (mut f, mut b, mut st) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..5 {
+        b.push(load(bare_addr, &bare_path, None, conns, dur).await);
+        f.push(load(full.addr, &full_path, Some(full.auth("client")), conns, dur).await);
+        st.push(load(stack_addr, &stack_path, Some(&stack_key), conns, dur).await);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mf, mb, ms) = (median(&mut f), median(&mut b), median(&mut st));
+    println!(
+        "the crate's StackLayer alone: {ms:.0} req/s ({:.1}% of bare)",
+        100.0 * ms / mb
+    );
+    println!(
+        "GET /v1/jobs/{{id}} (logs {}): full stack {mf:.0} req/s, bare {mb:.0} req/s, ratio {:.1}% \
+         (rounds: full {f:.0?}, bare {b:.0?})",
+        if logs { "on" } else { "off" },
+        100.0 * mf / mb
+    );
+    assert!(mf > 0.0 && mb > 0.0);
+    full.shutdown().await;
 }

@@ -1,6 +1,9 @@
-//! The in-process worker: takes jobs by priority, runs the simulated work, records
-//! the outcome through the same engine calls the worker endpoints use, and pauses
-//! when the downstream keeps failing (a circuit breaker).
+//! The in-process worker: picks jobs by priority, claims each, runs the simulated
+//! work and records the outcome through the worker endpoints ([`Calls::Http`]: real
+//! HTTP on the service's own address, through every guarding layer, with its own
+//! service token), and pauses when the downstream keeps failing (a circuit
+//! breaker). [`Calls::Engine`] makes the same calls on the engine directly, for
+//! the engine's own tests.
 //!
 //! Retries and the dead-letter queue are the engine's ([`Queue::fail`]); the worker
 //! only reports. On shutdown it finishes the job in flight, then returns.
@@ -12,7 +15,58 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::queue::{JobView, Queue, QueueError, Work};
+use crate::client::{CallError, Outcome, WorkerClient};
+use crate::queue::{JobId, JobView, Queue, QueueError, Work};
+
+/// How the worker's calls reach the worker endpoints' logic.
+#[derive(Clone, Debug)]
+pub enum Calls {
+    /// Straight to the engine (no authentication: for the engine's tests only).
+    Engine(Arc<Queue>),
+    /// Over HTTP through the guarded worker endpoints, with a service token.
+    Http(WorkerClient),
+}
+
+fn engine(r: Result<JobView, QueueError>) -> Result<Outcome, CallError> {
+    match r {
+        Ok(v) => Ok(Outcome {
+            state: v.state,
+            attempts: v.attempts,
+        }),
+        Err(QueueError::NotFound) => Err(CallError::Gone),
+        Err(_) => Err(CallError::Changed),
+    }
+}
+
+impl Calls {
+    async fn start(&self, id: JobId) -> Result<Outcome, CallError> {
+        match self {
+            Self::Engine(q) => engine(q.start(id)),
+            Self::Http(c) => c.start(id).await,
+        }
+    }
+
+    async fn progress(&self, id: JobId, p: u8) -> Result<Outcome, CallError> {
+        match self {
+            Self::Engine(q) => engine(q.progress(id, p)),
+            Self::Http(c) => c.progress(id, p).await,
+        }
+    }
+
+    async fn complete(&self, id: JobId) -> Result<Outcome, CallError> {
+        match self {
+            Self::Engine(q) => engine(q.complete(id)),
+            Self::Http(c) => c.complete(id).await,
+        }
+    }
+
+    async fn fail(&self, id: JobId) -> Result<Outcome, CallError> {
+        match self {
+            Self::Engine(q) => engine(q.fail(id)),
+            Self::Http(c) => c.fail(id).await,
+        }
+    }
+}
 
 /// After `threshold` failed attempts in a row the worker pauses for `cooldown`, then
 /// tries one job (half-open): a success closes the breaker, a failure reopens it.
@@ -123,6 +177,7 @@ impl Default for WorkerConfig {
 /// The in-process worker.
 pub struct Worker {
     queue: Arc<Queue>,
+    calls: Calls,
     config: WorkerConfig,
     breaker: Breaker,
     status: Arc<WorkerStatus>,
@@ -142,11 +197,18 @@ impl Worker {
     /// A worker on `queue`, reporting into `status`.
     pub fn new(queue: Arc<Queue>, config: WorkerConfig, status: Arc<WorkerStatus>) -> Self {
         Self {
+            calls: Calls::Engine(queue.clone()),
             queue,
             breaker: Breaker::new(config.breaker),
             config,
             status,
         }
+    }
+
+    /// Makes the worker's calls through `calls`.
+    pub fn with_calls(mut self, calls: Calls) -> Self {
+        self.calls = calls;
+        self
     }
 
     /// Runs until `shutdown` turns true (or its sender is dropped), finishing the
@@ -164,12 +226,20 @@ impl Worker {
                 }
                 Ok(()) => {
                     self.status.paused.store(false, Ordering::Relaxed);
-                    match self.queue.take_next() {
+                    match self.queue.peek_next() {
                         // Not raced against shutdown: in-flight work drains.
-                        Some(job) => {
-                            self.run_job(job).await;
-                            continue;
-                        }
+                        Some(job) => match self.calls.start(job.id).await {
+                            Ok(_) => {
+                                self.run_job(job).await;
+                                continue;
+                            }
+                            // Cancelled or gone between the look and the claim.
+                            Err(CallError::Gone | CallError::Changed) => continue,
+                            Err(e) => {
+                                self.refused(job.id, e);
+                                self.config.idle_poll
+                            }
+                        },
                         None => self
                             .queue
                             .next_retry_in()
@@ -185,6 +255,16 @@ impl Worker {
         tracing::info!(event = "worker_stopped");
     }
 
+    /// A call the service refused or did not answer: a downstream failure.
+    fn refused(&mut self, job: JobId, e: CallError) {
+        let status = match e {
+            CallError::Refused(s) => s,
+            _ => 0,
+        };
+        tracing::warn!(event = "worker_call_failed", job = %job, status);
+        self.breaker.record_failure(self.queue.now());
+    }
+
     async fn run_job(&mut self, job: JobView) {
         self.status.busy.store(true, Ordering::Relaxed);
         let total = match job.work {
@@ -193,19 +273,19 @@ impl Worker {
         };
         tokio::time::sleep(total / 2).await;
         // Cancelled meanwhile: stop early, the engine already has its final state.
-        let cancelled = self.queue.progress(job.id, 50).is_err();
-        if !cancelled {
+        let halfway = self.calls.progress(job.id, 50).await;
+        if halfway.is_ok() {
             tokio::time::sleep(total / 2).await;
         }
-        let result = if cancelled {
-            None
-        } else if simulate(job.work, job.attempts).is_ok() {
-            Some(self.queue.complete(job.id).map(|v| (v, true)))
-        } else {
-            Some(self.queue.fail(job.id).map(|v| (v, false)))
+        let result = match halfway {
+            Err(e) => Err(e),
+            Ok(_) if simulate(job.work, job.attempts).is_ok() => {
+                self.calls.complete(job.id).await.map(|v| (v, true))
+            }
+            Ok(_) => self.calls.fail(job.id).await.map(|v| (v, false)),
         };
         match result {
-            Some(Ok((view, ok))) => {
+            Ok((view, ok)) => {
                 if ok {
                     self.breaker.record_success();
                 } else {
@@ -213,17 +293,18 @@ impl Worker {
                 }
                 tracing::info!(
                     event = "job_attempt",
-                    job = %view.id,
+                    job = %job.id,
                     state = view.state.as_str(),
                     attempts = view.attempts,
                 );
             }
-            Some(Err(QueueError::IllegalTransition { from, .. })) => {
-                tracing::info!(event = "job_changed_under_worker", job = %job.id, state = from.as_str());
+            Err(CallError::Changed) => {
+                tracing::info!(event = "job_changed_under_worker", job = %job.id);
             }
-            None | Some(Err(_)) => {
+            Err(CallError::Gone) => {
                 tracing::info!(event = "job_gone_under_worker", job = %job.id);
             }
+            Err(e) => self.refused(job.id, e),
         }
         self.status.processed.fetch_add(1, Ordering::Relaxed);
         self.status.busy.store(false, Ordering::Relaxed);

@@ -49,3 +49,9 @@ fn redactor_corpus() {
 fn query_redaction_corpus() {
     replay("query_redaction", portcullis::fuzzing::query_redaction);
 }
+
+#[cfg(feature = "stack")]
+#[test]
+fn stack_config_corpus() {
+    replay("stack_config", portcullis::fuzzing::stack_config);
+}

@@ -27,3 +27,5 @@ mod rate_limit;
 mod rate_limit_redis;
 #[cfg(feature = "redact")]
 mod redact_properties;
+#[cfg(feature = "stack")]
+mod stack;

@@ -1,0 +1,332 @@
+//! The guarding layers of the demo: the crate's [`StackLayer`], which assembles them
+//! in the order of the design, then the scope check per route:
+//!
+//! ```text
+//! RequestId → AccessLog → ClientIp → (IpAllowlist) → AuthThrottle
+//!   → Authenticate (API keys and service tokens) → RateLimit → scope check per route
+//! ```
+//!
+//! Two stacks share one key store, one token verifier, one failed-auth throttle and
+//! one rate limiter (clones share state): the main one, and the one of
+//! `POST /internal/latest-runs`, which adds the internal-network allowlist.
+//! `GET /health` has only the request id, the access log and the client address:
+//! it is the one route without authentication.
+//!
+//! Credentials: an API-key store (ephemeral demo keys, or a TOML key file) and one
+//! HS256 secret that signs the in-process worker's service tokens and verifies every
+//! service token. There is no open mode: an empty key store cannot be built.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::Router;
+use portcullis::ConfigError;
+use portcullis::IpSet;
+use portcullis::Scopes;
+use portcullis::access_log::AccessLogLayer;
+use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
+use portcullis::client_ip::{ClientIpConfig, ClientIpLayer};
+use portcullis::jwt::{SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
+use portcullis::rate_limit::redis::{FailurePolicy, RedisLimiter};
+use portcullis::rate_limit::{AuthThrottleLayer, Policy, Quota, RateLimitLayer};
+use portcullis::request_id::RequestIdLayer;
+use portcullis::stack::StackLayer;
+
+use crate::routes::AppState;
+
+/// A configuration error with its message (never a secret).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The realm of every challenge the demo sends.
+pub const REALM: &str = "portcullis-demo";
+/// The `iss` of the demo's service tokens.
+pub const ISSUER: &str = "portcullis-demo";
+/// The `aud` the demo requires in service tokens.
+pub const AUDIENCE: &str = "portcullis-demo-queue";
+/// The `sub` of the in-process worker's tokens (its rate-limit key).
+pub const WORKER_SUBJECT: &str = "queue-worker";
+/// The prefix of the generated demo keys.
+pub const KEY_PREFIX: &str = "pc_demo";
+
+/// The HMAC secret of the service tokens (HS256, at least 32 bytes). `Debug` never
+/// shows it.
+#[derive(Clone)]
+pub struct TokenSecret(Vec<u8>);
+
+impl TokenSecret {
+    /// 32 random bytes.
+    pub fn generate() -> Result<Self, BoxError> {
+        let mut b = vec![0u8; 32];
+        getrandom::fill(&mut b).map_err(|_| BoxError::from("no OS randomness"))?;
+        Ok(Self(b))
+    }
+
+    /// From a file: its bytes, without a final line break; at least 32 bytes.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, BoxError> {
+        let mut b = std::fs::read(path)
+            .map_err(|_| BoxError::from("PORTCULLIS_DEMO_TOKEN_KEY_FILE could not be read"))?;
+        while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+            b.pop();
+        }
+        if b.len() < 32 {
+            return Err(BoxError::from(
+                "PORTCULLIS_DEMO_TOKEN_KEY_FILE must hold at least 32 bytes",
+            ));
+        }
+        Ok(Self(b))
+    }
+
+    /// These bytes (tests craft their own tokens with them).
+    #[cfg(test)]
+    pub fn from_bytes(b: &[u8]) -> Self {
+        Self(b.to_vec())
+    }
+
+    /// Lowercase hex, for printing the ephemeral secret once.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for TokenSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenSecret(REDACTED)")
+    }
+}
+
+/// Everything the guard is built from.
+#[derive(Debug)]
+pub struct GuardConfig {
+    /// The API keys.
+    pub keys: ApiKeys,
+    /// Signs and verifies service tokens.
+    pub token_secret: TokenSecret,
+    /// How the client address is found.
+    pub client_ip: ClientIpConfig,
+    /// Who may call `POST /internal/latest-runs`.
+    pub internal: IpSet,
+    /// The per-principal quota.
+    pub rate: Quota,
+    /// The in-process worker's own quota.
+    pub worker_rate: Quota,
+    /// Failed authentications allowed per client address.
+    pub auth_failures: Quota,
+    /// The shared Redis limiter, else limits are per instance.
+    pub redis: Option<RedisLimiter>,
+}
+
+impl GuardConfig {
+    /// The defaults around `keys` and `token_secret`: the TCP peer is the client;
+    /// 20 requests per second per principal (bursts of 40); 10 failed
+    /// authentications per address per 5 minutes; limits in memory.
+    pub fn new(
+        keys: ApiKeys,
+        token_secret: TokenSecret,
+        internal: IpSet,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            keys,
+            token_secret,
+            client_ip: ClientIpConfig::peer_only(),
+            internal,
+            rate: Quota::per_second(20)?.with_burst(40)?,
+            worker_rate: Quota::per_second(1000)?,
+            auth_failures: Quota::new(10, Duration::from_secs(300))?,
+            redis: None,
+        })
+    }
+}
+
+/// The built layers, cloned onto the routers they guard (clones share state).
+#[derive(Clone, Debug)]
+pub struct Guard {
+    stack: StackLayer,
+    internal: StackLayer,
+    client_ip: ClientIpLayer,
+    secret: TokenSecret,
+}
+
+impl Guard {
+    /// Checks and builds every layer; any unsafe or incomplete setting is an error.
+    pub fn new(c: GuardConfig) -> Result<Self, ConfigError> {
+        let verifier = TokenVerifier::builder()
+            .key(VerifyingKey::hs256(&c.token_secret.0)?.issuer(ISSUER))
+            .issuer(ISSUER)
+            .audience(AUDIENCE)
+            .build()?;
+        let policy = Policy::new("demo", c.rate)?.principal(WORKER_SUBJECT, c.worker_rate)?;
+        let mut rate = RateLimitLayer::builder().policy(policy);
+        if let Some(redis) = c.redis {
+            rate = rate.redis(redis);
+        }
+        let rate = rate.build()?;
+        let throttle = AuthThrottleLayer::new(c.auth_failures);
+        let stack = || {
+            StackLayer::builder()
+                .client_ip(c.client_ip.clone())
+                .api_keys(c.keys.clone())
+                .service_tokens(verifier.clone())
+                .realm(REALM)
+                .auth_throttle(throttle.clone())
+                .rate_limit(rate.clone())
+        };
+        Ok(Self {
+            stack: stack().build()?,
+            internal: stack().allow(c.internal).build()?,
+            client_ip: ClientIpLayer::new(c.client_ip),
+            secret: c.token_secret,
+        })
+    }
+
+    /// An issuer of tokens signed with the demo's secret, for `subject` with
+    /// `scope` (space separated; may be empty).
+    pub fn issuer(&self, subject: &str, scope: &str) -> Result<TokenIssuer, ConfigError> {
+        let mut b = TokenIssuer::builder(SigningKey::hs256(&self.secret.0)?)
+            .issuer(ISSUER)
+            .subject(subject)
+            .audience(AUDIENCE)
+            .lifetime(Duration::from_secs(10 * 60));
+        for s in scope.split_whitespace() {
+            b = b.scope(s);
+        }
+        b.build()
+    }
+
+    /// The in-process worker's issuer: `sub` [`WORKER_SUBJECT`], scope `jobs:work`.
+    pub fn worker_issuer(&self) -> Result<TokenIssuer, ConfigError> {
+        self.issuer(WORKER_SUBJECT, crate::auth::JOBS_WORK)
+    }
+
+    /// The whole stack on every route of `router` (and its fallbacks).
+    pub fn guarded(&self, router: Router<AppState>) -> Router<AppState> {
+        router.layer(self.stack.clone())
+    }
+
+    /// The whole stack plus the internal-network allowlist.
+    pub fn internal(&self, router: Router<AppState>) -> Router<AppState> {
+        router.layer(self.internal.clone())
+    }
+
+    /// Only the outer layers (client address, access log, request id), for the
+    /// public route.
+    pub fn public(&self, router: Router<AppState>) -> Router<AppState> {
+        router
+            .layer(self.client_ip.clone())
+            .layer(AccessLogLayer::new())
+            .layer(RequestIdLayer::new())
+    }
+}
+
+/// One ephemeral demo key: its id, scopes and the secret (printed once).
+pub struct DemoKey {
+    /// The public id (logs, rate limiting, job ownership).
+    pub id: &'static str,
+    /// Its scopes.
+    pub scopes: &'static str,
+    /// The key itself.
+    pub key: portcullis::api_key::GeneratedKey,
+}
+
+impl fmt::Debug for DemoKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DemoKey")
+            .field("id", &self.id)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Generates one key per `(id, scopes)` and the store that accepts them.
+pub fn demo_keys(
+    specs: &[(&'static str, &'static str)],
+) -> Result<(Vec<DemoKey>, ApiKeys), ConfigError> {
+    let mut keys = Vec::new();
+    let mut records = Vec::new();
+    for &(id, scopes) in specs {
+        let key = generate_key(KEY_PREFIX)?;
+        records.push(KeyRecord::new(id, key.digest())?.with_scopes(Scopes::parse(scopes)?));
+        keys.push(DemoKey { id, scopes, key });
+    }
+    Ok((keys, ApiKeys::new(KeyStore::from_records(records)?)))
+}
+
+/// The demo's two keys: an admin key and a client key.
+pub const DEMO_KEYS: &[(&str, &str)] = &[
+    ("demo-admin", "admin dashboard:read"),
+    ("demo-client", "jobs:read jobs:write"),
+];
+
+/// Where the credentials come from.
+#[derive(Debug)]
+pub enum Credentials {
+    /// Generated now; printed once to standard output.
+    Ephemeral {
+        /// The demo keys.
+        keys: Vec<DemoKey>,
+        /// Their store.
+        store: ApiKeys,
+        /// The token secret.
+        secret: TokenSecret,
+    },
+    /// From files (nothing is printed): the key file is reloaded on change.
+    Configured {
+        /// The key store from `PORTCULLIS_DEMO_KEY_FILE`.
+        store: ApiKeys,
+        /// The secret from `PORTCULLIS_DEMO_TOKEN_KEY_FILE`.
+        secret: TokenSecret,
+    },
+}
+
+impl Credentials {
+    /// `PORTCULLIS_DEMO_KEY_FILE` and `PORTCULLIS_DEMO_TOKEN_KEY_FILE` both set: use
+    /// them; neither: generate; only one: an error (half a configuration is never
+    /// completed with generated secrets).
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Self, BoxError> {
+        match (
+            get("PORTCULLIS_DEMO_KEY_FILE"),
+            get("PORTCULLIS_DEMO_TOKEN_KEY_FILE"),
+        ) {
+            (None, None) => {
+                let (keys, store) = demo_keys(DEMO_KEYS)?;
+                Ok(Self::Ephemeral {
+                    keys,
+                    store,
+                    secret: TokenSecret::generate()?,
+                })
+            }
+            (Some(keys), Some(token)) => Ok(Self::Configured {
+                store: ApiKeys::from_file(PathBuf::from(keys))?
+                    .reload_every(Duration::from_secs(5))?,
+                secret: TokenSecret::from_file(std::path::Path::new(&token))?,
+            }),
+            _ => Err(BoxError::from(
+                "set both PORTCULLIS_DEMO_KEY_FILE and PORTCULLIS_DEMO_TOKEN_KEY_FILE, or neither",
+            )),
+        }
+    }
+
+    /// The key store and the token secret.
+    pub fn parts(&self) -> (ApiKeys, TokenSecret) {
+        match self {
+            Self::Ephemeral { store, secret, .. } | Self::Configured { store, secret } => {
+                (store.clone(), secret.clone())
+            }
+        }
+    }
+}
+
+/// The Redis limiter from `REDIS_URL` (or `--redis URL`), if set: fails closed
+/// (503) when Redis does not answer, so two instances never silently stop sharing
+/// their limits.
+pub fn redis_limiter(url: Option<&str>) -> Result<Option<RedisLimiter>, ConfigError> {
+    let Some(url) = url else {
+        return Ok(None);
+    };
+    Ok(Some(
+        RedisLimiter::builder(url, FailurePolicy::FailClosed)?
+            .timeout(Duration::from_millis(50))
+            .namespace("portcullis-demo")?
+            .build()?,
+    ))
+}
