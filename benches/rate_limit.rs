@@ -148,6 +148,13 @@ where
 }
 
 fn bench(c: &mut Criterion) {
+    // PORTCULLIS_BENCH_CALLS=<case>:<n> runs one case n times outside criterion and
+    // returns, for instruction counts: `valgrind --tool=callgrind
+    // --toggle-collect='*calls_loop*'` then counts only the n requests.
+    if let Some(spec) = std::env::var_os("PORTCULLIS_BENCH_CALLS") {
+        calls(spec.to_str().expect("ASCII"));
+        return;
+    }
     // Memory first, each limiter fresh (PORTCULLIS_BENCH_NO_MEMORY=1 skips it, for
     // profiling one timing).
     if std::env::var_os("PORTCULLIS_BENCH_NO_MEMORY").is_none() {
@@ -168,6 +175,61 @@ fn memory() {
     println!(
         "memory per tracked key over {SPREAD} keys: portcullis {ours:.1} B, tower_governor {theirs:.1} B"
     );
+}
+
+/// The four services of one group, by name.
+fn service(name: &str, keys: u32) -> Box<dyn FnMut(Request<()>) -> Response<Body>> {
+    fn boxed<S>(mut s: S) -> Box<dyn FnMut(Request<()>) -> Response<Body>>
+    where
+        S: Service<Request<()>, Response = Response<Body>, Error = Infallible> + 'static,
+    {
+        Box::new(move |req| once(&mut s, req))
+    }
+    match name {
+        "portcullis/no_fields" => boxed(portcullis(false, keys).layer(inner())),
+        "portcullis/fields" => boxed(portcullis(true, keys).layer(inner())),
+        "tower_governor/no_headers" => {
+            let cfg = GovernorConfigBuilder::default()
+                .period(period(keys))
+                .burst_size(BURST)
+                .key_extractor(ClientIpKey)
+                .finish()
+                .unwrap();
+            boxed(tower_governor::GovernorLayer::new(cfg).layer(inner()))
+        }
+        "tower_governor/headers" => {
+            let cfg = GovernorConfigBuilder::default()
+                .period(period(keys))
+                .burst_size(BURST)
+                .key_extractor(ClientIpKey)
+                .use_headers()
+                .finish()
+                .unwrap();
+            boxed(tower_governor::GovernorLayer::new(cfg).layer(inner()))
+        }
+        _ => panic!("unknown case {name}"),
+    }
+}
+
+fn calls(spec: &str) {
+    let (case, n) = spec.rsplit_once(':').expect("<case>:<n>");
+    let n: u32 = n.parse().expect("a count");
+    let (group, name) = case.split_once('/').expect("<group>/<name>");
+    let keys = if group == "hot_key" { 1 } else { SPREAD };
+    let mut svc = service(name, keys);
+    for k in 0..keys {
+        svc(request(ip(k)));
+    }
+    calls_loop(&mut *svc, keys, n);
+}
+
+#[inline(never)]
+fn calls_loop(svc: &mut dyn FnMut(Request<()>) -> Response<Body>, keys: u32, n: u32) {
+    let mut i = 0u32;
+    for _ in 0..n {
+        i = if i + 1 == keys { 0 } else { i + 1 };
+        black_box(svc(request(ip(i))));
+    }
 }
 
 /// Times `make()`'s service over `keys` keys, all tracked before the timing starts.

@@ -440,6 +440,23 @@ impl Shared {
                 fields,
             };
         }
+        self.refuse(inner, req, outcome, fields)
+    }
+
+    /// A request over the limit: audited, then let through (shadow mode) or refused.
+    #[cold]
+    #[inline(never)]
+    fn refuse<S, ReqBody, ResBody>(
+        &self,
+        inner: &mut S,
+        req: Request<ReqBody>,
+        outcome: Outcome,
+        fields: Option<Box<FieldSet>>,
+    ) -> Kind<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: From<Bytes>,
+    {
         self.audit(&req, &outcome);
         if self.shadow {
             self.shadow_limited.fetch_add(1, Ordering::Relaxed);
@@ -591,33 +608,66 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let shared = &*self.shared;
-        let cx = KeyContext::of(&req);
-        let source = shared.key.derive(&cx);
-        let (gcras, n) = shared.gcras(cx.principal());
         #[cfg(feature = "redis")]
-        if let Some(r) = &shared.redis {
-            let check = r.check(
-                source.stable_name(),
-                source.local(shared.local.hasher()),
-                gcras,
-                n,
-                self.shared.clone(),
-            );
-            let clone = self.inner.clone();
-            let inner = std::mem::replace(&mut self.inner, clone);
+        if self.shared.redis.is_some() {
+            return self.call_shared_backend(req);
+        }
+        let shared = &*self.shared;
+        let (outcome, fields) = {
+            let cx = KeyContext::of(&req);
+            let key = shared.key.derive(&cx).local(shared.local.hasher());
+            let (gcras, n) = shared.gcras(cx.principal());
+            let outcome = shared.local.check(key, &gcras[..n], shared.local.now());
+            let fields = shared.render(cx.principal(), &outcome);
+            (outcome, fields)
+        };
+        // The allowed path stays here, so the request moves once, into the inner
+        // service; a refusal (or a shadowed one) is handled out of line.
+        if outcome.allowed {
             return ResponseFuture {
-                kind: Kind::Checking {
-                    check,
-                    pending: Some(Box::new((inner, req, self.shared.clone()))),
+                kind: Kind::Inner {
+                    future: self.inner.call(req),
+                    fields,
                 },
             };
         }
-        let key = source.local(shared.local.hasher());
-        let outcome = shared.local.check(key, &gcras[..n], shared.local.now());
-        let fields = shared.render(cx.principal(), &outcome);
         ResponseFuture {
-            kind: shared.act(&mut self.inner, req, outcome, fields),
+            kind: shared.refuse(&mut self.inner, req, outcome, fields),
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl<S> RateLimit<S> {
+    /// The check through a shared backend: a future that decides, then acts.
+    #[inline(never)]
+    fn call_shared_backend<ReqBody, ResBody>(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> ResponseFuture<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+        ResBody: From<Bytes>,
+    {
+        let shared = &*self.shared;
+        let r = shared.redis.as_ref().expect("checked by the caller");
+        let cx = KeyContext::of(&req);
+        let source = shared.key.derive(&cx);
+        let (gcras, n) = shared.gcras(cx.principal());
+        let check = r.check(
+            source.stable_name(),
+            source.local(shared.local.hasher()),
+            gcras,
+            n,
+            self.shared.clone(),
+        );
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            kind: Kind::Checking {
+                check,
+                pending: Some(Box::new((inner, req, self.shared.clone()))),
+            },
         }
     }
 }
