@@ -127,6 +127,7 @@ impl KeyRule {
 }
 
 /// The masked network a client address counts against.
+#[inline]
 pub(crate) fn mask(ip: IpAddr, v4: u8, v6: u8) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(a) => {

@@ -232,9 +232,15 @@ impl RateLimitBuilder {
                 "rate limiting is in shadow mode: limits are logged, not enforced"
             );
         }
+        let policies: Vec<CompiledPolicy> = self.policies.iter().map(Policy::compile).collect();
+        let mut anonymous = [Gcra { t: 1, tau: 0 }; MAX_POLICIES];
+        for (g, p) in anonymous.iter_mut().zip(&policies) {
+            *g = p.entry(None).gcra;
+        }
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
-                policies: self.policies.iter().map(Policy::compile).collect(),
+                policies,
+                anonymous,
                 key: self.key,
                 local: LocalStore::new(self.max_tracked_keys, self.policies.len()),
                 fields: self.fields,
@@ -251,6 +257,8 @@ impl RateLimitBuilder {
 
 pub(crate) struct Shared {
     policies: Vec<CompiledPolicy>,
+    /// Every policy's default GCRA, for requests without a principal.
+    anonymous: [Gcra; MAX_POLICIES],
     key: KeyRule,
     local: LocalStore,
     fields: bool,
@@ -323,6 +331,9 @@ impl FieldSet {
 impl Shared {
     #[inline]
     fn gcras(&self, principal: Option<&Principal>) -> ([Gcra; MAX_POLICIES], usize) {
+        if principal.is_none() {
+            return (self.anonymous, self.policies.len());
+        }
         let mut g = [Gcra { t: 1, tau: 0 }; MAX_POLICIES];
         for (i, p) in self.policies.iter().enumerate() {
             g[i] = p.entry(principal).gcra;
@@ -409,11 +420,11 @@ impl Shared {
                 };
             }
             Verdict::Unavailable(retry) => {
-                return Kind::Rejected {
-                    response: Some(
+                return Kind::Other {
+                    state: Box::new(Other::Rejected(Some(
                         Rejection::unavailable(DenialReason::BackendUnavailable, Some(retry))
                             .into_response(),
-                    ),
+                    ))),
                 };
             }
         };
@@ -483,8 +494,8 @@ impl Shared {
                     .with_header(X_RESET, reset);
             }
         }
-        Kind::Rejected {
-            response: Some(rejection.into_response()),
+        Kind::Other {
+            state: Box::new(Other::Rejected(Some(rejection.into_response()))),
         }
     }
 
@@ -664,9 +675,11 @@ impl<S> RateLimit<S> {
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
-            kind: Kind::Checking {
-                check,
-                pending: Some(Box::new((inner, req, self.shared.clone()))),
+            kind: Kind::Other {
+                state: Box::new(Other::Checking {
+                    check,
+                    pending: Some((inner, req, self.shared.clone())),
+                }),
             },
         }
     }
@@ -693,9 +706,24 @@ pin_project! {
         S: Service<Request<ReqBody>>,
     {
         Inner { #[pin] future: S::Future, fields: Option<Box<FieldSet>> },
-        Rejected { response: Option<Response<B>> },
-        Checking { check: CheckFuture, pending: Option<Box<(S, Request<ReqBody>, Arc<Shared>)>> },
+        // Boxed, so that the future (and its drop) stays small on the common path.
+        Other { state: Box<Other<S, ReqBody, B>> },
     }
+}
+
+/// The rarer states of [`ResponseFuture`].
+enum Other<S, ReqBody, B>
+where
+    S: Service<Request<ReqBody>>,
+{
+    /// A ready refusal.
+    Rejected(Option<Response<B>>),
+    /// A shared-backend check in flight, then the inner service to call.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Checking {
+        check: CheckFuture,
+        pending: Option<(S, Request<ReqBody>, Arc<Shared>)>,
+    },
 }
 
 impl<S, ReqBody, B> Future for ResponseFuture<S, ReqBody, B>
@@ -705,26 +733,55 @@ where
 {
     type Output = Result<Response<B>, S::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut kind = self.project().kind;
-        loop {
-            match kind.as_mut().project() {
-                KindProj::Inner { future, fields } => {
-                    let mut res = ready!(future.poll(cx));
-                    if let (Ok(r), Some(set)) = (&mut res, fields.take()) {
-                        set.apply(r.headers_mut());
+        // The common case first and alone: the inner future, then the fields if any.
+        if let KindProj::Inner { future, fields } = kind.as_mut().project() {
+            let mut res = ready!(future.poll(cx));
+            if let Some(set) = fields.take()
+                && let Ok(r) = &mut res
+            {
+                set.apply(r.headers_mut());
+            }
+            return Poll::Ready(res);
+        }
+        poll_other(kind, cx)
+    }
+}
+
+/// The rarer states: a ready refusal, or a shared-backend check in flight.
+#[inline(never)]
+fn poll_other<S, ReqBody, B>(
+    mut kind: Pin<&mut Kind<S, ReqBody, B>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<B>, S::Error>>
+where
+    S: Service<Request<ReqBody>, Response = Response<B>>,
+    B: From<Bytes>,
+{
+    loop {
+        match kind.as_mut().project() {
+            KindProj::Inner { future, fields } => {
+                let mut res = ready!(future.poll(cx));
+                if let (Ok(r), Some(set)) = (&mut res, fields.take()) {
+                    set.apply(r.headers_mut());
+                }
+                return Poll::Ready(res);
+            }
+            KindProj::Other { state } => {
+                let next = match &mut **state {
+                    Other::Rejected(response) => {
+                        return Poll::Ready(Ok(response.take().expect("polled after completion")));
                     }
-                    return Poll::Ready(res);
-                }
-                KindProj::Rejected { response } => {
-                    return Poll::Ready(Ok(response.take().expect("polled after completion")));
-                }
-                KindProj::Checking { check, pending } => {
-                    let verdict = ready!(check.as_mut().poll(cx));
-                    let (mut svc, req, shared) = *pending.take().expect("polled after completion");
-                    let next = shared.finish(&mut svc, req, verdict);
-                    kind.set(next);
-                }
+                    Other::Checking { check, pending } => {
+                        let verdict = ready!(check.as_mut().poll(cx));
+                        let (mut svc, req, shared) =
+                            pending.take().expect("polled after completion");
+                        shared.finish(&mut svc, req, verdict)
+                    }
+                };
+                kind.set(next);
             }
         }
     }
@@ -737,8 +794,10 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             Kind::Inner { .. } => "Inner",
-            Kind::Rejected { .. } => "Rejected",
-            Kind::Checking { .. } => "Checking",
+            Kind::Other { ref state } => match **state {
+                Other::Rejected(_) => "Rejected",
+                Other::Checking { .. } => "Checking",
+            },
         };
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)
