@@ -222,9 +222,18 @@ fn hash128(hasher: &impl BuildHasher, kind: u8, s: &str, out: &mut [u8; 16]) {
 pub(crate) struct LocalKey([u8; 17]);
 
 impl std::hash::Hash for LocalKey {
-    // One write of the raw bytes: the derived impl adds a length prefix and a call.
+    // One write of the meaningful bytes: the kind and, for an IPv4 address, its four
+    // octets (the rest is always zero), else all 16. Equal keys write equal bytes,
+    // and the hasher stays the randomly keyed SipHash; an IPv4 key costs no full
+    // compression round before finishing, instead of two.
+    #[inline]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write(&self.0);
+        let len = match self.0[0] {
+            0 => 1,
+            1 => 5,
+            _ => 17,
+        };
+        state.write(&self.0[..len]);
     }
 }
 

@@ -416,7 +416,6 @@ impl Shared {
             Verdict::Open => {
                 return Kind::Inner {
                     future: inner.call(req),
-                    fields: None,
                 };
             }
             Verdict::Unavailable(retry) => {
@@ -446,10 +445,7 @@ impl Shared {
         ResBody: From<Bytes>,
     {
         if outcome.allowed {
-            return Kind::Inner {
-                future: inner.call(req),
-                fields,
-            };
+            return Kind::pass(inner.call(req), fields);
         }
         self.refuse(inner, req, outcome, fields)
     }
@@ -471,10 +467,7 @@ impl Shared {
         self.audit(&req, &outcome);
         if self.shadow {
             self.shadow_limited.fetch_add(1, Ordering::Relaxed);
-            return Kind::Inner {
-                future: inner.call(req),
-                fields,
-            };
+            return Kind::pass(inner.call(req), fields);
         }
         self.limited.fetch_add(1, Ordering::Relaxed);
         let mut rejection = Rejection::too_many_requests(
@@ -636,10 +629,7 @@ where
         // service; a refusal (or a shadowed one) is handled out of line.
         if outcome.allowed {
             return ResponseFuture {
-                kind: Kind::Inner {
-                    future: self.inner.call(req),
-                    fields,
-                },
+                kind: Kind::pass(self.inner.call(req), fields),
             };
         }
         ResponseFuture {
@@ -705,9 +695,24 @@ pin_project! {
     where
         S: Service<Request<ReqBody>>,
     {
-        Inner { #[pin] future: S::Future, fields: Option<Box<FieldSet>> },
+        Inner { #[pin] future: S::Future },
+        // Its own variant, so that a response without fields has nothing more to drop.
+        WithFields { #[pin] future: S::Future, fields: Option<Box<FieldSet>> },
         // Boxed, so that the future (and its drop) stays small on the common path.
         Other { state: Box<Other<S, ReqBody, B>> },
+    }
+}
+
+impl<S, ReqBody, B> Kind<S, ReqBody, B>
+where
+    S: Service<Request<ReqBody>>,
+{
+    #[inline]
+    fn pass(future: S::Future, fields: Option<Box<FieldSet>>) -> Self {
+        match fields {
+            None => Kind::Inner { future },
+            fields => Kind::WithFields { future, fields },
+        }
     }
 }
 
@@ -736,15 +741,19 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut kind = self.project().kind;
-        // The common case first and alone: the inner future, then the fields if any.
-        if let KindProj::Inner { future, fields } = kind.as_mut().project() {
-            let mut res = ready!(future.poll(cx));
-            if let Some(set) = fields.take()
-                && let Ok(r) = &mut res
-            {
-                set.apply(r.headers_mut());
+        // The common cases first and alone: the inner future, then the fields if any.
+        match kind.as_mut().project() {
+            KindProj::Inner { future } => return future.poll(cx),
+            KindProj::WithFields { future, fields } => {
+                let mut res = ready!(future.poll(cx));
+                if let Some(set) = fields.take()
+                    && let Ok(r) = &mut res
+                {
+                    set.apply(r.headers_mut());
+                }
+                return Poll::Ready(res);
             }
-            return Poll::Ready(res);
+            KindProj::Other { .. } => {}
         }
         poll_other(kind, cx)
     }
@@ -762,7 +771,8 @@ where
 {
     loop {
         match kind.as_mut().project() {
-            KindProj::Inner { future, fields } => {
+            KindProj::Inner { future } => return future.poll(cx),
+            KindProj::WithFields { future, fields } => {
                 let mut res = ready!(future.poll(cx));
                 if let (Ok(r), Some(set)) = (&mut res, fields.take()) {
                     set.apply(r.headers_mut());
@@ -793,7 +803,7 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
-            Kind::Inner { .. } => "Inner",
+            Kind::Inner { .. } | Kind::WithFields { .. } => "Inner",
             Kind::Other { ref state } => match **state {
                 Other::Rejected(_) => "Rejected",
                 Other::Checking { .. } => "Checking",
