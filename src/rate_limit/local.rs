@@ -83,7 +83,8 @@ pub(crate) struct LocalStore {
     table: Table,
     cap: usize,
     clock: quanta::Clock,
-    epoch: quanta::Instant,
+    /// The clock's raw reading when the store was made.
+    epoch: u64,
     hasher: RandomState,
     inserts_since_sweep: AtomicUsize,
     last_sweep: AtomicU64,
@@ -234,7 +235,7 @@ impl LocalStore {
         Self {
             table,
             cap,
-            epoch: clock.now(),
+            epoch: clock.raw(),
             clock,
             hasher: RandomState::new(),
             inserts_since_sweep: AtomicUsize::new(0),
@@ -253,7 +254,9 @@ impl LocalStore {
     /// of a `clock_gettime` call.
     #[inline]
     pub(crate) fn now(&self) -> u64 {
-        self.clock.now().duration_since(self.epoch).as_nanos() as u64 + 1_000_000_000
+        // Raw readings scaled once (no `Instant`/`Duration` round trip); a reading
+        // at or before the epoch counts as 0.
+        self.clock.delta_as_nanos(self.epoch, self.clock.raw()) + 1_000_000_000
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -620,8 +620,16 @@ where
         let (outcome, fields) = {
             let cx = KeyContext::of(&req);
             let key = shared.key.derive(&cx).local(shared.local.hasher());
-            let (gcras, n) = shared.gcras(cx.principal());
-            let outcome = shared.local.check(key, &gcras[..n], shared.local.now());
+            // Anonymous requests use the precomputed defaults, without a copy.
+            let per_principal;
+            let gcras = match cx.principal() {
+                None => &shared.anonymous[..shared.policies.len()],
+                Some(p) => {
+                    per_principal = shared.gcras(Some(p));
+                    &per_principal.0[..per_principal.1]
+                }
+            };
+            let outcome = shared.local.check(key, gcras, shared.local.now());
             let fields = shared.render(cx.principal(), &outcome);
             (outcome, fields)
         };
