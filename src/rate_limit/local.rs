@@ -148,8 +148,7 @@ impl<const N: usize> Slots<N> {
                     return Some(out);
                 }
                 Cell::Allow { tat } => {
-                    match a.compare_exchange_weak(cur, tat, Ordering::AcqRel, Ordering::Acquire)
-                    {
+                    match a.compare_exchange_weak(cur, tat, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => {
                             out.ahead[0] = tat - now;
                             return Some(out);
