@@ -1,6 +1,6 @@
 //! The in-memory backend: GCRA state per key in a `DashMap`, bounded and self-cleaning.
 //!
-//! Each tracked key costs one map entry: a 17-byte key and one 8-byte timestamp per
+//! Each tracked key costs one map entry: a 24-byte key and one 8-byte timestamp per
 //! policy (32 bytes with one policy, 40 with two, 56 with three or four), plus the
 //! map's load-factor slack. Nothing
 //! runs in the background: cleanup is amortised over the requests that add keys.
@@ -92,7 +92,7 @@ pub(crate) struct LocalStore {
 }
 
 /// The map sized to the number of policies: one timestamp per policy and no more,
-/// so a one-policy key costs a 32-byte entry (17-byte key, padding, 8-byte time).
+/// so a one-policy key costs a 32-byte entry (24-byte key, 8-byte time).
 #[derive(Debug)]
 enum Table {
     One(Slots<1>),

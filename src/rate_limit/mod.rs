@@ -19,7 +19,7 @@
 //! window boundaries to game, and time comes from the monotonic clock, so a wall-clock
 //! jump changes nothing.
 //!
-//! **Memory.** A tracked key costs one map entry: a 17-byte key (the address, or a
+//! **Memory.** A tracked key costs one map entry: a 24-byte key (the address, or a
 //! randomly keyed 128-bit hash of a principal id) and one 8-byte timestamp per
 //! policy, 32 bytes with one policy, plus the hash map's slack (about 70 bytes per
 //! key in all with one policy, measured by `benches/rate_limit.rs`). At most
@@ -636,9 +636,18 @@ where
         // The allowed path stays here, so the request moves once, into the inner
         // service; a refusal (or a shadowed one) is handled out of line.
         if outcome.allowed {
-            return ResponseFuture {
-                kind: Kind::pass(self.inner.call(req), fields),
+            // The variant is chosen before the inner call, so that its future can be
+            // built in place.
+            let kind = match fields {
+                None => Kind::Inner {
+                    future: self.inner.call(req),
+                },
+                fields => Kind::WithFields {
+                    future: self.inner.call(req),
+                    fields,
+                },
             };
+            return ResponseFuture { kind };
         }
         ResponseFuture {
             kind: shared.refuse(&mut self.inner, req, outcome, fields),
