@@ -5,7 +5,11 @@
 //! - `hot_key`: every request from one address;
 //! - `spread_1m`: requests cycle over 1 000 000 addresses, all already tracked;
 //! - each with and without response header fields (portcullis: `RateLimit-Policy` +
-//!   `RateLimit`; tower_governor: its `x-ratelimit-*` headers via `use_headers`).
+//!   `RateLimit`; tower_governor: its `x-ratelimit-*` headers via `use_headers`);
+//! - tower_governor twice without headers: keyed on the `ClientIp` alone (the least
+//!   it can do), and `same_key`, keyed as portcullis keys by default (the `Principal`
+//!   id if any, else the address with IPv6 masked to its /64), so that both sides
+//!   look up the same extensions per request.
 //!
 //! Before the timings it prints the heap bytes per tracked key of each limiter,
 //! measured with a counting allocator over 1 000 000 inserted keys.
@@ -23,8 +27,8 @@ use std::time::Duration;
 use axum::body::Body;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
-use portcullis::ClientIp;
 use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};
+use portcullis::{ClientIp, Principal};
 use tower::{Layer, Service};
 use tower_governor::GovernorError;
 use tower_governor::governor::GovernorConfigBuilder;
@@ -65,6 +69,36 @@ impl KeyExtractor for ClientIpKey {
             .get::<ClientIp>()
             .map(|ip| ip.addr())
             .ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+/// tower_governor keyed the way portcullis keys by default, so that both sides do
+/// the same per-request work: the `Principal` id when authenticated, else the
+/// `ClientIp` with IPv6 masked to its /64.
+#[derive(Clone)]
+struct SameKey;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Who {
+    Principal(String),
+    Ip(IpAddr),
+}
+
+impl KeyExtractor for SameKey {
+    type Key = Who;
+    fn extract<T>(&self, req: &Request<T>) -> Result<Who, GovernorError> {
+        if let Some(p) = req.extensions().get::<Principal>() {
+            return Ok(Who::Principal(p.id().to_owned()));
+        }
+        let ip = req
+            .extensions()
+            .get::<ClientIp>()
+            .ok_or(GovernorError::UnableToExtractKey)?
+            .addr();
+        Ok(Who::Ip(match ip.to_canonical() {
+            IpAddr::V6(a) => IpAddr::V6((u128::from(a) & !(u128::MAX >> 64)).into()),
+            v4 => v4,
+        }))
     }
 }
 
@@ -148,6 +182,13 @@ where
 }
 
 fn bench(c: &mut Criterion) {
+    // PORTCULLIS_BENCH_CALLS=<case>:<n> runs one case n times outside criterion and
+    // returns, for instruction counts: `valgrind --tool=callgrind
+    // --toggle-collect='*calls_loop*'` then counts only the n requests.
+    if let Some(spec) = std::env::var_os("PORTCULLIS_BENCH_CALLS") {
+        calls(spec.to_str().expect("ASCII"));
+        return;
+    }
     // Memory first, each limiter fresh (PORTCULLIS_BENCH_NO_MEMORY=1 skips it, for
     // profiling one timing).
     if std::env::var_os("PORTCULLIS_BENCH_NO_MEMORY").is_none() {
@@ -168,6 +209,70 @@ fn memory() {
     println!(
         "memory per tracked key over {SPREAD} keys: portcullis {ours:.1} B, tower_governor {theirs:.1} B"
     );
+}
+
+/// The four services of one group, by name.
+fn service(name: &str, keys: u32) -> Box<dyn FnMut(Request<()>) -> Response<Body>> {
+    fn boxed<S>(mut s: S) -> Box<dyn FnMut(Request<()>) -> Response<Body>>
+    where
+        S: Service<Request<()>, Response = Response<Body>, Error = Infallible> + 'static,
+    {
+        Box::new(move |req| once(&mut s, req))
+    }
+    match name {
+        "portcullis/no_fields" => boxed(portcullis(false, keys).layer(inner())),
+        "portcullis/fields" => boxed(portcullis(true, keys).layer(inner())),
+        "tower_governor/no_headers" => {
+            let cfg = GovernorConfigBuilder::default()
+                .period(period(keys))
+                .burst_size(BURST)
+                .key_extractor(ClientIpKey)
+                .finish()
+                .unwrap();
+            boxed(tower_governor::GovernorLayer::new(cfg).layer(inner()))
+        }
+        "tower_governor/no_headers_same_key" => {
+            let cfg = GovernorConfigBuilder::default()
+                .period(period(keys))
+                .burst_size(BURST)
+                .key_extractor(SameKey)
+                .finish()
+                .unwrap();
+            boxed(tower_governor::GovernorLayer::new(cfg).layer(inner()))
+        }
+        "tower_governor/headers" => {
+            let cfg = GovernorConfigBuilder::default()
+                .period(period(keys))
+                .burst_size(BURST)
+                .key_extractor(ClientIpKey)
+                .use_headers()
+                .finish()
+                .unwrap();
+            boxed(tower_governor::GovernorLayer::new(cfg).layer(inner()))
+        }
+        _ => panic!("unknown case {name}"),
+    }
+}
+
+fn calls(spec: &str) {
+    let (case, n) = spec.rsplit_once(':').expect("<case>:<n>");
+    let n: u32 = n.parse().expect("a count");
+    let (group, name) = case.split_once('/').expect("<group>/<name>");
+    let keys = if group == "hot_key" { 1 } else { SPREAD };
+    let mut svc = service(name, keys);
+    for k in 0..keys {
+        svc(request(ip(k)));
+    }
+    calls_loop(&mut *svc, keys, n);
+}
+
+#[inline(never)]
+fn calls_loop(svc: &mut dyn FnMut(Request<()>) -> Response<Body>, keys: u32, n: u32) {
+    let mut i = 0u32;
+    for _ in 0..n {
+        i = if i + 1 == keys { 0 } else { i + 1 };
+        black_box(svc(request(ip(i))));
+    }
 }
 
 /// Times `make()`'s service over `keys` keys, all tracked before the timing starts.
@@ -215,6 +320,15 @@ fn timings(c: &mut Criterion) {
                 .period(period(keys))
                 .burst_size(BURST)
                 .key_extractor(ClientIpKey)
+                .finish()
+                .unwrap();
+            tower_governor::GovernorLayer::new(cfg).layer(inner())
+        });
+        time(&mut g, "tower_governor/no_headers_same_key", keys, || {
+            let cfg = GovernorConfigBuilder::default()
+                .period(period(keys))
+                .burst_size(BURST)
+                .key_extractor(SameKey)
                 .finish()
                 .unwrap();
             tower_governor::GovernorLayer::new(cfg).layer(inner())

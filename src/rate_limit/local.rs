@@ -1,6 +1,6 @@
 //! The in-memory backend: GCRA state per key in a `DashMap`, bounded and self-cleaning.
 //!
-//! Each tracked key costs one map entry: a 17-byte key and one 8-byte timestamp per
+//! Each tracked key costs one map entry: a 24-byte key and one 8-byte timestamp per
 //! policy (32 bytes with one policy, 40 with two, 56 with three or four), plus the
 //! map's load-factor slack. Nothing
 //! runs in the background: cleanup is amortised over the requests that add keys.
@@ -83,7 +83,8 @@ pub(crate) struct LocalStore {
     table: Table,
     cap: usize,
     clock: quanta::Clock,
-    epoch: quanta::Instant,
+    /// The clock's raw reading when the store was made.
+    epoch: u64,
     hasher: RandomState,
     inserts_since_sweep: AtomicUsize,
     last_sweep: AtomicU64,
@@ -91,7 +92,7 @@ pub(crate) struct LocalStore {
 }
 
 /// The map sized to the number of policies: one timestamp per policy and no more,
-/// so a one-policy key costs a 32-byte entry (17-byte key, padding, 8-byte time).
+/// so a one-policy key costs a 32-byte entry (24-byte key, 8-byte time).
 #[derive(Debug)]
 enum Table {
     One(Slots<1>),
@@ -115,45 +116,59 @@ impl<const N: usize> Slots<N> {
 
     fn check(&self, store: &LocalStore, key: LocalKey, gcras: &[Gcra], now: u64) -> Outcome {
         if N == 1 {
-            // One slot: a shared lock and a compare-and-swap, as governor does.
-            if let Some(slot) = self.map.get(&key) {
-                let (a, g) = (&slot[0], &gcras[0]);
-                let mut cur = a.load(Ordering::Acquire);
-                let mut out = Outcome {
-                    allowed: true,
-                    len: 1,
-                    ahead: [0; MAX_POLICIES],
-                    waits: [0; MAX_POLICIES],
-                };
-                loop {
-                    match g.test(cur, now) {
-                        Cell::Deny { wait } => {
-                            out.allowed = false;
-                            out.waits[0] = wait;
-                            out.ahead[0] = cur.saturating_sub(now);
-                            return out;
-                        }
-                        Cell::Allow { tat } => {
-                            match a.compare_exchange_weak(
-                                cur,
-                                tat,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            ) {
-                                Ok(_) => {
-                                    out.ahead[0] = tat - now;
-                                    return out;
-                                }
-                                Err(actual) => cur = actual,
-                            }
-                        }
-                    }
-                }
+            if let Some(out) = self.check_tracked_one(&key, &gcras[0], now) {
+                return out;
             }
         } else if let Some(slots) = self.map.get_mut(&key) {
             // Several slots change together: the entry's exclusive lock.
             return decide_atomics(gcras, &slots, now);
         }
+        self.check_untracked(store, key, gcras, now)
+    }
+
+    /// One policy and a tracked key: a shared lock and a compare-and-swap, as
+    /// governor does. `None` if the key is not tracked.
+    #[inline]
+    fn check_tracked_one(&self, key: &LocalKey, g: &Gcra, now: u64) -> Option<Outcome> {
+        let slot = self.map.get(key)?;
+        let a = &slot[0];
+        let mut cur = a.load(Ordering::Acquire);
+        let mut out = Outcome {
+            allowed: true,
+            len: 1,
+            ahead: [0; MAX_POLICIES],
+            waits: [0; MAX_POLICIES],
+        };
+        loop {
+            match g.test(cur, now) {
+                Cell::Deny { wait } => {
+                    out.allowed = false;
+                    out.waits[0] = wait;
+                    out.ahead[0] = cur.saturating_sub(now);
+                    return Some(out);
+                }
+                Cell::Allow { tat } => {
+                    match a.compare_exchange_weak(cur, tat, Ordering::AcqRel, Ordering::Acquire) {
+                        Ok(_) => {
+                            out.ahead[0] = tat - now;
+                            return Some(out);
+                        }
+                        Err(actual) => cur = actual,
+                    }
+                }
+            }
+        }
+    }
+
+    /// A key not (yet) tracked: amortised cleanup, then a new entry, or the shared
+    /// overflow state at the cap.
+    fn check_untracked(
+        &self,
+        store: &LocalStore,
+        key: LocalKey,
+        gcras: &[Gcra],
+        now: u64,
+    ) -> Outcome {
         store.maybe_sweep(now);
         if self.map.len() >= store.cap {
             let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
@@ -219,7 +234,7 @@ impl LocalStore {
         Self {
             table,
             cap,
-            epoch: clock.now(),
+            epoch: clock.raw(),
             clock,
             hasher: RandomState::new(),
             inserts_since_sweep: AtomicUsize::new(0),
@@ -236,8 +251,11 @@ impl LocalStore {
     /// matter). Starts at 1 s so that 0 can mean "never seen". `quanta` reads the
     /// CPU's invariant TSC where it can (the clock governor uses): a few ns instead
     /// of a `clock_gettime` call.
+    #[inline]
     pub(crate) fn now(&self) -> u64 {
-        self.clock.now().duration_since(self.epoch).as_nanos() as u64 + 1_000_000_000
+        // Raw readings scaled once (no `Instant`/`Duration` round trip); a reading
+        // at or before the epoch counts as 0.
+        self.clock.delta_as_nanos(self.epoch, self.clock.raw()) + 1_000_000_000
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -263,9 +281,21 @@ impl LocalStore {
 
     /// Checks and, when allowed, records one request for `key` at `now`.
     /// `gcras` has at most as many entries as the store has policies.
+    #[inline]
     pub(crate) fn check(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Outcome {
+        // The common case inline: one policy, a tracked key.
+        if let Table::One(t) = &self.table
+            && let Some(out) = t.check_tracked_one(&key, &gcras[0], now)
+        {
+            return out;
+        }
+        self.check_rest(key, gcras, now)
+    }
+
+    #[inline(never)]
+    fn check_rest(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Outcome {
         match &self.table {
-            Table::One(t) => t.check(self, key, gcras, now),
+            Table::One(t) => t.check_untracked(self, key, gcras, now),
             Table::Two(t) => t.check(self, key, gcras, now),
             Table::Four(t) => t.check(self, key, gcras, now),
         }

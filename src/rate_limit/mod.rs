@@ -19,7 +19,7 @@
 //! window boundaries to game, and time comes from the monotonic clock, so a wall-clock
 //! jump changes nothing.
 //!
-//! **Memory.** A tracked key costs one map entry: a 17-byte key (the address, or a
+//! **Memory.** A tracked key costs one map entry: a 24-byte key (the address, or a
 //! randomly keyed 128-bit hash of a principal id) and one 8-byte timestamp per
 //! policy, 32 bytes with one policy, plus the hash map's slack (about 70 bytes per
 //! key in all with one policy, measured by `benches/rate_limit.rs`). At most
@@ -232,9 +232,15 @@ impl RateLimitBuilder {
                 "rate limiting is in shadow mode: limits are logged, not enforced"
             );
         }
+        let policies: Vec<CompiledPolicy> = self.policies.iter().map(Policy::compile).collect();
+        let mut anonymous = [Gcra { t: 1, tau: 0 }; MAX_POLICIES];
+        for (g, p) in anonymous.iter_mut().zip(&policies) {
+            *g = p.entry(None).gcra;
+        }
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
-                policies: self.policies.iter().map(Policy::compile).collect(),
+                policies,
+                anonymous,
                 key: self.key,
                 local: LocalStore::new(self.max_tracked_keys, self.policies.len()),
                 fields: self.fields,
@@ -251,6 +257,8 @@ impl RateLimitBuilder {
 
 pub(crate) struct Shared {
     policies: Vec<CompiledPolicy>,
+    /// Every policy's default GCRA, for requests without a principal.
+    anonymous: [Gcra; MAX_POLICIES],
     key: KeyRule,
     local: LocalStore,
     fields: bool,
@@ -323,6 +331,9 @@ impl FieldSet {
 impl Shared {
     #[inline]
     fn gcras(&self, principal: Option<&Principal>) -> ([Gcra; MAX_POLICIES], usize) {
+        if principal.is_none() {
+            return (self.anonymous, self.policies.len());
+        }
         let mut g = [Gcra { t: 1, tau: 0 }; MAX_POLICIES];
         for (i, p) in self.policies.iter().enumerate() {
             g[i] = p.entry(principal).gcra;
@@ -405,15 +416,14 @@ impl Shared {
             Verdict::Open => {
                 return Kind::Inner {
                     future: inner.call(req),
-                    fields: None,
                 };
             }
             Verdict::Unavailable(retry) => {
-                return Kind::Rejected {
-                    response: Some(
+                return Kind::Other {
+                    state: Box::new(Other::Rejected(Some(
                         Rejection::unavailable(DenialReason::BackendUnavailable, Some(retry))
                             .into_response(),
-                    ),
+                    ))),
                 };
             }
         };
@@ -435,18 +445,29 @@ impl Shared {
         ResBody: From<Bytes>,
     {
         if outcome.allowed {
-            return Kind::Inner {
-                future: inner.call(req),
-                fields,
-            };
+            return Kind::pass(inner.call(req), fields);
         }
+        self.refuse(inner, req, outcome, fields)
+    }
+
+    /// A request over the limit: audited, then let through (shadow mode) or refused.
+    #[cold]
+    #[inline(never)]
+    fn refuse<S, ReqBody, ResBody>(
+        &self,
+        inner: &mut S,
+        req: Request<ReqBody>,
+        outcome: Outcome,
+        fields: Option<Box<FieldSet>>,
+    ) -> Kind<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: From<Bytes>,
+    {
         self.audit(&req, &outcome);
         if self.shadow {
             self.shadow_limited.fetch_add(1, Ordering::Relaxed);
-            return Kind::Inner {
-                future: inner.call(req),
-                fields,
-            };
+            return Kind::pass(inner.call(req), fields);
         }
         self.limited.fetch_add(1, Ordering::Relaxed);
         let mut rejection = Rejection::too_many_requests(
@@ -466,8 +487,8 @@ impl Shared {
                     .with_header(X_RESET, reset);
             }
         }
-        Kind::Rejected {
-            response: Some(rejection.into_response()),
+        Kind::Other {
+            state: Box::new(Other::Rejected(Some(rejection.into_response()))),
         }
     }
 
@@ -591,33 +612,82 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        #[cfg(feature = "redis")]
+        if self.shared.redis.is_some() {
+            return self.call_shared_backend(req);
+        }
         let shared = &*self.shared;
+        let (outcome, fields) = {
+            let cx = KeyContext::of(&req);
+            let key = shared.key.derive(&cx).local(shared.local.hasher());
+            // Anonymous requests use the precomputed defaults, without a copy.
+            let per_principal;
+            let gcras = match cx.principal() {
+                None => &shared.anonymous[..shared.policies.len()],
+                Some(p) => {
+                    per_principal = shared.gcras(Some(p));
+                    &per_principal.0[..per_principal.1]
+                }
+            };
+            let outcome = shared.local.check(key, gcras, shared.local.now());
+            let fields = shared.render(cx.principal(), &outcome);
+            (outcome, fields)
+        };
+        // The allowed path stays here, so the request moves once, into the inner
+        // service; a refusal (or a shadowed one) is handled out of line.
+        if outcome.allowed {
+            // The variant is chosen before the inner call, so that its future can be
+            // built in place.
+            let kind = match fields {
+                None => Kind::Inner {
+                    future: self.inner.call(req),
+                },
+                fields => Kind::WithFields {
+                    future: self.inner.call(req),
+                    fields,
+                },
+            };
+            return ResponseFuture { kind };
+        }
+        ResponseFuture {
+            kind: shared.refuse(&mut self.inner, req, outcome, fields),
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl<S> RateLimit<S> {
+    /// The check through a shared backend: a future that decides, then acts.
+    #[inline(never)]
+    fn call_shared_backend<ReqBody, ResBody>(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> ResponseFuture<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+        ResBody: From<Bytes>,
+    {
+        let shared = &*self.shared;
+        let r = shared.redis.as_ref().expect("checked by the caller");
         let cx = KeyContext::of(&req);
         let source = shared.key.derive(&cx);
         let (gcras, n) = shared.gcras(cx.principal());
-        #[cfg(feature = "redis")]
-        if let Some(r) = &shared.redis {
-            let check = r.check(
-                source.stable_name(),
-                source.local(shared.local.hasher()),
-                gcras,
-                n,
-                self.shared.clone(),
-            );
-            let clone = self.inner.clone();
-            let inner = std::mem::replace(&mut self.inner, clone);
-            return ResponseFuture {
-                kind: Kind::Checking {
-                    check,
-                    pending: Some(Box::new((inner, req, self.shared.clone()))),
-                },
-            };
-        }
-        let key = source.local(shared.local.hasher());
-        let outcome = shared.local.check(key, &gcras[..n], shared.local.now());
-        let fields = shared.render(cx.principal(), &outcome);
+        let check = r.check(
+            source.stable_name(),
+            source.local(shared.local.hasher()),
+            gcras,
+            n,
+            self.shared.clone(),
+        );
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
-            kind: shared.act(&mut self.inner, req, outcome, fields),
+            kind: Kind::Other {
+                state: Box::new(Other::Checking {
+                    check,
+                    pending: Some((inner, req, self.shared.clone())),
+                }),
+            },
         }
     }
 }
@@ -642,10 +712,40 @@ pin_project! {
     where
         S: Service<Request<ReqBody>>,
     {
-        Inner { #[pin] future: S::Future, fields: Option<Box<FieldSet>> },
-        Rejected { response: Option<Response<B>> },
-        Checking { check: CheckFuture, pending: Option<Box<(S, Request<ReqBody>, Arc<Shared>)>> },
+        Inner { #[pin] future: S::Future },
+        // Its own variant, so that a response without fields has nothing more to drop.
+        WithFields { #[pin] future: S::Future, fields: Option<Box<FieldSet>> },
+        // Boxed, so that the future (and its drop) stays small on the common path.
+        Other { state: Box<Other<S, ReqBody, B>> },
     }
+}
+
+impl<S, ReqBody, B> Kind<S, ReqBody, B>
+where
+    S: Service<Request<ReqBody>>,
+{
+    #[inline]
+    fn pass(future: S::Future, fields: Option<Box<FieldSet>>) -> Self {
+        match fields {
+            None => Kind::Inner { future },
+            fields => Kind::WithFields { future, fields },
+        }
+    }
+}
+
+/// The rarer states of [`ResponseFuture`].
+enum Other<S, ReqBody, B>
+where
+    S: Service<Request<ReqBody>>,
+{
+    /// A ready refusal.
+    Rejected(Option<Response<B>>),
+    /// A shared-backend check in flight, then the inner service to call.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Checking {
+        check: CheckFuture,
+        pending: Option<(S, Request<ReqBody>, Arc<Shared>)>,
+    },
 }
 
 impl<S, ReqBody, B> Future for ResponseFuture<S, ReqBody, B>
@@ -655,26 +755,60 @@ where
 {
     type Output = Result<Response<B>, S::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut kind = self.project().kind;
-        loop {
-            match kind.as_mut().project() {
-                KindProj::Inner { future, fields } => {
-                    let mut res = ready!(future.poll(cx));
-                    if let (Ok(r), Some(set)) = (&mut res, fields.take()) {
-                        set.apply(r.headers_mut());
+        // The common cases first and alone: the inner future, then the fields if any.
+        match kind.as_mut().project() {
+            KindProj::Inner { future } => return future.poll(cx),
+            KindProj::WithFields { future, fields } => {
+                let mut res = ready!(future.poll(cx));
+                if let Some(set) = fields.take()
+                    && let Ok(r) = &mut res
+                {
+                    set.apply(r.headers_mut());
+                }
+                return Poll::Ready(res);
+            }
+            KindProj::Other { .. } => {}
+        }
+        poll_other(kind, cx)
+    }
+}
+
+/// The rarer states: a ready refusal, or a shared-backend check in flight.
+#[inline(never)]
+fn poll_other<S, ReqBody, B>(
+    mut kind: Pin<&mut Kind<S, ReqBody, B>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<B>, S::Error>>
+where
+    S: Service<Request<ReqBody>, Response = Response<B>>,
+    B: From<Bytes>,
+{
+    loop {
+        match kind.as_mut().project() {
+            KindProj::Inner { future } => return future.poll(cx),
+            KindProj::WithFields { future, fields } => {
+                let mut res = ready!(future.poll(cx));
+                if let (Ok(r), Some(set)) = (&mut res, fields.take()) {
+                    set.apply(r.headers_mut());
+                }
+                return Poll::Ready(res);
+            }
+            KindProj::Other { state } => {
+                let next = match &mut **state {
+                    Other::Rejected(response) => {
+                        return Poll::Ready(Ok(response.take().expect("polled after completion")));
                     }
-                    return Poll::Ready(res);
-                }
-                KindProj::Rejected { response } => {
-                    return Poll::Ready(Ok(response.take().expect("polled after completion")));
-                }
-                KindProj::Checking { check, pending } => {
-                    let verdict = ready!(check.as_mut().poll(cx));
-                    let (mut svc, req, shared) = *pending.take().expect("polled after completion");
-                    let next = shared.finish(&mut svc, req, verdict);
-                    kind.set(next);
-                }
+                    Other::Checking { check, pending } => {
+                        let verdict = ready!(check.as_mut().poll(cx));
+                        let (mut svc, req, shared) =
+                            pending.take().expect("polled after completion");
+                        shared.finish(&mut svc, req, verdict)
+                    }
+                };
+                kind.set(next);
             }
         }
     }
@@ -686,9 +820,11 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
-            Kind::Inner { .. } => "Inner",
-            Kind::Rejected { .. } => "Rejected",
-            Kind::Checking { .. } => "Checking",
+            Kind::Inner { .. } | Kind::WithFields { .. } => "Inner",
+            Kind::Other { ref state } => match **state {
+                Other::Rejected(_) => "Rejected",
+                Other::Checking { .. } => "Checking",
+            },
         };
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)
