@@ -62,7 +62,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::header::{
-    AUTHORIZATION, COOKIE, Entry, HeaderName, PROXY_AUTHORIZATION, SET_COOKIE, USER_AGENT,
+    AUTHORIZATION, COOKIE, HeaderName, PROXY_AUTHORIZATION, SET_COOKIE, USER_AGENT,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use pin_project_lite::pin_project;
@@ -226,10 +226,12 @@ impl<S> AccessLog<S> {
     }
 }
 
-fn mark_sensitive(headers: &mut HeaderMap, name: &HeaderName) {
-    if let Entry::Occupied(mut e) = headers.entry(name) {
-        for v in e.iter_mut() {
-            v.set_sensitive(true);
+/// Marks every value of the headers named in `names` sensitive, in one pass over the
+/// headers (`HeaderMap::entry` per name would clone the name and reserve capacity).
+fn mark_sensitive(headers: &mut HeaderMap, names: &[HeaderName]) {
+    for (name, value) in headers.iter_mut() {
+        if names.contains(name) {
+            value.set_sensitive(true);
         }
     }
 }
@@ -247,9 +249,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        for name in &self.config.sensitive {
-            mark_sensitive(req.headers_mut(), name);
-        }
+        mark_sensitive(req.headers_mut(), &self.config.sensitive);
         let pending = tracing::enabled!(target: TARGET, tracing::Level::INFO).then(|| Pending {
             start: Instant::now(),
             method: req.method().clone(),
@@ -308,13 +308,13 @@ where
         if let Some(mut p) = this.pending.take() {
             match &mut result {
                 Ok(res) => {
-                    mark_sensitive(res.headers_mut(), &SET_COOKIE);
+                    mark_sensitive(res.headers_mut(), &[SET_COOKIE]);
                     p.emit(Outcome::Response(res));
                 }
                 Err(_) => p.emit::<()>(Outcome::Error),
             }
         } else if let Ok(res) = &mut result {
-            mark_sensitive(res.headers_mut(), &SET_COOKIE);
+            mark_sensitive(res.headers_mut(), &[SET_COOKIE]);
         }
         Poll::Ready(result)
     }

@@ -250,16 +250,23 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let id = {
+        let kept = {
             let mut values = req.headers().get_all(&self.header).iter();
             match (values.next(), values.next()) {
                 (Some(v), None) => RequestId::parse(v.as_bytes()),
                 _ => None,
             }
-        }
-        .unwrap_or_else(RequestId::generate);
-        req.headers_mut()
-            .insert(self.header.clone(), id.header_value().clone());
+        };
+        let id = match kept {
+            // The request already carries exactly this one value.
+            Some(id) => id,
+            None => {
+                let id = RequestId::generate();
+                req.headers_mut()
+                    .insert(self.header.clone(), id.header_value().clone());
+                id
+            }
+        };
         req.extensions_mut().insert(id.clone());
         ResponseFuture {
             inner: self.inner.call(req),

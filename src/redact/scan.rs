@@ -770,13 +770,24 @@ fn starts_pem(input: &[u8], e: usize) -> bool {
             || (input[e] == b'[' && input[e..].starts_with(PEM)))
 }
 
-/// Whether `value` ends with a scheme word that starts at a word boundary inside it.
+/// Whether `value` ends with a scheme word that starts at a word boundary inside it
+/// (after a non-alphanumeric byte, or a percent-escape of one: `%20Bearer`).
 fn ends_with_scheme(value: &[u8]) -> bool {
     SCHEMES.iter().any(|s| {
-        value.len() > s.len()
-            && value[value.len() - s.len()..].eq_ignore_ascii_case(s)
-            && !is(value[value.len() - s.len() - 1], ALNUM)
+        if value.len() <= s.len() || !value[value.len() - s.len()..].eq_ignore_ascii_case(s) {
+            return false;
+        }
+        let before = &value[..value.len() - s.len()];
+        !is(before[before.len() - 1], ALNUM) || ends_with_escaped_separator(before)
     })
+}
+
+/// Whether `b` ends with a percent-escape (`%20`) of a byte that is not a letter or digit.
+fn ends_with_escaped_separator(b: &[u8]) -> bool {
+    let n = b.len();
+    n >= 3
+        && b[n - 3] == b'%'
+        && matches!((hex(b[n - 2]), hex(b[n - 1])), (Some(h), Some(l)) if !(h << 4 | l).is_ascii_alphanumeric())
 }
 
 fn is_scheme(word: &[u8]) -> bool {

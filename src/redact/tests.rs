@@ -141,6 +141,9 @@ fn bearer_and_basic_in_prose() {
         "curl -H 'Authorization: Basic ****'"
     );
     assert_eq!(r("auth=Bearer%20abcdefgh12"), "auth=REDACTED");
+    // A percent-escaped separator before the scheme word is a word boundary too.
+    let out = r("password=%20Bearer a0aAaaa00AAA0aAaa0aaaaaA ");
+    assert!(!out.contains("a0aAaaa00AAA0aAaa0aaaaaA"), "{out}");
     assert_eq!(r("h=Bearer%20abcdefgh12"), "h=Bearer%20****");
 }
 

@@ -111,6 +111,13 @@ impl<W: io::Write> fmt::Debug for RedactingWriter<'_, W> {
 
 impl<W: io::Write> io::Write for RedactingWriter<'_, W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.is_empty() && data.ends_with(b"\n") {
+            // The usual case: the formatter hands over the whole event at once. The
+            // same complete lines are redacted, without copying them into the buffer.
+            let out = self.redactor.redact_bytes(data);
+            self.inner.write_all(&out)?;
+            return Ok(data.len());
+        }
         self.buf.extend_from_slice(data);
         if self.buf.ends_with(b"\n") {
             self.write_out()?;
