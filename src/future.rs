@@ -34,6 +34,8 @@ pin_project! {
     }
 }
 
+// Which constructors a build uses depends on its features.
+#[allow(dead_code)]
 impl<F, B, X> ResponseFuture<F, B, X> {
     /// The inner service's future; `copy` goes into its response's extensions.
     pub(crate) fn inner_with(future: F, copy: Option<X>) -> Self {
