@@ -53,36 +53,7 @@ where
         + 'static,
     <L::Service as Service<Request<Incoming>>>::Future: Send + 'static,
 {
-    let listener = TcpListener::bind(bind).await.expect("bind");
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, remote)) = listener.accept().await else {
-                continue;
-            };
-            let svc = layer.clone().layer(echo_client_ip());
-            tokio::spawn(async move {
-                let io = TokioIo::new(stream);
-                let builder = hyper::server::conn::http1::Builder::new();
-                let _ = match peer {
-                    Peer::Attached => {
-                        let svc = ServiceBuilder::new()
-                            .layer(PeerAddrLayer::new(remote))
-                            .service(svc);
-                        builder
-                            .serve_connection(io, TowerToHyperService::new(svc))
-                            .await
-                    }
-                    Peer::Missing => {
-                        builder
-                            .serve_connection(io, TowerToHyperService::new(svc))
-                            .await
-                    }
-                };
-            });
-        }
-    });
-    addr
+    serve_with(bind, layer, peer, echo_client_ip()).await
 }
 
 /// A parsed HTTP/1.1 response.
