@@ -76,30 +76,7 @@ impl Reply {
 /// Sends `GET /` with `headers` (raw lines, e.g. `b"X-Forwarded-For: 1.2.3.4"`) from
 /// source address `from` (port chosen by the OS) to `to`.
 pub async fn get_from(from: Option<IpAddr>, to: SocketAddr, headers: &[&[u8]]) -> Reply {
-    let socket = match to {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .unwrap();
-    if let Some(ip) = from {
-        socket
-            .bind(SocketAddr::new(ip, 0))
-            .expect("bind source address");
-    }
-    let mut stream = socket.connect(to).await.expect("connect");
-    let mut req = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n".to_vec();
-    for h in headers {
-        req.extend_from_slice(h);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"\r\n");
-    stream.write_all(&req).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
-        .await
-        .expect("response within 10 s")
-        .unwrap();
-    parse_reply(&buf)
+    get_path_from(from, to, "/", headers).await
 }
 
 pub async fn get(to: SocketAddr, headers: &[&[u8]]) -> Reply {
