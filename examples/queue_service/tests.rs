@@ -1664,3 +1664,67 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     assert!(mf > 0.0 && mb > 0.0);
     full.shutdown().await;
 }
+
+/// Instructions per request, in process (no TCP): run under callgrind with
+/// `PORTCULLIS_CG_MODE` = `bare`, `full` or `stack` and `PORTCULLIS_CG_N` requests;
+/// the difference of two `N` gives the per-request cost without setup.
+#[test]
+#[ignore = "a measurement harness for callgrind"]
+fn instructions_per_request_harness() {
+    use axum::Extension;
+    use axum::routing::get;
+    use portcullis::{AuthMethod, Principal};
+    use tower::{Service, ServiceExt};
+    let mode = std::env::var("PORTCULLIS_CG_MODE").unwrap_or_else(|_| "full".into());
+    let n: usize = std::env::var("PORTCULLIS_CG_N").map_or(1000, |v| v.parse().unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (keys, store) = guard::demo_keys(&[("client", "jobs:read jobs:write")]).unwrap();
+    let header = keys[0].key.expose_secret().to_owned();
+    let mut config = GuardConfig::new(
+        store,
+        TokenSecret::generate().unwrap(),
+        IpSet::parse(DEFAULT_INTERNAL).unwrap(),
+    )
+    .unwrap();
+    config.rate = Quota::per_second(100_000_000).unwrap();
+    let st = state(fast_queue());
+    let crate::queue::Enqueued::New(v) = st.queue.enqueue("client", "bench", 0).unwrap() else {
+        unreachable!()
+    };
+    let guard = Guard::new(config).unwrap();
+    let mut svc = match mode.as_str() {
+        "bare" => Router::new()
+            .route("/v1/jobs/{id}", get(routes::get_job))
+            .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
+            .with_state(st),
+        "stack" => guard
+            .guarded(Router::new().route("/v1/jobs/{id}", get(routes::get_job)))
+            .with_state(st)
+            .layer(axum::middleware::from_fn(peer_addr)),
+        _ => service(&st, &guard).layer(axum::middleware::from_fn(peer_addr)),
+    };
+    let path = format!("/v1/jobs/{}", v.id);
+    let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+    rt.block_on(async {
+        for _ in 0..n {
+            let mut req = axum::http::Request::get(path.as_str())
+                .header("host", "bench")
+                .header("x-api-key", header.as_str())
+                .body(axum::body::Body::empty())
+                .unwrap();
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            let res = ServiceExt::<axum::http::Request<axum::body::Body>>::ready(&mut svc)
+                .await
+                .unwrap()
+                .call(req)
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            std::hint::black_box(res);
+        }
+    });
+}
