@@ -1,9 +1,8 @@
 //! Who may call what: the one scope table of the demo, and the one check.
 //!
-//! Every route is listed in [`ROUTES`] with its access rule. [`require_scope`] is a
-//! router-level middleware that looks the matched route up and answers
-//!
-//! through the crate's `RequireScope` for that route's scope:
+//! Every route is listed in [`ROUTES`] with its access rule. [`ScopeCheckLayer`]
+//! (a `Router::route_layer`) looks the matched route up and answers through the
+//! crate's `RequireScope` for that route's scope:
 //!
 //! - 401 when the request carries no `Principal` (cannot happen behind
 //!   `Authenticate`, which refuses first; kept as the layer's own guarantee),
@@ -13,16 +12,24 @@
 //!
 //! One table rather than a `route_layer` per route: a route added to the router
 //! without a row fails closed, and a test checks that every row is unique.
+//!
+//! The check costs a table lookup per request and no allocation: the service lends
+//! its inner service to the scope's `RequireScope` for the one call, and its future
+//! is a plain enum over the inner future.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::LazyLock;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{Method, Response};
-use axum::middleware::Next;
+use pin_project_lite::pin_project;
+use portcullis::future::ResponseFuture;
 use portcullis::rejection::Rejection;
 use portcullis::scope::RequireScopeLayer;
-use tower::{Layer, ServiceExt};
+use tower::{Layer, Service};
 
 use crate::guard::REALM;
 
@@ -113,27 +120,95 @@ pub fn access_for(method: &Method, path: &str) -> Option<Access> {
         .map(|(_, _, a)| *a)
 }
 
-/// Router-level middleware (`Router::route_layer`) enforcing [`ROUTES`]: the
-/// matched route's scope is checked by the crate's `RequireScope` (401 without a
-/// principal, 403 `insufficient_scope`, an audit event `scope_denied`).
-pub async fn require_scope(
-    matched: Option<MatchedPath>,
-    req: Request,
-    next: Next,
-) -> Response<Body> {
-    let access = matched.and_then(|m| access_for(req.method(), m.as_str()));
-    match access {
-        Some(Access::Public) => next.run(req).await,
-        Some(Access::Scope(scope)) => match scope_layer(scope).layer(next).oneshot(req).await {
-            Ok(res) => res,
-            Err(never) => match never {},
-        },
-        None => {
-            tracing::error!(
-                method = %req.method(),
-                "route missing from the scope table; answering 500"
-            );
-            Rejection::misconfigured().into_response()
+/// Layer enforcing [`ROUTES`] on the routes it wraps; mount it with
+/// `Router::route_layer`, inside the authentication layer (it reads axum's
+/// `MatchedPath`, which only matched routes carry).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScopeCheckLayer;
+
+impl<S> Layer<S> for ScopeCheckLayer {
+    type Service = ScopeCheck<S>;
+
+    fn layer(&self, inner: S) -> ScopeCheck<S> {
+        ScopeCheck { inner }
+    }
+}
+
+/// The service of [`ScopeCheckLayer`]: the matched route's row of [`ROUTES`]
+/// decides, the crate's `RequireScope` checks (401 without a principal, 403
+/// `insufficient_scope` and an audit event `scope_denied`), an unlisted route is 500.
+#[derive(Clone, Debug)]
+pub struct ScopeCheck<S> {
+    inner: S,
+}
+
+impl<S> Service<Request> for ScopeCheck<S>
+where
+    S: Service<Request, Response = Response<Body>>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = ScopeFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let access = req
+            .extensions()
+            .get::<MatchedPath>()
+            .and_then(|m| access_for(req.method(), m.as_str()));
+        match access {
+            Some(Access::Public) => ScopeFuture::Open {
+                future: self.inner.call(req),
+            },
+            // `RequireScope` owns its inner service; lend it ours (`&mut S` is a
+            // service too) for this one call, which costs a reference count rather
+            // than a clone of everything inside.
+            Some(Access::Scope(scope)) => ScopeFuture::Checked {
+                future: scope_layer(scope).layer(&mut self.inner).call(req),
+            },
+            None => {
+                tracing::error!(
+                    method = %req.method(),
+                    "route missing from the scope table; answering 500"
+                );
+                ScopeFuture::Unlisted {
+                    response: Some(Rejection::misconfigured().into_response()),
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`ScopeCheck`]: the inner service's, directly or
+    /// through the scope check, or the 500 of an unlisted route. No boxing.
+    #[project = ScopeFutureProj]
+    pub enum ScopeFuture<F> {
+        /// A public route: the inner service's future.
+        Open { #[pin] future: F },
+        /// A scoped route: `RequireScope`'s future (a refusal or the inner future).
+        Checked { #[pin] future: ResponseFuture<F, Body> },
+        /// A route missing from the table.
+        Unlisted { response: Option<Response<Body>> },
+    }
+}
+
+impl<F, E> Future for ScopeFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ScopeFutureProj::Open { future } => future.poll(cx),
+            ScopeFutureProj::Checked { future } => future.poll(cx),
+            ScopeFutureProj::Unlisted { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
         }
     }
 }

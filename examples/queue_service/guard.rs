@@ -32,6 +32,7 @@ use portcullis::rate_limit::redis::{FailurePolicy, RedisLimiter};
 use portcullis::rate_limit::{AuthThrottleLayer, Policy, Quota, RateLimitLayer};
 use portcullis::request_id::RequestIdLayer;
 use portcullis::stack::StackLayer;
+use tower::ServiceBuilder;
 
 use crate::routes::AppState;
 
@@ -211,10 +212,13 @@ impl Guard {
     /// Only the outer layers (client address, access log, request id), for the
     /// public route.
     pub fn public(&self, router: Router<AppState>) -> Router<AppState> {
-        router
-            .layer(self.client_ip.clone())
-            .layer(AccessLogLayer::new())
-            .layer(RequestIdLayer::new())
+        // One `Router::layer` for the three: each call would wrap the route again.
+        router.layer(
+            ServiceBuilder::new()
+                .layer(RequestIdLayer::new())
+                .layer(AccessLogLayer::new())
+                .layer(self.client_ip.clone()),
+        )
     }
 }
 

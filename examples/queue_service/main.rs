@@ -41,34 +41,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::ServiceExt;
+use axum::extract::{DefaultBodyLimit, Request};
 use portcullis::IpSet;
-use portcullis::client_ip::PeerAddr;
 use portcullis::jwt::TokenIssuer;
 use portcullis::redact::RedactingMakeWriter;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tower::{Layer, ServiceBuilder};
 
 use crate::client::WorkerClient;
 use crate::guard::{Credentials, Guard, GuardConfig};
 use crate::queue::{Queue, QueueConfig};
-use crate::routes::{AppState, Counters};
+use crate::routes::{AppState, CountDenials, CountDenialsLayer, Counters};
 use crate::worker::{Calls, Worker, WorkerConfig, WorkerStatus};
 
 /// How long shutdown waits for the worker's job in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Copies axum's `ConnectInfo` into portcullis' `PeerAddr`, so `ClientIpLayer` works
-/// without the crate's `axum` feature.
-async fn peer_addr(req: Request, next: Next) -> Response {
-    let mut req = req;
-    if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() {
-        req.extensions_mut().insert(PeerAddr(addr));
-    }
-    next.run(req).await
-}
 
 /// The internal networks by default: loopback only.
 const DEFAULT_INTERNAL: &str = "127.0.0.0/8, ::1";
@@ -82,21 +71,32 @@ fn state(config: QueueConfig) -> AppState {
     }
 }
 
-/// The whole service: the routes inside the guarding stack (see [`guard`]), and
-/// the refusal counters around everything.
-fn service(state: &AppState, guard: &Guard) -> Router {
-    let router = routes::app(state.clone(), guard);
-    routes::count_refusals(router, state.counters.clone())
+/// The whole service (see [`service`]).
+type App = CountDenials<<DefaultBodyLimit as Layer<Router>>::Service>;
+
+/// The whole service, outermost first: the refusal counters, the body limit, then
+/// the router with each route inside its guarding stack and scope check (see
+/// [`guard`], [`routes::app`]). The two outer layers wrap the router once: a layer
+/// added with `Router::layer` would wrap every route and cost a boxed clone per
+/// request.
+///
+/// The client address comes from axum's `ConnectInfo` (served with
+/// `into_make_service_with_connect_info`), which the crate's `axum` feature reads.
+fn service(state: &AppState, guard: &Guard) -> App {
+    ServiceBuilder::new()
+        .layer(CountDenialsLayer::new(state.counters.clone()))
+        .layer(DefaultBodyLimit::max(routes::BODY_LIMIT))
+        .service(routes::app(state.clone(), guard))
 }
 
-/// Serves `router` on `listener` with the worker (if any) running beside it, its
+/// Serves `app` on `listener` with the worker (if any) running beside it, its
 /// calls going over HTTP to `listener`'s address with tokens from the issuer. When
 /// `shutdown` resolves: the worker finishes the job in flight (the server still
 /// answers its calls), then the server stops accepting, lets open requests finish,
 /// and this returns.
 async fn serve(
     listener: TcpListener,
-    router: Router,
+    app: App,
     state: &AppState,
     worker: Option<(WorkerConfig, TokenIssuer)>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -115,10 +115,9 @@ async fn serve(
         tokio::spawn(w.run(worker_rx))
     });
     let (server_tx, mut server_rx) = watch::channel(false);
-    let app = router.layer(middleware::from_fn(peer_addr));
     let server = axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(app),
     )
     .with_graceful_shutdown(async move {
         let _ = server_rx.wait_for(|stop| *stop).await;
@@ -261,7 +260,7 @@ fn banner(bound: SocketAddr, credentials: &Credentials) -> String {
 async fn start(
     args: &[String],
     get: impl Fn(&str) -> Option<String> + Copy,
-) -> Result<(TcpListener, Router, AppState, TokenIssuer, String), guard::BoxError> {
+) -> Result<(TcpListener, App, AppState, TokenIssuer, String), guard::BoxError> {
     let args = parse_args(args, get)?;
     let internal = get("PORTCULLIS_DEMO_INTERNAL_CIDRS");
     let internal = IpSet::parse(internal.as_deref().unwrap_or(DEFAULT_INTERNAL))?;
@@ -278,10 +277,10 @@ async fn start(
     }
     let guard = Guard::new(config)?;
     let issuer = guard.worker_issuer()?;
-    let router = service(&state, &guard);
+    let app = service(&state, &guard);
     let listener = TcpListener::bind(args.addr).await?;
     let banner = banner(listener.local_addr()?, &credentials);
-    Ok((listener, router, state, issuer, banner))
+    Ok((listener, app, state, issuer, banner))
 }
 
 #[tokio::main]
@@ -292,12 +291,12 @@ async fn main() -> Result<(), guard::BoxError> {
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let shutdown = shutdown_signal()?;
-    let (listener, router, state, issuer, banner) = start(&args, |k| std::env::var(k).ok()).await?;
+    let (listener, app, state, issuer, banner) = start(&args, |k| std::env::var(k).ok()).await?;
     tracing::info!(event = "listening", addr = %listener.local_addr()?);
     print!("{banner}");
     serve(
         listener,
-        router,
+        app,
         &state,
         Some((WorkerConfig::default(), issuer)),
         shutdown,

@@ -6,22 +6,26 @@
 //! transition, 413 body over [`BODY_LIMIT`], 415 not JSON, 422 a value out of range,
 //! 503 queue full (with `Retry-After`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Extension, Json, Router};
+use pin_project_lite::pin_project;
 use portcullis::Principal;
 use portcullis::rejection::{DenialReason, Rejection};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tower::{Layer, Service};
 
 use crate::auth;
 use crate::guard::Guard;
@@ -38,7 +42,7 @@ pub const MAX_PRIORITY: u8 = 9;
 /// Refusals counted from the `DenialReason` in response extensions: filled by
 /// whatever layer refused (the scope check, authentication, the
 /// failed-auth throttle, the rate limit), as long as they sit inside
-/// [`count_refusals`].
+/// [`CountDenialsLayer`].
 #[derive(Debug, Default)]
 pub struct Counters {
     auth_failures: AtomicU64,
@@ -81,9 +85,10 @@ pub struct AppState {
 /// The router: `/health` in the open; every other route (and unknown paths) behind
 /// `guard`'s stack and the scope check of [`auth::ROUTES`];
 /// `/internal/latest-runs` behind the stack with the internal allowlist. JSON
-/// errors, the body limit. The refusal counters wrap it in `main`.
+/// errors. The body limit ([`BODY_LIMIT`]) and the refusal counters wrap it in
+/// `main`, once around the whole router rather than around each route.
 pub fn app(state: AppState, guard: &Guard) -> Router {
-    let scoped = middleware::from_fn(auth::require_scope);
+    let scoped = auth::ScopeCheckLayer;
     let not_allowed = || async {
         problem(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -103,7 +108,7 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
         .route("/v1/admin/stats", get(stats))
         .route("/v1/admin/dlq", get(dlq))
         .route("/dashboard", get(dashboard))
-        .route_layer(scoped.clone())
+        .route_layer(scoped)
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "No such resource.") })
         .method_not_allowed_fallback(not_allowed);
     let internal = Router::new()
@@ -114,27 +119,88 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
         .public(public)
         .merge(guard.guarded(protected))
         .merge(guard.internal(internal))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
-/// Wraps `router` (the app plus the guarding layers) in [`count_denials`], so every
-/// refusal, from the scope check or from any layer inside, reaches the stats.
-pub fn count_refusals(router: Router, counters: Arc<Counters>) -> Router {
-    router.layer(middleware::from_fn_with_state(counters, count_denials))
+/// Layer counting every refusal that passes through it by the [`DenialReason`] in
+/// its response extensions. `main` puts it around the whole router, so refusals
+/// from the scope check and from every guarding layer reach the stats.
+#[derive(Clone, Debug)]
+pub struct CountDenialsLayer {
+    counters: Arc<Counters>,
 }
 
-/// Middleware: counts every refusal that passes through it by its `DenialReason`.
-pub async fn count_denials(
-    State(counters): State<Arc<Counters>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let res = next.run(req).await;
-    if let Some(reason) = res.extensions().get::<DenialReason>() {
-        counters.record(*reason);
+impl CountDenialsLayer {
+    /// Counts into `counters`.
+    pub fn new(counters: Arc<Counters>) -> Self {
+        Self { counters }
     }
-    res
+}
+
+impl<S> Layer<S> for CountDenialsLayer {
+    type Service = CountDenials<S>;
+
+    fn layer(&self, inner: S) -> CountDenials<S> {
+        CountDenials {
+            inner,
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+/// The service of [`CountDenialsLayer`].
+#[derive(Clone, Debug)]
+pub struct CountDenials<S> {
+    inner: S,
+    counters: Arc<Counters>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CountDenials<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = CountDenialsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        CountDenialsFuture {
+            future: self.inner.call(req),
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`CountDenials`]: the inner future, then one look at
+    /// the response's extensions. No boxing.
+    pub struct CountDenialsFuture<F> {
+        #[pin]
+        future: F,
+        counters: Arc<Counters>,
+    }
+}
+
+impl<F, B, E> Future for CountDenialsFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready!(this.future.poll(cx));
+        if let Ok(res) = &res
+            && let Some(reason) = res.extensions().get::<DenialReason>()
+        {
+            this.counters.record(*reason);
+        }
+        Poll::Ready(res)
+    }
 }
 
 /// An RFC 9457 problem document with a fixed detail.

@@ -1614,8 +1614,7 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     let stack_only = Guard::new(config)
         .unwrap()
         .guarded(Router::new().route("/v1/jobs/{id}", get(routes::get_job)))
-        .with_state(stack_state)
-        .layer(axum::middleware::from_fn(peer_addr));
+        .with_state(stack_state);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stack_addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -1695,36 +1694,46 @@ fn instructions_per_request_harness() {
         unreachable!()
     };
     let guard = Guard::new(config).unwrap();
-    let mut svc = match mode.as_str() {
-        "bare" => Router::new()
-            .route("/v1/jobs/{id}", get(routes::get_job))
-            .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
-            .with_state(st),
-        "stack" => guard
-            .guarded(Router::new().route("/v1/jobs/{id}", get(routes::get_job)))
-            .with_state(st)
-            .layer(axum::middleware::from_fn(peer_addr)),
-        _ => service(&st, &guard).layer(axum::middleware::from_fn(peer_addr)),
-    };
     let path = format!("/v1/jobs/{}", v.id);
     let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
-    rt.block_on(async {
+    // Requests as `axum::serve` with connect info hands them over.
+    let request = || {
+        let mut req = axum::http::Request::get(path.as_str())
+            .header("host", "bench")
+            .header("x-api-key", header.as_str())
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        req
+    };
+    async fn drive<S>(mut svc: S, n: usize, request: impl Fn() -> axum::extract::Request)
+    where
+        S: Service<axum::extract::Request, Response = axum::response::Response>,
+        S::Error: std::fmt::Debug,
+    {
         for _ in 0..n {
-            let mut req = axum::http::Request::get(path.as_str())
-                .header("host", "bench")
-                .header("x-api-key", header.as_str())
-                .body(axum::body::Body::empty())
-                .unwrap();
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            let res = ServiceExt::<axum::http::Request<axum::body::Body>>::ready(&mut svc)
-                .await
-                .unwrap()
-                .call(req)
-                .await
-                .unwrap();
+            let res = svc.ready().await.unwrap().call(request()).await.unwrap();
             assert_eq!(res.status(), 200);
             std::hint::black_box(res);
+        }
+    }
+    rt.block_on(async {
+        match mode.as_str() {
+            "bare" => {
+                let bare = Router::new()
+                    .route("/v1/jobs/{id}", get(routes::get_job))
+                    .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
+                    .with_state(st);
+                drive(bare, n, request).await;
+            }
+            "stack" => {
+                let stack = guard
+                    .guarded(Router::new().route("/v1/jobs/{id}", get(routes::get_job)))
+                    .with_state(st);
+                drive(stack, n, request).await;
+            }
+            _ => drive(service(&st, &guard), n, request).await,
         }
     });
 }
