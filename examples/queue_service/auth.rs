@@ -86,29 +86,9 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::GET, "/dashboard", Access::Scope(DASHBOARD_READ)),
 ];
 
-/// The crate's scope check for `scope`, with the demo's realm: one layer per scope,
-/// built once.
-fn scope_layer(scope: &'static str) -> &'static RequireScopeLayer {
-    static LAYERS: LazyLock<Vec<(&'static str, RequireScopeLayer)>> = LazyLock::new(|| {
-        [JOBS_WRITE, JOBS_READ, JOBS_WORK, ADMIN, DASHBOARD_READ]
-            .into_iter()
-            .map(|s| {
-                let layer = RequireScopeLayer::new(s)
-                    .and_then(|l| l.realm(REALM))
-                    .expect("the table's scopes and the realm are valid");
-                (s, layer)
-            })
-            .collect()
-    });
-    LAYERS
-        .iter()
-        .find(|(s, _)| *s == scope)
-        .map(|(_, l)| l)
-        .expect("every scope of the table has a layer")
-}
-
-/// The rule of a route; `HEAD` follows `GET`. `None` for an unlisted route.
-pub fn access_for(method: &Method, path: &str) -> Option<Access> {
+/// The row of [`ROUTES`] of a route; `HEAD` follows `GET`. `None` for an unlisted
+/// route.
+fn row(method: &Method, path: &str) -> Option<usize> {
     let method = if method == Method::HEAD {
         &Method::GET
     } else {
@@ -116,9 +96,25 @@ pub fn access_for(method: &Method, path: &str) -> Option<Access> {
     };
     ROUTES
         .iter()
-        .find(|(m, p, _)| m == method && *p == path)
-        .map(|(_, _, a)| *a)
+        .position(|(m, p, _)| *p == path && m == method)
 }
+
+/// The check of each row of [`ROUTES`], in the same order: `None` for a public
+/// row, else the crate's scope check for the row's scope with the demo's realm.
+/// Built once.
+static CHECKS: LazyLock<Vec<Option<RequireScopeLayer>>> = LazyLock::new(|| {
+    ROUTES
+        .iter()
+        .map(|(_, _, access)| match access {
+            Access::Public => None,
+            Access::Scope(scope) => Some(
+                RequireScopeLayer::new(scope)
+                    .and_then(|l| l.realm(REALM))
+                    .expect("the table's scopes and the realm are valid"),
+            ),
+        })
+        .collect()
+});
 
 /// Layer enforcing [`ROUTES`] on the routes it wraps; mount it with
 /// `Router::route_layer`, inside the authentication layer (it reads axum's
@@ -155,19 +151,19 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        let access = req
+        let row = req
             .extensions()
             .get::<MatchedPath>()
-            .and_then(|m| access_for(req.method(), m.as_str()));
-        match access {
-            Some(Access::Public) => ScopeFuture::Open {
+            .and_then(|m| row(req.method(), m.as_str()));
+        match row.map(|i| &CHECKS[i]) {
+            Some(None) => ScopeFuture::Open {
                 future: self.inner.call(req),
             },
             // `RequireScope` owns its inner service; lend it ours (`&mut S` is a
             // service too) for this one call, which costs a reference count rather
             // than a clone of everything inside.
-            Some(Access::Scope(scope)) => ScopeFuture::Checked {
-                future: scope_layer(scope).layer(&mut self.inner).call(req),
+            Some(Some(check)) => ScopeFuture::Checked {
+                future: check.layer(&mut self.inner).call(req),
             },
             None => {
                 tracing::error!(

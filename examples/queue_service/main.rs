@@ -42,13 +42,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::ServiceExt;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::Request;
 use portcullis::IpSet;
 use portcullis::jwt::TokenIssuer;
 use portcullis::redact::RedactingMakeWriter;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tower::{Layer, ServiceBuilder};
+use tower::Layer;
 
 use crate::client::WorkerClient;
 use crate::guard::{Credentials, Guard, GuardConfig};
@@ -72,21 +72,17 @@ fn state(config: QueueConfig) -> AppState {
 }
 
 /// The whole service (see [`service`]).
-type App = CountDenials<<DefaultBodyLimit as Layer<Router>>::Service>;
+type App = CountDenials<Router>;
 
-/// The whole service, outermost first: the refusal counters, the body limit, then
-/// the router with each route inside its guarding stack and scope check (see
-/// [`guard`], [`routes::app`]). The two outer layers wrap the router once: a layer
-/// added with `Router::layer` would wrap every route and cost a boxed clone per
-/// request.
+/// The whole service: the refusal counters around the router, which holds each
+/// route inside its guarding stack and scope check (see [`guard`],
+/// [`routes::app`]). The counters wrap the router once: a layer added with
+/// `Router::layer` would wrap every route and cost a boxed clone per request.
 ///
 /// The client address comes from axum's `ConnectInfo` (served with
 /// `into_make_service_with_connect_info`), which the crate's `axum` feature reads.
 fn service(state: &AppState, guard: &Guard) -> App {
-    ServiceBuilder::new()
-        .layer(CountDenialsLayer::new(state.counters.clone()))
-        .layer(DefaultBodyLimit::max(routes::BODY_LIMIT))
-        .service(routes::app(state.clone(), guard))
+    CountDenialsLayer::new(state.counters.clone()).layer(routes::app(state.clone(), guard))
 }
 
 /// Serves `app` on `listener` with the worker (if any) running beside it, its

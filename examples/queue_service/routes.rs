@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
+use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
@@ -20,6 +21,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Extension, Json, Router};
+use http_body_util::Limited;
 use pin_project_lite::pin_project;
 use portcullis::Principal;
 use portcullis::rejection::{DenialReason, Rejection};
@@ -85,7 +87,7 @@ pub struct AppState {
 /// The router: `/health` in the open; every other route (and unknown paths) behind
 /// `guard`'s stack and the scope check of [`auth::ROUTES`];
 /// `/internal/latest-runs` behind the stack with the internal allowlist. JSON
-/// errors. The body limit ([`BODY_LIMIT`]) and the refusal counters wrap it in
+/// errors; the body limit is [`JsonBody`]'s. The refusal counters wrap it in
 /// `main`, once around the whole router rather than around each route.
 pub fn app(state: AppState, guard: &Guard) -> Router {
     let scoped = auth::ScopeCheckLayer;
@@ -240,13 +242,19 @@ fn queue_error(e: QueueError) -> Response {
     }
 }
 
-/// `axum::Json` with problem+json refusals that never echo the parser's message.
+/// `axum::Json` with problem+json refusals that never echo the parser's message,
+/// and the body limit: a body over [`BODY_LIMIT`] is 413.
+///
+/// The limit lives here, in the one extractor that reads bodies, rather than in
+/// axum's `DefaultBodyLimit` around the router: that one costs every request (the
+/// reads too, which carry no body) an entry in its extensions.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let req = req.map(|body| Body::new(Limited::new(body, BODY_LIMIT)));
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(JsonBody(v)),
             Err(e) => Err(json_rejection(&e)),
