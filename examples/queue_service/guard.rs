@@ -1,5 +1,6 @@
 //! The guarding layers of the demo: the crate's [`StackLayer`], which assembles them
-//! in the order of the design, then the scope check per route:
+//! in the order of the design, then the scope check per route
+//! ([`crate::auth::ScopeCheckLayer`]):
 //!
 //! ```text
 //! RequestId → AccessLog → ClientIp → (IpAllowlist) → AuthThrottle
@@ -199,14 +200,15 @@ impl Guard {
         self.issuer(WORKER_SUBJECT, crate::auth::JOBS_WORK)
     }
 
-    /// The whole stack on every route of `router` (and its fallbacks).
-    pub fn guarded(&self, router: Router<AppState>) -> Router<AppState> {
-        router.layer(self.stack.clone())
+    /// The whole stack. [`routes::app`](crate::routes::app) puts it, then the scope
+    /// check, around each guarded route, and it alone around their fallbacks.
+    pub fn stack(&self) -> StackLayer {
+        self.stack.clone()
     }
 
     /// The whole stack plus the internal-network allowlist.
-    pub fn internal(&self, router: Router<AppState>) -> Router<AppState> {
-        router.layer(self.internal.clone())
+    pub fn internal_stack(&self) -> StackLayer {
+        self.internal.clone()
     }
 
     /// Only the outer layers (client address, access log, request id), for the

@@ -15,6 +15,7 @@ use std::task::{Context, Poll, ready};
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::handler::Handler;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
@@ -89,17 +90,24 @@ pub struct AppState {
 /// `/internal/latest-runs` behind the stack with the internal allowlist. JSON
 /// errors; the body limit is [`JsonBody`]'s. The refusal counters wrap it in
 /// `main`, once around the whole router rather than around each route.
+///
+/// Each guarded route gets the stack and the scope check as one `route_layer`
+/// (every layer added to a router wraps each route in one more boxed service, cloned
+/// per request). `route_layer` does not reach the fallbacks (no such path, no such
+/// method), so they get the stack alone: an unrouted request is authenticated,
+/// limited and logged like any other.
 pub fn app(state: AppState, guard: &Guard) -> Router {
-    let scoped = auth::ScopeCheckLayer;
     let not_allowed = || async {
         problem(
             StatusCode::METHOD_NOT_ALLOWED,
             "This method is not allowed on this resource.",
         )
     };
+    let not_found = || async { problem(StatusCode::NOT_FOUND, "No such resource.") };
     let public = Router::new()
         .route("/health", get(health))
         .method_not_allowed_fallback(not_allowed);
+    let stack = guard.stack();
     let protected = Router::new()
         .route("/v1/jobs", post(enqueue))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
@@ -110,17 +118,18 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
         .route("/v1/admin/stats", get(stats))
         .route("/v1/admin/dlq", get(dlq))
         .route("/dashboard", get(dashboard))
-        .route_layer(scoped)
-        .fallback(|| async { problem(StatusCode::NOT_FOUND, "No such resource.") })
-        .method_not_allowed_fallback(not_allowed);
+        .route_layer((stack.clone(), auth::ScopeCheckLayer))
+        .fallback(not_found.layer(stack.clone()))
+        .method_not_allowed_fallback(not_allowed.layer(stack));
+    let stack = guard.internal_stack();
     let internal = Router::new()
         .route("/internal/latest-runs", post(latest_runs))
-        .route_layer(scoped)
-        .method_not_allowed_fallback(not_allowed);
+        .route_layer((stack.clone(), auth::ScopeCheckLayer))
+        .method_not_allowed_fallback(not_allowed.layer(stack));
     guard
         .public(public)
-        .merge(guard.guarded(protected))
-        .merge(guard.internal(internal))
+        .merge(protected)
+        .merge(internal)
         .with_state(state)
 }
 

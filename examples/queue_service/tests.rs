@@ -410,6 +410,37 @@ async fn without_a_principal_every_protected_route_is_401_and_health_is_public()
 }
 
 #[tokio::test]
+async fn unrouted_requests_are_behind_the_stack_too() {
+    let demo = Demo::manual(fast_queue()).await;
+    let job = concrete("/v1/jobs/{id}");
+    // No credential: 401 before the router answers 404 or 405.
+    for (method, path) in [
+        ("GET", "/nowhere"),
+        ("PUT", job.as_str()),
+        ("GET", "/internal/latest-runs"),
+    ] {
+        let r = demo.call(method, path, None, None).await;
+        r.assert_problem(401);
+        assert!(r.header("x-request-id").is_some(), "{method} {path}");
+    }
+    // With one, the router's own answers.
+    let cases = [
+        ("GET", "/nowhere", "client", 404),
+        ("PUT", job.as_str(), "client", 405),
+        ("GET", "/internal/latest-runs", "worker", 405),
+    ];
+    for (method, path, who, status) in cases {
+        let r = demo.call(method, path, Some(who), None).await;
+        r.assert_problem(status);
+    }
+    // The public route's fallback is public.
+    demo.call("POST", "/health", None, None)
+        .await
+        .assert_problem(405);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_principal_without_the_scope_is_403_insufficient_scope() {
     let demo = Demo::start(fast_queue(), fast_worker()).await;
     for (method, path, access) in ROUTES {
@@ -1611,9 +1642,9 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     else {
         unreachable!()
     };
-    let stack_only = Guard::new(config)
-        .unwrap()
-        .guarded(Router::new().route("/v1/jobs/{id}", get(routes::get_job)))
+    let stack_only = Router::new()
+        .route("/v1/jobs/{id}", get(routes::get_job))
+        .layer(Guard::new(config).unwrap().stack())
         .with_state(stack_state);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stack_addr = listener.local_addr().unwrap();
@@ -1728,8 +1759,9 @@ fn instructions_per_request_harness() {
                 drive(bare, n, request).await;
             }
             "stack" => {
-                let stack = guard
-                    .guarded(Router::new().route("/v1/jobs/{id}", get(routes::get_job)))
+                let stack = Router::new()
+                    .route("/v1/jobs/{id}", get(routes::get_job))
+                    .layer(guard.stack())
                     .with_state(st);
                 drive(stack, n, request).await;
             }
