@@ -13,9 +13,10 @@
 //! One table rather than a `route_layer` per route: a route added to the router
 //! without a row fails closed, and a test checks that every row is unique.
 //!
-//! The check costs a table lookup per request and no allocation: the service lends
-//! its inner service to the scope's `RequireScope` for the one call, and its future
-//! is a plain enum over the inner future.
+//! The check costs one scan of the table per request and no allocation: each row's
+//! `RequireScopeLayer` is built once, the service lends its inner service to that
+//! layer's `RequireScope` for the one call, and its future is a plain enum over the
+//! inner future.
 
 use std::future::Future;
 use std::pin::Pin;
