@@ -1696,8 +1696,12 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
 }
 
 /// Instructions per request, in process (no TCP): run under callgrind with
-/// `PORTCULLIS_CG_MODE` = `bare`, `full` or `stack` and `PORTCULLIS_CG_N` requests;
-/// the difference of two `N` gives the per-request cost without setup.
+/// `PORTCULLIS_CG_MODE` = `bare`, `full` or `stack` and `PORTCULLIS_CG_N` requests
+/// (`PORTCULLIS_CG_LOGS=1` adds the JSON subscriber); the difference of two `N` gives
+/// the per-request cost without setup. Under callgrind, counting only the requests:
+/// `valgrind --tool=callgrind --collect-atstart=no
+/// '--toggle-collect=*instructions_per_request_harness::{{closure}}*' <test binary>
+/// --ignored --exact tests::instructions_per_request_harness`.
 #[test]
 #[ignore = "a measurement harness for callgrind"]
 fn instructions_per_request_harness() {
@@ -1707,6 +1711,15 @@ fn instructions_per_request_harness() {
     use tower::{Service, ServiceExt};
     let mode = std::env::var("PORTCULLIS_CG_MODE").unwrap_or_else(|_| "full".into());
     let n: usize = std::env::var("PORTCULLIS_CG_N").map_or(1000, |v| v.parse().unwrap());
+    // PORTCULLIS_CG_LOGS=1: JSON logs through the redacting writer into a sink.
+    let _logs = (std::env::var("PORTCULLIS_CG_LOGS").as_deref() == Ok("1")).then(|| {
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .json()
+                .with_writer(RedactingMakeWriter::new(std::io::sink))
+                .finish(),
+        )
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
