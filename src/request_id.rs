@@ -96,7 +96,13 @@ impl RequestId {
             s[j + 1] = HEX[usize::from(byte & 0xf)];
             j += 2;
         }
-        Self(HeaderValue::from_bytes(&s).expect("hex and dashes are a valid header value"))
+        // One allocation shared by every copy: the id goes into the request's headers
+        // and extensions and the response's, and cloning `Bytes` built from a `Vec`
+        // would allocate again on the first clone.
+        Self(
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(s))
+                .expect("hex and dashes are a valid header value"),
+        )
     }
 
     /// The id.
