@@ -433,7 +433,7 @@ impl Config {
         let headers = req.headers_mut();
         match source {
             CredentialSource::ApiKeyHeader if self.hide_credentials => {
-                headers.remove(X_API_KEY);
+                headers.remove(&credentials::X_API_KEY_NAME);
             }
             CredentialSource::Bearer | CredentialSource::ApiKeyScheme if self.hide_credentials => {
                 // Keep `Authorization` values of other schemes; drop ours.
@@ -454,7 +454,7 @@ impl Config {
                 }
             }
             _ => {
-                for name in [X_API_KEY, AUTHORIZATION.as_str()] {
+                for name in [&credentials::X_API_KEY_NAME, &AUTHORIZATION] {
                     if let http::header::Entry::Occupied(mut e) = headers.entry(name) {
                         for v in e.iter_mut() {
                             v.set_sensitive(true);
