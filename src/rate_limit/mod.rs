@@ -89,7 +89,7 @@ use crate::rejection::{DenialReason, Rejection};
 use crate::{ClientIp, ConfigError, Principal};
 use key::KeyRule;
 use local::{LocalStore, MAX_POLICIES, Outcome};
-use policy::CompiledPolicy;
+use policy::{CompiledPolicy, Entry};
 use quota::Gcra;
 
 /// `RateLimit-Policy`.
@@ -306,12 +306,12 @@ pub(crate) enum Verdict {
     Open,
 }
 
-/// The fields computed for one response. Boxed in the response future, which so
-/// stays one pointer larger than the inner future.
+/// The fields computed for one response, kept in the response future: the IETF
+/// pair inline (no allocation on the common path), the rarer legacy fields boxed.
 #[derive(Clone, Debug, Default)]
 struct FieldSet {
     ietf: Option<(HeaderValue, HeaderValue)>,
-    legacy: Option<[HeaderValue; 3]>,
+    legacy: Option<Box<[HeaderValue; 3]>>,
 }
 
 impl FieldSet {
@@ -320,7 +320,8 @@ impl FieldSet {
             headers.append(RATELIMIT_POLICY, policy);
             headers.append(RATELIMIT, limit);
         }
-        if let Some([limit, remaining, reset]) = self.legacy {
+        if let Some(legacy) = self.legacy {
+            let [limit, remaining, reset] = *legacy;
             headers.append(X_LIMIT, limit);
             headers.append(X_REMAINING, remaining);
             headers.append(X_RESET, reset);
@@ -328,30 +329,37 @@ impl FieldSet {
     }
 }
 
+/// Each policy's entry for one principal, looked up once per request (the first
+/// `policies.len()` are meaningful).
+type Entries<'a> = [&'a Entry; MAX_POLICIES];
+
 impl Shared {
     #[inline]
-    fn gcras(&self, principal: Option<&Principal>) -> ([Gcra; MAX_POLICIES], usize) {
-        if principal.is_none() {
-            return (self.anonymous, self.policies.len());
+    fn entries(&self, principal: Option<&Principal>) -> Entries<'_> {
+        let mut e = [self.policies[0].entry(None); MAX_POLICIES];
+        for (slot, p) in e.iter_mut().zip(&self.policies) {
+            *slot = p.entry(principal);
         }
-        let mut g = [Gcra { t: 1, tau: 0 }; MAX_POLICIES];
-        for (i, p) in self.policies.iter().enumerate() {
-            g[i] = p.entry(principal).gcra;
-        }
-        (g, self.policies.len())
+        e
     }
 
     #[inline]
-    fn render(&self, principal: Option<&Principal>, outcome: &Outcome) -> Option<Box<FieldSet>> {
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    fn gcras(entries: &Entries<'_>) -> [Gcra; MAX_POLICIES] {
+        std::array::from_fn(|i| entries[i].gcra)
+    }
+
+    #[inline]
+    fn render(&self, entries: &Entries<'_>, outcome: &Outcome) -> Option<FieldSet> {
         if !self.fields && !self.legacy {
             return None;
         }
-        Some(self.render_fields(principal, outcome))
+        Some(self.render_fields(entries, outcome))
     }
 
     #[inline(never)]
-    fn render_fields(&self, principal: Option<&Principal>, outcome: &Outcome) -> Box<FieldSet> {
-        let mut set = Box::<FieldSet>::default();
+    fn render_fields(&self, entries: &Entries<'_>, outcome: &Outcome) -> FieldSet {
+        let mut set = FieldSet::default();
         if self.fields {
             let mut limit = BytesMut::with_capacity(32 * self.policies.len());
             for (i, p) in self.policies.iter().enumerate() {
@@ -361,20 +369,20 @@ impl Shared {
                 limit.put_u8(b'"');
                 limit.put_slice(p.name.as_bytes());
                 limit.put_slice(b"\";r=");
-                put_u64(&mut limit, outcome.remaining(i, &p.entry(principal).gcra));
+                put_u64(&mut limit, outcome.remaining(i, &entries[i].gcra));
                 limit.put_slice(b";t=");
                 put_u64(&mut limit, fields::secs_ceil(outcome.reset(i)));
             }
             // One policy: its precomputed item (a reference-count increment).
-            let policy = match &self.policies[..] {
-                [one] => one.entry(principal).item.clone(),
+            let policy = match &entries[..self.policies.len()] {
+                [one] => one.item.clone(),
                 many => {
                     let mut v = BytesMut::with_capacity(32 * many.len());
-                    for (i, p) in many.iter().enumerate() {
+                    for (i, e) in many.iter().enumerate() {
                         if i > 0 {
                             v.put_slice(b", ");
                         }
-                        v.put_slice(p.entry(principal).item.as_bytes());
+                        v.put_slice(e.item.as_bytes());
                     }
                     HeaderValue::from_maybe_shared(v.freeze()).expect("checked items")
                 }
@@ -385,22 +393,20 @@ impl Shared {
         if self.legacy {
             // The most constrained policy: a refusing one (longest wait), else the
             // one with the fewest requests left.
-            let remaining =
-                |i: usize| outcome.remaining(i, &self.policies[i].entry(principal).gcra);
+            let remaining = |i: usize| outcome.remaining(i, &entries[i].gcra);
             let i = (0..outcome.len)
                 .max_by_key(|&i| (outcome.waits[i], std::cmp::Reverse(remaining(i))))
                 .unwrap_or(0);
-            let q = self.policies[i].entry(principal).quota;
-            set.legacy = Some([
+            let q = entries[i].quota;
+            set.legacy = Some(Box::new([
                 HeaderValue::from(q.count()),
                 HeaderValue::from(remaining(i)),
                 HeaderValue::from(fields::secs_ceil(outcome.reset(i))),
-            ]);
+            ]));
         }
         set
     }
 
-    /// Acts on a verdict: call the inner service (with the fields to add) or refuse.
     fn finish<S, ReqBody, ResBody>(
         &self,
         inner: &mut S,
@@ -427,7 +433,7 @@ impl Shared {
                 };
             }
         };
-        let fields = self.render(req.extensions().get::<Principal>(), &outcome);
+        let fields = self.render(&self.entries(req.extensions().get::<Principal>()), &outcome);
         self.act(inner, req, outcome, fields)
     }
 
@@ -438,7 +444,7 @@ impl Shared {
         inner: &mut S,
         req: Request<ReqBody>,
         outcome: Outcome,
-        fields: Option<Box<FieldSet>>,
+        fields: Option<FieldSet>,
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -458,7 +464,7 @@ impl Shared {
         inner: &mut S,
         req: Request<ReqBody>,
         outcome: Outcome,
-        fields: Option<Box<FieldSet>>,
+        fields: Option<FieldSet>,
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -480,7 +486,8 @@ impl Shared {
                     .with_header(RATELIMIT_POLICY, policy)
                     .with_header(RATELIMIT, limit);
             }
-            if let Some([limit, remaining, reset]) = set.legacy {
+            if let Some(legacy) = set.legacy {
+                let [limit, remaining, reset] = *legacy;
                 rejection = rejection
                     .with_header(X_LIMIT, limit)
                     .with_header(X_REMAINING, remaining)
@@ -620,17 +627,19 @@ where
         let (outcome, fields) = {
             let cx = KeyContext::of(&req);
             let key = shared.key.derive(&cx).local(shared.local.hasher());
-            // Anonymous requests use the precomputed defaults, without a copy.
+            // Each policy's entry is looked up once (a principal's override is a
+            // hash lookup); anonymous requests use the precomputed defaults.
+            let entries = shared.entries(cx.principal());
             let per_principal;
             let gcras = match cx.principal() {
                 None => &shared.anonymous[..shared.policies.len()],
-                Some(p) => {
-                    per_principal = shared.gcras(Some(p));
-                    &per_principal.0[..per_principal.1]
+                Some(_) => {
+                    per_principal = Shared::gcras(&entries);
+                    &per_principal[..shared.policies.len()]
                 }
             };
             let outcome = shared.local.check(key, gcras, shared.local.now());
-            let fields = shared.render(cx.principal(), &outcome);
+            let fields = shared.render(&entries, &outcome);
             (outcome, fields)
         };
         // The allowed path stays here, so the request moves once, into the inner
@@ -671,7 +680,10 @@ impl<S> RateLimit<S> {
         let r = shared.redis.as_ref().expect("checked by the caller");
         let cx = KeyContext::of(&req);
         let source = shared.key.derive(&cx);
-        let (gcras, n) = shared.gcras(cx.principal());
+        let (gcras, n) = (
+            Shared::gcras(&shared.entries(cx.principal())),
+            shared.policies.len(),
+        );
         let check = r.check(
             source.stable_name(),
             source.local(shared.local.hasher()),
@@ -714,7 +726,7 @@ pin_project! {
     {
         Inner { #[pin] future: S::Future },
         // Its own variant, so that a response without fields has nothing more to drop.
-        WithFields { #[pin] future: S::Future, fields: Option<Box<FieldSet>> },
+        WithFields { #[pin] future: S::Future, fields: Option<FieldSet> },
         // Boxed, so that the future (and its drop) stays small on the common path.
         Other { state: Box<Other<S, ReqBody, B>> },
     }
@@ -725,7 +737,7 @@ where
     S: Service<Request<ReqBody>>,
 {
     #[inline]
-    fn pass(future: S::Future, fields: Option<Box<FieldSet>>) -> Self {
+    fn pass(future: S::Future, fields: Option<FieldSet>) -> Self {
         match fields {
             None => Kind::Inner { future },
             fields => Kind::WithFields { future, fields },
