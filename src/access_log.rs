@@ -236,6 +236,18 @@ fn mark_sensitive(headers: &mut HeaderMap, names: &[HeaderName]) {
     }
 }
 
+/// The response side: one name, usually absent, so a lookup instead of a walk over
+/// every header (`entry` only when present: it may grow the map).
+fn mark_set_cookie_sensitive(headers: &mut HeaderMap) {
+    if headers.contains_key(SET_COOKIE)
+        && let http::header::Entry::Occupied(mut e) = headers.entry(SET_COOKIE)
+    {
+        for v in e.iter_mut() {
+            v.set_sensitive(true);
+        }
+    }
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AccessLog<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -308,13 +320,13 @@ where
         if let Some(mut p) = this.pending.take() {
             match &mut result {
                 Ok(res) => {
-                    mark_sensitive(res.headers_mut(), &[SET_COOKIE]);
+                    mark_set_cookie_sensitive(res.headers_mut());
                     p.emit(Outcome::Response(res));
                 }
                 Err(_) => p.emit::<()>(Outcome::Error),
             }
         } else if let Ok(res) = &mut result {
-            mark_sensitive(res.headers_mut(), &[SET_COOKIE]);
+            mark_set_cookie_sensitive(res.headers_mut());
         }
         Poll::Ready(result)
     }
