@@ -116,8 +116,36 @@ fn is_prefix(p: &[u8]) -> bool {
         && p.len() <= MAX_PREFIX_LEN
         && p[0].is_ascii_lowercase()
         && p[p.len() - 1] != b'_'
-        && p.iter()
-            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && all_in(p, PREFIX)
+}
+
+/// Character classes, one bit each, for [`all_in`].
+const ALNUM: u8 = 1;
+const PREFIX: u8 = 2;
+const CLASSES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() {
+            t[b] |= ALNUM;
+        }
+        if c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' {
+            t[b] |= PREFIX;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// Whether every byte is of `class`: a table lookup per byte, without branches
+/// (this runs on every presented key).
+#[inline]
+fn all_in(bytes: &[u8], class: u8) -> bool {
+    bytes
+        .iter()
+        .fold(class, |acc, &b| acc & CLASSES[usize::from(b)])
+        == class
 }
 
 /// Why a string is not a key in the generated format.
@@ -187,7 +215,7 @@ pub fn parse_key(key: &str) -> Result<ParsedKey<'_>, KeyFormatError> {
     }
     let sep = bytes.len() - body_len - 1;
     let (prefix, body) = (&bytes[..sep], &bytes[sep + 1..]);
-    if bytes[sep] != b'_' || !is_prefix(prefix) || !body.iter().all(u8::is_ascii_alphanumeric) {
+    if bytes[sep] != b'_' || !is_prefix(prefix) || !all_in(body, ALNUM) {
         return Err(KeyFormatError::Shape);
     }
     let expected = checksum(&bytes[..sep + 1 + RANDOM_LEN]);
