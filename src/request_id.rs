@@ -44,7 +44,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{Entry, HeaderName, HeaderValue};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -84,17 +84,11 @@ impl RequestId {
         let mut b = random16();
         b[6] = (b[6] & 0x0f) | 0x40;
         b[8] = (b[8] & 0x3f) | 0x80;
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut s = [0u8; 36];
-        let mut j = 0;
-        for (i, byte) in b.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                s[j] = b'-';
-                j += 1;
-            }
-            s[j] = HEX[usize::from(byte >> 4)];
-            s[j + 1] = HEX[usize::from(byte & 0xf)];
-            j += 2;
+        // Where each byte's two hex digits go in 8-4-4-4-12 (dashes at 8, 13, 18, 23).
+        const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+        let mut s = [b'-'; 36];
+        for (&at, &byte) in AT.iter().zip(&b) {
+            s[at..at + 2].copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
         }
         // One allocation shared by every copy: the id goes into the request's headers
         // and extensions and the response's, and cloning `Bytes` built from a `Vec`
@@ -127,6 +121,18 @@ impl fmt::Display for RequestId {
         f.write_str(self.as_str())
     }
 }
+
+/// Each byte's two lowercase hex digits.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
 
 /// Whether an incoming id is kept: 1 to [`MAX_LEN`] bytes, each in `[A-Za-z0-9._:-]`.
 ///
@@ -256,20 +262,27 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let kept = {
-            let mut values = req.headers().get_all(&self.header).iter();
-            match (values.next(), values.next()) {
-                (Some(v), None) => RequestId::parse(v.as_bytes()),
-                _ => None,
+        // One lookup for both the check and the replacement.
+        let id = match req.headers_mut().entry(&self.header) {
+            Entry::Occupied(mut e) => {
+                let mut values = e.iter();
+                let kept = match (values.next(), values.next()) {
+                    (Some(v), None) => RequestId::parse(v.as_bytes()),
+                    _ => None,
+                };
+                match kept {
+                    // The request already carries exactly this one value.
+                    Some(id) => id,
+                    None => {
+                        let id = RequestId::generate();
+                        e.insert(id.header_value().clone());
+                        id
+                    }
+                }
             }
-        };
-        let id = match kept {
-            // The request already carries exactly this one value.
-            Some(id) => id,
-            None => {
+            Entry::Vacant(e) => {
                 let id = RequestId::generate();
-                req.headers_mut()
-                    .insert(self.header.clone(), id.header_value().clone());
+                e.insert(id.header_value().clone());
                 id
             }
         };
