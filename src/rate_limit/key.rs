@@ -1,7 +1,7 @@
 //! Who a request counts against.
 
 use std::fmt;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -210,10 +210,14 @@ impl KeySource<'_> {
 }
 
 fn hash128(hasher: &impl BuildHasher, kind: u8, s: &str) -> (u64, u64) {
-    (
-        hasher.hash_one((kind, 0u8, s)),
-        hasher.hash_one((kind, 1u8, s)),
-    )
+    // Two keyed hashes of distinct inputs, `s kind` and `s kind 0xff` (a fixed-length
+    // suffix, so each input has one reading), the string compressed once.
+    let mut h = hasher.build_hasher();
+    h.write(s.as_bytes());
+    h.write_u8(kind);
+    let hi = h.finish();
+    h.write_u8(0xff);
+    (hi, h.finish())
 }
 
 /// The in-memory key: a kind, then an address or a 128-bit hash in two words,
