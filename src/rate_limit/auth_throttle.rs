@@ -214,9 +214,11 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let ip = req.extensions().get::<ClientIp>().copied();
-        let key = self.shared.key(ip);
         let store = &self.shared.store;
-        if let Some(wait) = store.peek(key, &self.shared.gcra, store.now()) {
+        // No address has failed lately (the common case): nothing to look up.
+        if store.tracks_any()
+            && let Some(wait) = store.peek(self.shared.key(ip), &self.shared.gcra, store.now())
+        {
             let retry = Duration::from_nanos(wait);
             tracing::info!(
                 target: crate::audit::TARGET,
@@ -236,7 +238,7 @@ where
         ThrottleFuture {
             kind: ThrottleKind::Inner {
                 future: self.inner.call(req),
-                key,
+                ip,
                 shared: self.shared.clone(),
             },
         }
@@ -255,7 +257,7 @@ pin_project! {
 pin_project! {
     #[project = ThrottleKindProj]
     enum ThrottleKind<F, B> {
-        Inner { #[pin] future: F, key: LocalKey, shared: Arc<Shared> },
+        Inner { #[pin] future: F, ip: Option<ClientIp>, shared: Arc<Shared> },
         Rejected { response: Option<Response<B>> },
     }
 }
@@ -268,16 +270,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            ThrottleKindProj::Inner {
-                future,
-                key,
-                shared,
-            } => {
+            ThrottleKindProj::Inner { future, ip, shared } => {
                 let res = ready!(future.poll(cx))?;
                 if let Some(&reason) = res.extensions().get::<DenialReason>()
                     && is_credential_failure(reason)
                 {
-                    shared.store.record(*key, &shared.gcra, shared.store.now());
+                    shared
+                        .store
+                        .record(shared.key(*ip), &shared.gcra, shared.store.now());
                 }
                 Poll::Ready(Ok(res))
             }

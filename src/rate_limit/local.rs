@@ -321,6 +321,18 @@ impl LocalStore {
         }
     }
 
+    /// Whether any key may be tracked (see `Slots::tracked`): while not, every
+    /// [`peek`](Self::peek) answers `None`, and its key need not be computed.
+    #[inline]
+    pub(crate) fn tracks_any(&self) -> bool {
+        let tracked = match &self.table {
+            Table::One(t) => &t.tracked,
+            Table::Two(t) => &t.tracked,
+            Table::Four(t) => &t.tracked,
+        };
+        tracked.load(Ordering::Acquire) != 0
+    }
+
     /// Reads the state without changing it: would the next request be refused, and
     /// after how long (ns) would it be allowed? Untracked keys are never refused.
     pub(crate) fn peek(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Option<u64> {
