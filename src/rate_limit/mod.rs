@@ -361,17 +361,17 @@ impl Shared {
     fn render_fields(&self, entries: &Entries<'_>, outcome: &Outcome) -> FieldSet {
         let mut set = FieldSet::default();
         if self.fields {
-            let mut limit = BytesMut::with_capacity(32 * self.policies.len());
+            let mut limit = FieldBuf::new();
             for (i, p) in self.policies.iter().enumerate() {
                 if i > 0 {
-                    limit.put_slice(b", ");
+                    limit.put(b", ");
                 }
-                limit.put_u8(b'"');
-                limit.put_slice(p.name.as_bytes());
-                limit.put_slice(b"\";r=");
-                put_u64(&mut limit, outcome.remaining(i, &entries[i].gcra));
-                limit.put_slice(b";t=");
-                put_u64(&mut limit, fields::secs_ceil(outcome.reset(i)));
+                limit.put(b"\"");
+                limit.put(p.name.as_bytes());
+                limit.put(b"\";r=");
+                limit.put_u64(outcome.remaining(i, &entries[i].gcra));
+                limit.put(b";t=");
+                limit.put_u64(fields::secs_ceil(outcome.reset(i)));
             }
             // One policy: its precomputed item (a reference-count increment).
             let policy = match &entries[..self.policies.len()] {
@@ -387,7 +387,7 @@ impl Shared {
                     HeaderValue::from_maybe_shared(v.freeze()).expect("checked items")
                 }
             };
-            let limit = HeaderValue::from_maybe_shared(limit.freeze()).expect("ASCII digits");
+            let limit = HeaderValue::from_bytes(limit.as_bytes()).expect("ASCII digits");
             set.ietf = Some((policy, limit));
         }
         if self.legacy {
@@ -518,18 +518,59 @@ impl Shared {
     }
 }
 
-fn put_u64(buf: &mut BytesMut, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// The `RateLimit` field's value, built on the stack and copied out once.
+struct FieldBuf {
+    bytes: [u8; FieldBuf::CAP],
+    len: usize,
+}
+
+impl FieldBuf {
+    /// Per policy at most `, "` + a 32-byte name + `";r=` + 20 digits + `;t=` + 20
+    /// digits (82 bytes), for at most [`MAX_POLICIES`] policies.
+    const CAP: usize = 96 * MAX_POLICIES;
+
+    fn new() -> Self {
+        Self {
+            bytes: [0; Self::CAP],
+            len: 0,
         }
     }
-    buf.put_slice(&digits[i..]);
+
+    #[inline]
+    fn put(&mut self, s: &[u8]) {
+        self.bytes[self.len..self.len + s.len()].copy_from_slice(s);
+        self.len += s.len();
+    }
+
+    /// `n` in decimal, two digits at a time.
+    #[inline]
+    fn put_u64(&mut self, mut n: u64) {
+        const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+            2021222324252627282930313233343536373839\
+            4041424344454647484950515253545556575859\
+            6061626364656667686970717273747576777879\
+            8081828384858687888990919293949596979899";
+        let end = self.len + n.checked_ilog10().map_or(1, |d| d as usize + 1);
+        let digits = &mut self.bytes[self.len..end];
+        let mut i = digits.len();
+        while n >= 100 {
+            let pair = (n % 100) as usize * 2;
+            n /= 100;
+            i -= 2;
+            digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        }
+        if n >= 10 {
+            let pair = n as usize * 2;
+            digits[..2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        } else {
+            digits[0] = b'0' + n as u8;
+        }
+        self.len = end;
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// Layer applying [`RateLimit`]; build it with [`RateLimitLayer::builder`].
@@ -841,5 +882,34 @@ where
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FieldBuf;
+
+    #[test]
+    fn field_numbers_are_plain_decimal() {
+        for n in [
+            0,
+            7,
+            9,
+            10,
+            42,
+            99,
+            100,
+            101,
+            999,
+            1000,
+            12_345,
+            u64::MAX / 3,
+            u64::MAX,
+        ] {
+            let mut b = FieldBuf::new();
+            b.put(b"r=");
+            b.put_u64(n);
+            assert_eq!(b.as_bytes(), format!("r={n}").as_bytes());
+        }
     }
 }
