@@ -58,10 +58,10 @@ use crate::{ClientIp, ConfigError};
 /// ```
 #[derive(Clone)]
 pub struct AuthThrottleLayer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     quota: Quota,
     gcra: [Gcra; 1],
     store: LocalStore,
@@ -213,35 +213,47 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let ip = req.extensions().get::<ClientIp>().copied();
-        let store = &self.shared.store;
-        // No address has failed lately (the common case): nothing to look up.
-        if store.tracks_any()
-            && let Some(wait) = store.peek(self.shared.key(ip), &self.shared.gcra, store.now())
-        {
-            let retry = Duration::from_nanos(wait);
-            tracing::info!(
-                target: crate::audit::TARGET,
-                event = "auth_throttled",
-                reason = DenialReason::AuthThrottled.as_str(),
-                client_ip = ip.map(tracing::field::display),
-                retry_after = crate::rejection::retry_after_secs(retry),
-            );
-            let res =
-                Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response();
-            return ThrottleFuture {
-                kind: ThrottleKind::Rejected {
-                    response: Some(res),
-                },
-            };
-        }
-        ThrottleFuture {
-            kind: ThrottleKind::Inner {
-                future: self.inner.call(req),
-                ip,
-                shared: self.shared.clone(),
+        call_with(&self.shared, req, |req| self.inner.call(req))
+    }
+}
+
+/// The layer's work around `next`, the inner service's call (shared with the
+/// assembled stack, which holds its layers' settings behind one reference count).
+pub(crate) fn call_with<ReqBody, ResBody, F>(
+    shared: &Arc<Shared>,
+    req: Request<ReqBody>,
+    next: impl FnOnce(Request<ReqBody>) -> F,
+) -> ThrottleFuture<F, ResBody>
+where
+    ResBody: From<Bytes>,
+{
+    let ip = req.extensions().get::<ClientIp>().copied();
+    let store = &shared.store;
+    // No address has failed lately (the common case): nothing to look up.
+    if store.tracks_any()
+        && let Some(wait) = store.peek(shared.key(ip), &shared.gcra, store.now())
+    {
+        let retry = Duration::from_nanos(wait);
+        tracing::info!(
+            target: crate::audit::TARGET,
+            event = "auth_throttled",
+            reason = DenialReason::AuthThrottled.as_str(),
+            client_ip = ip.map(tracing::field::display),
+            retry_after = crate::rejection::retry_after_secs(retry),
+        );
+        let res = Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response();
+        return ThrottleFuture {
+            kind: ThrottleKind::Rejected {
+                response: Some(res),
             },
-        }
+        };
+    }
+    ThrottleFuture {
+        kind: ThrottleKind::Inner {
+            future: next(req),
+            ip,
+            shared: shared.clone(),
+        },
     }
 }
 

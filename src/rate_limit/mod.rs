@@ -57,7 +57,7 @@
 //! # Ok::<(), portcullis::ConfigError>(())
 //! ```
 
-mod auth_throttle;
+pub(crate) mod auth_throttle;
 pub mod fields;
 mod key;
 mod local;
@@ -578,7 +578,7 @@ impl FieldBuf {
 /// Clones share the limits: build once, clone into every connection.
 #[derive(Clone, Debug)]
 pub struct RateLimitLayer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl RateLimitLayer {
@@ -660,88 +660,101 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        #[cfg(feature = "redis")]
-        if self.shared.redis.is_some() {
-            return self.call_shared_backend(req);
-        }
-        let shared = &*self.shared;
-        let (outcome, fields) = {
-            let cx = KeyContext::of(&req);
-            let key = shared.key.derive(&cx).local(shared.local.hasher());
-            // Each policy's entry is looked up once (a principal's override is a
-            // hash lookup); anonymous requests use the precomputed defaults.
-            let entries = shared.entries(cx.principal());
-            let per_principal;
-            let gcras = match cx.principal() {
-                None => &shared.anonymous[..shared.policies.len()],
-                Some(_) => {
-                    per_principal = Shared::gcras(&entries);
-                    &per_principal[..shared.policies.len()]
-                }
-            };
-            let outcome = shared.local.check(key, gcras, shared.local.now());
-            let fields = shared.render(&entries, &outcome);
-            (outcome, fields)
-        };
-        // The allowed path stays here, so the request moves once, into the inner
-        // service; a refusal (or a shadowed one) is handled out of line.
-        if outcome.allowed {
-            // The variant is chosen before the inner call, so that its future can be
-            // built in place.
-            let kind = match fields {
-                None => Kind::Inner {
-                    future: self.inner.call(req),
-                },
-                fields => Kind::WithFields {
-                    future: self.inner.call(req),
-                    fields,
-                },
-            };
-            return ResponseFuture { kind };
-        }
-        ResponseFuture {
-            kind: shared.refuse(&mut self.inner, req, outcome, fields),
-        }
+        call_with(&self.shared, &mut self.inner, req)
     }
 }
 
-#[cfg(feature = "redis")]
-impl<S> RateLimit<S> {
-    /// The check through a shared backend: a future that decides, then acts.
-    #[inline(never)]
-    fn call_shared_backend<ReqBody, ResBody>(
-        &mut self,
-        req: Request<ReqBody>,
-    ) -> ResponseFuture<S, ReqBody, ResBody>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-        ResBody: From<Bytes>,
-    {
-        let shared = &*self.shared;
-        let r = shared.redis.as_ref().expect("checked by the caller");
+/// The layer's work around `inner` (shared with the assembled stack, which holds
+/// its layers' settings behind one reference count).
+pub(crate) fn call_with<S, ReqBody, ResBody>(
+    shared_arc: &Arc<Shared>,
+    inner: &mut S,
+    req: Request<ReqBody>,
+) -> ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: From<Bytes>,
+{
+    #[cfg(feature = "redis")]
+    if shared_arc.redis.is_some() {
+        return call_shared_backend(shared_arc, inner, req);
+    }
+    let shared = &**shared_arc;
+    let (outcome, fields) = {
         let cx = KeyContext::of(&req);
-        let source = shared.key.derive(&cx);
-        let (gcras, n) = (
-            Shared::gcras(&shared.entries(cx.principal())),
-            shared.policies.len(),
-        );
-        let check = r.check(
-            source.stable_name(),
-            source.local(shared.local.hasher()),
-            gcras,
-            n,
-            self.shared.clone(),
-        );
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture {
-            kind: Kind::Other {
-                state: Box::new(Other::Checking {
-                    check,
-                    pending: Some((inner, req, self.shared.clone())),
-                }),
+        let key = shared.key.derive(&cx).local(shared.local.hasher());
+        // Each policy's entry is looked up once (a principal's override is a
+        // hash lookup); anonymous requests use the precomputed defaults.
+        let entries = shared.entries(cx.principal());
+        let per_principal;
+        let gcras = match cx.principal() {
+            None => &shared.anonymous[..shared.policies.len()],
+            Some(_) => {
+                per_principal = Shared::gcras(&entries);
+                &per_principal[..shared.policies.len()]
+            }
+        };
+        let outcome = shared.local.check(key, gcras, shared.local.now());
+        let fields = shared.render(&entries, &outcome);
+        (outcome, fields)
+    };
+    // The allowed path stays here, so the request moves once, into the inner
+    // service; a refusal (or a shadowed one) is handled out of line.
+    if outcome.allowed {
+        // The variant is chosen before the inner call, so that its future can be
+        // built in place.
+        let kind = match fields {
+            None => Kind::Inner {
+                future: inner.call(req),
             },
-        }
+            fields => Kind::WithFields {
+                future: inner.call(req),
+                fields,
+            },
+        };
+        return ResponseFuture { kind };
+    }
+    ResponseFuture {
+        kind: shared.refuse(inner, req, outcome, fields),
+    }
+}
+
+/// The check through a shared backend: a future that decides, then acts.
+#[cfg(feature = "redis")]
+#[inline(never)]
+fn call_shared_backend<S, ReqBody, ResBody>(
+    shared_arc: &Arc<Shared>,
+    inner: &mut S,
+    req: Request<ReqBody>,
+) -> ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: From<Bytes>,
+{
+    let shared = &**shared_arc;
+    let r = shared.redis.as_ref().expect("checked by the caller");
+    let cx = KeyContext::of(&req);
+    let source = shared.key.derive(&cx);
+    let (gcras, n) = (
+        Shared::gcras(&shared.entries(cx.principal())),
+        shared.policies.len(),
+    );
+    let check = r.check(
+        source.stable_name(),
+        source.local(shared.local.hasher()),
+        gcras,
+        n,
+        shared_arc.clone(),
+    );
+    let clone = inner.clone();
+    let inner = std::mem::replace(inner, clone);
+    ResponseFuture {
+        kind: Kind::Other {
+            state: Box::new(Other::Checking {
+                check,
+                pending: Some((inner, req, shared_arc.clone())),
+            }),
+        },
     }
 }
 
