@@ -289,12 +289,12 @@ pub(crate) fn call_with<ReqBody, F>(
         let id = id.map(|id| config.redactor.redact(id.as_str()));
         tracing::info_span!(target: TARGET, "request", request_id = id.as_deref())
     });
-    let inner = match &span {
-        Some(span) => span.in_scope(|| next(req)),
-        None => next(req),
-    };
     ResponseFuture {
-        inner,
+        // Built in place: the inner future is most of this one.
+        inner: match &span {
+            Some(span) => span.in_scope(|| next(req)),
+            None => next(req),
+        },
         pending,
         span,
     }
@@ -325,20 +325,24 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let entered = this.span.as_ref().map(tracing::Span::enter);
-        let mut result = std::task::ready!(this.inner.poll(cx));
+        // The inner poll's result is returned in place (a response is not small).
+        let mut out = this.inner.poll(cx);
         drop(entered);
+        let Poll::Ready(result) = &mut out else {
+            return out;
+        };
         if let Some(mut p) = this.pending.take() {
-            match &mut result {
+            match result {
                 Ok(res) => {
                     mark_set_cookie_sensitive(res.headers_mut());
                     p.emit(Outcome::Response(res));
                 }
                 Err(_) => p.emit::<()>(Outcome::Error),
             }
-        } else if let Ok(res) = &mut result {
+        } else if let Ok(res) = result {
             mark_set_cookie_sensitive(res.headers_mut());
         }
-        Poll::Ready(result)
+        out
     }
 }
 

@@ -327,12 +327,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut res = std::task::ready!(this.inner.poll(cx))?;
-        if let Some((name, id)) = this.header.take() {
+        // The inner poll's result is returned in place (a response is not small).
+        let mut out = this.inner.poll(cx);
+        if let Poll::Ready(Ok(res)) = &mut out
+            && let Some((name, id)) = this.header.take()
+        {
             res.headers_mut().insert(name, id.header_value().clone());
             res.extensions_mut().insert(id);
         }
-        Poll::Ready(Ok(res))
+        out
     }
 }
 

@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -283,15 +283,17 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             ThrottleKindProj::Inner { future, ip, shared } => {
-                let res = ready!(future.poll(cx))?;
-                if let Some(&reason) = res.extensions().get::<DenialReason>()
+                // The inner poll's result is returned in place.
+                let out = future.poll(cx);
+                if let Poll::Ready(Ok(res)) = &out
+                    && let Some(&reason) = res.extensions().get::<DenialReason>()
                     && is_credential_failure(reason)
                 {
                     shared
                         .store
                         .record(shared.key(*ip), &shared.gcra, shared.store.now());
                 }
-                Poll::Ready(Ok(res))
+                out
             }
             ThrottleKindProj::Rejected { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))

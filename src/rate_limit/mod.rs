@@ -828,13 +828,14 @@ where
         match kind.as_mut().project() {
             KindProj::Inner { future } => return future.poll(cx),
             KindProj::WithFields { future, fields } => {
-                let mut res = ready!(future.poll(cx));
-                if let Some(set) = fields.take()
-                    && let Ok(r) = &mut res
+                // The inner poll's result is returned in place.
+                let mut out = future.poll(cx);
+                if let Poll::Ready(Ok(r)) = &mut out
+                    && let Some(set) = fields.take()
                 {
                     set.apply(r.headers_mut());
                 }
-                return Poll::Ready(res);
+                return out;
             }
             KindProj::Other { .. } => {}
         }
