@@ -35,7 +35,8 @@
 //! ```
 //!
 //! Cost: keeping an id is one scan of at most 64 bytes; a fresh one is 16 random
-//! bytes from the operating system's CSPRNG, fetched 256 bytes at a time per thread.
+//! bytes from the operating system's CSPRNG, fetched 1 KiB at a time per thread (one
+//! system call per 64 ids).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -150,9 +151,13 @@ pub fn is_safe_request_id(value: &[u8]) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
+/// Random bytes fetched per system call (per thread).
+const POOL_LEN: usize = 1024;
+
 fn random16() -> [u8; 16] {
     thread_local! {
-        static POOL: RefCell<([u8; 256], usize)> = const { RefCell::new(([0; 256], 256)) };
+        static POOL: RefCell<([u8; POOL_LEN], usize)> =
+            const { RefCell::new(([0; POOL_LEN], POOL_LEN)) };
     }
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
