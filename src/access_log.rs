@@ -85,7 +85,7 @@ const MAX_PRINCIPAL: usize = 128;
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
-struct Config {
+pub(crate) struct Config {
     redactor: Redactor,
     sensitive: Vec<HeaderName>,
     span: bool,
@@ -94,7 +94,7 @@ struct Config {
 /// Layer applying [`AccessLog`]; see the [module docs](self).
 #[derive(Clone)]
 pub struct AccessLogLayer {
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
 }
 
 impl fmt::Debug for AccessLogLayer {
@@ -236,6 +236,18 @@ fn mark_sensitive(headers: &mut HeaderMap, names: &[HeaderName]) {
     }
 }
 
+/// The response side: one name, usually absent, so a lookup instead of a walk over
+/// every header (`entry` only when present: it may grow the map).
+fn mark_set_cookie_sensitive(headers: &mut HeaderMap) {
+    if headers.contains_key(SET_COOKIE)
+        && let http::header::Entry::Occupied(mut e) = headers.entry(SET_COOKIE)
+    {
+        for v in e.iter_mut() {
+            v.set_sensitive(true);
+        }
+    }
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AccessLog<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -248,33 +260,43 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        mark_sensitive(req.headers_mut(), &self.config.sensitive);
-        let pending = tracing::enabled!(target: TARGET, tracing::Level::INFO).then(|| Pending {
-            start: Instant::now(),
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            user_agent: req.headers().get(USER_AGENT).cloned(),
-            request_id: req.extensions().get::<RequestId>().cloned(),
-            client_ip: req.extensions().get::<ClientIp>().copied(),
-            principal: req.extensions().get::<Principal>().cloned(),
-            config: self.config.clone(),
-            done: false,
-        });
-        let span = self.config.span.then(|| {
-            let id = req.extensions().get::<RequestId>();
-            let id = id.map(|id| self.config.redactor.redact(id.as_str()));
-            tracing::info_span!(target: TARGET, "request", request_id = id.as_deref())
-        });
-        let inner = match &span {
-            Some(span) => span.in_scope(|| self.inner.call(req)),
-            None => self.inner.call(req),
-        };
-        ResponseFuture {
-            inner,
-            pending,
-            span,
-        }
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        call_with(&self.config, req, |req| self.inner.call(req))
+    }
+}
+
+/// The layer's work around `next`, the inner service's call (shared with the
+/// assembled stack, which holds its layers' settings behind one reference count).
+pub(crate) fn call_with<ReqBody, F>(
+    config: &Arc<Config>,
+    mut req: Request<ReqBody>,
+    next: impl FnOnce(Request<ReqBody>) -> F,
+) -> ResponseFuture<F> {
+    mark_sensitive(req.headers_mut(), &config.sensitive);
+    let pending = tracing::enabled!(target: TARGET, tracing::Level::INFO).then(|| Pending {
+        start: Instant::now(),
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        user_agent: req.headers().get(USER_AGENT).cloned(),
+        request_id: req.extensions().get::<RequestId>().cloned(),
+        client_ip: req.extensions().get::<ClientIp>().copied(),
+        principal: req.extensions().get::<Principal>().cloned(),
+        config: config.clone(),
+        done: false,
+    });
+    let span = config.span.then(|| {
+        let id = req.extensions().get::<RequestId>();
+        let id = id.map(|id| config.redactor.redact(id.as_str()));
+        tracing::info_span!(target: TARGET, "request", request_id = id.as_deref())
+    });
+    ResponseFuture {
+        // Built in place: the inner future is most of this one.
+        inner: match &span {
+            Some(span) => span.in_scope(|| next(req)),
+            None => next(req),
+        },
+        pending,
+        span,
     }
 }
 
@@ -303,20 +325,24 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let entered = this.span.as_ref().map(tracing::Span::enter);
-        let mut result = std::task::ready!(this.inner.poll(cx));
+        // The inner poll's result is returned in place (a response is not small).
+        let mut out = this.inner.poll(cx);
         drop(entered);
+        let Poll::Ready(result) = &mut out else {
+            return out;
+        };
         if let Some(mut p) = this.pending.take() {
-            match &mut result {
+            match result {
                 Ok(res) => {
-                    mark_sensitive(res.headers_mut(), &[SET_COOKIE]);
+                    mark_set_cookie_sensitive(res.headers_mut());
                     p.emit(Outcome::Response(res));
                 }
                 Err(_) => p.emit::<()>(Outcome::Error),
             }
-        } else if let Ok(res) = &mut result {
-            mark_sensitive(res.headers_mut(), &[SET_COOKIE]);
+        } else if let Ok(res) = result {
+            mark_set_cookie_sensitive(res.headers_mut());
         }
-        Poll::Ready(result)
+        out
     }
 }
 

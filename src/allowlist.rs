@@ -32,7 +32,7 @@ use crate::future::ResponseFuture;
 use crate::rejection::{DenialReason, Rejection};
 
 #[derive(Debug)]
-struct Policy {
+pub(crate) struct Policy {
     allow: IpSet,
     deny: Option<IpSet>,
 }
@@ -54,7 +54,7 @@ impl Policy {
 /// Layer applying [`IpAllowlist`].
 #[derive(Clone, Debug)]
 pub struct IpAllowlistLayer {
-    policy: Arc<Policy>,
+    pub(crate) policy: Arc<Policy>,
 }
 
 impl IpAllowlistLayer {
@@ -144,18 +144,31 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let ip = req.extensions().get::<ClientIp>().copied();
-        match self.policy.check(ip) {
-            Ok(()) => ResponseFuture::inner(self.inner.call(req)),
-            Err(reason) => {
-                tracing::info!(
-                    target: crate::audit::TARGET,
-                    event = "ip_denied",
-                    reason = reason.as_str(),
-                    client_ip = ip.map(tracing::field::display),
-                );
-                ResponseFuture::rejected(Rejection::forbidden(reason).into_response())
-            }
+        call_with(&self.policy, req, |req| self.inner.call(req))
+    }
+}
+
+/// The layer's work around `next`, the inner service's call (shared with the
+/// assembled stack, which holds its layers' settings behind one reference count).
+pub(crate) fn call_with<ReqBody, ResBody, F>(
+    policy: &Policy,
+    req: Request<ReqBody>,
+    next: impl FnOnce(Request<ReqBody>) -> F,
+) -> ResponseFuture<F, ResBody>
+where
+    ResBody: From<Bytes>,
+{
+    let ip = req.extensions().get::<ClientIp>().copied();
+    match policy.check(ip) {
+        Ok(()) => ResponseFuture::inner(next(req)),
+        Err(reason) => {
+            tracing::info!(
+                target: crate::audit::TARGET,
+                event = "ip_denied",
+                reason = reason.as_str(),
+                client_ip = ip.map(tracing::field::display),
+            );
+            ResponseFuture::rejected(Rejection::forbidden(reason).into_response())
         }
     }
 }

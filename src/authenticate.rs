@@ -173,7 +173,7 @@ impl Verifiers {
 }
 
 #[derive(Clone)]
-struct Config {
+pub(crate) struct Config {
     verifiers: Verifiers,
     challenge: Challenge,
     hide_credentials: bool,
@@ -186,7 +186,7 @@ struct Config {
 /// [`Principal`]. See the [module docs](self).
 #[derive(Clone)]
 pub struct AuthenticateLayer {
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
 }
 
 impl AuthenticateLayer {
@@ -433,7 +433,7 @@ impl Config {
         let headers = req.headers_mut();
         match source {
             CredentialSource::ApiKeyHeader if self.hide_credentials => {
-                headers.remove(X_API_KEY);
+                headers.remove(&credentials::X_API_KEY_NAME);
             }
             CredentialSource::Bearer | CredentialSource::ApiKeyScheme if self.hide_credentials => {
                 // Keep `Authorization` values of other schemes; drop ours.
@@ -454,7 +454,7 @@ impl Config {
                 }
             }
             _ => {
-                for name in [X_API_KEY, AUTHORIZATION.as_str()] {
+                for name in [&credentials::X_API_KEY_NAME, &AUTHORIZATION] {
                     if let http::header::Entry::Occupied(mut e) = headers.entry(name) {
                         for v in e.iter_mut() {
                             v.set_sensitive(true);
@@ -494,23 +494,33 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        if let Some(p) = &self.config.unauthenticated {
-            req.extensions_mut().insert(p.clone());
-            return ResponseFuture::inner_with(self.inner.call(req), Some(p.clone()));
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        call_with(&self.config, req, |req| self.inner.call(req))
+    }
+}
+
+/// The layer's work around `next`, the inner service's call (shared with the
+/// assembled stack, which holds its layers' settings behind one reference count).
+pub(crate) fn call_with<ReqBody, ResBody, F>(
+    config: &Config,
+    mut req: Request<ReqBody>,
+    next: impl FnOnce(Request<ReqBody>) -> F,
+) -> ResponseFuture<F, ResBody>
+where
+    ResBody: From<Bytes>,
+{
+    if let Some(p) = &config.unauthenticated {
+        req.extensions_mut().insert(p.clone());
+        return ResponseFuture::inner_with(next(req), Some(p.clone()));
+    }
+    let client_ip = req.extensions().get::<ClientIp>().copied();
+    match config.authenticate(req.headers(), req.uri(), client_ip) {
+        Ok((principal, source)) => {
+            config.hide(&mut req, source);
+            req.extensions_mut().insert(principal.clone());
+            ResponseFuture::inner_with(next(req), Some(principal))
         }
-        let client_ip = req.extensions().get::<ClientIp>().copied();
-        match self
-            .config
-            .authenticate(req.headers(), req.uri(), client_ip)
-        {
-            Ok((principal, source)) => {
-                self.config.hide(&mut req, source);
-                req.extensions_mut().insert(principal.clone());
-                ResponseFuture::inner_with(self.inner.call(req), Some(principal))
-            }
-            Err(reason) => ResponseFuture::rejected(self.config.rejection(reason).into_response()),
-        }
+        Err(reason) => ResponseFuture::rejected(config.rejection(reason).into_response()),
     }
 }
 

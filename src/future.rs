@@ -75,16 +75,19 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut res = match this.kind.project() {
-            KindProj::Inner { future } => std::task::ready!(future.poll(cx)),
+        // The inner poll's result is returned in place (a response is not small).
+        let mut out = match this.kind.project() {
+            KindProj::Inner { future } => future.poll(cx),
             KindProj::Rejected { response } => {
-                Ok(response.take().expect("polled after completion"))
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
         };
-        if let (Ok(res), Some(copy)) = (&mut res, this.copy.take()) {
+        if let Poll::Ready(Ok(res)) = &mut out
+            && let Some(copy) = this.copy.take()
+        {
             res.extensions_mut().insert(copy);
         }
-        Poll::Ready(res)
+        out
     }
 }
 

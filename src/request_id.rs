@@ -35,7 +35,8 @@
 //! ```
 //!
 //! Cost: keeping an id is one scan of at most 64 bytes; a fresh one is 16 random
-//! bytes from the operating system's CSPRNG, fetched 256 bytes at a time per thread.
+//! bytes from the operating system's CSPRNG, fetched 1 KiB at a time per thread (one
+//! system call per 64 ids).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -44,7 +45,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{Entry, HeaderName, HeaderValue};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -84,19 +85,19 @@ impl RequestId {
         let mut b = random16();
         b[6] = (b[6] & 0x0f) | 0x40;
         b[8] = (b[8] & 0x3f) | 0x80;
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut s = [0u8; 36];
-        let mut j = 0;
-        for (i, byte) in b.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                s[j] = b'-';
-                j += 1;
-            }
-            s[j] = HEX[usize::from(byte >> 4)];
-            s[j + 1] = HEX[usize::from(byte & 0xf)];
-            j += 2;
+        // Where each byte's two hex digits go in 8-4-4-4-12 (dashes at 8, 13, 18, 23).
+        const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+        let mut s = [b'-'; 36];
+        for (&at, &byte) in AT.iter().zip(&b) {
+            s[at..at + 2].copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
         }
-        Self(HeaderValue::from_bytes(&s).expect("hex and dashes are a valid header value"))
+        // One allocation shared by every copy: the id goes into the request's headers
+        // and extensions and the response's, and cloning `Bytes` built from a `Vec`
+        // would allocate again on the first clone.
+        Self(
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(s))
+                .expect("hex and dashes are a valid header value"),
+        )
     }
 
     /// The id.
@@ -122,6 +123,18 @@ impl fmt::Display for RequestId {
     }
 }
 
+/// Each byte's two lowercase hex digits.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
+
 /// Whether an incoming id is kept: 1 to [`MAX_LEN`] bytes, each in `[A-Za-z0-9._:-]`.
 ///
 /// ```
@@ -138,9 +151,13 @@ pub fn is_safe_request_id(value: &[u8]) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
+/// Random bytes fetched per system call (per thread).
+const POOL_LEN: usize = 1024;
+
 fn random16() -> [u8; 16] {
     thread_local! {
-        static POOL: RefCell<([u8; 256], usize)> = const { RefCell::new(([0; 256], 256)) };
+        static POOL: RefCell<([u8; POOL_LEN], usize)> =
+            const { RefCell::new(([0; POOL_LEN], POOL_LEN)) };
     }
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
@@ -177,7 +194,7 @@ fn fallback16() -> [u8; 16] {
 /// Layer applying [`SetRequestId`]; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct RequestIdLayer {
-    header: HeaderName,
+    pub(crate) header: HeaderName,
 }
 
 impl Default for RequestIdLayer {
@@ -249,29 +266,46 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let kept = {
-            let mut values = req.headers().get_all(&self.header).iter();
-            match (values.next(), values.next()) {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        call_with(&self.header, req, |req| self.inner.call(req))
+    }
+}
+
+/// The layer's work around `next`, the inner service's call (shared with the
+/// assembled stack, which holds its layers' settings behind one reference count).
+pub(crate) fn call_with<ReqBody, F>(
+    header: &HeaderName,
+    mut req: Request<ReqBody>,
+    next: impl FnOnce(Request<ReqBody>) -> F,
+) -> ResponseFuture<F> {
+    // One lookup for both the check and the replacement.
+    let id = match req.headers_mut().entry(header) {
+        Entry::Occupied(mut e) => {
+            let mut values = e.iter();
+            let kept = match (values.next(), values.next()) {
                 (Some(v), None) => RequestId::parse(v.as_bytes()),
                 _ => None,
+            };
+            match kept {
+                // The request already carries exactly this one value.
+                Some(id) => id,
+                None => {
+                    let id = RequestId::generate();
+                    e.insert(id.header_value().clone());
+                    id
+                }
             }
-        };
-        let id = match kept {
-            // The request already carries exactly this one value.
-            Some(id) => id,
-            None => {
-                let id = RequestId::generate();
-                req.headers_mut()
-                    .insert(self.header.clone(), id.header_value().clone());
-                id
-            }
-        };
-        req.extensions_mut().insert(id.clone());
-        ResponseFuture {
-            inner: self.inner.call(req),
-            header: Some((self.header.clone(), id)),
         }
+        Entry::Vacant(e) => {
+            let id = RequestId::generate();
+            e.insert(id.header_value().clone());
+            id
+        }
+    };
+    req.extensions_mut().insert(id.clone());
+    ResponseFuture {
+        inner: next(req),
+        header: Some((header.clone(), id)),
     }
 }
 
@@ -298,12 +332,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut res = std::task::ready!(this.inner.poll(cx))?;
-        if let Some((name, id)) = this.header.take() {
+        // The inner poll's result is returned in place (a response is not small).
+        let mut out = this.inner.poll(cx);
+        if let Poll::Ready(Ok(res)) = &mut out
+            && let Some((name, id)) = this.header.take()
+        {
             res.headers_mut().insert(name, id.header_value().clone());
             res.extensions_mut().insert(id);
         }
-        Poll::Ready(Ok(res))
+        out
     }
 }
 

@@ -125,7 +125,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-#[cfg(feature = "jwt")]
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -1006,21 +1005,32 @@ impl<S> Layer<S> for StackLayer {
     type Service = Stack<S>;
 
     fn layer(&self, inner: S) -> Stack<S> {
-        let s = self.auth.layer(self.rate_limit.layer(inner));
-        let s = match &self.throttle {
-            Some(t) => Toggle::On(t.layer(s)),
-            None => Toggle::Off(s),
-        };
-        let s = match &self.allowlist {
-            Some(a) => Toggle::On(a.layer(s)),
-            None => Toggle::Off(s),
-        };
-        let s = self.client_ip.layer(s);
-        let s = self.access_log.layer(s);
         Stack {
-            inner: self.request_id.layer(s),
+            layers: Arc::new(Layers {
+                request_id: self.request_id.clone(),
+                access_log: self.access_log.clone(),
+                client_ip: self.client_ip.clone(),
+                allowlist: self.allowlist.clone(),
+                throttle: self.throttle.clone(),
+                auth: self.auth.clone(),
+                rate_limit: self.rate_limit.clone(),
+            }),
+            inner,
         }
     }
+}
+
+/// The settings of a [`Stack`]'s layers, behind one reference count: a clone of
+/// the service (axum clones it for every request) costs one increment, not one per
+/// layer. Each layer's work is its own module's, the same code as the layer alone.
+struct Layers {
+    request_id: RequestIdLayer,
+    access_log: AccessLogLayer,
+    client_ip: ClientIpLayer,
+    allowlist: Option<IpAllowlistLayer>,
+    throttle: Option<AuthThrottleLayer>,
+    auth: AuthenticateLayer,
+    rate_limit: RateLimitLayer,
 }
 
 /// The service of [`StackLayer`]: request id, access log, client address,
@@ -1055,9 +1065,18 @@ impl<S> Layer<S> for StackLayer {
 /// # let _ = app.service;
 /// # Ok::<(), portcullis::ConfigError>(())
 /// ```
-#[derive(Clone)]
 pub struct Stack<S> {
-    inner: Inner<S>,
+    layers: Arc<Layers>,
+    inner: S,
+}
+
+impl<S: Clone> Clone for Stack<S> {
+    fn clone(&self) -> Self {
+        Self {
+            layers: self.layers.clone(),
+            inner: self.inner.clone(),
+        }
+    }
 }
 
 impl<S> fmt::Debug for Stack<S> {
@@ -1080,7 +1099,41 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        self.inner.call(req)
+        // The same futures, in the same order, as the layers nested one by one
+        // (`Inner<S>`), without a service per layer.
+        let l = &*self.layers;
+        let inner = &mut self.inner;
+        crate::request_id::call_with(&l.request_id.header, req, |req| {
+            crate::access_log::call_with(&l.access_log.config, req, |req| {
+                crate::client_ip::call_with(&l.client_ip.config, req, |req| {
+                    let mut authenticated = |req| {
+                        crate::authenticate::call_with(&l.auth.config, req, |req| {
+                            crate::rate_limit::call_with(&l.rate_limit.shared, inner, req)
+                        })
+                    };
+                    let throttled = |req| match &l.throttle {
+                        Some(t) => ToggleFuture::On {
+                            future: crate::rate_limit::auth_throttle::call_with(
+                                &t.shared,
+                                req,
+                                authenticated,
+                            ),
+                        },
+                        None => ToggleFuture::Off {
+                            future: authenticated(req),
+                        },
+                    };
+                    match &l.allowlist {
+                        Some(a) => ToggleFuture::On {
+                            future: crate::allowlist::call_with(&a.policy, req, throttled),
+                        },
+                        None => ToggleFuture::Off {
+                            future: throttled(req),
+                        },
+                    }
+                })
+            })
+        })
     }
 }
 

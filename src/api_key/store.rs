@@ -436,6 +436,16 @@ impl KeyStore {
     /// Order: length and format (checksum) before any lookup, then the digest lookup
     /// and constant-time confirmation, then revocation, not-before and expiry.
     pub fn verify(&self, key: &str, now: SystemTime) -> Result<Principal, KeyRejection> {
+        self.verify_at(key, || now)
+    }
+
+    /// [`verify`](Self::verify), reading the clock only for a key that has a
+    /// validity window (most have none).
+    pub(crate) fn verify_at(
+        &self,
+        key: &str,
+        now: impl FnOnce() -> SystemTime,
+    ) -> Result<Principal, KeyRejection> {
         if key.is_empty() || key.len() > MAX_KEY_LEN {
             return Err(KeyRejection::new(DenialReason::InvalidKeyFormat));
         }
@@ -455,15 +465,20 @@ impl KeyStore {
         if !stored_digest.ct_eq(&digest) {
             return Err(KeyRejection::new(DenialReason::UnknownKey));
         }
-        let now = epoch_ms(now);
+        let timeless = slot.not_before_ms == i64::MIN && slot.expires_at_ms == i64::MAX;
         let reason = if slot.revoked {
             Some(DenialReason::RevokedKey)
-        } else if now < slot.not_before_ms {
-            Some(DenialReason::NotYetValidKey)
-        } else if now >= slot.expires_at_ms {
-            Some(DenialReason::ExpiredKey)
-        } else {
+        } else if timeless {
             None
+        } else {
+            let now = epoch_ms(now());
+            if now < slot.not_before_ms {
+                Some(DenialReason::NotYetValidKey)
+            } else if now >= slot.expires_at_ms {
+                Some(DenialReason::ExpiredKey)
+            } else {
+                None
+            }
         };
         match reason {
             None => Ok(slot.principal.clone()),

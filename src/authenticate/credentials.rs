@@ -2,11 +2,14 @@
 
 use std::fmt;
 
-use http::HeaderMap;
 use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName};
 
 /// The header API keys are sent in (matched in any case, as all HTTP header names).
 pub const X_API_KEY: &str = "x-api-key";
+
+/// [`X_API_KEY`] as a parsed name: a lookup by `&str` parses the name every time.
+pub(crate) static X_API_KEY_NAME: HeaderName = HeaderName::from_static(X_API_KEY);
 
 /// The longest credential header value read; longer is `invalid_request`. Generous
 /// enough for a service token, small enough that nothing expensive runs on junk.
@@ -104,7 +107,11 @@ fn trim_ows(mut v: &[u8]) -> &[u8] {
 /// A credential token: printable ASCII without space (RFC 6750's `b64token` is a
 /// subset; keys from a plain list may use any printable character).
 fn token(v: &[u8]) -> Result<&str, CredentialError> {
-    if v.is_empty() || v.len() > MAX_CREDENTIAL_LEN || !v.iter().all(|b| (0x21..0x7f).contains(b)) {
+    // Visible ASCII only, checked without an early exit so that the loop vectorises.
+    let invisible = v
+        .iter()
+        .fold(false, |bad, &b| bad | !(0x21..0x7f).contains(&b));
+    if v.is_empty() || v.len() > MAX_CREDENTIAL_LEN || invisible {
         return Err(CredentialError::Malformed);
     }
     std::str::from_utf8(v).map_err(|_| CredentialError::Malformed)
@@ -211,7 +218,7 @@ pub fn extract_credential<'a>(
             Ok(())
         }
     };
-    for v in headers.get_all(X_API_KEY) {
+    for v in headers.get_all(&X_API_KEY_NAME) {
         add(Credential {
             source: CredentialSource::ApiKeyHeader,
             value: parse_api_key_header(v.as_bytes())?,

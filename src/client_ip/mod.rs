@@ -301,7 +301,7 @@ where
 /// Resolves [`ClientIp`] once per request; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct ClientIpLayer {
-    config: std::sync::Arc<ClientIpConfig>,
+    pub(crate) config: std::sync::Arc<ClientIpConfig>,
 }
 
 impl ClientIpLayer {
@@ -377,29 +377,39 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let Some(peer) = peer_addr(&req) else {
-            tracing::error!(
-                target: "portcullis::client_ip",
-                "request has no peer address: wrap each connection in PeerAddrLayer (or serve axum with connect info); answering 500"
-            );
-            return ResponseFuture::rejected(Rejection::misconfigured().into_response());
-        };
-        let ip = self
-            .config
-            .resolve(peer.ip(), req.headers())
-            .map(ClientIp::new);
-        match ip {
-            Some(ip) => {
-                req.extensions_mut().insert(ip);
-            }
-            None => tracing::debug!(
-                target: "portcullis::client_ip",
-                "a trusted proxy reported no usable client address; request has no ClientIp"
-            ),
-        }
-        ResponseFuture::inner_with(self.inner.call(req), ip)
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        call_with(&self.config, req, |req| self.inner.call(req))
     }
+}
+
+/// The layer's work around `next`, the inner service's call (shared with the
+/// assembled stack, which holds its layers' settings behind one reference count).
+pub(crate) fn call_with<ReqBody, ResBody, F>(
+    config: &ClientIpConfig,
+    mut req: Request<ReqBody>,
+    next: impl FnOnce(Request<ReqBody>) -> F,
+) -> ClientIpFuture<F, ResBody>
+where
+    ResBody: From<Bytes>,
+{
+    let Some(peer) = peer_addr(&req) else {
+        tracing::error!(
+            target: "portcullis::client_ip",
+            "request has no peer address: wrap each connection in PeerAddrLayer (or serve axum with connect info); answering 500"
+        );
+        return ResponseFuture::rejected(Rejection::misconfigured().into_response());
+    };
+    let ip = config.resolve(peer.ip(), req.headers()).map(ClientIp::new);
+    match ip {
+        Some(ip) => {
+            req.extensions_mut().insert(ip);
+        }
+        None => tracing::debug!(
+            target: "portcullis::client_ip",
+            "a trusted proxy reported no usable client address; request has no ClientIp"
+        ),
+    }
+    ResponseFuture::inner_with(next(req), ip)
 }
 
 /// Response future of [`ClientIpService`]: also copies the resolved [`ClientIp`]

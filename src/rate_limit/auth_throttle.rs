@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -58,10 +58,10 @@ use crate::{ClientIp, ConfigError};
 /// ```
 #[derive(Clone)]
 pub struct AuthThrottleLayer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     quota: Quota,
     gcra: [Gcra; 1],
     store: LocalStore,
@@ -213,33 +213,47 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let ip = req.extensions().get::<ClientIp>().copied();
-        let key = self.shared.key(ip);
-        let store = &self.shared.store;
-        if let Some(wait) = store.peek(key, &self.shared.gcra, store.now()) {
-            let retry = Duration::from_nanos(wait);
-            tracing::info!(
-                target: crate::audit::TARGET,
-                event = "auth_throttled",
-                reason = DenialReason::AuthThrottled.as_str(),
-                client_ip = ip.map(tracing::field::display),
-                retry_after = crate::rejection::retry_after_secs(retry),
-            );
-            let res =
-                Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response();
-            return ThrottleFuture {
-                kind: ThrottleKind::Rejected {
-                    response: Some(res),
-                },
-            };
-        }
-        ThrottleFuture {
-            kind: ThrottleKind::Inner {
-                future: self.inner.call(req),
-                key,
-                shared: self.shared.clone(),
+        call_with(&self.shared, req, |req| self.inner.call(req))
+    }
+}
+
+/// The layer's work around `next`, the inner service's call (shared with the
+/// assembled stack, which holds its layers' settings behind one reference count).
+pub(crate) fn call_with<ReqBody, ResBody, F>(
+    shared: &Arc<Shared>,
+    req: Request<ReqBody>,
+    next: impl FnOnce(Request<ReqBody>) -> F,
+) -> ThrottleFuture<F, ResBody>
+where
+    ResBody: From<Bytes>,
+{
+    let ip = req.extensions().get::<ClientIp>().copied();
+    let store = &shared.store;
+    // No address has failed lately (the common case): nothing to look up.
+    if store.tracks_any()
+        && let Some(wait) = store.peek(shared.key(ip), &shared.gcra, store.now())
+    {
+        let retry = Duration::from_nanos(wait);
+        tracing::info!(
+            target: crate::audit::TARGET,
+            event = "auth_throttled",
+            reason = DenialReason::AuthThrottled.as_str(),
+            client_ip = ip.map(tracing::field::display),
+            retry_after = crate::rejection::retry_after_secs(retry),
+        );
+        let res = Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response();
+        return ThrottleFuture {
+            kind: ThrottleKind::Rejected {
+                response: Some(res),
             },
-        }
+        };
+    }
+    ThrottleFuture {
+        kind: ThrottleKind::Inner {
+            future: next(req),
+            ip,
+            shared: shared.clone(),
+        },
     }
 }
 
@@ -255,7 +269,7 @@ pin_project! {
 pin_project! {
     #[project = ThrottleKindProj]
     enum ThrottleKind<F, B> {
-        Inner { #[pin] future: F, key: LocalKey, shared: Arc<Shared> },
+        Inner { #[pin] future: F, ip: Option<ClientIp>, shared: Arc<Shared> },
         Rejected { response: Option<Response<B>> },
     }
 }
@@ -268,18 +282,18 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            ThrottleKindProj::Inner {
-                future,
-                key,
-                shared,
-            } => {
-                let res = ready!(future.poll(cx))?;
-                if let Some(&reason) = res.extensions().get::<DenialReason>()
+            ThrottleKindProj::Inner { future, ip, shared } => {
+                // The inner poll's result is returned in place.
+                let out = future.poll(cx);
+                if let Poll::Ready(Ok(res)) = &out
+                    && let Some(&reason) = res.extensions().get::<DenialReason>()
                     && is_credential_failure(reason)
                 {
-                    shared.store.record(*key, &shared.gcra, shared.store.now());
+                    shared
+                        .store
+                        .record(shared.key(*ip), &shared.gcra, shared.store.now());
                 }
-                Poll::Ready(Ok(res))
+                out
             }
             ThrottleKindProj::Rejected { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))

@@ -1,7 +1,7 @@
 //! Who a request counts against.
 
 use std::fmt;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -155,23 +155,29 @@ impl KeySource<'_> {
     /// limiter's randomly keyed 128-bit SipHash (collisions cannot be steered).
     #[inline]
     pub(crate) fn local(&self, hasher: &impl BuildHasher) -> LocalKey {
-        let (kind, hi, lo) = match self {
-            KeySource::Global => (0, 0, 0),
-            KeySource::Ip(IpAddr::V4(a)) => (1, 0, u64::from(u32::from(*a))),
+        // `hash` is the table's hash, computed here once with the store's randomly
+        // keyed SipHash: over the (attacker-chosen) address itself, or, for a string
+        // key, one half of its keyed fingerprint. The table only passes it on.
+        let (kind, hi, lo, hash) = match self {
+            KeySource::Global => (0, 0, 0, 0),
+            KeySource::Ip(IpAddr::V4(a)) => {
+                let lo = u64::from(u32::from(*a));
+                (1, 0, lo, hasher.hash_one(lo | (1 << 56)))
+            }
             KeySource::Ip(IpAddr::V6(a)) => {
                 let v = u128::from(*a);
-                (2, (v >> 64) as u64, v as u64)
+                (2, (v >> 64) as u64, v as u64, hasher.hash_one(v))
             }
             KeySource::Principal(s) => {
                 let (hi, lo) = hash128(hasher, 3, s);
-                (3, hi, lo)
+                (3, hi, lo, hi)
             }
             KeySource::Custom(s) => {
                 let (hi, lo) = hash128(hasher, 4, s);
-                (4, hi, lo)
+                (4, hi, lo, hi)
             }
         };
-        LocalKey { hi, lo, kind }
+        LocalKey { hi, lo, kind, hash }
     }
 
     /// A stable, printable name for the key, for shared backends: the same on every
@@ -204,34 +210,66 @@ impl KeySource<'_> {
 }
 
 fn hash128(hasher: &impl BuildHasher, kind: u8, s: &str) -> (u64, u64) {
-    (
-        hasher.hash_one((kind, 0u8, s)),
-        hasher.hash_one((kind, 1u8, s)),
-    )
+    // Two keyed hashes of distinct inputs, `s kind` and `s kind 0xff` (a fixed-length
+    // suffix, so each input has one reading), the string compressed once.
+    let mut h = hasher.build_hasher();
+    h.write(s.as_bytes());
+    h.write_u8(kind);
+    let hi = h.finish();
+    h.write_u8(0xff);
+    (hi, h.finish())
 }
 
 /// The in-memory key: a kind, then an address or a 128-bit hash in two words,
 /// whatever the principal id's length. 24 bytes, built and compared in registers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct LocalKey {
     hi: u64,
     lo: u64,
     kind: u8,
+    /// The keyed hash, a function of the three fields above (see [`KeySource::local`]).
+    hash: u64,
 }
 
+impl PartialEq for LocalKey {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        (self.hi, self.lo, self.kind) == (other.hi, other.lo, other.kind)
+    }
+}
+
+impl Eq for LocalKey {}
+
 impl std::hash::Hash for LocalKey {
-    // Only the meaningful words: an IPv4 key (or the global one) is one word with
-    // its kind in the top byte, so it costs one SipHash compression, not three.
-    // Equal keys write equal words; the hasher stays the randomly keyed SipHash.
     #[inline]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        if self.kind <= 1 {
-            state.write_u64(self.lo | (u64::from(self.kind) << 56));
-        } else {
-            state.write_u64(self.hi);
-            state.write_u64(self.lo);
-            state.write_u8(self.kind);
+        state.write_u64(self.hash);
+    }
+}
+
+/// The hasher of the tables keyed by [`LocalKey`]: the key's hash is already keyed
+/// and computed once (see [`KeySource::local`]), so hashing it again would only add
+/// a SipHash per lookup. The tables stay resistant to flooding with chosen keys.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `LocalKey`'s `write_u64` is expected; fold anything else in all the same.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
     }
 }
 

@@ -5,13 +5,13 @@
 //! map's load-factor slack. Nothing
 //! runs in the background: cleanup is amortised over the requests that add keys.
 
-use std::hash::RandomState;
+use std::hash::{BuildHasherDefault, RandomState};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
-use super::key::LocalKey;
+use super::key::{LocalKey, PreHashed};
 use super::quota::{Cell, Gcra};
 
 /// At most this many policies are checked together.
@@ -102,15 +102,20 @@ enum Table {
 
 #[derive(Debug)]
 struct Slots<const N: usize> {
-    map: DashMap<LocalKey, [AtomicU64; N]>,
+    map: DashMap<LocalKey, [AtomicU64; N], BuildHasherDefault<PreHashed>>,
     overflow: Mutex<[u64; N]>,
+    /// Keys inserted minus keys swept (briefly off by the keys being inserted or
+    /// swept right now): while 0, a read-only [`peek`](Self::peek) needs no lookup,
+    /// which is the common case of the failed-authentication throttle.
+    tracked: AtomicUsize,
 }
 
 impl<const N: usize> Slots<N> {
     fn new() -> Self {
         Self {
-            map: DashMap::new(),
+            map: DashMap::default(),
             overflow: Mutex::new([0; N]),
+            tracked: AtomicUsize::new(0),
         }
     }
 
@@ -174,14 +179,22 @@ impl<const N: usize> Slots<N> {
             let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
             return decide(gcras, &mut tats[..], now);
         }
-        let slots = self
-            .map
-            .entry(key)
-            .or_insert_with(|| std::array::from_fn(|_| AtomicU64::new(0)));
+        let mut inserted = false;
+        let slots = self.map.entry(key).or_insert_with(|| {
+            inserted = true;
+            std::array::from_fn(|_| AtomicU64::new(0))
+        });
+        if inserted {
+            self.tracked.fetch_add(1, Ordering::Release);
+        }
         decide_atomics(gcras, &slots, now)
     }
 
     fn peek(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Option<u64> {
+        // Racing an insert, this is the same as looking before it.
+        if self.tracked.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let slots = self.map.get(&key)?;
         gcras
             .iter()
@@ -191,8 +204,15 @@ impl<const N: usize> Slots<N> {
     }
 
     fn sweep(&self, now: u64) {
-        self.map
-            .retain(|_, tats| tats.iter().any(|t| t.load(Ordering::Relaxed) > now));
+        let mut swept = 0;
+        self.map.retain(|_, tats| {
+            let keep = tats.iter().any(|t| t.load(Ordering::Relaxed) > now);
+            swept += usize::from(!keep);
+            keep
+        });
+        // A key swept before its inserter counted it wraps the count for a moment,
+        // which only makes `peek` look: never the other way round.
+        self.tracked.fetch_sub(swept, Ordering::Release);
         let len = self.map.len();
         if self.map.capacity() > 4 * len.max(1024) {
             self.map.shrink_to_fit();
@@ -299,6 +319,18 @@ impl LocalStore {
             Table::Two(t) => t.check(self, key, gcras, now),
             Table::Four(t) => t.check(self, key, gcras, now),
         }
+    }
+
+    /// Whether any key may be tracked (see `Slots::tracked`): while not, every
+    /// [`peek`](Self::peek) answers `None`, and its key need not be computed.
+    #[inline]
+    pub(crate) fn tracks_any(&self) -> bool {
+        let tracked = match &self.table {
+            Table::One(t) => &t.tracked,
+            Table::Two(t) => &t.tracked,
+            Table::Four(t) => &t.tracked,
+        };
+        tracked.load(Ordering::Acquire) != 0
     }
 
     /// Reads the state without changing it: would the next request be refused, and

@@ -57,7 +57,7 @@
 //! # Ok::<(), portcullis::ConfigError>(())
 //! ```
 
-mod auth_throttle;
+pub(crate) mod auth_throttle;
 pub mod fields;
 mod key;
 mod local;
@@ -89,7 +89,7 @@ use crate::rejection::{DenialReason, Rejection};
 use crate::{ClientIp, ConfigError, Principal};
 use key::KeyRule;
 use local::{LocalStore, MAX_POLICIES, Outcome};
-use policy::CompiledPolicy;
+use policy::{CompiledPolicy, Entry};
 use quota::Gcra;
 
 /// `RateLimit-Policy`.
@@ -306,12 +306,12 @@ pub(crate) enum Verdict {
     Open,
 }
 
-/// The fields computed for one response. Boxed in the response future, which so
-/// stays one pointer larger than the inner future.
+/// The fields computed for one response, kept in the response future: the IETF
+/// pair inline (no allocation on the common path), the rarer legacy fields boxed.
 #[derive(Clone, Debug, Default)]
 struct FieldSet {
     ietf: Option<(HeaderValue, HeaderValue)>,
-    legacy: Option<[HeaderValue; 3]>,
+    legacy: Option<Box<[HeaderValue; 3]>>,
 }
 
 impl FieldSet {
@@ -320,7 +320,8 @@ impl FieldSet {
             headers.append(RATELIMIT_POLICY, policy);
             headers.append(RATELIMIT, limit);
         }
-        if let Some([limit, remaining, reset]) = self.legacy {
+        if let Some(legacy) = self.legacy {
+            let [limit, remaining, reset] = *legacy;
             headers.append(X_LIMIT, limit);
             headers.append(X_REMAINING, remaining);
             headers.append(X_RESET, reset);
@@ -328,79 +329,84 @@ impl FieldSet {
     }
 }
 
+/// Each policy's entry for one principal, looked up once per request (the first
+/// `policies.len()` are meaningful).
+type Entries<'a> = [&'a Entry; MAX_POLICIES];
+
 impl Shared {
     #[inline]
-    fn gcras(&self, principal: Option<&Principal>) -> ([Gcra; MAX_POLICIES], usize) {
-        if principal.is_none() {
-            return (self.anonymous, self.policies.len());
+    fn entries(&self, principal: Option<&Principal>) -> Entries<'_> {
+        let mut e = [self.policies[0].entry(None); MAX_POLICIES];
+        for (slot, p) in e.iter_mut().zip(&self.policies) {
+            *slot = p.entry(principal);
         }
-        let mut g = [Gcra { t: 1, tau: 0 }; MAX_POLICIES];
-        for (i, p) in self.policies.iter().enumerate() {
-            g[i] = p.entry(principal).gcra;
-        }
-        (g, self.policies.len())
+        e
     }
 
     #[inline]
-    fn render(&self, principal: Option<&Principal>, outcome: &Outcome) -> Option<Box<FieldSet>> {
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    fn gcras(entries: &Entries<'_>) -> [Gcra; MAX_POLICIES] {
+        std::array::from_fn(|i| entries[i].gcra)
+    }
+
+    #[inline]
+    fn render(&self, entries: &Entries<'_>, outcome: &Outcome) -> Option<FieldSet> {
         if !self.fields && !self.legacy {
             return None;
         }
-        Some(self.render_fields(principal, outcome))
+        Some(self.render_fields(entries, outcome))
     }
 
     #[inline(never)]
-    fn render_fields(&self, principal: Option<&Principal>, outcome: &Outcome) -> Box<FieldSet> {
-        let mut set = Box::<FieldSet>::default();
+    fn render_fields(&self, entries: &Entries<'_>, outcome: &Outcome) -> FieldSet {
+        let mut set = FieldSet::default();
         if self.fields {
-            let mut limit = BytesMut::with_capacity(32 * self.policies.len());
+            let mut limit = FieldBuf::new();
             for (i, p) in self.policies.iter().enumerate() {
                 if i > 0 {
-                    limit.put_slice(b", ");
+                    limit.put(b", ");
                 }
-                limit.put_u8(b'"');
-                limit.put_slice(p.name.as_bytes());
-                limit.put_slice(b"\";r=");
-                put_u64(&mut limit, outcome.remaining(i, &p.entry(principal).gcra));
-                limit.put_slice(b";t=");
-                put_u64(&mut limit, fields::secs_ceil(outcome.reset(i)));
+                limit.put(b"\"");
+                limit.put(p.name.as_bytes());
+                limit.put(b"\";r=");
+                limit.put_u64(outcome.remaining(i, &entries[i].gcra));
+                limit.put(b";t=");
+                limit.put_u64(fields::secs_ceil(outcome.reset(i)));
             }
             // One policy: its precomputed item (a reference-count increment).
-            let policy = match &self.policies[..] {
-                [one] => one.entry(principal).item.clone(),
+            let policy = match &entries[..self.policies.len()] {
+                [one] => one.item.clone(),
                 many => {
                     let mut v = BytesMut::with_capacity(32 * many.len());
-                    for (i, p) in many.iter().enumerate() {
+                    for (i, e) in many.iter().enumerate() {
                         if i > 0 {
                             v.put_slice(b", ");
                         }
-                        v.put_slice(p.entry(principal).item.as_bytes());
+                        v.put_slice(e.item.as_bytes());
                     }
                     HeaderValue::from_maybe_shared(v.freeze()).expect("checked items")
                 }
             };
-            let limit = HeaderValue::from_maybe_shared(limit.freeze()).expect("ASCII digits");
+            let limit = HeaderValue::from_bytes(limit.as_bytes()).expect("ASCII digits");
             set.ietf = Some((policy, limit));
         }
         if self.legacy {
             // The most constrained policy: a refusing one (longest wait), else the
             // one with the fewest requests left.
-            let remaining =
-                |i: usize| outcome.remaining(i, &self.policies[i].entry(principal).gcra);
+            let remaining = |i: usize| outcome.remaining(i, &entries[i].gcra);
             let i = (0..outcome.len)
                 .max_by_key(|&i| (outcome.waits[i], std::cmp::Reverse(remaining(i))))
                 .unwrap_or(0);
-            let q = self.policies[i].entry(principal).quota;
-            set.legacy = Some([
+            let q = entries[i].quota;
+            set.legacy = Some(Box::new([
                 HeaderValue::from(q.count()),
                 HeaderValue::from(remaining(i)),
                 HeaderValue::from(fields::secs_ceil(outcome.reset(i))),
-            ]);
+            ]));
         }
         set
     }
 
-    /// Acts on a verdict: call the inner service (with the fields to add) or refuse.
     fn finish<S, ReqBody, ResBody>(
         &self,
         inner: &mut S,
@@ -427,7 +433,7 @@ impl Shared {
                 };
             }
         };
-        let fields = self.render(req.extensions().get::<Principal>(), &outcome);
+        let fields = self.render(&self.entries(req.extensions().get::<Principal>()), &outcome);
         self.act(inner, req, outcome, fields)
     }
 
@@ -438,7 +444,7 @@ impl Shared {
         inner: &mut S,
         req: Request<ReqBody>,
         outcome: Outcome,
-        fields: Option<Box<FieldSet>>,
+        fields: Option<FieldSet>,
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -458,7 +464,7 @@ impl Shared {
         inner: &mut S,
         req: Request<ReqBody>,
         outcome: Outcome,
-        fields: Option<Box<FieldSet>>,
+        fields: Option<FieldSet>,
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -480,7 +486,8 @@ impl Shared {
                     .with_header(RATELIMIT_POLICY, policy)
                     .with_header(RATELIMIT, limit);
             }
-            if let Some([limit, remaining, reset]) = set.legacy {
+            if let Some(legacy) = set.legacy {
+                let [limit, remaining, reset] = *legacy;
                 rejection = rejection
                     .with_header(X_LIMIT, limit)
                     .with_header(X_REMAINING, remaining)
@@ -511,18 +518,59 @@ impl Shared {
     }
 }
 
-fn put_u64(buf: &mut BytesMut, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// The `RateLimit` field's value, built on the stack and copied out once.
+struct FieldBuf {
+    bytes: [u8; FieldBuf::CAP],
+    len: usize,
+}
+
+impl FieldBuf {
+    /// Per policy at most `, "` + a 32-byte name + `";r=` + 20 digits + `;t=` + 20
+    /// digits (82 bytes), for at most [`MAX_POLICIES`] policies.
+    const CAP: usize = 96 * MAX_POLICIES;
+
+    fn new() -> Self {
+        Self {
+            bytes: [0; Self::CAP],
+            len: 0,
         }
     }
-    buf.put_slice(&digits[i..]);
+
+    #[inline]
+    fn put(&mut self, s: &[u8]) {
+        self.bytes[self.len..self.len + s.len()].copy_from_slice(s);
+        self.len += s.len();
+    }
+
+    /// `n` in decimal, two digits at a time.
+    #[inline]
+    fn put_u64(&mut self, mut n: u64) {
+        const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+            2021222324252627282930313233343536373839\
+            4041424344454647484950515253545556575859\
+            6061626364656667686970717273747576777879\
+            8081828384858687888990919293949596979899";
+        let end = self.len + n.checked_ilog10().map_or(1, |d| d as usize + 1);
+        let digits = &mut self.bytes[self.len..end];
+        let mut i = digits.len();
+        while n >= 100 {
+            let pair = (n % 100) as usize * 2;
+            n /= 100;
+            i -= 2;
+            digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        }
+        if n >= 10 {
+            let pair = n as usize * 2;
+            digits[..2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        } else {
+            digits[0] = b'0' + n as u8;
+        }
+        self.len = end;
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// Layer applying [`RateLimit`]; build it with [`RateLimitLayer::builder`].
@@ -530,7 +578,7 @@ fn put_u64(buf: &mut BytesMut, mut n: u64) {
 /// Clones share the limits: build once, clone into every connection.
 #[derive(Clone, Debug)]
 pub struct RateLimitLayer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl RateLimitLayer {
@@ -612,83 +660,101 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        #[cfg(feature = "redis")]
-        if self.shared.redis.is_some() {
-            return self.call_shared_backend(req);
-        }
-        let shared = &*self.shared;
-        let (outcome, fields) = {
-            let cx = KeyContext::of(&req);
-            let key = shared.key.derive(&cx).local(shared.local.hasher());
-            // Anonymous requests use the precomputed defaults, without a copy.
-            let per_principal;
-            let gcras = match cx.principal() {
-                None => &shared.anonymous[..shared.policies.len()],
-                Some(p) => {
-                    per_principal = shared.gcras(Some(p));
-                    &per_principal.0[..per_principal.1]
-                }
-            };
-            let outcome = shared.local.check(key, gcras, shared.local.now());
-            let fields = shared.render(cx.principal(), &outcome);
-            (outcome, fields)
-        };
-        // The allowed path stays here, so the request moves once, into the inner
-        // service; a refusal (or a shadowed one) is handled out of line.
-        if outcome.allowed {
-            // The variant is chosen before the inner call, so that its future can be
-            // built in place.
-            let kind = match fields {
-                None => Kind::Inner {
-                    future: self.inner.call(req),
-                },
-                fields => Kind::WithFields {
-                    future: self.inner.call(req),
-                    fields,
-                },
-            };
-            return ResponseFuture { kind };
-        }
-        ResponseFuture {
-            kind: shared.refuse(&mut self.inner, req, outcome, fields),
-        }
+        call_with(&self.shared, &mut self.inner, req)
     }
 }
 
-#[cfg(feature = "redis")]
-impl<S> RateLimit<S> {
-    /// The check through a shared backend: a future that decides, then acts.
-    #[inline(never)]
-    fn call_shared_backend<ReqBody, ResBody>(
-        &mut self,
-        req: Request<ReqBody>,
-    ) -> ResponseFuture<S, ReqBody, ResBody>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-        ResBody: From<Bytes>,
-    {
-        let shared = &*self.shared;
-        let r = shared.redis.as_ref().expect("checked by the caller");
+/// The layer's work around `inner` (shared with the assembled stack, which holds
+/// its layers' settings behind one reference count).
+pub(crate) fn call_with<S, ReqBody, ResBody>(
+    shared_arc: &Arc<Shared>,
+    inner: &mut S,
+    req: Request<ReqBody>,
+) -> ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: From<Bytes>,
+{
+    #[cfg(feature = "redis")]
+    if shared_arc.redis.is_some() {
+        return call_shared_backend(shared_arc, inner, req);
+    }
+    let shared = &**shared_arc;
+    let (outcome, fields) = {
         let cx = KeyContext::of(&req);
-        let source = shared.key.derive(&cx);
-        let (gcras, n) = shared.gcras(cx.principal());
-        let check = r.check(
-            source.stable_name(),
-            source.local(shared.local.hasher()),
-            gcras,
-            n,
-            self.shared.clone(),
-        );
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture {
-            kind: Kind::Other {
-                state: Box::new(Other::Checking {
-                    check,
-                    pending: Some((inner, req, self.shared.clone())),
-                }),
+        let key = shared.key.derive(&cx).local(shared.local.hasher());
+        // Each policy's entry is looked up once (a principal's override is a
+        // hash lookup); anonymous requests use the precomputed defaults.
+        let entries = shared.entries(cx.principal());
+        let per_principal;
+        let gcras = match cx.principal() {
+            None => &shared.anonymous[..shared.policies.len()],
+            Some(_) => {
+                per_principal = Shared::gcras(&entries);
+                &per_principal[..shared.policies.len()]
+            }
+        };
+        let outcome = shared.local.check(key, gcras, shared.local.now());
+        let fields = shared.render(&entries, &outcome);
+        (outcome, fields)
+    };
+    // The allowed path stays here, so the request moves once, into the inner
+    // service; a refusal (or a shadowed one) is handled out of line.
+    if outcome.allowed {
+        // The variant is chosen before the inner call, so that its future can be
+        // built in place.
+        let kind = match fields {
+            None => Kind::Inner {
+                future: inner.call(req),
             },
-        }
+            fields => Kind::WithFields {
+                future: inner.call(req),
+                fields,
+            },
+        };
+        return ResponseFuture { kind };
+    }
+    ResponseFuture {
+        kind: shared.refuse(inner, req, outcome, fields),
+    }
+}
+
+/// The check through a shared backend: a future that decides, then acts.
+#[cfg(feature = "redis")]
+#[inline(never)]
+fn call_shared_backend<S, ReqBody, ResBody>(
+    shared_arc: &Arc<Shared>,
+    inner: &mut S,
+    req: Request<ReqBody>,
+) -> ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: From<Bytes>,
+{
+    let shared = &**shared_arc;
+    let r = shared.redis.as_ref().expect("checked by the caller");
+    let cx = KeyContext::of(&req);
+    let source = shared.key.derive(&cx);
+    let (gcras, n) = (
+        Shared::gcras(&shared.entries(cx.principal())),
+        shared.policies.len(),
+    );
+    let check = r.check(
+        source.stable_name(),
+        source.local(shared.local.hasher()),
+        gcras,
+        n,
+        shared_arc.clone(),
+    );
+    let clone = inner.clone();
+    let inner = std::mem::replace(inner, clone);
+    ResponseFuture {
+        kind: Kind::Other {
+            state: Box::new(Other::Checking {
+                check,
+                pending: Some((inner, req, shared_arc.clone())),
+            }),
+        },
     }
 }
 
@@ -714,7 +780,7 @@ pin_project! {
     {
         Inner { #[pin] future: S::Future },
         // Its own variant, so that a response without fields has nothing more to drop.
-        WithFields { #[pin] future: S::Future, fields: Option<Box<FieldSet>> },
+        WithFields { #[pin] future: S::Future, fields: Option<FieldSet> },
         // Boxed, so that the future (and its drop) stays small on the common path.
         Other { state: Box<Other<S, ReqBody, B>> },
     }
@@ -725,7 +791,7 @@ where
     S: Service<Request<ReqBody>>,
 {
     #[inline]
-    fn pass(future: S::Future, fields: Option<Box<FieldSet>>) -> Self {
+    fn pass(future: S::Future, fields: Option<FieldSet>) -> Self {
         match fields {
             None => Kind::Inner { future },
             fields => Kind::WithFields { future, fields },
@@ -762,13 +828,14 @@ where
         match kind.as_mut().project() {
             KindProj::Inner { future } => return future.poll(cx),
             KindProj::WithFields { future, fields } => {
-                let mut res = ready!(future.poll(cx));
-                if let Some(set) = fields.take()
-                    && let Ok(r) = &mut res
+                // The inner poll's result is returned in place.
+                let mut out = future.poll(cx);
+                if let Poll::Ready(Ok(r)) = &mut out
+                    && let Some(set) = fields.take()
                 {
                     set.apply(r.headers_mut());
                 }
-                return Poll::Ready(res);
+                return out;
             }
             KindProj::Other { .. } => {}
         }
@@ -829,5 +896,34 @@ where
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FieldBuf;
+
+    #[test]
+    fn field_numbers_are_plain_decimal() {
+        for n in [
+            0,
+            7,
+            9,
+            10,
+            42,
+            99,
+            100,
+            101,
+            999,
+            1000,
+            12_345,
+            u64::MAX / 3,
+            u64::MAX,
+        ] {
+            let mut b = FieldBuf::new();
+            b.put(b"r=");
+            b.put_u64(n);
+            assert_eq!(b.as_bytes(), format!("r={n}").as_bytes());
+        }
     }
 }
