@@ -150,6 +150,7 @@ where
 
 /// The layer's work around `next`, the inner service's call (shared with the
 /// assembled stack, which holds its layers' settings behind one reference count).
+#[inline]
 pub(crate) fn call_with<ReqBody, ResBody, F>(
     policy: &Policy,
     req: Request<ReqBody>,
@@ -158,19 +159,23 @@ pub(crate) fn call_with<ReqBody, ResBody, F>(
 where
     ResBody: From<Bytes>,
 {
-    let ip = req.extensions().get::<ClientIp>().copied();
-    match policy.check(ip) {
+    match admit(policy, req.extensions().get::<ClientIp>().copied()) {
         Ok(()) => ResponseFuture::inner(next(req)),
-        Err(reason) => {
-            tracing::info!(
-                target: crate::audit::TARGET,
-                event = "ip_denied",
-                reason = reason.as_str(),
-                client_ip = ip.map(tracing::field::display),
-            );
-            ResponseFuture::rejected(Rejection::forbidden(reason).into_response())
-        }
+        Err(reason) => ResponseFuture::rejected(Rejection::forbidden(reason).into_response()),
     }
+}
+
+/// The layer's decision on the request's client address (the assembled stack
+/// passes the address it just resolved); a refusal is audited here.
+pub(crate) fn admit(policy: &Policy, ip: Option<ClientIp>) -> Result<(), DenialReason> {
+    policy.check(ip).inspect_err(|reason| {
+        tracing::info!(
+            target: crate::audit::TARGET,
+            event = "ip_denied",
+            reason = reason.as_str(),
+            client_ip = ip.map(tracing::field::display),
+        );
+    })
 }
 
 #[cfg(test)]

@@ -142,11 +142,13 @@ use crate::authenticate::{Authenticate, AuthenticateLayer};
 #[cfg(doc)]
 use crate::client_ip::PeerAddrLayer;
 use crate::client_ip::{ClientIpConfig, ClientIpLayer, ClientIpService, ForwardedHeader};
+use crate::future::ResponseFuture;
 #[cfg(feature = "jwt")]
 use crate::jwt::TokenVerifier;
 use crate::rate_limit::{
     AuthThrottle, AuthThrottleLayer, Policy, Quota, RateLimit, RateLimitLayer,
 };
+use crate::rejection::Rejection;
 use crate::request_id::{RequestIdLayer, SetRequestId};
 use crate::{ConfigError, IpSet, Scopes};
 
@@ -1100,38 +1102,57 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         // The same futures, in the same order, as the layers nested one by one
-        // (`Inner<S>`), without a service per layer.
+        // (`Inner<S>`), without a service per layer. The client address, allowlist
+        // and authentication work on the request in place (it is not small), and the
+        // address resolved once is handed to the layers after it.
         let l = &*self.layers;
         let inner = &mut self.inner;
         crate::request_id::call_with(&l.request_id.header, req, |req| {
-            crate::access_log::call_with(&l.access_log.config, req, |req| {
-                crate::client_ip::call_with(&l.client_ip.config, req, |req| {
-                    let mut authenticated = |req| {
-                        crate::authenticate::call_with(&l.auth.config, req, |req| {
-                            crate::rate_limit::call_with(&l.rate_limit.shared, inner, req)
-                        })
-                    };
-                    let throttled = |req| match &l.throttle {
-                        Some(t) => ToggleFuture::On {
-                            future: crate::rate_limit::auth_throttle::call_with(
-                                &t.shared,
-                                req,
-                                authenticated,
-                            ),
-                        },
-                        None => ToggleFuture::Off {
-                            future: authenticated(req),
-                        },
-                    };
-                    match &l.allowlist {
-                        Some(a) => ToggleFuture::On {
-                            future: crate::allowlist::call_with(&a.policy, req, throttled),
-                        },
-                        None => ToggleFuture::Off {
-                            future: throttled(req),
-                        },
+            crate::access_log::call_with(&l.access_log.config, req, |mut req| {
+                let ip = match crate::client_ip::resolve_into(&l.client_ip.config, &mut req) {
+                    Ok(ip) => ip,
+                    Err(crate::client_ip::NoPeer) => {
+                        return ResponseFuture::rejected(
+                            Rejection::misconfigured().into_response(),
+                        );
                     }
-                })
+                };
+                if let Some(a) = &l.allowlist
+                    && let Err(reason) = crate::allowlist::admit(&a.policy, ip)
+                {
+                    let res = Rejection::forbidden(reason).into_response();
+                    return ResponseFuture::rejected_with(res, ip);
+                }
+                let auth = &l.auth.config;
+                let mut authenticated =
+                    |mut req| match crate::authenticate::admit(auth, &mut req, ip) {
+                        Ok(principal) => ResponseFuture::inner_with(
+                            crate::rate_limit::call_with(&l.rate_limit.shared, inner, req),
+                            Some(principal),
+                        ),
+                        Err(reason) => {
+                            ResponseFuture::rejected(auth.rejection(reason).into_response())
+                        }
+                    };
+                let throttled = match &l.throttle {
+                    Some(t) => ToggleFuture::On {
+                        future: crate::rate_limit::auth_throttle::call_with(
+                            &t.shared,
+                            req,
+                            authenticated,
+                        ),
+                    },
+                    None => ToggleFuture::Off {
+                        future: authenticated(req),
+                    },
+                };
+                let future = match &l.allowlist {
+                    Some(_) => ToggleFuture::On {
+                        future: ResponseFuture::inner(throttled),
+                    },
+                    None => ToggleFuture::Off { future: throttled },
+                };
+                ResponseFuture::inner_with(future, ip)
             })
         })
     }

@@ -384,6 +384,7 @@ where
 
 /// The layer's work around `next`, the inner service's call (shared with the
 /// assembled stack, which holds its layers' settings behind one reference count).
+#[inline]
 pub(crate) fn call_with<ReqBody, ResBody, F>(
     config: &ClientIpConfig,
     mut req: Request<ReqBody>,
@@ -392,12 +393,29 @@ pub(crate) fn call_with<ReqBody, ResBody, F>(
 where
     ResBody: From<Bytes>,
 {
-    let Some(peer) = peer_addr(&req) else {
+    match resolve_into(config, &mut req) {
+        Ok(ip) => ResponseFuture::inner_with(next(req), ip),
+        Err(NoPeer) => ResponseFuture::rejected(Rejection::misconfigured().into_response()),
+    }
+}
+
+/// A request without a peer address: a wiring bug, answered with 500.
+pub(crate) struct NoPeer;
+
+/// The layer's request-side work, in place: resolves the client address and inserts
+/// it into the request extensions. Returns the address (also for the response
+/// extensions), `Ok(None)` when a trusted proxy reported none, `Err` (logged) when
+/// the request has no peer address.
+pub(crate) fn resolve_into<ReqBody>(
+    config: &ClientIpConfig,
+    req: &mut Request<ReqBody>,
+) -> Result<Option<ClientIp>, NoPeer> {
+    let Some(peer) = peer_addr(req) else {
         tracing::error!(
             target: "portcullis::client_ip",
             "request has no peer address: wrap each connection in PeerAddrLayer (or serve axum with connect info); answering 500"
         );
-        return ResponseFuture::rejected(Rejection::misconfigured().into_response());
+        return Err(NoPeer);
     };
     let ip = config.resolve(peer.ip(), req.headers()).map(ClientIp::new);
     match ip {
@@ -409,7 +427,7 @@ where
             "a trusted proxy reported no usable client address; request has no ClientIp"
         ),
     }
-    ResponseFuture::inner_with(next(req), ip)
+    Ok(ip)
 }
 
 /// Response future of [`ClientIpService`]: also copies the resolved [`ClientIp`]
