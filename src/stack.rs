@@ -136,7 +136,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::access_log::{AccessLog, AccessLogLayer};
-use crate::allowlist::{IpAllowlist, IpAllowlistLayer};
+use crate::allowlist::IpAllowlistLayer;
 use crate::api_key::{ApiKeys, KeyStore};
 use crate::authenticate::{Authenticate, AuthenticateLayer};
 #[cfg(doc)]
@@ -991,16 +991,12 @@ impl StackLayer {
     }
 }
 
-/// The service inside the access log: client address, allowlist, throttle,
-/// authentication, rate limit.
-type Guarded<S> = ClientIpService<
-    Toggle<
-        Toggle<Authenticate<RateLimit<S>>, AuthThrottle<Authenticate<RateLimit<S>>>>,
-        AllowlistOn<S>,
-    >,
->;
-type AllowlistOn<S> =
-    IpAllowlist<Toggle<Authenticate<RateLimit<S>>, AuthThrottle<Authenticate<RateLimit<S>>>>>;
+/// The service inside the access log: client address, throttle, authentication,
+/// rate limit. The allowlist has no place in the stack's future: it refuses at once
+/// (a refusal is the client-address future's ready response) or passes the request
+/// on, so it has nothing to do when the response comes back.
+type Guarded<S> = ClientIpService<Toggle<Authenticated<S>, AuthThrottle<Authenticated<S>>>>;
+type Authenticated<S> = Authenticate<RateLimit<S>>;
 type Inner<S> = SetRequestId<AccessLog<Guarded<S>>>;
 
 impl<S> Layer<S> for StackLayer {
@@ -1101,10 +1097,10 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // The same futures, in the same order, as the layers nested one by one
-        // (`Inner<S>`), without a service per layer. The client address, allowlist
-        // and authentication work on the request in place (it is not small), and the
-        // address resolved once is handed to the layers after it.
+        // The futures of the layers nested one by one, in the same order (`Inner<S>`;
+        // the allowlist needs none), without a service per layer. The client
+        // address, allowlist and authentication work on the request in place (it is
+        // not small), and the address resolved once is handed to the layers after it.
         let l = &*self.layers;
         let inner = &mut self.inner;
         crate::request_id::call_with(&l.request_id.header, req, |req| {
@@ -1134,7 +1130,7 @@ where
                             ResponseFuture::rejected(auth.rejection(reason).into_response())
                         }
                     };
-                let throttled = match &l.throttle {
+                let future = match &l.throttle {
                     Some(t) => ToggleFuture::On {
                         future: crate::rate_limit::auth_throttle::call_with(
                             &t.shared,
@@ -1145,12 +1141,6 @@ where
                     None => ToggleFuture::Off {
                         future: authenticated(req),
                     },
-                };
-                let future = match &l.allowlist {
-                    Some(_) => ToggleFuture::On {
-                        future: ResponseFuture::inner(throttled),
-                    },
-                    None => ToggleFuture::Off { future: throttled },
                 };
                 ResponseFuture::inner_with(future, ip)
             })
