@@ -436,11 +436,18 @@ impl Config {
                 headers.remove(&credentials::X_API_KEY_NAME);
             }
             CredentialSource::Bearer | CredentialSource::ApiKeyScheme if self.hide_credentials => {
-                // Keep `Authorization` values of other schemes; drop ours.
+                // Keep `Authorization` values of other schemes; drop ours. Usually
+                // ours is the only value: then nothing is copied.
+                let is_other =
+                    |v: &HeaderValue| matches!(parse_authorization(v.as_bytes()), Ok(None));
+                if !headers.get_all(AUTHORIZATION).iter().any(is_other) {
+                    headers.remove(AUTHORIZATION);
+                    return;
+                }
                 let others: Vec<HeaderValue> = headers
                     .get_all(AUTHORIZATION)
                     .iter()
-                    .filter(|v| matches!(parse_authorization(v.as_bytes()), Ok(None)))
+                    .filter(|v| is_other(v))
                     .cloned()
                     .collect();
                 headers.remove(AUTHORIZATION);
@@ -609,6 +616,31 @@ mod tests {
             .allow_key_in_query_dangerously("a b")
             .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn hiding_keeps_authorization_values_of_other_schemes() {
+        let (l, key) = layer();
+        let svc = ServiceBuilder::new()
+            .layer(l)
+            .service_fn(|req: Request<()>| async move {
+                let values: Vec<_> = req
+                    .headers()
+                    .get_all(AUTHORIZATION)
+                    .iter()
+                    .cloned()
+                    .collect();
+                Ok::<_, Infallible>(Response::new(Bytes::from(format!("{values:?}"))))
+            });
+        let req = Request::builder()
+            .header("authorization", "Basic dXNlcjpwYXNz")
+            .header("authorization", format!("Bearer {key}"))
+            .header("authorization", "Digest x")
+            .body(())
+            .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.body(), "[\"Basic dXNlcjpwYXNz\", \"Digest x\"]");
     }
 
     #[tokio::test]
