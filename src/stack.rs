@@ -1096,6 +1096,9 @@ where
         self.inner.poll_ready(cx)
     }
 
+    // Inlined into the caller, which usually boxes the future (axum does): one copy
+    // of it fewer on its way into the box.
+    #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         // The futures of the layers nested one by one, in the same order (`Inner<S>`;
         // the allowlist needs none), without a service per layer. The client
