@@ -312,8 +312,17 @@ fn crc32(data: &[u8]) -> u32 {
             ^ t[1][((hi >> 16) & 0xff) as usize]
             ^ t[0][(hi >> 24) as usize];
     }
-    for &b in chunks.remainder() {
-        c = t[0][((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
+    // The last 1 to 7 bytes the same way (byte `i` of `r` through table `r - 1 - i`),
+    // rather than one byte at a time, a chain of dependent loads as long as the tail.
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        let r = tail.len();
+        let mut next = if r < 4 { c >> (8 * r) } else { 0 };
+        for (i, &b) in tail.iter().enumerate() {
+            let carried = if i < 4 { (c >> (8 * i)) as u8 } else { 0 };
+            next ^= t[r - 1 - i][usize::from(b ^ carried)];
+        }
+        c = next;
     }
     !c
 }
