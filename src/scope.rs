@@ -42,13 +42,14 @@ struct Policy {
 impl Policy {
     #[allow(clippy::result_large_err)]
     fn check<'a>(&self, extensions: &'a Extensions) -> Result<&'a Principal, Rejection> {
-        let client_ip = extensions.get::<ClientIp>().copied();
+        // The client address is read only for an audit event, off the allowed path.
+        let client_ip = || extensions.get::<ClientIp>().copied();
         let Some(p) = extensions.get::<Principal>() else {
             tracing::error!(
                 target: crate::audit::TARGET,
                 event = "scope_denied",
                 reason = "missing_credential",
-                client_ip = client_ip.map(tracing::field::display),
+                client_ip = client_ip().map(tracing::field::display),
                 scope = %self.required,
                 "no Principal: RequireScopeLayer must sit inside the authentication layer"
             );
@@ -61,7 +62,7 @@ impl Policy {
             target: crate::audit::TARGET,
             event = "scope_denied",
             reason = "insufficient_scope",
-            client_ip = client_ip.map(tracing::field::display),
+            client_ip = client_ip().map(tracing::field::display),
             principal = p.id(),
             method = p.method().as_str(),
             scope = %self.required,
