@@ -307,6 +307,36 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn check_by_reference_answers_as_the_layer() {
+        let l = RequireScopeLayer::new("jobs:write")
+            .unwrap()
+            .realm("jobs")
+            .unwrap();
+        let p = |s: &str| {
+            Principal::new("p", AuthMethod::ApiKey).with_scopes(Scopes::parse(s).unwrap())
+        };
+        for who in [None, Some(p("jobs:read")), Some(p("jobs:write"))] {
+            let layered = status(&l, who.clone()).await;
+            let mut ext = Extensions::new();
+            if let Some(p) = who {
+                ext.insert(p);
+            }
+            match l.check(&ext) {
+                Ok(principal) => {
+                    assert_eq!(layered.status(), 200);
+                    assert_eq!(principal.id(), "p");
+                }
+                Err(refusal) => {
+                    let direct: Response<Bytes> = refusal.into_response();
+                    assert_eq!(direct.status(), layered.status());
+                    assert_eq!(direct.headers(), layered.headers());
+                    assert_eq!(direct.body(), layered.body());
+                }
+            }
+        }
+    }
+
     #[test]
     fn handler_check_with_bad_scope_list_denies() {
         let mut ext = Extensions::new();
