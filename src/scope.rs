@@ -4,7 +4,8 @@
 //! (per route, e.g. axum's `route_layer`) and reads the [`Principal`] it inserted. A
 //! request without a principal (the layer is mounted without authentication in
 //! front) is refused with 401, never let through. [`require_scope`] is the same
-//! check for a handler. Every refusal for a missing scope is an audit event
+//! check for a handler, and [`RequireScopeLayer::check`] the check of a built layer
+//! by reference (for a service that picks one of several layers per request). Every refusal for a missing scope is an audit event
 //! `scope_denied` (principal, method, the required scope, client ip).
 //!
 //! ```
@@ -40,27 +41,28 @@ struct Policy {
 
 impl Policy {
     #[allow(clippy::result_large_err)]
-    fn check(&self, extensions: &Extensions) -> Result<(), Rejection> {
-        let client_ip = extensions.get::<ClientIp>().copied();
+    fn check<'a>(&self, extensions: &'a Extensions) -> Result<&'a Principal, Rejection> {
+        // The client address is read only for an audit event, off the allowed path.
+        let client_ip = || extensions.get::<ClientIp>().copied();
         let Some(p) = extensions.get::<Principal>() else {
             tracing::error!(
                 target: crate::audit::TARGET,
                 event = "scope_denied",
                 reason = "missing_credential",
-                client_ip = client_ip.map(tracing::field::display),
+                client_ip = client_ip().map(tracing::field::display),
                 scope = %self.required,
                 "no Principal: RequireScopeLayer must sit inside the authentication layer"
             );
             return Err(Rejection::missing_credential(&self.challenge));
         };
         if p.scopes().contains_all(&self.required) {
-            return Ok(());
+            return Ok(p);
         }
         tracing::info!(
             target: crate::audit::TARGET,
             event = "scope_denied",
             reason = "insufficient_scope",
-            client_ip = client_ip.map(tracing::field::display),
+            client_ip = client_ip().map(tracing::field::display),
             principal = p.id(),
             method = p.method().as_str(),
             scope = %self.required,
@@ -112,6 +114,36 @@ impl RequireScopeLayer {
                 challenge: Challenge::bearer(realm)?.and_api_key(),
             }),
         })
+    }
+}
+
+impl RequireScopeLayer {
+    /// This layer's check, by reference, for code that dispatches to one of several
+    /// built layers per request (e.g. a table of routes) and would otherwise build a
+    /// [`RequireScope`] per call: `Ok` with the principal when it holds every
+    /// required scope, else the refusal the layer would answer with (401 without a
+    /// principal, 403 `insufficient_scope` without the scope), after the same
+    /// `scope_denied` audit event. Nothing is cloned or allocated on success.
+    ///
+    /// ```
+    /// use http::Request;
+    /// use portcullis::scope::RequireScopeLayer;
+    /// use portcullis::{AuthMethod, Principal, Scopes};
+    ///
+    /// let write = RequireScopeLayer::new("jobs:write")?;
+    /// let mut req = Request::new(());
+    /// assert_eq!(write.check(req.extensions()).unwrap_err().status(), 401);
+    /// req.extensions_mut().insert(
+    ///     Principal::new("billing", AuthMethod::ApiKey).with_scopes(Scopes::parse("jobs:read")?),
+    /// );
+    /// assert_eq!(write.check(req.extensions()).unwrap_err().status(), 403);
+    /// let read = RequireScopeLayer::new("jobs:read")?;
+    /// assert_eq!(read.check(req.extensions()).unwrap().id(), "billing");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[allow(clippy::result_large_err)]
+    pub fn check<'a>(&self, extensions: &'a Extensions) -> Result<&'a Principal, Rejection> {
+        self.policy.check(extensions)
     }
 }
 
@@ -180,7 +212,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.policy.check(req.extensions()) {
-            Ok(()) => ResponseFuture::inner(self.inner.call(req)),
+            Ok(_) => ResponseFuture::inner(self.inner.call(req)),
             Err(rejection) => ResponseFuture::rejected(rejection.into_response()),
         }
     }
@@ -223,10 +255,7 @@ pub fn require_scope<'a>(
             return Err(Rejection::misconfigured());
         }
     };
-    policy.check(extensions)?;
-    Ok(extensions
-        .get::<Principal>()
-        .expect("check passed, so a principal is present"))
+    policy.check(extensions)
 }
 
 #[cfg(test)]
@@ -276,6 +305,36 @@ mod tests {
                 .realm("bad\"realm")
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn check_by_reference_answers_as_the_layer() {
+        let l = RequireScopeLayer::new("jobs:write")
+            .unwrap()
+            .realm("jobs")
+            .unwrap();
+        let p = |s: &str| {
+            Principal::new("p", AuthMethod::ApiKey).with_scopes(Scopes::parse(s).unwrap())
+        };
+        for who in [None, Some(p("jobs:read")), Some(p("jobs:write"))] {
+            let layered = status(&l, who.clone()).await;
+            let mut ext = Extensions::new();
+            if let Some(p) = who {
+                ext.insert(p);
+            }
+            match l.check(&ext) {
+                Ok(principal) => {
+                    assert_eq!(layered.status(), 200);
+                    assert_eq!(principal.id(), "p");
+                }
+                Err(refusal) => {
+                    let direct: Response<Bytes> = refusal.into_response();
+                    assert_eq!(direct.status(), layered.status());
+                    assert_eq!(direct.headers(), layered.headers());
+                    assert_eq!(direct.body(), layered.body());
+                }
+            }
+        }
     }
 
     #[test]

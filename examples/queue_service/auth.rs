@@ -1,8 +1,9 @@
 //! Who may call what: the one scope table of the demo, and the one check.
 //!
 //! Every route is listed in [`ROUTES`] with its access rule. [`ScopeCheckLayer`]
-//! (a `Router::route_layer`) looks the matched route up and answers through the
-//! crate's `RequireScope` for that route's scope:
+//! (a `Router::route_layer`) looks the matched route up and answers with the
+//! crate's scope check for that route's scope (`RequireScopeLayer::check`, the
+//! layer's own check by reference):
 //!
 //! - 401 when the request carries no `Principal` (cannot happen behind
 //!   `Authenticate`, which refuses first; kept as the layer's own guarantee),
@@ -13,10 +14,9 @@
 //! One table rather than a `route_layer` per route: a route added to the router
 //! without a row fails closed, and a test checks that every row is unique.
 //!
-//! The check costs one scan of the table per request and no allocation: each row's
-//! `RequireScopeLayer` is built once, the service lends its inner service to that
-//! layer's `RequireScope` for the one call, and its future is a plain enum over the
-//! inner future.
+//! The check costs one scan of the table per request, no allocation and no
+//! reference count: each row's `RequireScopeLayer` is built once and checked by
+//! reference, and the future is a plain enum over the inner future.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,7 +27,6 @@ use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{Method, Response};
 use pin_project_lite::pin_project;
-use portcullis::future::ResponseFuture;
 use portcullis::rejection::Rejection;
 use portcullis::scope::RequireScopeLayer;
 use tower::{Layer, Service};
@@ -132,7 +131,7 @@ impl<S> Layer<S> for ScopeCheckLayer {
 }
 
 /// The service of [`ScopeCheckLayer`]: the matched route's row of [`ROUTES`]
-/// decides, the crate's `RequireScope` checks (401 without a principal, 403
+/// decides, the crate's scope check answers (401 without a principal, 403
 /// `insufficient_scope` and an audit event `scope_denied`), an unlisted route is 500.
 #[derive(Clone, Debug)]
 pub struct ScopeCheck<S> {
@@ -160,18 +159,20 @@ where
             Some(None) => ScopeFuture::Open {
                 future: self.inner.call(req),
             },
-            // `RequireScope` owns its inner service; lend it ours (`&mut S` is a
-            // service too) for this one call, which costs a reference count rather
-            // than a clone of everything inside.
-            Some(Some(check)) => ScopeFuture::Checked {
-                future: check.layer(&mut self.inner).call(req),
+            Some(Some(check)) => match check.check(req.extensions()) {
+                Ok(_) => ScopeFuture::Open {
+                    future: self.inner.call(req),
+                },
+                Err(refusal) => ScopeFuture::Refused {
+                    response: Some(refusal.into_response()),
+                },
             },
             None => {
                 tracing::error!(
                     method = %req.method(),
                     "route missing from the scope table; answering 500"
                 );
-                ScopeFuture::Unlisted {
+                ScopeFuture::Refused {
                     response: Some(Rejection::misconfigured().into_response()),
                 }
             }
@@ -180,16 +181,15 @@ where
 }
 
 pin_project! {
-    /// The response future of [`ScopeCheck`]: the inner service's, directly or
-    /// through the scope check, or the 500 of an unlisted route. No boxing.
+    /// The response future of [`ScopeCheck`]: the inner service's, or a refusal
+    /// (the scope check's 401 or 403, or the 500 of an unlisted route). No boxing.
     #[project = ScopeFutureProj]
     pub enum ScopeFuture<F> {
-        /// A public route: the inner service's future.
+        /// A public route, or a principal holding the route's scope: the inner
+        /// service's future.
         Open { #[pin] future: F },
-        /// A scoped route: `RequireScope`'s future (a refusal or the inner future).
-        Checked { #[pin] future: ResponseFuture<F, Body> },
-        /// A route missing from the table.
-        Unlisted { response: Option<Response<Body>> },
+        /// A refusal.
+        Refused { response: Option<Response<Body>> },
     }
 }
 
@@ -202,8 +202,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             ScopeFutureProj::Open { future } => future.poll(cx),
-            ScopeFutureProj::Checked { future } => future.poll(cx),
-            ScopeFutureProj::Unlisted { response } => {
+            ScopeFutureProj::Refused { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
         }

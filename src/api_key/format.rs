@@ -218,8 +218,12 @@ pub fn parse_key(key: &str) -> Result<ParsedKey<'_>, KeyFormatError> {
     if bytes[sep] != b'_' || !is_prefix(prefix) || !all_in(body, ALNUM) {
         return Err(KeyFormatError::Shape);
     }
-    let expected = checksum(&bytes[..sep + 1 + RANDOM_LEN]);
-    if bool::from(expected.ct_eq(&body[RANDOM_LEN..])) {
+    // The presented checksum read as a number and compared with the CRC, rather than
+    // the CRC written out in base62 and compared as text: the same test (six base62
+    // digits spell each number below 62^6 exactly once), with a chain of
+    // multiply-adds instead of one of divisions after the CRC.
+    let expected = u64::from(crc32(&bytes[..sep + 1 + RANDOM_LEN]));
+    if bool::from(expected.ct_eq(&base62_value(&body[RANDOM_LEN..]))) {
         Ok(ParsedKey {
             prefix: &key[..sep],
         })
@@ -227,6 +231,25 @@ pub fn parse_key(key: &str) -> Result<ParsedKey<'_>, KeyFormatError> {
         Err(KeyFormatError::Checksum)
     }
 }
+
+/// The number spelled by base62 digits (of [`ALPHABET`], most significant first;
+/// the caller has checked they are alphanumeric).
+fn base62_value(digits: &[u8]) -> u64 {
+    digits
+        .iter()
+        .fold(0, |n, &d| n * 62 + u64::from(BASE62_DIGITS[usize::from(d)]))
+}
+
+/// Each alphanumeric byte's value in [`ALPHABET`] (0 elsewhere).
+const BASE62_DIGITS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        t[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// CRC32 (IEEE) of `data` as six base62 digits, most significant first.
 fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {
@@ -289,8 +312,17 @@ fn crc32(data: &[u8]) -> u32 {
             ^ t[1][((hi >> 16) & 0xff) as usize]
             ^ t[0][(hi >> 24) as usize];
     }
-    for &b in chunks.remainder() {
-        c = t[0][((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
+    // The last 1 to 7 bytes the same way (byte `i` of `r` through table `r - 1 - i`),
+    // rather than one byte at a time, a chain of dependent loads as long as the tail.
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        let r = tail.len();
+        let mut next = if r < 4 { c >> (8 * r) } else { 0 };
+        for (i, &b) in tail.iter().enumerate() {
+            let carried = if i < 4 { (c >> (8 * i)) as u8 } else { 0 };
+            next ^= t[r - 1 - i][usize::from(b ^ carried)];
+        }
+        c = next;
     }
     !c
 }
@@ -330,6 +362,22 @@ mod tests {
         for n in 0..data.len() {
             assert_eq!(crc32(&data[..n]), bitwise(&data[..n]), "{n} bytes");
         }
+    }
+
+    #[test]
+    fn base62_value_reads_what_checksum_writes() {
+        for n in [0, 1, 61, 62, 12_345, 0xCBF4_3926, u32::MAX - 1, u32::MAX] {
+            let mut text = [b'0'; CHECKSUM_LEN];
+            let mut m = n;
+            for slot in text.iter_mut().rev() {
+                *slot = ALPHABET[(m % 62) as usize];
+                m /= 62;
+            }
+            assert_eq!(base62_value(&text), u64::from(n), "{n}");
+        }
+        assert_eq!(base62_value(b"zzzzzz"), 62u64.pow(6) - 1);
+        // Every text with a value at or above 2^32 is refused: it equals no CRC.
+        assert!(base62_value(b"4gfFC4") > u64::from(u32::MAX));
     }
 
     #[test]

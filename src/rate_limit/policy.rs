@@ -129,16 +129,18 @@ impl Policy {
         CompiledPolicy {
             name: self.name.clone(),
             default: entry(self.default),
-            tiers: self
-                .tiers
-                .iter()
-                .map(|(t, q)| (t.clone(), entry(*q)))
-                .collect(),
-            principals: self
-                .principals
-                .iter()
-                .map(|(p, q)| (p.clone(), entry(*q)))
-                .collect(),
+            tiers: Overrides::new(
+                self.tiers
+                    .iter()
+                    .map(|(t, q)| (t.clone(), entry(*q)))
+                    .collect(),
+            ),
+            principals: Overrides::new(
+                self.principals
+                    .iter()
+                    .map(|(p, q)| (p.clone(), entry(*q)))
+                    .collect(),
+            ),
         }
     }
 }
@@ -171,17 +173,45 @@ impl Entry {
 pub(crate) struct CompiledPolicy {
     pub(crate) name: Arc<str>,
     default: Entry,
-    tiers: HashMap<Arc<str>, Entry>,
-    principals: HashMap<Arc<str>, Entry>,
+    tiers: Overrides,
+    principals: Overrides,
+}
+
+/// The quotas of named tiers or principals. A handful (the usual case) are scanned,
+/// comparing lengths first: cheaper than hashing the name with the map's keyed
+/// SipHash on every request. More go in that map. Either way a lookup is bounded.
+#[derive(Debug)]
+enum Overrides {
+    Few(Vec<(Arc<str>, Entry)>),
+    Many(HashMap<Arc<str>, Entry>),
+}
+
+impl Overrides {
+    /// The most entries scanned rather than hashed.
+    const SCAN_MAX: usize = 8;
+
+    fn new(entries: Vec<(Arc<str>, Entry)>) -> Self {
+        if entries.len() <= Self::SCAN_MAX {
+            Overrides::Few(entries)
+        } else {
+            Overrides::Many(entries.into_iter().collect())
+        }
+    }
+
+    #[inline]
+    fn get(&self, name: &str) -> Option<&Entry> {
+        match self {
+            Overrides::Few(v) => v.iter().find(|(n, _)| **n == *name).map(|(_, e)| e),
+            Overrides::Many(m) => m.get(name),
+        }
+    }
 }
 
 impl CompiledPolicy {
     #[inline]
     pub(crate) fn entry(&self, principal: Option<&Principal>) -> &Entry {
         if let Some(p) = principal {
-            if !self.principals.is_empty()
-                && let Some(e) = self.principals.get(p.id())
-            {
+            if let Some(e) = self.principals.get(p.id()) {
                 return e;
             }
             if let Some(e) = p.tier().and_then(|t| self.tiers.get(t)) {
@@ -189,5 +219,57 @@ impl CompiledPolicy {
             }
         }
         &self.default
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AuthMethod;
+
+    #[test]
+    fn compiled_lookups_agree_with_the_policy_scanned_or_hashed() {
+        for n in [
+            0,
+            1,
+            Overrides::SCAN_MAX as u32,
+            Overrides::SCAN_MAX as u32 + 1,
+            40,
+        ] {
+            let mut policy = Policy::new("p", Quota::per_second(1).unwrap()).unwrap();
+            for i in 0..n {
+                let q = Quota::per_second(100 + i).unwrap();
+                policy = policy
+                    .principal(&format!("id{i}"), q)
+                    .unwrap()
+                    .tier(&format!("tier{i}"), Quota::per_second(1000 + i).unwrap())
+                    .unwrap();
+            }
+            let compiled = policy.compile();
+            let check = |p: Option<&Principal>| {
+                assert_eq!(
+                    compiled.entry(p).quota.count(),
+                    policy.quota_for(p).count(),
+                    "{n} overrides, {:?}",
+                    p.map(|p| (p.id().to_owned(), p.tier().map(str::to_owned)))
+                );
+            };
+            check(None);
+            for id in ["id0", "id7", "id8", "id39", "nobody", "id", ""] {
+                for tier in [
+                    None,
+                    Some("tier0"),
+                    Some("tier8"),
+                    Some("tier39"),
+                    Some("none"),
+                ] {
+                    let mut p = Principal::new(id, AuthMethod::ApiKey);
+                    if let Some(t) = tier {
+                        p = p.with_tier(t);
+                    }
+                    check(Some(&p));
+                }
+            }
+        }
     }
 }
