@@ -928,13 +928,15 @@ impl StackBuilder {
         Ok(StackLayer {
             #[cfg(feature = "jwt")]
             _jwks_watcher: self.jwks_watcher,
-            request_id: self.request_id,
-            access_log: self.access_log,
-            client_ip: ClientIpLayer::new(client_ip),
-            allowlist,
-            throttle: self.throttle,
-            auth,
-            rate_limit,
+            layers: Arc::new(Layers {
+                request_id: self.request_id,
+                access_log: self.access_log,
+                client_ip: ClientIpLayer::new(client_ip),
+                allowlist,
+                throttle: self.throttle,
+                auth,
+                rate_limit,
+            }),
         })
     }
 }
@@ -951,16 +953,17 @@ pub struct StackLayer {
     /// Reloads the JWKS file configured from the environment while a clone lives.
     #[cfg(feature = "jwt")]
     _jwks_watcher: Option<Arc<crate::jwt::KeyFileWatcher>>,
-    request_id: RequestIdLayer,
-    access_log: AccessLogLayer,
-    client_ip: ClientIpLayer,
-    allowlist: Option<IpAllowlistLayer>,
-    throttle: Option<AuthThrottleLayer>,
-    auth: AuthenticateLayer,
-    rate_limit: RateLimitLayer,
+    /// Shared with every [`Stack`] this layer makes.
+    layers: Arc<Layers>,
 }
 
 impl fmt::Debug for StackLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.layers.fmt(f)
+    }
+}
+
+impl fmt::Debug for Layers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StackLayer")
             .field("request_id", &self.request_id)
@@ -982,12 +985,12 @@ impl StackLayer {
 
     /// The rate limiter, e.g. for its [`stats`](RateLimitLayer::stats).
     pub fn rate_limit(&self) -> &RateLimitLayer {
-        &self.rate_limit
+        &self.layers.rate_limit
     }
 
     /// The failed-authentication throttle, `None` when disabled.
     pub fn auth_throttle(&self) -> Option<&AuthThrottleLayer> {
-        self.throttle.as_ref()
+        self.layers.throttle.as_ref()
     }
 }
 
@@ -1004,15 +1007,7 @@ impl<S> Layer<S> for StackLayer {
 
     fn layer(&self, inner: S) -> Stack<S> {
         Stack {
-            layers: Arc::new(Layers {
-                request_id: self.request_id.clone(),
-                access_log: self.access_log.clone(),
-                client_ip: self.client_ip.clone(),
-                allowlist: self.allowlist.clone(),
-                throttle: self.throttle.clone(),
-                auth: self.auth.clone(),
-                rate_limit: self.rate_limit.clone(),
-            }),
+            layers: self.layers.clone(),
             inner,
         }
     }

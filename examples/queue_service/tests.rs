@@ -1584,6 +1584,20 @@ async fn load(
     total as f64 / dur.as_secs_f64()
 }
 
+/// The measurements' guard settings: one key `client` with `scopes` (returned in
+/// clear), a rate that never runs out during a run.
+fn bench_config(scopes: &'static str) -> (String, GuardConfig) {
+    let (keys, store) = guard::demo_keys(&[("client", scopes)]).unwrap();
+    let mut config = GuardConfig::new(
+        store,
+        TokenSecret::generate().unwrap(),
+        IpSet::parse(DEFAULT_INTERNAL).unwrap(),
+    )
+    .unwrap();
+    config.rate = Quota::per_second(100_000_000).unwrap();
+    (keys[0].key.expose_secret().to_owned(), config)
+}
+
 /// The end-to-end throughput of `GET /v1/jobs/{id}`: the full stack against the same
 /// handler with no layers (only the `Principal` it reads, inserted as a fixed
 /// extension), in the same run, on loopback, in alternating 1-second rounds
@@ -1636,15 +1650,8 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
 
     // The crate's stack alone around the handler (no scope table, no counters): how
     // much of the difference is the portcullis layers.
-    let (keys, store) = guard::demo_keys(&[("client", "jobs:read")]).unwrap();
-    let stack_key = format!("X-API-Key: {}", keys[0].key.expose_secret());
-    let mut config = GuardConfig::new(
-        store,
-        TokenSecret::generate().unwrap(),
-        IpSet::parse(DEFAULT_INTERNAL).unwrap(),
-    )
-    .unwrap();
-    config.rate = Quota::per_second(100_000_000).unwrap();
+    let (key, config) = bench_config("jobs:read");
+    let stack_key = format!("X-API-Key: {key}");
     let stack_state = state(fast_queue());
     let crate::queue::Enqueued::New(sv) = stack_state.queue.enqueue("client", "bench", 0).unwrap()
     else {
@@ -1748,15 +1755,7 @@ fn instructions_per_request_harness() {
         .enable_all()
         .build()
         .unwrap();
-    let (keys, store) = guard::demo_keys(&[("client", "jobs:read jobs:write")]).unwrap();
-    let header = keys[0].key.expose_secret().to_owned();
-    let mut config = GuardConfig::new(
-        store,
-        TokenSecret::generate().unwrap(),
-        IpSet::parse(DEFAULT_INTERNAL).unwrap(),
-    )
-    .unwrap();
-    config.rate = Quota::per_second(100_000_000).unwrap();
+    let (header, config) = bench_config("jobs:read jobs:write");
     let st = state(fast_queue());
     let crate::queue::Enqueued::New(v) = st.queue.enqueue("client", "bench", 0).unwrap() else {
         unreachable!()
