@@ -36,7 +36,9 @@
 //!
 //! Cost: keeping an id is one scan of at most 64 bytes; a fresh one is 16 bytes from
 //! a per-thread ChaCha20 generator (a CSPRNG) keyed from the operating system's CSPRNG
-//! and rekeyed every 4096 ids (one system call per 4096 ids).
+//! and rekeyed every 4096 ids (one system call per 4096 ids). Ids correlate log
+//! lines; they are not secrets: a process that forks hands its child a copy of the
+//! forking thread's generator, so the two can issue the same ids until it is rekeyed.
 
 use std::cell::RefCell;
 use std::fmt;
