@@ -34,11 +34,9 @@
 //! # }
 //! ```
 //!
-//! Cost: keeping an id is one scan of at most 64 bytes; a fresh one is 16 bytes from
-//! a per-thread ChaCha20 generator (a CSPRNG) keyed from the operating system's CSPRNG
-//! and rekeyed every 4096 ids (one system call per 4096 ids). Ids correlate log
-//! lines; they are not secrets: a process that forks hands its child a copy of the
-//! forking thread's generator, so the two can issue the same ids until it is rekeyed.
+//! Cost: keeping an id is one scan of at most 64 bytes; a fresh one is 16 random
+//! bytes from the operating system's CSPRNG, fetched 1 KiB at a time per thread (one
+//! system call per 64 ids).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -50,8 +48,6 @@ use std::task::{Context, Poll};
 use http::header::{Entry, HeaderName, HeaderValue};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use rand_chacha::ChaCha20Rng;
-use rand_chacha::rand_core::{RngCore, SeedableRng};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -155,34 +151,28 @@ pub fn is_safe_request_id(value: &[u8]) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// Ids drawn from one seed before the thread's generator is reseeded from the OS
-/// (64 KiB of output, as `rand`'s `ThreadRng`).
-const IDS_PER_SEED: u32 = 4096;
+/// Random bytes fetched per system call (per thread).
+const POOL_LEN: usize = 1024;
 
-/// 16 bytes from a per-thread ChaCha20 generator keyed with 32 bytes from the
-/// operating system's CSPRNG and rekeyed every [`IDS_PER_SEED`] ids: as unpredictable
-/// as the OS source for anyone who has not read this thread's memory, without a
-/// system call's share and the kernel's ChaCha per id.
 fn random16() -> [u8; 16] {
     thread_local! {
-        static RNG: RefCell<Option<(ChaCha20Rng, u32)>> = const { RefCell::new(None) };
+        static POOL: RefCell<([u8; POOL_LEN], usize)> =
+            const { RefCell::new(([0; POOL_LEN], POOL_LEN)) };
     }
-    RNG.with(|rng| {
-        let mut rng = rng.borrow_mut();
-        let (chacha, left) = match &mut *rng {
-            Some((chacha, left)) if *left > 0 => (chacha, left),
-            slot => {
-                let mut seed = [0u8; 32];
-                if getrandom::fill(&mut seed).is_err() {
-                    return fallback16();
-                }
-                let (chacha, left) = slot.insert((ChaCha20Rng::from_seed(seed), IDS_PER_SEED));
-                (chacha, left)
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let (bytes, used) = &mut *pool;
+        if *used + 16 > bytes.len() {
+            if getrandom::fill(bytes).is_err() {
+                return fallback16();
             }
-        };
-        *left -= 1;
+            *used = 0;
+        }
         let mut out = [0u8; 16];
-        chacha.fill_bytes(&mut out);
+        out.copy_from_slice(&bytes[*used..*used + 16]);
+        // Never hand out the same bytes twice.
+        bytes[*used..*used + 16].fill(0);
+        *used += 16;
         out
     })
 }
