@@ -1598,6 +1598,15 @@ fn bench_config(scopes: &'static str) -> (String, GuardConfig) {
     (keys[0].key.expose_secret().to_owned(), config)
 }
 
+/// A fresh queue holding one job of `client`, for the measurements to read.
+fn bench_state() -> (AppState, crate::queue::JobView) {
+    let st = state(fast_queue());
+    let crate::queue::Enqueued::New(v) = st.queue.enqueue("client", "bench", 0).unwrap() else {
+        unreachable!("the queue is empty")
+    };
+    (st, v)
+}
+
 /// The end-to-end throughput of `GET /v1/jobs/{id}`: the full stack against the same
 /// handler with no layers (only the `Principal` it reads, inserted as a fixed
 /// extension), in the same run, on loopback, in alternating 1-second rounds
@@ -1635,11 +1644,7 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
         .await
         .id();
 
-    let bare_state = state(fast_queue());
-    let crate::queue::Enqueued::New(v) = bare_state.queue.enqueue("client", "bench", 0).unwrap()
-    else {
-        unreachable!()
-    };
+    let (bare_state, v) = bench_state();
     let bare = Router::new()
         .route("/v1/jobs/{id}", get(routes::get_job))
         .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
@@ -1652,11 +1657,7 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     // much of the difference is the portcullis layers.
     let (key, config) = bench_config("jobs:read");
     let stack_key = format!("X-API-Key: {key}");
-    let stack_state = state(fast_queue());
-    let crate::queue::Enqueued::New(sv) = stack_state.queue.enqueue("client", "bench", 0).unwrap()
-    else {
-        unreachable!()
-    };
+    let (stack_state, sv) = bench_state();
     let stack_only = Router::new()
         .route("/v1/jobs/{id}", get(routes::get_job))
         .layer(Guard::new(config).unwrap().stack())
@@ -1756,10 +1757,7 @@ fn instructions_per_request_harness() {
         .build()
         .unwrap();
     let (header, config) = bench_config("jobs:read jobs:write");
-    let st = state(fast_queue());
-    let crate::queue::Enqueued::New(v) = st.queue.enqueue("client", "bench", 0).unwrap() else {
-        unreachable!()
-    };
+    let (st, v) = bench_state();
     let guard = Guard::new(config).unwrap();
     let path = format!("/v1/jobs/{}", v.id);
     let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
