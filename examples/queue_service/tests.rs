@@ -1610,12 +1610,14 @@ fn bench_state() -> (AppState, crate::queue::JobView) {
 /// The end-to-end throughput of `GET /v1/jobs/{id}`: the full stack against the same
 /// handler with no layers (only the `Principal` it reads, inserted as a fixed
 /// extension), in the same run, on loopback, in alternating 1-second rounds
-/// (`PORTCULLIS_BENCH_ROUNDS`, default 11). The full
+/// (`PORTCULLIS_BENCH_ROUNDS`, default 11). Two more configurations in the same rounds
+/// split the difference: the crate's `StackLayer` alone, and the bare handler sending
+/// the response fields the stack adds (no layers). The full
 /// stack's JSON logs go through the redacting writer into a sink, as `main` writes
 /// them to standard error. Run alone:
 /// `cargo test --release --example queue_service -- --ignored --nocapture throughput`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement (about 25 s); run it with --ignored --nocapture"]
+#[ignore = "a measurement (about 50 s); run it with --ignored --nocapture"]
 async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     use axum::Extension;
     use axum::routing::get;
@@ -1673,36 +1675,85 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     });
     let stack_path = format!("/v1/jobs/{}", sv.id);
 
-    // Rounds of 1 s, each measuring all three in turn; the order flips every round
-    // (bare, full, stack / stack, full, bare), so a drift of the shared machine's speed
-    // within a round cancels out. The figure is the median of the per-round ratios.
-    let rounds: usize = std::env::var("PORTCULLIS_BENCH_ROUNDS").map_or(11, |v| v.parse().unwrap());
-    let (conns, dur) = (32, Duration::from_secs(1));
+    // The same bare handler, sending the response fields the stack adds (the values of
+    // one real full-stack response, by name: what the full response has and bare's
+    // lacks): what those fields cost on their own, the client's parsing included.
     let full_path = format!("/v1/jobs/{full_job}");
     let bare_path = format!("/v1/jobs/{}", v.id);
+    let full_reply = full
+        .call_with("GET", &full_path, &[full.auth("client")], None)
+        .await;
+    let bare_reply = raw(
+        bare_addr,
+        format!("GET {bare_path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!((full_reply.status, bare_reply.status), (200, 200));
+    let added: Vec<(axum::http::HeaderName, axum::http::HeaderValue)> = full_reply
+        .headers
+        .iter()
+        .filter(|(k, _)| bare_reply.header(k).is_none())
+        .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+        .collect();
+    let names: Vec<String> = added.iter().map(|(k, _)| k.to_string()).collect();
+    assert!(
+        ["x-request-id", "ratelimit"]
+            .iter()
+            .all(|n| names.iter().any(|m| m == n)),
+        "{names:?}"
+    );
+    let (fields_state, fv) = bench_state();
+    let fields_only = Router::new()
+        .route("/v1/jobs/{id}", get(routes::get_job))
+        .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
+        .layer(tower::util::MapResponseLayer::new(
+            move |mut res: axum::response::Response| {
+                for (k, v) in &added {
+                    res.headers_mut().insert(k, v.clone());
+                }
+                res
+            },
+        ))
+        .with_state(fields_state);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fields_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, fields_only).await });
+    let fields_path = format!("/v1/jobs/{}", fv.id);
+
+    // Rounds of 1 s, each measuring all four in turn; the order flips every round
+    // (bare, full, stack, fields / fields, stack, full, bare), so a drift of the
+    // shared machine's speed within a round cancels out. The figure is the median of the per-round ratios.
+    let rounds: usize = std::env::var("PORTCULLIS_BENCH_ROUNDS").map_or(11, |v| v.parse().unwrap());
+    let (conns, dur) = (32, Duration::from_secs(1));
     let full_auth = full.auth("client");
     let run = |which: usize| {
         let (addr, path, auth) = match which {
             0 => (bare_addr, bare_path.as_str(), None),
             1 => (full.addr, full_path.as_str(), Some(full_auth)),
-            _ => (stack_addr, stack_path.as_str(), Some(stack_key.as_str())),
+            2 => (stack_addr, stack_path.as_str(), Some(stack_key.as_str())),
+            _ => (fields_addr, fields_path.as_str(), None),
         };
         load(addr, path, auth, conns, dur)
     };
     // Warm-up.
-    for which in 0..3 {
+    for which in 0..4 {
         run(which).await;
     }
-    let (mut b, mut f, mut st) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut b, mut f, mut st, mut fo) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        let mut r = [0.0; 3];
-        let order = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        let mut r = [0.0; 4];
+        let order = if round % 2 == 0 {
+            [0, 1, 2, 3]
+        } else {
+            [3, 2, 1, 0]
+        };
         for which in order {
             r[which] = run(which).await;
         }
         b.push(r[0]);
         f.push(r[1]);
         st.push(r[2]);
+        fo.push(r[3]);
     }
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
@@ -1712,6 +1763,12 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     let ratios = |x: &[f64]| x.iter().zip(&b).map(|(x, b)| x / b).collect::<Vec<_>>();
     let (rf, rs) = (ratios(&f), ratios(&st));
     let (mf, mb, ms) = (median(&f), median(&b), median(&st));
+    println!(
+        "bare sending the stack's response fields ({}): {:.0} req/s, {:.1}% of bare (median of {rounds} per-round ratios)",
+        names.join(", "),
+        median(&fo),
+        100.0 * median(&ratios(&fo))
+    );
     println!(
         "the crate's StackLayer alone: {ms:.0} req/s, {:.1}% of bare (median of {rounds} per-round ratios)",
         100.0 * median(&rs)
