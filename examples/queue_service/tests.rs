@@ -1785,7 +1785,8 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
 }
 
 /// Instructions per request, in process (no TCP): run under callgrind with
-/// `PORTCULLIS_CG_MODE` = `bare`, `full` or `stack` and `PORTCULLIS_CG_N` requests
+/// `PORTCULLIS_CG_MODE` = `bare`, `full`, `stack` (`Router::layer`) or `outer` (the
+/// stack around the router) and `PORTCULLIS_CG_N` requests
 /// (`PORTCULLIS_CG_LOGS=1` adds the JSON subscriber); the difference of two `N` gives
 /// the per-request cost without setup. Under callgrind, counting only the requests:
 /// `valgrind --tool=callgrind --collect-atstart=no
@@ -1855,6 +1856,14 @@ fn instructions_per_request_harness() {
                     .layer(guard.stack())
                     .with_state(st);
                 drive(stack, n, request).await;
+            }
+            // The same stack around the whole router instead of inside it: axum
+            // boxes a layered route once more per request.
+            "outer" => {
+                let router = Router::new()
+                    .route("/v1/jobs/{id}", get(routes::get_job))
+                    .with_state(st);
+                drive(guard.stack().layer(router), n, request).await;
             }
             _ => drive(service(&st, &guard), n, request).await,
         }
