@@ -1703,16 +1703,17 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
         "{names:?}"
     );
     let (fields_state, fv) = bench_state();
+    // One `layer` call, as bare's: axum boxes each layered route once per call.
     let fields_only = Router::new()
         .route("/v1/jobs/{id}", get(routes::get_job))
-        .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
-        .layer(tower::util::MapResponseLayer::new(
-            move |mut res: axum::response::Response| {
+        .layer((
+            Extension(Principal::new("client", AuthMethod::ApiKey)),
+            tower::util::MapResponseLayer::new(move |mut res: axum::response::Response| {
                 for (k, v) in &added {
                     res.headers_mut().insert(k, v.clone());
                 }
                 res
-            },
+            }),
         ))
         .with_state(fields_state);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1722,7 +1723,8 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
 
     // Rounds of 1 s, each measuring all four in turn; the order flips every round
     // (bare, full, stack, fields / fields, stack, full, bare), so a drift of the
-    // shared machine's speed within a round cancels out. The figure is the median of the per-round ratios.
+    // shared machine's speed within a round cancels out. The figure is the median of
+    // the per-round ratios.
     let rounds: usize = std::env::var("PORTCULLIS_BENCH_ROUNDS").map_or(11, |v| v.parse().unwrap());
     let (conns, dur) = (32, Duration::from_secs(1));
     let full_auth = full.auth("client");
