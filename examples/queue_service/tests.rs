@@ -1607,6 +1607,14 @@ fn bench_state() -> (AppState, crate::queue::JobView) {
     (st, v)
 }
 
+/// Serves `app` (no connect info) on a fresh loopback port; returns its address.
+async fn serve_on_loopback(app: Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
 /// The end-to-end throughput of `GET /v1/jobs/{id}`: the full stack against the same
 /// handler with no layers (only the `Principal` it reads, inserted as a fixed
 /// extension), in the same run, on loopback, in alternating 1-second rounds
@@ -1651,9 +1659,7 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
         .route("/v1/jobs/{id}", get(routes::get_job))
         .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
         .with_state(bare_state);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let bare_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, bare).await });
+    let bare_addr = serve_on_loopback(bare).await;
 
     // The crate's stack alone around the handler (no scope table, no counters): how
     // much of the difference is the portcullis layers.
@@ -1716,9 +1722,7 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
             }),
         ))
         .with_state(fields_state);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fields_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, fields_only).await });
+    let fields_addr = serve_on_loopback(fields_only).await;
     let fields_path = format!("/v1/jobs/{}", fv.id);
 
     // Rounds of 1 s, each measuring all four in turn; the order flips every round
