@@ -1615,6 +1615,40 @@ async fn serve_on_loopback(app: Router) -> SocketAddr {
     addr
 }
 
+/// The demo with every layer, for the load measurements: a rate that never runs out
+/// and one job of `client`. Returns the demo and the job's path.
+async fn launch_full_for_load() -> (Demo, String) {
+    let full = Demo::launch(Setup {
+        rate: Quota::per_second(100_000_000).unwrap(),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let job = full
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some("client"),
+            Some(r#"{"input":"bench"}"#),
+        )
+        .await
+        .id();
+    (full, format!("/v1/jobs/{job}"))
+}
+
+/// The same handler with no layers (only the `Principal` it reads, inserted as a
+/// fixed extension) on a fresh loopback port. Returns its address and one job's path.
+async fn serve_bare_for_load() -> (SocketAddr, String) {
+    use axum::Extension;
+    use axum::routing::get;
+    use portcullis::{AuthMethod, Principal};
+    let (bare_state, v) = bench_state();
+    let bare = Router::new()
+        .route("/v1/jobs/{id}", get(routes::get_job))
+        .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
+        .with_state(bare_state);
+    (serve_on_loopback(bare).await, format!("/v1/jobs/{}", v.id))
+}
+
 /// The end-to-end throughput of `GET /v1/jobs/{id}`: the full stack against the same
 /// handler with no layers (only the `Principal` it reads, inserted as a fixed
 /// extension), in the same run, on loopback, in alternating 1-second rounds
@@ -1639,27 +1673,8 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
             .try_init();
     }
 
-    let full = Demo::launch(Setup {
-        rate: Quota::per_second(100_000_000).unwrap(),
-        ..Setup::new(fast_queue(), None)
-    })
-    .await;
-    let full_job = full
-        .call(
-            "POST",
-            "/v1/jobs",
-            Some("client"),
-            Some(r#"{"input":"bench"}"#),
-        )
-        .await
-        .id();
-
-    let (bare_state, v) = bench_state();
-    let bare = Router::new()
-        .route("/v1/jobs/{id}", get(routes::get_job))
-        .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
-        .with_state(bare_state);
-    let bare_addr = serve_on_loopback(bare).await;
+    let (full, full_path) = launch_full_for_load().await;
+    let (bare_addr, bare_path) = serve_bare_for_load().await;
 
     // The crate's stack alone around the handler (no scope table, no counters): how
     // much of the difference is the portcullis layers.
@@ -1684,8 +1699,6 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     // The same bare handler, sending the response fields the stack adds (the values of
     // one real full-stack response, by name: what the full response has and bare's
     // lacks): what those fields cost on their own, the client's parsing included.
-    let full_path = format!("/v1/jobs/{full_job}");
-    let bare_path = format!("/v1/jobs/{}", v.id);
     let full_reply = full
         .call_with("GET", &full_path, &[full.auth("client")], None)
         .await;
@@ -1788,6 +1801,40 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     );
     assert!(mf > 0.0 && mb > 0.0);
     full.shutdown().await;
+}
+
+/// One configuration of the throughput measurement alone, for a profiler:
+/// `PORTCULLIS_BENCH_CONFIG` = `bare` or `full` (default), loaded for
+/// `PORTCULLIS_BENCH_SECS` seconds (default 10) after a 1-second warm-up, as
+/// [`throughput_of_the_read_endpoint_full_stack_against_bare`] loads it; prints the
+/// requests per second. Where the time goes, per function, client and kernel
+/// included: run it under `perf record -F 1000 -e cpu-clock` once per configuration
+/// and divide each function's samples by the requests served (warm-up included).
+/// `cargo test --release --example queue_service -- --ignored --nocapture one_configuration`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for a profiler (about 11 s)"]
+async fn throughput_of_one_configuration_for_a_profiler() {
+    let config = std::env::var("PORTCULLIS_BENCH_CONFIG").unwrap_or_else(|_| "full".into());
+    let secs: u64 = std::env::var("PORTCULLIS_BENCH_SECS").map_or(10, |v| v.parse().unwrap());
+    let full = match config.as_str() {
+        "bare" => None,
+        "full" => Some(launch_full_for_load().await),
+        other => panic!("PORTCULLIS_BENCH_CONFIG is `bare` or `full`, not `{other}`"),
+    };
+    let (addr, path, auth) = match &full {
+        Some((demo, path)) => (demo.addr, path.clone(), Some(demo.auth("client"))),
+        None => {
+            let (addr, path) = serve_bare_for_load().await;
+            (addr, path, None)
+        }
+    };
+    load(addr, &path, auth, 32, Duration::from_secs(1)).await;
+    let rate = load(addr, &path, auth, 32, Duration::from_secs(secs)).await;
+    println!("{config}: {rate:.0} req/s over {secs} s (after 1 s of warm-up)");
+    assert!(rate > 0.0);
+    if let Some((demo, _)) = full {
+        demo.shutdown().await;
+    }
 }
 
 /// Instructions per request, in process (no TCP): run under callgrind with
