@@ -116,6 +116,10 @@ pub struct GuardConfig {
     pub auth_failures: Quota,
     /// The shared Redis limiter, else limits are per instance.
     pub redis: Option<RedisLimiter>,
+    /// Whether responses carry the `RateLimit-Policy` and `RateLimit` fields
+    /// (default true, as the design asks). The throughput measurement turns them
+    /// off to show what they cost.
+    pub rate_limit_fields: bool,
 }
 
 impl GuardConfig {
@@ -136,6 +140,7 @@ impl GuardConfig {
             worker_rate: Quota::per_second(1000)?,
             auth_failures: Quota::new(10, Duration::from_secs(300))?,
             redis: None,
+            rate_limit_fields: true,
         })
     }
 }
@@ -158,7 +163,9 @@ impl Guard {
             .audience(AUDIENCE)
             .build()?;
         let policy = Policy::new("demo", c.rate)?.principal(WORKER_SUBJECT, c.worker_rate)?;
-        let mut rate = RateLimitLayer::builder().policy(policy);
+        let mut rate = RateLimitLayer::builder()
+            .policy(policy)
+            .fields(c.rate_limit_fields);
         if let Some(redis) = c.redis {
             rate = rate.redis(redis);
         }

@@ -53,6 +53,7 @@ struct Setup {
     secret: TokenSecret,
     /// The in-process worker's token issuer instead of the guard's.
     worker_issuer: Option<portcullis::jwt::TokenIssuer>,
+    rate_limit_fields: bool,
 }
 
 impl Setup {
@@ -68,6 +69,7 @@ impl Setup {
             redis: None,
             secret: TokenSecret::generate().unwrap(),
             worker_issuer: None,
+            rate_limit_fields: true,
         }
     }
 }
@@ -108,6 +110,7 @@ impl Demo {
         config.rate = setup.rate;
         config.auth_failures = setup.auth_failures;
         config.redis = setup.redis;
+        config.rate_limit_fields = setup.rate_limit_fields;
         let guard = Guard::new(config).unwrap();
         for (name, sub, scope) in [
             ("worker", "test-worker", "jobs:work"),
@@ -1616,10 +1619,12 @@ async fn serve_on_loopback(app: Router) -> SocketAddr {
 }
 
 /// The demo with every layer, for the load measurements: a rate that never runs out
-/// and one job of `client`. Returns the demo and the job's path.
-async fn launch_full_for_load() -> (Demo, String) {
+/// and one job of `client`; with or without the `RateLimit` fields. Returns the demo
+/// and the job's path.
+async fn launch_full_for_load(rate_limit_fields: bool) -> (Demo, String) {
     let full = Demo::launch(Setup {
         rate: Quota::per_second(100_000_000).unwrap(),
+        rate_limit_fields,
         ..Setup::new(fast_queue(), None)
     })
     .await;
@@ -1652,11 +1657,11 @@ async fn serve_bare_for_load() -> (SocketAddr, String) {
 /// The end-to-end throughput of `GET /v1/jobs/{id}`: the full stack against the same
 /// handler with no layers (only the `Principal` it reads, inserted as a fixed
 /// extension), in the same run, on loopback, in alternating 1-second rounds
-/// (`PORTCULLIS_BENCH_ROUNDS`, default 11). Two more configurations in the same rounds
-/// split the difference: the crate's `StackLayer` alone, and the bare handler sending
-/// the response fields the stack adds (no layers). The full
-/// stack's JSON logs go through the redacting writer into a sink, as `main` writes
-/// them to standard error. Run alone:
+/// (`PORTCULLIS_BENCH_ROUNDS`, default 11). Three more configurations in the same
+/// rounds split the difference: the crate's `StackLayer` alone, the bare handler
+/// sending the response fields the stack adds (no layers), and the full demo without
+/// the `RateLimit` fields. The full stack's JSON logs go through the redacting writer
+/// into a sink, as `main` writes them to standard error. Run alone:
 /// `cargo test --release --example queue_service -- --ignored --nocapture throughput`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement (about 50 s); run it with --ignored --nocapture"]
@@ -1673,7 +1678,8 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
             .try_init();
     }
 
-    let (full, full_path) = launch_full_for_load().await;
+    let (full, full_path) = launch_full_for_load(true).await;
+    let (unfielded, unfielded_path) = launch_full_for_load(false).await;
     let (bare_addr, bare_path) = serve_bare_for_load().await;
 
     // The crate's stack alone around the handler (no scope table, no counters): how
@@ -1707,7 +1713,19 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
         format!("GET {bare_path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await;
-    assert_eq!((full_reply.status, bare_reply.status), (200, 200));
+    let unfielded_reply = unfielded
+        .call_with("GET", &unfielded_path, &[unfielded.auth("client")], None)
+        .await;
+    assert_eq!(
+        (full_reply.status, bare_reply.status, unfielded_reply.status),
+        (200, 200, 200)
+    );
+    for name in ["ratelimit", "ratelimit-policy"] {
+        assert!(
+            unfielded_reply.header(name).is_none(),
+            "{unfielded_reply:?}"
+        );
+    }
     let added: Vec<(axum::http::HeaderName, axum::http::HeaderValue)> = full_reply
         .headers
         .iter()
@@ -1738,55 +1756,61 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     let fields_addr = serve_on_loopback(fields_only).await;
     let fields_path = format!("/v1/jobs/{}", fv.id);
 
-    // Rounds of 1 s, each measuring all four in turn; the order flips every round
-    // (bare, full, stack, fields / fields, stack, full, bare), so a drift of the
-    // shared machine's speed within a round cancels out. The figure is the median of
-    // the per-round ratios.
+    // Rounds of 1 s, each measuring all five in turn; the order flips every round
+    // (bare, full, stack, fields, unfielded / the reverse), so a drift of the shared
+    // machine's speed within a round cancels out. The figure is the median of the
+    // per-round ratios.
     let rounds: usize = std::env::var("PORTCULLIS_BENCH_ROUNDS").map_or(11, |v| v.parse().unwrap());
     let (conns, dur) = (32, Duration::from_secs(1));
-    let full_auth = full.auth("client");
+    let (full_auth, unfielded_auth) = (full.auth("client"), unfielded.auth("client"));
+    const CONFIGS: usize = 5;
     let run = |which: usize| {
         let (addr, path, auth) = match which {
             0 => (bare_addr, bare_path.as_str(), None),
             1 => (full.addr, full_path.as_str(), Some(full_auth)),
             2 => (stack_addr, stack_path.as_str(), Some(stack_key.as_str())),
-            _ => (fields_addr, fields_path.as_str(), None),
+            3 => (fields_addr, fields_path.as_str(), None),
+            _ => (
+                unfielded.addr,
+                unfielded_path.as_str(),
+                Some(unfielded_auth),
+            ),
         };
         load(addr, path, auth, conns, dur)
     };
     // Warm-up.
-    for which in 0..4 {
+    for which in 0..CONFIGS {
         run(which).await;
     }
-    let (mut b, mut f, mut st, mut fo) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut rates: [Vec<f64>; CONFIGS] = Default::default();
     for round in 0..rounds {
-        let mut r = [0.0; 4];
-        let order = if round % 2 == 0 {
-            [0, 1, 2, 3]
-        } else {
-            [3, 2, 1, 0]
-        };
-        for which in order {
-            r[which] = run(which).await;
+        let mut order: Vec<usize> = (0..CONFIGS).collect();
+        if round % 2 == 1 {
+            order.reverse();
         }
-        b.push(r[0]);
-        f.push(r[1]);
-        st.push(r[2]);
-        fo.push(r[3]);
+        for which in order {
+            rates[which].push(run(which).await);
+        }
     }
+    let [b, f, st, fo, uf] = &rates;
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let ratios = |x: &[f64]| x.iter().zip(&b).map(|(x, b)| x / b).collect::<Vec<_>>();
-    let (rf, rs) = (ratios(&f), ratios(&st));
-    let (mf, mb, ms) = (median(&f), median(&b), median(&st));
+    let ratios = |x: &[f64]| x.iter().zip(b).map(|(x, b)| x / b).collect::<Vec<_>>();
+    let (rf, rs) = (ratios(f), ratios(st));
+    let (mf, mb, ms) = (median(f), median(b), median(st));
     println!(
         "bare sending the stack's response fields ({}): {:.0} req/s, {:.1}% of bare (median of {rounds} per-round ratios)",
         names.join(", "),
-        median(&fo),
-        100.0 * median(&ratios(&fo))
+        median(fo),
+        100.0 * median(&ratios(fo))
+    );
+    println!(
+        "the full demo without the RateLimit fields: {:.0} req/s, {:.1}% of bare (median of {rounds} per-round ratios)",
+        median(uf),
+        100.0 * median(&ratios(uf))
     );
     println!(
         "the crate's StackLayer alone: {ms:.0} req/s, {:.1}% of bare (median of {rounds} per-round ratios)",
@@ -1801,6 +1825,7 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     );
     assert!(mf > 0.0 && mb > 0.0);
     full.shutdown().await;
+    unfielded.shutdown().await;
 }
 
 /// One configuration of the throughput measurement alone, for a profiler:
@@ -1818,7 +1843,7 @@ async fn throughput_of_one_configuration_for_a_profiler() {
     let secs: u64 = std::env::var("PORTCULLIS_BENCH_SECS").map_or(10, |v| v.parse().unwrap());
     let full = match config.as_str() {
         "bare" => None,
-        "full" => Some(launch_full_for_load().await),
+        "full" => Some(launch_full_for_load(true).await),
         other => panic!("PORTCULLIS_BENCH_CONFIG is `bare` or `full`, not `{other}`"),
     };
     let (addr, path, auth) = match &full {
