@@ -1664,7 +1664,7 @@ async fn serve_bare_for_load() -> (SocketAddr, String) {
 /// into a sink, as `main` writes them to standard error. Run alone:
 /// `cargo test --release --example queue_service -- --ignored --nocapture throughput`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement (about 50 s); run it with --ignored --nocapture"]
+#[ignore = "a measurement (about 60 s); run it with --ignored --nocapture"]
 async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
     use axum::Extension;
     use axum::routing::get;
@@ -1838,7 +1838,7 @@ async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
 /// `cargo test --release --example queue_service -- --ignored --nocapture one_configuration`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement for a profiler (about 11 s)"]
-async fn throughput_of_one_configuration_for_a_profiler() {
+async fn load_one_configuration_for_a_profiler() {
     let config = std::env::var("PORTCULLIS_BENCH_CONFIG").unwrap_or_else(|_| "full".into());
     let secs: u64 = std::env::var("PORTCULLIS_BENCH_SECS").map_or(10, |v| v.parse().unwrap());
     let full = match config.as_str() {
