@@ -54,7 +54,7 @@ impl Policy {
 /// Layer applying [`IpAllowlist`].
 #[derive(Clone, Debug)]
 pub struct IpAllowlistLayer {
-    pub(crate) policy: Arc<Policy>,
+    policy: Arc<Policy>,
 }
 
 impl IpAllowlistLayer {
@@ -144,38 +144,20 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        call_with(&self.policy, req, |req| self.inner.call(req))
+        let ip = req.extensions().get::<ClientIp>().copied();
+        match self.policy.check(ip) {
+            Ok(()) => ResponseFuture::inner(self.inner.call(req)),
+            Err(reason) => {
+                tracing::info!(
+                    target: crate::audit::TARGET,
+                    event = "ip_denied",
+                    reason = reason.as_str(),
+                    client_ip = ip.map(tracing::field::display),
+                );
+                ResponseFuture::rejected(Rejection::forbidden(reason).into_response())
+            }
+        }
     }
-}
-
-/// The layer's work around `next`, the inner service's call (shared with the
-/// assembled stack, which holds its layers' settings behind one reference count).
-#[inline]
-pub(crate) fn call_with<ReqBody, ResBody, F>(
-    policy: &Policy,
-    req: Request<ReqBody>,
-    next: impl FnOnce(Request<ReqBody>) -> F,
-) -> ResponseFuture<F, ResBody>
-where
-    ResBody: From<Bytes>,
-{
-    match admit(policy, req.extensions().get::<ClientIp>().copied()) {
-        Ok(()) => ResponseFuture::inner(next(req)),
-        Err(reason) => ResponseFuture::rejected(Rejection::forbidden(reason).into_response()),
-    }
-}
-
-/// The layer's decision on the request's client address (the assembled stack
-/// passes the address it just resolved); a refusal is audited here.
-pub(crate) fn admit(policy: &Policy, ip: Option<ClientIp>) -> Result<(), DenialReason> {
-    policy.check(ip).inspect_err(|reason| {
-        tracing::info!(
-            target: crate::audit::TARGET,
-            event = "ip_denied",
-            reason = reason.as_str(),
-            client_ip = ip.map(tracing::field::display),
-        );
-    })
 }
 
 #[cfg(test)]

@@ -186,7 +186,7 @@ pub(crate) struct Config {
 /// [`Principal`]. See the [module docs](self).
 #[derive(Clone)]
 pub struct AuthenticateLayer {
-    pub(crate) config: Arc<Config>,
+    config: Arc<Config>,
 }
 
 impl AuthenticateLayer {
@@ -501,47 +501,22 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        call_with(&self.config, req, |req| self.inner.call(req))
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let config = &*self.config;
+        if let Some(p) = &config.unauthenticated {
+            req.extensions_mut().insert(p.clone());
+            return ResponseFuture::inner_with(self.inner.call(req), Some(p.clone()));
+        }
+        let client_ip = req.extensions().get::<ClientIp>().copied();
+        match config.authenticate(req.headers(), req.uri(), client_ip) {
+            Ok((principal, source)) => {
+                config.hide(&mut req, source);
+                req.extensions_mut().insert(principal.clone());
+                ResponseFuture::inner_with(self.inner.call(req), Some(principal))
+            }
+            Err(reason) => ResponseFuture::rejected(self.config.rejection(reason).into_response()),
+        }
     }
-}
-
-/// The layer's work around `next`, the inner service's call (shared with the
-/// assembled stack, which holds its layers' settings behind one reference count).
-#[inline]
-pub(crate) fn call_with<ReqBody, ResBody, F>(
-    config: &Config,
-    mut req: Request<ReqBody>,
-    next: impl FnOnce(Request<ReqBody>) -> F,
-) -> ResponseFuture<F, ResBody>
-where
-    ResBody: From<Bytes>,
-{
-    let client_ip = req.extensions().get::<ClientIp>().copied();
-    match admit(config, &mut req, client_ip) {
-        Ok(principal) => ResponseFuture::inner_with(next(req), Some(principal)),
-        Err(reason) => ResponseFuture::rejected(config.rejection(reason).into_response()),
-    }
-}
-
-/// The layer's request-side work, in place: authenticates the request (the client
-/// address is the request's [`ClientIp`], which the assembled stack passes as it
-/// resolved it), hides the credential and inserts the [`Principal`] into the request
-/// extensions. Returns the principal (for the response extensions) or the reason of
-/// the refusal (see [`Config::rejection`]).
-pub(crate) fn admit<ReqBody>(
-    config: &Config,
-    req: &mut Request<ReqBody>,
-    client_ip: Option<ClientIp>,
-) -> Result<Principal, DenialReason> {
-    if let Some(p) = &config.unauthenticated {
-        req.extensions_mut().insert(p.clone());
-        return Ok(p.clone());
-    }
-    let (principal, source) = config.authenticate(req.headers(), req.uri(), client_ip)?;
-    config.hide(req, source);
-    req.extensions_mut().insert(principal.clone());
-    Ok(principal)
 }
 
 /// Response future of [`Authenticate`]: the inner service's future, which also

@@ -194,7 +194,7 @@ fn fallback16() -> [u8; 16] {
 /// Layer applying [`SetRequestId`]; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct RequestIdLayer {
-    pub(crate) header: HeaderName,
+    header: HeaderName,
 }
 
 impl Default for RequestIdLayer {
@@ -266,46 +266,36 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        call_with(&self.header, req, |req| self.inner.call(req))
-    }
-}
-
-/// The layer's work around `next`, the inner service's call (shared with the
-/// assembled stack, which holds its layers' settings behind one reference count).
-pub(crate) fn call_with<ReqBody, F>(
-    header: &HeaderName,
-    mut req: Request<ReqBody>,
-    next: impl FnOnce(Request<ReqBody>) -> F,
-) -> ResponseFuture<F> {
-    // One lookup for both the check and the replacement.
-    let id = match req.headers_mut().entry(header) {
-        Entry::Occupied(mut e) => {
-            let mut values = e.iter();
-            let kept = match (values.next(), values.next()) {
-                (Some(v), None) => RequestId::parse(v.as_bytes()),
-                _ => None,
-            };
-            match kept {
-                // The request already carries exactly this one value.
-                Some(id) => id,
-                None => {
-                    let id = RequestId::generate();
-                    e.insert(id.header_value().clone());
-                    id
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // One lookup for both the check and the replacement.
+        let id = match req.headers_mut().entry(&self.header) {
+            Entry::Occupied(mut e) => {
+                let mut values = e.iter();
+                let kept = match (values.next(), values.next()) {
+                    (Some(v), None) => RequestId::parse(v.as_bytes()),
+                    _ => None,
+                };
+                match kept {
+                    // The request already carries exactly this one value.
+                    Some(id) => id,
+                    None => {
+                        let id = RequestId::generate();
+                        e.insert(id.header_value().clone());
+                        id
+                    }
                 }
             }
+            Entry::Vacant(e) => {
+                let id = RequestId::generate();
+                e.insert(id.header_value().clone());
+                id
+            }
+        };
+        req.extensions_mut().insert(id.clone());
+        ResponseFuture {
+            inner: self.inner.call(req),
+            header: Some((self.header.clone(), id)),
         }
-        Entry::Vacant(e) => {
-            let id = RequestId::generate();
-            e.insert(id.header_value().clone());
-            id
-        }
-    };
-    req.extensions_mut().insert(id.clone());
-    ResponseFuture {
-        inner: next(req),
-        header: Some((header.clone(), id)),
     }
 }
 

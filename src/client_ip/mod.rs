@@ -301,7 +301,7 @@ where
 /// Resolves [`ClientIp`] once per request; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct ClientIpLayer {
-    pub(crate) config: std::sync::Arc<ClientIpConfig>,
+    config: std::sync::Arc<ClientIpConfig>,
 }
 
 impl ClientIpLayer {
@@ -377,36 +377,22 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        call_with(&self.config, req, |req| self.inner.call(req))
-    }
-}
-
-/// The layer's work around `next`, the inner service's call (shared with the
-/// assembled stack, which holds its layers' settings behind one reference count).
-#[inline]
-pub(crate) fn call_with<ReqBody, ResBody, F>(
-    config: &ClientIpConfig,
-    mut req: Request<ReqBody>,
-    next: impl FnOnce(Request<ReqBody>) -> F,
-) -> ClientIpFuture<F, ResBody>
-where
-    ResBody: From<Bytes>,
-{
-    match resolve_into(config, &mut req) {
-        Ok(ip) => ResponseFuture::inner_with(next(req), ip),
-        Err(NoPeer) => ResponseFuture::rejected(Rejection::misconfigured().into_response()),
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        match resolve(&self.config, &mut req) {
+            Ok(ip) => ResponseFuture::inner_with(self.inner.call(req), ip),
+            Err(NoPeer) => ResponseFuture::rejected(Rejection::misconfigured().into_response()),
+        }
     }
 }
 
 /// A request without a peer address: a wiring bug, answered with 500.
-pub(crate) struct NoPeer;
+struct NoPeer;
 
 /// The layer's request-side work, in place: resolves the client address and inserts
 /// it into the request extensions. Returns the address (also for the response
 /// extensions), `Ok(None)` when a trusted proxy reported none, `Err` (logged) when
 /// the request has no peer address.
-pub(crate) fn resolve_into<ReqBody>(
+fn resolve<ReqBody>(
     config: &ClientIpConfig,
     req: &mut Request<ReqBody>,
 ) -> Result<Option<ClientIp>, NoPeer> {

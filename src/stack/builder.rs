@@ -1,0 +1,514 @@
+//! [`StackBuilder`]: the stack's settings, checked once by [`StackBuilder::build`].
+
+use std::fmt;
+#[cfg(feature = "jwt")]
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{DEFAULT_QUOTA, StackLayer};
+use crate::access_log::AccessLogLayer;
+use crate::allowlist::IpAllowlistLayer;
+use crate::api_key::ApiKeys;
+use crate::authenticate::AuthenticateLayer;
+use crate::client_ip::{ClientIpConfig, ClientIpLayer, ForwardedHeader};
+#[cfg(feature = "jwt")]
+use crate::jwt::TokenVerifier;
+use crate::rate_limit::{AuthThrottleLayer, Policy, Quota, RateLimitLayer};
+use crate::request_id::RequestIdLayer;
+use crate::{ConfigError, IpSet, Scopes};
+
+/// The longest quota list accepted, in bytes.
+const MAX_QUOTA_LIST_LEN: usize = 256;
+/// The most quotas in one list (the rate limiter's policy limit).
+const MAX_QUOTAS: usize = 4;
+
+/// Parses one quota: `<count>/<window>`, where the window is an optional whole
+/// number followed by a unit: `s`, `sec`, `second(s)`; `m`, `min`, `minute(s)`;
+/// `h`, `hour(s)`; `d`, `day(s)`. Spaces around the parts are ignored.
+///
+/// `100/s` is 100 requests per second; `10/5m` is 10 per 5 minutes; `5000/h` 5000
+/// per hour. A zero count or window, a window that is not whole seconds, or anything
+/// else is an error (the message never repeats the input).
+///
+/// ```
+/// use std::time::Duration;
+/// use portcullis::stack::parse_quota;
+/// let q = parse_quota("10/5m")?;
+/// assert_eq!((q.count(), q.window()), (10, Duration::from_secs(300)));
+/// assert!(parse_quota("0/s").is_err());
+/// assert!(parse_quota("10 per second").is_err());
+/// # Ok::<(), portcullis::ConfigError>(())
+/// ```
+pub fn parse_quota(s: &str) -> Result<Quota, ConfigError> {
+    let (count, window) = s
+        .split_once('/')
+        .ok_or_else(|| ConfigError::new("quota must look like 100/s or 10/5m"))?;
+    let count = parse_number(count.trim())
+        .ok_or_else(|| ConfigError::new("quota count must be a whole number"))?;
+    if count == 0 {
+        return Err(ConfigError::new(
+            "quota count must be at least 1 (a zero quota)",
+        ));
+    }
+    let window = window.trim();
+    let digits = window.bytes().take_while(u8::is_ascii_digit).count();
+    let (n, unit) = window.split_at(digits);
+    let n = if n.is_empty() {
+        1
+    } else {
+        parse_number(n).ok_or_else(|| ConfigError::new("quota window must be a whole number"))?
+    };
+    if n == 0 {
+        return Err(ConfigError::new("quota window must be at least 1"));
+    }
+    let unit_secs: u64 = match unit.trim() {
+        "s" | "sec" | "second" | "seconds" => 1,
+        "m" | "min" | "minute" | "minutes" => 60,
+        "h" | "hour" | "hours" => 3600,
+        "d" | "day" | "days" => 86_400,
+        _ => {
+            return Err(ConfigError::new(
+                "quota window unit must be s, m, h or d (e.g. 100/s, 10/5m)",
+            ));
+        }
+    };
+    let count = u32::try_from(count)
+        .map_err(|_| ConfigError::new("quota count must be at most 1000000000 per window"))?;
+    let secs = n
+        .checked_mul(unit_secs)
+        .ok_or_else(|| ConfigError::new("quota window must be at most 366 days"))?;
+    Quota::new(count, Duration::from_secs(secs))
+}
+
+/// Parses a comma-separated list of 1 to 4 quotas (see [`parse_quota`]), all
+/// enforced together: `100/s, 5000/h` allows bursts of 100 per second but at most
+/// 5000 an hour. Two quotas with the same window are an error. Errors name the
+/// position of the bad entry.
+///
+/// ```
+/// use portcullis::stack::parse_quotas;
+/// let qs = parse_quotas("100/s, 5000/h")?;
+/// assert_eq!(qs.len(), 2);
+/// let err = parse_quotas("100/s, 0/h").unwrap_err();
+/// assert!(err.to_string().contains("quota 2"));
+/// # Ok::<(), portcullis::ConfigError>(())
+/// ```
+pub fn parse_quotas(list: &str) -> Result<Vec<Quota>, ConfigError> {
+    if list.len() > MAX_QUOTA_LIST_LEN {
+        return Err(ConfigError::new(format!(
+            "quota list must be at most {MAX_QUOTA_LIST_LEN} bytes"
+        )));
+    }
+    let mut quotas: Vec<Quota> = Vec::new();
+    for (i, entry) in list.split(',').enumerate() {
+        let n = i + 1;
+        if n > MAX_QUOTAS {
+            return Err(ConfigError::new(format!(
+                "at most {MAX_QUOTAS} quotas in a list"
+            )));
+        }
+        if entry.trim().is_empty() {
+            return Err(ConfigError::new(format!("quota {n} is empty")));
+        }
+        let q = parse_quota(entry).map_err(|e| ConfigError::new(format!("quota {n}: {e}")))?;
+        if quotas.iter().any(|p| p.window() == q.window()) {
+            return Err(ConfigError::new(format!(
+                "quota {n}: another quota has the same window"
+            )));
+        }
+        quotas.push(q);
+    }
+    Ok(quotas)
+}
+
+/// A decimal number of at most 10 digits, nothing else (no sign, no separators).
+pub(super) fn parse_number(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// The rate-limit policies of a quota list, named after their windows (`per-1s`,
+/// `per-3600s`), as they appear in the `RateLimit-Policy` field.
+fn policies(quotas: &[Quota]) -> Result<Vec<Policy>, ConfigError> {
+    quotas
+        .iter()
+        .map(|q| Policy::new(&format!("per-{}s", q.window().as_secs()), *q))
+        .collect()
+}
+
+enum RateLimitChoice {
+    Default,
+    Quotas(String),
+    Layer(RateLimitLayer),
+}
+
+/// Builds a [`StackLayer`]; see the [module docs](self).
+///
+/// String settings are checked by [`build`](Self::build), which reports the first
+/// problem; nothing is checked at request time.
+pub struct StackBuilder {
+    request_id: RequestIdLayer,
+    access_log: AccessLogLayer,
+    client_ip: Option<ClientIpConfig>,
+    trusted_proxies: Option<String>,
+    forwarded_header: Option<ForwardedHeader>,
+    allow: Option<Result<IpSet, String>>,
+    deny: Option<Result<IpSet, String>>,
+    api_keys: Option<ApiKeys>,
+    #[cfg(feature = "jwt")]
+    service_tokens: Option<TokenVerifier>,
+    unauthenticated: Option<Scopes>,
+    realm: Option<String>,
+    throttle: Option<AuthThrottleLayer>,
+    rate_limit: RateLimitChoice,
+    #[cfg(feature = "redis")]
+    redis: Option<crate::rate_limit::redis::RedisLimiter>,
+    #[cfg(feature = "jwt")]
+    pub(super) jwks_watcher: Option<Arc<crate::jwt::KeyFileWatcher>>,
+    conflict: Option<&'static str>,
+}
+
+impl Default for StackBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for StackBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("StackBuilder");
+        d.field("client_ip", &self.client_ip)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("allowlist", &self.allow.is_some())
+            .field("denylist", &self.deny.is_some())
+            .field("api_keys", &self.api_keys.is_some());
+        #[cfg(feature = "jwt")]
+        d.field("service_tokens", &self.service_tokens.is_some());
+        d.field("unauthenticated", &self.unauthenticated.is_some())
+            .field("auth_throttle", &self.throttle)
+            .field(
+                "rate_limit",
+                &match &self.rate_limit {
+                    RateLimitChoice::Default => DEFAULT_QUOTA,
+                    RateLimitChoice::Quotas(q) => q.as_str(),
+                    RateLimitChoice::Layer(_) => "<layer>",
+                },
+            );
+        #[cfg(feature = "redis")]
+        d.field("redis", &self.redis);
+        d.finish_non_exhaustive()
+    }
+}
+
+impl StackBuilder {
+    /// An empty configuration: add credentials, then [`build`](Self::build).
+    pub fn new() -> Self {
+        Self {
+            request_id: RequestIdLayer::new(),
+            access_log: AccessLogLayer::new(),
+            client_ip: None,
+            trusted_proxies: None,
+            forwarded_header: None,
+            allow: None,
+            deny: None,
+            api_keys: None,
+            #[cfg(feature = "jwt")]
+            service_tokens: None,
+            unauthenticated: None,
+            realm: None,
+            throttle: Some(AuthThrottleLayer::recommended()),
+            rate_limit: RateLimitChoice::Default,
+            #[cfg(feature = "redis")]
+            redis: None,
+            #[cfg(feature = "jwt")]
+            jwks_watcher: None,
+            conflict: None,
+        }
+    }
+
+    /// Replaces the request-id layer (e.g. another header name).
+    pub fn request_id(mut self, layer: RequestIdLayer) -> Self {
+        self.request_id = layer;
+        self
+    }
+
+    /// Replaces the access-log layer (e.g. more sensitive headers, a request span).
+    pub fn access_log(mut self, layer: AccessLogLayer) -> Self {
+        self.access_log = layer;
+        self
+    }
+
+    /// How the client address is found (default: the TCP peer only). Conflicts with
+    /// [`trusted_proxies`](Self::trusted_proxies).
+    pub fn client_ip(mut self, config: ClientIpConfig) -> Self {
+        self.client_ip = Some(config);
+        self
+    }
+
+    /// Reads the forwarding header from peers inside these comma-separated CIDRs
+    /// (checked by [`build`](Self::build)).
+    pub fn trusted_proxies(mut self, cidrs: &str) -> Self {
+        self.trusted_proxies = Some(cidrs.to_owned());
+        self
+    }
+
+    /// Which forwarding header the trusted proxies write (default
+    /// `X-Forwarded-For`).
+    pub fn forwarded_header(mut self, header: ForwardedHeader) -> Self {
+        self.forwarded_header = Some(header);
+        self
+    }
+
+    /// Only these comma-separated CIDRs get in (checked by [`build`](Self::build)).
+    pub fn allowlist(mut self, cidrs: &str) -> Self {
+        self.allow = Some(IpSet::parse(cidrs).map_err(|e| e.to_string()));
+        self
+    }
+
+    /// Only these networks get in.
+    pub fn allow(mut self, set: IpSet) -> Self {
+        self.allow = Some(Ok(set));
+        self
+    }
+
+    /// These comma-separated CIDRs never get in, even when allowed (checked by
+    /// [`build`](Self::build)). Without an allow list, every other address is
+    /// allowed.
+    pub fn denylist(mut self, cidrs: &str) -> Self {
+        self.deny = Some(IpSet::parse(cidrs).map_err(|e| e.to_string()));
+        self
+    }
+
+    /// These networks never get in.
+    pub fn deny(mut self, set: IpSet) -> Self {
+        self.deny = Some(Ok(set));
+        self
+    }
+
+    /// Authenticates with these API keys.
+    pub fn api_keys(mut self, keys: ApiKeys) -> Self {
+        self.api_keys = Some(keys);
+        self
+    }
+
+    /// Authenticates with service tokens (JWT) checked by `verifier`; with API keys
+    /// too, a `Bearer` credential shaped like a JWT goes to the verifier.
+    #[cfg(feature = "jwt")]
+    pub fn service_tokens(mut self, verifier: TokenVerifier) -> Self {
+        self.service_tokens = Some(verifier);
+        self
+    }
+
+    /// Lets **every request in without authentication** (see
+    /// [`AuthenticateLayer::allow_unauthenticated_requests_dangerously`]). For local
+    /// development only; cannot be combined with credentials.
+    pub fn allow_unauthenticated_requests_dangerously(mut self, scopes: Scopes) -> Self {
+        self.unauthenticated = Some(scopes);
+        self
+    }
+
+    /// The realm of the `WWW-Authenticate` challenges (default `api`).
+    pub fn realm(mut self, realm: &str) -> Self {
+        self.realm = Some(realm.to_owned());
+        self
+    }
+
+    /// Replaces the failed-authentication throttle (default
+    /// [`AuthThrottleLayer::recommended`]).
+    pub fn auth_throttle(mut self, layer: AuthThrottleLayer) -> Self {
+        self.throttle = Some(layer);
+        self
+    }
+
+    /// Removes the failed-authentication throttle: a client may then guess
+    /// credentials as fast as the rate limit lets it. Logged as a warning on the
+    /// audit target when the stack is built. Use only when something in front
+    /// throttles failures already.
+    pub fn disable_auth_throttle_dangerously(mut self) -> Self {
+        self.throttle = None;
+        self
+    }
+
+    /// The rate-limit quotas, parsed by [`parse_quotas`] at build time (default
+    /// [`DEFAULT_QUOTA`]), keyed per principal, else per client address.
+    pub fn quotas(mut self, quotas: &str) -> Self {
+        if matches!(self.rate_limit, RateLimitChoice::Layer(_)) {
+            self.conflict = Some("set either quotas or a whole rate-limit layer, not both");
+        }
+        self.rate_limit = RateLimitChoice::Quotas(quotas.to_owned());
+        self
+    }
+
+    /// Replaces the rate limiter with a fully configured one (tiers, per-principal
+    /// overrides, a key function, Redis ...).
+    pub fn rate_limit(mut self, layer: RateLimitLayer) -> Self {
+        if matches!(self.rate_limit, RateLimitChoice::Quotas(_)) {
+            self.conflict = Some("set either quotas or a whole rate-limit layer, not both");
+        }
+        self.rate_limit = RateLimitChoice::Layer(layer);
+        self
+    }
+
+    /// Keeps the [`quotas`](Self::quotas) in Redis, shared by every instance. Not
+    /// with a whole [`rate_limit`](Self::rate_limit) layer (configure Redis on it).
+    #[cfg(feature = "redis")]
+    pub fn redis(mut self, limiter: crate::rate_limit::redis::RedisLimiter) -> Self {
+        self.redis = Some(limiter);
+        self
+    }
+
+    /// Checks the configuration and builds the stack.
+    ///
+    /// Errors: no credentials and not the unauthenticated mode; credentials together
+    /// with the unauthenticated mode; an allow, deny or trusted-proxy list that does
+    /// not parse; a bad quota; contradicting settings.
+    pub fn build(self) -> Result<StackLayer, ConfigError> {
+        if let Some(conflict) = self.conflict {
+            return Err(ConfigError::new(format!("stack: {conflict}")));
+        }
+
+        // Client address.
+        let mut client_ip = match (&self.trusted_proxies, self.client_ip) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "stack: set either trusted_proxies or a client_ip configuration, not both",
+                ));
+            }
+            (Some(cidrs), None) => ClientIpConfig::trusted_proxies(cidrs)
+                .map_err(|e| ConfigError::new(format!("trusted proxies: {e}")))?,
+            (None, Some(config)) => config,
+            (None, None) => ClientIpConfig::peer_only(),
+        };
+        if let Some(header) = self.forwarded_header {
+            if client_ip == ClientIpConfig::peer_only() {
+                return Err(ConfigError::new(
+                    "forwarded header set without trusted proxies: headers are read only from trusted proxies",
+                ));
+            }
+            client_ip = client_ip.header(header);
+        }
+
+        // Allow and deny lists.
+        let allow = self
+            .allow
+            .transpose()
+            .map_err(|e| ConfigError::new(format!("allowlist: {e}")))?;
+        let deny = self
+            .deny
+            .transpose()
+            .map_err(|e| ConfigError::new(format!("denylist: {e}")))?;
+        let allowlist = match (allow, deny) {
+            (None, None) => None,
+            (Some(allow), deny) => Some((allow, deny)),
+            (None, Some(deny)) => Some((
+                IpSet::parse("0.0.0.0/0, ::/0").expect("static networks"),
+                Some(deny),
+            )),
+        }
+        .map(|(allow, deny)| {
+            let layer = IpAllowlistLayer::new(allow);
+            match deny {
+                Some(deny) => layer.deny(deny),
+                None => layer,
+            }
+        });
+
+        // Authentication.
+        #[cfg(feature = "jwt")]
+        let has_tokens = self.service_tokens.is_some();
+        #[cfg(not(feature = "jwt"))]
+        let has_tokens = false;
+        let auth = match (self.unauthenticated, self.api_keys) {
+            (Some(_), Some(_)) => None,
+            (Some(_), None) if has_tokens => None,
+            (Some(scopes), None) => {
+                Some(AuthenticateLayer::allow_unauthenticated_requests_dangerously(scopes))
+            }
+            (None, Some(keys)) => {
+                let layer = AuthenticateLayer::api_keys(keys);
+                #[cfg(feature = "jwt")]
+                let layer = match self.service_tokens {
+                    Some(v) => layer.with_service_tokens(v),
+                    None => layer,
+                };
+                Some(layer)
+            }
+            (None, None) => {
+                #[cfg(feature = "jwt")]
+                let layer = self.service_tokens.map(AuthenticateLayer::service_tokens);
+                #[cfg(not(feature = "jwt"))]
+                let layer: Option<AuthenticateLayer> = None;
+                match layer {
+                    Some(layer) => Some(layer),
+                    None => {
+                        return Err(ConfigError::new(
+                            "stack: no credentials configured: give API keys or service tokens \
+                             (or call allow_unauthenticated_requests_dangerously for local development)",
+                        ));
+                    }
+                }
+            }
+        };
+        let Some(mut auth) = auth else {
+            return Err(ConfigError::new(
+                "stack: the unauthenticated mode cannot be combined with credentials",
+            ));
+        };
+        if let Some(realm) = &self.realm {
+            auth = auth.realm(realm)?;
+        }
+
+        // Throttle.
+        if self.throttle.is_none() {
+            tracing::warn!(
+                target: crate::audit::TARGET,
+                event = "auth_throttle_disabled",
+                "FAILED-AUTHENTICATION THROTTLING IS DISABLED: credentials can be guessed at the rate limit"
+            );
+        }
+
+        // Rate limit.
+        let rate_limit = match self.rate_limit {
+            RateLimitChoice::Layer(layer) => {
+                #[cfg(feature = "redis")]
+                if self.redis.is_some() {
+                    return Err(ConfigError::new(
+                        "stack: Redis goes on the rate-limit layer given to rate_limit, not on the stack",
+                    ));
+                }
+                layer
+            }
+            choice => {
+                let list = match &choice {
+                    RateLimitChoice::Quotas(q) => q.as_str(),
+                    _ => DEFAULT_QUOTA,
+                };
+                let quotas =
+                    parse_quotas(list).map_err(|e| ConfigError::new(format!("rate limit: {e}")))?;
+                let mut builder = RateLimitLayer::builder();
+                for p in policies(&quotas)? {
+                    builder = builder.policy(p);
+                }
+                #[cfg(feature = "redis")]
+                if let Some(redis) = self.redis {
+                    builder = builder.redis(redis);
+                }
+                builder.build()?
+            }
+        };
+
+        Ok(StackLayer {
+            request_id: self.request_id,
+            access_log: self.access_log,
+            client_ip: ClientIpLayer::new(client_ip),
+            allowlist,
+            throttle: self.throttle,
+            auth,
+            rate_limit,
+            #[cfg(feature = "jwt")]
+            _jwks_watcher: self.jwks_watcher,
+        })
+    }
+}
