@@ -218,10 +218,8 @@ pub fn parse_key(key: &str) -> Result<ParsedKey<'_>, KeyFormatError> {
     if bytes[sep] != b'_' || !is_prefix(prefix) || !all_in(body, ALNUM) {
         return Err(KeyFormatError::Shape);
     }
-    // The presented checksum read as a number and compared with the CRC, rather than
-    // the CRC written out in base62 and compared as text: the same test (six base62
-    // digits spell each number below 62^6 exactly once), with a chain of
-    // multiply-adds instead of one of divisions after the CRC.
+    // Six base62 digits spell each number below 62^6 exactly once, so comparing the
+    // number they spell with the CRC is the same test as comparing the text.
     let expected = u64::from(crc32(&bytes[..sep + 1 + RANDOM_LEN]));
     if bool::from(expected.ct_eq(&base62_value(&body[RANDOM_LEN..]))) {
         Ok(ParsedKey {
@@ -262,69 +260,9 @@ fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {
     out
 }
 
-/// Slicing-by-8 tables: `CRC_TABLES[0]` is the classic byte table, and
-/// `CRC_TABLES[k][b]` is the CRC of byte `b` followed by `k` zero bytes, so eight
-/// bytes take eight independent lookups instead of a chain of eight (this runs on
-/// every presented key, and the byte-at-a-time chain is bound by load latency).
-const CRC_TABLES: [[u32; 256]; 8] = {
-    let mut t = [[0u32; 256]; 8];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[0][i] = c;
-        i += 1;
-    }
-    let mut k = 1;
-    while k < 8 {
-        let mut i = 0;
-        while i < 256 {
-            let prev = t[k - 1][i];
-            t[k][i] = t[0][(prev & 0xff) as usize] ^ (prev >> 8);
-            i += 1;
-        }
-        k += 1;
-    }
-    t
-};
-
+/// CRC-32 (IEEE, the checksum of GitHub-style tokens) of `data`.
 fn crc32(data: &[u8]) -> u32 {
-    let t = &CRC_TABLES;
-    let mut c = !0u32;
-    let mut chunks = data.chunks_exact(8);
-    for w in &mut chunks {
-        let lo = c ^ u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-        let hi = u32::from_le_bytes([w[4], w[5], w[6], w[7]]);
-        c = t[7][(lo & 0xff) as usize]
-            ^ t[6][((lo >> 8) & 0xff) as usize]
-            ^ t[5][((lo >> 16) & 0xff) as usize]
-            ^ t[4][(lo >> 24) as usize]
-            ^ t[3][(hi & 0xff) as usize]
-            ^ t[2][((hi >> 8) & 0xff) as usize]
-            ^ t[1][((hi >> 16) & 0xff) as usize]
-            ^ t[0][(hi >> 24) as usize];
-    }
-    // The last 1 to 7 bytes the same way (byte `i` of `r` through table `r - 1 - i`),
-    // rather than one byte at a time, a chain of dependent loads as long as the tail.
-    let tail = chunks.remainder();
-    if !tail.is_empty() {
-        let r = tail.len();
-        let mut next = if r < 4 { c >> (8 * r) } else { 0 };
-        for (i, &b) in tail.iter().enumerate() {
-            let carried = if i < 4 { (c >> (8 * i)) as u8 } else { 0 };
-            next ^= t[r - 1 - i][usize::from(b ^ carried)];
-        }
-        c = next;
-    }
-    !c
+    crc32fast::hash(data)
 }
 
 #[cfg(test)]
