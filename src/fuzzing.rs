@@ -436,7 +436,7 @@ pub fn query_redaction(data: &[u8]) {
 
 /// `stack_config` target: the quota-list parser and the environment configuration
 /// of the stack. Input: lines of UTF-8; the first is parsed by
-/// [`parse_quotas`](crate::stack::parse_quotas), then each line is the value of one
+/// the quota-list parser, then each line is the value of one
 /// variable (in the order below) for
 /// [`StackBuilder::from_env_with`](crate::stack::StackBuilder::from_env_with),
 /// followed by `build`. The file-path variables are left out (no file access).
@@ -446,7 +446,9 @@ pub fn query_redaction(data: &[u8]) {
 /// quota; an error never repeats the raw API keys value.
 #[cfg(feature = "stack")]
 pub fn stack_config(data: &[u8]) {
-    use crate::stack::{StackBuilder, parse_quota, parse_quotas};
+    use crate::rate_limit::Quota;
+    use crate::rate_limit::quota::parse_list;
+    use crate::stack::StackBuilder;
     const VARS: [&str; 9] = [
         "PORTCULLIS_RATE_LIMIT",
         "PORTCULLIS_TRUSTED_PROXIES",
@@ -462,11 +464,11 @@ pub fn stack_config(data: &[u8]) {
         return;
     };
     let lines: Vec<&str> = text.split('\n').collect();
-    if let Ok(quotas) = parse_quotas(lines[0]) {
+    if let Ok(quotas) = parse_list(lines[0]) {
         assert!((1..=4).contains(&quotas.len()));
         for (i, (q, entry)) in quotas.iter().zip(lines[0].split(',')).enumerate() {
             assert!(q.count() >= 1 && q.window().as_secs() >= 1);
-            assert_eq!(parse_quota(entry).ok(), Some(*q));
+            assert_eq!(entry.parse::<Quota>().ok(), Some(*q));
             assert!(quotas[..i].iter().all(|p| p.window() != q.window()));
         }
     }

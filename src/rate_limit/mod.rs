@@ -62,7 +62,7 @@ pub mod fields;
 mod key;
 mod local;
 mod policy;
-mod quota;
+pub(crate) mod quota;
 #[cfg(feature = "redis")]
 pub mod redis;
 

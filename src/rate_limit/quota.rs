@@ -1,6 +1,7 @@
 //! Quotas and the GCRA arithmetic every backend shares.
 
 use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 use crate::ConfigError;
@@ -122,6 +123,117 @@ impl Quota {
             tau: t.saturating_mul(u64::from(self.burst) - 1),
         }
     }
+}
+
+/// The longest quota list accepted, in bytes.
+const MAX_QUOTA_LIST_LEN: usize = 256;
+/// The most quotas in one list (the rate limiter's policy limit).
+const MAX_QUOTAS: usize = 4;
+
+/// One quota: `<count>/<window>`, where the window is an optional whole
+/// number followed by a unit: `s`, `sec`, `second(s)`; `m`, `min`, `minute(s)`;
+/// `h`, `hour(s)`; `d`, `day(s)`. Spaces around the parts are ignored.
+///
+/// `100/s` is 100 requests per second; `10/5m` is 10 per 5 minutes; `5000/h` 5000
+/// per hour. A zero count or window, a window that is not whole seconds, or anything
+/// else is an error (the message never repeats the input).
+///
+/// ```
+/// use std::time::Duration;
+/// use portcullis::rate_limit::Quota;
+/// let q: Quota = "10/5m".parse()?;
+/// assert_eq!((q.count(), q.window()), (10, Duration::from_secs(300)));
+/// assert!("0/s".parse::<Quota>().is_err());
+/// assert!("10 per second".parse::<Quota>().is_err());
+/// # Ok::<(), portcullis::ConfigError>(())
+/// ```
+impl FromStr for Quota {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Quota, ConfigError> {
+        let (count, window) = s
+            .split_once('/')
+            .ok_or_else(|| ConfigError::new("quota must look like 100/s or 10/5m"))?;
+        let count = parse_number(count.trim())
+            .ok_or_else(|| ConfigError::new("quota count must be a whole number"))?;
+        if count == 0 {
+            return Err(ConfigError::new(
+                "quota count must be at least 1 (a zero quota)",
+            ));
+        }
+        let window = window.trim();
+        let digits = window.bytes().take_while(u8::is_ascii_digit).count();
+        let (n, unit) = window.split_at(digits);
+        let n = if n.is_empty() {
+            1
+        } else {
+            parse_number(n)
+                .ok_or_else(|| ConfigError::new("quota window must be a whole number"))?
+        };
+        if n == 0 {
+            return Err(ConfigError::new("quota window must be at least 1"));
+        }
+        let unit_secs: u64 = match unit.trim() {
+            "s" | "sec" | "second" | "seconds" => 1,
+            "m" | "min" | "minute" | "minutes" => 60,
+            "h" | "hour" | "hours" => 3600,
+            "d" | "day" | "days" => 86_400,
+            _ => {
+                return Err(ConfigError::new(
+                    "quota window unit must be s, m, h or d (e.g. 100/s, 10/5m)",
+                ));
+            }
+        };
+        let count = u32::try_from(count)
+            .map_err(|_| ConfigError::new("quota count must be at most 1000000000 per window"))?;
+        let secs = n
+            .checked_mul(unit_secs)
+            .ok_or_else(|| ConfigError::new("quota window must be at most 366 days"))?;
+        Quota::new(count, Duration::from_secs(secs))
+    }
+}
+
+/// Parses a comma-separated list of 1 to 4 quotas (see [`Quota`]'s `FromStr`), all
+/// enforced together: `100/s, 5000/h` allows bursts of 100 per second but at most
+/// 5000 an hour. Two quotas with the same window are an error. Errors name the
+/// position of the bad entry.
+///
+pub(crate) fn parse_list(list: &str) -> Result<Vec<Quota>, ConfigError> {
+    if list.len() > MAX_QUOTA_LIST_LEN {
+        return Err(ConfigError::new(format!(
+            "quota list must be at most {MAX_QUOTA_LIST_LEN} bytes"
+        )));
+    }
+    let mut quotas: Vec<Quota> = Vec::new();
+    for (i, entry) in list.split(',').enumerate() {
+        let n = i + 1;
+        if n > MAX_QUOTAS {
+            return Err(ConfigError::new(format!(
+                "at most {MAX_QUOTAS} quotas in a list"
+            )));
+        }
+        if entry.trim().is_empty() {
+            return Err(ConfigError::new(format!("quota {n} is empty")));
+        }
+        let q: Quota = entry
+            .parse()
+            .map_err(|e| ConfigError::new(format!("quota {n}: {e}")))?;
+        if quotas.iter().any(|p| p.window() == q.window()) {
+            return Err(ConfigError::new(format!(
+                "quota {n}: another quota has the same window"
+            )));
+        }
+        quotas.push(q);
+    }
+    Ok(quotas)
+}
+
+/// A decimal number of at most 10 digits, nothing else (no sign, no separators).
+pub(crate) fn parse_number(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 impl fmt::Debug for Quota {
@@ -275,5 +387,104 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod parser_tests {
+    use std::time::Duration;
+
+    use super::{Quota, parse_list as parse_quotas};
+    use proptest::prelude::*;
+
+    fn parse_quota(s: &str) -> Result<Quota, crate::ConfigError> {
+        s.parse()
+    }
+
+    const UNITS: &[(&str, u64)] = &[
+        ("s", 1),
+        ("sec", 1),
+        ("second", 1),
+        ("seconds", 1),
+        ("m", 60),
+        ("min", 60),
+        ("minute", 60),
+        ("h", 3600),
+        ("hour", 3600),
+        ("hours", 3600),
+        ("d", 86_400),
+        ("day", 86_400),
+        ("days", 86_400),
+    ];
+
+    proptest! {
+        /// Any well-formed quota parses to exactly its count and window.
+        #[test]
+        fn well_formed_quotas_parse_exactly(
+            count in 1u32..=1_000_000_000,
+            n in proptest::option::of(1u64..=60),
+            unit in 0..UNITS.len(),
+            sp in "[ ]{0,2}",
+        ) {
+            let (name, secs) = UNITS[unit];
+            let window = n.map_or(String::new(), |n| n.to_string());
+            let s = format!("{sp}{count}{sp}/{sp}{window}{name}{sp}");
+            let q = parse_quota(&s).unwrap();
+            prop_assert_eq!(q.count(), count);
+            prop_assert_eq!(q.window(), Duration::from_secs(n.unwrap_or(1) * secs));
+            prop_assert_eq!(q.burst(), count);
+        }
+
+        /// Arbitrary input never panics, and an error never repeats the input.
+        #[test]
+        fn arbitrary_input_never_panics_or_echoes(s in "\\PC{0,40}") {
+            if let Err(e) = parse_quotas(&s) {
+                let msg = e.to_string();
+                prop_assert!(s.len() < 4 || !msg.contains(s.as_str()));
+            }
+        }
+
+        /// A zero count is always refused.
+        #[test]
+        fn zero_is_refused(unit in 0..UNITS.len(), zeros in 1usize..4) {
+            let s = format!("{}/{}", "0".repeat(zeros), UNITS[unit].0);
+            prop_assert!(parse_quota(&s).is_err());
+        }
+
+        /// A list parses to its entries in order; the same window twice is refused.
+        #[test]
+        fn lists_keep_order_and_refuse_duplicate_windows(
+            a in 1u32..10_000, b in 1u32..10_000,
+        ) {
+            let qs = parse_quotas(&format!("{a}/s, {b}/h")).unwrap();
+            prop_assert_eq!(qs.len(), 2);
+            prop_assert_eq!((qs[0].count(), qs[1].count()), (a, b));
+            let dup = format!("{a}/s,{b}/1s");
+            prop_assert!(parse_quotas(&dup).is_err());
+        }
+    }
+
+    #[test]
+    fn edges() {
+        assert!(parse_quota("1000000000/s").is_ok());
+        assert!(parse_quota("1000000001/s").is_err());
+        assert!(parse_quota("99999999999/s").is_err());
+        assert!(parse_quota("1/366d").is_ok());
+        assert!(parse_quota("1/367d").is_err());
+        assert!(
+            parse_quota("1/9999999999d").is_err(),
+            "overflow is an error"
+        );
+        assert!(parse_quota("+1/s").is_err());
+        assert!(parse_quota("1/-1s").is_err());
+        assert!(parse_quota("1/S").is_err(), "units are lower case");
+        assert!(parse_quota("1//s").is_err());
+        assert!(parse_quota("1/s/s").is_err());
+        assert!(parse_quotas("1/s,2/m,3/h,4/d").is_ok());
+        assert!(
+            parse_quotas("1/s,2/m,3/h,4/d,5/2d").is_err(),
+            "at most four"
+        );
+        assert!(parse_quotas(&"1".repeat(300)).is_err());
     }
 }

@@ -3,7 +3,6 @@
 use std::fmt;
 #[cfg(feature = "jwt")]
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::{DEFAULT_QUOTA, StackLayer};
 use crate::access_log::AccessLogLayer;
@@ -16,118 +15,6 @@ use crate::jwt::TokenVerifier;
 use crate::rate_limit::{AuthThrottleLayer, Policy, Quota, RateLimitLayer};
 use crate::request_id::RequestIdLayer;
 use crate::{ConfigError, IpSet, Scopes};
-
-/// The longest quota list accepted, in bytes.
-const MAX_QUOTA_LIST_LEN: usize = 256;
-/// The most quotas in one list (the rate limiter's policy limit).
-const MAX_QUOTAS: usize = 4;
-
-/// Parses one quota: `<count>/<window>`, where the window is an optional whole
-/// number followed by a unit: `s`, `sec`, `second(s)`; `m`, `min`, `minute(s)`;
-/// `h`, `hour(s)`; `d`, `day(s)`. Spaces around the parts are ignored.
-///
-/// `100/s` is 100 requests per second; `10/5m` is 10 per 5 minutes; `5000/h` 5000
-/// per hour. A zero count or window, a window that is not whole seconds, or anything
-/// else is an error (the message never repeats the input).
-///
-/// ```
-/// use std::time::Duration;
-/// use portcullis::stack::parse_quota;
-/// let q = parse_quota("10/5m")?;
-/// assert_eq!((q.count(), q.window()), (10, Duration::from_secs(300)));
-/// assert!(parse_quota("0/s").is_err());
-/// assert!(parse_quota("10 per second").is_err());
-/// # Ok::<(), portcullis::ConfigError>(())
-/// ```
-pub fn parse_quota(s: &str) -> Result<Quota, ConfigError> {
-    let (count, window) = s
-        .split_once('/')
-        .ok_or_else(|| ConfigError::new("quota must look like 100/s or 10/5m"))?;
-    let count = parse_number(count.trim())
-        .ok_or_else(|| ConfigError::new("quota count must be a whole number"))?;
-    if count == 0 {
-        return Err(ConfigError::new(
-            "quota count must be at least 1 (a zero quota)",
-        ));
-    }
-    let window = window.trim();
-    let digits = window.bytes().take_while(u8::is_ascii_digit).count();
-    let (n, unit) = window.split_at(digits);
-    let n = if n.is_empty() {
-        1
-    } else {
-        parse_number(n).ok_or_else(|| ConfigError::new("quota window must be a whole number"))?
-    };
-    if n == 0 {
-        return Err(ConfigError::new("quota window must be at least 1"));
-    }
-    let unit_secs: u64 = match unit.trim() {
-        "s" | "sec" | "second" | "seconds" => 1,
-        "m" | "min" | "minute" | "minutes" => 60,
-        "h" | "hour" | "hours" => 3600,
-        "d" | "day" | "days" => 86_400,
-        _ => {
-            return Err(ConfigError::new(
-                "quota window unit must be s, m, h or d (e.g. 100/s, 10/5m)",
-            ));
-        }
-    };
-    let count = u32::try_from(count)
-        .map_err(|_| ConfigError::new("quota count must be at most 1000000000 per window"))?;
-    let secs = n
-        .checked_mul(unit_secs)
-        .ok_or_else(|| ConfigError::new("quota window must be at most 366 days"))?;
-    Quota::new(count, Duration::from_secs(secs))
-}
-
-/// Parses a comma-separated list of 1 to 4 quotas (see [`parse_quota`]), all
-/// enforced together: `100/s, 5000/h` allows bursts of 100 per second but at most
-/// 5000 an hour. Two quotas with the same window are an error. Errors name the
-/// position of the bad entry.
-///
-/// ```
-/// use portcullis::stack::parse_quotas;
-/// let qs = parse_quotas("100/s, 5000/h")?;
-/// assert_eq!(qs.len(), 2);
-/// let err = parse_quotas("100/s, 0/h").unwrap_err();
-/// assert!(err.to_string().contains("quota 2"));
-/// # Ok::<(), portcullis::ConfigError>(())
-/// ```
-pub fn parse_quotas(list: &str) -> Result<Vec<Quota>, ConfigError> {
-    if list.len() > MAX_QUOTA_LIST_LEN {
-        return Err(ConfigError::new(format!(
-            "quota list must be at most {MAX_QUOTA_LIST_LEN} bytes"
-        )));
-    }
-    let mut quotas: Vec<Quota> = Vec::new();
-    for (i, entry) in list.split(',').enumerate() {
-        let n = i + 1;
-        if n > MAX_QUOTAS {
-            return Err(ConfigError::new(format!(
-                "at most {MAX_QUOTAS} quotas in a list"
-            )));
-        }
-        if entry.trim().is_empty() {
-            return Err(ConfigError::new(format!("quota {n} is empty")));
-        }
-        let q = parse_quota(entry).map_err(|e| ConfigError::new(format!("quota {n}: {e}")))?;
-        if quotas.iter().any(|p| p.window() == q.window()) {
-            return Err(ConfigError::new(format!(
-                "quota {n}: another quota has the same window"
-            )));
-        }
-        quotas.push(q);
-    }
-    Ok(quotas)
-}
-
-/// A decimal number of at most 10 digits, nothing else (no sign, no separators).
-pub(super) fn parse_number(s: &str) -> Option<u64> {
-    if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
-}
 
 /// The rate-limit policies of a quota list, named after their windows (`per-1s`,
 /// `per-3600s`), as they appear in the `RateLimit-Policy` field.
@@ -331,7 +218,8 @@ impl StackBuilder {
         self
     }
 
-    /// The rate-limit quotas, parsed by [`parse_quotas`] at build time (default
+    /// The rate-limit quotas, e.g. `100/s, 5000/h`: 1 to 4 comma-separated
+    /// [`Quota`]s (see its `FromStr`), enforced together, parsed at build time (default
     /// [`DEFAULT_QUOTA`]), keyed per principal, else per client address.
     pub fn quotas(mut self, quotas: &str) -> Self {
         if matches!(self.rate_limit, RateLimitChoice::Layer(_)) {
@@ -485,8 +373,8 @@ impl StackBuilder {
                     RateLimitChoice::Quotas(q) => q.as_str(),
                     _ => DEFAULT_QUOTA,
                 };
-                let quotas =
-                    parse_quotas(list).map_err(|e| ConfigError::new(format!("rate limit: {e}")))?;
+                let quotas = crate::rate_limit::quota::parse_list(list)
+                    .map_err(|e| ConfigError::new(format!("rate limit: {e}")))?;
                 let mut builder = RateLimitLayer::builder();
                 for p in policies(&quotas)? {
                     builder = builder.policy(p);

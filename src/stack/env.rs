@@ -4,10 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::StackBuilder;
-use super::builder::{parse_number, parse_quota, parse_quotas};
 use crate::api_key::{ApiKeys, KeyStore};
 use crate::client_ip::{ClientIpConfig, ForwardedHeader};
 use crate::rate_limit::AuthThrottleLayer;
+use crate::rate_limit::Quota;
+use crate::rate_limit::quota::{parse_list, parse_number};
 use crate::{ConfigError, IpSet, Scopes};
 
 /// CIDRs of the trusted proxies.
@@ -146,11 +147,11 @@ impl StackBuilder {
         b = b.tokens_from_env(&get)?;
 
         if let Some(v) = get(RATE_LIMIT) {
-            parse_quotas(&v).map_err(named(RATE_LIMIT))?;
+            parse_list(&v).map_err(named(RATE_LIMIT))?;
             b = b.quotas(&v);
         }
         if let Some(v) = get(AUTH_THROTTLE) {
-            let q = parse_quota(&v).map_err(named(AUTH_THROTTLE))?;
+            let q: Quota = v.parse().map_err(named(AUTH_THROTTLE))?;
             b = b.auth_throttle(AuthThrottleLayer::new(q));
         }
         b = b.redis_from_env(&get)?;

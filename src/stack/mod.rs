@@ -98,7 +98,7 @@
 //! | `PORTCULLIS_TOKEN_ISSUERS` | comma-separated accepted `iss` values (required with a JWKS file) | `https://ci.example` |
 //! | `PORTCULLIS_TOKEN_AUDIENCE` | our `aud` (required with a JWKS file) | `jobs-api` |
 //! | `PORTCULLIS_JWKS_RELOAD_SECS` | how often the JWKS file is checked (default 10, `0` never) | `60` |
-//! | `PORTCULLIS_RATE_LIMIT` | quotas, see [`parse_quotas`] (default [`DEFAULT_QUOTA`]) | `100/s, 5000/h` |
+//! | `PORTCULLIS_RATE_LIMIT` | 1 to 4 comma-separated [`Quota`](crate::rate_limit::Quota)s (default [`DEFAULT_QUOTA`]) | `100/s, 5000/h` |
 //! | `PORTCULLIS_AUTH_THROTTLE` | failed authentications allowed per address, one quota (default `10/5m`) | `5/15m` |
 //! | `PORTCULLIS_REDIS_URL` | share the rate limits through Redis (feature `redis`); never logged | `redis://redis:6379` |
 //! | `PORTCULLIS_REDIS_ON_FAILURE` | when Redis is down: `local` (default, limit in memory), `closed` (503), `open` | `closed` |
@@ -149,7 +149,7 @@ use crate::request_id::{RequestIdLayer, SetRequestId};
 mod builder;
 pub mod env;
 
-pub use builder::{StackBuilder, parse_quota, parse_quotas};
+pub use builder::StackBuilder;
 
 /// The rate limit applied when none is configured: `100/s`.
 pub const DEFAULT_QUOTA: &str = "100/s";

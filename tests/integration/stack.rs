@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use portcullis::api_key::{ApiKeys, GeneratedKey, KeyStore, generate_key};
 use portcullis::client_ip::ClientIpConfig;
 use portcullis::rate_limit::{AuthThrottleLayer, Policy, Quota, RateLimitLayer};
-use portcullis::stack::{StackBuilder, StackLayer, parse_quotas};
+use portcullis::stack::{StackBuilder, StackLayer};
 use portcullis::{Principal, Scopes};
 use serde_json::Value;
 use tower::util::BoxCloneService;
@@ -901,110 +901,4 @@ fn env_redis_url_never_appears_in_errors_or_debug() {
     assert!(e.starts_with("PORTCULLIS_REDIS_ON_FAILURE:"), "{e}");
     let e = from_env(&[("PORTCULLIS_REDIS_ON_FAILURE", "open")]).unwrap_err();
     assert!(e.contains("PORTCULLIS_REDIS_URL is not"), "{e}");
-}
-
-// ---------------------------------------------------------------------------------
-// The quota parser
-// ---------------------------------------------------------------------------------
-
-mod quota_properties {
-    use std::time::Duration;
-
-    use portcullis::stack::{parse_quota, parse_quotas};
-    use proptest::prelude::*;
-
-    const UNITS: &[(&str, u64)] = &[
-        ("s", 1),
-        ("sec", 1),
-        ("second", 1),
-        ("seconds", 1),
-        ("m", 60),
-        ("min", 60),
-        ("minute", 60),
-        ("h", 3600),
-        ("hour", 3600),
-        ("hours", 3600),
-        ("d", 86_400),
-        ("day", 86_400),
-        ("days", 86_400),
-    ];
-
-    proptest! {
-        /// Any well-formed quota parses to exactly its count and window.
-        #[test]
-        fn well_formed_quotas_parse_exactly(
-            count in 1u32..=1_000_000_000,
-            n in proptest::option::of(1u64..=60),
-            unit in 0..UNITS.len(),
-            sp in "[ ]{0,2}",
-        ) {
-            let (name, secs) = UNITS[unit];
-            let window = n.map_or(String::new(), |n| n.to_string());
-            let s = format!("{sp}{count}{sp}/{sp}{window}{name}{sp}");
-            let q = parse_quota(&s).unwrap();
-            prop_assert_eq!(q.count(), count);
-            prop_assert_eq!(q.window(), Duration::from_secs(n.unwrap_or(1) * secs));
-            prop_assert_eq!(q.burst(), count);
-        }
-
-        /// Arbitrary input never panics, and an error never repeats the input.
-        #[test]
-        fn arbitrary_input_never_panics_or_echoes(s in "\\PC{0,40}") {
-            if let Err(e) = parse_quotas(&s) {
-                let msg = e.to_string();
-                prop_assert!(s.len() < 4 || !msg.contains(s.as_str()));
-            }
-        }
-
-        /// A zero count is always refused.
-        #[test]
-        fn zero_is_refused(unit in 0..UNITS.len(), zeros in 1usize..4) {
-            let s = format!("{}/{}", "0".repeat(zeros), UNITS[unit].0);
-            prop_assert!(parse_quota(&s).is_err());
-        }
-
-        /// A list parses to its entries in order; the same window twice is refused.
-        #[test]
-        fn lists_keep_order_and_refuse_duplicate_windows(
-            a in 1u32..10_000, b in 1u32..10_000,
-        ) {
-            let qs = parse_quotas(&format!("{a}/s, {b}/h")).unwrap();
-            prop_assert_eq!(qs.len(), 2);
-            prop_assert_eq!((qs[0].count(), qs[1].count()), (a, b));
-            let dup = format!("{a}/s,{b}/1s");
-            prop_assert!(parse_quotas(&dup).is_err());
-        }
-    }
-
-    #[test]
-    fn edges() {
-        assert!(parse_quota("1000000000/s").is_ok());
-        assert!(parse_quota("1000000001/s").is_err());
-        assert!(parse_quota("99999999999/s").is_err());
-        assert!(parse_quota("1/366d").is_ok());
-        assert!(parse_quota("1/367d").is_err());
-        assert!(
-            parse_quota("1/9999999999d").is_err(),
-            "overflow is an error"
-        );
-        assert!(parse_quota("+1/s").is_err());
-        assert!(parse_quota("1/-1s").is_err());
-        assert!(parse_quota("1/S").is_err(), "units are lower case");
-        assert!(parse_quota("1//s").is_err());
-        assert!(parse_quota("1/s/s").is_err());
-        assert!(parse_quotas("1/s,2/m,3/h,4/d").is_ok());
-        assert!(
-            parse_quotas("1/s,2/m,3/h,4/d,5/2d").is_err(),
-            "at most four"
-        );
-        assert!(parse_quotas(&"1".repeat(300)).is_err());
-    }
-}
-
-#[test]
-fn parse_quotas_is_public_and_matches_the_builder() {
-    assert_eq!(
-        parse_quotas("5/m").unwrap()[0].window(),
-        Duration::from_secs(60)
-    );
 }
