@@ -322,67 +322,6 @@ pub fn credentials(data: &[u8]) {
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
-/// `ratelimit_fields` target. Input: one `RateLimit` or `RateLimit-Policy` field
-/// value (both parsers run on it).
-///
-/// Checks, besides "no panic": whatever parses, written back out in the canonical
-/// form, parses to the same items.
-#[cfg(feature = "rate-limit")]
-pub fn ratelimit_fields(data: &[u8]) {
-    use crate::rate_limit::fields::{parse_ratelimit, parse_ratelimit_policy};
-
-    fn sf_string(s: &str) -> String {
-        let mut out = String::from("\"");
-        for c in s.chars() {
-            if c == '"' || c == '\\' {
-                out.push('\\');
-            }
-            out.push(c);
-        }
-        out.push('"');
-        out
-    }
-
-    if let Ok(items) = parse_ratelimit(data) {
-        let text: Vec<String> = items
-            .iter()
-            .map(|i| {
-                let mut s = format!("{};r={}", sf_string(&i.name), i.remaining);
-                if let Some(t) = i.reset {
-                    s.push_str(&format!(";t={t}"));
-                }
-                if let Some(pk) = &i.partition_key {
-                    s.push_str(&format!(";pk=:{pk}:"));
-                }
-                s
-            })
-            .collect();
-        let again = parse_ratelimit(text.join(", ").as_bytes()).expect("canonical form parses");
-        assert_eq!(again, items, "RateLimit round trip");
-    }
-    if let Ok(items) = parse_ratelimit_policy(data) {
-        let text: Vec<String> = items
-            .iter()
-            .map(|i| {
-                let mut s = format!("{};q={}", sf_string(&i.name), i.quota);
-                if let Some(w) = i.window {
-                    s.push_str(&format!(";w={w}"));
-                }
-                if let Some(qu) = &i.quota_unit {
-                    s.push_str(&format!(";qu={}", sf_string(qu)));
-                }
-                if let Some(pk) = &i.partition_key {
-                    s.push_str(&format!(";pk=:{pk}:"));
-                }
-                s
-            })
-            .collect();
-        let again =
-            parse_ratelimit_policy(text.join(", ").as_bytes()).expect("canonical form parses");
-        assert_eq!(again, items, "RateLimit-Policy round trip");
-    }
-}
-
 /// `redactor` target: any bytes through the [`Redactor`](crate::redact::Redactor).
 ///
 /// Checks, besides "no panic" and no hang: redaction is idempotent; the `&str` and

@@ -58,7 +58,6 @@
 //! ```
 
 pub(crate) mod auth_throttle;
-pub mod fields;
 mod key;
 mod local;
 mod policy;
@@ -371,7 +370,7 @@ impl Shared {
                 limit.put(b"\";r=");
                 limit.put_u64(outcome.remaining(i, &entries[i].gcra));
                 limit.put(b";t=");
-                limit.put_u64(fields::secs_ceil(outcome.reset(i)));
+                limit.put_u64(quota::secs_ceil(outcome.reset(i)));
             }
             // One policy: its precomputed item (a reference-count increment).
             let policy = match &entries[..self.policies.len()] {
@@ -401,7 +400,7 @@ impl Shared {
             set.legacy = Some(Box::new([
                 HeaderValue::from(q.count()),
                 HeaderValue::from(remaining(i)),
-                HeaderValue::from(fields::secs_ceil(outcome.reset(i))),
+                HeaderValue::from(quota::secs_ceil(outcome.reset(i))),
             ]));
         }
         set

@@ -236,6 +236,11 @@ pub(crate) fn parse_number(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
+/// Seconds for a response field: whole seconds, rounded up (0 stays 0).
+pub(crate) fn secs_ceil(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000)
+}
+
 impl fmt::Debug for Quota {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

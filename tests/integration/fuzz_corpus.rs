@@ -32,12 +32,6 @@ fn credentials_corpus() {
     replay("credentials", portcullis::fuzzing::credentials);
 }
 
-#[cfg(feature = "rate-limit")]
-#[test]
-fn ratelimit_fields_corpus() {
-    replay("ratelimit_fields", portcullis::fuzzing::ratelimit_fields);
-}
-
 #[cfg(feature = "redact")]
 #[test]
 fn redactor_corpus() {

@@ -9,9 +9,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use portcullis::client_ip::{ClientIpConfig, ClientIpLayer};
-use portcullis::rate_limit::fields::{
-    LimitItem, PolicyItem, parse_ratelimit, parse_ratelimit_policy,
-};
 use portcullis::rate_limit::{AuthThrottleLayer, Policy, Quota, RateLimitLayer};
 use portcullis::rejection::{Challenge, DenialReason, Rejection};
 use portcullis::{AuthMethod, Principal};
@@ -74,17 +71,70 @@ pub async fn serve_limited(layer: RateLimitLayer, client_ip: ClientIpConfig) -> 
     serve("127.0.0.1:0", stack, Peer::Attached).await
 }
 
+/// One entry of the `RateLimit-Policy` field (draft-ietf-httpapi-ratelimit-headers-11).
+#[derive(Debug)]
+pub struct PolicyItem {
+    pub name: String,
+    /// `q`: requests per window.
+    pub quota: u64,
+    /// `w`: the window in seconds.
+    pub window: Option<u64>,
+}
+
+/// One entry of the `RateLimit` field.
+#[derive(Debug)]
+pub struct LimitItem {
+    pub name: String,
+    /// `r`: requests left.
+    pub remaining: u64,
+    /// `t`: seconds until the quota is back.
+    pub reset: Option<u64>,
+}
+
+/// A field's entries as (name, parameters), read as a Structured Field List
+/// (RFC 9651) by `sfv`, an independent parser of what the layer writes.
+fn sf_list(value: &str) -> Vec<(String, sfv::Parameters)> {
+    let list: sfv::List = sfv::Parser::new(value)
+        .parse()
+        .expect("a structured field list");
+    list.into_iter()
+        .map(|entry| match entry {
+            sfv::ListEntry::Item(item) => {
+                let name = item.bare_item.as_string().expect("a string item").as_str();
+                (name.to_owned(), item.params)
+            }
+            sfv::ListEntry::InnerList(_) => panic!("an inner list in a RateLimit field"),
+        })
+        .collect()
+}
+
+fn sf_u64(params: &sfv::Parameters, key: &str) -> Option<u64> {
+    let key = sfv::KeyRef::from_str(key).unwrap();
+    params
+        .get(key)
+        .map(|v| u64::try_from(i64::from(v.as_integer().expect("an integer"))).unwrap())
+}
+
 pub fn limits(r: &Reply) -> Vec<LimitItem> {
-    parse_ratelimit(r.header("ratelimit").expect("RateLimit field").as_bytes()).unwrap()
+    sf_list(r.header("ratelimit").expect("RateLimit field"))
+        .into_iter()
+        .map(|(name, p)| LimitItem {
+            remaining: sf_u64(&p, "r").expect("r is required"),
+            reset: sf_u64(&p, "t"),
+            name,
+        })
+        .collect()
 }
 
 pub fn policies(r: &Reply) -> Vec<PolicyItem> {
-    parse_ratelimit_policy(
-        r.header("ratelimit-policy")
-            .expect("RateLimit-Policy")
-            .as_bytes(),
-    )
-    .unwrap()
+    sf_list(r.header("ratelimit-policy").expect("RateLimit-Policy"))
+        .into_iter()
+        .map(|(name, p)| PolicyItem {
+            quota: sf_u64(&p, "q").expect("q is required"),
+            window: sf_u64(&p, "w"),
+            name,
+        })
+        .collect()
 }
 
 pub fn rt(r: &Reply) -> Vec<(String, u64, Option<u64>)> {
