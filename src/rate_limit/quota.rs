@@ -126,8 +126,10 @@ impl Quota {
 }
 
 /// The longest quota list accepted, in bytes.
+#[cfg(feature = "stack")]
 const MAX_QUOTA_LIST_LEN: usize = 256;
 /// The most quotas in one list (the rate limiter's policy limit).
+#[cfg(feature = "stack")]
 const MAX_QUOTAS: usize = 4;
 
 /// One quota: `<count>/<window>`, where the window is an optional whole
@@ -198,6 +200,7 @@ impl FromStr for Quota {
 /// 5000 an hour. Two quotas with the same window are an error. Errors name the
 /// position of the bad entry.
 ///
+#[cfg(feature = "stack")]
 pub(crate) fn parse_list(list: &str) -> Result<Vec<Quota>, ConfigError> {
     if list.len() > MAX_QUOTA_LIST_LEN {
         return Err(ConfigError::new(format!(
@@ -395,7 +398,7 @@ mod tests {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "stack"))]
 mod parser_tests {
     use std::time::Duration;
 
