@@ -40,15 +40,15 @@ impl AuthMethod {
 /// writes the key file, token subjects by whoever holds a signing key, and neither
 /// may speak for the other. [`identity`](Self::identity) is the one string that
 /// names a principal, `api_key:svc` or `service_token:svc`; everything that keys on
-/// who is calling uses it: the rate limiter's buckets, per-principal
-/// [`Policy`](crate::rate_limit::Policy) overrides (which name the method), and your
-/// own records, such as who owns what. [`id`](Self::id) alone is for display; logs
-/// and audit events record it next to the method.
+/// who is calling uses it: the rate limiter's buckets, per-principal `Policy`
+/// overrides (which name the method), and your own records, such as who owns what.
+/// [`id`](Self::id) alone is for display; logs and audit events record it next to
+/// the method.
 ///
-/// The unauthenticated mode's principal
-/// ([`allow_unauthenticated_requests_dangerously`](crate::authenticate::AuthenticateLayer::allow_unauthenticated_requests_dangerously))
-/// is shared by every request and names no one: the rate limiter counts its requests
-/// per client address, like requests without a principal.
+/// The principal of the unauthenticated mode
+/// (`allow_unauthenticated_requests_dangerously`) is shared by every request and
+/// names no one: the rate limiter counts its requests per client address, like
+/// requests without a principal.
 ///
 /// ```
 /// use portcullis::{AuthMethod, Principal, Scopes};

@@ -234,7 +234,8 @@ fn hash128(hasher: &impl BuildHasher, kind: u8, s: &str) -> (u64, u64) {
 }
 
 /// The in-memory key: a kind, then an address or a 128-bit hash in two words,
-/// whatever the principal identity's length. 24 bytes, built and compared in registers.
+/// whatever the principal identity's length, and the table's hash of them: 32 bytes,
+/// built and compared in registers.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LocalKey {
     hi: u64,
@@ -305,6 +306,11 @@ mod tests {
         assert_eq!(mask(ip("192.0.2.77"), 32, 64), ip("192.0.2.77"));
         assert_eq!(mask(ip("::ffff:192.0.2.77"), 32, 64), ip("192.0.2.77"));
         assert_eq!(mask(ip("192.0.2.77"), 1, 64), ip("128.0.0.0"));
+    }
+
+    #[test]
+    fn a_key_is_four_words() {
+        assert_eq!(std::mem::size_of::<LocalKey>(), 32);
     }
 
     #[test]

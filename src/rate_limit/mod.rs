@@ -23,10 +23,11 @@
 //! window boundaries to game, and time comes from the monotonic clock, so a wall-clock
 //! jump changes nothing.
 //!
-//! **Memory.** A tracked key costs one map entry: a 24-byte key (the address, or a
-//! randomly keyed 128-bit hash of a principal identity) and one 8-byte timestamp per
-//! policy, 32 bytes with one policy, plus the hash map's slack (about 70 bytes per
-//! key in all with one policy, measured by `benches/rate_limit.rs`). At most
+//! **Memory.** A tracked key costs one map entry: a 32-byte key (the address, or a
+//! randomly keyed 128-bit hash of a principal identity, and the table's hash) and
+//! one 8-byte timestamp per policy, 40 bytes with one policy, plus the hash map's
+//! slack (about 70 bytes per key in all with one policy, measured by
+//! `benches/rate_limit.rs`). At most
 //! [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys) keys (default 100 000)
 //! are tracked; a key is forgotten once its quota has fully refilled (then it is
 //! indistinguishable from a new key). Cleanup is amortised over the requests that
