@@ -8,7 +8,7 @@
 //!   `RateLimit`; tower_governor: its `x-ratelimit-*` headers via `use_headers`);
 //! - tower_governor twice without headers: keyed on the `ClientIp` alone (the least
 //!   it can do), and `same_key`, keyed as portcullis keys by default (the `Principal`
-//!   id if any, else the address with IPv6 masked to its /64), so that both sides
+//!   identity if any, else the address with IPv6 masked to its /64), so that both sides
 //!   look up the same extensions per request.
 //!
 //! Before the timings it prints the heap bytes per tracked key of each limiter,
@@ -73,7 +73,7 @@ impl KeyExtractor for ClientIpKey {
 }
 
 /// tower_governor keyed the way portcullis keys by default, so that both sides do
-/// the same per-request work: the `Principal` id when authenticated, else the
+/// the same per-request work: the `Principal` identity when authenticated, else the
 /// `ClientIp` with IPv6 masked to its /64.
 #[derive(Clone)]
 struct SameKey;
@@ -88,7 +88,7 @@ impl KeyExtractor for SameKey {
     type Key = Who;
     fn extract<T>(&self, req: &Request<T>) -> Result<Who, GovernorError> {
         if let Some(p) = req.extensions().get::<Principal>() {
-            return Ok(Who::Principal(p.id().to_owned()));
+            return Ok(Who::Principal(p.identity().to_owned()));
         }
         let ip = req
             .extensions()

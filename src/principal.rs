@@ -17,7 +17,9 @@ pub enum AuthMethod {
 }
 
 impl AuthMethod {
-    /// A stable lowercase name for logs: `api_key`, `service_token`, `unauthenticated`.
+    /// A stable lowercase name for logs, and the namespace of a
+    /// [`Principal::identity`]: `api_key`, `service_token`, `unauthenticated`. None
+    /// contains a `:`.
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMethod::ApiKey => "api_key",
@@ -31,8 +33,22 @@ impl AuthMethod {
 ///
 /// It carries only public facts: an id (a configured key id or a token's `sub`,
 /// never secret material), how it authenticated, its scopes and an optional
-/// rate-limit tier. The rate limiter keys on the id, scope checks read the scopes, the
-/// access log records the id. Cloning is cheap (one reference count).
+/// rate-limit tier. Cloning is cheap (one reference count).
+///
+/// **Identity is the method and the id together.** The API key `svc` and a service
+/// token whose `sub` is `svc` are two principals: key ids are chosen by whoever
+/// writes the key file, token subjects by whoever holds a signing key, and neither
+/// may speak for the other. [`identity`](Self::identity) is the one string that
+/// names a principal, `api_key:svc` or `service_token:svc`; everything that keys on
+/// who is calling uses it: the rate limiter's buckets, per-principal `Policy`
+/// overrides (which name the method), and your own records, such as who owns what.
+/// [`id`](Self::id) alone is for display; logs and audit events record it next to
+/// the method.
+///
+/// The principal of the unauthenticated mode
+/// (`allow_unauthenticated_requests_dangerously`) is shared by every request and
+/// names no one: the rate limiter counts its requests per client address, like
+/// requests without a principal.
 ///
 /// ```
 /// use portcullis::{AuthMethod, Principal, Scopes};
@@ -41,6 +57,10 @@ impl AuthMethod {
 ///     .with_tier("gold");
 /// assert!(p.scopes().contains("jobs:write"));
 /// assert_eq!(p.tier(), Some("gold"));
+///
+/// let token = Principal::new("billing", AuthMethod::ServiceToken);
+/// assert_eq!((p.identity(), token.identity()), ("api_key:billing", "service_token:billing"));
+/// assert_ne!(p.identity(), token.identity());
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -49,18 +69,33 @@ pub struct Principal {
 
 #[derive(Clone, PartialEq, Eq)]
 struct Inner {
-    id: Arc<str>,
+    /// `<method>:<id>`; the id is the part after the method's name and the colon.
+    identity: Arc<str>,
     method: AuthMethod,
     scopes: Scopes,
     tier: Option<Arc<str>>,
 }
 
+/// The identity of the principal `id` authenticated by `method`: `<method>:<id>`.
+///
+/// The one definition, shared by [`Principal`] and the configuration that names
+/// principals. Injective: the method names are fixed and contain no `:`, so the
+/// text up to the first `:` is the method and the rest, whatever it holds, the id.
+pub(crate) fn identity(method: AuthMethod, id: &str) -> String {
+    let method = method.as_str();
+    let mut s = String::with_capacity(method.len() + 1 + id.len());
+    s.push_str(method);
+    s.push(':');
+    s.push_str(id);
+    s
+}
+
 impl Principal {
     /// A principal with no scopes and no tier.
-    pub fn new(id: impl Into<Arc<str>>, method: AuthMethod) -> Self {
+    pub fn new(id: impl AsRef<str>, method: AuthMethod) -> Self {
         Self {
             inner: Arc::new(Inner {
-                id: id.into(),
+                identity: identity(method, id.as_ref()).into(),
                 method,
                 scopes: Scopes::default(),
                 tier: None,
@@ -80,9 +115,19 @@ impl Principal {
         self
     }
 
-    /// The public id: a key id or a token subject. Safe to log.
+    /// The public id: a key id or a token subject. Safe to log. Not unique on its
+    /// own: an API key and a token subject may share it (see
+    /// [`identity`](Self::identity)).
     pub fn id(&self) -> &str {
-        &self.inner.id
+        &self.inner.identity[self.inner.method.as_str().len() + 1..]
+    }
+
+    /// Who this is, method and id together: `api_key:<key id>`,
+    /// `service_token:<sub>` or `unauthenticated:<id>`. Two principals are the same
+    /// caller exactly when their identities are equal; key anything per caller on
+    /// this, never on [`id`](Self::id) alone. Public, safe to log.
+    pub fn identity(&self) -> &str {
+        &self.inner.identity
     }
 
     /// How this principal authenticated.
@@ -216,6 +261,55 @@ mod tests {
         let b = a.clone().with_tier("gold");
         assert_eq!(a.tier(), None);
         assert_eq!(b.tier(), Some("gold"));
+    }
+
+    const METHODS: [AuthMethod; 3] = [
+        AuthMethod::ApiKey,
+        AuthMethod::ServiceToken,
+        AuthMethod::Unauthenticated,
+    ];
+
+    #[test]
+    fn identity_names_the_method() {
+        let key = Principal::new("svc", AuthMethod::ApiKey);
+        let token = Principal::new("svc", AuthMethod::ServiceToken);
+        assert_eq!(key.identity(), "api_key:svc");
+        assert_eq!(token.identity(), "service_token:svc");
+        assert_eq!((key.id(), token.id()), ("svc", "svc"));
+        assert_ne!(key, token);
+        // An id that spells another method's prefix is still its own method's.
+        let odd = Principal::new("service_token:svc", AuthMethod::ApiKey);
+        assert_eq!(odd.id(), "service_token:svc");
+        assert_ne!(odd.identity(), token.identity());
+    }
+
+    proptest::proptest! {
+        /// Identities are equal exactly when method and id both are, whatever the
+        /// ids hold (colons, method names, nothing at all).
+        #[test]
+        fn identities_are_equal_exactly_when_method_and_id_are(
+            m1 in 0usize..3,
+            m2 in 0usize..3,
+            id1 in "(api_key:|service_token:|unauthenticated:|:)?.{0,12}",
+            id2 in "(api_key:|service_token:|unauthenticated:|:)?.{0,12}",
+        ) {
+            let (m1, m2) = (METHODS[m1], METHODS[m2]);
+            let (a, b) = (Principal::new(&id1, m1), Principal::new(&id2, m2));
+            proptest::prop_assert_eq!(a.id(), id1.as_str());
+            proptest::prop_assert_eq!(a.method(), m1);
+            proptest::prop_assert_eq!(
+                a.identity() == b.identity(),
+                m1 == m2 && id1 == id2
+            );
+            proptest::prop_assert_eq!(a.identity(), identity(m1, &id1));
+            // The same id under two methods: always two identities.
+            for m in METHODS {
+                proptest::prop_assert_eq!(
+                    Principal::new(&id1, m).identity() == a.identity(),
+                    m == m1
+                );
+            }
+        }
     }
 
     #[test]

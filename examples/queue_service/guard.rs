@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::Router;
+use portcullis::AuthMethod;
 use portcullis::ConfigError;
 use portcullis::IpSet;
 use portcullis::Scopes;
@@ -46,7 +47,8 @@ pub const REALM: &str = "portcullis-demo";
 pub const ISSUER: &str = "portcullis-demo";
 /// The `aud` the demo requires in service tokens.
 pub const AUDIENCE: &str = "portcullis-demo-queue";
-/// The `sub` of the in-process worker's tokens (its rate-limit key).
+/// The `sub` of the in-process worker's tokens. Its own quota applies to service
+/// tokens with this subject only, never to an API key with the same id.
 pub const WORKER_SUBJECT: &str = "queue-worker";
 /// The prefix of the generated demo keys.
 pub const KEY_PREFIX: &str = "pc_demo";
@@ -162,7 +164,11 @@ impl Guard {
             .issuer(ISSUER)
             .audience(AUDIENCE)
             .build()?;
-        let policy = Policy::new("demo", c.rate)?.principal(WORKER_SUBJECT, c.worker_rate)?;
+        let policy = Policy::new("demo", c.rate)?.principal(
+            AuthMethod::ServiceToken,
+            WORKER_SUBJECT,
+            c.worker_rate,
+        )?;
         let mut rate = RateLimitLayer::builder()
             .policy(policy)
             .fields(c.rate_limit_fields);
@@ -233,7 +239,8 @@ impl Guard {
 
 /// One ephemeral demo key: its id, scopes and the secret (printed once).
 pub struct DemoKey {
-    /// The public id (logs, rate limiting, job ownership).
+    /// The public key id (logs); as `api_key:<id>`, the identity that rate
+    /// limiting and job ownership key on.
     pub id: &'static str,
     /// Its scopes.
     pub scopes: &'static str,

@@ -315,7 +315,7 @@ pub struct JobView {
     pub attempts: u32,
     /// Seconds until the job is purged.
     pub expires_in_secs: u64,
-    /// The principal that enqueued it (a public id).
+    /// The principal that enqueued it: its identity, method and id (public).
     #[serde(skip)]
     pub owner: Arc<str>,
     /// What the simulated worker does with it.

@@ -333,7 +333,9 @@ async fn enqueue(
             "input must be 1 to 4096 bytes and priority 0 to 9.",
         );
     }
-    match s.queue.enqueue(p.id(), &req.input, req.priority) {
+    // Owned by the principal's identity (method and id): the API key `client` and a
+    // token whose `sub` is `client` are two owners.
+    match s.queue.enqueue(p.identity(), &req.input, req.priority) {
         Ok(Enqueued::New(v)) => {
             let mut res = json(StatusCode::CREATED, &v);
             let loc = HeaderValue::try_from(format!("/v1/jobs/{}", v.id)).expect("hex id");
@@ -345,10 +347,11 @@ async fn enqueue(
     }
 }
 
-/// A job is visible to its owner only; to anyone else it does not exist.
+/// A job is visible to its owner only (the same [`Principal::identity`]); to anyone
+/// else it does not exist.
 fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, QueueError> {
     match s.queue.get(id) {
-        Ok(v) if *v.owner == *p.id() => Ok(v),
+        Ok(v) if *v.owner == *p.identity() => Ok(v),
         _ => Err(QueueError::NotFound),
     }
 }

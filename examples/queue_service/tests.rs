@@ -4,7 +4,8 @@
 //! Each test's demo has its own key store: one key per name below (`client`,
 //! `other`, `reader`, `admin`, `nobody`, plus a `revoked` and an `expired` one) and
 //! service tokens signed with its own secret (`worker` holds `jobs:work`,
-//! `reporter` only `jobs:read`). The in-process worker, when running, calls the
+//! `reporter` only `jobs:read`, `client-token` is a token whose `sub` is `client`,
+//! the same text as the `client` key's id). The in-process worker, when running, calls the
 //! worker endpoints over HTTP with its own token, as in `main`.
 
 use std::collections::HashMap;
@@ -115,6 +116,7 @@ impl Demo {
         for (name, sub, scope) in [
             ("worker", "test-worker", "jobs:work"),
             ("reporter", "reporter", "jobs:read"),
+            ("client-token", "client", "jobs:read jobs:write"),
         ] {
             let token = guard.issuer(sub, scope).unwrap().mint().unwrap();
             credentials.insert(name, format!("Authorization: Bearer {}", token.as_str()));
@@ -653,6 +655,44 @@ async fn dedup_queue_full_and_cancellation() {
 }
 
 #[tokio::test]
+async fn a_token_does_not_own_the_jobs_of_a_key_with_its_subject_as_id() {
+    let demo = Demo::manual(fast_queue()).await;
+    let enqueue = |who, input: &str| {
+        let body = format!(r#"{{"input":"{input}"}}"#);
+        let demo = &demo;
+        async move { demo.call("POST", "/v1/jobs", Some(who), Some(&body)).await }
+    };
+    let by_key = enqueue("client", "same input").await;
+    assert_eq!(by_key.status, 201);
+    let key_job = format!("/v1/jobs/{}", by_key.id());
+    // The token with `sub` `client` neither sees nor cancels the key's job ...
+    demo.call("GET", &key_job, Some("client-token"), None)
+        .await
+        .assert_problem(404);
+    demo.call("DELETE", &key_job, Some("client-token"), None)
+        .await
+        .assert_problem(404);
+    // ... and the same input is a job of its own, not the key's job deduplicated.
+    let by_token = enqueue("client-token", "same input").await;
+    assert_eq!(by_token.status, 201, "{by_token:?}");
+    assert_ne!(by_token.id(), by_key.id());
+    let token_job = format!("/v1/jobs/{}", by_token.id());
+    demo.call("GET", &token_job, Some("client"), None)
+        .await
+        .assert_problem(404);
+    // Each still reads its own.
+    for (who, job) in [("client", &key_job), ("client-token", &token_job)] {
+        let r = demo.call("GET", job, Some(who), None).await;
+        assert_eq!(
+            (r.status, r.json()["state"].as_str()),
+            (200, Some("queued"))
+        );
+    }
+    assert_eq!(job_state(&demo.state, &by_key.id()), JobState::Queued);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
 async fn bad_input_is_a_4xx_problem_and_changes_nothing() {
     let demo = Demo::manual(fast_queue()).await;
     let id = demo
@@ -1129,11 +1169,17 @@ async fn the_rate_limit_answers_429_per_principal() {
     r.assert_problem(429);
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=20).contains(&retry), "{retry}");
-    // Per principal: another key is not limited by the first one's use.
+    // Per principal: another key is not limited by the first one's use, nor is a
+    // token whose subject is the same text as the key's id (it is another
+    // principal, so the job is not its own either).
     assert_eq!(
         demo.call("GET", &job, Some("other"), None).await.status,
         404
     );
+    for _ in 0..3 {
+        let r = demo.call("GET", &job, Some("client-token"), None).await;
+        assert_eq!(r.status, 404, "{r:?}");
+    }
     let r = demo
         .call("GET", "/v1/admin/stats", Some("admin"), None)
         .await;
@@ -1601,10 +1647,13 @@ fn bench_config(scopes: &'static str) -> (String, GuardConfig) {
     (keys[0].key.expose_secret().to_owned(), config)
 }
 
-/// A fresh queue holding one job of `client`, for the measurements to read.
+/// A fresh queue holding one job of the API key `client`, for the measurements to
+/// read.
 fn bench_state() -> (AppState, crate::queue::JobView) {
     let st = state(fast_queue());
-    let crate::queue::Enqueued::New(v) = st.queue.enqueue("client", "bench", 0).unwrap() else {
+    let owner = portcullis::Principal::new("client", portcullis::AuthMethod::ApiKey);
+    let crate::queue::Enqueued::New(v) = st.queue.enqueue(owner.identity(), "bench", 0).unwrap()
+    else {
         unreachable!("the queue is empty")
     };
     (st, v)

@@ -57,8 +57,10 @@ pub(crate) fn check_name(what: &str, s: &str) -> Result<(), ConfigError> {
 impl KeyRecord {
     /// A valid, unrevoked record without scopes, tier or validity window.
     ///
-    /// The id is the key's public name in logs, audit events and rate limiting. Several
-    /// records may share an id (old and new key of one client during rotation).
+    /// The id is the key's public name in logs and audit events; as the principal
+    /// identity `api_key:<id>` it keys rate limiting (a service token whose `sub` is
+    /// the same text is another principal). Several records may share an id (old and
+    /// new key of one client during rotation): they are one principal.
     pub fn new(id: &str, digest: KeyDigest) -> Result<Self, ConfigError> {
         check_name("key id", id)?;
         Ok(Self {
@@ -212,12 +214,24 @@ fn epoch_ms_ceil(t: SystemTime) -> i64 {
     epoch_ms_rounded(t, true)
 }
 
-/// The map's hasher: the first 8 bytes of the digest.
+/// The map's hasher: the first 8 bytes of the digest, not keyed.
 ///
-/// Digests are SHA-256 outputs, so they are already uniform. Stored digests come
-/// from the operator, and a client cannot choose the digest its guess produces
-/// without a SHA-256 preimage, so no one can aim requests at one bucket: a keyed
-/// hash (SipHash) would add about 20 ns per request and no protection.
+/// Why that is safe:
+/// - The table holds only the operator's keys, fixed when the store is built, and a
+///   lookup of an absent key inserts nothing. No request adds an entry, lengthens a
+///   probe sequence or makes the table grow: each costs one lookup in a table whose
+///   shape no client influences.
+/// - The operator's digests are SHA-256 outputs, uniform already: they spread over
+///   the buckets without a keyed hash.
+/// - A client can pick guesses whose digests land in a bucket of its choice (a
+///   bucket and its tag are a few dozen bits of the digest, found by trial), but
+///   that only decides where its own lookup probes. The most that lookup's timing
+///   could reveal is whether some stored digest shares those bits: part of a digest,
+///   which gives nothing towards a generated key's 128 random bits (SHA-256 is
+///   one-way; a key from a plain list is as strong as whoever chose it). A match is
+///   confirmed by the constant-time comparison of all 32 bytes.
+///
+/// A keyed hash (SipHash) would cost a second hash per lookup and change none of this.
 #[derive(Clone, Copy, Default)]
 struct DigestHasher(u64);
 
@@ -244,10 +258,15 @@ type DigestMap = HashMap<KeyDigest, Slot, BuildHasherDefault<DigestHasher>>;
 /// An immutable set of key records, indexed by digest.
 ///
 /// Verification digests the presented key once (SHA-256), finds the record by digest
-/// in a hash map (O(1) however many keys; the map's hasher is randomly keyed, and an
-/// attacker cannot steer which digest a guess produces), confirms with a constant-time
-/// comparison of the 32-byte digests, then checks revocation and the validity window.
-/// There is no scan over the keys and no `==` on key material.
+/// in a hash map (O(1) however many keys), confirms with a constant-time comparison
+/// of the 32-byte digests, then checks revocation and the validity window. There is
+/// no scan over the keys and no `==` on key material.
+///
+/// The map hashes a digest by its first 8 bytes, without a random key. That is safe
+/// because the table holds only the configured keys and a lookup never inserts: a
+/// client cannot change the table, and the most a chosen guess can do is pick the
+/// bucket its own lookup probes, whose timing reveals at most part of a stored key's
+/// digest (the bits that choose a bucket), nothing towards the key.
 ///
 /// Memory: roughly 300 bytes per key plus its id and scopes (the record, a prebuilt
 /// `Principal`, and a 64-byte map slot).

@@ -7,15 +7,16 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Method, Request, Uri};
 
-use crate::{ClientIp, ConfigError, Principal};
+use crate::{AuthMethod, ClientIp, ConfigError, Principal};
 
 /// What the key function sees of a request.
 ///
 /// ```
 /// use portcullis::rate_limit::KeyContext;
-/// // A key per principal and route, e.g. for an expensive endpoint:
+/// // A key per principal and route, e.g. for an expensive endpoint. Key on the
+/// // principal's identity (method and id), never on its id alone.
 /// let key = |cx: &KeyContext<'_>| {
-///     cx.principal().map(|p| format!("{}:{}", p.id(), cx.uri().path()))
+///     cx.principal().map(|p| format!("{} {}", p.identity(), cx.uri().path()))
 /// };
 /// # let _ = key;
 /// ```
@@ -32,7 +33,7 @@ impl<'a> KeyContext<'a> {
     #[inline]
     pub(crate) fn of<B>(req: &'a Request<B>) -> Self {
         Self {
-            principal: req.extensions().get::<Principal>(),
+            principal: counted(req.extensions().get::<Principal>()),
             client_ip: req.extensions().get::<ClientIp>().copied(),
             method: req.method(),
             uri: req.uri(),
@@ -40,7 +41,9 @@ impl<'a> KeyContext<'a> {
         }
     }
 
-    /// The authenticated principal, if an authentication layer set one.
+    /// The authenticated principal, if an authentication layer set one. `None` for
+    /// the unauthenticated mode's principal too: every request shares it and it
+    /// names no one, so such requests are keyed like anonymous ones.
     pub fn principal(&self) -> Option<&'a Principal> {
         self.principal
     }
@@ -67,10 +70,19 @@ impl<'a> KeyContext<'a> {
     }
 }
 
+/// The principal a request counts against: the one authentication set, unless it
+/// is the unauthenticated mode's. That one is shared by every request and names no
+/// one, so its requests count like anonymous ones (per client address, default
+/// quotas), not all in one bucket.
+#[inline]
+pub(crate) fn counted(principal: Option<&Principal>) -> Option<&Principal> {
+    principal.filter(|p| p.method() != AuthMethod::Unauthenticated)
+}
+
 pub(crate) type KeyFn = Arc<dyn Fn(&KeyContext<'_>) -> Option<String> + Send + Sync>;
 
-/// How requests map to keys: principal id, else masked client address, else one
-/// global key; or a custom function first.
+/// How requests map to keys: the principal's identity, else the masked client
+/// address, else one global key; or a custom function first.
 #[derive(Clone)]
 pub(crate) struct KeyRule {
     pub(crate) ipv4_prefix: u8,
@@ -117,7 +129,7 @@ impl KeyRule {
             return KeySource::Custom(k);
         }
         if let Some(p) = cx.principal {
-            return KeySource::Principal(p.id());
+            return KeySource::Principal(p.identity());
         }
         if let Some(ip) = cx.client_ip {
             return KeySource::Ip(mask(ip.addr(), self.ipv4_prefix, self.ipv6_prefix));
@@ -145,6 +157,7 @@ pub(crate) fn mask(ip: IpAddr, v4: u8, v6: u8) -> IpAddr {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum KeySource<'a> {
     Custom(String),
+    /// A [`Principal::identity`].
     Principal(&'a str),
     Ip(IpAddr),
     Global,
@@ -152,7 +165,7 @@ pub(crate) enum KeySource<'a> {
 
 impl KeySource<'_> {
     /// The fixed-size in-memory key: addresses as they are, strings through the
-    /// limiter's randomly keyed 128-bit SipHash (collisions cannot be steered).
+    /// limiter's randomly keyed SipHash, 128 bits (collisions cannot be steered).
     #[inline]
     pub(crate) fn local(&self, hasher: &impl BuildHasher) -> LocalKey {
         // `hash` is the table's hash, computed here once with the store's randomly
@@ -221,7 +234,8 @@ fn hash128(hasher: &impl BuildHasher, kind: u8, s: &str) -> (u64, u64) {
 }
 
 /// The in-memory key: a kind, then an address or a 128-bit hash in two words,
-/// whatever the principal id's length. 24 bytes, built and compared in registers.
+/// whatever the principal identity's length, and the table's hash of them: 32 bytes,
+/// built and compared in registers.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LocalKey {
     hi: u64,
@@ -292,6 +306,11 @@ mod tests {
         assert_eq!(mask(ip("192.0.2.77"), 32, 64), ip("192.0.2.77"));
         assert_eq!(mask(ip("::ffff:192.0.2.77"), 32, 64), ip("192.0.2.77"));
         assert_eq!(mask(ip("192.0.2.77"), 1, 64), ip("128.0.0.0"));
+    }
+
+    #[test]
+    fn a_key_is_four_words() {
+        assert_eq!(std::mem::size_of::<LocalKey>(), 32);
     }
 
     #[test]

@@ -3,9 +3,13 @@
 //! [`RateLimitLayer`] sits inside authentication, so it can key on who is calling:
 //!
 //! 1. a custom key function, if one is set and returns a key;
-//! 2. else the [`Principal`] id (one compromised key cannot spend everyone's quota);
+//! 2. else the [`Principal`]'s [identity](Principal::identity), its method and id
+//!    (one compromised key cannot spend everyone's quota, and the API key `svc` and
+//!    the token subject `svc` count separately);
 //! 3. else the [`ClientIp`], IPv6 masked to its /64 (configurable): a client that
-//!    rotates through the addresses of its own /64 still has one bucket;
+//!    rotates through the addresses of its own /64 still has one bucket. Requests
+//!    let in by the unauthenticated mode are keyed here too: its principal is
+//!    shared by every request and names no one;
 //! 4. else one global key.
 //!
 //! Each [`Policy`] names a [`Quota`] (per tier and per principal if configured); all
@@ -19,10 +23,11 @@
 //! window boundaries to game, and time comes from the monotonic clock, so a wall-clock
 //! jump changes nothing.
 //!
-//! **Memory.** A tracked key costs one map entry: a 24-byte key (the address, or a
-//! randomly keyed 128-bit hash of a principal id) and one 8-byte timestamp per
-//! policy, 32 bytes with one policy, plus the hash map's slack (about 70 bytes per
-//! key in all with one policy, measured by `benches/rate_limit.rs`). At most
+//! **Memory.** A tracked key costs one map entry: a 32-byte key (the address, or a
+//! randomly keyed 128-bit hash of a principal identity, and the table's hash) and
+//! one 8-byte timestamp per policy, 40 bytes with one policy, plus the hash map's
+//! slack (about 70 bytes per key in all with one policy, measured by
+//! `benches/rate_limit.rs`). At most
 //! [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys) keys (default 100 000)
 //! are tracked; a key is forgotten once its quota has fully refilled (then it is
 //! indistinguishable from a new key). Cleanup is amortised over the requests that
@@ -145,14 +150,16 @@ impl RateLimitBuilder {
     }
 
     /// A custom key, tried first; `None` falls back to principal, address, global.
-    /// The string is hashed, never stored or logged.
+    /// The string is hashed, never stored or logged. Build it from the principal's
+    /// [`identity`](Principal::identity), not its id alone, so that a key and a
+    /// token subject with the same id stay apart.
     ///
     /// ```
     /// use portcullis::rate_limit::{KeyContext, Policy, Quota, RateLimitLayer};
     /// let layer = RateLimitLayer::builder()
     ///     .policy(Policy::new("per-route", Quota::per_minute(30)?)?)
     ///     .key_fn(|cx: &KeyContext<'_>| {
-    ///         cx.principal().map(|p| format!("{}|{}", p.id(), cx.uri().path()))
+    ///         cx.principal().map(|p| format!("{} {}", p.identity(), cx.uri().path()))
     ///     })
     ///     .build()?;
     /// # let _ = layer;
@@ -510,6 +517,7 @@ impl Shared {
             reason = DenialReason::RateLimited.as_str(),
             policy,
             principal = principal.map(Principal::id),
+            method = principal.map(|p| p.method().as_str()),
             client_ip = client_ip.map(tracing::field::display),
             retry_after = crate::rejection::retry_after_secs(Duration::from_nanos(outcome.wait())),
             shadow = self.shadow,

@@ -6,21 +6,29 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
+use super::key::counted;
 use super::quota::{Gcra, Quota};
-use crate::{ConfigError, Principal};
+use crate::principal::identity;
+use crate::{AuthMethod, ConfigError, Principal};
 
 /// A named limit: a default [`Quota`], quotas per tier (the
-/// [`Principal::tier`]), and overrides per principal id. The most specific one
+/// [`Principal::tier`]), and overrides per principal. The most specific one
 /// applies: principal override, then tier, then the default.
+///
+/// An override names a principal by method and id, as its
+/// [`identity`](Principal::identity) does: an override for the API key
+/// `batch-importer` does not apply to a service token whose `sub` is
+/// `batch-importer`.
 ///
 /// The name appears in the `RateLimit-Policy` and `RateLimit` fields and in audit
 /// events: 1 to 32 characters of `A-Z a-z 0-9 _ - .`.
 ///
 /// ```
+/// use portcullis::AuthMethod;
 /// use portcullis::rate_limit::{Policy, Quota};
 /// let p = Policy::new("burst", Quota::per_second(10)?)?
 ///     .tier("gold", Quota::per_second(100)?)?
-///     .principal("batch-importer", Quota::per_second(500)?)?;
+///     .principal(AuthMethod::ApiKey, "batch-importer", Quota::per_second(500)?)?;
 /// # let _ = p;
 /// # Ok::<(), portcullis::ConfigError>(())
 /// ```
@@ -29,6 +37,7 @@ pub struct Policy {
     name: Arc<str>,
     default: Quota,
     tiers: Vec<(Arc<str>, Quota)>,
+    /// By [`Principal::identity`].
     principals: Vec<(Arc<str>, Quota)>,
 }
 
@@ -82,15 +91,46 @@ impl Policy {
         Ok(self)
     }
 
-    /// The quota for the principal with id `id`, whatever its tier.
-    pub fn principal(mut self, id: &str, quota: Quota) -> Result<Self, ConfigError> {
-        if id.is_empty() || self.principals.iter().any(|(p, _)| &**p == id) {
+    /// The quota for the principal that authenticated by `method` with id `id` (a
+    /// key id or a token `sub`), whatever its tier. It applies to that method only:
+    /// a key and a token subject with the same id are two principals.
+    ///
+    /// An empty id, the same principal twice, and
+    /// [`AuthMethod::Unauthenticated`] are errors: the unauthenticated mode's
+    /// requests name no one and are limited per client address with the default
+    /// quota.
+    ///
+    /// ```
+    /// use portcullis::rate_limit::{Policy, Quota};
+    /// use portcullis::{AuthMethod, Principal};
+    /// let p = Policy::new("api", Quota::per_second(10)?)?
+    ///     .principal(AuthMethod::ServiceToken, "scheduler", Quota::per_second(500)?)?;
+    /// let token = Principal::new("scheduler", AuthMethod::ServiceToken);
+    /// let key = Principal::new("scheduler", AuthMethod::ApiKey);
+    /// assert_eq!(p.quota_for(Some(&token)).count(), 500);
+    /// assert_eq!(p.quota_for(Some(&key)).count(), 10);
+    /// # Ok::<(), portcullis::ConfigError>(())
+    /// ```
+    pub fn principal(
+        mut self,
+        method: AuthMethod,
+        id: &str,
+        quota: Quota,
+    ) -> Result<Self, ConfigError> {
+        if method == AuthMethod::Unauthenticated {
+            return Err(ConfigError::new(format!(
+                "rate-limit policy {}: an override names an API key or a service token; unauthenticated requests are limited per client address",
+                self.name
+            )));
+        }
+        let identity = identity(method, id);
+        if id.is_empty() || self.principals.iter().any(|(p, _)| **p == *identity) {
             return Err(ConfigError::new(format!(
                 "rate-limit policy {}: principal overrides must be non-empty and unique",
                 self.name
             )));
         }
-        self.principals.push((id.into(), quota));
+        self.principals.push((identity.into(), quota));
         Ok(self)
     }
 
@@ -99,7 +139,9 @@ impl Policy {
         &self.name
     }
 
-    /// The quota that applies to `principal` (or to an anonymous request).
+    /// The quota that applies to `principal` (or to an anonymous request). The
+    /// unauthenticated mode's principal gets the default quota, as an anonymous
+    /// request does.
     ///
     /// ```
     /// use portcullis::rate_limit::{Policy, Quota};
@@ -111,8 +153,8 @@ impl Policy {
     /// # Ok::<(), portcullis::ConfigError>(())
     /// ```
     pub fn quota_for(&self, principal: Option<&Principal>) -> Quota {
-        if let Some(p) = principal {
-            if let Some((_, q)) = self.principals.iter().find(|(id, _)| &**id == p.id()) {
+        if let Some(p) = counted(principal) {
+            if let Some((_, q)) = self.principals.iter().find(|(i, _)| &**i == p.identity()) {
                 return *q;
             }
             if let Some(t) = p.tier()
@@ -210,8 +252,8 @@ impl Overrides {
 impl CompiledPolicy {
     #[inline]
     pub(crate) fn entry(&self, principal: Option<&Principal>) -> &Entry {
-        if let Some(p) = principal {
-            if let Some(e) = self.principals.get(p.id()) {
+        if let Some(p) = counted(principal) {
+            if let Some(e) = self.principals.get(p.identity()) {
                 return e;
             }
             if let Some(e) = p.tier().and_then(|t| self.tiers.get(t)) {
@@ -239,10 +281,19 @@ mod tests {
             let mut policy = Policy::new("p", Quota::per_second(1).unwrap()).unwrap();
             for i in 0..n {
                 let q = Quota::per_second(100 + i).unwrap();
+                // Even overrides name keys, odd ones tokens.
+                let method = [AuthMethod::ApiKey, AuthMethod::ServiceToken][i as usize % 2];
                 policy = policy
-                    .principal(&format!("id{i}"), q)
+                    .principal(method, &format!("id{i}"), q)
                     .unwrap()
                     .tier(&format!("tier{i}"), Quota::per_second(1000 + i).unwrap())
+                    .unwrap();
+            }
+            if n > 0 {
+                // `id0` is named for both methods.
+                let q = Quota::per_second(7).unwrap();
+                policy = policy
+                    .principal(AuthMethod::ServiceToken, "id0", q)
                     .unwrap();
             }
             let compiled = policy.compile();
@@ -251,25 +302,89 @@ mod tests {
                     compiled.entry(p).quota.count(),
                     policy.quota_for(p).count(),
                     "{n} overrides, {:?}",
-                    p.map(|p| (p.id().to_owned(), p.tier().map(str::to_owned)))
+                    p.map(|p| (p.identity().to_owned(), p.tier().map(str::to_owned)))
                 );
             };
             check(None);
-            for id in ["id0", "id7", "id8", "id39", "nobody", "id", ""] {
-                for tier in [
-                    None,
-                    Some("tier0"),
-                    Some("tier8"),
-                    Some("tier39"),
-                    Some("none"),
-                ] {
-                    let mut p = Principal::new(id, AuthMethod::ApiKey);
-                    if let Some(t) = tier {
-                        p = p.with_tier(t);
+            let methods = [
+                AuthMethod::ApiKey,
+                AuthMethod::ServiceToken,
+                AuthMethod::Unauthenticated,
+            ];
+            for id in ["id0", "id1", "id7", "id8", "id39", "nobody", "id", ""] {
+                for method in methods {
+                    for tier in [
+                        None,
+                        Some("tier0"),
+                        Some("tier8"),
+                        Some("tier39"),
+                        Some("none"),
+                    ] {
+                        let mut p = Principal::new(id, method);
+                        if let Some(t) = tier {
+                            p = p.with_tier(t);
+                        }
+                        check(Some(&p));
                     }
-                    check(Some(&p));
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_override_applies_to_the_named_method_only() {
+        let q = |n| Quota::per_second(n).unwrap();
+        let policy = Policy::new("p", q(1))
+            .unwrap()
+            .tier("gold", q(2))
+            .unwrap()
+            .principal(AuthMethod::ApiKey, "svc", q(10))
+            .unwrap()
+            .principal(AuthMethod::ServiceToken, "svc", q(20))
+            .unwrap()
+            .principal(AuthMethod::ServiceToken, "only-token", q(30))
+            .unwrap();
+        let compiled = policy.compile();
+        let count = |id: &str, method| {
+            let p = Principal::new(id, method).with_tier("gold");
+            let n = policy.quota_for(Some(&p)).count();
+            assert_eq!(compiled.entry(Some(&p)).quota.count(), n);
+            n
+        };
+        assert_eq!(count("svc", AuthMethod::ApiKey), 10);
+        assert_eq!(count("svc", AuthMethod::ServiceToken), 20);
+        assert_eq!(count("only-token", AuthMethod::ServiceToken), 30);
+        assert_eq!(
+            count("only-token", AuthMethod::ApiKey),
+            2,
+            "the tier, not the token's override"
+        );
+        // Ids that spell an identity do not reach another method's override.
+        assert_eq!(count("service_token:svc", AuthMethod::ApiKey), 2);
+        // The unauthenticated mode's principal gets the default, tier or not.
+        assert_eq!(count("svc", AuthMethod::Unauthenticated), 1);
+    }
+
+    #[test]
+    fn bad_overrides_are_configuration_errors() {
+        let q = Quota::per_second(1).unwrap();
+        let p = || Policy::new("p", q).unwrap();
+        assert!(p().principal(AuthMethod::ApiKey, "", q).is_err());
+        assert!(
+            p().principal(AuthMethod::Unauthenticated, "unauthenticated", q)
+                .is_err()
+        );
+        let twice = p()
+            .principal(AuthMethod::ApiKey, "a", q)
+            .unwrap()
+            .principal(AuthMethod::ApiKey, "a", q);
+        assert!(twice.unwrap_err().to_string().contains("unique"));
+        // The same id for two methods is two principals.
+        assert!(
+            p().principal(AuthMethod::ApiKey, "a", q)
+                .unwrap()
+                .principal(AuthMethod::ServiceToken, "a", q)
+                .is_ok()
+        );
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! Keys are `<namespace>:rl:<policy>:<key>`, where `<key>` is `g` (global),
 //! `ip:<masked address>`, or `p:`/`c:` and 32 hex digits of SHA-256 of a principal
-//! id or custom key: an id with any characters becomes a short, safe key. Every key
+//! identity (method and id) or custom key: an id with any characters becomes a
+//! short, safe key. Every key
 //! expires when its quota has fully refilled, so Redis holds only keys in use.
 //!
 //! **Failure.** Every call has a timeout (default 5 ms, connecting included). When

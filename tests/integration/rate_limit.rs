@@ -17,7 +17,8 @@ use tower::{Layer, Service, ServiceBuilder};
 use crate::common::{Peer, Reply, get, get_from, ip, serve};
 use crate::log_capture;
 
-/// Test-only authentication: `X-Test-Principal: id[;tier]` becomes a [`Principal`].
+/// Test-only authentication: `X-Test-Principal: id[;tier]` becomes a [`Principal`],
+/// an API key unless `X-Test-Method: service_token` says otherwise.
 /// (The real authentication layers are tested on their own.)
 #[derive(Clone)]
 pub struct TestPrincipalLayer;
@@ -49,7 +50,11 @@ where
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .map(|v| {
                 let (id, tier) = v.split_once(';').map_or((v, None), |(a, b)| (a, Some(b)));
-                let p = Principal::new(id, AuthMethod::ApiKey);
+                let method = match req.headers().get("x-test-method").map(|m| m.as_bytes()) {
+                    Some(b"service_token") => AuthMethod::ServiceToken,
+                    _ => AuthMethod::ApiKey,
+                };
+                let p = Principal::new(id, method);
                 match tier {
                     Some(t) => p.with_tier(t),
                     None => p,
@@ -201,7 +206,7 @@ async fn tiers_overrides_and_several_policies() {
                 .unwrap()
                 .tier("gold", Quota::per_minute(4).unwrap())
                 .unwrap()
-                .principal("vip", Quota::per_minute(6).unwrap())
+                .principal(AuthMethod::ApiKey, "vip", Quota::per_minute(6).unwrap())
                 .unwrap(),
         )
         .policy(Policy::new("hourly", Quota::per_hour(5).unwrap()).unwrap())
@@ -250,6 +255,172 @@ async fn tiers_overrides_and_several_policies() {
     assert_eq!(limits(&last)[1].remaining, 0);
     assert_eq!(last.header("x-ratelimit-limit"), Some("5"));
     assert_eq!(last.header("retry-after"), Some("720"));
+
+    // The override names the API key `vip`: a token whose `sub` is `vip` gets its tier.
+    let token: &[&[u8]] = &[
+        b"X-Test-Principal: vip;gold",
+        b"X-Test-Method: service_token",
+    ];
+    let r = get(addr, token).await;
+    assert_eq!((r.status, policies(&r)[0].quota), (200, 4));
+}
+
+#[tokio::test]
+async fn a_key_and_a_token_subject_with_the_same_id_count_separately() {
+    let capture = log_capture::capture();
+    let layer = RateLimitLayer::builder()
+        .policy(
+            Policy::new("ns", Quota::per_minute(2).unwrap())
+                .unwrap()
+                .principal(
+                    AuthMethod::ServiceToken,
+                    "ns-probe",
+                    Quota::per_minute(4).unwrap(),
+                )
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let addr = serve_limited(layer, ClientIpConfig::peer_only()).await;
+    let key: &[&[u8]] = &[b"X-Test-Principal: ns-probe"];
+    let token: &[&[u8]] = &[
+        b"X-Test-Principal: ns-probe",
+        b"X-Test-Method: service_token",
+    ];
+
+    for r in [1, 0] {
+        let res = get(addr, key).await;
+        assert_eq!((res.status, rt(&res)), (200, one("ns", r, 30 * (2 - r))));
+    }
+    assert_eq!(get(addr, key).await.status, 429);
+    // The token has a bucket of its own, with its own override (4 per minute).
+    for r in [3, 2, 1, 0] {
+        let res = get(addr, token).await;
+        assert_eq!((res.status, rt(&res)), (200, one("ns", r, 15 * (4 - r))));
+    }
+    let refused = get(addr, token).await;
+    assert_eq!((refused.status, policies(&refused)[0].quota), (429, 4));
+    // The audit events say which principal was limited: method and id.
+    let methods: Vec<_> = capture
+        .events_with("ns-probe")
+        .iter()
+        .map(|e| e["fields"]["method"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(methods, ["api_key", "service_token"]);
+}
+
+/// The same through the real authentication layer: the API key `svc` and a
+/// service token whose `sub` is `svc`, on one server, over TCP.
+#[cfg(all(feature = "api-key", feature = "jwt"))]
+#[tokio::test]
+async fn real_keys_and_tokens_with_the_same_id_count_separately() {
+    use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
+    use portcullis::authenticate::AuthenticateLayer;
+    use portcullis::jwt::{SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
+
+    const SECRET: [u8; 32] = *b"rate-limit-namespace-secret-32by";
+    let key = generate_key("pc_test").unwrap();
+    let keys = ApiKeys::new(
+        KeyStore::from_records([KeyRecord::new("svc", key.digest()).unwrap()]).unwrap(),
+    );
+    let verifier = TokenVerifier::builder()
+        .key(VerifyingKey::hs256(&SECRET).unwrap())
+        .issuer("https://issuer.test")
+        .audience("api")
+        .build()
+        .unwrap();
+    let token = TokenIssuer::builder(SigningKey::hs256(&SECRET).unwrap())
+        .issuer("https://issuer.test")
+        .subject("svc")
+        .audience("api")
+        .build()
+        .unwrap()
+        .mint()
+        .unwrap();
+    let limits = RateLimitLayer::builder()
+        .policy(
+            Policy::new("real", Quota::per_minute(2).unwrap())
+                .unwrap()
+                .principal(
+                    AuthMethod::ServiceToken,
+                    "svc",
+                    Quota::per_minute(3).unwrap(),
+                )
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let stack = ServiceBuilder::new()
+        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+        .layer(AuthenticateLayer::api_keys(keys).with_service_tokens(verifier))
+        .layer(limits)
+        .into_inner();
+    let addr = serve("127.0.0.1:0", stack, Peer::Attached).await;
+    let key_header = format!("X-API-Key: {}", key.expose_secret());
+    let token_header = format!("Authorization: Bearer {}", token.as_str());
+    let as_key: &[&[u8]] = &[key_header.as_bytes()];
+    let as_token: &[&[u8]] = &[token_header.as_bytes()];
+
+    for _ in 0..2 {
+        assert_eq!(get(addr, as_key).await.status, 200);
+    }
+    assert_eq!(
+        get(addr, as_key).await.status,
+        429,
+        "the key's quota is spent"
+    );
+    let res = get(addr, as_token).await;
+    assert_eq!(
+        (res.status, rt(&res), policies(&res)[0].quota),
+        (200, one("real", 2, 20), 3),
+        "the token has its own bucket and its own override"
+    );
+}
+
+#[cfg(feature = "authenticate")]
+#[tokio::test]
+async fn unauthenticated_mode_is_limited_per_client_address() {
+    use portcullis::Scopes;
+    use portcullis::authenticate::AuthenticateLayer;
+    use portcullis::rate_limit::KeyContext;
+
+    for custom_key in [false, true] {
+        let mut builder = RateLimitLayer::builder()
+            .policy(Policy::new("open", Quota::per_minute(2).unwrap()).unwrap());
+        if custom_key {
+            // A key function built on the principal sees none in this mode.
+            builder = builder.key_fn(|cx: &KeyContext<'_>| {
+                cx.principal()
+                    .map(|p| format!("{} {}", p.identity(), cx.uri().path()))
+            });
+        }
+        let stack = ServiceBuilder::new()
+            .layer(ClientIpLayer::new(
+                ClientIpConfig::trusted_proxies("127.0.0.1").unwrap(),
+            ))
+            .layer(AuthenticateLayer::allow_unauthenticated_requests_dangerously(Scopes::default()))
+            .layer(builder.build().unwrap())
+            .into_inner();
+        let addr = serve("127.0.0.1:0", stack, Peer::Attached).await;
+        let from = |xff: &'static str| async move {
+            let h = format!("X-Forwarded-For: {xff}");
+            get_from(Some(ip("127.0.0.1")), addr, &[h.as_bytes()]).await
+        };
+        assert_eq!(from("2001:db8:0:1::1").await.status, 200);
+        assert_eq!(from("2001:db8:0:1::2").await.status, 200);
+        assert_eq!(
+            from("2001:db8:0:1:ffff::3").await.status,
+            429,
+            "one /64 is one client"
+        );
+        let r = from("2001:db8:0:2::1").await;
+        assert_eq!(
+            (r.status, rt(&r)),
+            (200, one("open", 1, 30)),
+            "another address has its own bucket (custom key: {custom_key})"
+        );
+        assert_eq!(from("198.51.100.7").await.status, 200);
+    }
 }
 
 #[tokio::test]
