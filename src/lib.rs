@@ -76,7 +76,8 @@
 //! - `client-ip` (default): [`client_ip`].
 //! - `allowlist` (default): [`allowlist`].
 //! - `authenticate`: [`authenticate`] and [`scope`] (the layers, without a verifier).
-//! - `api-key` (default): [`api_key`], API keys for [`authenticate`]; the `portcullis keygen` binary.
+//! - `api-key` (default): [`api_key`], API keys for [`authenticate`].
+//! - `cli`: the `portcullis` command (`keygen`, `hash`, `check`) for key files.
 //! - `jwt`: service tokens (`jwt`): verifier, issuer and client-side layer.
 //! - `rate-limit` (default): [`rate_limit`].
 //! - `redis`: share rate limits between instances through Redis; `redis-tls` adds `rediss://`.
