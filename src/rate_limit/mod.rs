@@ -38,7 +38,7 @@
 //! together while the flood lasts.
 //!
 //! **Responses.** Every response (allowed or not) carries `RateLimit-Policy` and
-//! `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11, see [`fields`]); optionally
+//! `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11); optionally
 //! the legacy `X-RateLimit-Limit`, `-Remaining` and `-Reset` for the most constrained
 //! policy. A refusal is 429 with `Retry-After` (whole seconds, rounded up, never 0)
 //! and a problem+json body, and an audit event `rate_limited`.

@@ -31,7 +31,7 @@ enum RateLimitChoice {
     Layer(RateLimitLayer),
 }
 
-/// Builds a [`StackLayer`]; see the [module docs](self).
+/// Builds a [`StackLayer`]; see the [module docs](crate::stack).
 ///
 /// String settings are checked by [`build`](Self::build), which reports the first
 /// problem; nothing is checked at request time.

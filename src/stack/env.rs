@@ -62,7 +62,7 @@ fn reload_interval(value: Option<String>, name: &str) -> Result<Option<Duration>
 
 impl StackBuilder {
     /// Reads the configuration from the process environment; see the
-    /// [module docs](self) for the variables.
+    /// [module docs](crate::stack) for the variables.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_env_with(|name| std::env::var(name).ok())
     }
