@@ -46,6 +46,9 @@ use crate::{ClientIp, ConfigError};
 /// Memory and cleanup are those of the rate limiter: at most
 /// [`max_tracked_addresses`](AuthThrottleLayer::max_tracked_addresses) (default
 /// 100 000) addresses, forgotten once their bucket has refilled, no background task.
+/// At the cap, the addresses not tracked share one bucket of the same quota, which
+/// both the counting and the refusing read: together they get one address's worth
+/// of failures.
 ///
 /// ```
 /// use portcullis::rate_limit::{AuthThrottleLayer, Quota};
@@ -65,6 +68,7 @@ pub(crate) struct Shared {
     quota: Quota,
     gcra: [Gcra; 1],
     store: LocalStore,
+    cap: usize,
     ipv6_prefix: u8,
 }
 
@@ -110,8 +114,9 @@ impl AuthThrottleLayer {
             shared: Arc::new(Shared {
                 quota,
                 gcra: [quota.gcra()],
-                store: LocalStore::new(cap, 1),
+                store: LocalStore::new(cap, &[quota.gcra()]),
                 ipv6_prefix,
+                cap,
             }),
         }
     }
@@ -121,11 +126,7 @@ impl AuthThrottleLayer {
         if bits == 0 || bits > 128 {
             return Err(ConfigError::new("IPv6 prefix must be 1 to 128"));
         }
-        Ok(Self::build(
-            self.shared.quota,
-            bits,
-            self.shared.store.cap(),
-        ))
+        Ok(Self::build(self.shared.quota, bits, self.shared.cap))
     }
 
     /// The most addresses tracked at once (default 100 000; at least 1). At the cap,
@@ -289,9 +290,11 @@ where
                     && let Some(&reason) = res.extensions().get::<DenialReason>()
                     && is_credential_failure(reason)
                 {
-                    shared
+                    // A failure the bucket refuses (concurrent with the last one
+                    // allowed) changes nothing.
+                    let _ = shared
                         .store
-                        .record(shared.key(*ip), &shared.gcra, shared.store.now());
+                        .check(shared.key(*ip), &shared.gcra, shared.store.now());
                 }
                 out
             }

@@ -351,6 +351,53 @@ fn bad_configuration_fails_at_build() {
     );
 }
 
+/// At the cap, principals not tracked share one overflow bucket under the default
+/// quota: a newcomer of a larger tier gets no more from it than anyone else, so a
+/// flood of new keys cannot spend more than one default quota together.
+#[tokio::test]
+async fn untracked_keys_at_the_cap_share_one_default_quota() {
+    let layer = RateLimitLayer::builder()
+        .policy(
+            Policy::new("api", Quota::per_hour(2).unwrap())
+                .unwrap()
+                .tier("gold", Quota::per_hour(1000).unwrap())
+                .unwrap(),
+        )
+        .max_tracked_keys(1)
+        .build()
+        .unwrap();
+    let addr = serve_limited(layer.clone(), ClientIpConfig::peer_only()).await;
+    assert_eq!(
+        get(addr, &[b"X-Test-Principal: resident"]).await.status,
+        200
+    );
+    assert_eq!(layer.tracked_keys(), 1);
+
+    // Every further principal is untracked: together they get the default 2 per hour,
+    // gold or not.
+    let mut allowed = 0;
+    for i in 0..10 {
+        let who = format!("X-Test-Principal: newcomer-{i};gold");
+        let r = get(addr, &[who.as_bytes()]).await;
+        if r.status == 200 {
+            allowed += 1;
+        } else {
+            assert_eq!(r.status, 429);
+            assert!(r.header("retry-after").is_some());
+        }
+    }
+    assert_eq!(
+        allowed, 2,
+        "the overflow bucket's quota, not the gold tier's"
+    );
+    assert_eq!(layer.tracked_keys(), 1);
+    // The tracked principal keeps its own bucket.
+    assert_eq!(
+        get(addr, &[b"X-Test-Principal: resident"]).await.status,
+        200
+    );
+}
+
 /// A stand-in for the authentication layer: `X-Test-Key: bad` is an unknown key,
 /// no header is a missing credential, `X-Test-Key: good` passes.
 #[derive(Clone)]
