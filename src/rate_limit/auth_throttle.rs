@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,10 +18,10 @@ use super::key::{KeySource, LocalKey, mask};
 use super::local::LocalStore;
 use super::quota::{Gcra, Quota};
 use crate::rejection::{DenialReason, Rejection};
-use crate::{ClientIp, ConfigError};
+use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
 
-/// 429 for a client address after too many failed authentications, before any
-/// credential is checked.
+/// Slows the guessing of credentials per client address, without denying a valid
+/// credential by default.
 ///
 /// Place it **outside** the authentication layer (and inside
 /// [`ClientIpLayer`](crate::client_ip::ClientIpLayer)). It reads the
@@ -30,29 +30,97 @@ use crate::{ClientIp, ConfigError};
 /// credential was presented and was wrong: `invalid_key_format`, `unknown_key`,
 /// `expired_key`, `not_yet_valid_key`, `revoked_key`, `invalid_token`,
 /// `malformed_credential` and `multiple_credentials`. A request with **no**
-/// credential (`missing_credential`) is not counted: it guesses nothing, and health
-/// checks and browsers send those.
+/// credential (`missing_credential`) is never counted: it guesses nothing, and
+/// health checks and browsers send those. Successes are never counted, and never
+/// uncount anything (a client holding one valid key cannot reset its count by
+/// interleaving it).
 ///
 /// The count is a GCRA bucket like the rate limiter's: `Quota::new(10, 5 min)`
 /// (the [`recommended`](AuthThrottleLayer::recommended) setting) allows 10 failures
-/// at once, then one more every 30 s. While the bucket is empty the address gets 429
-/// `auth_throttled` with `Retry-After`, and the inner service, with its key lookup,
-/// never runs. Successful requests are never counted and never refused for
-/// failures they did not make, except from an address that is throttled.
+/// at once, then one more per refill interval (here 30 s). An address whose bucket
+/// is empty is *throttled* until it refills. A failure is counted when its refusal
+/// comes back, all or nothing: of all the wrong credentials an address sends, at most
+/// the quota's worth are answered 401; every other one is answered 429
+/// `auth_throttled` with `Retry-After` (with the audit event `auth_throttled`) and
+/// changes nothing, so a throttled address is never held longer by what it sends
+/// while throttled.
+///
+/// # The default: every credential is verified
+///
+/// A throttled address is not locked out. Its requests still reach the
+/// authentication layer, and:
+///
+/// - a **valid** credential passes as usual; if its address is throttled, the audit
+///   event `auth_succeeded_while_throttled` (`principal`, `method`, `client_ip`)
+///   records it;
+/// - a **wrong** credential gets 429 `auth_throttled` with `Retry-After` instead of
+///   its 401, and is not counted;
+/// - a request with **no** credential gets its usual 401, uncounted.
+///
+/// So one client guessing cannot deny service to the others behind the same address:
+/// a NAT, a corporate proxy, a TLS terminator on the same host, or the service
+/// calling itself over loopback.
+///
+/// What a guesser gets: the quota's worth of answered guesses, then one per refill
+/// interval; every other wrong guess is refused with 429 and `Retry-After`, which a
+/// well-behaved client obeys. This mode does **not** bound the number of guesses: each
+/// one is verified and a right one is let in, so the 429 tells a guesser what the 401
+/// would have (not this one). It relies on credentials that cannot be guessed
+/// online, which is what this crate issues (API keys of at least 128 random bits,
+/// signed service tokens). Alert on `auth_succeeded_while_throttled`: a guess that
+/// succeeded looks exactly like that. Every refused guess still costs a key lookup
+/// (a digest) or a token verification.
+///
+/// # Lockout before verification
+///
+/// [`lockout_before_verify`](AuthThrottleLayer::lockout_before_verify) refuses a
+/// throttled address with 429 `auth_throttled` **before** any credential is read,
+/// whatever the request carries: valid, wrong or none. A guesser then gets the
+/// quota's worth of verified guesses and one per refill interval, and learns nothing
+/// from a refused one, since it was never checked. (The address is looked up when a
+/// request arrives and a failure counted when its answer comes back, so requests
+/// sent together with the last one allowed are verified too; of their wrong guesses
+/// only the first is answered 401.) The price: every client sharing the
+/// address is locked out as well, valid credentials included, until the bucket
+/// refills. Use it when the secrets can be guessed (e.g. keys people chose, accepted
+/// from a plain list), and exempt the addresses that must never be locked out.
+///
+/// # Exempt networks
+///
+/// [`exempt`](AuthThrottleLayer::exempt) names networks whose addresses are never
+/// counted nor throttled, in either mode: the service's own address, a health
+/// checker, a trusted internal network. Their requests authenticate as usual (a
+/// wrong credential gets its 401). An exempt address can guess without limit: keep
+/// the set small.
+///
+/// # Memory, and what happens at the cap
+///
+/// At most [`max_tracked_addresses`](AuthThrottleLayer::max_tracked_addresses)
+/// (default 100 000) addresses are tracked, each forgotten once its bucket has
+/// refilled, with no background task (as the rate limiter's keys). At the cap, the
+/// addresses not tracked share **one** bucket of the same quota, which both the
+/// counting and the refusing read: together they get one address's worth of answered
+/// failures. A flood of fresh addresses can therefore neither grow memory, nor evict
+/// the tracked addresses (and reset their counts), nor buy guesses with addresses.
+/// While it lasts, new addresses are throttled together: in the default mode that
+/// costs them the 401 of a wrong credential only; in the lockout mode it locks out
+/// every untracked address.
 ///
 /// A request without a [`ClientIp`] (e.g. an unusable forwarded header) counts
 /// against one shared "unknown address" bucket.
 ///
-/// Memory and cleanup are those of the rate limiter: at most
-/// [`max_tracked_addresses`](AuthThrottleLayer::max_tracked_addresses) (default
-/// 100 000) addresses, forgotten once their bucket has refilled, no background task.
-///
 /// ```
+/// use portcullis::IpSet;
 /// use portcullis::rate_limit::{AuthThrottleLayer, Quota};
 /// use std::time::Duration;
 ///
-/// let default = AuthThrottleLayer::recommended(); // 10 failures per 5 minutes
-/// let strict = AuthThrottleLayer::new(Quota::new(5, Duration::from_secs(900))?);
+/// // 10 failures per 5 minutes; valid credentials always pass.
+/// let default = AuthThrottleLayer::recommended();
+/// // For guessable secrets: 5 failures per 15 minutes, then the address is locked
+/// // out before verification, except the service's own address and the health checker.
+/// let strict = AuthThrottleLayer::new(Quota::new(5, Duration::from_secs(900))?)
+///     .lockout_before_verify()
+///     .exempt(IpSet::parse("127.0.0.1, 10.0.9.7")?);
 /// # let _ = (default, strict);
 /// # Ok::<(), portcullis::ConfigError>(())
 /// ```
@@ -61,18 +129,30 @@ pub struct AuthThrottleLayer {
     pub(crate) shared: Arc<Shared>,
 }
 
-pub(crate) struct Shared {
+/// The settings, kept to rebuild the state when one changes.
+#[derive(Clone)]
+struct Config {
     quota: Quota,
+    ipv6_prefix: u8,
+    cap: usize,
+    lockout: bool,
+    exempt: Option<IpSet>,
+}
+
+pub(crate) struct Shared {
+    config: Config,
     gcra: [Gcra; 1],
     store: LocalStore,
-    ipv6_prefix: u8,
 }
 
 impl fmt::Debug for AuthThrottleLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.shared.config;
         f.debug_struct("AuthThrottleLayer")
-            .field("failures", &self.shared.quota)
-            .field("ipv6_prefix", &self.shared.ipv6_prefix)
+            .field("failures", &c.quota)
+            .field("lockout_before_verify", &c.lockout)
+            .field("exempt", &c.exempt)
+            .field("ipv6_prefix", &c.ipv6_prefix)
             .field("tracked_addresses", &self.shared.store.len())
             .finish()
     }
@@ -94,26 +174,55 @@ pub(crate) fn is_credential_failure(reason: DenialReason) -> bool {
 }
 
 impl AuthThrottleLayer {
-    /// 10 failed authentications per address per 5 minutes: a person mistyping a
-    /// key never meets it; a guesser is held to one guess every 30 s.
+    /// 10 failed authentications per address per 5 minutes, in the default mode: a
+    /// person mistyping a key never meets it; past it, a wrong credential is answered
+    /// 429 except one every 30 s, and valid credentials always pass.
     pub fn recommended() -> Self {
         Self::new(Quota::new(10, Duration::from_secs(300)).expect("static quota"))
     }
 
-    /// Allow `failures` (e.g. 10 per 5 minutes) per client address.
+    /// Allow `failures` (e.g. 10 per 5 minutes) per client address, in the default
+    /// mode (every credential verified; see the [type docs](Self)).
     pub fn new(failures: Quota) -> Self {
-        Self::build(failures, 64, 100_000)
+        Self::build(Config {
+            quota: failures,
+            ipv6_prefix: 64,
+            cap: 100_000,
+            lockout: false,
+            exempt: None,
+        })
     }
 
-    fn build(quota: Quota, ipv6_prefix: u8, cap: usize) -> Self {
+    fn build(config: Config) -> Self {
+        let gcra = [config.quota.gcra()];
         Self {
             shared: Arc::new(Shared {
-                quota,
-                gcra: [quota.gcra()],
-                store: LocalStore::new(cap, 1),
-                ipv6_prefix,
+                store: LocalStore::new(config.cap, &gcra),
+                gcra,
+                config,
             }),
         }
+    }
+
+    /// Refuse a throttled address with 429 **before** its credential is verified,
+    /// valid credentials included: every client sharing the address is locked out
+    /// until its bucket refills. For deployments whose secrets can be guessed; see
+    /// the [type docs](Self#lockout-before-verification) for the trade-off.
+    pub fn lockout_before_verify(self) -> Self {
+        Self::build(Config {
+            lockout: true,
+            ..self.shared.config.clone()
+        })
+    }
+
+    /// Never count nor throttle client addresses inside `networks` (e.g. the
+    /// service's own address, a health checker); they still authenticate as usual.
+    /// Replaces any set given before.
+    pub fn exempt(self, networks: IpSet) -> Self {
+        Self::build(Config {
+            exempt: Some(networks),
+            ..self.shared.config.clone()
+        })
     }
 
     /// Mask IPv6 addresses to this prefix (default 64), 1 to 128.
@@ -121,35 +230,114 @@ impl AuthThrottleLayer {
         if bits == 0 || bits > 128 {
             return Err(ConfigError::new("IPv6 prefix must be 1 to 128"));
         }
-        Ok(Self::build(
-            self.shared.quota,
-            bits,
-            self.shared.store.cap(),
-        ))
+        Ok(Self::build(Config {
+            ipv6_prefix: bits,
+            ..self.shared.config.clone()
+        }))
     }
 
     /// The most addresses tracked at once (default 100 000; at least 1). At the cap,
-    /// failures from untracked addresses share one bucket.
+    /// the untracked addresses share one bucket (see the
+    /// [type docs](Self#memory-and-what-happens-at-the-cap)).
     pub fn max_tracked_addresses(self, n: usize) -> Result<Self, ConfigError> {
         if n == 0 {
             return Err(ConfigError::new("max_tracked_addresses must be at least 1"));
         }
-        Ok(Self::build(self.shared.quota, self.shared.ipv6_prefix, n))
+        Ok(Self::build(Config {
+            cap: n,
+            ..self.shared.config.clone()
+        }))
     }
 
     /// Addresses currently tracked.
     pub fn tracked_addresses(&self) -> usize {
         self.shared.store.len()
     }
+
+    /// The same settings on `clock` (tests drive time).
+    #[cfg(test)]
+    fn with_clock(self, clock: quanta::Clock) -> Self {
+        let config = self.shared.config.clone();
+        let gcra = [config.quota.gcra()];
+        Self {
+            shared: Arc::new(Shared {
+                store: LocalStore::new(config.cap, &gcra).with_clock(clock),
+                gcra,
+                config,
+            }),
+        }
+    }
 }
 
 impl Shared {
     fn key(&self, ip: Option<ClientIp>) -> LocalKey {
         let source = match ip {
-            Some(ip) => KeySource::Ip(mask(ip.addr(), 32, self.ipv6_prefix)),
+            Some(ip) => KeySource::Ip(mask(ip.addr(), 32, self.config.ipv6_prefix)),
             None => KeySource::Global,
         };
         source.local(self.store.hasher())
+    }
+
+    fn is_exempt(&self, ip: Option<ClientIp>) -> bool {
+        matches!((&self.config.exempt, ip), (Some(set), Some(ip)) if set.contains(ip.addr()))
+    }
+
+    /// How long until the address may fail once more, if it is throttled now.
+    fn throttled(&self, ip: Option<ClientIp>) -> Option<Duration> {
+        // No address has failed lately (the common case): nothing to look up.
+        if !self.store.tracks_any() {
+            return None;
+        }
+        self.store
+            .peek(self.key(ip), &self.gcra, self.store.now())
+            .map(Duration::from_nanos)
+    }
+
+    /// The 429 for a throttled address, audited; `checked` says whether its
+    /// credential was verified (and found wrong) first.
+    fn refusal<B: From<Bytes>>(
+        &self,
+        ip: Option<ClientIp>,
+        retry: Duration,
+        checked: bool,
+    ) -> Response<B> {
+        tracing::info!(
+            target: crate::audit::TARGET,
+            event = "auth_throttled",
+            reason = DenialReason::AuthThrottled.as_str(),
+            client_ip = ip.map(tracing::field::display),
+            retry_after = crate::rejection::retry_after_secs(retry),
+            credential_checked = checked,
+        );
+        Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response()
+    }
+
+    /// The inner response of a counted address: a wrong credential is counted, or
+    /// answered 429 if the address is out of failures; a valid one from a throttled
+    /// address is audited.
+    fn respond<B: From<Bytes>>(&self, ip: Option<ClientIp>, res: Response<B>) -> Response<B> {
+        if let Some(&reason) = res.extensions().get::<DenialReason>()
+            && is_credential_failure(reason)
+        {
+            let outcome = self.store.check(self.key(ip), &self.gcra, self.store.now());
+            if outcome.allowed {
+                return res;
+            }
+            return self.refusal(ip, Duration::from_nanos(outcome.wait()), true);
+        }
+        if let Some(p) = res.extensions().get::<Principal>()
+            && p.method() != AuthMethod::Unauthenticated
+            && self.throttled(ip).is_some()
+        {
+            tracing::info!(
+                target: crate::audit::TARGET,
+                event = "auth_succeeded_while_throttled",
+                principal = p.id(),
+                method = p.method().as_str(),
+                client_ip = ip.map(tracing::field::display),
+            );
+        }
+        res
     }
 }
 
@@ -163,7 +351,7 @@ impl<S> Layer<S> for AuthThrottleLayer {
     }
 }
 
-/// Service refusing addresses with too many failed authentications; see
+/// Service throttling addresses with too many failed authentications; see
 /// [`AuthThrottleLayer`].
 #[derive(Clone)]
 pub struct AuthThrottle<S> {
@@ -175,7 +363,8 @@ impl<S: fmt::Debug> fmt::Debug for AuthThrottle<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthThrottle")
             .field("inner", &self.inner)
-            .field("failures", &self.shared.quota)
+            .field("failures", &self.shared.config.quota)
+            .field("lockout_before_verify", &self.shared.config.lockout)
             .finish()
     }
 }
@@ -217,8 +406,7 @@ where
     }
 }
 
-/// The layer's work around `next`, the inner service's call (shared with the
-/// assembled stack, which holds its layers' settings behind one reference count).
+/// The layer's work around `next`, the inner service's call.
 pub(crate) fn call_with<ReqBody, ResBody, F>(
     shared: &Arc<Shared>,
     req: Request<ReqBody>,
@@ -228,28 +416,22 @@ where
     ResBody: From<Bytes>,
 {
     let ip = req.extensions().get::<ClientIp>().copied();
-    let store = &shared.store;
-    // No address has failed lately (the common case): nothing to look up.
-    if store.tracks_any()
-        && let Some(wait) = store.peek(shared.key(ip), &shared.gcra, store.now())
+    if shared.is_exempt(ip) {
+        return ThrottleFuture {
+            kind: ThrottleKind::Exempt { future: next(req) },
+        };
+    }
+    if shared.config.lockout
+        && let Some(retry) = shared.throttled(ip)
     {
-        let retry = Duration::from_nanos(wait);
-        tracing::info!(
-            target: crate::audit::TARGET,
-            event = "auth_throttled",
-            reason = DenialReason::AuthThrottled.as_str(),
-            client_ip = ip.map(tracing::field::display),
-            retry_after = crate::rejection::retry_after_secs(retry),
-        );
-        let res = Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response();
         return ThrottleFuture {
             kind: ThrottleKind::Rejected {
-                response: Some(res),
+                response: Some(shared.refusal(ip, retry, false)),
             },
         };
     }
     ThrottleFuture {
-        kind: ThrottleKind::Inner {
+        kind: ThrottleKind::Counted {
             future: next(req),
             ip,
             shared: shared.clone(),
@@ -258,8 +440,8 @@ where
 }
 
 pin_project! {
-    /// Response future of [`AuthThrottle`]: counts a credential failure when the
-    /// inner response carries one.
+    /// Response future of [`AuthThrottle`]: counts a wrong credential when the inner
+    /// response refuses one, or answers it 429 if the address is out of failures.
     pub struct ThrottleFuture<F, B> {
         #[pin]
         kind: ThrottleKind<F, B>,
@@ -269,7 +451,8 @@ pin_project! {
 pin_project! {
     #[project = ThrottleKindProj]
     enum ThrottleKind<F, B> {
-        Inner { #[pin] future: F, ip: Option<ClientIp>, shared: Arc<Shared> },
+        Counted { #[pin] future: F, ip: Option<ClientIp>, shared: Arc<Shared> },
+        Exempt { #[pin] future: F },
         Rejected { response: Option<Response<B>> },
     }
 }
@@ -277,24 +460,16 @@ pin_project! {
 impl<F, B, E> Future for ThrottleFuture<F, B>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: From<Bytes>,
 {
     type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            ThrottleKindProj::Inner { future, ip, shared } => {
-                // The inner poll's result is returned in place.
-                let out = future.poll(cx);
-                if let Poll::Ready(Ok(res)) = &out
-                    && let Some(&reason) = res.extensions().get::<DenialReason>()
-                    && is_credential_failure(reason)
-                {
-                    shared
-                        .store
-                        .record(shared.key(*ip), &shared.gcra, shared.store.now());
-                }
-                out
+            ThrottleKindProj::Counted { future, ip, shared } => {
+                Poll::Ready(ready!(future.poll(cx)).map(|res| shared.respond(*ip, res)))
             }
+            ThrottleKindProj::Exempt { future } => future.poll(cx),
             ThrottleKindProj::Rejected { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
@@ -305,7 +480,8 @@ where
 impl<F, B> fmt::Debug for ThrottleFuture<F, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
-            ThrottleKind::Inner { .. } => "Inner",
+            ThrottleKind::Counted { .. } => "Counted",
+            ThrottleKind::Exempt { .. } => "Exempt",
             ThrottleKind::Rejected { .. } => "Rejected",
         };
         f.debug_struct("ThrottleFuture")
@@ -319,42 +495,194 @@ mod tests {
     use super::*;
     use crate::rejection::Challenge;
     use std::convert::Infallible;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tower::{ServiceBuilder, ServiceExt};
 
-    #[tokio::test]
-    async fn counts_only_credential_failures() {
-        let layer = AuthThrottleLayer::new(Quota::per_minute(2).unwrap());
-        let call = |reason: Option<DenialReason>| {
-            let layer = layer.clone();
-            async move {
-                let svc = ServiceBuilder::new().layer(layer).service_fn(
-                    move |_req: Request<()>| async move {
-                        let c = Challenge::api_key("api").unwrap();
-                        Ok::<_, Infallible>(match reason {
-                            Some(DenialReason::MissingCredential) => {
-                                Rejection::missing_credential(&c).into_response()
-                            }
-                            Some(r) => Rejection::invalid_credential(&c, r).into_response(),
-                            None => Response::new(Bytes::new()),
-                        })
-                    },
-                );
-                let mut req = Request::new(());
-                req.extensions_mut()
-                    .insert(ClientIp::new("192.0.2.1".parse().unwrap()));
-                svc.oneshot(req).await.unwrap().status().as_u16()
+    /// What the stand-in authentication layer makes of a request.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Credential {
+        Valid,
+        Wrong,
+        Missing,
+    }
+
+    /// The response the authentication layer gives for `credential`.
+    fn authenticate(credential: Credential) -> Response<Bytes> {
+        let c = Challenge::api_key("api").unwrap();
+        match credential {
+            Credential::Valid => {
+                let mut res = Response::new(Bytes::new());
+                res.extensions_mut()
+                    .insert(Principal::new("k", AuthMethod::ApiKey));
+                res
             }
-        };
-        for _ in 0..5 {
-            assert_eq!(call(Some(DenialReason::MissingCredential)).await, 401);
-            assert_eq!(call(None).await, 200);
+            Credential::Wrong => {
+                Rejection::invalid_credential(&c, DenialReason::UnknownKey).into_response()
+            }
+            Credential::Missing => Rejection::missing_credential(&c).into_response(),
         }
-        assert_eq!(call(Some(DenialReason::UnknownKey)).await, 401);
-        assert_eq!(call(Some(DenialReason::RevokedKey)).await, 401);
+    }
+
+    /// Polls a future that must be ready at once (every service here answers
+    /// without waiting).
+    fn ready_now<F: Future>(f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        match f
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        {
+            Poll::Ready(out) => out,
+            Poll::Pending => panic!("not ready"),
+        }
+    }
+
+    /// Sends one request from `ip` carrying `credential` through `layer`; the
+    /// status, and whether the authentication layer ran.
+    fn send(layer: &AuthThrottleLayer, ip: IpAddr, credential: Credential) -> (u16, bool) {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let seen = ran.clone();
+        let svc = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service_fn(move |_req: Request<()>| {
+                seen.fetch_add(1, Ordering::Relaxed);
+                std::future::ready(Ok::<_, Infallible>(authenticate(credential)))
+            });
+        let mut req = Request::new(());
+        req.extensions_mut().insert(ClientIp::new(ip));
+        let res = ready_now(svc.oneshot(req)).unwrap();
+        if res.status() == 429 {
+            assert!(res.headers().contains_key(http::header::RETRY_AFTER));
+        }
+        (res.status().as_u16(), ran.load(Ordering::Relaxed) == 1)
+    }
+
+    fn addr(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn by_default_a_throttled_address_keeps_its_valid_credentials() {
+        let layer = AuthThrottleLayer::new(Quota::per_minute(2).unwrap());
+        let ip = addr("192.0.2.1");
+        for _ in 0..5 {
+            assert_eq!(send(&layer, ip, Credential::Missing), (401, true));
+            assert_eq!(send(&layer, ip, Credential::Valid), (200, true));
+        }
+        assert_eq!(send(&layer, ip, Credential::Wrong), (401, true));
+        assert_eq!(send(&layer, ip, Credential::Wrong), (401, true));
+        // Throttled: a wrong credential is verified and answered 429, uncounted ...
+        for _ in 0..5 {
+            assert_eq!(send(&layer, ip, Credential::Wrong), (429, true));
+        }
+        // ... a valid one passes, and one without a credential gets its 401.
+        assert_eq!(send(&layer, ip, Credential::Valid), (200, true));
+        assert_eq!(send(&layer, ip, Credential::Missing), (401, true));
+        // Another address is untouched.
         assert_eq!(
-            call(None).await,
-            429,
-            "throttled before the inner service runs"
+            send(&layer, addr("192.0.2.2"), Credential::Wrong),
+            (401, true)
         );
+    }
+
+    #[test]
+    fn lockout_refuses_a_throttled_address_before_verification() {
+        let layer = AuthThrottleLayer::new(Quota::per_minute(2).unwrap()).lockout_before_verify();
+        let ip = addr("192.0.2.1");
+        for _ in 0..5 {
+            assert_eq!(send(&layer, ip, Credential::Missing), (401, true));
+        }
+        assert_eq!(send(&layer, ip, Credential::Wrong), (401, true));
+        assert_eq!(send(&layer, ip, Credential::Wrong), (401, true));
+        for c in [Credential::Valid, Credential::Wrong, Credential::Missing] {
+            assert_eq!(send(&layer, ip, c), (429, false), "{c:?}");
+        }
+        assert_eq!(
+            send(&layer, addr("192.0.2.2"), Credential::Valid),
+            (200, true)
+        );
+    }
+
+    #[test]
+    fn exempt_addresses_are_never_counted_nor_throttled() {
+        for layer in [
+            AuthThrottleLayer::new(Quota::per_minute(1).unwrap()),
+            AuthThrottleLayer::new(Quota::per_minute(1).unwrap()).lockout_before_verify(),
+        ] {
+            let layer = layer.exempt(IpSet::parse("127.0.0.0/8, 2001:db8::/64").unwrap());
+            for ip in ["127.0.0.1", "::ffff:127.0.0.9", "2001:db8::7"] {
+                for _ in 0..5 {
+                    assert_eq!(send(&layer, addr(ip), Credential::Wrong), (401, true));
+                }
+                assert_eq!(send(&layer, addr(ip), Credential::Valid), (200, true));
+            }
+            assert_eq!(layer.tracked_addresses(), 0);
+            let outside = addr("2001:db8:0:1::7");
+            assert_eq!(send(&layer, outside, Credential::Wrong), (401, true));
+            assert_eq!(send(&layer, outside, Credential::Wrong).0, 429);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// At the cap, the addresses not tracked share one bucket: across all of
+        /// them, the wrong credentials answered 401 never exceed one quota (its
+        /// burst plus one per emission interval elapsed), whatever the cap, the
+        /// mode, the order of addresses, outcomes and time steps. Valid credentials
+        /// pass in the default mode, and a 401 for a wrong credential is counted.
+        #[test]
+        fn untracked_addresses_share_one_quota_at_the_cap(
+            cap in 1usize..8,
+            count in 1u32..5,
+            window in 1u64..20,
+            lockout in proptest::bool::ANY,
+            steps in proptest::collection::vec((0u8..20, 0u8..3, 0u64..3_000_000_000), 1..200),
+        ) {
+            let quota = Quota::new(count, Duration::from_secs(window)).unwrap();
+            let g = quota.gcra();
+            let (clock, mock) = quanta::Clock::mock();
+            let mut layer = AuthThrottleLayer::new(quota)
+                .max_tracked_addresses(cap)
+                .unwrap();
+            if lockout {
+                layer = layer.lockout_before_verify();
+            }
+            let layer = layer.with_clock(clock);
+            let shared = layer.shared.clone();
+            let start = shared.store.now();
+            let mut overflow_failures = 0u64;
+            for (host, outcome, step) in steps {
+                mock.increment(step);
+                let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, host));
+                let credential = [Credential::Valid, Credential::Wrong, Credential::Missing]
+                    [usize::from(outcome)];
+                let (status, ran) = send(&layer, ip, credential);
+                match credential {
+                    Credential::Valid if !lockout => proptest::prop_assert_eq!(status, 200),
+                    Credential::Valid => proptest::prop_assert!(status == 200 || status == 429),
+                    Credential::Missing if !lockout => proptest::prop_assert_eq!(status, 401),
+                    _ => {}
+                }
+                proptest::prop_assert_eq!(ran, status != 429 || !lockout);
+                if credential == Credential::Wrong
+                    && status == 401
+                    && !shared.store.is_tracked(shared.key(Some(ClientIp::new(ip))))
+                {
+                    // Answered, and counted without an entry of its own: against
+                    // the shared bucket.
+                    overflow_failures += 1;
+                    let elapsed = shared.store.now() - start;
+                    let bound = u64::from(quota.burst()) + elapsed / g.t;
+                    proptest::prop_assert!(
+                        overflow_failures <= bound,
+                        "{} answered failures of untracked addresses, quota allows {}",
+                        overflow_failures,
+                        bound
+                    );
+                }
+                proptest::prop_assert!(shared.store.len() <= cap);
+            }
+        }
     }
 }

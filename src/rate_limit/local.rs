@@ -76,12 +76,20 @@ pub(crate) fn decide(gcras: &[Gcra], tats: &mut [u64], now: u64) -> Outcome {
 /// Keyed GCRA state with a cap on tracked keys.
 ///
 /// At the cap, a key not yet tracked shares one overflow state with every other
-/// untracked key (under the quota its own request resolves to), so a flood of new
-/// keys cannot evict or reset the keys already tracked, and cannot grow memory.
+/// untracked key, so a flood of new keys cannot evict or reset the keys already
+/// tracked, and cannot grow memory. Both paths read it: [`check`](Self::check)
+/// counts an untracked key's request against it and [`peek`](Self::peek) answers
+/// from it. The overflow state has its own quota, fixed at construction; a request
+/// that resolves to another quota (a principal's tier) is held to the stricter of
+/// the two per policy (the longer emission interval, the smaller tolerance), so
+/// whatever mix of quotas arrives, the untracked keys together never get more than
+/// the overflow quota.
 #[derive(Debug)]
 pub(crate) struct LocalStore {
     table: Table,
     cap: usize,
+    /// The overflow state's quota, one per policy (the first `policies` entries).
+    overflow: [Gcra; MAX_POLICIES],
     clock: quanta::Clock,
     /// The clock's raw reading when the store was made.
     epoch: u64,
@@ -176,8 +184,9 @@ impl<const N: usize> Slots<N> {
     ) -> Outcome {
         store.maybe_sweep(now);
         if self.map.len() >= store.cap {
+            let g = store.overflow_gcras(gcras);
             let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
-            return decide(gcras, &mut tats[..], now);
+            return decide(&g[..gcras.len()], &mut tats[..], now);
         }
         let mut inserted = false;
         let slots = self.map.entry(key).or_insert_with(|| {
@@ -190,17 +199,31 @@ impl<const N: usize> Slots<N> {
         decide_atomics(gcras, &slots, now)
     }
 
-    fn peek(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Option<u64> {
-        // Racing an insert, this is the same as looking before it.
+    /// What [`check`](Self::check) would decide, without counting: the key's own
+    /// state if tracked, else the overflow state at the cap, else a fresh key's
+    /// (allowed).
+    fn peek(&self, store: &LocalStore, key: LocalKey, gcras: &[Gcra], now: u64) -> Option<u64> {
+        // Racing an insert, this is the same as looking before it. While nothing is
+        // tracked the table is below its cap (which is at least 1), so an untracked
+        // key would get a fresh entry.
         if self.tracked.load(Ordering::Acquire) == 0 {
             return None;
         }
-        let slots = self.map.get(&key)?;
-        gcras
-            .iter()
-            .zip(slots.iter())
-            .filter_map(|(g, t)| g.would_deny(t.load(Ordering::Acquire), now))
-            .max()
+        if let Some(slots) = self.map.get(&key) {
+            return would_deny(gcras, slots.iter().map(|t| t.load(Ordering::Acquire)), now);
+        }
+        if self.map.len() < store.cap {
+            return None;
+        }
+        // At the cap, forget refilled keys first as `check_untracked` does, so that
+        // the two agree on whether this key would get an entry or share the overflow.
+        store.maybe_sweep(now);
+        if self.map.len() < store.cap {
+            return None;
+        }
+        let g = store.overflow_gcras(gcras);
+        let tats = *self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+        would_deny(&g[..gcras.len()], tats.into_iter(), now)
     }
 
     fn sweep(&self, now: u64) {
@@ -224,6 +247,15 @@ impl<const N: usize> Slots<N> {
     }
 }
 
+/// The longest wait of any policy that would refuse the next request, if one would.
+fn would_deny(gcras: &[Gcra], tats: impl Iterator<Item = u64>, now: u64) -> Option<u64> {
+    gcras
+        .iter()
+        .zip(tats)
+        .filter_map(|(g, t)| g.would_deny(t, now))
+        .max()
+}
+
 /// `decide` over slots the caller holds exclusively (the map entry's write lock).
 fn decide_atomics<const N: usize>(gcras: &[Gcra], slots: &[AtomicU64; N], now: u64) -> Outcome {
     let mut tats: [u64; N] = std::array::from_fn(|i| slots[i].load(Ordering::Acquire));
@@ -243,17 +275,25 @@ const SWEEP_EVERY: usize = 4096;
 const SATURATED_SWEEP_INTERVAL: u64 = 1_000_000_000;
 
 impl LocalStore {
-    /// A store for `policies` policies (1 to [`MAX_POLICIES`]) and at most `cap` keys.
-    pub(crate) fn new(cap: usize, policies: usize) -> Self {
-        let table = match policies {
-            0 | 1 => Table::One(Slots::new()),
+    /// A store for at most `cap` keys and one policy per entry of `overflow` (1 to
+    /// [`MAX_POLICIES`]), each entry the quota the untracked keys share at the cap.
+    pub(crate) fn new(cap: usize, overflow: &[Gcra]) -> Self {
+        assert!(
+            (1..=MAX_POLICIES).contains(&overflow.len()),
+            "1 to {MAX_POLICIES} policies"
+        );
+        let table = match overflow.len() {
+            1 => Table::One(Slots::new()),
             2 => Table::Two(Slots::new()),
             _ => Table::Four(Slots::new()),
         };
+        let mut quota = [overflow[0]; MAX_POLICIES];
+        quota[..overflow.len()].copy_from_slice(overflow);
         let clock = quanta::Clock::new();
         Self {
             table,
             cap,
+            overflow: quota,
             epoch: clock.raw(),
             clock,
             hasher: RandomState::new(),
@@ -261,6 +301,39 @@ impl LocalStore {
             last_sweep: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
         }
+    }
+
+    /// The store on `clock` instead of the monotonic clock (tests drive time).
+    #[cfg(test)]
+    pub(crate) fn with_clock(mut self, clock: quanta::Clock) -> Self {
+        self.epoch = clock.raw();
+        self.clock = clock;
+        self
+    }
+
+    /// Whether `key` has its own entry (tests tell tracked keys from the overflow).
+    #[cfg(test)]
+    pub(crate) fn is_tracked(&self, key: LocalKey) -> bool {
+        match &self.table {
+            Table::One(t) => t.map.contains_key(&key),
+            Table::Two(t) => t.map.contains_key(&key),
+            Table::Four(t) => t.map.contains_key(&key),
+        }
+    }
+
+    /// The parameters the overflow state is checked with for a request resolving
+    /// to `gcras`: per policy the stricter of the request's and the overflow quota,
+    /// so the untracked keys together never get more than the overflow quota, and a
+    /// key whose own quota is stricter stays held to it.
+    fn overflow_gcras(&self, gcras: &[Gcra]) -> [Gcra; MAX_POLICIES] {
+        let mut g = self.overflow;
+        for (o, r) in g.iter_mut().zip(gcras) {
+            *o = Gcra {
+                t: o.t.max(r.t),
+                tau: o.tau.min(r.tau),
+            };
+        }
+        g
     }
 
     pub(crate) fn hasher(&self) -> &RandomState {
@@ -293,10 +366,6 @@ impl LocalStore {
             Table::Two(t) => t.map.capacity(),
             Table::Four(t) => t.map.capacity(),
         }
-    }
-
-    pub(crate) fn cap(&self) -> usize {
-        self.cap
     }
 
     /// Checks and, when allowed, records one request for `key` at `now`.
@@ -333,19 +402,17 @@ impl LocalStore {
         tracked.load(Ordering::Acquire) != 0
     }
 
-    /// Reads the state without changing it: would the next request be refused, and
-    /// after how long (ns) would it be allowed? Untracked keys are never refused.
+    /// Reads the decisions without counting: would [`check`](Self::check) refuse the
+    /// next request for `key` now, and after how long (ns) would it be allowed? A
+    /// tracked key answers from its own state; an untracked key at the cap from the
+    /// overflow state, exactly as `check` would count it; any other key is fresh.
+    /// (It may forget fully refilled keys, which changes no decision.)
     pub(crate) fn peek(&self, key: LocalKey, gcras: &[Gcra], now: u64) -> Option<u64> {
         match &self.table {
-            Table::One(t) => t.peek(key, gcras, now),
-            Table::Two(t) => t.peek(key, gcras, now),
-            Table::Four(t) => t.peek(key, gcras, now),
+            Table::One(t) => t.peek(self, key, gcras, now),
+            Table::Two(t) => t.peek(self, key, gcras, now),
+            Table::Four(t) => t.peek(self, key, gcras, now),
         }
-    }
-
-    /// Records one event for `key` (a refused one changes nothing).
-    pub(crate) fn record(&self, key: LocalKey, gcras: &[Gcra], now: u64) {
-        let _ = self.check(key, gcras, now);
     }
 
     fn maybe_sweep(&self, now: u64) {
@@ -410,8 +477,8 @@ mod tests {
     #[test]
     fn flood_of_new_keys_is_bounded_and_keeps_known_keys() {
         let cap = 10_000;
-        let store = LocalStore::new(cap, 1);
         let g = [Quota::per_hour(5).unwrap().gcra()];
+        let store = LocalStore::new(cap, &g);
         let mut now = store.now();
         let exhausted: IpAddr = "198.51.100.1".parse().unwrap();
         let fresh: IpAddr = "198.51.100.2".parse().unwrap();
@@ -459,8 +526,8 @@ mod tests {
 
     #[test]
     fn addresses_inside_one_ipv6_prefix_share_a_key() {
-        let store = LocalStore::new(100, 1);
         let g = [Quota::per_hour(2).unwrap().gcra()];
+        let store = LocalStore::new(100, &g);
         let now = store.now();
         for (ip, allowed) in [
             ("2001:db8:0:1::1", true),
@@ -475,8 +542,8 @@ mod tests {
 
     #[test]
     fn idle_keys_are_swept_without_a_background_task() {
-        let store = LocalStore::new(10_000, 1);
         let g = [Quota::per_second(10).unwrap().gcra()];
+        let store = LocalStore::new(10_000, &g);
         let mut now = store.now();
         for i in 0..(SWEEP_EVERY as u32 * 3) {
             now += 1_000_000; // 1 ms apart; each key refills in 100 ms
@@ -487,16 +554,81 @@ mod tests {
         assert!(store.len() <= SWEEP_EVERY + 100, "{}", store.len());
     }
 
+    /// A quota from small numbers: `count` per `window` seconds, `burst` at once.
+    fn small_quota((count, window, burst): (u32, u64, u32)) -> Gcra {
+        Quota::new(count, std::time::Duration::from_secs(window))
+            .and_then(|q| q.with_burst(burst))
+            .unwrap()
+            .gcra()
+    }
+
+    fn small_quotas() -> impl proptest::strategy::Strategy<Value = (u32, u64, u32)> {
+        (1u32..6, 1u64..10, 1u32..6)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// At the cap, the keys not tracked share one state: across all of them, the
+        /// requests allowed never exceed the overflow quota of any policy (its burst
+        /// plus one per emission interval elapsed), whatever quota each request
+        /// resolves to (a tier larger or smaller than the default), the cap, the
+        /// number of policies, the order of keys and the time steps. `peek` agrees
+        /// with `check` on every key.
+        #[test]
+        fn untracked_keys_never_exceed_the_overflow_quota(
+            cap in 1usize..8,
+            defaults in proptest::collection::vec(small_quotas(), 1..=3),
+            tiers in proptest::collection::vec(proptest::collection::vec(small_quotas(), 3), 3),
+            steps in proptest::collection::vec((0u8..20, 0usize..4, 0u64..2_000_000_000), 1..200),
+        ) {
+            let n = defaults.len();
+            let overflow: Vec<Gcra> = defaults.into_iter().map(small_quota).collect();
+            // Tier 0 is the default quota; tiers 1 to 3 are random, per policy.
+            let mut quotas = vec![overflow.clone()];
+            for t in tiers {
+                quotas.push(t.into_iter().take(n).map(small_quota).collect());
+            }
+            let (clock, mock) = quanta::Clock::mock();
+            let store = LocalStore::new(cap, &overflow).with_clock(clock);
+            let start = store.now();
+            let mut allowed_untracked = 0u64;
+            for (host, tier, step) in steps {
+                mock.increment(step);
+                let now = store.now();
+                let k = key(&store, IpAddr::V4(Ipv4Addr::new(192, 0, 2, host)));
+                let gcras = &quotas[tier];
+                let peeked = store.peek(k, gcras, now);
+                let out = store.check(k, gcras, now);
+                proptest::prop_assert_eq!(peeked.is_none(), out.allowed, "peek and check disagree");
+                proptest::prop_assert!(store.len() <= cap);
+                if out.allowed && !store.is_tracked(k) {
+                    allowed_untracked += 1;
+                    for g in &overflow {
+                        let bound = g.tau / g.t + 1 + (now - start) / g.t;
+                        proptest::prop_assert!(
+                            allowed_untracked <= bound,
+                            "{} requests of untracked keys allowed, the overflow quota {:?} allows {}",
+                            allowed_untracked,
+                            g,
+                            bound
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn peek_changes_nothing() {
-        let store = LocalStore::new(10, 1);
         let g = [Quota::per_minute(2).unwrap().gcra()];
+        let store = LocalStore::new(10, &g);
         let k = key(&store, "192.0.2.1".parse().unwrap());
         let now = store.now();
         assert_eq!(store.peek(k, &g, now), None);
-        store.record(k, &g, now);
+        assert!(store.check(k, &g, now).allowed);
         assert_eq!(store.peek(k, &g, now), None);
-        store.record(k, &g, now);
+        assert!(store.check(k, &g, now).allowed);
         assert_eq!(store.peek(k, &g, now), Some(30_000_000_000));
         assert_eq!(store.peek(k, &g, now), Some(30_000_000_000));
     }

@@ -35,7 +35,10 @@
 //! keys share one overflow bucket until tracked keys refill, so a flood of fresh
 //! addresses can neither evict the keys already tracked (and reset their limits) nor
 //! grow memory: it can only exhaust the overflow bucket, i.e. newcomers get limited
-//! together while the flood lasts.
+//! together while the flood lasts. The overflow bucket has each policy's default
+//! quota; a newcomer whose tier or override is stricter stays held to its own quota
+//! too, one whose quota is larger gets no more than the default, so together the
+//! untracked keys never get more than one default quota.
 //!
 //! **Responses.** Every response (allowed or not) carries `RateLimit-Policy` and
 //! `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11); optionally
@@ -248,7 +251,9 @@ impl RateLimitBuilder {
                 policies,
                 anonymous,
                 key: self.key,
-                local: LocalStore::new(self.max_tracked_keys, self.policies.len()),
+                // At the cap, untracked keys share one state under each policy's
+                // default quota (see `LocalStore`).
+                local: LocalStore::new(self.max_tracked_keys, &anonymous[..self.policies.len()]),
                 fields: self.fields,
                 legacy: self.legacy,
                 shadow: self.shadow,

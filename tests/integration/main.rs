@@ -9,6 +9,8 @@ mod log_capture;
 mod allowlist;
 #[cfg(feature = "api-key")]
 mod api_key_properties;
+#[cfg(all(feature = "rate-limit", feature = "api-key"))]
+mod auth_throttle;
 #[cfg(all(feature = "api-key", feature = "client-ip"))]
 mod authenticate;
 #[cfg(feature = "client-ip")]

@@ -572,6 +572,53 @@ fn bad_configuration_fails_at_build() {
     );
 }
 
+/// At the cap, principals not tracked share one overflow bucket under the default
+/// quota: a newcomer of a larger tier gets no more from it than anyone else, so a
+/// flood of new keys cannot spend more than one default quota together.
+#[tokio::test]
+async fn untracked_keys_at_the_cap_share_one_default_quota() {
+    let layer = RateLimitLayer::builder()
+        .policy(
+            Policy::new("api", Quota::per_hour(2).unwrap())
+                .unwrap()
+                .tier("gold", Quota::per_hour(1000).unwrap())
+                .unwrap(),
+        )
+        .max_tracked_keys(1)
+        .build()
+        .unwrap();
+    let addr = serve_limited(layer.clone(), ClientIpConfig::peer_only()).await;
+    assert_eq!(
+        get(addr, &[b"X-Test-Principal: resident"]).await.status,
+        200
+    );
+    assert_eq!(layer.tracked_keys(), 1);
+
+    // Every further principal is untracked: together they get the default 2 per hour,
+    // gold or not.
+    let mut allowed = 0;
+    for i in 0..10 {
+        let who = format!("X-Test-Principal: newcomer-{i};gold");
+        let r = get(addr, &[who.as_bytes()]).await;
+        if r.status == 200 {
+            allowed += 1;
+        } else {
+            assert_eq!(r.status, 429);
+            assert!(r.header("retry-after").is_some());
+        }
+    }
+    assert_eq!(
+        allowed, 2,
+        "the overflow bucket's quota, not the gold tier's"
+    );
+    assert_eq!(layer.tracked_keys(), 1);
+    // The tracked principal keeps its own bucket.
+    assert_eq!(
+        get(addr, &[b"X-Test-Principal: resident"]).await.status,
+        200
+    );
+}
+
 /// A stand-in for the authentication layer: `X-Test-Key: bad` is an unknown key,
 /// no header is a missing credential, `X-Test-Key: good` passes.
 #[derive(Clone)]
@@ -639,14 +686,15 @@ async fn failed_auth_throttling_kicks_in_and_expires() {
     for _ in 0..3 {
         assert_eq!(get_from(attacker, addr, bad).await.status, 401);
     }
-    // Now throttled before any key is checked, even with a valid key.
-    let r = get_from(attacker, addr, good).await;
+    // Now throttled: a wrong key is answered 429 instead of 401, a valid one passes.
+    let r = get_from(attacker, addr, bad).await;
     assert_eq!((r.status, r.header("retry-after")), (429, Some("1")));
     assert!(
         r.header("www-authenticate").is_none(),
-        "the key check never ran"
+        "the refusal says nothing about the key"
     );
-    assert_eq!(get_from(attacker, addr, bad).await.status, 429);
+    assert_eq!(get_from(attacker, addr, good).await.status, 200);
+    assert_eq!(get_from(attacker, addr, &[]).await.status, 401);
     // Other addresses are unaffected.
     assert_eq!(get_from(bystander, addr, good).await.status, 200);
     assert_eq!(get_from(bystander, addr, bad).await.status, 401);
@@ -658,9 +706,9 @@ async fn failed_auth_throttling_kicks_in_and_expires() {
         "{events:?}"
     );
 
-    // It expires: after Retry-After one more attempt is allowed.
+    // It expires: after Retry-After one more failure is answered.
     tokio::time::sleep(Duration::from_millis(1050)).await;
-    assert_eq!(get_from(attacker, addr, good).await.status, 200);
     assert_eq!(get_from(attacker, addr, bad).await.status, 401);
-    assert_eq!(get_from(attacker, addr, good).await.status, 429);
+    assert_eq!(get_from(attacker, addr, bad).await.status, 429);
+    assert_eq!(get_from(attacker, addr, good).await.status, 200);
 }

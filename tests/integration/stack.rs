@@ -151,9 +151,10 @@ async fn a_throttled_address_gets_429_before_the_key_is_checked() {
     let (keys, k) = keys(&["stack-throttle-client"]);
     let stack = StackLayer::builder()
         .api_keys(keys)
-        .auth_throttle(AuthThrottleLayer::new(
-            Quota::new(2, Duration::from_secs(3600)).unwrap(),
-        ))
+        .auth_throttle(
+            AuthThrottleLayer::new(Quota::new(2, Duration::from_secs(3600)).unwrap())
+                .lockout_before_verify(),
+        )
         .build()
         .unwrap();
     let addr = serve(stack).await;
