@@ -402,40 +402,30 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        call_with(&self.shared, req, |req| self.inner.call(req))
-    }
-}
-
-/// The layer's work around `next`, the inner service's call.
-pub(crate) fn call_with<ReqBody, ResBody, F>(
-    shared: &Arc<Shared>,
-    req: Request<ReqBody>,
-    next: impl FnOnce(Request<ReqBody>) -> F,
-) -> ThrottleFuture<F, ResBody>
-where
-    ResBody: From<Bytes>,
-{
-    let ip = req.extensions().get::<ClientIp>().copied();
-    if shared.is_exempt(ip) {
-        return ThrottleFuture {
-            kind: ThrottleKind::Exempt { future: next(req) },
-        };
-    }
-    if shared.config.lockout
-        && let Some(retry) = shared.throttled(ip)
-    {
-        return ThrottleFuture {
-            kind: ThrottleKind::Rejected {
-                response: Some(shared.refusal(ip, retry, false)),
+        let ip = req.extensions().get::<ClientIp>().copied();
+        if self.shared.is_exempt(ip) {
+            return ThrottleFuture {
+                kind: ThrottleKind::Exempt {
+                    future: self.inner.call(req),
+                },
+            };
+        }
+        if self.shared.config.lockout
+            && let Some(retry) = self.shared.throttled(ip)
+        {
+            return ThrottleFuture {
+                kind: ThrottleKind::Rejected {
+                    response: Some(self.shared.refusal(ip, retry, false)),
+                },
+            };
+        }
+        ThrottleFuture {
+            kind: ThrottleKind::Counted {
+                future: self.inner.call(req),
+                ip,
+                shared: self.shared.clone(),
             },
-        };
-    }
-    ThrottleFuture {
-        kind: ThrottleKind::Counted {
-            future: next(req),
-            ip,
-            shared: shared.clone(),
-        },
+        }
     }
 }
 

@@ -672,68 +672,48 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        call_with(&self.shared, &mut self.inner, req)
-    }
-}
-
-/// The layer's work around `inner` (shared with the assembled stack, which holds
-/// its layers' settings behind one reference count).
-pub(crate) fn call_with<S, ReqBody, ResBody>(
-    shared_arc: &Arc<Shared>,
-    inner: &mut S,
-    req: Request<ReqBody>,
-) -> ResponseFuture<S, ReqBody, ResBody>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: From<Bytes>,
-{
-    #[cfg(feature = "redis")]
-    if shared_arc.redis.is_some() {
-        return call_shared_backend(shared_arc, inner, req);
-    }
-    let shared = &**shared_arc;
-    let (outcome, fields) = {
-        let cx = KeyContext::of(&req);
-        let key = shared.key.derive(&cx).local(shared.local.hasher());
-        // Each policy's entry is looked up once (a principal's override is a
-        // hash lookup); anonymous requests use the precomputed defaults.
-        let entries = shared.entries(cx.principal());
-        let per_principal;
-        let gcras = match cx.principal() {
-            None => &shared.anonymous[..shared.policies.len()],
-            Some(_) => {
-                per_principal = Shared::gcras(&entries);
-                &per_principal[..shared.policies.len()]
-            }
+        #[cfg(feature = "redis")]
+        if self.shared.redis.is_some() {
+            return call_shared_backend(&self.shared, &mut self.inner, req);
+        }
+        let shared = &*self.shared;
+        let (outcome, fields) = {
+            let cx = KeyContext::of(&req);
+            let key = shared.key.derive(&cx).local(shared.local.hasher());
+            // Anonymous requests use the default quotas, computed at build time.
+            let entries = shared.entries(cx.principal());
+            let per_principal;
+            let gcras = match cx.principal() {
+                None => &shared.anonymous[..shared.policies.len()],
+                Some(_) => {
+                    per_principal = Shared::gcras(&entries);
+                    &per_principal[..shared.policies.len()]
+                }
+            };
+            let outcome = shared.local.check(key, gcras, shared.local.now());
+            let fields = shared.render(&entries, &outcome);
+            (outcome, fields)
         };
-        let outcome = shared.local.check(key, gcras, shared.local.now());
-        let fields = shared.render(&entries, &outcome);
-        (outcome, fields)
-    };
-    // The allowed path stays here, so the request moves once, into the inner
-    // service; a refusal (or a shadowed one) is handled out of line.
-    if outcome.allowed {
-        // The variant is chosen before the inner call, so that its future can be
-        // built in place.
-        let kind = match fields {
-            None => Kind::Inner {
-                future: inner.call(req),
-            },
-            fields => Kind::WithFields {
-                future: inner.call(req),
-                fields,
-            },
-        };
-        return ResponseFuture { kind };
-    }
-    ResponseFuture {
-        kind: shared.refuse(inner, req, outcome, fields),
+        if outcome.allowed {
+            let kind = match fields {
+                None => Kind::Inner {
+                    future: self.inner.call(req),
+                },
+                fields => Kind::WithFields {
+                    future: self.inner.call(req),
+                    fields,
+                },
+            };
+            return ResponseFuture { kind };
+        }
+        ResponseFuture {
+            kind: shared.refuse(&mut self.inner, req, outcome, fields),
+        }
     }
 }
 
 /// The check through a shared backend: a future that decides, then acts.
 #[cfg(feature = "redis")]
-#[inline(never)]
 fn call_shared_backend<S, ReqBody, ResBody>(
     shared_arc: &Arc<Shared>,
     inner: &mut S,
