@@ -102,6 +102,8 @@ pub mod audit;
 mod error;
 pub mod future;
 mod ip;
+#[cfg(any(feature = "api-key", feature = "redact"))]
+mod key_format;
 mod principal;
 pub mod rejection;
 

@@ -1,0 +1,203 @@
+//! The shape and checksum of this crate's API keys, `<prefix>_<random><checksum>`:
+//! the pure part of the key parser ([`crate::api_key`]), compiled on its own so
+//! that the redactor can use it without the key store.
+//!
+//! Pure functions over bytes, no allocation.
+
+/// Base62 characters of CSPRNG output in a key: 22 characters carry 130.9 bits.
+pub(crate) const RANDOM_LEN: usize = 22;
+
+/// Base62 characters of the CRC32 checksum (62^6 > 2^32).
+pub(crate) const CHECKSUM_LEN: usize = 6;
+
+/// The longest prefix (without its `_`).
+pub(crate) const MAX_PREFIX_LEN: usize = 32;
+
+/// The base62 digits, in value order.
+pub(crate) const ALPHABET: &[u8; 62] =
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// Character classes, one bit each, for [`all_in`].
+pub(crate) const ALNUM: u8 = 1;
+pub(crate) const PREFIX: u8 = 2;
+const CLASSES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() {
+            t[b] |= ALNUM;
+        }
+        if c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' {
+            t[b] |= PREFIX;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// Whether every byte is of `class`: a table lookup per byte, without branches
+/// (this runs on every presented key).
+#[inline]
+pub(crate) fn all_in(bytes: &[u8], class: u8) -> bool {
+    bytes
+        .iter()
+        .fold(class, |acc, &b| acc & CLASSES[usize::from(b)])
+        == class
+}
+
+/// Whether `p` is a key prefix: 1 to 32 characters of `a-z`, `0-9` and `_`,
+/// starting with a letter and not ending with `_`.
+pub(crate) fn is_prefix(p: &[u8]) -> bool {
+    !p.is_empty()
+        && p.len() <= MAX_PREFIX_LEN
+        && p[0].is_ascii_lowercase()
+        && p[p.len() - 1] != b'_'
+        && all_in(p, PREFIX)
+}
+
+/// The number spelled by base62 digits (of [`ALPHABET`], most significant first;
+/// the caller has checked they are alphanumeric).
+pub(crate) fn base62_value(digits: &[u8]) -> u64 {
+    digits
+        .iter()
+        .fold(0, |n, &d| n * 62 + u64::from(BASE62_DIGITS[usize::from(d)]))
+}
+
+/// Each alphanumeric byte's value in [`ALPHABET`] (0 elsewhere).
+const BASE62_DIGITS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        t[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// CRC32 (IEEE) of `data` as six base62 digits, most significant first.
+#[cfg_attr(not(feature = "api-key"), allow(dead_code))]
+pub(crate) fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut n = crc32(data);
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+/// Slicing-by-8 tables: `CRC_TABLES[0]` is the classic byte table, and
+/// `CRC_TABLES[k][b]` is the CRC of byte `b` followed by `k` zero bytes, so eight
+/// bytes take eight independent lookups instead of a chain of eight (this runs on
+/// every presented key, and the byte-at-a-time chain is bound by load latency).
+const CRC_TABLES: [[u32; 256]; 8] = {
+    let mut t = [[0u32; 256]; 8];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[0][i] = c;
+        i += 1;
+    }
+    let mut k = 1;
+    while k < 8 {
+        let mut i = 0;
+        while i < 256 {
+            let prev = t[k - 1][i];
+            t[k][i] = t[0][(prev & 0xff) as usize] ^ (prev >> 8);
+            i += 1;
+        }
+        k += 1;
+    }
+    t
+};
+
+/// CRC32 (IEEE, the CRC-32/ISO-HDLC of zlib and GitHub's token checksums).
+pub(crate) fn crc32(data: &[u8]) -> u32 {
+    let t = &CRC_TABLES;
+    let mut c = !0u32;
+    let mut chunks = data.chunks_exact(8);
+    for w in &mut chunks {
+        let lo = c ^ u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        let hi = u32::from_le_bytes([w[4], w[5], w[6], w[7]]);
+        c = t[7][(lo & 0xff) as usize]
+            ^ t[6][((lo >> 8) & 0xff) as usize]
+            ^ t[5][((lo >> 16) & 0xff) as usize]
+            ^ t[4][(lo >> 24) as usize]
+            ^ t[3][(hi & 0xff) as usize]
+            ^ t[2][((hi >> 8) & 0xff) as usize]
+            ^ t[1][((hi >> 16) & 0xff) as usize]
+            ^ t[0][(hi >> 24) as usize];
+    }
+    // The last 1 to 7 bytes the same way (byte `i` of `r` through table `r - 1 - i`),
+    // rather than one byte at a time, a chain of dependent loads as long as the tail.
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        let r = tail.len();
+        let mut next = if r < 4 { c >> (8 * r) } else { 0 };
+        for (i, &b) in tail.iter().enumerate() {
+            let carried = if i < 4 { (c >> (8 * i)) as u8 } else { 0 };
+            next ^= t[r - 1 - i][usize::from(b ^ carried)];
+        }
+        c = next;
+    }
+    !c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_check_value() {
+        // The standard CRC-32/ISO-HDLC check value.
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn crc32_matches_the_bitwise_definition_at_every_length() {
+        fn bitwise(data: &[u8]) -> u32 {
+            let mut c = !0u32;
+            for &b in data {
+                c ^= u32::from(b);
+                for _ in 0..8 {
+                    c = if c & 1 != 0 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        }
+        let data: Vec<u8> = (0..100u32).map(|i| (i * 37 + 11) as u8).collect();
+        for n in 0..data.len() {
+            assert_eq!(crc32(&data[..n]), bitwise(&data[..n]), "{n} bytes");
+        }
+    }
+
+    #[test]
+    fn base62_value_reads_what_checksum_writes() {
+        for n in [0, 1, 61, 62, 12_345, 0xCBF4_3926, u32::MAX - 1, u32::MAX] {
+            let mut text = [b'0'; CHECKSUM_LEN];
+            let mut m = n;
+            for slot in text.iter_mut().rev() {
+                *slot = ALPHABET[(m % 62) as usize];
+                m /= 62;
+            }
+            assert_eq!(base62_value(&text), u64::from(n), "{n}");
+        }
+        assert_eq!(base62_value(b"zzzzzz"), 62u64.pow(6) - 1);
+        // Every text with a value at or above 2^32 is refused: it equals no CRC.
+        assert!(base62_value(b"4gfFC4") > u64::from(u32::MAX));
+    }
+}
