@@ -104,6 +104,8 @@ pub mod future;
 mod ip;
 #[cfg(any(feature = "api-key", feature = "redact"))]
 mod key_format;
+#[cfg(any(feature = "redact", feature = "authenticate", feature = "rate-limit"))]
+mod log_text;
 mod principal;
 pub mod rejection;
 

@@ -579,34 +579,25 @@ pub(crate) fn percent_decode(s: &[u8], plus: bool) -> Cow<'_, [u8]> {
     }
 }
 
-/// Makes a client-controlled string safe to put in a log line: control characters
-/// (C0, DEL, C1), line and paragraph separators and bidirectional overrides are
-/// removed, so no one can forge a log line or hide text from a reader; then the
-/// string is cut at a character boundary to at most `max_bytes` bytes, with `…`
-/// appended when it was cut.
+/// Makes a client-controlled string safe to put in a log line, as the access log and
+/// the audit events do with every client-influenced field: control characters (C0,
+/// DEL, C1), line and paragraph separators, bidirectional controls and invisible
+/// format characters are escaped as `\u{…}`, so no one can forge a line, rewrite a
+/// terminal, reorder or hide text; then the string is cut at a character or escape
+/// boundary to at most `max_bytes` bytes, `…` included when it was cut.
+///
+/// Characters are escaped rather than removed, so that removing one cannot join
+/// the text around it into something else (`adm\u{200b}in` is not `admin`).
+/// Redact first, then sanitise: the escapes are plain ASCII and hide nothing.
 ///
 /// ```
 /// use portcullis::redact::sanitize;
-/// assert_eq!(sanitize("a\r\nb\x1b[31mc\u{202e}d", 64), "ab[31mcd");
-/// assert_eq!(sanitize("ééé", 4), "éé…");
+/// assert_eq!(sanitize("a\r\nb\x1b[31mc\u{202e}d", 64), r"a\u{d}\u{a}b\u{1b}[31mc\u{202e}d");
+/// assert_eq!(sanitize("ééé", 6), "ééé");
+/// assert_eq!(sanitize("éééé", 7), "éé…");
 /// ```
 pub fn sanitize(s: &str, max_bytes: usize) -> Cow<'_, str> {
-    let unsafe_char = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
-    };
-    if s.len() <= max_bytes && !s.chars().any(unsafe_char) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len().min(max_bytes) + 3);
-    for c in s.chars().filter(|&c| !unsafe_char(c)) {
-        if out.len() + c.len_utf8() > max_bytes {
-            out.push('…');
-            break;
-        }
-        out.push(c);
-    }
-    Cow::Owned(out)
+    crate::log_text::sanitize(s, max_bytes)
 }
 
 #[cfg(test)]

@@ -279,12 +279,12 @@ fn builder_checks_its_rules() {
 }
 
 #[test]
-fn sanitize_strips_controls_and_bounds() {
+fn sanitize_escapes_controls_and_bounds() {
     assert_eq!(
         sanitize("/a\nb\rc\td\x1b[0m\u{7f}\u{85}e", 100),
-        "/abcd[0me"
+        r"/a\u{a}b\u{d}c\u{9}d\u{1b}[0m\u{7f}\u{85}e"
     );
-    assert_eq!(sanitize("abcdef", 3), "abc…");
+    assert_eq!(sanitize("abcdef", 5), "ab…");
     assert_eq!(sanitize("ok", 3), "ok");
 }
 

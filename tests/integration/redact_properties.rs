@@ -161,23 +161,55 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
-    fn sanitize_removes_every_control_and_bounds_the_length(
-        s in "(?s).{0,200}",
-        max in 0usize..128,
+    fn sanitize_leaves_no_control_or_bidi_character_and_bounds_the_length(
+        s in prop_oneof![
+            "(?s).{0,200}",
+            prop::collection::vec(
+                prop_oneof![
+                    Just('\u{202a}'), Just('\u{202b}'), Just('\u{202c}'), Just('\u{202d}'),
+                    Just('\u{202e}'), Just('\u{2066}'), Just('\u{2067}'), Just('\u{2068}'),
+                    Just('\u{2069}'), Just('\u{200e}'), Just('\u{200f}'), Just('\u{2028}'),
+                    Just('\u{2029}'), Just('\u{85}'), Just('\u{9b}'), Just('\u{1b}'),
+                    Just('\r'), Just('\n'), Just('\0'), Just('\u{7f}'), Just('é'),
+                    Just('a'), Just('\\'), any::<char>(),
+                ],
+                0..120,
+            )
+            .prop_map(|v| v.into_iter().collect::<String>()),
+        ],
+        max in 0usize..160,
     ) {
         let out = portcullis::redact::sanitize(&s, max);
-        prop_assert!(!out.chars().any(char::is_control));
-        let hidden = ['\u{2028}', '\u{2029}', '\u{202e}', '\u{2066}'];
-        prop_assert!(!out.contains(hidden), "line separator or bidi override kept");
-        prop_assert!(out.len() <= max + '…'.len_utf8());
-        // What is kept is the input's own characters, in order.
-        let kept: String = out.trim_end_matches('…').to_owned();
-        let removed = |c: char| {
+        let forbidden = |c: char| {
             c.is_control()
                 || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
         };
-        let filtered: String = s.chars().filter(|&c| !removed(c)).collect();
-        prop_assert!(filtered.starts_with(&kept) || s.contains('…'));
+        prop_assert!(!out.chars().any(forbidden), "{:?} -> {:?}", s, out);
+        prop_assert!(out.len() <= max, "{} bytes for a bound of {}", out.len(), max);
+        // Nothing to do: the same text, not a copy.
+        if s.len() <= max && !s.chars().any(forbidden) && s.is_ascii() {
+            prop_assert!(matches!(out, std::borrow::Cow::Borrowed(_)));
+        }
+        // What is kept is the input's beginning, with characters escaped as `\u{…}`
+        // (every forbidden one, and other invisible ones): undoing the escapes gives
+        // back a prefix of the input (when the input has no backslash of its own).
+        if !s.contains('\\') {
+            let kept = out.strip_suffix('…').filter(|_| !s.starts_with(out.as_ref())).unwrap_or(&out);
+            let mut unescaped = String::new();
+            let mut rest = kept;
+            while let Some(at) = rest.find("\\u{") {
+                unescaped.push_str(&rest[..at]);
+                let end = rest[at..].find('}').expect("a whole escape") + at;
+                let code = u32::from_str_radix(&rest[at + 3..end], 16).unwrap();
+                unescaped.push(char::from_u32(code).unwrap());
+                rest = &rest[end + 1..];
+            }
+            unescaped.push_str(rest);
+            prop_assert!(s.starts_with(&unescaped), "{:?} -> {:?}", s, out);
+            for c in unescaped.chars().filter(|&c| forbidden(c)) {
+                prop_assert!(out.contains(&c.escape_unicode().to_string()));
+            }
+        }
     }
 
     #[test]
