@@ -23,7 +23,8 @@
 //! carry a secret, then passed through the one sanitiser the audit events use too
 //! ([`sanitize`](crate::redact::sanitize)): control characters, line separators,
 //! bidirectional controls and invisible format characters are escaped (`\u{202e}`),
-//! and the value is bounded.
+//! and the value is bounded. The redactor finds this crate's keys with any prefix
+//! (by their checksum), so a key built with a prefix of your own is hidden too.
 //!
 //! Headers other than the user agent are never recorded, bodies never. The
 //! credential headers (`authorization`, `proxy-authorization`, `cookie`,

@@ -1,6 +1,6 @@
 //! The shape and checksum of this crate's API keys, `<prefix>_<random><checksum>`:
-//! the pure part of the key parser ([`crate::api_key`]), compiled on its own so
-//! that the redactor can use it without the key store.
+//! shared by the key parser ([`crate::api_key`]) and the redactor, which finds keys
+//! of any prefix in log text by the same checksum.
 //!
 //! Pure functions over bytes, no allocation.
 
@@ -9,6 +9,10 @@ pub(crate) const RANDOM_LEN: usize = 22;
 
 /// Base62 characters of the CRC32 checksum (62^6 > 2^32).
 pub(crate) const CHECKSUM_LEN: usize = 6;
+
+/// Base62 characters after the prefix's `_`: the random part and the checksum.
+#[cfg_attr(not(feature = "redact"), allow(dead_code))]
+pub(crate) const BODY_LEN: usize = RANDOM_LEN + CHECKSUM_LEN;
 
 /// The longest prefix (without its `_`).
 pub(crate) const MAX_PREFIX_LEN: usize = 32;
@@ -54,6 +58,31 @@ pub(crate) fn is_prefix(p: &[u8]) -> bool {
         && p[0].is_ascii_lowercase()
         && p[p.len() - 1] != b'_'
         && all_in(p, PREFIX)
+}
+
+/// Whether `region` ends with a key prefix that, followed by `_` and `body`, makes a
+/// key whose checksum verifies. Every suffix of `region` that starts with a letter
+/// is tried (the caller has checked `region` is at most [`MAX_PREFIX_LEN`] bytes of
+/// `a-z 0-9 _` not ending in `_`, and `body` is [`BODY_LEN`] letters and digits).
+///
+/// Most texts are refused before any CRC: six base62 digits spell a number below
+/// 2^32, as every checksum does, for only 7.6% of them. Not constant time: this
+/// finds keys in log text, and the checksum is no secret.
+#[cfg_attr(not(feature = "redact"), allow(dead_code))]
+pub(crate) fn ends_with_checksummed_prefix(region: &[u8], body: &[u8]) -> bool {
+    debug_assert!(region.len() <= MAX_PREFIX_LEN && body.len() == BODY_LEN);
+    let expected = base62_value(&body[RANDOM_LEN..]);
+    if expected > u64::from(u32::MAX) {
+        return false;
+    }
+    // `region`, `_` and the random part, contiguous: each start is one CRC.
+    let mut buf = [0u8; MAX_PREFIX_LEN + 1 + RANDOM_LEN];
+    let n = region.len();
+    buf[..n].copy_from_slice(region);
+    buf[n] = b'_';
+    buf[n + 1..n + 1 + RANDOM_LEN].copy_from_slice(&body[..RANDOM_LEN]);
+    let data = &buf[..n + 1 + RANDOM_LEN];
+    (0..n).any(|k| region[k].is_ascii_lowercase() && u64::from(crc32(&data[k..])) == expected)
 }
 
 /// The number spelled by base62 digits (of [`ALPHABET`], most significant first;
@@ -199,5 +228,15 @@ mod tests {
         assert_eq!(base62_value(b"zzzzzz"), 62u64.pow(6) - 1);
         // Every text with a value at or above 2^32 is refused: it equals no CRC.
         assert!(base62_value(b"4gfFC4") > u64::from(u32::MAX));
+    }
+
+    #[test]
+    fn the_documented_example_key_checks() {
+        let key = b"pc_live_EXAMPLExDOxNOTxUSE00000bJVDo";
+        assert!(ends_with_checksummed_prefix(&key[..7], &key[8..]));
+        assert!(ends_with_checksummed_prefix(b"x_9pc_live", &key[8..]));
+        assert!(!ends_with_checksummed_prefix(b"pc_test", &key[8..]));
+        assert!(!ends_with_checksummed_prefix(b"c_live", &key[8..]));
+        assert!(is_prefix(b"pc_live") && !is_prefix(b"pc_") && !is_prefix(b"Pc"));
     }
 }

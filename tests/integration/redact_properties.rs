@@ -17,6 +17,8 @@ fn noisy_text() -> impl Strategy<Value = String> {
             "pc_live_", "AKIA", "ghp_", "xoxb-", "password", "token", "key", "api_key",
             "authorization", "cookie", "-----BEGIN RSA PRIVATE KEY-----",
             "-----END RSA PRIVATE KEY-----", "REDACTED", "****", "redis://", "'", "\n",
+            "_", "a_", "%5F", "%5f", "_AbCdEfGhIjKlMnOpQrStUvWx0123", "pc_demo_",
+            "pc_demo_EXAMPLExDOxNOTxUSE00003wHR55", "billing_live_EXAMPLExDOxNOTxUSE00000frrQx",
         ]).prop_map(str::to_owned),
     ];
     prop::collection::vec(piece, 0..24).prop_map(|v| v.concat())
@@ -227,4 +229,99 @@ proptest! {
             None => prop_assert!(!safe),
         }
     }
+}
+
+/// Valid key prefixes: every shape the key generator accepts (1 to 32 characters of
+/// `a-z 0-9 _`, a letter first, no `_` last; runs of `_` included).
+#[cfg(feature = "api-key")]
+pub(crate) fn key_prefix() -> impl Strategy<Value = String> {
+    "[a-z][a-z0-9_]{0,31}"
+        .prop_filter("a prefix does not end with '_'", |p| !p.ends_with('_'))
+        .prop_map(|p| {
+            portcullis::api_key::check_prefix(&p).expect("the strategy makes valid prefixes");
+            p
+        })
+}
+
+#[cfg(feature = "api-key")]
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    /// A generated key with any prefix, anywhere in any text, is redacted: the body
+    /// never survives, the prefix is kept as the hint, and the result is a fixed point.
+    #[test]
+    fn generated_keys_of_any_prefix_never_survive(
+        prefix in key_prefix(),
+        left in noisy_text(),
+        right in noisy_text(),
+        sep1 in separator(),
+        sep2 in separator(),
+    ) {
+        let key = portcullis::api_key::generate_key(&prefix).unwrap();
+        let key = key.expose_secret();
+        let body = &key[prefix.len() + 1..];
+        let r = Redactor::new();
+        let text = format!("{left}{sep1}{key}{sep2}{right}");
+        let out = r.redact(&text);
+        prop_assert!(!out.contains(body), "{:?} -> {:?}", text, out);
+        prop_assert_eq!(r.redact(&out), out.as_ref());
+        let out_bytes = r.redact_bytes(text.as_bytes());
+        prop_assert_eq!(&*out_bytes, out.as_bytes());
+        // The prefix stays as the hint.
+        let line = format!("GET /{key} 200");
+        prop_assert_eq!(r.redact(&line), format!("GET /{prefix}_**** 200"));
+        // Glued to a word on its left, or written with its separators escaped.
+        let glued = format!("{left}x{key}");
+        prop_assert!(!r.redact(&glued).contains(body));
+        let escaped = format!("/v1/{}/x", key.replace('_', "%5F"));
+        prop_assert!(!r.redact(&escaped).contains(body));
+    }
+
+    #[test]
+    fn generated_keys_of_any_prefix_split_across_percent_encodings_are_found(
+        prefix in key_prefix(),
+        mask in any::<u64>(),
+    ) {
+        let key = portcullis::api_key::generate_key(&prefix).unwrap();
+        let key = key.expose_secret();
+        let body = &key[prefix.len() + 1..];
+        let encoded: String = key.bytes().enumerate().map(|(i, b)| {
+            if mask >> (i % 64) & 1 == 1 || !b.is_ascii_alphanumeric() {
+                format!("%{b:02X}")
+            } else {
+                (b as char).to_string()
+            }
+        }).collect();
+        let path = format!("/v1/{encoded}/x");
+        let out = Redactor::new().redact_uri_part(&path);
+        // Not in the logged text, nor in what a reader gets by decoding it.
+        prop_assert!(!out.contains(body), "{:?} -> {:?}", encoded, out);
+        prop_assert!(!percent_decoded(&out).contains(body), "{:?} -> {:?}", encoded, out);
+    }
+}
+
+/// `%XX` escapes decoded (lossy UTF-8), as a reader of a logged URL would.
+#[cfg(feature = "api-key")]
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
