@@ -8,15 +8,23 @@
 //! | field | value |
 //! |---|---|
 //! | `request_id` | the [`RequestId`] (put there by [`RequestIdLayer`](crate::request_id::RequestIdLayer), outside this layer) |
-//! | `method`, `path` | from the request line: redacted, control characters removed, bounded |
+//! | `method`, `path` | from the request line: redacted, control characters escaped, bounded |
 //! | `query` | sensitive parameters replaced by `REDACTED` (names kept), then redacted like the path |
 //! | `status` | the response status (absent on error or cancel) |
 //! | `latency_us` | microseconds from the request reaching this layer to the response head |
 //! | `client_ip` | the [`ClientIp`] |
 //! | `principal`, `auth_method` | the [`Principal`]'s public id and how it authenticated |
 //! | `denial_reason` | the [`DenialReason`] class of a refusal, e.g. `unknown_key` |
-//! | `user_agent` | redacted, control characters removed, at most 256 bytes |
+//! | `user_agent` | redacted, control characters escaped, at most 256 bytes |
 //! | `outcome` | `response`, `error` (the inner service failed) or `cancelled` |
+//!
+//! Every field a client can influence (request id, method, path, query, user agent,
+//! principal id, which for a service token is its `sub`) is redacted where it can
+//! carry a secret, then passed through the one sanitiser the audit events use too
+//! ([`sanitize`](crate::redact::sanitize)): control characters, line separators,
+//! bidirectional controls and invisible format characters are escaped (`\u{202e}`),
+//! and the value is bounded. The redactor finds this crate's keys with any prefix
+//! (by their checksum), so a key built with a prefix of your own is hidden too.
 //!
 //! Headers other than the user agent are never recorded, bodies never. The
 //! credential headers (`authorization`, `proxy-authorization`, `cookie`,
@@ -69,7 +77,8 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::redact::{Redactor, sanitize};
+use crate::log_text::{sanitize, sanitize_id};
+use crate::redact::Redactor;
 use crate::rejection::DenialReason;
 use crate::request_id::RequestId;
 use crate::{ClientIp, Principal};
@@ -81,7 +90,7 @@ const MAX_METHOD: usize = 32;
 const MAX_PATH: usize = 1024;
 const MAX_QUERY: usize = 1024;
 const MAX_USER_AGENT: usize = 256;
-const MAX_PRINCIPAL: usize = 128;
+const MAX_REQUEST_ID: usize = 128;
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -286,7 +295,7 @@ pub(crate) fn call_with<ReqBody, F>(
     });
     let span = config.span.then(|| {
         let id = req.extensions().get::<RequestId>();
-        let id = id.map(|id| config.redactor.redact(id.as_str()));
+        let id = id.map(|id| clean(config.redactor.redact(id.as_str()), MAX_REQUEST_ID));
         tracing::info_span!(target: TARGET, "request", request_id = id.as_deref())
     });
     ResponseFuture {
@@ -370,9 +379,13 @@ impl Pending {
         self.done = true;
         let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         let r = &self.config.redactor;
-        let method = sanitize(self.method.as_str(), MAX_METHOD);
+        // An extension method is any token a client chooses, a key included.
+        let method = clean(r.redact(self.method.as_str()), MAX_METHOD);
         // Safe characters only, but a client can still send a token as its id.
-        let request_id = self.request_id.as_ref().map(|id| r.redact(id.as_str()));
+        let request_id = self
+            .request_id
+            .as_ref()
+            .map(|id| clean(r.redact(id.as_str()), MAX_REQUEST_ID));
         let path = clean(r.redact_uri_part(self.uri.path()), MAX_PATH);
         let query = self.uri.query().map(|q| r.redact_query(q));
         let query = query
@@ -410,7 +423,7 @@ impl Pending {
             status,
             latency_us,
             client_ip = client_ip.map(tracing::field::display),
-            principal = principal.map(|p| sanitize(p.id(), MAX_PRINCIPAL)).as_deref(),
+            principal = principal.map(|p| sanitize_id(p.id())).as_deref(),
             auth_method = principal.map(|p| p.method().as_str()),
             denial_reason = denial.map(DenialReason::as_str),
             user_agent = user_agent.as_deref(),
@@ -420,7 +433,8 @@ impl Pending {
     }
 }
 
-/// Sanitised, without a copy when there is nothing to remove or cut.
+/// Redacted text sanitised for the log line, without a copy when there is nothing
+/// to escape or cut.
 fn clean(s: Cow<'_, str>, max: usize) -> Cow<'_, str> {
     let cleaned = match sanitize(&s, max) {
         Cow::Borrowed(_) => None,

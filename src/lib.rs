@@ -103,6 +103,10 @@ pub mod audit;
 mod error;
 pub mod future;
 mod ip;
+#[cfg(any(feature = "api-key", feature = "redact"))]
+mod key_format;
+#[cfg(any(feature = "redact", feature = "authenticate", feature = "rate-limit"))]
+mod log_text;
 mod principal;
 pub mod rejection;
 

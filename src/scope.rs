@@ -63,7 +63,7 @@ impl Policy {
             event = "scope_denied",
             reason = "insufficient_scope",
             client_ip = client_ip().map(tracing::field::display),
-            principal = p.id(),
+            principal = &*crate::log_text::sanitize_id(p.id()),
             method = p.method().as_str(),
             scope = %self.required,
         );

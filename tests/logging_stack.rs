@@ -301,7 +301,11 @@ async fn no_planted_secret_reaches_the_logs() {
     let mut text = String::new();
     for _ in 0..100 {
         text = sink.text();
-        if text.matches("\"target\":\"portcullis::access\"").count() >= 3 {
+        if text
+            .matches("\"path\":\"/v1/jobs/pc_live_****/AKIA****/pc_live_****\"")
+            .count()
+            >= 3
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -318,9 +322,14 @@ async fn no_planted_secret_reaches_the_logs() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("redaction keeps every line valid JSON"))
         .collect();
+    // Other tests of this binary log too: this test's access events are the ones
+    // for its target.
     let access: Vec<&Value> = events
         .iter()
-        .filter(|e| e["target"] == "portcullis::access")
+        .filter(|e| {
+            e["target"] == "portcullis::access"
+                && e["fields"]["path"] == "/v1/jobs/pc_live_****/AKIA****/pc_live_****"
+        })
         .collect();
     assert_eq!(access.len(), 3, "{text}");
     let ok = access
@@ -361,5 +370,212 @@ async fn no_planted_secret_reaches_the_logs() {
         events
             .iter()
             .any(|e| e["target"] == "portcullis::audit" && e["fields"]["event"] == "auth_failed")
+    );
+}
+
+// ---- this crate's keys with any prefix, in every field a client controls ----
+
+/// A key generated with a random valid prefix, planted in one field per request
+/// (path, query value, query name, user agent, request id, method, and a header and
+/// a body the careless handler logs itself): neither the key nor its body may
+/// reach the output, through the access log or through the user's own events.
+#[cfg(feature = "api-key")]
+#[test]
+fn keys_of_any_prefix_never_reach_the_logs() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sink = sink();
+    let addr = rt.block_on(serve());
+    let prefixes = "[a-z][a-z0-9_]{0,31}".prop_filter("no '_' last", |p| !p.ends_with('_'));
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let cases = std::sync::atomic::AtomicU32::new(0);
+    runner
+        .run(&prefixes, |prefix| {
+            let case = cases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let key = portcullis::api_key::generate_key(&prefix)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let key = key.expose_secret().to_owned();
+            let body = &key[prefix.len() + 1..];
+            let valid = format!("X-API-Key: {VALID_KEY}");
+            let marker = format!("/anyprefix-{case}");
+            let requests: Vec<(&str, Vec<u8>)> = vec![
+                (
+                    "path",
+                    request(
+                        &format!("{marker}/path/{key}/x"),
+                        std::slice::from_ref(&valid),
+                        "",
+                    ),
+                ),
+                (
+                    "query value",
+                    request(
+                        &format!("{marker}/qv?next={key}&page=2"),
+                        std::slice::from_ref(&valid),
+                        "",
+                    ),
+                ),
+                (
+                    "query name",
+                    request(
+                        &format!("{marker}/qn?{key}=1&page=2"),
+                        std::slice::from_ref(&valid),
+                        "",
+                    ),
+                ),
+                (
+                    "user agent",
+                    request(
+                        &format!("{marker}/ua"),
+                        &[valid.clone(), format!("User-Agent: probe/1.0 ({key})")],
+                        "",
+                    ),
+                ),
+                (
+                    "request id",
+                    request(
+                        &format!("{marker}/rid"),
+                        &[valid.clone(), format!("X-Request-Id: {key}")],
+                        "",
+                    ),
+                ),
+                (
+                    "own event",
+                    request(
+                        &format!("{marker}/own"),
+                        &[valid.clone(), format!("X-Note: {key}")],
+                        &format!("note: {key}"),
+                    ),
+                ),
+                ("method", {
+                    let mut r = request(
+                        &format!("{marker}/method"),
+                        std::slice::from_ref(&valid),
+                        "",
+                    );
+                    r.splice(0..4, key.bytes());
+                    r
+                }),
+            ];
+            let n = requests.len();
+            rt.block_on(async {
+                for (field, raw) in &requests {
+                    let status = send(addr, raw).await;
+                    if *field != "method" {
+                        assert_eq!(status, 200, "{field}");
+                    }
+                }
+                // Wait for this case's access events.
+                for _ in 0..100 {
+                    let events = sink
+                        .text()
+                        .lines()
+                        .filter(|l| {
+                            l.contains("\"target\":\"portcullis::access\"") && l.contains(&marker)
+                        })
+                        .count();
+                    if events >= n {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+            let text = sink.text();
+            prop_assert!(
+                !text.contains(body),
+                "the body of {key} reached the logs:\n{text}"
+            );
+            let access: Vec<Value> = text
+                .lines()
+                .filter(|l| l.contains("\"target\":\"portcullis::access\"") && l.contains(&marker))
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            prop_assert_eq!(access.len(), n, "{}", text);
+            let hint = format!("{prefix}_****");
+            let field = |p: &str, name: &str| -> String {
+                access
+                    .iter()
+                    .find(|e| {
+                        e["fields"]["path"]
+                            .as_str()
+                            .is_some_and(|v| v.starts_with(&format!("{marker}{p}")))
+                    })
+                    .and_then(|e| e["fields"][name].as_str())
+                    .unwrap_or_else(|| panic!("no {name} in the access event for {p}"))
+                    .to_owned()
+            };
+            prop_assert_eq!(field("/path/", "path"), format!("{marker}/path/{hint}/x"));
+            prop_assert_eq!(field("/qv", "query"), format!("next={hint}&page=2"));
+            prop_assert_eq!(field("/qn", "query"), format!("{hint}=1&page=2"));
+            prop_assert_eq!(field("/ua", "user_agent"), format!("probe/1.0 ({hint})"));
+            prop_assert_eq!(field("/rid", "request_id"), hint.clone());
+            // The method is bounded to 32 bytes: a long hint is cut, after redaction.
+            let method = field("/method", "method");
+            prop_assert!(
+                method == hint
+                    || (method.len() <= 32 && hint.starts_with(method.trim_end_matches('…'))),
+                "{} for {}",
+                method,
+                hint
+            );
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// A store built from a key list registers its keys' prefixes: a mistyped key with
+/// such a prefix (which no checksum can recognise) is hidden in the access log and
+/// in the user's own events, with no configuration of either.
+#[cfg(feature = "api-key")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_stores_prefixes_reach_the_access_log_and_the_writer() {
+    use portcullis::api_key::KeyStore;
+    let sink = sink();
+    let addr = serve().await;
+    // Typos of keys with this prefix: before the store exists, nothing hides them.
+    let typo = "acmelisted_live_TypoBeforeStoreAbCdEfGhIjKl";
+    tracing::info!("before the store: {typo}");
+    assert!(sink.text().contains("TypoBeforeStoreAbCdEfGhIjKl"));
+
+    let listed = "acmelisted_live_0123456789abcdefghijABCDEFGHIJ";
+    KeyStore::from_key_list(listed, portcullis::Scopes::default()).unwrap();
+    let typo = "acmelisted_live_MistypedKeyAbCdEfGhIjKlMnOp";
+    tracing::info!("user code logged {typo} by mistake");
+    let status = send(
+        addr,
+        &request(
+            &format!("/registered/{typo}"),
+            &[
+                format!("X-API-Key: {VALID_KEY}"),
+                "X-Request-Id: registered-prefix-1".to_owned(),
+            ],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = sink.text();
+        if text.contains("registered-prefix-1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!text.contains("MistypedKeyAbCdEfGhIjKlMnOp"), "{text}");
+    assert!(text.contains("user code logged acmelisted_live_**** by mistake"));
+    assert!(
+        text.contains("\"path\":\"/registered/acmelisted_live_****\""),
+        "{text}"
     );
 }

@@ -5,24 +5,24 @@ use std::fmt;
 use subtle::ConstantTimeEq;
 
 use crate::ConfigError;
+use crate::key_format::{
+    self, ALNUM, ALPHABET, MAX_PREFIX_LEN, all_in, base62_value, checksum, crc32, is_prefix,
+};
 
 /// The prefix of generated keys unless another is chosen.
 pub const DEFAULT_PREFIX: &str = "pc_live";
 
 /// Base62 characters of CSPRNG output in a key: 22 characters carry 130.9 bits.
-pub const RANDOM_LEN: usize = 22;
+pub const RANDOM_LEN: usize = key_format::RANDOM_LEN;
 
 /// Base62 characters of the CRC32 checksum (62^6 > 2^32).
-pub const CHECKSUM_LEN: usize = 6;
+pub const CHECKSUM_LEN: usize = key_format::CHECKSUM_LEN;
 
 /// The longest presented key the store digests; anything longer is refused unread.
 pub const MAX_KEY_LEN: usize = 256;
 
 /// The shortest key accepted from a plain key list (keys not in the generated format).
 pub const MIN_LEGACY_KEY_LEN: usize = 32;
-
-const MAX_PREFIX_LEN: usize = 32;
-const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// A freshly generated key. Shown once, then only its digest is kept.
 ///
@@ -111,43 +111,6 @@ pub fn check_prefix(prefix: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn is_prefix(p: &[u8]) -> bool {
-    !p.is_empty()
-        && p.len() <= MAX_PREFIX_LEN
-        && p[0].is_ascii_lowercase()
-        && p[p.len() - 1] != b'_'
-        && all_in(p, PREFIX)
-}
-
-/// Character classes, one bit each, for [`all_in`].
-const ALNUM: u8 = 1;
-const PREFIX: u8 = 2;
-const CLASSES: [u8; 256] = {
-    let mut t = [0u8; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        if c.is_ascii_alphanumeric() {
-            t[b] |= ALNUM;
-        }
-        if c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' {
-            t[b] |= PREFIX;
-        }
-        b += 1;
-    }
-    t
-};
-
-/// Whether every byte is of `class`: a table lookup per byte, without branches
-/// (this runs on every presented key).
-#[inline]
-fn all_in(bytes: &[u8], class: u8) -> bool {
-    bytes
-        .iter()
-        .fold(class, |acc, &b| acc & CLASSES[usize::from(b)])
-        == class
-}
-
 /// Why a string is not a key in the generated format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -230,41 +193,6 @@ pub fn parse_key(key: &str) -> Result<ParsedKey<'_>, KeyFormatError> {
     }
 }
 
-/// The number spelled by base62 digits (of [`ALPHABET`], most significant first;
-/// the caller has checked they are alphanumeric).
-fn base62_value(digits: &[u8]) -> u64 {
-    digits
-        .iter()
-        .fold(0, |n, &d| n * 62 + u64::from(BASE62_DIGITS[usize::from(d)]))
-}
-
-/// Each alphanumeric byte's value in [`ALPHABET`] (0 elsewhere).
-const BASE62_DIGITS: [u8; 256] = {
-    let mut t = [0u8; 256];
-    let mut i = 0;
-    while i < ALPHABET.len() {
-        t[ALPHABET[i] as usize] = i as u8;
-        i += 1;
-    }
-    t
-};
-
-/// CRC32 (IEEE) of `data` as six base62 digits, most significant first.
-fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {
-    let mut n = crc32(data);
-    let mut out = [b'0'; CHECKSUM_LEN];
-    for slot in out.iter_mut().rev() {
-        *slot = ALPHABET[(n % 62) as usize];
-        n /= 62;
-    }
-    out
-}
-
-/// CRC-32 (IEEE, the checksum of GitHub-style tokens) of `data`.
-fn crc32(data: &[u8]) -> u32 {
-    crc32fast::hash(data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,50 +200,6 @@ mod tests {
     #[test]
     fn the_documented_example_key_is_well_formed() {
         assert!(parse_key("pc_live_EXAMPLExDOxNOTxUSE00000bJVDo").is_ok());
-    }
-
-    #[test]
-    fn crc32_check_value() {
-        // The standard CRC-32/ISO-HDLC check value.
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-    }
-
-    #[test]
-    fn crc32_matches_the_bitwise_definition_at_every_length() {
-        fn bitwise(data: &[u8]) -> u32 {
-            let mut c = !0u32;
-            for &b in data {
-                c ^= u32::from(b);
-                for _ in 0..8 {
-                    c = if c & 1 != 0 {
-                        0xEDB8_8320 ^ (c >> 1)
-                    } else {
-                        c >> 1
-                    };
-                }
-            }
-            !c
-        }
-        let data: Vec<u8> = (0..100u32).map(|i| (i * 37 + 11) as u8).collect();
-        for n in 0..data.len() {
-            assert_eq!(crc32(&data[..n]), bitwise(&data[..n]), "{n} bytes");
-        }
-    }
-
-    #[test]
-    fn base62_value_reads_what_checksum_writes() {
-        for n in [0, 1, 61, 62, 12_345, 0xCBF4_3926, u32::MAX - 1, u32::MAX] {
-            let mut text = [b'0'; CHECKSUM_LEN];
-            let mut m = n;
-            for slot in text.iter_mut().rev() {
-                *slot = ALPHABET[(m % 62) as usize];
-                m /= 62;
-            }
-            assert_eq!(base62_value(&text), u64::from(n), "{n}");
-        }
-        assert_eq!(base62_value(b"zzzzzz"), 62u64.pow(6) - 1);
-        // Every text with a value at or above 2^32 is refused: it equals no CRC.
-        assert!(base62_value(b"4gfFC4") > u64::from(u32::MAX));
     }
 
     #[test]

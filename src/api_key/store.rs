@@ -386,7 +386,9 @@ impl KeyStore {
     /// is trimmed; an empty entry, one under 32 characters, one with characters outside
     /// printable ASCII or a comma, a key in the generated format whose checksum is
     /// wrong (a typo), and a repeated key are load errors naming the entry's position.
-    /// Keys need not be in the generated format.
+    /// Keys need not be in the generated format. The prefix of each key shaped
+    /// `<prefix>_<20 or more letters and digits>` is registered with the log
+    /// redactor (feature `redact`), which then hides such keys even mistyped.
     ///
     /// ```
     /// use portcullis::api_key::KeyStore;
@@ -432,7 +434,14 @@ impl KeyStore {
                 Some(format!("key list entry {n}")),
             ));
         }
-        Self::build(records, true)
+        let store = Self::build(records, true)?;
+        // Every redactor learns the listed keys' prefixes, so a mistyped or truncated
+        // key is hidden in logs too (see the `redact` module).
+        #[cfg(feature = "redact")]
+        for key in list.split(',') {
+            crate::redact::register_prefix_of(key.trim());
+        }
+        Ok(store)
     }
 
     /// Number of keys.

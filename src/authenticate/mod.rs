@@ -394,7 +394,7 @@ impl Config {
                 event = "auth_failed",
                 reason = failure.reason.as_str(),
                 client_ip = client_ip.map(tracing::field::display),
-                key_id = failure.key_id.as_deref(),
+                key_id = failure.key_id.as_deref().map(crate::log_text::sanitize_id).as_deref(),
             );
             failure.reason
         };
@@ -410,7 +410,7 @@ impl Config {
         tracing::info!(
             target: crate::audit::TARGET,
             event = "auth_succeeded",
-            principal = principal.id(),
+            principal = &*crate::log_text::sanitize_id(principal.id()),
             method = principal.method().as_str(),
             client_ip = client_ip.map(tracing::field::display),
         );

@@ -281,11 +281,11 @@ impl TokenVerifier {
             Ok((t, cached)) => tracing::info!(
                 target: crate::audit::TARGET,
                 event = "service_token_accepted",
-                sub = t.subject(),
-                iss = t.issuer(),
-                kid = t.key_id(),
+                sub = &*crate::log_text::sanitize_id(t.subject()),
+                iss = &*crate::log_text::sanitize_id(t.issuer()),
+                kid = t.key_id().map(crate::log_text::sanitize_id).as_deref(),
                 scopes = %t.principal.scopes(),
-                jti = t.jti(),
+                jti = t.jti().map(crate::log_text::sanitize_id).as_deref(),
                 cached = *cached,
             ),
             Err(reason) => tracing::info!(

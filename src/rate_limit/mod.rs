@@ -521,7 +521,7 @@ impl Shared {
             event = "rate_limited",
             reason = DenialReason::RateLimited.as_str(),
             policy,
-            principal = principal.map(Principal::id),
+            principal = principal.map(|p| crate::log_text::sanitize_id(p.id())).as_deref(),
             method = principal.map(|p| p.method().as_str()),
             client_ip = client_ip.map(tracing::field::display),
             retry_after = crate::rejection::retry_after_secs(Duration::from_nanos(outcome.wait())),

@@ -2,18 +2,21 @@
 //!
 //! One left-to-right pass over the bytes. Most bytes cost one table lookup: only a
 //! few bytes can start a secret shape (the first byte of a known prefix, `-` of a PEM
-//! header, `=` and `:` of a `name=value` pair, `b`/`B` of `Bearer`/`Basic`). At such a
-//! byte each rule examines a bounded number of bytes before it fails, or matches a
-//! span that the scan then jumps over; the one rule whose failure can cost more (the
-//! JWT shape) remembers where it failed so no byte is examined twice by it. The whole
-//! pass is therefore linear in the input, whatever the input.
+//! header, `=` and `:` of a `name=value` pair, `b`/`B` of `Bearer`/`Basic`, `_` or
+//! `%5F` before the body of one of this crate's keys). At such a byte each rule
+//! examines a bounded number of bytes before it fails, or matches a span that the
+//! scan then jumps over; the rules whose failure can cost more remember where they
+//! failed (the JWT shape) or read runs that end where the next attempt starts (the
+//! key body after a `_`), so no byte is examined twice by them. The whole pass is
+//! therefore linear in the input, whatever the input.
 //!
 //! Every match ends either at a byte that no rule continues through (the end of a
 //! maximal run, a delimiter, a closing quote) or at the end of the input, and every
 //! replacement ends in `*`, `]` or `REDACTED` followed by that same byte, which is
 //! what makes redaction idempotent (checked by the property tests).
 
-use super::Rules;
+use super::{Rules, prefixes};
+use crate::key_format::{BODY_LEN, MAX_PREFIX_LEN, ends_with_checksummed_prefix};
 
 /// Replacement for a secret whose non-secret prefix is kept: `ghp_****`.
 pub(super) const STARS: &[u8] = b"****";
@@ -251,6 +254,7 @@ pub(super) fn redact(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
                 }
             }
             b'-' => pem(input, i),
+            b'_' | b'%' => key(input, i),
             _ => {
                 let mut m = None;
                 if b == b'b' || b == b'B' {
@@ -413,6 +417,71 @@ fn run_escaped(input: &[u8], from: usize, mask: u8) -> (usize, usize) {
         len += 1;
     }
     (j, len)
+}
+
+/// This crate's API keys, `<prefix>_<body>`, found at the `_` (or `%5F`) before the
+/// body, whatever the prefix:
+///
+/// - a body of exactly 28 letters and digits whose last six are the CRC32 of the
+///   prefix, `_` and the first 22, for any prefix the key generator accepts (the
+///   checksum makes this precise: a random word passes with odds of 1 in 2^32);
+/// - a run of at least 20 letters and digits after a prefix registered by a key
+///   store ([`prefixes`]), starting the prefix-character run or after a `_`.
+///
+/// The body becomes `****`; the prefix is kept as the hint. The prefix is read
+/// backwards over at most 32 of `a-z 0-9 _` (an `_` may be written `%5F`); every
+/// start inside it is tried, so a key glued to a word is found too. Work per `_` is
+/// bounded: a run after one `_` ends at the next, so runs are read once each.
+fn key(input: &[u8], i: usize) -> Option<Match> {
+    let start = match input[i] {
+        b'_' => i + 1,
+        _ if is_escaped_underscore(input, i) => i + 3,
+        _ => return None,
+    };
+    let end = run(input, start, ALNUM);
+    let len = end - start;
+    if len < prefixes::MIN_RUN || (len != BODY_LEN && prefixes::is_empty()) {
+        return None;
+    }
+    // The prefix characters before the separator, decoded, right-aligned in `buf`.
+    let mut buf = [0u8; MAX_PREFIX_LEN];
+    let mut n = 0;
+    let mut j = i;
+    while n < MAX_PREFIX_LEN && j > 0 {
+        let c = if j >= 3 && is_escaped_underscore(input, j - 3) {
+            j -= 3;
+            b'_'
+        } else if matches!(input[j - 1], b'a'..=b'z' | b'0'..=b'9' | b'_') {
+            j -= 1;
+            input[j]
+        } else {
+            break;
+        };
+        n += 1;
+        buf[MAX_PREFIX_LEN - n] = c;
+    }
+    let region = &buf[MAX_PREFIX_LEN - n..];
+    if region.last().is_none_or(|&c| c == b'_') {
+        return None;
+    }
+    let found = (len == BODY_LEN && ends_with_checksummed_prefix(region, &input[start..end]))
+        || prefixes::registered().any(|p| {
+            region.ends_with(p)
+                && (region.len() == p.len() || region[region.len() - p.len() - 1] == b'_')
+        });
+    found.then_some(Match {
+        start,
+        end,
+        with: STARS,
+    })
+}
+
+/// Whether `%5F` (or `%5f`), an escaped `_`, starts at `j`.
+fn is_escaped_underscore(input: &[u8], j: usize) -> bool {
+    input.len() >= j + 3
+        && input[j] == b'%'
+        && input[j + 1] == b'5'
+        && matches!(input[j + 2], b'F' | b'f')
 }
 
 /// `eyJ<header>.<payload>.<signature>`: keeps `eyJ`. On failure returns the index

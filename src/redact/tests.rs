@@ -278,13 +278,104 @@ fn builder_checks_its_rules() {
     );
 }
 
+/// A key in the generated format: `<prefix>_<random><checksum>`.
+fn key_with(prefix: &str, random: &str) -> String {
+    assert_eq!(random.len(), crate::key_format::RANDOM_LEN);
+    let mut k = format!("{prefix}_{random}");
+    let sum = crate::key_format::checksum(k.as_bytes());
+    k.extend(sum.iter().map(|&b| char::from(b)));
+    k
+}
+
 #[test]
-fn sanitize_strips_controls_and_bounds() {
+fn keys_of_any_prefix_are_found_by_their_checksum() {
+    for prefix in [
+        "pc_demo",
+        "a",
+        "billing_live_2",
+        "x9",
+        &"q".repeat(32),
+        "pc_live",
+    ] {
+        let k = key_with(prefix, "AbCdEfGhIjKlMnOpQrStUv");
+        let body = &k[prefix.len() + 1..];
+        for (text, expected) in [
+            (k.clone(), format!("{prefix}_****")),
+            (
+                format!("GET /v1/{k}?x=1"),
+                format!("GET /v1/{prefix}_****?x=1"),
+            ),
+            (
+                format!("\"id\":\"{k}\""),
+                format!("\"id\":\"{prefix}_****\""),
+            ),
+            // Glued to a word, or to another key-like run: every start is tried.
+            (format!("xyz{k} "), format!("xyz{prefix}_**** ")),
+            (
+                format!("ab_cd_{k}_tail"),
+                format!("ab_cd_{prefix}_****_tail"),
+            ),
+            // The separators written as escapes, as in a logged URL.
+            (
+                format!("/k/{}", k.replace('_', "%5F")),
+                format!("/k/{}%5F****", prefix.replace('_', "%5F")),
+            ),
+        ] {
+            let out = r(&text);
+            assert_eq!(out, expected, "{text}");
+            assert!(!out.contains(body));
+        }
+    }
+}
+
+#[test]
+fn a_key_shape_without_a_valid_checksum_is_left_alone() {
+    let k = key_with("zz_unreg", "AbCdEfGhIjKlMnOpQrStUv");
+    let mut typo = k.clone().into_bytes();
+    let last = typo.len() - 1;
+    typo[last] = if typo[last] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).unwrap();
+    for text in [
+        typo.as_str(),
+        // One character too many or too few.
+        &format!("{k}x"),
+        &k[..k.len() - 1],
+        "request_id=abcdefghijklmnopqrstuvwxyz01",
+        "snake_case_identifier_ABCDEFGHIJKLMNOPQRSTUVWXYZ01",
+    ] {
+        assert_eq!(r(text), text);
+    }
+    // A prefix the generator refuses: upper case, or a leading digit.
+    assert_eq!(r(&k.replacen("zz", "ZZ", 1)), k.replacen("zz", "ZZ", 1));
+}
+
+#[test]
+fn registered_prefixes_catch_mistyped_keys_at_a_word_boundary() {
+    assert!(prefixes::register_for_test("zz_registered"));
+    let typo = "zz_registered_AbCdEfGhIjKlMnOpQrStUvWxYz";
+    assert_eq!(r(typo), "zz_registered_****");
+    assert_eq!(r(&format!("k=x_{typo}&")), "k=x_zz_registered_****&");
+    assert_eq!(
+        r("zz_registered_AbCdEfGhIjKlMnOpQrS"),
+        "zz_registered_AbCdEfGhIjKlMnOpQrS"
+    );
+    assert_eq!(r(&format!("a{typo}")), format!("a{typo}"));
+    assert_eq!(
+        r("/k/zz%5Fregistered%5FAbCdEfGhIjKlMnOpQrStUvWx"),
+        "/k/zz%5Fregistered%5F****"
+    );
+    // Not a prefix the generator accepts: refused.
+    assert!(!prefixes::register_for_test("Bad_prefix"));
+    assert!(!prefixes::register_for_test("trailing_"));
+}
+
+#[test]
+fn sanitize_escapes_controls_and_bounds() {
     assert_eq!(
         sanitize("/a\nb\rc\td\x1b[0m\u{7f}\u{85}e", 100),
-        "/abcd[0me"
+        r"/a\u{a}b\u{d}c\u{9}d\u{1b}[0m\u{7f}\u{85}e"
     );
-    assert_eq!(sanitize("abcdef", 3), "abc…");
+    assert_eq!(sanitize("abcdef", 5), "ab…");
     assert_eq!(sanitize("ok", 3), "ok");
 }
 
@@ -304,6 +395,13 @@ fn adversarial_inputs_stay_linear() {
         "a=",
         "sk-",
         "%",
+        "_",
+        "a_",
+        "%5F",
+        "abcdefghijklmnopqrstuvwxyzabcdef_AbCdEfGhIjKlMnOpQrStUvWx0123 ",
+        // A checksum below 2^32: every start of the prefix run is tried.
+        "abcdefghijklmnopqrstuvwxyzabcdef_AbCdEfGhIjKlMnOpQrStUv000000 ",
+        "a_b_c_d_e_f_g_h_i_j_k_l_m_n_o_p_AbCdEfGhIjKlMnOpQrStUvWx0123_",
     ] {
         let s = unit.repeat(n / unit.len());
         let _ = Redactor::new().redact(&s);

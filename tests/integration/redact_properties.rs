@@ -17,6 +17,8 @@ fn noisy_text() -> impl Strategy<Value = String> {
             "pc_live_", "AKIA", "ghp_", "xoxb-", "password", "token", "key", "api_key",
             "authorization", "cookie", "-----BEGIN RSA PRIVATE KEY-----",
             "-----END RSA PRIVATE KEY-----", "REDACTED", "****", "redis://", "'", "\n",
+            "_", "a_", "%5F", "%5f", "_AbCdEfGhIjKlMnOpQrStUvWx0123", "pc_demo_",
+            "pc_demo_EXAMPLExDOxNOTxUSE00003wHR55", "billing_live_EXAMPLExDOxNOTxUSE00000frrQx",
         ]).prop_map(str::to_owned),
     ];
     prop::collection::vec(piece, 0..24).prop_map(|v| v.concat())
@@ -161,23 +163,55 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
-    fn sanitize_removes_every_control_and_bounds_the_length(
-        s in "(?s).{0,200}",
-        max in 0usize..128,
+    fn sanitize_leaves_no_control_or_bidi_character_and_bounds_the_length(
+        s in prop_oneof![
+            "(?s).{0,200}",
+            prop::collection::vec(
+                prop_oneof![
+                    Just('\u{202a}'), Just('\u{202b}'), Just('\u{202c}'), Just('\u{202d}'),
+                    Just('\u{202e}'), Just('\u{2066}'), Just('\u{2067}'), Just('\u{2068}'),
+                    Just('\u{2069}'), Just('\u{200e}'), Just('\u{200f}'), Just('\u{2028}'),
+                    Just('\u{2029}'), Just('\u{85}'), Just('\u{9b}'), Just('\u{1b}'),
+                    Just('\r'), Just('\n'), Just('\0'), Just('\u{7f}'), Just('é'),
+                    Just('a'), Just('\\'), any::<char>(),
+                ],
+                0..120,
+            )
+            .prop_map(|v| v.into_iter().collect::<String>()),
+        ],
+        max in 0usize..160,
     ) {
         let out = portcullis::redact::sanitize(&s, max);
-        prop_assert!(!out.chars().any(char::is_control));
-        let hidden = ['\u{2028}', '\u{2029}', '\u{202e}', '\u{2066}'];
-        prop_assert!(!out.contains(hidden), "line separator or bidi override kept");
-        prop_assert!(out.len() <= max + '…'.len_utf8());
-        // What is kept is the input's own characters, in order.
-        let kept: String = out.trim_end_matches('…').to_owned();
-        let removed = |c: char| {
+        let forbidden = |c: char| {
             c.is_control()
                 || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
         };
-        let filtered: String = s.chars().filter(|&c| !removed(c)).collect();
-        prop_assert!(filtered.starts_with(&kept) || s.contains('…'));
+        prop_assert!(!out.chars().any(forbidden), "{:?} -> {:?}", s, out);
+        prop_assert!(out.len() <= max, "{} bytes for a bound of {}", out.len(), max);
+        // Nothing to do: the same text, not a copy.
+        if s.len() <= max && !s.chars().any(forbidden) && s.is_ascii() {
+            prop_assert!(matches!(out, std::borrow::Cow::Borrowed(_)));
+        }
+        // What is kept is the input's beginning, with characters escaped as `\u{…}`
+        // (every forbidden one, and other invisible ones): undoing the escapes gives
+        // back a prefix of the input (when the input has no backslash of its own).
+        if !s.contains('\\') {
+            let kept = out.strip_suffix('…').filter(|_| !s.starts_with(out.as_ref())).unwrap_or(&out);
+            let mut unescaped = String::new();
+            let mut rest = kept;
+            while let Some(at) = rest.find("\\u{") {
+                unescaped.push_str(&rest[..at]);
+                let end = rest[at..].find('}').expect("a whole escape") + at;
+                let code = u32::from_str_radix(&rest[at + 3..end], 16).unwrap();
+                unescaped.push(char::from_u32(code).unwrap());
+                rest = &rest[end + 1..];
+            }
+            unescaped.push_str(rest);
+            prop_assert!(s.starts_with(&unescaped), "{:?} -> {:?}", s, out);
+            for c in unescaped.chars().filter(|&c| forbidden(c)) {
+                prop_assert!(out.contains(&c.escape_unicode().to_string()));
+            }
+        }
     }
 
     #[test]
@@ -195,4 +229,99 @@ proptest! {
             None => prop_assert!(!safe),
         }
     }
+}
+
+/// Valid key prefixes: every shape the key generator accepts (1 to 32 characters of
+/// `a-z 0-9 _`, a letter first, no `_` last; runs of `_` included).
+#[cfg(feature = "api-key")]
+pub(crate) fn key_prefix() -> impl Strategy<Value = String> {
+    "[a-z][a-z0-9_]{0,31}"
+        .prop_filter("a prefix does not end with '_'", |p| !p.ends_with('_'))
+        .prop_map(|p| {
+            portcullis::api_key::check_prefix(&p).expect("the strategy makes valid prefixes");
+            p
+        })
+}
+
+#[cfg(feature = "api-key")]
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    /// A generated key with any prefix, anywhere in any text, is redacted: the body
+    /// never survives, the prefix is kept as the hint, and the result is a fixed point.
+    #[test]
+    fn generated_keys_of_any_prefix_never_survive(
+        prefix in key_prefix(),
+        left in noisy_text(),
+        right in noisy_text(),
+        sep1 in separator(),
+        sep2 in separator(),
+    ) {
+        let key = portcullis::api_key::generate_key(&prefix).unwrap();
+        let key = key.expose_secret();
+        let body = &key[prefix.len() + 1..];
+        let r = Redactor::new();
+        let text = format!("{left}{sep1}{key}{sep2}{right}");
+        let out = r.redact(&text);
+        prop_assert!(!out.contains(body), "{:?} -> {:?}", text, out);
+        prop_assert_eq!(r.redact(&out), out.as_ref());
+        let out_bytes = r.redact_bytes(text.as_bytes());
+        prop_assert_eq!(&*out_bytes, out.as_bytes());
+        // The prefix stays as the hint.
+        let line = format!("GET /{key} 200");
+        prop_assert_eq!(r.redact(&line), format!("GET /{prefix}_**** 200"));
+        // Glued to a word on its left, or written with its separators escaped.
+        let glued = format!("{left}x{key}");
+        prop_assert!(!r.redact(&glued).contains(body));
+        let escaped = format!("/v1/{}/x", key.replace('_', "%5F"));
+        prop_assert!(!r.redact(&escaped).contains(body));
+    }
+
+    #[test]
+    fn generated_keys_of_any_prefix_split_across_percent_encodings_are_found(
+        prefix in key_prefix(),
+        mask in any::<u64>(),
+    ) {
+        let key = portcullis::api_key::generate_key(&prefix).unwrap();
+        let key = key.expose_secret();
+        let body = &key[prefix.len() + 1..];
+        let encoded: String = key.bytes().enumerate().map(|(i, b)| {
+            if mask >> (i % 64) & 1 == 1 || !b.is_ascii_alphanumeric() {
+                format!("%{b:02X}")
+            } else {
+                (b as char).to_string()
+            }
+        }).collect();
+        let path = format!("/v1/{encoded}/x");
+        let out = Redactor::new().redact_uri_part(&path);
+        // Not in the logged text, nor in what a reader gets by decoding it.
+        prop_assert!(!out.contains(body), "{:?} -> {:?}", encoded, out);
+        prop_assert!(!percent_decoded(&out).contains(body), "{:?} -> {:?}", encoded, out);
+    }
+}
+
+/// `%XX` escapes decoded (lossy UTF-8), as a reader of a logged URL would.
+#[cfg(feature = "api-key")]
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
