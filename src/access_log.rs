@@ -103,7 +103,7 @@ pub(crate) struct Config {
 /// Layer applying [`AccessLog`]; see the [module docs](self).
 #[derive(Clone)]
 pub struct AccessLogLayer {
-    pub(crate) config: Arc<Config>,
+    config: Arc<Config>,
 }
 
 impl fmt::Debug for AccessLogLayer {
@@ -269,43 +269,32 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        call_with(&self.config, req, |req| self.inner.call(req))
-    }
-}
-
-/// The layer's work around `next`, the inner service's call (shared with the
-/// assembled stack, which holds its layers' settings behind one reference count).
-pub(crate) fn call_with<ReqBody, F>(
-    config: &Arc<Config>,
-    mut req: Request<ReqBody>,
-    next: impl FnOnce(Request<ReqBody>) -> F,
-) -> ResponseFuture<F> {
-    mark_sensitive(req.headers_mut(), &config.sensitive);
-    let pending = tracing::enabled!(target: TARGET, tracing::Level::INFO).then(|| Pending {
-        start: Instant::now(),
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        user_agent: req.headers().get(USER_AGENT).cloned(),
-        request_id: req.extensions().get::<RequestId>().cloned(),
-        client_ip: req.extensions().get::<ClientIp>().copied(),
-        principal: req.extensions().get::<Principal>().cloned(),
-        config: config.clone(),
-        done: false,
-    });
-    let span = config.span.then(|| {
-        let id = req.extensions().get::<RequestId>();
-        let id = id.map(|id| clean(config.redactor.redact(id.as_str()), MAX_REQUEST_ID));
-        tracing::info_span!(target: TARGET, "request", request_id = id.as_deref())
-    });
-    ResponseFuture {
-        // Built in place: the inner future is most of this one.
-        inner: match &span {
-            Some(span) => span.in_scope(|| next(req)),
-            None => next(req),
-        },
-        pending,
-        span,
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        mark_sensitive(req.headers_mut(), &self.config.sensitive);
+        let pending = tracing::enabled!(target: TARGET, tracing::Level::INFO).then(|| Pending {
+            start: Instant::now(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            user_agent: req.headers().get(USER_AGENT).cloned(),
+            request_id: req.extensions().get::<RequestId>().cloned(),
+            client_ip: req.extensions().get::<ClientIp>().copied(),
+            principal: req.extensions().get::<Principal>().cloned(),
+            config: self.config.clone(),
+            done: false,
+        });
+        let span = self.config.span.then(|| {
+            let id = req.extensions().get::<RequestId>();
+            let id = id.map(|id| clean(self.config.redactor.redact(id.as_str()), MAX_REQUEST_ID));
+            tracing::info_span!(target: TARGET, "request", request_id = id.as_deref())
+        });
+        ResponseFuture {
+            inner: match &span {
+                Some(span) => span.in_scope(|| self.inner.call(req)),
+                None => self.inner.call(req),
+            },
+            pending,
+            span,
+        }
     }
 }
 

@@ -126,7 +126,7 @@ use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
 /// ```
 #[derive(Clone)]
 pub struct AuthThrottleLayer {
-    pub(crate) shared: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 /// The settings, kept to rebuild the state when one changes.

@@ -590,7 +590,7 @@ impl FieldBuf {
 /// Clones share the limits: build once, clone into every connection.
 #[derive(Clone, Debug)]
 pub struct RateLimitLayer {
-    pub(crate) shared: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 impl RateLimitLayer {
