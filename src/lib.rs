@@ -16,7 +16,7 @@
 //! | [`AuthenticateLayer`](authenticate::AuthenticateLayer) | [`authenticate`], [`api_key`] | verify the request's API key and insert its [`Principal`], else 401 (400 for a malformed credential) |
 //! | [`RequireScopeLayer`](scope::RequireScopeLayer) | [`scope`] | per route: 403 `insufficient_scope` unless the [`Principal`] holds the scopes |
 //! | `TokenVerifier` / `BearerTokenLayer` (feature `jwt`) | `jwt` | verify service tokens (JWT) into a [`Principal`]; mint and attach them on outgoing requests |
-//! | [`AuthThrottleLayer`](rate_limit::AuthThrottleLayer) | [`rate_limit`] | 429 for a client address after too many failed authentications, before any credential is checked |
+//! | [`AuthThrottleLayer`](auth_throttle::AuthThrottleLayer) | [`auth_throttle`] | 429 for a client address after too many failed authentications, before any credential is checked |
 //! | [`RateLimitLayer`](rate_limit::RateLimitLayer) | [`rate_limit`] | per-principal (else per-address) quotas: 429 with `Retry-After` and the IETF `RateLimit` fields; in memory or shared through Redis |
 //! | [`StackLayer`](stack::StackLayer) | [`stack`] | all of the above in this order as one layer, from code or `PORTCULLIS_*` environment variables; refuses to build without credentials |
 //!
@@ -80,6 +80,7 @@
 //! - `cli`: the `portcullis` command (`keygen`, `hash`, `check`) for key files.
 //! - `jwt`: service tokens (`jwt`): verifier, issuer and client-side layer.
 //! - `rate-limit` (default): [`rate_limit`].
+//! - `auth-throttle` (default): [`auth_throttle`], failed-authentication throttling per client address.
 //! - `redis`: share rate limits between instances through Redis; `redis-tls` adds `rediss://`.
 //! - `request-id` (default): [`request_id`].
 //! - `access-log` (default): [`access_log`].
@@ -128,6 +129,9 @@ pub mod api_key;
 pub mod jwt;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
+
+#[cfg(feature = "auth-throttle")]
+pub mod auth_throttle;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

@@ -199,6 +199,7 @@ impl<const N: usize> Slots<N> {
         decide_atomics(gcras, &slots, now)
     }
 
+    #[cfg(feature = "auth-throttle")]
     /// What [`check`](Self::check) would decide, without counting: the key's own
     /// state if tracked, else the overflow state at the cap, else a fresh key's
     /// (allowed).
@@ -247,6 +248,7 @@ impl<const N: usize> Slots<N> {
     }
 }
 
+#[cfg(feature = "auth-throttle")]
 /// The longest wait of any policy that would refuse the next request, if one would.
 fn would_deny(gcras: &[Gcra], tats: impl Iterator<Item = u64>, now: u64) -> Option<u64> {
     gcras
@@ -390,6 +392,7 @@ impl LocalStore {
         }
     }
 
+    #[cfg(feature = "auth-throttle")]
     /// Whether any key may be tracked (see `Slots::tracked`): while not, every
     /// [`peek`](Self::peek) answers `None`, and its key need not be computed.
     #[inline]
@@ -402,6 +405,7 @@ impl LocalStore {
         tracked.load(Ordering::Acquire) != 0
     }
 
+    #[cfg(feature = "auth-throttle")]
     /// Reads the decisions without counting: would [`check`](Self::check) refuse the
     /// next request for `key` now, and after how long (ns) would it be allowed? A
     /// tracked key answers from its own state; an untracked key at the cap from the

@@ -65,9 +65,8 @@
 //! # Ok::<(), portcullis::ConfigError>(())
 //! ```
 
-pub(crate) mod auth_throttle;
-mod key;
-mod local;
+pub(crate) mod key;
+pub(crate) mod local;
 mod policy;
 pub(crate) mod quota;
 #[cfg(feature = "redis")]
@@ -87,7 +86,6 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use auth_throttle::{AuthThrottle, AuthThrottleLayer};
 pub use key::KeyContext;
 pub use policy::Policy;
 pub use quota::Quota;

@@ -288,6 +288,7 @@ impl Gcra {
         }
     }
 
+    #[cfg(feature = "auth-throttle")]
     /// Whether the next request at `now` would be refused (no state change).
     pub(crate) fn would_deny(&self, tat: u64, now: u64) -> Option<u64> {
         match self.test(tat, now) {

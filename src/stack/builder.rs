@@ -8,11 +8,12 @@ use super::{DEFAULT_QUOTA, StackLayer};
 use crate::access_log::AccessLogLayer;
 use crate::allowlist::IpAllowlistLayer;
 use crate::api_key::ApiKeys;
+use crate::auth_throttle::AuthThrottleLayer;
 use crate::authenticate::AuthenticateLayer;
 use crate::client_ip::{ClientIpConfig, ClientIpLayer, ForwardedHeader};
 #[cfg(feature = "jwt")]
 use crate::jwt::TokenVerifier;
-use crate::rate_limit::{AuthThrottleLayer, Policy, Quota, RateLimitLayer};
+use crate::rate_limit::{Policy, Quota, RateLimitLayer};
 use crate::request_id::RequestIdLayer;
 use crate::{ConfigError, IpSet, Scopes};
 

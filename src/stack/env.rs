@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::StackBuilder;
 use crate::api_key::{ApiKeys, KeyStore};
+use crate::auth_throttle::AuthThrottleLayer;
 use crate::client_ip::{ClientIpConfig, ForwardedHeader};
-use crate::rate_limit::AuthThrottleLayer;
 use crate::rate_limit::Quota;
 use crate::rate_limit::quota::{parse_list, parse_number};
 use crate::{ConfigError, IpSet, Scopes};

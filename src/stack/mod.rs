@@ -139,11 +139,12 @@ use tower_service::Service;
 
 use crate::access_log::{AccessLog, AccessLogLayer};
 use crate::allowlist::{IpAllowlist, IpAllowlistLayer};
+use crate::auth_throttle::{AuthThrottle, AuthThrottleLayer};
 use crate::authenticate::{Authenticate, AuthenticateLayer};
 #[cfg(doc)]
 use crate::client_ip::PeerAddrLayer;
 use crate::client_ip::{ClientIpLayer, ClientIpService};
-use crate::rate_limit::{AuthThrottle, AuthThrottleLayer, RateLimit, RateLimitLayer};
+use crate::rate_limit::{RateLimit, RateLimitLayer};
 use crate::request_id::{RequestIdLayer, SetRequestId};
 
 mod builder;

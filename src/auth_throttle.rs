@@ -14,9 +14,10 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::key::{KeySource, LocalKey, mask};
-use super::local::LocalStore;
-use super::quota::{Gcra, Quota};
+use crate::rate_limit::Quota;
+use crate::rate_limit::key::{KeySource, LocalKey, mask};
+use crate::rate_limit::local::LocalStore;
+use crate::rate_limit::quota::Gcra;
 use crate::rejection::{DenialReason, Rejection};
 use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
 
