@@ -11,7 +11,8 @@ use jsonwebtoken::{EncodingKey, Header};
 use serde::Serialize;
 
 use super::keys::{Algorithm, MIN_HMAC_SECRET_LEN};
-use super::verify::{DEFAULT_MAX_LIFETIME, crypto_self_test, unix_now};
+use super::time::unix_now;
+use super::verify::{DEFAULT_MAX_LIFETIME, crypto_self_test};
 use crate::{ConfigError, Scopes};
 
 /// Shortest lifetime a minted token can have: one minute.
