@@ -955,6 +955,28 @@ fn issuer_lifetime_bounds() {
     assert!(b().lifetime(Duration::from_secs(60)).build().is_ok());
     assert!(b().lifetime(Duration::from_secs(3600)).build().is_ok());
     assert!(b().lifetime(Duration::from_secs(3601)).build().is_err());
+    // Never beyond a day, the longest maximum a verifier accepts, whatever the
+    // issuer's own maximum: no `exp` arithmetic can overflow.
+    for lifetime in [86_401, u64::MAX] {
+        assert!(
+            b().max_lifetime(Duration::MAX)
+                .lifetime(Duration::from_secs(lifetime))
+                .build()
+                .is_err()
+        );
+    }
+    assert!(
+        b().max_lifetime(Duration::MAX)
+            .lifetime(Duration::from_secs(86_400))
+            .build()
+            .is_ok()
+    );
+    assert!(
+        b().max_lifetime(Duration::from_secs(7200))
+            .lifetime(Duration::from_secs(3601))
+            .build()
+            .is_ok()
+    );
     assert!(b().scope("bad scope\"").build().is_err());
     assert!(
         TokenIssuer::builder(SigningKey::hs256(&SECRET).unwrap())
