@@ -69,13 +69,6 @@ pub use verify::{
     TokenVerifier, TokenVerifierBuilder, VerifiedToken,
 };
 
-/// The verifier's clock, for the fuzz target's token construction.
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub fn unix_now_for_fuzzing() -> i64 {
-    time::unix_now()
-}
-
 /// Why a service token was refused: a class for the audit log, never the token or
 /// which value failed. Every class gets the same response on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
