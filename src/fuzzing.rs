@@ -99,7 +99,8 @@ pub fn is_allowed_result(
 }
 
 /// `jwt_verify` target: the pre-parse and the whole verification path with fixed
-/// keys. The first byte selects the mode:
+/// keys and a fixed clock (1750000000, i.e. 2025-06-15T15:06:40Z; leeway 30 s,
+/// maximum lifetime 3600 s). The first byte selects the mode:
 ///
 /// - `0`: the rest is a token, verified as is (and pre-parsed alone);
 /// - `1`: the rest is a claims set, signed with the fixed HS256 key and verified, so
@@ -108,8 +109,10 @@ pub fn is_allowed_result(
 /// - `3`: the rest goes to the claims parser and the pre-parser directly.
 ///
 /// Checks, besides "no panic": an accepted token's principal is its `sub` and its
-/// claims pass the rules independently; a second verification (served by the cache)
-/// gives the same answer as the first.
+/// claims pass the rules independently, computed without overflow; a second
+/// verification (served by the cache) gives the same answer as the first; an
+/// accepted token is still accepted (from the cache) in the last second before
+/// `exp + leeway` and refused from that second on.
 #[cfg(feature = "jwt")]
 pub fn jwt_verify(data: &[u8]) {
     use crate::jwt::{self, TokenVerifier, VerifyingKey};
@@ -118,6 +121,9 @@ pub fn jwt_verify(data: &[u8]) {
     use std::sync::OnceLock;
 
     const SECRET: [u8; 32] = *b"fuzzing-fixed-hs256-secret-32-by";
+    const NOW: i64 = 1_750_000_000;
+    const LEEWAY: i64 = 30;
+    const MAX_LIFETIME: i64 = 3600;
     static VERIFIER: OnceLock<TokenVerifier> = OnceLock::new();
     let verifier = VERIFIER.get_or_init(|| {
         TokenVerifier::builder()
@@ -131,6 +137,8 @@ pub fn jwt_verify(data: &[u8]) {
             .issuer("https://fuzz.example")
             .audience("fuzz-api")
             .cache_capacity(64)
+            .leeway(std::time::Duration::from_secs(LEEWAY.unsigned_abs()))
+            .max_lifetime(std::time::Duration::from_secs(MAX_LIFETIME.unsigned_abs()))
             .build()
             .expect("static configuration")
     });
@@ -155,10 +163,9 @@ pub fn jwt_verify(data: &[u8]) {
         0 => String::from_utf8_lossy(rest).into_owned(),
         1 => sign(br#"{"alg":"HS256","kid":"fuzz"}"#, rest),
         2 => {
-            let now = crate::jwt::unix_now_for_fuzzing();
             let claims = format!(
-                r#"{{"iss":"https://fuzz.example","sub":"svc","aud":"fuzz-api","iat":{now},"exp":{}}}"#,
-                now + 60
+                r#"{{"iss":"https://fuzz.example","sub":"svc","aud":"fuzz-api","iat":{NOW},"exp":{}}}"#,
+                NOW + 60
             );
             sign(rest, claims.as_bytes())
         }
@@ -168,13 +175,11 @@ pub fn jwt_verify(data: &[u8]) {
             return;
         }
     };
-    let first = verifier.verify_token(&token);
-    let second = verifier.verify_token(&token);
+    let first = verifier.verify_token_at(&token, NOW);
+    let second = verifier.verify_token_at(&token, NOW);
     match (&first, &second) {
         (Ok(a), Ok(b)) => assert_eq!(a.principal(), b.principal(), "cache changed the answer"),
         (Err(a), Err(b)) => assert_eq!(a, b, "a refused token changed its reason"),
-        // Expiry can fall between the two calls.
-        (Ok(_), Err(jwt::TokenRejection::Expired)) => {}
         _ => panic!("the second verification disagrees with the first"),
     }
     if let Ok(t) = first {
@@ -191,7 +196,34 @@ pub fn jwt_verify(data: &[u8]) {
         assert_eq!(claims.iss.as_deref(), Some("https://fuzz.example"));
         assert!(claims.aud.expect("aud").iter().any(|a| a == "fuzz-api"));
         let (exp, iat) = (claims.exp.expect("exp"), claims.iat.expect("iat"));
-        assert!(exp > iat && exp - iat <= 3600, "lifetime rule");
+        // The rules in i128, where no sum or difference of two i64 overflows.
+        let window = 0..=253_402_300_799_i128;
+        let (e, i, n, l) = (
+            i128::from(exp),
+            i128::from(iat),
+            i128::from(NOW),
+            i128::from(LEEWAY),
+        );
+        assert!(window.contains(&e) && window.contains(&i), "time window");
+        assert!(i < e && e - i <= i128::from(MAX_LIFETIME), "lifetime rule");
+        assert!(i <= n + l, "iat rule");
+        assert!(n < e + l, "exp rule");
+        if let Some(nbf) = claims.nbf {
+            assert!(window.contains(&i128::from(nbf)), "time window");
+            assert!(i128::from(nbf) <= n + l, "nbf rule");
+        }
+        // Verifier and cache agree on the boundary: accepted in the last second
+        // before exp + leeway, refused from it on.
+        let refused_from = exp + LEEWAY;
+        assert!(
+            verifier.verify_token_at(&token, refused_from - 1).is_ok(),
+            "accepted until exp + leeway"
+        );
+        assert_eq!(
+            verifier.verify_token_at(&token, refused_from).unwrap_err(),
+            jwt::TokenRejection::Expired,
+            "refused from exp + leeway on"
+        );
     }
 }
 /// `credentials` target: credential extraction and key-format parsing.

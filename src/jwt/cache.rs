@@ -1,4 +1,7 @@
-//! The verified-token cache: SHA-256 of the token -> the verified token, until `exp`.
+//! The verified-token cache: SHA-256 of the token -> the verified token, until the
+//! second from which the verifier refuses it (`exp` plus the leeway, see
+//! `VerifiedToken::refused_from`): an entry is served only while `now` is before
+//! that second, so the cache and the verifier agree on the boundary.
 //!
 //! Only tokens that passed every check are inserted, so an attacker cannot fill it
 //! with garbage; the bound still holds when many valid tokens arrive. 16 shards, each
@@ -43,7 +46,8 @@ impl Hasher for DigestHasher {
 }
 
 struct Entry {
-    exp: i64,
+    /// The first second at which the entry is not served.
+    refused_from: i64,
     token: Arc<VerifiedToken>,
 }
 
@@ -71,11 +75,11 @@ impl TokenCache {
         &self.shards[usize::from(d[31]) % SHARDS]
     }
 
-    /// The cached token, if present and `now < exp`.
+    /// The cached token, if present and `now` is before its `refused_from`.
     pub(crate) fn get(&self, d: &TokenDigest, now: i64) -> Option<Arc<VerifiedToken>> {
         let mut shard = self.shard(d).lock().unwrap_or_else(PoisonError::into_inner);
         match shard.get(d) {
-            Some(e) if now < e.exp => Some(e.token.clone()),
+            Some(e) if now < e.refused_from => Some(e.token.clone()),
             Some(_) => {
                 shard.remove(d);
                 None
@@ -85,8 +89,8 @@ impl TokenCache {
     }
 
     pub(crate) fn insert(&self, d: TokenDigest, now: i64, token: Arc<VerifiedToken>) {
-        let exp = token.expires_at_unix();
-        if now >= exp {
+        let refused_from = token.refused_from();
+        if now >= refused_from {
             return;
         }
         let mut shard = self
@@ -94,14 +98,20 @@ impl TokenCache {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if shard.len() >= self.per_shard && !shard.contains_key(&d) {
-            shard.retain(|_, e| now < e.exp);
+            shard.retain(|_, e| now < e.refused_from);
             if shard.len() >= self.per_shard
                 && let Some(victim) = shard.keys().next().copied()
             {
                 shard.remove(&victim);
             }
         }
-        shard.insert(d, Entry { exp, token });
+        shard.insert(
+            d,
+            Entry {
+                refused_from,
+                token,
+            },
+        );
     }
 
     pub(crate) fn len(&self) -> usize {

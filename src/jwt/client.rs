@@ -22,8 +22,21 @@ pub type BearerTokenError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Current {
     header: HeaderValue,
+    /// Read before minting, so no later than the clock reading the token's `iat`
+    /// was taken from.
     minted: Instant,
-    expires: Instant,
+    /// How long after `minted` the token is still surely valid: its lifetime less
+    /// one second, since `iat` is the minting time rounded down to the second and
+    /// the verifier refuses it from `exp` on.
+    valid_for: Duration,
+}
+
+impl Current {
+    /// Whether the token is younger than `age`; durations only, no instant
+    /// arithmetic that could overflow.
+    fn younger_than(&self, age: Duration) -> bool {
+        self.minted.elapsed() < age
+    }
 }
 
 struct Shared {
@@ -45,23 +58,24 @@ impl Shared {
         if let Some(h) = self.fresh() {
             return Ok(h);
         }
+        let minted = Instant::now();
         match self.issuer.mint() {
             Ok(t) => {
-                let now = Instant::now();
                 let header = t.bearer_header();
                 self.current.store(Some(Arc::new(Current {
                     header: header.clone(),
-                    minted: now,
-                    expires: now + self.issuer.lifetime(),
+                    minted,
+                    valid_for: self.valid_for(),
                 })));
                 tracing::debug!(jti = t.jti(), "minted a service token");
                 Ok(header)
             }
             Err(e) => {
-                // Keep sending the previous token while it is valid; the next
-                // request tries to mint again.
+                // Keep sending the previous token while it stays valid for 5 more
+                // seconds; the next request tries to mint again.
                 let still_valid = self.current.load().as_ref().and_then(|c| {
-                    (Instant::now() + Duration::from_secs(5) < c.expires).then(|| c.header.clone())
+                    c.younger_than(c.valid_for.saturating_sub(Duration::from_secs(5)))
+                        .then(|| c.header.clone())
                 });
                 tracing::warn!(error = %e, reusing = still_valid.is_some(), "could not mint a service token");
                 still_valid.ok_or(e)
@@ -72,7 +86,14 @@ impl Shared {
     fn fresh(&self) -> Option<HeaderValue> {
         let c = self.current.load();
         let c = c.as_ref()?;
-        (c.minted.elapsed() < self.refresh_after).then(|| c.header.clone())
+        c.younger_than(self.refresh_after.min(c.valid_for))
+            .then(|| c.header.clone())
+    }
+
+    fn valid_for(&self) -> Duration {
+        self.issuer
+            .lifetime()
+            .saturating_sub(Duration::from_secs(1))
     }
 }
 
@@ -111,7 +132,8 @@ pub struct BearerTokenLayer {
 impl BearerTokenLayer {
     /// Attaches tokens minted by `issuer`.
     pub fn new(issuer: TokenIssuer) -> Self {
-        let refresh_after = issuer.lifetime().mul_f64(0.8);
+        let lifetime = issuer.lifetime();
+        let refresh_after = lifetime.saturating_sub(lifetime / 5);
         Self {
             shared: Arc::new(Shared {
                 issuer,
@@ -123,7 +145,9 @@ impl BearerTokenLayer {
     }
 
     /// Re-mints once the token is older than `age` (default: 80% of the lifetime).
-    /// Must be above zero and below the token lifetime.
+    /// Must be above zero and below the token lifetime. Whatever `age`, a token is
+    /// not sent in the last second of its lifetime, from which `iat` rounding can put
+    /// it at or past its `exp`.
     pub fn refresh_after(self, age: Duration) -> Result<Self, ConfigError> {
         let issuer = self.shared.issuer.clone();
         if age.is_zero() || age >= issuer.lifetime() {

@@ -11,7 +11,8 @@ use jsonwebtoken::{EncodingKey, Header};
 use serde::Serialize;
 
 use super::keys::{Algorithm, MIN_HMAC_SECRET_LEN};
-use super::verify::{DEFAULT_MAX_LIFETIME, crypto_self_test, unix_now};
+use super::time::{LONGEST_LIFETIME, in_window, secs_i64, to_system_time, unix_now};
+use super::verify::{DEFAULT_MAX_LIFETIME, crypto_self_test};
 use crate::{ConfigError, Scopes};
 
 /// Shortest lifetime a minted token can have: one minute.
@@ -145,7 +146,8 @@ impl fmt::Debug for MintedToken {
     }
 }
 
-/// Minting failed: the random source or the signer failed. Carries no key material.
+/// Minting failed: the random source or the signer failed, or the clock reads a time
+/// whose token would expire after the year 9999. Carries no key material.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MintError(&'static str);
 
@@ -232,24 +234,28 @@ impl TokenIssuer {
         getrandom::fill(&mut id).map_err(|_| MintError("no randomness for the jti"))?;
         let jti = URL_SAFE_NO_PAD.encode(id);
         let iat = unix_now();
-        let secs = i64::try_from(i.lifetime.as_secs()).unwrap_or(i64::MAX);
+        // The lifetime is at most a day and `iat` inside the window, so this fits;
+        // it is checked all the same, and an `exp` no verifier accepts is not minted.
+        let exp = iat
+            .checked_add(secs_i64(i.lifetime))
+            .filter(|&exp| in_window(exp))
+            .ok_or(MintError("the clock is outside the supported range"))?;
         let claims = Claims {
             iss: &i.iss,
             sub: &i.sub,
             aud: &i.aud,
             scope: i.scope.as_deref(),
             iat,
-            exp: iat.saturating_add(secs),
+            exp,
             jti: &jti,
         };
         let token = jsonwebtoken::encode(&i.header, &claims, &i.key.key)
             .map_err(|_| MintError("signing failed"))?;
-        let issued_at = SystemTime::UNIX_EPOCH + Duration::from_secs(iat.unsigned_abs());
         Ok(MintedToken {
             token: token.into(),
             jti: jti.into(),
-            issued_at,
-            expires_at: issued_at + i.lifetime,
+            issued_at: to_system_time(iat),
+            expires_at: to_system_time(exp),
         })
     }
 }
@@ -287,7 +293,8 @@ impl TokenIssuerBuilder {
         self.scopes.push(scope.into());
         self
     }
-    /// Lifetime of each token (default 15 minutes; 1 minute ..= the maximum).
+    /// Lifetime of each token (default 15 minutes; 1 minute ..= the maximum, and at
+    /// most 24 hours, the longest maximum a verifier accepts).
     pub fn lifetime(mut self, d: Duration) -> Self {
         self.lifetime = d;
         self
@@ -310,9 +317,12 @@ impl TokenIssuerBuilder {
         let iss = required(self.iss, "issuer")?;
         let sub = required(self.sub, "subject")?;
         let aud = required(self.aud, "audience")?;
-        if self.lifetime < MIN_LIFETIME || self.lifetime > self.max_lifetime {
+        if self.lifetime < MIN_LIFETIME
+            || self.lifetime > self.max_lifetime
+            || self.lifetime > LONGEST_LIFETIME
+        {
             return Err(ConfigError::new(
-                "lifetime must be between 1 minute and the maximum lifetime",
+                "lifetime must be between 1 minute and the maximum lifetime, at most 24 hours",
             ));
         }
         let scopes = Scopes::from_iter_checked(&self.scopes)?;

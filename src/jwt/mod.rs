@@ -5,7 +5,7 @@
 //!   ([`AuthMethod::ServiceToken`](crate::AuthMethod::ServiceToken), id = `sub`,
 //!   scopes from `scope` or `scp`). Keys come from code ([`VerifyingKey`]), PEM and
 //!   JWK / JWKS files ([`KeyFile`], reloadable). A verified token is cached until its
-//!   `exp`.
+//!   `exp` plus the leeway, the second from which the verifier refuses it.
 //! - Sending side: [`TokenIssuer`] mints tokens, and [`BearerTokenLayer`] attaches
 //!   one to every outgoing request, re-minting before it expires.
 //!
@@ -49,6 +49,7 @@ mod keys;
 mod parse;
 #[cfg(test)]
 mod tests;
+mod time;
 mod verify;
 
 use std::fmt;
@@ -67,13 +68,6 @@ pub use verify::{
     DEFAULT_CACHE_CAPACITY, DEFAULT_LEEWAY, DEFAULT_MAX_LIFETIME, KeyFile, KeyFileWatcher,
     TokenVerifier, TokenVerifierBuilder, VerifiedToken,
 };
-
-/// The verifier's clock, for the fuzz target's token construction.
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub fn unix_now_for_fuzzing() -> i64 {
-    verify::unix_now()
-}
 
 /// Why a service token was refused: a class for the audit log, never the token or
 /// which value failed. Every class gets the same response on the wire.
@@ -98,14 +92,15 @@ pub enum TokenRejection {
     WrongType,
     /// One of `exp`, `iat`, `iss`, `sub`, `aud` is missing.
     MissingClaim,
-    /// A claim has the wrong type or form (a time as a string or a float, an invalid
-    /// scope token, `exp` not after `iat`, both `scope` and `scp`).
+    /// A claim has the wrong type or form (a time as a string or a float, a time
+    /// before 1970 or after the year 9999, an invalid scope token, `exp` not after
+    /// `iat`, both `scope` and `scp`).
     InvalidClaims,
     /// `iss` is not an accepted issuer, or not the one its key is bound to.
     WrongIssuer,
     /// `aud` does not contain our audience.
     WrongAudience,
-    /// Past `exp` plus the leeway.
+    /// At or past `exp` plus the leeway.
     Expired,
     /// Before `nbf` minus the leeway.
     NotYetValid,

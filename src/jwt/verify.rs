@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 
@@ -15,6 +15,9 @@ use super::TokenRejection;
 use super::cache::{TokenCache, digest};
 use super::keys::{Algorithm, KeySet, VerifyingKey, keys_from_jwks};
 use super::parse::{DEFAULT_MAX_TOKEN_LEN, decode_part, parse_claims, parse_compact};
+use super::time::{
+    LONGEST_LEEWAY, LONGEST_LIFETIME, check_times, secs_i64, to_system_time, unix_now,
+};
 use crate::{AuthMethod, ConfigError, Principal, Scopes};
 
 /// Default maximum token lifetime (`exp - iat`): one hour.
@@ -35,6 +38,7 @@ pub struct VerifiedToken {
     jti: Option<String>,
     issued_at: i64,
     expires_at: i64,
+    refused_from: i64,
 }
 
 impl VerifiedToken {
@@ -64,29 +68,16 @@ impl VerifiedToken {
     }
     /// `iat`.
     pub fn issued_at(&self) -> SystemTime {
-        unix_to_time(self.issued_at)
+        to_system_time(self.issued_at)
     }
     /// `exp`.
     pub fn expires_at(&self) -> SystemTime {
-        unix_to_time(self.expires_at)
+        to_system_time(self.expires_at)
     }
-    pub(crate) fn expires_at_unix(&self) -> i64 {
-        self.expires_at
-    }
-}
-
-fn unix_to_time(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
-}
-
-pub(crate) fn unix_now() -> i64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(_) => 0,
+    /// The first second (since the epoch) at which the verifier refuses the token:
+    /// `exp` plus the leeway. The cache serves the token only before it.
+    pub(crate) fn refused_from(&self) -> i64 {
+        self.refused_from
     }
 }
 
@@ -223,12 +214,16 @@ struct Inner {
 /// required; the signature; then the claims, parsed strictly (integers for times, no
 /// duplicate members): `exp`, `iat`, `iss`, `sub` and `aud` required, `iss` one of
 /// the issuers (and the key's own issuer when it is bound to one), `aud` containing
-/// the audience, not expired (leeway applies), `iat` not in the future beyond the
-/// leeway, `exp - iat` within the maximum lifetime, `nbf` honoured, the subject in the
-/// allowed list when one is set, and valid scope tokens in `scope` or `scp`.
+/// the audience, every time between 1970 and the end of the year 9999, `now` before
+/// `exp + leeway` (a token is refused from the second equal to `exp` plus the
+/// leeway), `iat` and `nbf` at most `now + leeway`, `iat` before `exp` and
+/// `exp - iat` within the maximum lifetime, the subject in the allowed list when one
+/// is set, and valid scope tokens in `scope` or `scp`. Arithmetic on times is
+/// checked: no claim value can wrap around a rule.
 ///
-/// A verified token is cached under the SHA-256 of its text until its `exp`, so a
-/// reused token costs one hash and one map lookup. The cache is bounded
+/// A verified token is cached under the SHA-256 of its text until `exp + leeway`,
+/// the second from which the checks above refuse it, so a reused token costs one
+/// hash and one map lookup. The cache is bounded
 /// ([`cache_capacity`](TokenVerifierBuilder::cache_capacity)) and is emptied whenever
 /// the key set changes. Cloning a verifier is cheap and shares keys and cache.
 ///
@@ -276,7 +271,18 @@ impl TokenVerifier {
 
     /// Like [`verify`](Self::verify), returning the verified claims as well.
     pub fn verify_token(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenRejection> {
-        let result = self.verify_inner(token);
+        self.verify_token_at(token, unix_now())
+    }
+
+    /// [`verify_token`](Self::verify_token) with the clock read by the caller: `now`
+    /// in seconds since the epoch. The one verification path; tests and the fuzz
+    /// target fix the clock through it.
+    pub(crate) fn verify_token_at(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Arc<VerifiedToken>, TokenRejection> {
+        let result = self.verify_inner(token, now);
         match &result {
             Ok((t, cached)) => tracing::info!(
                 target: crate::audit::TARGET,
@@ -297,13 +303,16 @@ impl TokenVerifier {
         result.map(|(t, _)| t)
     }
 
-    fn verify_inner(&self, token: &str) -> Result<(Arc<VerifiedToken>, bool), TokenRejection> {
+    fn verify_inner(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<(Arc<VerifiedToken>, bool), TokenRejection> {
         let policy = &self.inner.policy;
         if token.len() > policy.max_len {
             return Err(TokenRejection::TooLarge);
         }
         let state = self.inner.state.load();
-        let now = unix_now();
         let d = state.cache.as_ref().map(|_| digest(token));
         if let (Some(cache), Some(d)) = (&state.cache, &d)
             && let Some(t) = cache.get(d, now)
@@ -535,25 +544,14 @@ fn check(
     if !aud.iter().any(|a| *a == *policy.audience) {
         return Err(R::WrongAudience);
     }
-    let leeway = policy.leeway;
-    if now > exp.saturating_add(leeway) {
-        return Err(R::Expired);
-    }
-    if iat > now.saturating_add(leeway) {
-        return Err(R::IssuedInFuture);
-    }
-    if exp <= iat {
-        return Err(R::InvalidClaims);
-    }
-    if exp - iat > policy.max_lifetime {
-        return Err(R::LifetimeTooLong);
-    }
-    if claims
-        .nbf
-        .is_some_and(|nbf| now.saturating_add(leeway) < nbf)
-    {
-        return Err(R::NotYetValid);
-    }
+    let refused_from = check_times(
+        exp,
+        iat,
+        claims.nbf,
+        now,
+        policy.leeway,
+        policy.max_lifetime,
+    )?;
     if policy
         .subjects
         .as_ref()
@@ -573,6 +571,7 @@ fn check(
         jti: claims.jti,
         issued_at: iat,
         expires_at: exp,
+        refused_from,
     })
 }
 
@@ -694,14 +693,12 @@ impl TokenVerifierBuilder {
             Some(a) if !a.is_empty() => a,
             _ => return Err(ConfigError::new("the audience is required")),
         };
-        if self.max_lifetime < Duration::from_secs(1)
-            || self.max_lifetime > Duration::from_secs(86_400)
-        {
+        if self.max_lifetime < Duration::from_secs(1) || self.max_lifetime > LONGEST_LIFETIME {
             return Err(ConfigError::new(
                 "max_lifetime must be between 1 s and 24 h",
             ));
         }
-        if self.leeway > Duration::from_secs(300) {
+        if self.leeway > LONGEST_LEEWAY {
             return Err(ConfigError::new("leeway must be at most 5 minutes"));
         }
         if !(256..=64 * 1024).contains(&self.max_len) {
@@ -718,8 +715,8 @@ impl TokenVerifierBuilder {
         let policy = Policy {
             issuers: self.issuers.into_iter().map(Into::into).collect(),
             audience: audience.into(),
-            max_lifetime: i64::try_from(self.max_lifetime.as_secs()).unwrap_or(i64::MAX),
-            leeway: i64::try_from(self.leeway.as_secs()).unwrap_or(i64::MAX),
+            max_lifetime: secs_i64(self.max_lifetime),
+            leeway: secs_i64(self.leeway),
             subjects: self
                 .subjects
                 .map(|s| s.into_iter().map(Into::into).collect()),

@@ -248,6 +248,44 @@ async fn every_bad_input_is_the_same_401() {
             R::LifetimeTooLong,
         ),
         (
+            "exp plus the leeway is now",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("iat".into(), json!(n - 600));
+                c.insert("exp".into(), json!(n - 30));
+            })),
+            R::Expired,
+        ),
+        (
+            "exp - iat overflows i64",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("iat".into(), json!(i64::MIN));
+                c.insert("exp".into(), json!(i64::MAX));
+            })),
+            R::InvalidClaims,
+        ),
+        (
+            "iat before 1970, exp - iat overflows i64",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("iat".into(), json!(i64::MIN));
+                c.insert("exp".into(), json!(n + 600));
+            })),
+            R::InvalidClaims,
+        ),
+        (
+            "exp after the year 9999",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("exp".into(), json!(253_402_300_800_i64));
+            })),
+            R::InvalidClaims,
+        ),
+        (
+            "nbf before 1970",
+            hs_claims(&edit("bad-input", |c| {
+                c.insert("nbf".into(), json!(i64::MIN));
+            })),
+            R::InvalidClaims,
+        ),
+        (
             "iat in the future",
             hs_claims(&edit("bad-input", |c| {
                 c.insert("iat".into(), json!(n + 300));
@@ -589,6 +627,60 @@ async fn wait_for(mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("condition not met within 5 s");
+}
+
+/// Sleeps until the wall clock is 50 ms into second `s`.
+async fn sleep_until_second(s: i64) {
+    let target = UNIX_EPOCH + Duration::from_secs(s as u64) + Duration::from_millis(50);
+    if let Ok(d) = target.duration_since(SystemTime::now()) {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// RFC 7519 §4.1.4: a token is refused on or after `exp` plus the leeway, and a
+/// token the cache holds is refused from the same second.
+#[tokio::test]
+async fn tokens_are_refused_from_exp_plus_leeway_on() {
+    let capture = log_capture::capture();
+    let v = TokenVerifier::builder()
+        .key(VerifyingKey::hs256(&SECRET).unwrap().kid("hs-1"))
+        .issuer(ISS)
+        .audience(AUD)
+        .leeway(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let addr = serve(v.clone(), None).await;
+    let n = now();
+    let exp = n + 1;
+    let token = hs(
+        r#"{"alg":"HS256","kid":"hs-1"}"#,
+        &edit("exp-boundary", |c| {
+            c.insert("exp".into(), json!(exp));
+        }),
+    );
+    assert_eq!(with_token(addr, &token).await.status, 200);
+    assert_eq!(v.cached_tokens(), 1);
+    // In the second equal to `exp`, inside the leeway: served from the cache (checked
+    // only when the request did not straddle into the next second).
+    sleep_until_second(exp).await;
+    let r = with_token(addr, &token).await;
+    if now() == exp {
+        assert_eq!(r.status, 200, "{r:?}");
+        let cached = capture
+            .events_with("jti-exp-boundary")
+            .into_iter()
+            .filter(|e| e["fields"]["event"] == "service_token_accepted")
+            .filter(|e| e["fields"]["cached"] == true)
+            .count();
+        assert_eq!(cached, 1, "the second request was served from the cache");
+    }
+    // From `exp + leeway` on: refused, the cached entry included.
+    sleep_until_second(exp + 1).await;
+    let r = with_token(addr, &token).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.header("www-authenticate"), Some(CHALLENGE));
+    assert_eq!(v.cached_tokens(), 0);
+    assert_eq!(v.verify(&token).unwrap_err(), TokenRejection::Expired);
 }
 
 #[tokio::test]
