@@ -128,6 +128,8 @@ pub mod api_key;
 pub mod jwt;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
+#[cfg(any(feature = "api-key", feature = "jwt"))]
+pub mod reload;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
