@@ -675,6 +675,51 @@ mod tests {
         assert_eq!(current(&t), "three");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Whatever the writes (same size, one fixed modification time, renamed in or
+        /// rewritten in place) and however the polls fall between them, only content
+        /// that was written is ever in force, and the last one is once two polls
+        /// have read it.
+        #[test]
+        fn every_settled_change_is_applied(
+            steps in proptest::collection::vec((0u8..4, proptest::prelude::any::<bool>(), 0u8..3), 1..16)
+        ) {
+            let dir = TempDir::new("prop");
+            let path = dir.0.join("f");
+            let fixed = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+            let write = |text: &str, rename: bool| {
+                let target = if rename { dir.0.join("tmp") } else { path.clone() };
+                std::fs::write(&target, text).unwrap();
+                std::fs::File::options()
+                    .write(true)
+                    .open(&target)
+                    .unwrap()
+                    .set_modified(fixed)
+                    .unwrap();
+                if rename {
+                    std::fs::rename(&target, &path).unwrap();
+                }
+            };
+            write("content-0", false);
+            let t = text(&path);
+            let mut written = vec!["content-0".to_owned()];
+            for (c, rename, polls) in steps {
+                let content = format!("content-{c}");
+                write(&content, rename);
+                written.push(content);
+                for _ in 0..polls {
+                    poll(&t);
+                    proptest::prop_assert!(written.contains(&current(&t)));
+                }
+            }
+            poll(&t);
+            poll(&t);
+            proptest::prop_assert_eq!(&current(&t), written.last().unwrap());
+        }
+    }
+
     #[test]
     fn only_small_regular_files_are_read() {
         let dir = TempDir::new("read");

@@ -41,7 +41,7 @@
 //! invalid keeps the old store and is an audit event. What a reload guarantees (every
 //! change seen, only settled content applied, bounded non-blocking reads) and how to
 //! write the file safely (a temporary file in the same directory, renamed over the
-//! old one) is in [`reload`](crate::reload).
+//! old one) is in [`reload`].
 //!
 //! ```
 //! use std::time::SystemTime;
@@ -139,7 +139,7 @@ impl ApiKeys {
 
     /// Polls the key file every `interval` from a background thread and swaps in
     /// each settled change: a revoked key stops working about two intervals after
-    /// the file is written (see [`reload`](crate::reload) for the guarantees). The
+    /// the file is written (see [`reload`] for the guarantees). The
     /// returned handle keeps the thread running: reloading stops when it is dropped,
     /// or when the last clone of this `ApiKeys` is.
     ///

@@ -93,7 +93,7 @@ pub(crate) fn unix_now() -> i64 {
 /// [`TokenVerifier::watch_key_files`] runs or on [`TokenVerifier::reload`].
 ///
 /// The file must be a regular file (symlinks are followed) of at most 1 MiB
-/// ([`max_len`](Self::max_len)); see [`reload`](crate::reload) for how it is read
+/// ([`max_len`](Self::max_len)); see [`reload`] for how it is read
 /// and what a reload guarantees.
 ///
 /// ```
@@ -392,7 +392,7 @@ impl TokenVerifier {
     }
 
     /// Polls the key files every `interval` on a background thread and swaps in each
-    /// settled change (see [`reload`](crate::reload) for the guarantees). Reloading
+    /// settled change (see [`reload`] for the guarantees). Reloading
     /// stops when the returned handle is dropped, or when the last clone of this
     /// verifier is.
     ///
