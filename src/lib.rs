@@ -129,6 +129,8 @@ pub mod api_key;
 pub mod jwt;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
+#[cfg(any(feature = "api-key", feature = "jwt"))]
+pub mod reload;
 
 #[cfg(feature = "auth-throttle")]
 pub mod auth_throttle;

@@ -33,6 +33,7 @@ use portcullis::client_ip::{ClientIpConfig, ClientIpLayer};
 use portcullis::jwt::{SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
 use portcullis::rate_limit::redis::{FailurePolicy, RedisLimiter};
 use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};
+use portcullis::reload::ReloadHandle;
 use portcullis::request_id::RequestIdLayer;
 use portcullis::stack::StackLayer;
 use tower::ServiceBuilder;
@@ -123,6 +124,8 @@ pub struct GuardConfig {
     /// (default true, as the design asks). The throughput measurement turns them
     /// off to show what they cost.
     pub rate_limit_fields: bool,
+    /// Keeps the key file reloading for as long as the stacks live.
+    pub reloading: Option<ReloadHandle>,
 }
 
 impl GuardConfig {
@@ -144,6 +147,7 @@ impl GuardConfig {
             auth_failures: Quota::new(10, Duration::from_secs(300))?,
             redis: None,
             rate_limit_fields: true,
+            reloading: None,
         })
     }
 }
@@ -179,13 +183,17 @@ impl Guard {
         let rate = rate.build()?;
         let throttle = AuthThrottleLayer::new(c.auth_failures);
         let stack = || {
-            StackLayer::builder()
+            let b = StackLayer::builder()
                 .client_ip(c.client_ip.clone())
                 .api_keys(c.keys.clone())
                 .service_tokens(verifier.clone())
                 .realm(REALM)
                 .auth_throttle(throttle.clone())
-                .rate_limit(rate.clone())
+                .rate_limit(rate.clone());
+            match &c.reloading {
+                Some(handle) => b.keep_reloading(handle.clone()),
+                None => b,
+            }
         };
         Ok(Self {
             stack: stack().build()?,
@@ -294,6 +302,8 @@ pub enum Credentials {
     Configured {
         /// The key store from `PORTCULLIS_DEMO_KEY_FILE`.
         store: ApiKeys,
+        /// Keeps the key file reloading.
+        reloading: ReloadHandle,
         /// The secret from `PORTCULLIS_DEMO_TOKEN_KEY_FILE`.
         secret: TokenSecret,
     },
@@ -316,11 +326,14 @@ impl Credentials {
                     secret: TokenSecret::generate()?,
                 })
             }
-            (Some(keys), Some(token)) => Ok(Self::Configured {
-                store: ApiKeys::from_file(PathBuf::from(keys))?
-                    .reload_every(Duration::from_secs(5))?,
-                secret: TokenSecret::from_file(std::path::Path::new(&token))?,
-            }),
+            (Some(keys), Some(token)) => {
+                let store = ApiKeys::from_file(PathBuf::from(keys))?;
+                Ok(Self::Configured {
+                    reloading: store.watch_key_file(Duration::from_secs(5))?,
+                    store,
+                    secret: TokenSecret::from_file(std::path::Path::new(&token))?,
+                })
+            }
             _ => Err(BoxError::from(
                 "set both PORTCULLIS_DEMO_KEY_FILE and PORTCULLIS_DEMO_TOKEN_KEY_FILE, or neither",
             )),
@@ -330,9 +343,17 @@ impl Credentials {
     /// The key store and the token secret.
     pub fn parts(&self) -> (ApiKeys, TokenSecret) {
         match self {
-            Self::Ephemeral { store, secret, .. } | Self::Configured { store, secret } => {
+            Self::Ephemeral { store, secret, .. } | Self::Configured { store, secret, .. } => {
                 (store.clone(), secret.clone())
             }
+        }
+    }
+
+    /// The handle that keeps the key file reloading, for configured credentials.
+    pub fn reloading(&self) -> Option<ReloadHandle> {
+        match self {
+            Self::Ephemeral { .. } => None,
+            Self::Configured { reloading, .. } => Some(reloading.clone()),
         }
     }
 }

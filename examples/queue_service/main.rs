@@ -264,6 +264,7 @@ async fn start(
     let credentials = Credentials::from_env(get)?;
     let (keys, secret) = credentials.parts();
     let mut config = GuardConfig::new(keys, secret, internal)?;
+    config.reloading = credentials.reloading();
     config.redis = guard::redis_limiter(args.redis.as_deref())?;
     if let Some(redis) = &config.redis {
         redis

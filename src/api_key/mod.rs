@@ -33,11 +33,15 @@
 //!
 //! # Reloading
 //!
-//! [`ApiKeys`] is the handle the authentication layer holds. Built from a file, it can
-//! poll the file's modification time on an interval ([`ApiKeys::reload_every`]) and be
-//! reloaded on demand ([`ApiKeys::reload`]). A new file is parsed and validated in
-//! full, then swapped in atomically; requests in flight finish with the store they
-//! started with. A broken file keeps the old store and logs an error.
+//! [`ApiKeys`] is the handle the authentication layer holds. Built from a file
+//! ([`ApiKeys::from_file`]), it follows the file while the [`ReloadHandle`] of
+//! [`ApiKeys::watch_key_file`] lives, and reloads on demand ([`ApiKeys::reload`]). A
+//! new file is parsed and validated in full, then swapped in atomically; requests in
+//! flight finish with the store they started with. A file that cannot be read or is
+//! invalid keeps the old store and is an audit event. What a reload guarantees (every
+//! change seen, only settled content applied, bounded non-blocking reads) and how to
+//! write the file safely (a temporary file in the same directory, renamed over the
+//! old one) is in [`reload`].
 //!
 //! ```
 //! use std::time::SystemTime;
@@ -61,8 +65,8 @@ mod format;
 mod store;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -74,6 +78,7 @@ pub use format::{
 };
 pub use store::{KeyRecord, KeyRejection, KeyStore};
 
+use crate::reload::{self, FileSet, ReloadHandle};
 use crate::{ConfigError, Principal};
 
 /// A shared, reloadable key store: what [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer) verifies against.
@@ -87,27 +92,8 @@ pub struct ApiKeys {
 
 struct Shared {
     current: ArcSwap<KeyStore>,
-    file: Option<FileSource>,
-}
-
-struct FileSource {
-    path: PathBuf,
-    /// Modification time and length of the file last attempted, loaded or not.
-    last: Mutex<Option<Stamp>>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        modified: meta.modified().ok(),
-        len: meta.len(),
-    })
+    /// The key file, for stores loaded from one.
+    file: Option<FileSet>,
 }
 
 impl ApiKeys {
@@ -121,63 +107,54 @@ impl ApiKeys {
         }
     }
 
-    /// Loads a TOML key file. A missing, unreadable, invalid or empty file is an
-    /// error. Call [`ApiKeys::reload_every`] to pick up changes.
+    /// Loads a TOML key file of at most 1 MiB. A missing, unreadable, oversized,
+    /// invalid or empty file, or a path that is not a regular file (a FIFO, a device,
+    /// a directory), is an error. Call [`ApiKeys::watch_key_file`] to follow changes.
     pub fn from_file(path: impl Into<PathBuf>) -> Result<Self, ConfigError> {
+        Self::from_file_with_max_len(path, reload::DEFAULT_MAX_FILE_LEN)
+    }
+
+    /// [`from_file`](Self::from_file) with another limit on the file's size, in bytes,
+    /// which applies to every reload too (a digest entry takes about 100 bytes).
+    pub fn from_file_with_max_len(
+        path: impl Into<PathBuf>,
+        max_len: usize,
+    ) -> Result<Self, ConfigError> {
+        if max_len == 0 {
+            return Err(ConfigError::new("the key file size limit must be positive"));
+        }
         let path = path.into();
-        let before = stamp(&path);
-        let store = KeyStore::from_file(&path)?;
+        let file = FileSet::new(vec![(path.clone(), max_len)])
+            .ok_or_else(|| ConfigError::new("no key file"))?;
+        let snapshot = file.read_all()?;
+        let store = KeyStore::from_file_bytes(&path, snapshot.bytes()[0])?;
+        file.loaded(&snapshot);
         Ok(Self {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(store),
-                file: Some(FileSource {
-                    path,
-                    last: Mutex::new(before),
-                }),
+                file: Some(file),
             }),
         })
     }
 
-    /// Polls the key file every `interval` from a background thread and reloads it
-    /// when its modification time or length changed. A revoked key stops working
-    /// within one interval (plus the time to parse the file).
+    /// Polls the key file every `interval` from a background thread and swaps in
+    /// each settled change: a revoked key stops working about two intervals after
+    /// the file is written (see [`reload`] for the guarantees). The
+    /// returned handle keeps the thread running: reloading stops when it is dropped,
+    /// or when the last clone of this `ApiKeys` is.
     ///
-    /// The thread holds only a weak reference and ends within one interval after the
-    /// last clone of this handle is dropped. Replace the file atomically (write a
-    /// temporary file, then rename it over the old one) so a half-written file is
-    /// never read; if one is, it fails validation and the old store stays.
-    ///
-    /// Errors: the handle was not built from a file, or `interval` is zero.
-    pub fn reload_every(self, interval: Duration) -> Result<Self, ConfigError> {
-        if self.shared.file.is_none() {
-            return Err(ConfigError::new(
-                "reload_every needs a key store loaded from a file (ApiKeys::from_file)",
-            ));
-        }
-        if interval.is_zero() {
-            return Err(ConfigError::new(
-                "the key file reload interval must be positive",
-            ));
-        }
-        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
-        std::thread::Builder::new()
-            .name("portcullis-key-reload".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(interval);
-                    let Some(shared) = weak.upgrade() else { break };
-                    let _ = shared.reload(false);
-                }
-            })
-            .map_err(|e| ConfigError::new(format!("cannot start the key reload thread: {e}")))?;
-        Ok(self)
+    /// Errors: the store was not loaded from a file, `interval` is zero, or the
+    /// thread cannot be started.
+    pub fn watch_key_file(&self, interval: Duration) -> Result<ReloadHandle, ConfigError> {
+        reload::watch(&self.shared, interval)
     }
 
-    /// Re-reads the key file now, whether or not it changed, and swaps it in if it is
-    /// valid. On error the old store stays and the error (with the file position) is
-    /// returned and logged. For a fixed store this does nothing and returns `Ok`.
+    /// Re-reads the key file now and swaps it in if it is valid, without waiting for
+    /// it to settle (call it once the file is complete). On error the old store stays
+    /// and the error (with the file position) is returned and audited. For a fixed
+    /// store this does nothing and returns `Ok`.
     pub fn reload(&self) -> Result<(), ConfigError> {
-        self.shared.reload(true)
+        reload::reload_now(&*self.shared)
     }
 
     /// The current store.
@@ -191,41 +168,25 @@ impl ApiKeys {
     }
 }
 
-impl Shared {
-    fn reload(&self, force: bool) -> Result<(), ConfigError> {
-        let Some(file) = &self.file else {
-            return Ok(());
+impl reload::Source for Shared {
+    const NAME: &'static str = "api_keys";
+    type Parsed = KeyStore;
+
+    fn files(&self) -> Option<&FileSet> {
+        self.file.as_ref()
+    }
+
+    fn parse(&self, contents: &[&[u8]]) -> Result<KeyStore, ConfigError> {
+        let (Some(file), [bytes]) = (&self.file, contents) else {
+            return Err(ConfigError::new("the key store has no key file"));
         };
-        // Held for the whole reload: two reloads never race to swap in an older file.
-        let mut last = file.last.lock().unwrap_or_else(|p| p.into_inner());
-        let now = stamp(&file.path);
-        if !force && now == *last {
-            return Ok(());
-        }
-        // Remember the attempt, so a broken file is reported once, not every tick.
-        *last = now;
-        match KeyStore::from_file(&file.path) {
-            Ok(store) => {
-                let keys = store.len();
-                self.current.store(Arc::new(store));
-                tracing::info!(
-                    target: crate::audit::TARGET,
-                    event = "key_store_reloaded",
-                    path = %file.path.display(),
-                    keys,
-                );
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(
-                    target: crate::audit::TARGET,
-                    event = "key_store_reload_failed",
-                    error = %e,
-                    "key file rejected; the previous keys stay in force"
-                );
-                Err(e)
-            }
-        }
+        KeyStore::from_file_bytes(file.path(0), bytes)
+    }
+
+    fn swap(&self, store: KeyStore) -> Result<usize, ConfigError> {
+        let keys = store.len();
+        self.current.store(Arc::new(store));
+        Ok(keys)
     }
 }
 
@@ -234,7 +195,7 @@ impl fmt::Debug for ApiKeys {
         let mut d = f.debug_struct("ApiKeys");
         d.field("keys", &self.shared.current.load().len());
         if let Some(file) = &self.shared.file {
-            d.field("file", &file.path);
+            d.field("file", &file.path(0));
         }
         d.finish()
     }
@@ -282,15 +243,17 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(keys.reload().is_err(), "a missing file keeps the old store");
         assert!(keys.verify(b.expose_secret()).is_ok());
+        assert!(keys.watch_key_file(Duration::ZERO).is_err());
+        assert!(ApiKeys::from_file_with_max_len(&path, 0).is_err());
     }
 
     #[test]
-    fn reload_every_needs_a_file_and_an_interval() {
+    fn watching_needs_a_file_and_an_interval() {
         let k = generate_key("pc_test").unwrap();
         let keys = ApiKeys::new(
             KeyStore::from_records([KeyRecord::new("k", k.digest()).unwrap()]).unwrap(),
         );
-        assert!(keys.clone().reload_every(Duration::from_secs(1)).is_err());
+        assert!(keys.watch_key_file(Duration::from_secs(1)).is_err());
         assert!(keys.reload().is_ok());
         assert!(!format!("{keys:?}").contains(k.expose_secret()));
     }

@@ -355,14 +355,20 @@ impl KeyStore {
         file::parse_key_file(text)
     }
 
-    /// Reads and parses a TOML key file.
+    /// Reads and parses a TOML key file: a regular file of at most 1 MiB, read
+    /// without blocking (see [`reload`](crate::reload)).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(format!("key file {}: cannot read: {e}", path.display()))
-        })?;
-        file::parse_key_file(&text)
-            .map_err(|e| ConfigError::new(format!("key file {}: {e}", path.display())))
+        let content = crate::reload::read_file(path, crate::reload::DEFAULT_MAX_FILE_LEN)?;
+        Self::from_file_bytes(path, content.bytes())
+    }
+
+    /// Parses the bytes read from the key file at `path`; errors name the path.
+    pub(crate) fn from_file_bytes(path: &Path, bytes: &[u8]) -> Result<Self, ConfigError> {
+        let named =
+            |e: &dyn fmt::Display| ConfigError::new(format!("key file {}: {e}", path.display()));
+        let text = std::str::from_utf8(bytes).map_err(|_| named(&"not UTF-8"))?;
+        file::parse_key_file(text).map_err(|e| named(&e))
     }
 
     /// Reads a comma-separated list of raw keys from the environment variable `var`.

@@ -15,6 +15,9 @@ use super::TokenRejection;
 use super::parse::decode_part;
 use crate::ConfigError;
 
+/// JWK members that hold private key material (RFC 7518 §6.2.2, §6.3.2).
+const PRIVATE_MEMBERS: [&str; 7] = ["d", "p", "q", "dp", "dq", "qi", "oth"];
+
 /// Shortest HMAC secret accepted: 32 bytes, the output size of SHA-256 (RFC 7518 §3.2).
 pub const MIN_HMAC_SECRET_LEN: usize = 32;
 
@@ -200,7 +203,8 @@ impl VerifyingKey {
     /// One JWK (RFC 7517) as JSON. The key must name or imply exactly one algorithm
     /// (`alg`, or the curve of an `EC`/`OKP` key), its `use`, if present, must be
     /// `sig`, and its `key_ops`, if present, must include `verify`. A JWK carrying
-    /// private members (`d`) is refused: verification needs the public half only.
+    /// any private member (`d`, `p`, `q`, `dp`, `dq`, `qi`, `oth`, or `k` in a key
+    /// that is not `oct`) is refused: verification needs the public half only.
     /// Its `kid`, if any, becomes the key's.
     pub fn from_jwk(json: &str) -> Result<Self, ConfigError> {
         let value: Value = serde_json::from_str(json)
@@ -211,9 +215,14 @@ impl VerifyingKey {
     fn from_jwk_value(value: Value, position: usize) -> Result<Self, ConfigError> {
         let err = |what: &str| ConfigError::new(format!("JWK {position}: {what}"));
         let obj = value.as_object().ok_or_else(|| err("not a JSON object"))?;
-        if obj.contains_key("d") {
+        if let Some(member) = PRIVATE_MEMBERS.iter().find(|m| obj.contains_key(**m)) {
+            return Err(err(&format!(
+                "contains private key material (`{member}`); publish only the public key"
+            )));
+        }
+        if obj.contains_key("k") && obj.get("kty").and_then(Value::as_str) != Some("oct") {
             return Err(err(
-                "contains private key material (`d`); publish only the public key",
+                "contains a symmetric secret (`k`) in a key that is not `oct`",
             ));
         }
         let jwk: Jwk =

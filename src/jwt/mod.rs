@@ -4,8 +4,14 @@
 //!   returns the caller's [`Principal`](crate::Principal)
 //!   ([`AuthMethod::ServiceToken`](crate::AuthMethod::ServiceToken), id = `sub`,
 //!   scopes from `scope` or `scp`). Keys come from code ([`VerifyingKey`]), PEM and
-//!   JWK / JWKS files ([`KeyFile`], reloadable). A verified token is cached until its
-//!   `exp` plus the leeway, the second from which the verifier refuses it.
+//!   JWK / JWKS files ([`KeyFile`], reloaded while the
+//!   [`ReloadHandle`](crate::reload::ReloadHandle) of
+//!   [`TokenVerifier::watch_key_files`] lives; see [`reload`](crate::reload)). A key
+//!   id keeps its algorithm for the life of the verifier, and `oct` (HMAC) keys are
+//!   read from files only after
+//!   [`allow_symmetric_keys_from_files`](TokenVerifierBuilder::allow_symmetric_keys_from_files).
+//!   A verified token is cached until its `exp` plus the leeway, the second from
+//!   which the verifier refuses it.
 //! - Sending side: [`TokenIssuer`] mints tokens, and [`BearerTokenLayer`] attaches
 //!   one to every outgoing request, re-minting before it expires.
 //!
@@ -35,9 +41,9 @@
 //!     .allowed_subjects(["scheduler", "coordinator"])
 //!     .max_lifetime(Duration::from_secs(15 * 60))
 //!     .build()?;
-//! // Reload the JWKS when it changes; a broken file keeps the keys in force.
-//! let watcher = verifier.watch_key_files(Duration::from_secs(5))?;
-//! # drop(watcher);
+//! // Follow the JWKS while `reloading` lives; a broken file keeps the keys in force.
+//! let reloading = verifier.watch_key_files(Duration::from_secs(5))?;
+//! # drop(reloading);
 //! # Ok(())
 //! # }
 //! ```
@@ -65,8 +71,8 @@ pub use parse::{
     parse_compact,
 };
 pub use verify::{
-    DEFAULT_CACHE_CAPACITY, DEFAULT_LEEWAY, DEFAULT_MAX_LIFETIME, KeyFile, KeyFileWatcher,
-    TokenVerifier, TokenVerifierBuilder, VerifiedToken,
+    DEFAULT_CACHE_CAPACITY, DEFAULT_LEEWAY, DEFAULT_MAX_LIFETIME, KeyFile, TokenVerifier,
+    TokenVerifierBuilder, VerifiedToken,
 };
 
 /// Why a service token was refused: a class for the audit log, never the token or

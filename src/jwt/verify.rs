@@ -1,12 +1,10 @@
 //! `TokenVerifier`: the whole verification path, key sources and their reload.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -18,6 +16,7 @@ use super::parse::{DEFAULT_MAX_TOKEN_LEN, decode_part, parse_claims, parse_compa
 use super::time::{
     LONGEST_LEEWAY, LONGEST_LIFETIME, check_times, secs_i64, to_system_time, unix_now,
 };
+use crate::reload::{self, FileSet, ReloadHandle};
 use crate::{AuthMethod, ConfigError, Principal, Scopes};
 
 /// Default maximum token lifetime (`exp - iat`): one hour.
@@ -81,7 +80,12 @@ impl VerifiedToken {
     }
 }
 
-/// A key file the verifier loads at build time and again on [`TokenVerifier::reload`].
+/// A key file the verifier loads at build time, and again when it changes while
+/// [`TokenVerifier::watch_key_files`] runs or on [`TokenVerifier::reload`].
+///
+/// The file must be a regular file (symlinks are followed) of at most 1 MiB
+/// ([`max_len`](Self::max_len)); see [`reload`] for how it is read
+/// and what a reload guarantees.
 ///
 /// ```
 /// use portcullis::jwt::{Algorithm, KeyFile};
@@ -95,6 +99,7 @@ pub struct KeyFile {
     kind: KeyFileKind,
     kid: Option<Arc<str>>,
     issuer: Option<Arc<str>>,
+    max_len: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -111,17 +116,20 @@ impl KeyFile {
             kind: KeyFileKind::Pem(alg),
             kid: None,
             issuer: None,
+            max_len: reload::DEFAULT_MAX_FILE_LEN,
         }
     }
 
     /// A JWK Set or a single JWK (see [`KeySet::from_jwks`]); each key keeps its own
-    /// `kid`.
+    /// `kid`. An `oct` (HMAC) key is refused unless the verifier is built with
+    /// [`allow_symmetric_keys_from_files`](TokenVerifierBuilder::allow_symmetric_keys_from_files).
     pub fn jwks(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             kind: KeyFileKind::Jwks,
             kid: None,
             issuer: None,
+            max_len: reload::DEFAULT_MAX_FILE_LEN,
         }
     }
 
@@ -137,39 +145,46 @@ impl KeyFile {
         self
     }
 
+    /// The largest file accepted, in bytes (default 1 MiB), at start-up and on every
+    /// reload. Must be positive.
+    pub fn max_len(mut self, bytes: usize) -> Self {
+        self.max_len = bytes;
+        self
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn load(&self) -> Result<Vec<VerifyingKey>, ConfigError> {
+    /// The keys in `bytes`, read from this file.
+    fn parse(&self, bytes: &[u8], symmetric: bool) -> Result<Vec<VerifyingKey>, ConfigError> {
         let named =
             |e: ConfigError| ConfigError::new(format!("key file {}: {e}", self.path.display()));
-        let bytes = std::fs::read(&self.path)
-            .map_err(|e| ConfigError::new(format!("key file {}: {e}", self.path.display())))?;
         let mut keys = match self.kind {
             KeyFileKind::Pem(alg) => {
-                let mut k = VerifyingKey::from_pem(alg, &bytes).map_err(named)?;
+                let mut k = VerifyingKey::from_pem(alg, bytes).map_err(named)?;
                 k.kid = self.kid.clone();
                 vec![k]
             }
             KeyFileKind::Jwks => {
-                let text = std::str::from_utf8(&bytes)
-                    .map_err(|_| named(ConfigError::new("not UTF-8")))?;
+                let text =
+                    std::str::from_utf8(bytes).map_err(|_| named(ConfigError::new("not UTF-8")))?;
                 keys_from_jwks(text).map_err(named)?
             }
         };
+        if !symmetric && let Some(i) = keys.iter().position(|k| k.alg == Algorithm::HS256) {
+            return Err(named(ConfigError::new(format!(
+                "JWK {}: an `oct` (HMAC) key from a file needs allow_symmetric_keys_from_files() on the verifier builder",
+                i + 1
+            ))));
+        }
         if let Some(iss) = &self.issuer {
             for k in &mut keys {
                 k.issuer = Some(iss.clone());
             }
         }
         Ok(keys)
-    }
-
-    fn fingerprint(&self) -> Option<(SystemTime, u64)> {
-        let m = std::fs::metadata(&self.path).ok()?;
-        Some((m.modified().ok()?, m.len()))
     }
 }
 
@@ -192,16 +207,29 @@ struct State {
     cache: Option<TokenCache>,
 }
 
+/// Where the keys in force came from.
 struct Sources {
     in_code: Vec<VerifyingKey>,
+    /// The keys of each key file as last applied, in file order.
+    from_files: Vec<Vec<VerifyingKey>>,
+    /// The algorithm of every key id ever in force: a `kid` never changes algorithm
+    /// (nor key type) for the life of the verifier, so a token cannot be checked with
+    /// a former key's material under another algorithm.
+    pinned: HashMap<Option<Arc<str>>, Algorithm>,
+}
+
+/// The key files and how they are read.
+struct KeyFiles {
     files: Vec<KeyFile>,
-    fingerprints: Vec<Option<(SystemTime, u64)>>,
+    watched: Option<FileSet>,
+    symmetric: bool,
 }
 
 struct Inner {
     policy: Policy,
     state: ArcSwap<State>,
     sources: Mutex<Sources>,
+    key_files: KeyFiles,
     generation: AtomicU64,
 }
 
@@ -326,37 +354,18 @@ impl TokenVerifier {
         Ok((verified, false))
     }
 
-    /// Re-reads every key file and, when all load, swaps in the new key set and
-    /// empties the cache. When any file fails to load, the keys in force stay, an
-    /// audit event records the failure, and the error is returned.
+    /// Re-reads every key file now and, when all load and pass the key rules, swaps
+    /// in the new key set and empties the cache, without waiting for the files to
+    /// settle (call it once they are complete). When any file fails, the keys in
+    /// force stay, an audit event records the failure, and the error is returned.
+    /// Without key files this does nothing.
     pub fn reload(&self) -> Result<(), ConfigError> {
-        let mut sources = self
-            .inner
-            .sources
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.rebuild(&mut sources)
+        reload::reload_now(&*self.inner)
     }
 
-    /// [`reload`](Self::reload) when a key file's modification time or size changed
-    /// since the last load. Returns whether it reloaded.
-    pub fn reload_if_changed(&self) -> Result<bool, ConfigError> {
-        let mut sources = self
-            .inner
-            .sources
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let now: Vec<_> = sources.files.iter().map(KeyFile::fingerprint).collect();
-        if now == sources.fingerprints {
-            return Ok(false);
-        }
-        let result = self.rebuild(&mut sources);
-        // A broken file is not retried until it changes again.
-        sources.fingerprints = now;
-        result.map(|()| true)
-    }
-
-    /// Replaces the keys given in code (key files stay) and empties the cache.
+    /// Replaces the keys given in code (key files stay) and empties the cache. As on
+    /// every change of the key set, a `kid` that was ever in force must keep its
+    /// algorithm.
     pub fn replace_keys(
         &self,
         keys: impl IntoIterator<Item = VerifyingKey>,
@@ -366,37 +375,23 @@ impl TokenVerifier {
             .sources
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let old = std::mem::replace(&mut sources.in_code, keys.into_iter().collect());
-        let result = self.rebuild(&mut sources);
-        if result.is_err() {
-            sources.in_code = old;
-        }
-        result
-    }
-
-    fn rebuild(&self, sources: &mut Sources) -> Result<(), ConfigError> {
-        let fingerprints: Vec<_> = sources.files.iter().map(KeyFile::fingerprint).collect();
-        match load_keys(&self.inner.policy, sources) {
-            Ok(keys) => {
-                let count = keys.len();
-                self.inner.state.store(Arc::new(State {
-                    keys,
-                    cache: TokenCache::new(self.inner.policy.cache_capacity),
-                }));
-                sources.fingerprints = fingerprints;
-                let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let result = self
+            .inner
+            .install(&mut sources, Some(keys.into_iter().collect()), None);
+        drop(sources);
+        match result {
+            Ok(count) => {
                 tracing::info!(
                     target: crate::audit::TARGET,
-                    event = "service_token_keys_reloaded",
+                    event = "service_token_keys_replaced",
                     keys = count,
-                    generation,
                 );
                 Ok(())
             }
             Err(e) => {
                 tracing::error!(
                     target: crate::audit::TARGET,
-                    event = "service_token_keys_reload_failed",
+                    event = "service_token_keys_replace_failed",
                     error = %e,
                     "the previous key set stays in force"
                 );
@@ -405,25 +400,15 @@ impl TokenVerifier {
         }
     }
 
-    /// Polls the key files every `interval` on a background thread and reloads them
-    /// when they change (see [`reload_if_changed`](Self::reload_if_changed)). The
-    /// thread stops when the returned watcher is dropped. Fails only when the thread
+    /// Polls the key files every `interval` on a background thread and swaps in each
+    /// settled change (see [`reload`] for the guarantees). Reloading
+    /// stops when the returned handle is dropped, or when the last clone of this
+    /// verifier is.
+    ///
+    /// Errors: the verifier has no key files, `interval` is zero, or the thread
     /// cannot be started.
-    pub fn watch_key_files(&self, interval: Duration) -> std::io::Result<KeyFileWatcher> {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let verifier = self.clone();
-        let thread = std::thread::Builder::new()
-            .name("portcullis-jwt-keys".into())
-            .spawn(move || {
-                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                    // A failure is already in the audit log; the old keys stay.
-                    let _ = verifier.reload_if_changed();
-                }
-            })?;
-        Ok(KeyFileWatcher {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+    pub fn watch_key_files(&self, interval: Duration) -> Result<ReloadHandle, ConfigError> {
+        reload::watch(&self.inner, interval)
     }
 
     /// Number of keys in force.
@@ -458,28 +443,77 @@ impl fmt::Debug for TokenVerifier {
     }
 }
 
-/// Stops the key-file polling thread of [`TokenVerifier::watch_key_files`] when
-/// dropped.
-#[derive(Debug)]
-pub struct KeyFileWatcher {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for KeyFileWatcher {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+impl Inner {
+    /// Swaps in the key set made of the keys in code and from files, each either new
+    /// or the ones in force, if it is valid and no `kid` changes algorithm. Returns the
+    /// number of keys in force.
+    fn install(
+        &self,
+        sources: &mut Sources,
+        in_code: Option<Vec<VerifyingKey>>,
+        from_files: Option<Vec<Vec<VerifyingKey>>>,
+    ) -> Result<usize, ConfigError> {
+        let in_code = in_code.unwrap_or_else(|| sources.in_code.clone());
+        let from_files = from_files.unwrap_or_else(|| sources.from_files.clone());
+        let keys = combine(&self.policy, &in_code, &from_files)?;
+        let pinned = pin(&sources.pinned, &keys)?;
+        let count = keys.len();
+        self.state.store(Arc::new(State {
+            keys,
+            cache: TokenCache::new(self.policy.cache_capacity),
+        }));
+        *sources = Sources {
+            in_code,
+            from_files,
+            pinned,
+        };
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        Ok(count)
     }
 }
 
-fn load_keys(policy: &Policy, sources: &Sources) -> Result<KeySet, ConfigError> {
-    let mut keys = sources.in_code.clone();
-    for f in &sources.files {
-        keys.extend(f.load()?);
+impl reload::Source for Inner {
+    const NAME: &'static str = "service_tokens";
+    type Parsed = Vec<Vec<VerifyingKey>>;
+
+    fn files(&self) -> Option<&FileSet> {
+        self.key_files.watched.as_ref()
     }
+
+    fn parse(&self, contents: &[&[u8]]) -> Result<Self::Parsed, ConfigError> {
+        parse_files(&self.key_files, contents)
+    }
+
+    fn swap(&self, from_files: Self::Parsed) -> Result<usize, ConfigError> {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        self.install(&mut sources, None, Some(from_files))
+    }
+}
+
+fn parse_files(
+    files: &KeyFiles,
+    contents: &[&[u8]],
+) -> Result<Vec<Vec<VerifyingKey>>, ConfigError> {
+    files
+        .files
+        .iter()
+        .zip(contents)
+        .map(|(f, bytes)| f.parse(bytes, files.symmetric))
+        .collect()
+}
+
+/// The key set of the keys in code and from files; a key bound to an issuer must be
+/// bound to one of the verifier's.
+fn combine(
+    policy: &Policy,
+    in_code: &[VerifyingKey],
+    from_files: &[Vec<VerifyingKey>],
+) -> Result<KeySet, ConfigError> {
+    let keys: Vec<VerifyingKey> = in_code
+        .iter()
+        .chain(from_files.iter().flatten())
+        .cloned()
+        .collect();
     for (i, k) in keys.iter().enumerate() {
         if let Some(iss) = &k.issuer
             && !policy.issuers.contains(&**iss)
@@ -491,6 +525,29 @@ fn load_keys(policy: &Policy, sources: &Sources) -> Result<KeySet, ConfigError> 
         }
     }
     KeySet::new(keys)
+}
+
+/// `pinned` plus the keys of `set`, or an error naming the first `kid` whose
+/// algorithm differs from the one it was pinned to.
+fn pin(
+    pinned: &HashMap<Option<Arc<str>>, Algorithm>,
+    set: &KeySet,
+) -> Result<HashMap<Option<Arc<str>>, Algorithm>, ConfigError> {
+    let mut next = pinned.clone();
+    for key in set.iter() {
+        let was = *next.entry(key.kid.clone()).or_insert(key.alg);
+        if was != key.alg {
+            let name = key
+                .kid
+                .as_deref()
+                .map_or("the key without a kid".to_owned(), |k| format!("kid `{k}`"));
+            return Err(ConfigError::new(format!(
+                "{name} was {was} and would become {}: a key id never changes algorithm; publish the new key under a new kid",
+                key.alg
+            )));
+        }
+    }
+    Ok(next)
 }
 
 /// `typ` comparison per RFC 7515 §4.1.9: case-insensitive, `application/` optional.
@@ -580,6 +637,7 @@ fn check(
 pub struct TokenVerifierBuilder {
     keys: Vec<VerifyingKey>,
     files: Vec<KeyFile>,
+    symmetric_from_files: bool,
     issuers: Vec<String>,
     audience: Option<String>,
     max_lifetime: Duration,
@@ -595,6 +653,7 @@ impl Default for TokenVerifierBuilder {
         Self {
             keys: Vec::new(),
             files: Vec::new(),
+            symmetric_from_files: false,
             issuers: Vec::new(),
             audience: None,
             max_lifetime: DEFAULT_MAX_LIFETIME,
@@ -623,6 +682,14 @@ impl TokenVerifierBuilder {
     /// Adds a key file, loaded at build time and on every reload.
     pub fn key_file(mut self, file: KeyFile) -> Self {
         self.files.push(file);
+        self
+    }
+
+    /// Accepts `oct` (HMAC, HS256) keys in JWK / JWKS key files. Off by default: a
+    /// key file normally holds public keys only, and a secret in a file is one more
+    /// copy of it to protect. HMAC keys given in code are always accepted.
+    pub fn allow_symmetric_keys_from_files(mut self) -> Self {
+        self.symmetric_from_files = true;
         self
     }
 
@@ -724,18 +791,48 @@ impl TokenVerifierBuilder {
             max_len: self.max_len,
             cache_capacity: self.cache_capacity,
         };
-        let sources = Sources {
-            fingerprints: self.files.iter().map(KeyFile::fingerprint).collect(),
-            in_code: self.keys,
+        if let Some(f) = self.files.iter().find(|f| f.max_len == 0) {
+            return Err(ConfigError::new(format!(
+                "key file {}: the size limit must be positive",
+                f.path.display()
+            )));
+        }
+        let key_files = KeyFiles {
+            watched: FileSet::new(
+                self.files
+                    .iter()
+                    .map(|f| (f.path.clone(), f.max_len))
+                    .collect(),
+            ),
             files: self.files,
+            symmetric: self.symmetric_from_files,
         };
-        let keys = load_keys(&policy, &sources)?;
+        // The first load reads the files as every reload does.
+        let snapshot = key_files
+            .watched
+            .as_ref()
+            .map(FileSet::read_all)
+            .transpose()?;
+        let from_files = match &snapshot {
+            Some(s) => parse_files(&key_files, &s.bytes())?,
+            None => Vec::new(),
+        };
+        let keys = combine(&policy, &self.keys, &from_files)?;
+        let pinned = pin(&HashMap::new(), &keys)?;
+        if let (Some(watched), Some(snapshot)) = (&key_files.watched, &snapshot) {
+            watched.loaded(snapshot);
+        }
         let cache = TokenCache::new(policy.cache_capacity);
         Ok(TokenVerifier {
             inner: Arc::new(Inner {
                 policy,
                 state: ArcSwap::from_pointee(State { keys, cache }),
-                sources: Mutex::new(sources),
+                sources: Mutex::new(Sources {
+                    in_code: self.keys,
+                    from_files,
+                    pinned,
+                }),
+                key_files,
                 generation: AtomicU64::new(0),
             }),
         })

@@ -1,8 +1,6 @@
 //! [`StackBuilder`]: the stack's settings, checked once by [`StackBuilder::build`].
 
 use std::fmt;
-#[cfg(feature = "jwt")]
-use std::sync::Arc;
 
 use super::{DEFAULT_QUOTA, StackLayer};
 use crate::access_log::AccessLogLayer;
@@ -14,6 +12,7 @@ use crate::client_ip::{ClientIpConfig, ClientIpLayer, ForwardedHeader};
 #[cfg(feature = "jwt")]
 use crate::jwt::TokenVerifier;
 use crate::rate_limit::{Policy, Quota, RateLimitLayer};
+use crate::reload::ReloadHandle;
 use crate::request_id::RequestIdLayer;
 use crate::{ConfigError, IpSet, Scopes};
 
@@ -53,8 +52,7 @@ pub struct StackBuilder {
     rate_limit: RateLimitChoice,
     #[cfg(feature = "redis")]
     redis: Option<crate::rate_limit::redis::RedisLimiter>,
-    #[cfg(feature = "jwt")]
-    pub(super) jwks_watcher: Option<Arc<crate::jwt::KeyFileWatcher>>,
+    pub(super) reloads: Vec<ReloadHandle>,
     conflict: Option<&'static str>,
 }
 
@@ -110,8 +108,7 @@ impl StackBuilder {
             rate_limit: RateLimitChoice::Default,
             #[cfg(feature = "redis")]
             redis: None,
-            #[cfg(feature = "jwt")]
-            jwks_watcher: None,
+            reloads: Vec::new(),
             conflict: None,
         }
     }
@@ -178,6 +175,14 @@ impl StackBuilder {
     /// Authenticates with these API keys.
     pub fn api_keys(mut self, keys: ApiKeys) -> Self {
         self.api_keys = Some(keys);
+        self
+    }
+
+    /// Keeps `handle` (e.g. from [`ApiKeys::watch_key_file`]) alive as long as the
+    /// built [`StackLayer`], a clone of it, or a service it built lives, so its key
+    /// file keeps reloading (a router typically keeps only the services).
+    pub fn keep_reloading(mut self, handle: ReloadHandle) -> Self {
+        self.reloads.push(handle);
         self
     }
 
@@ -396,8 +401,7 @@ impl StackBuilder {
             throttle: self.throttle,
             auth,
             rate_limit,
-            #[cfg(feature = "jwt")]
-            _jwks_watcher: self.jwks_watcher,
+            reloads: (!self.reloads.is_empty()).then(|| self.reloads.into()),
         })
     }
 }

@@ -1,6 +1,5 @@
 //! The `PORTCULLIS_*` environment variables read by [`StackBuilder::from_env`].
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::StackBuilder;
@@ -120,9 +119,9 @@ impl StackBuilder {
                     )));
                 }
                 let every = reload_interval(get(KEY_FILE_RELOAD_SECS), KEY_FILE_RELOAD_SECS)?;
-                let mut keys = ApiKeys::from_file(path).map_err(named(KEY_FILE))?;
+                let keys = ApiKeys::from_file(path).map_err(named(KEY_FILE))?;
                 if let Some(every) = every {
-                    keys = keys.reload_every(every).map_err(named(KEY_FILE))?;
+                    b = b.keep_reloading(keys.watch_key_file(every).map_err(named(KEY_FILE))?);
                 }
                 b = b.api_keys(keys);
             }
@@ -204,13 +203,10 @@ impl StackBuilder {
             .map_err(|e| ConfigError::new(format!("{}: {e}", JWKS_FILE)))?;
         let mut this = self;
         if let Some(every) = every {
-            let watcher = verifier.watch_key_files(every).map_err(|e| {
-                ConfigError::new(format!(
-                    "{}: cannot start the reload thread: {e}",
-                    JWKS_FILE
-                ))
-            })?;
-            this.jwks_watcher = Some(Arc::new(watcher));
+            let reloading = verifier
+                .watch_key_files(every)
+                .map_err(|e| ConfigError::new(format!("{}: {e}", JWKS_FILE)))?;
+            this = this.keep_reloading(reloading);
         }
         Ok(this.service_tokens(verifier))
     }

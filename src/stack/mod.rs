@@ -125,7 +125,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-#[cfg(feature = "jwt")]
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -167,9 +166,10 @@ pub struct StackLayer {
     pub(super) throttle: Option<AuthThrottleLayer>,
     pub(super) auth: AuthenticateLayer,
     pub(super) rate_limit: RateLimitLayer,
-    /// Reloads the JWKS file configured from the environment while a clone lives.
-    #[cfg(feature = "jwt")]
-    pub(super) _jwks_watcher: Option<Arc<crate::jwt::KeyFileWatcher>>,
+    /// Keeps the key files reloading (from the environment, or
+    /// [`StackBuilder::keep_reloading`]) while a clone of the layer or of a service
+    /// built from it lives; `None` without any.
+    pub(super) reloads: Option<Arc<[crate::reload::ReloadHandle]>>,
 }
 
 impl StackLayer {
@@ -224,7 +224,10 @@ impl<S> Layer<S> for StackLayer {
             .layer(self.auth.clone())
             .layer(self.rate_limit.clone())
             .service(inner);
-        Stack { inner }
+        Stack {
+            inner,
+            _reloads: self.reloads.clone(),
+        }
     }
 }
 
@@ -263,6 +266,9 @@ impl<S> Layer<S> for StackLayer {
 #[derive(Clone)]
 pub struct Stack<S> {
     inner: Composed<S>,
+    /// The services outlive the layer (a router keeps only what `layer` built), so
+    /// they keep the key files reloading too.
+    _reloads: Option<Arc<[crate::reload::ReloadHandle]>>,
 }
 
 impl<S> fmt::Debug for Stack<S> {

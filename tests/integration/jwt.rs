@@ -1,7 +1,7 @@
 //! Service tokens over real TCP: `AuthenticateLayer::service_tokens` in front of a
 //! hyper server, every bad input of the threat model, the happy path per algorithm,
-//! the client-side `BearerTokenLayer` across a re-mint, key-file reload and the
-//! cache emptied on a key change.
+//! the client-side `BearerTokenLayer` across a re-mint, and the cache emptied on a
+//! key change (key-file reload: `reload.rs`).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -21,8 +21,8 @@ use jsonwebtoken::EncodingKey;
 use portcullis::Principal;
 use portcullis::authenticate::AuthenticateLayer;
 use portcullis::jwt::{
-    Algorithm, BearerTokenError, BearerTokenLayer, KeyFile, KeySet, SigningKey, TokenIssuer,
-    TokenRejection, TokenVerifier, VerifyingKey,
+    Algorithm, BearerTokenError, BearerTokenLayer, KeySet, SigningKey, TokenIssuer, TokenRejection,
+    TokenVerifier, VerifyingKey,
 };
 use portcullis::scope::RequireScopeLayer;
 use serde_json::json;
@@ -34,12 +34,10 @@ use crate::log_capture;
 
 const EC_KEY: &[u8] = include_bytes!("../data/jwt/ec.key.pem");
 const EC_PUB: &[u8] = include_bytes!("../data/jwt/ec.pub.pem");
-const EC2_KEY: &[u8] = include_bytes!("../data/jwt/ec2.key.pem");
 const ED_KEY: &[u8] = include_bytes!("../data/jwt/ed.key.pem");
 const RSA_KEY: &[u8] = include_bytes!("../data/jwt/rsa.key.pem");
 const RSA_PUB: &[u8] = include_bytes!("../data/jwt/rsa.pub.pem");
 const JWKS: &str = include_str!("../data/jwt/jwks.json");
-const JWKS_ROTATED: &str = include_str!("../data/jwt/jwks-rotated.json");
 
 const SECRET: [u8; 32] = *b"integration-test-secret-32-bytes";
 const ISS: &str = "https://ci.example";
@@ -570,63 +568,6 @@ async fn client_layer_round_trip_across_a_remint() {
     assert_eq!(jtis(capture).len(), 2);
     assert_eq!(ok.load(Ordering::Relaxed), 32);
     assert!(!capture.text().contains("Bearer ey"));
-}
-
-#[tokio::test]
-async fn jwks_file_reload() {
-    let capture = log_capture::capture();
-    let dir = std::env::temp_dir().join(format!("portcullis-jwt-it-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("reload-jwks.json");
-    std::fs::write(&path, JWKS).unwrap();
-    let v = TokenVerifier::builder()
-        .key_file(KeyFile::jwks(&path))
-        .issuer(ISS)
-        .audience(AUD)
-        .build()
-        .unwrap();
-    let _watcher = v.watch_key_files(Duration::from_millis(50)).unwrap();
-    let addr = serve(v.clone(), None).await;
-    let ec2 = |sub: &str| {
-        sign(
-            r#"{"alg":"ES256","kid":"ec-2"}"#,
-            &claims(sub).to_string(),
-            &EncodingKey::from_ec_pem(EC2_KEY).unwrap(),
-            jsonwebtoken::Algorithm::ES256,
-        )
-    };
-    let ec1 = sign(
-        r#"{"alg":"ES256","kid":"ec-1"}"#,
-        &claims("reload-old").to_string(),
-        &EncodingKey::from_ec_pem(EC_KEY).unwrap(),
-        jsonwebtoken::Algorithm::ES256,
-    );
-    assert_eq!(with_token(addr, &ec2("reload-new")).await.status, 401);
-    assert_eq!(with_token(addr, &ec1).await.status, 200);
-
-    let generation = v.key_generation();
-    std::fs::write(&path, JWKS_ROTATED).unwrap();
-    wait_for(|| v.key_generation() > generation).await;
-    assert_eq!(with_token(addr, &ec2("reload-new")).await.status, 200);
-    // The old key is gone, and with it the cached verification of its token.
-    assert_eq!(with_token(addr, &ec1).await.status, 401);
-
-    // A broken file keeps the keys in force and is audited.
-    std::fs::write(&path, "{\"keys\": [ {broken").unwrap();
-    wait_for(|| capture.text().contains("service_token_keys_reload_failed")).await;
-    assert_eq!(v.key_count(), 1);
-    assert_eq!(with_token(addr, &ec2("reload-kept")).await.status, 200);
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-async fn wait_for(mut f: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("condition not met within 5 s");
 }
 
 /// Sleeps until the wall clock is 50 ms into second `s`.

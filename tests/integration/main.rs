@@ -29,5 +29,7 @@ mod rate_limit;
 mod rate_limit_redis;
 #[cfg(feature = "redact")]
 mod redact_properties;
+#[cfg(all(feature = "api-key", feature = "jwt", feature = "client-ip"))]
+mod reload;
 #[cfg(feature = "stack")]
 mod stack;
