@@ -148,9 +148,9 @@ where
         match self.policy.check(ip) {
             Ok(()) => ResponseFuture::inner(self.inner.call(req)),
             Err(reason) => {
-                tracing::info!(
-                    target: crate::audit::TARGET,
-                    event = "ip_denied",
+                crate::audit::emit!(
+                    info,
+                    IpDenied,
                     reason = reason.as_str(),
                     client_ip = ip.map(tracing::field::display),
                 );

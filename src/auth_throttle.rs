@@ -302,9 +302,9 @@ impl Shared {
         retry: Duration,
         checked: bool,
     ) -> Response<B> {
-        tracing::info!(
-            target: crate::audit::TARGET,
-            event = "auth_throttled",
+        crate::audit::emit!(
+            info,
+            AuthThrottled,
             reason = DenialReason::AuthThrottled.as_str(),
             client_ip = ip.map(tracing::field::display),
             retry_after = crate::rejection::retry_after_secs(retry),
@@ -330,9 +330,9 @@ impl Shared {
             && p.method() != AuthMethod::Unauthenticated
             && self.throttled(ip).is_some()
         {
-            tracing::info!(
-                target: crate::audit::TARGET,
-                event = "auth_succeeded_while_throttled",
+            crate::audit::emit!(
+                info,
+                AuthSucceededWhileThrottled,
                 principal = p.id(),
                 method = p.method().as_str(),
                 client_ip = ip.map(tracing::field::display),

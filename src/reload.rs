@@ -68,9 +68,6 @@ use crate::ConfigError;
 /// The default limit on the size of a key file: 1 MiB.
 pub(crate) const DEFAULT_MAX_FILE_LEN: usize = 1 << 20;
 
-const RELOADED: &str = "key_file_reloaded";
-const RELOAD_FAILED: &str = "key_file_reload_failed";
-
 /// `O_NONBLOCK`, so that opening a FIFO or a device returns at once instead of
 /// waiting for a writer. The crate uses no C bindings, so the value is the platform's
 /// ABI constant: `0o4000` on Linux for these architectures (asm-generic), `0x4` on
@@ -457,9 +454,9 @@ fn apply<S: Source>(source: &S, files: &FileSet, snapshot: Snapshot) -> Result<(
         Ok(keys) => {
             FileSet::record_applied(&mut state, &snapshot);
             drop(state);
-            tracing::info!(
-                target: crate::audit::TARGET,
-                event = RELOADED,
+            crate::audit::emit!(
+            info,
+            KeyFileReloaded,
                 source = S::NAME,
                 path = %files.paths(),
                 keys,
@@ -476,9 +473,9 @@ fn apply<S: Source>(source: &S, files: &FileSet, snapshot: Snapshot) -> Result<(
 }
 
 fn audit_failed(source: &'static str, path: &str, error: &ConfigError) {
-    tracing::error!(
-        target: crate::audit::TARGET,
-        event = RELOAD_FAILED,
+    crate::audit::emit!(
+            error,
+            KeyFileReloadFailed,
         source,
         path,
         error = %error,

@@ -45,9 +45,9 @@ impl Policy {
         // The client address is read only for an audit event, off the allowed path.
         let client_ip = || extensions.get::<ClientIp>().copied();
         let Some(p) = extensions.get::<Principal>() else {
-            tracing::error!(
-                target: crate::audit::TARGET,
-                event = "scope_denied",
+            crate::audit::emit!(
+            error,
+            ScopeDenied,
                 reason = "missing_credential",
                 client_ip = client_ip().map(tracing::field::display),
                 scope = %self.required,
@@ -58,9 +58,9 @@ impl Policy {
         if p.scopes().contains_all(&self.required) {
             return Ok(p);
         }
-        tracing::info!(
-            target: crate::audit::TARGET,
-            event = "scope_denied",
+        crate::audit::emit!(
+            info,
+            ScopeDenied,
             reason = "insufficient_scope",
             client_ip = client_ip().map(tracing::field::display),
             principal = &*crate::log_text::sanitize_id(p.id()),
@@ -246,9 +246,9 @@ pub fn require_scope<'a>(
     let policy = match RequireScopeLayer::new(scopes) {
         Ok(layer) => layer.policy,
         Err(_) => {
-            tracing::error!(
-                target: crate::audit::TARGET,
-                event = "scope_denied",
+            crate::audit::emit!(
+                error,
+                ScopeDenied,
                 reason = "misconfigured",
                 "require_scope called with an invalid scope list; denying"
             );

@@ -266,9 +266,9 @@ impl AuthenticateLayer {
     /// credentials are not read; handlers and logs can tell such requests apart by the
     /// principal's method. There is no other way to run this layer open.
     pub fn allow_unauthenticated_requests_dangerously(scopes: Scopes) -> Self {
-        tracing::warn!(
-            target: crate::audit::TARGET,
-            event = "authentication_disabled",
+        crate::audit::emit!(
+            warn,
+            AuthenticationDisabled,
             scopes = %scopes,
             "AUTHENTICATION IS DISABLED: every request is let in unauthenticated"
         );
@@ -389,12 +389,16 @@ impl Config {
     ) -> Result<(Principal, CredentialSource), DenialReason> {
         let query_param = self.query_param.as_deref();
         let refuse = |failure: Failure| {
-            tracing::info!(
-                target: crate::audit::TARGET,
-                event = "auth_failed",
+            crate::audit::emit!(
+                info,
+                AuthFailed,
                 reason = failure.reason.as_str(),
                 client_ip = client_ip.map(tracing::field::display),
-                key_id = failure.key_id.as_deref().map(crate::log_text::sanitize_id).as_deref(),
+                key_id = failure
+                    .key_id
+                    .as_deref()
+                    .map(crate::log_text::sanitize_id)
+                    .as_deref(),
             );
             failure.reason
         };
@@ -407,9 +411,9 @@ impl Config {
             Err(_) => return Err(refuse(Failure::new(DenialReason::MalformedCredential))),
         };
         let principal = self.verifiers.verify(&credential).map_err(refuse)?;
-        tracing::info!(
-            target: crate::audit::TARGET,
-            event = "auth_succeeded",
+        crate::audit::emit!(
+            info,
+            AuthSucceeded,
             principal = &*crate::log_text::sanitize_id(principal.id()),
             method = principal.method().as_str(),
             client_ip = client_ip.map(tracing::field::display),

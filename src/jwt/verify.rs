@@ -312,9 +312,9 @@ impl TokenVerifier {
     ) -> Result<Arc<VerifiedToken>, TokenRejection> {
         let result = self.verify_inner(token, now);
         match &result {
-            Ok((t, cached)) => tracing::info!(
-                target: crate::audit::TARGET,
-                event = "service_token_accepted",
+            Ok((t, cached)) => crate::audit::emit!(
+            info,
+            ServiceTokenAccepted,
                 sub = &*crate::log_text::sanitize_id(t.subject()),
                 iss = &*crate::log_text::sanitize_id(t.issuer()),
                 kid = t.key_id().map(crate::log_text::sanitize_id).as_deref(),
@@ -322,11 +322,9 @@ impl TokenVerifier {
                 jti = t.jti().map(crate::log_text::sanitize_id).as_deref(),
                 cached = *cached,
             ),
-            Err(reason) => tracing::info!(
-                target: crate::audit::TARGET,
-                event = "service_token_rejected",
-                reason = reason.as_str(),
-            ),
+            Err(reason) => {
+                crate::audit::emit!(info, ServiceTokenRejected, reason = reason.as_str(),)
+            }
         }
         result.map(|(t, _)| t)
     }
@@ -381,20 +379,16 @@ impl TokenVerifier {
         drop(sources);
         match result {
             Ok(count) => {
-                tracing::info!(
-                    target: crate::audit::TARGET,
-                    event = "service_token_keys_replaced",
-                    keys = count,
-                );
+                crate::audit::emit!(info, ServiceTokenKeysReplaced, keys = count,);
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(
-                    target: crate::audit::TARGET,
-                    event = "service_token_keys_replace_failed",
-                    error = %e,
-                    "the previous key set stays in force"
-                );
+                crate::audit::emit!(
+                error,
+                ServiceTokenKeysReplaceFailed,
+                        error = %e,
+                        "the previous key set stays in force"
+                    );
                 Err(e)
             }
         }

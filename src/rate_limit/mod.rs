@@ -233,9 +233,9 @@ impl RateLimitBuilder {
         }
         self.key.check()?;
         if self.shadow {
-            tracing::warn!(
-                target: crate::audit::TARGET,
-                event = "rate_limit_shadow_mode",
+            crate::audit::emit!(
+                warn,
+                RateLimitShadowMode,
                 "rate limiting is in shadow mode: limits are logged, not enforced"
             );
         }
@@ -514,12 +514,14 @@ impl Shared {
             .map(|i| &*self.policies[i].name);
         let principal = req.extensions().get::<Principal>();
         let client_ip = req.extensions().get::<ClientIp>();
-        tracing::info!(
-            target: crate::audit::TARGET,
-            event = "rate_limited",
+        crate::audit::emit!(
+            info,
+            RateLimited,
             reason = DenialReason::RateLimited.as_str(),
             policy,
-            principal = principal.map(|p| crate::log_text::sanitize_id(p.id())).as_deref(),
+            principal = principal
+                .map(|p| crate::log_text::sanitize_id(p.id()))
+                .as_deref(),
             method = principal.map(|p| p.method().as_str()),
             client_ip = client_ip.map(tracing::field::display),
             retry_after = crate::rejection::retry_after_secs(Duration::from_nanos(outcome.wait())),

@@ -378,12 +378,12 @@ impl Inner {
         match result {
             Ok(Ok(outcome)) => {
                 if self.open_until.swap(0, Ordering::AcqRel) != 0 {
-                    tracing::info!(
-                        target: crate::audit::TARGET,
-                        event = "rate_limit_backend_recovered",
-                        backend = "redis",
-                        namespace = %self.namespace,
-                    );
+                    crate::audit::emit!(
+                    info,
+                    RateLimitBackendRecovered,
+                                backend = "redis",
+                                namespace = %self.namespace,
+                            );
                 }
                 Verdict::Decided(outcome)
             }
@@ -405,9 +405,9 @@ impl Inner {
             .swap(now + self.cooldown.as_nanos() as u64, Ordering::AcqRel);
         if prev == 0 {
             // Only the error's kind: its text may name the host or the user.
-            tracing::warn!(
-                target: crate::audit::TARGET,
-                event = "rate_limit_backend_down",
+            crate::audit::emit!(
+            warn,
+            RateLimitBackendDown,
                 backend = "redis",
                 namespace = %self.namespace,
                 error = kind.map_or("timeout".to_owned(), |k| format!("{k:?}")),

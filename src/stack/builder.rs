@@ -356,9 +356,9 @@ impl StackBuilder {
 
         // Throttle.
         if self.throttle.is_none() {
-            tracing::warn!(
-                target: crate::audit::TARGET,
-                event = "auth_throttle_disabled",
+            crate::audit::emit!(
+                warn,
+                AuthThrottleDisabled,
                 "FAILED-AUTHENTICATION THROTTLING IS DISABLED: credentials can be guessed at the rate limit"
             );
         }

@@ -23,13 +23,27 @@ impl Capture {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
-    /// The captured JSON lines that contain `marker`, parsed.
+    /// The captured JSON lines that contain `marker`, parsed. Every audit event
+    /// among them must name an event of the schema ([`portcullis::audit::Event`]).
     pub fn events_with(&self, marker: &str) -> Vec<serde_json::Value> {
-        self.text()
+        let events: Vec<serde_json::Value> = self
+            .text()
             .lines()
             .filter(|line| line.contains(marker))
             .map(|line| serde_json::from_str(line).expect("every captured line is JSON"))
-            .collect()
+            .collect();
+        for e in &events {
+            if e["target"] == portcullis::audit::TARGET {
+                let name = e["fields"]["event"].as_str().unwrap_or_default();
+                assert!(
+                    portcullis::audit::Event::ALL
+                        .iter()
+                        .any(|k| k.as_str() == name),
+                    "audit event {name:?} is not in the schema: {e}"
+                );
+            }
+        }
+        events
     }
 }
 
