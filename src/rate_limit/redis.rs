@@ -43,7 +43,8 @@
 //! `client`.
 //!
 //! **Secrets.** The URL may hold a password: it is never logged, never part of an
-//! error, and `Debug` shows only whether TLS is used.
+//! error, and `Debug` shows only whether TLS is used. A `rediss://` URL always
+//! verifies the server's certificate and name: the `#insecure` fragment is refused.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), portcullis::ConfigError> {
@@ -359,6 +360,17 @@ impl RedisLimiter {
         let client = Client::open(url).map_err(|_| {
             ConfigError::new("Redis URL could not be parsed (not shown: it may hold a password)")
         })?;
+        // `#insecure` would turn off certificate and name checks (if another crate
+        // in the build enables the client's insecure TLS feature).
+        #[cfg(feature = "redis-tls")]
+        if matches!(
+            client.get_connection_info().addr(),
+            redis::ConnectionAddr::TcpTls { insecure: true, .. }
+        ) {
+            return Err(ConfigError::new(
+                "Redis URL: #insecure (no certificate checks) is not supported",
+            ));
+        }
         Ok(RedisLimiterBuilder {
             client,
             tls,

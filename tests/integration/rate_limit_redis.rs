@@ -285,13 +285,17 @@ async fn rediss_with_the_default_timeouts_shares_one_quota() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // A root certificate for a plain redis:// URL is a configuration error.
+    // A root certificate for a plain redis:// URL is a configuration error, and so
+    // is a rediss:// URL that turns the certificate checks off.
     assert!(
         RedisLimiter::builder("redis://127.0.0.1:1", FailurePolicy::FailClosed)
             .unwrap()
             .tls_root_certificate(&ca)
             .is_err()
     );
+    let insecure = format!("rediss://:{PASSWORD}@localhost:{}/0#insecure", server.port);
+    let e = RedisLimiter::builder(&insecure, FailurePolicy::FailOpen).unwrap_err();
+    assert!(!e.to_string().contains(PASSWORD), "{e}");
 }
 
 /// A server this client must not trust, reached through `url` with `ca` as root.
