@@ -103,12 +103,18 @@ events! {
     /// never refuses).
     RateLimitShadowMode => "rate_limit_shadow_mode",
     /// `WARN`, the Redis backend: its circuit breaker opened; the failure policy
-    /// applies until it closes. Fields: `backend`, `namespace`, `error` (a kind, never
-    /// the URL), `failure_policy`, `cooldown_ms`.
+    /// applies until it closes. Fields: `backend`, `namespace`, `error` (a class, as
+    /// for `rate_limit_backend_connect_failed`), `failure_policy`, `cooldown_ms`.
     RateLimitBackendDown => "rate_limit_backend_down",
     /// `INFO`, the Redis backend: the breaker closed again. Fields: `backend`,
     /// `namespace`.
     RateLimitBackendRecovered => "rate_limit_backend_recovered",
+    /// `WARN`, the Redis backend: connecting (TCP, TLS, `AUTH`, loading the script)
+    /// failed, once per outage; requests follow the failure policy meanwhile and
+    /// never wait for a connection. Fields: `backend`, `namespace`, `error` (a class
+    /// such as `timeout`, `tls_untrusted_certificate`, `authentication_failed`; never
+    /// the error's text or the URL), `connect_timeout_ms`.
+    RateLimitBackendConnectFailed => "rate_limit_backend_connect_failed",
     /// `INFO`, [`TokenVerifier`](crate::jwt::TokenVerifier) (feature `jwt`): a service
     /// token was accepted. Fields: `sub`, `iss`, `kid`, `jti`, `scopes`, `cached`.
     ServiceTokenAccepted => "service_token_accepted",

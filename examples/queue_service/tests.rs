@@ -1308,14 +1308,17 @@ async fn two_instances_share_their_limits_through_redis() {
     };
     let url = format!("redis://127.0.0.1:{}/0", redis.1);
     let secret = TokenSecret::generate().unwrap();
-    let instance = || {
+    let instance = || async {
         let limiter = guard::redis_limiter(Some(&url)).unwrap().unwrap();
+        // As `main` does: serve connected from the first request.
+        limiter.connect().await.unwrap();
         Demo::launch(Setup {
             rate: Quota::per_minute(3).unwrap(),
             redis: Some(limiter),
             secret: secret.clone(),
             ..Setup::new(fast_queue(), None)
         })
+        .await
     };
     let (a, b) = (instance().await, instance().await);
     // Each instance generated its own keys: the shared bucket is keyed by the

@@ -2,9 +2,9 @@
 //!
 //! One atomic Lua script per request runs the same GCRA as the in-memory backend,
 //! over every policy at once, on the Redis server's own clock (`TIME`), so instance
-//! clocks never disagree. The script is loaded once and then called by its SHA-1
-//! (`EVALSHA`), and reloaded if the server forgets it (`NOSCRIPT`, e.g. after a
-//! restart or `SCRIPT FLUSH`).
+//! clocks never disagree. The script is loaded when a connection is made and then
+//! called by its SHA-1 (`EVALSHA`), and reloaded if the server forgets it
+//! (`NOSCRIPT`, e.g. after `SCRIPT FLUSH`).
 //!
 //! Keys are `<namespace>:rl:<policy>:<key>`, where `<key>` is `g` (global),
 //! `ip:<masked address>`, or `p:`/`c:` and 32 hex digits of SHA-256 of a principal
@@ -12,16 +12,40 @@
 //! short, safe key. Every key
 //! expires when its quota has fully refilled, so Redis holds only keys in use.
 //!
-//! **Failure.** Every call has a timeout (default 5 ms, connecting included). When
-//! Redis errs or times out, the [`FailurePolicy`] decides (there is no default: the
-//! builder takes it as an argument) and a circuit breaker opens: for the cool-down
-//! (default 5 s) requests go straight to the failure policy without waiting on
-//! Redis, then one request probes it again. A dead Redis so costs the timeout at most
-//! once per cool-down, not once per request. The first request after start connects;
-//! [`RedisLimiter::connect`] does it earlier with a longer timeout.
+//! **Connecting.** A background task makes the connection: it starts when the
+//! limiter is built inside a Tokio runtime (else on the first request), and again
+//! whenever the connection is lost. An attempt (TCP, TLS, `AUTH`, loading the
+//! script) has its own timeout (default 2 s); failed attempts are retried after
+//! 100 ms, then after doubling delays up to the cool-down. Requests never wait for a
+//! connection: until one is up they follow the [`FailurePolicy`]. Await
+//! [`RedisLimiter::connect`] at start-up to begin serving connected.
+//!
+//! **Failure.** Each request's call to Redis has a timeout (default 5 ms). When
+//! Redis errs or times out, or no connection is up, the [`FailurePolicy`] decides
+//! (there is no default: the builder takes it as an argument) and a circuit breaker
+//! opens: for the cool-down (default 5 s) requests go straight to the failure
+//! policy without waiting on Redis, then one request probes it again. A timeout, a
+//! lost connection or a `READONLY` reply (a demoted primary) also drops the
+//! connection, and the background task reconnects; as soon as a new connection is
+//! up, the next request is the probe, without waiting out the rest of the
+//! cool-down. A Redis that comes back is so used again within one retry delay (at
+//! most the cool-down) and one connection attempt. A Redis that accepts connections
+//! but keeps failing calls gets ever longer retry delays: in the steady state it
+//! costs one request per cool-down, as an unreachable one costs none.
+//!
+//! **Audit events** (target `portcullis::audit`): `rate_limit_backend_down` (`WARN`)
+//! when the breaker opens, `rate_limit_backend_recovered` when a probe succeeds, and
+//! `rate_limit_backend_connect_failed` (`WARN`) for the first failed connection
+//! attempt of an outage. Their `error` field is a class, never the error's text:
+//! `timeout`, `not_connected` (no connection is up yet), `connection_refused`,
+//! `connection_lost`, `io`, `tls_untrusted_certificate`, `tls_name_mismatch`,
+//! `tls_invalid_certificate`, `tls_protocol` (e.g. a server that does not speak
+//! TLS), `tls`, `authentication_failed`, `server_error`, `read_only`, `protocol` or
+//! `client`.
 //!
 //! **Secrets.** The URL may hold a password: it is never logged, never part of an
-//! error, and `Debug` shows only whether TLS is used.
+//! error, and `Debug` shows only whether TLS is used. A `rediss://` URL always
+//! verifies the server's certificate and name: the `#insecure` fragment is refused.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), portcullis::ConfigError> {
@@ -32,9 +56,10 @@
 //! let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
 //! let redis = RedisLimiter::builder(&url, FailurePolicy::FallbackLocal)?
 //!     .timeout(Duration::from_millis(5))
+//!     .connect_timeout(Duration::from_secs(2))
 //!     .namespace("jobs-api")?
 //!     .build()?;
-//! redis.connect().await.ok(); // optional: warm the connection at start-up
+//! redis.connect().await.ok(); // optional: serve connected from the first request
 //! let layer = RateLimitLayer::builder()
 //!     .policy(Policy::new("api", Quota::per_second(50)?)?)
 //!     .redis(redis)
@@ -45,12 +70,14 @@
 //! ```
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script, ServerErrorKind};
+use tokio::sync::Notify;
 
 use super::key::LocalKey;
 use super::local::{MAX_POLICIES, Outcome};
@@ -113,6 +140,7 @@ pub struct RedisLimiterBuilder {
     tls: bool,
     policy: FailurePolicy,
     timeout: Duration,
+    connect_timeout: Duration,
     cooldown: Duration,
     namespace: String,
 }
@@ -124,6 +152,7 @@ impl fmt::Debug for RedisLimiterBuilder {
             .field("tls", &self.tls)
             .field("failure_policy", &self.policy)
             .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .field("cooldown", &self.cooldown)
             .field("namespace", &self.namespace)
             .finish()
@@ -131,14 +160,24 @@ impl fmt::Debug for RedisLimiterBuilder {
 }
 
 impl RedisLimiterBuilder {
-    /// The per-call timeout, 1 ms to 1 s (default 5 ms). It bounds the whole
-    /// check, connecting included.
+    /// How long a request waits for Redis, 1 ms to 1 s (default 5 ms). Connecting is
+    /// not part of it (see [`connect_timeout`](Self::connect_timeout)).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
-    /// How long the breaker stays open after a failure (default 5 s, 100 ms to 10 min).
+    /// How long one connection attempt may take (TCP, TLS handshake, `AUTH`,
+    /// loading the script), 10 ms to 60 s (default 2 s). Attempts run in the
+    /// background: no request waits for them.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long the breaker stays open after a failure (default 5 s, 100 ms to
+    /// 10 min), unless a new connection ends it earlier; also the longest delay
+    /// between two connection attempts.
     pub fn cooldown(mut self, cooldown: Duration) -> Self {
         self.cooldown = cooldown;
         self
@@ -178,34 +217,50 @@ impl RedisLimiterBuilder {
         Ok(self)
     }
 
-    /// Checks the settings. Nothing connects yet (see [`RedisLimiter::connect`]).
+    /// Checks the settings. Inside a Tokio runtime the first connection attempt
+    /// starts in the background; outside one, the first request starts it.
     pub fn build(self) -> Result<RedisLimiter, ConfigError> {
         if self.timeout < Duration::from_millis(1) || self.timeout > Duration::from_secs(1) {
             return Err(ConfigError::new("Redis timeout must be 1 ms to 1 s"));
         }
+        if self.connect_timeout < Duration::from_millis(10)
+            || self.connect_timeout > Duration::from_secs(60)
+        {
+            return Err(ConfigError::new(
+                "Redis connect timeout must be 10 ms to 60 s",
+            ));
+        }
         if self.cooldown < Duration::from_millis(100) || self.cooldown > Duration::from_secs(600) {
             return Err(ConfigError::new("Redis cool-down must be 100 ms to 10 min"));
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(self.cooldown);
-        Ok(RedisLimiter {
-            inner: Arc::new(Inner {
-                client: self.client,
-                config,
-                conn: OnceLock::new(),
-                script: Script::new(SCRIPT),
-                tls: self.tls,
-                policy: self.policy,
-                timeout: self.timeout,
-                cooldown: self.cooldown,
-                namespace: self.namespace,
-                epoch: Instant::now(),
-                open_until: AtomicU64::new(0),
-            }),
-        })
+        // Both timeouts are applied around whole operations (`Inner::check`,
+        // `Inner::establish`); a response timeout inside the connection would also
+        // hold the set-up's round trips to the per-call timeout.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(None);
+        let inner = Arc::new(Inner {
+            client: self.client,
+            config,
+            link: Mutex::new(Link::default()),
+            wake: Arc::new(Notify::new()),
+            attempted: Notify::new(),
+            connect_failing: AtomicBool::new(false),
+            losses: AtomicU32::new(0),
+            script: Script::new(SCRIPT),
+            tls: self.tls,
+            policy: self.policy,
+            timeout: self.timeout,
+            connect_timeout: self.connect_timeout,
+            cooldown: self.cooldown,
+            namespace: self.namespace,
+            epoch: Instant::now(),
+            open_until: AtomicU64::new(0),
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            inner.connection();
+        }
+        Ok(RedisLimiter { inner })
     }
 }
 
@@ -218,31 +273,55 @@ pub struct RedisLimiter {
 
 struct Inner {
     client: Client,
-    config: ConnectionManagerConfig,
-    /// Made on first use, inside the runtime (it spawns its reconnect task there).
-    conn: OnceLock<ConnectionManager>,
+    config: AsyncConnectionConfig,
+    link: Mutex<Link>,
+    /// Cuts the reconnect task's wait short ([`RedisLimiter::connect`]).
+    wake: Arc<Notify>,
+    /// Signalled after every connection attempt, whatever its result.
+    attempted: Notify,
+    /// A connection attempt failed since the last connection was made: the first
+    /// failure of an outage is logged, its retries are not.
+    connect_failing: AtomicBool,
+    /// Connections lost since the last successful call: a Redis that accepts
+    /// connections but keeps failing calls is retried ever more slowly.
+    losses: AtomicU32,
     script: Script,
     tls: bool,
     policy: FailurePolicy,
     timeout: Duration,
+    connect_timeout: Duration,
     cooldown: Duration,
     namespace: String,
     epoch: Instant,
-    /// Nanoseconds since `epoch` until which the breaker is open; 0 = closed.
+    /// Nanoseconds since `epoch` until which the breaker is open; 0 = closed, and a
+    /// past instant = half-open (the next request probes).
     open_until: AtomicU64,
+}
+
+/// The connection, if one is up, and whether the reconnect task is running.
+#[derive(Default)]
+struct Link {
+    /// A connection that has answered, with its number (to drop only that one).
+    conn: Option<(u64, MultiplexedConnection)>,
+    made: u64,
+    reconnecting: bool,
 }
 
 impl fmt::Debug for RedisLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let i = &self.inner;
+        let connected = i.lock().conn.is_some();
+        let breaker_open = self.breaker_open();
         f.debug_struct("RedisLimiter")
             .field("url", &"<redacted>")
             .field("tls", &i.tls)
             .field("failure_policy", &i.policy)
             .field("timeout", &i.timeout)
+            .field("connect_timeout", &i.connect_timeout)
             .field("cooldown", &i.cooldown)
             .field("namespace", &i.namespace)
-            .field("breaker_open", &self.breaker_open())
+            .field("connected", &connected)
+            .field("breaker_open", &breaker_open)
             .finish()
     }
 }
@@ -282,33 +361,62 @@ impl RedisLimiter {
         let client = Client::open(url).map_err(|_| {
             ConfigError::new("Redis URL could not be parsed (not shown: it may hold a password)")
         })?;
+        // `#insecure` would turn off certificate and name checks (if another crate
+        // in the build enables the client's insecure TLS feature).
+        #[cfg(feature = "redis-tls")]
+        if matches!(
+            client.get_connection_info().addr(),
+            redis::ConnectionAddr::TcpTls { insecure: true, .. }
+        ) {
+            return Err(ConfigError::new(
+                "Redis URL: #insecure (no certificate checks) is not supported",
+            ));
+        }
         Ok(RedisLimiterBuilder {
             client,
             tls,
             policy: on_failure,
             timeout: Duration::from_millis(5),
+            connect_timeout: Duration::from_secs(2),
             cooldown: Duration::from_secs(5),
             namespace: "portcullis".to_owned(),
         })
     }
 
-    /// Connects (or checks the connection) with `PING`, under a 1 s timeout: call it
-    /// at start-up to fail fast or warm the connection. Not required.
+    /// Waits until a connection is up, starting an attempt now if none is running,
+    /// for about the connect timeout at most: await it at start-up to fail fast, or to
+    /// serve connected from the first request. A connection that is up is checked
+    /// with `PING` (and replaced if dead). Not required: the limiter connects in the
+    /// background either way.
     pub async fn connect(&self) -> Result<(), RedisUnavailable> {
-        let Ok(mut conn) = self.inner.conn() else {
-            return Err(RedisUnavailable(()));
-        };
-        let ping = async move { redis::cmd("PING").query_async::<String>(&mut conn).await };
-        match tokio::time::timeout(Duration::from_secs(1), ping).await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(RedisUnavailable(())),
+        let inner = &self.inner;
+        let mut attempted = std::pin::pin!(inner.attempted.notified());
+        attempted.as_mut().enable();
+        if let Some((id, mut conn)) = inner.connection() {
+            let ping = redis::cmd("PING");
+            let ping = ping.query_async::<String>(&mut conn);
+            match tokio::time::timeout(inner.connect_timeout, ping).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) if !needs_new_connection(&e) => return Err(RedisUnavailable(())),
+                // Dead (e.g. made in a runtime that has shut down): wait for a new one.
+                _ => inner.lose(id),
+            }
+        }
+        inner.wake.notify_one();
+        // The attempt under way, or the one just woken, reports within its timeout.
+        let grace = Duration::from_millis(100);
+        let _ = tokio::time::timeout(inner.connect_timeout + grace, attempted).await;
+        match inner.lock().conn {
+            Some(_) => Ok(()),
+            None => Err(RedisUnavailable(())),
         }
     }
 
-    /// Whether the circuit breaker is open now (Redis is being bypassed).
+    /// Whether the circuit breaker is open now: requests bypass Redis because the
+    /// cool-down after a failure is running, or because no connection is up since.
     pub fn breaker_open(&self) -> bool {
         let until = self.inner.open_until.load(Ordering::Relaxed);
-        until != 0 && self.inner.now() < until
+        until != 0 && (self.inner.now() < until || self.inner.lock().conn.is_none())
     }
 
     /// The failure policy.
@@ -330,21 +438,88 @@ impl RedisLimiter {
 }
 
 impl Inner {
-    fn conn(&self) -> redis::RedisResult<ConnectionManager> {
-        if let Some(c) = self.conn.get() {
-            return Ok(c.clone());
-        }
-        let c = ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
-        // A concurrent first call may have won: use whichever was stored.
-        Ok(self.conn.get_or_init(|| c).clone())
+    fn lock(&self) -> MutexGuard<'_, Link> {
+        // Nothing panics while holding the lock; a poisoned one is still consistent.
+        self.link.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64 + 1
     }
 
+    /// The connection if one is up; otherwise starts the reconnect task (unless it
+    /// runs already) and returns at once.
+    fn connection(self: &Arc<Self>) -> Option<(u64, MultiplexedConnection)> {
+        {
+            let mut link = self.lock();
+            if let Some((id, conn)) = &link.conn {
+                return Some((*id, conn.clone()));
+            }
+            if link.reconnecting {
+                return None;
+            }
+            link.reconnecting = true;
+        }
+        // Outside the lock: a runtime that is shutting down drops the task at once,
+        // and with it `Running`, which takes the lock.
+        tokio::spawn(reconnect(Running(Arc::downgrade(self)), self.wake.clone()));
+        None
+    }
+
+    /// Drops connection `id` (if it is still the current one) and reconnects.
+    fn lose(self: &Arc<Self>, id: u64) {
+        {
+            let mut link = self.lock();
+            if link.conn.as_ref().is_none_or(|(current, _)| *current != id) {
+                return;
+            }
+            link.conn = None;
+        }
+        self.losses.fetch_add(1, Ordering::Relaxed);
+        self.connection();
+    }
+
+    /// Makes `conn` the connection, and ends the breaker's cool-down: the next
+    /// request is the probe (still exactly one, through the half-open state).
+    fn install(&self, conn: MultiplexedConnection) {
+        {
+            let mut link = self.lock();
+            link.made += 1;
+            link.conn = Some((link.made, conn));
+        }
+        self.connect_failing.store(false, Ordering::Relaxed);
+        let _ = self
+            .open_until
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u != 0).then_some(1)
+            });
+        self.attempted.notify_waiters();
+    }
+
+    /// One connection attempt: connect (TLS and `AUTH` included), then load the
+    /// script, which also shows that the server answers.
+    async fn establish(&self) -> Result<MultiplexedConnection, &'static str> {
+        let attempt = async {
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await?;
+            match self.script.load_async(&mut conn).await {
+                // An error reply (e.g. `LOADING`, or no permission for `SCRIPT
+                // LOAD`) still shows a server that answers; the probe decides.
+                Err(e) if needs_new_connection(&e) => Err(e),
+                _ => Ok(conn),
+            }
+        };
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(class(&e)),
+            Err(_) => Err("timeout"),
+        }
+    }
+
     async fn check(
-        &self,
+        self: Arc<Self>,
         name: String,
         local_key: LocalKey,
         gcras: [Gcra; MAX_POLICIES],
@@ -353,30 +528,36 @@ impl Inner {
     ) -> Verdict {
         let now = self.now();
         let until = self.open_until.load(Ordering::Acquire);
-        if until != 0 {
-            // Open: bypass. Expired: exactly one caller wins the probe; the others
-            // keep bypassing until it reports.
-            if now < until
-                || self
-                    .open_until
-                    .compare_exchange(
-                        until,
-                        now + self.cooldown.as_nanos() as u64,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    )
-                    .is_err()
-            {
-                return self.on_failure(local_key, &gcras[..n], &shared);
-            }
+        if until != 0 && now < until {
+            return self.on_failure(local_key, &gcras[..n], &shared);
+        }
+        let Some((id, mut conn)) = self.connection() else {
+            return self.trip(now, "not_connected", local_key, &gcras[..n], &shared);
+        };
+        // Half-open: exactly one caller wins the probe; the others keep bypassing
+        // until it reports.
+        if until != 0
+            && self
+                .open_until
+                .compare_exchange(
+                    until,
+                    now + self.cooldown.as_nanos() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return self.on_failure(local_key, &gcras[..n], &shared);
         }
         let keys: Vec<String> = shared.policies[..n]
             .iter()
             .map(|p| format!("{}:rl:{}:{}", self.namespace, p.name, name))
             .collect();
-        let result = tokio::time::timeout(self.timeout, self.run(keys, &gcras[..n])).await;
+        let result =
+            tokio::time::timeout(self.timeout, self.run(&mut conn, keys, &gcras[..n])).await;
         match result {
             Ok(Ok(outcome)) => {
+                self.losses.store(0, Ordering::Relaxed);
                 if self.open_until.swap(0, Ordering::AcqRel) != 0 {
                     crate::audit::emit!(
                     info,
@@ -387,15 +568,25 @@ impl Inner {
                 }
                 Verdict::Decided(outcome)
             }
-            Ok(Err(e)) => self.trip(now, Some(e.kind()), local_key, &gcras[..n], &shared),
-            Err(_) => self.trip(now, None, local_key, &gcras[..n], &shared),
+            Ok(Err(e)) => {
+                if needs_new_connection(&e) {
+                    self.lose(id);
+                }
+                self.trip(now, class(&e), local_key, &gcras[..n], &shared)
+            }
+            Err(_) => {
+                // A connection that stopped answering may never answer again (a
+                // silent network drop): only a new one is trusted.
+                self.lose(id);
+                self.trip(now, "timeout", local_key, &gcras[..n], &shared)
+            }
         }
     }
 
     fn trip(
         &self,
         now: u64,
-        kind: Option<redis::ErrorKind>,
+        error: &'static str,
         local_key: LocalKey,
         gcras: &[Gcra],
         shared: &Shared,
@@ -404,13 +595,12 @@ impl Inner {
             .open_until
             .swap(now + self.cooldown.as_nanos() as u64, Ordering::AcqRel);
         if prev == 0 {
-            // Only the error's kind: its text may name the host or the user.
             crate::audit::emit!(
-            warn,
-            RateLimitBackendDown,
+                warn,
+                RateLimitBackendDown,
                 backend = "redis",
                 namespace = %self.namespace,
-                error = kind.map_or("timeout".to_owned(), |k| format!("{k:?}")),
+                error,
                 failure_policy = ?self.policy,
                 cooldown_ms = self.cooldown.as_millis() as u64,
             );
@@ -432,8 +622,12 @@ impl Inner {
         }
     }
 
-    async fn run(&self, keys: Vec<String>, gcras: &[Gcra]) -> redis::RedisResult<Outcome> {
-        let mut conn = self.conn()?;
+    async fn run(
+        &self,
+        conn: &mut MultiplexedConnection,
+        keys: Vec<String>,
+        gcras: &[Gcra],
+    ) -> redis::RedisResult<Outcome> {
         let mut inv = self.script.prepare_invoke();
         for k in &keys {
             inv.key(k);
@@ -441,9 +635,9 @@ impl Inner {
         for g in gcras {
             inv.arg((g.t / 1000).max(1)).arg(g.tau / 1000);
         }
-        let v: Vec<i64> = inv.invoke_async(&mut conn).await?;
+        let v: Vec<i64> = inv.invoke_async(conn).await?;
         if v.len() != 1 + 3 * gcras.len() {
-            return Err((redis::ErrorKind::Parse, "unexpected script reply").into());
+            return Err((ErrorKind::Parse, "unexpected script reply").into());
         }
         let mut out = Outcome {
             allowed: v[0] == 1,
@@ -458,5 +652,216 @@ impl Inner {
             out.waits[i] = us(v[3 + 3 * i]);
         }
         Ok(out)
+    }
+}
+
+/// The reconnect task: one per outage. It holds the limiter only while it tries,
+/// so that dropping every [`RedisLimiter`] ends it.
+async fn reconnect(running: Running, wake: Arc<Notify>) {
+    let limiter = &running.0;
+    let mut attempt = match limiter.upgrade() {
+        // After a loss that followed a successful call, at once; after losses in a
+        // row (a server that accepts connections but fails calls), later each time.
+        Some(inner) => inner.losses.load(Ordering::Relaxed).saturating_sub(1),
+        None => return,
+    };
+    loop {
+        let delay = match limiter.upgrade() {
+            Some(inner) => retry_delay(attempt, inner.cooldown),
+            None => return,
+        };
+        if !delay.is_zero() {
+            let _ = tokio::time::timeout(delay, wake.notified()).await;
+        }
+        let Some(inner) = limiter.upgrade() else {
+            return;
+        };
+        match inner.establish().await {
+            Ok(conn) => {
+                inner.install(conn);
+                return;
+            }
+            Err(error) => {
+                if !inner.connect_failing.swap(true, Ordering::Relaxed) {
+                    crate::audit::emit!(
+                    warn,
+                    RateLimitBackendConnectFailed,
+                                backend = "redis",
+                                namespace = %inner.namespace,
+                                error,
+                                connect_timeout_ms = inner.connect_timeout.as_millis() as u64,
+                            );
+                }
+                inner.attempted.notify_waiters();
+            }
+        }
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+/// The reconnect task's hold on the limiter. Dropping it marks the task as ended,
+/// however it ends (done, limiter dropped, or its runtime shut down, even before
+/// it first ran), so that a later loss can start a new one.
+struct Running(Weak<Inner>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.lock().reconnecting = false;
+        }
+    }
+}
+
+/// The wait before connection attempt `attempt` (0: none), 100 ms doubling up to
+/// `cap`; each wait is between half and all of that, so that instances restarted
+/// together do not reconnect in step.
+fn retry_delay(attempt: u32, cap: Duration) -> Duration {
+    if attempt == 0 {
+        return Duration::ZERO;
+    }
+    let full = Duration::from_millis(100)
+        .saturating_mul(1 << (attempt - 1).min(20))
+        .min(cap);
+    let spread = (RandomState::new().hash_one(attempt) % 1024) as u32;
+    full / 2 + full / 2 * spread / 1024
+}
+
+/// Whether only a new connection can help after `e`: anything but an error reply
+/// from a server that is up, and a `READONLY` reply (the server is now a replica).
+fn needs_new_connection(e: &RedisError) -> bool {
+    match e.kind() {
+        ErrorKind::Server(ServerErrorKind::ReadOnly) => true,
+        ErrorKind::Server(_) | ErrorKind::Extension => e.is_unrecoverable_error(),
+        _ => true,
+    }
+}
+
+/// The class of `e` logged as `error`: never its text, which may name the host, the
+/// user or a key.
+fn class(e: &RedisError) -> &'static str {
+    #[cfg(feature = "redis-tls")]
+    if let Some(class) = tls_class(e) {
+        return class;
+    }
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connection_refusal() {
+        "connection_refused"
+    } else if e.is_connection_dropped() {
+        "connection_lost"
+    } else {
+        match e.kind() {
+            ErrorKind::Io => "io",
+            ErrorKind::AuthenticationFailed => "authentication_failed",
+            ErrorKind::Server(ServerErrorKind::ReadOnly) => "read_only",
+            ErrorKind::Server(_) | ErrorKind::Extension => "server_error",
+            ErrorKind::Parse => "protocol",
+            _ => "client",
+        }
+    }
+}
+
+/// The class of a TLS failure, found through the I/O error that carries it.
+#[cfg(feature = "redis-tls")]
+fn tls_class(e: &RedisError) -> Option<&'static str> {
+    use rustls::{CertificateError as C, Error as T};
+    use std::error::Error;
+    type Wrapped = Arc<dyn Error + Send + Sync>;
+    let source = e.source()?;
+    let io = source.downcast_ref::<std::io::Error>().or_else(|| {
+        source
+            .downcast_ref::<Wrapped>()
+            .and_then(|inner| inner.downcast_ref::<std::io::Error>())
+    })?;
+    Some(match io.get_ref()?.downcast_ref::<T>()? {
+        T::InvalidCertificate(
+            C::UnknownIssuer | C::BadSignature | C::BadEncoding | C::UnhandledCriticalExtension,
+        ) => "tls_untrusted_certificate",
+        T::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "tls_name_mismatch"
+        }
+        T::InvalidCertificate(_) | T::NoCertificatesPresented => "tls_invalid_certificate",
+        T::InvalidMessage(_)
+        | T::InappropriateMessage { .. }
+        | T::InappropriateHandshakeMessage { .. }
+        | T::PeerMisbehaved(_)
+        | T::PeerIncompatible(_)
+        | T::PeerSentOversizedRecord => "tls_protocol",
+        _ => "tls",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io;
+
+    proptest! {
+        #[test]
+        fn retry_delays_grow_to_the_cap_with_spread(attempt in 0u32..200, cap_ms in 100u64..600_000) {
+            let cap = Duration::from_millis(cap_ms);
+            let d = retry_delay(attempt, cap);
+            if attempt == 0 {
+                prop_assert_eq!(d, Duration::ZERO);
+            } else {
+                let full = Duration::from_millis(100)
+                    .saturating_mul(1 << (attempt - 1).min(20))
+                    .min(cap);
+                prop_assert!(d >= full / 2 && d <= full, "{d:?} of {full:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn errors_are_logged_by_class() {
+        let io = |kind| RedisError::from(io::Error::from(kind));
+        assert_eq!(class(&io(io::ErrorKind::TimedOut)), "timeout");
+        assert_eq!(
+            class(&io(io::ErrorKind::ConnectionRefused)),
+            "connection_refused"
+        );
+        assert_eq!(
+            class(&io(io::ErrorKind::ConnectionReset)),
+            "connection_lost"
+        );
+        let e = RedisError::from((ErrorKind::AuthenticationFailed, "WRONGPASS"));
+        assert_eq!(class(&e), "authentication_failed");
+        let e = RedisError::from((ErrorKind::Server(ServerErrorKind::ResponseError), "x"));
+        assert_eq!(class(&e), "server_error");
+    }
+
+    #[cfg(feature = "redis-tls")]
+    #[test]
+    fn tls_failures_are_told_apart() {
+        use rustls::CertificateError as C;
+        let tls = |e: rustls::Error| {
+            class(&RedisError::from(io::Error::new(
+                io::ErrorKind::InvalidData,
+                e,
+            )))
+        };
+        let cert = |c| tls(rustls::Error::InvalidCertificate(c));
+        assert_eq!(cert(C::UnknownIssuer), "tls_untrusted_certificate");
+        assert_eq!(cert(C::NotValidForName), "tls_name_mismatch");
+        assert_eq!(cert(C::Expired), "tls_invalid_certificate");
+        let garbage = rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType);
+        assert_eq!(tls(garbage), "tls_protocol");
+    }
+
+    #[test]
+    fn only_an_answering_server_keeps_its_connection() {
+        let server = |k| RedisError::from((ErrorKind::Server(k), "x"));
+        assert!(!needs_new_connection(&server(
+            ServerErrorKind::ResponseError
+        )));
+        assert!(!needs_new_connection(&server(ServerErrorKind::BusyLoading)));
+        assert!(needs_new_connection(&server(ServerErrorKind::ReadOnly)));
+        let io = RedisError::from(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert!(needs_new_connection(&io));
+        assert!(needs_new_connection(&RedisError::from((
+            ErrorKind::Parse,
+            "x"
+        ))));
     }
 }

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use portcullis::client_ip::ClientIpConfig;
 use portcullis::rate_limit::redis::{FailurePolicy, RedisLimiter};
@@ -106,13 +106,27 @@ impl RedisServer {
         }
     }
 
+    /// The server's URL; a TLS server by the name on its certificate.
     fn url(&self) -> String {
-        let scheme = if self.tls.is_some() {
-            "rediss"
-        } else {
-            "redis"
-        };
-        format!("{scheme}://:{PASSWORD}@127.0.0.1:{}/0", self.port)
+        match self.tls {
+            None => self.url_as("redis", "127.0.0.1"),
+            Some(_) => self.url_as("rediss", "localhost"),
+        }
+    }
+
+    fn url_as(&self, scheme: &str, host: &str) -> String {
+        format!("{scheme}://:{PASSWORD}@{host}:{}/0", self.port)
+    }
+
+    /// Sends `kill -<sig>` to the server: `STOP` freezes it with its connections
+    /// open (a hung Redis), `CONT` thaws it.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {pid}");
     }
 
     async fn admin(&self) -> redis::aio::MultiplexedConnection {
@@ -133,8 +147,10 @@ impl Drop for RedisServer {
     }
 }
 
-/// A throwaway CA and a server certificate for 127.0.0.1, made with the `openssl`
-/// command (CI installs it with redis-server).
+/// A throwaway CA (`ca.crt`), a server certificate it signs for the name
+/// `localhost` only (`server.crt`, an RSA key as managed services use), and an
+/// unrelated CA (`other-ca.crt`), made with the `openssl` command (CI installs it
+/// with redis-server).
 #[cfg(feature = "redis-tls")]
 fn make_certificates() -> Option<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!(
@@ -147,56 +163,33 @@ fn make_certificates() -> Option<std::path::PathBuf> {
             .port()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    let steps: [&[&str]; 3] = [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=portcullis test CA",
-        ],
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext",
-        ],
+    std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    // Each step: its arguments, split at spaces, then the subject if any.
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    let steps = [
+        (
+            format!("req -x509 {ec} -keyout ca.key -out ca.crt -days 2"),
+            Some("/CN=portcullis test CA"),
+        ),
+        (
+            format!("req -x509 {ec} -keyout other-ca.key -out other-ca.crt -days 2"),
+            Some("/CN=portcullis unrelated CA"),
+        ),
+        (
+            "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr".to_owned(),
+            Some("/CN=localhost"),
+        ),
+        (
+            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+             -out server.crt -days 2 -extfile ext"
+                .to_owned(),
+            None,
+        ),
     ];
-    for args in steps {
+    for (args, subject) in steps {
         let ok = Command::new("openssl")
-            .args(args)
+            .args(args.split_whitespace())
+            .args(subject.into_iter().flat_map(|s| ["-subj", s]))
             .current_dir(&dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -217,50 +210,224 @@ fn make_certificates() -> Option<std::path::PathBuf> {
     Some(dir)
 }
 
+/// A TLS `redis-server` and the PEM of the CA that signed its certificate.
+#[cfg(feature = "redis-tls")]
+fn tls_server() -> Option<(RedisServer, Vec<u8>)> {
+    let dir = make_certificates()?;
+    let ca = std::fs::read(dir.join("ca.crt")).unwrap();
+    Some((RedisServer::start_with(Some(dir))?, ca))
+}
+
+/// A `rediss://` limiter trusting `ca`, with the default timeouts (5 ms per call,
+/// 2 s to connect) and cool-down.
+#[cfg(feature = "redis-tls")]
+fn tls_limiter(url: &str, ca: &[u8], on_failure: FailurePolicy, ns: &str) -> RedisLimiter {
+    RedisLimiter::builder(url, on_failure)
+        .unwrap()
+        .tls_root_certificate(ca)
+        .unwrap()
+        .namespace(ns)
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
 #[cfg(feature = "redis-tls")]
 #[tokio::test]
-async fn rediss_with_a_private_ca() {
-    let Some(dir) = make_certificates() else {
+async fn rediss_with_the_default_timeouts_shares_one_quota() {
+    let Some((server, ca)) = tls_server() else {
         return;
     };
-    let ca = std::fs::read(dir.join("ca.crt")).unwrap();
-    let Some(server) = RedisServer::start_with(Some(dir)) else {
-        return;
-    };
-    let trusted = RedisLimiter::builder(&server.url(), FailurePolicy::FailClosed)
-        .unwrap()
-        .tls_root_certificate(&ca)
-        .unwrap()
-        .namespace("tls")
-        .unwrap()
-        .timeout(Duration::from_millis(500))
-        .build()
-        .unwrap();
-    trusted
-        .connect()
-        .await
-        .expect("TLS connection with the private CA");
-    let addr = serve_limited(
-        layer(trusted, Quota::per_minute(3).unwrap()),
-        ClientIpConfig::peer_only(),
-    )
-    .await;
-    for remaining in [2, 1, 0] {
-        let r = get(addr, &[]).await;
-        assert_eq!((r.status, limits(&r)[0].remaining), (200, remaining));
+    // A TLS handshake takes longer than the 5 ms a request may wait: connecting has
+    // its own timeout and happens off the request path.
+    let q = Quota::per_minute(4).unwrap();
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let l = tls_limiter(&server.url(), &ca, FailurePolicy::FailClosed, "tls");
+        l.connect()
+            .await
+            .expect("TLS connection with the private CA and the default timeouts");
+        addrs.push(serve_limited(layer(l, q), ClientIpConfig::peer_only()).await);
     }
-    assert_eq!(get(addr, &[]).await.status, 429);
+    let who: &[&[u8]] = &[b"X-Test-Principal: tls-user"];
+    let mut remaining = Vec::new();
+    for addr in [addrs[0], addrs[1], addrs[0], addrs[1]] {
+        let r = get(addr, who).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        remaining.push(limits(&r)[0].remaining);
+    }
+    assert_eq!(remaining, [3, 2, 1, 0], "one quota across both instances");
+    for addr in &addrs {
+        assert_eq!(get(*addr, who).await.status, 429);
+    }
+    // Without `connect`, an instance limits locally (a fresh quota: 200) until its
+    // background connection is up, then shares the spent one (429); no request
+    // waits meanwhile.
+    let late = tls_limiter(&server.url(), &ca, FailurePolicy::FallbackLocal, "tls");
+    let late = serve_limited(layer(late, q), ClientIpConfig::peer_only()).await;
+    let started = Instant::now();
+    loop {
+        let asked = Instant::now();
+        let r = get(late, who).await;
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            asked.elapsed()
+        );
+        if r.status == 429 {
+            break;
+        }
+        assert_eq!(r.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
-    // Without the CA the server's certificate is not trusted: no connection.
-    let untrusted = limiter(&server.url(), FailurePolicy::FailClosed, "tls-untrusted");
-    assert!(untrusted.connect().await.is_err());
-    // A root certificate for a plain redis:// URL is a configuration error.
+    // A root certificate for a plain redis:// URL is a configuration error, and so
+    // is a rediss:// URL that turns the certificate checks off.
     assert!(
         RedisLimiter::builder("redis://127.0.0.1:1", FailurePolicy::FailClosed)
             .unwrap()
             .tls_root_certificate(&ca)
             .is_err()
     );
+    let insecure = format!("rediss://:{PASSWORD}@localhost:{}/0#insecure", server.port);
+    let e = RedisLimiter::builder(&insecure, FailurePolicy::FailOpen).unwrap_err();
+    assert!(!e.to_string().contains(PASSWORD), "{e}");
+}
+
+/// A server this client must not trust, reached through `url` with `ca` as root.
+#[cfg(feature = "redis-tls")]
+struct Untrusted {
+    case: &'static str,
+    url: String,
+    ca: Vec<u8>,
+    /// The `error` classes its failed connection may be logged with.
+    classes: &'static [&'static str],
+}
+
+#[cfg(feature = "redis-tls")]
+#[tokio::test]
+async fn rediss_to_an_untrusted_server_follows_the_failure_policy() {
+    let Some(dir) = make_certificates() else {
+        return;
+    };
+    let ca = std::fs::read(dir.join("ca.crt")).unwrap();
+    let other_ca = std::fs::read(dir.join("other-ca.crt")).unwrap();
+    let Some(server) = RedisServer::start_with(Some(dir)) else {
+        return;
+    };
+    let Some(plain) = RedisServer::start().await else {
+        return;
+    };
+    let capture = log_capture::capture();
+    let cases = [
+        Untrusted {
+            case: "wrong-ca",
+            url: server.url(),
+            ca: other_ca,
+            classes: &["tls_untrusted_certificate"],
+        },
+        Untrusted {
+            // The certificate names `localhost`, not the address.
+            case: "name-mismatch",
+            url: server.url_as("rediss", "127.0.0.1"),
+            ca: ca.clone(),
+            classes: &["tls_name_mismatch"],
+        },
+        Untrusted {
+            // A server without TLS waits for the rest of what it takes for a
+            // command (the connect timeout ends it), answers garbage, or closes.
+            case: "plaintext",
+            url: plain.url_as("rediss", "127.0.0.1"),
+            ca,
+            classes: &["timeout", "tls_protocol", "connection_lost"],
+        },
+    ];
+    let q = Quota::per_minute(2).unwrap();
+    let mut namespaces = Vec::new();
+    for c in &cases {
+        let closed_ns = format!("untrusted-{}-closed", c.case);
+        let local_ns = format!("untrusted-{}-local", c.case);
+        let closed = tls_limiter(&c.url, &c.ca, FailurePolicy::FailClosed, &closed_ns);
+        let local = tls_limiter(&c.url, &c.ca, FailurePolicy::FallbackLocal, &local_ns);
+        let closed_addr =
+            serve_limited(layer(closed.clone(), q), ClientIpConfig::peer_only()).await;
+        let local_addr = serve_limited(layer(local.clone(), q), ClientIpConfig::peer_only()).await;
+        // No request waits for the connection attempt (2 s by default).
+        let started = Instant::now();
+        for _ in 0..3 {
+            let r = get(closed_addr, &[]).await;
+            assert_eq!(r.status, 503, "{}: fail closed", c.case);
+            assert!(r.header("retry-after").is_some());
+        }
+        let statuses: Vec<u16> = {
+            let mut v = Vec::new();
+            for _ in 0..3 {
+                v.push(get(local_addr, &[]).await.status);
+            }
+            v
+        };
+        assert_eq!(
+            statuses,
+            [200, 200, 429],
+            "{}: this instance's own limit",
+            c.case
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{}: requests waited {:?}",
+            c.case,
+            started.elapsed()
+        );
+        // Waiting for a connection gives up within about the connect timeout.
+        let started = Instant::now();
+        assert!(closed.connect().await.is_err(), "{}", c.case);
+        assert!(started.elapsed() < Duration::from_secs(3), "{}", c.case);
+        assert!(closed.breaker_open() && local.breaker_open(), "{}", c.case);
+        namespaces.push((c, closed_ns, local_ns));
+    }
+    // Each limiter logged that it bypasses Redis, and why it cannot connect.
+    for (c, closed_ns, local_ns) in &namespaces {
+        for (ns, policy) in [(closed_ns, "FailClosed"), (local_ns, "FallbackLocal")] {
+            let events = wait_for_events(capture, ns, "rate_limit_backend_connect_failed").await;
+            let class = events[0]["fields"]["error"].as_str().unwrap_or_default();
+            assert!(c.classes.contains(&class), "{}: {events:?}", c.case);
+            let down = capture
+                .events_with(ns)
+                .into_iter()
+                .filter(|e| e["fields"]["event"] == "rate_limit_backend_down")
+                .collect::<Vec<_>>();
+            assert_eq!(down.len(), 1, "{}: {down:?}", c.case);
+            assert_eq!(down[0]["fields"]["failure_policy"], policy);
+            assert_eq!(down[0]["level"], "WARN");
+        }
+    }
+    assert!(!capture.text().contains(PASSWORD));
+}
+
+/// The events named `event` among the lines carrying `marker`, waiting up to 5 s for
+/// the first.
+async fn wait_for_events(
+    capture: &log_capture::Capture,
+    marker: &str,
+    event: &str,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found: Vec<_> = capture
+            .events_with(marker)
+            .into_iter()
+            .filter(|e| e["fields"]["event"] == event)
+            .collect();
+        if !found.is_empty() || Instant::now() > deadline {
+            assert!(!found.is_empty(), "no {event} for {marker}");
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn limiter(url: &str, on_failure: FailurePolicy, ns: &str) -> RedisLimiter {
@@ -275,12 +442,54 @@ fn limiter(url: &str, on_failure: FailurePolicy, ns: &str) -> RedisLimiter {
         .unwrap()
 }
 
+/// [`limiter`], connected: requests before the first connection follow the
+/// failure policy.
+async fn connected(url: &str, on_failure: FailurePolicy, ns: &str) -> RedisLimiter {
+    let l = limiter(url, on_failure, ns);
+    l.connect().await.expect("connected to redis-server");
+    l
+}
+
 fn layer(limiter: RedisLimiter, quota: Quota) -> RateLimitLayer {
     RateLimitLayer::builder()
         .policy(Policy::new("api", quota).unwrap())
         .redis(limiter)
         .build()
         .unwrap()
+}
+
+#[test]
+fn a_limiter_outlives_the_runtime_it_was_built_in() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let Some((server, limiters)) = first.block_on(async {
+        let server = RedisServer::start().await?;
+        // Connected in the first runtime, whose tasks (the connection's own) end.
+        let used = connected(&server.url(), FailurePolicy::FailClosed, "outlive-used").await;
+        // Its background connection attempt is dropped before it ever runs.
+        let unused = limiter(&server.url(), FailurePolicy::FailClosed, "outlive-unused");
+        Some((server, [used, unused]))
+    }) else {
+        return;
+    };
+    drop(first);
+    runtime().block_on(async {
+        for l in limiters {
+            l.connect().await.expect("connects again from this runtime");
+            let addr = serve_limited(
+                layer(l, Quota::per_minute(5).unwrap()),
+                ClientIpConfig::peer_only(),
+            )
+            .await;
+            assert_eq!(get(addr, &[]).await.status, 200);
+        }
+    });
+    drop(server);
 }
 
 #[tokio::test]
@@ -291,7 +500,7 @@ async fn two_instances_share_one_quota() {
     let q = Quota::per_minute(4).unwrap();
     let a = serve_limited(
         layer(
-            limiter(&server.url(), FailurePolicy::FailClosed, "shared"),
+            connected(&server.url(), FailurePolicy::FailClosed, "shared").await,
             q,
         ),
         ClientIpConfig::peer_only(),
@@ -299,7 +508,7 @@ async fn two_instances_share_one_quota() {
     .await;
     let b = serve_limited(
         layer(
-            limiter(&server.url(), FailurePolicy::FailClosed, "shared"),
+            connected(&server.url(), FailurePolicy::FailClosed, "shared").await,
             q,
         ),
         ClientIpConfig::peer_only(),
@@ -331,7 +540,7 @@ async fn script_is_reloaded_after_script_flush() {
     };
     let addr = serve_limited(
         layer(
-            limiter(&server.url(), FailurePolicy::FailClosed, "flush"),
+            connected(&server.url(), FailurePolicy::FailClosed, "flush").await,
             Quota::per_minute(5).unwrap(),
         ),
         ClientIpConfig::peer_only(),
@@ -359,7 +568,7 @@ async fn odd_principal_ids_become_safe_expiring_keys() {
     };
     let addr = serve_limited(
         layer(
-            limiter(&server.url(), FailurePolicy::FailClosed, "odd"),
+            connected(&server.url(), FailurePolicy::FailClosed, "odd").await,
             Quota::per_minute(2).unwrap(),
         ),
         ClientIpConfig::peer_only(),
@@ -407,9 +616,9 @@ async fn killing_redis_shows_each_failure_policy() {
     };
     let capture = log_capture::capture();
     let q = Quota::per_minute(2).unwrap();
-    let open_l = limiter(&server.url(), FailurePolicy::FailOpen, "kill-open");
-    let closed_l = limiter(&server.url(), FailurePolicy::FailClosed, "kill-closed");
-    let local_l = limiter(&server.url(), FailurePolicy::FallbackLocal, "kill-local");
+    let open_l = connected(&server.url(), FailurePolicy::FailOpen, "kill-open").await;
+    let closed_l = connected(&server.url(), FailurePolicy::FailClosed, "kill-closed").await;
+    let local_l = connected(&server.url(), FailurePolicy::FallbackLocal, "kill-local").await;
     let open = serve_limited(layer(open_l.clone(), q), ClientIpConfig::peer_only()).await;
     let closed = serve_limited(layer(closed_l.clone(), q), ClientIpConfig::peer_only()).await;
     let local = serve_limited(layer(local_l.clone(), q), ClientIpConfig::peer_only()).await;
@@ -498,11 +707,18 @@ fn urls_never_leak_into_errors_or_debug() {
     assert!(!format!("{ok:?}").contains(secret));
     let built = ok.build().unwrap();
     assert!(!format!("{built:?}").contains(secret));
-    // A required timeout: out-of-range values are refused.
+    // Required timeouts: out-of-range values are refused.
     assert!(
         RedisLimiter::builder("redis://127.0.0.1:1", FailurePolicy::FailOpen)
             .unwrap()
             .timeout(Duration::ZERO)
+            .build()
+            .is_err()
+    );
+    assert!(
+        RedisLimiter::builder("redis://127.0.0.1:1", FailurePolicy::FailOpen)
+            .unwrap()
+            .connect_timeout(Duration::from_millis(1))
             .build()
             .is_err()
     );
@@ -515,9 +731,9 @@ fn urls_never_leak_into_errors_or_debug() {
 }
 
 #[tokio::test]
-async fn a_dead_redis_costs_the_timeout_once_per_cooldown() {
-    // Nothing listens on this port: every call would fail. Count calls that reach
-    // the network by whether the breaker lets them through.
+async fn a_dead_redis_costs_requests_nothing() {
+    let capture = log_capture::capture();
+    // Nothing listens on this port: no connection is ever up.
     let port = StdListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -528,6 +744,9 @@ async fn a_dead_redis_costs_the_timeout_once_per_cooldown() {
         FailurePolicy::FailClosed,
     )
     .unwrap()
+    .namespace("dead-ns")
+    .unwrap()
+    .timeout(Duration::from_secs(1))
     .cooldown(Duration::from_secs(30))
     .build()
     .unwrap();
@@ -537,16 +756,28 @@ async fn a_dead_redis_costs_the_timeout_once_per_cooldown() {
         ClientIpConfig::peer_only(),
     )
     .await;
-    assert!(!l.breaker_open());
+    assert!(!l.breaker_open(), "nothing has been refused yet");
     assert_eq!(get(addr, &[]).await.status, 503);
-    assert!(l.breaker_open(), "the first failure opens the breaker");
+    assert!(l.breaker_open(), "the first refusal opens the breaker");
+    let started = Instant::now();
     for _ in 0..20 {
         assert_eq!(get(addr, &[]).await.status, 503);
     }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no request waits"
+    );
     assert!(l.breaker_open());
     let r = get(addr, &[]).await;
     let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=30).contains(&secs), "{secs}");
+    let failed = wait_for_events(capture, "dead-ns", "rate_limit_backend_connect_failed").await;
+    assert_eq!(
+        failed.len(),
+        1,
+        "once per outage, not per attempt: {failed:?}"
+    );
+    assert_eq!(failed[0]["fields"]["error"], "connection_refused");
 }
 
 #[tokio::test]
@@ -563,7 +794,7 @@ async fn a_redis_error_reply_is_a_failure_too() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    let l = limiter(&server.url(), FailurePolicy::FailClosed, "errs");
+    let l = connected(&server.url(), FailurePolicy::FailClosed, "errs").await;
     let layer = RateLimitLayer::builder()
         .policy(Policy::new("api", Quota::per_minute(5).unwrap()).unwrap())
         .redis(l.clone())
@@ -578,9 +809,9 @@ async fn a_redis_error_reply_is_a_failure_too() {
 }
 
 #[tokio::test]
-async fn a_silent_redis_times_out_and_opens_the_breaker() {
+async fn a_silent_redis_never_holds_up_a_request() {
     let capture = log_capture::capture();
-    // Accepts connections and never answers.
+    // Accepts connections and never answers: a connection attempt can only time out.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -596,7 +827,8 @@ async fn a_silent_redis_times_out_and_opens_the_breaker() {
     .unwrap()
     .namespace("silent-probe-ns")
     .unwrap()
-    .timeout(Duration::from_millis(50))
+    .timeout(Duration::from_millis(500))
+    .connect_timeout(Duration::from_millis(300))
     .cooldown(Duration::from_secs(30))
     .build()
     .unwrap();
@@ -605,19 +837,185 @@ async fn a_silent_redis_times_out_and_opens_the_breaker() {
         ClientIpConfig::peer_only(),
     )
     .await;
+    // Neither the per-call timeout nor the connect timeout is spent on a request.
     for _ in 0..5 {
+        let started = Instant::now();
         assert_eq!(get(addr, &[]).await.status, 503);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(250),
+            "a request waited {took:?}"
+        );
     }
     assert!(l.breaker_open());
-    let down: Vec<_> = capture
-        .events_with("silent-probe-ns")
-        .into_iter()
-        .filter(|e| e["fields"]["event"] == "rate_limit_backend_down")
-        .collect();
+    let failed = wait_for_events(
+        capture,
+        "silent-probe-ns",
+        "rate_limit_backend_connect_failed",
+    )
+    .await;
+    assert_eq!(failed[0]["fields"]["error"], "timeout");
+    // Retried in the background (100 ms, 200 ms, ...), logged once.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let events = capture.events_with("silent-probe-ns");
+    let count = |name: &str| {
+        events
+            .iter()
+            .filter(|e| e["fields"]["event"] == name)
+            .count()
+    };
+    assert_eq!(count("rate_limit_backend_connect_failed"), 1, "{events:?}");
     assert_eq!(
-        down.len(),
+        count("rate_limit_backend_down"),
         1,
-        "logged once per opening, not per request: {down:?}"
+        "once per opening: {events:?}"
     );
-    assert_eq!(down[0]["fields"]["error"], "timeout");
+    let down = events
+        .iter()
+        .find(|e| e["fields"]["event"] == "rate_limit_backend_down")
+        .unwrap();
+    assert_eq!(down["fields"]["error"], "not_connected");
+}
+
+#[tokio::test]
+async fn a_hung_redis_times_out_once_then_recovers() {
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    let capture = log_capture::capture();
+    let cooldown = Duration::from_millis(1000);
+    let l = RedisLimiter::builder(&server.url(), FailurePolicy::FailClosed)
+        .unwrap()
+        .namespace("hung-ns")
+        .unwrap()
+        .timeout(Duration::from_millis(100))
+        .connect_timeout(Duration::from_millis(300))
+        .cooldown(cooldown)
+        .build()
+        .unwrap();
+    l.connect().await.unwrap();
+    let addr = serve_limited(
+        layer(l.clone(), Quota::per_minute(100).unwrap()),
+        ClientIpConfig::peer_only(),
+    )
+    .await;
+    assert_eq!(get(addr, &[]).await.status, 200);
+
+    // Frozen with its connections open: the call times out, once.
+    server.signal("STOP");
+    let resumed = {
+        let guard = scopeguard(&server);
+        let started = Instant::now();
+        assert_eq!(get(addr, &[]).await.status, 503);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        let started = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(get(addr, &[]).await.status, 503);
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "the breaker is open"
+        );
+        drop(guard);
+        Instant::now()
+    };
+    let mut back = None;
+    while resumed.elapsed() < cooldown * 3 {
+        if get(addr, &[]).await.status == 200 {
+            back = Some(resumed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let back = back.expect("back after the server resumes");
+    assert!(back <= cooldown + Duration::from_millis(600), "{back:?}");
+    let events = capture.events_with("hung-ns");
+    let named = |name: &str| {
+        events
+            .iter()
+            .filter(|e| e["fields"]["event"] == name)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(named("rate_limit_backend_down").len(), 1, "{events:?}");
+    assert_eq!(
+        named("rate_limit_backend_down")[0]["fields"]["error"],
+        "timeout"
+    );
+    assert_eq!(named("rate_limit_backend_recovered").len(), 1, "{events:?}");
+}
+
+/// Thaws a frozen server when dropped, also when an assertion fails.
+fn scopeguard(server: &RedisServer) -> impl Drop + '_ {
+    struct Thaw<'a>(&'a RedisServer);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            self.0.signal("CONT");
+        }
+    }
+    Thaw(server)
+}
+
+#[tokio::test]
+async fn a_restarted_redis_is_used_again_within_one_cooldown() {
+    let Some(mut server) = RedisServer::start().await else {
+        return;
+    };
+    let cooldown = Duration::from_millis(1500);
+    let timeout = Duration::from_millis(200);
+    let make = |ns: &str| {
+        RedisLimiter::builder(&server.url(), FailurePolicy::FailClosed)
+            .unwrap()
+            .namespace(ns)
+            .unwrap()
+            .timeout(timeout)
+            .cooldown(cooldown)
+            .build()
+            .unwrap()
+    };
+    let (probed, polled) = (make("restart-probed"), make("restart-polled"));
+    let q = Quota::per_minute(100).unwrap();
+    let mut addrs = Vec::new();
+    for l in [&probed, &polled] {
+        l.connect().await.unwrap();
+        let addr = serve_limited(layer(l.clone(), q), ClientIpConfig::peer_only()).await;
+        assert_eq!(get(addr, &[]).await.status, 200);
+        addrs.push(addr);
+    }
+    let (probed_addr, polled_addr) = (addrs[0], addrs[1]);
+
+    server.kill();
+    // Each breaker opens on its first failed call.
+    assert_eq!(get(probed_addr, &[]).await.status, 503);
+    let opened = Instant::now();
+    assert_eq!(get(polled_addr, &[]).await.status, 503);
+    // Down long enough for any reconnect attempts made meanwhile to fail.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.spawn();
+    let restarted = Instant::now();
+
+    // Polled: the shared limit is back within one cool-down (plus a call's timeout
+    // and a margin), not two.
+    let bound = cooldown + timeout + Duration::from_millis(300);
+    let mut back = None;
+    while restarted.elapsed() < bound * 2 {
+        let r = get(polled_addr, &[]).await;
+        if r.status == 200 {
+            back = Some(restarted.elapsed());
+            assert_eq!(limits(&r)[0].remaining, 99, "a fresh server, a fresh quota");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // Probed: the first request after the cool-down finds Redis, nothing stale.
+    let after_cooldown = cooldown + Duration::from_millis(50);
+    if let Some(left) = after_cooldown.checked_sub(opened.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    let r = get(probed_addr, &[]).await;
+    assert_eq!(r.status, 200, "the first request after the cool-down");
+
+    let back = back.expect("the limiter uses Redis again");
+    assert!(back <= bound, "back after {back:?}, more than {bound:?}");
+    assert!(!probed.breaker_open() && !polled.breaker_open());
 }
