@@ -1,12 +1,21 @@
-//! Entry points of the cargo-fuzz targets in `fuzz/`, kept in the crate so that
-//! `cargo test --all-features` replays each target's seed corpus through exactly the
-//! code the fuzzer runs. Not a public API.
+//! Entry points of the cargo-fuzz targets in `fuzz/`. **Not part of the API**: hidden
+//! from the documentation, exempt from the listing of the public API and from any
+//! compatibility promise; they may change or go away in any release.
+//!
+//! They live in the crate so that each target is a one-line shim, so that they can
+//! reach the crate-private parsers they exercise, and so that `cargo test` replays
+//! every target's seed corpus through exactly the code the fuzzer runs. Each function
+//! is compiled with the features it needs.
 
+#[cfg(feature = "client-ip")]
 use std::net::IpAddr;
 
+#[cfg(any(feature = "client-ip", feature = "api-key"))]
 use http::{HeaderMap, HeaderValue};
 
+#[cfg(feature = "client-ip")]
 use crate::IpSet;
+#[cfg(feature = "client-ip")]
 use crate::client_ip::{
     ClientIpConfig, ForwardedHeader, Node, parse_forwarded, parse_x_forwarded_for, walk,
 };
@@ -17,6 +26,7 @@ use crate::client_ip::{
 /// Checks, besides "no panic": the resolved client is the peer or an address that
 /// appears in the chain with only trusted hops to its right; and the resolver over a
 /// `HeaderMap` agrees with the pure walk over the same values.
+#[cfg(feature = "client-ip")]
 pub fn forwarded_headers(data: &[u8]) {
     let Some((&sel, rest)) = data.split_first() else {
         return;
@@ -75,7 +85,8 @@ pub fn forwarded_headers(data: &[u8]) {
 }
 
 /// The property every resolution must satisfy.
-pub fn is_allowed_result(
+#[cfg(feature = "client-ip")]
+fn is_allowed_result(
     peer: IpAddr,
     nodes_right_to_left: &[Node],
     client: IpAddr,
@@ -244,7 +255,7 @@ pub fn credentials(data: &[u8]) {
     use std::time::SystemTime;
 
     use crate::api_key::{KeyRecord, KeyStore, MAX_KEY_LEN, generate_key, parse_key};
-    use crate::authenticate::{
+    use crate::authenticate::credentials::{
         CredentialError, MAX_CREDENTIAL_LEN, extract_credential, parse_api_key_header,
         parse_authorization,
     };

@@ -88,7 +88,6 @@
 //! - `redact-writer`: [`RedactingMakeWriter`](redact::RedactingMakeWriter), a
 //!   `tracing-subscriber` writer that scrubs every formatted event.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
-//! - `fuzzing`: the entry points of the cargo-fuzz targets, for the corpus replay tests.
 //! - `stack` (default): [`stack`], the whole stack as one layer ([`StackLayer`](stack::StackLayer)).
 //!
 //! ## What portcullis does not do
@@ -135,7 +134,6 @@ pub mod reload;
 #[cfg(feature = "auth-throttle")]
 pub mod auth_throttle;
 
-#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 

@@ -15,6 +15,7 @@ fn replay(target: &str, f: fn(&[u8])) {
     assert!(n > 0, "empty corpus for {target}");
 }
 
+#[cfg(feature = "client-ip")]
 #[test]
 fn forwarded_headers_corpus() {
     replay("forwarded_headers", portcullis::fuzzing::forwarded_headers);
