@@ -29,10 +29,13 @@
 //!
 //! ## Costs and limits
 //! From an untrusted peer: one set lookup, no header parsing. From a trusted peer:
-//! one pass over at most [`MAX_HOPS`] entries from the right (no allocation for
-//! `X-Forwarded-For`; one small vector per `Forwarded` instance).
+//! one pass over at most 32 entries from the right (no allocation for
+//! `X-Forwarded-For`; one small vector per `Forwarded` instance). A longer chain of
+//! trusted hops resolves to no address.
 
 mod parse;
+#[cfg(test)]
+mod properties;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -44,14 +47,10 @@ use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use crate::ClientIp;
-use crate::ConfigError;
-pub use crate::IpSet;
-use crate::future::ResponseFuture;
 use crate::rejection::Rejection;
-pub use parse::{
-    Forwarded, MAX_HOPS, Node, parse_forwarded, parse_x_forwarded_for, parse_x_real_ip, walk,
-    walk_depth,
+use crate::{ClientIp, ConfigError, IpSet};
+pub(crate) use parse::{
+    MAX_HOPS, Node, parse_forwarded, parse_x_forwarded_for, parse_x_real_ip, walk, walk_depth,
 };
 
 /// The TCP peer of the connection, in the request extensions.
@@ -128,7 +127,7 @@ impl ClientIpConfig {
 
     /// Hop-count mode, for proxies whose addresses are not known in advance: when
     /// the peer is trusted, the client is the `depth`-th entry from the right of the
-    /// header (1 = the entry the peer appended). `depth` must be 1 to [`MAX_HOPS`],
+    /// header (1 = the entry the peer appended). `depth` must be 1 to 32,
     /// and the peer must still be inside the trusted networks, so that a client
     /// connecting directly cannot choose its own address.
     pub fn depth(mut self, depth: usize) -> Result<Self, ConfigError> {
@@ -266,18 +265,7 @@ pub struct AddPeerAddr<S> {
 }
 
 impl<S> AddPeerAddr<S> {
-    /// Gets a reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// Gets a mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S, B> Service<Request<B>> for AddPeerAddr<S>
@@ -335,22 +323,11 @@ impl<S> ClientIpService<S> {
     pub fn new(inner: S, config: ClientIpConfig) -> Self {
         ClientIpLayer::new(config).layer(inner)
     }
-    /// Gets a reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// Gets a mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 /// The peer address of a request: [`PeerAddr`], else axum's `ConnectInfo`.
-pub fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
+fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
     if let Some(p) = req.extensions().get::<PeerAddr>() {
         return Some(p.0);
     }
@@ -371,7 +348,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ClientIpFuture<S::Future, ResBody>;
+    type Future = ResponseFuture<S::Future, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -416,6 +393,8 @@ fn resolve<ReqBody>(
     Ok(ip)
 }
 
-/// Response future of [`ClientIpService`]: also copies the resolved [`ClientIp`]
-/// into the response extensions, where an access log *outside* this layer reads it.
-pub type ClientIpFuture<F, B> = ResponseFuture<F, B, ClientIp>;
+/// Response future of [`ClientIpService`]: the inner service's future, or the 500
+/// answer to a request without a peer address. A `Future` with the inner future's
+/// output; it also copies the resolved [`ClientIp`] into the response extensions,
+/// where an access log *outside* this layer reads it.
+pub type ResponseFuture<F, B> = crate::future::ResponseFuture<F, B, ClientIp>;

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 /// One hop of a forwarding chain, as a header reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Node {
+pub(crate) enum Node {
     /// An address; a port, if any, is dropped and IPv4-mapped IPv6 is normalised.
     Ip(IpAddr),
     /// `unknown` (RFC 7239 §6.2), or a `Forwarded` element without `for=`: the
@@ -30,13 +30,7 @@ const MAX_NODE_LEN: usize = 64;
 /// Accepted forms: `192.0.2.1`, `192.0.2.1:8080`, `2001:db8::1`, `[2001:db8::1]`,
 /// `[2001:db8::1]:8080`, `unknown` and `_obfuscated`; anything else is
 /// [`Node::Invalid`].
-///
-/// ```
-/// use portcullis::client_ip::{parse_x_forwarded_for, Node};
-/// let nodes: Vec<Node> = parse_x_forwarded_for(b"203.0.113.7, [2001:db8::1]:443").collect();
-/// assert_eq!(nodes, [Node::Ip("2001:db8::1".parse().unwrap()), Node::Ip("203.0.113.7".parse().unwrap())]);
-/// ```
-pub fn parse_x_forwarded_for(value: &[u8]) -> impl DoubleEndedIterator<Item = Node> + '_ {
+pub(crate) fn parse_x_forwarded_for(value: &[u8]) -> impl DoubleEndedIterator<Item = Node> + '_ {
     value
         .rsplit(|&b| b == b',')
         .map(trim_ows)
@@ -45,13 +39,7 @@ pub fn parse_x_forwarded_for(value: &[u8]) -> impl DoubleEndedIterator<Item = No
 }
 
 /// Parses an `X-Real-IP` value: exactly one address, optionally with a port.
-///
-/// ```
-/// use portcullis::client_ip::{parse_x_real_ip, Node};
-/// assert_eq!(parse_x_real_ip(b" 192.0.2.9 "), Node::Ip("192.0.2.9".parse().unwrap()));
-/// assert_eq!(parse_x_real_ip(b"192.0.2.9, 192.0.2.10"), Node::Invalid);
-/// ```
-pub fn parse_x_real_ip(value: &[u8]) -> Node {
+pub(crate) fn parse_x_real_ip(value: &[u8]) -> Node {
     parse_xff_node(trim_ows(value))
 }
 
@@ -104,17 +92,7 @@ fn parse_word(e: &[u8]) -> Option<Node> {
 /// Parameter names are case-insensitive; values are tokens or quoted strings. An
 /// element without `for` yields [`Node::Unknown`]; an element with two `for`
 /// parameters, or any syntax error, yields [`Node::Invalid`] and ends the value.
-///
-/// ```
-/// use portcullis::client_ip::{parse_forwarded, Node};
-/// let nodes: Vec<Node> =
-///     parse_forwarded(br#"for=192.0.2.43, For="[2001:db8:cafe::17]:4711";proto=https"#).collect();
-/// assert_eq!(nodes, [
-///     Node::Ip("192.0.2.43".parse().unwrap()),
-///     Node::Ip("2001:db8:cafe::17".parse().unwrap()),
-/// ]);
-/// ```
-pub fn parse_forwarded(value: &[u8]) -> Forwarded<'_> {
+pub(crate) fn parse_forwarded(value: &[u8]) -> Forwarded<'_> {
     Forwarded {
         rest: value,
         done: false,
@@ -123,7 +101,7 @@ pub fn parse_forwarded(value: &[u8]) -> Forwarded<'_> {
 
 /// Iterator returned by [`parse_forwarded`].
 #[derive(Debug, Clone)]
-pub struct Forwarded<'a> {
+pub(crate) struct Forwarded<'a> {
     rest: &'a [u8],
     done: bool,
 }
@@ -331,7 +309,7 @@ fn trim_ows(s: &[u8]) -> &[u8] {
 
 /// The most hops a walk looks at. A chain longer than this (all trusted) cannot be
 /// resolved; real deployments have a handful of proxies.
-pub const MAX_HOPS: usize = 32;
+pub(crate) const MAX_HOPS: usize = 32;
 
 /// Walks a forwarding chain from the nearest hop outwards and returns the client.
 ///
@@ -345,15 +323,7 @@ pub const MAX_HOPS: usize = 32;
 ///
 /// The result is therefore always the peer or an address that appears in the chain
 /// with only trusted hops to its right.
-///
-/// ```
-/// use portcullis::client_ip::{parse_x_forwarded_for, walk};
-/// let trusted = |ip: std::net::IpAddr| ip.to_string().starts_with("10.");
-/// let peer = "10.0.0.1".parse().unwrap();
-/// let chain = parse_x_forwarded_for(b"6.6.6.6, 203.0.113.9, 10.0.0.2");
-/// assert_eq!(walk(peer, chain, trusted), Some("203.0.113.9".parse().unwrap()));
-/// ```
-pub fn walk<I, F>(peer: IpAddr, nodes_right_to_left: I, is_trusted: F) -> Option<IpAddr>
+pub(crate) fn walk<I, F>(peer: IpAddr, nodes_right_to_left: I, is_trusted: F) -> Option<IpAddr>
 where
     I: IntoIterator<Item = Node>,
     F: Fn(IpAddr) -> bool,
@@ -379,15 +349,7 @@ where
 /// Hop-count mode: with a trusted peer, the client is the `depth`-th entry from the
 /// right (1 = the entry the peer itself appended). Too few entries, or a node that is
 /// not an address at that position, yields `None`. An untrusted peer is the client.
-///
-/// ```
-/// use portcullis::client_ip::{parse_x_forwarded_for, walk_depth};
-/// let peer = "10.0.0.1".parse().unwrap();
-/// let chain = || parse_x_forwarded_for(b"6.6.6.6, 203.0.113.9, 198.51.100.4");
-/// assert_eq!(walk_depth(peer, chain(), 2, |_| true), Some("203.0.113.9".parse().unwrap()));
-/// assert_eq!(walk_depth(peer, chain(), 4, |_| true), None);
-/// ```
-pub fn walk_depth<I, F>(
+pub(crate) fn walk_depth<I, F>(
     peer: IpAddr,
     nodes_right_to_left: I,
     depth: usize,
@@ -561,5 +523,62 @@ mod tests {
         );
         let many = vec!["10.0.0.5"; MAX_HOPS + 1].join(",");
         assert_eq!(w(&many), None);
+    }
+
+    #[test]
+    fn doc_parse_x_forwarded_for_right_to_left() {
+        let nodes: Vec<Node> = parse_x_forwarded_for(b"203.0.113.7, [2001:db8::1]:443").collect();
+        assert_eq!(
+            nodes,
+            [
+                Node::Ip("2001:db8::1".parse().unwrap()),
+                Node::Ip("203.0.113.7".parse().unwrap())
+            ]
+        );
+    }
+
+    #[test]
+    fn doc_parse_x_real_ip_one_address() {
+        assert_eq!(
+            parse_x_real_ip(b" 192.0.2.9 "),
+            Node::Ip("192.0.2.9".parse().unwrap())
+        );
+        assert_eq!(parse_x_real_ip(b"192.0.2.9, 192.0.2.10"), Node::Invalid);
+    }
+
+    #[test]
+    fn doc_parse_forwarded_left_to_right() {
+        let nodes: Vec<Node> =
+            parse_forwarded(br#"for=192.0.2.43, For="[2001:db8:cafe::17]:4711";proto=https"#)
+                .collect();
+        assert_eq!(
+            nodes,
+            [
+                Node::Ip("192.0.2.43".parse().unwrap()),
+                Node::Ip("2001:db8:cafe::17".parse().unwrap()),
+            ]
+        );
+    }
+
+    #[test]
+    fn doc_walk_skips_trusted_hops() {
+        let trusted = |ip: std::net::IpAddr| ip.to_string().starts_with("10.");
+        let peer = "10.0.0.1".parse().unwrap();
+        let chain = parse_x_forwarded_for(b"6.6.6.6, 203.0.113.9, 10.0.0.2");
+        assert_eq!(
+            walk(peer, chain, trusted),
+            Some("203.0.113.9".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn doc_walk_depth_counts_from_the_right() {
+        let peer = "10.0.0.1".parse().unwrap();
+        let chain = || parse_x_forwarded_for(b"6.6.6.6, 203.0.113.9, 198.51.100.4");
+        assert_eq!(
+            walk_depth(peer, chain(), 2, |_| true),
+            Some("203.0.113.9".parse().unwrap())
+        );
+        assert_eq!(walk_depth(peer, chain(), 4, |_| true), None);
     }
 }

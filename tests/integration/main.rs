@@ -15,14 +15,11 @@ mod auth_throttle;
 mod authenticate;
 #[cfg(feature = "client-ip")]
 mod client_ip;
-#[cfg(feature = "fuzzing")]
 mod fuzz_corpus;
 #[cfg(feature = "jwt")]
 mod jwt;
 #[cfg(all(feature = "access-log", feature = "allowlist"))]
 mod logging;
-#[cfg(feature = "client-ip")]
-mod properties;
 #[cfg(feature = "rate-limit")]
 mod rate_limit;
 #[cfg(feature = "redis")]

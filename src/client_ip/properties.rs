@@ -4,10 +4,10 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 
-use portcullis::IpSet;
-use portcullis::client_ip::{
-    Node, parse_forwarded, parse_x_forwarded_for, parse_x_real_ip, walk, walk_depth,
+use super::parse::{
+    MAX_HOPS, Node, parse_forwarded, parse_x_forwarded_for, parse_x_real_ip, walk, walk_depth,
 };
+use crate::IpSet;
 
 fn trusted() -> IpSet {
     IpSet::parse("10.0.0.0/8, fd00::/8").unwrap()
@@ -64,7 +64,7 @@ fn model(peer: IpAddr, hops: &[Hop]) -> Option<IpAddr> {
     }
     let mut client = peer;
     for (i, h) in hops.iter().rev().enumerate() {
-        if i == portcullis::client_ip::MAX_HOPS {
+        if i == MAX_HOPS {
             return None;
         }
         match h {
