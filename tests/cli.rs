@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use portcullis::api_key::{GeneratedKey, KeyStore, generate_key, parse_key};
+use portcullis::api_key::{GeneratedKey, KeyStore, check_key, generate_key};
 use portcullis::rejection::DenialReason;
 use proptest::prelude::*;
 
@@ -44,7 +44,7 @@ fn code(out: &Output) -> i32 {
 /// The lines of `s` that are keys in the generated format.
 fn keys_in(s: &str) -> Vec<String> {
     s.split_whitespace()
-        .filter(|w| parse_key(w).is_ok())
+        .filter(|w| check_key(w).is_ok())
         .map(str::to_owned)
         .collect()
 }
@@ -145,7 +145,7 @@ fn key_out_creates_a_private_file_and_never_overwrites() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     let written = std::fs::read_to_string(&path).unwrap();
     let key = written.strip_suffix('\n').unwrap();
-    assert!(parse_key(key).is_ok());
+    assert!(check_key(key).is_ok());
     assert!(!stderr.contains(key), "the key is only in the file");
     assert!(keys_in(&stderr).is_empty());
     assert!(stderr.contains(p), "a note names the path: {stderr}");

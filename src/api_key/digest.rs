@@ -49,7 +49,7 @@ impl KeyDigest {
     }
 
     /// Constant-time equality (`subtle`, over four 64-bit words).
-    pub fn ct_eq(&self, other: &KeyDigest) -> bool {
+    pub(crate) fn ct_eq(&self, other: &KeyDigest) -> bool {
         bool::from(self.words().ct_eq(&other.words()))
     }
 

@@ -6,33 +6,28 @@ use subtle::ConstantTimeEq;
 
 use crate::ConfigError;
 use crate::key_format::{
-    self, ALNUM, ALPHABET, MAX_PREFIX_LEN, all_in, base62_value, checksum, crc32, is_prefix,
+    ALNUM, ALPHABET, CHECKSUM_LEN, MAX_PREFIX_LEN, RANDOM_LEN, all_in, base62_value, checksum,
+    crc32, is_prefix,
 };
 
 /// The prefix of generated keys unless another is chosen.
 pub const DEFAULT_PREFIX: &str = "pc_live";
 
-/// Base62 characters of CSPRNG output in a key: 22 characters carry 130.9 bits.
-pub const RANDOM_LEN: usize = key_format::RANDOM_LEN;
-
-/// Base62 characters of the CRC32 checksum (62^6 > 2^32).
-pub const CHECKSUM_LEN: usize = key_format::CHECKSUM_LEN;
-
 /// The longest presented key the store digests; anything longer is refused unread.
-pub const MAX_KEY_LEN: usize = 256;
+pub(crate) const MAX_KEY_LEN: usize = 256;
 
 /// The shortest key accepted from a plain key list (keys not in the generated format).
-pub const MIN_LEGACY_KEY_LEN: usize = 32;
+pub(crate) const MIN_LEGACY_KEY_LEN: usize = 32;
 
 /// A freshly generated key. Shown once, then only its digest is kept.
 ///
 /// `Debug` prints the prefix only; read the key with [`GeneratedKey::expose_secret`].
 ///
 /// ```
-/// use portcullis::api_key::{generate_key, parse_key, KeyDigest};
+/// use portcullis::api_key::{check_key, generate_key, KeyDigest};
 /// let key = generate_key("pc_test").unwrap();
 /// assert!(key.expose_secret().starts_with("pc_test_"));
-/// assert!(parse_key(key.expose_secret()).is_ok());
+/// assert!(check_key(key.expose_secret()).is_ok());
 /// assert!(!format!("{key:?}").contains(key.expose_secret()));
 /// assert_eq!(key.digest(), KeyDigest::of(key.expose_secret()));
 /// ```
@@ -111,7 +106,7 @@ pub fn check_prefix(prefix: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Why a string is not a key in the generated format.
+/// Why a string is not a key in the generated format (see [`check_key`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyFormatError {
@@ -134,13 +129,13 @@ impl std::error::Error for KeyFormatError {}
 
 /// A key that passed the format and checksum check. `Debug` shows the prefix only.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct ParsedKey<'a> {
+pub(crate) struct ParsedKey<'a> {
     prefix: &'a str,
 }
 
 impl<'a> ParsedKey<'a> {
     /// The prefix, e.g. `pc_live`.
-    pub fn prefix(&self) -> &'a str {
+    pub(crate) fn prefix(&self) -> &'a str {
         self.prefix
     }
 }
@@ -151,26 +146,37 @@ impl fmt::Debug for ParsedKey<'_> {
     }
 }
 
-/// Checks the format and checksum of a presented key, before any lookup.
+/// Checks that `key` is in the generated format, `<prefix>_<random><checksum>`, with
+/// a matching checksum: what a tool that imports keys into a key file checks first
+/// (`portcullis hash` does), since a key file holds digests of such keys only.
 ///
-/// A pure function over the string: no allocation, and the checksum is compared in
-/// constant time. The checksum catches typos and garbage cheaply; it is not a
-/// security control (anyone can compute it for a guess).
+/// The checksum catches typos and garbage cheaply; it is not a security control
+/// (anyone can compute it for a guess). [`KeyStore::verify`](super::KeyStore::verify)
+/// runs the same check on every presented key before any lookup.
 ///
 /// ```
-/// use portcullis::api_key::{parse_key, KeyFormatError};
-/// let key = portcullis::api_key::generate_key("pc_live").unwrap();
+/// use portcullis::api_key::{check_key, generate_key, KeyFormatError};
+/// let key = generate_key("pc_live").unwrap();
 /// let key = key.expose_secret();
-/// assert_eq!(parse_key(key).unwrap().prefix(), "pc_live");
+/// assert_eq!(check_key(key), Ok(()));
 ///
 /// // One changed character fails the checksum.
 /// let mut typo = key.to_owned();
 /// let last = typo.pop().unwrap();
 /// typo.push(if last == 'a' { 'b' } else { 'a' });
-/// assert_eq!(parse_key(&typo), Err(KeyFormatError::Checksum));
-/// assert_eq!(parse_key("hunter2"), Err(KeyFormatError::Shape));
+/// assert_eq!(check_key(&typo), Err(KeyFormatError::Checksum));
+/// assert_eq!(check_key("hunter2"), Err(KeyFormatError::Shape));
 /// ```
-pub fn parse_key(key: &str) -> Result<ParsedKey<'_>, KeyFormatError> {
+pub fn check_key(key: &str) -> Result<(), KeyFormatError> {
+    parse_key(key).map(|_| ())
+}
+
+/// Checks the format and checksum of a presented key, before any lookup, and returns
+/// its prefix.
+///
+/// A pure function over the string: no allocation, and the checksum is compared in
+/// constant time.
+pub(crate) fn parse_key(key: &str) -> Result<ParsedKey<'_>, KeyFormatError> {
     let bytes = key.as_bytes();
     let body_len = RANDOM_LEN + CHECKSUM_LEN;
     if bytes.len() < body_len + 2 || bytes.len() > MAX_PREFIX_LEN + 1 + body_len {
@@ -242,5 +248,43 @@ mod tests {
             "the prefix is covered by the checksum"
         );
         assert_eq!(parse_key(""), Err(KeyFormatError::Shape));
+    }
+}
+
+/// Properties of the key format over generated keys.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::api_key::KeyDigest;
+
+    proptest! {
+        #[test]
+        fn generated_keys_round_trip(prefix in "[a-z][a-z0-9_]{0,20}[a-z0-9]") {
+            prop_assume!(check_prefix(&prefix).is_ok());
+            let k = generate_key(&prefix).unwrap();
+            let parsed = parse_key(k.expose_secret()).unwrap();
+            prop_assert_eq!(parsed.prefix(), prefix.as_str());
+            prop_assert_eq!(KeyDigest::parse(&k.digest().to_string()).unwrap(), k.digest());
+        }
+        #[test]
+        fn the_checksum_catches_one_substitution_or_adjacent_swap(
+            pos in any::<proptest::sample::Index>(), c in "[0-9A-Za-z_]", swap in any::<bool>(),
+        ) {
+            let k = generate_key("pc_test").unwrap();
+            let original = k.expose_secret().as_bytes();
+            let mut bytes = original.to_vec();
+            if swap {
+                let i = pos.index(bytes.len() - 1);
+                bytes.swap(i, i + 1);
+            } else {
+                let i = pos.index(bytes.len());
+                bytes[i] = c.as_bytes()[0];
+            }
+            prop_assume!(bytes != original);
+            let changed = String::from_utf8(bytes).unwrap();
+            prop_assert!(parse_key(&changed).is_err());
+        }
     }
 }

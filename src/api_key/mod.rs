@@ -73,9 +73,9 @@ use arc_swap::ArcSwap;
 
 pub use digest::KeyDigest;
 pub use format::{
-    CHECKSUM_LEN, DEFAULT_PREFIX, GeneratedKey, KeyFormatError, MAX_KEY_LEN, MIN_LEGACY_KEY_LEN,
-    ParsedKey, RANDOM_LEN, check_prefix, generate_key, parse_key,
+    DEFAULT_PREFIX, GeneratedKey, KeyFormatError, check_key, check_prefix, generate_key,
 };
+pub(crate) use format::{MAX_KEY_LEN, parse_key};
 pub use store::{KeyRecord, KeyRejection, KeyStore};
 
 use crate::reload::{self, FileSet, ReloadHandle};

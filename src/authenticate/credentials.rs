@@ -6,19 +6,19 @@ use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName};
 
 /// The header API keys are sent in (matched in any case, as all HTTP header names).
-pub const X_API_KEY: &str = "x-api-key";
+const X_API_KEY: &str = "x-api-key";
 
 /// [`X_API_KEY`] as a parsed name: a lookup by `&str` parses the name every time.
 pub(crate) static X_API_KEY_NAME: HeaderName = HeaderName::from_static(X_API_KEY);
 
 /// The longest credential header value read; longer is `invalid_request`. Generous
 /// enough for a service token, small enough that nothing expensive runs on junk.
-pub const MAX_CREDENTIAL_LEN: usize = 8 * 1024;
+pub(crate) const MAX_CREDENTIAL_LEN: usize = 8 * 1024;
 
 /// Where a credential came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum CredentialSource {
+pub(crate) enum CredentialSource {
     /// `X-API-Key: <key>`.
     ApiKeyHeader,
     /// `Authorization: Bearer <credential>` (RFC 6750).
@@ -29,32 +29,23 @@ pub enum CredentialSource {
     Query,
 }
 
-impl CredentialSource {
-    /// Whether the credential was in the `Authorization` header.
-    pub fn is_authorization(self) -> bool {
-        matches!(
-            self,
-            CredentialSource::Bearer | CredentialSource::ApiKeyScheme
-        )
-    }
-}
-
 /// A presented credential, borrowed from the request. `Debug` never shows the value.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Credential<'a> {
+pub(crate) struct Credential<'a> {
     source: CredentialSource,
     value: &'a str,
 }
 
 impl<'a> Credential<'a> {
     /// Where it came from.
-    pub fn source(&self) -> CredentialSource {
+    pub(crate) fn source(&self) -> CredentialSource {
         self.source
     }
 
     /// The credential itself: 1 to [`MAX_CREDENTIAL_LEN`] printable ASCII characters
     /// without spaces. Secret: never log it.
-    pub fn expose_secret(&self) -> &'a str {
+    #[cfg_attr(not(any(feature = "api-key", feature = "jwt")), allow(dead_code))]
+    pub(crate) fn expose_secret(&self) -> &'a str {
         self.value
     }
 }
@@ -75,7 +66,7 @@ impl fmt::Debug for Credential<'_> {
 /// `invalid_request`, answered 400).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum CredentialError {
+pub(crate) enum CredentialError {
     /// Empty, over-long, non-ASCII, containing spaces or control characters, or a
     /// known scheme without a credential.
     Malformed,
@@ -122,15 +113,7 @@ fn token(v: &[u8]) -> Result<&str, CredentialError> {
 /// Surrounding spaces and tabs are ignored (HTTP does not count them as part of the
 /// value); an empty value, or one with inner whitespace, control or non-ASCII bytes,
 /// or longer than [`MAX_CREDENTIAL_LEN`], is malformed.
-///
-/// ```
-/// use portcullis::authenticate::{parse_api_key_header, CredentialError};
-/// assert_eq!(parse_api_key_header(b" pc_live_abc "), Ok("pc_live_abc"));
-/// assert_eq!(parse_api_key_header(b""), Err(CredentialError::Malformed));
-/// assert_eq!(parse_api_key_header(b"a b"), Err(CredentialError::Malformed));
-/// assert_eq!(parse_api_key_header(b"\xff"), Err(CredentialError::Malformed));
-/// ```
-pub fn parse_api_key_header(value: &[u8]) -> Result<&str, CredentialError> {
+pub(crate) fn parse_api_key_header(value: &[u8]) -> Result<&str, CredentialError> {
     token(trim_ows(value))
 }
 
@@ -139,18 +122,7 @@ pub fn parse_api_key_header(value: &[u8]) -> Result<&str, CredentialError> {
 ///
 /// `Ok(None)` for another scheme (e.g. `Basic`): not ours, left alone. A known scheme
 /// with no credential, an empty value, or a malformed credential is an error.
-///
-/// ```
-/// use portcullis::authenticate::{parse_authorization, CredentialError, CredentialSource};
-/// let (src, key) = parse_authorization(b"bearer  pc_live_abc").unwrap().unwrap();
-/// assert_eq!((src, key), (CredentialSource::Bearer, "pc_live_abc"));
-/// let (src, _) = parse_authorization(b"APIKEY k").unwrap().unwrap();
-/// assert_eq!(src, CredentialSource::ApiKeyScheme);
-/// assert_eq!(parse_authorization(b"Basic dXNlcjpwYXNz"), Ok(None));
-/// assert_eq!(parse_authorization(b"Bearer"), Err(CredentialError::Malformed));
-/// assert_eq!(parse_authorization(b"Bearer a b"), Err(CredentialError::Malformed));
-/// ```
-pub fn parse_authorization(
+pub(crate) fn parse_authorization(
     value: &[u8],
 ) -> Result<Option<(CredentialSource, &str)>, CredentialError> {
     let v = trim_ows(value);
@@ -187,25 +159,7 @@ fn query_token(v: &str) -> Result<&str, CredentialError> {
 /// `ApiKey` scheme and, only when `query_param` is `Some`, that query-string
 /// parameter. `Ok(None)`: no credential. More than one (even identical copies) is
 /// [`CredentialError::Multiple`]: a client that sends two is confused or probing.
-///
-/// ```
-/// use http::HeaderMap;
-/// use portcullis::authenticate::{extract_credential, CredentialError, CredentialSource};
-///
-/// let mut h = HeaderMap::new();
-/// h.insert("X-Api-Key", "pc_live_abc".parse().unwrap());
-/// let c = extract_credential(&h, None, None).unwrap().unwrap();
-/// assert_eq!(c.source(), CredentialSource::ApiKeyHeader);
-///
-/// h.insert("authorization", "Bearer other".parse().unwrap());
-/// assert_eq!(extract_credential(&h, None, None), Err(CredentialError::Multiple));
-///
-/// let h = HeaderMap::new();
-/// assert_eq!(extract_credential(&h, Some("a=1&api_key=k"), None), Ok(None));
-/// let c = extract_credential(&h, Some("a=1&api_key=k"), Some("api_key")).unwrap().unwrap();
-/// assert_eq!(c.source(), CredentialSource::Query);
-/// ```
-pub fn extract_credential<'a>(
+pub(crate) fn extract_credential<'a>(
     headers: &'a HeaderMap,
     query: Option<&'a str>,
     query_param: Option<&str>,
@@ -359,5 +313,164 @@ mod tests {
         let h = headers(&[("x-api-key", b"supersecretvalue")]);
         let c = extract_credential(&h, None, None).unwrap().unwrap();
         assert!(!format!("{c:?}").contains("supersecret"));
+    }
+
+    #[test]
+    fn doc_parse_api_key_header_trims_and_refuses() {
+        assert_eq!(parse_api_key_header(b" pc_live_abc "), Ok("pc_live_abc"));
+        assert_eq!(parse_api_key_header(b""), Err(CredentialError::Malformed));
+        assert_eq!(
+            parse_api_key_header(b"a b"),
+            Err(CredentialError::Malformed)
+        );
+        assert_eq!(
+            parse_api_key_header(b"\xff"),
+            Err(CredentialError::Malformed)
+        );
+    }
+
+    #[test]
+    fn doc_parse_authorization_schemes() {
+        let (src, key) = parse_authorization(b"bearer  pc_live_abc")
+            .unwrap()
+            .unwrap();
+        assert_eq!((src, key), (CredentialSource::Bearer, "pc_live_abc"));
+        let (src, _) = parse_authorization(b"APIKEY k").unwrap().unwrap();
+        assert_eq!(src, CredentialSource::ApiKeyScheme);
+        assert_eq!(parse_authorization(b"Basic dXNlcjpwYXNz"), Ok(None));
+        assert_eq!(
+            parse_authorization(b"Bearer"),
+            Err(CredentialError::Malformed)
+        );
+        assert_eq!(
+            parse_authorization(b"Bearer a b"),
+            Err(CredentialError::Malformed)
+        );
+    }
+
+    #[test]
+    fn doc_extract_credential_one_of_each_source() {
+        let mut h = HeaderMap::new();
+        h.insert("X-Api-Key", "pc_live_abc".parse().unwrap());
+        let c = extract_credential(&h, None, None).unwrap().unwrap();
+        assert_eq!(c.source(), CredentialSource::ApiKeyHeader);
+
+        h.insert("authorization", "Bearer other".parse().unwrap());
+        assert_eq!(
+            extract_credential(&h, None, None),
+            Err(CredentialError::Multiple)
+        );
+
+        let h = HeaderMap::new();
+        assert_eq!(
+            extract_credential(&h, Some("a=1&api_key=k"), None),
+            Ok(None)
+        );
+        let c = extract_credential(&h, Some("a=1&api_key=k"), Some("api_key"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.source(), CredentialSource::Query);
+    }
+}
+
+/// Properties of the parsers and of the extraction, over generated header values.
+#[cfg(test)]
+mod properties {
+    use http::{HeaderMap, HeaderValue};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A credential as a client could send it: printable ASCII without spaces.
+    fn token() -> impl Strategy<Value = String> {
+        "[!-~]{1,80}"
+    }
+
+    fn ows() -> impl Strategy<Value = String> {
+        "[ \t]{0,3}"
+    }
+
+    /// A scheme name in random case.
+    fn cased(word: &'static str) -> impl Strategy<Value = String> {
+        proptest::collection::vec(any::<bool>(), word.len()).prop_map(move |upper| {
+            word.chars()
+                .zip(upper)
+                .map(|(c, u)| if u { c.to_ascii_uppercase() } else { c })
+                .collect()
+        })
+    }
+
+    #[derive(Clone, Debug)]
+    enum Cred {
+        Header(String),
+        Bearer(String),
+        ApiKey(String),
+        Basic,
+    }
+
+    fn cred() -> impl Strategy<Value = Cred> {
+        prop_oneof![
+            token().prop_map(Cred::Header),
+            token().prop_map(Cred::Bearer),
+            token().prop_map(Cred::ApiKey),
+            Just(Cred::Basic),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn api_key_header_trims_only_surrounding_whitespace(t in token(), a in ows(), b in ows()) {
+            let v = format!("{a}{t}{b}");
+            prop_assert_eq!(parse_api_key_header(v.as_bytes()), Ok(t.as_str()));
+        }
+        #[test]
+        fn api_key_header_refuses_inner_whitespace_controls_and_non_ascii(
+            a in token(), b in token(), bad in prop_oneof![Just(b' '), Just(b'\t'), 0u8..0x20, 0x7fu8..=0xff],
+        ) {
+            let v = [a.as_bytes(), &[bad], b.as_bytes()].concat();
+            prop_assert_eq!(parse_api_key_header(&v), Err(CredentialError::Malformed));
+        }
+        #[test]
+        fn authorization_schemes_in_any_case(
+            scheme in prop_oneof![cased("bearer"), cased("apikey")],
+            spaces in "[ ]{1,4}", t in token(), b in ows(),
+        ) {
+            let v = format!("{scheme}{spaces}{t}{b}");
+            let want = if scheme.eq_ignore_ascii_case("bearer") {
+                CredentialSource::Bearer
+            } else {
+                CredentialSource::ApiKeyScheme
+            };
+            prop_assert_eq!(parse_authorization(v.as_bytes()), Ok(Some((want, t.as_str()))));
+            // The scheme alone, or with only whitespace after it, is malformed.
+            let bare = format!("{scheme}{b}");
+            prop_assert_eq!(parse_authorization(bare.as_bytes()), Err(CredentialError::Malformed));
+        }
+        #[test]
+        fn other_schemes_are_left_alone(scheme in "[A-Za-z]{1,12}", rest in "[ -~]{0,40}") {
+            prop_assume!(!scheme.eq_ignore_ascii_case("bearer") && !scheme.eq_ignore_ascii_case("apikey"));
+            let v = format!("{scheme} {rest}");
+            prop_assert_eq!(parse_authorization(v.as_bytes()), Ok(None));
+        }
+        #[test]
+        fn exactly_one_credential_is_extracted(creds in proptest::collection::vec(cred(), 0..4)) {
+            let mut h = HeaderMap::new();
+            let mut ours = Vec::new();
+            for c in &creds {
+                let (name, value) = match c {
+                    Cred::Header(t) => { ours.push(t.clone()); ("x-api-key", t.clone()) }
+                    Cred::Bearer(t) => { ours.push(t.clone()); ("authorization", format!("Bearer {t}")) }
+                    Cred::ApiKey(t) => { ours.push(t.clone()); ("authorization", format!("ApiKey {t}")) }
+                    Cred::Basic => ("authorization", "Basic dXNlcjpwYXNz".to_owned()),
+                };
+                h.append(name, HeaderValue::from_str(&value).unwrap());
+            }
+            let got = extract_credential(&h, None, None);
+            match ours.len() {
+                0 => prop_assert_eq!(got, Ok(None)),
+                1 => prop_assert_eq!(got.unwrap().unwrap().expose_secret(), ours[0].as_str()),
+                _ => prop_assert_eq!(got, Err(CredentialError::Multiple)),
+            }
+        }
     }
 }

@@ -1,10 +1,10 @@
 //! Authentication: a credential in, a [`Principal`] out, or a refusal.
 //!
-//! [`AuthenticateLayer`] reads the request's one credential ([`extract_credential`]),
-//! verifies it, and on success inserts the [`Principal`] into the request extensions
-//! (and a copy into the response extensions, for the access log outside it). Parsing
-//! is separate from verification: the extraction functions are plain, fuzzed
-//! functions over header bytes; the layer only decides.
+//! [`AuthenticateLayer`] reads the request's one credential, verifies it, and on
+//! success inserts the [`Principal`] into the request extensions (and a copy into the
+//! response extensions, for the access log outside it). Parsing is separate from
+//! verification: the extraction is a set of crate-private, fuzzed and
+//! property-tested functions over header bytes; the layer only decides.
 //!
 //! Credentials accepted:
 //!
@@ -67,7 +67,7 @@
 //! # fn main() {}
 //! ```
 
-mod credentials;
+pub(crate) mod credentials;
 
 use std::fmt;
 use std::sync::Arc;
@@ -79,9 +79,8 @@ use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use credentials::{
-    Credential, CredentialError, CredentialSource, MAX_CREDENTIAL_LEN, X_API_KEY,
-    extract_credential, parse_api_key_header, parse_authorization,
+use credentials::{
+    Credential, CredentialError, CredentialSource, extract_credential, parse_authorization,
 };
 
 #[cfg(feature = "api-key")]
@@ -95,7 +94,7 @@ use crate::{AuthMethod, ClientIp, ConfigError, Principal, Scopes};
 pub const DEFAULT_REALM: &str = "api";
 
 /// The id of the principal of every request in unauthenticated mode.
-pub const UNAUTHENTICATED_ID: &str = "unauthenticated";
+pub(crate) const UNAUTHENTICATED_ID: &str = "unauthenticated";
 
 /// A failed verification: the reason class and, when a record matched, its public id.
 #[derive(Debug)]
@@ -356,18 +355,7 @@ pub struct Authenticate<S> {
 }
 
 impl<S> Authenticate<S> {
-    /// Gets a reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// Gets a mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S: fmt::Debug> fmt::Debug for Authenticate<S> {
@@ -541,7 +529,7 @@ mod tests {
                 .service_fn(|req: Request<()>| async move {
                     let seen = format!(
                         "{:?}|{:?}|{}",
-                        req.headers().get(X_API_KEY),
+                        req.headers().get(&credentials::X_API_KEY_NAME),
                         req.headers().get(AUTHORIZATION).map(|v| v.is_sensitive()),
                         req.uri()
                     );

@@ -51,11 +51,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use lexopt::{Arg, Parser};
 use portcullis::Scopes;
 use portcullis::api_key::{
-    DEFAULT_PREFIX, KeyDigest, KeyFormatError, KeyRecord, KeyStore, MAX_KEY_LEN, check_prefix,
-    generate_key, parse_key,
+    DEFAULT_PREFIX, KeyDigest, KeyFormatError, KeyRecord, KeyStore, check_key, check_prefix,
+    generate_key,
 };
 use portcullis::rejection::DenialReason;
 use toml_datetime::Datetime;
+
+/// The longest input `hash` reads as a key: the longest key a key store digests (a
+/// generated key is at most 61 characters, so nothing a key file can match is cut).
+const MAX_KEY_LEN: usize = 256;
 
 const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -622,8 +626,8 @@ fn read_key() -> Result<String, Failure> {
         return Err(failed(cmd, "no key on standard input"));
     }
     let key = String::from_utf8(buf).map_err(|_| failed(cmd, "the input is not UTF-8"))?;
-    match parse_key(&key) {
-        Ok(_) => Ok(key),
+    match check_key(&key) {
+        Ok(()) => Ok(key),
         Err(KeyFormatError::Checksum) => Err(failed(
             cmd,
             "the key's checksum does not match: a typo or a truncated key",
