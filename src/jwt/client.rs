@@ -201,18 +201,7 @@ impl<S> BearerToken<S> {
     pub fn layer(issuer: TokenIssuer) -> BearerTokenLayer {
         BearerTokenLayer::new(issuer)
     }
-    /// Gets a reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// Gets a mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S> fmt::Debug for BearerToken<S> {

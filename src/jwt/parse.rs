@@ -22,15 +22,15 @@ const MAX_CLAIM_STR_LEN: usize = 256;
 
 /// A compact JWS split into its parts, its header decoded. Nothing here is verified.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ParsedToken<'a> {
+pub(crate) struct ParsedToken<'a> {
     /// The decoded protected header.
-    pub header: TokenHeader,
+    pub(crate) header: TokenHeader,
     /// `BASE64URL(header) "." BASE64URL(payload)`: the bytes the signature covers.
-    pub signing_input: &'a str,
+    pub(crate) signing_input: &'a str,
     /// The payload, still base64url-encoded: decoded only after the signature checks.
-    pub payload_b64: &'a str,
+    pub(crate) payload_b64: &'a str,
     /// The signature, base64url-encoded.
-    pub signature_b64: &'a str,
+    pub(crate) signature_b64: &'a str,
 }
 
 impl fmt::Debug for ParsedToken<'_> {
@@ -45,31 +45,23 @@ impl fmt::Debug for ParsedToken<'_> {
 /// The protected-header fields verification reads. Every other member is ignored,
 /// except `crit`, which is refused (no extension is understood, RFC 7515 §4.1.11).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenHeader {
+pub(crate) struct TokenHeader {
     /// `alg`, as sent. Compared with the selected key's algorithm, never trusted.
-    pub alg: String,
+    pub(crate) alg: String,
     /// `kid`, when present.
-    pub kid: Option<String>,
+    pub(crate) kid: Option<String>,
     /// `typ`, when present.
-    pub typ: Option<String>,
+    pub(crate) typ: Option<String>,
 }
 
 /// Splits and pre-parses a compact JWS: the length cap, exactly three non-empty
 /// base64url parts (no padding, no other characters), and a header that is one JSON
 /// object without duplicate members, with a string `alg`, an optional string `kid`
 /// and `typ`, and no `crit`.
-///
-/// ```
-/// use portcullis::jwt::{parse_compact, TokenRejection};
-/// // {"alg":"HS256","kid":"k1"} . {} . sig
-/// let t = "eyJhbGciOiJIUzI1NiIsImtpZCI6ImsxIn0.e30.c2ln";
-/// let p = parse_compact(t, 8192).unwrap();
-/// assert_eq!(p.header.alg, "HS256");
-/// assert_eq!(p.header.kid.as_deref(), Some("k1"));
-/// assert_eq!(parse_compact("a.b.c.d", 8192).unwrap_err(), TokenRejection::Malformed);
-/// assert_eq!(parse_compact(t, 10).unwrap_err(), TokenRejection::TooLarge);
-/// ```
-pub fn parse_compact(token: &str, max_len: usize) -> Result<ParsedToken<'_>, TokenRejection> {
+pub(crate) fn parse_compact(
+    token: &str,
+    max_len: usize,
+) -> Result<ParsedToken<'_>, TokenRejection> {
     if token.len() > max_len {
         return Err(TokenRejection::TooLarge);
     }
@@ -100,13 +92,7 @@ pub fn parse_compact(token: &str, max_len: usize) -> Result<ParsedToken<'_>, Tok
 /// Whether a credential is shaped like a compact JWS with a JSON header: three
 /// parts and a first part starting with `eyJ` (base64url of `{"`). A routing hint
 /// between API keys and service tokens, not a check.
-///
-/// ```
-/// use portcullis::jwt::looks_like_jwt;
-/// assert!(looks_like_jwt("eyJhbGciOiJIUzI1NiJ9.e30.c2ln"));
-/// assert!(!looks_like_jwt("pc_live_3Zb1sT8qNw0aX4vE7kR2mY9cH5fJ6dL1"));
-/// ```
-pub fn looks_like_jwt(credential: &str) -> bool {
+pub(crate) fn looks_like_jwt(credential: &str) -> bool {
     credential.starts_with("eyJ") && credential.bytes().filter(|&b| b == b'.').count() == 2
 }
 
@@ -194,23 +180,23 @@ fn unique_object(json: &[u8]) -> Result<Vec<(String, Value)>, TokenRejection> {
 /// [`parse_claims`]. Presence and types are checked here; values (times, issuer,
 /// audience) are checked by the verifier.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenClaims {
+pub(crate) struct TokenClaims {
     /// `iss`: a single string.
-    pub iss: Option<String>,
+    pub(crate) iss: Option<String>,
     /// `sub`: a string without control characters.
-    pub sub: Option<String>,
+    pub(crate) sub: Option<String>,
     /// `aud`: a string or an array of strings, as a list.
-    pub aud: Option<Vec<String>>,
+    pub(crate) aud: Option<Vec<String>>,
     /// `exp`, in seconds since the epoch: an integer.
-    pub exp: Option<i64>,
+    pub(crate) exp: Option<i64>,
     /// `iat`, in seconds since the epoch: an integer.
-    pub iat: Option<i64>,
+    pub(crate) iat: Option<i64>,
     /// `nbf`, in seconds since the epoch: an integer.
-    pub nbf: Option<i64>,
+    pub(crate) nbf: Option<i64>,
     /// `jti`: a string.
-    pub jti: Option<String>,
+    pub(crate) jti: Option<String>,
     /// The scope tokens from `scope` (space separated) or `scp` (array); never both.
-    pub scopes: Option<Vec<String>>,
+    pub(crate) scopes: Option<Vec<String>>,
 }
 
 /// Parses a token's claims strictly: one JSON object without duplicate members;
@@ -219,16 +205,7 @@ pub struct TokenClaims {
 /// `aud` a string or an array of such strings; `scope` a string or `scp` an array of
 /// strings, not both. Unknown claims are ignored. Missing claims are `None`: the
 /// verifier decides which are required.
-///
-/// ```
-/// use portcullis::jwt::{parse_claims, TokenRejection};
-/// let c = parse_claims(br#"{"sub":"svc","exp":1700000000,"scp":["a","b"]}"#).unwrap();
-/// assert_eq!(c.exp, Some(1700000000));
-/// assert_eq!(c.scopes.unwrap(), ["a", "b"]);
-/// assert_eq!(parse_claims(br#"{"exp":1.7e9}"#).unwrap_err(), TokenRejection::InvalidClaims);
-/// assert_eq!(parse_claims(br#"{"sub":"a","sub":"b"}"#).unwrap_err(), TokenRejection::Malformed);
-/// ```
-pub fn parse_claims(json: &[u8]) -> Result<TokenClaims, TokenRejection> {
+pub(crate) fn parse_claims(json: &[u8]) -> Result<TokenClaims, TokenRejection> {
     let members = unique_object(json)?;
     let mut c = TokenClaims {
         iss: None,

@@ -1053,3 +1053,38 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn doc_parse_compact_splits_and_reads_the_header() {
+    // {"alg":"HS256","kid":"k1"} . {} . sig
+    let t = "eyJhbGciOiJIUzI1NiIsImtpZCI6ImsxIn0.e30.c2ln";
+    let p = parse_compact(t, 8192).unwrap();
+    assert_eq!(p.header.alg, "HS256");
+    assert_eq!(p.header.kid.as_deref(), Some("k1"));
+    assert_eq!(
+        parse_compact("a.b.c.d", 8192).unwrap_err(),
+        TokenRejection::Malformed
+    );
+    assert_eq!(parse_compact(t, 10).unwrap_err(), TokenRejection::TooLarge);
+}
+
+#[test]
+fn doc_looks_like_jwt_by_shape() {
+    assert!(looks_like_jwt("eyJhbGciOiJIUzI1NiJ9.e30.c2ln"));
+    assert!(!looks_like_jwt("pc_live_3Zb1sT8qNw0aX4vE7kR2mY9cH5fJ6dL1"));
+}
+
+#[test]
+fn doc_parse_claims_reads_the_registered_claims() {
+    let c = parse_claims(br#"{"sub":"svc","exp":1700000000,"scp":["a","b"]}"#).unwrap();
+    assert_eq!(c.exp, Some(1700000000));
+    assert_eq!(c.scopes.unwrap(), ["a", "b"]);
+    assert_eq!(
+        parse_claims(br#"{"exp":1.7e9}"#).unwrap_err(),
+        TokenRejection::InvalidClaims
+    );
+    assert_eq!(
+        parse_claims(br#"{"sub":"a","sub":"b"}"#).unwrap_err(),
+        TokenRejection::Malformed
+    );
+}

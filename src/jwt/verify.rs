@@ -406,16 +406,22 @@ impl TokenVerifier {
     }
 
     /// Number of keys in force.
+    /// Introspection for the tests and benchmarks; hidden, not part of the API.
+    #[doc(hidden)]
     pub fn key_count(&self) -> usize {
         self.inner.state.load().keys.len()
     }
 
     /// How many times the key set was replaced since the verifier was built.
+    /// Introspection for the tests and benchmarks; hidden, not part of the API.
+    #[doc(hidden)]
     pub fn key_generation(&self) -> u64 {
         self.inner.generation.load(Ordering::Relaxed)
     }
 
     /// Number of tokens in the verified-token cache.
+    /// Introspection for the tests and benchmarks; hidden, not part of the API.
+    #[doc(hidden)]
     pub fn cached_tokens(&self) -> usize {
         self.inner
             .state
