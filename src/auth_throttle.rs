@@ -251,6 +251,8 @@ impl AuthThrottleLayer {
     }
 
     /// Addresses currently tracked.
+    /// Introspection for the tests and benchmarks; hidden, not part of the API.
+    #[doc(hidden)]
     pub fn tracked_addresses(&self) -> usize {
         self.shared.store.len()
     }
@@ -375,18 +377,7 @@ impl<S> AuthThrottle<S> {
     pub fn new(inner: S, layer: &AuthThrottleLayer) -> Self {
         layer.layer(inner)
     }
-    /// Gets a reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// Gets a mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthThrottle<S>
@@ -396,7 +387,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ThrottleFuture<S::Future, ResBody>;
+    type Future = ResponseFuture<S::Future, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -405,7 +396,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let ip = req.extensions().get::<ClientIp>().copied();
         if self.shared.is_exempt(ip) {
-            return ThrottleFuture {
+            return ResponseFuture {
                 kind: ThrottleKind::Exempt {
                     future: self.inner.call(req),
                 },
@@ -414,13 +405,13 @@ where
         if self.shared.config.lockout
             && let Some(retry) = self.shared.throttled(ip)
         {
-            return ThrottleFuture {
+            return ResponseFuture {
                 kind: ThrottleKind::Rejected {
                     response: Some(self.shared.refusal(ip, retry, false)),
                 },
             };
         }
-        ThrottleFuture {
+        ResponseFuture {
             kind: ThrottleKind::Counted {
                 future: self.inner.call(req),
                 ip,
@@ -433,7 +424,7 @@ where
 pin_project! {
     /// Response future of [`AuthThrottle`]: counts a wrong credential when the inner
     /// response refuses one, or answers it 429 if the address is out of failures.
-    pub struct ThrottleFuture<F, B> {
+    pub struct ResponseFuture<F, B> {
         #[pin]
         kind: ThrottleKind<F, B>,
     }
@@ -448,7 +439,7 @@ pin_project! {
     }
 }
 
-impl<F, B, E> Future for ThrottleFuture<F, B>
+impl<F, B, E> Future for ResponseFuture<F, B>
 where
     F: Future<Output = Result<Response<B>, E>>,
     B: From<Bytes>,
@@ -468,14 +459,14 @@ where
     }
 }
 
-impl<F, B> fmt::Debug for ThrottleFuture<F, B> {
+impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             ThrottleKind::Counted { .. } => "Counted",
             ThrottleKind::Exempt { .. } => "Exempt",
             ThrottleKind::Rejected { .. } => "Rejected",
         };
-        f.debug_struct("ThrottleFuture")
+        f.debug_struct("ResponseFuture")
             .field("kind", &kind)
             .finish()
     }

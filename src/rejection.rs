@@ -385,7 +385,7 @@ impl Rejection {
 }
 
 /// Whole seconds, rounded up, never 0 (a `Retry-After: 0` invites a tight retry loop).
-pub fn retry_after_secs(d: Duration) -> u64 {
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
     let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     s.max(1)
 }

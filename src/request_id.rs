@@ -3,7 +3,7 @@
 //!
 //! An incoming id is kept only when there is exactly one, it is 1 to
 //! [`MAX_LEN`] bytes long and every byte is in `[A-Za-z0-9._:-]`
-//! ([`is_safe_request_id`]). Anything else (too long, a newline, an escape
+//! ([`RequestId::parse`]). Anything else (too long, a newline, an escape
 //! sequence, a second header, non-ASCII) is replaced by a fresh random UUID v4, so the
 //! id can go into logs and response headers as it is. The request's header is
 //! replaced by the id too, so the handler and the upstream services see the same one.
@@ -55,7 +55,7 @@ use tower_service::Service;
 pub const MAX_LEN: usize = 64;
 
 /// The default header, `x-request-id`.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request's correlation id, in the request extensions.
 ///
@@ -65,7 +65,8 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct RequestId(HeaderValue);
 
 impl RequestId {
-    /// Accepts `value` if it is a safe id ([`is_safe_request_id`]).
+    /// Accepts `value` if it is a safe id: 1 to [`MAX_LEN`] bytes, each in
+    /// `[A-Za-z0-9._:-]`.
     ///
     /// ```
     /// use portcullis::request_id::RequestId;
@@ -136,15 +137,7 @@ const HEX_PAIRS: [[u8; 2]; 256] = {
 };
 
 /// Whether an incoming id is kept: 1 to [`MAX_LEN`] bytes, each in `[A-Za-z0-9._:-]`.
-///
-/// ```
-/// use portcullis::request_id::is_safe_request_id;
-/// assert!(is_safe_request_id(b"01J9Z6Q-abc_def.1:2"));
-/// for bad in [&b""[..], b"a b", b"a\r\nb", b"\x1b[31m", "é".as_bytes(), b"a/b", b"a\"b"] {
-///     assert!(!is_safe_request_id(bad));
-/// }
-/// ```
-pub fn is_safe_request_id(value: &[u8]) -> bool {
+pub(crate) fn is_safe_request_id(value: &[u8]) -> bool {
     (1..=MAX_LEN).contains(&value.len())
         && value
             .iter()
@@ -240,18 +233,7 @@ impl<S> SetRequestId<S> {
     pub fn new(inner: S) -> Self {
         RequestIdLayer::new().layer(inner)
     }
-    /// Gets a reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// Gets a mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SetRequestId<S>
@@ -364,5 +346,21 @@ mod tests {
         assert!(is_safe_request_id(&[b'a'; MAX_LEN]));
         assert!(!is_safe_request_id(&[b'a'; MAX_LEN + 1]));
         assert!(!is_safe_request_id(&vec![b'a'; 10 * 1024]));
+    }
+
+    #[test]
+    fn doc_is_safe_request_id_charset() {
+        assert!(is_safe_request_id(b"01J9Z6Q-abc_def.1:2"));
+        for bad in [
+            &b""[..],
+            b"a b",
+            b"a\r\nb",
+            b"\x1b[31m",
+            "é".as_bytes(),
+            b"a/b",
+            b"a\"b",
+        ] {
+            assert!(!is_safe_request_id(bad));
+        }
     }
 }

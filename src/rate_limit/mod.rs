@@ -98,9 +98,9 @@ use policy::{CompiledPolicy, Entry};
 use quota::Gcra;
 
 /// `RateLimit-Policy`.
-pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 /// `RateLimit`.
-pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 const X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
@@ -609,6 +609,8 @@ impl RateLimitLayer {
     }
 
     /// Keys currently tracked in memory.
+    /// Introspection for the tests and benchmarks; hidden, not part of the API.
+    #[doc(hidden)]
     pub fn tracked_keys(&self) -> usize {
         self.shared.local.len()
     }
@@ -644,18 +646,7 @@ impl<S> RateLimit<S> {
     pub fn new(inner: S, layer: &RateLimitLayer) -> Self {
         layer.layer(inner)
     }
-    /// Gets a reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// Gets a mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>

@@ -419,11 +419,6 @@ impl RedisLimiter {
         until != 0 && (self.inner.now() < until || self.inner.lock().conn.is_none())
     }
 
-    /// The failure policy.
-    pub fn failure_policy(&self) -> FailurePolicy {
-        self.inner.policy
-    }
-
     pub(crate) fn check(
         &self,
         name: String,
