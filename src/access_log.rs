@@ -221,18 +221,7 @@ impl<S> AccessLog<S> {
     pub fn layer() -> AccessLogLayer {
         AccessLogLayer::new()
     }
-    /// Gets a reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// Gets a mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 /// Marks every value of the headers named in `names` sensitive, in one pass over the

@@ -26,10 +26,8 @@ use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::ClientIp;
-pub use crate::IpSet;
-use crate::future::ResponseFuture;
 use crate::rejection::{DenialReason, Rejection};
+use crate::{ClientIp, IpSet};
 
 #[derive(Debug)]
 pub(crate) struct Policy {
@@ -116,18 +114,7 @@ impl<S> IpAllowlist<S> {
     pub fn layer(allow: IpSet) -> IpAllowlistLayer {
         IpAllowlistLayer::new(allow)
     }
-    /// Gets a reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// Gets a mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IpAllowlist<S>
@@ -159,6 +146,10 @@ where
         }
     }
 }
+
+/// Response future of [`IpAllowlist`]: the inner service's future, or the 403 answer,
+/// ready at once. A `Future` with the inner future's output.
+pub type ResponseFuture<F, B> = crate::future::ResponseFuture<F, B>;
 
 #[cfg(test)]
 mod tests {

@@ -99,9 +99,12 @@
 #![warn(unreachable_pub, missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+#[macro_use]
+mod macros;
+
 pub mod audit;
 mod error;
-pub mod future;
+mod future;
 mod ip;
 #[cfg(any(feature = "api-key", feature = "redact"))]
 mod key_format;

@@ -26,7 +26,6 @@ use http::{Extensions, Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::future::ResponseFuture;
 use crate::rejection::{Challenge, Rejection};
 use crate::{ClientIp, ConfigError, Principal, Scopes};
 
@@ -174,18 +173,7 @@ pub struct RequireScope<S> {
 }
 
 impl<S> RequireScope<S> {
-    /// Gets a reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// Gets a mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S: fmt::Debug> fmt::Debug for RequireScope<S> {
@@ -257,6 +245,10 @@ pub fn require_scope<'a>(
     };
     policy.check(extensions)
 }
+
+/// Response future of [`RequireScope`]: the inner service's future, or the refusal,
+/// ready at once. A `Future` with the inner future's output.
+pub type ResponseFuture<F, B> = crate::future::ResponseFuture<F, B>;
 
 #[cfg(test)]
 mod tests {
