@@ -11,37 +11,37 @@ use crate::rate_limit::quota::{parse_list, parse_number};
 use crate::{ConfigError, IpSet, Scopes};
 
 /// CIDRs of the trusted proxies.
-pub const TRUSTED_PROXIES: &str = "PORTCULLIS_TRUSTED_PROXIES";
+const TRUSTED_PROXIES: &str = "PORTCULLIS_TRUSTED_PROXIES";
 /// The forwarding header the trusted proxies write.
-pub const FORWARDED_HEADER: &str = "PORTCULLIS_FORWARDED_HEADER";
+const FORWARDED_HEADER: &str = "PORTCULLIS_FORWARDED_HEADER";
 /// The allow list (CIDRs).
-pub const ALLOWLIST: &str = "PORTCULLIS_ALLOWLIST";
+const ALLOWLIST: &str = "PORTCULLIS_ALLOWLIST";
 /// The deny list (CIDRs).
-pub const DENYLIST: &str = "PORTCULLIS_DENYLIST";
+const DENYLIST: &str = "PORTCULLIS_DENYLIST";
 /// Path of the TOML key file.
-pub const KEY_FILE: &str = "PORTCULLIS_KEY_FILE";
+const KEY_FILE: &str = "PORTCULLIS_KEY_FILE";
 /// Seconds between checks of the key file (0: never reload).
-pub const KEY_FILE_RELOAD_SECS: &str = "PORTCULLIS_KEY_FILE_RELOAD_SECS";
+const KEY_FILE_RELOAD_SECS: &str = "PORTCULLIS_KEY_FILE_RELOAD_SECS";
 /// Comma-separated raw API keys.
-pub const API_KEYS: &str = "PORTCULLIS_API_KEYS";
+const API_KEYS: &str = "PORTCULLIS_API_KEYS";
 /// Space-separated scopes of the raw API keys.
-pub const API_KEY_SCOPES: &str = "PORTCULLIS_API_KEY_SCOPES";
+const API_KEY_SCOPES: &str = "PORTCULLIS_API_KEY_SCOPES";
 /// Path of the JWK Set of the service-token signers.
-pub const JWKS_FILE: &str = "PORTCULLIS_JWKS_FILE";
+const JWKS_FILE: &str = "PORTCULLIS_JWKS_FILE";
 /// Comma-separated accepted token issuers.
-pub const TOKEN_ISSUERS: &str = "PORTCULLIS_TOKEN_ISSUERS";
+const TOKEN_ISSUERS: &str = "PORTCULLIS_TOKEN_ISSUERS";
 /// Our token audience.
-pub const TOKEN_AUDIENCE: &str = "PORTCULLIS_TOKEN_AUDIENCE";
+const TOKEN_AUDIENCE: &str = "PORTCULLIS_TOKEN_AUDIENCE";
 /// Seconds between checks of the JWKS file (0: never reload).
-pub const JWKS_RELOAD_SECS: &str = "PORTCULLIS_JWKS_RELOAD_SECS";
+const JWKS_RELOAD_SECS: &str = "PORTCULLIS_JWKS_RELOAD_SECS";
 /// The rate-limit quotas.
-pub const RATE_LIMIT: &str = "PORTCULLIS_RATE_LIMIT";
+const RATE_LIMIT: &str = "PORTCULLIS_RATE_LIMIT";
 /// The failed-authentication quota per address.
-pub const AUTH_THROTTLE: &str = "PORTCULLIS_AUTH_THROTTLE";
+const AUTH_THROTTLE: &str = "PORTCULLIS_AUTH_THROTTLE";
 /// The Redis URL of the shared rate limits.
-pub const REDIS_URL: &str = "PORTCULLIS_REDIS_URL";
+const REDIS_URL: &str = "PORTCULLIS_REDIS_URL";
 /// What the rate limiter does when Redis is down.
-pub const REDIS_ON_FAILURE: &str = "PORTCULLIS_REDIS_ON_FAILURE";
+const REDIS_ON_FAILURE: &str = "PORTCULLIS_REDIS_ON_FAILURE";
 
 const DEFAULT_KEY_RELOAD: Duration = Duration::from_secs(10);
 

@@ -147,7 +147,7 @@ use crate::rate_limit::{RateLimit, RateLimitLayer};
 use crate::request_id::{RequestIdLayer, SetRequestId};
 
 mod builder;
-pub mod env;
+mod env;
 
 pub use builder::StackBuilder;
 
