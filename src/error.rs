@@ -6,7 +6,7 @@ use std::fmt;
 /// of the bad entry) but never repeats secret material such as a key or a password.
 ///
 /// ```
-/// let err = portcullis::allowlist::IpSet::parse("10.0.0.0/8, not-a-cidr").unwrap_err();
+/// let err = portcullis::IpSet::parse("10.0.0.0/8, not-a-cidr").unwrap_err();
 /// assert!(err.to_string().contains("entry 2"));
 /// ```
 #[derive(Clone, PartialEq, Eq)]

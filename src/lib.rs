@@ -37,9 +37,9 @@
 //! use bytes::Bytes;
 //! use http::{Request, Response};
 //! use http_body_util::Full;
-//! use portcullis::allowlist::{IpAllowlistLayer, IpSet};
+//! use portcullis::allowlist::IpAllowlistLayer;
 //! use portcullis::client_ip::{ClientIpConfig, ClientIpLayer, PeerAddrLayer};
-//! use portcullis::ClientIp;
+//! use portcullis::{ClientIp, IpSet};
 //! use tower::ServiceBuilder;
 //!
 //! let client_ip = ClientIpLayer::new(ClientIpConfig::trusted_proxies("10.0.0.0/8")?);
@@ -89,6 +89,28 @@
 //!   `tracing-subscriber` writer that scrubs every formatted event.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
 //! - `stack` (default): [`stack`], the whole stack as one layer ([`StackLayer`](stack::StackLayer)).
+//!
+//! ## The public API
+//!
+//! Everything public is listed, one item per line, in `public-api.txt` at the root of
+//! the repository, and CI regenerates that listing and fails on any difference: every
+//! change to the public surface is a visible diff in review. Parsers, walkers and
+//! other internals are crate-private. The shared request extensions ([`ClientIp`],
+//! [`Principal`], [`Scopes`], [`AuthMethod`]), [`IpSet`] and [`ConfigError`] have one
+//! path each, at the crate root.
+//!
+//! `portcullis::fuzzing` holds the entry points of the cargo-fuzz targets in `fuzz/`.
+//! It is hidden from these docs and left out of the listing: it is not part of the
+//! API and may change in any release.
+//!
+//! After an intended change to the surface, regenerate the listing (it needs the
+//! nightly toolchain, which builds the rustdoc JSON it reads) and commit it with the
+//! change:
+//!
+//! ```text
+//! cargo install --locked cargo-public-api --version 0.52.0   # once
+//! cargo public-api --package portcullis --all-features -sss > public-api.txt
+//! ```
 //!
 //! ## What portcullis does not do
 //!
