@@ -112,7 +112,8 @@ use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
 ///
 /// ```
 /// use portcullis::IpSet;
-/// use portcullis::rate_limit::{AuthThrottleLayer, Quota};
+/// use portcullis::auth_throttle::AuthThrottleLayer;
+/// use portcullis::rate_limit::Quota;
 /// use std::time::Duration;
 ///
 /// // 10 failures per 5 minutes; valid credentials always pass.
