@@ -14,8 +14,12 @@
 //! | `PORTCULLIS_DEMO_KEY_FILE` | API-key file (TOML, reloaded on change) | ephemeral keys |
 //! | `PORTCULLIS_DEMO_TOKEN_KEY_FILE` | HS256 secret (>= 32 bytes) of the service tokens | ephemeral secret |
 //! | `PORTCULLIS_DEMO_INTERNAL_CIDRS` | who may call `POST /internal/latest-runs` | `127.0.0.0/8, ::1` |
-//! | `PORTCULLIS_DEMO_JOB_TTL_SECS` | job lifetime | 86400 |
-//! | `PORTCULLIS_DEMO_MAX_DEPTH` | open jobs before 503 | 1000 |
+//! | `PORTCULLIS_DEMO_TRUSTED_PROXIES` | proxies whose `X-Forwarded-For` names the client (CIDRs) | none: the TCP peer is the client |
+//! | `PORTCULLIS_DEMO_JOB_TTL_SECS` | job lifetime, 1 to 2592000 (30 days) | 86400 |
+//! | `PORTCULLIS_DEMO_MAX_DEPTH` | open jobs before 503, 1 to 1000000 | 1000 |
+//!
+//! A variable that is set must be valid: one that is not UTF-8, is blank, or is out
+//! of range is an error naming it.
 //!
 //! The two credential files go together (one without the other is an error); with
 //! them, nothing secret is printed. SIGINT/SIGTERM: the worker finishes the job in
@@ -157,24 +161,62 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 's
     })
 }
 
+/// The longest job lifetime: 30 days (every deadline the queue computes stays far
+/// inside `Instant`'s range).
+pub const MAX_JOB_TTL_SECS: u64 = 30 * 24 * 3600;
+/// The most open jobs.
+pub const MAX_DEPTH: u64 = 1_000_000;
+
+/// Every variable the demo reads.
+pub const ENV_VARS: [&str; 8] = [
+    "PORTCULLIS_DEMO_ADDR",
+    "REDIS_URL",
+    "PORTCULLIS_DEMO_KEY_FILE",
+    "PORTCULLIS_DEMO_TOKEN_KEY_FILE",
+    "PORTCULLIS_DEMO_INTERNAL_CIDRS",
+    "PORTCULLIS_DEMO_TRUSTED_PROXIES",
+    "PORTCULLIS_DEMO_JOB_TTL_SECS",
+    "PORTCULLIS_DEMO_MAX_DEPTH",
+];
+
+/// The demo's variables that are set, read through `get` as raw values: one that is
+/// not UTF-8 or is blank is an error naming it, never read as unset.
+pub fn read_env(
+    get: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<std::collections::HashMap<&'static str, String>, String> {
+    let mut set = std::collections::HashMap::new();
+    for name in ENV_VARS {
+        let Some(raw) = get(name) else { continue };
+        let value = raw
+            .into_string()
+            .map_err(|_| format!("{name}: is not valid UTF-8"))?;
+        if value.trim().is_empty() {
+            return Err(format!("{name}: is set but empty; unset it instead"));
+        }
+        set.insert(name, value);
+    }
+    Ok(set)
+}
+
 /// The engine's limits from the environment (`get` reads a variable):
-/// `PORTCULLIS_DEMO_JOB_TTL_SECS` (default 86400) and `PORTCULLIS_DEMO_MAX_DEPTH`
-/// (default 1000). Zero or anything but a positive integer is an error.
+/// `PORTCULLIS_DEMO_JOB_TTL_SECS` (default 86400, at most [`MAX_JOB_TTL_SECS`]) and
+/// `PORTCULLIS_DEMO_MAX_DEPTH` (default 1000, at most [`MAX_DEPTH`]). Anything but a
+/// whole number in range is an error.
 pub fn queue_config(get: impl Fn(&str) -> Option<String>) -> Result<QueueConfig, String> {
-    let positive = |name: &str| -> Result<Option<u64>, String> {
+    let bounded = |name: &str, max: u64| -> Result<Option<u64>, String> {
         match get(name) {
             None => Ok(None),
             Some(v) => match v.trim().parse::<u64>() {
-                Ok(n) if n > 0 => Ok(Some(n)),
-                _ => Err(format!("{name} must be a positive integer")),
+                Ok(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(format!("{name} must be a whole number from 1 to {max}")),
             },
         }
     };
     let mut config = QueueConfig::default();
-    if let Some(secs) = positive("PORTCULLIS_DEMO_JOB_TTL_SECS")? {
+    if let Some(secs) = bounded("PORTCULLIS_DEMO_JOB_TTL_SECS", MAX_JOB_TTL_SECS)? {
         config.ttl = Duration::from_secs(secs);
     }
-    if let Some(depth) = positive("PORTCULLIS_DEMO_MAX_DEPTH")? {
+    if let Some(depth) = bounded("PORTCULLIS_DEMO_MAX_DEPTH", MAX_DEPTH)? {
         config.max_depth = usize::try_from(depth).map_err(|e| e.to_string())?;
         config.max_retained = config.max_retained.max(config.max_depth);
     }
@@ -269,6 +311,10 @@ pub async fn start(
     let credentials = Credentials::from_env(get)?;
     let (keys, secret) = credentials.parts();
     let mut config = GuardConfig::new(keys, secret, internal)?;
+    if let Some(proxies) = get("PORTCULLIS_DEMO_TRUSTED_PROXIES") {
+        config.client_ip = portcullis::client_ip::ClientIpConfig::trusted_proxies(&proxies)
+            .map_err(|e| format!("PORTCULLIS_DEMO_TRUSTED_PROXIES: {e}"))?;
+    }
     config.reloading = credentials.reloading();
     config.redis = guard::redis_limiter(args.redis.as_deref())?;
     if let Some(redis) = &config.redis {

@@ -15,8 +15,9 @@ async fn main() -> Result<(), BoxError> {
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let shutdown = queue_service::shutdown_signal()?;
+    let env = queue_service::read_env(|k| std::env::var_os(k))?;
     let (listener, app, state, issuer, banner) =
-        queue_service::start(&args, |k| std::env::var(k).ok()).await?;
+        queue_service::start(&args, |k| env.get(k).cloned()).await?;
     tracing::info!(event = "listening", addr = %listener.local_addr()?);
     print!("{banner}");
     queue_service::serve(

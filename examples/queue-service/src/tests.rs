@@ -358,15 +358,63 @@ fn the_queue_limits_from_the_environment() {
     .unwrap();
     assert_eq!((c.ttl, c.max_depth), (Duration::from_secs(60), 20_000));
     assert!(c.max_retained >= c.max_depth);
+    let c = queue_config(env(&[
+        ("PORTCULLIS_DEMO_JOB_TTL_SECS", "2592000"),
+        ("PORTCULLIS_DEMO_MAX_DEPTH", "1000000"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        (c.ttl.as_secs(), c.max_depth),
+        (MAX_JOB_TTL_SECS, 1_000_000)
+    );
     const BAD: &[&[(&str, &str)]] = &[
         &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "0")],
         &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "-1")],
+        &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "2592001")],
+        &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "18446744073709551615")],
+        &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "99999999999999999999")],
         &[("PORTCULLIS_DEMO_MAX_DEPTH", "ten")],
         &[("PORTCULLIS_DEMO_MAX_DEPTH", "")],
+        &[("PORTCULLIS_DEMO_MAX_DEPTH", "1000001")],
     ];
     for bad in BAD {
-        assert!(queue_config(env(bad)).is_err(), "{bad:?}");
+        let e = queue_config(env(bad)).unwrap_err();
+        assert!(e.starts_with(bad[0].0), "{bad:?}: {e}");
     }
+}
+
+/// The longest lifetime the settings allow is one every enqueue can compute with:
+/// a job enqueued with it is accepted and readable.
+#[tokio::test]
+async fn the_longest_job_ttl_is_usable() {
+    let config = queue_config(|k| {
+        (k == "PORTCULLIS_DEMO_JOB_TTL_SECS").then(|| MAX_JOB_TTL_SECS.to_string())
+    })
+    .unwrap();
+    let demo = Demo::manual(config).await;
+    let r = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    demo.shutdown().await;
+}
+
+#[test]
+fn a_variable_that_is_set_is_never_read_as_unset() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    for name in ENV_VARS {
+        for raw in [vec![0xff, 0xfe], vec![], b" ".to_vec(), b"\t\n".to_vec()] {
+            let e = read_env(|k| (k == name).then(|| OsString::from_vec(raw.clone()))).unwrap_err();
+            assert!(e.starts_with(name), "{name} = {raw:?}: {e}");
+        }
+    }
+    let set =
+        read_env(|k| (k == "PORTCULLIS_DEMO_MAX_DEPTH").then(|| OsString::from("5"))).unwrap();
+    assert_eq!(
+        set.get("PORTCULLIS_DEMO_MAX_DEPTH").map(String::as_str),
+        Some("5")
+    );
 }
 
 #[test]
@@ -1592,4 +1640,39 @@ async fn a_real_browser_shows_the_dashboard_only_with_the_credential() {
         "a real PNG"
     );
     demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn trusted_proxies_come_from_the_environment() {
+    let args = vec!["--addr".to_owned(), "127.0.0.1:0".to_owned()];
+    let bad = |k: &str| (k == "PORTCULLIS_DEMO_TRUSTED_PROXIES").then(|| "not-a-cidr".to_owned());
+    let e = start(&args, bad)
+        .await
+        .err()
+        .expect("a bad proxy list is refused");
+    assert!(
+        e.to_string().starts_with("PORTCULLIS_DEMO_TRUSTED_PROXIES"),
+        "{e}"
+    );
+    let good =
+        |k: &str| (k == "PORTCULLIS_DEMO_TRUSTED_PROXIES").then(|| "127.0.0.1/32".to_owned());
+    let (listener, app, state, _issuer, _banner) = start(&args, good).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        serve(listener, app, &state, None, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    // The peer (127.0.0.1) is a trusted proxy: the client named in X-Forwarded-For is
+    // outside the internal networks, so the internal endpoint refuses it by address.
+    let r = raw(
+        addr,
+        b"POST /internal/latest-runs HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
 }
