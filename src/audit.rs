@@ -141,7 +141,7 @@ events! {
 /// Emits an audit event on [`TARGET`]: `emit!(level, Variant, fields...)`, where
 /// `Variant` names an [`Event`] (an unknown name does not compile) and the fields
 /// follow `tracing`'s syntax.
-#[allow(unused_macros)] // a build without any layer emits nothing
+#[allow(unused_macros)]
 macro_rules! emit {
     ($level:ident, $event:ident $(, $($field:tt)+)?) => {
         ::tracing::$level!(
@@ -151,7 +151,7 @@ macro_rules! emit {
         )
     };
 }
-#[allow(unused_imports)]
+#[allow(unused_imports)] // without features, no layer emits audit events
 pub(crate) use emit;
 
 #[cfg(test)]

@@ -112,10 +112,11 @@
 //! cargo public-api --package portcullis --all-features -sss > public-api.txt
 //! ```
 //!
-//! ## What portcullis does not do
+//! ## What portcullis does not protect against
 //!
-//! See `SECURITY.md` for the threat model: what each layer defends against and what
-//! it leaves to you (TLS, body limits, authorisation beyond scopes).
+//! [`threat_model`] says, layer by layer, what each defends against and what it
+//! leaves to you (TLS, body limits, authorisation beyond scopes, attackers inside an
+//! allowed network).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(unreachable_pub, missing_debug_implementations, rust_2018_idioms)]
@@ -173,6 +174,9 @@ pub mod redact;
 
 #[cfg(feature = "stack")]
 pub mod stack;
+
+#[doc = include_str!("../SECURITY.md")]
+pub mod threat_model {}
 
 pub use error::ConfigError;
 pub use ip::{ClientIp, IpSet};

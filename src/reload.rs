@@ -68,62 +68,6 @@ use crate::ConfigError;
 /// The default limit on the size of a key file: 1 MiB.
 pub(crate) const DEFAULT_MAX_FILE_LEN: usize = 1 << 20;
 
-/// `O_NONBLOCK`, so that opening a FIFO or a device returns at once instead of
-/// waiting for a writer. The crate uses no C bindings, so the value is the platform's
-/// ABI constant: `0o4000` on Linux for these architectures (asm-generic), `0x4` on
-/// the BSDs and Apple systems. Elsewhere it is 0 and only the checks of the path's
-/// and the opened file's type guard the read.
-#[cfg(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86",
-        target_arch = "x86_64",
-        target_arch = "arm",
-        target_arch = "aarch64",
-        target_arch = "riscv64",
-        target_arch = "powerpc",
-        target_arch = "powerpc64",
-        target_arch = "s390x",
-        target_arch = "loongarch64"
-    )
-))]
-const O_NONBLOCK: i32 = 0o4000;
-#[cfg(any(
-    target_os = "macos",
-    target_os = "ios",
-    target_os = "freebsd",
-    target_os = "openbsd",
-    target_os = "netbsd",
-    target_os = "dragonfly"
-))]
-const O_NONBLOCK: i32 = 0x4;
-#[cfg(all(
-    unix,
-    not(any(
-        all(
-            target_os = "linux",
-            any(
-                target_arch = "x86",
-                target_arch = "x86_64",
-                target_arch = "arm",
-                target_arch = "aarch64",
-                target_arch = "riscv64",
-                target_arch = "powerpc",
-                target_arch = "powerpc64",
-                target_arch = "s390x",
-                target_arch = "loongarch64"
-            )
-        ),
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "freebsd",
-        target_os = "openbsd",
-        target_os = "netbsd",
-        target_os = "dragonfly"
-    ))
-))]
-const O_NONBLOCK: i32 = 0;
-
 /// Keeps a key file reloading; reloading stops when the last clone is dropped.
 ///
 /// Returned by [`ApiKeys::watch_key_file`](crate::api_key::ApiKeys::watch_key_file)
@@ -242,10 +186,11 @@ pub(crate) fn read_file(path: &Path, max_len: usize) -> Result<Content, ConfigEr
     }
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
+    // Opening a FIFO or a device returns at once instead of waiting for a writer.
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        options.custom_flags(O_NONBLOCK);
+        options.custom_flags(libc::O_NONBLOCK);
     }
     let file = options
         .open(path)

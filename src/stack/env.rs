@@ -1,5 +1,13 @@
 //! The `PORTCULLIS_*` environment variables read by [`StackBuilder::from_env`].
+//!
+//! Every known variable is read once, as raw bytes. A variable that is set must hold a
+//! valid value: one that is not UTF-8, empty or blank, or that does not parse, is a
+//! [`ConfigError`] naming the variable (never its value), and so is a variable that
+//! only means something together with another one that is not set. Nothing that is
+//! set is ever read as unset.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::time::Duration;
 
 use super::StackBuilder;
@@ -42,6 +50,80 @@ const AUTH_THROTTLE: &str = "PORTCULLIS_AUTH_THROTTLE";
 const REDIS_URL: &str = "PORTCULLIS_REDIS_URL";
 /// What the rate limiter does when Redis is down.
 const REDIS_ON_FAILURE: &str = "PORTCULLIS_REDIS_ON_FAILURE";
+/// Milliseconds one Redis call may take before the failure policy applies.
+const REDIS_TIMEOUT_MS: &str = "PORTCULLIS_REDIS_TIMEOUT_MS";
+/// Milliseconds one connection attempt to Redis (TCP, TLS, `AUTH`) may take.
+const REDIS_CONNECT_TIMEOUT_MS: &str = "PORTCULLIS_REDIS_CONNECT_TIMEOUT_MS";
+
+/// Every variable [`StackBuilder::from_env`] reads, in the order of the table in the
+/// [module docs](crate::stack).
+pub(crate) const ALL: [&str; 18] = [
+    TRUSTED_PROXIES,
+    FORWARDED_HEADER,
+    ALLOWLIST,
+    DENYLIST,
+    KEY_FILE,
+    KEY_FILE_RELOAD_SECS,
+    API_KEYS,
+    API_KEY_SCOPES,
+    JWKS_FILE,
+    TOKEN_ISSUERS,
+    TOKEN_AUDIENCE,
+    JWKS_RELOAD_SECS,
+    RATE_LIMIT,
+    AUTH_THROTTLE,
+    REDIS_URL,
+    REDIS_ON_FAILURE,
+    REDIS_TIMEOUT_MS,
+    REDIS_CONNECT_TIMEOUT_MS,
+];
+
+/// The variables that are set, each checked to be UTF-8 and not blank.
+struct Vars(HashMap<&'static str, String>);
+
+impl Vars {
+    fn read(get: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
+        let mut set = HashMap::new();
+        for name in ALL {
+            let Some(raw) = get(name) else { continue };
+            let Ok(value) = raw.into_string() else {
+                return Err(ConfigError::new(format!("{name}: is not valid UTF-8")));
+            };
+            if value.trim().is_empty() {
+                return Err(ConfigError::new(format!(
+                    "{name}: is set but empty; unset it to leave the setting out"
+                )));
+            }
+            set.insert(name, value);
+        }
+        Ok(Self(set))
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+
+    /// An error unless `name` is unset: it means something only with `needs`.
+    fn unused(&self, name: &str, needs: &str) -> Result<(), ConfigError> {
+        match self.0.contains_key(name) {
+            true => Err(ConfigError::new(format!(
+                "{name} is set but {needs} is not"
+            ))),
+            false => Ok(()),
+        }
+    }
+}
+
+/// A duration in whole milliseconds, `min..=max`.
+#[cfg(feature = "redis")]
+fn millis(value: &str, name: &str, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    match parse_number(value.trim()) {
+        Some(n) if (min..=max).contains(&n) => Ok(Duration::from_millis(n)),
+        _ => Err(ConfigError::new(format!(
+            "{name}: must be a whole number of milliseconds from {min} to {max}"
+        ))),
+    }
+}
 
 const DEFAULT_KEY_RELOAD: Duration = Duration::from_secs(10);
 
@@ -63,13 +145,18 @@ impl StackBuilder {
     /// Reads the configuration from the process environment; see the
     /// [module docs](crate::stack) for the variables.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_env_with(|name| std::env::var(name).ok())
+        Self::from_env_with(|name| std::env::var_os(name))
     }
 
     /// Reads the configuration through `get` (e.g. a map in tests), with the names of
-    /// [`from_env`](Self::from_env). Errors name the variable, never a secret value.
-    pub fn from_env_with(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+    /// [`from_env`](Self::from_env); `get` returns a variable's raw value (a `String`
+    /// or an `OsString`), `None` when it is not set. Errors name the variable, never a
+    /// value.
+    pub fn from_env_with<V: Into<OsString>>(
+        get: impl Fn(&str) -> Option<V>,
+    ) -> Result<Self, ConfigError> {
+        let vars = Vars::read(|name| get(name).map(Into::into))?;
+        let get = |name: &str| vars.get(name);
         let named =
             |name: &'static str| move |e: ConfigError| ConfigError::new(format!("{name}: {e}"));
         let mut b = Self::new();
@@ -133,17 +220,13 @@ impl StackBuilder {
                 let store = KeyStore::from_key_list(&list, scopes).map_err(named(API_KEYS))?;
                 b = b.api_keys(ApiKeys::new(store));
             }
-            (None, None) => {
-                if get(API_KEY_SCOPES).is_some() {
-                    return Err(ConfigError::new(format!(
-                        "{} is set but {} is not",
-                        API_KEY_SCOPES, API_KEYS
-                    )));
-                }
-            }
+            (None, None) => vars.unused(API_KEY_SCOPES, API_KEYS)?,
+        }
+        if get(KEY_FILE).is_none() {
+            vars.unused(KEY_FILE_RELOAD_SECS, KEY_FILE)?;
         }
 
-        b = b.tokens_from_env(&get)?;
+        b = b.tokens_from_env(&vars)?;
 
         if let Some(v) = get(RATE_LIMIT) {
             parse_list(&v).map_err(named(RATE_LIMIT))?;
@@ -153,23 +236,19 @@ impl StackBuilder {
             let q: Quota = v.parse().map_err(named(AUTH_THROTTLE))?;
             b = b.auth_throttle(AuthThrottleLayer::new(q));
         }
-        b = b.redis_from_env(&get)?;
+        b = b.redis_from_env(&vars)?;
         Ok(b)
     }
 
     #[cfg(feature = "jwt")]
-    fn tokens_from_env(self, get: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    fn tokens_from_env(self, vars: &Vars) -> Result<Self, ConfigError> {
         use crate::jwt::KeyFile;
+        let get = |name: &str| vars.get(name);
         let file = get(JWKS_FILE);
         let issuers = get(TOKEN_ISSUERS);
         let audience = get(TOKEN_AUDIENCE);
         if file.is_none() && issuers.is_none() && audience.is_none() {
-            if get(JWKS_RELOAD_SECS).is_some() {
-                return Err(ConfigError::new(format!(
-                    "{} is set but {} is not",
-                    JWKS_RELOAD_SECS, JWKS_FILE
-                )));
-            }
+            vars.unused(JWKS_RELOAD_SECS, JWKS_FILE)?;
             return Ok(self);
         }
         let need = |v: Option<String>, name: &str| {
@@ -198,9 +277,11 @@ impl StackBuilder {
             builder = builder.issuer(iss);
         }
         let every = reload_interval(get(JWKS_RELOAD_SECS), JWKS_RELOAD_SECS)?;
+        // The issuers and the audience are checked above: what the verifier can still
+        // refuse is the key file.
         let verifier = builder
             .build()
-            .map_err(|e| ConfigError::new(format!("{}: {e}", JWKS_FILE)))?;
+            .map_err(|e| ConfigError::new(format!("{JWKS_FILE}: {e}")))?;
         let mut this = self;
         if let Some(every) = every {
             let reloading = verifier
@@ -212,9 +293,9 @@ impl StackBuilder {
     }
 
     #[cfg(not(feature = "jwt"))]
-    fn tokens_from_env(self, get: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    fn tokens_from_env(self, vars: &Vars) -> Result<Self, ConfigError> {
         for name in [JWKS_FILE, TOKEN_ISSUERS, TOKEN_AUDIENCE, JWKS_RELOAD_SECS] {
-            if get(name).is_some() {
+            if vars.get(name).is_some() {
                 return Err(ConfigError::new(format!(
                     "{name} is set but portcullis was built without the jwt feature"
                 )));
@@ -224,8 +305,9 @@ impl StackBuilder {
     }
 
     #[cfg(feature = "redis")]
-    fn redis_from_env(self, get: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    fn redis_from_env(self, vars: &Vars) -> Result<Self, ConfigError> {
         use crate::rate_limit::redis::{FailurePolicy, RedisLimiter};
+        let get = |name: &str| vars.get(name);
         let policy = match get(REDIS_ON_FAILURE) {
             None => FailurePolicy::FallbackLocal,
             Some(v) => match v.trim().to_ascii_lowercase().as_str() {
@@ -241,31 +323,215 @@ impl StackBuilder {
             },
         };
         let Some(url) = get(REDIS_URL) else {
-            if get(REDIS_ON_FAILURE).is_some() {
-                return Err(ConfigError::new(format!(
-                    "{} is set but {} is not",
-                    REDIS_ON_FAILURE, REDIS_URL
-                )));
+            for name in [REDIS_ON_FAILURE, REDIS_TIMEOUT_MS, REDIS_CONNECT_TIMEOUT_MS] {
+                vars.unused(name, REDIS_URL)?;
             }
             return Ok(self);
         };
         // The URL may hold a password: errors name the variable only (the limiter's
         // own errors never repeat the URL either).
-        let limiter = RedisLimiter::builder(url.trim(), policy)
-            .and_then(|b| b.build())
-            .map_err(|e| ConfigError::new(format!("{}: {e}", REDIS_URL)))?;
+        let mut builder = RedisLimiter::builder(url.trim(), policy)
+            .map_err(|e| ConfigError::new(format!("{REDIS_URL}: {e}")))?;
+        if let Some(v) = get(REDIS_TIMEOUT_MS) {
+            builder = builder.timeout(millis(&v, REDIS_TIMEOUT_MS, 1, 1_000)?);
+        }
+        if let Some(v) = get(REDIS_CONNECT_TIMEOUT_MS) {
+            builder = builder.connect_timeout(millis(&v, REDIS_CONNECT_TIMEOUT_MS, 10, 60_000)?);
+        }
+        let limiter = builder
+            .build()
+            .map_err(|e| ConfigError::new(format!("{REDIS_URL}: {e}")))?;
         Ok(self.redis(limiter))
     }
 
     #[cfg(not(feature = "redis"))]
-    fn redis_from_env(self, get: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        for name in [REDIS_URL, REDIS_ON_FAILURE] {
-            if get(name).is_some() {
+    fn redis_from_env(self, vars: &Vars) -> Result<Self, ConfigError> {
+        for name in [
+            REDIS_URL,
+            REDIS_ON_FAILURE,
+            REDIS_TIMEOUT_MS,
+            REDIS_CONNECT_TIMEOUT_MS,
+        ] {
+            if vars.get(name).is_some() {
                 return Err(ConfigError::new(format!(
                     "{name} is set but portcullis was built without the redis feature"
                 )));
             }
         }
         Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::os::unix::ffi::OsStringExt;
+
+    /// A configuration that builds, so that the variable under test is the only
+    /// thing wrong: API keys, and what each variable needs beside it.
+    fn context(name: &str) -> Vec<(&'static str, String)> {
+        let needs: &[&str] = match name {
+            FORWARDED_HEADER => &[API_KEYS, TRUSTED_PROXIES],
+            JWKS_FILE | TOKEN_ISSUERS | TOKEN_AUDIENCE | JWKS_RELOAD_SECS => {
+                &[API_KEYS, JWKS_FILE, TOKEN_ISSUERS, TOKEN_AUDIENCE]
+            }
+            REDIS_ON_FAILURE | REDIS_TIMEOUT_MS | REDIS_CONNECT_TIMEOUT_MS => {
+                &[API_KEYS, REDIS_URL]
+            }
+            KEY_FILE => &[],
+            KEY_FILE_RELOAD_SECS => &[KEY_FILE],
+            _ => &[API_KEYS],
+        };
+        needs
+            .iter()
+            .filter(|n| **n != name)
+            .map(|n| (*n, valid(n)))
+            .collect()
+    }
+
+    /// `name` set to `value` (raw bytes) in `context(name)`, read and built.
+    fn outcome(name: &str, value: Vec<u8>) -> Result<(), String> {
+        let mut vars: Vec<(&str, OsString)> = context(name)
+            .into_iter()
+            .map(|(n, v)| (n, OsString::from(v)))
+            .collect();
+        vars.push((name, OsString::from_vec(value)));
+        // Build inside a runtime: the Redis limiter starts connecting in the background.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        StackBuilder::from_env_with(|n| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone()))
+            .and_then(StackBuilder::build)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A valid value of each variable: with it, `context(name)` builds, so in the
+    /// tests below the variable under test is the only thing wrong.
+    fn valid(name: &str) -> String {
+        match name {
+            TRUSTED_PROXIES => "10.0.0.0/8".into(),
+            FORWARDED_HEADER => "forwarded".into(),
+            ALLOWLIST => "127.0.0.0/8".into(),
+            DENYLIST => "10.9.0.0/16".into(),
+            KEY_FILE => {
+                let key = crate::api_key::generate_key("pc_test").unwrap();
+                let dir =
+                    std::env::temp_dir().join(format!("portcullis-env-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let path = dir.join("keys.toml");
+                let entry = format!("[[keys]]\nid = \"a\"\ndigest = \"{}\"\n", key.digest());
+                std::fs::write(&path, entry).unwrap();
+                path.display().to_string()
+            }
+            KEY_FILE_RELOAD_SECS | JWKS_RELOAD_SECS => "30".into(),
+            API_KEYS => "0123456789abcdef0123456789abcdef".into(),
+            API_KEY_SCOPES => "jobs:read jobs:write".into(),
+            JWKS_FILE => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/jwt/jwks.json").into(),
+            TOKEN_ISSUERS => "https://issuer.example".into(),
+            TOKEN_AUDIENCE => "jobs-api".into(),
+            RATE_LIMIT => "100/s, 5000/h".into(),
+            AUTH_THROTTLE => "5/15m".into(),
+            REDIS_URL => "redis://127.0.0.1:1".into(),
+            REDIS_ON_FAILURE => "closed".into(),
+            REDIS_TIMEOUT_MS => "20".into(),
+            REDIS_CONNECT_TIMEOUT_MS => "5000".into(),
+            other => panic!("no valid value for {other}"),
+        }
+    }
+
+    #[cfg(all(feature = "jwt", feature = "redis"))]
+    #[test]
+    fn every_variable_with_a_valid_value_builds() {
+        for name in ALL {
+            let value = valid(name);
+            outcome(name, value.into_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    /// Values that are present but not valid, for every variable: never read as
+    /// unset, always an error naming the variable.
+    #[cfg(all(feature = "jwt", feature = "redis"))]
+    #[test]
+    fn present_but_invalid_is_an_error_naming_the_variable() {
+        let everywhere: [&[u8]; 6] = [b"\xff\xfe", b"pc\x80live", b"", b" ", b"\t\n", b"  \r "];
+        for name in ALL {
+            for value in everywhere {
+                let e = outcome(name, value.to_vec()).expect_err(name);
+                assert!(e.starts_with(name), "{name} = {value:?}: {e}");
+            }
+        }
+        // Garbage for every variable with a grammar (paths, issuers and audiences
+        // accept any text; a path that does not exist is an error).
+        let garbage: &[(&str, &[&str])] = &[
+            (
+                TRUSTED_PROXIES,
+                &["garbage!!", "10.0.0.0/33", "10.0.0.0/8,,"],
+            ),
+            (FORWARDED_HEADER, &["x-forwarded", "garbage!!"]),
+            (ALLOWLIST, &["garbage!!", "300.1.1.1", "10.0.0.0/8;"]),
+            (DENYLIST, &["garbage!!", "::1/129"]),
+            (KEY_FILE, &["/nonexistent/keys.toml"]),
+            (KEY_FILE_RELOAD_SECS, &["-1", "ten", "1.5"]),
+            (API_KEYS, &["short", "garbage!!"]),
+            (API_KEY_SCOPES, &["a\u{7f}b", "jobs:read\u{0}"]),
+            (JWKS_FILE, &["/nonexistent/jwks.json"]),
+            (TOKEN_ISSUERS, &["https://a,,https://b", ","]),
+            (JWKS_RELOAD_SECS, &["-1", "1.5", "ten", "99999999999"]),
+            (RATE_LIMIT, &["0/s", "garbage!!", "10/5x", "1/s,1/s"]),
+            (AUTH_THROTTLE, &["0/s", "garbage!!", "10/5m, 1/h"]),
+            (REDIS_URL, &["garbage!!", "http://127.0.0.1:6379"]),
+            (REDIS_ON_FAILURE, &["sometimes", "garbage!!"]),
+            (REDIS_TIMEOUT_MS, &["0", "1001", "5ms", "-5"]),
+            (REDIS_CONNECT_TIMEOUT_MS, &["9", "60001", "2s"]),
+        ];
+        for (name, values) in garbage {
+            for value in *values {
+                let e = outcome(name, value.as_bytes().to_vec()).expect_err(value);
+                assert!(e.contains(name), "{name} = {value:?}: {e}");
+            }
+        }
+        // A valid value that means nothing without another variable is an error too.
+        let alone = [
+            (KEY_FILE_RELOAD_SECS, KEY_FILE),
+            (API_KEY_SCOPES, API_KEYS),
+            (JWKS_RELOAD_SECS, JWKS_FILE),
+            (REDIS_ON_FAILURE, REDIS_URL),
+            (REDIS_TIMEOUT_MS, REDIS_URL),
+            (REDIS_CONNECT_TIMEOUT_MS, REDIS_URL),
+        ];
+        for (name, needs) in alone {
+            let e = StackBuilder::from_env_with(|n| (n == name).then(|| valid(name))).unwrap_err();
+            assert_eq!(e.to_string(), format!("{name} is set but {needs} is not"));
+        }
+    }
+
+    proptest! {
+        /// Arbitrary bytes in any variable: never a panic; bytes that are not UTF-8,
+        /// or blank, are an error naming the variable; an error never repeats the
+        /// value.
+        #[test]
+        fn arbitrary_bytes_never_pass_as_unset(
+            index in 0..ALL.len(),
+            value in proptest::collection::vec(any::<u8>(), 0..48),
+        ) {
+            let name = ALL[index];
+            let text = String::from_utf8(value.clone());
+            let result = outcome(name, value);
+            match &text {
+                Err(_) => prop_assert!(result.as_ref().is_err_and(|e| e.starts_with(name))),
+                Ok(t) if t.trim().is_empty() => {
+                    prop_assert!(result.as_ref().is_err_and(|e| e.starts_with(name)))
+                }
+                Ok(t) => {
+                    if let Err(e) = &result {
+                        prop_assert!(t.trim().len() < 12 || !e.contains(t.trim()), "{}", e);
+                    }
+                }
+            }
+        }
     }
 }

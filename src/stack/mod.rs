@@ -81,8 +81,11 @@
 //!
 //! [`StackBuilder::from_env`] reads the variables below (and
 //! [`StackBuilder::from_env_with`] the same names from any lookup function, for
-//! tests). A variable that is unset or blank is not configured. Errors name the
-//! variable and never repeat a secret value.
+//! tests). Values are read as raw bytes: a variable that is set must hold a valid
+//! value, so one that is not UTF-8, empty or blank, or that does not parse, is an
+//! error naming the variable (never repeating the value); unset a variable to leave
+//! its setting out. A variable that only means something with another one that is
+//! not set is an error too.
 //!
 //! | variable | meaning | example |
 //! |---|---|---|
@@ -102,6 +105,8 @@
 //! | `PORTCULLIS_AUTH_THROTTLE` | failed authentications allowed per address, one quota (default `10/5m`) | `5/15m` |
 //! | `PORTCULLIS_REDIS_URL` | share the rate limits through Redis (feature `redis`); never logged | `redis://redis:6379` |
 //! | `PORTCULLIS_REDIS_ON_FAILURE` | when Redis is down: `local` (default, limit in memory), `closed` (503), `open` | `closed` |
+//! | `PORTCULLIS_REDIS_TIMEOUT_MS` | how long one Redis call may take, 1 to 1000 (default 5) | `20` |
+//! | `PORTCULLIS_REDIS_CONNECT_TIMEOUT_MS` | how long one connection attempt (TCP, TLS, `AUTH`) may take, 10 to 60000 (default 2000) | `5000` |
 //!
 //! `PORTCULLIS_KEY_FILE` and `PORTCULLIS_API_KEYS` exclude each other. A variable of
 //! a feature that is not compiled in is an error, not silently ignored.

@@ -1,6 +1,6 @@
 //! The demo job-queue service: every portcullis layer guarding a small job queue.
 //!
-//! `cargo run --release --example queue_service` listens on 127.0.0.1:8080, makes
+//! `cargo run -p queue-service --release` listens on 127.0.0.1:8080, makes
 //! ephemeral credentials (an admin key, a client key, a worker signing key) and
 //! prints them once to standard output with ready-to-paste curl lines. Logs are
 //! JSON lines on standard error, through the redacting writer.
@@ -14,26 +14,34 @@
 //! | `PORTCULLIS_DEMO_KEY_FILE` | API-key file (TOML, reloaded on change) | ephemeral keys |
 //! | `PORTCULLIS_DEMO_TOKEN_KEY_FILE` | HS256 secret (>= 32 bytes) of the service tokens | ephemeral secret |
 //! | `PORTCULLIS_DEMO_INTERNAL_CIDRS` | who may call `POST /internal/latest-runs` | `127.0.0.0/8, ::1` |
-//! | `PORTCULLIS_DEMO_JOB_TTL_SECS` | job lifetime | 86400 |
-//! | `PORTCULLIS_DEMO_MAX_DEPTH` | open jobs before 503 | 1000 |
+//! | `PORTCULLIS_DEMO_TRUSTED_PROXIES` | proxies whose `X-Forwarded-For` names the client (CIDRs) | none: the TCP peer is the client |
+//! | `PORTCULLIS_DEMO_JOB_TTL_SECS` | job lifetime, 1 to 2592000 (30 days) | 86400 |
+//! | `PORTCULLIS_DEMO_MAX_DEPTH` | open jobs before 503, 1 to 1000000 | 1000 |
+//!
+//! A variable that is set must be valid: one that is not UTF-8, is blank, or is out
+//! of range is an error naming it.
 //!
 //! The two credential files go together (one without the other is an error); with
 //! them, nothing secret is printed. SIGINT/SIGTERM: the worker finishes the job in
 //! flight (through the HTTP endpoints, which stay up meanwhile), then the server
 //! stops accepting and exits.
 //!
+//! The binary (`src/main.rs`) installs the log subscriber and calls [`start`] and
+//! [`serve`]; the benchmarks in `benches/` build the same service with [`service`].
 //! Modules: [`queue`] the engine, [`worker`] the in-process worker, [`client`] its
 //! HTTP client, [`routes`] the handlers, [`auth`] the one scope table, [`guard`]
 //! the layers and credentials.
 
-mod auth;
-mod client;
-mod guard;
-mod queue;
-mod routes;
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod client;
+pub mod guard;
+pub mod queue;
+pub mod routes;
 #[cfg(test)]
 mod tests;
-mod worker;
+pub mod worker;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -45,7 +53,6 @@ use axum::ServiceExt;
 use axum::extract::Request;
 use portcullis::IpSet;
 use portcullis::jwt::TokenIssuer;
-use portcullis::redact::RedactingMakeWriter;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::Layer;
@@ -60,10 +67,10 @@ use crate::worker::{Calls, Worker, WorkerConfig, WorkerStatus};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The internal networks by default: loopback only.
-const DEFAULT_INTERNAL: &str = "127.0.0.0/8, ::1";
+pub const DEFAULT_INTERNAL: &str = "127.0.0.0/8, ::1";
 
 /// The state shared by the routes and the worker.
-fn state(config: QueueConfig) -> AppState {
+pub fn state(config: QueueConfig) -> AppState {
     AppState {
         queue: Arc::new(Queue::new(config)),
         counters: Arc::new(Counters::default()),
@@ -72,16 +79,16 @@ fn state(config: QueueConfig) -> AppState {
 }
 
 /// The whole service (see [`service`]).
-type App = CountDenials<Router>;
+pub type App = CountDenials<Router>;
 
 /// The whole service: the refusal counters around the router, which holds each
 /// route inside its guarding stack and scope check (see [`guard`],
-/// [`routes::app`]). The counters wrap the router once: a layer added with
-/// `Router::layer` would wrap every route and cost a boxed clone per request.
+/// [`routes::app`]). The counters wrap the router as a whole, so they see every
+/// refusal, the unrouted requests' included.
 ///
 /// The client address comes from axum's `ConnectInfo` (served with
 /// `into_make_service_with_connect_info`), which the crate's `axum` feature reads.
-fn service(state: &AppState, guard: &Guard) -> App {
+pub fn service(state: &AppState, guard: &Guard) -> App {
     CountDenialsLayer::new(state.counters.clone()).layer(routes::app(state.clone(), guard))
 }
 
@@ -90,7 +97,7 @@ fn service(state: &AppState, guard: &Guard) -> App {
 /// `shutdown` resolves: the worker finishes the job in flight (the server still
 /// answers its calls), then the server stops accepting, lets open requests finish,
 /// and this returns.
-async fn serve(
+pub async fn serve(
     listener: TcpListener,
     app: App,
     state: &AppState,
@@ -140,7 +147,7 @@ async fn serve(
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed now, so a failure
 /// stops the start instead of leaving a server that ignores SIGTERM.
-fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     Ok(async move {
@@ -154,24 +161,62 @@ fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'stati
     })
 }
 
+/// The longest job lifetime: 30 days (every deadline the queue computes stays far
+/// inside `Instant`'s range).
+pub const MAX_JOB_TTL_SECS: u64 = 30 * 24 * 3600;
+/// The most open jobs.
+pub const MAX_DEPTH: u64 = 1_000_000;
+
+/// Every variable the demo reads.
+pub const ENV_VARS: [&str; 8] = [
+    "PORTCULLIS_DEMO_ADDR",
+    "REDIS_URL",
+    "PORTCULLIS_DEMO_KEY_FILE",
+    "PORTCULLIS_DEMO_TOKEN_KEY_FILE",
+    "PORTCULLIS_DEMO_INTERNAL_CIDRS",
+    "PORTCULLIS_DEMO_TRUSTED_PROXIES",
+    "PORTCULLIS_DEMO_JOB_TTL_SECS",
+    "PORTCULLIS_DEMO_MAX_DEPTH",
+];
+
+/// The demo's variables that are set, read through `get` as raw values: one that is
+/// not UTF-8 or is blank is an error naming it, never read as unset.
+pub fn read_env(
+    get: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<std::collections::HashMap<&'static str, String>, String> {
+    let mut set = std::collections::HashMap::new();
+    for name in ENV_VARS {
+        let Some(raw) = get(name) else { continue };
+        let value = raw
+            .into_string()
+            .map_err(|_| format!("{name}: is not valid UTF-8"))?;
+        if value.trim().is_empty() {
+            return Err(format!("{name}: is set but empty; unset it instead"));
+        }
+        set.insert(name, value);
+    }
+    Ok(set)
+}
+
 /// The engine's limits from the environment (`get` reads a variable):
-/// `PORTCULLIS_DEMO_JOB_TTL_SECS` (default 86400) and `PORTCULLIS_DEMO_MAX_DEPTH`
-/// (default 1000). Zero or anything but a positive integer is an error.
-fn queue_config(get: impl Fn(&str) -> Option<String>) -> Result<QueueConfig, String> {
-    let positive = |name: &str| -> Result<Option<u64>, String> {
+/// `PORTCULLIS_DEMO_JOB_TTL_SECS` (default 86400, at most [`MAX_JOB_TTL_SECS`]) and
+/// `PORTCULLIS_DEMO_MAX_DEPTH` (default 1000, at most [`MAX_DEPTH`]). Anything but a
+/// whole number in range is an error.
+pub fn queue_config(get: impl Fn(&str) -> Option<String>) -> Result<QueueConfig, String> {
+    let bounded = |name: &str, max: u64| -> Result<Option<u64>, String> {
         match get(name) {
             None => Ok(None),
             Some(v) => match v.trim().parse::<u64>() {
-                Ok(n) if n > 0 => Ok(Some(n)),
-                _ => Err(format!("{name} must be a positive integer")),
+                Ok(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(format!("{name} must be a whole number from 1 to {max}")),
             },
         }
     };
     let mut config = QueueConfig::default();
-    if let Some(secs) = positive("PORTCULLIS_DEMO_JOB_TTL_SECS")? {
+    if let Some(secs) = bounded("PORTCULLIS_DEMO_JOB_TTL_SECS", MAX_JOB_TTL_SECS)? {
         config.ttl = Duration::from_secs(secs);
     }
-    if let Some(depth) = positive("PORTCULLIS_DEMO_MAX_DEPTH")? {
+    if let Some(depth) = bounded("PORTCULLIS_DEMO_MAX_DEPTH", MAX_DEPTH)? {
         config.max_depth = usize::try_from(depth).map_err(|e| e.to_string())?;
         config.max_retained = config.max_retained.max(config.max_depth);
     }
@@ -180,15 +225,17 @@ fn queue_config(get: impl Fn(&str) -> Option<String>) -> Result<QueueConfig, Str
 
 /// The command line: `--addr HOST:PORT` and `--redis URL`, each at most once.
 #[derive(Debug, PartialEq, Eq)]
-struct Args {
-    addr: SocketAddr,
-    redis: Option<String>,
+pub struct Args {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// The Redis URL of the shared rate limits, if any.
+    pub redis: Option<String>,
 }
 
 /// Parses the flags; `get` reads the environment (`PORTCULLIS_DEMO_ADDR`,
 /// `REDIS_URL`), which the flags override.
-fn parse_args(args: &[String], get: impl Fn(&str) -> Option<String>) -> Result<Args, String> {
-    const USAGE: &str = "usage: queue_service [--addr HOST:PORT] [--redis redis://HOST:PORT]";
+pub fn parse_args(args: &[String], get: impl Fn(&str) -> Option<String>) -> Result<Args, String> {
+    const USAGE: &str = "usage: queue-service [--addr HOST:PORT] [--redis redis://HOST:PORT]";
     let (mut addr, mut redis) = (None, None);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -215,7 +262,7 @@ fn parse_args(args: &[String], get: impl Fn(&str) -> Option<String>) -> Result<A
 /// What standard output shows at start: the address, and for ephemeral
 /// credentials the keys, the worker's signing key and curl lines that work as
 /// pasted (in one shell: the first sets `JOB`).
-fn banner(bound: SocketAddr, credentials: &Credentials) -> String {
+pub fn banner(bound: SocketAddr, credentials: &Credentials) -> String {
     let base = format!("http://{bound}");
     let mut out = format!("portcullis demo queue listening on {base}\n");
     let Credentials::Ephemeral { keys, secret, .. } = credentials else {
@@ -253,7 +300,7 @@ fn banner(bound: SocketAddr, credentials: &Credentials) -> String {
 
 /// Everything `main` does before serving: configuration from `args` and `get` (the
 /// environment), credentials, the guard, the bound listener, and the banner.
-async fn start(
+pub async fn start(
     args: &[String],
     get: impl Fn(&str) -> Option<String> + Copy,
 ) -> Result<(TcpListener, App, AppState, TokenIssuer, String), guard::BoxError> {
@@ -264,6 +311,10 @@ async fn start(
     let credentials = Credentials::from_env(get)?;
     let (keys, secret) = credentials.parts();
     let mut config = GuardConfig::new(keys, secret, internal)?;
+    if let Some(proxies) = get("PORTCULLIS_DEMO_TRUSTED_PROXIES") {
+        config.client_ip = portcullis::client_ip::ClientIpConfig::trusted_proxies(&proxies)
+            .map_err(|e| format!("PORTCULLIS_DEMO_TRUSTED_PROXIES: {e}"))?;
+    }
     config.reloading = credentials.reloading();
     config.redis = guard::redis_limiter(args.redis.as_deref())?;
     if let Some(redis) = &config.redis {
@@ -278,26 +329,4 @@ async fn start(
     let listener = TcpListener::bind(args.addr).await?;
     let banner = banner(listener.local_addr()?, &credentials);
     Ok((listener, app, state, issuer, banner))
-}
-
-#[tokio::main]
-async fn main() -> Result<(), guard::BoxError> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_writer(RedactingMakeWriter::new(std::io::stderr))
-        .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let shutdown = shutdown_signal()?;
-    let (listener, app, state, issuer, banner) = start(&args, |k| std::env::var(k).ok()).await?;
-    tracing::info!(event = "listening", addr = %listener.local_addr()?);
-    print!("{banner}");
-    serve(
-        listener,
-        app,
-        &state,
-        Some((WorkerConfig::default(), issuer)),
-        shutdown,
-    )
-    .await?;
-    Ok(())
 }

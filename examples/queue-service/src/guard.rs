@@ -120,10 +120,6 @@ pub struct GuardConfig {
     pub auth_failures: Quota,
     /// The shared Redis limiter, else limits are per instance.
     pub redis: Option<RedisLimiter>,
-    /// Whether responses carry the `RateLimit-Policy` and `RateLimit` fields
-    /// (default true, as the design asks). The throughput measurement turns them
-    /// off to show what they cost.
-    pub rate_limit_fields: bool,
     /// Keeps the key file reloading for as long as the stacks live.
     pub reloading: Option<ReloadHandle>,
 }
@@ -146,7 +142,6 @@ impl GuardConfig {
             worker_rate: Quota::per_second(1000)?,
             auth_failures: Quota::new(10, Duration::from_secs(300))?,
             redis: None,
-            rate_limit_fields: true,
             reloading: None,
         })
     }
@@ -174,9 +169,7 @@ impl Guard {
             WORKER_SUBJECT,
             c.worker_rate,
         )?;
-        let mut rate = RateLimitLayer::builder()
-            .policy(policy)
-            .fields(c.rate_limit_fields);
+        let mut rate = RateLimitLayer::builder().policy(policy);
         if let Some(redis) = c.redis {
             rate = rate.redis(redis);
         }
@@ -236,7 +229,6 @@ impl Guard {
     /// Only the outer layers (client address, access log, request id), for the
     /// public route.
     pub fn public(&self, router: Router<AppState>) -> Router<AppState> {
-        // One `Router::layer` for the three: each call would wrap the route again.
         router.layer(
             ServiceBuilder::new()
                 .layer(RequestIdLayer::new())

@@ -54,7 +54,6 @@ struct Setup {
     secret: TokenSecret,
     /// The in-process worker's token issuer instead of the guard's.
     worker_issuer: Option<portcullis::jwt::TokenIssuer>,
-    rate_limit_fields: bool,
 }
 
 impl Setup {
@@ -70,7 +69,6 @@ impl Setup {
             redis: None,
             secret: TokenSecret::generate().unwrap(),
             worker_issuer: None,
-            rate_limit_fields: true,
         }
     }
 }
@@ -111,7 +109,6 @@ impl Demo {
         config.rate = setup.rate;
         config.auth_failures = setup.auth_failures;
         config.redis = setup.redis;
-        config.rate_limit_fields = setup.rate_limit_fields;
         let guard = Guard::new(config).unwrap();
         for (name, sub, scope) in [
             ("worker", "test-worker", "jobs:work"),
@@ -361,15 +358,63 @@ fn the_queue_limits_from_the_environment() {
     .unwrap();
     assert_eq!((c.ttl, c.max_depth), (Duration::from_secs(60), 20_000));
     assert!(c.max_retained >= c.max_depth);
+    let c = queue_config(env(&[
+        ("PORTCULLIS_DEMO_JOB_TTL_SECS", "2592000"),
+        ("PORTCULLIS_DEMO_MAX_DEPTH", "1000000"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        (c.ttl.as_secs(), c.max_depth),
+        (MAX_JOB_TTL_SECS, 1_000_000)
+    );
     const BAD: &[&[(&str, &str)]] = &[
         &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "0")],
         &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "-1")],
+        &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "2592001")],
+        &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "18446744073709551615")],
+        &[("PORTCULLIS_DEMO_JOB_TTL_SECS", "99999999999999999999")],
         &[("PORTCULLIS_DEMO_MAX_DEPTH", "ten")],
         &[("PORTCULLIS_DEMO_MAX_DEPTH", "")],
+        &[("PORTCULLIS_DEMO_MAX_DEPTH", "1000001")],
     ];
     for bad in BAD {
-        assert!(queue_config(env(bad)).is_err(), "{bad:?}");
+        let e = queue_config(env(bad)).unwrap_err();
+        assert!(e.starts_with(bad[0].0), "{bad:?}: {e}");
     }
+}
+
+/// The longest lifetime the settings allow is one every enqueue can compute with:
+/// a job enqueued with it is accepted and readable.
+#[tokio::test]
+async fn the_longest_job_ttl_is_usable() {
+    let config = queue_config(|k| {
+        (k == "PORTCULLIS_DEMO_JOB_TTL_SECS").then(|| MAX_JOB_TTL_SECS.to_string())
+    })
+    .unwrap();
+    let demo = Demo::manual(config).await;
+    let r = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    demo.shutdown().await;
+}
+
+#[test]
+fn a_variable_that_is_set_is_never_read_as_unset() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    for name in ENV_VARS {
+        for raw in [vec![0xff, 0xfe], vec![], b" ".to_vec(), b"\t\n".to_vec()] {
+            let e = read_env(|k| (k == name).then(|| OsString::from_vec(raw.clone()))).unwrap_err();
+            assert!(e.starts_with(name), "{name} = {raw:?}: {e}");
+        }
+    }
+    let set =
+        read_env(|k| (k == "PORTCULLIS_DEMO_MAX_DEPTH").then(|| OsString::from("5"))).unwrap();
+    assert_eq!(
+        set.get("PORTCULLIS_DEMO_MAX_DEPTH").map(String::as_str),
+        Some("5")
+    );
 }
 
 #[test]
@@ -1501,13 +1546,12 @@ async fn configured_credentials_are_used_and_never_printed() {
 /// `PORTCULLIS_REQUIRE_BROWSER=1` (set by CI) a missing piece fails the test;
 /// otherwise the test is skipped with a message.
 fn browser_driver() -> Option<std::path::PathBuf> {
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/queue_service/browser");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     let missing: Vec<String> = [
         (
             dir.join("node_modules/playwright-core").exists(),
-            "playwright-core (npm ci in examples/queue_service/browser)".to_owned(),
+            "playwright-core (npm ci --prefix examples/queue-service/browser)".to_owned(),
         ),
         (
             std::path::Path::new(&chromium).exists(),
@@ -1598,423 +1642,37 @@ async fn a_real_browser_shows_the_dashboard_only_with_the_credential() {
     demo.shutdown().await;
 }
 
-/// Requests per second of `GET path` over `conns` keep-alive connections for `dur`.
-async fn load(
-    addr: SocketAddr,
-    path: &str,
-    auth: Option<&str>,
-    conns: usize,
-    dur: Duration,
-) -> f64 {
-    use http_body_util::{BodyExt, Empty};
-    let deadline = tokio::time::Instant::now() + dur;
-    // Parsed once, cloned per request (a reference count): the generator's own cost
-    // stays the same on both sides, as with a load tool's pre-built request.
-    let header = auth.map(|h| {
-        let (k, v) = h.split_once(": ").unwrap();
-        (
-            axum::http::HeaderName::try_from(k).unwrap(),
-            axum::http::HeaderValue::try_from(v).unwrap(),
-        )
-    });
-    let uri: axum::http::Uri = path.parse().unwrap();
-    let host = axum::http::HeaderValue::from_static("bench");
-    let tasks: Vec<_> = (0..conns)
-        .map(|_| {
-            let (uri, header, host) = (uri.clone(), header.clone(), host.clone());
-            tokio::spawn(async move {
-                let stream = TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await
-                        .unwrap();
-                tokio::spawn(conn);
-                let mut n = 0u64;
-                while tokio::time::Instant::now() < deadline {
-                    let mut req = axum::http::Request::new(Empty::<bytes::Bytes>::new());
-                    *req.uri_mut() = uri.clone();
-                    req.headers_mut()
-                        .insert(axum::http::header::HOST, host.clone());
-                    if let Some((k, v)) = &header {
-                        req.headers_mut().insert(k.clone(), v.clone());
-                    }
-                    let res = sender.send_request(req).await.unwrap();
-                    assert_eq!(res.status(), 200);
-                    res.into_body().collect().await.unwrap();
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap();
-    }
-    total as f64 / dur.as_secs_f64()
-}
-
-/// The measurements' guard settings: one key `client` with `scopes` (returned in
-/// clear), a rate that never runs out during a run.
-fn bench_config(scopes: &'static str) -> (String, GuardConfig) {
-    let (keys, store) = guard::demo_keys(&[("client", scopes)]).unwrap();
-    let mut config = GuardConfig::new(
-        store,
-        TokenSecret::generate().unwrap(),
-        IpSet::parse(DEFAULT_INTERNAL).unwrap(),
-    )
-    .unwrap();
-    config.rate = Quota::per_second(100_000_000).unwrap();
-    (keys[0].key.expose_secret().to_owned(), config)
-}
-
-/// A fresh queue holding one job of the API key `client`, for the measurements to
-/// read.
-fn bench_state() -> (AppState, crate::queue::JobView) {
-    let st = state(fast_queue());
-    let owner = portcullis::Principal::new("client", portcullis::AuthMethod::ApiKey);
-    let crate::queue::Enqueued::New(v) = st.queue.enqueue(owner.identity(), "bench", 0).unwrap()
-    else {
-        unreachable!("the queue is empty")
-    };
-    (st, v)
-}
-
-/// Serves `app` (no connect info) on a fresh loopback port; returns its address.
-async fn serve_on_loopback(app: Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
-/// The demo with every layer, for the load measurements: a rate that never runs out
-/// and one job of `client`; with or without the `RateLimit` fields. Returns the demo
-/// and the job's path.
-async fn launch_full_for_load(rate_limit_fields: bool) -> (Demo, String) {
-    let full = Demo::launch(Setup {
-        rate: Quota::per_second(100_000_000).unwrap(),
-        rate_limit_fields,
-        ..Setup::new(fast_queue(), None)
-    })
-    .await;
-    let job = full
-        .call(
-            "POST",
-            "/v1/jobs",
-            Some("client"),
-            Some(r#"{"input":"bench"}"#),
-        )
+#[tokio::test]
+async fn trusted_proxies_come_from_the_environment() {
+    let args = vec!["--addr".to_owned(), "127.0.0.1:0".to_owned()];
+    let bad = |k: &str| (k == "PORTCULLIS_DEMO_TRUSTED_PROXIES").then(|| "not-a-cidr".to_owned());
+    let e = start(&args, bad)
         .await
-        .id();
-    (full, format!("/v1/jobs/{job}"))
-}
-
-/// The same handler with no layers (only the `Principal` it reads, inserted as a
-/// fixed extension) on a fresh loopback port. Returns its address and one job's path.
-async fn serve_bare_for_load() -> (SocketAddr, String) {
-    use axum::Extension;
-    use axum::routing::get;
-    use portcullis::{AuthMethod, Principal};
-    let (bare_state, v) = bench_state();
-    let bare = Router::new()
-        .route("/v1/jobs/{id}", get(routes::get_job))
-        .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
-        .with_state(bare_state);
-    (serve_on_loopback(bare).await, format!("/v1/jobs/{}", v.id))
-}
-
-/// The end-to-end throughput of `GET /v1/jobs/{id}`: the full stack against the same
-/// handler with no layers (only the `Principal` it reads, inserted as a fixed
-/// extension), in the same run, on loopback, in alternating 1-second rounds
-/// (`PORTCULLIS_BENCH_ROUNDS`, default 11). Three more configurations in the same
-/// rounds split the difference: the crate's `StackLayer` alone, the bare handler
-/// sending the response fields the stack adds (no layers), and the full demo without
-/// the `RateLimit` fields. The full stack's JSON logs go through the redacting writer
-/// into a sink, as `main` writes them to standard error. Run alone:
-/// `cargo test --release --example queue_service -- --ignored --nocapture throughput`
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement (about 60 s); run it with --ignored --nocapture"]
-async fn throughput_of_the_read_endpoint_full_stack_against_bare() {
-    use axum::Extension;
-    use axum::routing::get;
-    use portcullis::{AuthMethod, Principal};
-    // PORTCULLIS_BENCH_LOGS=0: no subscriber, to see the layers' own cost.
-    let logs = std::env::var("PORTCULLIS_BENCH_LOGS").map_or(true, |v| v != "0");
-    if logs {
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .with_writer(RedactingMakeWriter::new(std::io::sink))
-            .try_init();
-    }
-
-    let (full, full_path) = launch_full_for_load(true).await;
-    let (unfielded, unfielded_path) = launch_full_for_load(false).await;
-    let (bare_addr, bare_path) = serve_bare_for_load().await;
-
-    // The crate's stack alone around the handler (no scope table, no counters): how
-    // much of the difference is the portcullis layers.
-    let (key, config) = bench_config("jobs:read");
-    let stack_key = format!("X-API-Key: {key}");
-    let (stack_state, sv) = bench_state();
-    let stack_only = Router::new()
-        .route("/v1/jobs/{id}", get(routes::get_job))
-        .layer(Guard::new(config).unwrap().stack())
-        .with_state(stack_state);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let stack_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            stack_only.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-    });
-    let stack_path = format!("/v1/jobs/{}", sv.id);
-
-    // The same bare handler, sending the response fields the stack adds (the values of
-    // one real full-stack response, by name: what the full response has and bare's
-    // lacks): what those fields cost on their own, the client's parsing included.
-    let full_reply = full
-        .call_with("GET", &full_path, &[full.auth("client")], None)
-        .await;
-    let bare_reply = raw(
-        bare_addr,
-        format!("GET {bare_path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await;
-    let unfielded_reply = unfielded
-        .call_with("GET", &unfielded_path, &[unfielded.auth("client")], None)
-        .await;
-    assert_eq!(
-        (full_reply.status, bare_reply.status, unfielded_reply.status),
-        (200, 200, 200)
-    );
-    for name in ["ratelimit", "ratelimit-policy"] {
-        assert!(
-            unfielded_reply.header(name).is_none(),
-            "{unfielded_reply:?}"
-        );
-    }
-    let added: Vec<(axum::http::HeaderName, axum::http::HeaderValue)> = full_reply
-        .headers
-        .iter()
-        .filter(|(k, _)| bare_reply.header(k).is_none())
-        .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
-        .collect();
-    let names: Vec<String> = added.iter().map(|(k, _)| k.to_string()).collect();
+        .err()
+        .expect("a bad proxy list is refused");
     assert!(
-        ["x-request-id", "ratelimit"]
-            .iter()
-            .all(|n| names.iter().any(|m| m == n)),
-        "{names:?}"
+        e.to_string().starts_with("PORTCULLIS_DEMO_TRUSTED_PROXIES"),
+        "{e}"
     );
-    let (fields_state, fv) = bench_state();
-    // One `layer` call, as bare's: axum boxes each layered route once per call.
-    let fields_only = Router::new()
-        .route("/v1/jobs/{id}", get(routes::get_job))
-        .layer((
-            Extension(Principal::new("client", AuthMethod::ApiKey)),
-            tower::util::MapResponseLayer::new(move |mut res: axum::response::Response| {
-                for (k, v) in &added {
-                    res.headers_mut().insert(k, v.clone());
-                }
-                res
-            }),
-        ))
-        .with_state(fields_state);
-    let fields_addr = serve_on_loopback(fields_only).await;
-    let fields_path = format!("/v1/jobs/{}", fv.id);
-
-    // Rounds of 1 s, each measuring all five in turn; the order flips every round
-    // (bare, full, stack, fields, unfielded / the reverse), so a drift of the shared
-    // machine's speed within a round cancels out. The figure is the median of the
-    // per-round ratios.
-    let rounds: usize = std::env::var("PORTCULLIS_BENCH_ROUNDS").map_or(11, |v| v.parse().unwrap());
-    let (conns, dur) = (32, Duration::from_secs(1));
-    let (full_auth, unfielded_auth) = (full.auth("client"), unfielded.auth("client"));
-    const CONFIGS: usize = 5;
-    let run = |which: usize| {
-        let (addr, path, auth) = match which {
-            0 => (bare_addr, bare_path.as_str(), None),
-            1 => (full.addr, full_path.as_str(), Some(full_auth)),
-            2 => (stack_addr, stack_path.as_str(), Some(stack_key.as_str())),
-            3 => (fields_addr, fields_path.as_str(), None),
-            _ => (
-                unfielded.addr,
-                unfielded_path.as_str(),
-                Some(unfielded_auth),
-            ),
-        };
-        load(addr, path, auth, conns, dur)
-    };
-    // Warm-up.
-    for which in 0..CONFIGS {
-        run(which).await;
-    }
-    let mut rates: [Vec<f64>; CONFIGS] = Default::default();
-    for round in 0..rounds {
-        let mut order: Vec<usize> = (0..CONFIGS).collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for which in order {
-            rates[which].push(run(which).await);
-        }
-    }
-    let [b, f, st, fo, uf] = &rates;
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let ratios = |x: &[f64]| x.iter().zip(b).map(|(x, b)| x / b).collect::<Vec<_>>();
-    let (rf, rs) = (ratios(f), ratios(st));
-    let (mf, mb, ms) = (median(f), median(b), median(st));
-    println!(
-        "bare sending the stack's response fields ({}): {:.0} req/s, {:.1}% of bare (median of {rounds} per-round ratios)",
-        names.join(", "),
-        median(fo),
-        100.0 * median(&ratios(fo))
-    );
-    println!(
-        "the full demo without the RateLimit fields: {:.0} req/s, {:.1}% of bare (median of {rounds} per-round ratios)",
-        median(uf),
-        100.0 * median(&ratios(uf))
-    );
-    println!(
-        "the crate's StackLayer alone: {ms:.0} req/s, {:.1}% of bare (median of {rounds} per-round ratios)",
-        100.0 * median(&rs)
-    );
-    println!(
-        "GET /v1/jobs/{{id}} (logs {}): full stack {mf:.0} req/s, bare {mb:.0} req/s (medians), \
-         ratio {:.1}% (median of {rounds} per-round ratios; per round: {:.3?})",
-        if logs { "on" } else { "off" },
-        100.0 * median(&rf),
-        rf
-    );
-    assert!(mf > 0.0 && mb > 0.0);
-    full.shutdown().await;
-    unfielded.shutdown().await;
-}
-
-/// One configuration of the throughput measurement alone, for a profiler:
-/// `PORTCULLIS_BENCH_CONFIG` = `bare` or `full` (default), loaded for
-/// `PORTCULLIS_BENCH_SECS` seconds (default 10) after a 1-second warm-up, as
-/// [`throughput_of_the_read_endpoint_full_stack_against_bare`] loads it; prints the
-/// requests per second. Where the time goes, per function, client and kernel
-/// included: run it under `perf record -F 1000 -e cpu-clock` once per configuration
-/// and divide each function's samples by the requests served (warm-up included).
-/// `cargo test --release --example queue_service -- --ignored --nocapture one_configuration`
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement for a profiler (about 11 s)"]
-async fn load_one_configuration_for_a_profiler() {
-    let config = std::env::var("PORTCULLIS_BENCH_CONFIG").unwrap_or_else(|_| "full".into());
-    let secs: u64 = std::env::var("PORTCULLIS_BENCH_SECS").map_or(10, |v| v.parse().unwrap());
-    let full = match config.as_str() {
-        "bare" => None,
-        "full" => Some(launch_full_for_load(true).await),
-        other => panic!("PORTCULLIS_BENCH_CONFIG is `bare` or `full`, not `{other}`"),
-    };
-    let (addr, path, auth) = match &full {
-        Some((demo, path)) => (demo.addr, path.clone(), Some(demo.auth("client"))),
-        None => {
-            let (addr, path) = serve_bare_for_load().await;
-            (addr, path, None)
-        }
-    };
-    load(addr, &path, auth, 32, Duration::from_secs(1)).await;
-    let rate = load(addr, &path, auth, 32, Duration::from_secs(secs)).await;
-    println!("{config}: {rate:.0} req/s over {secs} s (after 1 s of warm-up)");
-    assert!(rate > 0.0);
-    if let Some((demo, _)) = full {
-        demo.shutdown().await;
-    }
-}
-
-/// Instructions per request, in process (no TCP): run under callgrind with
-/// `PORTCULLIS_CG_MODE` = `bare`, `full`, `stack` (`Router::layer`) or `outer` (the
-/// stack around the router) and `PORTCULLIS_CG_N` requests
-/// (`PORTCULLIS_CG_LOGS=1` adds the JSON subscriber); the difference of two `N` gives
-/// the per-request cost without setup. Under callgrind, counting only the requests:
-/// `valgrind --tool=callgrind --collect-atstart=no
-/// '--toggle-collect=*instructions_per_request_harness::{{closure}}*' <test binary>
-/// --ignored --exact tests::instructions_per_request_harness`.
-#[test]
-#[ignore = "a measurement harness for callgrind"]
-fn instructions_per_request_harness() {
-    use axum::Extension;
-    use axum::routing::get;
-    use portcullis::{AuthMethod, Principal};
-    use tower::{Service, ServiceExt};
-    let mode = std::env::var("PORTCULLIS_CG_MODE").unwrap_or_else(|_| "full".into());
-    let n: usize = std::env::var("PORTCULLIS_CG_N").map_or(1000, |v| v.parse().unwrap());
-    // PORTCULLIS_CG_LOGS=1: JSON logs through the redacting writer into a sink.
-    let _logs = (std::env::var("PORTCULLIS_CG_LOGS").as_deref() == Ok("1")).then(|| {
-        tracing::subscriber::set_default(
-            tracing_subscriber::fmt()
-                .json()
-                .with_writer(RedactingMakeWriter::new(std::io::sink))
-                .finish(),
-        )
+    let good =
+        |k: &str| (k == "PORTCULLIS_DEMO_TRUSTED_PROXIES").then(|| "127.0.0.1/32".to_owned());
+    let (listener, app, state, _issuer, _banner) = start(&args, good).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        serve(listener, app, &state, None, async move {
+            let _ = stopped.await;
+        })
+        .await
     });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (header, config) = bench_config("jobs:read jobs:write");
-    let (st, v) = bench_state();
-    let guard = Guard::new(config).unwrap();
-    let path = format!("/v1/jobs/{}", v.id);
-    let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
-    // Requests as `axum::serve` with connect info hands them over.
-    let request = || {
-        let mut req = axum::http::Request::get(path.as_str())
-            .header("host", "bench")
-            .header("x-api-key", header.as_str())
-            .body(axum::body::Body::empty())
-            .unwrap();
-        req.extensions_mut()
-            .insert(axum::extract::ConnectInfo(peer));
-        req
-    };
-    async fn drive<S>(mut svc: S, n: usize, request: impl Fn() -> axum::extract::Request)
-    where
-        S: Service<axum::extract::Request, Response = axum::response::Response>,
-        S::Error: std::fmt::Debug,
-    {
-        for _ in 0..n {
-            let res = svc.ready().await.unwrap().call(request()).await.unwrap();
-            assert_eq!(res.status(), 200);
-            std::hint::black_box(res);
-        }
-    }
-    rt.block_on(async {
-        match mode.as_str() {
-            "bare" => {
-                let bare = Router::new()
-                    .route("/v1/jobs/{id}", get(routes::get_job))
-                    .layer(Extension(Principal::new("client", AuthMethod::ApiKey)))
-                    .with_state(st);
-                drive(bare, n, request).await;
-            }
-            "stack" => {
-                let stack = Router::new()
-                    .route("/v1/jobs/{id}", get(routes::get_job))
-                    .layer(guard.stack())
-                    .with_state(st);
-                drive(stack, n, request).await;
-            }
-            // The same stack around the whole router instead of inside it: axum
-            // boxes a layered route once more per request.
-            "outer" => {
-                let router = Router::new()
-                    .route("/v1/jobs/{id}", get(routes::get_job))
-                    .with_state(st);
-                drive(guard.stack().layer(router), n, request).await;
-            }
-            _ => drive(service(&st, &guard), n, request).await,
-        }
-    });
+    // The peer (127.0.0.1) is a trusted proxy: the client named in X-Forwarded-For is
+    // outside the internal networks, so the internal endpoint refuses it by address.
+    let r = raw(
+        addr,
+        b"POST /internal/latest-runs HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
 }

@@ -14,9 +14,8 @@
 //! One table rather than a `route_layer` per route: a route added to the router
 //! without a row fails closed, and a test checks that every row is unique.
 //!
-//! The check costs one scan of the table per request, no allocation and no
-//! reference count: each row's `RequireScopeLayer` is built once and checked by
-//! reference, and the future is a plain enum over the inner future.
+//! Each row's `RequireScopeLayer` is built once, with the table; a request is
+//! checked against the row of its matched route.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -532,7 +532,7 @@ impl Queue {
         g.transition(id, JobState::Running, now).ok()
     }
 
-    /// The job [`take_next`](Self::take_next) would take, left as it is.
+    /// The next job by priority (then FIFO), left as it is.
     pub fn peek_next(&self) -> Option<JobView> {
         let (g, now) = self.lock();
         let &(_, _, id) = g.ready.first()?;

@@ -184,7 +184,7 @@ pub struct Worker {
 }
 
 /// The simulated outcome of one attempt.
-pub fn simulate(work: Work, failed_attempts: u32) -> Result<(), ()> {
+pub(crate) fn simulate(work: Work, failed_attempts: u32) -> Result<(), ()> {
     match work {
         Work::Succeed | Work::Slow => Ok(()),
         Work::Fail => Err(()),

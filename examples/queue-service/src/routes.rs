@@ -89,11 +89,10 @@ pub struct AppState {
 /// `guard`'s stack and the scope check of [`auth::ROUTES`];
 /// `/internal/latest-runs` behind the stack with the internal allowlist. JSON
 /// errors; the body limit is [`JsonBody`]'s. The refusal counters wrap it in
-/// `main`, once around the whole router rather than around each route.
+/// [`crate::service`].
 ///
-/// Each guarded route gets the stack and the scope check as one `route_layer`
-/// (every layer added to a router wraps each route in one more boxed service, cloned
-/// per request). `route_layer` does not reach the fallbacks (no such path, no such
+/// Each guarded route gets the stack and the scope check as one `route_layer`.
+/// `route_layer` does not reach the fallbacks (no such path, no such
 /// method), so they get the stack alone: an unrouted request is authenticated,
 /// limited and logged like any other.
 pub fn app(state: AppState, guard: &Guard) -> Router {
@@ -134,7 +133,7 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
 }
 
 /// Layer counting every refusal that passes through it by the [`DenialReason`] in
-/// its response extensions. `main` puts it around the whole router, so refusals
+/// its response extensions. [`crate::service`] puts it around the whole router, so refusals
 /// from the scope check and from every guarding layer reach the stats.
 #[derive(Clone, Debug)]
 pub struct CountDenialsLayer {
@@ -254,9 +253,8 @@ fn queue_error(e: QueueError) -> Response {
 /// `axum::Json` with problem+json refusals that never echo the parser's message,
 /// and the body limit: a body over [`BODY_LIMIT`] is 413.
 ///
-/// The limit lives here, in the one extractor that reads bodies, rather than in
-/// axum's `DefaultBodyLimit` around the router: that one costs every request (the
-/// reads too, which carry no body) an entry in its extensions.
+/// The limit lives here, in the one extractor that reads bodies: every route that
+/// takes a body takes it through `JsonBody`.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {

@@ -1,0 +1,316 @@
+//! Requests per second of `GET /v1/jobs/{id}` over keep-alive loopback connections,
+//! in four configurations served side by side:
+//!
+//! - `bare`: the handler with no layers (the `Principal` it reads is a fixed
+//!   extension);
+//! - `fields`: `bare` sending the response fields the full service adds (the names
+//!   and values of one real full response): what those fields cost by themselves,
+//!   the client's parsing included;
+//! - `full`: the demo as it serves (every layer, the scope table, the refusal
+//!   counters), with no log subscriber;
+//! - `full-logs`: the same with JSON logs through the redacting writer into a sink,
+//!   as the binary writes them to standard error.
+//!
+//! `cargo bench -p queue-service --bench throughput` runs rounds of 1 s, each
+//! loading every configuration in turn, the order reversed every other round; it
+//! prints each configuration's median rate and the median of its per-round ratios
+//! to `bare`. `PORTCULLIS_BENCH_ROUNDS` sets the number of rounds (default 11).
+//! `PORTCULLIS_BENCH_CONFIG=<name>` loads that configuration alone for
+//! `PORTCULLIS_BENCH_SECS` (default 10) after 1 s of warm-up, for a profiler.
+//! Without `--bench` (as a test target) it runs one short round as a check.
+//!
+//! Each server has a runtime of its own (two worker threads); the load generator
+//! runs on another. Only `full-logs`'s threads have the log subscriber.
+
+mod common;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri, header};
+use axum::response::Response;
+use axum::routing::get;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use portcullis::redact::RedactingMakeWriter;
+use queue_service::routes;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tracing::Dispatch;
+use tracing::dispatcher::DefaultGuard;
+
+/// Keep-alive connections of the load generator.
+const CONNECTIONS: usize = 32;
+
+/// The configurations, in the order of a round.
+const CONFIGS: [&str; 4] = ["bare", "fields", "full", "full-logs"];
+
+/// One served configuration: where, what to ask, with which credential.
+struct Target {
+    addr: SocketAddr,
+    path: String,
+    auth: Option<(HeaderName, HeaderValue)>,
+}
+
+thread_local! {
+    /// The log subscriber of this thread, for the threads of `full-logs`'s runtime.
+    static LOGS: RefCell<Option<DefaultGuard>> = const { RefCell::new(None) };
+}
+
+/// A runtime for one server; with `logs`, each of its threads has that subscriber.
+fn server_runtime(logs: Option<Dispatch>) -> Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(2).enable_all();
+    if let Some(dispatch) = logs {
+        b.on_thread_start(move || {
+            LOGS.with(|g| *g.borrow_mut() = Some(tracing::dispatcher::set_default(&dispatch)));
+        });
+    }
+    b.build().unwrap()
+}
+
+/// A free loopback port, bound now; the server takes it on its own runtime.
+fn bind() -> (std::net::TcpListener, SocketAddr) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+/// `router` (no connect info) on `rt`.
+fn serve_router(rt: &Runtime, router: axum::Router) -> SocketAddr {
+    let (listener, addr) = bind();
+    rt.spawn(async move {
+        let listener = TcpListener::from_std(listener).unwrap();
+        axum::serve(listener, router).await
+    });
+    addr
+}
+
+/// The whole demo on `rt`, served as the binary serves it (without the worker).
+fn serve_full(rt: &Runtime) -> Target {
+    let f = common::fixture();
+    let (listener, addr) = bind();
+    rt.spawn(async move {
+        let listener = TcpListener::from_std(listener).unwrap();
+        let app = queue_service::service(&f.state, &f.guard);
+        queue_service::serve(listener, app, &f.state, None, std::future::pending()).await
+    });
+    Target {
+        addr,
+        path: f.path,
+        auth: Some((
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::try_from(f.key).unwrap(),
+        )),
+    }
+}
+
+/// `bare` plus `fields` on every response. One `layer` call, as `bare`'s, so that
+/// the two routers differ only in the fields.
+fn fields_router(state: routes::AppState, fields: HeaderMap) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/jobs/{id}", get(routes::get_job))
+        .layer((
+            Extension(common::client()),
+            tower::util::MapResponseLayer::new(move |mut res: Response| {
+                for (k, v) in &fields {
+                    res.headers_mut().insert(k, v.clone());
+                }
+                res
+            }),
+        ))
+        .with_state(state)
+}
+
+/// A client connection to `addr`.
+async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// The request, built from parts parsed once (cloning them is a reference count),
+/// as a load tool sends a pre-built request.
+fn request(uri: &Uri, auth: Option<&(HeaderName, HeaderValue)>) -> Request<Empty<Bytes>> {
+    let mut req = Request::new(Empty::new());
+    *req.uri_mut() = uri.clone();
+    req.headers_mut()
+        .insert(header::HOST, HeaderValue::from_static("bench"));
+    if let Some((k, v)) = auth {
+        req.headers_mut().insert(k.clone(), v.clone());
+    }
+    req
+}
+
+/// The response headers of one request to `target` (status 200).
+async fn headers_of(target: &Target) -> HeaderMap {
+    let uri: Uri = target.path.parse().unwrap();
+    let mut sender = connect(target.addr).await;
+    let res = sender
+        .send_request(request(&uri, target.auth.as_ref()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.headers().clone()
+}
+
+/// Requests per second to `target` over [`CONNECTIONS`] connections for `dur`.
+async fn load(target: &Target, dur: Duration) -> f64 {
+    let deadline = tokio::time::Instant::now() + dur;
+    let uri: Uri = target.path.parse().unwrap();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (addr, uri, auth) = (target.addr, uri.clone(), target.auth.clone());
+            tokio::spawn(async move {
+                let mut sender = connect(addr).await;
+                let mut n = 0u64;
+                while tokio::time::Instant::now() < deadline {
+                    let res = sender
+                        .send_request(request(&uri, auth.as_ref()))
+                        .await
+                        .unwrap();
+                    assert_eq!(res.status(), 200);
+                    res.into_body().collect().await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / dur.as_secs_f64()
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number"))
+    })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let only = std::env::var("PORTCULLIS_BENCH_CONFIG").ok();
+    if let Some(name) = &only {
+        assert!(
+            CONFIGS.contains(&name.as_str()),
+            "PORTCULLIS_BENCH_CONFIG is one of {CONFIGS:?}, not {name:?}"
+        );
+    }
+    let logs = Dispatch::new(
+        tracing_subscriber::fmt()
+            .json()
+            .with_writer(RedactingMakeWriter::new(std::io::sink))
+            .finish(),
+    );
+    let runtimes = [
+        server_runtime(None),
+        server_runtime(None),
+        server_runtime(None),
+        server_runtime(Some(logs)),
+    ];
+    let client = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let bare = common::fixture();
+    let bare_path = bare.path.clone();
+    let bare = Target {
+        addr: serve_router(&runtimes[0], common::bare(bare.state)),
+        path: bare_path,
+        auth: None,
+    };
+    let full = serve_full(&runtimes[2]);
+    let full_logs = serve_full(&runtimes[3]);
+    // The fields a full response has and a bare one lacks, with their values.
+    let (full_headers, bare_headers) =
+        client.block_on(async { (headers_of(&full).await, headers_of(&bare).await) });
+    let mut added = HeaderMap::new();
+    for (k, v) in &full_headers {
+        if !bare_headers.contains_key(k) {
+            added.append(k, v.clone());
+        }
+    }
+    let names: Vec<&str> = added.keys().map(HeaderName::as_str).collect();
+    for required in ["x-request-id", "ratelimit", "ratelimit-policy"] {
+        assert!(names.contains(&required), "{names:?}");
+    }
+    println!("fields: {}", names.join(", "));
+    let fields = common::fixture();
+    let fields_path = fields.path.clone();
+    let fields = Target {
+        addr: serve_router(&runtimes[1], fields_router(fields.state, added)),
+        path: fields_path,
+        auth: None,
+    };
+    let targets = [bare, fields, full, full_logs];
+
+    client.block_on(async {
+        if let Some(name) = only {
+            let which = CONFIGS.iter().position(|c| *c == name).unwrap();
+            let secs = if measuring {
+                env_number("PORTCULLIS_BENCH_SECS", 10)
+            } else {
+                1
+            };
+            load(&targets[which], Duration::from_secs(1)).await;
+            let rate = load(&targets[which], Duration::from_secs(secs)).await;
+            println!("{name}: {rate:.0} req/s over {secs} s (after 1 s of warm-up)");
+            return;
+        }
+        let (rounds, dur) = if measuring {
+            (
+                usize::try_from(env_number("PORTCULLIS_BENCH_ROUNDS", 11)).unwrap(),
+                Duration::from_secs(1),
+            )
+        } else {
+            (1, Duration::from_millis(100))
+        };
+        for t in &targets {
+            load(t, dur).await;
+        }
+        let mut rates: [Vec<f64>; CONFIGS.len()] = Default::default();
+        for round in 0..rounds {
+            let mut order: Vec<usize> = (0..CONFIGS.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for which in order {
+                rates[which].push(load(&targets[which], dur).await);
+            }
+        }
+        println!(
+            "GET /v1/jobs/{{id}}, {CONNECTIONS} connections, rounds of {dur:?}: {rounds}; \
+             median req/s, and the median of the per-round ratios to bare"
+        );
+        for (name, r) in CONFIGS.iter().zip(&rates) {
+            let ratios: Vec<f64> = r.iter().zip(&rates[0]).map(|(x, b)| x / b).collect();
+            println!(
+                "{name:>10}: {:>8.0} req/s {:>6.1} %",
+                median(r),
+                100.0 * median(&ratios)
+            );
+            assert!(median(r) > 0.0);
+        }
+    });
+}
