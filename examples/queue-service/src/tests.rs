@@ -1646,10 +1646,9 @@ async fn a_real_browser_shows_the_dashboard_only_with_the_credential() {
 async fn trusted_proxies_come_from_the_environment() {
     let args = vec!["--addr".to_owned(), "127.0.0.1:0".to_owned()];
     let bad = |k: &str| (k == "PORTCULLIS_DEMO_TRUSTED_PROXIES").then(|| "not-a-cidr".to_owned());
-    let e = start(&args, bad)
-        .await
-        .err()
-        .expect("a bad proxy list is refused");
+    let Err(e) = start(&args, bad).await else {
+        panic!("a bad proxy list is refused")
+    };
     assert!(
         e.to_string().starts_with("PORTCULLIS_DEMO_TRUSTED_PROXIES"),
         "{e}"
