@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use toml::de::{DeTable, DeValue};
 use toml_datetime::{Datetime, Offset};
 
-use super::{KeyDigest, KeyRecord, KeyStore};
+use super::KeyDigest;
+use super::record::{KeyRecord, check_name};
 use crate::{ConfigError, Scopes};
 
 const FIELDS: &str = "id, digest, scopes, tier, not_before, expires_at, revoked";
@@ -46,7 +47,9 @@ fn sanitize(message: &str) -> String {
     out.chars().take(200).collect()
 }
 
-pub(super) fn parse_key_file(text: &str) -> Result<KeyStore, ConfigError> {
+/// The records of a key file, each with the line it starts on (for errors the store
+/// finds later, such as a duplicate digest).
+pub(super) fn parse_key_file(text: &str) -> Result<Vec<(KeyRecord, Option<String>)>, ConfigError> {
     let doc = DeTable::parse(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
         err_at(
@@ -92,7 +95,7 @@ pub(super) fn parse_key_file(text: &str) -> Result<KeyStore, ConfigError> {
         let (line, _) = position(text, item.span().start);
         records.push((record, Some(format!("line {line}"))));
     }
-    KeyStore::build(records, false)
+    Ok(records)
 }
 
 fn parse_record(
@@ -113,7 +116,7 @@ fn parse_record(
         match &**name.get_ref() {
             "id" => {
                 let s = string(text, at.clone(), v, "id")?;
-                super::store::check_name("key id", s).map_err(|e| err_at(text, at, e))?;
+                check_name("key id", s).map_err(|e| err_at(text, at, e))?;
                 id = Some(s);
             }
             "digest" => {
@@ -132,7 +135,7 @@ fn parse_record(
             }
             "tier" => {
                 let s = string(text, at.clone(), v, "tier")?;
-                super::store::check_name("tier", s).map_err(|e| err_at(text, at, e))?;
+                check_name("tier", s).map_err(|e| err_at(text, at, e))?;
                 tier = Some(s);
             }
             "not_before" => not_before = Some(datetime(text, at, v, "not_before")?),
@@ -261,6 +264,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api_key::KeyStore;
 
     fn d(k: &str) -> String {
         KeyDigest::of(k).to_string()

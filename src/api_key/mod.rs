@@ -62,6 +62,7 @@
 mod digest;
 mod file;
 mod format;
+mod record;
 mod store;
 
 use std::fmt;
@@ -76,7 +77,8 @@ pub use format::{
     DEFAULT_PREFIX, GeneratedKey, KeyFormatError, check_key, check_prefix, generate_key,
 };
 pub(crate) use format::{MAX_KEY_LEN, parse_key};
-pub use store::{KeyRecord, KeyRejection, KeyStore};
+pub use record::KeyRecord;
+pub use store::{KeyRejection, KeyStore};
 
 use crate::reload::{self, FileSet, ReloadHandle};
 use crate::{ConfigError, Principal};

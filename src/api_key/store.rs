@@ -1,4 +1,4 @@
-//! Key records and the immutable key store with its O(1) verification.
+//! The immutable key store with its O(1) verification.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -9,140 +9,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::format::{KeyFormatError, MAX_KEY_LEN, MIN_LEGACY_KEY_LEN, parse_key};
+use super::record::KeyRecord;
 use super::{KeyDigest, file};
 use crate::rejection::DenialReason;
-use crate::{AuthMethod, ConfigError, Principal, Scopes};
-
-/// One key as the store knows it: public facts and the digest, never the key.
-///
-/// ```
-/// use std::time::{Duration, SystemTime};
-/// use portcullis::api_key::{KeyDigest, KeyRecord};
-/// use portcullis::Scopes;
-///
-/// let record = KeyRecord::new("billing", KeyDigest::of("pc_live_..."))?
-///     .with_scopes(Scopes::parse("jobs:read jobs:write")?)
-///     .with_tier("gold")?
-///     .expires_at(SystemTime::now() + Duration::from_secs(90 * 86_400));
-/// assert_eq!(record.id(), "billing");
-/// # Ok::<(), portcullis::ConfigError>(())
-/// ```
-#[derive(Clone, Debug)]
-pub struct KeyRecord {
-    id: Arc<str>,
-    digest: KeyDigest,
-    scopes: Scopes,
-    tier: Option<Arc<str>>,
-    not_before: Option<SystemTime>,
-    expires_at: Option<SystemTime>,
-    revoked: bool,
-}
-
-/// Ids and tiers: 1 to 64 characters of `A-Z a-z 0-9 . _ : -`, safe in logs and as
-/// rate-limit keys.
-pub(crate) fn check_name(what: &str, s: &str) -> Result<(), ConfigError> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::new(format!(
-            "{what} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
-        )))
-    }
-}
-
-impl KeyRecord {
-    /// A valid, unrevoked record without scopes, tier or validity window.
-    ///
-    /// The id is the key's public name in logs and audit events; as the principal
-    /// identity `api_key:<id>` it keys rate limiting (a service token whose `sub` is
-    /// the same text is another principal). Several records may share an id (old and
-    /// new key of one client during rotation): they are one principal.
-    pub fn new(id: &str, digest: KeyDigest) -> Result<Self, ConfigError> {
-        check_name("key id", id)?;
-        Ok(Self {
-            id: id.into(),
-            digest,
-            scopes: Scopes::default(),
-            tier: None,
-            not_before: None,
-            expires_at: None,
-            revoked: false,
-        })
-    }
-
-    /// Sets the scopes the key grants.
-    pub fn with_scopes(mut self, scopes: Scopes) -> Self {
-        self.scopes = scopes;
-        self
-    }
-
-    /// Sets the rate-limit tier.
-    pub fn with_tier(mut self, tier: &str) -> Result<Self, ConfigError> {
-        check_name("tier", tier)?;
-        self.tier = Some(tier.into());
-        Ok(self)
-    }
-
-    /// The key is refused before this time.
-    pub fn not_before(mut self, t: SystemTime) -> Self {
-        self.not_before = Some(t);
-        self
-    }
-
-    /// The key is refused from this time on.
-    pub fn expires_at(mut self, t: SystemTime) -> Self {
-        self.expires_at = Some(t);
-        self
-    }
-
-    /// Marks the key revoked (or not).
-    pub fn revoked(mut self, revoked: bool) -> Self {
-        self.revoked = revoked;
-        self
-    }
-
-    /// The public id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-    /// The key's digest.
-    pub fn digest(&self) -> &KeyDigest {
-        &self.digest
-    }
-    /// The granted scopes.
-    pub fn scopes(&self) -> &Scopes {
-        &self.scopes
-    }
-    /// The rate-limit tier.
-    pub fn tier(&self) -> Option<&str> {
-        self.tier.as_deref()
-    }
-    /// Start of validity, if any.
-    pub fn valid_from(&self) -> Option<SystemTime> {
-        self.not_before
-    }
-    /// End of validity, if any.
-    pub fn valid_until(&self) -> Option<SystemTime> {
-        self.expires_at
-    }
-    /// Whether the key is revoked.
-    pub fn is_revoked(&self) -> bool {
-        self.revoked
-    }
-
-    fn principal(&self) -> Principal {
-        let p =
-            Principal::new(self.id.clone(), AuthMethod::ApiKey).with_scopes(self.scopes.clone());
-        match &self.tier {
-            Some(t) => p.with_tier(t.clone()),
-            None => p,
-        }
-    }
-}
+use crate::{ConfigError, Principal, Scopes};
 
 /// Why a presented key was refused, and which record it matched, if any.
 ///
@@ -352,7 +222,7 @@ impl KeyStore {
     /// Parses a TOML key file's text (format in the module docs). Errors name the
     /// line and column, never a value.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        file::parse_key_file(text)
+        KeyStore::build(file::parse_key_file(text)?, false)
     }
 
     /// Reads and parses a TOML key file: a regular file of at most 1 MiB, read
@@ -368,7 +238,9 @@ impl KeyStore {
         let named =
             |e: &dyn fmt::Display| ConfigError::new(format!("key file {}: {e}", path.display()));
         let text = std::str::from_utf8(bytes).map_err(|_| named(&"not UTF-8"))?;
-        file::parse_key_file(text).map_err(|e| named(&e))
+        file::parse_key_file(text)
+            .and_then(|records| KeyStore::build(records, false))
+            .map_err(|e| named(&e))
     }
 
     /// Reads a comma-separated list of raw keys from the environment variable `var`.
@@ -536,6 +408,7 @@ impl fmt::Debug for KeyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::AuthMethod;
     use crate::api_key::generate_key;
     use std::time::Duration;
 
