@@ -312,7 +312,6 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let entered = this.span.as_ref().map(tracing::Span::enter);
-        // The inner poll's result is returned in place (a response is not small).
         let mut out = this.inner.poll(cx);
         drop(entered);
         let Poll::Ready(result) = &mut out else {

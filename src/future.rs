@@ -75,7 +75,6 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        // The inner poll's result is returned in place (a response is not small).
         let mut out = match this.kind.project() {
             KindProj::Inner { future } => future.poll(cx),
             KindProj::Rejected { response } => {

@@ -304,7 +304,6 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        // The inner poll's result is returned in place (a response is not small).
         let mut out = this.inner.poll(cx);
         if let Poll::Ready(Ok(res)) = &mut out
             && let Some((name, id)) = this.header.take()

@@ -343,13 +343,11 @@ impl LocalStore {
     }
 
     /// Monotonic nanoseconds since the store was made (wall-clock jumps do not
-    /// matter). Starts at 1 s so that 0 can mean "never seen". `quanta` reads the
-    /// CPU's invariant TSC where it can (the clock governor uses): a few ns instead
-    /// of a `clock_gettime` call.
+    /// matter). Starts at 1 s so that 0 can mean "never seen". The clock is `quanta`'s
+    /// monotonic clock, the one governor uses.
     #[inline]
     pub(crate) fn now(&self) -> u64 {
-        // Raw readings scaled once (no `Instant`/`Duration` round trip); a reading
-        // at or before the epoch counts as 0.
+        // A reading at or before the epoch counts as 0.
         self.clock.delta_as_nanos(self.epoch, self.clock.raw()) + 1_000_000_000
     }
 

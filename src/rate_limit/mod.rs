@@ -811,7 +811,6 @@ where
         match kind.as_mut().project() {
             KindProj::Inner { future } => return future.poll(cx),
             KindProj::WithFields { future, fields } => {
-                // The inner poll's result is returned in place.
                 let mut out = future.poll(cx);
                 if let Poll::Ready(Ok(r)) = &mut out
                     && let Some(set) = fields.take()

@@ -219,9 +219,9 @@ pub(crate) struct CompiledPolicy {
     principals: Overrides,
 }
 
-/// The quotas of named tiers or principals. A handful (the usual case) are scanned,
-/// comparing lengths first: cheaper than hashing the name with the map's keyed
-/// SipHash on every request. More go in that map. Either way a lookup is bounded.
+/// The quotas of named tiers or principals: a handful are scanned, more go in a map
+/// keyed with a random SipHash. The names are the operator's, never the client's,
+/// and either way a lookup is bounded.
 #[derive(Debug)]
 enum Overrides {
     Few(Vec<(Arc<str>, Entry)>),
