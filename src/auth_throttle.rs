@@ -80,8 +80,9 @@ use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
 /// quota's worth of verified guesses and one per refill interval, and learns nothing
 /// from a refused one, since it was never checked. (The address is looked up when a
 /// request arrives and a failure counted when its answer comes back, so requests
-/// sent together with the last one allowed are verified too; of their wrong guesses
-/// only the first is answered 401.) The price: every client sharing the
+/// sent together with the last one allowed are verified too: a client with many
+/// requests in flight, e.g. HTTP/2 streams, gets one more guess per request in flight
+/// at that moment. Bound them with a concurrency limit in front.) The price: every client sharing the
 /// address is locked out as well, valid credentials included, until the bucket
 /// refills. Use it when the secrets can be guessed (e.g. keys people chose, accepted
 /// from a plain list), and exempt the addresses that must never be locked out.
@@ -336,7 +337,7 @@ impl Shared {
             crate::audit::emit!(
                 info,
                 AuthSucceededWhileThrottled,
-                principal = p.id(),
+                principal = &*crate::log_text::sanitize_id(p.id()),
                 method = p.method().as_str(),
                 client_ip = ip.map(tracing::field::display),
             );

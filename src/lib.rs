@@ -16,7 +16,7 @@
 //! | [`AuthenticateLayer`](authenticate::AuthenticateLayer) | [`authenticate`], [`api_key`] | verify the request's API key and insert its [`Principal`], else 401 (400 for a malformed credential) |
 //! | [`RequireScopeLayer`](scope::RequireScopeLayer) | [`scope`] | per route: 403 `insufficient_scope` unless the [`Principal`] holds the scopes |
 //! | `TokenVerifier` / `BearerTokenLayer` (feature `jwt`) | `jwt` | verify service tokens (JWT) into a [`Principal`]; mint and attach them on outgoing requests |
-//! | [`AuthThrottleLayer`](auth_throttle::AuthThrottleLayer) | [`auth_throttle`] | 429 for a client address after too many failed authentications, before any credential is checked |
+//! | [`AuthThrottleLayer`](auth_throttle::AuthThrottleLayer) | [`auth_throttle`] | 429 to wrong credentials from a client address after too many failed authentications; valid credentials still pass (a lockout mode refuses before verification) |
 //! | [`RateLimitLayer`](rate_limit::RateLimitLayer) | [`rate_limit`] | per-principal (else per-address) quotas: 429 with `Retry-After` and the IETF `RateLimit` fields; in memory or shared through Redis |
 //! | [`StackLayer`](stack::StackLayer) | [`stack`] | all of the above in this order as one layer, from code or `PORTCULLIS_*` environment variables; refuses to build without credentials |
 //!

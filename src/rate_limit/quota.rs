@@ -301,7 +301,7 @@ impl Gcra {
     pub(crate) fn remaining(&self, tat: u64, now: u64) -> u64 {
         let ahead = tat.saturating_sub(now);
         // Each whole `t` of slack under `tau + t` is one more request.
-        (self.tau + self.t).saturating_sub(ahead) / self.t
+        self.tau.saturating_add(self.t).saturating_sub(ahead) / self.t
     }
 }
 
@@ -324,6 +324,26 @@ mod tests {
         assert!(Quota::new(1, Duration::ZERO).is_err());
         assert!(Quota::new(1, Duration::from_secs(MAX_WINDOW_SECS + 1)).is_err());
         assert!(Quota::per_second(1).unwrap().with_burst(0).is_err());
+    }
+
+    proptest::proptest! {
+        /// Every valid quota, at any stored state and time: the GCRA arithmetic never
+        /// overflows (a day-long window with a burst of 10^9 saturates `tau`).
+        #[test]
+        fn gcra_arithmetic_never_overflows(
+            count in 1u32..=MAX_COUNT,
+            window in 1u64..=MAX_WINDOW_SECS,
+            burst in 1u32..=MAX_COUNT,
+            tat in proptest::prelude::any::<u64>(),
+            now in proptest::prelude::any::<u64>(),
+        ) {
+            let g = Quota::new(count, Duration::from_secs(window))
+                .unwrap()
+                .with_burst(burst)
+                .unwrap()
+                .gcra();
+            let _ = (g.test(tat, now), g.would_deny(tat, now), g.remaining(tat, now));
+        }
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //! 4. [`IpAllowlistLayer`] (optional): 403 unless the address is allowed (and not
 //!    denied);
 //! 5. [`AuthThrottleLayer`] (on by default, [`AuthThrottleLayer::recommended`]): 429
-//!    for an address after too many failed authentications, before any credential is
-//!    checked;
+//!    to wrong credentials from an address after too many failed authentications
+//!    (valid ones still pass);
 //! 6. [`AuthenticateLayer`]: API keys, service tokens or both, else 401;
 //! 7. [`RateLimitLayer`]: per-principal quotas, 429 with `Retry-After`.
 //!

@@ -224,12 +224,22 @@ pub fn queue_config(get: impl Fn(&str) -> Option<String>) -> Result<QueueConfig,
 }
 
 /// The command line: `--addr HOST:PORT` and `--redis URL`, each at most once.
-#[derive(Debug, PartialEq, Eq)]
+/// `Debug` leaves the Redis URL out: it may hold a password.
+#[derive(PartialEq, Eq)]
 pub struct Args {
     /// Where to listen.
     pub addr: SocketAddr,
     /// The Redis URL of the shared rate limits, if any.
     pub redis: Option<String>,
+}
+
+impl std::fmt::Debug for Args {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Args")
+            .field("addr", &self.addr)
+            .field("redis", &self.redis.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Parses the flags; `get` reads the environment (`PORTCULLIS_DEMO_ADDR`,
@@ -255,7 +265,10 @@ pub fn parse_args(args: &[String], get: impl Fn(&str) -> Option<String>) -> Resu
     let addr = raw
         .parse()
         .map_err(|_| format!("not a socket address (HOST:PORT): {raw:?}"))?;
-    let redis = redis.or_else(|| get("REDIS_URL")).filter(|u| !u.is_empty());
+    let redis = redis.or_else(|| get("REDIS_URL"));
+    if redis.as_deref().is_some_and(|u| u.trim().is_empty()) {
+        return Err("--redis / REDIS_URL: is set but empty; leave it out instead".into());
+    }
     Ok(Args { addr, redis })
 }
 

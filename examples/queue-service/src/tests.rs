@@ -323,6 +323,9 @@ fn the_command_line_and_its_environment() {
     );
     assert!(parse_args(&args(&["--port", "1"]), env(&[])).is_err());
     assert!(parse_args(&[], env(&[("PORTCULLIS_DEMO_ADDR", "localhost")])).is_err());
+    assert!(parse_args(&args(&["--redis", ""]), env(&[])).is_err());
+    let a = parse_args(&args(&["--redis", "redis://:hunter2@h:1"]), env(&[])).unwrap();
+    assert!(!format!("{a:?}").contains("hunter2"), "{a:?}");
 }
 
 #[test]
