@@ -147,9 +147,11 @@ where
     }
 }
 
-/// Response future of [`IpAllowlist`]: the inner service's future, or the 403 answer,
-/// ready at once. A `Future` with the inner future's output.
-pub type ResponseFuture<F, B> = crate::future::ResponseFuture<F, B>;
+opaque_response_future! {
+    /// Response future of [`IpAllowlist`]: the inner service's future, or the 403
+    /// answer, ready at once.
+    copies ()
+}
 
 #[cfg(test)]
 mod tests {

@@ -246,9 +246,11 @@ pub fn require_scope<'a>(
     policy.check(extensions)
 }
 
-/// Response future of [`RequireScope`]: the inner service's future, or the refusal,
-/// ready at once. A `Future` with the inner future's output.
-pub type ResponseFuture<F, B> = crate::future::ResponseFuture<F, B>;
+opaque_response_future! {
+    /// Response future of [`RequireScope`]: the inner service's future, or the
+    /// refusal, ready at once.
+    copies ()
+}
 
 #[cfg(test)]
 mod tests {

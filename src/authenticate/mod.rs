@@ -511,9 +511,11 @@ where
     }
 }
 
-/// Response future of [`Authenticate`]: the inner service's future, which also
-/// copies the [`Principal`] into the response extensions, or a refusal.
-pub type ResponseFuture<F, B> = crate::future::ResponseFuture<F, B, Principal>;
+opaque_response_future! {
+    /// Response future of [`Authenticate`]: the inner service's future, which also
+    /// copies the [`Principal`] into the response extensions, or a refusal.
+    copies Principal
+}
 
 #[cfg(all(test, feature = "api-key"))]
 mod tests {

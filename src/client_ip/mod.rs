@@ -393,8 +393,10 @@ fn resolve<ReqBody>(
     Ok(ip)
 }
 
-/// Response future of [`ClientIpService`]: the inner service's future, or the 500
-/// answer to a request without a peer address. A `Future` with the inner future's
-/// output; it also copies the resolved [`ClientIp`] into the response extensions,
-/// where an access log *outside* this layer reads it.
-pub type ResponseFuture<F, B> = crate::future::ResponseFuture<F, B, ClientIp>;
+opaque_response_future! {
+    /// Response future of [`ClientIpService`]: the inner service's future, or the 500
+    /// answer to a request without a peer address. It also copies the resolved
+    /// [`ClientIp`] into the response extensions, where an access log *outside* this
+    /// layer reads it.
+    copies ClientIp
+}
