@@ -23,6 +23,12 @@
 //! window boundaries to game, and time comes from the monotonic clock, so a wall-clock
 //! jump changes nothing.
 //!
+//! The crate has its own small GCRA instead of using `governor`'s, because the layer
+//! needs what `governor` does not offer: several policies checked all or nothing,
+//! a check that does not count (the failed-authentication throttle's), and the exact
+//! time until each policy's quota is back (the `RateLimit` fields). A property test
+//! checks that it decides exactly as `governor` does for one policy.
+//!
 //! **Memory.** A tracked key costs one map entry: a 32-byte key (the address, or a
 //! randomly keyed 128-bit hash of a principal identity, and the table's hash) and
 //! one 8-byte timestamp per policy, 40 bytes with one policy, plus the hash map's
