@@ -78,11 +78,11 @@ use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
 /// throttled address with 429 `auth_throttled` **before** any credential is read,
 /// whatever the request carries: valid, wrong or none. A guesser then gets the
 /// quota's worth of verified guesses and one per refill interval, and learns nothing
-/// from a refused one, since it was never checked. (The address is looked up when a
-/// request arrives and a failure counted when its answer comes back, so requests
-/// sent together with the last one allowed are verified too: a client with many
-/// requests in flight, e.g. HTTP/2 streams, gets one more guess per request in flight
-/// at that moment. Bound them with a concurrency limit in front.) The price: every client sharing the
+/// from a refused one, since it was never checked. Every request is counted as a
+/// failure when it arrives and the count is given back when its answer is not one,
+/// so requests sent at once (HTTP/2 streams) get no more verified guesses than one
+/// at a time; while valid requests are in flight they hold part of the quota, and a
+/// burst larger than the quota is refused in part. The price: every client sharing the
 /// address is locked out as well, valid credentials included, until the bucket
 /// refills. Use it when the secrets can be guessed (e.g. keys people chose, accepted
 /// from a plain list), and exempt the addresses that must never be locked out.
@@ -317,6 +317,19 @@ impl Shared {
         Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response()
     }
 
+    /// The inner response in the lockout mode: the failure counted on arrival stays
+    /// counted for a wrong credential and is given back otherwise.
+    fn settle<B>(&self, ip: Option<ClientIp>, res: Response<B>) -> Response<B> {
+        let failed = res
+            .extensions()
+            .get::<DenialReason>()
+            .is_some_and(|&r| is_credential_failure(r));
+        if !failed {
+            self.store.refund(self.key(ip), &self.gcra);
+        }
+        res
+    }
+
     /// The inner response of a counted address: a wrong credential is counted, or
     /// answered 429 if the address is out of failures; a valid one from a throttled
     /// address is audited.
@@ -404,12 +417,25 @@ where
                 },
             };
         }
-        if self.shared.config.lockout
-            && let Some(retry) = self.shared.throttled(ip)
-        {
+        if self.shared.config.lockout {
+            // The request is counted as a failure before its credential is read, and
+            // the count given back if it was not one: however many requests arrive
+            // at once, at most the quota's worth of credentials is ever verified.
+            let s = &self.shared;
+            let outcome = s.store.check(s.key(ip), &s.gcra, s.store.now());
+            if !outcome.allowed {
+                let retry = Duration::from_nanos(outcome.wait());
+                return ResponseFuture {
+                    kind: ThrottleKind::Rejected {
+                        response: Some(s.refusal(ip, retry, false)),
+                    },
+                };
+            }
             return ResponseFuture {
-                kind: ThrottleKind::Rejected {
-                    response: Some(self.shared.refusal(ip, retry, false)),
+                kind: ThrottleKind::Charged {
+                    future: self.inner.call(req),
+                    ip,
+                    shared: self.shared.clone(),
                 },
             };
         }
@@ -436,6 +462,8 @@ pin_project! {
     #[project = ThrottleKindProj]
     enum ThrottleKind<F, B> {
         Counted { #[pin] future: F, ip: Option<ClientIp>, shared: Arc<Shared> },
+        // The lockout mode: a failure was counted when the request arrived.
+        Charged { #[pin] future: F, ip: Option<ClientIp>, shared: Arc<Shared> },
         Exempt { #[pin] future: F },
         Rejected { response: Option<Response<B>> },
     }
@@ -453,6 +481,9 @@ where
             ThrottleKindProj::Counted { future, ip, shared } => {
                 Poll::Ready(ready!(future.poll(cx)).map(|res| shared.respond(*ip, res)))
             }
+            ThrottleKindProj::Charged { future, ip, shared } => {
+                Poll::Ready(ready!(future.poll(cx)).map(|res| shared.settle(*ip, res)))
+            }
             ThrottleKindProj::Exempt { future } => future.poll(cx),
             ThrottleKindProj::Rejected { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
@@ -465,6 +496,7 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             ThrottleKind::Counted { .. } => "Counted",
+            ThrottleKind::Charged { .. } => "Charged",
             ThrottleKind::Exempt { .. } => "Exempt",
             ThrottleKind::Rejected { .. } => "Rejected",
         };
@@ -585,6 +617,66 @@ mod tests {
             send(&layer, addr("192.0.2.2"), Credential::Valid),
             (200, true)
         );
+    }
+
+    /// Wrong guesses sent at once (e.g. as HTTP/2 streams) before any of them is
+    /// answered: in the lockout mode at most the quota's worth is ever verified; the
+    /// valid requests in flight meanwhile give their count back.
+    #[test]
+    fn lockout_verifies_at_most_the_quota_of_guesses_in_flight() {
+        use std::sync::atomic::AtomicBool;
+        let layer = AuthThrottleLayer::new(Quota::per_minute(3).unwrap()).lockout_before_verify();
+        let open = Arc::new(AtomicBool::new(false));
+        let ran = Arc::new(AtomicUsize::new(0));
+        let svc = {
+            let (open, ran) = (open.clone(), ran.clone());
+            ServiceBuilder::new().layer(layer.clone()).service_fn(
+                move |req: Request<Credential>| {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                    let (open, credential) = (open.clone(), *req.body());
+                    std::future::poll_fn(move |_| match open.load(Ordering::Acquire) {
+                        true => Poll::Ready(Ok::<_, Infallible>(authenticate(credential))),
+                        false => Poll::Pending,
+                    })
+                },
+            )
+        };
+        let request = |credential| {
+            let mut req = Request::new(credential);
+            req.extensions_mut()
+                .insert(ClientIp::new(addr("192.0.2.1")));
+            req
+        };
+        let cx = &mut Context::from_waker(std::task::Waker::noop());
+        // A valid request in flight and answered: its count is given back.
+        let mut valid = std::pin::pin!(svc.clone().oneshot(request(Credential::Valid)));
+        assert!(valid.as_mut().poll(cx).is_pending());
+        open.store(true, Ordering::Release);
+        assert!(matches!(valid.as_mut().poll(cx), Poll::Ready(Ok(r)) if r.status() == 200));
+        open.store(false, Ordering::Release);
+        ran.store(0, Ordering::Relaxed);
+        // Ten wrong guesses at once.
+        let mut guesses: Vec<_> = (0..10)
+            .map(|_| Box::pin(svc.clone().oneshot(request(Credential::Wrong))))
+            .collect();
+        let mut statuses = Vec::new();
+        let mut pending = Vec::new();
+        for mut g in guesses.drain(..) {
+            match g.as_mut().poll(cx) {
+                Poll::Ready(res) => statuses.push(res.unwrap().status().as_u16()),
+                Poll::Pending => pending.push(g),
+            }
+        }
+        open.store(true, Ordering::Release);
+        for mut g in pending {
+            match g.as_mut().poll(cx) {
+                Poll::Ready(res) => statuses.push(res.unwrap().status().as_u16()),
+                Poll::Pending => panic!("released"),
+            }
+        }
+        statuses.sort();
+        assert_eq!(statuses, [401, 401, 401, 429, 429, 429, 429, 429, 429, 429]);
+        assert_eq!(ran.load(Ordering::Relaxed), 3, "credentials verified");
     }
 
     #[test]

@@ -227,6 +227,25 @@ impl<const N: usize> Slots<N> {
         would_deny(&g[..gcras.len()], tats.into_iter(), now)
     }
 
+    #[cfg(feature = "auth-throttle")]
+    fn refund(&self, store: &LocalStore, key: LocalKey, gcras: &[Gcra]) {
+        if let Some(slots) = self.map.get(&key) {
+            for (slot, g) in slots.iter().zip(gcras) {
+                let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                    Some(t.saturating_sub(g.t))
+                });
+            }
+            return;
+        }
+        if self.map.len() >= store.cap {
+            let g = store.overflow_gcras(gcras);
+            let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+            for (t, g) in tats.iter_mut().zip(&g[..gcras.len()]) {
+                *t = t.saturating_sub(g.t);
+            }
+        }
+    }
+
     fn sweep(&self, now: u64) {
         let mut swept = 0;
         self.map.retain(|_, tats| {
@@ -414,6 +433,19 @@ impl LocalStore {
             Table::One(t) => t.peek(self, key, gcras, now),
             Table::Two(t) => t.peek(self, key, gcras, now),
             Table::Four(t) => t.peek(self, key, gcras, now),
+        }
+    }
+
+    #[cfg(feature = "auth-throttle")]
+    /// Takes back one request that [`check`](Self::check) allowed for `key` under
+    /// `gcras` (the same ones): a request counted up front whose outcome turned out
+    /// not to count. It moves the key's state, or the overflow state at the cap, one
+    /// emission interval back; a key forgotten meanwhile is fresh already.
+    pub(crate) fn refund(&self, key: LocalKey, gcras: &[Gcra]) {
+        match &self.table {
+            Table::One(t) => t.refund(self, key, gcras),
+            Table::Two(t) => t.refund(self, key, gcras),
+            Table::Four(t) => t.refund(self, key, gcras),
         }
     }
 
