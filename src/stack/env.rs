@@ -114,6 +114,47 @@ impl Vars {
     }
 }
 
+/// An error for the first name that starts with `PORTCULLIS_`, is not a variable
+/// [`StackBuilder::from_env`] reads, and is within a few edits of one that it reads.
+/// Names further from every variable (another program's, e.g. a demo's own
+/// `PORTCULLIS_DEMO_*` settings) are left alone.
+pub(crate) fn check_names(names: impl Iterator<Item = OsString>) -> Result<(), ConfigError> {
+    for name in names {
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with("PORTCULLIS_") || ALL.contains(&name) {
+            continue;
+        }
+        let closest = ALL
+            .iter()
+            .map(|known| (edit_distance(name, known), *known))
+            .min();
+        if let Some((distance, known)) = closest
+            && distance <= 3
+        {
+            return Err(ConfigError::new(format!(
+                "{name} is not a portcullis setting; did you mean {known}?"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Levenshtein distance over bytes (the names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
 /// A duration in whole milliseconds, `min..=max`.
 #[cfg(feature = "redis")]
 fn millis(value: &str, name: &str, min: u64, max: u64) -> Result<Duration, ConfigError> {
@@ -144,7 +185,12 @@ fn reload_interval(value: Option<String>, name: &str) -> Result<Option<Duration>
 impl StackBuilder {
     /// Reads the configuration from the process environment; see the
     /// [module docs](crate::stack) for the variables.
+    ///
+    /// A `PORTCULLIS_*` variable that is not one of them but is spelled like one
+    /// (e.g. `PORTCULLIS_ALOWLIST`) is an error naming the setting it resembles: a
+    /// misspelled allowlist must not leave the service open.
     pub fn from_env() -> Result<Self, ConfigError> {
+        check_names(std::env::vars_os().map(|(name, _)| name))?;
         Self::from_env_with(|name| std::env::var_os(name))
     }
 
@@ -509,7 +555,45 @@ mod tests {
         }
     }
 
+    #[test]
+    fn misspelled_names_are_errors_naming_the_setting() {
+        let check = |names: &[&str]| check_names(names.iter().map(OsString::from));
+        for (typo, meant) in [
+            ("PORTCULLIS_RATLIMIT", RATE_LIMIT),
+            ("PORTCULLIS_ALOWLIST", ALLOWLIST),
+            ("PORTCULLIS_ALLOW_LIST", ALLOWLIST),
+            ("PORTCULLIS_APIKEYS", API_KEYS),
+            ("PORTCULLIS_TRUSTED_PROXY", TRUSTED_PROXIES),
+            ("PORTCULLIS_REDIS_UR", REDIS_URL),
+        ] {
+            let e = check(&[typo]).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("{typo} is not a portcullis setting; did you mean {meant}?")
+            );
+        }
+        // Known names, other programs' names, and names far from every setting pass.
+        assert!(check(&ALL).is_ok());
+        assert!(check(&["PATH", "PORTCULLIS_DEMO_ADDR", "PORTCULLIS_DEMO_KEY_FILE"]).is_ok());
+    }
+
     proptest! {
+        /// A known name with one byte changed, removed or doubled is always caught.
+        #[test]
+        fn one_edit_from_a_setting_is_caught(index in 0..ALL.len(), at in 11usize..40, byte in b'A'..=b'Z', op in 0u8..3) {
+            let known = ALL[index];
+            let at = at.min(known.len() - 1).max(11);
+            let mut typo = known.as_bytes().to_vec();
+            match op {
+                0 => typo[at] = byte,
+                1 => { typo.remove(at); }
+                _ => typo.insert(at, byte),
+            }
+            let typo = String::from_utf8(typo).unwrap();
+            let e = check_names(std::iter::once(OsString::from(&typo)));
+            prop_assert!(typo == known || ALL.contains(&typo.as_str()) || e.is_err(), "{}", typo);
+        }
+
         /// Arbitrary bytes in any variable: never a panic; bytes that are not UTF-8,
         /// or blank, are an error naming the variable; an error never repeats the
         /// value.

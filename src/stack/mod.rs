@@ -85,7 +85,9 @@
 //! value, so one that is not UTF-8, empty or blank, or that does not parse, is an
 //! error naming the variable (never repeating the value); unset a variable to leave
 //! its setting out. A variable that only means something with another one that is
-//! not set is an error too.
+//! not set is an error too, and so, for [`StackBuilder::from_env`], is a
+//! `PORTCULLIS_*` variable spelled like one of these (`PORTCULLIS_ALOWLIST`): the
+//! error names the setting it resembles.
 //!
 //! | variable | meaning | example |
 //! |---|---|---|
