@@ -365,6 +365,17 @@ where
 /// A request without a peer address: a wiring bug, answered with 500.
 struct NoPeer;
 
+/// What a request without a peer address means and how to fix it (logged once).
+#[cfg(feature = "axum")]
+const NO_PEER_REMEDY: &str = "requests have no peer address, so every one is answered 500: \
+    serve axum with `into_make_service_with_connect_info::<SocketAddr>()`, or with plain \
+    hyper wrap each connection's service in `PeerAddrLayer`";
+#[cfg(not(feature = "axum"))]
+const NO_PEER_REMEDY: &str = "requests have no peer address, so every one is answered 500: \
+    with plain hyper, wrap each connection's service in `PeerAddrLayer`; with axum, enable \
+    portcullis's `axum` feature (it reads axum's ConnectInfo) and serve with \
+    `into_make_service_with_connect_info::<SocketAddr>()`";
+
 /// The layer's request-side work, in place: resolves the client address and inserts
 /// it into the request extensions. Returns the address (also for the response
 /// extensions), `Ok(None)` when a trusted proxy reported none, `Err` (logged) when
@@ -374,10 +385,11 @@ fn resolve<ReqBody>(
     req: &mut Request<ReqBody>,
 ) -> Result<Option<ClientIp>, NoPeer> {
     let Some(peer) = peer_addr(req) else {
-        tracing::error!(
-            target: "portcullis::client_ip",
-            "request has no peer address: wrap each connection in PeerAddrLayer (or serve axum with connect info); answering 500"
-        );
+        // A wiring mistake repeats on every request: said once, with its remedy.
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(target: "portcullis::client_ip", "{NO_PEER_REMEDY}");
+        }
         return Err(NoPeer);
     };
     let ip = config.resolve(peer.ip(), req.headers()).map(ClientIp::new);

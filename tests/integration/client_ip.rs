@@ -179,6 +179,7 @@ async fn depth_mode_and_x_real_ip() {
 
 #[tokio::test]
 async fn missing_peer_address_is_a_loud_500() {
+    let capture = crate::log_capture::capture();
     let addr = serve(
         "127.0.0.1:0",
         ClientIpLayer::new(ClientIpConfig::peer_only()),
@@ -192,6 +193,16 @@ async fn missing_peer_address_is_a_loud_500() {
         !r.body.contains("PeerAddr"),
         "wiring details stay in the log"
     );
+    // Every such request is a 500; the log says so once, with both remedies (this
+    // is the only test of this binary that serves without a peer address).
+    for _ in 0..3 {
+        assert_eq!(get(addr, &[]).await.status, 500);
+    }
+    let said = capture.events_with("requests have no peer address");
+    assert_eq!(said.len(), 1, "{said:?}");
+    let message = said[0]["fields"]["message"].as_str().unwrap();
+    assert!(message.contains("into_make_service_with_connect_info::<SocketAddr>()"));
+    assert!(message.contains("PeerAddrLayer"));
 }
 
 #[test]
