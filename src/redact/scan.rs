@@ -769,6 +769,12 @@ fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         while e > v && input[e - 1] == b':' {
             e -= 1;
         }
+        // A replacement followed by `:` is that replacement alone, so that a second
+        // pass leaves the first one's output as it is (`KEY=cookie:` gives
+        // `KEY=REDACTED:`, whose `:` then starts a field of its own).
+        if input[v..e].starts_with(REDACTED) && input.get(v + REDACTED.len()) == Some(&b':') {
+            e = v + REDACTED.len();
+        }
         // An unquoted scheme word: the credential is the next word.
         if is_scheme(&input[v..e]) {
             let mut c = skip_separators(input, e);

@@ -409,3 +409,25 @@ fn adversarial_inputs_stay_linear() {
         let _ = redact_query(&s);
     }
 }
+
+/// A sensitive field whose value ends in `:` before a delimiter: the `:` starts a
+/// field of its own, and a second pass leaves the first pass's output unchanged.
+#[test]
+fn a_value_ending_in_a_colon_is_redacted_idempotently() {
+    assert_eq!(r("KEY=cookie:\0"), "KEY=REDACTED:REDACTED");
+    assert_eq!(
+        r("password=authorization:\u{1}x"),
+        r("password=authorization:\u{1}x")
+    );
+    for s in [
+        "token=cookie: a",
+        "api_key=set-cookie:\tv",
+        "secret=x-api-key:\0\0",
+    ] {
+        let once = r(s);
+        assert!(
+            !once.contains(&s[s.find('=').unwrap() + 1..]),
+            "{s:?} -> {once:?}"
+        );
+    }
+}
