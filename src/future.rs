@@ -45,16 +45,6 @@ impl<F, B, X> ResponseFuture<F, B, X> {
         }
     }
 
-    /// A refusal, ready now; `copy` goes into its extensions.
-    pub(crate) fn rejected_with(response: Response<B>, copy: Option<X>) -> Self {
-        Self {
-            kind: Kind::Rejected {
-                response: Some(response),
-            },
-            copy,
-        }
-    }
-
     /// The inner service's future, nothing to copy.
     pub(crate) fn inner(future: F) -> Self {
         Self::inner_with(future, None)
@@ -62,7 +52,12 @@ impl<F, B, X> ResponseFuture<F, B, X> {
 
     /// A refusal, ready now, nothing to copy.
     pub(crate) fn rejected(response: Response<B>) -> Self {
-        Self::rejected_with(response, None)
+        Self {
+            kind: Kind::Rejected {
+                response: Some(response),
+            },
+            copy: None,
+        }
     }
 }
 
