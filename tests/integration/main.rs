@@ -11,6 +11,8 @@ mod allowlist;
 mod api_key_properties;
 #[cfg(all(feature = "rate-limit", feature = "api-key"))]
 mod auth_throttle;
+#[cfg(all(feature = "redis", feature = "auth-throttle", feature = "api-key"))]
+mod auth_throttle_redis;
 #[cfg(all(feature = "api-key", feature = "client-ip"))]
 mod authenticate;
 #[cfg(feature = "client-ip")]
