@@ -69,6 +69,10 @@ pub enum DenialReason {
     InsufficientScope,
     /// The client address is outside the allowlist or inside the deny list.
     IpDenied,
+    /// The client address is outside the allowlist of the key that authenticated.
+    KeyIpDenied,
+    /// The key that authenticated has used up its credits.
+    CreditsExhausted,
     /// No client address could be resolved (e.g. an obfuscated forwarded entry).
     NoClientIp,
     /// The request exceeded its rate limit.
@@ -96,6 +100,8 @@ impl DenialReason {
             DenialReason::InvalidToken => "invalid_token",
             DenialReason::InsufficientScope => "insufficient_scope",
             DenialReason::IpDenied => "ip_denied",
+            DenialReason::KeyIpDenied => "key_ip_denied",
+            DenialReason::CreditsExhausted => "credits_exhausted",
             DenialReason::NoClientIp => "no_client_ip",
             DenialReason::RateLimited => "rate_limited",
             DenialReason::AuthThrottled => "auth_throttled",

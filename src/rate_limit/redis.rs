@@ -84,6 +84,8 @@ use super::local::{MAX_POLICIES, Outcome};
 use super::quota::Gcra;
 use super::{CheckFuture, Shared, Verdict};
 use crate::ConfigError;
+#[cfg(feature = "api-key")]
+use crate::api_key::Credits;
 
 /// What to do when Redis cannot answer in time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +161,16 @@ if tat <= now then
 else
   redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
 end
+return 1
+"#;
+
+/// Spends one credit. KEYS: the key's spent count. ARGV: its total. Returns 1 if
+/// one was spent, 0 if none was left. The count never expires.
+#[cfg(feature = "api-key")]
+const SPEND_SCRIPT: &str = r#"
+local spent = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if spent >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
 return 1
 "#;
 
@@ -276,6 +288,8 @@ impl RedisLimiterBuilder {
             connect_failing: AtomicBool::new(false),
             losses: AtomicU32::new(0),
             script: Script::new(SCRIPT),
+            #[cfg(feature = "api-key")]
+            spend_script: Script::new(SPEND_SCRIPT),
             #[cfg(feature = "auth-throttle")]
             peek_script: Script::new(PEEK_SCRIPT),
             #[cfg(feature = "auth-throttle")]
@@ -318,6 +332,8 @@ struct Inner {
     /// connections but keeps failing calls is retried ever more slowly.
     losses: AtomicU32,
     script: Script,
+    #[cfg(feature = "api-key")]
+    spend_script: Script,
     #[cfg(feature = "auth-throttle")]
     peek_script: Script,
     #[cfg(feature = "auth-throttle")]
@@ -448,6 +464,18 @@ impl RedisLimiter {
         }
     }
 
+    /// Credits spent for a key, as Redis counts them; `None` if Redis cannot answer.
+    #[cfg(feature = "api-key")]
+    pub(crate) async fn credits_spent(&self, credits: &Credits) -> Option<u64> {
+        let key = format!("{}:cr:{}", self.inner.namespace, credits.name);
+        let spent: Option<u64> = self
+            .inner
+            .call(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .await
+            .ok()?;
+        Some(spent.unwrap_or(0))
+    }
+
     /// Whether the circuit breaker is open now: requests bypass Redis because the
     /// cool-down after a failure is running, or because no connection is up since.
     pub fn breaker_open(&self) -> bool {
@@ -462,9 +490,22 @@ impl RedisLimiter {
         gcras: [Gcra; MAX_POLICIES],
         n: usize,
         shared: Arc<Shared>,
+        #[cfg(feature = "api-key")] credits: Option<Credits>,
     ) -> CheckFuture {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.check(name, local_key, gcras, n, shared).await })
+        Box::pin(async move {
+            let verdict = inner
+                .clone()
+                .check(name, local_key, gcras, n, shared.clone())
+                .await;
+            #[cfg(feature = "api-key")]
+            if let (Verdict::Decided(o), Some(credits)) = (&verdict, credits)
+                && (o.allowed || shared.shadow)
+            {
+                return inner.spend(&credits, &shared, verdict).await;
+            }
+            verdict
+        })
     }
 }
 
@@ -695,6 +736,40 @@ impl Inner {
                 self.trip(now, "timeout");
                 Err(Bypassed)
             }
+        }
+    }
+
+    /// Spends one of a key's credits on Redis, atomically (no instance can spend
+    /// one that another has spent). `admitted` is the rate limits' verdict, kept
+    /// when a credit was spent; when Redis cannot answer, the failure policy
+    /// decides as for the rate limits.
+    #[cfg(feature = "api-key")]
+    async fn spend(
+        self: &Arc<Self>,
+        credits: &Credits,
+        shared: &Shared,
+        admitted: Verdict,
+    ) -> Verdict {
+        let key = format!("{}:cr:{}", self.namespace, credits.name);
+        let (script, total) = (&self.spend_script, credits.total);
+        let spent = self
+            .call(|mut conn| async move {
+                script
+                    .key(key)
+                    .arg(total)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+        match spent {
+            Ok(1) => admitted,
+            Ok(_) => Verdict::Exhausted(total),
+            Err(Bypassed) => match self.policy {
+                FailurePolicy::FailOpen => admitted,
+                FailurePolicy::FailClosed => Verdict::Unavailable(self.retry_after()),
+                FailurePolicy::FallbackLocal if shared.spend_local(credits) => admitted,
+                FailurePolicy::FallbackLocal => Verdict::Exhausted(total),
+            },
         }
     }
 

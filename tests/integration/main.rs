@@ -20,6 +20,8 @@ mod client_ip;
 mod fuzz_corpus;
 #[cfg(feature = "jwt")]
 mod jwt;
+#[cfg(all(feature = "api-key", feature = "rate-limit", feature = "client-ip"))]
+mod key_policy;
 #[cfg(all(feature = "access-log", feature = "allowlist"))]
 mod logging;
 #[cfg(feature = "rate-limit")]
