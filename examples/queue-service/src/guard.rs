@@ -154,6 +154,8 @@ pub struct Guard {
     internal: StackLayer,
     client_ip: ClientIpLayer,
     secret: TokenSecret,
+    keys: ApiKeys,
+    rate: RateLimitLayer,
 }
 
 impl Guard {
@@ -193,6 +195,8 @@ impl Guard {
             internal: stack().allow(c.internal).build()?,
             client_ip: ClientIpLayer::new(c.client_ip),
             secret: c.token_secret,
+            keys: c.keys,
+            rate,
         })
     }
 
@@ -213,6 +217,21 @@ impl Guard {
     /// The in-process worker's issuer: `sub` [`WORKER_SUBJECT`], scope `jobs:work`.
     pub fn worker_issuer(&self) -> Result<TokenIssuer, ConfigError> {
         self.issuer(WORKER_SUBJECT, crate::auth::JOBS_WORK)
+    }
+
+    /// Every key with usage credits: its id, its total and what it has left, for
+    /// the admin view.
+    pub async fn credits(&self) -> Vec<serde_json::Value> {
+        let store = self.keys.snapshot();
+        let mut out = Vec::new();
+        for r in store.records().filter(|r| r.credits().is_some()) {
+            out.push(serde_json::json!({
+                "id": r.id(),
+                "credits": r.credits(),
+                "remaining": self.rate.credits_remaining(r).await,
+            }));
+        }
+        out
     }
 
     /// The whole stack. [`routes::app`](crate::routes::app) puts it, then the scope

@@ -58,7 +58,9 @@ impl Counters {
     pub fn record(&self, reason: DenialReason) {
         let c = match reason {
             DenialReason::InsufficientScope => &self.scope_denials,
-            DenialReason::RateLimited | DenialReason::AuthThrottled => &self.rate_limited,
+            DenialReason::RateLimited
+            | DenialReason::AuthThrottled
+            | DenialReason::CreditsExhausted => &self.rate_limited,
             DenialReason::MissingCredential
             | DenialReason::MalformedCredential
             | DenialReason::MultipleCredentials
@@ -114,7 +116,10 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
         .route("/v1/jobs/{id}/progress", patch(set_progress))
         .route("/v1/jobs/{id}/complete", post(complete))
         .route("/v1/jobs/{id}/fail", post(fail))
-        .route("/v1/admin/stats", get(stats))
+        .route("/v1/admin/stats", {
+            let guard = guard.clone();
+            get(move |state| stats(state, guard))
+        })
         .route("/v1/admin/dlq", get(dlq))
         .route("/dashboard", get(dashboard))
         .route_layer((stack.clone(), auth::ScopeCheckLayer))
@@ -453,8 +458,10 @@ pub fn gather(s: &AppState) -> Stats {
     }
 }
 
-async fn stats(State(s): State<AppState>) -> Response {
-    json(StatusCode::OK, &gather(&s))
+async fn stats(State(s): State<AppState>, guard: Guard) -> Response {
+    let mut figures = serde_json::to_value(gather(&s)).unwrap_or_default();
+    figures["credits"] = serde_json::Value::Array(guard.credits().await);
+    json(StatusCode::OK, &figures)
 }
 
 async fn dlq(State(s): State<AppState>) -> Response {
