@@ -180,6 +180,10 @@ pub(crate) fn is_credential_failure(reason: DenialReason) -> bool {
             | DenialReason::InvalidToken
             | DenialReason::MalformedCredential
             | DenialReason::MultipleCredentials
+            | DenialReason::InvalidSignature
+            | DenialReason::StaleSignature
+            | DenialReason::ReplayedSignature
+            | DenialReason::DigestMismatch
     )
 }
 

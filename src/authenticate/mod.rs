@@ -523,6 +523,27 @@ where
             return ResponseFuture::inner_with(self.inner.call(req), Some(p.clone()));
         }
         let client_ip = req.extensions().get::<ClientIp>().copied();
+        // A request whose signature the signature layer outside verified: its
+        // principal, unless the request carries another credential too.
+        #[cfg(feature = "signature")]
+        if let Some(crate::signature::SignedPrincipal(p)) = req.extensions_mut().remove() {
+            let query_param = config.query_param.as_deref();
+            if !matches!(
+                extract_credential(req.headers(), req.uri().query(), query_param),
+                Ok(None)
+            ) {
+                crate::audit::emit!(
+                    info,
+                    AuthFailed,
+                    reason = DenialReason::MultipleCredentials.as_str(),
+                    client_ip = client_ip.map(tracing::field::display),
+                );
+                let reason = DenialReason::MultipleCredentials;
+                return ResponseFuture::rejected(self.config.rejection(reason).into_response());
+            }
+            req.extensions_mut().insert(p.clone());
+            return ResponseFuture::inner_with(self.inner.call(req), Some(p));
+        }
         match config.authenticate(req.headers(), req.uri(), client_ip) {
             Ok((principal, source, policy)) => {
                 config.hide(&mut req, source);

@@ -476,6 +476,28 @@ impl RedisLimiter {
         Some(spent.unwrap_or(0))
     }
 
+    /// Records a signature nonce (`<namespace>:<name>`) for `ttl`; `Ok(false)` if it
+    /// was recorded already (a replay). One `SET NX PX`, atomic across instances.
+    #[cfg(feature = "signature")]
+    pub(crate) async fn claim_nonce(&self, name: &str, ttl: Duration) -> Result<bool, Bypassed> {
+        let key = format!("{}:{name}", self.inner.namespace);
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let set: Option<String> = self
+            .inner
+            .call(|mut conn| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(set.is_some())
+    }
+
     /// Whether the circuit breaker is open now: requests bypass Redis because the
     /// cool-down after a failure is running, or because no connection is up since.
     pub fn breaker_open(&self) -> bool {
@@ -513,7 +535,7 @@ impl RedisLimiter {
 /// address (`<namespace>:at:<key>`), through the same connection, timeout, breaker
 /// and failure policy as the rate limits. `Err` means Redis was not asked or did not
 /// answer; the caller applies [`failure_policy`](Self::failure_policy).
-#[cfg(feature = "auth-throttle")]
+#[cfg(any(feature = "auth-throttle", feature = "signature"))]
 impl RedisLimiter {
     pub(crate) fn failure_policy(&self) -> FailurePolicy {
         self.inner.policy
@@ -523,7 +545,10 @@ impl RedisLimiter {
     pub(crate) fn retry_after(&self) -> Duration {
         self.inner.retry_after()
     }
+}
 
+#[cfg(feature = "auth-throttle")]
+impl RedisLimiter {
     fn throttle_key(&self, key: &str) -> String {
         format!("{}:at:{key}", self.inner.namespace)
     }

@@ -32,5 +32,7 @@ mod rate_limit_redis;
 mod redact_properties;
 #[cfg(all(feature = "api-key", feature = "jwt", feature = "client-ip"))]
 mod reload;
+#[cfg(all(feature = "signature", feature = "api-key", feature = "client-ip"))]
+mod signature;
 #[cfg(feature = "stack")]
 mod stack;
