@@ -18,6 +18,7 @@ use hyper_util::service::TowerToHyperService;
 use portcullis::Principal;
 use portcullis::Scopes;
 use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
+use portcullis::auth_throttle::AuthThrottleLayer;
 use portcullis::authenticate::AuthenticateLayer;
 use portcullis::client_ip::{ClientIpConfig, ClientIpLayer, PeerAddrLayer};
 use portcullis::signature::{
@@ -45,6 +46,14 @@ fn verifier() -> portcullis::signature::SignatureVerifierBuilder {
 
 /// The server: answers `<principal id> <body length> <body>`.
 async fn serve(layer: VerifySignatureLayer) -> SocketAddr {
+    serve_throttled(layer, None).await
+}
+
+/// [`serve`], with a failed-authentication throttle outside the signature layer.
+async fn serve_throttled(
+    layer: VerifySignatureLayer,
+    throttle: Option<AuthThrottleLayer>,
+) -> SocketAddr {
     let key = generate_key("pc_test").unwrap();
     let keys = ApiKeys::new(
         KeyStore::from_records([KeyRecord::new("api-key-client", key.digest()).unwrap()]).unwrap(),
@@ -59,6 +68,7 @@ async fn serve(layer: VerifySignatureLayer) -> SocketAddr {
             let svc = ServiceBuilder::new()
                 .layer(PeerAddrLayer::new(remote))
                 .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+                .option_layer(throttle.clone())
                 .layer(layer.clone())
                 .layer(AuthenticateLayer::api_keys(keys.clone()))
                 .service_fn(|req: Request<SignedBody<Incoming>>| async move {
@@ -482,6 +492,35 @@ async fn a_replayed_nonce_is_refused() {
         .header("x-job", "1")
         .signed(GET_COMPONENTS, &params(), SECRET);
     assert_eq!(send(addr, &w2).await.status, 200);
+}
+
+/// Wrong signatures count as failed authentications for the throttle outside.
+#[tokio::test]
+async fn the_throttle_counts_signature_failures() {
+    let throttle = AuthThrottleLayer::new(portcullis::rate_limit::Quota::per_hour(2).unwrap());
+    let addr = serve_throttled(
+        VerifySignatureLayer::new(verifier().build().unwrap()),
+        Some(throttle),
+    )
+    .await;
+    let bad = || {
+        Wire::new("GET", "/v1/jobs?state=queued", b"")
+            .header("x-job", "1")
+            .signed(
+                GET_COMPONENTS,
+                &params(),
+                b"0123456789abcdef0123456789ABCDEX",
+            )
+    };
+    assert_eq!(send(addr, &bad()).await.status, 401);
+    assert_eq!(send(addr, &bad()).await.status, 401);
+    let r = send(addr, &bad()).await;
+    assert_eq!(r.status, 429, "{r:?}");
+    // A valid signature from the throttled address still passes (the default mode).
+    let good = Wire::new("GET", "/v1/jobs?state=queued", b"")
+        .header("x-job", "1")
+        .signed(GET_COMPONENTS, &params(), SECRET);
+    assert_eq!(send(addr, &good).await.status, 200);
 }
 
 #[tokio::test]
