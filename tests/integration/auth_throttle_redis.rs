@@ -168,3 +168,42 @@ async fn redis_down_follows_the_failure_policy() {
     assert_throttled(&call(local, from, Some(wrong), &[]).await);
     assert_eq!(call(local, from, Some(valid), &[]).await.status, 200);
 }
+
+/// The stack gives its Redis backend to the throttle: two stacks built with the
+/// same Redis (as `PORTCULLIS_REDIS_URL` builds them) share one failure budget.
+#[cfg(feature = "stack")]
+#[tokio::test]
+async fn stacks_sharing_redis_share_the_failure_budget() {
+    use portcullis::stack::StackLayer;
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    let url = server.url();
+    let (_, unknown, store) = keys("stack-shared-throttle");
+    let wrong = unknown.expose_secret();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let redis = connected(&url, FailurePolicy::FailClosed, "at-stack").await;
+        let stack = StackLayer::builder()
+            .api_keys(store.clone())
+            .auth_throttle(AuthThrottleLayer::new(quota()))
+            .redis(redis)
+            .build()
+            .unwrap();
+        instances.push(
+            crate::common::serve_with(
+                "127.0.0.1:0",
+                stack,
+                crate::common::Peer::Attached,
+                crate::common::echo_client_ip(),
+            )
+            .await,
+        );
+    }
+    let (a, b) = (instances[0], instances[1]);
+    let from = "127.5.4.1";
+    for to in [a, b, a] {
+        assert_eq!(call(to, from, Some(wrong), &[]).await.status, 401);
+    }
+    assert_throttled(&call(b, from, Some(wrong), &[]).await);
+}
