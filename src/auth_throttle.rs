@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -18,7 +17,7 @@ use crate::rate_limit::Quota;
 use crate::rate_limit::key::{KeySource, LocalKey, mask};
 use crate::rate_limit::local::LocalStore;
 use crate::rate_limit::quota::Gcra;
-use crate::rejection::{DenialReason, Rejection};
+use crate::rejection::{DenialReason, RefusalBody, Rejection};
 use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
 
 /// Slows the guessing of credentials per client address, without denying a valid
@@ -300,7 +299,7 @@ impl Shared {
 
     /// The 429 for a throttled address, audited; `checked` says whether its
     /// credential was verified (and found wrong) first.
-    fn refusal<B: From<Bytes>>(
+    fn refusal<B: RefusalBody>(
         &self,
         ip: Option<ClientIp>,
         retry: Duration,
@@ -333,7 +332,7 @@ impl Shared {
     /// The inner response of a counted address: a wrong credential is counted, or
     /// answered 429 if the address is out of failures; a valid one from a throttled
     /// address is audited.
-    fn respond<B: From<Bytes>>(&self, ip: Option<ClientIp>, res: Response<B>) -> Response<B> {
+    fn respond<B: RefusalBody>(&self, ip: Option<ClientIp>, res: Response<B>) -> Response<B> {
         if let Some(&reason) = res.extensions().get::<DenialReason>()
             && is_credential_failure(reason)
         {
@@ -398,7 +397,7 @@ impl<S> AuthThrottle<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthThrottle<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -472,7 +471,7 @@ pin_project! {
 impl<F, B, E> Future for ResponseFuture<F, B>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    B: From<Bytes>,
+    B: RefusalBody,
 {
     type Output = Result<Response<B>, E>;
 
@@ -509,6 +508,7 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use crate::rejection::Challenge;
     use std::convert::Infallible;
     use std::net::{IpAddr, Ipv4Addr};

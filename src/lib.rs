@@ -64,10 +64,12 @@
 //!
 //! ## Response bodies
 //!
-//! A layer that refuses a request builds the body itself, so every layer requires the
-//! response body type to implement `From<Bytes>`. `http_body_util::Full<Bytes>`,
-//! `axum::body::Body` and `String`-free custom bodies that wrap bytes all do. The
-//! body type passes through unchanged: stacking layers never nests body types.
+//! A layer that refuses a request builds the body itself, in the inner service's
+//! body type: the body type passes through unchanged, so stacking layers never nests
+//! body types. The bound is [`RefusalBody`](rejection::RefusalBody), which every
+//! `Default` body meets: `http_body_util::Full<Bytes>`, `axum::body::Body` and
+//! `tonic::body::Body` among them. [`rejection`] lists which bodies carry the
+//! problem document.
 //!
 //! ## Features
 //!

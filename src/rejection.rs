@@ -15,6 +15,19 @@
 //! - carries the [`DenialReason`] in its *extensions* so the access log knows why.
 //!   The reason never reaches the client.
 //!
+//! ## Response bodies
+//!
+//! A layer never changes the response body type, so it must build a refusal in the
+//! inner service's body type. The only trait that axum's `Body`, hyper's
+//! `Full<Bytes>` and tonic's `Body` all implement is [`Default`], so that is the whole
+//! bound ([`RefusalBody`]). The problem document is written into the body types
+//! that can carry bytes and are known here: `http_body_util::Full<Bytes>`,
+//! `http_body_util::combinators::{BoxBody, UnsyncBoxBody}<Bytes, BoxError>`,
+//! `axum::body::Body` (feature `axum`), [`Bytes`], `Vec<u8>` and `String`. Any other
+//! body type (tonic's among them) gets an empty body, with the same status and
+//! headers but no `Content-Type`. The status and headers carry the whole refusal
+//! either way; the document only repeats the class in words.
+//!
 //! ```
 //! use bytes::Bytes;
 //! use http_body_util::Full;
@@ -31,6 +44,8 @@
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+
+use std::any::Any;
 
 use bytes::Bytes;
 use http::header::{
@@ -357,15 +372,18 @@ impl Rejection {
     }
 
     /// Builds the response.
-    pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
-        let mut res = Response::new(B::from(Bytes::from_static(self.class.body().as_bytes())));
+    pub fn into_response<B: RefusalBody>(self) -> Response<B> {
+        let (body, written) = problem_body::<B>(self.class.body());
+        let mut res = Response::new(body);
         *res.status_mut() = self.class.status();
         let headers = res.headers_mut();
         *headers = self.headers;
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        if written {
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            );
+        }
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(d) = self.retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(d)));
@@ -381,6 +399,67 @@ impl Rejection {
         }
         res.extensions_mut().insert(self.reason);
         res
+    }
+}
+
+/// A response body type a refusal can be built in: every type with a [`Default`].
+///
+/// Implemented for every `Default + 'static` type and for nothing else, so the
+/// bound names one requirement in every layer's signature. Which bodies carry the
+/// problem document, and which are empty, is listed in the [module docs](self).
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use portcullis::rejection::{DenialReason, Rejection};
+///
+/// // A body type without bytes of its own gets an empty refusal.
+/// #[derive(Default)]
+/// struct Opaque;
+/// let res = Rejection::forbidden(DenialReason::IpDenied).into_response::<Opaque>();
+/// assert_eq!(res.status(), 403);
+/// assert!(res.headers().get("content-type").is_none());
+///
+/// let res = Rejection::forbidden(DenialReason::IpDenied).into_response::<Full<Bytes>>();
+/// assert_eq!(res.headers()["content-type"], "application/problem+json");
+/// ```
+pub trait RefusalBody: Default + 'static {}
+
+impl<B: Default + 'static> RefusalBody for B {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `B` holding `doc` when `B` is a body type known to carry bytes, else `B::default()`;
+/// the flag says which.
+fn problem_body<B: RefusalBody>(doc: &'static str) -> (B, bool) {
+    use http_body_util::BodyExt;
+    use http_body_util::Full;
+    use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
+
+    let bytes = Bytes::from_static(doc.as_bytes());
+    let mut slot: Option<B> = None;
+    let any: &mut dyn Any = &mut slot;
+    if let Some(s) = any.downcast_mut::<Option<Full<Bytes>>>() {
+        *s = Some(Full::new(bytes));
+    } else if let Some(s) = any.downcast_mut::<Option<Bytes>>() {
+        *s = Some(bytes);
+    } else if let Some(s) = any.downcast_mut::<Option<Vec<u8>>>() {
+        *s = Some(bytes.to_vec());
+    } else if let Some(s) = any.downcast_mut::<Option<String>>() {
+        *s = Some(doc.to_owned());
+    } else if let Some(s) = any.downcast_mut::<Option<BoxBody<Bytes, BoxError>>>() {
+        *s = Some(Full::new(bytes).map_err(|e| match e {}).boxed());
+    } else if let Some(s) = any.downcast_mut::<Option<UnsyncBoxBody<Bytes, BoxError>>>() {
+        *s = Some(Full::new(bytes).map_err(|e| match e {}).boxed_unsync());
+    } else {
+        #[cfg(feature = "axum")]
+        if let Some(s) = any.downcast_mut::<Option<axum::body::Body>>() {
+            *s = Some(axum::body::Body::from(bytes));
+        }
+    }
+    match slot {
+        Some(body) => (body, true),
+        None => (B::default(), false),
     }
 }
 

@@ -21,12 +21,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Extensions, Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::rejection::{Challenge, Rejection};
+use crate::rejection::{Challenge, RefusalBody, Rejection};
 use crate::{ClientIp, ConfigError, Principal, Scopes};
 
 /// The default realm, the same as the authentication layer's.
@@ -188,7 +187,7 @@ impl<S: fmt::Debug> fmt::Debug for RequireScope<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequireScope<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -255,6 +254,7 @@ opaque_response_future! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use crate::AuthMethod;
     use std::convert::Infallible;
     use tower::{ServiceBuilder, ServiceExt};

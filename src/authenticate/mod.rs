@@ -73,7 +73,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use tower_layer::Layer;
@@ -87,7 +86,7 @@ use credentials::{
 use crate::api_key::ApiKeys;
 #[cfg(feature = "jwt")]
 use crate::jwt::TokenVerifier;
-use crate::rejection::{Challenge, DenialReason, Rejection};
+use crate::rejection::{Challenge, DenialReason, RefusalBody, Rejection};
 use crate::{AuthMethod, ClientIp, ConfigError, Principal, Scopes};
 
 /// The realm of the `WWW-Authenticate` challenge unless another is set.
@@ -483,7 +482,7 @@ fn strip_query(uri: &mut Uri, param: &str) {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Authenticate<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -520,6 +519,7 @@ opaque_response_future! {
 #[cfg(all(test, feature = "api-key"))]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use crate::api_key::{KeyRecord, KeyStore, generate_key};
     use std::convert::Infallible;
     use tower::{ServiceBuilder, ServiceExt};

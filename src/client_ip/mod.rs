@@ -41,13 +41,12 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::header::{FORWARDED, HeaderMap, HeaderName};
 use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::rejection::Rejection;
+use crate::rejection::{RefusalBody, Rejection};
 use crate::{ClientIp, ConfigError, IpSet};
 pub(crate) use parse::{
     MAX_HOPS, Node, parse_forwarded, parse_x_forwarded_for, parse_x_real_ip, walk, walk_depth,
@@ -344,7 +343,7 @@ fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ClientIpService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;

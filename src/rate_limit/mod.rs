@@ -86,7 +86,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -96,7 +96,7 @@ pub use key::KeyContext;
 pub use policy::Policy;
 pub use quota::Quota;
 
-use crate::rejection::{DenialReason, Rejection};
+use crate::rejection::{DenialReason, RefusalBody, Rejection};
 use crate::{ClientIp, ConfigError, Principal};
 use key::KeyRule;
 use local::{LocalStore, MAX_POLICIES, Outcome};
@@ -430,7 +430,7 @@ impl Shared {
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<Bytes>,
+        ResBody: RefusalBody,
     {
         let outcome = match verdict {
             Verdict::Decided(o) => o,
@@ -463,7 +463,7 @@ impl Shared {
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<Bytes>,
+        ResBody: RefusalBody,
     {
         if outcome.allowed {
             return Kind::pass(inner.call(req), fields);
@@ -483,7 +483,7 @@ impl Shared {
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<Bytes>,
+        ResBody: RefusalBody,
     {
         self.audit(&req, &outcome);
         if self.shadow {
@@ -658,7 +658,7 @@ impl<S> RateLimit<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -718,7 +718,7 @@ fn call_shared_backend<S, ReqBody, ResBody>(
 ) -> ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     let shared = &**shared_arc;
     let r = shared.redis.as_ref().expect("checked by the caller");
@@ -806,7 +806,7 @@ where
 impl<S, ReqBody, B> Future for ResponseFuture<S, ReqBody, B>
 where
     S: Service<Request<ReqBody>, Response = Response<B>>,
-    B: From<Bytes>,
+    B: RefusalBody,
 {
     type Output = Result<Response<B>, S::Error>;
 
@@ -839,7 +839,7 @@ fn poll_other<S, ReqBody, B>(
 ) -> Poll<Result<Response<B>, S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<B>>,
-    B: From<Bytes>,
+    B: RefusalBody,
 {
     loop {
         match kind.as_mut().project() {

@@ -135,7 +135,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::ServiceBuilder;
@@ -151,6 +150,7 @@ use crate::authenticate::{Authenticate, AuthenticateLayer};
 use crate::client_ip::PeerAddrLayer;
 use crate::client_ip::{ClientIpLayer, ClientIpService};
 use crate::rate_limit::{RateLimit, RateLimitLayer};
+use crate::rejection::RefusalBody;
 use crate::request_id::{RequestIdLayer, SetRequestId};
 
 mod builder;
@@ -241,7 +241,8 @@ impl<S> Layer<S> for StackLayer {
 /// The service of [`StackLayer`]: request id, access log, client address,
 /// allowlist, failed-authentication throttle, authentication and rate limit around
 /// `S`, each the public layer of its module. Works with any response body that
-/// implements `From<Bytes>` (`http_body_util::Full<Bytes>`, `axum::body::Body`).
+/// meets [`RefusalBody`] (`http_body_util::Full<Bytes>`, `axum::body::Body`,
+/// `tonic::body::Body`).
 ///
 /// The type can be named, e.g. to store the service in a struct:
 ///
@@ -287,7 +288,7 @@ impl<S> fmt::Debug for Stack<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Stack<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
