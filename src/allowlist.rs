@@ -140,7 +140,7 @@ where
                     reason = reason.as_str(),
                     client_ip = ip.map(tracing::field::display),
                 );
-                ResponseFuture::rejected(Rejection::forbidden(reason).into_response())
+                ResponseFuture::rejected(Rejection::forbidden(reason).into_response_to(&req))
             }
         }
     }

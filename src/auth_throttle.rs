@@ -17,7 +17,7 @@ use crate::rate_limit::Quota;
 use crate::rate_limit::key::{KeySource, LocalKey, mask};
 use crate::rate_limit::local::LocalStore;
 use crate::rate_limit::quota::Gcra;
-use crate::rejection::{DenialReason, RefusalBody, Rejection};
+use crate::rejection::{DenialReason, RefusalBody, Rejection, is_grpc_request};
 use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
 
 /// Slows the guessing of credentials per client address, without denying a valid
@@ -304,6 +304,7 @@ impl Shared {
         ip: Option<ClientIp>,
         retry: Duration,
         checked: bool,
+        grpc: bool,
     ) -> Response<B> {
         crate::audit::emit!(
             info,
@@ -313,7 +314,7 @@ impl Shared {
             retry_after = crate::rejection::retry_after_secs(retry),
             credential_checked = checked,
         );
-        Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response()
+        Rejection::too_many_requests(DenialReason::AuthThrottled, retry).render(grpc)
     }
 
     /// The inner response in the lockout mode: the failure counted on arrival stays
@@ -331,8 +332,13 @@ impl Shared {
 
     /// The inner response of a counted address: a wrong credential is counted, or
     /// answered 429 if the address is out of failures; a valid one from a throttled
-    /// address is audited.
-    fn respond<B: RefusalBody>(&self, ip: Option<ClientIp>, res: Response<B>) -> Response<B> {
+    /// address is audited. `grpc` says whether the request was a gRPC call.
+    fn respond<B: RefusalBody>(
+        &self,
+        ip: Option<ClientIp>,
+        grpc: bool,
+        res: Response<B>,
+    ) -> Response<B> {
         if let Some(&reason) = res.extensions().get::<DenialReason>()
             && is_credential_failure(reason)
         {
@@ -340,7 +346,7 @@ impl Shared {
             if outcome.allowed {
                 return res;
             }
-            return self.refusal(ip, Duration::from_nanos(outcome.wait()), true);
+            return self.refusal(ip, Duration::from_nanos(outcome.wait()), true, grpc);
         }
         if let Some(p) = res.extensions().get::<Principal>()
             && p.method() != AuthMethod::Unauthenticated
@@ -426,7 +432,7 @@ where
                 let retry = Duration::from_nanos(outcome.wait());
                 return ResponseFuture {
                     kind: ThrottleKind::Rejected {
-                        response: Some(s.refusal(ip, retry, false)),
+                        response: Some(s.refusal(ip, retry, false, is_grpc_request(&req))),
                     },
                 };
             }
@@ -438,10 +444,12 @@ where
                 },
             };
         }
+        let grpc = is_grpc_request(&req);
         ResponseFuture {
             kind: ThrottleKind::Counted {
                 future: self.inner.call(req),
                 ip,
+                grpc,
                 shared: self.shared.clone(),
             },
         }
@@ -460,7 +468,7 @@ pin_project! {
 pin_project! {
     #[project = ThrottleKindProj]
     enum ThrottleKind<F, B> {
-        Counted { #[pin] future: F, ip: Option<ClientIp>, shared: Arc<Shared> },
+        Counted { #[pin] future: F, ip: Option<ClientIp>, grpc: bool, shared: Arc<Shared> },
         // The lockout mode: a failure was counted when the request arrived.
         Charged { #[pin] future: F, ip: Option<ClientIp>, shared: Arc<Shared> },
         Exempt { #[pin] future: F },
@@ -477,9 +485,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            ThrottleKindProj::Counted { future, ip, shared } => {
-                Poll::Ready(ready!(future.poll(cx)).map(|res| shared.respond(*ip, res)))
-            }
+            ThrottleKindProj::Counted {
+                future,
+                ip,
+                grpc,
+                shared,
+            } => Poll::Ready(ready!(future.poll(cx)).map(|res| shared.respond(*ip, *grpc, res))),
             ThrottleKindProj::Charged { future, ip, shared } => {
                 Poll::Ready(ready!(future.poll(cx)).map(|res| shared.settle(*ip, res)))
             }
@@ -508,8 +519,8 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use crate::rejection::Challenge;
+    use bytes::Bytes;
     use std::convert::Infallible;
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::{AtomicUsize, Ordering};

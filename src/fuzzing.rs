@@ -478,3 +478,33 @@ pub fn stack_config(data: &[u8]) {
         Err(e) => check(e),
     }
 }
+
+/// `grpc_content_type` target. Input: a `Content-Type` value.
+///
+/// Checks, besides "no panic": an accepted value is `application/grpc`, optionally
+/// `+` and a short subtype of token characters, and nothing longer; and a `POST`
+/// carrying the value is a gRPC call exactly when the value is accepted.
+pub fn grpc_content_type(data: &[u8]) {
+    use crate::rejection::{is_grpc_content_type, is_grpc_request};
+
+    let accepted = is_grpc_content_type(data);
+    if accepted {
+        let (base, rest) = data.split_at(16);
+        assert!(base.eq_ignore_ascii_case(b"application/grpc"));
+        if let Some((&plus, sub)) = rest.split_first() {
+            assert_eq!(plus, b'+');
+            assert!((1..=32).contains(&sub.len()));
+            assert!(
+                sub.iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            );
+        }
+    }
+    if let Ok(v) = http::HeaderValue::from_bytes(data) {
+        let req = http::Request::post("/s/m")
+            .header(http::header::CONTENT_TYPE, v)
+            .body(())
+            .expect("valid request");
+        assert_eq!(is_grpc_request(&req), accepted);
+    }
+}

@@ -200,7 +200,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.policy.check(req.extensions()) {
             Ok(_) => ResponseFuture::inner(self.inner.call(req)),
-            Err(rejection) => ResponseFuture::rejected(rejection.into_response()),
+            Err(rejection) => ResponseFuture::rejected(rejection.into_response_to(&req)),
         }
     }
 }
@@ -254,8 +254,8 @@ opaque_response_future! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use crate::AuthMethod;
+    use bytes::Bytes;
     use std::convert::Infallible;
     use tower::{ServiceBuilder, ServiceExt};
 

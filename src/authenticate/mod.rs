@@ -505,7 +505,9 @@ where
                 req.extensions_mut().insert(principal.clone());
                 ResponseFuture::inner_with(self.inner.call(req), Some(principal))
             }
-            Err(reason) => ResponseFuture::rejected(self.config.rejection(reason).into_response()),
+            Err(reason) => {
+                ResponseFuture::rejected(self.config.rejection(reason).into_response_to(&req))
+            }
         }
     }
 }
@@ -519,8 +521,8 @@ opaque_response_future! {
 #[cfg(all(test, feature = "api-key"))]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use crate::api_key::{KeyRecord, KeyStore, generate_key};
+    use bytes::Bytes;
     use std::convert::Infallible;
     use tower::{ServiceBuilder, ServiceExt};
 

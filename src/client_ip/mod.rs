@@ -356,7 +356,9 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         match resolve(&self.config, &mut req) {
             Ok(ip) => ResponseFuture::inner_with(self.inner.call(req), ip),
-            Err(NoPeer) => ResponseFuture::rejected(Rejection::misconfigured().into_response()),
+            Err(NoPeer) => {
+                ResponseFuture::rejected(Rejection::misconfigured().into_response_to(&req))
+            }
         }
     }
 }

@@ -443,7 +443,7 @@ impl Shared {
                 return Kind::Other {
                     state: Box::new(Other::Rejected(Some(
                         Rejection::unavailable(DenialReason::BackendUnavailable, Some(retry))
-                            .into_response(),
+                            .into_response_to(&req),
                     ))),
                 };
             }
@@ -510,7 +510,7 @@ impl Shared {
             }
         }
         Kind::Other {
-            state: Box::new(Other::Rejected(Some(rejection.into_response()))),
+            state: Box::new(Other::Rejected(Some(rejection.into_response_to(&req)))),
         }
     }
 

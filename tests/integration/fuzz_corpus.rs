@@ -50,3 +50,8 @@ fn query_redaction_corpus() {
 fn stack_config_corpus() {
     replay("stack_config", portcullis::fuzzing::stack_config);
 }
+
+#[test]
+fn grpc_content_type_corpus() {
+    replay("grpc_content_type", portcullis::fuzzing::grpc_content_type);
+}
