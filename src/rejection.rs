@@ -57,9 +57,9 @@
 //! bound ([`RefusalBody`]). The problem document is written into the body types
 //! that can carry bytes and are known here: `http_body_util::Full<Bytes>`,
 //! `http_body_util::combinators::{BoxBody, UnsyncBoxBody}<Bytes, BoxError>`,
-//! `axum::body::Body` (feature `axum`), [`Bytes`], `Vec<u8>` and `String`. Any other
-//! body type (tonic's among them) gets an empty body, with the same status and
-//! headers but no `Content-Type`. The status and headers carry the whole refusal
+//! `axum::body::Body` (feature `axum`), `tonic::body::Body` (feature `tonic`),
+//! [`Bytes`], `Vec<u8>` and `String`. Any other body type gets an empty body, with
+//! the same status and headers but no `Content-Type`. The status and headers carry the whole refusal
 //! either way; the document only repeats the class in words.
 //!
 //! ```
@@ -526,27 +526,34 @@ fn problem_body<B: RefusalBody>(doc: &'static str) -> (B, bool) {
     use http_body_util::Full;
     use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 
-    let bytes = Bytes::from_static(doc.as_bytes());
-    let mut slot: Option<B> = None;
-    let any: &mut dyn Any = &mut slot;
-    if let Some(s) = any.downcast_mut::<Option<Full<Bytes>>>() {
-        *s = Some(Full::new(bytes));
-    } else if let Some(s) = any.downcast_mut::<Option<Bytes>>() {
-        *s = Some(bytes);
-    } else if let Some(s) = any.downcast_mut::<Option<Vec<u8>>>() {
-        *s = Some(bytes.to_vec());
-    } else if let Some(s) = any.downcast_mut::<Option<String>>() {
-        *s = Some(doc.to_owned());
-    } else if let Some(s) = any.downcast_mut::<Option<BoxBody<Bytes, BoxError>>>() {
-        *s = Some(Full::new(bytes).map_err(|e| match e {}).boxed());
-    } else if let Some(s) = any.downcast_mut::<Option<UnsyncBoxBody<Bytes, BoxError>>>() {
-        *s = Some(Full::new(bytes).map_err(|e| match e {}).boxed_unsync());
-    } else {
-        #[cfg(feature = "axum")]
-        if let Some(s) = any.downcast_mut::<Option<axum::body::Body>>() {
-            *s = Some(axum::body::Body::from(bytes));
+    /// Writes `make()` into `slot` if `slot` is an `Option<T>`.
+    fn fill<T: 'static>(slot: &mut dyn Any, make: impl FnOnce() -> T) -> bool {
+        match slot.downcast_mut::<Option<T>>() {
+            Some(s) => {
+                *s = Some(make());
+                true
+            }
+            None => false,
         }
     }
+
+    let bytes = || Bytes::from_static(doc.as_bytes());
+    let mut slot: Option<B> = None;
+    let any: &mut dyn Any = &mut slot;
+    let _written = fill(any, || Full::new(bytes()))
+        || fill(any, bytes)
+        || fill(any, || doc.as_bytes().to_vec())
+        || fill(any, || doc.to_owned())
+        || fill::<BoxBody<Bytes, BoxError>>(any, || {
+            Full::new(bytes()).map_err(|e| match e {}).boxed()
+        })
+        || fill::<UnsyncBoxBody<Bytes, BoxError>>(any, || {
+            Full::new(bytes()).map_err(|e| match e {}).boxed_unsync()
+        });
+    #[cfg(feature = "axum")]
+    let _written = _written || fill(any, || axum::body::Body::from(bytes()));
+    #[cfg(feature = "tonic")]
+    let _written = _written || fill(any, || tonic::body::Body::new(Full::new(bytes())));
     match slot {
         Some(body) => (body, true),
         None => (B::default(), false),

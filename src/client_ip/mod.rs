@@ -10,7 +10,8 @@
 //!
 //! Plain hyper has no peer address in the request: wrap each connection's service in
 //! [`PeerAddrLayer`]. With the `axum` feature, axum's `ConnectInfo<SocketAddr>` (from
-//! `into_make_service_with_connect_info`) is accepted too. A request with neither is
+//! `into_make_service_with_connect_info`) is accepted too, and with the `tonic`
+//! feature the `TcpConnectInfo` tonic's server attaches. A request with none is
 //! a wiring bug: it is answered with 500 and logged at error level, never resolved to
 //! a made-up address.
 //!
@@ -325,7 +326,8 @@ impl<S> ClientIpService<S> {
     define_inner_service_accessors!();
 }
 
-/// The peer address of a request: [`PeerAddr`], else axum's `ConnectInfo`.
+/// The peer address of a request: [`PeerAddr`], else axum's `ConnectInfo`, else
+/// tonic's `TcpConnectInfo`.
 fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
     if let Some(p) = req.extensions().get::<PeerAddr>() {
         return Some(p.0);
@@ -336,6 +338,14 @@ fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
     {
         return Some(c.0);
+    }
+    #[cfg(feature = "tonic")]
+    if let Some(addr) = req
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|c| c.remote_addr())
+    {
+        return Some(addr);
     }
     None
 }
@@ -376,6 +386,12 @@ const NO_PEER_REMEDY: &str = "requests have no peer address, so every one is ans
     with plain hyper, wrap each connection's service in `PeerAddrLayer`; with axum, enable \
     portcullis's `axum` feature (it reads axum's ConnectInfo) and serve with \
     `into_make_service_with_connect_info::<SocketAddr>()`";
+#[cfg(feature = "tonic")]
+const NO_PEER_TONIC: &str = "; tonic's server attaches its TcpConnectInfo only when it accepts \
+    the connections itself (`serve`, or `serve_with_incoming` over a TcpIncoming)";
+#[cfg(not(feature = "tonic"))]
+const NO_PEER_TONIC: &str = "; with tonic, enable portcullis's `tonic` feature (it reads \
+    tonic's TcpConnectInfo)";
 
 /// The layer's request-side work, in place: resolves the client address and inserts
 /// it into the request extensions. Returns the address (also for the response
@@ -389,7 +405,7 @@ fn resolve<ReqBody>(
         // A wiring mistake repeats on every request: said once, with its remedy.
         static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::error!(target: "portcullis::client_ip", "{NO_PEER_REMEDY}");
+            tracing::error!(target: "portcullis::client_ip", "{NO_PEER_REMEDY}{NO_PEER_TONIC}");
         }
         return Err(NoPeer);
     };
