@@ -116,6 +116,9 @@ pub enum DenialReason {
     InvalidToken,
     /// The principal lacks a required scope.
     InsufficientScope,
+    /// The principal authenticated by a method the route does not accept (e.g. an
+    /// API key on a route for service tokens only).
+    AuthMethodNotAllowed,
     /// The client address is outside the allowlist or inside the deny list.
     IpDenied,
     /// No client address could be resolved (e.g. an obfuscated forwarded entry).
@@ -144,6 +147,7 @@ impl DenialReason {
             DenialReason::RevokedKey => "revoked_key",
             DenialReason::InvalidToken => "invalid_token",
             DenialReason::InsufficientScope => "insufficient_scope",
+            DenialReason::AuthMethodNotAllowed => "auth_method_not_allowed",
             DenialReason::IpDenied => "ip_denied",
             DenialReason::NoClientIp => "no_client_ip",
             DenialReason::RateLimited => "rate_limited",
