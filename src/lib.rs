@@ -89,7 +89,9 @@
 //! - `redact` (default): [`redact`], the redactor the access log uses.
 //! - `redact-writer`: [`RedactingMakeWriter`](redact::RedactingMakeWriter), a
 //!   `tracing-subscriber` writer that scrubs every formatted event.
-//! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
+//! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address;
+//!   [`extract`]: [`Principal`], [`ClientIp`] and verified tokens as handler arguments.
+//! - `tonic`: accept the `TcpConnectInfo` tonic's server attaches as the peer address.
 //! - `stack` (default): [`stack`], the whole stack as one layer ([`StackLayer`](stack::StackLayer)).
 //!
 //! ## The public API
@@ -176,6 +178,9 @@ pub mod redact;
 
 #[cfg(feature = "stack")]
 pub mod stack;
+
+#[cfg(feature = "axum")]
+pub mod extract;
 
 #[doc = include_str!("../SECURITY.md")]
 pub mod threat_model {}

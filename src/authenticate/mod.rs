@@ -2,7 +2,8 @@
 //!
 //! [`AuthenticateLayer`] reads the request's one credential, verifies it, and on
 //! success inserts the [`Principal`] into the request extensions (and a copy into the
-//! response extensions, for the access log outside it). Parsing is separate from
+//! response extensions, for the access log outside it); for a service token it also
+//! inserts its claims, an `Arc<VerifiedToken>` (feature `jwt`). Parsing is separate from
 //! verification: the extraction is a set of crate-private, fuzzed and
 //! property-tested functions over header bytes; the layer only decides.
 //!
@@ -141,7 +142,7 @@ impl Verifiers {
     }
 
     #[allow(unused_variables)]
-    fn verify(&self, credential: &Credential<'_>) -> Result<Principal, Failure> {
+    fn verify(&self, credential: &Credential<'_>) -> Result<Proof, Failure> {
         // A Bearer credential shaped like a JWT goes to the service-token verifier
         // (every Bearer credential, when no API keys are configured). The verifier
         // audits the failure's class (`service_token_rejected`); the client and the
@@ -153,7 +154,11 @@ impl Verifiers {
                 && (!self.has_api_keys() || crate::jwt::looks_like_jwt(secret))
             {
                 return tokens
-                    .verify(secret)
+                    .verify_token(secret)
+                    .map(|t| Proof {
+                        principal: t.principal().clone(),
+                        token: Some(t),
+                    })
                     .map_err(|_| Failure::new(DenialReason::InvalidToken));
             }
         }
@@ -161,12 +166,32 @@ impl Verifiers {
         if let Some(keys) = &self.api_keys {
             return keys
                 .verify(credential.expose_secret())
+                .map(Proof::new)
                 .map_err(|e| Failure {
                     reason: e.reason(),
                     key_id: e.key_id().map(Arc::from),
                 });
         }
         Err(Failure::new(DenialReason::InvalidToken))
+    }
+}
+
+/// What a verified credential proved: who, and for a service token its claims
+/// (inserted into the request extensions beside the principal).
+struct Proof {
+    principal: Principal,
+    #[cfg(feature = "jwt")]
+    token: Option<Arc<crate::jwt::VerifiedToken>>,
+}
+
+impl Proof {
+    #[allow(dead_code)] // a build without API keys proves only service tokens
+    fn new(principal: Principal) -> Self {
+        Self {
+            principal,
+            #[cfg(feature = "jwt")]
+            token: None,
+        }
     }
 }
 
@@ -373,7 +398,7 @@ impl Config {
         headers: &HeaderMap,
         uri: &Uri,
         client_ip: Option<ClientIp>,
-    ) -> Result<(Principal, CredentialSource), DenialReason> {
+    ) -> Result<(Proof, CredentialSource), DenialReason> {
         let query_param = self.query_param.as_deref();
         let refuse = |failure: Failure| {
             crate::audit::emit!(
@@ -397,7 +422,8 @@ impl Config {
             }
             Err(_) => return Err(refuse(Failure::new(DenialReason::MalformedCredential))),
         };
-        let principal = self.verifiers.verify(&credential).map_err(refuse)?;
+        let proof = self.verifiers.verify(&credential).map_err(refuse)?;
+        let principal = &proof.principal;
         crate::audit::emit!(
             info,
             AuthSucceeded,
@@ -405,7 +431,7 @@ impl Config {
             method = principal.method().as_str(),
             client_ip = client_ip.map(tracing::field::display),
         );
-        Ok((principal, credential.source()))
+        Ok((proof, credential.source()))
     }
 
     /// The response for a refusal: the class is all the client learns.
@@ -500,8 +526,13 @@ where
         }
         let client_ip = req.extensions().get::<ClientIp>().copied();
         match config.authenticate(req.headers(), req.uri(), client_ip) {
-            Ok((principal, source)) => {
+            Ok((proof, source)) => {
                 config.hide(&mut req, source);
+                #[cfg(feature = "jwt")]
+                if let Some(token) = proof.token {
+                    req.extensions_mut().insert(token);
+                }
+                let principal = proof.principal;
                 req.extensions_mut().insert(principal.clone());
                 ResponseFuture::inner_with(self.inner.call(req), Some(principal))
             }

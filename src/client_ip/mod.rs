@@ -376,6 +376,11 @@ where
 /// A request without a peer address: a wiring bug, answered with 500.
 struct NoPeer;
 
+/// In the request extensions when the layer ran and resolved no address (a trusted
+/// proxy reported none usable), so that a handler can tell this from a missing layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Unresolved;
+
 /// What a request without a peer address means and how to fix it (logged once).
 #[cfg(feature = "axum")]
 const NO_PEER_REMEDY: &str = "requests have no peer address, so every one is answered 500: \
@@ -414,10 +419,13 @@ fn resolve<ReqBody>(
         Some(ip) => {
             req.extensions_mut().insert(ip);
         }
-        None => tracing::debug!(
-            target: "portcullis::client_ip",
-            "a trusted proxy reported no usable client address; request has no ClientIp"
-        ),
+        None => {
+            tracing::debug!(
+                target: "portcullis::client_ip",
+                "a trusted proxy reported no usable client address; request has no ClientIp"
+            );
+            req.extensions_mut().insert(Unresolved);
+        }
     }
     Ok(ip)
 }

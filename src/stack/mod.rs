@@ -285,6 +285,35 @@ impl<S> fmt::Debug for Stack<S> {
     }
 }
 
+#[cfg(feature = "axum")]
+impl<S> Stack<S> {
+    /// The make-service `axum::serve` takes, attaching each connection's peer
+    /// address (axum's `ConnectInfo<SocketAddr>`, which the stack reads): what
+    /// `Router::into_make_service_with_connect_info` is for a router the stack is
+    /// layered on, for the stack wrapped around a router (`stack.layer(router)`).
+    /// Without it the request type would have to be named (axum's `ServiceExt` is
+    /// generic over it), and without connect info every request is answered 500.
+    ///
+    /// ```no_run
+    /// # async fn run(stack: portcullis::stack::StackLayer) -> std::io::Result<()> {
+    /// use axum::{Router, routing::get};
+    /// use tower::Layer;
+    ///
+    /// let router = Router::new().route("/", get(|| async { "ok" }));
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+    /// axum::serve(listener, stack.layer(router).into_make_service_with_connect_info()).await
+    /// # }
+    /// ```
+    pub fn into_make_service_with_connect_info(
+        self,
+    ) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Self, std::net::SocketAddr>
+    where
+        Self: Service<axum::extract::Request>,
+    {
+        axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info(self)
+    }
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Stack<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,

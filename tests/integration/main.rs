@@ -13,6 +13,8 @@ mod api_key_properties;
 mod auth_throttle;
 #[cfg(all(feature = "api-key", feature = "client-ip"))]
 mod authenticate;
+#[cfg(all(feature = "axum", feature = "stack"))]
+mod axum;
 #[cfg(feature = "client-ip")]
 mod client_ip;
 mod fuzz_corpus;
