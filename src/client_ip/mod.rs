@@ -8,6 +8,12 @@
 //! no [`ClientIp`] (the allowlist then denies it), because everything to the left of
 //! such an entry could have been written by anyone.
 //!
+//! Behind a CDN that writes one client address per request (`CF-Connecting-IP`,
+//! `True-Client-IP`, `Fly-Client-IP`, `Fastly-Client-IP`), choose that header with
+//! [`ClientIpConfig::header`] and list the CDN's edge networks as the trusted
+//! proxies: the header is read only from those peers, parsed as strictly as one
+//! `X-Forwarded-For` entry, and two instances resolve to no address.
+//!
 //! Plain hyper has no peer address in the request: wrap each connection's service in
 //! [`PeerAddrLayer`]. With the `axum` feature, axum's `ConnectInfo<SocketAddr>` (from
 //! `into_make_service_with_connect_info`) is accepted too, and with the `tonic`
@@ -50,7 +56,7 @@ use tower_service::Service;
 use crate::rejection::{RefusalBody, Rejection};
 use crate::{ClientIp, ConfigError, IpSet};
 pub(crate) use parse::{
-    MAX_HOPS, Node, parse_forwarded, parse_x_forwarded_for, parse_x_real_ip, walk, walk_depth,
+    MAX_HOPS, Node, parse_forwarded, parse_single_address, parse_x_forwarded_for, walk, walk_depth,
 };
 
 /// The TCP peer of the connection, in the request extensions.
@@ -72,10 +78,43 @@ pub enum ForwardedHeader {
     /// `X-Real-IP: client`: one address set by the nearest proxy. Several instances
     /// are ambiguous and resolve to nothing.
     XRealIp,
+    /// `CF-Connecting-IP: client`, set by Cloudflare's edge. A single-value header,
+    /// read as `X-Real-IP` is: only from a trusted peer (list the CDN's edge
+    /// networks as the trusted proxies), one address, several instances resolve to
+    /// nothing.
+    CfConnectingIp,
+    /// `True-Client-IP: client` (Cloudflare Enterprise, Akamai), single-value as
+    /// [`CfConnectingIp`](Self::CfConnectingIp).
+    TrueClientIp,
+    /// `Fly-Client-IP: client`, set by Fly.io's proxy, single-value as
+    /// [`CfConnectingIp`](Self::CfConnectingIp).
+    FlyClientIp,
+    /// `Fastly-Client-IP: client`, set by Fastly, single-value as
+    /// [`CfConnectingIp`](Self::CfConnectingIp). Fastly lets a client send it too:
+    /// the edge must be configured to overwrite it.
+    FastlyClientIp,
+}
+
+impl ForwardedHeader {
+    /// The single-value headers, each with its name: one address per request.
+    pub(crate) fn single_value_name(self) -> Option<&'static HeaderName> {
+        match self {
+            ForwardedHeader::XForwardedFor | ForwardedHeader::Forwarded => None,
+            ForwardedHeader::XRealIp => Some(&X_REAL_IP),
+            ForwardedHeader::CfConnectingIp => Some(&CF_CONNECTING_IP),
+            ForwardedHeader::TrueClientIp => Some(&TRUE_CLIENT_IP),
+            ForwardedHeader::FlyClientIp => Some(&FLY_CLIENT_IP),
+            ForwardedHeader::FastlyClientIp => Some(&FASTLY_CLIENT_IP),
+        }
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static CF_CONNECTING_IP: HeaderName = HeaderName::from_static("cf-connecting-ip");
+static TRUE_CLIENT_IP: HeaderName = HeaderName::from_static("true-client-ip");
+static FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client-ip");
+static FASTLY_CLIENT_IP: HeaderName = HeaderName::from_static("fastly-client-ip");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -185,10 +224,13 @@ impl ClientIpConfig {
                 });
                 self.pick(peer, nodes, is_trusted)
             }
-            ForwardedHeader::XRealIp => {
-                let mut values = headers.get_all(&X_REAL_IP).iter();
+            single => {
+                let name = single
+                    .single_value_name()
+                    .expect("the other headers are lists");
+                let mut values = headers.get_all(name).iter();
                 match (values.next(), values.next()) {
-                    (Some(v), None) => match parse_x_real_ip(v.as_bytes()) {
+                    (Some(v), None) => match parse_single_address(v.as_bytes()) {
                         Node::Ip(ip) => Some(ip),
                         _ => None,
                     },

@@ -92,7 +92,7 @@
 //! | variable | meaning | example |
 //! |---|---|---|
 //! | `PORTCULLIS_TRUSTED_PROXIES` | CIDRs of the proxies whose forwarding header is read | `10.0.0.0/8, fd00::/8` |
-//! | `PORTCULLIS_FORWARDED_HEADER` | which header they write: `x-forwarded-for` (default), `forwarded`, `x-real-ip` | `forwarded` |
+//! | `PORTCULLIS_FORWARDED_HEADER` | which header they write: `x-forwarded-for` (default), `forwarded`, `x-real-ip`, or a CDN's `cf-connecting-ip`, `true-client-ip`, `fly-client-ip`, `fastly-client-ip` | `cf-connecting-ip` |
 //! | `PORTCULLIS_ALLOWLIST` | only these CIDRs get in (403 otherwise) | `10.0.0.0/8` |
 //! | `PORTCULLIS_DENYLIST` | these CIDRs never get in (wins over the allow list) | `10.9.0.0/16` |
 //! | `PORTCULLIS_KEY_FILE` | TOML key file (digests only), reloaded when it changes | `/etc/svc/keys.toml` |
