@@ -189,7 +189,8 @@ pub use error::ConfigError;
 pub use ip::{ClientIp, IpSet};
 pub use principal::{AuthMethod, Principal, Scopes};
 
-/// The README's examples are compiled and run as doc tests.
-#[cfg(doctest)]
+/// The README's examples are compiled and run as doc tests (they use the stack and
+/// the axum extractors).
+#[cfg(all(doctest, feature = "stack", feature = "axum"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
