@@ -6,7 +6,7 @@
 //! | argument | from | when it is absent |
 //! |---|---|---|
 //! | [`Principal`] | [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer) (or the stack) | 500: the layer is not mounted in front of the route |
-//! | [`ClientIp`] | [`ClientIpLayer`](crate::client_ip::ClientIpLayer) (or the stack) | 403 when a trusted proxy reported no usable address; 500 when the layer is not mounted |
+//! | [`ClientIp`](crate::ClientIp) | [`ClientIpLayer`](crate::client_ip::ClientIpLayer) (or the stack) | 403 when a trusted proxy reported no usable address; 500 when the layer is not mounted |
 //! | `Option<ClientIp>` | the same | `None` when a trusted proxy reported no usable address; 500 when the layer is not mounted |
 //! | `VerifiedToken` (feature `jwt`) | the authentication layer, for a service token | 403 when the caller used another credential; 500 when the layer is not mounted |
 //! | `Option<VerifiedToken>` (feature `jwt`) | the same | `None` for another credential; 500 when the layer is not mounted |

@@ -603,7 +603,7 @@ pub(crate) fn is_grpc_content_type(value: &[u8]) -> bool {
 
 /// Milliseconds, rounded up, never 0 (as `Retry-After`, a 0 invites a tight loop).
 fn retry_pushback_ms(d: Duration) -> u64 {
-    let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 > 0);
+    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
     u64::try_from(ms).unwrap_or(u64::MAX).max(1)
 }
 

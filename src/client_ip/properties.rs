@@ -204,7 +204,7 @@ proptest! {
 /// One address as a proxy writes it: v4, v6, mapped, with a port, bracketed.
 fn well_formed_single() -> impl Strategy<Value = String> {
     let ip = prop_oneof![
-        any::<[u8; 4]>().prop_map(|b| IpAddr::from(b)),
+        any::<[u8; 4]>().prop_map(IpAddr::from),
         any::<[u16; 8]>().prop_map(|s| IpAddr::from(std::net::Ipv6Addr::from(s))),
         any::<[u8; 4]>().prop_map(|b| IpAddr::V6(std::net::Ipv4Addr::from(b).to_ipv6_mapped())),
     ];

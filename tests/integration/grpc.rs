@@ -27,6 +27,8 @@ use tonic::transport::{Endpoint, Server};
 use tonic::{Code, Status};
 use tower::Service;
 
+use crate::log_capture::capture;
+
 /// Messages are raw bytes: no protobuf, no code generation.
 #[derive(Clone, Copy, Debug, Default)]
 struct RawCodec;
@@ -170,6 +172,7 @@ async fn a_valid_key_passes_and_the_handler_sees_the_principal() {
 
 #[tokio::test]
 async fn missing_and_wrong_credentials_are_unauthenticated() {
+    capture();
     let (keys, _) = key_store("\"jobs:read\"");
     let addr = serve(StackLayer::builder().api_keys(keys).build().unwrap(), None).await;
     let r = call(addr, &[("x-test", "none-sent")]).await;
@@ -182,6 +185,10 @@ async fn missing_and_wrong_credentials_are_unauthenticated() {
         "unauthenticated",
         wrong.expose_secret(),
     );
+    // The refusal was audited, and the key is nowhere in the logs.
+    let text = capture().text();
+    assert!(text.contains("auth_failed"));
+    assert!(!text.contains(wrong.expose_secret()));
 }
 
 #[tokio::test]
