@@ -1,7 +1,7 @@
 //! The stack in front of a real tonic server, called by a real tonic client over TCP
 //! (HTTP/2, a hand-written codec: no protobuf compiler). Every refusal class comes
 //! back as a trailers-only gRPC response with its `grpc-status` and a generic
-//! message; a request that is not a gRPC call gets the HTTP refusal even from a
+//! message (a server wired without a peer address, INTERNAL); a request that is not a gRPC call gets the HTTP refusal even from a
 //! tonic server.
 
 use std::convert::Infallible;
@@ -348,6 +348,34 @@ async fn a_fail_closed_backend_that_is_down_is_unavailable() {
     let r = call(addr, &[("x-api-key", key.expose_secret())]).await;
     let status = assert_refused(r, Code::Unavailable, "unavailable", key.expose_secret());
     assert!(status.metadata().get("grpc-retry-pushback-ms").is_some());
+}
+
+#[tokio::test]
+async fn a_server_that_attaches_no_peer_address_is_internal() {
+    // tonic's routes served by plain hyper over HTTP/2 without `PeerAddrLayer`: a
+    // wiring mistake, answered INTERNAL, not a made-up client address.
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::service::TowerToHyperService;
+    use tower::Layer;
+
+    let (keys, key) = key_store("\"jobs:read\"");
+    let stack = StackLayer::builder().api_keys(keys).build().unwrap();
+    let service = stack.layer(tonic::service::Routes::new(Echo));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(service.clone()),
+                );
+            tokio::spawn(conn);
+        }
+    });
+    let r = call(addr, &[("x-api-key", key.expose_secret())]).await;
+    assert_refused(r, Code::Internal, "internal", key.expose_secret());
 }
 
 /// A raw HTTP/1.1 `POST` with `content_type`: status, headers, body.
