@@ -59,8 +59,8 @@
 //! `http_body_util::combinators::{BoxBody, UnsyncBoxBody}<Bytes, BoxError>`,
 //! `axum::body::Body` (feature `axum`), `tonic::body::Body` (feature `tonic`),
 //! [`Bytes`], `Vec<u8>` and `String`. Any other body type gets an empty body, with
-//! the same status and headers but no `Content-Type`. The status and headers carry the whole refusal
-//! either way; the document only repeats the class in words.
+//! the same status and headers but no `Content-Type`: the status and headers carry
+//! the whole refusal either way, the document only repeats the class in words.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -75,11 +75,10 @@
 //! assert_eq!(res.extensions().get::<DenialReason>(), Some(&DenialReason::ExpiredKey));
 //! ```
 
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::any::Any;
 
 use bytes::Bytes;
 use http::header::{
@@ -544,7 +543,7 @@ fn problem_body<B: RefusalBody>(doc: &'static str) -> (B, bool) {
     let bytes = || Bytes::from_static(doc.as_bytes());
     let mut slot: Option<B> = None;
     let any: &mut dyn Any = &mut slot;
-    let _written = fill(any, || Full::new(bytes()))
+    let filled = fill(any, || Full::new(bytes()))
         || fill(any, bytes)
         || fill(any, || doc.as_bytes().to_vec())
         || fill(any, || doc.to_owned())
@@ -555,9 +554,10 @@ fn problem_body<B: RefusalBody>(doc: &'static str) -> (B, bool) {
             Full::new(bytes()).map_err(|e| match e {}).boxed_unsync()
         });
     #[cfg(feature = "axum")]
-    let _written = _written || fill(any, || axum::body::Body::from(bytes()));
+    let filled = filled || fill(any, || axum::body::Body::from(bytes()));
     #[cfg(feature = "tonic")]
-    let _written = _written || fill(any, || tonic::body::Body::new(Full::new(bytes())));
+    let filled = filled || fill(any, || tonic::body::Body::new(Full::new(bytes())));
+    debug_assert_eq!(filled, slot.is_some());
     match slot {
         Some(body) => (body, true),
         None => (B::default(), false),
@@ -706,6 +706,49 @@ mod tests {
             assert!(b.contains(&format!("\"status\":{}", class.status().as_u16())));
             assert!(b.ends_with("\"}"));
         }
+    }
+
+    /// The body bytes and content type of a 403 built in body type `B`.
+    async fn refusal_in<B>() -> (Bytes, Option<HeaderValue>)
+    where
+        B: RefusalBody + http_body::Body,
+        B::Error: fmt::Debug,
+    {
+        use http_body_util::BodyExt;
+        let res: Response<B> = Rejection::forbidden(DenialReason::IpDenied).into_response();
+        let ct = res.headers().get(CONTENT_TYPE).cloned();
+        (res.into_body().collect().await.unwrap().to_bytes(), ct)
+    }
+
+    #[tokio::test]
+    async fn every_known_body_type_carries_the_document_and_others_are_empty() {
+        use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
+        use http_body_util::{Empty, Full};
+        let doc = Bytes::from_static(Class::Forbidden.body().as_bytes());
+        let problem = Some(HeaderValue::from_static("application/problem+json"));
+        let expected = (doc.clone(), problem);
+        assert_eq!(refusal_in::<Full<Bytes>>().await, expected);
+        assert_eq!(refusal_in::<BoxBody<Bytes, BoxError>>().await, expected);
+        assert_eq!(
+            refusal_in::<UnsyncBoxBody<Bytes, BoxError>>().await,
+            expected
+        );
+        #[cfg(feature = "axum")]
+        assert_eq!(refusal_in::<axum::body::Body>().await, expected);
+        #[cfg(feature = "tonic")]
+        assert_eq!(refusal_in::<tonic::body::Body>().await, expected);
+        assert_eq!(refusal_in::<String>().await, expected);
+        let bytes: Response<Bytes> = Rejection::forbidden(DenialReason::IpDenied).into_response();
+        assert_eq!(bytes.body(), &doc);
+        let vec: Response<Vec<u8>> = Rejection::forbidden(DenialReason::IpDenied).into_response();
+        assert_eq!(vec.body(), &doc);
+        // A body this module does not know: empty, no Content-Type, same status.
+        assert_eq!(refusal_in::<Empty<Bytes>>().await, (Bytes::new(), None));
+        // A Full of another buffer type is another type.
+        assert_eq!(
+            refusal_in::<Full<std::collections::VecDeque<u8>>>().await,
+            (Bytes::new(), None)
+        );
     }
 
     fn grpc_request(content_type: &str) -> Request<()> {
