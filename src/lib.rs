@@ -14,14 +14,14 @@
 //! | [`ClientIpLayer`](client_ip::ClientIpLayer) | [`client_ip`] | resolve the real client address once: the TCP peer, or a forwarded header when the peer is a trusted proxy |
 //! | [`IpAllowlistLayer`](allowlist::IpAllowlistLayer) | [`allowlist`] | 403 unless the client address is inside the allowed CIDRs |
 //! | [`AuthenticateLayer`](authenticate::AuthenticateLayer) | [`authenticate`], [`api_key`] | verify the request's API key and insert its [`Principal`], else 401 (400 for a malformed credential) |
-//! | [`RequireScopeLayer`](scope::RequireScopeLayer) | [`scope`] | per route: 403 `insufficient_scope` unless the [`Principal`] holds the scopes |
+//! | [`RequireScopeLayer`](scope::RequireScopeLayer) | [`scope`] | per route: 403 `insufficient_scope` unless the [`Principal`] holds the scopes (and, where named, authenticated by an accepted method) |
 //! | `TokenVerifier` / `BearerTokenLayer` (feature `jwt`) | `jwt` | verify service tokens (JWT) into a [`Principal`]; mint and attach them on outgoing requests |
 //! | [`AuthThrottleLayer`](auth_throttle::AuthThrottleLayer) | [`auth_throttle`] | 429 to wrong credentials from a client address after too many failed authentications; valid credentials still pass (a lockout mode refuses before verification) |
 //! | [`RateLimitLayer`](rate_limit::RateLimitLayer) | [`rate_limit`] | per-principal (else per-address) quotas: 429 with `Retry-After` and the IETF `RateLimit` fields; in memory or shared through Redis |
 //! | [`StackLayer`](stack::StackLayer) | [`stack`] | all of the above in this order as one layer, from code or `PORTCULLIS_*` environment variables; refuses to build without credentials |
 //!
 //! Layers talk to each other through request extensions: [`ClientIp`] and
-//! [`Principal`]. Every refusal is built by one module, [`rejection`], so every layer
+//! [`Principal`]. A gRPC call is refused the gRPC way (see [`rejection`]). Every refusal is built by one module, [`rejection`], so every layer
 //! answers in the same shape.
 //!
 //! ## Example
