@@ -93,9 +93,11 @@ events! {
     IpDenied => "ip_denied",
     /// `INFO` (`ERROR` when misconfigured),
     /// [`RequireScopeLayer`](crate::scope::RequireScopeLayer): the principal lacks a
-    /// required scope. Fields: `reason` (`insufficient_scope`; `missing_credential`
-    /// when no authentication layer ran; `misconfigured`), `principal`, `method`,
-    /// `scope` (the required scopes), `client_ip`.
+    /// required scope or authenticated by a method the route does not accept.
+    /// Fields: `reason` (`insufficient_scope`; `auth_method_not_allowed`;
+    /// `missing_credential` when no authentication layer ran; `misconfigured`),
+    /// `principal`, `method`, `scope` (the required scopes), `allowed_methods` (with
+    /// `auth_method_not_allowed`), `client_ip`.
     ScopeDenied => "scope_denied",
     /// `INFO`, [`RateLimitLayer`](crate::rate_limit::RateLimitLayer): a request
     /// exceeded its quota (also in shadow mode, where it was let through). Fields:

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -18,7 +17,7 @@ use crate::rate_limit::Quota;
 use crate::rate_limit::key::{KeySource, LocalKey, mask};
 use crate::rate_limit::local::LocalStore;
 use crate::rate_limit::quota::Gcra;
-use crate::rejection::{DenialReason, Rejection};
+use crate::rejection::{DenialReason, RefusalBody, Rejection, is_grpc_request};
 use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
 
 #[cfg(feature = "redis")]
@@ -364,11 +363,12 @@ impl Shared {
 
     /// The 429 for a throttled address, audited; `checked` says whether its
     /// credential was verified (and found wrong) first.
-    fn refusal<B: From<Bytes>>(
+    fn refusal<B: RefusalBody>(
         &self,
         ip: Option<ClientIp>,
         retry: Duration,
         checked: bool,
+        grpc: bool,
     ) -> Response<B> {
         crate::audit::emit!(
             info,
@@ -378,7 +378,7 @@ impl Shared {
             retry_after = crate::rejection::retry_after_secs(retry),
             credential_checked = checked,
         );
-        Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response()
+        Rejection::too_many_requests(DenialReason::AuthThrottled, retry).render(grpc)
     }
 
     /// The inner response in the lockout mode: the failure counted on arrival stays
@@ -396,8 +396,13 @@ impl Shared {
 
     /// The inner response of a counted address: a wrong credential is counted, or
     /// answered 429 if the address is out of failures; a valid one from a throttled
-    /// address is audited.
-    fn respond<B: From<Bytes>>(&self, ip: Option<ClientIp>, res: Response<B>) -> Response<B> {
+    /// address is audited. `grpc` says whether the request was a gRPC call.
+    fn respond<B: RefusalBody>(
+        &self,
+        ip: Option<ClientIp>,
+        grpc: bool,
+        res: Response<B>,
+    ) -> Response<B> {
         if let Some(&reason) = res.extensions().get::<DenialReason>()
             && is_credential_failure(reason)
         {
@@ -405,7 +410,7 @@ impl Shared {
             if outcome.allowed {
                 return res;
             }
-            return self.refusal(ip, Duration::from_nanos(outcome.wait()), true);
+            return self.refusal(ip, Duration::from_nanos(outcome.wait()), true, grpc);
         }
         if let Some(p) = res.extensions().get::<Principal>()
             && p.method() != AuthMethod::Unauthenticated
@@ -462,7 +467,7 @@ impl<S> AuthThrottle<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthThrottle<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -492,10 +497,12 @@ where
                 kind: self.shared.charge(&mut self.inner, req, ip),
             };
         }
+        let grpc = is_grpc_request(&req);
         ResponseFuture {
             kind: ThrottleKind::Counted {
                 future: self.inner.call(req),
                 ip,
+                grpc,
                 shared: self.shared.clone(),
             },
         }
@@ -515,13 +522,13 @@ impl Shared {
     ) -> ThrottleKind<S, ReqBody, B>
     where
         S: Service<Request<ReqBody>, Response = Response<B>>,
-        B: From<Bytes>,
+        B: RefusalBody,
     {
         let outcome = self.store.check(self.key(ip), &self.gcra, self.store.now());
         if !outcome.allowed {
             let retry = Duration::from_nanos(outcome.wait());
             return ThrottleKind::Rejected {
-                response: Some(self.refusal(ip, retry, false)),
+                response: Some(self.refusal(ip, retry, false, is_grpc_request(&req))),
             };
         }
         ThrottleKind::Charged {
@@ -550,7 +557,7 @@ pin_project! {
     where
         S: Service<Request<ReqBody>>,
     {
-        Counted { #[pin] future: S::Future, ip: Option<ClientIp>, shared: Arc<Shared> },
+        Counted { #[pin] future: S::Future, ip: Option<ClientIp>, grpc: bool, shared: Arc<Shared> },
         // The lockout mode: a failure was counted when the request arrived.
         Charged { #[pin] future: S::Future, ip: Option<ClientIp>, shared: Arc<Shared> },
         Exempt { #[pin] future: S::Future },
@@ -573,15 +580,18 @@ type Remote<S, ReqBody, B> = (
 impl<S, ReqBody, B> Future for ResponseFuture<S, ReqBody, B>
 where
     S: Service<Request<ReqBody>, Response = Response<B>>,
-    B: From<Bytes>,
+    B: RefusalBody,
 {
     type Output = Result<Response<B>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            ThrottleKindProj::Counted { future, ip, shared } => {
-                Poll::Ready(ready!(future.poll(cx)).map(|res| shared.respond(*ip, res)))
-            }
+            ThrottleKindProj::Counted {
+                future,
+                ip,
+                grpc,
+                shared,
+            } => Poll::Ready(ready!(future.poll(cx)).map(|res| shared.respond(*ip, *grpc, res))),
             ThrottleKindProj::Charged { future, ip, shared } => {
                 Poll::Ready(ready!(future.poll(cx)).map(|res| shared.settle(*ip, res)))
             }
@@ -634,8 +644,9 @@ mod redis {
     ) -> ThrottleKind<S, ReqBody, B>
     where
         S: Service<Request<ReqBody>, Response = Response<B>> + Clone,
-        B: From<Bytes>,
+        B: RefusalBody,
     {
+        let grpc = is_grpc_request(&req);
         if shared.config.lockout {
             // Counted before the credential is read: the inner service is called
             // once Redis has answered.
@@ -646,6 +657,7 @@ mod redis {
                     decision: count(redis, shared, ip),
                     pending: Some((inner, req)),
                     ip,
+                    grpc,
                     shared: shared.clone(),
                 }),
             };
@@ -655,6 +667,7 @@ mod redis {
                 future: Box::pin(inner.call(req)),
                 charged: false,
                 ip,
+                grpc,
                 shared: shared.clone(),
             }),
         }
@@ -689,6 +702,7 @@ mod redis {
             decision: Decision,
             pending: Option<(S, Request<ReqBody>)>,
             ip: Option<ClientIp>,
+            grpc: bool,
             shared: Arc<Shared>,
         },
         /// The credential being verified; `charged`: a failure was counted on arrival.
@@ -696,6 +710,7 @@ mod redis {
             future: Pin<Box<S::Future>>,
             charged: bool,
             ip: Option<ClientIp>,
+            grpc: bool,
             shared: Arc<Shared>,
         },
         /// A wrong credential's refusal, waiting for its count.
@@ -703,6 +718,7 @@ mod redis {
             decision: Decision,
             response: Option<Response<B>>,
             ip: Option<ClientIp>,
+            grpc: bool,
             shared: Arc<Shared>,
         },
         /// Redis is down and the policy falls back to memory: the in-memory path.
@@ -713,7 +729,7 @@ mod redis {
     impl<S, ReqBody, B> State<S, ReqBody, B>
     where
         S: Service<Request<ReqBody>, Response = Response<B>>,
-        B: From<Bytes>,
+        B: RefusalBody,
     {
         pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<B>, S::Error>> {
             loop {
@@ -722,23 +738,24 @@ mod redis {
                         decision,
                         pending,
                         ip,
+                        grpc,
                         shared,
                     } => {
                         let decided = ready!(decision.as_mut().poll(cx));
-                        let (ip, shared) = (*ip, shared.clone());
+                        let (ip, grpc, shared) = (*ip, *grpc, shared.clone());
                         let (mut inner, req) = pending.take().expect("polled after completion");
                         let charged = match decided {
                             Ok(o) if o.allowed => true,
                             Ok(o) => {
                                 let retry = Duration::from_nanos(o.wait());
                                 *self = State::Done;
-                                return Poll::Ready(Ok(shared.refusal(ip, retry, false)));
+                                return Poll::Ready(Ok(shared.refusal(ip, retry, false, grpc)));
                             }
                             Err(Bypassed) => match redis(&shared).failure_policy() {
                                 FailurePolicy::FailOpen => false,
                                 FailurePolicy::FailClosed => {
                                     *self = State::Done;
-                                    return Poll::Ready(Ok(unavailable(&shared)));
+                                    return Poll::Ready(Ok(unavailable(&shared, grpc)));
                                 }
                                 FailurePolicy::FallbackLocal => {
                                     // In memory, as without Redis: that path counts
@@ -753,6 +770,7 @@ mod redis {
                             future: Box::pin(inner.call(req)),
                             charged,
                             ip,
+                            grpc,
                             shared,
                         };
                     }
@@ -760,6 +778,7 @@ mod redis {
                         future,
                         charged,
                         ip,
+                        grpc,
                         shared,
                     } => {
                         let res = match ready!(future.as_mut().poll(cx)) {
@@ -769,7 +788,7 @@ mod redis {
                                 return Poll::Ready(Err(e));
                             }
                         };
-                        let (ip, shared, charged) = (*ip, shared.clone(), *charged);
+                        let (ip, grpc, shared, charged) = (*ip, *grpc, shared.clone(), *charged);
                         let failed = res
                             .extensions()
                             .get::<DenialReason>()
@@ -793,6 +812,7 @@ mod redis {
                                 decision: count(redis(&shared), &shared, ip),
                                 response: Some(res),
                                 ip,
+                                grpc,
                                 shared,
                             };
                             continue;
@@ -810,19 +830,20 @@ mod redis {
                         decision,
                         response,
                         ip,
+                        grpc,
                         shared,
                     } => {
                         let decided = ready!(decision.as_mut().poll(cx));
                         let res = response.take().expect("polled after completion");
-                        let (ip, shared) = (*ip, shared.clone());
+                        let (ip, grpc, shared) = (*ip, *grpc, shared.clone());
                         *self = State::Done;
                         return Poll::Ready(Ok(match decided {
                             Ok(o) if o.allowed => res,
-                            Ok(o) => shared.refusal(ip, Duration::from_nanos(o.wait()), true),
+                            Ok(o) => shared.refusal(ip, Duration::from_nanos(o.wait()), true, grpc),
                             Err(Bypassed) => match redis(&shared).failure_policy() {
                                 FailurePolicy::FailOpen => res,
-                                FailurePolicy::FailClosed => unavailable(&shared),
-                                FailurePolicy::FallbackLocal => shared.respond(ip, res),
+                                FailurePolicy::FailClosed => unavailable(&shared, grpc),
+                                FailurePolicy::FallbackLocal => shared.respond(ip, grpc, res),
                             },
                         }));
                     }
@@ -856,12 +877,12 @@ mod redis {
         });
     }
 
-    fn unavailable<B: From<Bytes>>(shared: &Shared) -> Response<B> {
+    fn unavailable<B: RefusalBody>(shared: &Shared, grpc: bool) -> Response<B> {
         Rejection::unavailable(
             DenialReason::BackendUnavailable,
             Some(redis(shared).retry_after()),
         )
-        .into_response()
+        .render(grpc)
     }
 }
 
@@ -869,6 +890,7 @@ mod redis {
 mod tests {
     use super::*;
     use crate::rejection::Challenge;
+    use bytes::Bytes;
     use std::convert::Infallible;
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::{AtomicUsize, Ordering};

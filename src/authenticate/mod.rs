@@ -2,7 +2,8 @@
 //!
 //! [`AuthenticateLayer`] reads the request's one credential, verifies it, and on
 //! success inserts the [`Principal`] into the request extensions (and a copy into the
-//! response extensions, for the access log outside it). Parsing is separate from
+//! response extensions, for the access log outside it); for a service token it also
+//! inserts its claims, an `Arc<VerifiedToken>` (feature `jwt`). Parsing is separate from
 //! verification: the extraction is a set of crate-private, fuzzed and
 //! property-tested functions over header bytes; the layer only decides.
 //!
@@ -73,7 +74,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use tower_layer::Layer;
@@ -87,7 +87,7 @@ use credentials::{
 use crate::api_key::ApiKeys;
 #[cfg(feature = "jwt")]
 use crate::jwt::TokenVerifier;
-use crate::rejection::{Challenge, DenialReason, Rejection};
+use crate::rejection::{Challenge, DenialReason, RefusalBody, Rejection};
 use crate::{AuthMethod, ClientIp, ConfigError, Principal, Scopes};
 
 /// The realm of the `WWW-Authenticate` challenge unless another is set.
@@ -148,7 +148,7 @@ impl Verifiers {
     }
 
     #[allow(unused_variables)]
-    fn verify(&self, credential: &Credential<'_>) -> Result<(Principal, Policy), Failure> {
+    fn verify(&self, credential: &Credential<'_>) -> Result<Proof, Failure> {
         // A Bearer credential shaped like a JWT goes to the service-token verifier
         // (every Bearer credential, when no API keys are configured). The verifier
         // audits the failure's class (`service_token_rejected`); the client and the
@@ -160,8 +160,12 @@ impl Verifiers {
                 && (!self.has_api_keys() || crate::jwt::looks_like_jwt(secret))
             {
                 return tokens
-                    .verify(secret)
-                    .map(|p| (p, None))
+                    .verify_token(secret)
+                    .map(|t| Proof {
+                        principal: t.principal().clone(),
+                        token: Some(t),
+                        policy: None,
+                    })
                     .map_err(|_| Failure::new(DenialReason::InvalidToken));
             }
         }
@@ -169,6 +173,12 @@ impl Verifiers {
         if let Some(keys) = &self.api_keys {
             return keys
                 .verify_with_policy(credential.expose_secret())
+                .map(|(principal, policy)| Proof {
+                    principal,
+                    #[cfg(feature = "jwt")]
+                    token: None,
+                    policy,
+                })
                 .map_err(|e| Failure {
                     reason: e.reason(),
                     key_id: e.key_id().map(Arc::from),
@@ -176,6 +186,16 @@ impl Verifiers {
         }
         Err(Failure::new(DenialReason::InvalidToken))
     }
+}
+
+/// What a verified credential proved: who, for a service token its claims
+/// (inserted into the request extensions beside the principal), and for an API key
+/// its own policy (allowed addresses, credits).
+struct Proof {
+    principal: Principal,
+    #[cfg(feature = "jwt")]
+    token: Option<Arc<crate::jwt::VerifiedToken>>,
+    policy: Policy,
 }
 
 #[derive(Clone)]
@@ -381,7 +401,7 @@ impl Config {
         headers: &HeaderMap,
         uri: &Uri,
         client_ip: Option<ClientIp>,
-    ) -> Result<(Principal, CredentialSource, Policy), DenialReason> {
+    ) -> Result<(Proof, CredentialSource), DenialReason> {
         let query_param = self.query_param.as_deref();
         let refuse = |failure: Failure| {
             crate::audit::emit!(
@@ -405,9 +425,10 @@ impl Config {
             }
             Err(_) => return Err(refuse(Failure::new(DenialReason::MalformedCredential))),
         };
-        let (principal, policy) = self.verifiers.verify(&credential).map_err(refuse)?;
+        let proof = self.verifiers.verify(&credential).map_err(refuse)?;
+        let principal = &proof.principal;
         #[cfg(feature = "api-key")]
-        if let Some(allowed) = policy.as_ref().and_then(|p| p.allowed_ips.as_ref())
+        if let Some(allowed) = proof.policy.as_ref().and_then(|p| p.allowed_ips.as_ref())
             && !client_ip.is_some_and(|ip| allowed.contains(ip.addr()))
         {
             crate::audit::emit!(
@@ -427,7 +448,7 @@ impl Config {
             method = principal.method().as_str(),
             client_ip = client_ip.map(tracing::field::display),
         );
-        Ok((principal, credential.source(), policy))
+        Ok((proof, credential.source()))
     }
 
     /// The response for a refusal: the class is all the client learns.
@@ -506,7 +527,7 @@ fn strip_query(uri: &mut Uri, param: &str) {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Authenticate<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -539,25 +560,34 @@ where
                     client_ip = client_ip.map(tracing::field::display),
                 );
                 let reason = DenialReason::MultipleCredentials;
-                return ResponseFuture::rejected(self.config.rejection(reason).into_response());
+                return ResponseFuture::rejected(
+                    self.config.rejection(reason).into_response_to(&req),
+                );
             }
             req.extensions_mut().insert(p.clone());
             return ResponseFuture::inner_with(self.inner.call(req), Some(p));
         }
         match config.authenticate(req.headers(), req.uri(), client_ip) {
-            Ok((principal, source, policy)) => {
+            Ok((proof, source)) => {
                 config.hide(&mut req, source);
+                #[cfg(feature = "jwt")]
+                if let Some(token) = proof.token {
+                    req.extensions_mut().insert(token);
+                }
                 // The key's credits, for the rate limiter that spends them.
                 #[cfg(feature = "api-key")]
-                if let Some(credits) = policy.and_then(|p| p.credits.clone()) {
+                if let Some(credits) = proof.policy.and_then(|p| p.credits.clone()) {
                     req.extensions_mut().insert(credits);
                 }
                 #[cfg(not(feature = "api-key"))]
-                let _ = policy;
+                let _ = proof.policy;
+                let principal = proof.principal;
                 req.extensions_mut().insert(principal.clone());
                 ResponseFuture::inner_with(self.inner.call(req), Some(principal))
             }
-            Err(reason) => ResponseFuture::rejected(self.config.rejection(reason).into_response()),
+            Err(reason) => {
+                ResponseFuture::rejected(self.config.rejection(reason).into_response_to(&req))
+            }
         }
     }
 }
@@ -572,6 +602,7 @@ opaque_response_future! {
 mod tests {
     use super::*;
     use crate::api_key::{KeyRecord, KeyStore, generate_key};
+    use bytes::Bytes;
     use std::convert::Infallible;
     use tower::{ServiceBuilder, ServiceExt};
 

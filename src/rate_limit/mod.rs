@@ -113,7 +113,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -125,7 +125,7 @@ pub use quota::Quota;
 
 #[cfg(feature = "api-key")]
 use crate::api_key::Credits;
-use crate::rejection::{DenialReason, Rejection};
+use crate::rejection::{DenialReason, RefusalBody, Rejection};
 use crate::{ClientIp, ConfigError, Principal};
 use key::KeyRule;
 use local::{LocalStore, MAX_POLICIES, Outcome};
@@ -472,7 +472,7 @@ impl Shared {
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<Bytes>,
+        ResBody: RefusalBody,
     {
         let outcome = match verdict {
             Verdict::Decided(o) => o,
@@ -485,7 +485,7 @@ impl Shared {
                 return Kind::Other {
                     state: Box::new(Other::Rejected(Some(
                         Rejection::unavailable(DenialReason::BackendUnavailable, Some(retry))
-                            .into_response(),
+                            .into_response_to(&req),
                     ))),
                 };
             }
@@ -507,7 +507,7 @@ impl Shared {
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<Bytes>,
+        ResBody: RefusalBody,
     {
         if outcome.allowed {
             return Kind::pass(inner.call(req), fields);
@@ -527,7 +527,7 @@ impl Shared {
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<Bytes>,
+        ResBody: RefusalBody,
     {
         self.audit(&req, &outcome);
         if self.shadow {
@@ -554,7 +554,7 @@ impl Shared {
             }
         }
         Kind::Other {
-            state: Box::new(Other::Rejected(Some(rejection.into_response()))),
+            state: Box::new(Other::Rejected(Some(rejection.into_response_to(&req)))),
         }
     }
 
@@ -599,7 +599,7 @@ impl Shared {
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>>,
-        ResBody: From<Bytes>,
+        ResBody: RefusalBody,
     {
         let principal = req.extensions().get::<Principal>();
         crate::audit::emit!(
@@ -619,7 +619,7 @@ impl Shared {
         let rejection =
             Rejection::too_many_requests(DenialReason::CreditsExhausted, CREDITS_RETRY_AFTER);
         Kind::Other {
-            state: Box::new(Other::Rejected(Some(rejection.into_response()))),
+            state: Box::new(Other::Rejected(Some(rejection.into_response_to(req)))),
         }
     }
 
@@ -787,7 +787,7 @@ impl<S> RateLimit<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -859,7 +859,7 @@ fn call_shared_backend<S, ReqBody, ResBody>(
 ) -> ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     let shared = &**shared_arc;
     let r = shared.redis.as_ref().expect("checked by the caller");
@@ -949,7 +949,7 @@ where
 impl<S, ReqBody, B> Future for ResponseFuture<S, ReqBody, B>
 where
     S: Service<Request<ReqBody>, Response = Response<B>>,
-    B: From<Bytes>,
+    B: RefusalBody,
 {
     type Output = Result<Response<B>, S::Error>;
 
@@ -982,7 +982,7 @@ fn poll_other<S, ReqBody, B>(
 ) -> Poll<Result<Response<B>, S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<B>>,
-    B: From<Bytes>,
+    B: RefusalBody,
 {
     loop {
         match kind.as_mut().project() {

@@ -96,7 +96,7 @@ use tower_service::Service;
 pub use body::SignedBody;
 pub use client::{SignRequest, SignRequestLayer, SigningKey};
 
-use crate::rejection::{Challenge, DenialReason, Rejection};
+use crate::rejection::{Challenge, DenialReason, RefusalBody, Rejection};
 use crate::{AuthMethod, ClientIp, ConfigError, Principal, Scopes};
 use parse::{Component, Message, ParseError, SignatureInput};
 
@@ -627,7 +627,7 @@ impl Inner {
         }
     }
 
-    fn refuse<B: From<Bytes>>(
+    fn refuse<B: RefusalBody>(
         &self,
         refusal: Refusal,
         ip: Option<ClientIp>,
@@ -722,7 +722,7 @@ where
     S::Error: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
-    ResBody: From<Bytes> + Send + 'static,
+    ResBody: RefusalBody + Send + 'static,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;

@@ -215,9 +215,14 @@ impl StackBuilder {
                 "x-forwarded-for" => ForwardedHeader::XForwardedFor,
                 "forwarded" => ForwardedHeader::Forwarded,
                 "x-real-ip" => ForwardedHeader::XRealIp,
+                "cf-connecting-ip" => ForwardedHeader::CfConnectingIp,
+                "true-client-ip" => ForwardedHeader::TrueClientIp,
+                "fly-client-ip" => ForwardedHeader::FlyClientIp,
+                "fastly-client-ip" => ForwardedHeader::FastlyClientIp,
                 _ => {
                     return Err(ConfigError::new(format!(
-                        "{}: must be x-forwarded-for, forwarded or x-real-ip",
+                        "{}: must be x-forwarded-for, forwarded, x-real-ip, cf-connecting-ip, \
+                         true-client-ip, fly-client-ip or fastly-client-ip",
                         FORWARDED_HEADER
                     )));
                 }

@@ -56,3 +56,8 @@ fn stack_config_corpus() {
 fn signature_fields_corpus() {
     replay("signature_fields", portcullis::fuzzing::signature_fields);
 }
+
+#[test]
+fn grpc_content_type_corpus() {
+    replay("grpc_content_type", portcullis::fuzzing::grpc_content_type);
+}

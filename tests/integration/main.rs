@@ -15,9 +15,13 @@ mod auth_throttle;
 mod auth_throttle_redis;
 #[cfg(all(feature = "api-key", feature = "client-ip"))]
 mod authenticate;
+#[cfg(all(feature = "axum", feature = "stack"))]
+mod axum;
 #[cfg(feature = "client-ip")]
 mod client_ip;
 mod fuzz_corpus;
+#[cfg(all(feature = "stack", feature = "tonic"))]
+mod grpc;
 #[cfg(feature = "jwt")]
 mod jwt;
 #[cfg(all(feature = "api-key", feature = "rate-limit", feature = "client-ip"))]
