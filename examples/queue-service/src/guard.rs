@@ -89,6 +89,17 @@ impl TokenSecret {
         Self(b.to_vec())
     }
 
+    /// A key derived for one purpose (`label`): HMAC-SHA256 of the label under this
+    /// secret. Instances sharing the secret derive the same key; the secret itself
+    /// never leaves the process.
+    pub(crate) fn derive(&self, label: &str) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("any key length");
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     /// Lowercase hex, for printing the ephemeral secret once.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
@@ -350,17 +361,26 @@ impl Credentials {
     }
 }
 
-/// The Redis limiter from `REDIS_URL` (or `--redis URL`), if set: fails closed
-/// (503) when Redis does not answer, so two instances never silently stop sharing
-/// their limits.
-pub fn redis_limiter(url: Option<&str>) -> Result<Option<RedisLimiter>, ConfigError> {
+/// The default namespace of every key the demo keeps in Redis.
+pub const DEFAULT_NAMESPACE: &str = "portcullis-demo";
+
+/// The Redis limiter from `REDIS_URL` (or `--redis URL`), if set, with its keys
+/// under `namespace` and, for `rediss://`, trusting `ca_pem` if given: fails
+/// closed (503) when Redis does not answer, so two instances never silently stop
+/// sharing their limits.
+pub fn redis_limiter(
+    url: Option<&str>,
+    namespace: &str,
+    ca_pem: Option<&[u8]>,
+) -> Result<Option<RedisLimiter>, ConfigError> {
     let Some(url) = url else {
         return Ok(None);
     };
-    Ok(Some(
-        RedisLimiter::builder(url, FailurePolicy::FailClosed)?
-            .timeout(Duration::from_millis(50))
-            .namespace("portcullis-demo")?
-            .build()?,
-    ))
+    let mut b = RedisLimiter::builder(url, FailurePolicy::FailClosed)?
+        .timeout(Duration::from_millis(50))
+        .namespace(namespace)?;
+    if let Some(pem) = ca_pem {
+        b = b.tls_root_certificate(pem)?;
+    }
+    Ok(Some(b.build()?))
 }

@@ -20,7 +20,8 @@
 //!
 //! Costs: enqueue, take and every transition are `O(log n)` under one mutex (plus
 //! the expired jobs and lapsed leases they clean up); `stats` and `latest_runs` walk
-//! every retained job. Nothing is persisted: a restart loses the queue.
+//! every retained job. Nothing is persisted: a restart loses the queue (the Redis
+//! backend, [`crate::redis_queue`], keeps it across restarts and instances).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -31,6 +32,16 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+
+/// The dedup hash of `(owner, input)`: HMAC-SHA256 under `salt`, the owner
+/// length-prefixed so pairs cannot collide by moving the boundary.
+pub(crate) fn input_hmac(salt: &[u8; 32], owner: &str, input: &str) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(salt).expect("any key length");
+    mac.update(&(owner.len() as u64).to_be_bytes());
+    mac.update(owner.as_bytes());
+    mac.update(input.as_bytes());
+    mac.finalize().into_bytes().into()
+}
 
 /// Where the engine reads the time. Tests inject a [`ManualClock`].
 pub trait Clock: Send + Sync + 'static {
@@ -78,7 +89,7 @@ impl Clock for ManualClock {
 pub struct JobId([u8; 16]);
 
 impl JobId {
-    fn random() -> Self {
+    pub(crate) fn random() -> Self {
         let mut b = [0u8; 16];
         getrandom::fill(&mut b).expect("the OS random source is available");
         Self(b)
@@ -298,6 +309,13 @@ pub enum QueueError {
         /// When to try again.
         retry_after: Duration,
     },
+    /// The queue's store (Redis) did not answer: nothing was changed, or the
+    /// change is not known to the caller (a retry is safe: every operation is
+    /// idempotent or refused when repeated).
+    Unavailable {
+        /// When to try again.
+        retry_after: Duration,
+    },
 }
 
 /// A snapshot of one job, safe to show to its owner.
@@ -396,7 +414,7 @@ impl fmt::Debug for Queue {
     }
 }
 
-fn os_random_u64() -> u64 {
+pub(crate) fn os_random_u64() -> u64 {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).expect("the OS random source is available");
     u64::from_le_bytes(b)
@@ -445,12 +463,7 @@ impl Queue {
     }
 
     fn hash(&self, owner: &str, input: &str) -> [u8; 32] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.salt).expect("any key length");
-        // Length-prefixed so (owner, input) pairs cannot collide by concatenation.
-        mac.update(&(owner.len() as u64).to_be_bytes());
-        mac.update(owner.as_bytes());
-        mac.update(input.as_bytes());
-        mac.finalize().into_bytes().into()
+        input_hmac(&self.salt, owner, input)
     }
 
     /// Locks the state and brings it up to `now`: drops every job whose TTL has
@@ -565,9 +578,15 @@ impl Queue {
         Ok(view)
     }
 
-    /// Completes a running job.
+    /// Completes a running job. Completing a completed job again returns it
+    /// unchanged (a worker may repeat a completion whose answer it did not get).
     pub fn complete(&self, id: JobId) -> Result<JobView, QueueError> {
         let (mut g, now) = self.lock();
+        if let Some(job) = g.jobs.get(&id)
+            && job.state == JobState::Completed
+        {
+            return Ok(job.view(now));
+        }
         g.transition(id, JobState::Completed, now)
     }
 

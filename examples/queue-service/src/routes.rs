@@ -4,7 +4,7 @@
 //! Errors are `application/problem+json` with fixed texts (no request input is
 //! echoed): 400 malformed JSON, 404 unknown job or route, 405, 409 illegal state
 //! transition, 413 body over [`BODY_LIMIT`], 415 not JSON, 422 a value out of range,
-//! 503 queue full (with `Retry-After`).
+//! 503 queue full or its store (Redis) unavailable (with `Retry-After`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,7 +32,8 @@ use tower::{Layer, Service};
 
 use crate::auth;
 use crate::guard::Guard;
-use crate::queue::{Enqueued, JobId, JobState, JobView, Queue, QueueError};
+use crate::jobs::Jobs;
+use crate::queue::{Enqueued, JobId, JobState, JobView, QueueError};
 use crate::worker::{WorkerSnapshot, WorkerStatus};
 
 /// The largest request body accepted (bytes).
@@ -77,8 +78,8 @@ impl Counters {
 /// Everything the handlers share.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    /// The engine.
-    pub queue: Arc<Queue>,
+    /// The queue, in memory or in Redis.
+    pub queue: Jobs,
     /// Refusal counters.
     pub counters: Arc<Counters>,
     /// The in-process worker's figures.
@@ -243,7 +244,7 @@ fn queue_error(e: QueueError) -> Response {
             StatusCode::UNPROCESSABLE_ENTITY,
             "Progress must be between 0 and 100.",
         ),
-        QueueError::Full { retry_after } => {
+        QueueError::Full { retry_after } | QueueError::Unavailable { retry_after } => {
             Rejection::unavailable(DenialReason::BackendUnavailable, Some(retry_after))
                 .into_response()
         }
@@ -333,7 +334,7 @@ async fn enqueue(
     }
     // Owned by the principal's identity (method and id): the API key `client` and a
     // token whose `sub` is `client` are two owners.
-    match s.queue.enqueue(p.identity(), &req.input, req.priority) {
+    match s.queue.enqueue(p.identity(), &req.input, req.priority).await {
         Ok(Enqueued::New(v)) => {
             let mut res = json(StatusCode::CREATED, &v);
             let loc = HeaderValue::try_from(format!("/v1/jobs/{}", v.id)).expect("hex id");
@@ -347,9 +348,10 @@ async fn enqueue(
 
 /// A job is visible to its owner only (the same [`Principal::identity`]); to anyone
 /// else it does not exist.
-fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, QueueError> {
-    match s.queue.get(id) {
+async fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, QueueError> {
+    match s.queue.get(id).await {
         Ok(v) if *v.owner == *p.identity() => Ok(v),
+        Err(e @ QueueError::Unavailable { .. }) => Err(e),
         _ => Err(QueueError::NotFound),
     }
 }
@@ -360,7 +362,7 @@ pub async fn get_job(
     Extension(p): Extension<Principal>,
     JobPath(id): JobPath,
 ) -> Response {
-    view(owned(&s, &p, id))
+    view(owned(&s, &p, id).await)
 }
 
 async fn cancel_job(
@@ -368,7 +370,11 @@ async fn cancel_job(
     Extension(p): Extension<Principal>,
     JobPath(id): JobPath,
 ) -> Response {
-    view(owned(&s, &p, id).and_then(|v| s.queue.cancel(v.id)))
+    let r = match owned(&s, &p, id).await {
+        Ok(v) => s.queue.cancel(v.id).await,
+        Err(e) => Err(e),
+    };
+    view(r)
 }
 
 #[derive(Deserialize)]
@@ -382,7 +388,7 @@ async fn set_status(
     JobPath(id): JobPath,
     JsonBody(req): JsonBody<StatusRequest>,
 ) -> Response {
-    view(s.queue.set_state(id, req.state))
+    view(s.queue.set_state(id, req.state).await)
 }
 
 #[derive(Deserialize)]
@@ -396,15 +402,15 @@ async fn set_progress(
     JobPath(id): JobPath,
     JsonBody(req): JsonBody<ProgressRequest>,
 ) -> Response {
-    view(s.queue.progress(id, req.progress))
+    view(s.queue.progress(id, req.progress).await)
 }
 
 async fn complete(State(s): State<AppState>, JobPath(id): JobPath) -> Response {
-    view(s.queue.complete(id))
+    view(s.queue.complete(id).await)
 }
 
 async fn fail(State(s): State<AppState>, JobPath(id): JobPath) -> Response {
-    view(s.queue.fail(id))
+    view(s.queue.fail(id).await)
 }
 
 #[derive(Deserialize)]
@@ -425,15 +431,17 @@ async fn latest_runs(
     if !(1..=100).contains(&req.limit) {
         return problem(StatusCode::UNPROCESSABLE_ENTITY, "limit must be 1 to 100.");
     }
-    json(
-        StatusCode::OK,
-        &serde_json::json!({ "runs": s.queue.latest_runs(req.limit) }),
-    )
+    match s.queue.latest_runs(req.limit).await {
+        Ok(runs) => json(StatusCode::OK, &serde_json::json!({ "runs": runs })),
+        Err(e) => queue_error(e),
+    }
 }
 
 /// The figures of the stats endpoint and the dashboard.
 #[derive(Debug, Serialize)]
 pub struct Stats {
+    /// Where the queue lives: `memory` or `redis`.
+    backend: &'static str,
     #[serde(flatten)]
     queue: crate::queue::QueueStats,
     auth_failures: u64,
@@ -442,35 +450,43 @@ pub struct Stats {
     worker: WorkerSnapshot,
 }
 
-/// The current figures.
-pub fn gather(s: &AppState) -> Stats {
-    Stats {
-        queue: s.queue.stats(),
+/// The current figures, the queue's read from the backend in use.
+pub async fn gather(s: &AppState) -> Result<Stats, QueueError> {
+    Ok(Stats {
+        backend: s.queue.backend(),
+        queue: s.queue.stats().await?,
         auth_failures: s.counters.auth_failures.load(Ordering::Relaxed),
         scope_denials: s.counters.scope_denials.load(Ordering::Relaxed),
         rate_limited: s.counters.rate_limited.load(Ordering::Relaxed),
         worker: s.worker.snapshot(),
-    }
+    })
 }
 
 async fn stats(State(s): State<AppState>) -> Response {
-    json(StatusCode::OK, &gather(&s))
+    match gather(&s).await {
+        Ok(st) => json(StatusCode::OK, &st),
+        Err(e) => queue_error(e),
+    }
 }
 
 async fn dlq(State(s): State<AppState>) -> Response {
-    json(
-        StatusCode::OK,
-        &serde_json::json!({ "dead_letters": s.queue.dead_letters(100) }),
-    )
+    match s.queue.dead_letters(100).await {
+        Ok(d) => json(StatusCode::OK, &serde_json::json!({ "dead_letters": d })),
+        Err(e) => queue_error(e),
+    }
 }
 
 async fn dashboard(State(s): State<AppState>) -> Response {
-    let st = gather(&s);
+    let st = match gather(&s).await {
+        Ok(st) => st,
+        Err(e) => return queue_error(e),
+    };
     // Every value below is a number or a fixed state name: nothing to escape.
     let mut rows = String::new();
     let mut row = |k: &str, v: String| {
         rows.push_str(&format!("<tr><th>{k}</th><td id=\"{k}\">{v}</td></tr>\n"));
     };
+    row("backend", st.backend.to_string());
     row("queue_depth", st.queue.queue_depth.to_string());
     row("dead_letter_depth", st.queue.dead_letter_depth.to_string());
     for (state, n) in &st.queue.jobs_by_state {

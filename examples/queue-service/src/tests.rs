@@ -273,7 +273,13 @@ fn fast_worker() -> WorkerConfig {
 }
 
 fn job_state(state: &AppState, id: &str) -> JobState {
-    state.queue.get(JobId::parse(id).unwrap()).unwrap().state
+    state
+        .queue
+        .memory()
+        .unwrap()
+        .get(JobId::parse(id).unwrap())
+        .unwrap()
+        .state
 }
 
 #[test]
@@ -527,7 +533,7 @@ async fn a_principal_without_the_scope_is_403_insufficient_scope() {
     r.assert_problem(403);
     let r = demo.call("GET", "/dashboard", Some("client"), None).await;
     r.assert_problem(403);
-    assert_eq!(demo.state.queue.stats().queue_depth, 0);
+    assert_eq!(demo.state.queue.stats().await.unwrap().queue_depth, 0);
     demo.shutdown().await;
 }
 
@@ -673,7 +679,7 @@ async fn dedup_queue_full_and_cancellation() {
     let full = enqueue("client", "b").await;
     full.assert_problem(503);
     assert_eq!(full.header("retry-after"), Some("5"));
-    assert_eq!(demo.state.queue.stats().queue_depth, 2);
+    assert_eq!(demo.state.queue.stats().await.unwrap().queue_depth, 2);
 
     // Another owner can neither see nor cancel the job.
     let job = format!("/v1/jobs/{}", first.id());
@@ -747,7 +753,7 @@ async fn bad_input_is_a_4xx_problem_and_changes_nothing() {
         .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
         .await
         .id();
-    let before = demo.state.queue.stats();
+    let before = demo.state.queue.stats().await.unwrap();
     let job = format!("/v1/jobs/{id}");
     let cases: Vec<(&str, String, &str, Option<String>, u16)> = vec![
         (
@@ -873,7 +879,7 @@ async fn bad_input_is_a_4xx_problem_and_changes_nothing() {
         demo.auth("client")
     );
     raw(demo.addr, req.as_bytes()).await.assert_problem(415);
-    assert_eq!(demo.state.queue.stats(), before);
+    assert_eq!(demo.state.queue.stats().await.unwrap(), before);
     assert_eq!(job_state(&demo.state, &id), JobState::Queued);
     demo.shutdown().await;
 }
@@ -1037,7 +1043,7 @@ async fn a_worker_whose_token_is_refused_changes_nothing_and_pauses() {
     let state = demo.state.clone();
     eventually("paused", || state.worker.snapshot().paused).await;
     assert_eq!(job_state(&state, &id), JobState::Queued, "never claimed");
-    let s = serde_json::to_value(routes::gather(&state)).unwrap();
+    let s = serde_json::to_value(routes::gather(&state).await.unwrap()).unwrap();
     assert_eq!(s["auth_failures"], 3, "each claim refused with 401: {s}");
     demo.shutdown().await;
 }
@@ -1074,7 +1080,7 @@ async fn every_authentication_failure_is_refused_and_changes_nothing() {
         .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
         .await
         .id();
-    let before = demo.state.queue.stats();
+    let before = demo.state.queue.stats().await.unwrap();
     let job = format!("/v1/jobs/{id}");
     let complete = format!("{job}/complete");
     let unknown = format!(
@@ -1185,7 +1191,7 @@ async fn every_authentication_failure_is_refused_and_changes_nothing() {
         1,
         "unknown, revoked and expired keys get the identical answer: {invalid_key_bodies:?}"
     );
-    assert_eq!(demo.state.queue.stats(), before);
+    assert_eq!(demo.state.queue.stats().await.unwrap(), before);
     assert_eq!(job_state(&demo.state, &id), JobState::Queued);
     let r = demo
         .call("GET", "/v1/admin/stats", Some("admin"), None)
@@ -1286,7 +1292,7 @@ async fn repeated_failed_authentication_is_throttled_per_address() {
         || job_state(state, &id) == JobState::Completed,
     )
     .await;
-    let s = serde_json::to_value(routes::gather(&demo.state)).unwrap();
+    let s = serde_json::to_value(routes::gather(&demo.state).await.unwrap()).unwrap();
     assert_eq!(
         (s["auth_failures"].as_u64(), s["rate_limited"].as_u64()),
         (Some(8), Some(1)),
@@ -1357,7 +1363,9 @@ async fn two_instances_share_their_limits_through_redis() {
     let url = format!("redis://127.0.0.1:{}/0", redis.1);
     let secret = TokenSecret::generate().unwrap();
     let instance = || async {
-        let limiter = guard::redis_limiter(Some(&url)).unwrap().unwrap();
+        let limiter = guard::redis_limiter(Some(&url), guard::DEFAULT_NAMESPACE, None)
+            .unwrap()
+            .unwrap();
         // As `main` does: serve connected from the first request.
         limiter.connect().await.unwrap();
         Demo::launch(Setup {

@@ -5,7 +5,7 @@
 //! breaker). [`Calls::Engine`] makes the same calls on the engine directly, for
 //! the engine's own tests.
 //!
-//! Retries and the dead-letter queue are the engine's ([`Queue::fail`]); the worker
+//! Retries and the dead-letter queue are the queue's ([`Jobs::fail`]); the worker
 //! only reports. On shutdown it finishes the job in flight, then returns.
 
 use std::sync::Arc;
@@ -16,13 +16,14 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::client::{CallError, Outcome, WorkerClient};
-use crate::queue::{JobId, JobView, Queue, QueueError, Work};
+use crate::jobs::Jobs;
+use crate::queue::{JobId, JobView, QueueError, Work};
 
 /// How the worker's calls reach the worker endpoints' logic.
 #[derive(Clone, Debug)]
 pub enum Calls {
-    /// Straight to the engine (no authentication: for the engine's tests only).
-    Engine(Arc<Queue>),
+    /// Straight to the queue (no authentication: for the engine's tests only).
+    Engine(Jobs),
     /// Over HTTP through the guarded worker endpoints, with a service token.
     Http(WorkerClient),
 }
@@ -34,6 +35,7 @@ fn engine(r: Result<JobView, QueueError>) -> Result<Outcome, CallError> {
             attempts: v.attempts,
         }),
         Err(QueueError::NotFound) => Err(CallError::Gone),
+        Err(QueueError::Unavailable { .. }) => Err(CallError::Refused(503)),
         Err(_) => Err(CallError::Changed),
     }
 }
@@ -41,28 +43,28 @@ fn engine(r: Result<JobView, QueueError>) -> Result<Outcome, CallError> {
 impl Calls {
     async fn start(&self, id: JobId) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.start(id)),
+            Self::Engine(q) => engine(q.start(id).await),
             Self::Http(c) => c.start(id).await,
         }
     }
 
     async fn progress(&self, id: JobId, p: u8) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.progress(id, p)),
+            Self::Engine(q) => engine(q.progress(id, p).await),
             Self::Http(c) => c.progress(id, p).await,
         }
     }
 
     async fn complete(&self, id: JobId) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.complete(id)),
+            Self::Engine(q) => engine(q.complete(id).await),
             Self::Http(c) => c.complete(id).await,
         }
     }
 
     async fn fail(&self, id: JobId) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.fail(id)),
+            Self::Engine(q) => engine(q.fail(id).await),
             Self::Http(c) => c.fail(id).await,
         }
     }
@@ -176,11 +178,20 @@ impl Default for WorkerConfig {
 
 /// The in-process worker.
 pub struct Worker {
-    queue: Arc<Queue>,
+    queue: Jobs,
     calls: Calls,
     config: WorkerConfig,
     breaker: Breaker,
     status: Arc<WorkerStatus>,
+}
+
+/// The longest the worker waits before looking again while the queue's store is
+/// unavailable.
+const UNAVAILABLE_POLL: Duration = Duration::from_millis(250);
+
+/// The current instant on tokio's clock (virtual under `tokio::time::pause`).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// The simulated outcome of one attempt.
@@ -195,7 +206,8 @@ pub(crate) fn simulate(work: Work, failed_attempts: u32) -> Result<(), ()> {
 
 impl Worker {
     /// A worker on `queue`, reporting into `status`.
-    pub fn new(queue: Arc<Queue>, config: WorkerConfig, status: Arc<WorkerStatus>) -> Self {
+    pub fn new(queue: impl Into<Jobs>, config: WorkerConfig, status: Arc<WorkerStatus>) -> Self {
+        let queue = queue.into();
         Self {
             calls: Calls::Engine(queue.clone()),
             queue,
@@ -219,31 +231,34 @@ impl Worker {
             if *shutdown.borrow_and_update() {
                 break;
             }
-            let wait = match self.breaker.check(self.queue.now()) {
+            let wait = match self.breaker.check(now()) {
                 Err(wait) => {
                     self.status.paused.store(true, Ordering::Relaxed);
                     wait
                 }
                 Ok(()) => {
                     self.status.paused.store(false, Ordering::Relaxed);
-                    match self.queue.peek_next() {
+                    match self.queue.peek_next().await {
                         // Not raced against shutdown: in-flight work drains.
-                        Some(job) => match self.calls.start(job.id).await {
+                        Ok(Some(job)) => match self.calls.start(job.id).await {
                             Ok(_) => {
                                 self.run_job(job).await;
                                 continue;
                             }
-                            // Cancelled or gone between the look and the claim.
+                            // Cancelled, gone, or claimed by another worker between
+                            // the look and the claim.
                             Err(CallError::Gone | CallError::Changed) => continue,
                             Err(e) => {
                                 self.refused(job.id, e);
                                 self.config.idle_poll
                             }
                         },
-                        None => self
-                            .queue
-                            .next_retry_in()
-                            .map_or(self.config.idle_poll, |d| d.min(self.config.idle_poll)),
+                        Ok(None) => match self.queue.next_retry_in().await {
+                            Ok(Some(d)) => d.min(self.config.idle_poll),
+                            _ => self.config.idle_poll,
+                        },
+                        // The queue's store is down: wait, it is not a job's failure.
+                        Err(_) => self.config.idle_poll.max(UNAVAILABLE_POLL),
                     }
                 }
             };
@@ -262,7 +277,7 @@ impl Worker {
             _ => 0,
         };
         tracing::warn!(event = "worker_call_failed", job = %job, status);
-        self.breaker.record_failure(self.queue.now());
+        self.breaker.record_failure(now());
     }
 
     async fn run_job(&mut self, job: JobView) {
@@ -289,7 +304,7 @@ impl Worker {
                 if ok {
                     self.breaker.record_success();
                 } else {
-                    self.breaker.record_failure(self.queue.now());
+                    self.breaker.record_failure(now());
                 }
                 tracing::info!(
                     event = "job_attempt",
@@ -314,7 +329,7 @@ impl Worker {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::queue::{Backoff, Enqueued, JobId, JobState, QueueConfig};
+    use crate::queue::{Backoff, Enqueued, JobId, JobState, Queue, QueueConfig};
 
     const MS: Duration = Duration::from_millis(1);
 
