@@ -32,7 +32,6 @@
 //! error, and `Debug` leaves it out.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
