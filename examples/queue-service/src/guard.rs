@@ -94,8 +94,7 @@ impl TokenSecret {
     /// never leaves the process.
     pub(crate) fn derive(&self, label: &str) -> [u8; 32] {
         use hmac::Mac;
-        let mut mac =
-            hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("any key length");
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("any key length");
         mac.update(label.as_bytes());
         mac.finalize().into_bytes().into()
     }

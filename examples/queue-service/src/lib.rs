@@ -249,7 +249,8 @@ pub fn queue_config(get: impl Fn(&str) -> Option<String>) -> Result<QueueConfig,
 /// [`guard::DEFAULT_NAMESPACE`]): 1 to 64 of `A-Z a-z 0-9 _ - .`, so a key prefix
 /// can never reach into another namespace.
 pub fn redis_namespace(get: impl Fn(&str) -> Option<String>) -> Result<String, String> {
-    let ns = get("PORTCULLIS_DEMO_REDIS_NAMESPACE").unwrap_or_else(|| guard::DEFAULT_NAMESPACE.into());
+    let ns =
+        get("PORTCULLIS_DEMO_REDIS_NAMESPACE").unwrap_or_else(|| guard::DEFAULT_NAMESPACE.into());
     let ok = !ns.is_empty()
         && ns.len() <= 64
         && ns
@@ -369,8 +370,7 @@ pub async fn start(
     let namespace = redis_namespace(get)?;
     let ca = match get("PORTCULLIS_DEMO_REDIS_CA_FILE") {
         Some(path) => Some(
-            std::fs::read(path)
-                .map_err(|_| "PORTCULLIS_DEMO_REDIS_CA_FILE could not be read")?,
+            std::fs::read(path).map_err(|_| "PORTCULLIS_DEMO_REDIS_CA_FILE could not be read")?,
         ),
         None => None,
     };

@@ -364,7 +364,9 @@ impl RedisQueue {
             }
         };
         Self::one(r).map_err(|e| match e {
-            QueueError::IllegalTransition { from, .. } => QueueError::IllegalTransition { from, to },
+            QueueError::IllegalTransition { from, .. } => {
+                QueueError::IllegalTransition { from, to }
+            }
             e => e,
         })
     }
@@ -388,7 +390,11 @@ impl RedisQueue {
 
     /// Queue depth, dead-letter depth and jobs per state.
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
-        let counts = self.call("stats", &[]).await?.stats.ok_or_else(unavailable)?;
+        let counts = self
+            .call("stats", &[])
+            .await?
+            .stats
+            .ok_or_else(unavailable)?;
         let mut s = QueueStats::default();
         for state in JobState::ALL {
             let n = counts.get(state.as_str()).copied().unwrap_or(0);
@@ -419,4 +425,3 @@ impl RedisQueue {
         Ok(r.retry_in_ms.map(Duration::from_millis))
     }
 }
-

@@ -334,7 +334,11 @@ async fn enqueue(
     }
     // Owned by the principal's identity (method and id): the API key `client` and a
     // token whose `sub` is `client` are two owners.
-    match s.queue.enqueue(p.identity(), &req.input, req.priority).await {
+    match s
+        .queue
+        .enqueue(p.identity(), &req.input, req.priority)
+        .await
+    {
         Ok(Enqueued::New(v)) => {
             let mut res = json(StatusCode::CREATED, &v);
             let loc = HeaderValue::try_from(format!("/v1/jobs/{}", v.id)).expect("hex id");

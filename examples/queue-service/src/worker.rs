@@ -189,6 +189,19 @@ pub struct Worker {
 /// unavailable.
 const UNAVAILABLE_POLL: Duration = Duration::from_millis(250);
 
+/// How often an outcome is reported before the worker gives up on it (the lease
+/// then lapses and the job is retried), and the first delay between two reports
+/// (doubling: 0.1 s to 3.2 s, 6.3 s in all, longer than the rate limiter's
+/// default cool-down).
+const REPORT_TRIES: u32 = 7;
+const REPORT_FIRST_DELAY: Duration = Duration::from_millis(100);
+
+/// Whether a failed call may succeed if repeated: the service was briefly
+/// unavailable (503) or over a limit (429), or did not answer.
+fn transient(e: CallError) -> bool {
+    matches!(e, CallError::Refused(429 | 503) | CallError::Unreachable)
+}
+
 /// The current instant on tokio's clock (virtual under `tokio::time::pause`).
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
@@ -280,6 +293,31 @@ impl Worker {
         self.breaker.record_failure(now());
     }
 
+    /// Reports the outcome of a run (complete or fail), repeated with a doubling
+    /// delay while the service is briefly unavailable or did not answer. Repeating
+    /// is safe: completing a completed job returns it unchanged, and failing a job
+    /// that is no longer running is refused (409) without changing it.
+    async fn report(&self, id: JobId, ok: bool) -> Result<Outcome, CallError> {
+        let mut delay = REPORT_FIRST_DELAY;
+        let mut tries = 1;
+        loop {
+            let r = if ok {
+                self.calls.complete(id).await
+            } else {
+                self.calls.fail(id).await
+            };
+            match r {
+                Err(e) if transient(e) && tries < REPORT_TRIES => {
+                    tracing::info!(event = "job_report_repeated", job = %id, tries);
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    tries += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
     async fn run_job(&mut self, job: JobView) {
         self.status.busy.store(true, Ordering::Relaxed);
         let total = match job.work {
@@ -287,17 +325,22 @@ impl Worker {
             _ => self.config.work_time,
         };
         tokio::time::sleep(total / 2).await;
-        // Cancelled meanwhile: stop early, the engine already has its final state.
-        let halfway = self.calls.progress(job.id, 50).await;
+        // Cancelled meanwhile: stop early, the queue already has its final state. A
+        // transient refusal of the report does not stop the work: the outcome is
+        // what matters, and it is repeated until it gets through.
+        let halfway = match self.calls.progress(job.id, 50).await {
+            Err(e) if transient(e) => Ok(()),
+            r => r.map(|_| ()),
+        };
         if halfway.is_ok() {
             tokio::time::sleep(total / 2).await;
         }
         let result = match halfway {
             Err(e) => Err(e),
-            Ok(_) if simulate(job.work, job.attempts).is_ok() => {
-                self.calls.complete(job.id).await.map(|v| (v, true))
+            Ok(()) => {
+                let ok = simulate(job.work, job.attempts).is_ok();
+                self.report(job.id, ok).await.map(|v| (v, ok))
             }
-            Ok(_) => self.calls.fail(job.id).await.map(|v| (v, false)),
         };
         match result {
             Ok((view, ok)) => {

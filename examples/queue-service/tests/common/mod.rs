@@ -124,7 +124,14 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1"])
             .args(["--requirepass", ADMIN_PASSWORD])
             .args(["--dir", &self.dir.path().to_string_lossy()])
-            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -201,7 +208,11 @@ impl Drop for RedisServer {
 /// redis-server). `None` (after saying so) when openssl is missing and Redis is
 /// not required.
 pub fn make_certificates() -> Option<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("qs-redis-tls-{}-{}", std::process::id(), free_port()));
+    let dir = std::env::temp_dir().join(format!(
+        "qs-redis-tls-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").unwrap();
     let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
@@ -233,7 +244,10 @@ pub fn make_certificates() -> Option<PathBuf> {
         if !ok {
             let _ = std::fs::remove_dir_all(&dir);
             let required = std::env::var("PORTCULLIS_REQUIRE_REDIS").is_ok_and(|v| v == "1");
-            assert!(!required, "PORTCULLIS_REQUIRE_REDIS=1 but openssl could not make test certificates");
+            assert!(
+                !required,
+                "PORTCULLIS_REQUIRE_REDIS=1 but openssl could not make test certificates"
+            );
             eprintln!("SKIPPED: openssl is not available; the demo's rediss:// test did not run");
             return None;
         }
@@ -417,7 +431,7 @@ impl Drop for DemoProcess {
     }
 }
 
-/// Polls `f` every 20 ms until it returns `Some`, for at most `secs` seconds.
+/// Polls `f` every 100 ms (well within the client's rate limit) until it returns `Some`, for at most `secs` seconds.
 pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
     what: &str,
     secs: u64,
@@ -432,6 +446,6 @@ pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
