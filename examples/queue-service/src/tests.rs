@@ -385,11 +385,93 @@ fn the_queue_limits_from_the_environment() {
         &[("PORTCULLIS_DEMO_MAX_DEPTH", "ten")],
         &[("PORTCULLIS_DEMO_MAX_DEPTH", "")],
         &[("PORTCULLIS_DEMO_MAX_DEPTH", "1000001")],
+        &[("PORTCULLIS_DEMO_LEASE_SECS", "0")],
+        &[("PORTCULLIS_DEMO_LEASE_SECS", "3601")],
+        &[("PORTCULLIS_DEMO_LEASE_SECS", "5m")],
     ];
     for bad in BAD {
         let e = queue_config(env(bad)).unwrap_err();
         assert!(e.starts_with(bad[0].0), "{bad:?}: {e}");
     }
+}
+
+#[test]
+fn the_lease_and_the_redis_settings_from_the_environment() {
+    let one = |name: &'static str, value: &'static str| {
+        move |k: &str| (k == name).then(|| value.to_owned())
+    };
+    assert_eq!(
+        queue_config(|_| None).unwrap().lease,
+        Duration::from_secs(300)
+    );
+    let c = queue_config(one("PORTCULLIS_DEMO_LEASE_SECS", "3600")).unwrap();
+    assert_eq!(c.lease, Duration::from_secs(MAX_LEASE_SECS));
+    assert_eq!(redis_namespace(|_| None).unwrap(), "portcullis-demo");
+    let ns = one("PORTCULLIS_DEMO_REDIS_NAMESPACE", "acme.jobs-1_a");
+    assert_eq!(redis_namespace(ns).unwrap(), "acme.jobs-1_a");
+    let long: &'static str = "n".repeat(65).leak();
+    for bad in ["a:b", "a*", "a b", "ns/x", "ümlaut", long] {
+        let e = redis_namespace(one("PORTCULLIS_DEMO_REDIS_NAMESPACE", bad)).unwrap_err();
+        assert!(
+            e.starts_with("PORTCULLIS_DEMO_REDIS_NAMESPACE"),
+            "{bad}: {e}"
+        );
+        assert!(!e.contains(bad), "the value is not echoed: {e}");
+    }
+}
+
+#[test]
+fn a_redis_url_never_shows_in_errors_or_debug() {
+    use crate::redis_queue::RedisQueue;
+    let secret = "hunter2-redis-pw";
+    let config = QueueConfig::default();
+    let q = RedisQueue::new(
+        &format!("redis://:{secret}@127.0.0.1:1/0"),
+        None,
+        "ns",
+        [0; 32],
+        config,
+    )
+    .unwrap();
+    assert!(!format!("{q:?}").contains(secret));
+    assert_eq!(q.prefix(), "ns:q:");
+    for bad in [
+        format!("redis://:{secret}@[not-a-host/0"),
+        format!("rediss://:{secret}@localhost:1/0#insecure"),
+        format!("nope://:{secret}@h:1"),
+    ] {
+        let e = RedisQueue::new(&bad, None, "ns", [0; 32], config).unwrap_err();
+        assert!(!e.contains(secret), "{e}");
+    }
+    // A CA certificate needs a rediss:// URL.
+    let plain = format!("redis://:{secret}@127.0.0.1:1/0");
+    let e = RedisQueue::new(&plain, Some(b"pem"), "ns", [0; 32], config).unwrap_err();
+    assert!(e.contains("rediss://") && !e.contains(secret), "{e}");
+    let args = ["--redis".to_owned(), plain];
+    let e = parse_args(&args, |_| None).unwrap();
+    assert!(!format!("{e:?}").contains(secret));
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_stops_the_start_without_showing_the_url() {
+    let secret = "hunter2-redis-pw";
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://:{secret}@127.0.0.1:{port}/0");
+    let url = &url;
+    let get = move |k: &str| match k {
+        "PORTCULLIS_DEMO_ADDR" => Some("127.0.0.1:0".to_owned()),
+        "REDIS_URL" => Some(url.clone()),
+        _ => None,
+    };
+    let Err(e) = start(&[], get).await else {
+        panic!("started without Redis")
+    };
+    assert!(e.to_string().contains("did not answer"), "{e}");
+    assert!(!e.to_string().contains(secret), "{e}");
 }
 
 /// The longest lifetime the settings allow is one every enqueue can compute with:
