@@ -45,6 +45,7 @@ pub mod jobs;
 pub mod queue;
 pub mod redis_queue;
 pub mod routes;
+pub mod session;
 #[cfg(test)]
 mod tests;
 pub mod worker;

@@ -18,7 +18,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::handler::Handler;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use axum::http::request::Parts;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Extension, Json, Router};
@@ -34,6 +34,7 @@ use crate::auth;
 use crate::guard::Guard;
 use crate::jobs::Jobs;
 use crate::queue::{Enqueued, JobId, JobState, JobView, QueueError};
+use crate::session;
 use crate::worker::{WorkerSnapshot, WorkerStatus};
 
 /// The largest request body accepted (bytes).
@@ -106,6 +107,8 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
     let not_found = || async { problem(StatusCode::NOT_FOUND, "No such resource.") };
     let public = Router::new()
         .route("/health", get(health))
+        .route("/dashboard/login", get(session::login_form))
+        .route("/dashboard/logout", post(session::logout))
         .method_not_allowed_fallback(not_allowed);
     let stack = guard.stack();
     let protected = Router::new()
@@ -117,10 +120,20 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
         .route("/v1/jobs/{id}/fail", post(fail))
         .route("/v1/admin/stats", get(stats))
         .route("/v1/admin/dlq", get(dlq))
-        .route("/dashboard", get(dashboard))
         .route_layer((stack.clone(), auth::ScopeCheckLayer))
         .fallback(not_found.layer(stack.clone()))
         .method_not_allowed_fallback(not_allowed.layer(stack));
+    // The dashboard: its own stack (API keys, or a session token from the cookie),
+    // and the login, whose form key the stack authenticates.
+    let dashboard = Router::new()
+        .route("/dashboard", get(dashboard))
+        .route_layer((guard.dashboard_stack(), auth::ScopeCheckLayer))
+        .route_layer(axum::middleware::from_fn(session::cookie_to_bearer));
+    let login = Router::new()
+        .route("/dashboard/login", post(session::login))
+        .route_layer((guard.stack(), auth::ScopeCheckLayer))
+        .route_layer(axum::middleware::from_fn(session::form_key_to_header))
+        .route_layer(Extension(guard.clone()));
     let stack = guard.internal_stack();
     let internal = Router::new()
         .route("/internal/latest-runs", post(latest_runs))
@@ -129,6 +142,8 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
     guard
         .public(public)
         .merge(protected)
+        .merge(dashboard)
+        .merge(login)
         .merge(internal)
         .with_state(state)
 }
@@ -512,24 +527,11 @@ async fn dashboard(State(s): State<AppState>) -> Response {
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta http-equiv=\"refresh\" content=\"5\"><title>portcullis demo queue</title>\
          <style>body{{font-family:sans-serif;margin:2em}}th{{text-align:left;padding-right:2em}}</style>\
-         </head><body><h1>Job queue</h1><table>\n{rows}</table></body></html>\n"
+         </head><body><h1>Job queue</h1><table>\n{rows}</table>\
+         <form method=\"post\" action=\"/dashboard/logout\"><button type=\"submit\">Sign out</button></form>\
+         </body></html>\n"
     );
     let mut res = (StatusCode::OK, html).into_response();
-    let h = res.headers_mut();
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        HeaderName::from_static("content-security-policy"),
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
-        ),
-    );
-    h.insert(
-        HeaderName::from_static("x-content-type-options"),
-        HeaderValue::from_static("nosniff"),
-    );
+    session::html_headers(res.headers_mut());
     res
 }

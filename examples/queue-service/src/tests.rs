@@ -514,10 +514,19 @@ fn every_route_is_in_the_scope_table_once() {
     for (m, p, _) in ROUTES {
         assert!(seen.insert((m.clone(), *p)), "{m} {p} listed twice");
     }
+    let public: Vec<(&str, &str)> = ROUTES
+        .iter()
+        .filter(|r| r.2 == Access::Public)
+        .map(|(m, p, _)| (m.as_str(), *p))
+        .collect();
     assert_eq!(
-        ROUTES.iter().filter(|r| r.2 == Access::Public).count(),
-        1,
-        "only /health is public"
+        public,
+        [
+            ("GET", "/health"),
+            ("GET", "/dashboard/login"),
+            ("POST", "/dashboard/logout")
+        ],
+        "only these are public"
     );
 }
 
@@ -529,6 +538,12 @@ fn concrete(path: &str) -> String {
 async fn without_a_principal_every_protected_route_is_401_and_health_is_public() {
     let demo = Demo::start(fast_queue(), fast_worker()).await;
     for (method, path, access) in ROUTES {
+        if (method.as_str(), *path) == ("POST", "/dashboard/login") {
+            continue; // its credential comes from a same-origin form: its own test
+        }
+        if (method.as_str(), *path) == ("POST", "/dashboard/logout") {
+            continue; // same-origin only: its own test
+        }
         let body = (*method == "POST" || *method == "PATCH").then_some("{not json");
         let r = demo
             .call(method.as_str(), &concrete(path), None, body)
@@ -588,6 +603,9 @@ async fn a_principal_without_the_scope_is_403_insufficient_scope() {
         let Access::Scope(scope) = access else {
             continue;
         };
+        if *path == "/dashboard/login" {
+            continue; // its credential comes from a same-origin form: its own test
+        }
         let r = demo
             .call(method.as_str(), &concrete(path), Some("nobody"), Some("{}"))
             .await;
@@ -1767,4 +1785,217 @@ async fn trusted_proxies_come_from_the_environment() {
     assert_eq!(r.status, 403, "{r:?}");
     let _ = stop.send(());
     server.await.unwrap().unwrap();
+}
+
+/// A form POST of `body` to the login with these extra header lines, as a browser
+/// sends it (`Host: demo`).
+async fn login_with(demo: &Demo, body: &str, headers: &[&str]) -> Reply {
+    let mut req = format!(
+        "POST /dashboard/login HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    raw(demo.addr, req.as_bytes()).await
+}
+
+/// The key of a named credential.
+fn key_of<'a>(demo: &'a Demo, who: &str) -> &'a str {
+    demo.auth(who).strip_prefix("X-API-Key: ").unwrap()
+}
+
+const SAME_ORIGIN: &str = "Origin: http://demo";
+
+/// The session token a successful login sets.
+fn session_token(r: &Reply) -> String {
+    let cookie = r.header("set-cookie").expect("a cookie");
+    let (pair, _) = cookie.split_once(';').unwrap();
+    pair.strip_prefix("pc_dashboard=").unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn the_dashboard_login_sets_a_session_cookie_for_the_dashboard_only() {
+    let demo = Demo::manual(fast_queue()).await;
+    let form = demo.call("GET", "/dashboard/login", None, None).await;
+    assert_eq!(form.status, 200);
+    assert!(
+        form.body
+            .contains(r#"<form method="post" action="/dashboard/login">"#)
+    );
+    assert!(form.body.contains(r#"name="key""#));
+    let csp = form.header("content-security-policy").unwrap();
+    assert!(csp.contains("form-action 'self'") && csp.starts_with("default-src 'none'"));
+
+    let admin = key_of(&demo, "admin").to_owned();
+    let r = login_with(&demo, &format!("key={admin}"), &[SAME_ORIGIN]).await;
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location"), Some("/dashboard"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let cookie = r.header("set-cookie").unwrap();
+    assert!(
+        cookie.ends_with("; Path=/dashboard; Max-Age=600; HttpOnly; SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(!r.body.contains(&admin) && !cookie.contains(&admin));
+    let token = session_token(&r);
+    let with_cookie = format!("Cookie: theme=dark; pc_dashboard={token}");
+
+    // The cookie opens the dashboard.
+    let page = demo
+        .call_with("GET", "/dashboard", &[&with_cookie], None)
+        .await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.body.contains("<h1>Job queue</h1>"));
+    assert!(page.body.contains(r#"action="/dashboard/logout""#));
+    // It opens nothing else: no API route reads the cookie, and its token is not
+    // one the API accepts.
+    let bearer = format!("Authorization: Bearer {token}");
+    for path in [
+        "/v1/admin/stats",
+        "/v1/admin/dlq",
+        "/v1/jobs/00000000000000000000000000000000",
+    ] {
+        for h in [&with_cookie, &bearer] {
+            let r = demo.call_with("GET", path, &[h], None).await;
+            r.assert_problem(401);
+        }
+    }
+    let r = demo
+        .call_with("POST", "/internal/latest-runs", &[&bearer], Some("{}"))
+        .await;
+    r.assert_problem(401);
+    // A credential header wins over the cookie: the client key has no
+    // dashboard:read.
+    let client = demo.auth("client").to_owned();
+    let r = demo
+        .call_with("GET", "/dashboard", &[&client, &with_cookie], None)
+        .await;
+    r.assert_problem(403);
+
+    // Logout clears it.
+    let r = demo
+        .call_with(
+            "POST",
+            "/dashboard/logout",
+            &[SAME_ORIGIN, &with_cookie],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location"), Some("/dashboard/login"));
+    assert_eq!(
+        r.header("set-cookie"),
+        Some("pc_dashboard=; Path=/dashboard; Max-Age=0; HttpOnly; SameSite=Strict")
+    );
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_dashboard_logins_and_cookies_are_refused_and_never_echoed() {
+    let secret = [9u8; 32];
+    let demo = Demo::launch(Setup {
+        secret: TokenSecret::from_bytes(&secret),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let admin = key_of(&demo, "admin").to_owned();
+    let form = format!("key={admin}");
+    // Not same-origin: refused before the key is even read.
+    for headers in [
+        &[][..],
+        &["Origin: http://evil.example"],
+        &["Origin: null"],
+        &["Origin: http://demo.evil.example"],
+        &[SAME_ORIGIN, "Sec-Fetch-Site: cross-site"],
+        &[SAME_ORIGIN, "Sec-Fetch-Site: same-site"],
+    ] {
+        let r = login_with(&demo, &form, headers).await;
+        r.assert_problem(403);
+        assert!(r.header("set-cookie").is_none());
+        assert!(
+            !r.body.contains(&admin) && !r.body.contains("evil"),
+            "{r:?}"
+        );
+    }
+    let r = demo.call_with("POST", "/dashboard/logout", &[], None).await;
+    r.assert_problem(403);
+    assert!(r.header("set-cookie").is_none());
+    // Same-origin, but no usable key: the stack refuses it like any request.
+    let planted = "pc_test_notARealKey000000000000000000";
+    for body in [
+        format!("key={planted}"),
+        String::new(),
+        "key=".to_owned(),
+        format!("key={admin}&key={admin}"),
+        "key=%3Cscript%3E".to_owned(),
+    ] {
+        let r = login_with(&demo, &body, &[SAME_ORIGIN]).await;
+        r.assert_problem(401);
+        assert!(r.header("set-cookie").is_none());
+        assert!(
+            !r.body.contains(planted) && !r.body.contains("script"),
+            "{r:?}"
+        );
+    }
+    // A key without dashboard:read.
+    let client = key_of(&demo, "client").to_owned();
+    let r = login_with(&demo, &format!("key={client}"), &[SAME_ORIGIN]).await;
+    r.assert_problem(403);
+    assert!(r.header("set-cookie").is_none());
+    // A credential header is not a login: only the form's key counts.
+    let admin_header = demo.auth("admin").to_owned();
+    let r = login_with(&demo, "", &[SAME_ORIGIN, &admin_header]).await;
+    r.assert_problem(401);
+    // Not a form.
+    let mut req = format!(
+        "POST /dashboard/login HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n{SAME_ORIGIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        form.len()
+    );
+    req.push_str(&form);
+    raw(demo.addr, req.as_bytes()).await.assert_problem(415);
+    let big = format!("key={}", "a".repeat(2000));
+    login_with(&demo, &big, &[SAME_ORIGIN])
+        .await
+        .assert_problem(413);
+
+    // Cookies the dashboard refuses: an API token (wrong audience), an expired or
+    // forged session, garbage.
+    let cookie = |t: &str| format!("Cookie: pc_dashboard={t}");
+    let worker = demo
+        .auth("worker")
+        .strip_prefix("Authorization: Bearer ")
+        .unwrap()
+        .to_owned();
+    let aud = guard::DASHBOARD_AUDIENCE;
+    let expired = craft_token(&secret, aud, "dashboard:read", -700, -100);
+    let forged = craft_token(&[1u8; 32], aud, "dashboard:read", -10, 600);
+    let valid = craft_token(&secret, aud, "dashboard:read", -10, 600);
+    let no_scope = craft_token(&secret, aud, "jobs:read", -10, 600);
+    for (t, status) in [
+        (worker.as_str(), 401),
+        (expired.as_str(), 401),
+        (forged.as_str(), 401),
+        ("not-a-token", 401),
+        ("<script>alert(1)</script>", 401),
+        (no_scope.as_str(), 403),
+        (valid.as_str(), 200),
+    ] {
+        let r = demo
+            .call_with("GET", "/dashboard", &[&cookie(t)], None)
+            .await;
+        assert_eq!(r.status, status, "{t}: {r:?}");
+        assert!(!r.body.contains("script") && !r.body.contains(t), "{r:?}");
+    }
+    // Two session cookies: ambiguous, neither is used.
+    let two = format!("Cookie: pc_dashboard={valid}; pc_dashboard={valid}");
+    demo.call_with("GET", "/dashboard", &[&two], None)
+        .await
+        .assert_problem(401);
+    demo.shutdown().await;
 }
