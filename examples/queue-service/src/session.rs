@@ -241,7 +241,9 @@ fn page(title: &str, body: &str) -> Response {
 }
 
 /// The headers of every dashboard page: HTML, never cached, no scripts, forms
-/// posting to this origin only, never framed.
+/// posting to this origin only, never framed, no referrer sent to other sites
+/// (`same-origin`, not `no-referrer`: with the latter a browser sends
+/// `Origin: null` with the form, and the same-origin check refuses it).
 pub fn html_headers(h: &mut HeaderMap) {
     h.insert(
         CONTENT_TYPE,
@@ -260,7 +262,7 @@ pub fn html_headers(h: &mut HeaderMap) {
     );
     h.insert(
         HeaderName::from_static("referrer-policy"),
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
 }
 

@@ -1999,3 +1999,74 @@ async fn bad_dashboard_logins_and_cookies_are_refused_and_never_echoed() {
         .assert_problem(401);
     demo.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_real_browser_logs_in_sees_the_figures_and_is_refused_after_logout() {
+    let Some(driver) = browser_driver() else {
+        return;
+    };
+    let demo = Demo::manual(fast_queue()).await;
+    demo.call(
+        "POST",
+        "/v1/jobs",
+        Some("client"),
+        Some(r#"{"input":"seen after a login"}"#),
+    )
+    .await;
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join("dashboard-login.png");
+    let _ = std::fs::remove_file(&shot);
+    let base = format!("http://{}", demo.addr);
+    let key = key_of(&demo, "admin").to_owned();
+    let out = {
+        let (driver, shot) = (driver.clone(), shot.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("node")
+                .arg(driver.join("dashboard_login.mjs"))
+                .args([base.as_str(), key.as_str()])
+                .arg(&shot)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "browser driver failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(seen["before_status"], 401, "{seen}");
+    assert_eq!(seen["login_status"], 200, "{seen}");
+    assert_eq!(
+        seen["url"],
+        format!("http://{}/dashboard", demo.addr),
+        "{seen}"
+    );
+    assert_eq!(seen["heading"], "Job queue", "{seen}");
+    assert_eq!(seen["cells"]["queued"], "1", "{seen}");
+    assert_eq!(seen["cells"]["backend"], "memory", "{seen}");
+    let cookie = &seen["cookie"];
+    assert_eq!(cookie["httpOnly"], true, "{seen}");
+    assert_eq!(cookie["sameSite"], "Strict", "{seen}");
+    assert_eq!(cookie["path"], "/dashboard", "{seen}");
+    assert!(
+        cookie["expires"].as_f64().unwrap() > 0.0,
+        "a session of limited life: {seen}"
+    );
+    assert_eq!(seen["script_sees_cookie"], false, "{seen}");
+    assert_eq!(seen["api_status"], 401, "the cookie grants no API: {seen}");
+    assert_eq!(seen["cookies_after_logout"], 0, "{seen}");
+    assert_eq!(seen["after_status"], 401, "{seen}");
+    assert_eq!(seen["after_has_figures"], false, "{seen}");
+    let png = std::fs::read(&shot).expect("a screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 1000,
+        "a real PNG"
+    );
+    println!("screenshot: {}", shot.display());
+    demo.shutdown().await;
+}

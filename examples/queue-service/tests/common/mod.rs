@@ -292,9 +292,16 @@ impl Creds {
     /// The environment of an instance: these credentials, a free port, Redis at
     /// `url`, and `extra`.
     pub fn env(&self, url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env = self.env_in_memory(extra);
+        env.push(("REDIS_URL".to_owned(), url.to_owned()));
+        env
+    }
+
+    /// The environment of an instance with its queue in memory: these
+    /// credentials, a free port, and `extra`.
+    pub fn env_in_memory(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut env = vec![
             ("PORTCULLIS_DEMO_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
-            ("REDIS_URL".to_owned(), url.to_owned()),
             (
                 "PORTCULLIS_DEMO_KEY_FILE".to_owned(),
                 self.dir.path().join("keys.toml").display().to_string(),
@@ -330,6 +337,27 @@ impl Reply {
     }
 }
 
+/// One HTTP/1.1 request on a fresh connection with a raw body and exactly these
+/// headers (plus `Host`, `Connection: close` and `Content-Length`).
+pub async fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    send(addr, req).await
+}
+
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
 pub async fn http(
     addr: SocketAddr,
@@ -350,6 +378,10 @@ pub async fn http(
     }
     req.push_str("\r\n");
     req.push_str(body.unwrap_or(""));
+    send(addr, req).await
+}
+
+async fn send(addr: SocketAddr, req: String) -> Reply {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
