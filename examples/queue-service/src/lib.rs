@@ -34,7 +34,7 @@
 //! Modules: [`queue`] the in-memory engine, [`redis_queue`] the same queue in
 //! Redis, [`jobs`] the one interface over both, [`worker`] the in-process worker, [`client`] its
 //! HTTP client, [`routes`] the handlers, [`auth`] the one scope table, [`guard`]
-//! the layers and credentials.
+//! the layers and credentials, [`session`] the dashboard's login and cookie.
 
 #![forbid(unsafe_code)]
 
@@ -351,7 +351,8 @@ pub fn banner(bound: SocketAddr, credentials: &Credentials) -> String {
          -d '{{\"input\":\"resize photo-1\",\"priority\":5}}' {base}/v1/jobs | sed -E 's/.*\"id\":\"([0-9a-f]+)\".*/\\1/')\n\
          curl -s -H 'X-API-Key: {client}' {base}/v1/jobs/$JOB\n\
          curl -s -H 'X-API-Key: {admin}' {base}/v1/admin/stats\n\
-         curl -s -H 'X-API-Key: {admin}' {base}/dashboard\n"
+         curl -s -H 'X-API-Key: {admin}' {base}/dashboard\n\
+         \nIn a browser: {base}/dashboard/login (sign in with the admin key).\n"
     ));
     out
 }
