@@ -1148,6 +1148,46 @@ async fn a_worker_whose_token_is_refused_changes_nothing_and_pauses() {
     demo.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_worker_over_its_limit_repeats_the_outcome_until_it_gets_through() {
+    let secret = TokenSecret::generate().unwrap();
+    let demo_guard = Guard::new(
+        GuardConfig::new(
+            guard::demo_keys(guard::DEMO_KEYS).unwrap().1,
+            secret.clone(),
+            IpSet::parse(DEFAULT_INTERNAL).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // Not the worker's own subject: the principal quota applies, one call a second.
+    let slow_lane = demo_guard.issuer("slow-lane-worker", "jobs:work").unwrap();
+    let demo = Demo::launch(Setup {
+        worker_issuer: Some(slow_lane),
+        rate: Quota::per_second(1).unwrap(),
+        secret,
+        ..Setup::new(fast_queue(), Some(fast_worker()))
+    })
+    .await;
+    let id = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await
+        .id();
+    let state = demo.state.clone();
+    // The claim passes; the progress report and the first completions get 429; the
+    // completion is repeated until the quota lets it through.
+    eventually("completed", || {
+        job_state(&state, &id) == JobState::Completed
+    })
+    .await;
+    let v = state.queue.get(JobId::parse(&id).unwrap()).await.unwrap();
+    assert_eq!(v.attempts, 0, "{v:?}");
+    let s = serde_json::to_value(routes::gather(&state).await.unwrap()).unwrap();
+    assert!(s["rate_limited"].as_u64().unwrap() >= 2, "{s}");
+    assert_eq!(s["worker"]["paused"], false, "{s}");
+    demo.shutdown().await;
+}
+
 /// A token signed with `secret`, with these claims (times relative to now).
 fn craft_token(secret: &[u8], aud: &str, scope: &str, iat: i64, exp: i64) -> String {
     let now = SystemTime::now()
