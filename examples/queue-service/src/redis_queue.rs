@@ -44,10 +44,11 @@ use crate::queue::{
     Enqueued, JobId, JobState, JobView, QueueConfig, QueueError, QueueStats, Work, input_hmac,
 };
 
-/// How long one queue operation may wait for Redis.
+/// How long one queue operation may wait for Redis, making a connection included.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long one connection attempt may take (TCP, TLS, `AUTH`).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The client's own bound on one connection attempt (TCP, TLS, `AUTH`); the
+/// operation that needs the connection is bounded by [`CALL_TIMEOUT`] first.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The `Retry-After` of a refusal while Redis is unavailable.
 pub const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(2);
 
