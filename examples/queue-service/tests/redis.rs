@@ -225,27 +225,29 @@ async fn a_retry_is_not_claimed_before_its_time(b: &Backend) {
 }
 
 async fn a_lapsed_lease_is_a_failed_attempt(b: &Backend) {
+    // A check that the job still runs comes half a lease before the lease ends;
+    // a check that it lapsed comes after the end, which a slow machine only delays.
     let q = b
         .make(QueueConfig {
-            lease: 300 * MS,
+            lease: 1000 * MS,
             max_attempts: 2,
             ..config()
         })
         .await;
     let a = new(&q, "o", "a", 0).await;
     q.start(a).await.unwrap();
-    tokio::time::sleep(200 * MS).await;
+    tokio::time::sleep(500 * MS).await;
     q.progress(a, 10).await.unwrap(); // renews the lease
-    tokio::time::sleep(200 * MS).await;
-    assert_eq!(state(&q, a).await, JobState::Running);
-    tokio::time::sleep(150 * MS).await;
+    tokio::time::sleep(500 * MS).await;
+    assert_eq!(state(&q, a).await, JobState::Running, "renewed");
+    tokio::time::sleep(600 * MS).await;
     let v = q.get(a).await.unwrap();
     assert_eq!((v.state, v.attempts), (JobState::Failed, 1));
     // The worker that lost it can no longer complete it.
     assert_eq!(illegal(q.complete(a).await), JobState::Failed);
     tokio::time::sleep(50 * MS).await;
     q.start(a).await.unwrap();
-    tokio::time::sleep(350 * MS).await;
+    tokio::time::sleep(1100 * MS).await;
     let v = q.get(a).await.unwrap();
     assert_eq!((v.state, v.attempts), (JobState::DeadLettered, 2));
 }
@@ -253,7 +255,7 @@ async fn a_lapsed_lease_is_a_failed_attempt(b: &Backend) {
 async fn jobs_expire_after_their_ttl(b: &Backend) {
     let q = b
         .make(QueueConfig {
-            ttl: 300 * MS,
+            ttl: 1000 * MS,
             ..config()
         })
         .await;
@@ -261,7 +263,7 @@ async fn jobs_expire_after_their_ttl(b: &Backend) {
     let c = new(&q, "o", "c", 0).await;
     q.start(c).await.unwrap();
     q.complete(c).await.unwrap();
-    tokio::time::sleep(350 * MS).await;
+    tokio::time::sleep(1100 * MS).await;
     assert_eq!(q.get(a).await, Err(QueueError::NotFound));
     assert_eq!(q.get(c).await, Err(QueueError::NotFound));
     assert!(q.peek_next().await.unwrap().is_none());
@@ -499,7 +501,8 @@ async fn the_binary_killed_mid_job_completes_it_once_after_a_restart() {
         return;
     };
     let creds = Creds::new();
-    let env = creds.env(&server.url(), &[("PORTCULLIS_DEMO_LEASE_SECS", "2")]);
+    // A lease of 3 s: the 2 s job reports progress after 1 s, well within it.
+    let env = creds.env(&server.url(), &[("PORTCULLIS_DEMO_LEASE_SECS", "3")]);
     let demo = DemoProcess::spawn(&env);
     // A slow job: 2 s of work, progress reported halfway.
     let r = enqueue_http(demo.addr, &creds.client, "slow monthly report").await;
