@@ -87,8 +87,11 @@ pub struct AppState {
     pub worker: Arc<WorkerStatus>,
 }
 
-/// The router: `/health` in the open; every other route (and unknown paths) behind
-/// `guard`'s stack and the scope check of [`auth::ROUTES`];
+/// The router: `/health`, the dashboard's login form and its logout in the open
+/// (behind the outer layers only); every other route (and unknown paths) behind
+/// `guard`'s stack and the scope check of [`auth::ROUTES`]: `GET /dashboard` behind
+/// the dashboard's stack, which also takes the session cookie ([`session`]),
+/// `POST /dashboard/login` behind the main stack once its form key is a header,
 /// `/internal/latest-runs` behind the stack with the internal allowlist. JSON
 /// errors; the body limit is [`JsonBody`]'s. The refusal counters wrap it in
 /// [`crate::service`].

@@ -185,15 +185,15 @@ pub struct Worker {
     status: Arc<WorkerStatus>,
 }
 
-/// The longest the worker waits before looking again while the queue's store is
+/// The least the worker waits before looking again while the queue's store is
 /// unavailable.
 const UNAVAILABLE_POLL: Duration = Duration::from_millis(250);
 
 /// How often an outcome is reported before the worker gives up on it (the lease
-/// then lapses and the job is retried), and the first delay between two reports
-/// (doubling: 0.1 s to 3.2 s, 6.3 s in all, longer than the rate limiter's
-/// default cool-down).
+/// then lapses and the job is retried).
 const REPORT_TRIES: u32 = 7;
+/// The first delay between two reports of an outcome, doubling: 0.1 s to 3.2 s,
+/// 6.3 s in all, longer than the rate limiter's default cool-down.
 const REPORT_FIRST_DELAY: Duration = Duration::from_millis(100);
 
 /// Whether a failed call may succeed if repeated: the service was briefly
