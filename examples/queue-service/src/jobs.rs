@@ -82,9 +82,22 @@ impl Jobs {
     /// Sets a state by name: `running` claims, `completed` completes (again: the
     /// job unchanged), `failed` records a failed attempt, `cancelled` cancels.
     pub async fn set_state(&self, id: JobId, to: JobState) -> Result<JobView, QueueError> {
+        self.set_state_for(id, to, None).await
+    }
+
+    /// [`set_state`](Self::set_state) for the run that claimed the job after
+    /// `attempt` failed attempts, if given: a running job claimed again since
+    /// (that run's lease lapsed) refuses it ([`QueueError::IllegalTransition`]), so a
+    /// stale run never records an outcome over the live one.
+    pub async fn set_state_for(
+        &self,
+        id: JobId,
+        to: JobState,
+        attempt: Option<u32>,
+    ) -> Result<JobView, QueueError> {
         match self {
-            Self::Memory(q) => q.set_state(id, to),
-            Self::Redis(q) => q.set_state(id, to).await,
+            Self::Memory(q) => q.set_state_for(id, to, attempt),
+            Self::Redis(q) => q.set_state(id, to, attempt).await,
         }
     }
 
@@ -95,9 +108,20 @@ impl Jobs {
 
     /// Records progress on a running job and renews its lease.
     pub async fn progress(&self, id: JobId, progress: u8) -> Result<JobView, QueueError> {
+        self.progress_for(id, progress, None).await
+    }
+
+    /// [`progress`](Self::progress) for the run that claimed the job after
+    /// `attempt` failed attempts, if given (as [`set_state_for`](Self::set_state_for)).
+    pub async fn progress_for(
+        &self,
+        id: JobId,
+        progress: u8,
+        attempt: Option<u32>,
+    ) -> Result<JobView, QueueError> {
         match self {
-            Self::Memory(q) => q.progress(id, progress),
-            Self::Redis(q) => q.progress(id, progress).await,
+            Self::Memory(q) => q.progress_for(id, progress, attempt),
+            Self::Redis(q) => q.progress(id, progress, attempt).await,
         }
     }
 

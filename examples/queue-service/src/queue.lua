@@ -134,6 +134,15 @@ local function views(ids)
   return out
 end
 
+-- A running job claimed by another run than the one after `expected` failed
+-- attempts (when given): the state that refuses the change, else nil.
+local function stale(id, expected)
+  if not expected or expected == '' then return nil end
+  local j = redis.call('HMGET', jk(id), 'state', 'att')
+  if j[1] == 'running' and j[2] ~= expected then return 'running' end
+  return nil
+end
+
 local function reply(r)
   if r[1] == 'ok' then return cjson.encode({ok = r[2]}) end
   if r[1] == 'illegal' then return cjson.encode({illegal = r[2]}) end
@@ -191,18 +200,31 @@ elseif op == 'peek' then
   local v = first[1] and view(first[1])
   if v then result = cjson.encode({ok = v}) else result = cjson.encode({none = true}) end
 elseif op == 'set' then
-  result = reply(transition(ARGV[9], ARGV[10]))
+  -- id, state, the claiming run's attempts ('' for any)
+  local s = redis.call('HGET', jk(ARGV[9]), 'state')
+  local stale_by = ARGV[10] ~= 'running' and s ~= 'completed' and stale(ARGV[9], ARGV[11])
+  if stale_by then
+    result = cjson.encode({illegal = stale_by})
+  else
+    result = reply(transition(ARGV[9], ARGV[10]))
+  end
 elseif op == 'fail' then
+  -- id, the claiming run's attempts ('' for any)
   local s = redis.call('HGET', jk(ARGV[9]), 'state')
   if s and s ~= 'running' then
     result = cjson.encode({illegal = s})
+  elseif stale(ARGV[9], ARGV[10]) then
+    result = cjson.encode({illegal = 'running'})
   else
     result = reply(fail_attempt(ARGV[9], jitter))
   end
 elseif op == 'progress' then
+  -- id, progress, the claiming run's attempts ('' for any)
   local id, p = ARGV[9], tonumber(ARGV[10])
   local s = redis.call('HGET', jk(id), 'state')
-  if not s then
+  if stale(id, ARGV[11]) then
+    result = cjson.encode({illegal = 'running'})
+  elseif not s then
     result = cjson.encode({nf = true})
   elseif s ~= 'running' then
     result = cjson.encode({illegal = s})

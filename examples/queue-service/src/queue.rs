@@ -560,10 +560,23 @@ impl Queue {
 
     /// Records progress on a running job and renews its lease.
     pub fn progress(&self, id: JobId, progress: u8) -> Result<JobView, QueueError> {
+        self.progress_for(id, progress, None)
+    }
+
+    /// [`progress`](Self::progress) for the run that claimed the job after
+    /// `attempt` failed attempts (if given): refused when the job has been claimed
+    /// again since (that run's lease lapsed).
+    pub fn progress_for(
+        &self,
+        id: JobId,
+        progress: u8,
+        attempt: Option<u32>,
+    ) -> Result<JobView, QueueError> {
         if progress > 100 {
             return Err(QueueError::BadProgress);
         }
         let (mut g, now) = self.lock();
+        g.check_run(id, attempt, JobState::Running)?;
         let job = g.jobs.get_mut(&id).ok_or(QueueError::NotFound)?;
         if job.state != JobState::Running {
             return Err(QueueError::IllegalTransition {
@@ -581,20 +594,13 @@ impl Queue {
     /// Completes a running job. Completing a completed job again returns it
     /// unchanged (a worker may repeat a completion whose answer it did not get).
     pub fn complete(&self, id: JobId) -> Result<JobView, QueueError> {
-        let (mut g, now) = self.lock();
-        if let Some(job) = g.jobs.get(&id)
-            && job.state == JobState::Completed
-        {
-            return Ok(job.view(now));
-        }
-        g.transition(id, JobState::Completed, now)
+        self.set_state_for(id, JobState::Completed, None)
     }
 
     /// Records a failed attempt of a running job: `failed` with a backoff before
     /// the retry, or `dead_lettered` after `max_attempts`.
     pub fn fail(&self, id: JobId) -> Result<JobView, QueueError> {
-        let (mut g, now) = self.lock();
-        g.fail_attempt(id, now, &self.config, (self.jitter)())
+        self.set_state_for(id, JobState::Failed, None)
     }
 
     /// Cancels a queued, running or failed job.
@@ -605,14 +611,42 @@ impl Queue {
 
     /// Sets a state by name, as the worker status endpoint does.
     pub fn set_state(&self, id: JobId, to: JobState) -> Result<JobView, QueueError> {
+        self.set_state_for(id, to, None)
+    }
+
+    /// [`set_state`](Self::set_state) for the run that claimed the job after
+    /// `attempt` failed attempts (if given): completing, failing or cancelling a
+    /// running job is refused when it has been claimed again since (that run's
+    /// lease lapsed), so a stale run never records an outcome over a live one.
+    pub fn set_state_for(
+        &self,
+        id: JobId,
+        to: JobState,
+        attempt: Option<u32>,
+    ) -> Result<JobView, QueueError> {
+        let (mut g, now) = self.lock();
         match to {
-            JobState::Running => self.start(id),
-            JobState::Completed => self.complete(id),
-            JobState::Failed => self.fail(id),
-            JobState::Cancelled => self.cancel(id),
+            JobState::Running => g.transition(id, JobState::Running, now),
+            JobState::Completed => {
+                if let Some(job) = g.jobs.get(&id)
+                    && job.state == JobState::Completed
+                {
+                    return Ok(job.view(now));
+                }
+                g.check_run(id, attempt, to)?;
+                g.transition(id, JobState::Completed, now)
+            }
+            JobState::Failed => {
+                g.check_run(id, attempt, to)?;
+                g.fail_attempt(id, now, &self.config, (self.jitter)())
+            }
+            JobState::Cancelled => {
+                g.check_run(id, attempt, to)?;
+                g.transition(id, JobState::Cancelled, now)
+            }
             // Only the engine queues and dead-letters.
             JobState::Queued | JobState::DeadLettered => {
-                let from = self.get(id)?.state;
+                let from = g.jobs.get(&id).ok_or(QueueError::NotFound)?.state;
                 Err(QueueError::IllegalTransition { from, to })
             }
         }
@@ -680,6 +714,20 @@ impl Job {
 }
 
 impl Inner {
+    /// A running job claimed by another run than the one after `attempt` failed
+    /// attempts: [`QueueError::IllegalTransition`].
+    fn check_run(&self, id: JobId, attempt: Option<u32>, to: JobState) -> Result<(), QueueError> {
+        match (self.jobs.get(&id), attempt) {
+            (Some(j), Some(a)) if j.state == JobState::Running && j.attempts != a => {
+                Err(QueueError::IllegalTransition {
+                    from: JobState::Running,
+                    to,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn purge_expired(&mut self, now: Instant) {
         while let Some(&(at, id)) = self.expiry.first() {
             if at > now {

@@ -351,14 +351,22 @@ impl RedisQueue {
     }
 
     /// Sets a state by name, as the worker status endpoint does (`failed` records a
-    /// failed attempt; completing a completed job returns it unchanged).
-    pub async fn set_state(&self, id: JobId, to: JobState) -> Result<JobView, QueueError> {
+    /// failed attempt; completing a completed job returns it unchanged), for the
+    /// run that claimed the job after `attempt` failed attempts if given (see
+    /// [`Queue::set_state_for`](crate::queue::Queue::set_state_for)).
+    pub async fn set_state(
+        &self,
+        id: JobId,
+        to: JobState,
+        attempt: Option<u32>,
+    ) -> Result<JobView, QueueError> {
+        let attempt = attempt.map(|a| a.to_string()).unwrap_or_default();
         let r = match to {
             JobState::Running | JobState::Completed | JobState::Cancelled => {
-                self.call("set", &[id.to_string(), to.as_str().to_owned()])
+                self.call("set", &[id.to_string(), to.as_str().to_owned(), attempt])
                     .await?
             }
-            JobState::Failed => self.call("fail", &[id.to_string()]).await?,
+            JobState::Failed => self.call("fail", &[id.to_string(), attempt]).await?,
             JobState::Queued | JobState::DeadLettered => {
                 let from = self.get(id).await?.state;
                 return Err(QueueError::IllegalTransition { from, to });
@@ -372,13 +380,20 @@ impl RedisQueue {
         })
     }
 
-    /// Records progress on a running job and renews its lease.
-    pub async fn progress(&self, id: JobId, progress: u8) -> Result<JobView, QueueError> {
+    /// Records progress on a running job and renews its lease (for the run that
+    /// claimed it after `attempt` failed attempts, if given).
+    pub async fn progress(
+        &self,
+        id: JobId,
+        progress: u8,
+        attempt: Option<u32>,
+    ) -> Result<JobView, QueueError> {
         if progress > 100 {
             return Err(QueueError::BadProgress);
         }
+        let attempt = attempt.map(|a| a.to_string()).unwrap_or_default();
         let r = self
-            .call("progress", &[id.to_string(), progress.to_string()])
+            .call("progress", &[id.to_string(), progress.to_string(), attempt])
             .await?;
         Self::one(r).map_err(|e| match e {
             QueueError::IllegalTransition { from, .. } => QueueError::IllegalTransition {

@@ -316,6 +316,45 @@ impl<S: Send + Sync> FromRequestParts<S> for JobPath {
     }
 }
 
+/// The query of a worker call: empty, or `attempt=N` (the failed attempts behind
+/// the run that claimed the job, as its claim answered), so a run whose lease
+/// lapsed cannot record an outcome over the run that claimed the job since.
+/// Anything else is [`BadAttempt`].
+pub fn attempt_param(query: Option<&str>) -> Result<Option<u32>, BadAttempt> {
+    match query {
+        None | Some("") => Ok(None),
+        Some(q) => {
+            let n = q.strip_prefix("attempt=").ok_or(BadAttempt)?;
+            if n.is_empty() || n.len() > 10 || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(BadAttempt);
+            }
+            n.parse().map(Some).map_err(|_| BadAttempt)
+        }
+    }
+}
+
+/// A worker call's query that is neither empty nor `attempt=N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadAttempt;
+
+/// The `?attempt=N` of a worker call ([`attempt_param`]); a malformed query is 400.
+pub struct RunAttempt(pub Option<u32>);
+
+impl<S: Send + Sync> FromRequestParts<S> for RunAttempt {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        attempt_param(parts.uri.query())
+            .map(RunAttempt)
+            .map_err(|BadAttempt| {
+                problem(
+                    StatusCode::BAD_REQUEST,
+                    "The query must be empty or attempt=<number>.",
+                )
+            })
+    }
+}
+
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
     (status, [(CACHE_CONTROL, "no-store")], Json(v)).into_response()
 }
@@ -408,9 +447,10 @@ struct StatusRequest {
 async fn set_status(
     State(s): State<AppState>,
     JobPath(id): JobPath,
+    RunAttempt(attempt): RunAttempt,
     JsonBody(req): JsonBody<StatusRequest>,
 ) -> Response {
-    view(s.queue.set_state(id, req.state).await)
+    view(s.queue.set_state_for(id, req.state, attempt).await)
 }
 
 #[derive(Deserialize)]
@@ -422,17 +462,30 @@ struct ProgressRequest {
 async fn set_progress(
     State(s): State<AppState>,
     JobPath(id): JobPath,
+    RunAttempt(attempt): RunAttempt,
     JsonBody(req): JsonBody<ProgressRequest>,
 ) -> Response {
-    view(s.queue.progress(id, req.progress).await)
+    view(s.queue.progress_for(id, req.progress, attempt).await)
 }
 
-async fn complete(State(s): State<AppState>, JobPath(id): JobPath) -> Response {
-    view(s.queue.complete(id).await)
+async fn complete(
+    State(s): State<AppState>,
+    JobPath(id): JobPath,
+    RunAttempt(attempt): RunAttempt,
+) -> Response {
+    view(
+        s.queue
+            .set_state_for(id, JobState::Completed, attempt)
+            .await,
+    )
 }
 
-async fn fail(State(s): State<AppState>, JobPath(id): JobPath) -> Response {
-    view(s.queue.fail(id).await)
+async fn fail(
+    State(s): State<AppState>,
+    JobPath(id): JobPath,
+    RunAttempt(attempt): RunAttempt,
+) -> Response {
+    view(s.queue.set_state_for(id, JobState::Failed, attempt).await)
 }
 
 #[derive(Deserialize)]

@@ -1188,6 +1188,109 @@ async fn a_worker_over_its_limit_repeats_the_outcome_until_it_gets_through() {
     demo.shutdown().await;
 }
 
+#[test]
+fn the_attempt_of_a_worker_call_is_a_number_or_nothing() {
+    assert_eq!(routes::attempt_param(None), Ok(None));
+    assert_eq!(routes::attempt_param(Some("")), Ok(None));
+    assert_eq!(routes::attempt_param(Some("attempt=0")), Ok(Some(0)));
+    assert_eq!(
+        routes::attempt_param(Some("attempt=4294967295")),
+        Ok(Some(u32::MAX))
+    );
+    for bad in [
+        "attempt=",
+        "attempt=-1",
+        "attempt=+1",
+        "attempt=4294967296",
+        "attempt=99999999999",
+        "attempt=1&x=2",
+        "x=1",
+        "attempt=1 ",
+        "attempt=%31",
+        "Attempt=1",
+    ] {
+        assert_eq!(
+            routes::attempt_param(Some(bad)),
+            Err(routes::BadAttempt),
+            "{bad}"
+        );
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn attempt_params_parse_only_what_they_print(n in proptest::prelude::any::<u32>(), q in "\\PC{0,30}") {
+        let printed = format!("attempt={n}");
+        proptest::prop_assert_eq!(routes::attempt_param(Some(&printed)), Ok(Some(n)));
+        if let Ok(Some(m)) = routes::attempt_param(Some(&q)) {
+            proptest::prop_assert_eq!(q, format!("attempt={m}"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_call_for_a_stale_run_is_409() {
+    let demo = Demo::manual(fast_queue()).await;
+    let id = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await
+        .id();
+    let status = format!("/v1/jobs/{id}/status");
+    let r = demo
+        .call(
+            "PATCH",
+            &status,
+            Some("worker"),
+            Some(r#"{"state":"running"}"#),
+        )
+        .await;
+    assert_eq!((r.status, r.json()["attempts"].as_u64()), (200, Some(0)));
+    for path in ["complete", "fail"] {
+        let r = demo
+            .call(
+                "POST",
+                &format!("/v1/jobs/{id}/{path}?attempt=x"),
+                Some("worker"),
+                None,
+            )
+            .await;
+        r.assert_problem(400);
+        assert!(!r.body.contains("attempt=x"));
+        let r = demo
+            .call(
+                "POST",
+                &format!("/v1/jobs/{id}/{path}?attempt=3"),
+                Some("worker"),
+                None,
+            )
+            .await;
+        r.assert_problem(409);
+    }
+    let r = demo
+        .call(
+            "PATCH",
+            &format!("/v1/jobs/{id}/progress?attempt=3"),
+            Some("worker"),
+            Some(r#"{"progress":10}"#),
+        )
+        .await;
+    r.assert_problem(409);
+    assert_eq!(job_state(&demo.state, &id), JobState::Running);
+    let r = demo
+        .call(
+            "POST",
+            &format!("/v1/jobs/{id}/complete?attempt=0"),
+            Some("worker"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["state"].as_str()),
+        (200, Some("completed"))
+    );
+    demo.shutdown().await;
+}
+
 /// A token signed with `secret`, with these claims (times relative to now).
 fn craft_token(secret: &[u8], aud: &str, scope: &str, iat: i64, exp: i64) -> String {
     let now = SystemTime::now()

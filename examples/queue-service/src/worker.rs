@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::client::{CallError, Outcome, WorkerClient};
 use crate::jobs::Jobs;
-use crate::queue::{JobId, JobView, QueueError, Work};
+use crate::queue::{JobId, JobState, JobView, QueueError, Work};
 
 /// How the worker's calls reach the worker endpoints' logic.
 #[derive(Clone, Debug)]
@@ -48,24 +48,27 @@ impl Calls {
         }
     }
 
-    async fn progress(&self, id: JobId, p: u8) -> Result<Outcome, CallError> {
+    async fn progress(&self, id: JobId, p: u8, attempt: u32) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.progress(id, p).await),
-            Self::Http(c) => c.progress(id, p).await,
+            Self::Engine(q) => engine(q.progress_for(id, p, Some(attempt)).await),
+            Self::Http(c) => c.progress(id, p, attempt).await,
         }
     }
 
-    async fn complete(&self, id: JobId) -> Result<Outcome, CallError> {
+    async fn complete(&self, id: JobId, attempt: u32) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.complete(id).await),
-            Self::Http(c) => c.complete(id).await,
+            Self::Engine(q) => engine(
+                q.set_state_for(id, JobState::Completed, Some(attempt))
+                    .await,
+            ),
+            Self::Http(c) => c.complete(id, attempt).await,
         }
     }
 
-    async fn fail(&self, id: JobId) -> Result<Outcome, CallError> {
+    async fn fail(&self, id: JobId, attempt: u32) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.fail(id).await),
-            Self::Http(c) => c.fail(id).await,
+            Self::Engine(q) => engine(q.set_state_for(id, JobState::Failed, Some(attempt)).await),
+            Self::Http(c) => c.fail(id, attempt).await,
         }
     }
 }
@@ -253,8 +256,11 @@ impl Worker {
                     self.status.paused.store(false, Ordering::Relaxed);
                     match self.queue.peek_next().await {
                         // Not raced against shutdown: in-flight work drains.
-                        Ok(Some(job)) => match self.calls.start(job.id).await {
-                            Ok(_) => {
+                        Ok(Some(mut job)) => match self.calls.start(job.id).await {
+                            Ok(claimed) => {
+                                // The run is the claim's: its failed attempts so far
+                                // identify it in every later call.
+                                job.attempts = claimed.attempts;
                                 self.run_job(job).await;
                                 continue;
                             }
@@ -293,18 +299,20 @@ impl Worker {
         self.breaker.record_failure(now());
     }
 
-    /// Reports the outcome of a run (complete or fail), repeated with a doubling
-    /// delay while the service is briefly unavailable or did not answer. Repeating
-    /// is safe: completing a completed job returns it unchanged, and failing a job
-    /// that is no longer running is refused (409) without changing it.
-    async fn report(&self, id: JobId, ok: bool) -> Result<Outcome, CallError> {
+    /// Reports the outcome of a run (complete or fail) as the run that claimed the
+    /// job after `attempt` failed attempts, repeated with a doubling delay while the
+    /// service is briefly unavailable or did not answer. Repeating is safe:
+    /// completing a completed job returns it unchanged, and failing a job that is no
+    /// longer running, or running under a later claim, is refused (409) without
+    /// changing it.
+    async fn report(&self, id: JobId, attempt: u32, ok: bool) -> Result<Outcome, CallError> {
         let mut delay = REPORT_FIRST_DELAY;
         let mut tries = 1;
         loop {
             let r = if ok {
-                self.calls.complete(id).await
+                self.calls.complete(id, attempt).await
             } else {
-                self.calls.fail(id).await
+                self.calls.fail(id, attempt).await
             };
             match r {
                 Err(e) if transient(e) && tries < REPORT_TRIES => {
@@ -328,7 +336,7 @@ impl Worker {
         // Cancelled meanwhile: stop early, the queue already has its final state. A
         // transient refusal of the report does not stop the work: the outcome is
         // what matters, and it is repeated until it gets through.
-        let halfway = match self.calls.progress(job.id, 50).await {
+        let halfway = match self.calls.progress(job.id, 50, job.attempts).await {
             Err(e) if transient(e) => Ok(()),
             r => r.map(|_| ()),
         };
@@ -339,7 +347,7 @@ impl Worker {
             Err(e) => Err(e),
             Ok(()) => {
                 let ok = simulate(job.work, job.attempts).is_ok();
-                self.report(job.id, ok).await.map(|v| (v, ok))
+                self.report(job.id, job.attempts, ok).await.map(|v| (v, ok))
             }
         };
         match result {

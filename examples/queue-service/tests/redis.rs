@@ -252,6 +252,50 @@ async fn a_lapsed_lease_is_a_failed_attempt(b: &Backend) {
     assert_eq!((v.state, v.attempts), (JobState::DeadLettered, 2));
 }
 
+async fn a_stale_run_cannot_record_an_outcome(b: &Backend) {
+    let q = b
+        .make(QueueConfig {
+            lease: 1000 * MS,
+            ..config()
+        })
+        .await;
+    let a = new(&q, "o", "a", 0).await;
+    assert_eq!(q.start(a).await.unwrap().attempts, 0); // the first run
+    tokio::time::sleep(1100 * MS).await; // its lease lapses
+    assert_eq!(state(&q, a).await, JobState::Failed);
+    tokio::time::sleep(50 * MS).await;
+    assert_eq!(q.start(a).await.unwrap().attempts, 1); // the second run
+    // The first run comes back: every outcome it reports is refused.
+    assert_eq!(
+        illegal(q.progress_for(a, 90, Some(0)).await),
+        JobState::Running
+    );
+    for to in [JobState::Completed, JobState::Failed, JobState::Cancelled] {
+        assert_eq!(
+            illegal(q.set_state_for(a, to, Some(0)).await),
+            JobState::Running,
+            "{to:?}"
+        );
+    }
+    let v = q.get(a).await.unwrap();
+    assert_eq!((v.state, v.attempts, v.progress), (JobState::Running, 1, 0));
+    // The live run's reports pass.
+    assert_eq!(q.progress_for(a, 50, Some(1)).await.unwrap().progress, 50);
+    let done = q
+        .set_state_for(a, JobState::Completed, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    // A late completion of the stale run finds it done: unchanged.
+    assert_eq!(
+        q.set_state_for(a, JobState::Completed, Some(0))
+            .await
+            .unwrap(),
+        done
+    );
+    assert_eq!(q.stats().await.unwrap().jobs_by_state["completed"], 1);
+}
+
 async fn jobs_expire_after_their_ttl(b: &Backend) {
     let q = b
         .make(QueueConfig {
@@ -389,6 +433,7 @@ async fn conformance(b: &Backend) {
     retries_with_backoff_then_the_dead_letter_queue(b).await;
     a_retry_is_not_claimed_before_its_time(b).await;
     a_lapsed_lease_is_a_failed_attempt(b).await;
+    a_stale_run_cannot_record_an_outcome(b).await;
     jobs_expire_after_their_ttl(b).await;
     a_full_queue_refuses_but_still_dedups(b).await;
     retention_evicts_the_oldest_finished_job(b).await;
