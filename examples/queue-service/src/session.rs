@@ -26,7 +26,7 @@ use axum::Extension;
 use axum::body::{Body, to_bytes};
 use axum::extract::Request;
 use axum::http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, HOST, LOCATION, SET_COOKIE,
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, LOCATION, SET_COOKIE,
 };
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -199,6 +199,9 @@ pub async fn form_key_to_header(req: Request, next: Next) -> Response {
         );
     };
     drop_credentials(&mut parts.headers);
+    // The body is consumed here; what goes on has none.
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.headers.remove(CONTENT_TYPE);
     if let Some(key) = form_value(&body, "key")
         && let Ok(v) = HeaderValue::from_str(&key)
     {
