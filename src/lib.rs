@@ -160,6 +160,9 @@ pub mod reload;
 #[cfg(feature = "auth-throttle")]
 pub mod auth_throttle;
 
+#[cfg(feature = "signature")]
+pub mod signature;
+
 #[doc(hidden)]
 pub mod fuzzing;
 

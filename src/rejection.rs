@@ -69,6 +69,22 @@ pub enum DenialReason {
     InsufficientScope,
     /// The client address is outside the allowlist or inside the deny list.
     IpDenied,
+    /// The client address is outside the allowlist of the key that authenticated.
+    KeyIpDenied,
+    /// The key that authenticated has used up its credits.
+    CreditsExhausted,
+    /// A request signature that does not verify, or that does not cover what it must.
+    InvalidSignature,
+    /// A request signature created too long ago, in the future, or expired.
+    StaleSignature,
+    /// A request signature whose nonce was seen before.
+    ReplayedSignature,
+    /// A body that does not match its signed `Content-Digest`, or no digest.
+    DigestMismatch,
+    /// A body larger than the verifier reads.
+    BodyTooLarge,
+    /// A signing key's replay cache is full of live nonces.
+    ReplayCacheFull,
     /// No client address could be resolved (e.g. an obfuscated forwarded entry).
     NoClientIp,
     /// The request exceeded its rate limit.
@@ -96,6 +112,14 @@ impl DenialReason {
             DenialReason::InvalidToken => "invalid_token",
             DenialReason::InsufficientScope => "insufficient_scope",
             DenialReason::IpDenied => "ip_denied",
+            DenialReason::KeyIpDenied => "key_ip_denied",
+            DenialReason::CreditsExhausted => "credits_exhausted",
+            DenialReason::InvalidSignature => "invalid_signature",
+            DenialReason::StaleSignature => "stale_signature",
+            DenialReason::ReplayedSignature => "replayed_signature",
+            DenialReason::DigestMismatch => "digest_mismatch",
+            DenialReason::BodyTooLarge => "body_too_large",
+            DenialReason::ReplayCacheFull => "replay_cache_full",
             DenialReason::NoClientIp => "no_client_ip",
             DenialReason::RateLimited => "rate_limited",
             DenialReason::AuthThrottled => "auth_throttled",
@@ -212,6 +236,7 @@ enum Class {
     Forbidden,
     InsufficientScope,
     TooManyRequests,
+    PayloadTooLarge,
     Unavailable,
     Misconfigured,
 }
@@ -223,6 +248,7 @@ impl Class {
             Class::MissingCredential | Class::InvalidCredential => StatusCode::UNAUTHORIZED,
             Class::Forbidden | Class::InsufficientScope => StatusCode::FORBIDDEN,
             Class::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Class::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Class::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -248,6 +274,9 @@ impl Class {
             }
             Class::TooManyRequests => {
                 r#"{"type":"about:blank","title":"Too Many Requests","status":429,"detail":"Too many requests. Retry after the number of seconds in Retry-After."}"#
+            }
+            Class::PayloadTooLarge => {
+                r#"{"type":"about:blank","title":"Content Too Large","status":413,"detail":"The request body is larger than this resource accepts."}"#
             }
             Class::Unavailable => {
                 r#"{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"A service this request depends on is unavailable. Retry later."}"#
@@ -326,6 +355,11 @@ impl Rejection {
         let mut r = Self::new(Class::TooManyRequests, reason);
         r.retry_after = Some(retry_after);
         r
+    }
+
+    /// 413: the body is larger than the check reads.
+    pub fn payload_too_large(reason: DenialReason) -> Self {
+        Self::new(Class::PayloadTooLarge, reason)
     }
 
     /// 503: a backend the check depends on is down and the policy is fail-closed.

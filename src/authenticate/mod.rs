@@ -112,6 +112,12 @@ impl Failure {
     }
 }
 
+/// A key's own policy, when the credential was an API key that has one.
+#[cfg(feature = "api-key")]
+type Policy = Option<Arc<crate::api_key::KeyPolicy>>;
+#[cfg(not(feature = "api-key"))]
+type Policy = Option<std::convert::Infallible>;
+
 /// Everything a credential can be verified against. One place, so that a new kind
 /// of credential is one more field and one more branch in `verify`.
 #[derive(Clone, Default)]
@@ -142,7 +148,7 @@ impl Verifiers {
     }
 
     #[allow(unused_variables)]
-    fn verify(&self, credential: &Credential<'_>) -> Result<Principal, Failure> {
+    fn verify(&self, credential: &Credential<'_>) -> Result<(Principal, Policy), Failure> {
         // A Bearer credential shaped like a JWT goes to the service-token verifier
         // (every Bearer credential, when no API keys are configured). The verifier
         // audits the failure's class (`service_token_rejected`); the client and the
@@ -155,13 +161,14 @@ impl Verifiers {
             {
                 return tokens
                     .verify(secret)
+                    .map(|p| (p, None))
                     .map_err(|_| Failure::new(DenialReason::InvalidToken));
             }
         }
         #[cfg(feature = "api-key")]
         if let Some(keys) = &self.api_keys {
             return keys
-                .verify(credential.expose_secret())
+                .verify_with_policy(credential.expose_secret())
                 .map_err(|e| Failure {
                     reason: e.reason(),
                     key_id: e.key_id().map(Arc::from),
@@ -374,7 +381,7 @@ impl Config {
         headers: &HeaderMap,
         uri: &Uri,
         client_ip: Option<ClientIp>,
-    ) -> Result<(Principal, CredentialSource), DenialReason> {
+    ) -> Result<(Principal, CredentialSource, Policy), DenialReason> {
         let query_param = self.query_param.as_deref();
         let refuse = |failure: Failure| {
             crate::audit::emit!(
@@ -398,7 +405,21 @@ impl Config {
             }
             Err(_) => return Err(refuse(Failure::new(DenialReason::MalformedCredential))),
         };
-        let principal = self.verifiers.verify(&credential).map_err(refuse)?;
+        let (principal, policy) = self.verifiers.verify(&credential).map_err(refuse)?;
+        #[cfg(feature = "api-key")]
+        if let Some(allowed) = policy.as_ref().and_then(|p| p.allowed_ips.as_ref())
+            && !client_ip.is_some_and(|ip| allowed.contains(ip.addr()))
+        {
+            crate::audit::emit!(
+                info,
+                IpDenied,
+                reason = DenialReason::KeyIpDenied.as_str(),
+                principal = &*crate::log_text::sanitize_id(principal.id()),
+                method = principal.method().as_str(),
+                client_ip = client_ip.map(tracing::field::display),
+            );
+            return Err(DenialReason::KeyIpDenied);
+        }
         crate::audit::emit!(
             info,
             AuthSucceeded,
@@ -406,7 +427,7 @@ impl Config {
             method = principal.method().as_str(),
             client_ip = client_ip.map(tracing::field::display),
         );
-        Ok((principal, credential.source()))
+        Ok((principal, credential.source(), policy))
     }
 
     /// The response for a refusal: the class is all the client learns.
@@ -416,6 +437,8 @@ impl Config {
             DenialReason::MalformedCredential | DenialReason::MultipleCredentials => {
                 Rejection::invalid_request(&self.challenge, reason)
             }
+            // As the global allowlist refuses: the client learns only "forbidden".
+            DenialReason::KeyIpDenied => Rejection::forbidden(reason),
             reason => Rejection::invalid_credential(&self.challenge, reason),
         }
     }
@@ -500,9 +523,37 @@ where
             return ResponseFuture::inner_with(self.inner.call(req), Some(p.clone()));
         }
         let client_ip = req.extensions().get::<ClientIp>().copied();
+        // A request whose signature the signature layer outside verified: its
+        // principal, unless the request carries another credential too.
+        #[cfg(feature = "signature")]
+        if let Some(crate::signature::SignedPrincipal(p)) = req.extensions_mut().remove() {
+            let query_param = config.query_param.as_deref();
+            if !matches!(
+                extract_credential(req.headers(), req.uri().query(), query_param),
+                Ok(None)
+            ) {
+                crate::audit::emit!(
+                    info,
+                    AuthFailed,
+                    reason = DenialReason::MultipleCredentials.as_str(),
+                    client_ip = client_ip.map(tracing::field::display),
+                );
+                let reason = DenialReason::MultipleCredentials;
+                return ResponseFuture::rejected(self.config.rejection(reason).into_response());
+            }
+            req.extensions_mut().insert(p.clone());
+            return ResponseFuture::inner_with(self.inner.call(req), Some(p));
+        }
         match config.authenticate(req.headers(), req.uri(), client_ip) {
-            Ok((principal, source)) => {
+            Ok((principal, source, policy)) => {
                 config.hide(&mut req, source);
+                // The key's credits, for the rate limiter that spends them.
+                #[cfg(feature = "api-key")]
+                if let Some(credits) = policy.and_then(|p| p.credits.clone()) {
+                    req.extensions_mut().insert(credits);
+                }
+                #[cfg(not(feature = "api-key"))]
+                let _ = policy;
                 req.extensions_mut().insert(principal.clone());
                 ResponseFuture::inner_with(self.inner.call(req), Some(principal))
             }

@@ -46,7 +46,7 @@ const JWKS_RELOAD_SECS: &str = "PORTCULLIS_JWKS_RELOAD_SECS";
 const RATE_LIMIT: &str = "PORTCULLIS_RATE_LIMIT";
 /// The failed-authentication quota per address.
 const AUTH_THROTTLE: &str = "PORTCULLIS_AUTH_THROTTLE";
-/// The Redis URL of the shared rate limits.
+/// The Redis URL of the shared rate limits and failed-authentication counts.
 const REDIS_URL: &str = "PORTCULLIS_REDIS_URL";
 /// What the rate limiter does when Redis is down.
 const REDIS_ON_FAILURE: &str = "PORTCULLIS_REDIS_ON_FAILURE";

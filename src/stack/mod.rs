@@ -105,7 +105,7 @@
 //! | `PORTCULLIS_JWKS_RELOAD_SECS` | how often the JWKS file is checked (default 10, `0` never) | `60` |
 //! | `PORTCULLIS_RATE_LIMIT` | 1 to 4 comma-separated [`Quota`](crate::rate_limit::Quota)s (default [`DEFAULT_QUOTA`]) | `100/s, 5000/h` |
 //! | `PORTCULLIS_AUTH_THROTTLE` | failed authentications allowed per address, one quota (default `10/5m`) | `5/15m` |
-//! | `PORTCULLIS_REDIS_URL` | share the rate limits through Redis (feature `redis`); never logged | `redis://redis:6379` |
+//! | `PORTCULLIS_REDIS_URL` | share the rate limits and the failed-authentication counts through Redis (feature `redis`); never logged | `redis://redis:6379` |
 //! | `PORTCULLIS_REDIS_ON_FAILURE` | when Redis is down: `local` (default, limit in memory), `closed` (503), `open` | `closed` |
 //! | `PORTCULLIS_REDIS_TIMEOUT_MS` | how long one Redis call may take, 1 to 1000 (default 5) | `20` |
 //! | `PORTCULLIS_REDIS_CONNECT_TIMEOUT_MS` | how long one connection attempt (TCP, TLS, `AUTH`) may take, 10 to 60000 (default 2000) | `5000` |

@@ -50,3 +50,9 @@ fn query_redaction_corpus() {
 fn stack_config_corpus() {
     replay("stack_config", portcullis::fuzzing::stack_config);
 }
+
+#[cfg(feature = "signature")]
+#[test]
+fn signature_fields_corpus() {
+    replay("signature_fields", portcullis::fuzzing::signature_fields);
+}

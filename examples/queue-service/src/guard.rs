@@ -175,6 +175,8 @@ pub struct Guard {
     dashboard: StackLayer,
     client_ip: ClientIpLayer,
     secret: TokenSecret,
+    keys: ApiKeys,
+    rate: RateLimitLayer,
 }
 
 impl Guard {
@@ -220,6 +222,8 @@ impl Guard {
             dashboard: stack(&dashboard_verifier).build()?,
             client_ip: ClientIpLayer::new(c.client_ip),
             secret: c.token_secret,
+            keys: c.keys,
+            rate,
         })
     }
 
@@ -259,6 +263,21 @@ impl Guard {
     /// The in-process worker's issuer: `sub` [`WORKER_SUBJECT`], scope `jobs:work`.
     pub fn worker_issuer(&self) -> Result<TokenIssuer, ConfigError> {
         self.issuer(WORKER_SUBJECT, crate::auth::JOBS_WORK)
+    }
+
+    /// Every key with usage credits: its id, its total and what it has left, for
+    /// the admin view.
+    pub async fn credits(&self) -> Vec<serde_json::Value> {
+        let store = self.keys.snapshot();
+        let mut out = Vec::new();
+        for r in store.records().filter(|r| r.credits().is_some()) {
+            out.push(serde_json::json!({
+                "id": r.id(),
+                "credits": r.credits(),
+                "remaining": self.rate.credits_remaining(r).await,
+            }));
+        }
+        out
     }
 
     /// The whole stack. [`routes::app`](crate::routes::app) puts it, then the scope

@@ -60,7 +60,9 @@ impl Counters {
     pub fn record(&self, reason: DenialReason) {
         let c = match reason {
             DenialReason::InsufficientScope => &self.scope_denials,
-            DenialReason::RateLimited | DenialReason::AuthThrottled => &self.rate_limited,
+            DenialReason::RateLimited
+            | DenialReason::AuthThrottled
+            | DenialReason::CreditsExhausted => &self.rate_limited,
             DenialReason::MissingCredential
             | DenialReason::MalformedCredential
             | DenialReason::MultipleCredentials
@@ -121,7 +123,10 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
         .route("/v1/jobs/{id}/progress", patch(set_progress))
         .route("/v1/jobs/{id}/complete", post(complete))
         .route("/v1/jobs/{id}/fail", post(fail))
-        .route("/v1/admin/stats", get(stats))
+        .route("/v1/admin/stats", {
+            let guard = guard.clone();
+            get(move |state| stats(state, guard))
+        })
         .route("/v1/admin/dlq", get(dlq))
         .route_layer((stack.clone(), auth::ScopeCheckLayer))
         .fallback(not_found.layer(stack.clone()))
@@ -537,11 +542,14 @@ pub async fn gather(s: &AppState) -> Result<Stats, QueueError> {
     })
 }
 
-async fn stats(State(s): State<AppState>) -> Response {
-    match gather(&s).await {
-        Ok(st) => json(StatusCode::OK, &st),
-        Err(e) => queue_error(e),
-    }
+async fn stats(State(s): State<AppState>, guard: Guard) -> Response {
+    let st = match gather(&s).await {
+        Ok(st) => st,
+        Err(e) => return queue_error(e),
+    };
+    let mut figures = serde_json::to_value(st).unwrap_or_default();
+    figures["credits"] = serde_json::Value::Array(guard.credits().await);
+    json(StatusCode::OK, &figures)
 }
 
 async fn dlq(State(s): State<AppState>) -> Response {

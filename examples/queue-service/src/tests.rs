@@ -103,6 +103,15 @@ impl Demo {
             records.push(r);
             credentials.insert(name, format!("X-API-Key: {}", key.expose_secret()));
         }
+        // A key with two usage credits.
+        let key = generate_key("pc_test").unwrap();
+        records.push(
+            KeyRecord::new("metered", key.digest())
+                .unwrap()
+                .with_scopes(Scopes::parse("jobs:read").unwrap())
+                .with_credits(2),
+        );
+        credentials.insert("metered", format!("X-API-Key: {}", key.expose_secret()));
         let keys = ApiKeys::new(KeyStore::from_records(records).unwrap());
         let mut config = GuardConfig::new(keys, setup.secret, setup.internal).unwrap();
         config.client_ip = setup.client_ip;
@@ -2211,5 +2220,35 @@ async fn a_real_browser_logs_in_sees_the_figures_and_is_refused_after_logout() {
         "a real PNG"
     );
     println!("screenshot: {}", shot.display());
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_admin_view_reports_usage_credits() {
+    let demo = Demo::manual(fast_queue()).await;
+    let credits = |s: serde_json::Value| s["credits"].clone();
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
+    assert_eq!(
+        credits(r.json()),
+        serde_json::json!([{"id": "metered", "credits": 2, "remaining": 2}])
+    );
+    for _ in 0..2 {
+        let r = demo
+            .call("GET", "/v1/jobs/no-such-job", Some("metered"), None)
+            .await;
+        assert_ne!(r.status, 429);
+    }
+    let r = demo
+        .call("GET", "/v1/jobs/no-such-job", Some("metered"), None)
+        .await;
+    assert_eq!(r.status, 429);
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
+    let s = r.json();
+    assert_eq!(credits(s.clone())[0]["remaining"], 0);
+    assert_eq!(s["rate_limited"], 1);
     demo.shutdown().await;
 }
