@@ -55,7 +55,8 @@
 //! # Memory
 //!
 //! The in-memory nonce cache keeps, per key, a 16-byte digest and an expiry for
-//! each nonce seen within the freshness window (`max_age` plus twice the skew), at
+//! each nonce seen within the freshness window (`max_age` plus twice the skew, plus
+//! the second the clock reads last), at
 //! most [`max_nonces_per_key`](SignatureVerifierBuilder::max_nonces_per_key)
 //! (default 100 000, about 5 MB per key when full). Expired nonces are dropped when
 //! a key's set is full; if it is still full the request is refused with 429
@@ -453,8 +454,8 @@ struct Checked {
     nonce: Option<String>,
     /// The digests the body must match, if `content-digest` is covered.
     digests: Option<Vec<(parse::DigestAlg, Vec<u8>)>>,
-    /// Seconds since the epoch after which the signature is stale anyway: how
-    /// long its nonce must be remembered.
+    /// The first second (since the epoch) at which the signature is stale
+    /// anyway: until then its nonce must be remembered.
     stale_at: u64,
 }
 
@@ -575,11 +576,27 @@ impl Inner {
             key: key.id.clone(),
             nonce: sig.nonce.clone(),
             digests,
-            stale_at: created
-                .saturating_add(self.max_age)
-                .saturating_add(2 * self.skew)
-                .max(now),
+            stale_at: self.stale_at(created).max(now),
         })
+    }
+
+    /// The first whole second at which a signature `created` then is refused on
+    /// every instance: this clock accepts it through the second
+    /// `created + max_age + skew`, and another instance's clock may read up to
+    /// `skew` behind. Its nonce is remembered until then, so that no second in
+    /// which the signature is accepted (the clock reads whole seconds) can see its
+    /// nonce forgotten.
+    fn stale_at(&self, created: u64) -> u64 {
+        created
+            .saturating_add(self.max_age)
+            .saturating_add(2 * self.skew)
+            .saturating_add(1)
+    }
+
+    /// How long the nonce of `c`, claimed at `now`, is remembered in Redis: until
+    /// `c.stale_at` at the earliest, whatever fraction of the second `now` has run.
+    fn nonce_ttl(c: &Checked, now: u64) -> Duration {
+        Duration::from_secs(c.stale_at.saturating_sub(now).max(1))
     }
 
     /// Whether `body` matches one of `digests`, compared in constant time.
@@ -599,7 +616,7 @@ impl Inner {
         let Some(nonce) = &c.nonce else { return Ok(()) };
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.redis {
-            let ttl = Duration::from_secs(c.stale_at.saturating_sub(now).max(1));
+            let ttl = Self::nonce_ttl(c, now);
             return match redis
                 .claim_nonce(&nonce::nonce_name(&c.key, nonce), ttl)
                 .await

@@ -321,3 +321,59 @@ fn configuration_errors_at_construction() {
         "{debug}"
     );
 }
+
+proptest::proptest! {
+    /// However `max_age`, the skew, `created` and the two arrival seconds combine:
+    /// if a signature is accepted at `first` and again at a later `second`, its
+    /// nonce, claimed at `first`, is still remembered at `second`, in memory and
+    /// in Redis (whose expiry counts from somewhere within the second `first`).
+    #[test]
+    fn a_nonce_outlives_every_second_its_signature_is_accepted(
+        max_age in 1u64..=3600,
+        skew in proptest::prop_oneof![0u64..=2, 0u64..=300],
+        created in 1_000_000_000u64..1_000_010_000,
+        // The second arrival near the last second the signature is accepted (where
+        // a nonce forgotten too early shows), or anywhere.
+        back in proptest::prop_oneof![0u64..3, 0u64..8000],
+        gap in proptest::prop_oneof![0u64..3, 0u64..8000],
+    ) {
+        let secret = [9u8; 32];
+        let v = SignatureVerifier::builder()
+            .key(SignatureKey::hmac_sha256("k", &secret).unwrap())
+            .max_age(Duration::from_secs(max_age))
+            .clock_skew(Duration::from_secs(skew))
+            .required_components("@method")
+            .build()
+            .unwrap()
+            .inner;
+        let key = SigningKey::hmac_sha256("k", &secret).unwrap();
+        let params = format!(r#"("@method");created={created};keyid="k";nonce="n""#);
+        let parsed = parse::parse_signature(format!("s={params}").as_bytes(), b"s=:AAAA:").unwrap();
+        let empty = HeaderMap::new();
+        let msg = Message { method: "GET", authority: None, path: "/", query: None, headers: &empty };
+        let base = parse::signature_base(&msg, &parsed.components, &parsed.params_line).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(SIGNATURE_INPUT, format!("s={params}").parse().unwrap());
+        h.insert(
+            SIGNATURE,
+            format!("s=:{}:", B64.encode(key.sign(base.as_bytes()))).parse().unwrap(),
+        );
+        let uri: http::Uri = "/".parse().unwrap();
+        let second = (created + max_age + skew).saturating_sub(back);
+        let first = second.saturating_sub(gap);
+        let (Ok(a), Ok(_)) = (
+            v.check_head("GET", &uri, &h, false, first),
+            v.check_head("GET", &uri, &h, false, second),
+        ) else {
+            return Ok(());
+        };
+        proptest::prop_assert!(matches!(v.claim_local(&a, "n", first), Ok(())));
+        proptest::prop_assert!(
+            matches!(v.claim_local(&a, "n", second), Err(Refusal::Denied(DenialReason::ReplayedSignature))),
+            "replay accepted at {second} (first {first})"
+        );
+        // Redis: the key, set at some instant within the second `first`, lives
+        // `ttl` from then, so through the whole second `second`.
+        proptest::prop_assert!(first + Inner::nonce_ttl(&a, first).as_secs() > second);
+    }
+}
