@@ -25,6 +25,9 @@
 //!    `@authority`, `@path`, `@query`), and `content-digest` whenever the request
 //!    has a body; the supported components are `@method`, `@authority`, `@path`,
 //!    `@query`, `@request-target` and header fields without parameters.
+//!    `@authority` is the target URI's authority, else the `Host` field's; a
+//!    request naming it ambiguously (`Host` twice, or a URI authority and a `Host`
+//!    that differ) has none, so a signature covering it is refused.
 //! 5. `created` is at most [`max_age`](SignatureVerifierBuilder::max_age) old and
 //!    not in the future, and `expires` (if any) not past, each with the
 //!    [`clock_skew`](SignatureVerifierBuilder::clock_skew) allowed. Else 401
@@ -34,8 +37,9 @@
 //!    `invalid_signature`.
 //! 7. With `content-digest` covered, the body is read, up to
 //!    [`max_body_bytes`](SignatureVerifierBuilder::max_body_bytes) (default 1 MiB;
-//!    beyond: 413 `body_too_large`), and must match a `sha-256` or `sha-512` digest
-//!    of the field, compared in constant time (else 401 `digest_mismatch`); the
+//!    beyond: 413 `body_too_large`), and must match every `sha-256` and `sha-512`
+//!    digest of the field (other algorithms are ignored; at least one known one
+//!    must be there), compared in constant time (else 401 `digest_mismatch`); the
 //!    service then gets exactly those bytes ([`SignedBody`]).
 //! 8. The nonce was not seen before for this key within the freshness window, else
 //!    401 `replayed_signature`: kept in memory (bounded per key, see below), or in
@@ -466,6 +470,27 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The request's authority for `@authority` (RFC 9421 §2.2.3): the target URI's
+/// (absolute form, HTTP/2), else the one `Host` field's. `None`, so that a
+/// signature covering `@authority` is refused, when the request names its
+/// authority ambiguously: `Host` given twice, a URI authority and a `Host` that
+/// differ (the signature would bind one while the service may route by the
+/// other), or user information in the URI.
+fn authority<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(h), None) => Some(h.to_str().ok()?),
+        (Some(_), Some(_)) => return None,
+    };
+    match (uri.authority().map(http::uri::Authority::as_str), host) {
+        (Some(a), _) if a.contains('@') => None,
+        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => None,
+        (Some(a), _) => Some(a),
+        (None, h) => h,
+    }
+}
+
 /// One field's lines joined with `, ` (as RFC 9110 combines them); `None` if
 /// absent or not ASCII.
 fn joined(headers: &HeaderMap, name: &http::HeaderName) -> Option<Vec<u8>> {
@@ -543,14 +568,9 @@ impl Inner {
                 return Err(DenialReason::StaleSignature);
             }
         }
-        let authority = uri.authority().map(|a| a.as_str()).or_else(|| {
-            headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        });
         let msg = Message {
             method,
-            authority,
+            authority: authority(uri, headers),
             path: uri.path(),
             query: uri.query(),
             headers,
@@ -599,15 +619,19 @@ impl Inner {
         Duration::from_secs(c.stale_at.saturating_sub(now).max(1))
     }
 
-    /// Whether `body` matches one of `digests`, compared in constant time.
+    /// Whether `body` matches every digest of `digests` (those of the algorithms
+    /// this crate computes; at least one), compared in constant time. A field
+    /// whose digests disagree is refused whichever one the body matches: no
+    /// algorithm can stand in for another the signer named.
     fn digest_matches(digests: &[(parse::DigestAlg, Vec<u8>)], body: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
-        digests.iter().any(|(alg, expected)| {
-            let actual = alg.digest(body);
-            // Lengths are public (fixed per algorithm); the bytes are compared in
-            // constant time.
-            actual.len() == expected.len() && bool::from(actual.ct_eq(expected))
-        })
+        !digests.is_empty()
+            && digests.iter().all(|(alg, expected)| {
+                let actual = alg.digest(body);
+                // Lengths are public (fixed per algorithm); the bytes are compared in
+                // constant time.
+                actual.len() == expected.len() && bool::from(actual.ct_eq(expected))
+            })
     }
 
     /// Step 8: records the nonce, or refuses a replay. In memory unless Redis is

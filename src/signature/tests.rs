@@ -377,3 +377,34 @@ proptest::proptest! {
         proptest::prop_assert!(first + Inner::nonce_ttl(&a, first).as_secs() > second);
     }
 }
+
+proptest::proptest! {
+    /// `@authority` comes from one unambiguous source: the URI's authority and the
+    /// `Host` lines, in any combination and case, give a value only when there is
+    /// at most one `Host` line, no user information, and the two (when both are
+    /// there) agree; the value is then what both say.
+    #[test]
+    fn the_authority_is_one_unambiguous_value(
+        uri_host in proptest::option::of(proptest::prop_oneof!["svc\\.test", "SVC\\.test", "other\\.test", "u@svc\\.test", "svc\\.test:8080"]),
+        hosts in proptest::collection::vec(proptest::prop_oneof!["svc\\.test", "Svc\\.Test", "other\\.test", "svc\\.test:8080"], 0..3),
+    ) {
+        let uri: http::Uri = match &uri_host {
+            Some(a) => format!("http://{a}/p?q").parse().unwrap(),
+            None => "/p?q".parse().unwrap(),
+        };
+        let mut h = HeaderMap::new();
+        for v in &hosts {
+            h.append(http::header::HOST, v.parse().unwrap());
+        }
+        let got = authority(&uri, &h);
+        let expected = match (uri_host.as_deref(), hosts.as_slice()) {
+            (_, [_, _, ..]) => None,
+            (Some(a), _) if a.contains('@') => None,
+            (Some(a), [h]) => a.eq_ignore_ascii_case(h).then_some(a),
+            (Some(a), []) => Some(a),
+            (None, [h]) => Some(h.as_str()),
+            (None, []) => None,
+        };
+        proptest::prop_assert_eq!(got, expected);
+    }
+}

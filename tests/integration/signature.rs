@@ -132,7 +132,7 @@ impl Wire {
     /// Signs, as a client would: `Content-Digest` for a body, then the signature
     /// over `components` with `params` (after the component list).
     fn signed(mut self, components: &[&str], params: &str, secret: &[u8]) -> Self {
-        if !self.body.is_empty() {
+        if !self.body.is_empty() && self.get("content-digest").is_none() {
             use sha2::Digest;
             let d = B64.encode(sha2::Sha256::digest(&self.body));
             self = self.header("content-digest", &format!("sha-256=:{d}:"));
@@ -492,6 +492,62 @@ async fn a_replayed_nonce_is_refused() {
         .header("x-job", "1")
         .signed(GET_COMPONENTS, &params(), SECRET);
     assert_eq!(send(addr, &w2).await.status, 200);
+}
+
+/// A request naming its authority twice, differently, is refused even when the
+/// one the signature covers is right: the service behind could route by the other.
+#[tokio::test]
+async fn an_ambiguous_authority_is_refused() {
+    let addr = serve(VerifySignatureLayer::new(verifier().build().unwrap())).await;
+    let signed = || {
+        Wire::new("GET", "/v1/jobs?state=queued", b"")
+            .header("x-job", "1")
+            .signed(GET_COMPONENTS, &params(), SECRET)
+    };
+    // The absolute form names the signed authority, `Host` another.
+    let mut w = signed().header("host", "other.test");
+    w.target = "http://svc.test/v1/jobs?state=queued".into();
+    let r = send(addr, &w).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_nothing_echoed(&r, &w);
+    // `Host` twice: the signed one first.
+    let mut w = signed();
+    w.headers.push(("host".into(), "other.test".into()));
+    let r = send(addr, &w).await;
+    assert!(r.status == 401 || r.status == 400, "{r:?}");
+    assert_nothing_echoed(&r, &w);
+    // The absolute form and `Host` agreeing (in any case): accepted.
+    let mut w = signed().header("host", "SVC.test");
+    w.target = "http://svc.test/v1/jobs?state=queued".into();
+    assert_eq!(send(addr, &w).await.status, 200);
+}
+
+/// Every `Content-Digest` of an algorithm the verifier computes must match the
+/// body: a right `sha-256` does not excuse a wrong `sha-512` the signer named.
+#[tokio::test]
+async fn every_known_content_digest_must_match() {
+    use sha2::Digest;
+    let addr = serve(VerifySignatureLayer::new(verifier().build().unwrap())).await;
+    let body = br#"{"input":"hello"}"#;
+    let sha256 = B64.encode(sha2::Sha256::digest(body));
+    let sha512 = B64.encode(sha2::Sha512::digest(body));
+    let wrong512 = B64.encode(sha2::Sha512::digest(b"another body"));
+    for (field, status) in [
+        (format!("sha-256=:{sha256}:, sha-512=:{wrong512}:"), 401),
+        (format!("sha-512=:{wrong512}:, sha-256=:{sha256}:"), 401),
+        (format!("sha-256=:{sha256}:, sha-512=:{sha512}:"), 200),
+        // An unknown algorithm is ignored beside a known one, refused alone.
+        (format!("md5=:AAAA:, sha-512=:{sha512}:"), 200),
+        ("md5=:AAAA:".to_owned(), 401),
+        // Algorithm names are lowercase keys: `SHA-256` is not a dictionary.
+        (format!("SHA-256=:{sha256}:"), 401),
+    ] {
+        let w = Wire::new("POST", "/v1/jobs", body)
+            .header("content-digest", &field)
+            .signed(POST_COMPONENTS, &params(), SECRET);
+        let r = send(addr, &w).await;
+        assert_eq!(r.status, status, "{field}: {r:?}");
+    }
 }
 
 /// Wrong signatures count as failed authentications for the throttle outside.
