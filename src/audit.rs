@@ -109,6 +109,12 @@ events! {
     /// (`credits_exhausted`), `principal`, `method`, `client_ip`, `credits` (the
     /// key's total).
     CreditsExhausted => "credits_exhausted",
+    /// `ERROR`, once per [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer):
+    /// a key with usage credits was refused (500) because no layer inside is declared
+    /// to spend them
+    /// ([`credits_spent_inside`](crate::authenticate::AuthenticateLayer::credits_spent_inside)).
+    /// Fields: `reason` (`misconfigured`), `principal`, `method`.
+    CreditsUnenforced => "credits_unenforced",
     /// `WARN`, at construction: the rate limiter is in shadow mode (counts and logs,
     /// never refuses).
     RateLimitShadowMode => "rate_limit_shadow_mode",

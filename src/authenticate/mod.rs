@@ -206,6 +206,15 @@ pub(crate) struct Config {
     query_param: Option<Arc<str>>,
     /// `Some` only in the explicitly requested unauthenticated mode.
     unauthenticated: Option<Principal>,
+    /// Whether a layer inside spends usage credits (declared with
+    /// [`AuthenticateLayer::credits_spent_inside`]); without one, a key with
+    /// credits is refused.
+    #[cfg(feature = "api-key")]
+    credits_spent: bool,
+    /// Whether the refusal of a key with credits and nothing to spend them was
+    /// logged already (once per layer and its clones).
+    #[cfg(feature = "api-key")]
+    credits_unenforced_logged: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Layer applying [`Authenticate`]: verifies the request's credential and inserts the
@@ -226,6 +235,10 @@ impl AuthenticateLayer {
                 hide_credentials: true,
                 query_param: None,
                 unauthenticated: None,
+                #[cfg(feature = "api-key")]
+                credits_spent: false,
+                #[cfg(feature = "api-key")]
+                credits_unenforced_logged: Arc::default(),
             }),
         }
     }
@@ -341,6 +354,37 @@ impl AuthenticateLayer {
         Arc::make_mut(&mut self.config).query_param = Some(name.into());
         Ok(self)
     }
+
+    /// Declares that a [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) runs
+    /// inside this layer and spends the usage credits of keys that have them (see
+    /// [usage credits](crate::rate_limit#usage-credits)). `StackLayer` declares it
+    /// itself; a stack built by hand must, and must put the rate limiter inside.
+    ///
+    /// Without it, a request authenticated by a key with credits is refused with
+    /// 500 (the generic body; denial reason `misconfigured`) rather than served
+    /// with its credits unenforced, and the error event `credits_unenforced`,
+    /// naming this remedy, is logged once. Keys without credits are unaffected.
+
+    ///
+    /// ```
+    /// use portcullis::api_key::{generate_key, ApiKeys, KeyRecord, KeyStore};
+    /// use portcullis::authenticate::AuthenticateLayer;
+    /// use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};
+    /// use tower::ServiceBuilder;
+    ///
+    /// let key = generate_key("pc_test")?;
+    /// let store = KeyStore::from_records([KeyRecord::new("trial", key.digest())?.with_credits(100)])?;
+    /// let layers = ServiceBuilder::new()
+    ///     .layer(AuthenticateLayer::api_keys(ApiKeys::new(store)).credits_spent_inside())
+    ///     .layer(RateLimitLayer::builder().policy(Policy::new("api", Quota::per_second(10)?)?).build()?);
+    /// # let _ = layers;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(all(feature = "api-key", feature = "rate-limit"))]
+    pub fn credits_spent_inside(mut self) -> Self {
+        Arc::make_mut(&mut self.config).credits_spent = true;
+        self
+    }
 }
 
 impl fmt::Debug for AuthenticateLayer {
@@ -359,8 +403,10 @@ impl fmt::Debug for Config {
         d.field("realm", &self.challenge.realm())
             .field("hide_credentials", &self.hide_credentials)
             .field("query_param", &self.query_param)
-            .field("unauthenticated", &self.unauthenticated.is_some())
-            .finish()
+            .field("unauthenticated", &self.unauthenticated.is_some());
+        #[cfg(feature = "api-key")]
+        d.field("credits_spent_inside", &self.credits_spent);
+        d.finish()
     }
 }
 
@@ -452,6 +498,27 @@ impl Config {
     }
 
     /// The response for a refusal: the class is all the client learns.
+    /// Logs, once, that a key with usage credits was refused because no layer
+    /// inside is declared to spend them.
+    #[cfg(feature = "api-key")]
+    #[cold]
+    fn credits_unenforced(&self, principal: &Principal) {
+        use std::sync::atomic::Ordering;
+        if self.credits_unenforced_logged.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        crate::audit::emit!(
+            error,
+            CreditsUnenforced,
+            reason = DenialReason::Misconfigured.as_str(),
+            principal = &*crate::log_text::sanitize_id(principal.id()),
+            method = principal.method().as_str(),
+            "a key with usage credits was refused: no layer inside the AuthenticateLayer \
+             is declared to spend them. Put a RateLimitLayer inside it and call \
+             AuthenticateLayer::credits_spent_inside (StackLayer does both)"
+        );
+    }
+
     pub(crate) fn rejection(&self, reason: DenialReason) -> Rejection {
         match reason {
             DenialReason::MissingCredential => Rejection::missing_credential(&self.challenge),
@@ -570,13 +637,23 @@ where
         match config.authenticate(req.headers(), req.uri(), client_ip) {
             Ok((proof, source)) => {
                 config.hide(&mut req, source);
+                // The key's credits, for the rate limiter that spends them; with
+                // none declared, refused rather than served unmetered.
+                #[cfg(feature = "api-key")]
+                let credits = proof.policy.as_ref().and_then(|p| p.credits.clone());
+                #[cfg(feature = "api-key")]
+                if credits.is_some() && !config.credits_spent {
+                    config.credits_unenforced(&proof.principal);
+                    return ResponseFuture::rejected(
+                        Rejection::misconfigured().into_response_to(&req),
+                    );
+                }
                 #[cfg(feature = "jwt")]
                 if let Some(token) = proof.token {
                     req.extensions_mut().insert(token);
                 }
-                // The key's credits, for the rate limiter that spends them.
                 #[cfg(feature = "api-key")]
-                if let Some(credits) = proof.policy.and_then(|p| p.credits.clone()) {
+                if let Some(credits) = credits {
                     req.extensions_mut().insert(credits);
                 }
                 #[cfg(not(feature = "api-key"))]

@@ -82,8 +82,12 @@
 //! fall-back-local spends from this instance's count.
 //! [`RateLimitLayer::credits_remaining`] reads what a key has left.
 //!
-//! Credits are enforced only where a `RateLimitLayer` runs inside the authentication
-//! layer, as in the stack (`StackLayer`), which always has one.
+//! Credits are spent only where a `RateLimitLayer` runs inside the authentication
+//! layer, as in the stack (`StackLayer`), which always has one. A stack built by hand
+//! declares it with
+//! [`AuthenticateLayer::credits_spent_inside`](crate::authenticate::AuthenticateLayer::credits_spent_inside):
+//! without that, the authentication layer refuses a key with credits (500, logged)
+//! rather than let it in unmetered.
 //!
 //! ```
 //! use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};

@@ -356,6 +356,9 @@ impl StackBuilder {
         if let Some(realm) = &self.realm {
             auth = auth.realm(realm)?;
         }
+        // The stack's rate limiter runs inside the authentication and spends the
+        // keys' usage credits.
+        auth = auth.credits_spent_inside();
 
         // Throttle: one failure budget across instances when they share Redis.
         #[cfg(feature = "redis")]

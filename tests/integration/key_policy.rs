@@ -51,7 +51,7 @@ fn limiter() -> RateLimitLayer {
 async fn serve(keys: ApiKeys, limit: RateLimitLayer) -> SocketAddr {
     let layers = ServiceBuilder::new()
         .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
-        .layer(AuthenticateLayer::api_keys(keys))
+        .layer(AuthenticateLayer::api_keys(keys).credits_spent_inside())
         .layer(limit)
         .into_inner();
     serve_with("127.0.0.1:0", layers, Peer::Attached, whoami()).await
@@ -143,6 +143,77 @@ async fn credits_are_spent_one_per_admitted_request_then_429() {
     assert_eq!(exhausted.len(), 2, "{exhausted:?}");
     assert_eq!(exhausted[0]["fields"]["reason"], "credits_exhausted");
     assert_eq!(exhausted[0]["fields"]["principal"], "credit-key-client");
+}
+
+/// A stack built by hand that does not declare a rate limiter spending credits
+/// inside the authentication: a key with credits is refused (500, nothing said to
+/// the client, one error naming the remedy), never let in unmetered; a key without
+/// credits is served. With a rate limiter inside but undeclared, nothing is spent.
+#[tokio::test]
+async fn credits_without_a_declared_spender_are_refused_loudly() {
+    let capture = log_capture::capture();
+    let (limited, free) = (
+        generate_key("pc_test").unwrap(),
+        generate_key("pc_test").unwrap(),
+    );
+    let file = entry("unspent-credit-client", &limited, "credits = 3")
+        + &entry("unspent-free-client", &free, "");
+    let store = KeyStore::from_toml(&file).unwrap();
+    let record = store.records().next().unwrap().clone();
+    let keys = ApiKeys::new(store);
+    let limit = limiter();
+    let no_limiter = ServiceBuilder::new()
+        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+        .layer(AuthenticateLayer::api_keys(keys.clone()))
+        .into_inner();
+    let undeclared = ServiceBuilder::new()
+        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+        .layer(AuthenticateLayer::api_keys(keys))
+        .layer(limit.clone())
+        .into_inner();
+    let a = serve_with("127.0.0.1:0", no_limiter, Peer::Attached, whoami()).await;
+    let b = serve_with("127.0.0.1:0", undeclared, Peer::Attached, whoami()).await;
+    for addr in [a, a, b, b] {
+        let r = call(addr, "127.6.3.1", &limited).await;
+        assert_eq!(r.status, 500, "{r:?}");
+        assert!(
+            !r.body.contains("credit") && !r.body.contains("unspent"),
+            "{}",
+            r.body
+        );
+        let r = call(addr, "127.6.3.1", &free).await;
+        assert_eq!((r.status, r.body.as_str()), (200, "unspent-free-client"));
+    }
+    assert_eq!(limit.credits_remaining(&record).await, Some(3));
+    // One error per layer, naming the remedy.
+    let logged: Vec<_> = capture
+        .events_with("unspent-credit-client")
+        .into_iter()
+        .filter(|e| e["fields"]["event"] == "credits_unenforced")
+        .collect();
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert_eq!(logged[0]["level"], "ERROR");
+    assert_eq!(logged[0]["fields"]["reason"], "misconfigured");
+    let message = logged[0]["fields"]["message"].as_str().unwrap();
+    assert!(message.contains("credits_spent_inside"), "{message}");
+}
+
+/// The stack declares its rate limiter: a key with credits spends them there.
+#[cfg(feature = "stack")]
+#[tokio::test]
+async fn the_stack_spends_credits() {
+    let key = generate_key("pc_test").unwrap();
+    let store = KeyStore::from_toml(&entry("stack-credit-client", &key, "credits = 2")).unwrap();
+    let stack = portcullis::stack::StackLayer::builder()
+        .api_keys(ApiKeys::new(store))
+        .build()
+        .unwrap();
+    let addr = serve_with("127.0.0.1:0", stack, Peer::Attached, whoami()).await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(call(addr, "127.6.4.1", &key).await.status);
+    }
+    assert_eq!(statuses, [200, 200, 429, 429]);
 }
 
 /// Sends `n` requests at once, spread over `targets`; the statuses, sorted.
