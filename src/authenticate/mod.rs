@@ -364,7 +364,6 @@ impl AuthenticateLayer {
     /// 500 (the generic body; denial reason `misconfigured`) rather than served
     /// with its credits unenforced, and the error event `credits_unenforced`,
     /// naming this remedy, is logged once. Keys without credits are unaffected.
-
     ///
     /// ```
     /// use portcullis::api_key::{generate_key, ApiKeys, KeyRecord, KeyStore};

@@ -266,9 +266,18 @@ pub struct SignatureVerifierBuilder {
     realm: String,
     #[cfg(feature = "redis")]
     redis: Option<crate::rate_limit::redis::RedisLimiter>,
+    clock: fn() -> u64,
 }
 
 impl SignatureVerifierBuilder {
+    /// The clock the layer reads (seconds since the epoch), for tests that fix it
+    /// (e.g. to verify RFC 9421's published signatures over the wire).
+    #[cfg(test)]
+    pub(crate) fn clock(mut self, clock: fn() -> u64) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Registers a key. Key ids are unique.
     pub fn key(mut self, key: SignatureKey) -> Self {
         self.keys.push(key);
@@ -383,6 +392,7 @@ impl SignatureVerifierBuilder {
                 challenge,
                 #[cfg(feature = "redis")]
                 redis: self.redis,
+                clock: self.clock,
             }),
         })
     }
@@ -406,6 +416,8 @@ struct Inner {
     challenge: Challenge,
     #[cfg(feature = "redis")]
     redis: Option<crate::rate_limit::redis::RedisLimiter>,
+    /// Seconds since the epoch: [`now_secs`] but in tests.
+    clock: fn() -> u64,
 }
 
 impl fmt::Debug for SignatureVerifier {
@@ -447,6 +459,7 @@ impl SignatureVerifier {
             realm: crate::authenticate::DEFAULT_REALM.to_owned(),
             #[cfg(feature = "redis")]
             redis: None,
+            clock: now_secs,
         }
     }
 }
@@ -780,7 +793,7 @@ where
         }
         let ip = req.extensions().get::<ClientIp>().copied();
         let v = self.verifier.inner.clone();
-        let now = now_secs();
+        let now = (v.clock)();
         let has_body = !http_body::Body::is_end_stream(req.body());
         let checked = match v.check_head(req.method().as_str(), req.uri(), headers, has_body, now) {
             Ok(c) => c,

@@ -408,3 +408,189 @@ proptest::proptest! {
         proptest::prop_assert_eq!(got, expected);
     }
 }
+
+/// Over real TCP, through `VerifySignatureLayer` and a hyper server, with the
+/// layer's clock fixed: RFC 9421's published signatures, and the replay window's
+/// last second.
+mod tcp {
+    use super::*;
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::ServiceBuilder;
+
+    /// Serves `verifier`; the handler answers the principal's id. `drop_body`
+    /// hands the layer an empty body (and keeps the head): the RFC's signatures
+    /// do not cover the body of their request, which this verifier otherwise
+    /// refuses.
+    async fn serve(verifier: SignatureVerifier, drop_body: bool) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let svc = ServiceBuilder::new()
+                    .map_request(move |req: Request<hyper::body::Incoming>| {
+                        req.map(|b| {
+                            if drop_body {
+                                http_body_util::Either::Left(http_body_util::Empty::<Bytes>::new())
+                            } else {
+                                http_body_util::Either::Right(b)
+                            }
+                        })
+                    })
+                    .layer(VerifySignatureLayer::new(verifier.clone()))
+                    .service_fn(|req: Request<SignedBody<_>>| async move {
+                        let id = req
+                            .extensions()
+                            .get::<Principal>()
+                            .map_or("-".to_owned(), |p| p.id().to_owned());
+                        Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(
+                            id,
+                        ))))
+                    });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(
+                            hyper_util::rt::TokioIo::new(stream),
+                            hyper_util::service::TowerToHyperService::new(svc),
+                        )
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends `head` (lines without the final blank line) and `body`; the status
+    /// and the body of the answer.
+    async fn send(to: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+        let req = format!("{head}connection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, body.to_owned())
+    }
+
+    /// The RFC 9421 B.2 request on the wire, with a date and a signature.
+    fn b2_wire(date: &str, input: &str, signature: &str) -> String {
+        format!(
+            "POST /foo?param=Value&Pet=dog HTTP/1.1\r\nhost: example.com\r\ndate: {date}\r\n\
+             content-type: application/json\r\ncontent-digest: sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVLvRwEmTHWXvJwew==:\r\n\
+             content-length: 18\r\nsignature-input: {input}\r\nsignature: {signature}\r\n"
+        )
+    }
+
+    const DATE: &str = "Tue, 20 Apr 2021 02:07:55 GMT";
+    const BODY: &[u8] = br#"{"hello": "world"}"#;
+
+    #[tokio::test]
+    async fn rfc_9421_b_2_5_and_b_2_6_verify_through_the_layer() {
+        fn rfc_time() -> u64 {
+            CREATED
+        }
+        let secret = B64.decode(B15_SECRET).unwrap();
+        let verifier = SignatureVerifier::builder()
+            .key(SignatureKey::hmac_sha256("test-shared-secret", &secret).unwrap())
+            .key(SignatureKey::ed25519("test-key-ed25519", &last32(B14_PUBLIC)).unwrap())
+            .required_components("")
+            .allow_signatures_without_nonce_dangerously()
+            .clock(rfc_time)
+            .build()
+            .unwrap();
+        let addr = serve(verifier, true).await;
+        let b25 = (
+            r#"sig-b25=("date" "@authority" "content-type");created=1618884473;keyid="test-shared-secret""#,
+            "sig-b25=:pxcQw6G3AjtMBQjwo8XzkZf/bws5LelbaMk5rGIGtE8=:",
+            "test-shared-secret",
+        );
+        let b26 = (
+            r#"sig-b26=("date" "@method" "@path" "@authority" "content-type" "content-length");created=1618884473;keyid="test-key-ed25519""#,
+            "sig-b26=:wqcAqbmYJ2ji2glfAMaRy4gruYYnx2nEFN2HN6jrnDnQCK1u02Gb04v9EDgwUPiu4A0w6vuQv5lIp5WPpBKRCw==:",
+            "test-key-ed25519",
+        );
+        for (input, signature, id) in [b25, b26] {
+            let r = send(addr, &b2_wire(DATE, input, signature), BODY).await;
+            assert_eq!(r, (200, id.to_owned()), "{id}");
+            // A covered field changed on the way: refused.
+            let other = "Tue, 20 Apr 2021 02:07:56 GMT";
+            let r = send(addr, &b2_wire(other, input, signature), BODY).await;
+            assert_eq!(r.0, 401, "{id}");
+        }
+        // The same request through a layer that reads its body: refused, as the
+        // signatures do not cover it.
+        fn rfc_time_too() -> u64 {
+            CREATED
+        }
+        let strict = SignatureVerifier::builder()
+            .key(SignatureKey::hmac_sha256("test-shared-secret", &secret).unwrap())
+            .required_components("")
+            .allow_signatures_without_nonce_dangerously()
+            .clock(rfc_time_too)
+            .build()
+            .unwrap();
+        let addr = serve(strict, false).await;
+        let r = send(addr, &b2_wire(DATE, b25.0, b25.1), BODY).await;
+        assert_eq!(r.0, 401);
+    }
+
+    /// With no clock skew allowed, a signature is accepted through the second
+    /// `created + max_age`: its nonce is refused again in that same second.
+    #[tokio::test]
+    async fn a_nonce_replayed_in_the_last_accepted_second_is_refused() {
+        const CREATED_AT: u64 = 2_000_000_000;
+        static NOW: AtomicU64 = AtomicU64::new(CREATED_AT);
+        fn clock() -> u64 {
+            NOW.load(Ordering::Relaxed)
+        }
+        let secret = [5u8; 32];
+        let verifier = SignatureVerifier::builder()
+            .key(SignatureKey::hmac_sha256("edge-client", &secret).unwrap())
+            .max_age(Duration::from_secs(60))
+            .clock_skew(Duration::ZERO)
+            .clock(clock)
+            .build()
+            .unwrap();
+        let addr = serve(verifier, false).await;
+        let key = SigningKey::hmac_sha256("edge-client", &secret).unwrap();
+        let params = format!(
+            r#"("@method" "@authority" "@path" "@query");created={CREATED_AT};keyid="edge-client";nonce="edge-nonce""#
+        );
+        let parsed = parse::parse_signature(format!("s={params}").as_bytes(), b"s=:AAAA:").unwrap();
+        let empty = HeaderMap::new();
+        let msg = Message {
+            method: "GET",
+            authority: Some("svc.test"),
+            path: "/jobs",
+            query: None,
+            headers: &empty,
+        };
+        let base = parse::signature_base(&msg, &parsed.components, &parsed.params_line).unwrap();
+        let head = format!(
+            "GET /jobs HTTP/1.1\r\nhost: svc.test\r\nsignature-input: s={params}\r\nsignature: s=:{}:\r\n",
+            B64.encode(key.sign(base.as_bytes()))
+        );
+        // The last second the signature is accepted: once, then a replay.
+        NOW.store(CREATED_AT + 60, Ordering::Relaxed);
+        assert_eq!(
+            send(addr, &head, b"").await,
+            (200, "edge-client".to_owned())
+        );
+        assert_eq!(send(addr, &head, b"").await.0, 401);
+        // A second later the signature itself is stale.
+        NOW.store(CREATED_AT + 61, Ordering::Relaxed);
+        assert_eq!(send(addr, &head, b"").await.0, 401);
+    }
+}
