@@ -238,21 +238,14 @@ impl Shared {
             self.key.id,
             b64.encode(nonce),
         );
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .ok_or(SignError("no authority (an absolute URI or a Host field)"))?;
+        // The authority as the verifier derives it: a request it would find
+        // ambiguous (a URI authority and a different Host) is not signed.
+        let authority = super::authority(&parts.uri, &parts.headers).ok_or(SignError(
+            "no single authority (an absolute URI or one Host field, agreeing)",
+        ))?;
         let msg = Message {
             method: parts.method.as_str(),
-            authority: Some(&authority),
+            authority: Some(authority),
             path: parts.uri.path(),
             query: parts.uri.query(),
             headers: &parts.headers,

@@ -4,6 +4,7 @@
 use base64::Engine as _;
 
 use super::*;
+use std::convert::Infallible;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -593,4 +594,27 @@ mod tcp {
         NOW.store(CREATED_AT + 61, Ordering::Relaxed);
         assert_eq!(send(addr, &head, b"").await.0, 401);
     }
+}
+
+/// The signing layer derives `@authority` as the verifier does: a request whose
+/// URI authority and `Host` differ is not signed (the verifier would refuse it).
+#[tokio::test]
+async fn the_signer_refuses_an_ambiguous_authority() {
+    use tower::ServiceExt;
+    let key = SigningKey::hmac_sha256("k", &[3u8; 32]).unwrap();
+    let inner = tower::service_fn(
+        |req: Request<SignedBody<http_body_util::Empty<Bytes>>>| async move {
+            Ok::<_, Infallible>(req.headers().contains_key(&SIGNATURE))
+        },
+    );
+    let svc = SignRequestLayer::new(key).layer(inner);
+    let req = |host: &str| {
+        Request::builder()
+            .uri("http://svc.test/jobs")
+            .header("host", host)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    assert!(svc.clone().oneshot(req("svc.test")).await.unwrap());
+    assert!(svc.clone().oneshot(req("other.test")).await.is_err());
 }
