@@ -165,10 +165,17 @@ return 1
 "#;
 
 /// Spends one credit. KEYS: the key's spent count. ARGV: its total. Returns 1 if
-/// one was spent, 0 if none was left. The count never expires.
+/// one was spent, 0 if none was left. The count never expires. A count that is
+/// not a number (written by something else) spends nothing: 0, as if exhausted,
+/// never an error that a fail-open policy would turn into an unmetered request.
 #[cfg(feature = "api-key")]
 const SPEND_SCRIPT: &str = r#"
-local spent = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local raw = redis.call('GET', KEYS[1])
+local spent = 0
+if raw then
+  if not string.match(raw, '^%d+$') then return 0 end
+  spent = tonumber(raw)
+end
 if spent >= tonumber(ARGV[1]) then return 0 end
 redis.call('INCR', KEYS[1])
 return 1

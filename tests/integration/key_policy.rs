@@ -309,6 +309,48 @@ mod redis {
         assert_eq!(call(addr, "127.6.2.1", &key).await.status, 429);
     }
 
+    /// A spent count that is not a number (written by something else sharing the
+    /// namespace) admits nothing, even under fail-open: the script answers
+    /// "exhausted" rather than fail into an unmetered request.
+    #[tokio::test]
+    async fn a_corrupt_credit_count_admits_nothing() {
+        let Some(server) = RedisServer::start().await else {
+            return;
+        };
+        let key = generate_key("pc_test").unwrap();
+        let store =
+            KeyStore::from_toml(&entry("corrupt-credit-client", &key, "credits = 10")).unwrap();
+        let limit = shared_limiter(connected(&server.url(), FailurePolicy::FailOpen, "cc").await);
+        let addr = serve(ApiKeys::new(store), limit).await;
+        assert_eq!(call(addr, "127.6.5.1", &key).await.status, 200);
+        let mut admin = server.admin().await;
+        let names: Vec<String> = ::redis::cmd("KEYS")
+            .arg("cc:cr:*")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(names.len(), 1, "{names:?}");
+        for garbage in ["not a number", "-1", "1.5", "1e3", ""] {
+            let () = ::redis::cmd("SET")
+                .arg(&names[0])
+                .arg(garbage)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            let r = call(addr, "127.6.5.1", &key).await;
+            assert_eq!(r.status, 429, "{garbage:?}: {r:?}");
+        }
+        // A count that is a number again: spending resumes.
+        let () = ::redis::cmd("SET")
+            .arg(&names[0])
+            .arg("9")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(call(addr, "127.6.5.1", &key).await.status, 200);
+        assert_eq!(call(addr, "127.6.5.1", &key).await.status, 429);
+    }
+
     /// Redis down: fail-closed answers 503 rather than spend a credit it cannot
     /// count.
     #[tokio::test]
