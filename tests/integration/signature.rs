@@ -522,6 +522,65 @@ async fn an_ambiguous_authority_is_refused() {
     assert_eq!(send(addr, &w).await.status, 200);
 }
 
+/// The signature fields and the covered header lines are read strictly: one
+/// signature, its label in both fields; a covered field's value is the field's
+/// lines, each stripped of surrounding whitespace (RFC 9421 §2.1), so padding is
+/// harmless but inner whitespace, another line or a folded line is not.
+#[tokio::test]
+async fn signature_fields_and_covered_lines_are_read_strictly() {
+    let addr = serve(VerifySignatureLayer::new(verifier().build().unwrap())).await;
+    let signed = || {
+        Wire::new("GET", "/v1/jobs?state=queued", b"")
+            .header("x-job", "42")
+            .signed(GET_COMPONENTS, &params(), SECRET)
+    };
+    let input = |w: &Wire| w.get("signature-input").unwrap().to_owned();
+    let signature = |w: &Wire| w.get("signature").unwrap().to_owned();
+    let mut cases: Vec<(&str, Wire, u16)> = Vec::new();
+    // Two signatures, both valid copies under two labels.
+    let w = signed();
+    let two_inputs = format!("{}, {}", input(&w), input(&w).replacen("sig1=", "sig2=", 1));
+    let two_sigs = format!(
+        "{}, {}",
+        signature(&w),
+        signature(&w).replacen("sig1=", "sig2=", 1)
+    );
+    cases.push((
+        "two signatures",
+        w.clone()
+            .header("signature-input", &two_inputs)
+            .header("signature", &two_sigs),
+        400,
+    ));
+    cases.push((
+        "labels differ",
+        w.clone()
+            .header("signature", &signature(&w).replacen("sig1=", "sig2=", 1)),
+        400,
+    ));
+    // A second `Signature-Input` line: the field then holds two members.
+    let mut two_lines = w.clone();
+    two_lines.headers.push((
+        "signature-input".into(),
+        input(&w).replacen("sig1=", "sig9=", 1),
+    ));
+    cases.push(("second input line", two_lines, 400));
+    // A second line of a covered field.
+    let mut second = signed();
+    second.headers.push(("x-job".into(), "43".into()));
+    cases.push(("covered field twice", second, 401));
+    cases.push(("inner whitespace", signed().header("x-job", "4 2"), 401));
+    cases.push(("folded line", signed().header("x-job", "42\r\n 43"), 400));
+    cases.push(("padding", signed().header("x-job", " \t42 \t"), 200));
+    for (what, w, status) in cases {
+        let r = send(addr, &w).await;
+        assert_eq!(r.status, status, "{what}: {r:?}");
+        if status != 200 {
+            assert_nothing_echoed(&r, &w);
+        }
+    }
+}
+
 /// Every `Content-Digest` of an algorithm the verifier computes must match the
 /// body: a right `sha-256` does not excuse a wrong `sha-512` the signer named.
 #[tokio::test]
