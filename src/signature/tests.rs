@@ -618,3 +618,62 @@ async fn the_signer_refuses_an_ambiguous_authority() {
     assert!(svc.clone().oneshot(req("svc.test")).await.unwrap());
     assert!(svc.clone().oneshot(req("other.test")).await.is_err());
 }
+
+proptest::proptest! {
+    /// `created` and `expires` anywhere in the range a structured-field integer
+    /// can carry (negative, far past, far future), against any clock: accepted
+    /// exactly when the freshness rule, computed without overflow, says so; never
+    /// a panic or a wrapped comparison.
+    #[test]
+    fn freshness_is_exact_over_the_whole_integer_range(
+        created in proptest::prop_oneof![
+            -999_999_999_999_999i64..=999_999_999_999_999,
+            1_999_999_000i64..2_000_001_000,
+        ],
+        expires in proptest::option::of(proptest::prop_oneof![
+            -999_999_999_999_999i64..=999_999_999_999_999,
+            1_999_999_000i64..2_000_001_000,
+        ]),
+        now in proptest::prop_oneof![0u64..=u64::MAX / 2, 1_999_999_000u64..2_000_001_000],
+        max_age in 1u64..=3600,
+        skew in 0u64..=300,
+    ) {
+        let secret = [9u8; 32];
+        let v = SignatureVerifier::builder()
+            .key(SignatureKey::hmac_sha256("k", &secret).unwrap())
+            .max_age(Duration::from_secs(max_age))
+            .clock_skew(Duration::from_secs(skew))
+            .required_components("@method")
+            .build()
+            .unwrap()
+            .inner;
+        let key = SigningKey::hmac_sha256("k", &secret).unwrap();
+        let mut params = format!(r#"("@method");created={created};keyid="k";nonce="n""#);
+        if let Some(e) = expires {
+            params.push_str(&format!(";expires={e}"));
+        }
+        let parsed = parse::parse_signature(format!("s={params}").as_bytes(), b"s=:AAAA:").unwrap();
+        let empty = HeaderMap::new();
+        let msg = Message { method: "GET", authority: None, path: "/", query: None, headers: &empty };
+        let base = parse::signature_base(&msg, &parsed.components, &parsed.params_line).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(SIGNATURE_INPUT, format!("s={params}").parse().unwrap());
+        h.insert(
+            SIGNATURE,
+            format!("s=:{}:", B64.encode(key.sign(base.as_bytes()))).parse().unwrap(),
+        );
+        let got = v.check_head("GET", &"/".parse().unwrap(), &h, false, now);
+        let (c, n, age, sk) = (i128::from(created), i128::from(now), i128::from(max_age), i128::from(skew));
+        let fresh = c >= 0
+            && c <= n + sk
+            && n - c <= age + sk
+            && expires.is_none_or(|e| e >= 0 && i128::from(e) + sk > n);
+        match got {
+            Ok(_) => proptest::prop_assert!(fresh),
+            Err(r) => {
+                proptest::prop_assert!(!fresh);
+                proptest::prop_assert_eq!(r, DenialReason::StaleSignature);
+            }
+        }
+    }
+}
