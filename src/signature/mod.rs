@@ -628,6 +628,7 @@ impl Inner {
 
     /// How long the nonce of `c`, claimed at `now`, is remembered in Redis: until
     /// `c.stale_at` at the earliest, whatever fraction of the second `now` has run.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     fn nonce_ttl(c: &Checked, now: u64) -> Duration {
         Duration::from_secs(c.stale_at.saturating_sub(now).max(1))
     }
