@@ -472,15 +472,26 @@ impl RedisLimiter {
     }
 
     /// Credits spent for a key, as Redis counts them; `None` if Redis cannot answer.
+    /// A count that is not a whole number reads as everything spent, as the spend
+    /// script treats it (and is no Redis failure: the breaker stays closed).
     #[cfg(feature = "api-key")]
     pub(crate) async fn credits_spent(&self, credits: &Credits) -> Option<u64> {
         let key = format!("{}:cr:{}", self.inner.namespace, credits.name);
-        let spent: Option<u64> = self
+        let raw: Option<Vec<u8>> = self
             .inner
             .call(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
             .await
             .ok()?;
-        Some(spent.unwrap_or(0))
+        Some(match raw {
+            None => 0,
+            Some(raw) if !raw.is_empty() && raw.iter().all(u8::is_ascii_digit) => {
+                std::str::from_utf8(&raw)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(u64::MAX)
+            }
+            Some(_) => u64::MAX,
+        })
     }
 
     /// Records a signature nonce (`<namespace>:<name>`) for `ttl`; `Ok(false)` if it

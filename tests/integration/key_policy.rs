@@ -320,8 +320,10 @@ mod redis {
         let key = generate_key("pc_test").unwrap();
         let store =
             KeyStore::from_toml(&entry("corrupt-credit-client", &key, "credits = 10")).unwrap();
-        let limit = shared_limiter(connected(&server.url(), FailurePolicy::FailOpen, "cc").await);
-        let addr = serve(ApiKeys::new(store), limit).await;
+        let record = store.records().next().unwrap().clone();
+        let redis = connected(&server.url(), FailurePolicy::FailOpen, "cc").await;
+        let limit = shared_limiter(redis.clone());
+        let addr = serve(ApiKeys::new(store), limit.clone()).await;
         assert_eq!(call(addr, "127.6.5.1", &key).await.status, 200);
         let mut admin = server.admin().await;
         let names: Vec<String> = ::redis::cmd("KEYS")
@@ -339,6 +341,13 @@ mod redis {
                 .unwrap();
             let r = call(addr, "127.6.5.1", &key).await;
             assert_eq!(r.status, 429, "{garbage:?}: {r:?}");
+            assert_eq!(
+                limit.credits_remaining(&record).await,
+                Some(0),
+                "{garbage:?}"
+            );
+            // Not a Redis failure: the rate limits stay shared.
+            assert!(!redis.breaker_open(), "{garbage:?}");
         }
         // A count that is a number again: spending resumes.
         let () = ::redis::cmd("SET")
@@ -347,6 +356,7 @@ mod redis {
             .query_async(&mut admin)
             .await
             .unwrap();
+        assert_eq!(limit.credits_remaining(&record).await, Some(1));
         assert_eq!(call(addr, "127.6.5.1", &key).await.status, 200);
         assert_eq!(call(addr, "127.6.5.1", &key).await.status, 429);
     }
