@@ -469,9 +469,13 @@ mod tests {
             ALLOWLIST => "127.0.0.0/8".into(),
             DENYLIST => "10.9.0.0/16".into(),
             KEY_FILE => {
+                // One file per call: tests run in parallel in this process, and one
+                // test's write must not be read half-done by another.
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let key = crate::api_key::generate_key("pc_test").unwrap();
                 let dir =
-                    std::env::temp_dir().join(format!("portcullis-env-{}", std::process::id()));
+                    std::env::temp_dir().join(format!("portcullis-env-{}-{n}", std::process::id()));
                 std::fs::create_dir_all(&dir).unwrap();
                 let path = dir.join("keys.toml");
                 let entry = format!("[[keys]]\nid = \"a\"\ndigest = \"{}\"\n", key.digest());
