@@ -50,9 +50,15 @@
 
 mod cache;
 mod client;
+#[cfg(feature = "jwks-remote")]
+mod fetch;
 mod issue;
 mod keys;
+#[cfg(feature = "jwks-remote")]
+mod oidc;
 mod parse;
+#[cfg(feature = "jwks-remote")]
+mod remote;
 #[cfg(test)]
 mod tests;
 mod time;
@@ -68,6 +74,8 @@ pub use issue::{
 pub use keys::{Algorithm, KeySet, MIN_HMAC_SECRET_LEN, VerifyingKey};
 pub use parse::DEFAULT_MAX_TOKEN_LEN;
 pub(crate) use parse::{looks_like_jwt, parse_claims, parse_compact};
+#[cfg(feature = "jwks-remote")]
+pub use remote::{GOOGLE_ISSUER, GOOGLE_JWKS_URL, PrincipalClaim, RemoteIssuer, RemoteStart};
 pub use verify::{
     DEFAULT_CACHE_CAPACITY, DEFAULT_LEEWAY, DEFAULT_MAX_LIFETIME, KeyFile, TokenVerifier,
     TokenVerifierBuilder, VerifiedToken,
@@ -100,7 +108,7 @@ pub enum TokenRejection {
     /// before 1970 or after the year 9999, an invalid scope token, `exp` not after
     /// `iat`, both `scope` and `scp`).
     InvalidClaims,
-    /// `iss` is not an accepted issuer, or not the one its key is bound to.
+    /// `iss` is missing from the accepted issuers, or not the one its key is bound to.
     WrongIssuer,
     /// `aud` does not contain our audience.
     WrongAudience,
@@ -112,8 +120,16 @@ pub enum TokenRejection {
     IssuedInFuture,
     /// `exp - iat` longer than the maximum lifetime.
     LifetimeTooLong,
-    /// `sub` is not in the allowed-subject list.
+    /// The principal id (`sub`, or the email for an issuer mapped by email) is not
+    /// in the allowed-subject list, nor in the issuer's scope mapping when it has one.
     SubjectNotAllowed,
+    /// The issuer's principal is its `email`, and the token lacks
+    /// `email_verified: true`.
+    EmailNotVerified,
+    /// The token's issuer takes its keys from a URL and none are in force: not
+    /// fetched yet, or the last successful fetch is older than the maximum
+    /// staleness.
+    KeysUnavailable,
 }
 
 impl TokenRejection {
@@ -136,6 +152,8 @@ impl TokenRejection {
             TokenRejection::IssuedInFuture => "issued_in_future",
             TokenRejection::LifetimeTooLong => "lifetime_too_long",
             TokenRejection::SubjectNotAllowed => "subject_not_allowed",
+            TokenRejection::EmailNotVerified => "email_not_verified",
+            TokenRejection::KeysUnavailable => "keys_unavailable",
         }
     }
 }
