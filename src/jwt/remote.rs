@@ -257,6 +257,13 @@ impl RemoteIssuer {
             .max_lifetime(Duration::from_secs(2 * 60 * 60))
     }
 
+    /// Fetches the JWK Set from `url` (HTTPS) without discovery, e.g. a preset's
+    /// keys through a mirror or an egress proxy's address.
+    pub fn jwks_url(mut self, url: impl Into<String>) -> Self {
+        self.source = KeySource::Jwks(url.into());
+        self
+    }
+
     /// Accepts tokens whose `aud` contains `aud`. At least one is required.
     pub fn audience(mut self, aud: impl Into<String>) -> Self {
         self.audiences.push(aud.into());

@@ -16,6 +16,8 @@ mod authenticate;
 #[cfg(feature = "client-ip")]
 mod client_ip;
 mod fuzz_corpus;
+#[cfg(feature = "jwks-remote")]
+mod jwks;
 #[cfg(feature = "jwt")]
 mod jwt;
 #[cfg(all(feature = "access-log", feature = "allowlist"))]
