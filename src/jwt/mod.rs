@@ -55,7 +55,7 @@ mod fetch;
 mod issue;
 mod keys;
 #[cfg(feature = "jwks-remote")]
-mod oidc;
+pub(crate) mod oidc;
 mod parse;
 #[cfg(feature = "jwks-remote")]
 mod remote;
@@ -74,6 +74,8 @@ pub use issue::{
 pub use keys::{Algorithm, KeySet, MIN_HMAC_SECRET_LEN, VerifyingKey};
 pub use parse::DEFAULT_MAX_TOKEN_LEN;
 pub(crate) use parse::{looks_like_jwt, parse_claims, parse_compact};
+#[cfg(all(feature = "jwks-remote", feature = "stack"))]
+pub(crate) use remote::check_root_certificates;
 #[cfg(feature = "jwks-remote")]
 pub use remote::{GOOGLE_ISSUER, GOOGLE_JWKS_URL, PrincipalClaim, RemoteIssuer, RemoteStart};
 pub use verify::{

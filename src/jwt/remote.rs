@@ -432,6 +432,12 @@ impl RemoteIssuer {
     }
 }
 
+/// Checks that `pem` holds usable root certificates.
+#[cfg(feature = "stack")]
+pub(crate) fn check_root_certificates(pem: &[u8]) -> Result<(), ConfigError> {
+    Client::tls_config(Some(pem)).map(drop)
+}
+
 enum Source {
     Discovery(FetchUrl),
     Jwks(FetchUrl),

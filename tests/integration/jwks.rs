@@ -986,3 +986,57 @@ fn configuration_errors_are_reported_at_build() {
         .build();
     assert!(ok.is_ok());
 }
+
+/// The stack from the environment, trusting the provider by discovery: the
+/// variables accept issuer URLs and a roots file, and a token passes the stack.
+#[cfg(feature = "stack")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_from_the_environment_trusts_a_discovery_issuer() {
+    use portcullis::stack::StackBuilder;
+    let p = Provider::start(&["ec-1"]);
+    let (issuer, roots) = (p.issuer.clone(), certs().join("ca.crt"));
+    let stack = tokio::task::spawn_blocking(move || {
+        let env = |name: &str| match name {
+            "PORTCULLIS_OIDC_ISSUERS" => Some(issuer.clone()),
+            "PORTCULLIS_OIDC_ROOTS_FILE" => Some(roots.display().to_string()),
+            "PORTCULLIS_TOKEN_AUDIENCE" => Some(AUD.to_owned()),
+            _ => None,
+        };
+        StackBuilder::from_env_with(env).and_then(StackBuilder::build)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(p.jwks_hits(), 1, "the build waited for the first fetch");
+    let addr = common::serve("127.0.0.1:0", stack, Peer::Attached).await;
+    let good = format!("Authorization: Bearer {}", token(&p.issuer, "ec-1"));
+    assert_eq!(common::get(addr, &[good.as_bytes()]).await.status, 200);
+    let other = format!(
+        "Authorization: Bearer {}",
+        token("https://ci.example", "ec-1")
+    );
+    assert_eq!(common::get(addr, &[other.as_bytes()]).await.status, 401);
+
+    // Down at start-up: `wait` (the default) fails naming the variable.
+    let reserved = StdListener::bind("127.0.0.1:0").unwrap();
+    let down = format!(
+        "https://localhost:{}",
+        reserved.local_addr().unwrap().port()
+    );
+    drop(reserved);
+    let roots = certs().join("ca.crt");
+    let e = tokio::task::spawn_blocking(move || {
+        let env = |name: &str| match name {
+            "PORTCULLIS_OIDC_ISSUERS" => Some(down.clone()),
+            "PORTCULLIS_OIDC_ROOTS_FILE" => Some(roots.display().to_string()),
+            "PORTCULLIS_TOKEN_AUDIENCE" => Some(AUD.to_owned()),
+            _ => None,
+        };
+        StackBuilder::from_env_with(env).map(drop)
+    })
+    .await
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("PORTCULLIS_OIDC_ISSUERS"), "{e}");
+}
