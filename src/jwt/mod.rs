@@ -11,7 +11,10 @@
 //!   read from files only after
 //!   [`allow_symmetric_keys_from_files`](TokenVerifierBuilder::allow_symmetric_keys_from_files).
 //!   A verified token is cached until its `exp` plus the leeway, the second from
-//!   which the verifier refuses it.
+//!   which the verifier refuses it. With the feature `jwks-remote`, keys also come
+//!   from a JWK Set URL or an OpenID Connect issuer ([`RemoteIssuer`], with presets
+//!   for Google ID tokens and Kubernetes service-account tokens), each issuer with
+//!   its own audiences and principal mapping.
 //! - Sending side: [`TokenIssuer`] mints tokens, and [`BearerTokenLayer`] attaches
 //!   one to every outgoing request, re-minting before it expires.
 //!

@@ -27,7 +27,8 @@ pub(crate) struct ParsedToken<'a> {
     pub(crate) header: TokenHeader,
     /// `BASE64URL(header) "." BASE64URL(payload)`: the bytes the signature covers.
     pub(crate) signing_input: &'a str,
-    /// The payload, still base64url-encoded: decoded only after the signature checks.
+    /// The payload, still base64url-encoded: the verifier decodes it, reads `iss` to
+    /// select the keys, and trusts nothing in it until the signature checks.
     pub(crate) payload_b64: &'a str,
     /// The signature, base64url-encoded.
     pub(crate) signature_b64: &'a str,

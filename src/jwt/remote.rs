@@ -102,6 +102,18 @@ enum KeySource {
 /// The fetcher runs on a thread of its own (with a single-threaded Tokio runtime),
 /// which ends once the last clone of the verifier is dropped.
 ///
+/// # What remote keys change, and what they do not protect against
+///
+/// The keys are whatever the issuer's HTTPS endpoint serves: whoever controls that
+/// endpoint, its domain or a certificate authority trusted for it can publish a key
+/// and mint tokens that pass. Availability becomes the provider's too: past the
+/// maximum staleness without a successful fetch, the issuer's tokens are refused. A
+/// key removed upstream is trusted until the next successful fetch. The issuer,
+/// audiences and principal mapping are the whole policy: a provider that issues
+/// tokens to every account of a cloud or every service account of a cluster needs
+/// the accepted principals listed. The [threat model](crate::threat_model) has the
+/// full list.
+///
 /// # Example: an OpenID Connect issuer
 ///
 /// ```no_run
