@@ -120,6 +120,10 @@ impl Client {
                 "no trusted root certificate: the platform has none and none was given",
             ));
         }
+        // ring, the provider the crate already uses for rediss://. Newer rustls
+        // releases deprecate it for lacking post-quantum key exchange, which ring
+        // does not offer; the classical groups it has are what is used here.
+        #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
