@@ -69,7 +69,8 @@ pub(crate) fn parse_url(s: &str, loopback_http: bool) -> Result<FetchUrl, &'stat
     if host.is_empty() {
         return Err("the URL has no host");
     }
-    if !tls && !(loopback_http && is_loopback_host(host)) {
+    let allowed_plain = loopback_http && is_loopback_host(host);
+    if !tls && !allowed_plain {
         return Err(
             "the URL must start with https:// (plain http only to a loopback host, when allowed)",
         );

@@ -382,12 +382,11 @@ impl RemoteIssuer {
     /// Checks the settings and makes the fetcher.
     pub(crate) fn fetcher(&self) -> Result<Fetcher, ConfigError> {
         let err = |what: &str| ConfigError::new(format!("remote issuer {}: {what}", self.issuer));
-        let issuer_url = parse_url(&self.issuer, self.loopback_http).map_err(|e| err(e))?;
-        let _ = issuer_url;
+        parse_url(&self.issuer, self.loopback_http).map_err(err)?;
         let source = match &self.source {
-            KeySource::Discovery => Source::Discovery(
-                discovery_url(&self.issuer, self.loopback_http).map_err(|e| err(e))?,
-            ),
+            KeySource::Discovery => {
+                Source::Discovery(discovery_url(&self.issuer, self.loopback_http).map_err(err)?)
+            }
             KeySource::Jwks(url) => Source::Jwks(
                 parse_url(url, self.loopback_http).map_err(|e| err(&format!("JWKS URL: {e}")))?,
             ),

@@ -1080,9 +1080,7 @@ fn remote_policies(
     let mut fetchers = Vec::new();
     for (i, r) in remote.iter().enumerate() {
         let err = |what: &str| ConfigError::new(format!("remote issuer {}: {what}", r.issuer));
-        if local.iter().any(|l| *l == r.issuer)
-            || by_name.insert(r.issuer.clone().into(), i).is_some()
-        {
+        if local.contains(&r.issuer) || by_name.insert(r.issuer.clone().into(), i).is_some() {
             return Err(err("configured twice"));
         }
         let fetcher = r.fetcher()?;

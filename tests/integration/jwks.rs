@@ -538,7 +538,8 @@ fn a_flood_of_unknown_kids_costs_at_most_one_fetch_per_interval() {
 
 #[test]
 fn a_failed_or_invalid_fetch_keeps_the_last_good_keys() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Behaviour)>)> = vec![
+    type Break = Box<dyn Fn(&mut Behaviour)>;
+    let cases: Vec<(&str, Break)> = vec![
         ("status", Box::new(|b| b.mode = Mode::Status(503))),
         (
             "timeout",
