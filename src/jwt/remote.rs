@@ -1,6 +1,7 @@
 //! Keys from a URL: an issuer whose JWK Set is fetched over HTTPS (directly, or
 //! through OpenID Connect discovery) and refreshed in the background.
 
+use std::fmt;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -130,7 +131,7 @@ enum KeySource {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RemoteIssuer {
     pub(crate) issuer: String,
     source: KeySource,
@@ -149,6 +150,20 @@ pub struct RemoteIssuer {
     max_refresh: Duration,
     refetch_interval: Duration,
     max_staleness: Duration,
+}
+
+impl fmt::Debug for RemoteIssuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteIssuer")
+            .field("issuer", &self.issuer)
+            .field("source", &self.source)
+            .field("audiences", &self.audiences)
+            .field("principal_claim", &self.id_claim)
+            .field("start", &self.start)
+            .field("custom_roots", &self.roots_pem.is_some())
+            .field("plain_http_to_loopback", &self.loopback_http)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RemoteIssuer {

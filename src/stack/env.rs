@@ -316,25 +316,26 @@ impl StackBuilder {
                 ))
             })
         };
-        let audience = need(audience, TOKEN_AUDIENCE)?;
-        let audience = audience.trim();
         let mut builder = crate::jwt::TokenVerifier::builder();
-        let file = match (file, issuers) {
+        let (file, audience) = match (file, issuers) {
             (None, None) if oidc.is_some() => {
                 vars.unused(JWKS_RELOAD_SECS, JWKS_FILE)?;
-                None
+                (None, need(audience, TOKEN_AUDIENCE)?)
             }
             (file, issuers) => {
                 let file = need(file, JWKS_FILE)?;
                 let issuers = need(issuers, TOKEN_ISSUERS)?;
-                builder = builder.key_file(KeyFile::jwks(&file)).audience(audience);
-                for (i, iss) in list(&issuers, TOKEN_ISSUERS)?.into_iter().enumerate() {
-                    let _ = i;
+                let audience = need(audience, TOKEN_AUDIENCE)?;
+                builder = builder
+                    .key_file(KeyFile::jwks(&file))
+                    .audience(audience.trim());
+                for iss in list(&issuers, TOKEN_ISSUERS)? {
                     builder = builder.issuer(iss);
                 }
-                Some(file)
+                (Some(file), audience)
             }
         };
+        let audience = audience.trim();
         match oidc {
             Some(oidc) => builder = oidc_issuers(builder, &oidc, audience, vars)?,
             None => {
