@@ -43,11 +43,13 @@ pub struct VerifiedToken {
 }
 
 impl VerifiedToken {
-    /// The principal: id = `sub`, method = [`AuthMethod::ServiceToken`], the scopes.
+    /// The principal: id = `sub` (or the verified email, for a remote issuer mapped
+    /// by email), method = [`AuthMethod::ServiceToken`], the scopes.
     pub fn principal(&self) -> &Principal {
         &self.principal
     }
-    /// `sub`.
+    /// The principal id: `sub`, or the verified email for a remote issuer mapped by
+    /// email.
     pub fn subject(&self) -> &str {
         self.principal.id()
     }
@@ -278,12 +280,15 @@ pub(crate) struct Inner {
 /// turns them into a [`Principal`].
 ///
 /// Every check, in order: the length cap (before any decoding); three base64url
-/// parts; a header without duplicate members or `crit`; the key named by `kid` (no
+/// parts; a header without duplicate members or `crit`; a token whose `iss` names a
+/// remote issuer (feature `jwks-remote`) goes to that issuer's fetched keys and
+/// rules, any other to the keys given in code and files; the key named by `kid` (no
 /// `kid` only with a single-key set); `alg` equal to that key's algorithm; `typ` when
 /// required; the signature; then the claims, parsed strictly (integers for times, no
 /// duplicate members): `exp`, `iat`, `iss`, `sub` and `aud` required, `iss` one of
 /// the issuers (and the key's own issuer when it is bound to one), `aud` containing
-/// the audience, every time between 1970 and the end of the year 9999, `now` before
+/// the audience (a remote issuer's: one of its audiences), every time between 1970
+/// and the end of the year 9999, `now` before
 /// `exp + leeway` (a token is refused from the second equal to `exp` plus the
 /// leeway), `iat` and `nbf` at most `now + leeway`, `iat` before `exp` and
 /// `exp - iat` within the maximum lifetime, the subject in the allowed list when one
@@ -294,7 +299,9 @@ pub(crate) struct Inner {
 /// the second from which the checks above refuse it, so a reused token costs one
 /// hash and one map lookup. The cache is bounded
 /// ([`cache_capacity`](TokenVerifierBuilder::cache_capacity)) and is emptied whenever
-/// the key set changes. Cloning a verifier is cheap and shares keys and cache.
+/// the key set changes; a token verified with a remote issuer's keys is served from
+/// it only while those keys are within their maximum staleness. Cloning a verifier is
+/// cheap and shares keys and cache.
 ///
 /// ```
 /// use portcullis::jwt::{SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
