@@ -21,12 +21,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::rejection::{DenialReason, Rejection};
+use crate::rejection::{DenialReason, RefusalBody, Rejection};
 use crate::{ClientIp, IpSet};
 
 #[derive(Debug)]
@@ -120,7 +119,7 @@ impl<S> IpAllowlist<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IpAllowlist<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -141,7 +140,7 @@ where
                     reason = reason.as_str(),
                     client_ip = ip.map(tracing::field::display),
                 );
-                ResponseFuture::rejected(Rejection::forbidden(reason).into_response())
+                ResponseFuture::rejected(Rejection::forbidden(reason).into_response_to(&req))
             }
         }
     }
@@ -156,6 +155,7 @@ opaque_response_future! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::convert::Infallible;
     use tower::{ServiceBuilder, ServiceExt};
 

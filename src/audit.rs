@@ -86,19 +86,29 @@ events! {
     AuthThrottleDisabled => "auth_throttle_disabled",
     /// `INFO`, [`IpAllowlistLayer`](crate::allowlist::IpAllowlistLayer): the client
     /// address is outside the allowlist, inside the deny list, or unknown. Fields:
-    /// `reason` (`ip_denied`, `no_client_ip`), `client_ip`.
+    /// `reason` (`ip_denied`, `no_client_ip`), `client_ip`. From
+    /// [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer), for a key with an
+    /// allowlist of its own: `reason` `key_ip_denied`, `principal`, `method`,
+    /// `client_ip`.
     IpDenied => "ip_denied",
     /// `INFO` (`ERROR` when misconfigured),
     /// [`RequireScopeLayer`](crate::scope::RequireScopeLayer): the principal lacks a
-    /// required scope. Fields: `reason` (`insufficient_scope`; `missing_credential`
-    /// when no authentication layer ran; `misconfigured`), `principal`, `method`,
-    /// `scope` (the required scopes), `client_ip`.
+    /// required scope or authenticated by a method the route does not accept.
+    /// Fields: `reason` (`insufficient_scope`; `auth_method_not_allowed`;
+    /// `missing_credential` when no authentication layer ran; `misconfigured`),
+    /// `principal`, `method`, `scope` (the required scopes), `allowed_methods` (with
+    /// `auth_method_not_allowed`), `client_ip`.
     ScopeDenied => "scope_denied",
     /// `INFO`, [`RateLimitLayer`](crate::rate_limit::RateLimitLayer): a request
     /// exceeded its quota (also in shadow mode, where it was let through). Fields:
     /// `reason`, `policy`, `principal`, `method`, `client_ip`, `retry_after`
     /// (seconds), `shadow`.
     RateLimited => "rate_limited",
+    /// `INFO`, [`RateLimitLayer`](crate::rate_limit::RateLimitLayer): a key with
+    /// usage credits has none left; the request got 429. Fields: `reason`
+    /// (`credits_exhausted`), `principal`, `method`, `client_ip`, `credits` (the
+    /// key's total).
+    CreditsExhausted => "credits_exhausted",
     /// `WARN`, at construction: the rate limiter is in shadow mode (counts and logs,
     /// never refuses).
     RateLimitShadowMode => "rate_limit_shadow_mode",

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -18,8 +17,11 @@ use crate::rate_limit::Quota;
 use crate::rate_limit::key::{KeySource, LocalKey, mask};
 use crate::rate_limit::local::LocalStore;
 use crate::rate_limit::quota::Gcra;
-use crate::rejection::{DenialReason, Rejection};
+use crate::rejection::{DenialReason, RefusalBody, Rejection, is_grpc_request};
 use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
+
+#[cfg(feature = "redis")]
+use crate::rate_limit::redis::{Bypassed, FailurePolicy, RedisLimiter};
 
 /// Slows the guessing of credentials per client address, without denying a valid
 /// credential by default.
@@ -140,6 +142,8 @@ struct Config {
     cap: usize,
     lockout: bool,
     exempt: Option<IpSet>,
+    #[cfg(feature = "redis")]
+    redis: Option<RedisLimiter>,
 }
 
 pub(crate) struct Shared {
@@ -151,13 +155,15 @@ pub(crate) struct Shared {
 impl fmt::Debug for AuthThrottleLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.shared.config;
-        f.debug_struct("AuthThrottleLayer")
-            .field("failures", &c.quota)
+        let mut d = f.debug_struct("AuthThrottleLayer");
+        d.field("failures", &c.quota)
             .field("lockout_before_verify", &c.lockout)
             .field("exempt", &c.exempt)
             .field("ipv6_prefix", &c.ipv6_prefix)
-            .field("tracked_addresses", &self.shared.store.len())
-            .finish()
+            .field("tracked_addresses", &self.shared.store.len());
+        #[cfg(feature = "redis")]
+        d.field("redis", &c.redis);
+        d.finish()
     }
 }
 
@@ -173,6 +179,10 @@ pub(crate) fn is_credential_failure(reason: DenialReason) -> bool {
             | DenialReason::InvalidToken
             | DenialReason::MalformedCredential
             | DenialReason::MultipleCredentials
+            | DenialReason::InvalidSignature
+            | DenialReason::StaleSignature
+            | DenialReason::ReplayedSignature
+            | DenialReason::DigestMismatch
     )
 }
 
@@ -193,6 +203,8 @@ impl AuthThrottleLayer {
             cap: 100_000,
             lockout: false,
             exempt: None,
+            #[cfg(feature = "redis")]
+            redis: None,
         })
     }
 
@@ -252,6 +264,54 @@ impl AuthThrottleLayer {
         }))
     }
 
+    /// Keeps the failure counts in Redis, shared by every instance, so that a
+    /// guesser spreading its guesses over instances gets one budget, not one per
+    /// instance. Give it the rate limiter's [`RedisLimiter`] (or a clone): the
+    /// throttle then uses the same connection, per-call timeout, circuit breaker and
+    /// [`FailurePolicy`]. Keys are `<namespace>:at:ip:<masked address>` (and
+    /// `<namespace>:at:g` for requests without a client address), each expiring once
+    /// its bucket has refilled.
+    ///
+    /// When Redis cannot answer, the failure policy decides for the throttle as it
+    /// does for the rate limits: [`FailOpen`](FailurePolicy::FailOpen) counts nothing
+    /// (each refusal keeps its 401), [`FailClosed`](FailurePolicy::FailClosed)
+    /// answers 503 `backend_unavailable` where a count was needed (a wrong
+    /// credential; in the lockout mode, every request), and
+    /// [`FallbackLocal`](FailurePolicy::FallbackLocal) counts in this instance's
+    /// memory as without Redis.
+    ///
+    /// A wrong credential's answer waits for its count on Redis (one round trip);
+    /// a valid credential's does not: whether its address is throttled, for the
+    /// audit event `auth_succeeded_while_throttled`, is looked up in the
+    /// background. In the lockout mode, every request waits for its count before
+    /// its credential is read.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), portcullis::ConfigError> {
+    /// use portcullis::auth_throttle::AuthThrottleLayer;
+    /// use portcullis::rate_limit::redis::{FailurePolicy, RedisLimiter};
+    ///
+    /// let redis = RedisLimiter::builder("redis://127.0.0.1:6379", FailurePolicy::FallbackLocal)?
+    ///     .build()?;
+    /// let throttle = AuthThrottleLayer::recommended().redis(redis.clone());
+    /// # let _ = throttle;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "redis")]
+    pub fn redis(self, limiter: RedisLimiter) -> Self {
+        Self::build(Config {
+            redis: Some(limiter),
+            ..self.shared.config.clone()
+        })
+    }
+
+    /// Whether the counts are kept in Redis.
+    #[cfg(feature = "redis")]
+    pub(crate) fn has_redis(&self) -> bool {
+        self.shared.config.redis.is_some()
+    }
+
     /// Addresses currently tracked.
     /// Introspection for the tests and benchmarks; hidden, not part of the API.
     #[doc(hidden)]
@@ -275,12 +335,15 @@ impl AuthThrottleLayer {
 }
 
 impl Shared {
-    fn key(&self, ip: Option<ClientIp>) -> LocalKey {
-        let source = match ip {
+    fn source(&self, ip: Option<ClientIp>) -> KeySource<'static> {
+        match ip {
             Some(ip) => KeySource::Ip(mask(ip.addr(), 32, self.config.ipv6_prefix)),
             None => KeySource::Global,
-        };
-        source.local(self.store.hasher())
+        }
+    }
+
+    fn key(&self, ip: Option<ClientIp>) -> LocalKey {
+        self.source(ip).local(self.store.hasher())
     }
 
     fn is_exempt(&self, ip: Option<ClientIp>) -> bool {
@@ -300,11 +363,12 @@ impl Shared {
 
     /// The 429 for a throttled address, audited; `checked` says whether its
     /// credential was verified (and found wrong) first.
-    fn refusal<B: From<Bytes>>(
+    fn refusal<B: RefusalBody>(
         &self,
         ip: Option<ClientIp>,
         retry: Duration,
         checked: bool,
+        grpc: bool,
     ) -> Response<B> {
         crate::audit::emit!(
             info,
@@ -314,7 +378,7 @@ impl Shared {
             retry_after = crate::rejection::retry_after_secs(retry),
             credential_checked = checked,
         );
-        Rejection::too_many_requests(DenialReason::AuthThrottled, retry).into_response()
+        Rejection::too_many_requests(DenialReason::AuthThrottled, retry).render(grpc)
     }
 
     /// The inner response in the lockout mode: the failure counted on arrival stays
@@ -332,8 +396,13 @@ impl Shared {
 
     /// The inner response of a counted address: a wrong credential is counted, or
     /// answered 429 if the address is out of failures; a valid one from a throttled
-    /// address is audited.
-    fn respond<B: From<Bytes>>(&self, ip: Option<ClientIp>, res: Response<B>) -> Response<B> {
+    /// address is audited. `grpc` says whether the request was a gRPC call.
+    fn respond<B: RefusalBody>(
+        &self,
+        ip: Option<ClientIp>,
+        grpc: bool,
+        res: Response<B>,
+    ) -> Response<B> {
         if let Some(&reason) = res.extensions().get::<DenialReason>()
             && is_credential_failure(reason)
         {
@@ -341,7 +410,7 @@ impl Shared {
             if outcome.allowed {
                 return res;
             }
-            return self.refusal(ip, Duration::from_nanos(outcome.wait()), true);
+            return self.refusal(ip, Duration::from_nanos(outcome.wait()), true, grpc);
         }
         if let Some(p) = res.extensions().get::<Principal>()
             && p.method() != AuthMethod::Unauthenticated
@@ -397,12 +466,12 @@ impl<S> AuthThrottle<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthThrottle<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<Bytes>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody>;
+    type Future = ResponseFuture<S, ReqBody, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -417,34 +486,55 @@ where
                 },
             };
         }
-        if self.shared.config.lockout {
-            // The request is counted as a failure before its credential is read, and
-            // the count given back if it was not one: however many requests arrive
-            // at once, at most the quota's worth of credentials is ever verified.
-            let s = &self.shared;
-            let outcome = s.store.check(s.key(ip), &s.gcra, s.store.now());
-            if !outcome.allowed {
-                let retry = Duration::from_nanos(outcome.wait());
-                return ResponseFuture {
-                    kind: ThrottleKind::Rejected {
-                        response: Some(s.refusal(ip, retry, false)),
-                    },
-                };
-            }
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.shared.config.redis {
             return ResponseFuture {
-                kind: ThrottleKind::Charged {
-                    future: self.inner.call(req),
-                    ip,
-                    shared: self.shared.clone(),
-                },
+                kind: redis::call(&self.shared, redis, &mut self.inner, req, ip),
             };
         }
+        if self.shared.config.lockout {
+            return ResponseFuture {
+                kind: self.shared.charge(&mut self.inner, req, ip),
+            };
+        }
+        let grpc = is_grpc_request(&req);
         ResponseFuture {
             kind: ThrottleKind::Counted {
                 future: self.inner.call(req),
                 ip,
+                grpc,
                 shared: self.shared.clone(),
             },
+        }
+    }
+}
+
+impl Shared {
+    /// The lockout mode, in memory: the request is counted as a failure before its
+    /// credential is read, and the count given back if it was not one, so that
+    /// however many requests arrive at once, at most the quota's worth of
+    /// credentials is ever verified.
+    fn charge<S, ReqBody, B>(
+        self: &Arc<Self>,
+        inner: &mut S,
+        req: Request<ReqBody>,
+        ip: Option<ClientIp>,
+    ) -> ThrottleKind<S, ReqBody, B>
+    where
+        S: Service<Request<ReqBody>, Response = Response<B>>,
+        B: RefusalBody,
+    {
+        let outcome = self.store.check(self.key(ip), &self.gcra, self.store.now());
+        if !outcome.allowed {
+            let retry = Duration::from_nanos(outcome.wait());
+            return ThrottleKind::Rejected {
+                response: Some(self.refusal(ip, retry, false, is_grpc_request(&req))),
+            };
+        }
+        ThrottleKind::Charged {
+            future: inner.call(req),
+            ip,
+            shared: self.clone(),
         }
     }
 }
@@ -452,35 +542,56 @@ where
 pin_project! {
     /// Response future of [`AuthThrottle`]: counts a wrong credential when the inner
     /// response refuses one, or answers it 429 if the address is out of failures.
-    pub struct ResponseFuture<F, B> {
+    pub struct ResponseFuture<S, ReqBody, B>
+    where
+        S: Service<Request<ReqBody>>,
+    {
         #[pin]
-        kind: ThrottleKind<F, B>,
+        kind: ThrottleKind<S, ReqBody, B>,
     }
 }
 
 pin_project! {
     #[project = ThrottleKindProj]
-    enum ThrottleKind<F, B> {
-        Counted { #[pin] future: F, ip: Option<ClientIp>, shared: Arc<Shared> },
+    enum ThrottleKind<S, ReqBody, B>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        Counted { #[pin] future: S::Future, ip: Option<ClientIp>, grpc: bool, shared: Arc<Shared> },
         // The lockout mode: a failure was counted when the request arrived.
-        Charged { #[pin] future: F, ip: Option<ClientIp>, shared: Arc<Shared> },
-        Exempt { #[pin] future: F },
+        Charged { #[pin] future: S::Future, ip: Option<ClientIp>, shared: Arc<Shared> },
+        Exempt { #[pin] future: S::Future },
         Rejected { response: Option<Response<B>> },
+        // The counts on Redis (boxed: the rarer, slower path).
+        Remote { state: Box<Remote<S, ReqBody, B>> },
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B>
+/// The states of a request whose address is counted on Redis.
+#[cfg(feature = "redis")]
+type Remote<S, ReqBody, B> = redis::State<S, ReqBody, B>;
+#[cfg(not(feature = "redis"))]
+type Remote<S, ReqBody, B> = (
+    std::marker::PhantomData<(S, ReqBody)>,
+    std::convert::Infallible,
+    B,
+);
+
+impl<S, ReqBody, B> Future for ResponseFuture<S, ReqBody, B>
 where
-    F: Future<Output = Result<Response<B>, E>>,
-    B: From<Bytes>,
+    S: Service<Request<ReqBody>, Response = Response<B>>,
+    B: RefusalBody,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<B>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            ThrottleKindProj::Counted { future, ip, shared } => {
-                Poll::Ready(ready!(future.poll(cx)).map(|res| shared.respond(*ip, res)))
-            }
+            ThrottleKindProj::Counted {
+                future,
+                ip,
+                grpc,
+                shared,
+            } => Poll::Ready(ready!(future.poll(cx)).map(|res| shared.respond(*ip, *grpc, res))),
             ThrottleKindProj::Charged { future, ip, shared } => {
                 Poll::Ready(ready!(future.poll(cx)).map(|res| shared.settle(*ip, res)))
             }
@@ -488,17 +599,25 @@ where
             ThrottleKindProj::Rejected { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
+            #[cfg(feature = "redis")]
+            ThrottleKindProj::Remote { state } => state.poll(cx),
+            #[cfg(not(feature = "redis"))]
+            ThrottleKindProj::Remote { state } => match state.1 {},
         }
     }
 }
 
-impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+impl<S, ReqBody, B> fmt::Debug for ResponseFuture<S, ReqBody, B>
+where
+    S: Service<Request<ReqBody>>,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             ThrottleKind::Counted { .. } => "Counted",
             ThrottleKind::Charged { .. } => "Charged",
             ThrottleKind::Exempt { .. } => "Exempt",
             ThrottleKind::Rejected { .. } => "Rejected",
+            ThrottleKind::Remote { .. } => "Remote",
         };
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)
@@ -506,10 +625,272 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     }
 }
 
+/// The counts on Redis: the same decisions as in memory, each count one atomic
+/// script on the server's clock, under the limiter's timeout, breaker and failure
+/// policy.
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use crate::rate_limit::local::Outcome;
+
+    type Decision = Pin<Box<dyn Future<Output = Result<Outcome, Bypassed>> + Send>>;
+
+    pub(super) fn call<S, ReqBody, B>(
+        shared: &Arc<Shared>,
+        redis: &RedisLimiter,
+        inner: &mut S,
+        req: Request<ReqBody>,
+        ip: Option<ClientIp>,
+    ) -> ThrottleKind<S, ReqBody, B>
+    where
+        S: Service<Request<ReqBody>, Response = Response<B>> + Clone,
+        B: RefusalBody,
+    {
+        let grpc = is_grpc_request(&req);
+        if shared.config.lockout {
+            // Counted before the credential is read: the inner service is called
+            // once Redis has answered.
+            let clone = inner.clone();
+            let inner = std::mem::replace(inner, clone);
+            return ThrottleKind::Remote {
+                state: Box::new(State::Admitting {
+                    decision: count(redis, shared, ip),
+                    pending: Some((inner, req)),
+                    ip,
+                    grpc,
+                    shared: shared.clone(),
+                }),
+            };
+        }
+        ThrottleKind::Remote {
+            state: Box::new(State::Inner {
+                future: Box::pin(inner.call(req)),
+                charged: false,
+                ip,
+                grpc,
+                shared: shared.clone(),
+            }),
+        }
+    }
+
+    fn count(redis: &RedisLimiter, shared: &Shared, ip: Option<ClientIp>) -> Decision {
+        let (redis, key, g) = (
+            redis.clone(),
+            shared.source(ip).stable_name(),
+            shared.gcra[0],
+        );
+        Box::pin(async move { redis.throttle_count(&key, g).await })
+    }
+
+    fn redis(shared: &Shared) -> &RedisLimiter {
+        shared.config.redis.as_ref().expect("set on the Redis path")
+    }
+
+    /// Runs `task` on the current Tokio runtime, if any, without waiting for it.
+    fn detach(task: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(task);
+        }
+    }
+
+    pub(crate) enum State<S, ReqBody, B>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        /// The lockout mode: the failure counted on arrival, before calling `pending`.
+        Admitting {
+            decision: Decision,
+            pending: Option<(S, Request<ReqBody>)>,
+            ip: Option<ClientIp>,
+            grpc: bool,
+            shared: Arc<Shared>,
+        },
+        /// The credential being verified; `charged`: a failure was counted on arrival.
+        Inner {
+            future: Pin<Box<S::Future>>,
+            charged: bool,
+            ip: Option<ClientIp>,
+            grpc: bool,
+            shared: Arc<Shared>,
+        },
+        /// A wrong credential's refusal, waiting for its count.
+        Counting {
+            decision: Decision,
+            response: Option<Response<B>>,
+            ip: Option<ClientIp>,
+            grpc: bool,
+            shared: Arc<Shared>,
+        },
+        /// Redis is down and the policy falls back to memory: the in-memory path.
+        Local(Pin<Box<ResponseFuture<S, ReqBody, B>>>),
+        Done,
+    }
+
+    impl<S, ReqBody, B> State<S, ReqBody, B>
+    where
+        S: Service<Request<ReqBody>, Response = Response<B>>,
+        B: RefusalBody,
+    {
+        pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<B>, S::Error>> {
+            loop {
+                match self {
+                    State::Admitting {
+                        decision,
+                        pending,
+                        ip,
+                        grpc,
+                        shared,
+                    } => {
+                        let decided = ready!(decision.as_mut().poll(cx));
+                        let (ip, grpc, shared) = (*ip, *grpc, shared.clone());
+                        let (mut inner, req) = pending.take().expect("polled after completion");
+                        let charged = match decided {
+                            Ok(o) if o.allowed => true,
+                            Ok(o) => {
+                                let retry = Duration::from_nanos(o.wait());
+                                *self = State::Done;
+                                return Poll::Ready(Ok(shared.refusal(ip, retry, false, grpc)));
+                            }
+                            Err(Bypassed) => match redis(&shared).failure_policy() {
+                                FailurePolicy::FailOpen => false,
+                                FailurePolicy::FailClosed => {
+                                    *self = State::Done;
+                                    return Poll::Ready(Ok(unavailable(&shared, grpc)));
+                                }
+                                FailurePolicy::FallbackLocal => {
+                                    // In memory, as without Redis: that path counts
+                                    // and settles on its own.
+                                    let kind = shared.charge(&mut inner, req, ip);
+                                    *self = State::Local(Box::pin(ResponseFuture { kind }));
+                                    continue;
+                                }
+                            },
+                        };
+                        *self = State::Inner {
+                            future: Box::pin(inner.call(req)),
+                            charged,
+                            ip,
+                            grpc,
+                            shared,
+                        };
+                    }
+                    State::Inner {
+                        future,
+                        charged,
+                        ip,
+                        grpc,
+                        shared,
+                    } => {
+                        let res = match ready!(future.as_mut().poll(cx)) {
+                            Ok(res) => res,
+                            Err(e) => {
+                                *self = State::Done;
+                                return Poll::Ready(Err(e));
+                            }
+                        };
+                        let (ip, grpc, shared, charged) = (*ip, *grpc, shared.clone(), *charged);
+                        let failed = res
+                            .extensions()
+                            .get::<DenialReason>()
+                            .is_some_and(|&r| is_credential_failure(r));
+                        if charged {
+                            if !failed {
+                                let (redis, key, g) = (
+                                    redis(&shared).clone(),
+                                    shared.source(ip).stable_name(),
+                                    shared.gcra[0],
+                                );
+                                detach(async move {
+                                    let _ = redis.throttle_refund(&key, g).await;
+                                });
+                            }
+                            *self = State::Done;
+                            return Poll::Ready(Ok(res));
+                        }
+                        if failed && !shared.config.lockout {
+                            *self = State::Counting {
+                                decision: count(redis(&shared), &shared, ip),
+                                response: Some(res),
+                                ip,
+                                grpc,
+                                shared,
+                            };
+                            continue;
+                        }
+                        if !shared.config.lockout
+                            && let Some(p) = res.extensions().get::<Principal>()
+                            && p.method() != AuthMethod::Unauthenticated
+                        {
+                            audit_if_throttled(&shared, ip, p);
+                        }
+                        *self = State::Done;
+                        return Poll::Ready(Ok(res));
+                    }
+                    State::Counting {
+                        decision,
+                        response,
+                        ip,
+                        grpc,
+                        shared,
+                    } => {
+                        let decided = ready!(decision.as_mut().poll(cx));
+                        let res = response.take().expect("polled after completion");
+                        let (ip, grpc, shared) = (*ip, *grpc, shared.clone());
+                        *self = State::Done;
+                        return Poll::Ready(Ok(match decided {
+                            Ok(o) if o.allowed => res,
+                            Ok(o) => shared.refusal(ip, Duration::from_nanos(o.wait()), true, grpc),
+                            Err(Bypassed) => match redis(&shared).failure_policy() {
+                                FailurePolicy::FailOpen => res,
+                                FailurePolicy::FailClosed => unavailable(&shared, grpc),
+                                FailurePolicy::FallbackLocal => shared.respond(ip, grpc, res),
+                            },
+                        }));
+                    }
+                    State::Local(future) => return future.as_mut().poll(cx),
+                    State::Done => panic!("polled after completion"),
+                }
+            }
+        }
+    }
+
+    /// A valid credential's address is looked up in the background, so that its
+    /// answer never waits for Redis: the audit event follows the response.
+    fn audit_if_throttled(shared: &Arc<Shared>, ip: Option<ClientIp>, p: &Principal) {
+        let (redis, key, g) = (
+            redis(shared).clone(),
+            shared.source(ip).stable_name(),
+            shared.gcra[0],
+        );
+        let principal = crate::log_text::sanitize_id(p.id()).into_owned();
+        let method = p.method().as_str();
+        detach(async move {
+            if let Ok(Some(_)) = redis.throttle_peek(&key, g).await {
+                crate::audit::emit!(
+                    info,
+                    AuthSucceededWhileThrottled,
+                    principal = &*principal,
+                    method,
+                    client_ip = ip.map(tracing::field::display),
+                );
+            }
+        });
+    }
+
+    fn unavailable<B: RefusalBody>(shared: &Shared, grpc: bool) -> Response<B> {
+        Rejection::unavailable(
+            DenialReason::BackendUnavailable,
+            Some(redis(shared).retry_after()),
+        )
+        .render(grpc)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rejection::Challenge;
+    use bytes::Bytes;
     use std::convert::Infallible;
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::{AtomicUsize, Ordering};

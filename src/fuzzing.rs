@@ -21,11 +21,16 @@ use crate::client_ip::{
 };
 
 /// `forwarded_headers` target. Input: one selector byte, then header values
-/// separated by `\n` (one per header instance).
+/// separated by `\n` (one per header instance). Selector bits 0-1 pick the peer;
+/// bit 3 clear: bit 2 picks `X-Forwarded-For` or `Forwarded`; bit 3 set: a
+/// single-value header (`X-Real-IP` and the CDN headers, picked by bits 4-6).
 ///
 /// Checks, besides "no panic": the resolved client is the peer or an address that
 /// appears in the chain with only trusted hops to its right; and the resolver over a
-/// `HeaderMap` agrees with the pure walk over the same values.
+/// `HeaderMap` agrees with the pure walk over the same values. For a single-value
+/// header: the client is the peer when the peer is untrusted or sent no header, the
+/// one value's address when it parses, and nothing otherwise (two instances, or a
+/// value that is not exactly one address).
 #[cfg(feature = "client-ip")]
 pub fn forwarded_headers(data: &[u8]) {
     let Some((&sel, rest)) = data.split_first() else {
@@ -34,6 +39,10 @@ pub fn forwarded_headers(data: &[u8]) {
     let trusted = IpSet::parse("10.0.0.0/8, fd00::/8, 127.0.0.0/8").expect("static list");
     let peers = ["10.0.0.1", "203.0.113.1", "fd00::1", "::ffff:10.0.0.1"];
     let peer: IpAddr = peers[usize::from(sel & 3)].parse().expect("static address");
+    if sel & 8 != 0 {
+        single_value_header(sel, peer, trusted, rest);
+        return;
+    }
     let header = if sel & 4 == 0 {
         ForwardedHeader::XForwardedFor
     } else {
@@ -80,6 +89,72 @@ pub fn forwarded_headers(data: &[u8]) {
             cfg.resolve(peer, &headers),
             client,
             "resolver and walk disagree"
+        );
+    }
+}
+
+/// The single-value half of [`forwarded_headers`].
+#[cfg(feature = "client-ip")]
+fn single_value_header(sel: u8, peer: IpAddr, trusted: IpSet, rest: &[u8]) {
+    use crate::client_ip::parse_single_address;
+
+    let headers_in_order = [
+        ForwardedHeader::XRealIp,
+        ForwardedHeader::CfConnectingIp,
+        ForwardedHeader::TrueClientIp,
+        ForwardedHeader::FlyClientIp,
+        ForwardedHeader::FastlyClientIp,
+    ];
+    let header = headers_in_order[usize::from(sel >> 4) % headers_in_order.len()];
+    let name = header.single_value_name().expect("a single-value header");
+    let mut headers = HeaderMap::new();
+    let mut values = Vec::new();
+    for v in rest.split(|&b| b == b'\n').filter(|v| !v.is_empty()) {
+        let Ok(hv) = HeaderValue::from_bytes(v) else {
+            return;
+        };
+        headers.append(name, hv);
+        values.push(v);
+    }
+    // A header of another name is never read.
+    if let Ok(decoy) = HeaderValue::from_bytes(b"192.0.2.200") {
+        headers.append("x-forwarded-for", decoy);
+    }
+    let got = ClientIpConfig::trusted_proxy_set(trusted.clone())
+        .header(header)
+        .resolve(peer, &headers);
+    let peer = peer.to_canonical();
+    let expected = if !trusted.contains(peer) {
+        Some(peer)
+    } else {
+        match values.as_slice() {
+            [] => Some(peer),
+            [one] => match parse_single_address(one) {
+                Node::Ip(ip) => Some(ip),
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    assert_eq!(got, expected, "single-value header resolved wrongly");
+    if let (Some(c), [one]) = (got, values.as_slice())
+        && c != peer
+    {
+        let text = String::from_utf8_lossy(one);
+        let canon = |s: &str| s.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+        let t = text.trim_matches([' ', '\t']);
+        let ok = canon(t) == Some(c)
+            || t.parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| a.ip().to_canonical())
+                == Some(c)
+            || t.strip_prefix('[')
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(canon)
+                == Some(c);
+        assert!(
+            ok,
+            "a resolved address that is not the header's one address"
         );
     }
 }
@@ -548,5 +623,86 @@ pub fn jwks_documents(data: &[u8]) {
                 assert_eq!(oidc::cache_max_age(&v), Some(n));
             }
         }
+    }
+}
+
+/// `signature_fields` target. Input: a `Signature-Input` value, `\n`, a `Signature`
+/// value, `\n`, a `Content-Digest` value, `\n`, then a header value covered as
+/// `x-f`.
+///
+/// Checks, besides "no panic": a signature that parses round-trips (its
+/// `@signature-params` line parses back to the same signature), and its
+/// signature base has exactly one line per covered component plus the parameters
+/// line, whatever the covered values hold.
+#[cfg(feature = "signature")]
+pub fn signature_fields(data: &[u8]) {
+    use crate::signature::parse::{Message, parse_content_digest, parse_signature, signature_base};
+    let mut parts = data.splitn(4, |&b| b == b'\n');
+    let (input, signature) = (parts.next().unwrap_or(b""), parts.next().unwrap_or(b""));
+    let digest = parts.next().unwrap_or(b"");
+    let field = parts.next().unwrap_or(b"");
+    let _ = parse_content_digest(digest);
+    let Ok(sig) = parse_signature(input, signature) else {
+        return;
+    };
+    let again = format!("{}={}", sig.label, sig.params_line);
+    assert_eq!(
+        parse_signature(again.as_bytes(), signature).as_ref(),
+        Ok(&sig),
+        "the parameters line does not parse back to the same signature"
+    );
+    let mut headers = http::HeaderMap::new();
+    if let Ok(v) = http::HeaderValue::from_bytes(field) {
+        for c in &sig.components {
+            if let crate::signature::parse::Component::Field(name) = c
+                && let Ok(name) = http::HeaderName::from_bytes(name.as_bytes())
+            {
+                headers.append(name, v.clone());
+            }
+        }
+    }
+    let msg = Message {
+        method: "POST",
+        authority: Some("example.com"),
+        path: "/p",
+        query: Some("q=1"),
+        headers: &headers,
+    };
+    if let Ok(base) = signature_base(&msg, &sig.components, &sig.params_line) {
+        assert_eq!(
+            base.split('\n').count(),
+            sig.components.len() + 1,
+            "a covered value added a line to the signature base"
+        );
+    }
+}
+
+/// `grpc_content_type` target. Input: a `Content-Type` value.
+///
+/// Checks, besides "no panic": an accepted value is `application/grpc`, optionally
+/// `+` and a short subtype of token characters, and nothing longer; and a `POST`
+/// carrying the value is a gRPC call exactly when the value is accepted.
+pub fn grpc_content_type(data: &[u8]) {
+    use crate::rejection::{is_grpc_content_type, is_grpc_request};
+
+    let accepted = is_grpc_content_type(data);
+    if accepted {
+        let (base, rest) = data.split_at(16);
+        assert!(base.eq_ignore_ascii_case(b"application/grpc"));
+        if let Some((&plus, sub)) = rest.split_first() {
+            assert_eq!(plus, b'+');
+            assert!((1..=32).contains(&sub.len()));
+            assert!(
+                sub.iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            );
+        }
+    }
+    if let Ok(v) = http::HeaderValue::from_bytes(data) {
+        let req = http::Request::post("/s/m")
+            .header(http::header::CONTENT_TYPE, v)
+            .body(())
+            .expect("valid request");
+        assert_eq!(is_grpc_request(&req), accepted);
     }
 }

@@ -14,14 +14,14 @@
 //! | [`ClientIpLayer`](client_ip::ClientIpLayer) | [`client_ip`] | resolve the real client address once: the TCP peer, or a forwarded header when the peer is a trusted proxy |
 //! | [`IpAllowlistLayer`](allowlist::IpAllowlistLayer) | [`allowlist`] | 403 unless the client address is inside the allowed CIDRs |
 //! | [`AuthenticateLayer`](authenticate::AuthenticateLayer) | [`authenticate`], [`api_key`] | verify the request's API key and insert its [`Principal`], else 401 (400 for a malformed credential) |
-//! | [`RequireScopeLayer`](scope::RequireScopeLayer) | [`scope`] | per route: 403 `insufficient_scope` unless the [`Principal`] holds the scopes |
+//! | [`RequireScopeLayer`](scope::RequireScopeLayer) | [`scope`] | per route: 403 `insufficient_scope` unless the [`Principal`] holds the scopes (and, where named, authenticated by an accepted method) |
 //! | `TokenVerifier` / `BearerTokenLayer` (feature `jwt`) | `jwt` | verify service tokens (JWT) into a [`Principal`]; mint and attach them on outgoing requests |
 //! | [`AuthThrottleLayer`](auth_throttle::AuthThrottleLayer) | [`auth_throttle`] | 429 to wrong credentials from a client address after too many failed authentications; valid credentials still pass (a lockout mode refuses before verification) |
 //! | [`RateLimitLayer`](rate_limit::RateLimitLayer) | [`rate_limit`] | per-principal (else per-address) quotas: 429 with `Retry-After` and the IETF `RateLimit` fields; in memory or shared through Redis |
 //! | [`StackLayer`](stack::StackLayer) | [`stack`] | all of the above in this order as one layer, from code or `PORTCULLIS_*` environment variables; refuses to build without credentials |
 //!
 //! Layers talk to each other through request extensions: [`ClientIp`] and
-//! [`Principal`]. Every refusal is built by one module, [`rejection`], so every layer
+//! [`Principal`]. A gRPC call is refused the gRPC way (see [`rejection`]). Every refusal is built by one module, [`rejection`], so every layer
 //! answers in the same shape.
 //!
 //! ## Example
@@ -64,10 +64,12 @@
 //!
 //! ## Response bodies
 //!
-//! A layer that refuses a request builds the body itself, so every layer requires the
-//! response body type to implement `From<Bytes>`. `http_body_util::Full<Bytes>`,
-//! `axum::body::Body` and `String`-free custom bodies that wrap bytes all do. The
-//! body type passes through unchanged: stacking layers never nests body types.
+//! A layer that refuses a request builds the body itself, in the inner service's
+//! body type: the body type passes through unchanged, so stacking layers never nests
+//! body types. The bound is [`RefusalBody`](rejection::RefusalBody), which every
+//! `Default` body meets: `http_body_util::Full<Bytes>`, `axum::body::Body` and
+//! `tonic::body::Body` among them. [`rejection`] lists which bodies carry the
+//! problem document.
 //!
 //! ## Features
 //!
@@ -87,7 +89,9 @@
 //! - `redact` (default): [`redact`], the redactor the access log uses.
 //! - `redact-writer`: [`RedactingMakeWriter`](redact::RedactingMakeWriter), a
 //!   `tracing-subscriber` writer that scrubs every formatted event.
-//! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address.
+//! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address;
+//!   [`extract`]: [`Principal`], [`ClientIp`] and verified tokens as handler arguments.
+//! - `tonic`: accept the `TcpConnectInfo` tonic's server attaches as the peer address.
 //! - `stack` (default): [`stack`], the whole stack as one layer ([`StackLayer`](stack::StackLayer)).
 //!
 //! ## The public API
@@ -160,6 +164,9 @@ pub mod reload;
 #[cfg(feature = "auth-throttle")]
 pub mod auth_throttle;
 
+#[cfg(feature = "signature")]
+pub mod signature;
+
 #[doc(hidden)]
 pub mod fuzzing;
 
@@ -175,6 +182,9 @@ pub mod redact;
 #[cfg(feature = "stack")]
 pub mod stack;
 
+#[cfg(feature = "axum")]
+pub mod extract;
+
 #[doc = include_str!("../SECURITY.md")]
 pub mod threat_model {}
 
@@ -182,7 +192,8 @@ pub use error::ConfigError;
 pub use ip::{ClientIp, IpSet};
 pub use principal::{AuthMethod, Principal, Scopes};
 
-/// The README's examples are compiled and run as doc tests.
-#[cfg(doctest)]
+/// The README's examples are compiled and run as doc tests (they use the stack and
+/// the axum extractors).
+#[cfg(all(doctest, feature = "stack", feature = "axum"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -11,6 +11,8 @@ pub enum AuthMethod {
     ApiKey,
     /// A verified service token (JWT).
     ServiceToken,
+    /// A request signed with a registered key (HTTP Message Signatures, RFC 9421).
+    HttpSignature,
     /// Nobody: authentication was switched off by an explicit, loudly named call.
     /// Handlers and logs can see that a request was let in unauthenticated.
     Unauthenticated,
@@ -18,12 +20,14 @@ pub enum AuthMethod {
 
 impl AuthMethod {
     /// A stable lowercase name for logs, and the namespace of a
-    /// [`Principal::identity`]: `api_key`, `service_token`, `unauthenticated`. None
+    /// [`Principal::identity`]: `api_key`, `service_token`, `http_signature`,
+    /// `unauthenticated`. None
     /// contains a `:`.
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMethod::ApiKey => "api_key",
             AuthMethod::ServiceToken => "service_token",
+            AuthMethod::HttpSignature => "http_signature",
             AuthMethod::Unauthenticated => "unauthenticated",
         }
     }

@@ -15,6 +15,53 @@
 //! - carries the [`DenialReason`] in its *extensions* so the access log knows why.
 //!   The reason never reaches the client.
 //!
+//! ## gRPC
+//!
+//! A gRPC request ([`Rejection::into_response_to`] decides which requests are) is
+//! refused the gRPC way instead: a *trailers-only* response, HTTP 200 with an empty
+//! body and `content-type: application/grpc`, whose headers carry `grpc-status` and
+//! a fixed, generic `grpc-message`. The mapping:
+//!
+//! | refusal | HTTP | `grpc-status` |
+//! |---|---|---|
+//! | malformed or several credentials | 400 | `INVALID_ARGUMENT` (3) |
+//! | missing or invalid credential | 401 | `UNAUTHENTICATED` (16) |
+//! | address denied, insufficient scope or method | 403 | `PERMISSION_DENIED` (7) |
+//! | rate limited, throttled | 429 | `RESOURCE_EXHAUSTED` (8), with `grpc-retry-pushback-ms` |
+//! | backend down (fail-closed) | 503 | `UNAVAILABLE` (14), with `grpc-retry-pushback-ms` when known |
+//! | server wired wrongly | 500 | `INTERNAL` (13) |
+//!
+//! Extra headers (the `RateLimit` fields) and the [`DenialReason`] extension are the
+//! same in both forms; `WWW-Authenticate` and `Retry-After` belong to HTTP and are
+//! left out.
+//!
+//! ```
+//! use http::Request;
+//! use portcullis::rejection::{DenialReason, Rejection};
+//!
+//! let req = Request::post("/queue.Jobs/Submit")
+//!     .header("content-type", "application/grpc+proto")
+//!     .body(())
+//!     .unwrap();
+//! let res = Rejection::forbidden(DenialReason::IpDenied).into_response_to::<(), _>(&req);
+//! assert_eq!(res.status(), 200);
+//! assert_eq!(res.headers()["grpc-status"], "7");
+//! assert_eq!(res.headers()["grpc-message"], "permission denied");
+//! ```
+//!
+//! ## Response bodies
+//!
+//! A layer never changes the response body type, so it must build a refusal in the
+//! inner service's body type. The only trait that axum's `Body`, hyper's
+//! `Full<Bytes>` and tonic's `Body` all implement is [`Default`], so that is the whole
+//! bound ([`RefusalBody`]). The problem document is written into the body types
+//! that can carry bytes and are known here: `http_body_util::Full<Bytes>`,
+//! `http_body_util::combinators::{BoxBody, UnsyncBoxBody}<Bytes, BoxError>`,
+//! `axum::body::Body` (feature `axum`), `tonic::body::Body` (feature `tonic`),
+//! [`Bytes`], `Vec<u8>` and `String`. Any other body type gets an empty body, with
+//! the same status and headers but no `Content-Type`: the status and headers carry
+//! the whole refusal either way, the document only repeats the class in words.
+//!
 //! ```
 //! use bytes::Bytes;
 //! use http_body_util::Full;
@@ -28,6 +75,7 @@
 //! assert_eq!(res.extensions().get::<DenialReason>(), Some(&DenialReason::ExpiredKey));
 //! ```
 
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +84,7 @@ use bytes::Bytes;
 use http::header::{
     CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE,
 };
-use http::{HeaderMap, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 
 use crate::{ConfigError, Scopes};
 
@@ -67,8 +115,27 @@ pub enum DenialReason {
     InvalidToken,
     /// The principal lacks a required scope.
     InsufficientScope,
+    /// The principal authenticated by a method the route does not accept (e.g. an
+    /// API key on a route for service tokens only).
+    AuthMethodNotAllowed,
     /// The client address is outside the allowlist or inside the deny list.
     IpDenied,
+    /// The client address is outside the allowlist of the key that authenticated.
+    KeyIpDenied,
+    /// The key that authenticated has used up its credits.
+    CreditsExhausted,
+    /// A request signature that does not verify, or that does not cover what it must.
+    InvalidSignature,
+    /// A request signature created too long ago, in the future, or expired.
+    StaleSignature,
+    /// A request signature whose nonce was seen before.
+    ReplayedSignature,
+    /// A body that does not match its signed `Content-Digest`, or no digest.
+    DigestMismatch,
+    /// A body larger than the verifier reads.
+    BodyTooLarge,
+    /// A signing key's replay cache is full of live nonces.
+    ReplayCacheFull,
     /// No client address could be resolved (e.g. an obfuscated forwarded entry).
     NoClientIp,
     /// The request exceeded its rate limit.
@@ -95,7 +162,16 @@ impl DenialReason {
             DenialReason::RevokedKey => "revoked_key",
             DenialReason::InvalidToken => "invalid_token",
             DenialReason::InsufficientScope => "insufficient_scope",
+            DenialReason::AuthMethodNotAllowed => "auth_method_not_allowed",
             DenialReason::IpDenied => "ip_denied",
+            DenialReason::KeyIpDenied => "key_ip_denied",
+            DenialReason::CreditsExhausted => "credits_exhausted",
+            DenialReason::InvalidSignature => "invalid_signature",
+            DenialReason::StaleSignature => "stale_signature",
+            DenialReason::ReplayedSignature => "replayed_signature",
+            DenialReason::DigestMismatch => "digest_mismatch",
+            DenialReason::BodyTooLarge => "body_too_large",
+            DenialReason::ReplayCacheFull => "replay_cache_full",
             DenialReason::NoClientIp => "no_client_ip",
             DenialReason::RateLimited => "rate_limited",
             DenialReason::AuthThrottled => "auth_throttled",
@@ -212,6 +288,7 @@ enum Class {
     Forbidden,
     InsufficientScope,
     TooManyRequests,
+    PayloadTooLarge,
     Unavailable,
     Misconfigured,
 }
@@ -223,8 +300,23 @@ impl Class {
             Class::MissingCredential | Class::InvalidCredential => StatusCode::UNAUTHORIZED,
             Class::Forbidden | Class::InsufficientScope => StatusCode::FORBIDDEN,
             Class::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Class::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Class::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The gRPC status code and its fixed message (printable ASCII without `%`, so
+    /// it needs no percent-encoding).
+    fn grpc(self) -> (&'static str, &'static str) {
+        match self {
+            Class::InvalidRequest => ("3", "invalid argument"),
+            Class::MissingCredential | Class::InvalidCredential => ("16", "unauthenticated"),
+            Class::Forbidden | Class::InsufficientScope => ("7", "permission denied"),
+            // gRPC reports a message over the receiver's limit as RESOURCE_EXHAUSTED.
+            Class::TooManyRequests | Class::PayloadTooLarge => ("8", "resource exhausted"),
+            Class::Unavailable => ("14", "unavailable"),
+            Class::Misconfigured => ("13", "internal"),
         }
     }
 
@@ -248,6 +340,9 @@ impl Class {
             }
             Class::TooManyRequests => {
                 r#"{"type":"about:blank","title":"Too Many Requests","status":429,"detail":"Too many requests. Retry after the number of seconds in Retry-After."}"#
+            }
+            Class::PayloadTooLarge => {
+                r#"{"type":"about:blank","title":"Content Too Large","status":413,"detail":"The request body is larger than this resource accepts."}"#
             }
             Class::Unavailable => {
                 r#"{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"A service this request depends on is unavailable. Retry later."}"#
@@ -328,6 +423,11 @@ impl Rejection {
         r
     }
 
+    /// 413: the body is larger than the check reads.
+    pub fn payload_too_large(reason: DenialReason) -> Self {
+        Self::new(Class::PayloadTooLarge, reason)
+    }
+
     /// 503: a backend the check depends on is down and the policy is fail-closed.
     pub fn unavailable(reason: DenialReason, retry_after: Option<Duration>) -> Self {
         let mut r = Self::new(Class::Unavailable, reason);
@@ -356,16 +456,62 @@ impl Rejection {
         self.class.status()
     }
 
-    /// Builds the response.
-    pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
-        let mut res = Response::new(B::from(Bytes::from_static(self.class.body().as_bytes())));
+    /// Builds the HTTP response (`application/problem+json`), whatever the request.
+    pub fn into_response<B: RefusalBody>(self) -> Response<B> {
+        self.render(false)
+    }
+
+    /// Builds the response to `request`: the gRPC refusal described in the
+    /// [module docs](self#grpc) when `request` is a gRPC call, else the HTTP one.
+    ///
+    /// A request is a gRPC call when its method is `POST` and it has exactly one
+    /// `Content-Type`, which is `application/grpc` or `application/grpc+<subtype>`
+    /// (ASCII case-insensitive; the subtype 1 to 32 letters, digits, `-`, `.` or
+    /// `_`; no parameters, no other characters). Anything else, gRPC-Web included,
+    /// gets the HTTP refusal: a client that did not ask for gRPC never sees a 200.
+    pub fn into_response_to<B: RefusalBody, T>(self, request: &Request<T>) -> Response<B> {
+        self.render(is_grpc_request(request))
+    }
+
+    /// The gRPC form when `grpc`, else the HTTP form.
+    pub(crate) fn render<B: RefusalBody>(self, grpc: bool) -> Response<B> {
+        if grpc {
+            self.render_grpc()
+        } else {
+            self.render_http()
+        }
+    }
+
+    fn render_grpc<B: RefusalBody>(self) -> Response<B> {
+        let mut res = Response::new(B::default());
+        let headers = res.headers_mut();
+        *headers = self.headers;
+        let (code, message) = self.class.grpc();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(GRPC_STATUS, HeaderValue::from_static(code));
+        headers.insert(GRPC_MESSAGE, HeaderValue::from_static(message));
+        if let Some(d) = self.retry_after {
+            headers.insert(
+                GRPC_RETRY_PUSHBACK_MS,
+                HeaderValue::from(retry_pushback_ms(d)),
+            );
+        }
+        res.extensions_mut().insert(self.reason);
+        res
+    }
+
+    fn render_http<B: RefusalBody>(self) -> Response<B> {
+        let (body, written) = problem_body::<B>(self.class.body());
+        let mut res = Response::new(body);
         *res.status_mut() = self.class.status();
         let headers = res.headers_mut();
         *headers = self.headers;
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        if written {
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            );
+        }
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(d) = self.retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(d)));
@@ -382,6 +528,118 @@ impl Rejection {
         res.extensions_mut().insert(self.reason);
         res
     }
+}
+
+/// A response body type a refusal can be built in: every type with a [`Default`].
+///
+/// Implemented for every `Default + 'static` type and for nothing else, so the
+/// bound names one requirement in every layer's signature. Which bodies carry the
+/// problem document, and which are empty, is listed in the [module docs](self).
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use portcullis::rejection::{DenialReason, Rejection};
+///
+/// // A body type without bytes of its own gets an empty refusal.
+/// #[derive(Default)]
+/// struct Opaque;
+/// let res = Rejection::forbidden(DenialReason::IpDenied).into_response::<Opaque>();
+/// assert_eq!(res.status(), 403);
+/// assert!(res.headers().get("content-type").is_none());
+///
+/// let res = Rejection::forbidden(DenialReason::IpDenied).into_response::<Full<Bytes>>();
+/// assert_eq!(res.headers()["content-type"], "application/problem+json");
+/// ```
+pub trait RefusalBody: Default + 'static {}
+
+impl<B: Default + 'static> RefusalBody for B {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `B` holding `doc` when `B` is a body type known to carry bytes, else `B::default()`;
+/// the flag says which.
+fn problem_body<B: RefusalBody>(doc: &'static str) -> (B, bool) {
+    use http_body_util::BodyExt;
+    use http_body_util::Full;
+    use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
+
+    /// Writes `make()` into `slot` if `slot` is an `Option<T>`.
+    fn fill<T: 'static>(slot: &mut dyn Any, make: impl FnOnce() -> T) -> bool {
+        match slot.downcast_mut::<Option<T>>() {
+            Some(s) => {
+                *s = Some(make());
+                true
+            }
+            None => false,
+        }
+    }
+
+    let bytes = || Bytes::from_static(doc.as_bytes());
+    let mut slot: Option<B> = None;
+    let any: &mut dyn Any = &mut slot;
+    let filled = fill(any, || Full::new(bytes()))
+        || fill(any, bytes)
+        || fill(any, || doc.as_bytes().to_vec())
+        || fill(any, || doc.to_owned())
+        || fill::<BoxBody<Bytes, BoxError>>(any, || {
+            Full::new(bytes()).map_err(|e| match e {}).boxed()
+        })
+        || fill::<UnsyncBoxBody<Bytes, BoxError>>(any, || {
+            Full::new(bytes()).map_err(|e| match e {}).boxed_unsync()
+        });
+    #[cfg(feature = "axum")]
+    let filled = filled || fill(any, || axum::body::Body::from(bytes()));
+    #[cfg(feature = "tonic")]
+    let filled = filled || fill(any, || tonic::body::Body::new(Full::new(bytes())));
+    debug_assert_eq!(filled, slot.is_some());
+    match slot {
+        Some(body) => (body, true),
+        None => (B::default(), false),
+    }
+}
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+
+/// Whether `request` is a gRPC call; see [`Rejection::into_response_to`].
+pub(crate) fn is_grpc_request<T>(request: &Request<T>) -> bool {
+    if request.method() != Method::POST {
+        return false;
+    }
+    let mut values = request.headers().get_all(CONTENT_TYPE).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => is_grpc_content_type(v.as_bytes()),
+        _ => false,
+    }
+}
+
+/// Whether a `Content-Type` value is `application/grpc` or
+/// `application/grpc+<subtype>`, ASCII case-insensitive, the subtype 1 to 32 of
+/// `[A-Za-z0-9._-]`. Nothing else is: no parameters, no whitespace, no
+/// `application/grpc-web`.
+pub(crate) fn is_grpc_content_type(value: &[u8]) -> bool {
+    const BASE: &[u8] = b"application/grpc";
+    if value.len() < BASE.len() || !value[..BASE.len()].eq_ignore_ascii_case(BASE) {
+        return false;
+    }
+    match &value[BASE.len()..] {
+        [] => true,
+        [b'+', subtype @ ..] => {
+            (1..=32).contains(&subtype.len())
+                && subtype
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        }
+        _ => false,
+    }
+}
+
+/// Milliseconds, rounded up, never 0 (as `Retry-After`, a 0 invites a tight loop).
+fn retry_pushback_ms(d: Duration) -> u64 {
+    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+    u64::try_from(ms).unwrap_or(u64::MAX).max(1)
 }
 
 /// Whole seconds, rounded up, never 0 (a `Retry-After: 0` invites a tight retry loop).
@@ -482,6 +740,250 @@ mod tests {
             assert!(b.starts_with("{\"type\":\"about:blank\",\"title\":\""));
             assert!(b.contains(&format!("\"status\":{}", class.status().as_u16())));
             assert!(b.ends_with("\"}"));
+        }
+    }
+
+    /// The body bytes and content type of a 403 built in body type `B`.
+    async fn refusal_in<B>() -> (Bytes, Option<HeaderValue>)
+    where
+        B: RefusalBody + http_body::Body,
+        B::Error: fmt::Debug,
+    {
+        use http_body_util::BodyExt;
+        let res: Response<B> = Rejection::forbidden(DenialReason::IpDenied).into_response();
+        let ct = res.headers().get(CONTENT_TYPE).cloned();
+        (res.into_body().collect().await.unwrap().to_bytes(), ct)
+    }
+
+    #[tokio::test]
+    async fn every_known_body_type_carries_the_document_and_others_are_empty() {
+        use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
+        use http_body_util::{Empty, Full};
+        let doc = Bytes::from_static(Class::Forbidden.body().as_bytes());
+        let problem = Some(HeaderValue::from_static("application/problem+json"));
+        let expected = (doc.clone(), problem);
+        assert_eq!(refusal_in::<Full<Bytes>>().await, expected);
+        assert_eq!(refusal_in::<BoxBody<Bytes, BoxError>>().await, expected);
+        assert_eq!(
+            refusal_in::<UnsyncBoxBody<Bytes, BoxError>>().await,
+            expected
+        );
+        #[cfg(feature = "axum")]
+        assert_eq!(refusal_in::<axum::body::Body>().await, expected);
+        #[cfg(feature = "tonic")]
+        assert_eq!(refusal_in::<tonic::body::Body>().await, expected);
+        assert_eq!(refusal_in::<String>().await, expected);
+        let bytes: Response<Bytes> = Rejection::forbidden(DenialReason::IpDenied).into_response();
+        assert_eq!(bytes.body(), &doc);
+        let vec: Response<Vec<u8>> = Rejection::forbidden(DenialReason::IpDenied).into_response();
+        assert_eq!(vec.body(), &doc);
+        // A body this module does not know: empty, no Content-Type, same status.
+        assert_eq!(refusal_in::<Empty<Bytes>>().await, (Bytes::new(), None));
+        // A Full of another buffer type is another type.
+        assert_eq!(
+            refusal_in::<Full<std::collections::VecDeque<u8>>>().await,
+            (Bytes::new(), None)
+        );
+    }
+
+    fn grpc_request(content_type: &str) -> Request<()> {
+        Request::post("/pkg.Service/Method")
+            .header(CONTENT_TYPE, content_type)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn grpc_refusals_are_trailers_only_with_the_class_status() {
+        let c = Challenge::bearer("api").unwrap();
+        let req = grpc_request("application/grpc");
+        let cases: [(Rejection, &str); 8] = [
+            (
+                Rejection::invalid_request(&c, DenialReason::MalformedCredential),
+                "3",
+            ),
+            (Rejection::missing_credential(&c), "16"),
+            (
+                Rejection::invalid_credential(&c, DenialReason::UnknownKey),
+                "16",
+            ),
+            (Rejection::forbidden(DenialReason::IpDenied), "7"),
+            (
+                Rejection::insufficient_scope(&c, &Scopes::parse("a").unwrap()),
+                "7",
+            ),
+            (
+                Rejection::too_many_requests(
+                    DenialReason::RateLimited,
+                    Duration::from_micros(1500),
+                ),
+                "8",
+            ),
+            (
+                Rejection::unavailable(DenialReason::BackendUnavailable, None),
+                "14",
+            ),
+            (Rejection::misconfigured(), "13"),
+        ];
+        for (rejection, code) in cases {
+            let reason = rejection.reason();
+            let r: Response<Bytes> = rejection.into_response_to(&req);
+            assert_eq!(r.status(), 200);
+            assert!(r.body().is_empty());
+            assert_eq!(r.headers()[CONTENT_TYPE], "application/grpc");
+            assert_eq!(r.headers()["grpc-status"], code);
+            let message = r.headers()["grpc-message"].as_bytes();
+            assert!(
+                message
+                    .iter()
+                    .all(|b| (0x20..0x7f).contains(b) && *b != b'%')
+            );
+            assert!(r.headers().get(WWW_AUTHENTICATE).is_none());
+            assert!(r.headers().get(RETRY_AFTER).is_none());
+            assert_eq!(r.extensions().get::<DenialReason>(), Some(&reason));
+            assert_eq!(
+                r.headers().contains_key("grpc-retry-pushback-ms"),
+                code == "8"
+            );
+        }
+        let r: Response<Bytes> =
+            Rejection::too_many_requests(DenialReason::RateLimited, Duration::from_micros(1500))
+                .into_response_to(&req);
+        assert_eq!(r.headers()["grpc-retry-pushback-ms"], "2");
+        let r: Response<Bytes> = Rejection::unavailable(
+            DenialReason::BackendUnavailable,
+            Some(Duration::from_secs(3)),
+        )
+        .into_response_to(&req);
+        assert_eq!(r.headers()["grpc-retry-pushback-ms"], "3000");
+    }
+
+    #[test]
+    fn only_grpc_calls_get_the_grpc_form() {
+        let http = |req: &Request<()>| {
+            let r: Response<Bytes> =
+                Rejection::forbidden(DenialReason::IpDenied).into_response_to(req);
+            assert_eq!(r.headers().contains_key("grpc-status"), r.status() == 200);
+            r.status() == 403
+        };
+        assert!(!http(&grpc_request("application/grpc+proto")));
+        for ct in [
+            "application/grpc-web",
+            "application/grpc-web+proto",
+            "application/grpc; charset=utf-8",
+            "application/grpc+",
+            "application/json",
+        ] {
+            assert!(http(&grpc_request(ct)), "{ct}");
+        }
+        let mut get = grpc_request("application/grpc");
+        *get.method_mut() = Method::GET;
+        assert!(http(&get));
+        let mut two = grpc_request("application/grpc");
+        two.headers_mut()
+            .append(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        assert!(http(&two));
+        let mut none = grpc_request("application/grpc");
+        none.headers_mut().remove(CONTENT_TYPE);
+        assert!(http(&none));
+    }
+
+    #[test]
+    fn grpc_content_types() {
+        for ok in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc+json",
+            "Application/GRPC+Proto",
+            "application/grpc+my.codec_v-2",
+        ] {
+            assert!(is_grpc_content_type(ok.as_bytes()), "{ok}");
+        }
+        let long = format!("application/grpc+{}", "a".repeat(33));
+        for bad in [
+            "",
+            "application/grp",
+            "application/grpcx",
+            "application/grpc+",
+            "application/grpc++proto",
+            "application/grpc+pro to",
+            "application/grpc+proto;q=1",
+            "application/grpc;charset=utf-8",
+            " application/grpc",
+            "application/grpc ",
+            "application/grpc-web",
+            "application/grpc-web-text",
+            "application/grpc\0",
+            "xapplication/grpc",
+            "application/grpc+proto/x",
+            long.as_str(),
+        ] {
+            assert!(!is_grpc_content_type(bad.as_bytes()), "{bad:?}");
+        }
+        assert!(!is_grpc_content_type(b"application/grpc+\xff"));
+    }
+
+    #[test]
+    fn retry_pushback_rounds_up_and_is_never_zero() {
+        assert_eq!(retry_pushback_ms(Duration::ZERO), 1);
+        assert_eq!(retry_pushback_ms(Duration::from_nanos(1)), 1);
+        assert_eq!(retry_pushback_ms(Duration::from_millis(7)), 7);
+        assert_eq!(retry_pushback_ms(Duration::from_nanos(7_000_001)), 8);
+        assert_eq!(retry_pushback_ms(Duration::MAX), u64::MAX);
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::is_grpc_content_type;
+
+        /// The definition, written independently: `application/grpc`, optionally
+        /// followed by `+` and 1 to 32 of `[A-Za-z0-9._-]`, case-insensitive.
+        fn oracle(v: &[u8]) -> bool {
+            let re =
+                regex::bytes::Regex::new(r"\A(?i-u:application/grpc)(\+[A-Za-z0-9._-]{1,32})?\z")
+                    .unwrap();
+            re.is_match(v)
+        }
+
+        fn near_grpc() -> impl Strategy<Value = Vec<u8>> {
+            let base = prop_oneof![
+                Just(b"application/grpc".to_vec()),
+                Just(b"APPLICATION/Grpc".to_vec()),
+                Just(b"application/grpc-web".to_vec()),
+                Just(b"application/grp".to_vec()),
+            ];
+            let tail = prop_oneof![
+                Just(Vec::new()),
+                "\\+[a-zA-Z0-9._-]{0,40}".prop_map(String::into_bytes),
+                proptest::collection::vec(any::<u8>(), 0..8),
+                "[ ;+=a-z\t]{0,10}".prop_map(String::into_bytes),
+            ];
+            (base, tail).prop_map(|(mut b, t)| {
+                b.extend(t);
+                b
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn matches_its_definition(v in prop_oneof![near_grpc(), proptest::collection::vec(any::<u8>(), 0..40)]) {
+                prop_assert_eq!(is_grpc_content_type(&v), oracle(&v));
+            }
+
+            #[test]
+            fn every_codec_subtype_is_grpc(sub in "[a-zA-Z0-9._-]{1,32}", upper in any::<bool>()) {
+                let base = if upper { "APPLICATION/GRPC" } else { "application/grpc" };
+                let ct = format!("{base}+{sub}");
+                prop_assert!(is_grpc_content_type(ct.as_bytes()));
+            }
+
+            #[test]
+            fn padding_or_parameters_are_never_grpc(pre in "[ \t]{0,2}", post in "([ \t]|;[a-z=]{0,6}){0,2}") {
+                prop_assume!(!pre.is_empty() || !post.is_empty());
+                let ct = format!("{pre}application/grpc+proto{post}");
+                prop_assert!(!is_grpc_content_type(ct.as_bytes()));
+            }
         }
     }
 }

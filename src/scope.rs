@@ -1,4 +1,5 @@
-//! Scopes per route: 403 `insufficient_scope` unless the [`Principal`] holds them.
+//! Scopes per route: 403 `insufficient_scope` unless the [`Principal`] holds them;
+//! optionally, per route, the authentication methods the route accepts.
 //!
 //! [`RequireScopeLayer`] sits inside [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer)
 //! (per route, e.g. axum's `route_layer`) and reads the [`Principal`] it inserted. A
@@ -8,12 +9,20 @@
 //! by reference (for a service that picks one of several layers per request). Every refusal for a missing scope is an audit event
 //! `scope_denied` (principal, method, the required scope, client ip).
 //!
+//! A route for one kind of caller (the worker routes of a queue, for service tokens
+//! only) names the methods it accepts with [`RequireScopeLayer::methods`]: a
+//! principal that authenticated any other way is refused with 403 (reason
+//! `auth_method_not_allowed`, audited as `scope_denied`) *whatever its scopes*, so an
+//! API key that holds the right scope still cannot call it.
+//!
 //! ```
+//! use portcullis::AuthMethod;
 //! use portcullis::scope::RequireScopeLayer;
 //! let write = RequireScopeLayer::new("jobs:write")?;
 //! let both = RequireScopeLayer::new("jobs:read jobs:write")?.realm("jobs")?;
+//! let workers = RequireScopeLayer::new("jobs:work")?.methods(&[AuthMethod::ServiceToken])?;
 //! assert!(RequireScopeLayer::new("").is_err());
-//! # let _ = (write, both);
+//! # let _ = (write, both, workers);
 //! # Ok::<(), portcullis::ConfigError>(())
 //! ```
 
@@ -21,13 +30,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Extensions, Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::rejection::{Challenge, Rejection};
-use crate::{ClientIp, ConfigError, Principal, Scopes};
+use crate::rejection::{Challenge, DenialReason, RefusalBody, Rejection};
+use crate::{AuthMethod, ClientIp, ConfigError, Principal, Scopes};
 
 /// The default realm, the same as the authentication layer's.
 const DEFAULT_REALM: &str = "api";
@@ -36,6 +44,8 @@ const DEFAULT_REALM: &str = "api";
 struct Policy {
     required: Scopes,
     challenge: Challenge,
+    /// The methods the route accepts; `None` accepts every method.
+    methods: Option<Arc<[AuthMethod]>>,
 }
 
 impl Policy {
@@ -54,6 +64,22 @@ impl Policy {
             );
             return Err(Rejection::missing_credential(&self.challenge));
         };
+        if let Some(methods) = &self.methods
+            && !methods.contains(&p.method())
+        {
+            let reason = DenialReason::AuthMethodNotAllowed;
+            crate::audit::emit!(
+                info,
+                ScopeDenied,
+                reason = reason.as_str(),
+                client_ip = client_ip().map(tracing::field::display),
+                principal = &*crate::log_text::sanitize_id(p.id()),
+                method = p.method().as_str(),
+                scope = %self.required,
+                allowed_methods = %MethodList(methods),
+            );
+            return Err(Rejection::forbidden(reason));
+        }
         if p.scopes().contains_all(&self.required) {
             return Ok(p);
         }
@@ -100,6 +126,7 @@ impl RequireScopeLayer {
                 challenge: Challenge::bearer(DEFAULT_REALM)
                     .expect("the default realm is valid")
                     .and_api_key(),
+                methods: None,
             }),
         })
     }
@@ -109,10 +136,61 @@ impl RequireScopeLayer {
     pub fn realm(self, realm: &str) -> Result<Self, ConfigError> {
         Ok(Self {
             policy: Arc::new(Policy {
-                required: self.policy.required.clone(),
                 challenge: Challenge::bearer(realm)?.and_api_key(),
+                ..(*self.policy).clone()
             }),
         })
+    }
+
+    /// Accepts only principals that authenticated by one of `methods`, e.g.
+    /// `&[AuthMethod::ServiceToken]` for a route meant for services. Anyone else is
+    /// refused with 403 before the scopes are looked at. An empty list is an error
+    /// (it would refuse every request, which is never what a route meant).
+    ///
+    /// ```
+    /// use http::Request;
+    /// use portcullis::scope::RequireScopeLayer;
+    /// use portcullis::{AuthMethod, Principal, Scopes};
+    ///
+    /// let work = RequireScopeLayer::new("jobs:work")?.methods(&[AuthMethod::ServiceToken])?;
+    /// let scopes = Scopes::parse("jobs:work")?;
+    /// let mut req = Request::new(());
+    /// req.extensions_mut()
+    ///     .insert(Principal::new("worker-1", AuthMethod::ApiKey).with_scopes(scopes.clone()));
+    /// assert_eq!(work.check(req.extensions()).unwrap_err().status(), 403);
+    /// req.extensions_mut()
+    ///     .insert(Principal::new("worker-1", AuthMethod::ServiceToken).with_scopes(scopes));
+    /// assert!(work.check(req.extensions()).is_ok());
+    /// assert!(RequireScopeLayer::new("jobs:work")?.methods(&[]).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn methods(self, methods: &[AuthMethod]) -> Result<Self, ConfigError> {
+        if methods.is_empty() {
+            return Err(ConfigError::new(
+                "RequireScopeLayer::methods needs at least one method",
+            ));
+        }
+        Ok(Self {
+            policy: Arc::new(Policy {
+                methods: Some(methods.into()),
+                ..(*self.policy).clone()
+            }),
+        })
+    }
+}
+
+/// Methods as a space-separated list for the audit event.
+struct MethodList<'a>(&'a [AuthMethod]);
+
+impl fmt::Display for MethodList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, m) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            f.write_str(m.as_str())?;
+        }
+        Ok(())
     }
 }
 
@@ -150,6 +228,7 @@ impl fmt::Debug for RequireScopeLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequireScopeLayer")
             .field("required", &self.policy.required)
+            .field("methods", &self.policy.methods)
             .field("realm", &self.policy.challenge.realm())
             .finish()
     }
@@ -188,7 +267,7 @@ impl<S: fmt::Debug> fmt::Debug for RequireScope<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequireScope<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -201,7 +280,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.policy.check(req.extensions()) {
             Ok(_) => ResponseFuture::inner(self.inner.call(req)),
-            Err(rejection) => ResponseFuture::rejected(rejection.into_response()),
+            Err(rejection) => ResponseFuture::rejected(rejection.into_response_to(&req)),
         }
     }
 }
@@ -256,6 +335,7 @@ opaque_response_future! {
 mod tests {
     use super::*;
     use crate::AuthMethod;
+    use bytes::Bytes;
     use std::convert::Infallible;
     use tower::{ServiceBuilder, ServiceExt};
 
@@ -336,5 +416,56 @@ mod tests {
         let mut ext = Extensions::new();
         ext.insert(Principal::new("p", AuthMethod::ApiKey));
         assert_eq!(require_scope(&ext, "bad\"scope").unwrap_err().status(), 500);
+    }
+
+    #[tokio::test]
+    async fn a_route_for_one_method_refuses_the_others_whatever_their_scopes() {
+        let l = RequireScopeLayer::new("jobs:work")
+            .unwrap()
+            .methods(&[AuthMethod::ServiceToken])
+            .unwrap()
+            .realm("jobs")
+            .unwrap();
+        let p = |m: AuthMethod, s: &str| {
+            Principal::new("worker", m).with_scopes(Scopes::parse(s).unwrap())
+        };
+        assert_eq!(
+            status(&l, Some(p(AuthMethod::ServiceToken, "jobs:work")))
+                .await
+                .status(),
+            200
+        );
+        for other in [AuthMethod::ApiKey, AuthMethod::Unauthenticated] {
+            let res = status(&l, Some(p(other, "jobs:work admin"))).await;
+            assert_eq!(res.status(), 403, "{other:?}");
+            assert!(res.headers().get("www-authenticate").is_none());
+            assert_eq!(res.headers()["content-type"], "application/problem+json");
+            assert_eq!(
+                res.extensions().get::<DenialReason>(),
+                Some(&DenialReason::AuthMethodNotAllowed)
+            );
+        }
+        // The right method without the scope is still refused for the scope.
+        let res = status(&l, Some(p(AuthMethod::ServiceToken, "jobs:read"))).await;
+        assert_eq!(
+            res.extensions().get::<DenialReason>(),
+            Some(&DenialReason::InsufficientScope)
+        );
+        // The realm kept the methods, and the methods the realm.
+        assert_eq!(
+            status(&l, None).await.headers()["www-authenticate"],
+            "Bearer realm=\"jobs\""
+        );
+        let both = RequireScopeLayer::new("jobs:work")
+            .unwrap()
+            .methods(&[AuthMethod::ServiceToken, AuthMethod::ApiKey])
+            .unwrap();
+        assert_eq!(
+            status(&both, Some(p(AuthMethod::ApiKey, "jobs:work")))
+                .await
+                .status(),
+            200
+        );
+        assert!(RequireScopeLayer::new("a").unwrap().methods(&[]).is_err());
     }
 }

@@ -8,9 +8,10 @@ use toml_datetime::{Datetime, Offset};
 
 use super::KeyDigest;
 use super::record::{KeyRecord, check_name};
-use crate::{ConfigError, Scopes};
+use crate::{ConfigError, IpSet, Scopes};
 
-const FIELDS: &str = "id, digest, scopes, tier, not_before, expires_at, revoked";
+const FIELDS: &str =
+    "id, digest, scopes, tier, not_before, expires_at, revoked, allowed_ips, credits";
 
 /// Line and column (1-based, in characters) of a byte offset.
 fn position(text: &str, offset: usize) -> (usize, usize) {
@@ -110,6 +111,8 @@ fn parse_record(
     let mut not_before = None;
     let mut expires_at = None;
     let mut revoked = false;
+    let mut allowed_ips = None;
+    let mut credits = None;
     for (name, value) in table.iter() {
         let at = value.span();
         let v = value.get_ref();
@@ -146,6 +149,50 @@ fn parse_record(
                 };
                 revoked = *b;
             }
+            "allowed_ips" => {
+                let DeValue::Array(items) = v else {
+                    return Err(err_at(
+                        text,
+                        at,
+                        "`allowed_ips` must be an array of addresses or CIDR networks",
+                    ));
+                };
+                let mut nets = Vec::with_capacity(items.len());
+                for item in items.iter() {
+                    let s = string(text, item.span(), item.get_ref(), "each allowed IP")?;
+                    let set = IpSet::parse(s).map_err(|e| err_at(text, item.span(), e))?;
+                    nets.extend_from_slice(set.nets());
+                }
+                if nets.is_empty() {
+                    return Err(err_at(
+                        text,
+                        at,
+                        "`allowed_ips` is empty: the key could not be used from anywhere (remove the entry, or revoke the key)",
+                    ));
+                }
+                allowed_ips = Some(IpSet::from_nets(nets).map_err(|e| err_at(text, at, e))?);
+            }
+            "credits" => {
+                let DeValue::Integer(i) = v else {
+                    return Err(err_at(
+                        text,
+                        at,
+                        "`credits` must be a whole number of requests, 0 or more",
+                    ));
+                };
+                let digits = i.as_str().replace('_', "");
+                let n = (i.radix() == 10)
+                    .then(|| digits.trim_start_matches('+').parse::<u64>().ok())
+                    .flatten()
+                    .ok_or_else(|| {
+                        err_at(
+                            text,
+                            at,
+                            "`credits` must be a whole number of requests, 0 or more",
+                        )
+                    })?;
+                credits = Some(n);
+            }
             "key" | "secret" | "api_key" => {
                 return Err(err_at(
                     text,
@@ -178,6 +225,12 @@ fn parse_record(
     }
     if let Some(t) = expires_at {
         record = record.expires_at(t);
+    }
+    if let Some(set) = allowed_ips {
+        record = record.with_allowed_ips(set);
+    }
+    if let Some(n) = credits {
+        record = record.with_credits(n);
     }
     if let (Some(nb), Some(exp)) = (not_before, expires_at)
         && exp <= nb
@@ -300,6 +353,71 @@ revoked = true
             r.valid_from(),
             Some(UNIX_EPOCH + Duration::from_secs(1_577_836_800))
         );
+    }
+
+    #[test]
+    fn per_key_policy() {
+        let text = format!(
+            "[[keys]]\nid = \"a\"\ndigest = \"{}\"\nallowed_ips = [\"10.0.0.0/8\", \"192.0.2.7, 2001:db8::/32\"]\ncredits = 1_000\n\n[[keys]]\nid = \"b\"\ndigest = \"{}\"\ncredits = 0\n",
+            d("one"),
+            d("two")
+        );
+        let store = KeyStore::from_toml(&text).unwrap();
+        let mut records = store.records();
+        let (a, b) = (records.next().unwrap(), records.next().unwrap());
+        assert_eq!(a.credits(), Some(1000));
+        let allowed = a.allowed_ips().unwrap();
+        for (addr, inside) in [
+            ("10.1.2.3", true),
+            ("192.0.2.7", true),
+            ("2001:db8::1", true),
+            ("192.0.2.8", false),
+        ] {
+            assert_eq!(allowed.contains(addr.parse().unwrap()), inside, "{addr}");
+        }
+        assert_eq!((b.credits(), b.allowed_ips().is_none()), (Some(0), true));
+        // The count is kept under a name derived from the digest, never the id.
+        let name = &a.policy().unwrap().credits.as_ref().unwrap().name;
+        assert!(name.starts_with("k:") && name.len() == 34, "{name}");
+        assert!(!name.contains(&d("one")[7..]), "{name}");
+    }
+
+    #[test]
+    fn per_key_policy_errors_name_positions_not_values() {
+        let good = d("x");
+        let secret = "pc_live_SECRETSECRETSECRETSECRET123456";
+        for (extra, needle) in [
+            (
+                "credits = -1".to_owned(),
+                "line 4, column 11: `credits` must be a whole number",
+            ),
+            (
+                "credits = 0x10".to_owned(),
+                "`credits` must be a whole number",
+            ),
+            (
+                format!("credits = \"{secret}\""),
+                "`credits` must be a whole number",
+            ),
+            (
+                "credits = 1.5".to_owned(),
+                "`credits` must be a whole number",
+            ),
+            ("allowed_ips = []".to_owned(), "`allowed_ips` is empty"),
+            (
+                format!("allowed_ips = \"{secret}\""),
+                "`allowed_ips` must be an array",
+            ),
+            (
+                format!("allowed_ips = [\"10.0.0.0/8\", \"{secret}\"]"),
+                "line 4, column 30: IP list entry 1",
+            ),
+        ] {
+            let text = format!("[[keys]]\nid = \"a\"\ndigest = \"{good}\"\n{extra}\n");
+            let e = KeyStore::from_toml(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text:?}\n=> {e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
     }
 
     #[test]

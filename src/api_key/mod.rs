@@ -25,7 +25,17 @@
 //! not_before = 2026-01-01T00:00:00Z    # optional
 //! expires_at = 2027-01-01T00:00:00Z    # optional
 //! revoked = false                      # optional
+//! allowed_ips = ["10.0.0.0/8"]         # optional: accepted only from these addresses
+//! credits = 10000                      # optional: requests allowed in all
 //! ```
+//!
+//! `allowed_ips` is checked by the authentication layer against the resolved
+//! [`ClientIp`](crate::ClientIp) once the key is verified: from elsewhere the key is
+//! refused with 403, as the global allowlist refuses (`key_ip_denied` in the logs).
+//! `credits` are spent one per request by the
+//! [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) (see its
+//! [module docs](crate::rate_limit#usage-credits)); without the `rate-limit` feature
+//! a key with credits is a load error, never an unlimited key.
 //!
 //! Rotation is overlap: add the new key (it may share the id), move the client over,
 //! then revoke or delete the old one. A broken file is rejected as a whole, with the
@@ -77,6 +87,9 @@ pub use format::{
     DEFAULT_PREFIX, GeneratedKey, KeyFormatError, check_key, check_prefix, generate_key,
 };
 pub(crate) use format::{MAX_KEY_LEN, parse_key};
+#[cfg(feature = "rate-limit")]
+pub(crate) use record::Credits;
+pub(crate) use record::KeyPolicy;
 pub use record::KeyRecord;
 pub use store::{KeyRejection, KeyStore};
 
@@ -166,6 +179,15 @@ impl ApiKeys {
 
     /// Verifies a presented key against the current store at the current time.
     pub fn verify(&self, key: &str) -> Result<Principal, KeyRejection> {
+        self.verify_with_policy(key).map(|(p, _)| p)
+    }
+
+    /// [`verify`](Self::verify), with the key's own policy (allowed addresses,
+    /// credits) for the layers that enforce it.
+    pub(crate) fn verify_with_policy(
+        &self,
+        key: &str,
+    ) -> Result<(Principal, Option<Arc<KeyPolicy>>), KeyRejection> {
         self.shared.current.load().verify_at(key, SystemTime::now)
     }
 }

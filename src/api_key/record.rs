@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::KeyDigest;
-use crate::{AuthMethod, ConfigError, Principal, Scopes};
+use crate::{AuthMethod, ConfigError, IpSet, Principal, Scopes};
 
 /// One key as the store knows it: public facts and the digest, never the key.
 ///
@@ -29,6 +29,48 @@ pub struct KeyRecord {
     pub(super) not_before: Option<SystemTime>,
     pub(super) expires_at: Option<SystemTime>,
     pub(super) revoked: bool,
+    pub(super) policy: Option<Arc<KeyPolicy>>,
+}
+
+/// What a key allows beyond its scopes: the addresses it may be used from, and how
+/// many requests it may make in all. Travels with a verified key to the layers that
+/// enforce it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct KeyPolicy {
+    /// The client addresses the key is accepted from (checked by the
+    /// authentication layer against [`ClientIp`](crate::ClientIp)).
+    pub(crate) allowed_ips: Option<IpSet>,
+    /// The key's usage credits (spent by the rate-limit layer).
+    pub(crate) credits: Option<Credits>,
+}
+
+/// A key's usage credits: how many requests it may make in all, and the name its
+/// spent count is kept under (`k:` and 32 hex digits of SHA-256 over the key's
+/// digest: no key material, the same on every instance).
+#[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "rate-limit"), allow(dead_code))]
+pub(crate) struct Credits {
+    pub(crate) total: u64,
+    pub(crate) name: Arc<str>,
+}
+
+impl Credits {
+    fn new(total: u64, digest: &KeyDigest) -> Self {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::new()
+            .chain_update(b"portcullis credits\0")
+            .chain_update(digest.as_bytes())
+            .finalize();
+        let mut name = String::with_capacity(34);
+        name.push_str("k:");
+        for b in &d[..16] {
+            name.push_str(&format!("{b:02x}"));
+        }
+        Self {
+            total,
+            name: name.into(),
+        }
+    }
 }
 
 /// Ids and tiers: 1 to 64 characters of `A-Z a-z 0-9 . _ : -`, safe in logs and as
@@ -64,6 +106,7 @@ impl KeyRecord {
             not_before: None,
             expires_at: None,
             revoked: false,
+            policy: None,
         })
     }
 
@@ -96,6 +139,42 @@ impl KeyRecord {
     pub fn revoked(mut self, revoked: bool) -> Self {
         self.revoked = revoked;
         self
+    }
+
+    /// Accepts the key only from client addresses inside `networks` (the resolved
+    /// [`ClientIp`](crate::ClientIp), as the global allowlist reads it). From any
+    /// other address, or when no address is known, the key is refused with 403 after
+    /// it is verified, exactly as the global allowlist refuses (`key_ip_denied` in
+    /// the logs).
+    pub fn with_allowed_ips(mut self, networks: IpSet) -> Self {
+        Arc::make_mut(self.policy.get_or_insert_default()).allowed_ips = Some(networks);
+        self
+    }
+
+    /// Allows the key `credits` requests in all (0: none). Each request the
+    /// [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) admits spends one,
+    /// atomically (in memory, or on Redis when the limiter has its Redis backend);
+    /// once none are left the key's requests get 429 (`credits_exhausted` in the
+    /// logs). The count spent is kept by the limiter, by key: raising the number in
+    /// the key file grants more.
+    pub fn with_credits(mut self, credits: u64) -> Self {
+        let c = Credits::new(credits, &self.digest);
+        Arc::make_mut(self.policy.get_or_insert_default()).credits = Some(c);
+        self
+    }
+
+    /// The client addresses the key is accepted from, if it is restricted.
+    pub fn allowed_ips(&self) -> Option<&IpSet> {
+        self.policy.as_ref()?.allowed_ips.as_ref()
+    }
+
+    /// The key's usage credits (requests allowed in all), if it has any.
+    pub fn credits(&self) -> Option<u64> {
+        Some(self.policy.as_ref()?.credits.as_ref()?.total)
+    }
+
+    pub(crate) fn policy(&self) -> Option<&Arc<KeyPolicy>> {
+        self.policy.as_ref()
     }
 
     /// The public id.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::format::{KeyFormatError, MAX_KEY_LEN, MIN_LEGACY_KEY_LEN, parse_key};
-use super::record::KeyRecord;
+use super::record::{KeyPolicy, KeyRecord};
 use super::{KeyDigest, file};
 use crate::rejection::DenialReason;
 use crate::{ConfigError, Principal, Scopes};
@@ -187,6 +187,15 @@ impl KeyStore {
         for (i, (record, pos)) in input.enumerate() {
             let index =
                 u32::try_from(i).map_err(|_| ConfigError::new("more than 4 294 967 295 keys"))?;
+            // Credits are spent by the rate-limit layer: without it they would be
+            // ignored, so a key with credits is refused rather than left unlimited.
+            if cfg!(not(feature = "rate-limit")) && record.credits().is_some() {
+                let at = pos.unwrap_or_else(|| format!("record {}", i + 1));
+                return Err(ConfigError::new(format!(
+                    "{at}: key `{}` has credits, which need the rate-limit feature",
+                    record.id
+                )));
+            }
             match by_digest.entry(record.digest) {
                 Entry::Occupied(_) => {
                     let at = pos.unwrap_or_else(|| format!("record {}", i + 1));
@@ -342,7 +351,7 @@ impl KeyStore {
     /// Order: length and format (checksum) before any lookup, then the digest lookup
     /// and constant-time confirmation, then revocation, not-before and expiry.
     pub fn verify(&self, key: &str, now: SystemTime) -> Result<Principal, KeyRejection> {
-        self.verify_at(key, || now)
+        self.verify_at(key, || now).map(|(p, _)| p)
     }
 
     /// [`verify`](Self::verify), reading the clock only for a key that has a
@@ -351,7 +360,7 @@ impl KeyStore {
         &self,
         key: &str,
         now: impl FnOnce() -> SystemTime,
-    ) -> Result<Principal, KeyRejection> {
+    ) -> Result<(Principal, Option<Arc<KeyPolicy>>), KeyRejection> {
         if key.is_empty() || key.len() > MAX_KEY_LEN {
             return Err(KeyRejection::new(DenialReason::InvalidKeyFormat));
         }
@@ -387,7 +396,10 @@ impl KeyStore {
             }
         };
         match reason {
-            None => Ok(slot.principal.clone()),
+            None => Ok((
+                slot.principal.clone(),
+                self.records[slot.record as usize].policy().cloned(),
+            )),
             Some(reason) => Err(KeyRejection {
                 reason,
                 key_id: Some(self.records[slot.record as usize].id.clone()),

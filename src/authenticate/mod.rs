@@ -2,7 +2,8 @@
 //!
 //! [`AuthenticateLayer`] reads the request's one credential, verifies it, and on
 //! success inserts the [`Principal`] into the request extensions (and a copy into the
-//! response extensions, for the access log outside it). Parsing is separate from
+//! response extensions, for the access log outside it); for a service token it also
+//! inserts its claims, an `Arc<VerifiedToken>` (feature `jwt`). Parsing is separate from
 //! verification: the extraction is a set of crate-private, fuzzed and
 //! property-tested functions over header bytes; the layer only decides.
 //!
@@ -73,7 +74,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use tower_layer::Layer;
@@ -87,7 +87,7 @@ use credentials::{
 use crate::api_key::ApiKeys;
 #[cfg(feature = "jwt")]
 use crate::jwt::TokenVerifier;
-use crate::rejection::{Challenge, DenialReason, Rejection};
+use crate::rejection::{Challenge, DenialReason, RefusalBody, Rejection};
 use crate::{AuthMethod, ClientIp, ConfigError, Principal, Scopes};
 
 /// The realm of the `WWW-Authenticate` challenge unless another is set.
@@ -111,6 +111,12 @@ impl Failure {
         }
     }
 }
+
+/// A key's own policy, when the credential was an API key that has one.
+#[cfg(feature = "api-key")]
+type Policy = Option<Arc<crate::api_key::KeyPolicy>>;
+#[cfg(not(feature = "api-key"))]
+type Policy = Option<std::convert::Infallible>;
 
 /// Everything a credential can be verified against. One place, so that a new kind
 /// of credential is one more field and one more branch in `verify`.
@@ -142,7 +148,7 @@ impl Verifiers {
     }
 
     #[allow(unused_variables)]
-    fn verify(&self, credential: &Credential<'_>) -> Result<Principal, Failure> {
+    fn verify(&self, credential: &Credential<'_>) -> Result<Proof, Failure> {
         // A Bearer credential shaped like a JWT goes to the service-token verifier
         // (every Bearer credential, when no API keys are configured). The verifier
         // audits the failure's class (`service_token_rejected`); the client and the
@@ -154,14 +160,25 @@ impl Verifiers {
                 && (!self.has_api_keys() || crate::jwt::looks_like_jwt(secret))
             {
                 return tokens
-                    .verify(secret)
+                    .verify_token(secret)
+                    .map(|t| Proof {
+                        principal: t.principal().clone(),
+                        token: Some(t),
+                        policy: None,
+                    })
                     .map_err(|_| Failure::new(DenialReason::InvalidToken));
             }
         }
         #[cfg(feature = "api-key")]
         if let Some(keys) = &self.api_keys {
             return keys
-                .verify(credential.expose_secret())
+                .verify_with_policy(credential.expose_secret())
+                .map(|(principal, policy)| Proof {
+                    principal,
+                    #[cfg(feature = "jwt")]
+                    token: None,
+                    policy,
+                })
                 .map_err(|e| Failure {
                     reason: e.reason(),
                     key_id: e.key_id().map(Arc::from),
@@ -169,6 +186,16 @@ impl Verifiers {
         }
         Err(Failure::new(DenialReason::InvalidToken))
     }
+}
+
+/// What a verified credential proved: who, for a service token its claims
+/// (inserted into the request extensions beside the principal), and for an API key
+/// its own policy (allowed addresses, credits).
+struct Proof {
+    principal: Principal,
+    #[cfg(feature = "jwt")]
+    token: Option<Arc<crate::jwt::VerifiedToken>>,
+    policy: Policy,
 }
 
 #[derive(Clone)]
@@ -374,7 +401,7 @@ impl Config {
         headers: &HeaderMap,
         uri: &Uri,
         client_ip: Option<ClientIp>,
-    ) -> Result<(Principal, CredentialSource), DenialReason> {
+    ) -> Result<(Proof, CredentialSource), DenialReason> {
         let query_param = self.query_param.as_deref();
         let refuse = |failure: Failure| {
             crate::audit::emit!(
@@ -398,7 +425,22 @@ impl Config {
             }
             Err(_) => return Err(refuse(Failure::new(DenialReason::MalformedCredential))),
         };
-        let principal = self.verifiers.verify(&credential).map_err(refuse)?;
+        let proof = self.verifiers.verify(&credential).map_err(refuse)?;
+        let principal = &proof.principal;
+        #[cfg(feature = "api-key")]
+        if let Some(allowed) = proof.policy.as_ref().and_then(|p| p.allowed_ips.as_ref())
+            && !client_ip.is_some_and(|ip| allowed.contains(ip.addr()))
+        {
+            crate::audit::emit!(
+                info,
+                IpDenied,
+                reason = DenialReason::KeyIpDenied.as_str(),
+                principal = &*crate::log_text::sanitize_id(principal.id()),
+                method = principal.method().as_str(),
+                client_ip = client_ip.map(tracing::field::display),
+            );
+            return Err(DenialReason::KeyIpDenied);
+        }
         crate::audit::emit!(
             info,
             AuthSucceeded,
@@ -406,7 +448,7 @@ impl Config {
             method = principal.method().as_str(),
             client_ip = client_ip.map(tracing::field::display),
         );
-        Ok((principal, credential.source()))
+        Ok((proof, credential.source()))
     }
 
     /// The response for a refusal: the class is all the client learns.
@@ -416,6 +458,8 @@ impl Config {
             DenialReason::MalformedCredential | DenialReason::MultipleCredentials => {
                 Rejection::invalid_request(&self.challenge, reason)
             }
+            // As the global allowlist refuses: the client learns only "forbidden".
+            DenialReason::KeyIpDenied => Rejection::forbidden(reason),
             reason => Rejection::invalid_credential(&self.challenge, reason),
         }
     }
@@ -483,7 +527,7 @@ fn strip_query(uri: &mut Uri, param: &str) {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Authenticate<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -500,13 +544,50 @@ where
             return ResponseFuture::inner_with(self.inner.call(req), Some(p.clone()));
         }
         let client_ip = req.extensions().get::<ClientIp>().copied();
+        // A request whose signature the signature layer outside verified: its
+        // principal, unless the request carries another credential too.
+        #[cfg(feature = "signature")]
+        if let Some(crate::signature::SignedPrincipal(p)) = req.extensions_mut().remove() {
+            let query_param = config.query_param.as_deref();
+            if !matches!(
+                extract_credential(req.headers(), req.uri().query(), query_param),
+                Ok(None)
+            ) {
+                crate::audit::emit!(
+                    info,
+                    AuthFailed,
+                    reason = DenialReason::MultipleCredentials.as_str(),
+                    client_ip = client_ip.map(tracing::field::display),
+                );
+                let reason = DenialReason::MultipleCredentials;
+                return ResponseFuture::rejected(
+                    self.config.rejection(reason).into_response_to(&req),
+                );
+            }
+            req.extensions_mut().insert(p.clone());
+            return ResponseFuture::inner_with(self.inner.call(req), Some(p));
+        }
         match config.authenticate(req.headers(), req.uri(), client_ip) {
-            Ok((principal, source)) => {
+            Ok((proof, source)) => {
                 config.hide(&mut req, source);
+                #[cfg(feature = "jwt")]
+                if let Some(token) = proof.token {
+                    req.extensions_mut().insert(token);
+                }
+                // The key's credits, for the rate limiter that spends them.
+                #[cfg(feature = "api-key")]
+                if let Some(credits) = proof.policy.and_then(|p| p.credits.clone()) {
+                    req.extensions_mut().insert(credits);
+                }
+                #[cfg(not(feature = "api-key"))]
+                let _ = proof.policy;
+                let principal = proof.principal;
                 req.extensions_mut().insert(principal.clone());
                 ResponseFuture::inner_with(self.inner.call(req), Some(principal))
             }
-            Err(reason) => ResponseFuture::rejected(self.config.rejection(reason).into_response()),
+            Err(reason) => {
+                ResponseFuture::rejected(self.config.rejection(reason).into_response_to(&req))
+            }
         }
     }
 }
@@ -521,6 +602,7 @@ opaque_response_future! {
 mod tests {
     use super::*;
     use crate::api_key::{KeyRecord, KeyStore, generate_key};
+    use bytes::Bytes;
     use std::convert::Infallible;
     use tower::{ServiceBuilder, ServiceExt};
 

@@ -8,9 +8,16 @@
 //! no [`ClientIp`] (the allowlist then denies it), because everything to the left of
 //! such an entry could have been written by anyone.
 //!
+//! Behind a CDN that writes one client address per request (`CF-Connecting-IP`,
+//! `True-Client-IP`, `Fly-Client-IP`, `Fastly-Client-IP`), choose that header with
+//! [`ClientIpConfig::header`] and list the CDN's edge networks as the trusted
+//! proxies: the header is read only from those peers, parsed as strictly as one
+//! `X-Forwarded-For` entry, and two instances resolve to no address.
+//!
 //! Plain hyper has no peer address in the request: wrap each connection's service in
 //! [`PeerAddrLayer`]. With the `axum` feature, axum's `ConnectInfo<SocketAddr>` (from
-//! `into_make_service_with_connect_info`) is accepted too. A request with neither is
+//! `into_make_service_with_connect_info`) is accepted too, and with the `tonic`
+//! feature the `TcpConnectInfo` tonic's server attaches. A request with none is
 //! a wiring bug: it is answered with 500 and logged at error level, never resolved to
 //! a made-up address.
 //!
@@ -41,16 +48,15 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::header::{FORWARDED, HeaderMap, HeaderName};
 use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::rejection::Rejection;
+use crate::rejection::{RefusalBody, Rejection};
 use crate::{ClientIp, ConfigError, IpSet};
 pub(crate) use parse::{
-    MAX_HOPS, Node, parse_forwarded, parse_x_forwarded_for, parse_x_real_ip, walk, walk_depth,
+    MAX_HOPS, Node, parse_forwarded, parse_single_address, parse_x_forwarded_for, walk, walk_depth,
 };
 
 /// The TCP peer of the connection, in the request extensions.
@@ -72,10 +78,43 @@ pub enum ForwardedHeader {
     /// `X-Real-IP: client`: one address set by the nearest proxy. Several instances
     /// are ambiguous and resolve to nothing.
     XRealIp,
+    /// `CF-Connecting-IP: client`, set by Cloudflare's edge. A single-value header,
+    /// read as `X-Real-IP` is: only from a trusted peer (list the CDN's edge
+    /// networks as the trusted proxies), one address, several instances resolve to
+    /// nothing.
+    CfConnectingIp,
+    /// `True-Client-IP: client` (Cloudflare Enterprise, Akamai), single-value as
+    /// [`CfConnectingIp`](Self::CfConnectingIp).
+    TrueClientIp,
+    /// `Fly-Client-IP: client`, set by Fly.io's proxy, single-value as
+    /// [`CfConnectingIp`](Self::CfConnectingIp).
+    FlyClientIp,
+    /// `Fastly-Client-IP: client`, set by Fastly, single-value as
+    /// [`CfConnectingIp`](Self::CfConnectingIp). Fastly lets a client send it too:
+    /// the edge must be configured to overwrite it.
+    FastlyClientIp,
+}
+
+impl ForwardedHeader {
+    /// The single-value headers, each with its name: one address per request.
+    pub(crate) fn single_value_name(self) -> Option<&'static HeaderName> {
+        match self {
+            ForwardedHeader::XForwardedFor | ForwardedHeader::Forwarded => None,
+            ForwardedHeader::XRealIp => Some(&X_REAL_IP),
+            ForwardedHeader::CfConnectingIp => Some(&CF_CONNECTING_IP),
+            ForwardedHeader::TrueClientIp => Some(&TRUE_CLIENT_IP),
+            ForwardedHeader::FlyClientIp => Some(&FLY_CLIENT_IP),
+            ForwardedHeader::FastlyClientIp => Some(&FASTLY_CLIENT_IP),
+        }
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static CF_CONNECTING_IP: HeaderName = HeaderName::from_static("cf-connecting-ip");
+static TRUE_CLIENT_IP: HeaderName = HeaderName::from_static("true-client-ip");
+static FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client-ip");
+static FASTLY_CLIENT_IP: HeaderName = HeaderName::from_static("fastly-client-ip");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -185,10 +224,13 @@ impl ClientIpConfig {
                 });
                 self.pick(peer, nodes, is_trusted)
             }
-            ForwardedHeader::XRealIp => {
-                let mut values = headers.get_all(&X_REAL_IP).iter();
+            single => {
+                let name = single
+                    .single_value_name()
+                    .expect("the other headers are lists");
+                let mut values = headers.get_all(name).iter();
                 match (values.next(), values.next()) {
-                    (Some(v), None) => match parse_x_real_ip(v.as_bytes()) {
+                    (Some(v), None) => match parse_single_address(v.as_bytes()) {
                         Node::Ip(ip) => Some(ip),
                         _ => None,
                     },
@@ -326,7 +368,8 @@ impl<S> ClientIpService<S> {
     define_inner_service_accessors!();
 }
 
-/// The peer address of a request: [`PeerAddr`], else axum's `ConnectInfo`.
+/// The peer address of a request: [`PeerAddr`], else axum's `ConnectInfo`, else
+/// tonic's `TcpConnectInfo`.
 fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
     if let Some(p) = req.extensions().get::<PeerAddr>() {
         return Some(p.0);
@@ -338,13 +381,21 @@ fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
     {
         return Some(c.0);
     }
+    #[cfg(feature = "tonic")]
+    if let Some(addr) = req
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|c| c.remote_addr())
+    {
+        return Some(addr);
+    }
     None
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ClientIpService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -357,13 +408,20 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         match resolve(&self.config, &mut req) {
             Ok(ip) => ResponseFuture::inner_with(self.inner.call(req), ip),
-            Err(NoPeer) => ResponseFuture::rejected(Rejection::misconfigured().into_response()),
+            Err(NoPeer) => {
+                ResponseFuture::rejected(Rejection::misconfigured().into_response_to(&req))
+            }
         }
     }
 }
 
 /// A request without a peer address: a wiring bug, answered with 500.
 struct NoPeer;
+
+/// In the request extensions when the layer ran and resolved no address (a trusted
+/// proxy reported none usable), so that a handler can tell this from a missing layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Unresolved;
 
 /// What a request without a peer address means and how to fix it (logged once).
 #[cfg(feature = "axum")]
@@ -375,6 +433,12 @@ const NO_PEER_REMEDY: &str = "requests have no peer address, so every one is ans
     with plain hyper, wrap each connection's service in `PeerAddrLayer`; with axum, enable \
     portcullis's `axum` feature (it reads axum's ConnectInfo) and serve with \
     `into_make_service_with_connect_info::<SocketAddr>()`";
+#[cfg(feature = "tonic")]
+const NO_PEER_TONIC: &str = "; tonic's server attaches its TcpConnectInfo only when it accepts \
+    the connections itself (`serve`, or `serve_with_incoming` over a TcpIncoming)";
+#[cfg(not(feature = "tonic"))]
+const NO_PEER_TONIC: &str = "; with tonic, enable portcullis's `tonic` feature (it reads \
+    tonic's TcpConnectInfo)";
 
 /// The layer's request-side work, in place: resolves the client address and inserts
 /// it into the request extensions. Returns the address (also for the response
@@ -388,7 +452,7 @@ fn resolve<ReqBody>(
         // A wiring mistake repeats on every request: said once, with its remedy.
         static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::error!(target: "portcullis::client_ip", "{NO_PEER_REMEDY}");
+            tracing::error!(target: "portcullis::client_ip", "{NO_PEER_REMEDY}{NO_PEER_TONIC}");
         }
         return Err(NoPeer);
     };
@@ -397,10 +461,13 @@ fn resolve<ReqBody>(
         Some(ip) => {
             req.extensions_mut().insert(ip);
         }
-        None => tracing::debug!(
-            target: "portcullis::client_ip",
-            "a trusted proxy reported no usable client address; request has no ClientIp"
-        ),
+        None => {
+            tracing::debug!(
+                target: "portcullis::client_ip",
+                "a trusted proxy reported no usable client address; request has no ClientIp"
+            );
+            req.extensions_mut().insert(Unresolved);
+        }
     }
     Ok(ip)
 }

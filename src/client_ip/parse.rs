@@ -38,8 +38,10 @@ pub(crate) fn parse_x_forwarded_for(value: &[u8]) -> impl DoubleEndedIterator<It
         .map(parse_xff_node)
 }
 
-/// Parses an `X-Real-IP` value: exactly one address, optionally with a port.
-pub(crate) fn parse_x_real_ip(value: &[u8]) -> Node {
+/// Parses a single-value header (`X-Real-IP`, `CF-Connecting-IP`, `True-Client-IP`,
+/// `Fly-Client-IP`, `Fastly-Client-IP`): exactly one address, optionally with a
+/// port, by the same rules as one `X-Forwarded-For` entry.
+pub(crate) fn parse_single_address(value: &[u8]) -> Node {
     parse_xff_node(trim_ows(value))
 }
 
@@ -538,12 +540,15 @@ mod tests {
     }
 
     #[test]
-    fn doc_parse_x_real_ip_one_address() {
+    fn doc_parse_single_address_one_address() {
         assert_eq!(
-            parse_x_real_ip(b" 192.0.2.9 "),
+            parse_single_address(b" 192.0.2.9 "),
             Node::Ip("192.0.2.9".parse().unwrap())
         );
-        assert_eq!(parse_x_real_ip(b"192.0.2.9, 192.0.2.10"), Node::Invalid);
+        assert_eq!(
+            parse_single_address(b"192.0.2.9, 192.0.2.10"),
+            Node::Invalid
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@ use std::net::IpAddr;
 use proptest::prelude::*;
 
 use super::parse::{
-    MAX_HOPS, Node, parse_forwarded, parse_x_forwarded_for, parse_x_real_ip, walk, walk_depth,
+    MAX_HOPS, Node, parse_forwarded, parse_single_address, parse_x_forwarded_for, walk, walk_depth,
 };
+use super::{ClientIpConfig, ForwardedHeader};
 use crate::IpSet;
 
 fn trusted() -> IpSet {
@@ -104,7 +105,7 @@ proptest! {
         let _ = parse_forwarded(&bytes).count();
         let _ = parse_x_forwarded_for(&bytes).count();
         let _ = parse_x_forwarded_for(&bytes).rev().count();
-        let _ = parse_x_real_ip(&bytes);
+        let _ = parse_single_address(&bytes);
         let set = trusted();
         let _ = walk("10.0.0.1".parse().unwrap(), parse_x_forwarded_for(&bytes), |ip| set.contains(ip));
     }
@@ -150,4 +151,86 @@ proptest! {
             prop_assert!(c == peer.to_canonical() || in_header);
         }
     }
+
+    /// A single-value header (`X-Real-IP`, `CF-Connecting-IP`, `True-Client-IP`,
+    /// `Fly-Client-IP`, `Fastly-Client-IP`): from an untrusted peer the peer, whatever
+    /// the header says; from a trusted peer the one value's address exactly when a
+    /// standard parser reads it as one address (with an optional port, or brackets),
+    /// nothing for two instances or anything else, and never an address a standard
+    /// parser would not read there.
+    #[test]
+    fn single_value_headers_are_strict(
+        peer in peer(),
+        header in prop::sample::select(vec![
+            ForwardedHeader::XRealIp,
+            ForwardedHeader::CfConnectingIp,
+            ForwardedHeader::TrueClientIp,
+            ForwardedHeader::FlyClientIp,
+            ForwardedHeader::FastlyClientIp,
+        ]),
+        values in proptest::collection::vec(prop_oneof![
+            3 => well_formed_single().prop_map(|v| (v, true)),
+            1 => "[0-9a-fA-F:.\\[\\], \t_unkow]{0,24}".prop_map(|v| (v, false)),
+        ], 0..3),
+    ) {
+        let name = header.single_value_name().unwrap();
+        let mut headers = http::HeaderMap::new();
+        for (v, _) in &values {
+            headers.append(name, http::HeaderValue::from_str(v).unwrap());
+        }
+        // A client-written header of another kind is never read.
+        headers.append("x-forwarded-for", http::HeaderValue::from_static("192.0.2.77"));
+        let got = ClientIpConfig::trusted_proxy_set(trusted()).header(header).resolve(peer, &headers);
+        let peer = peer.to_canonical();
+        if !trusted().contains(peer) {
+            prop_assert_eq!(got, Some(peer));
+            return Ok(());
+        }
+        match values.as_slice() {
+            [] => prop_assert_eq!(got, Some(peer)),
+            [(one, generated)] => {
+                let oracle = std_single(one);
+                prop_assert!(got.is_none() || got == oracle, "{:?} -> {:?}, std {:?}", one, got, oracle);
+                if *generated {
+                    prop_assert!(oracle.is_some());
+                    prop_assert_eq!(got, oracle);
+                }
+            }
+            _ => prop_assert_eq!(got, None),
+        }
+    }
+}
+
+/// One address as a proxy writes it: v4, v6, mapped, with a port, bracketed.
+fn well_formed_single() -> impl Strategy<Value = String> {
+    let ip = prop_oneof![
+        any::<[u8; 4]>().prop_map(IpAddr::from),
+        any::<[u16; 8]>().prop_map(|s| IpAddr::from(std::net::Ipv6Addr::from(s))),
+        any::<[u8; 4]>().prop_map(|b| IpAddr::V6(std::net::Ipv4Addr::from(b).to_ipv6_mapped())),
+    ];
+    (ip, any::<Option<u16>>(), any::<bool>(), "[ \t]{0,2}").prop_map(|(ip, port, brackets, pad)| {
+        let text = match (ip, port, brackets) {
+            (IpAddr::V4(v4), Some(p), _) => format!("{v4}:{p}"),
+            (IpAddr::V6(v6), Some(p), _) => format!("[{v6}]:{p}"),
+            (IpAddr::V6(v6), None, true) => format!("[{v6}]"),
+            (ip, None, _) => ip.to_string(),
+        };
+        format!("{pad}{text}{pad}")
+    })
+}
+
+/// The address the standard library reads in a single-value header value.
+fn std_single(v: &str) -> Option<IpAddr> {
+    let t = v.trim_matches([' ', '\t']);
+    if let Ok(ip) = t.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    if let Ok(sa) = t.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip().to_canonical());
+    }
+    let inner = t.strip_prefix('[')?.strip_suffix(']')?;
+    inner
+        .parse::<std::net::Ipv6Addr>()
+        .ok()
+        .map(|ip| IpAddr::V6(ip).to_canonical())
 }

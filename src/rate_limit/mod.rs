@@ -58,6 +58,33 @@
 //! With the `redis` feature, [`redis::RedisLimiter`] shares the limits between
 //! instances.
 //!
+//! # Usage credits
+//!
+//! An API key may have `credits` in the key file (see
+//! [`KeyRecord::with_credits`](crate::api_key::KeyRecord::with_credits)): the number
+//! of requests it may make in all. The authentication layer hands a verified key's
+//! credits on with the request; this layer spends one per request it admits (in
+//! shadow mode, every request), after the quotas: a request refused with 429 for its
+//! rate does not spend a credit. A key with none left gets 429 with `Retry-After` of
+//! an hour (credits do not refill by themselves) and the generic body; the audit event
+//! `credits_exhausted` and the denial reason `credits_exhausted` say why.
+//!
+//! Credits are spent here because this is the layer that owns quotas and their
+//! shared state: the same Redis connection, timeout, breaker and failure policy, and
+//! an admission decision already made (so a credit is never spent on a request the
+//! rate limits refuse). The spent count is kept per key (under a name derived from
+//! its digest), atomically: in memory, a compare-and-swap per key (this instance's
+//! count, lost on restart); with Redis, one script per request (`<namespace>:cr:k:…`,
+//! shared by every instance and kept across restarts, never expiring). No request is
+//! admitted beyond the total, however many arrive at once. The number in the key file
+//! is the total: raising it grants more. When Redis cannot answer, the failure
+//! policy decides: fail-open admits without spending, fail-closed answers 503, and
+//! fall-back-local spends from this instance's count.
+//! [`RateLimitLayer::credits_remaining`] reads what a key has left.
+//!
+//! Credits are enforced only where a `RateLimitLayer` runs inside the authentication
+//! layer, as in the stack (`StackLayer`), which always has one.
+//!
 //! ```
 //! use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};
 //!
@@ -86,7 +113,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -96,12 +123,18 @@ pub use key::KeyContext;
 pub use policy::Policy;
 pub use quota::Quota;
 
-use crate::rejection::{DenialReason, Rejection};
+#[cfg(feature = "api-key")]
+use crate::api_key::Credits;
+use crate::rejection::{DenialReason, RefusalBody, Rejection};
 use crate::{ClientIp, ConfigError, Principal};
 use key::KeyRule;
 use local::{LocalStore, MAX_POLICIES, Outcome};
 use policy::{CompiledPolicy, Entry};
 use quota::Gcra;
+
+/// `Retry-After` of a key out of credits.
+#[cfg(feature = "api-key")]
+const CREDITS_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// `RateLimit-Policy`.
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -263,6 +296,8 @@ impl RateLimitBuilder {
                 shadow: self.shadow,
                 limited: AtomicU64::new(0),
                 shadow_limited: AtomicU64::new(0),
+                #[cfg(feature = "api-key")]
+                spent: dashmap::DashMap::new(),
                 #[cfg(feature = "redis")]
                 redis: self.redis,
             }),
@@ -281,6 +316,10 @@ pub(crate) struct Shared {
     shadow: bool,
     limited: AtomicU64,
     shadow_limited: AtomicU64,
+    /// Credits spent per key (by the key's credit name), in memory: one entry per
+    /// key with credits that has been used, as many as the key file lists.
+    #[cfg(feature = "api-key")]
+    spent: dashmap::DashMap<Arc<str>, AtomicU64>,
     #[cfg(feature = "redis")]
     redis: Option<redis::RedisLimiter>,
 }
@@ -319,6 +358,9 @@ pub(crate) enum Verdict {
     Unavailable(Duration),
     /// A backend is down and the policy is fail-open: let through, without fields.
     Open,
+    /// The key has no credits left (its total).
+    #[cfg(feature = "api-key")]
+    Exhausted(u64),
 }
 
 /// The fields computed for one response, kept in the response future: the IETF
@@ -430,7 +472,7 @@ impl Shared {
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<Bytes>,
+        ResBody: RefusalBody,
     {
         let outcome = match verdict {
             Verdict::Decided(o) => o,
@@ -443,10 +485,12 @@ impl Shared {
                 return Kind::Other {
                     state: Box::new(Other::Rejected(Some(
                         Rejection::unavailable(DenialReason::BackendUnavailable, Some(retry))
-                            .into_response(),
+                            .into_response_to(&req),
                     ))),
                 };
             }
+            #[cfg(feature = "api-key")]
+            Verdict::Exhausted(total) => return self.exhausted(&req, total),
         };
         let fields = self.render(&self.entries(req.extensions().get::<Principal>()), &outcome);
         self.act(inner, req, outcome, fields)
@@ -463,7 +507,7 @@ impl Shared {
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<Bytes>,
+        ResBody: RefusalBody,
     {
         if outcome.allowed {
             return Kind::pass(inner.call(req), fields);
@@ -483,7 +527,7 @@ impl Shared {
     ) -> Kind<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<Bytes>,
+        ResBody: RefusalBody,
     {
         self.audit(&req, &outcome);
         if self.shadow {
@@ -510,7 +554,72 @@ impl Shared {
             }
         }
         Kind::Other {
-            state: Box::new(Other::Rejected(Some(rejection.into_response()))),
+            state: Box::new(Other::Rejected(Some(rejection.into_response_to(&req)))),
+        }
+    }
+
+    /// Spends one of the key's credits in memory, atomically; `false` if none
+    /// were left (nothing spent).
+    #[cfg(feature = "api-key")]
+    fn spend_local(&self, credits: &Credits) -> bool {
+        let spend = |n: &AtomicU64| {
+            n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |spent| {
+                (spent < credits.total).then_some(spent + 1)
+            })
+            .is_ok()
+        };
+        if let Some(n) = self.spent.get(&credits.name) {
+            return spend(&n);
+        }
+        let n = self
+            .spent
+            .entry(credits.name.clone())
+            .or_insert_with(|| AtomicU64::new(0));
+        spend(&n)
+    }
+
+    /// Credits spent in memory for the key named `name`.
+    #[cfg(feature = "api-key")]
+    pub(crate) fn spent_local(&self, name: &str) -> u64 {
+        self.spent
+            .get(name)
+            .map_or(0, |n| n.load(Ordering::Acquire))
+    }
+
+    /// The 429 for a key without credits left: audited, `credits_exhausted` in the
+    /// logs, the generic 429 for the client. Credits do not refill by themselves;
+    /// `Retry-After` is an hour, a polite interval at which to see whether more were
+    /// granted.
+    #[cfg(feature = "api-key")]
+    #[cold]
+    fn exhausted<S, ReqBody, ResBody>(
+        &self,
+        req: &Request<ReqBody>,
+        total: u64,
+    ) -> Kind<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>>,
+        ResBody: RefusalBody,
+    {
+        let principal = req.extensions().get::<Principal>();
+        crate::audit::emit!(
+            info,
+            CreditsExhausted,
+            reason = DenialReason::CreditsExhausted.as_str(),
+            principal = principal
+                .map(|p| crate::log_text::sanitize_id(p.id()))
+                .as_deref(),
+            method = principal.map(|p| p.method().as_str()),
+            client_ip = req
+                .extensions()
+                .get::<ClientIp>()
+                .map(tracing::field::display),
+            credits = total,
+        );
+        let rejection =
+            Rejection::too_many_requests(DenialReason::CreditsExhausted, CREDITS_RETRY_AFTER);
+        Kind::Other {
+            state: Box::new(Other::Rejected(Some(rejection.into_response_to(req)))),
         }
     }
 
@@ -621,6 +730,26 @@ impl RateLimitLayer {
         self.shared.local.len()
     }
 
+    /// The credits `record`'s key has left (its total less those spent through this
+    /// layer), or `None` for a key without credits. With the Redis backend, the count
+    /// shared by every instance (one Redis read; this instance's count while Redis
+    /// cannot answer).
+    #[cfg(feature = "api-key")]
+    pub async fn credits_remaining(&self, record: &crate::api_key::KeyRecord) -> Option<u64> {
+        let credits = record.policy()?.credits.as_ref()?;
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.shared.redis
+            && let Some(spent) = r.credits_spent(credits).await
+        {
+            return Some(credits.total.saturating_sub(spent));
+        }
+        Some(
+            credits
+                .total
+                .saturating_sub(self.shared.spent_local(&credits.name)),
+        )
+    }
+
     /// Refusals so far.
     pub fn stats(&self) -> RateLimitStats {
         RateLimitStats {
@@ -658,7 +787,7 @@ impl<S> RateLimit<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -691,6 +820,18 @@ where
             let fields = shared.render(&entries, &outcome);
             (outcome, fields)
         };
+        // An admitted request (shadow mode admits them all) spends one of its key's
+        // credits, if it has credits.
+        #[cfg(feature = "api-key")]
+        if (outcome.allowed || shared.shadow)
+            && let Some(credits) = req.extensions().get::<Credits>()
+            && !shared.spend_local(credits)
+        {
+            let total = credits.total;
+            return ResponseFuture {
+                kind: shared.exhausted(&req, total),
+            };
+        }
         if outcome.allowed {
             let kind = match fields {
                 None => Kind::Inner {
@@ -718,7 +859,7 @@ fn call_shared_backend<S, ReqBody, ResBody>(
 ) -> ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     let shared = &**shared_arc;
     let r = shared.redis.as_ref().expect("checked by the caller");
@@ -734,6 +875,8 @@ where
         gcras,
         n,
         shared_arc.clone(),
+        #[cfg(feature = "api-key")]
+        req.extensions().get::<Credits>().cloned(),
     );
     let clone = inner.clone();
     let inner = std::mem::replace(inner, clone);
@@ -806,7 +949,7 @@ where
 impl<S, ReqBody, B> Future for ResponseFuture<S, ReqBody, B>
 where
     S: Service<Request<ReqBody>, Response = Response<B>>,
-    B: From<Bytes>,
+    B: RefusalBody,
 {
     type Output = Result<Response<B>, S::Error>;
 
@@ -839,7 +982,7 @@ fn poll_other<S, ReqBody, B>(
 ) -> Poll<Result<Response<B>, S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<B>>,
-    B: From<Bytes>,
+    B: RefusalBody,
 {
     loop {
         match kind.as_mut().project() {

@@ -84,6 +84,8 @@ use super::local::{MAX_POLICIES, Outcome};
 use super::quota::Gcra;
 use super::{CheckFuture, Shared, Verdict};
 use crate::ConfigError;
+#[cfg(feature = "api-key")]
+use crate::api_key::Credits;
 
 /// What to do when Redis cannot answer in time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +134,44 @@ for i = 1, n do
   out[#out + 1] = wait
 end
 return out
+"#;
+
+/// How long a key's failures keep it throttled, without counting. KEYS: the key.
+/// ARGV: tau (µs). Returns the wait in µs until one more would be allowed, 0 if none.
+#[cfg(feature = "auth-throttle")]
+const PEEK_SCRIPT: &str = r#"
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local over = tat - now - tonumber(ARGV[1])
+if over > 0 then return over end
+return 0
+"#;
+
+/// Gives back one counted request. KEYS: the key. ARGV: t (µs).
+#[cfg(feature = "auth-throttle")]
+const REFUND_SCRIPT: &str = r#"
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '')
+if not tat then return 0 end
+tat = tat - tonumber(ARGV[1])
+if tat <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+end
+return 1
+"#;
+
+/// Spends one credit. KEYS: the key's spent count. ARGV: its total. Returns 1 if
+/// one was spent, 0 if none was left. The count never expires.
+#[cfg(feature = "api-key")]
+const SPEND_SCRIPT: &str = r#"
+local spent = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if spent >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+return 1
 "#;
 
 /// Builds a [`RedisLimiter`].
@@ -248,6 +288,12 @@ impl RedisLimiterBuilder {
             connect_failing: AtomicBool::new(false),
             losses: AtomicU32::new(0),
             script: Script::new(SCRIPT),
+            #[cfg(feature = "api-key")]
+            spend_script: Script::new(SPEND_SCRIPT),
+            #[cfg(feature = "auth-throttle")]
+            peek_script: Script::new(PEEK_SCRIPT),
+            #[cfg(feature = "auth-throttle")]
+            refund_script: Script::new(REFUND_SCRIPT),
             tls: self.tls,
             policy: self.policy,
             timeout: self.timeout,
@@ -286,6 +332,12 @@ struct Inner {
     /// connections but keeps failing calls is retried ever more slowly.
     losses: AtomicU32,
     script: Script,
+    #[cfg(feature = "api-key")]
+    spend_script: Script,
+    #[cfg(feature = "auth-throttle")]
+    peek_script: Script,
+    #[cfg(feature = "auth-throttle")]
+    refund_script: Script,
     tls: bool,
     policy: FailurePolicy,
     timeout: Duration,
@@ -412,6 +464,40 @@ impl RedisLimiter {
         }
     }
 
+    /// Credits spent for a key, as Redis counts them; `None` if Redis cannot answer.
+    #[cfg(feature = "api-key")]
+    pub(crate) async fn credits_spent(&self, credits: &Credits) -> Option<u64> {
+        let key = format!("{}:cr:{}", self.inner.namespace, credits.name);
+        let spent: Option<u64> = self
+            .inner
+            .call(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .await
+            .ok()?;
+        Some(spent.unwrap_or(0))
+    }
+
+    /// Records a signature nonce (`<namespace>:<name>`) for `ttl`; `Ok(false)` if it
+    /// was recorded already (a replay). One `SET NX PX`, atomic across instances.
+    #[cfg(feature = "signature")]
+    pub(crate) async fn claim_nonce(&self, name: &str, ttl: Duration) -> Result<bool, Bypassed> {
+        let key = format!("{}:{name}", self.inner.namespace);
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let set: Option<String> = self
+            .inner
+            .call(|mut conn| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(set.is_some())
+    }
+
     /// Whether the circuit breaker is open now: requests bypass Redis because the
     /// cool-down after a failure is running, or because no connection is up since.
     pub fn breaker_open(&self) -> bool {
@@ -426,9 +512,87 @@ impl RedisLimiter {
         gcras: [Gcra; MAX_POLICIES],
         n: usize,
         shared: Arc<Shared>,
+        #[cfg(feature = "api-key")] credits: Option<Credits>,
     ) -> CheckFuture {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.check(name, local_key, gcras, n, shared).await })
+        Box::pin(async move {
+            let verdict = inner
+                .clone()
+                .check(name, local_key, gcras, n, shared.clone())
+                .await;
+            #[cfg(feature = "api-key")]
+            if let (Verdict::Decided(o), Some(credits)) = (&verdict, credits)
+                && (o.allowed || shared.shadow)
+            {
+                return inner.spend(&credits, &shared, verdict).await;
+            }
+            verdict
+        })
+    }
+}
+
+/// The failed-authentication throttle's state on Redis: one GCRA key per client
+/// address (`<namespace>:at:<key>`), through the same connection, timeout, breaker
+/// and failure policy as the rate limits. `Err` means Redis was not asked or did not
+/// answer; the caller applies [`failure_policy`](Self::failure_policy).
+#[cfg(any(feature = "auth-throttle", feature = "signature"))]
+impl RedisLimiter {
+    pub(crate) fn failure_policy(&self) -> FailurePolicy {
+        self.inner.policy
+    }
+
+    /// `Retry-After` of a fail-closed refusal: the rest of the breaker's cool-down.
+    pub(crate) fn retry_after(&self) -> Duration {
+        self.inner.retry_after()
+    }
+}
+
+#[cfg(feature = "auth-throttle")]
+impl RedisLimiter {
+    fn throttle_key(&self, key: &str) -> String {
+        format!("{}:at:{key}", self.inner.namespace)
+    }
+
+    /// Counts one failure for `key`, all or nothing, as the rate limits count.
+    pub(crate) async fn throttle_count(&self, key: &str, g: Gcra) -> Result<Outcome, Bypassed> {
+        let keys = vec![self.throttle_key(key)];
+        let inner = &*self.inner;
+        self.inner
+            .call(|mut conn| async move { inner.run(&mut conn, keys, &[g]).await })
+            .await
+    }
+
+    /// The wait (ns) until `key` may fail once more, if it is throttled now.
+    pub(crate) async fn throttle_peek(&self, key: &str, g: Gcra) -> Result<Option<u64>, Bypassed> {
+        let k = self.throttle_key(key);
+        let script = &self.inner.peek_script;
+        let wait: i64 = self
+            .inner
+            .call(|mut conn| async move {
+                script
+                    .key(k)
+                    .arg(g.tau / 1000)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((wait > 0).then(|| (wait as u64).saturating_mul(1000)))
+    }
+
+    /// Gives back one failure counted for `key`.
+    pub(crate) async fn throttle_refund(&self, key: &str, g: Gcra) -> Result<(), Bypassed> {
+        let k = self.throttle_key(key);
+        let script = &self.inner.refund_script;
+        self.inner
+            .call(|mut conn| async move {
+                script
+                    .key(k)
+                    .arg((g.t / 1000).max(1))
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await
+            .map(drop)
     }
 }
 
@@ -521,13 +685,38 @@ impl Inner {
         n: usize,
         shared: Arc<Shared>,
     ) -> Verdict {
+        let keys: Vec<String> = shared.policies[..n]
+            .iter()
+            .map(|p| format!("{}:rl:{}:{}", self.namespace, p.name, name))
+            .collect();
+        let gcra = &gcras[..n];
+        let this = &*self;
+        match self
+            .call(|mut conn| async move { this.run(&mut conn, keys, gcra).await })
+            .await
+        {
+            Ok(outcome) => Verdict::Decided(outcome),
+            Err(Bypassed) => self.on_failure(local_key, gcra, &shared),
+        }
+    }
+
+    /// Runs `op` on the connection under the breaker and the per-call timeout: the
+    /// one path by which every use of Redis (rate limits, the failed-authentication
+    /// throttle) meets the same timeout, breaker and reconnection. `Err` means Redis
+    /// was not asked or did not answer: the caller applies the failure policy.
+    pub(crate) async fn call<T, F, Fut>(self: &Arc<Self>, op: F) -> Result<T, Bypassed>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let now = self.now();
         let until = self.open_until.load(Ordering::Acquire);
         if until != 0 && now < until {
-            return self.on_failure(local_key, &gcras[..n], &shared);
+            return Err(Bypassed);
         }
-        let Some((id, mut conn)) = self.connection() else {
-            return self.trip(now, "not_connected", local_key, &gcras[..n], &shared);
+        let Some((id, conn)) = self.connection() else {
+            self.trip(now, "not_connected");
+            return Err(Bypassed);
         };
         // Half-open: exactly one caller wins the probe; the others keep bypassing
         // until it reports.
@@ -542,50 +731,75 @@ impl Inner {
                 )
                 .is_err()
         {
-            return self.on_failure(local_key, &gcras[..n], &shared);
+            return Err(Bypassed);
         }
-        let keys: Vec<String> = shared.policies[..n]
-            .iter()
-            .map(|p| format!("{}:rl:{}:{}", self.namespace, p.name, name))
-            .collect();
-        let result =
-            tokio::time::timeout(self.timeout, self.run(&mut conn, keys, &gcras[..n])).await;
+        let result = tokio::time::timeout(self.timeout, op(conn)).await;
         match result {
-            Ok(Ok(outcome)) => {
+            Ok(Ok(value)) => {
                 self.losses.store(0, Ordering::Relaxed);
                 if self.open_until.swap(0, Ordering::AcqRel) != 0 {
                     crate::audit::emit!(
-                    info,
-                    RateLimitBackendRecovered,
-                                backend = "redis",
-                                namespace = %self.namespace,
-                            );
+                        info,
+                        RateLimitBackendRecovered,
+                        backend = "redis",
+                        namespace = %self.namespace,
+                    );
                 }
-                Verdict::Decided(outcome)
+                Ok(value)
             }
             Ok(Err(e)) => {
                 if needs_new_connection(&e) {
                     self.lose(id);
                 }
-                self.trip(now, class(&e), local_key, &gcras[..n], &shared)
+                self.trip(now, class(&e));
+                Err(Bypassed)
             }
             Err(_) => {
                 // A connection that stopped answering may never answer again (a
                 // silent network drop): only a new one is trusted.
                 self.lose(id);
-                self.trip(now, "timeout", local_key, &gcras[..n], &shared)
+                self.trip(now, "timeout");
+                Err(Bypassed)
             }
         }
     }
 
-    fn trip(
-        &self,
-        now: u64,
-        error: &'static str,
-        local_key: LocalKey,
-        gcras: &[Gcra],
+    /// Spends one of a key's credits on Redis, atomically (no instance can spend
+    /// one that another has spent). `admitted` is the rate limits' verdict, kept
+    /// when a credit was spent; when Redis cannot answer, the failure policy
+    /// decides as for the rate limits.
+    #[cfg(feature = "api-key")]
+    async fn spend(
+        self: &Arc<Self>,
+        credits: &Credits,
         shared: &Shared,
+        admitted: Verdict,
     ) -> Verdict {
+        let key = format!("{}:cr:{}", self.namespace, credits.name);
+        let (script, total) = (&self.spend_script, credits.total);
+        let spent = self
+            .call(|mut conn| async move {
+                script
+                    .key(key)
+                    .arg(total)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+        match spent {
+            Ok(1) => admitted,
+            Ok(_) => Verdict::Exhausted(total),
+            Err(Bypassed) => match self.policy {
+                FailurePolicy::FailOpen => admitted,
+                FailurePolicy::FailClosed => Verdict::Unavailable(self.retry_after()),
+                FailurePolicy::FallbackLocal if shared.spend_local(credits) => admitted,
+                FailurePolicy::FallbackLocal => Verdict::Exhausted(total),
+            },
+        }
+    }
+
+    /// Opens the breaker for the cool-down, logging the outage once.
+    fn trip(&self, now: u64, error: &'static str) {
         let prev = self
             .open_until
             .swap(now + self.cooldown.as_nanos() as u64, Ordering::AcqRel);
@@ -600,21 +814,23 @@ impl Inner {
                 cooldown_ms = self.cooldown.as_millis() as u64,
             );
         }
-        self.on_failure(local_key, gcras, shared)
     }
 
     fn on_failure(&self, local_key: LocalKey, gcras: &[Gcra], shared: &Shared) -> Verdict {
         match self.policy {
             FailurePolicy::FailOpen => Verdict::Open,
-            FailurePolicy::FailClosed => {
-                let until = self.open_until.load(Ordering::Relaxed);
-                let left = until.saturating_sub(self.now());
-                Verdict::Unavailable(Duration::from_nanos(left.max(1)))
-            }
+            FailurePolicy::FailClosed => Verdict::Unavailable(self.retry_after()),
             FailurePolicy::FallbackLocal => {
                 Verdict::Decided(shared.local.check(local_key, gcras, shared.local.now()))
             }
         }
+    }
+
+    /// How long until the breaker's cool-down ends (at least 1 ns): the
+    /// `Retry-After` of a fail-closed refusal.
+    pub(crate) fn retry_after(&self) -> Duration {
+        let until = self.open_until.load(Ordering::Relaxed);
+        Duration::from_nanos(until.saturating_sub(self.now()).max(1))
     }
 
     async fn run(
@@ -649,6 +865,10 @@ impl Inner {
         Ok(out)
     }
 }
+
+/// Redis was not asked (breaker open, no connection) or did not answer in time.
+#[derive(Debug)]
+pub(crate) struct Bypassed;
 
 /// The reconnect task: one per outage. It holds the limiter only while it tries,
 /// so that dropping every [`RedisLimiter`] ends it.

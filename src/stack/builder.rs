@@ -250,6 +250,9 @@ impl StackBuilder {
 
     /// Keeps the [`quotas`](Self::quotas) in Redis, shared by every instance. Not
     /// with a whole [`rate_limit`](Self::rate_limit) layer (configure Redis on it).
+    /// The failed-authentication throttle keeps its counts there too (see
+    /// [`AuthThrottleLayer::redis`]), unless the throttle given to
+    /// [`auth_throttle`](Self::auth_throttle) has a Redis backend of its own.
     #[cfg(feature = "redis")]
     pub fn redis(mut self, limiter: crate::rate_limit::redis::RedisLimiter) -> Self {
         self.redis = Some(limiter);
@@ -357,8 +360,15 @@ impl StackBuilder {
             auth = auth.realm(realm)?;
         }
 
-        // Throttle.
-        if self.throttle.is_none() {
+        // Throttle: one failure budget across instances when they share Redis.
+        #[cfg(feature = "redis")]
+        let throttle = match (self.throttle, &self.redis) {
+            (Some(t), Some(redis)) if !t.has_redis() => Some(t.redis(redis.clone())),
+            (t, _) => t,
+        };
+        #[cfg(not(feature = "redis"))]
+        let throttle = self.throttle;
+        if throttle.is_none() {
             crate::audit::emit!(
                 warn,
                 AuthThrottleDisabled,
@@ -401,7 +411,7 @@ impl StackBuilder {
             access_log: self.access_log,
             client_ip: ClientIpLayer::new(client_ip),
             allowlist,
-            throttle: self.throttle,
+            throttle,
             auth,
             rate_limit,
             reloads: (!self.reloads.is_empty()).then(|| self.reloads.into()),

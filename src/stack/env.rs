@@ -52,7 +52,7 @@ const OIDC_START: &str = "PORTCULLIS_OIDC_START";
 const RATE_LIMIT: &str = "PORTCULLIS_RATE_LIMIT";
 /// The failed-authentication quota per address.
 const AUTH_THROTTLE: &str = "PORTCULLIS_AUTH_THROTTLE";
-/// The Redis URL of the shared rate limits.
+/// The Redis URL of the shared rate limits and failed-authentication counts.
 const REDIS_URL: &str = "PORTCULLIS_REDIS_URL";
 /// What the rate limiter does when Redis is down.
 const REDIS_ON_FAILURE: &str = "PORTCULLIS_REDIS_ON_FAILURE";
@@ -224,9 +224,14 @@ impl StackBuilder {
                 "x-forwarded-for" => ForwardedHeader::XForwardedFor,
                 "forwarded" => ForwardedHeader::Forwarded,
                 "x-real-ip" => ForwardedHeader::XRealIp,
+                "cf-connecting-ip" => ForwardedHeader::CfConnectingIp,
+                "true-client-ip" => ForwardedHeader::TrueClientIp,
+                "fly-client-ip" => ForwardedHeader::FlyClientIp,
+                "fastly-client-ip" => ForwardedHeader::FastlyClientIp,
                 _ => {
                     return Err(ConfigError::new(format!(
-                        "{}: must be x-forwarded-for, forwarded or x-real-ip",
+                        "{}: must be x-forwarded-for, forwarded, x-real-ip, cf-connecting-ip, \
+                         true-client-ip, fly-client-ip or fastly-client-ip",
                         FORWARDED_HEADER
                     )));
                 }

@@ -92,7 +92,7 @@
 //! | variable | meaning | example |
 //! |---|---|---|
 //! | `PORTCULLIS_TRUSTED_PROXIES` | CIDRs of the proxies whose forwarding header is read | `10.0.0.0/8, fd00::/8` |
-//! | `PORTCULLIS_FORWARDED_HEADER` | which header they write: `x-forwarded-for` (default), `forwarded`, `x-real-ip` | `forwarded` |
+//! | `PORTCULLIS_FORWARDED_HEADER` | which header they write: `x-forwarded-for` (default), `forwarded`, `x-real-ip`, or a CDN's `cf-connecting-ip`, `true-client-ip`, `fly-client-ip`, `fastly-client-ip` | `cf-connecting-ip` |
 //! | `PORTCULLIS_ALLOWLIST` | only these CIDRs get in (403 otherwise) | `10.0.0.0/8` |
 //! | `PORTCULLIS_DENYLIST` | these CIDRs never get in (wins over the allow list) | `10.9.0.0/16` |
 //! | `PORTCULLIS_KEY_FILE` | TOML key file (digests only), reloaded when it changes | `/etc/svc/keys.toml` |
@@ -108,7 +108,7 @@
 //! | `PORTCULLIS_OIDC_START` | `wait` (default: start-up fails unless the first fetch succeeds) or `empty` (start at once, refuse their tokens until it does) | `empty` |
 //! | `PORTCULLIS_RATE_LIMIT` | 1 to 4 comma-separated [`Quota`](crate::rate_limit::Quota)s (default [`DEFAULT_QUOTA`]) | `100/s, 5000/h` |
 //! | `PORTCULLIS_AUTH_THROTTLE` | failed authentications allowed per address, one quota (default `10/5m`) | `5/15m` |
-//! | `PORTCULLIS_REDIS_URL` | share the rate limits through Redis (feature `redis`); never logged | `redis://redis:6379` |
+//! | `PORTCULLIS_REDIS_URL` | share the rate limits and the failed-authentication counts through Redis (feature `redis`); never logged | `redis://redis:6379` |
 //! | `PORTCULLIS_REDIS_ON_FAILURE` | when Redis is down: `local` (default, limit in memory), `closed` (503), `open` | `closed` |
 //! | `PORTCULLIS_REDIS_TIMEOUT_MS` | how long one Redis call may take, 1 to 1000 (default 5) | `20` |
 //! | `PORTCULLIS_REDIS_CONNECT_TIMEOUT_MS` | how long one connection attempt (TCP, TLS, `AUTH`) may take, 10 to 60000 (default 2000) | `5000` |
@@ -138,7 +138,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::ServiceBuilder;
@@ -154,6 +153,7 @@ use crate::authenticate::{Authenticate, AuthenticateLayer};
 use crate::client_ip::PeerAddrLayer;
 use crate::client_ip::{ClientIpLayer, ClientIpService};
 use crate::rate_limit::{RateLimit, RateLimitLayer};
+use crate::rejection::RefusalBody;
 use crate::request_id::{RequestIdLayer, SetRequestId};
 
 mod builder;
@@ -244,7 +244,8 @@ impl<S> Layer<S> for StackLayer {
 /// The service of [`StackLayer`]: request id, access log, client address,
 /// allowlist, failed-authentication throttle, authentication and rate limit around
 /// `S`, each the public layer of its module. Works with any response body that
-/// implements `From<Bytes>` (`http_body_util::Full<Bytes>`, `axum::body::Body`).
+/// meets [`RefusalBody`] (`http_body_util::Full<Bytes>`, `axum::body::Body`,
+/// `tonic::body::Body`).
 ///
 /// The type can be named, e.g. to store the service in a struct:
 ///
@@ -287,10 +288,39 @@ impl<S> fmt::Debug for Stack<S> {
     }
 }
 
+#[cfg(feature = "axum")]
+impl<S> Stack<S> {
+    /// The make-service `axum::serve` takes, attaching each connection's peer
+    /// address (axum's `ConnectInfo<SocketAddr>`, which the stack reads): what
+    /// `Router::into_make_service_with_connect_info` is for a router the stack is
+    /// layered on, for the stack wrapped around a router (`stack.layer(router)`).
+    /// Without it the request type would have to be named (axum's `ServiceExt` is
+    /// generic over it), and without connect info every request is answered 500.
+    ///
+    /// ```no_run
+    /// # async fn run(stack: portcullis::stack::StackLayer) -> std::io::Result<()> {
+    /// use axum::{Router, routing::get};
+    /// use tower::Layer;
+    ///
+    /// let router = Router::new().route("/", get(|| async { "ok" }));
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+    /// axum::serve(listener, stack.layer(router).into_make_service_with_connect_info()).await
+    /// # }
+    /// ```
+    pub fn into_make_service_with_connect_info(
+        self,
+    ) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Self, std::net::SocketAddr>
+    where
+        Self: Service<axum::extract::Request>,
+    {
+        axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info(self)
+    }
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Stack<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: From<Bytes>,
+    ResBody: RefusalBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;

@@ -37,7 +37,7 @@ fn whoami() -> Handler {
 }
 
 /// A valid key (id `id`) and a well-formed key the store does not know.
-fn keys(id: &str) -> (GeneratedKey, GeneratedKey, ApiKeys) {
+pub(crate) fn keys(id: &str) -> (GeneratedKey, GeneratedKey, ApiKeys) {
     let valid = generate_key("pc_test").unwrap();
     let unknown = generate_key("pc_test").unwrap();
     let store = KeyStore::from_records([KeyRecord::new(id, valid.digest()).unwrap()]).unwrap();
@@ -45,7 +45,7 @@ fn keys(id: &str) -> (GeneratedKey, GeneratedKey, ApiKeys) {
 }
 
 /// ClientIp (from `client_ip`), the throttle, API-key authentication, `whoami`.
-async fn serve(
+pub(crate) async fn serve(
     throttle: AuthThrottleLayer,
     keys: ApiKeys,
     client_ip: ClientIpConfig,
@@ -60,14 +60,14 @@ async fn serve(
 
 /// `GET /` from loopback address `from`, with `key` in `X-API-Key` if any, and
 /// `extra` header lines.
-async fn call(to: SocketAddr, from: &str, key: Option<&str>, extra: &[&[u8]]) -> Reply {
+pub(crate) async fn call(to: SocketAddr, from: &str, key: Option<&str>, extra: &[&[u8]]) -> Reply {
     let header = key.map(|k| format!("X-API-Key: {k}"));
     let mut headers: Vec<&[u8]> = header.iter().map(|h| h.as_bytes()).collect();
     headers.extend_from_slice(extra);
     get_from(Some(ip(from)), to, &headers).await
 }
 
-fn assert_throttled(r: &Reply) {
+pub(crate) fn assert_throttled(r: &Reply) {
     assert_eq!(r.status, 429, "{r:?}");
     let retry: u64 = r
         .header("retry-after")
@@ -83,7 +83,7 @@ fn assert_throttled(r: &Reply) {
 }
 
 /// The audit events carrying `client_ip`.
-fn audit_events(from: &str) -> Vec<serde_json::Value> {
+pub(crate) fn audit_events(from: &str) -> Vec<serde_json::Value> {
     log_capture::capture()
         .events_with(from)
         .into_iter()

@@ -215,3 +215,51 @@ fn configuration_errors() {
     assert!(t.clone().depth(33).is_err());
     assert!(t.depth(3).is_ok());
 }
+
+#[tokio::test]
+async fn cdn_single_value_headers_are_read_only_from_the_edge() {
+    let cases: [(ForwardedHeader, &str); 4] = [
+        (ForwardedHeader::CfConnectingIp, "CF-Connecting-IP"),
+        (ForwardedHeader::TrueClientIp, "True-Client-IP"),
+        (ForwardedHeader::FlyClientIp, "Fly-Client-IP"),
+        (ForwardedHeader::FastlyClientIp, "Fastly-Client-IP"),
+    ];
+    for (header, name) in cases {
+        // The CDN's edge is 127.0.0.0/28; 127.0.0.99 is a client connecting directly.
+        let layer = ClientIpLayer::new(
+            ClientIpConfig::trusted_proxies("127.0.0.0/28")
+                .unwrap()
+                .header(header),
+        );
+        let addr = serve("127.0.0.1:0", layer, Peer::Attached).await;
+        let line = |v: &str| format!("{name}: {v}");
+        let edge = Some(ip("127.0.0.3"));
+        let one = line("203.0.113.5");
+        let r = get_from(edge, addr, &[one.as_bytes()]).await;
+        assert_eq!(r.body, "203.0.113.5", "{name}");
+        let v6 = line("[2001:db8::7]:443");
+        assert_eq!(
+            get_from(edge, addr, &[v6.as_bytes()]).await.body,
+            "2001:db8::7"
+        );
+        // From outside the edge the header is the client's own: ignored.
+        let r = get_from(Some(ip("127.0.0.99")), addr, &[one.as_bytes()]).await;
+        assert_eq!(r.body, "127.0.0.99", "{name}");
+        // Other forwarding headers are not read when a CDN header is chosen.
+        let r = get_from(edge, addr, &[b"X-Forwarded-For: 198.51.100.1"]).await;
+        assert_eq!(r.body, "127.0.0.3", "{name}");
+        // Two instances, a list, garbage: no address, never a guess.
+        let bad_requests: [Vec<String>; 5] = [
+            vec![one.clone(), line("198.51.100.1")],
+            vec![line("203.0.113.5, 198.51.100.1")],
+            vec![line("unknown")],
+            vec![line("203.0.113.5:99999")],
+            vec![line("203.0.113.005")],
+        ];
+        for bad in bad_requests {
+            let bad: Vec<&[u8]> = bad.iter().map(|l| l.as_bytes()).collect();
+            let r = get_from(edge, addr, &bad).await;
+            assert_eq!(r.body, "none", "{name}: {bad:?}");
+        }
+    }
+}

@@ -56,3 +56,14 @@ fn query_redaction_corpus() {
 fn stack_config_corpus() {
     replay("stack_config", portcullis::fuzzing::stack_config);
 }
+
+#[cfg(feature = "signature")]
+#[test]
+fn signature_fields_corpus() {
+    replay("signature_fields", portcullis::fuzzing::signature_fields);
+}
+
+#[test]
+fn grpc_content_type_corpus() {
+    replay("grpc_content_type", portcullis::fuzzing::grpc_content_type);
+}

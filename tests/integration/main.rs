@@ -11,15 +11,23 @@ mod allowlist;
 mod api_key_properties;
 #[cfg(all(feature = "rate-limit", feature = "api-key"))]
 mod auth_throttle;
+#[cfg(all(feature = "redis", feature = "auth-throttle", feature = "api-key"))]
+mod auth_throttle_redis;
 #[cfg(all(feature = "api-key", feature = "client-ip"))]
 mod authenticate;
+#[cfg(all(feature = "axum", feature = "stack"))]
+mod axum;
 #[cfg(feature = "client-ip")]
 mod client_ip;
 mod fuzz_corpus;
+#[cfg(all(feature = "stack", feature = "tonic"))]
+mod grpc;
 #[cfg(feature = "jwks-remote")]
 mod jwks;
 #[cfg(feature = "jwt")]
 mod jwt;
+#[cfg(all(feature = "api-key", feature = "rate-limit", feature = "client-ip"))]
+mod key_policy;
 #[cfg(all(feature = "access-log", feature = "allowlist"))]
 mod logging;
 #[cfg(feature = "rate-limit")]
@@ -30,5 +38,7 @@ mod rate_limit_redis;
 mod redact_properties;
 #[cfg(all(feature = "api-key", feature = "jwt", feature = "client-ip"))]
 mod reload;
+#[cfg(all(feature = "signature", feature = "api-key", feature = "client-ip"))]
+mod signature;
 #[cfg(feature = "stack")]
 mod stack;

@@ -18,7 +18,7 @@ use crate::rate_limit::{limits, rt, serve_limited};
 const PASSWORD: &str = "s3cret-redis-pw-4e1f";
 
 /// A `redis-server` child process, killed on drop.
-struct RedisServer {
+pub(crate) struct RedisServer {
     child: Option<Child>,
     port: u16,
     /// For a TLS server: the directory holding its CA and certificate.
@@ -28,7 +28,7 @@ struct RedisServer {
 impl RedisServer {
     /// Starts a password-protected server, or returns `None` (after saying so) when
     /// the binary is missing and Redis is not required.
-    async fn start() -> Option<Self> {
+    pub(crate) async fn start() -> Option<Self> {
         Self::start_with(None)
     }
 
@@ -99,7 +99,7 @@ impl RedisServer {
         panic!("redis-server did not start");
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -107,7 +107,7 @@ impl RedisServer {
     }
 
     /// The server's URL; a TLS server by the name on its certificate.
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         match self.tls {
             None => self.url_as("redis", "127.0.0.1"),
             Some(_) => self.url_as("rediss", "localhost"),
@@ -129,7 +129,7 @@ impl RedisServer {
         assert!(ok, "kill -{sig} {pid}");
     }
 
-    async fn admin(&self) -> redis::aio::MultiplexedConnection {
+    pub(crate) async fn admin(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -430,7 +430,7 @@ async fn wait_for_events(
     }
 }
 
-fn limiter(url: &str, on_failure: FailurePolicy, ns: &str) -> RedisLimiter {
+pub(crate) fn limiter(url: &str, on_failure: FailurePolicy, ns: &str) -> RedisLimiter {
     RedisLimiter::builder(url, on_failure)
         .unwrap()
         .namespace(ns)
@@ -444,7 +444,7 @@ fn limiter(url: &str, on_failure: FailurePolicy, ns: &str) -> RedisLimiter {
 
 /// [`limiter`], connected: requests before the first connection follow the
 /// failure policy.
-async fn connected(url: &str, on_failure: FailurePolicy, ns: &str) -> RedisLimiter {
+pub(crate) async fn connected(url: &str, on_failure: FailurePolicy, ns: &str) -> RedisLimiter {
     let l = limiter(url, on_failure, ns);
     l.connect().await.expect("connected to redis-server");
     l

@@ -400,6 +400,57 @@ async fn trusted_proxies_and_the_allowlist_from_the_environment() {
     assert_eq!(r.status, 403);
 }
 
+#[tokio::test]
+async fn a_cdn_client_header_from_the_environment() {
+    let key = generate_key("pc_test").unwrap();
+    let env: HashMap<&str, String> = HashMap::from([
+        ("PORTCULLIS_TRUSTED_PROXIES", "127.0.0.0/28".to_owned()),
+        ("PORTCULLIS_FORWARDED_HEADER", "CF-Connecting-IP".to_owned()),
+        ("PORTCULLIS_ALLOWLIST", "203.0.113.0/24".to_owned()),
+        ("PORTCULLIS_API_KEYS", key.expose_secret().to_owned()),
+    ]);
+    let stack = StackBuilder::from_env_with(|n| env.get(n).cloned())
+        .unwrap()
+        .build()
+        .unwrap();
+    let addr = serve(stack).await;
+    let kh = format!("X-API-Key: {}", key.expose_secret());
+    let send = |from: &'static str, cdn: &'static str| {
+        let kh = kh.clone();
+        async move {
+            let h: [&[u8]; 2] = [kh.as_bytes(), cdn.as_bytes()];
+            common::get_path_from(Some(ip(from)), addr, "/", &h).await
+        }
+    };
+    // Through the edge, the CDN's client address is the one the allowlist checks.
+    assert_eq!(
+        send("127.0.0.2", "CF-Connecting-IP: 203.0.113.9")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send("127.0.0.2", "CF-Connecting-IP: 198.51.100.9")
+            .await
+            .status,
+        403
+    );
+    // A client outside the edge cannot claim an allowed address.
+    assert_eq!(
+        send("127.0.0.77", "CF-Connecting-IP: 203.0.113.9")
+            .await
+            .status,
+        403
+    );
+    // An X-Forwarded-For from the edge is not the configured header.
+    assert_eq!(
+        send("127.0.0.2", "X-Forwarded-For: 203.0.113.9")
+            .await
+            .status,
+        403
+    );
+}
+
 #[cfg(feature = "jwt")]
 mod tokens {
     use super::*;

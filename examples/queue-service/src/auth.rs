@@ -46,7 +46,7 @@ pub const DASHBOARD_READ: &str = "dashboard:read";
 /// The access rule of a route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// Anyone, no credential (only `/health`).
+    /// Anyone, no credential (`/health`, the dashboard's login form and logout).
     Public,
     /// A principal holding this scope.
     Scope(&'static str),
@@ -83,6 +83,14 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::GET, "/v1/admin/stats", Access::Scope(ADMIN)),
     (Method::GET, "/v1/admin/dlq", Access::Scope(ADMIN)),
     (Method::GET, "/dashboard", Access::Scope(DASHBOARD_READ)),
+    // The key comes from the form, then the stack authenticates it.
+    (
+        Method::POST,
+        "/dashboard/login",
+        Access::Scope(DASHBOARD_READ),
+    ),
+    (Method::GET, "/dashboard/login", Access::Public),
+    (Method::POST, "/dashboard/logout", Access::Public),
 ];
 
 /// The row of [`ROUTES`] of a route; `HEAD` follows `GET`. `None` for an unlisted

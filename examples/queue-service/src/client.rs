@@ -117,22 +117,28 @@ impl WorkerClient {
             .await
     }
 
-    /// `PATCH /v1/jobs/{id}/progress`.
-    pub async fn progress(&self, id: JobId, progress: u8) -> Result<Outcome, CallError> {
+    /// `PATCH /v1/jobs/{id}/progress?attempt=N`, for the run that claimed the job
+    /// after `attempt` failed attempts.
+    pub async fn progress(
+        &self,
+        id: JobId,
+        progress: u8,
+        attempt: u32,
+    ) -> Result<Outcome, CallError> {
         let body = format!(r#"{{"progress":{progress}}}"#);
-        self.call(Method::PATCH, format!("/v1/jobs/{id}/progress"), Some(body))
-            .await
+        let path = format!("/v1/jobs/{id}/progress?attempt={attempt}");
+        self.call(Method::PATCH, path, Some(body)).await
     }
 
-    /// `POST /v1/jobs/{id}/complete`.
-    pub async fn complete(&self, id: JobId) -> Result<Outcome, CallError> {
-        self.call(Method::POST, format!("/v1/jobs/{id}/complete"), None)
-            .await
+    /// `POST /v1/jobs/{id}/complete?attempt=N`.
+    pub async fn complete(&self, id: JobId, attempt: u32) -> Result<Outcome, CallError> {
+        let path = format!("/v1/jobs/{id}/complete?attempt={attempt}");
+        self.call(Method::POST, path, None).await
     }
 
-    /// `POST /v1/jobs/{id}/fail`.
-    pub async fn fail(&self, id: JobId) -> Result<Outcome, CallError> {
-        self.call(Method::POST, format!("/v1/jobs/{id}/fail"), None)
-            .await
+    /// `POST /v1/jobs/{id}/fail?attempt=N`.
+    pub async fn fail(&self, id: JobId, attempt: u32) -> Result<Outcome, CallError> {
+        let path = format!("/v1/jobs/{id}/fail?attempt={attempt}");
+        self.call(Method::POST, path, None).await
     }
 }

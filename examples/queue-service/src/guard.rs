@@ -7,11 +7,15 @@
 //!   → Authenticate (API keys and service tokens) → RateLimit → scope check per route
 //! ```
 //!
-//! Two stacks share one key store, one token verifier, one failed-auth throttle and
-//! one rate limiter (clones share state): the main one, and the one of
-//! `POST /internal/latest-runs`, which adds the internal-network allowlist.
-//! `GET /health` has only the request id, the access log and the client address:
-//! it is the one route without authentication.
+//! Three stacks share one key store, one failed-auth throttle and one rate limiter
+//! (clones share state): the main one, the one of `POST /internal/latest-runs`,
+//! which adds the internal-network allowlist, and the one of `GET /dashboard`,
+//! whose token verifier accepts only dashboard sessions (audience
+//! [`DASHBOARD_AUDIENCE`]) where the other two accept only the API's tokens
+//! ([`AUDIENCE`]). `GET /health`, `GET /dashboard/login` and
+//! `POST /dashboard/logout` have only the request id, the access log and the
+//! client address: they are the routes without authentication (see
+//! [`crate::session`]).
 //!
 //! Credentials: an API-key store (ephemeral demo keys, or a TOML key file) and one
 //! HS256 secret that signs the in-process worker's service tokens and verifies every
@@ -49,6 +53,12 @@ pub const REALM: &str = "portcullis-demo";
 pub const ISSUER: &str = "portcullis-demo";
 /// The `aud` the demo requires in service tokens.
 pub const AUDIENCE: &str = "portcullis-demo-queue";
+/// The `aud` of the dashboard's session tokens (in its cookie). Only the
+/// dashboard's verifier accepts it; the API's requires [`AUDIENCE`].
+pub const DASHBOARD_AUDIENCE: &str = "portcullis-demo-dashboard";
+/// How long a dashboard session lasts (the token's lifetime and the cookie's
+/// `Max-Age`).
+pub const DASHBOARD_SESSION: Duration = Duration::from_secs(10 * 60);
 /// The `sub` of the in-process worker's tokens. Its own quota applies to service
 /// tokens with this subject only, never to an API key with the same id.
 pub const WORKER_SUBJECT: &str = "queue-worker";
@@ -87,6 +97,16 @@ impl TokenSecret {
     #[cfg(test)]
     pub fn from_bytes(b: &[u8]) -> Self {
         Self(b.to_vec())
+    }
+
+    /// A key derived for one purpose (`label`): HMAC-SHA256 of the label under this
+    /// secret. Instances sharing the secret derive the same key; the secret itself
+    /// never leaves the process.
+    pub(crate) fn derive(&self, label: &str) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("any key length");
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().into()
     }
 
     /// Lowercase hex, for printing the ephemeral secret once.
@@ -156,8 +176,11 @@ impl GuardConfig {
 pub struct Guard {
     stack: StackLayer,
     internal: StackLayer,
+    dashboard: StackLayer,
     client_ip: ClientIpLayer,
     secret: TokenSecret,
+    keys: ApiKeys,
+    rate: RateLimitLayer,
 }
 
 impl Guard {
@@ -175,6 +198,11 @@ impl Guard {
             Some(remote) => own()?.remote_issuer(remote).build()?,
             None => verifier.clone(),
         };
+        let dashboard_verifier = TokenVerifier::builder()
+            .key(VerifyingKey::hs256(&c.token_secret.0)?.issuer(ISSUER))
+            .issuer(ISSUER)
+            .audience(DASHBOARD_AUDIENCE)
+            .build()?;
         let policy = Policy::new("demo", c.rate)?.principal(
             AuthMethod::ServiceToken,
             WORKER_SUBJECT,
@@ -202,8 +230,11 @@ impl Guard {
         Ok(Self {
             stack: stack(&verifier).build()?,
             internal: stack(&internal_verifier).allow(c.internal).build()?,
+            dashboard: stack(&dashboard_verifier).build()?,
             client_ip: ClientIpLayer::new(c.client_ip),
             secret: c.token_secret,
+            keys: c.keys,
+            rate,
         })
     }
 
@@ -221,9 +252,43 @@ impl Guard {
         b.build()
     }
 
+    /// The issuer of a dashboard session for `subject`: audience
+    /// [`DASHBOARD_AUDIENCE`], scope `dashboard:read`, [`DASHBOARD_SESSION`].
+    pub fn dashboard_issuer(&self, subject: &str) -> Result<TokenIssuer, ConfigError> {
+        TokenIssuer::builder(SigningKey::hs256(&self.secret.0)?)
+            .issuer(ISSUER)
+            .subject(subject)
+            .audience(DASHBOARD_AUDIENCE)
+            .lifetime(DASHBOARD_SESSION)
+            .scope(crate::auth::DASHBOARD_READ)
+            .build()
+    }
+
+    /// The stack of `GET /dashboard`: the same layers and shared state as
+    /// [`stack`](Self::stack), but its service tokens are the dashboard's sessions
+    /// (audience [`DASHBOARD_AUDIENCE`]) and nothing else.
+    pub fn dashboard_stack(&self) -> StackLayer {
+        self.dashboard.clone()
+    }
+
     /// The in-process worker's issuer: `sub` [`WORKER_SUBJECT`], scope `jobs:work`.
     pub fn worker_issuer(&self) -> Result<TokenIssuer, ConfigError> {
         self.issuer(WORKER_SUBJECT, crate::auth::JOBS_WORK)
+    }
+
+    /// Every key with usage credits: its id, its total and what it has left, for
+    /// the admin view.
+    pub async fn credits(&self) -> Vec<serde_json::Value> {
+        let store = self.keys.snapshot();
+        let mut out = Vec::new();
+        for r in store.records().filter(|r| r.credits().is_some()) {
+            out.push(serde_json::json!({
+                "id": r.id(),
+                "credits": r.credits(),
+                "remaining": self.rate.credits_remaining(r).await,
+            }));
+        }
+        out
     }
 
     /// The whole stack. [`routes::app`](crate::routes::app) puts it, then the scope
@@ -361,17 +426,26 @@ impl Credentials {
     }
 }
 
-/// The Redis limiter from `REDIS_URL` (or `--redis URL`), if set: fails closed
-/// (503) when Redis does not answer, so two instances never silently stop sharing
-/// their limits.
-pub fn redis_limiter(url: Option<&str>) -> Result<Option<RedisLimiter>, ConfigError> {
+/// The default namespace of every key the demo keeps in Redis.
+pub const DEFAULT_NAMESPACE: &str = "portcullis-demo";
+
+/// The Redis limiter from `REDIS_URL` (or `--redis URL`), if set, with its keys
+/// under `namespace` and, for `rediss://`, trusting `ca_pem` if given: fails
+/// closed (503) when Redis does not answer, so two instances never silently stop
+/// sharing their limits.
+pub fn redis_limiter(
+    url: Option<&str>,
+    namespace: &str,
+    ca_pem: Option<&[u8]>,
+) -> Result<Option<RedisLimiter>, ConfigError> {
     let Some(url) = url else {
         return Ok(None);
     };
-    Ok(Some(
-        RedisLimiter::builder(url, FailurePolicy::FailClosed)?
-            .timeout(Duration::from_millis(50))
-            .namespace("portcullis-demo")?
-            .build()?,
-    ))
+    let mut b = RedisLimiter::builder(url, FailurePolicy::FailClosed)?
+        .timeout(Duration::from_millis(50))
+        .namespace(namespace)?;
+    if let Some(pem) = ca_pem {
+        b = b.tls_root_certificate(pem)?;
+    }
+    Ok(Some(b.build()?))
 }

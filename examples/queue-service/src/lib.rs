@@ -10,7 +10,9 @@
 //! | flag / variable | meaning | default |
 //! |---|---|---|
 //! | `--addr HOST:PORT` / `PORTCULLIS_DEMO_ADDR` | listen address (port 0: a free port, printed) | `127.0.0.1:8080` |
-//! | `--redis URL` / `REDIS_URL` | share rate limits through Redis (fails closed) | in memory |
+//! | `--redis URL` / `REDIS_URL` | keep the queue and the rate limits in Redis, shared by every instance (fails closed) | in memory |
+//! | `PORTCULLIS_DEMO_REDIS_NAMESPACE` | the prefix of every Redis key (`A-Z a-z 0-9 _ - .`, 1 to 64) | `portcullis-demo` |
+//! | `PORTCULLIS_DEMO_REDIS_CA_FILE` | a CA (PEM) to trust for `rediss://` instead of the platform's roots | platform roots |
 //! | `PORTCULLIS_DEMO_KEY_FILE` | API-key file (TOML, reloaded on change) | ephemeral keys |
 //! | `PORTCULLIS_DEMO_TOKEN_KEY_FILE` | HS256 secret (>= 32 bytes) of the service tokens | ephemeral secret |
 //! | `PORTCULLIS_DEMO_INTERNAL_CIDRS` | who may call `POST /internal/latest-runs` | `127.0.0.0/8, ::1` |
@@ -19,6 +21,7 @@
 //! | `PORTCULLIS_DEMO_TRUSTED_PROXIES` | proxies whose `X-Forwarded-For` names the client (CIDRs) | none: the TCP peer is the client |
 //! | `PORTCULLIS_DEMO_JOB_TTL_SECS` | job lifetime, 1 to 2592000 (30 days) | 86400 |
 //! | `PORTCULLIS_DEMO_MAX_DEPTH` | open jobs before 503, 1 to 1000000 | 1000 |
+//! | `PORTCULLIS_DEMO_LEASE_SECS` | a running job's lease (a worker that dies loses it), 1 to 3600 | 300 |
 //!
 //! A variable that is set must be valid: one that is not UTF-8, is blank, or is out
 //! of range is an error naming it.
@@ -30,17 +33,21 @@
 //!
 //! The binary (`src/main.rs`) installs the log subscriber and calls [`start`] and
 //! [`serve`]; the benchmarks in `benches/` build the same service with [`service`].
-//! Modules: [`queue`] the engine, [`worker`] the in-process worker, [`client`] its
+//! Modules: [`queue`] the in-memory engine, [`redis_queue`] the same queue in
+//! Redis, [`jobs`] the one interface over both, [`worker`] the in-process worker, [`client`] its
 //! HTTP client, [`routes`] the handlers, [`auth`] the one scope table, [`guard`]
-//! the layers and credentials.
+//! the layers and credentials, [`session`] the dashboard's login and cookie.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod client;
 pub mod guard;
+pub mod jobs;
 pub mod queue;
+pub mod redis_queue;
 pub mod routes;
+pub mod session;
 #[cfg(test)]
 mod tests;
 pub mod worker;
@@ -61,7 +68,9 @@ use tower::Layer;
 
 use crate::client::WorkerClient;
 use crate::guard::{Credentials, Guard, GuardConfig};
+use crate::jobs::Jobs;
 use crate::queue::{Queue, QueueConfig};
+use crate::redis_queue::RedisQueue;
 use crate::routes::{AppState, CountDenials, CountDenialsLayer, Counters};
 use crate::worker::{Calls, Worker, WorkerConfig, WorkerStatus};
 
@@ -71,10 +80,15 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The internal networks by default: loopback only.
 pub const DEFAULT_INTERNAL: &str = "127.0.0.0/8, ::1";
 
-/// The state shared by the routes and the worker.
+/// The state shared by the routes and the worker, the queue in memory.
 pub fn state(config: QueueConfig) -> AppState {
+    state_with(Arc::new(Queue::new(config)).into())
+}
+
+/// The state shared by the routes and the worker, around `queue`.
+pub fn state_with(queue: Jobs) -> AppState {
     AppState {
-        queue: Arc::new(Queue::new(config)),
+        queue,
         counters: Arc::new(Counters::default()),
         worker: Arc::new(WorkerStatus::default()),
     }
@@ -168,11 +182,16 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 's
 pub const MAX_JOB_TTL_SECS: u64 = 30 * 24 * 3600;
 /// The most open jobs.
 pub const MAX_DEPTH: u64 = 1_000_000;
+/// The longest lease.
+pub const MAX_LEASE_SECS: u64 = 3600;
 
 /// Every variable the demo reads.
-pub const ENV_VARS: [&str; 10] = [
+pub const ENV_VARS: [&str; 13] = [
     "PORTCULLIS_DEMO_ADDR",
     "REDIS_URL",
+    "PORTCULLIS_DEMO_REDIS_NAMESPACE",
+    "PORTCULLIS_DEMO_REDIS_CA_FILE",
+    "PORTCULLIS_DEMO_LEASE_SECS",
     "PORTCULLIS_DEMO_KEY_FILE",
     "PORTCULLIS_DEMO_TOKEN_KEY_FILE",
     "PORTCULLIS_DEMO_INTERNAL_CIDRS",
@@ -203,9 +222,10 @@ pub fn read_env(
 }
 
 /// The engine's limits from the environment (`get` reads a variable):
-/// `PORTCULLIS_DEMO_JOB_TTL_SECS` (default 86400, at most [`MAX_JOB_TTL_SECS`]) and
-/// `PORTCULLIS_DEMO_MAX_DEPTH` (default 1000, at most [`MAX_DEPTH`]). Anything but a
-/// whole number in range is an error.
+/// `PORTCULLIS_DEMO_JOB_TTL_SECS` (default 86400, at most [`MAX_JOB_TTL_SECS`]),
+/// `PORTCULLIS_DEMO_MAX_DEPTH` (default 1000, at most [`MAX_DEPTH`]) and
+/// `PORTCULLIS_DEMO_LEASE_SECS` (default 300, at most [`MAX_LEASE_SECS`]). Anything
+/// but a whole number in range is an error.
 pub fn queue_config(get: impl Fn(&str) -> Option<String>) -> Result<QueueConfig, String> {
     let bounded = |name: &str, max: u64| -> Result<Option<u64>, String> {
         match get(name) {
@@ -224,8 +244,33 @@ pub fn queue_config(get: impl Fn(&str) -> Option<String>) -> Result<QueueConfig,
         config.max_depth = usize::try_from(depth).map_err(|e| e.to_string())?;
         config.max_retained = config.max_retained.max(config.max_depth);
     }
+    if let Some(secs) = bounded("PORTCULLIS_DEMO_LEASE_SECS", MAX_LEASE_SECS)? {
+        config.lease = Duration::from_secs(secs);
+    }
     Ok(config)
 }
+
+/// The Redis namespace from `PORTCULLIS_DEMO_REDIS_NAMESPACE` (default
+/// [`guard::DEFAULT_NAMESPACE`]): 1 to 64 of `A-Z a-z 0-9 _ - .`, so a key prefix
+/// can never reach into another namespace.
+pub fn redis_namespace(get: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let ns =
+        get("PORTCULLIS_DEMO_REDIS_NAMESPACE").unwrap_or_else(|| guard::DEFAULT_NAMESPACE.into());
+    let ok = !ns.is_empty()
+        && ns.len() <= 64
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(ns)
+    } else {
+        Err("PORTCULLIS_DEMO_REDIS_NAMESPACE must be 1 to 64 of A-Z a-z 0-9 _ - .".into())
+    }
+}
+
+/// The label of the key that hashes job inputs in Redis (derived from the token
+/// secret, so instances sharing the credential files share dedup).
+const DEDUP_KEY_LABEL: &str = "portcullis-demo queue input hmac v1";
 
 /// The command line: `--addr HOST:PORT` and `--redis URL`, each at most once.
 /// `Debug` leaves the Redis URL out: it may hold a password.
@@ -310,7 +355,8 @@ pub fn banner(bound: SocketAddr, credentials: &Credentials) -> String {
          -d '{{\"input\":\"resize photo-1\",\"priority\":5}}' {base}/v1/jobs | sed -E 's/.*\"id\":\"([0-9a-f]+)\".*/\\1/')\n\
          curl -s -H 'X-API-Key: {client}' {base}/v1/jobs/$JOB\n\
          curl -s -H 'X-API-Key: {admin}' {base}/v1/admin/stats\n\
-         curl -s -H 'X-API-Key: {admin}' {base}/dashboard\n"
+         curl -s -H 'X-API-Key: {admin}' {base}/dashboard\n\
+         \nIn a browser: {base}/dashboard/login (sign in with the admin key).\n"
     ));
     out
 }
@@ -354,9 +400,33 @@ pub async fn start(
     let args = parse_args(args, get)?;
     let internal = get("PORTCULLIS_DEMO_INTERNAL_CIDRS");
     let internal = IpSet::parse(internal.as_deref().unwrap_or(DEFAULT_INTERNAL))?;
-    let state = state(queue_config(get)?);
+    let queue_config = queue_config(get)?;
     let credentials = Credentials::from_env(get)?;
     let (keys, secret) = credentials.parts();
+    let namespace = redis_namespace(get)?;
+    let ca = match get("PORTCULLIS_DEMO_REDIS_CA_FILE") {
+        Some(path) => Some(
+            std::fs::read(path).map_err(|_| "PORTCULLIS_DEMO_REDIS_CA_FILE could not be read")?,
+        ),
+        None => None,
+    };
+    let state = match args.redis.as_deref() {
+        None => state(queue_config),
+        Some(url) => {
+            let queue = RedisQueue::new(
+                url,
+                ca.as_deref(),
+                &namespace,
+                secret.derive(DEDUP_KEY_LABEL),
+                queue_config,
+            )?;
+            queue
+                .connect()
+                .await
+                .map_err(|_| "Redis (REDIS_URL / --redis) did not answer")?;
+            state_with(Arc::new(queue).into())
+        }
+    };
     let mut config = GuardConfig::new(keys, secret, internal)?;
     if let Some(proxies) = get("PORTCULLIS_DEMO_TRUSTED_PROXIES") {
         config.client_ip = portcullis::client_ip::ClientIpConfig::trusted_proxies(&proxies)
@@ -364,7 +434,7 @@ pub async fn start(
     }
     config.reloading = credentials.reloading();
     config.internal_issuer = internal_issuer(get)?;
-    config.redis = guard::redis_limiter(args.redis.as_deref())?;
+    config.redis = guard::redis_limiter(args.redis.as_deref(), &namespace, ca.as_deref())?;
     if let Some(redis) = &config.redis {
         redis
             .connect()

@@ -20,7 +20,8 @@
 //!
 //! Costs: enqueue, take and every transition are `O(log n)` under one mutex (plus
 //! the expired jobs and lapsed leases they clean up); `stats` and `latest_runs` walk
-//! every retained job. Nothing is persisted: a restart loses the queue.
+//! every retained job. Nothing is persisted: a restart loses the queue (the Redis
+//! backend, [`crate::redis_queue`], keeps it across restarts and instances).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -31,6 +32,16 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+
+/// The dedup hash of `(owner, input)`: HMAC-SHA256 under `salt`, the owner
+/// length-prefixed so pairs cannot collide by moving the boundary.
+pub(crate) fn input_hmac(salt: &[u8; 32], owner: &str, input: &str) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(salt).expect("any key length");
+    mac.update(&(owner.len() as u64).to_be_bytes());
+    mac.update(owner.as_bytes());
+    mac.update(input.as_bytes());
+    mac.finalize().into_bytes().into()
+}
 
 /// Where the engine reads the time. Tests inject a [`ManualClock`].
 pub trait Clock: Send + Sync + 'static {
@@ -78,7 +89,7 @@ impl Clock for ManualClock {
 pub struct JobId([u8; 16]);
 
 impl JobId {
-    fn random() -> Self {
+    pub(crate) fn random() -> Self {
         let mut b = [0u8; 16];
         getrandom::fill(&mut b).expect("the OS random source is available");
         Self(b)
@@ -298,6 +309,13 @@ pub enum QueueError {
         /// When to try again.
         retry_after: Duration,
     },
+    /// The queue's store (Redis) did not answer: nothing was changed, or the
+    /// change is not known to the caller (a retry is safe: every operation is
+    /// idempotent or refused when repeated).
+    Unavailable {
+        /// When to try again.
+        retry_after: Duration,
+    },
 }
 
 /// A snapshot of one job, safe to show to its owner.
@@ -396,7 +414,7 @@ impl fmt::Debug for Queue {
     }
 }
 
-fn os_random_u64() -> u64 {
+pub(crate) fn os_random_u64() -> u64 {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).expect("the OS random source is available");
     u64::from_le_bytes(b)
@@ -445,12 +463,7 @@ impl Queue {
     }
 
     fn hash(&self, owner: &str, input: &str) -> [u8; 32] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.salt).expect("any key length");
-        // Length-prefixed so (owner, input) pairs cannot collide by concatenation.
-        mac.update(&(owner.len() as u64).to_be_bytes());
-        mac.update(owner.as_bytes());
-        mac.update(input.as_bytes());
-        mac.finalize().into_bytes().into()
+        input_hmac(&self.salt, owner, input)
     }
 
     /// Locks the state and brings it up to `now`: drops every job whose TTL has
@@ -547,10 +560,23 @@ impl Queue {
 
     /// Records progress on a running job and renews its lease.
     pub fn progress(&self, id: JobId, progress: u8) -> Result<JobView, QueueError> {
+        self.progress_for(id, progress, None)
+    }
+
+    /// [`progress`](Self::progress) for the run that claimed the job after
+    /// `attempt` failed attempts (if given): refused when the job has been claimed
+    /// again since (that run's lease lapsed).
+    pub fn progress_for(
+        &self,
+        id: JobId,
+        progress: u8,
+        attempt: Option<u32>,
+    ) -> Result<JobView, QueueError> {
         if progress > 100 {
             return Err(QueueError::BadProgress);
         }
         let (mut g, now) = self.lock();
+        g.check_run(id, attempt, JobState::Running)?;
         let job = g.jobs.get_mut(&id).ok_or(QueueError::NotFound)?;
         if job.state != JobState::Running {
             return Err(QueueError::IllegalTransition {
@@ -565,17 +591,16 @@ impl Queue {
         Ok(view)
     }
 
-    /// Completes a running job.
+    /// Completes a running job. Completing a completed job again returns it
+    /// unchanged (a worker may repeat a completion whose answer it did not get).
     pub fn complete(&self, id: JobId) -> Result<JobView, QueueError> {
-        let (mut g, now) = self.lock();
-        g.transition(id, JobState::Completed, now)
+        self.set_state_for(id, JobState::Completed, None)
     }
 
     /// Records a failed attempt of a running job: `failed` with a backoff before
     /// the retry, or `dead_lettered` after `max_attempts`.
     pub fn fail(&self, id: JobId) -> Result<JobView, QueueError> {
-        let (mut g, now) = self.lock();
-        g.fail_attempt(id, now, &self.config, (self.jitter)())
+        self.set_state_for(id, JobState::Failed, None)
     }
 
     /// Cancels a queued, running or failed job.
@@ -586,14 +611,42 @@ impl Queue {
 
     /// Sets a state by name, as the worker status endpoint does.
     pub fn set_state(&self, id: JobId, to: JobState) -> Result<JobView, QueueError> {
+        self.set_state_for(id, to, None)
+    }
+
+    /// [`set_state`](Self::set_state) for the run that claimed the job after
+    /// `attempt` failed attempts (if given): completing, failing or cancelling a
+    /// running job is refused when it has been claimed again since (that run's
+    /// lease lapsed), so a stale run never records an outcome over a live one.
+    pub fn set_state_for(
+        &self,
+        id: JobId,
+        to: JobState,
+        attempt: Option<u32>,
+    ) -> Result<JobView, QueueError> {
+        let (mut g, now) = self.lock();
         match to {
-            JobState::Running => self.start(id),
-            JobState::Completed => self.complete(id),
-            JobState::Failed => self.fail(id),
-            JobState::Cancelled => self.cancel(id),
+            JobState::Running => g.transition(id, JobState::Running, now),
+            JobState::Completed => {
+                if let Some(job) = g.jobs.get(&id)
+                    && job.state == JobState::Completed
+                {
+                    return Ok(job.view(now));
+                }
+                g.check_run(id, attempt, to)?;
+                g.transition(id, JobState::Completed, now)
+            }
+            JobState::Failed => {
+                g.check_run(id, attempt, to)?;
+                g.fail_attempt(id, now, &self.config, (self.jitter)())
+            }
+            JobState::Cancelled => {
+                g.check_run(id, attempt, to)?;
+                g.transition(id, JobState::Cancelled, now)
+            }
             // Only the engine queues and dead-letters.
             JobState::Queued | JobState::DeadLettered => {
-                let from = self.get(id)?.state;
+                let from = g.jobs.get(&id).ok_or(QueueError::NotFound)?.state;
                 Err(QueueError::IllegalTransition { from, to })
             }
         }
@@ -661,6 +714,20 @@ impl Job {
 }
 
 impl Inner {
+    /// A running job claimed by another run than the one after `attempt` failed
+    /// attempts: [`QueueError::IllegalTransition`].
+    fn check_run(&self, id: JobId, attempt: Option<u32>, to: JobState) -> Result<(), QueueError> {
+        match (self.jobs.get(&id), attempt) {
+            (Some(j), Some(a)) if j.state == JobState::Running && j.attempts != a => {
+                Err(QueueError::IllegalTransition {
+                    from: JobState::Running,
+                    to,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn purge_expired(&mut self, now: Instant) {
         while let Some(&(at, id)) = self.expiry.first() {
             if at > now {

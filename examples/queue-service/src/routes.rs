@@ -4,7 +4,7 @@
 //! Errors are `application/problem+json` with fixed texts (no request input is
 //! echoed): 400 malformed JSON, 404 unknown job or route, 405, 409 illegal state
 //! transition, 413 body over [`BODY_LIMIT`], 415 not JSON, 422 a value out of range,
-//! 503 queue full (with `Retry-After`).
+//! 503 queue full or its store (Redis) unavailable (with `Retry-After`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +18,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::handler::Handler;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use axum::http::request::Parts;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Extension, Json, Router};
@@ -32,7 +32,9 @@ use tower::{Layer, Service};
 
 use crate::auth;
 use crate::guard::Guard;
-use crate::queue::{Enqueued, JobId, JobState, JobView, Queue, QueueError};
+use crate::jobs::Jobs;
+use crate::queue::{Enqueued, JobId, JobState, JobView, QueueError};
+use crate::session;
 use crate::worker::{WorkerSnapshot, WorkerStatus};
 
 /// The largest request body accepted (bytes).
@@ -58,7 +60,9 @@ impl Counters {
     pub fn record(&self, reason: DenialReason) {
         let c = match reason {
             DenialReason::InsufficientScope => &self.scope_denials,
-            DenialReason::RateLimited | DenialReason::AuthThrottled => &self.rate_limited,
+            DenialReason::RateLimited
+            | DenialReason::AuthThrottled
+            | DenialReason::CreditsExhausted => &self.rate_limited,
             DenialReason::MissingCredential
             | DenialReason::MalformedCredential
             | DenialReason::MultipleCredentials
@@ -77,16 +81,19 @@ impl Counters {
 /// Everything the handlers share.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    /// The engine.
-    pub queue: Arc<Queue>,
+    /// The queue, in memory or in Redis.
+    pub queue: Jobs,
     /// Refusal counters.
     pub counters: Arc<Counters>,
     /// The in-process worker's figures.
     pub worker: Arc<WorkerStatus>,
 }
 
-/// The router: `/health` in the open; every other route (and unknown paths) behind
-/// `guard`'s stack and the scope check of [`auth::ROUTES`];
+/// The router: `/health`, the dashboard's login form and its logout in the open
+/// (behind the outer layers only); every other route (and unknown paths) behind
+/// `guard`'s stack and the scope check of [`auth::ROUTES`]: `GET /dashboard` behind
+/// the dashboard's stack, which also takes the session cookie ([`session`]),
+/// `POST /dashboard/login` behind the main stack once its form key is a header,
 /// `/internal/latest-runs` behind the stack with the internal allowlist. JSON
 /// errors; the body limit is [`JsonBody`]'s. The refusal counters wrap it in
 /// [`crate::service`].
@@ -105,6 +112,8 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
     let not_found = || async { problem(StatusCode::NOT_FOUND, "No such resource.") };
     let public = Router::new()
         .route("/health", get(health))
+        .route("/dashboard/login", get(session::login_form))
+        .route("/dashboard/logout", post(session::logout))
         .method_not_allowed_fallback(not_allowed);
     let stack = guard.stack();
     let protected = Router::new()
@@ -114,12 +123,25 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
         .route("/v1/jobs/{id}/progress", patch(set_progress))
         .route("/v1/jobs/{id}/complete", post(complete))
         .route("/v1/jobs/{id}/fail", post(fail))
-        .route("/v1/admin/stats", get(stats))
+        .route("/v1/admin/stats", {
+            let guard = guard.clone();
+            get(move |state| stats(state, guard))
+        })
         .route("/v1/admin/dlq", get(dlq))
-        .route("/dashboard", get(dashboard))
         .route_layer((stack.clone(), auth::ScopeCheckLayer))
         .fallback(not_found.layer(stack.clone()))
         .method_not_allowed_fallback(not_allowed.layer(stack));
+    // The dashboard: its own stack (API keys, or a session token from the cookie),
+    // and the login, whose form key the stack authenticates.
+    let dashboard = Router::new()
+        .route("/dashboard", get(dashboard))
+        .route_layer((guard.dashboard_stack(), auth::ScopeCheckLayer))
+        .route_layer(axum::middleware::from_fn(session::cookie_to_bearer));
+    let login = Router::new()
+        .route("/dashboard/login", post(session::login))
+        .route_layer((guard.stack(), auth::ScopeCheckLayer))
+        .route_layer(axum::middleware::from_fn(session::form_key_to_header))
+        .route_layer(Extension(guard.clone()));
     let stack = guard.internal_stack();
     let internal = Router::new()
         .route("/internal/latest-runs", post(latest_runs))
@@ -128,6 +150,8 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
     guard
         .public(public)
         .merge(protected)
+        .merge(dashboard)
+        .merge(login)
         .merge(internal)
         .with_state(state)
 }
@@ -243,7 +267,7 @@ fn queue_error(e: QueueError) -> Response {
             StatusCode::UNPROCESSABLE_ENTITY,
             "Progress must be between 0 and 100.",
         ),
-        QueueError::Full { retry_after } => {
+        QueueError::Full { retry_after } | QueueError::Unavailable { retry_after } => {
             Rejection::unavailable(DenialReason::BackendUnavailable, Some(retry_after))
                 .into_response()
         }
@@ -297,6 +321,45 @@ impl<S: Send + Sync> FromRequestParts<S> for JobPath {
     }
 }
 
+/// The query of a worker call: empty, or `attempt=N` (the failed attempts behind
+/// the run that claimed the job, as its claim answered), so a run whose lease
+/// lapsed cannot record an outcome over the run that claimed the job since.
+/// Anything else is [`BadAttempt`].
+pub fn attempt_param(query: Option<&str>) -> Result<Option<u32>, BadAttempt> {
+    match query {
+        None | Some("") => Ok(None),
+        Some(q) => {
+            let n = q.strip_prefix("attempt=").ok_or(BadAttempt)?;
+            if n.is_empty() || n.len() > 10 || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(BadAttempt);
+            }
+            n.parse().map(Some).map_err(|_| BadAttempt)
+        }
+    }
+}
+
+/// A worker call's query that is neither empty nor `attempt=N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadAttempt;
+
+/// The `?attempt=N` of a worker call ([`attempt_param`]); a malformed query is 400.
+pub struct RunAttempt(pub Option<u32>);
+
+impl<S: Send + Sync> FromRequestParts<S> for RunAttempt {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        attempt_param(parts.uri.query())
+            .map(RunAttempt)
+            .map_err(|BadAttempt| {
+                problem(
+                    StatusCode::BAD_REQUEST,
+                    "The query must be empty or attempt=<number>.",
+                )
+            })
+    }
+}
+
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
     (status, [(CACHE_CONTROL, "no-store")], Json(v)).into_response()
 }
@@ -333,7 +396,11 @@ async fn enqueue(
     }
     // Owned by the principal's identity (method and id): the API key `client` and a
     // token whose `sub` is `client` are two owners.
-    match s.queue.enqueue(p.identity(), &req.input, req.priority) {
+    match s
+        .queue
+        .enqueue(p.identity(), &req.input, req.priority)
+        .await
+    {
         Ok(Enqueued::New(v)) => {
             let mut res = json(StatusCode::CREATED, &v);
             let loc = HeaderValue::try_from(format!("/v1/jobs/{}", v.id)).expect("hex id");
@@ -347,9 +414,10 @@ async fn enqueue(
 
 /// A job is visible to its owner only (the same [`Principal::identity`]); to anyone
 /// else it does not exist.
-fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, QueueError> {
-    match s.queue.get(id) {
+async fn owned(s: &AppState, p: &Principal, id: JobId) -> Result<JobView, QueueError> {
+    match s.queue.get(id).await {
         Ok(v) if *v.owner == *p.identity() => Ok(v),
+        Err(e @ QueueError::Unavailable { .. }) => Err(e),
         _ => Err(QueueError::NotFound),
     }
 }
@@ -360,7 +428,7 @@ pub async fn get_job(
     Extension(p): Extension<Principal>,
     JobPath(id): JobPath,
 ) -> Response {
-    view(owned(&s, &p, id))
+    view(owned(&s, &p, id).await)
 }
 
 async fn cancel_job(
@@ -368,7 +436,11 @@ async fn cancel_job(
     Extension(p): Extension<Principal>,
     JobPath(id): JobPath,
 ) -> Response {
-    view(owned(&s, &p, id).and_then(|v| s.queue.cancel(v.id)))
+    let r = match owned(&s, &p, id).await {
+        Ok(v) => s.queue.cancel(v.id).await,
+        Err(e) => Err(e),
+    };
+    view(r)
 }
 
 #[derive(Deserialize)]
@@ -380,9 +452,10 @@ struct StatusRequest {
 async fn set_status(
     State(s): State<AppState>,
     JobPath(id): JobPath,
+    RunAttempt(attempt): RunAttempt,
     JsonBody(req): JsonBody<StatusRequest>,
 ) -> Response {
-    view(s.queue.set_state(id, req.state))
+    view(s.queue.set_state_for(id, req.state, attempt).await)
 }
 
 #[derive(Deserialize)]
@@ -394,17 +467,30 @@ struct ProgressRequest {
 async fn set_progress(
     State(s): State<AppState>,
     JobPath(id): JobPath,
+    RunAttempt(attempt): RunAttempt,
     JsonBody(req): JsonBody<ProgressRequest>,
 ) -> Response {
-    view(s.queue.progress(id, req.progress))
+    view(s.queue.progress_for(id, req.progress, attempt).await)
 }
 
-async fn complete(State(s): State<AppState>, JobPath(id): JobPath) -> Response {
-    view(s.queue.complete(id))
+async fn complete(
+    State(s): State<AppState>,
+    JobPath(id): JobPath,
+    RunAttempt(attempt): RunAttempt,
+) -> Response {
+    view(
+        s.queue
+            .set_state_for(id, JobState::Completed, attempt)
+            .await,
+    )
 }
 
-async fn fail(State(s): State<AppState>, JobPath(id): JobPath) -> Response {
-    view(s.queue.fail(id))
+async fn fail(
+    State(s): State<AppState>,
+    JobPath(id): JobPath,
+    RunAttempt(attempt): RunAttempt,
+) -> Response {
+    view(s.queue.set_state_for(id, JobState::Failed, attempt).await)
 }
 
 #[derive(Deserialize)]
@@ -425,15 +511,17 @@ async fn latest_runs(
     if !(1..=100).contains(&req.limit) {
         return problem(StatusCode::UNPROCESSABLE_ENTITY, "limit must be 1 to 100.");
     }
-    json(
-        StatusCode::OK,
-        &serde_json::json!({ "runs": s.queue.latest_runs(req.limit) }),
-    )
+    match s.queue.latest_runs(req.limit).await {
+        Ok(runs) => json(StatusCode::OK, &serde_json::json!({ "runs": runs })),
+        Err(e) => queue_error(e),
+    }
 }
 
 /// The figures of the stats endpoint and the dashboard.
 #[derive(Debug, Serialize)]
 pub struct Stats {
+    /// Where the queue lives: `memory` or `redis`.
+    backend: &'static str,
     #[serde(flatten)]
     queue: crate::queue::QueueStats,
     auth_failures: u64,
@@ -442,35 +530,46 @@ pub struct Stats {
     worker: WorkerSnapshot,
 }
 
-/// The current figures.
-pub fn gather(s: &AppState) -> Stats {
-    Stats {
-        queue: s.queue.stats(),
+/// The current figures, the queue's read from the backend in use.
+pub async fn gather(s: &AppState) -> Result<Stats, QueueError> {
+    Ok(Stats {
+        backend: s.queue.backend(),
+        queue: s.queue.stats().await?,
         auth_failures: s.counters.auth_failures.load(Ordering::Relaxed),
         scope_denials: s.counters.scope_denials.load(Ordering::Relaxed),
         rate_limited: s.counters.rate_limited.load(Ordering::Relaxed),
         worker: s.worker.snapshot(),
-    }
+    })
 }
 
-async fn stats(State(s): State<AppState>) -> Response {
-    json(StatusCode::OK, &gather(&s))
+async fn stats(State(s): State<AppState>, guard: Guard) -> Response {
+    let st = match gather(&s).await {
+        Ok(st) => st,
+        Err(e) => return queue_error(e),
+    };
+    let mut figures = serde_json::to_value(st).unwrap_or_default();
+    figures["credits"] = serde_json::Value::Array(guard.credits().await);
+    json(StatusCode::OK, &figures)
 }
 
 async fn dlq(State(s): State<AppState>) -> Response {
-    json(
-        StatusCode::OK,
-        &serde_json::json!({ "dead_letters": s.queue.dead_letters(100) }),
-    )
+    match s.queue.dead_letters(100).await {
+        Ok(d) => json(StatusCode::OK, &serde_json::json!({ "dead_letters": d })),
+        Err(e) => queue_error(e),
+    }
 }
 
 async fn dashboard(State(s): State<AppState>) -> Response {
-    let st = gather(&s);
+    let st = match gather(&s).await {
+        Ok(st) => st,
+        Err(e) => return queue_error(e),
+    };
     // Every value below is a number or a fixed state name: nothing to escape.
     let mut rows = String::new();
     let mut row = |k: &str, v: String| {
         rows.push_str(&format!("<tr><th>{k}</th><td id=\"{k}\">{v}</td></tr>\n"));
     };
+    row("backend", st.backend.to_string());
     row("queue_depth", st.queue.queue_depth.to_string());
     row("dead_letter_depth", st.queue.dead_letter_depth.to_string());
     for (state, n) in &st.queue.jobs_by_state {
@@ -492,24 +591,11 @@ async fn dashboard(State(s): State<AppState>) -> Response {
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta http-equiv=\"refresh\" content=\"5\"><title>portcullis demo queue</title>\
          <style>body{{font-family:sans-serif;margin:2em}}th{{text-align:left;padding-right:2em}}</style>\
-         </head><body><h1>Job queue</h1><table>\n{rows}</table></body></html>\n"
+         </head><body><h1>Job queue</h1><table>\n{rows}</table>\
+         <form method=\"post\" action=\"/dashboard/logout\"><button type=\"submit\">Sign out</button></form>\
+         </body></html>\n"
     );
     let mut res = (StatusCode::OK, html).into_response();
-    let h = res.headers_mut();
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        HeaderName::from_static("content-security-policy"),
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
-        ),
-    );
-    h.insert(
-        HeaderName::from_static("x-content-type-options"),
-        HeaderValue::from_static("nosniff"),
-    );
+    session::html_headers(res.headers_mut());
     res
 }

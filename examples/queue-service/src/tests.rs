@@ -103,6 +103,15 @@ impl Demo {
             records.push(r);
             credentials.insert(name, format!("X-API-Key: {}", key.expose_secret()));
         }
+        // A key with two usage credits.
+        let key = generate_key("pc_test").unwrap();
+        records.push(
+            KeyRecord::new("metered", key.digest())
+                .unwrap()
+                .with_scopes(Scopes::parse("jobs:read").unwrap())
+                .with_credits(2),
+        );
+        credentials.insert("metered", format!("X-API-Key: {}", key.expose_secret()));
         let keys = ApiKeys::new(KeyStore::from_records(records).unwrap());
         let mut config = GuardConfig::new(keys, setup.secret, setup.internal).unwrap();
         config.client_ip = setup.client_ip;
@@ -273,7 +282,13 @@ fn fast_worker() -> WorkerConfig {
 }
 
 fn job_state(state: &AppState, id: &str) -> JobState {
-    state.queue.get(JobId::parse(id).unwrap()).unwrap().state
+    state
+        .queue
+        .memory()
+        .unwrap()
+        .get(JobId::parse(id).unwrap())
+        .unwrap()
+        .state
 }
 
 #[test]
@@ -416,11 +431,93 @@ fn the_queue_limits_from_the_environment() {
         &[("PORTCULLIS_DEMO_MAX_DEPTH", "ten")],
         &[("PORTCULLIS_DEMO_MAX_DEPTH", "")],
         &[("PORTCULLIS_DEMO_MAX_DEPTH", "1000001")],
+        &[("PORTCULLIS_DEMO_LEASE_SECS", "0")],
+        &[("PORTCULLIS_DEMO_LEASE_SECS", "3601")],
+        &[("PORTCULLIS_DEMO_LEASE_SECS", "5m")],
     ];
     for bad in BAD {
         let e = queue_config(env(bad)).unwrap_err();
         assert!(e.starts_with(bad[0].0), "{bad:?}: {e}");
     }
+}
+
+#[test]
+fn the_lease_and_the_redis_settings_from_the_environment() {
+    let one = |name: &'static str, value: &'static str| {
+        move |k: &str| (k == name).then(|| value.to_owned())
+    };
+    assert_eq!(
+        queue_config(|_| None).unwrap().lease,
+        Duration::from_secs(300)
+    );
+    let c = queue_config(one("PORTCULLIS_DEMO_LEASE_SECS", "3600")).unwrap();
+    assert_eq!(c.lease, Duration::from_secs(MAX_LEASE_SECS));
+    assert_eq!(redis_namespace(|_| None).unwrap(), "portcullis-demo");
+    let ns = one("PORTCULLIS_DEMO_REDIS_NAMESPACE", "acme.jobs-1_a");
+    assert_eq!(redis_namespace(ns).unwrap(), "acme.jobs-1_a");
+    let long: &'static str = "n".repeat(65).leak();
+    for bad in ["a:b", "a*", "a b", "ns/x", "ümlaut", long] {
+        let e = redis_namespace(one("PORTCULLIS_DEMO_REDIS_NAMESPACE", bad)).unwrap_err();
+        assert!(
+            e.starts_with("PORTCULLIS_DEMO_REDIS_NAMESPACE"),
+            "{bad}: {e}"
+        );
+        assert!(!e.contains(bad), "the value is not echoed: {e}");
+    }
+}
+
+#[test]
+fn a_redis_url_never_shows_in_errors_or_debug() {
+    use crate::redis_queue::RedisQueue;
+    let secret = "hunter2-redis-pw";
+    let config = QueueConfig::default();
+    let q = RedisQueue::new(
+        &format!("redis://:{secret}@127.0.0.1:1/0"),
+        None,
+        "ns",
+        [0; 32],
+        config,
+    )
+    .unwrap();
+    assert!(!format!("{q:?}").contains(secret));
+    assert_eq!(q.prefix(), "ns:q:");
+    for bad in [
+        format!("redis://:{secret}@[not-a-host/0"),
+        format!("rediss://:{secret}@localhost:1/0#insecure"),
+        format!("nope://:{secret}@h:1"),
+    ] {
+        let e = RedisQueue::new(&bad, None, "ns", [0; 32], config).unwrap_err();
+        assert!(!e.contains(secret), "{e}");
+    }
+    // A CA certificate needs a rediss:// URL.
+    let plain = format!("redis://:{secret}@127.0.0.1:1/0");
+    let e = RedisQueue::new(&plain, Some(b"pem"), "ns", [0; 32], config).unwrap_err();
+    assert!(e.contains("rediss://") && !e.contains(secret), "{e}");
+    let args = ["--redis".to_owned(), plain];
+    let e = parse_args(&args, |_| None).unwrap();
+    assert!(!format!("{e:?}").contains(secret));
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_stops_the_start_without_showing_the_url() {
+    let secret = "hunter2-redis-pw";
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://:{secret}@127.0.0.1:{port}/0");
+    let url = &url;
+    let get = move |k: &str| match k {
+        "PORTCULLIS_DEMO_ADDR" => Some("127.0.0.1:0".to_owned()),
+        "REDIS_URL" => Some(url.clone()),
+        _ => None,
+    };
+    let Err(e) = start(&[], get).await else {
+        panic!("started without Redis")
+    };
+    assert!(e.to_string().contains("did not answer"), "{e}");
+    assert!(!e.to_string().contains(secret), "{e}");
 }
 
 /// The longest lifetime the settings allow is one every enqueue can compute with:
@@ -463,10 +560,19 @@ fn every_route_is_in_the_scope_table_once() {
     for (m, p, _) in ROUTES {
         assert!(seen.insert((m.clone(), *p)), "{m} {p} listed twice");
     }
+    let public: Vec<(&str, &str)> = ROUTES
+        .iter()
+        .filter(|r| r.2 == Access::Public)
+        .map(|(m, p, _)| (m.as_str(), *p))
+        .collect();
     assert_eq!(
-        ROUTES.iter().filter(|r| r.2 == Access::Public).count(),
-        1,
-        "only /health is public"
+        public,
+        [
+            ("GET", "/health"),
+            ("GET", "/dashboard/login"),
+            ("POST", "/dashboard/logout")
+        ],
+        "only these are public"
     );
 }
 
@@ -478,6 +584,12 @@ fn concrete(path: &str) -> String {
 async fn without_a_principal_every_protected_route_is_401_and_health_is_public() {
     let demo = Demo::start(fast_queue(), fast_worker()).await;
     for (method, path, access) in ROUTES {
+        if (method.as_str(), *path) == ("POST", "/dashboard/login") {
+            continue; // its credential comes from a same-origin form: its own test
+        }
+        if (method.as_str(), *path) == ("POST", "/dashboard/logout") {
+            continue; // same-origin only: its own test
+        }
         let body = (*method == "POST" || *method == "PATCH").then_some("{not json");
         let r = demo
             .call(method.as_str(), &concrete(path), None, body)
@@ -537,6 +649,9 @@ async fn a_principal_without_the_scope_is_403_insufficient_scope() {
         let Access::Scope(scope) = access else {
             continue;
         };
+        if *path == "/dashboard/login" {
+            continue; // its credential comes from a same-origin form: its own test
+        }
         let r = demo
             .call(method.as_str(), &concrete(path), Some("nobody"), Some("{}"))
             .await;
@@ -564,7 +679,7 @@ async fn a_principal_without_the_scope_is_403_insufficient_scope() {
     r.assert_problem(403);
     let r = demo.call("GET", "/dashboard", Some("client"), None).await;
     r.assert_problem(403);
-    assert_eq!(demo.state.queue.stats().queue_depth, 0);
+    assert_eq!(demo.state.queue.stats().await.unwrap().queue_depth, 0);
     demo.shutdown().await;
 }
 
@@ -710,7 +825,7 @@ async fn dedup_queue_full_and_cancellation() {
     let full = enqueue("client", "b").await;
     full.assert_problem(503);
     assert_eq!(full.header("retry-after"), Some("5"));
-    assert_eq!(demo.state.queue.stats().queue_depth, 2);
+    assert_eq!(demo.state.queue.stats().await.unwrap().queue_depth, 2);
 
     // Another owner can neither see nor cancel the job.
     let job = format!("/v1/jobs/{}", first.id());
@@ -784,7 +899,7 @@ async fn bad_input_is_a_4xx_problem_and_changes_nothing() {
         .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
         .await
         .id();
-    let before = demo.state.queue.stats();
+    let before = demo.state.queue.stats().await.unwrap();
     let job = format!("/v1/jobs/{id}");
     let cases: Vec<(&str, String, &str, Option<String>, u16)> = vec![
         (
@@ -910,7 +1025,7 @@ async fn bad_input_is_a_4xx_problem_and_changes_nothing() {
         demo.auth("client")
     );
     raw(demo.addr, req.as_bytes()).await.assert_problem(415);
-    assert_eq!(demo.state.queue.stats(), before);
+    assert_eq!(demo.state.queue.stats().await.unwrap(), before);
     assert_eq!(job_state(&demo.state, &id), JobState::Queued);
     demo.shutdown().await;
 }
@@ -1074,8 +1189,151 @@ async fn a_worker_whose_token_is_refused_changes_nothing_and_pauses() {
     let state = demo.state.clone();
     eventually("paused", || state.worker.snapshot().paused).await;
     assert_eq!(job_state(&state, &id), JobState::Queued, "never claimed");
-    let s = serde_json::to_value(routes::gather(&state)).unwrap();
+    let s = serde_json::to_value(routes::gather(&state).await.unwrap()).unwrap();
     assert_eq!(s["auth_failures"], 3, "each claim refused with 401: {s}");
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_over_its_limit_repeats_the_outcome_until_it_gets_through() {
+    let secret = TokenSecret::generate().unwrap();
+    let demo_guard = Guard::new(
+        GuardConfig::new(
+            guard::demo_keys(guard::DEMO_KEYS).unwrap().1,
+            secret.clone(),
+            IpSet::parse(DEFAULT_INTERNAL).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // Not the worker's own subject: the principal quota applies, one call a second.
+    let slow_lane = demo_guard.issuer("slow-lane-worker", "jobs:work").unwrap();
+    let demo = Demo::launch(Setup {
+        worker_issuer: Some(slow_lane),
+        rate: Quota::per_second(1).unwrap(),
+        secret,
+        ..Setup::new(fast_queue(), Some(fast_worker()))
+    })
+    .await;
+    let id = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await
+        .id();
+    let state = demo.state.clone();
+    // The claim passes; the progress report and the first completions get 429; the
+    // completion is repeated until the quota lets it through.
+    eventually("completed", || {
+        job_state(&state, &id) == JobState::Completed
+    })
+    .await;
+    let v = state.queue.get(JobId::parse(&id).unwrap()).await.unwrap();
+    assert_eq!(v.attempts, 0, "{v:?}");
+    let s = serde_json::to_value(routes::gather(&state).await.unwrap()).unwrap();
+    assert!(s["rate_limited"].as_u64().unwrap() >= 2, "{s}");
+    assert_eq!(s["worker"]["paused"], false, "{s}");
+    demo.shutdown().await;
+}
+
+#[test]
+fn the_attempt_of_a_worker_call_is_a_number_or_nothing() {
+    assert_eq!(routes::attempt_param(None), Ok(None));
+    assert_eq!(routes::attempt_param(Some("")), Ok(None));
+    assert_eq!(routes::attempt_param(Some("attempt=0")), Ok(Some(0)));
+    assert_eq!(
+        routes::attempt_param(Some("attempt=4294967295")),
+        Ok(Some(u32::MAX))
+    );
+    for bad in [
+        "attempt=",
+        "attempt=-1",
+        "attempt=+1",
+        "attempt=4294967296",
+        "attempt=99999999999",
+        "attempt=1&x=2",
+        "x=1",
+        "attempt=1 ",
+        "attempt=%31",
+        "Attempt=1",
+    ] {
+        assert_eq!(
+            routes::attempt_param(Some(bad)),
+            Err(routes::BadAttempt),
+            "{bad}"
+        );
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn attempt_params_parse_only_what_they_print(n in proptest::prelude::any::<u32>(), q in "\\PC{0,30}") {
+        let printed = format!("attempt={n}");
+        proptest::prop_assert_eq!(routes::attempt_param(Some(&printed)), Ok(Some(n)));
+        if let Ok(Some(m)) = routes::attempt_param(Some(&q)) {
+            proptest::prop_assert_eq!(q, format!("attempt={m}"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_call_for_a_stale_run_is_409() {
+    let demo = Demo::manual(fast_queue()).await;
+    let id = demo
+        .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
+        .await
+        .id();
+    let status = format!("/v1/jobs/{id}/status");
+    let r = demo
+        .call(
+            "PATCH",
+            &status,
+            Some("worker"),
+            Some(r#"{"state":"running"}"#),
+        )
+        .await;
+    assert_eq!((r.status, r.json()["attempts"].as_u64()), (200, Some(0)));
+    for path in ["complete", "fail"] {
+        let r = demo
+            .call(
+                "POST",
+                &format!("/v1/jobs/{id}/{path}?attempt=x"),
+                Some("worker"),
+                None,
+            )
+            .await;
+        r.assert_problem(400);
+        assert!(!r.body.contains("attempt=x"));
+        let r = demo
+            .call(
+                "POST",
+                &format!("/v1/jobs/{id}/{path}?attempt=3"),
+                Some("worker"),
+                None,
+            )
+            .await;
+        r.assert_problem(409);
+    }
+    let r = demo
+        .call(
+            "PATCH",
+            &format!("/v1/jobs/{id}/progress?attempt=3"),
+            Some("worker"),
+            Some(r#"{"progress":10}"#),
+        )
+        .await;
+    r.assert_problem(409);
+    assert_eq!(job_state(&demo.state, &id), JobState::Running);
+    let r = demo
+        .call(
+            "POST",
+            &format!("/v1/jobs/{id}/complete?attempt=0"),
+            Some("worker"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["state"].as_str()),
+        (200, Some("completed"))
+    );
     demo.shutdown().await;
 }
 
@@ -1111,7 +1369,7 @@ async fn every_authentication_failure_is_refused_and_changes_nothing() {
         .call("POST", "/v1/jobs", Some("client"), Some(r#"{"input":"x"}"#))
         .await
         .id();
-    let before = demo.state.queue.stats();
+    let before = demo.state.queue.stats().await.unwrap();
     let job = format!("/v1/jobs/{id}");
     let complete = format!("{job}/complete");
     let unknown = format!(
@@ -1222,7 +1480,7 @@ async fn every_authentication_failure_is_refused_and_changes_nothing() {
         1,
         "unknown, revoked and expired keys get the identical answer: {invalid_key_bodies:?}"
     );
-    assert_eq!(demo.state.queue.stats(), before);
+    assert_eq!(demo.state.queue.stats().await.unwrap(), before);
     assert_eq!(job_state(&demo.state, &id), JobState::Queued);
     let r = demo
         .call("GET", "/v1/admin/stats", Some("admin"), None)
@@ -1323,7 +1581,7 @@ async fn repeated_failed_authentication_is_throttled_per_address() {
         || job_state(state, &id) == JobState::Completed,
     )
     .await;
-    let s = serde_json::to_value(routes::gather(&demo.state)).unwrap();
+    let s = serde_json::to_value(routes::gather(&demo.state).await.unwrap()).unwrap();
     assert_eq!(
         (s["auth_failures"].as_u64(), s["rate_limited"].as_u64()),
         (Some(8), Some(1)),
@@ -1394,7 +1652,9 @@ async fn two_instances_share_their_limits_through_redis() {
     let url = format!("redis://127.0.0.1:{}/0", redis.1);
     let secret = TokenSecret::generate().unwrap();
     let instance = || async {
-        let limiter = guard::redis_limiter(Some(&url)).unwrap().unwrap();
+        let limiter = guard::redis_limiter(Some(&url), guard::DEFAULT_NAMESPACE, None)
+            .unwrap()
+            .unwrap();
         // As `main` does: serve connected from the first request.
         limiter.connect().await.unwrap();
         Demo::launch(Setup {
@@ -1714,4 +1974,318 @@ async fn trusted_proxies_come_from_the_environment() {
     assert_eq!(r.status, 403, "{r:?}");
     let _ = stop.send(());
     server.await.unwrap().unwrap();
+}
+
+/// A form POST of `body` to the login with these extra header lines, as a browser
+/// sends it (`Host: demo`).
+async fn login_with(demo: &Demo, body: &str, headers: &[&str]) -> Reply {
+    let mut req = format!(
+        "POST /dashboard/login HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    raw(demo.addr, req.as_bytes()).await
+}
+
+/// The key of a named credential.
+fn key_of<'a>(demo: &'a Demo, who: &str) -> &'a str {
+    demo.auth(who).strip_prefix("X-API-Key: ").unwrap()
+}
+
+const SAME_ORIGIN: &str = "Origin: http://demo";
+
+/// The session token a successful login sets.
+fn session_token(r: &Reply) -> String {
+    let cookie = r.header("set-cookie").expect("a cookie");
+    let (pair, _) = cookie.split_once(';').unwrap();
+    pair.strip_prefix("pc_dashboard=").unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn the_dashboard_login_sets_a_session_cookie_for_the_dashboard_only() {
+    let demo = Demo::manual(fast_queue()).await;
+    let form = demo.call("GET", "/dashboard/login", None, None).await;
+    assert_eq!(form.status, 200);
+    assert!(
+        form.body
+            .contains(r#"<form method="post" action="/dashboard/login">"#)
+    );
+    assert!(form.body.contains(r#"name="key""#));
+    let csp = form.header("content-security-policy").unwrap();
+    assert!(csp.contains("form-action 'self'") && csp.starts_with("default-src 'none'"));
+
+    let admin = key_of(&demo, "admin").to_owned();
+    let r = login_with(&demo, &format!("key={admin}"), &[SAME_ORIGIN]).await;
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location"), Some("/dashboard"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let cookie = r.header("set-cookie").unwrap();
+    assert!(
+        cookie.ends_with("; Path=/dashboard; Max-Age=600; HttpOnly; SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(!r.body.contains(&admin) && !cookie.contains(&admin));
+    let token = session_token(&r);
+    let with_cookie = format!("Cookie: theme=dark; pc_dashboard={token}");
+
+    // The cookie opens the dashboard.
+    let page = demo
+        .call_with("GET", "/dashboard", &[&with_cookie], None)
+        .await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.body.contains("<h1>Job queue</h1>"));
+    assert!(page.body.contains(r#"action="/dashboard/logout""#));
+    // It opens nothing else: no API route reads the cookie, and its token is not
+    // one the API accepts.
+    let bearer = format!("Authorization: Bearer {token}");
+    for path in [
+        "/v1/admin/stats",
+        "/v1/admin/dlq",
+        "/v1/jobs/00000000000000000000000000000000",
+    ] {
+        for h in [&with_cookie, &bearer] {
+            let r = demo.call_with("GET", path, &[h], None).await;
+            r.assert_problem(401);
+        }
+    }
+    let r = demo
+        .call_with("POST", "/internal/latest-runs", &[&bearer], Some("{}"))
+        .await;
+    r.assert_problem(401);
+    // A credential header wins over the cookie: the client key has no
+    // dashboard:read.
+    let client = demo.auth("client").to_owned();
+    let r = demo
+        .call_with("GET", "/dashboard", &[&client, &with_cookie], None)
+        .await;
+    r.assert_problem(403);
+
+    // Logout clears it.
+    let r = demo
+        .call_with(
+            "POST",
+            "/dashboard/logout",
+            &[SAME_ORIGIN, &with_cookie],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location"), Some("/dashboard/login"));
+    assert_eq!(
+        r.header("set-cookie"),
+        Some("pc_dashboard=; Path=/dashboard; Max-Age=0; HttpOnly; SameSite=Strict")
+    );
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_dashboard_logins_and_cookies_are_refused_and_never_echoed() {
+    let secret = [9u8; 32];
+    let demo = Demo::launch(Setup {
+        secret: TokenSecret::from_bytes(&secret),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let admin = key_of(&demo, "admin").to_owned();
+    let form = format!("key={admin}");
+    // Not same-origin: refused before the key is even read.
+    for headers in [
+        &[][..],
+        &["Origin: http://evil.example"],
+        &["Origin: null"],
+        &["Origin: http://demo.evil.example"],
+        &[SAME_ORIGIN, "Sec-Fetch-Site: cross-site"],
+        &[SAME_ORIGIN, "Sec-Fetch-Site: same-site"],
+    ] {
+        let r = login_with(&demo, &form, headers).await;
+        r.assert_problem(403);
+        assert!(r.header("set-cookie").is_none());
+        assert!(
+            !r.body.contains(&admin) && !r.body.contains("evil"),
+            "{r:?}"
+        );
+    }
+    let r = demo.call_with("POST", "/dashboard/logout", &[], None).await;
+    r.assert_problem(403);
+    assert!(r.header("set-cookie").is_none());
+    // Same-origin, but no usable key: the stack refuses it like any request.
+    let planted = "pc_test_notARealKey000000000000000000";
+    for body in [
+        format!("key={planted}"),
+        String::new(),
+        "key=".to_owned(),
+        format!("key={admin}&key={admin}"),
+        "key=%3Cscript%3E".to_owned(),
+    ] {
+        let r = login_with(&demo, &body, &[SAME_ORIGIN]).await;
+        r.assert_problem(401);
+        assert!(r.header("set-cookie").is_none());
+        assert!(
+            !r.body.contains(planted) && !r.body.contains("script"),
+            "{r:?}"
+        );
+    }
+    // A key without dashboard:read.
+    let client = key_of(&demo, "client").to_owned();
+    let r = login_with(&demo, &format!("key={client}"), &[SAME_ORIGIN]).await;
+    r.assert_problem(403);
+    assert!(r.header("set-cookie").is_none());
+    // A credential header is not a login: only the form's key counts.
+    let admin_header = demo.auth("admin").to_owned();
+    let r = login_with(&demo, "", &[SAME_ORIGIN, &admin_header]).await;
+    r.assert_problem(401);
+    // Not a form.
+    let mut req = format!(
+        "POST /dashboard/login HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n{SAME_ORIGIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        form.len()
+    );
+    req.push_str(&form);
+    raw(demo.addr, req.as_bytes()).await.assert_problem(415);
+    let big = format!("key={}", "a".repeat(2000));
+    login_with(&demo, &big, &[SAME_ORIGIN])
+        .await
+        .assert_problem(413);
+
+    // Cookies the dashboard refuses: an API token (wrong audience), an expired or
+    // forged session, garbage.
+    let cookie = |t: &str| format!("Cookie: pc_dashboard={t}");
+    let worker = demo
+        .auth("worker")
+        .strip_prefix("Authorization: Bearer ")
+        .unwrap()
+        .to_owned();
+    let aud = guard::DASHBOARD_AUDIENCE;
+    let expired = craft_token(&secret, aud, "dashboard:read", -700, -100);
+    let forged = craft_token(&[1u8; 32], aud, "dashboard:read", -10, 600);
+    let valid = craft_token(&secret, aud, "dashboard:read", -10, 600);
+    let no_scope = craft_token(&secret, aud, "jobs:read", -10, 600);
+    for (t, status) in [
+        (worker.as_str(), 401),
+        (expired.as_str(), 401),
+        (forged.as_str(), 401),
+        ("not-a-token", 401),
+        ("<script>alert(1)</script>", 401),
+        (no_scope.as_str(), 403),
+        (valid.as_str(), 200),
+    ] {
+        let r = demo
+            .call_with("GET", "/dashboard", &[&cookie(t)], None)
+            .await;
+        assert_eq!(r.status, status, "{t}: {r:?}");
+        assert!(!r.body.contains("script") && !r.body.contains(t), "{r:?}");
+    }
+    // Two session cookies: ambiguous, neither is used.
+    let two = format!("Cookie: pc_dashboard={valid}; pc_dashboard={valid}");
+    demo.call_with("GET", "/dashboard", &[&two], None)
+        .await
+        .assert_problem(401);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_real_browser_logs_in_sees_the_figures_and_is_refused_after_logout() {
+    let Some(driver) = browser_driver() else {
+        return;
+    };
+    let demo = Demo::manual(fast_queue()).await;
+    demo.call(
+        "POST",
+        "/v1/jobs",
+        Some("client"),
+        Some(r#"{"input":"seen after a login"}"#),
+    )
+    .await;
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join("dashboard-login.png");
+    let _ = std::fs::remove_file(&shot);
+    let base = format!("http://{}", demo.addr);
+    let key = key_of(&demo, "admin").to_owned();
+    let out = {
+        let (driver, shot) = (driver.clone(), shot.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("node")
+                .arg(driver.join("dashboard_login.mjs"))
+                .args([base.as_str(), key.as_str()])
+                .arg(&shot)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "browser driver failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(seen["before_status"], 401, "{seen}");
+    assert_eq!(seen["login_status"], 200, "{seen}");
+    assert_eq!(
+        seen["url"],
+        format!("http://{}/dashboard", demo.addr),
+        "{seen}"
+    );
+    assert_eq!(seen["heading"], "Job queue", "{seen}");
+    assert_eq!(seen["cells"]["queued"], "1", "{seen}");
+    assert_eq!(seen["cells"]["backend"], "memory", "{seen}");
+    let cookie = &seen["cookie"];
+    assert_eq!(cookie["httpOnly"], true, "{seen}");
+    assert_eq!(cookie["sameSite"], "Strict", "{seen}");
+    assert_eq!(cookie["path"], "/dashboard", "{seen}");
+    assert!(
+        cookie["expires"].as_f64().unwrap() > 0.0,
+        "a session of limited life: {seen}"
+    );
+    assert_eq!(seen["script_sees_cookie"], false, "{seen}");
+    assert_eq!(seen["api_status"], 401, "the cookie grants no API: {seen}");
+    assert_eq!(seen["cookies_after_logout"], 0, "{seen}");
+    assert_eq!(seen["after_status"], 401, "{seen}");
+    assert_eq!(seen["after_has_figures"], false, "{seen}");
+    let png = std::fs::read(&shot).expect("a screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 1000,
+        "a real PNG"
+    );
+    println!("screenshot: {}", shot.display());
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_admin_view_reports_usage_credits() {
+    let demo = Demo::manual(fast_queue()).await;
+    let credits = |s: serde_json::Value| s["credits"].clone();
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
+    assert_eq!(
+        credits(r.json()),
+        serde_json::json!([{"id": "metered", "credits": 2, "remaining": 2}])
+    );
+    for _ in 0..2 {
+        let r = demo
+            .call("GET", "/v1/jobs/no-such-job", Some("metered"), None)
+            .await;
+        assert_ne!(r.status, 429);
+    }
+    let r = demo
+        .call("GET", "/v1/jobs/no-such-job", Some("metered"), None)
+        .await;
+    assert_eq!(r.status, 429);
+    let r = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
+    let s = r.json();
+    assert_eq!(credits(s.clone())[0]["remaining"], 0);
+    assert_eq!(s["rate_limited"], 1);
+    demo.shutdown().await;
 }

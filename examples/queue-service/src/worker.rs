@@ -5,7 +5,7 @@
 //! breaker). [`Calls::Engine`] makes the same calls on the engine directly, for
 //! the engine's own tests.
 //!
-//! Retries and the dead-letter queue are the engine's ([`Queue::fail`]); the worker
+//! Retries and the dead-letter queue are the queue's ([`Jobs::fail`]); the worker
 //! only reports. On shutdown it finishes the job in flight, then returns.
 
 use std::sync::Arc;
@@ -16,13 +16,14 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::client::{CallError, Outcome, WorkerClient};
-use crate::queue::{JobId, JobView, Queue, QueueError, Work};
+use crate::jobs::Jobs;
+use crate::queue::{JobId, JobState, JobView, QueueError, Work};
 
 /// How the worker's calls reach the worker endpoints' logic.
 #[derive(Clone, Debug)]
 pub enum Calls {
-    /// Straight to the engine (no authentication: for the engine's tests only).
-    Engine(Arc<Queue>),
+    /// Straight to the queue (no authentication: for the engine's tests only).
+    Engine(Jobs),
     /// Over HTTP through the guarded worker endpoints, with a service token.
     Http(WorkerClient),
 }
@@ -34,6 +35,7 @@ fn engine(r: Result<JobView, QueueError>) -> Result<Outcome, CallError> {
             attempts: v.attempts,
         }),
         Err(QueueError::NotFound) => Err(CallError::Gone),
+        Err(QueueError::Unavailable { .. }) => Err(CallError::Refused(503)),
         Err(_) => Err(CallError::Changed),
     }
 }
@@ -41,29 +43,32 @@ fn engine(r: Result<JobView, QueueError>) -> Result<Outcome, CallError> {
 impl Calls {
     async fn start(&self, id: JobId) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.start(id)),
+            Self::Engine(q) => engine(q.start(id).await),
             Self::Http(c) => c.start(id).await,
         }
     }
 
-    async fn progress(&self, id: JobId, p: u8) -> Result<Outcome, CallError> {
+    async fn progress(&self, id: JobId, p: u8, attempt: u32) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.progress(id, p)),
-            Self::Http(c) => c.progress(id, p).await,
+            Self::Engine(q) => engine(q.progress_for(id, p, Some(attempt)).await),
+            Self::Http(c) => c.progress(id, p, attempt).await,
         }
     }
 
-    async fn complete(&self, id: JobId) -> Result<Outcome, CallError> {
+    async fn complete(&self, id: JobId, attempt: u32) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.complete(id)),
-            Self::Http(c) => c.complete(id).await,
+            Self::Engine(q) => engine(
+                q.set_state_for(id, JobState::Completed, Some(attempt))
+                    .await,
+            ),
+            Self::Http(c) => c.complete(id, attempt).await,
         }
     }
 
-    async fn fail(&self, id: JobId) -> Result<Outcome, CallError> {
+    async fn fail(&self, id: JobId, attempt: u32) -> Result<Outcome, CallError> {
         match self {
-            Self::Engine(q) => engine(q.fail(id)),
-            Self::Http(c) => c.fail(id).await,
+            Self::Engine(q) => engine(q.set_state_for(id, JobState::Failed, Some(attempt)).await),
+            Self::Http(c) => c.fail(id, attempt).await,
         }
     }
 }
@@ -176,11 +181,33 @@ impl Default for WorkerConfig {
 
 /// The in-process worker.
 pub struct Worker {
-    queue: Arc<Queue>,
+    queue: Jobs,
     calls: Calls,
     config: WorkerConfig,
     breaker: Breaker,
     status: Arc<WorkerStatus>,
+}
+
+/// The least the worker waits before looking again while the queue's store is
+/// unavailable.
+const UNAVAILABLE_POLL: Duration = Duration::from_millis(250);
+
+/// How often an outcome is reported before the worker gives up on it (the lease
+/// then lapses and the job is retried).
+const REPORT_TRIES: u32 = 7;
+/// The first delay between two reports of an outcome, doubling: 0.1 s to 3.2 s,
+/// 6.3 s in all, longer than the rate limiter's default cool-down.
+const REPORT_FIRST_DELAY: Duration = Duration::from_millis(100);
+
+/// Whether a failed call may succeed if repeated: the service was briefly
+/// unavailable (503) or over a limit (429), or did not answer.
+fn transient(e: CallError) -> bool {
+    matches!(e, CallError::Refused(429 | 503) | CallError::Unreachable)
+}
+
+/// The current instant on tokio's clock (virtual under `tokio::time::pause`).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// The simulated outcome of one attempt.
@@ -195,7 +222,8 @@ pub(crate) fn simulate(work: Work, failed_attempts: u32) -> Result<(), ()> {
 
 impl Worker {
     /// A worker on `queue`, reporting into `status`.
-    pub fn new(queue: Arc<Queue>, config: WorkerConfig, status: Arc<WorkerStatus>) -> Self {
+    pub fn new(queue: impl Into<Jobs>, config: WorkerConfig, status: Arc<WorkerStatus>) -> Self {
+        let queue = queue.into();
         Self {
             calls: Calls::Engine(queue.clone()),
             queue,
@@ -219,31 +247,37 @@ impl Worker {
             if *shutdown.borrow_and_update() {
                 break;
             }
-            let wait = match self.breaker.check(self.queue.now()) {
+            let wait = match self.breaker.check(now()) {
                 Err(wait) => {
                     self.status.paused.store(true, Ordering::Relaxed);
                     wait
                 }
                 Ok(()) => {
                     self.status.paused.store(false, Ordering::Relaxed);
-                    match self.queue.peek_next() {
+                    match self.queue.peek_next().await {
                         // Not raced against shutdown: in-flight work drains.
-                        Some(job) => match self.calls.start(job.id).await {
-                            Ok(_) => {
+                        Ok(Some(mut job)) => match self.calls.start(job.id).await {
+                            Ok(claimed) => {
+                                // The run is the claim's: its failed attempts so far
+                                // identify it in every later call.
+                                job.attempts = claimed.attempts;
                                 self.run_job(job).await;
                                 continue;
                             }
-                            // Cancelled or gone between the look and the claim.
+                            // Cancelled, gone, or claimed by another worker between
+                            // the look and the claim.
                             Err(CallError::Gone | CallError::Changed) => continue,
                             Err(e) => {
                                 self.refused(job.id, e);
                                 self.config.idle_poll
                             }
                         },
-                        None => self
-                            .queue
-                            .next_retry_in()
-                            .map_or(self.config.idle_poll, |d| d.min(self.config.idle_poll)),
+                        Ok(None) => match self.queue.next_retry_in().await {
+                            Ok(Some(d)) => d.min(self.config.idle_poll),
+                            _ => self.config.idle_poll,
+                        },
+                        // The queue's store is down: wait, it is not a job's failure.
+                        Err(_) => self.config.idle_poll.max(UNAVAILABLE_POLL),
                     }
                 }
             };
@@ -262,7 +296,34 @@ impl Worker {
             _ => 0,
         };
         tracing::warn!(event = "worker_call_failed", job = %job, status);
-        self.breaker.record_failure(self.queue.now());
+        self.breaker.record_failure(now());
+    }
+
+    /// Reports the outcome of a run (complete or fail) as the run that claimed the
+    /// job after `attempt` failed attempts, repeated with a doubling delay while the
+    /// service is briefly unavailable or did not answer. Repeating is safe:
+    /// completing a completed job returns it unchanged, and failing a job that is no
+    /// longer running, or running under a later claim, is refused (409) without
+    /// changing it.
+    async fn report(&self, id: JobId, attempt: u32, ok: bool) -> Result<Outcome, CallError> {
+        let mut delay = REPORT_FIRST_DELAY;
+        let mut tries = 1;
+        loop {
+            let r = if ok {
+                self.calls.complete(id, attempt).await
+            } else {
+                self.calls.fail(id, attempt).await
+            };
+            match r {
+                Err(e) if transient(e) && tries < REPORT_TRIES => {
+                    tracing::info!(event = "job_report_repeated", job = %id, tries);
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    tries += 1;
+                }
+                r => return r,
+            }
+        }
     }
 
     async fn run_job(&mut self, job: JobView) {
@@ -272,24 +333,29 @@ impl Worker {
             _ => self.config.work_time,
         };
         tokio::time::sleep(total / 2).await;
-        // Cancelled meanwhile: stop early, the engine already has its final state.
-        let halfway = self.calls.progress(job.id, 50).await;
+        // Cancelled meanwhile: stop early, the queue already has its final state. A
+        // transient refusal of the report does not stop the work: the outcome is
+        // what matters, and it is repeated until it gets through.
+        let halfway = match self.calls.progress(job.id, 50, job.attempts).await {
+            Err(e) if transient(e) => Ok(()),
+            r => r.map(|_| ()),
+        };
         if halfway.is_ok() {
             tokio::time::sleep(total / 2).await;
         }
         let result = match halfway {
             Err(e) => Err(e),
-            Ok(_) if simulate(job.work, job.attempts).is_ok() => {
-                self.calls.complete(job.id).await.map(|v| (v, true))
+            Ok(()) => {
+                let ok = simulate(job.work, job.attempts).is_ok();
+                self.report(job.id, job.attempts, ok).await.map(|v| (v, ok))
             }
-            Ok(_) => self.calls.fail(job.id).await.map(|v| (v, false)),
         };
         match result {
             Ok((view, ok)) => {
                 if ok {
                     self.breaker.record_success();
                 } else {
-                    self.breaker.record_failure(self.queue.now());
+                    self.breaker.record_failure(now());
                 }
                 tracing::info!(
                     event = "job_attempt",
@@ -314,7 +380,7 @@ impl Worker {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::queue::{Backoff, Enqueued, JobId, JobState, QueueConfig};
+    use crate::queue::{Backoff, Enqueued, JobId, JobState, Queue, QueueConfig};
 
     const MS: Duration = Duration::from_millis(1);
 

@@ -34,7 +34,8 @@ pub fn fixture() -> Fixture {
     config.rate = Quota::per_second(100_000_000).unwrap();
     let state = queue_service::state(QueueConfig::default());
     let owner = client();
-    let Enqueued::New(job) = state.queue.enqueue(owner.identity(), "bench", 0).unwrap() else {
+    let queue = state.queue.memory().expect("the queue is in memory");
+    let Enqueued::New(job) = queue.enqueue(owner.identity(), "bench", 0).unwrap() else {
         unreachable!("the queue is empty")
     };
     Fixture {
