@@ -8,6 +8,8 @@
 //! - 401 when the request carries no `Principal` (cannot happen behind
 //!   `Authenticate`, which refuses first; kept as the layer's own guarantee),
 //! - 403 `insufficient_scope` when the principal lacks the route's scope,
+//! - 403 `auth_method_not_allowed` when a worker route ([`Access::Token`]) is
+//!   called with anything but a service token,
 //! - 500 when a route is missing from the table: an unlisted route is a wiring bug
 //!   and is never served open.
 //!
@@ -26,6 +28,7 @@ use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{Method, Response};
 use pin_project_lite::pin_project;
+use portcullis::AuthMethod;
 use portcullis::rejection::Rejection;
 use portcullis::scope::RequireScopeLayer;
 use tower::{Layer, Service};
@@ -50,6 +53,9 @@ pub enum Access {
     Public,
     /// A principal holding this scope.
     Scope(&'static str),
+    /// A service token holding this scope: an API key holding it is refused with
+    /// 403 (`auth_method_not_allowed`), so a leaked client key cannot act as a worker.
+    Token(&'static str),
 }
 
 /// Every route of the demo, `(method, path template, access)`.
@@ -61,24 +67,24 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (
         Method::PATCH,
         "/v1/jobs/{id}/status",
-        Access::Scope(JOBS_WORK),
+        Access::Token(JOBS_WORK),
     ),
     (
         Method::PATCH,
         "/v1/jobs/{id}/progress",
-        Access::Scope(JOBS_WORK),
+        Access::Token(JOBS_WORK),
     ),
     (
         Method::POST,
         "/v1/jobs/{id}/complete",
-        Access::Scope(JOBS_WORK),
+        Access::Token(JOBS_WORK),
     ),
-    (Method::POST, "/v1/jobs/{id}/fail", Access::Scope(JOBS_WORK)),
+    (Method::POST, "/v1/jobs/{id}/fail", Access::Token(JOBS_WORK)),
     // Later also behind the internal-network allowlist.
     (
         Method::POST,
         "/internal/latest-runs",
-        Access::Scope(JOBS_WORK),
+        Access::Token(JOBS_WORK),
     ),
     (Method::GET, "/v1/admin/stats", Access::Scope(ADMIN)),
     (Method::GET, "/v1/admin/dlq", Access::Scope(ADMIN)),
@@ -117,6 +123,12 @@ static CHECKS: LazyLock<Vec<Option<RequireScopeLayer>>> = LazyLock::new(|| {
             Access::Scope(scope) => Some(
                 RequireScopeLayer::new(scope)
                     .and_then(|l| l.realm(REALM))
+                    .expect("the table's scopes and the realm are valid"),
+            ),
+            Access::Token(scope) => Some(
+                RequireScopeLayer::new(scope)
+                    .and_then(|l| l.realm(REALM))
+                    .and_then(|l| l.methods(&[AuthMethod::ServiceToken]))
                     .expect("the table's scopes and the realm are valid"),
             ),
         })

@@ -59,7 +59,9 @@ impl Counters {
     /// Counts one refusal by its reason.
     pub fn record(&self, reason: DenialReason) {
         let c = match reason {
-            DenialReason::InsufficientScope => &self.scope_denials,
+            DenialReason::InsufficientScope | DenialReason::AuthMethodNotAllowed => {
+                &self.scope_denials
+            }
             DenialReason::RateLimited
             | DenialReason::AuthThrottled
             | DenialReason::CreditsExhausted => &self.rate_limited,

@@ -38,6 +38,8 @@ const TEST_KEYS: &[(&str, &str, bool, bool)] = &[
     ("reader", "jobs:read", false, false),
     ("admin", "admin dashboard:read", false, false),
     ("nobody", "profile:read", false, false),
+    // An API key holding the worker scope: the worker routes take service tokens only.
+    ("key-worker", "jobs:work", false, false),
     ("revoked", "jobs:read jobs:write", true, false),
     ("expired", "jobs:read jobs:write", false, true),
 ];
@@ -596,7 +598,7 @@ async fn without_a_principal_every_protected_route_is_401_and_health_is_public()
             .await;
         match access {
             Access::Public => assert_eq!(r.status, 200, "{method} {path}"),
-            Access::Scope(_) => {
+            Access::Scope(_) | Access::Token(_) => {
                 // 401 before the body is even parsed.
                 r.assert_problem(401);
                 assert_eq!(
@@ -646,14 +648,17 @@ async fn unrouted_requests_are_behind_the_stack_too() {
 async fn a_principal_without_the_scope_is_403_insufficient_scope() {
     let demo = Demo::start(fast_queue(), fast_worker()).await;
     for (method, path, access) in ROUTES {
-        let Access::Scope(scope) = access else {
-            continue;
+        // A worker route is tried with a service token lacking the scope.
+        let (scope, who) = match access {
+            Access::Scope(scope) => (scope, "nobody"),
+            Access::Token(scope) => (scope, "reporter"),
+            Access::Public => continue,
         };
         if *path == "/dashboard/login" {
             continue; // its credential comes from a same-origin form: its own test
         }
         let r = demo
-            .call(method.as_str(), &concrete(path), Some("nobody"), Some("{}"))
+            .call(method.as_str(), &concrete(path), Some(who), Some("{}"))
             .await;
         r.assert_problem(403);
         assert_eq!(
@@ -680,6 +685,48 @@ async fn a_principal_without_the_scope_is_403_insufficient_scope() {
     let r = demo.call("GET", "/dashboard", Some("client"), None).await;
     r.assert_problem(403);
     assert_eq!(demo.state.queue.stats().await.unwrap().queue_depth, 0);
+    demo.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_api_key_holding_the_worker_scope_is_refused_on_every_worker_route() {
+    let demo = Demo::manual(fast_queue()).await;
+    let r = demo
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some("client"),
+            Some(r#"{"input":"resize photo-1"}"#),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let job = r.json()["id"].as_str().unwrap().to_owned();
+    let mut token_routes = 0;
+    for (method, path, access) in ROUTES {
+        if !matches!(access, Access::Token(_)) {
+            continue;
+        }
+        token_routes += 1;
+        let path = path.replace("{id}", &job);
+        let body = (*method == "POST" || *method == "PATCH").then_some("{}");
+        let r = demo
+            .call(method.as_str(), &path, Some("key-worker"), body)
+            .await;
+        r.assert_problem(403);
+        // A method refusal: no challenge to present another credential of the
+        // same kind.
+        assert_eq!(r.header("www-authenticate"), None, "{method} {path}");
+    }
+    assert_eq!(token_routes, 5);
+    let stats = demo
+        .call("GET", "/v1/admin/stats", Some("admin"), None)
+        .await;
+    assert_eq!(stats.json()["scope_denials"], 5, "{}", stats.body);
+    // The job was never touched by the key.
+    let r = demo
+        .call("GET", &format!("/v1/jobs/{job}"), Some("client"), None)
+        .await;
+    assert_eq!(r.json()["state"], "queued", "{r:?}");
     demo.shutdown().await;
 }
 
