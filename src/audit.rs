@@ -152,6 +152,20 @@ events! {
     /// refused; the keys in force stay and the file is read again on the next poll.
     /// Fields: `source`, `path`, `error` (what is wrong and where, never a key).
     KeyFileReloadFailed => "key_file_reload_failed",
+    /// `INFO`, [`RemoteIssuer`](crate::jwt::RemoteIssuer) (feature `jwks-remote`): a
+    /// fetched JWK Set differs from the one in force and replaced it (keys removed
+    /// upstream stop verifying). Fields: `issuer`, `keys` (count).
+    RemoteKeysUpdated => "remote_keys_updated",
+    /// `ERROR`, [`RemoteIssuer`](crate::jwt::RemoteIssuer): fetching the discovery
+    /// document or the JWK Set failed or gave an invalid document; the keys in force
+    /// stay until the maximum staleness. Fields: `issuer`, `url` (the origin),
+    /// `error` (`connect`, `timeout`, `redirect`, `status`, `content_type`,
+    /// `too_large`, `http`, `invalid_document`, `refused`), `detail`.
+    RemoteKeysFetchFailed => "remote_keys_fetch_failed",
+    /// `ERROR`, [`RemoteIssuer`](crate::jwt::RemoteIssuer): no fetch succeeded within
+    /// the maximum staleness; the issuer's tokens are refused until one does. Fields:
+    /// `issuer`, `max_staleness_secs`.
+    RemoteKeysExpired => "remote_keys_expired",
 }
 
 /// Emits an audit event on [`TARGET`]: `emit!(level, Variant, fields...)`, where

@@ -554,6 +554,78 @@ pub fn stack_config(data: &[u8]) {
     }
 }
 
+/// `jwks_documents` target: the parsers of remote key sources. Input: one selector
+/// byte, then the document or value.
+///
+/// - `0`: a fetch URL, with and without plain HTTP to loopback allowed;
+/// - `1`: a discovery document for the issuer `https://issuer.example`;
+/// - `2`: a fetched JWK Set;
+/// - `3`: a `Cache-Control` value and a `Content-Type` value.
+///
+/// Checks, besides "no panic": an accepted URL has a host and a non-zero port, no
+/// user information, and is HTTPS unless it goes to a loopback host with plain HTTP
+/// allowed; a URL accepted without loopback HTTP is accepted the same with it; an
+/// accepted discovery document names an HTTPS `jwks_uri`; an accepted JWK Set is a
+/// valid key set without HMAC keys; a `max-age` read back is the one written.
+#[cfg(feature = "jwks-remote")]
+pub fn jwks_documents(data: &[u8]) {
+    use crate::jwt::{KeySet, oidc};
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    match sel % 4 {
+        0 => {
+            let Ok(s) = std::str::from_utf8(rest) else {
+                return;
+            };
+            let strict = oidc::parse_url(s, false);
+            let loose = oidc::parse_url(s, true);
+            for (u, loopback) in [(&strict, false), (&loose, true)] {
+                if let Ok(u) = u {
+                    assert!(!u.host.is_empty() && u.port != 0);
+                    assert!(!u.authority.contains('@'));
+                    assert!(u.tls || (loopback && oidc::is_loopback_host(&u.host)));
+                }
+            }
+            if let Ok(u) = &strict {
+                assert_eq!(
+                    Ok(u),
+                    loose.as_ref(),
+                    "allowing loopback HTTP changes an HTTPS URL"
+                );
+            }
+        }
+        1 => {
+            if let Ok(u) = oidc::parse_discovery(rest, "https://issuer.example", false) {
+                assert!(u.tls);
+            }
+        }
+        2 => {
+            if let Ok(keys) = oidc::parse_remote_jwks(rest) {
+                assert!(!keys.is_empty());
+                assert!(
+                    keys.iter()
+                        .all(|k| k.algorithm() != crate::jwt::Algorithm::HS256)
+                );
+                let set = KeySet::new(keys).expect("an accepted document is a valid key set");
+                assert!(!set.is_empty());
+            }
+        }
+        _ => {
+            let Ok(s) = std::str::from_utf8(rest) else {
+                return;
+            };
+            let _ = oidc::content_type_is(rest, &["application/json"]);
+            if let Some(n) = oidc::cache_max_age(s)
+                && n > 0
+            {
+                let v = format!("max-age={n}");
+                assert_eq!(oidc::cache_max_age(&v), Some(n));
+            }
+        }
+    }
+}
+
 /// `signature_fields` target. Input: a `Signature-Input` value, `\n`, a `Signature`
 /// value, `\n`, a `Content-Digest` value, `\n`, then a header value covered as
 /// `x-f`.

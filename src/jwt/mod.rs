@@ -11,7 +11,10 @@
 //!   read from files only after
 //!   [`allow_symmetric_keys_from_files`](TokenVerifierBuilder::allow_symmetric_keys_from_files).
 //!   A verified token is cached until its `exp` plus the leeway, the second from
-//!   which the verifier refuses it.
+//!   which the verifier refuses it. With the feature `jwks-remote`, keys also come
+//!   from a JWK Set URL or an OpenID Connect issuer ([`RemoteIssuer`], with presets
+//!   for Google ID tokens and Kubernetes service-account tokens), each issuer with
+//!   its own audiences and principal mapping.
 //! - Sending side: [`TokenIssuer`] mints tokens, and [`BearerTokenLayer`] attaches
 //!   one to every outgoing request, re-minting before it expires.
 //!
@@ -50,9 +53,15 @@
 
 mod cache;
 mod client;
+#[cfg(feature = "jwks-remote")]
+mod fetch;
 mod issue;
 mod keys;
+#[cfg(feature = "jwks-remote")]
+pub(crate) mod oidc;
 mod parse;
+#[cfg(feature = "jwks-remote")]
+mod remote;
 #[cfg(test)]
 mod tests;
 mod time;
@@ -68,6 +77,10 @@ pub use issue::{
 pub use keys::{Algorithm, KeySet, MIN_HMAC_SECRET_LEN, VerifyingKey};
 pub use parse::DEFAULT_MAX_TOKEN_LEN;
 pub(crate) use parse::{looks_like_jwt, parse_claims, parse_compact};
+#[cfg(all(feature = "jwks-remote", feature = "stack"))]
+pub(crate) use remote::check_root_certificates;
+#[cfg(feature = "jwks-remote")]
+pub use remote::{GOOGLE_ISSUER, GOOGLE_JWKS_URL, PrincipalClaim, RemoteIssuer, RemoteStart};
 pub use verify::{
     DEFAULT_CACHE_CAPACITY, DEFAULT_LEEWAY, DEFAULT_MAX_LIFETIME, KeyFile, TokenVerifier,
     TokenVerifierBuilder, VerifiedToken,
@@ -100,7 +113,7 @@ pub enum TokenRejection {
     /// before 1970 or after the year 9999, an invalid scope token, `exp` not after
     /// `iat`, both `scope` and `scp`).
     InvalidClaims,
-    /// `iss` is not an accepted issuer, or not the one its key is bound to.
+    /// `iss` is missing from the accepted issuers, or not the one its key is bound to.
     WrongIssuer,
     /// `aud` does not contain our audience.
     WrongAudience,
@@ -112,8 +125,16 @@ pub enum TokenRejection {
     IssuedInFuture,
     /// `exp - iat` longer than the maximum lifetime.
     LifetimeTooLong,
-    /// `sub` is not in the allowed-subject list.
+    /// The principal id (`sub`, or the email for an issuer mapped by email) is not
+    /// in the allowed-subject list, nor in the issuer's scope mapping when it has one.
     SubjectNotAllowed,
+    /// The issuer's principal is its `email`, and the token lacks
+    /// `email_verified: true`.
+    EmailNotVerified,
+    /// The token's issuer takes its keys from a URL and none are in force: not
+    /// fetched yet, or the last successful fetch is older than the maximum
+    /// staleness.
+    KeysUnavailable,
 }
 
 impl TokenRejection {
@@ -136,6 +157,8 @@ impl TokenRejection {
             TokenRejection::IssuedInFuture => "issued_in_future",
             TokenRejection::LifetimeTooLong => "lifetime_too_long",
             TokenRejection::SubjectNotAllowed => "subject_not_allowed",
+            TokenRejection::EmailNotVerified => "email_not_verified",
+            TokenRejection::KeysUnavailable => "keys_unavailable",
         }
     }
 }

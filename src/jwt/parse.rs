@@ -27,7 +27,8 @@ pub(crate) struct ParsedToken<'a> {
     pub(crate) header: TokenHeader,
     /// `BASE64URL(header) "." BASE64URL(payload)`: the bytes the signature covers.
     pub(crate) signing_input: &'a str,
-    /// The payload, still base64url-encoded: decoded only after the signature checks.
+    /// The payload, still base64url-encoded: the verifier decodes it, reads `iss` to
+    /// select the keys, and trusts nothing in it until the signature checks.
     pub(crate) payload_b64: &'a str,
     /// The signature, base64url-encoded.
     pub(crate) signature_b64: &'a str,
@@ -149,7 +150,7 @@ fn string(v: Value) -> Result<String, TokenRejection> {
 
 /// A JSON object's members in order; a duplicate member name at the top level is an
 /// error (RFC 7515 §5.2 lets a parser reject them, RFC 8725 §3.12 asks it to).
-fn unique_object(json: &[u8]) -> Result<Vec<(String, Value)>, TokenRejection> {
+pub(crate) fn unique_object(json: &[u8]) -> Result<Vec<(String, Value)>, TokenRejection> {
     struct Members;
     impl<'de> Visitor<'de> for Members {
         type Value = Vec<(String, Value)>;
@@ -197,11 +198,16 @@ pub(crate) struct TokenClaims {
     pub(crate) jti: Option<String>,
     /// The scope tokens from `scope` (space separated) or `scp` (array); never both.
     pub(crate) scopes: Option<Vec<String>>,
+    /// `email`: a string like `sub`.
+    pub(crate) email: Option<String>,
+    /// `email_verified`: a JSON boolean.
+    pub(crate) email_verified: Option<bool>,
 }
 
 /// Parses a token's claims strictly: one JSON object without duplicate members;
 /// `exp`, `iat`, `nbf` integers (a float such as `1.7e9` or a string is refused);
-/// `iss`, `sub`, `jti` strings of at most 256 bytes without control characters;
+/// `iss`, `sub`, `jti`, `email` strings of at most 256 bytes without control
+/// characters; `email_verified` a boolean;
 /// `aud` a string or an array of such strings; `scope` a string or `scp` an array of
 /// strings, not both. Unknown claims are ignored. Missing claims are `None`: the
 /// verifier decides which are required.
@@ -216,6 +222,8 @@ pub(crate) fn parse_claims(json: &[u8]) -> Result<TokenClaims, TokenRejection> {
         nbf: None,
         jti: None,
         scopes: None,
+        email: None,
+        email_verified: None,
     };
     let mut scope = None;
     let mut scp = None;
@@ -224,6 +232,11 @@ pub(crate) fn parse_claims(json: &[u8]) -> Result<TokenClaims, TokenRejection> {
             "iss" => c.iss = Some(claim_str(value)?),
             "sub" => c.sub = Some(claim_str(value)?),
             "jti" => c.jti = Some(claim_str(value)?),
+            "email" => c.email = Some(claim_str(value)?),
+            "email_verified" => match value {
+                Value::Bool(b) => c.email_verified = Some(b),
+                _ => return Err(TokenRejection::InvalidClaims),
+            },
             "aud" => {
                 c.aud = Some(match value {
                     Value::String(_) => vec![claim_str(value)?],
@@ -383,6 +396,8 @@ mod tests {
             r#"{"scp":"a"}"#,
             r#"{"scp":[1]}"#,
             r#"{"scope":"a","scp":["a"]}"#,
+            r#"{"email_verified":"true"}"#,
+            r#"{"email":""}"#,
         ] {
             assert_eq!(
                 parse_claims(bad.as_bytes()).unwrap_err(),

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -13,6 +13,8 @@ use super::TokenRejection;
 use super::cache::{TokenCache, digest};
 use super::keys::{Algorithm, KeySet, VerifyingKey, keys_from_jwks};
 use super::parse::{DEFAULT_MAX_TOKEN_LEN, decode_part, parse_claims, parse_compact};
+#[cfg(feature = "jwks-remote")]
+use super::remote::{PrincipalClaim, RemoteHandle, RemoteIssuer};
 use super::time::{
     LONGEST_LEEWAY, LONGEST_LIFETIME, check_times, secs_i64, to_system_time, unix_now,
 };
@@ -41,11 +43,13 @@ pub struct VerifiedToken {
 }
 
 impl VerifiedToken {
-    /// The principal: id = `sub`, method = [`AuthMethod::ServiceToken`], the scopes.
+    /// The principal: id = `sub` (or the verified email, for a remote issuer mapped
+    /// by email), method = [`AuthMethod::ServiceToken`], the scopes.
     pub fn principal(&self) -> &Principal {
         &self.principal
     }
-    /// `sub`.
+    /// The principal id: `sub`, or the verified email for a remote issuer mapped by
+    /// email.
     pub fn subject(&self) -> &str {
         self.principal.id()
     }
@@ -190,9 +194,14 @@ impl KeyFile {
 
 /// The claim rules, fixed at build time.
 struct Policy {
+    /// The issuers whose keys are given in code or files.
     issuers: HashSet<Box<str>>,
-    audience: Box<str>,
-    max_lifetime: i64,
+    /// The rules of the tokens of `issuers`.
+    local: IssuerPolicy,
+    /// The issuers whose keys come from a URL, by `iss`: the index of their rules in
+    /// `remote_policies` and of their keys in `State::remote`.
+    remote: HashMap<Box<str>, usize>,
+    remote_policies: Vec<IssuerPolicy>,
     leeway: i64,
     subjects: Option<HashSet<Box<str>>>,
     typ: Option<Box<str>>,
@@ -200,11 +209,37 @@ struct Policy {
     cache_capacity: usize,
 }
 
+/// The rules of one issuer's tokens: audiences, lifetime, principal mapping.
+struct IssuerPolicy {
+    audiences: Box<[Box<str>]>,
+    max_lifetime: i64,
+    /// The principal id is `email`, with `email_verified: true`; else `sub`.
+    verified_email: bool,
+    /// Scopes by principal id; then unmapped principals are refused and the token's
+    /// own scopes ignored. `None`: scopes from `scope`/`scp`.
+    static_scopes: Option<HashMap<Box<str>, Scopes>>,
+}
+
 /// The keys in force and the cache of tokens they verified: swapped as one, so a
 /// key change empties the cache by construction.
 struct State {
-    keys: KeySet,
+    /// The keys given in code and files; `None` when only remote issuers are trusted.
+    keys: Option<KeySet>,
+    /// The fetched keys of each remote issuer, `None` before the first fetch.
+    remote: Box<[Option<RemoteSet>]>,
     cache: Option<TokenCache>,
+}
+
+/// The keys of one remote issuer, from one fetch.
+#[derive(Clone)]
+struct RemoteSet {
+    keys: KeySet,
+    /// The SHA-256 of the fetched document: an identical fetch changes nothing.
+    #[cfg_attr(not(feature = "jwks-remote"), allow(dead_code))]
+    digest: [u8; 32],
+    /// The second (since the epoch) from which these keys are too stale to use;
+    /// moved forward by every successful fetch.
+    fresh_until: Arc<AtomicI64>,
 }
 
 /// Where the keys in force came from.
@@ -212,11 +247,16 @@ struct Sources {
     in_code: Vec<VerifyingKey>,
     /// The keys of each key file as last applied, in file order.
     from_files: Vec<Vec<VerifyingKey>>,
-    /// The algorithm of every key id ever in force: a `kid` never changes algorithm
-    /// (nor key type) for the life of the verifier, so a token cannot be checked with
-    /// a former key's material under another algorithm.
-    pinned: HashMap<Option<Arc<str>>, Algorithm>,
+    /// The keys of each remote issuer as last fetched.
+    remote: Vec<Option<RemoteSet>>,
+    /// The algorithm of every key id ever in force, per key source (`None` for code
+    /// and files, the remote issuer's index otherwise): a `kid` never changes
+    /// algorithm (nor key type) for the life of the verifier, so a token cannot be
+    /// checked with a former key's material under another algorithm.
+    pinned: Pins,
 }
+
+type Pins = HashMap<(Option<usize>, Option<Arc<str>>), Algorithm>;
 
 /// The key files and how they are read.
 struct KeyFiles {
@@ -225,24 +265,30 @@ struct KeyFiles {
     symmetric: bool,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     policy: Policy,
     state: ArcSwap<State>,
     sources: Mutex<Sources>,
     key_files: KeyFiles,
     generation: AtomicU64,
+    /// The fetch worker of each remote issuer, by index.
+    #[cfg(feature = "jwks-remote")]
+    remotes: Vec<RemoteHandle>,
 }
 
 /// Verifies service tokens (compact JWS, RFC 7515/7519) against a [`KeySet`] and
 /// turns them into a [`Principal`].
 ///
 /// Every check, in order: the length cap (before any decoding); three base64url
-/// parts; a header without duplicate members or `crit`; the key named by `kid` (no
+/// parts; a header without duplicate members or `crit`; a token whose `iss` names a
+/// remote issuer (feature `jwks-remote`) goes to that issuer's fetched keys and
+/// rules, any other to the keys given in code and files; the key named by `kid` (no
 /// `kid` only with a single-key set); `alg` equal to that key's algorithm; `typ` when
 /// required; the signature; then the claims, parsed strictly (integers for times, no
 /// duplicate members): `exp`, `iat`, `iss`, `sub` and `aud` required, `iss` one of
 /// the issuers (and the key's own issuer when it is bound to one), `aud` containing
-/// the audience, every time between 1970 and the end of the year 9999, `now` before
+/// the audience (a remote issuer's: one of its audiences), every time between 1970
+/// and the end of the year 9999, `now` before
 /// `exp + leeway` (a token is refused from the second equal to `exp` plus the
 /// leeway), `iat` and `nbf` at most `now + leeway`, `iat` before `exp` and
 /// `exp - iat` within the maximum lifetime, the subject in the allowed list when one
@@ -253,7 +299,9 @@ struct Inner {
 /// the second from which the checks above refuse it, so a reused token costs one
 /// hash and one map lookup. The cache is bounded
 /// ([`cache_capacity`](TokenVerifierBuilder::cache_capacity)) and is emptied whenever
-/// the key set changes. Cloning a verifier is cheap and shares keys and cache.
+/// the key set changes; a token verified with a remote issuer's keys is served from
+/// it only while those keys are within their maximum staleness. Cloning a verifier is
+/// cheap and shares keys and cache.
 ///
 /// ```
 /// use portcullis::jwt::{SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
@@ -345,7 +393,10 @@ impl TokenVerifier {
         {
             return Ok((t, true));
         }
-        let verified = Arc::new(check(policy, &state.keys, token, now)?);
+        let verified = Arc::new(check(policy, &state, token, now, |_i| {
+            #[cfg(feature = "jwks-remote")]
+            self.inner.remotes[_i].request_refetch();
+        })?);
         if let (Some(cache), Some(d)) = (&state.cache, d) {
             cache.insert(d, now, verified.clone());
         }
@@ -409,7 +460,14 @@ impl TokenVerifier {
     /// Introspection for the tests and benchmarks; hidden, not part of the API.
     #[doc(hidden)]
     pub fn key_count(&self) -> usize {
-        self.inner.state.load().keys.len()
+        let state = self.inner.state.load();
+        state.keys.as_ref().map_or(0, KeySet::len)
+            + state
+                .remote
+                .iter()
+                .flatten()
+                .map(|r| r.keys.len())
+                .sum::<usize>()
     }
 
     /// How many times the key set was replaced since the verifier was built.
@@ -437,7 +495,8 @@ impl fmt::Debug for TokenVerifier {
         let p = &self.inner.policy;
         f.debug_struct("TokenVerifier")
             .field("issuers", &p.issuers)
-            .field("audience", &p.audience)
+            .field("audiences", &p.local.audiences)
+            .field("remote_issuers", &p.remote.keys())
             .field("keys", &self.inner.state.load().keys)
             .finish_non_exhaustive()
     }
@@ -456,19 +515,77 @@ impl Inner {
         let in_code = in_code.unwrap_or_else(|| sources.in_code.clone());
         let from_files = from_files.unwrap_or_else(|| sources.from_files.clone());
         let keys = combine(&self.policy, &in_code, &from_files)?;
-        let pinned = pin(&sources.pinned, &keys)?;
-        let count = keys.len();
+        let pinned = match &keys {
+            Some(k) => pin(&sources.pinned, None, k)?,
+            None => sources.pinned.clone(),
+        };
+        let count = keys.as_ref().map_or(0, KeySet::len);
+        sources.in_code = in_code;
+        sources.from_files = from_files;
+        sources.pinned = pinned;
+        self.publish(sources, keys);
+        Ok(count)
+    }
+
+    /// Stores a new state made of `keys` and the remote sets of `sources`, with an
+    /// empty cache.
+    fn publish(&self, sources: &Sources, keys: Option<KeySet>) {
         self.state.store(Arc::new(State {
             keys,
+            remote: sources.remote.clone().into_boxed_slice(),
             cache: TokenCache::new(self.policy.cache_capacity),
         }));
-        *sources = Sources {
-            in_code,
-            from_files,
-            pinned,
-        };
         self.generation.fetch_add(1, Ordering::Relaxed);
-        Ok(count)
+    }
+
+    /// Installs the keys fetched for remote issuer `index`, fresh until
+    /// `fresh_until`. An identical document only extends the freshness; a different
+    /// one replaces the issuer's whole set (keys removed upstream stop verifying)
+    /// and empties the cache. Refused when a `kid` changes algorithm.
+    #[cfg(feature = "jwks-remote")]
+    pub(crate) fn install_remote(
+        &self,
+        index: usize,
+        keys: Vec<VerifyingKey>,
+        digest: [u8; 32],
+        fresh_until: i64,
+    ) -> Result<(), ConfigError> {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(current) = &sources.remote[index]
+            && current.digest == digest
+        {
+            current.fresh_until.store(fresh_until, Ordering::Release);
+            return Ok(());
+        }
+        let set = KeySet::new(keys)?;
+        let pinned = pin(&sources.pinned, Some(index), &set)?;
+        let count = set.len();
+        sources.remote[index] = Some(RemoteSet {
+            keys: set,
+            digest,
+            fresh_until: Arc::new(AtomicI64::new(fresh_until)),
+        });
+        sources.pinned = pinned;
+        let local = self.state.load().keys.clone();
+        self.publish(&sources, local);
+        drop(sources);
+        crate::audit::emit!(
+            info,
+            RemoteKeysUpdated,
+            issuer = &*crate::log_text::sanitize_id(self.policy.remote_name(index)),
+            keys = count,
+        );
+        Ok(())
+    }
+}
+
+impl Policy {
+    #[cfg(feature = "jwks-remote")]
+    fn remote_name(&self, index: usize) -> &str {
+        self.remote
+            .iter()
+            .find(|(_, i)| **i == index)
+            .map_or("", |(name, _)| name)
     }
 }
 
@@ -503,17 +620,26 @@ fn parse_files(
 }
 
 /// The key set of the keys in code and from files; a key bound to an issuer must be
-/// bound to one of the verifier's.
+/// bound to one of the verifier's. `None` when the verifier trusts remote issuers
+/// only (then no such key may be given).
 fn combine(
     policy: &Policy,
     in_code: &[VerifyingKey],
     from_files: &[Vec<VerifyingKey>],
-) -> Result<KeySet, ConfigError> {
+) -> Result<Option<KeySet>, ConfigError> {
     let keys: Vec<VerifyingKey> = in_code
         .iter()
         .chain(from_files.iter().flatten())
         .cloned()
         .collect();
+    if policy.issuers.is_empty() {
+        if keys.is_empty() && !policy.remote.is_empty() {
+            return Ok(None);
+        }
+        return Err(ConfigError::new(
+            "keys given in code or files need an issuer: add it with issuer()",
+        ));
+    }
     for (i, k) in keys.iter().enumerate() {
         if let Some(iss) = &k.issuer
             && !policy.issuers.contains(&**iss)
@@ -524,18 +650,15 @@ fn combine(
             )));
         }
     }
-    KeySet::new(keys)
+    KeySet::new(keys).map(Some)
 }
 
 /// `pinned` plus the keys of `set`, or an error naming the first `kid` whose
 /// algorithm differs from the one it was pinned to.
-fn pin(
-    pinned: &HashMap<Option<Arc<str>>, Algorithm>,
-    set: &KeySet,
-) -> Result<HashMap<Option<Arc<str>>, Algorithm>, ConfigError> {
+fn pin(pinned: &Pins, source: Option<usize>, set: &KeySet) -> Result<Pins, ConfigError> {
     let mut next = pinned.clone();
     for key in set.iter() {
-        let was = *next.entry(key.kid.clone()).or_insert(key.alg);
+        let was = *next.entry((source, key.kid.clone())).or_insert(key.alg);
         if was != key.alg {
             let name = key
                 .kid
@@ -562,15 +685,53 @@ fn typ_matches(got: &str, want: &str) -> bool {
 }
 
 /// The cold path: every check of [`TokenVerifier`], no cache, no logging.
+/// `unknown_remote_kid` is called with a remote issuer's index when its set lacks
+/// the token's `kid`.
 fn check(
     policy: &Policy,
-    keys: &KeySet,
+    state: &State,
     token: &str,
     now: i64,
+    unknown_remote_kid: impl FnOnce(usize),
 ) -> Result<VerifiedToken, TokenRejection> {
     use TokenRejection as R;
     let parsed = parse_compact(token, policy.max_len)?;
-    let key = keys.select(parsed.header.kid.as_deref())?;
+    // The issuer selects the keys and the rules before any key is tried: a token
+    // whose `iss` names a remote issuer is checked with that issuer's keys and rules
+    // only; every other token with the keys given in code and files (its `iss` is
+    // checked after the signature, as every claim). Nothing read from the payload is
+    // trusted before the signature verifies; the payload is parsed by the same
+    // strict parser, whose errors are reported after the signature check.
+    let claims = decode_part(parsed.payload_b64).and_then(|p| parse_claims(&p));
+    let remote_index = match &claims {
+        Ok(c) => c
+            .iss
+            .as_deref()
+            .and_then(|iss| policy.remote.get(iss))
+            .copied(),
+        Err(_) => None,
+    };
+    let (keys, rules, fresh_until, remote) = match (remote_index, &state.keys) {
+        (Some(i), _) => {
+            let set = state.remote[i].as_ref().ok_or(R::KeysUnavailable)?;
+            let fresh_until = set.fresh_until.load(Ordering::Acquire);
+            if now >= fresh_until {
+                return Err(R::KeysUnavailable);
+            }
+            (&set.keys, &policy.remote_policies[i], fresh_until, Some(i))
+        }
+        (None, Some(keys)) => (keys, &policy.local, i64::MAX, None),
+        (None, None) => return Err(claims.err().unwrap_or(R::WrongIssuer)),
+    };
+    let key = match keys.select(parsed.header.kid.as_deref()) {
+        Ok(key) => key,
+        Err(e) => {
+            if let Some(i) = remote {
+                unknown_remote_kid(i);
+            }
+            return Err(e);
+        }
+    };
     if parsed.header.alg != key.alg.as_str() {
         return Err(R::AlgorithmMismatch);
     }
@@ -589,46 +750,56 @@ fn check(
         Ok(true) => {}
         _ => return Err(R::BadSignature),
     }
-    let claims = parse_claims(&decode_part(parsed.payload_b64)?)?;
+    let claims = claims?;
     let (Some(exp), Some(iat), Some(iss), Some(sub), Some(aud)) =
         (claims.exp, claims.iat, claims.iss, claims.sub, claims.aud)
     else {
         return Err(R::MissingClaim);
     };
-    if !policy.issuers.contains(iss.as_str()) || key.issuer.as_deref().is_some_and(|b| b != iss) {
+    if remote.is_none()
+        && (!policy.issuers.contains(iss.as_str())
+            || key.issuer.as_deref().is_some_and(|b| b != iss))
+    {
         return Err(R::WrongIssuer);
     }
-    if !aud.iter().any(|a| *a == *policy.audience) {
+    if !aud
+        .iter()
+        .any(|a| rules.audiences.iter().any(|want| **want == **a))
+    {
         return Err(R::WrongAudience);
     }
-    let refused_from = check_times(
-        exp,
-        iat,
-        claims.nbf,
-        now,
-        policy.leeway,
-        policy.max_lifetime,
-    )?;
+    let refused_from = check_times(exp, iat, claims.nbf, now, policy.leeway, rules.max_lifetime)?;
+    let id = if rules.verified_email {
+        let email = claims.email.ok_or(R::MissingClaim)?;
+        if claims.email_verified != Some(true) {
+            return Err(R::EmailNotVerified);
+        }
+        email
+    } else {
+        sub
+    };
     if policy
         .subjects
         .as_ref()
-        .is_some_and(|s| !s.contains(sub.as_str()))
+        .is_some_and(|s| !s.contains(id.as_str()))
     {
         return Err(R::SubjectNotAllowed);
     }
-    let scopes = match claims.scopes {
-        Some(s) => Scopes::from_iter_checked(s).map_err(|_| R::InvalidClaims)?,
-        None => Scopes::default(),
+    let scopes = match (&rules.static_scopes, claims.scopes) {
+        (Some(map), _) => map.get(id.as_str()).ok_or(R::SubjectNotAllowed)?.clone(),
+        (None, Some(s)) => Scopes::from_iter_checked(s).map_err(|_| R::InvalidClaims)?,
+        (None, None) => Scopes::default(),
     };
     Ok(VerifiedToken {
-        principal: Principal::new(sub, AuthMethod::ServiceToken).with_scopes(scopes),
+        principal: Principal::new(id, AuthMethod::ServiceToken).with_scopes(scopes),
         issuer: iss,
         kid: key.kid.clone(),
         alg: key.alg,
         jti: claims.jti,
         issued_at: iat,
         expires_at: exp,
-        refused_from,
+        // The cache serves the token only while the keys that verified it are fresh.
+        refused_from: refused_from.min(fresh_until),
     })
 }
 
@@ -646,6 +817,8 @@ pub struct TokenVerifierBuilder {
     typ: Option<String>,
     max_len: usize,
     cache_capacity: usize,
+    #[cfg(feature = "jwks-remote")]
+    remote: Vec<RemoteIssuer>,
 }
 
 impl Default for TokenVerifierBuilder {
@@ -662,6 +835,8 @@ impl Default for TokenVerifierBuilder {
             typ: None,
             max_len: DEFAULT_MAX_TOKEN_LEN,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
+            #[cfg(feature = "jwks-remote")]
+            remote: Vec::new(),
         }
     }
 }
@@ -693,13 +868,25 @@ impl TokenVerifierBuilder {
         self
     }
 
-    /// Accepts tokens from this issuer (`iss`). At least one is required.
+    /// Trusts an issuer whose keys are fetched from a URL, with its own audiences
+    /// and principal mapping (see [`RemoteIssuer`]). A token whose `iss` is this
+    /// issuer is checked against its keys and rules only. Its issuer must differ
+    /// from every other issuer of the verifier.
+    #[cfg(feature = "jwks-remote")]
+    pub fn remote_issuer(mut self, issuer: RemoteIssuer) -> Self {
+        self.remote.push(issuer);
+        self
+    }
+
+    /// Accepts tokens from this issuer (`iss`), verified with the keys given in code
+    /// and files. At least one issuer is required, this one or a remote one.
     pub fn issuer(mut self, iss: impl Into<String>) -> Self {
         self.issuers.push(iss.into());
         self
     }
 
-    /// Our audience: `aud` must contain it. Required.
+    /// Our audience for the issuers of [`issuer`](Self::issuer): `aud` must contain
+    /// it. Required with them (a remote issuer has its own).
     pub fn audience(mut self, aud: impl Into<String>) -> Self {
         self.audience = Some(aud.into());
         self
@@ -717,7 +904,9 @@ impl TokenVerifierBuilder {
         self
     }
 
-    /// Accepts only these subjects (`sub`), e.g. the names of the calling services.
+    /// Accepts only these principals, e.g. the names of the calling services: the
+    /// `sub`, or the email for a remote issuer mapped by
+    /// [`PrincipalClaim::VerifiedEmail`](super::PrincipalClaim::VerifiedEmail).
     pub fn allowed_subjects<I, S>(mut self, subjects: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -751,13 +940,18 @@ impl TokenVerifierBuilder {
     /// Checks the configuration, loads the keys and runs a sign-and-verify self-test
     /// of the crypto backend.
     pub fn build(self) -> Result<TokenVerifier, ConfigError> {
-        if self.issuers.is_empty() || self.issuers.iter().any(String::is_empty) {
+        #[cfg(feature = "jwks-remote")]
+        let has_remote = !self.remote.is_empty();
+        #[cfg(not(feature = "jwks-remote"))]
+        let has_remote = false;
+        if (self.issuers.is_empty() && !has_remote) || self.issuers.iter().any(String::is_empty) {
             return Err(ConfigError::new(
                 "at least one non-empty issuer is required",
             ));
         }
         let audience = match self.audience {
-            Some(a) if !a.is_empty() => a,
+            Some(a) if !a.is_empty() => Some(a),
+            _ if self.issuers.is_empty() => None,
             _ => return Err(ConfigError::new("the audience is required")),
         };
         if self.max_lifetime < Duration::from_secs(1) || self.max_lifetime > LONGEST_LIFETIME {
@@ -779,10 +973,26 @@ impl TokenVerifierBuilder {
             ));
         }
         crypto_self_test()?;
+        #[cfg(feature = "jwks-remote")]
+        let (remote, remote_policies, fetchers) = remote_policies(
+            &self.remote,
+            &self.issuers,
+            self.max_lifetime,
+            self.subjects.is_some(),
+        )?;
+        #[cfg(not(feature = "jwks-remote"))]
+        let (remote, remote_policies) = (HashMap::new(), Vec::new());
+        let remote_count = remote_policies.len();
         let policy = Policy {
             issuers: self.issuers.into_iter().map(Into::into).collect(),
-            audience: audience.into(),
-            max_lifetime: secs_i64(self.max_lifetime),
+            local: IssuerPolicy {
+                audiences: audience.into_iter().map(Into::into).collect(),
+                max_lifetime: secs_i64(self.max_lifetime),
+                verified_email: false,
+                static_scopes: None,
+            },
+            remote,
+            remote_policies,
             leeway: secs_i64(self.leeway),
             subjects: self
                 .subjects
@@ -818,25 +1028,101 @@ impl TokenVerifierBuilder {
             None => Vec::new(),
         };
         let keys = combine(&policy, &self.keys, &from_files)?;
-        let pinned = pin(&HashMap::new(), &keys)?;
+        let pinned = match &keys {
+            Some(k) => pin(&HashMap::new(), None, k)?,
+            None => HashMap::new(),
+        };
         if let (Some(watched), Some(snapshot)) = (&key_files.watched, &snapshot) {
             watched.loaded(snapshot);
         }
         let cache = TokenCache::new(policy.cache_capacity);
-        Ok(TokenVerifier {
-            inner: Arc::new(Inner {
-                policy,
-                state: ArcSwap::from_pointee(State { keys, cache }),
-                sources: Mutex::new(Sources {
-                    in_code: self.keys,
-                    from_files,
-                    pinned,
-                }),
-                key_files,
-                generation: AtomicU64::new(0),
+        #[cfg(feature = "jwks-remote")]
+        let (handles, pending): (Vec<_>, Vec<_>) =
+            (0..remote_count).map(|_| super::remote::channel()).unzip();
+        let inner = Arc::new(Inner {
+            policy,
+            state: ArcSwap::from_pointee(State {
+                keys,
+                remote: vec![None; remote_count].into_boxed_slice(),
+                cache,
             }),
-        })
+            sources: Mutex::new(Sources {
+                in_code: self.keys,
+                from_files,
+                remote: vec![None; remote_count],
+                pinned,
+            }),
+            key_files,
+            generation: AtomicU64::new(0),
+            #[cfg(feature = "jwks-remote")]
+            remotes: handles,
+        });
+        #[cfg(feature = "jwks-remote")]
+        for (i, (fetcher, pending)) in fetchers.into_iter().zip(pending).enumerate() {
+            super::remote::start(&inner, i, fetcher, pending)?;
+        }
+        Ok(TokenVerifier { inner })
     }
+}
+
+/// The rules and fetchers of the remote issuers, checked: each issuer once, none
+/// also given with `issuer()`, Google-style issuers with their callers listed.
+#[cfg(feature = "jwks-remote")]
+#[allow(clippy::type_complexity)]
+fn remote_policies(
+    remote: &[RemoteIssuer],
+    local: &[String],
+    max_lifetime: Duration,
+    has_subjects: bool,
+) -> Result<
+    (
+        HashMap<Box<str>, usize>,
+        Vec<IssuerPolicy>,
+        Vec<super::remote::Fetcher>,
+    ),
+    ConfigError,
+> {
+    let mut by_name = HashMap::new();
+    let mut policies = Vec::new();
+    let mut fetchers = Vec::new();
+    for (i, r) in remote.iter().enumerate() {
+        let err = |what: &str| ConfigError::new(format!("remote issuer {}: {what}", r.issuer));
+        if local.contains(&r.issuer) || by_name.insert(r.issuer.clone().into(), i).is_some() {
+            return Err(err("configured twice"));
+        }
+        let fetcher = r.fetcher()?;
+        if r.needs_principal_list && r.static_scopes.is_none() && !has_subjects {
+            return Err(err(
+                "any account of this provider can get a token for any audience: list the callers with scopes_for() or allowed_subjects()",
+            ));
+        }
+        let static_scopes = match &r.static_scopes {
+            None => None,
+            Some(list) => {
+                let mut map = HashMap::new();
+                for (principal, scopes) in list {
+                    if principal.is_empty() {
+                        return Err(err("scopes_for: an empty principal"));
+                    }
+                    if map
+                        .insert(principal.as_str().into(), Scopes::parse(scopes)?)
+                        .is_some()
+                    {
+                        return Err(err("scopes_for: a principal is mapped twice"));
+                    }
+                }
+                Some(map)
+            }
+        };
+        policies.push(IssuerPolicy {
+            audiences: r.audiences.iter().map(|a| a.as_str().into()).collect(),
+            max_lifetime: secs_i64(r.max_lifetime.unwrap_or(max_lifetime)),
+            verified_email: r.id_claim == PrincipalClaim::VerifiedEmail,
+            static_scopes,
+        });
+        fetchers.push(fetcher);
+    }
+    Ok((by_name, policies, fetchers))
 }
 
 /// `jsonwebtoken` needs exactly one crypto backend feature; with both or neither

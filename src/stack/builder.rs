@@ -187,7 +187,10 @@ impl StackBuilder {
     }
 
     /// Authenticates with service tokens (JWT) checked by `verifier`; with API keys
-    /// too, a `Bearer` credential shaped like a JWT goes to the verifier.
+    /// too, a `Bearer` credential shaped like a JWT goes to the verifier. For keys
+    /// from an issuer URL, build it with
+    /// [`TokenVerifierBuilder::remote_issuer`](crate::jwt::TokenVerifierBuilder::remote_issuer)
+    /// (feature `jwks-remote`; from the environment, `PORTCULLIS_OIDC_ISSUERS`).
     #[cfg(feature = "jwt")]
     pub fn service_tokens(mut self, verifier: TokenVerifier) -> Self {
         self.service_tokens = Some(verifier);

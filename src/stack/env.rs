@@ -42,6 +42,12 @@ const TOKEN_ISSUERS: &str = "PORTCULLIS_TOKEN_ISSUERS";
 const TOKEN_AUDIENCE: &str = "PORTCULLIS_TOKEN_AUDIENCE";
 /// Seconds between checks of the JWKS file (0: never reload).
 const JWKS_RELOAD_SECS: &str = "PORTCULLIS_JWKS_RELOAD_SECS";
+/// Comma-separated issuer URLs whose keys are found by OpenID Connect discovery.
+const OIDC_ISSUERS: &str = "PORTCULLIS_OIDC_ISSUERS";
+/// PEM root certificates trusted for the discovery issuers instead of the platform's.
+const OIDC_ROOTS_FILE: &str = "PORTCULLIS_OIDC_ROOTS_FILE";
+/// Whether the build waits for the discovery issuers' first fetch.
+const OIDC_START: &str = "PORTCULLIS_OIDC_START";
 /// The rate-limit quotas.
 const RATE_LIMIT: &str = "PORTCULLIS_RATE_LIMIT";
 /// The failed-authentication quota per address.
@@ -57,7 +63,7 @@ const REDIS_CONNECT_TIMEOUT_MS: &str = "PORTCULLIS_REDIS_CONNECT_TIMEOUT_MS";
 
 /// Every variable [`StackBuilder::from_env`] reads, in the order of the table in the
 /// [module docs](crate::stack).
-pub(crate) const ALL: [&str; 18] = [
+pub(crate) const ALL: [&str; 21] = [
     TRUSTED_PROXIES,
     FORWARDED_HEADER,
     ALLOWLIST,
@@ -70,6 +76,9 @@ pub(crate) const ALL: [&str; 18] = [
     TOKEN_ISSUERS,
     TOKEN_AUDIENCE,
     JWKS_RELOAD_SECS,
+    OIDC_ISSUERS,
+    OIDC_ROOTS_FILE,
+    OIDC_START,
     RATE_LIMIT,
     AUTH_THROTTLE,
     REDIS_URL,
@@ -298,41 +307,61 @@ impl StackBuilder {
         let file = get(JWKS_FILE);
         let issuers = get(TOKEN_ISSUERS);
         let audience = get(TOKEN_AUDIENCE);
-        if file.is_none() && issuers.is_none() && audience.is_none() {
+        let oidc = get(OIDC_ISSUERS);
+        if file.is_none() && issuers.is_none() && audience.is_none() && oidc.is_none() {
             vars.unused(JWKS_RELOAD_SECS, JWKS_FILE)?;
+            vars.unused(OIDC_ROOTS_FILE, OIDC_ISSUERS)?;
+            vars.unused(OIDC_START, OIDC_ISSUERS)?;
             return Ok(self);
         }
         let need = |v: Option<String>, name: &str| {
             v.ok_or_else(|| {
                 ConfigError::new(format!(
-                    "service tokens need {}, {} and {}: {name} is not set",
-                    JWKS_FILE, TOKEN_ISSUERS, TOKEN_AUDIENCE
+                    "service tokens need {TOKEN_AUDIENCE}, and {JWKS_FILE} with {TOKEN_ISSUERS} or {OIDC_ISSUERS}: {name} is not set",
                 ))
             })
         };
-        let file = need(file, JWKS_FILE)?;
-        let issuers = need(issuers, TOKEN_ISSUERS)?;
-        let audience = need(audience, TOKEN_AUDIENCE)?;
-        let mut builder = crate::jwt::TokenVerifier::builder()
-            .key_file(KeyFile::jwks(file))
-            .audience(audience.trim());
-        for (i, iss) in issuers.split(',').enumerate() {
-            let iss = iss.trim();
-            if iss.is_empty() {
-                return Err(ConfigError::new(format!(
-                    "{}: entry {} is empty",
-                    TOKEN_ISSUERS,
-                    i + 1
-                )));
+        let mut builder = crate::jwt::TokenVerifier::builder();
+        let (file, audience) = match (file, issuers) {
+            (None, None) if oidc.is_some() => {
+                vars.unused(JWKS_RELOAD_SECS, JWKS_FILE)?;
+                (None, need(audience, TOKEN_AUDIENCE)?)
             }
-            builder = builder.issuer(iss);
+            (file, issuers) => {
+                let file = need(file, JWKS_FILE)?;
+                let issuers = need(issuers, TOKEN_ISSUERS)?;
+                let audience = need(audience, TOKEN_AUDIENCE)?;
+                builder = builder
+                    .key_file(KeyFile::jwks(&file))
+                    .audience(audience.trim());
+                for iss in list(&issuers, TOKEN_ISSUERS)? {
+                    builder = builder.issuer(iss);
+                }
+                (Some(file), audience)
+            }
+        };
+        let audience = audience.trim();
+        match oidc {
+            Some(oidc) => builder = oidc_issuers(builder, &oidc, audience, vars)?,
+            None => {
+                vars.unused(OIDC_ROOTS_FILE, OIDC_ISSUERS)?;
+                vars.unused(OIDC_START, OIDC_ISSUERS)?;
+            }
         }
-        let every = reload_interval(get(JWKS_RELOAD_SECS), JWKS_RELOAD_SECS)?;
+        let every = match file {
+            Some(_) => reload_interval(get(JWKS_RELOAD_SECS), JWKS_RELOAD_SECS)?,
+            None => None,
+        };
         // The issuers and the audience are checked above: what the verifier can still
-        // refuse is the key file.
-        let verifier = builder
-            .build()
-            .map_err(|e| ConfigError::new(format!("{JWKS_FILE}: {e}")))?;
+        // refuse is the key file, or the first fetch of a discovery issuer's keys.
+        let verifier = builder.build().map_err(|e| {
+            let name = if e.to_string().starts_with("remote issuer") {
+                OIDC_ISSUERS
+            } else {
+                JWKS_FILE
+            };
+            ConfigError::new(format!("{name}: {e}"))
+        })?;
         let mut this = self;
         if let Some(every) = every {
             let reloading = verifier
@@ -345,7 +374,15 @@ impl StackBuilder {
 
     #[cfg(not(feature = "jwt"))]
     fn tokens_from_env(self, vars: &Vars) -> Result<Self, ConfigError> {
-        for name in [JWKS_FILE, TOKEN_ISSUERS, TOKEN_AUDIENCE, JWKS_RELOAD_SECS] {
+        for name in [
+            JWKS_FILE,
+            TOKEN_ISSUERS,
+            TOKEN_AUDIENCE,
+            JWKS_RELOAD_SECS,
+            OIDC_ISSUERS,
+            OIDC_ROOTS_FILE,
+            OIDC_START,
+        ] {
             if vars.get(name).is_some() {
                 return Err(ConfigError::new(format!(
                     "{name} is set but portcullis was built without the jwt feature"
@@ -413,6 +450,82 @@ impl StackBuilder {
     }
 }
 
+/// The entries of a comma-separated list, trimmed; an empty entry is an error.
+#[cfg(feature = "jwt")]
+fn list<'a>(value: &'a str, name: &str) -> Result<Vec<&'a str>, ConfigError> {
+    value
+        .split(',')
+        .enumerate()
+        .map(|(i, v)| match v.trim() {
+            "" => Err(ConfigError::new(format!(
+                "{name}: entry {} is empty",
+                i + 1
+            ))),
+            v => Ok(v),
+        })
+        .collect()
+}
+
+/// Adds the discovery issuers of `PORTCULLIS_OIDC_ISSUERS`, each with the audience
+/// and the roots of `PORTCULLIS_OIDC_ROOTS_FILE`; the build waits for their first
+/// fetch.
+#[cfg(feature = "jwks-remote")]
+fn oidc_issuers(
+    mut builder: crate::jwt::TokenVerifierBuilder,
+    value: &str,
+    audience: &str,
+    vars: &Vars,
+) -> Result<crate::jwt::TokenVerifierBuilder, ConfigError> {
+    use crate::jwt::{RemoteIssuer, RemoteStart};
+    let roots = match vars.get(OIDC_ROOTS_FILE) {
+        Some(path) => {
+            let named = |e: ConfigError| ConfigError::new(format!("{OIDC_ROOTS_FILE}: {e}"));
+            let pem = crate::reload::read_file(std::path::Path::new(path.trim()), 1 << 20)
+                .map_err(named)?
+                .bytes()
+                .to_vec();
+            crate::jwt::check_root_certificates(&pem).map_err(named)?;
+            Some(pem)
+        }
+        None => None,
+    };
+    let start = match vars.get(OIDC_START) {
+        None => RemoteStart::WaitForFirstFetch,
+        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "wait" => RemoteStart::WaitForFirstFetch,
+            "empty" => RemoteStart::StartEmpty,
+            _ => {
+                return Err(ConfigError::new(format!(
+                    "{OIDC_START}: must be `wait` or `empty`"
+                )));
+            }
+        },
+    };
+    for (i, iss) in list(value, OIDC_ISSUERS)?.into_iter().enumerate() {
+        // Checked here so that the error names the entry without repeating it.
+        crate::jwt::oidc::discovery_url(iss, false)
+            .map_err(|e| ConfigError::new(format!("{OIDC_ISSUERS}: entry {}: {e}", i + 1)))?;
+        let mut remote = RemoteIssuer::discover(iss).audience(audience).start(start);
+        if let Some(pem) = &roots {
+            remote = remote.tls_root_certificates(pem);
+        }
+        builder = builder.remote_issuer(remote);
+    }
+    Ok(builder)
+}
+
+#[cfg(all(feature = "jwt", not(feature = "jwks-remote")))]
+fn oidc_issuers(
+    _builder: crate::jwt::TokenVerifierBuilder,
+    _value: &str,
+    _audience: &str,
+    _vars: &Vars,
+) -> Result<crate::jwt::TokenVerifierBuilder, ConfigError> {
+    Err(ConfigError::new(format!(
+        "{OIDC_ISSUERS} is set but portcullis was built without the jwks-remote feature"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +539,9 @@ mod tests {
             FORWARDED_HEADER => &[API_KEYS, TRUSTED_PROXIES],
             JWKS_FILE | TOKEN_ISSUERS | TOKEN_AUDIENCE | JWKS_RELOAD_SECS => {
                 &[API_KEYS, JWKS_FILE, TOKEN_ISSUERS, TOKEN_AUDIENCE]
+            }
+            OIDC_ISSUERS | OIDC_ROOTS_FILE | OIDC_START => {
+                &[API_KEYS, TOKEN_AUDIENCE, OIDC_ISSUERS, OIDC_START]
             }
             REDIS_ON_FAILURE | REDIS_TIMEOUT_MS | REDIS_CONNECT_TIMEOUT_MS => {
                 &[API_KEYS, REDIS_URL]
@@ -488,6 +604,12 @@ mod tests {
             JWKS_FILE => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/jwt/jwks.json").into(),
             TOKEN_ISSUERS => "https://issuer.example".into(),
             TOKEN_AUDIENCE => "jobs-api".into(),
+            // Nothing listens there; the stack starts empty and keeps trying.
+            OIDC_ISSUERS => "https://127.0.0.1:1".into(),
+            OIDC_ROOTS_FILE => {
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/jwt/test-ca.pem").into()
+            }
+            OIDC_START => "empty".into(),
             RATE_LIMIT => "100/s, 5000/h".into(),
             AUTH_THROTTLE => "5/15m".into(),
             REDIS_URL => "redis://127.0.0.1:1".into(),
@@ -536,6 +658,23 @@ mod tests {
             (JWKS_FILE, &["/nonexistent/jwks.json"]),
             (TOKEN_ISSUERS, &["https://a,,https://b", ","]),
             (JWKS_RELOAD_SECS, &["-1", "1.5", "ten", "99999999999"]),
+            (
+                OIDC_ISSUERS,
+                &[
+                    "http://issuer.example",
+                    "https://a.example,,https://b.example",
+                    "garbage!!",
+                ],
+            ),
+            (
+                OIDC_ROOTS_FILE,
+                &[
+                    "/nonexistent/roots.pem",
+                    "/dev/null",
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/jwt/jwks.json"),
+                ],
+            ),
+            (OIDC_START, &["later", "garbage!!"]),
             (RATE_LIMIT, &["0/s", "garbage!!", "10/5x", "1/s,1/s"]),
             (AUTH_THROTTLE, &["0/s", "garbage!!", "10/5m, 1/h"]),
             (REDIS_URL, &["garbage!!", "http://127.0.0.1:6379"]),
@@ -554,6 +693,8 @@ mod tests {
             (KEY_FILE_RELOAD_SECS, KEY_FILE),
             (API_KEY_SCOPES, API_KEYS),
             (JWKS_RELOAD_SECS, JWKS_FILE),
+            (OIDC_ROOTS_FILE, OIDC_ISSUERS),
+            (OIDC_START, OIDC_ISSUERS),
             (REDIS_ON_FAILURE, REDIS_URL),
             (REDIS_TIMEOUT_MS, REDIS_URL),
             (REDIS_CONNECT_TIMEOUT_MS, REDIS_URL),

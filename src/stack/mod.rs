@@ -101,8 +101,11 @@
 //! | `PORTCULLIS_API_KEY_SCOPES` | space-separated scopes of the `PORTCULLIS_API_KEYS` keys | `jobs:read jobs:write` |
 //! | `PORTCULLIS_JWKS_FILE` | JWK Set of the service-token signers (feature `jwt`) | `/etc/svc/jwks.json` |
 //! | `PORTCULLIS_TOKEN_ISSUERS` | comma-separated accepted `iss` values (required with a JWKS file) | `https://ci.example` |
-//! | `PORTCULLIS_TOKEN_AUDIENCE` | our `aud` (required with a JWKS file) | `jobs-api` |
+//! | `PORTCULLIS_TOKEN_AUDIENCE` | our `aud` (required with a JWKS file or discovery issuers) | `jobs-api` |
 //! | `PORTCULLIS_JWKS_RELOAD_SECS` | how often the JWKS file is checked (default 10, `0` never) | `60` |
+//! | `PORTCULLIS_OIDC_ISSUERS` | comma-separated issuer URLs (HTTPS) whose keys are found by OpenID Connect discovery and refreshed in the background (feature `jwks-remote`, see [`RemoteIssuer`](crate::jwt::RemoteIssuer)); their tokens need `PORTCULLIS_TOKEN_AUDIENCE` | `https://kubernetes.default.svc.cluster.local` |
+//! | `PORTCULLIS_OIDC_ROOTS_FILE` | PEM root certificates trusted for those issuers instead of the platform's (a private or cluster CA) | `/var/run/secrets/kubernetes.io/serviceaccount/ca.crt` |
+//! | `PORTCULLIS_OIDC_START` | `wait` (default: start-up fails unless the first fetch succeeds) or `empty` (start at once, refuse their tokens until it does) | `empty` |
 //! | `PORTCULLIS_RATE_LIMIT` | 1 to 4 comma-separated [`Quota`](crate::rate_limit::Quota)s (default [`DEFAULT_QUOTA`]) | `100/s, 5000/h` |
 //! | `PORTCULLIS_AUTH_THROTTLE` | failed authentications allowed per address, one quota (default `10/5m`) | `5/15m` |
 //! | `PORTCULLIS_REDIS_URL` | share the rate limits and the failed-authentication counts through Redis (feature `redis`); never logged | `redis://redis:6379` |

@@ -38,6 +38,12 @@ fn jwt_verify_corpus() {
     replay("jwt_verify", portcullis::fuzzing::jwt_verify);
 }
 
+#[cfg(feature = "jwks-remote")]
+#[test]
+fn jwks_documents_corpus() {
+    replay("jwks_documents", portcullis::fuzzing::jwks_documents);
+}
+
 #[cfg(feature = "api-key")]
 #[test]
 fn credentials_corpus() {

@@ -22,6 +22,8 @@ mod client_ip;
 mod fuzz_corpus;
 #[cfg(all(feature = "stack", feature = "tonic"))]
 mod grpc;
+#[cfg(feature = "jwks-remote")]
+mod jwks;
 #[cfg(feature = "jwt")]
 mod jwt;
 #[cfg(all(feature = "api-key", feature = "rate-limit", feature = "client-ip"))]

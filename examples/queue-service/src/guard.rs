@@ -34,7 +34,7 @@ use portcullis::access_log::AccessLogLayer;
 use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
 use portcullis::auth_throttle::AuthThrottleLayer;
 use portcullis::client_ip::{ClientIpConfig, ClientIpLayer};
-use portcullis::jwt::{SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
+use portcullis::jwt::{RemoteIssuer, SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
 use portcullis::rate_limit::redis::{FailurePolicy, RedisLimiter};
 use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};
 use portcullis::reload::ReloadHandle;
@@ -142,6 +142,9 @@ pub struct GuardConfig {
     pub redis: Option<RedisLimiter>,
     /// Keeps the key file reloading for as long as the stacks live.
     pub reloading: Option<ReloadHandle>,
+    /// An external issuer (e.g. a Kubernetes cluster's) whose tokens are accepted on
+    /// the internal endpoint only, beside the demo's own.
+    pub internal_issuer: Option<RemoteIssuer>,
 }
 
 impl GuardConfig {
@@ -163,6 +166,7 @@ impl GuardConfig {
             auth_failures: Quota::new(10, Duration::from_secs(300))?,
             redis: None,
             reloading: None,
+            internal_issuer: None,
         })
     }
 }
@@ -182,11 +186,18 @@ pub struct Guard {
 impl Guard {
     /// Checks and builds every layer; any unsafe or incomplete setting is an error.
     pub fn new(c: GuardConfig) -> Result<Self, ConfigError> {
-        let verifier = TokenVerifier::builder()
-            .key(VerifyingKey::hs256(&c.token_secret.0)?.issuer(ISSUER))
-            .issuer(ISSUER)
-            .audience(AUDIENCE)
-            .build()?;
+        let own = || -> Result<_, ConfigError> {
+            Ok(TokenVerifier::builder()
+                .key(VerifyingKey::hs256(&c.token_secret.0)?.issuer(ISSUER))
+                .issuer(ISSUER)
+                .audience(AUDIENCE))
+        };
+        let verifier = own()?.build()?;
+        // The external issuer's keys are fetched now: start-up fails if it is down.
+        let internal_verifier = match c.internal_issuer {
+            Some(remote) => own()?.remote_issuer(remote).build()?,
+            None => verifier.clone(),
+        };
         let dashboard_verifier = TokenVerifier::builder()
             .key(VerifyingKey::hs256(&c.token_secret.0)?.issuer(ISSUER))
             .issuer(ISSUER)
@@ -218,7 +229,7 @@ impl Guard {
         };
         Ok(Self {
             stack: stack(&verifier).build()?,
-            internal: stack(&verifier).allow(c.internal).build()?,
+            internal: stack(&internal_verifier).allow(c.internal).build()?,
             dashboard: stack(&dashboard_verifier).build()?,
             client_ip: ClientIpLayer::new(c.client_ip),
             secret: c.token_secret,

@@ -16,6 +16,8 @@
 //! | `PORTCULLIS_DEMO_KEY_FILE` | API-key file (TOML, reloaded on change) | ephemeral keys |
 //! | `PORTCULLIS_DEMO_TOKEN_KEY_FILE` | HS256 secret (>= 32 bytes) of the service tokens | ephemeral secret |
 //! | `PORTCULLIS_DEMO_INTERNAL_CIDRS` | who may call `POST /internal/latest-runs` | `127.0.0.0/8, ::1` |
+//! | `PORTCULLIS_DEMO_INTERNAL_ISSUER` | an OpenID Connect issuer (HTTPS, keys by discovery) whose tokens may also call it, with `aud` `portcullis-demo-queue` | none |
+//! | `PORTCULLIS_DEMO_INTERNAL_CALLERS` | the principals (`sub`) of that issuer granted `jobs:work`, comma-separated (required with it) | none |
 //! | `PORTCULLIS_DEMO_TRUSTED_PROXIES` | proxies whose `X-Forwarded-For` names the client (CIDRs) | none: the TCP peer is the client |
 //! | `PORTCULLIS_DEMO_JOB_TTL_SECS` | job lifetime, 1 to 2592000 (30 days) | 86400 |
 //! | `PORTCULLIS_DEMO_MAX_DEPTH` | open jobs before 503, 1 to 1000000 | 1000 |
@@ -184,7 +186,7 @@ pub const MAX_DEPTH: u64 = 1_000_000;
 pub const MAX_LEASE_SECS: u64 = 3600;
 
 /// Every variable the demo reads.
-pub const ENV_VARS: [&str; 11] = [
+pub const ENV_VARS: [&str; 13] = [
     "PORTCULLIS_DEMO_ADDR",
     "REDIS_URL",
     "PORTCULLIS_DEMO_REDIS_NAMESPACE",
@@ -193,6 +195,8 @@ pub const ENV_VARS: [&str; 11] = [
     "PORTCULLIS_DEMO_KEY_FILE",
     "PORTCULLIS_DEMO_TOKEN_KEY_FILE",
     "PORTCULLIS_DEMO_INTERNAL_CIDRS",
+    "PORTCULLIS_DEMO_INTERNAL_ISSUER",
+    "PORTCULLIS_DEMO_INTERNAL_CALLERS",
     "PORTCULLIS_DEMO_TRUSTED_PROXIES",
     "PORTCULLIS_DEMO_JOB_TTL_SECS",
     "PORTCULLIS_DEMO_MAX_DEPTH",
@@ -357,6 +361,36 @@ pub fn banner(bound: SocketAddr, credentials: &Credentials) -> String {
     out
 }
 
+/// The external issuer trusted on the internal endpoint (`get` reads a variable):
+/// `PORTCULLIS_DEMO_INTERNAL_ISSUER` with its callers in
+/// `PORTCULLIS_DEMO_INTERNAL_CALLERS`, each granted `jobs:work`; either without the
+/// other is an error. Its keys are fetched when the guard is built.
+pub fn internal_issuer(
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<Option<portcullis::jwt::RemoteIssuer>, String> {
+    const ISSUER: &str = "PORTCULLIS_DEMO_INTERNAL_ISSUER";
+    const CALLERS: &str = "PORTCULLIS_DEMO_INTERNAL_CALLERS";
+    let (issuer, callers) = match (get(ISSUER), get(CALLERS)) {
+        (None, None) => return Ok(None),
+        (Some(i), Some(c)) => (i, c),
+        _ => return Err(format!("set both {ISSUER} and {CALLERS}, or neither")),
+    };
+    if !issuer.trim().starts_with("https://") {
+        return Err(format!("{ISSUER} must be an https:// URL"));
+    }
+    let mut remote =
+        portcullis::jwt::RemoteIssuer::discover(issuer.trim()).audience(guard::AUDIENCE);
+    for (i, caller) in callers.split(',').map(str::trim).enumerate() {
+        if caller.is_empty() {
+            return Err(format!("{CALLERS}: entry {} is empty", i + 1));
+        }
+        remote = remote
+            .scopes_for(caller, auth::JOBS_WORK)
+            .map_err(|e| format!("{CALLERS}: {e}"))?;
+    }
+    Ok(Some(remote))
+}
+
 /// Everything `main` does before serving: configuration from `args` and `get` (the
 /// environment), credentials, the guard, the bound listener, and the banner.
 pub async fn start(
@@ -399,6 +433,7 @@ pub async fn start(
             .map_err(|e| format!("PORTCULLIS_DEMO_TRUSTED_PROXIES: {e}"))?;
     }
     config.reloading = credentials.reloading();
+    config.internal_issuer = internal_issuer(get)?;
     config.redis = guard::redis_limiter(args.redis.as_deref(), &namespace, ca.as_deref())?;
     if let Some(redis) = &config.redis {
         redis

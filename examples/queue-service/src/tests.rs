@@ -360,6 +360,43 @@ fn half_a_credential_configuration_is_refused() {
 }
 
 #[test]
+fn an_external_issuer_for_the_internal_endpoint_from_the_environment() {
+    let env = |issuer: Option<&'static str>, callers: Option<&'static str>| {
+        move |k: &str| match k {
+            "PORTCULLIS_DEMO_INTERNAL_ISSUER" => issuer.map(str::to_owned),
+            "PORTCULLIS_DEMO_INTERNAL_CALLERS" => callers.map(str::to_owned),
+            _ => None,
+        }
+    };
+    assert!(crate::internal_issuer(env(None, None)).unwrap().is_none());
+    let issuer = "https://127.0.0.1:1";
+    let callers = "system:serviceaccount:batch:reporter";
+    let remote = crate::internal_issuer(env(Some(issuer), Some(callers)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(remote.issuer(), issuer);
+    for (i, c) in [
+        (Some(issuer), None),
+        (None, Some(callers)),
+        (Some("http://issuer.example"), Some(callers)),
+        (Some(issuer), Some("a,,b")),
+    ] {
+        assert!(crate::internal_issuer(env(i, c)).is_err(), "{i:?} {c:?}");
+    }
+    // Its keys are fetched when the guard is built: nobody answers there.
+    let (keys, secret) = Credentials::from_env(|_| None).unwrap().parts();
+    let mut config = GuardConfig::new(
+        keys,
+        secret,
+        portcullis::IpSet::parse("127.0.0.0/8").unwrap(),
+    )
+    .unwrap();
+    config.internal_issuer = Some(remote);
+    let e = Guard::new(config).unwrap_err().to_string();
+    assert!(e.contains("first key fetch failed"), "{e}");
+}
+
+#[test]
 fn the_queue_limits_from_the_environment() {
     let env = |pairs: &'static [(&'static str, &'static str)]| {
         move |k: &str| {
