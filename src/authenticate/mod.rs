@@ -25,11 +25,13 @@
 //!
 //! The credential header is removed before the request reaches the inner service
 //! (like Kong's `hide_credentials`; see [`AuthenticateLayer::hide_credentials`]), and
-//! marked sensitive if kept. Every success and failure is an audit event on
-//! [`audit::TARGET`](crate::audit::TARGET): `auth_succeeded` (principal, method,
-//! client ip) and `auth_failed` (reason class, client ip, and the key id only when the
-//! key matched a revoked, expired or not-yet-valid record). No credential is ever
-//! logged.
+//! marked sensitive if kept. Every failure is an audit event on
+//! [`audit::TARGET`](crate::audit::TARGET), `auth_failed` (reason class, client ip,
+//! and the key id only when the key matched a revoked, expired or not-yet-valid
+//! record). A success is recorded by the access log's one event per request (its
+//! `principal` and `auth_method` fields); an `auth_succeeded` audit event per accepted
+//! credential as well is opt-in, [`AuthenticateLayer::audit_successes`]. No
+//! credential is ever logged.
 //!
 //! ```
 //! # #[cfg(feature = "api-key")]
@@ -206,6 +208,8 @@ pub(crate) struct Config {
     query_param: Option<Arc<str>>,
     /// `Some` only in the explicitly requested unauthenticated mode.
     unauthenticated: Option<Principal>,
+    /// Whether every accepted credential is also an `auth_succeeded` audit event.
+    audit_successes: bool,
 }
 
 /// Layer applying [`Authenticate`]: verifies the request's credential and inserts the
@@ -226,6 +230,7 @@ impl AuthenticateLayer {
                 hide_credentials: true,
                 query_param: None,
                 unauthenticated: None,
+                audit_successes: false,
             }),
         }
     }
@@ -312,6 +317,28 @@ impl AuthenticateLayer {
         Ok(self)
     }
 
+    /// Also emits an `auth_succeeded` audit event (`principal`, `method`,
+    /// `client_ip`) for every accepted credential. Off by default: the access log's
+    /// event for the request already names the principal and how it authenticated
+    /// ([`access_log`](crate::access_log)), so a second event per request only costs.
+    /// Turn it on when the audit target goes to a sink of its own that must list
+    /// successes as well; failures are always audit events.
+    ///
+    /// ```
+    /// # #[cfg(feature = "api-key")] {
+    /// use portcullis::api_key::{generate_key, ApiKeys, KeyStore};
+    /// use portcullis::authenticate::AuthenticateLayer;
+    /// let key = generate_key("pc_test").unwrap();
+    /// let store = KeyStore::from_key_list(key.expose_secret(), Default::default()).unwrap();
+    /// let auth = AuthenticateLayer::api_keys(ApiKeys::new(store)).audit_successes();
+    /// # let _ = auth;
+    /// # }
+    /// ```
+    pub fn audit_successes(mut self) -> Self {
+        Arc::make_mut(&mut self.config).audit_successes = true;
+        self
+    }
+
     /// Whether the credential is removed from the request before the inner service
     /// sees it (default `true`). When kept, the header value is marked sensitive.
     pub fn hide_credentials(mut self, hide: bool) -> Self {
@@ -360,6 +387,7 @@ impl fmt::Debug for Config {
             .field("hide_credentials", &self.hide_credentials)
             .field("query_param", &self.query_param)
             .field("unauthenticated", &self.unauthenticated.is_some())
+            .field("audit_successes", &self.audit_successes)
             .finish()
     }
 }
@@ -441,13 +469,15 @@ impl Config {
             );
             return Err(DenialReason::KeyIpDenied);
         }
-        crate::audit::emit!(
-            info,
-            AuthSucceeded,
-            principal = &*crate::log_text::sanitize_id(principal.id()),
-            method = principal.method().as_str(),
-            client_ip = client_ip.map(tracing::field::display),
-        );
+        if self.audit_successes {
+            crate::audit::emit!(
+                info,
+                AuthSucceeded,
+                principal = &*crate::log_text::sanitize_id(principal.id()),
+                method = principal.method().as_str(),
+                client_ip = client_ip.map(tracing::field::display),
+            );
+        }
         Ok((proof, credential.source()))
     }
 

@@ -48,6 +48,7 @@ pub struct StackBuilder {
     service_tokens: Option<TokenVerifier>,
     unauthenticated: Option<Scopes>,
     realm: Option<String>,
+    audit_successes: bool,
     throttle: Option<AuthThrottleLayer>,
     rate_limit: RateLimitChoice,
     #[cfg(feature = "redis")]
@@ -104,6 +105,7 @@ impl StackBuilder {
             service_tokens: None,
             unauthenticated: None,
             realm: None,
+            audit_successes: false,
             throttle: Some(AuthThrottleLayer::recommended()),
             rate_limit: RateLimitChoice::Default,
             #[cfg(feature = "redis")]
@@ -205,6 +207,14 @@ impl StackBuilder {
     /// The realm of the `WWW-Authenticate` challenges (default `api`).
     pub fn realm(mut self, realm: &str) -> Self {
         self.realm = Some(realm.to_owned());
+        self
+    }
+
+    /// Also emits an `auth_succeeded` audit event for every accepted credential
+    /// (see [`AuthenticateLayer::audit_successes`]). Off by default: the access
+    /// event of each request names its principal already.
+    pub fn audit_successes(mut self) -> Self {
+        self.audit_successes = true;
         self
     }
 
@@ -355,6 +365,9 @@ impl StackBuilder {
         };
         if let Some(realm) = &self.realm {
             auth = auth.realm(realm)?;
+        }
+        if self.audit_successes {
+            auth = auth.audit_successes();
         }
 
         // Throttle: one failure budget across instances when they share Redis.
