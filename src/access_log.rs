@@ -366,8 +366,13 @@ impl Pending {
         self.done = true;
         let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         let r = &self.config.redactor;
-        // An extension method is any token a client chooses, a key included.
-        let method = clean(r.redact(self.method.as_str()), MAX_METHOD);
+        // An extension method is any token a client chooses, a key included; the
+        // standard methods are constants.
+        let method = if is_standard(&self.method) {
+            Cow::Borrowed(self.method.as_str())
+        } else {
+            clean(r.redact(self.method.as_str()), MAX_METHOD)
+        };
         // Safe characters only, but a client can still send a token as its id.
         let request_id = self
             .request_id
@@ -421,6 +426,22 @@ impl Pending {
             "request"
         );
     }
+}
+
+/// Whether `m` is one of the methods of RFC 9110 and RFC 5789 (`http`'s constants).
+fn is_standard(m: &Method) -> bool {
+    [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ]
+    .contains(m)
 }
 
 /// A client address as text, formatted on the stack (an address is at most 45

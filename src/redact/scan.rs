@@ -358,8 +358,15 @@ fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
 /// at exactly the positions where the reference scan, which looks at every byte,
 /// finds them a match (property-tested and fuzzed against it).
 pub(super) struct Prefilter {
+    /// With its SIMD prefilter, for long texts.
     starts: aho_corasick::AhoCorasick,
+    /// The same literals as a plain DFA, for short texts (a field of an access event),
+    /// where setting up the SIMD search costs more than it saves.
+    starts_short: aho_corasick::AhoCorasick,
 }
+
+/// Below this many bytes left, the literal starts are searched with the plain DFA.
+const SHORT: usize = 64;
 
 /// The bytes that start a rule whatever follows them.
 const SEPARATORS: [u8; 3] = [b'=', b':', b'_'];
@@ -386,11 +393,18 @@ impl Prefilter {
         }
         starts.sort();
         starts.dedup();
-        let starts = aho_corasick::AhoCorasick::builder()
-            .match_kind(aho_corasick::MatchKind::LeftmostFirst)
-            .build(&starts)
-            .expect("short literal patterns always build");
-        Self { starts }
+        let build = |prefilter: bool| {
+            aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+                .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+                .prefilter(prefilter)
+                .build(&starts)
+                .expect("a few dozen three-byte patterns always build")
+        };
+        Self {
+            starts: build(true),
+            starts_short: build(false),
+        }
     }
 }
 
@@ -446,9 +460,13 @@ impl<'a> Candidates<'a> {
                 self.byte = Some(memchr::memchr3(a, b, c, &input[from..]).map_or(n, |p| from + p));
             }
             if self.pair.is_none_or(|p| p < from) {
+                let ac = if n - from < SHORT {
+                    &pre.starts_short
+                } else {
+                    &pre.starts
+                };
                 self.pair = Some(
-                    pre.starts
-                        .find(aho_corasick::Input::new(input).span(from..n))
+                    ac.find(aho_corasick::Input::new(input).span(from..n))
                         .map_or(n, |m| m.start()),
                 );
             }
