@@ -526,6 +526,8 @@ mod prefilter {
             Redactor::builder()
                 .key_prefix("cnp_live_")
                 .key_prefix("a_b_")
+                .token_prefix("acme-", 8)
+                .token_prefix("b_x", 8)
                 .sensitive_name("x-internal-auth")
                 .build()
                 .unwrap(),
@@ -600,5 +602,53 @@ mod names {
                 proptest::prop_assert!(!rules.is_sensitive_name_closely(name.as_bytes(), whole), "{}", name);
             }
         }
+    }
+}
+
+#[test]
+fn tokens_of_your_own_format() {
+    let r = Redactor::builder()
+        .token_prefix("acme-", 24)
+        .token_prefix("XY_live_", 10)
+        .build()
+        .unwrap();
+    let cases = [
+        ("t=acme-Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5", "t=acme-****"),
+        (
+            "{\"k\":\"XY_live_abcDEF_123-x\"}",
+            "{\"k\":\"XY_live_****\"}",
+        ),
+        (
+            "GET /v1?k=acme%2DZm9vYmFyYmF6cXV4MTIzNDU2Nzg5",
+            "GET /v1?k=acme%2D****",
+        ),
+        // Too short, or another prefix: left alone.
+        ("acme-widgets-and-more", "acme-widgets-and-more"),
+        ("XY_test_abcdefghijkl", "XY_test_abcdefghijkl"),
+    ];
+    for (input, want) in cases {
+        let once = r.redact(input);
+        assert_eq!(once, want, "{input}");
+        assert_eq!(r.redact(&once), once, "not idempotent: {input}");
+    }
+    // The default redactor does not know the format.
+    assert_eq!(
+        Redactor::new().redact("t=acme-Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5"),
+        "t=acme-Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5"
+    );
+    for (prefix, min) in [
+        ("ac", 24),
+        ("-acme", 24),
+        ("acme!", 24),
+        ("acme-", 7),
+        ("acme-", 2000),
+    ] {
+        assert!(
+            Redactor::builder()
+                .token_prefix(prefix, min)
+                .build()
+                .is_err(),
+            "{prefix} {min}"
+        );
     }
 }
