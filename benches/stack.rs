@@ -74,6 +74,8 @@ impl KeyExtractor for ApiKeyHeader {
 }
 
 /// The peer stack (see the module docs) around the handler, knowing `key`.
+// tower-http's `ValidateRequest` returns the refusal as the error of a `Result`.
+#[allow(clippy::result_large_err)]
 fn peer_stack(
     key: &str,
 ) -> impl Service<Request<Body>, Response = Response<impl Sized>, Error = Infallible> + Clone {
