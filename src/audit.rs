@@ -77,6 +77,8 @@ events! {
     /// [`StackBuilder::audit_successes`](crate::stack::StackBuilder::audit_successes)):
     /// a credential was accepted. Fields: `principal`, `method`, `client_ip`. Without
     /// it, the access event of the request records the same facts.
+    /// [`VerifySignatureLayer`](crate::signature::VerifySignatureLayer) emits it for
+    /// every verified signature, unconditionally.
     AuthSucceeded => "auth_succeeded",
     /// `WARN`, at construction: the unauthenticated mode
     /// (`allow_unauthenticated_requests_dangerously`) lets every request in. Fields:
