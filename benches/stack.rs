@@ -1,13 +1,22 @@
 //! Per-request cost of the whole stack (`StackLayer`: request id, access log, client
 //! address, allowlist, failed-authentication throttle, API key, rate limit) against
-//! the bare handler and against the same layers assembled by hand with
-//! `ServiceBuilder`, in process: `oneshot` over a cloned service, access events
-//! formatted as JSON into a sink.
+//! the bare handler, against the same layers assembled by hand with `ServiceBuilder`,
+//! and against the stack a tower user would assemble from peers, in process:
+//! `oneshot` over a cloned service, with the events formatted as JSON into a sink and
+//! with no subscriber.
+//!
+//! The peer stack, outermost first: tower-http's `SetRequestId` (UUID v4) and
+//! `PropagateRequestId` on `x-request-id`, `SetSensitiveRequestHeaders`
+//! (`authorization`, `cookie`, `x-api-key`), `TraceLayer` with its span and its
+//! response event at INFO, `ValidateRequestHeader` checking `x-api-key` against a key
+//! set, and tower_governor keyed by that key, on the same quota.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -26,18 +35,88 @@ use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};
 use portcullis::request_id::RequestIdLayer;
 use portcullis::stack::StackLayer;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_governor::GovernorError;
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::key_extractor::KeyExtractor;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tower_http::validate_request::ValidateRequestHeaderLayer;
 use tracing::Level;
 
 type Body = Full<Bytes>;
+/// The response body: tower_governor answers its refusals with axum's.
+type ResBody = axum::body::Body;
 
 fn handler()
--> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Unpin> + Clone
+-> impl Service<Request<Body>, Response = Response<ResBody>, Error = Infallible, Future: Unpin> + Clone
 {
     tower::service_fn(|_req: Request<Body>| {
-        std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(
+        std::future::ready(Ok::<_, Infallible>(Response::new(ResBody::from(
             Bytes::from_static(b"ok"),
         ))))
     })
+}
+
+/// tower_governor keyed by the API key, as the peer stack counts per key.
+#[derive(Clone)]
+struct ApiKeyHeader;
+
+impl KeyExtractor for ApiKeyHeader {
+    type Key = String;
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, GovernorError> {
+        req.headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+/// The peer stack (see the module docs) around the handler, knowing `key`.
+// tower-http's `ValidateRequest` returns the refusal as the error of a `Result`.
+#[allow(clippy::result_large_err)]
+fn peer_stack(
+    key: &str,
+) -> impl Service<Request<Body>, Response = Response<impl Sized>, Error = Infallible> + Clone {
+    let keys: Arc<HashSet<String>> = Arc::new([key.to_owned()].into_iter().collect());
+    let governor = GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(1_000_000_000)
+        .key_extractor(ApiKeyHeader)
+        .finish()
+        .unwrap();
+    ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            http::header::AUTHORIZATION,
+            http::header::COOKIE,
+            http::HeaderName::from_static("x-api-key"),
+        ]))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .layer(ValidateRequestHeaderLayer::custom(
+            move |req: &mut Request<Body>| -> Result<(), Response<ResBody>> {
+                let known = req
+                    .headers()
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|k| keys.contains(k));
+                if known {
+                    Ok(())
+                } else {
+                    let mut res = Response::new(ResBody::empty());
+                    *res.status_mut() = http::StatusCode::UNAUTHORIZED;
+                    Err(res)
+                }
+            },
+        ))
+        .layer(tower_governor::GovernorLayer::new(governor))
+        .service(handler())
 }
 
 fn request(key: &str) -> Request<Body> {
@@ -61,9 +140,9 @@ fn now<F: Future>(f: F) -> F::Output {
     }
 }
 
-fn per_request<S>(b: &mut criterion::Bencher<'_>, svc: S, key: &str)
+fn per_request<S, B>(b: &mut criterion::Bencher<'_>, svc: S, key: &str)
 where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone,
+    S: Service<Request<Body>, Response = Response<B>> + Clone,
     S::Error: std::fmt::Debug,
 {
     // Every variant must answer 200: a refusal would measure the wrong path.
@@ -75,8 +154,9 @@ where
     })
 }
 
-/// With the access and audit events formatted as JSON into a sink (as in
-/// production), and with no subscriber (the layers' own work only).
+/// With the events formatted as JSON into a sink (as in production), and with no
+/// subscriber (the layers' own work only). Every variant answers 200 with the
+/// same request.
 fn stack(c: &mut Criterion) {
     let subscriber = tracing_subscriber::fmt()
         .json()
@@ -132,6 +212,9 @@ fn group(c: &mut Criterion, name: &str) {
             .build()
             .unwrap();
         per_request(b, stack.layer(handler()), k)
+    });
+    g.bench_function("peer_stack_tower_http_tower_governor", |b| {
+        per_request(b, peer_stack(k), k)
     });
     g.finish();
 }

@@ -13,10 +13,20 @@
 //! | `status` | the response status (absent on error or cancel) |
 //! | `latency_us` | microseconds from the request reaching this layer to the response head |
 //! | `client_ip` | the [`ClientIp`] |
-//! | `principal`, `auth_method` | the [`Principal`]'s public id and how it authenticated |
+//! | `principal` | the [`Principal`]'s public id: the key id of an API key, the `sub` of a service token |
+//! | `auth_method` | how it authenticated: `api_key`, `service_token`, `unauthenticated` (with `principal`, the [identity](Principal::identity)) |
 //! | `denial_reason` | the [`DenialReason`] class of a refusal, e.g. `unknown_key` |
 //! | `user_agent` | redacted, control characters escaped, at most 256 bytes |
 //! | `outcome` | `response`, `error` (the inner service failed) or `cancelled` |
+//!
+//! **The one event of a successful request.** The access event records the
+//! authentication outcome, so a request that passes every layer is this one event:
+//! the per-request `auth_succeeded` audit event is opt-in
+//! ([`AuthenticateLayer::audit_successes`](crate::authenticate::AuthenticateLayer::audit_successes)),
+//! while refusals are audit events as well (see [`audit`](crate::audit)). Every
+//! field is recorded as a string or an integer, never through `Debug` or `Display`
+//! formatting, so a JSON formatter writes each value once without an intermediate
+//! string.
 //!
 //! Every field a client can influence (request id, method, path, query, user agent,
 //! principal id, which for a service token is its `sub`) is redacted where it can
@@ -356,8 +366,13 @@ impl Pending {
         self.done = true;
         let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         let r = &self.config.redactor;
-        // An extension method is any token a client chooses, a key included.
-        let method = clean(r.redact(self.method.as_str()), MAX_METHOD);
+        // An extension method is any token a client chooses, a key included; the
+        // standard methods are constants.
+        let method = if is_standard(&self.method) {
+            Cow::Borrowed(self.method.as_str())
+        } else {
+            clean(r.redact(self.method.as_str()), MAX_METHOD)
+        };
         // Safe characters only, but a client can still send a token as its id.
         let request_id = self
             .request_id
@@ -386,6 +401,9 @@ impl Pending {
             .and_then(|e| e.get::<Principal>())
             .or(self.principal.as_ref());
         let denial = ext.and_then(|e| e.get::<DenialReason>()).copied();
+        let mut ip_text = IpText::default();
+        let client_ip = client_ip.and_then(|ip| ip_text.format(ip));
+        let principal_id = principal.map(|p| sanitize_id(p.id()));
         let outcome = match outcome {
             Outcome::Response(_) => "response",
             Outcome::Error => "error",
@@ -399,14 +417,67 @@ impl Pending {
             query = query.as_deref(),
             status,
             latency_us,
-            client_ip = client_ip.map(tracing::field::display),
-            principal = principal.map(|p| sanitize_id(p.id())).as_deref(),
+            client_ip,
+            principal = principal_id.as_deref(),
             auth_method = principal.map(|p| p.method().as_str()),
             denial_reason = denial.map(DenialReason::as_str),
             user_agent = user_agent.as_deref(),
             outcome,
             "request"
         );
+    }
+}
+
+/// Whether `m` is one of the methods of RFC 9110 and RFC 5789 (`http`'s constants).
+fn is_standard(m: &Method) -> bool {
+    [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ]
+    .contains(m)
+}
+
+/// A client address as text, formatted on the stack (an address is at most 45
+/// bytes), so that the event records a `&str`.
+struct IpText {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl Default for IpText {
+    fn default() -> Self {
+        Self {
+            bytes: [0; 64],
+            len: 0,
+        }
+    }
+}
+
+impl IpText {
+    fn format(&mut self, ip: ClientIp) -> Option<&str> {
+        use std::fmt::Write as _;
+        self.len = 0;
+        write!(self, "{ip}").ok()?;
+        std::str::from_utf8(&self.bytes[..self.len]).ok()
+    }
+}
+
+impl fmt::Write for IpText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        self.bytes
+            .get_mut(self.len..end)
+            .ok_or(fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 

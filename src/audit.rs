@@ -15,6 +15,14 @@
 //! bidirectional and invisible characters escaped, by the same function as the
 //! access log's fields ([`sanitize`](crate::redact::sanitize) describes it).
 //!
+//! **Successes are recorded once, by the access log.** A request that passes every
+//! layer is one event, the access event ([`access_log`](crate::access_log)), whose
+//! `principal` and `auth_method` fields say who it was and how it authenticated. The
+//! per-request success event `auth_succeeded` is opt-in (`audit_successes` on the
+//! authentication layer or the stack), for an audit sink that must list successes
+//! on its own. Failures, refusals, throttling, reloads and configuration events are
+//! always audit events.
+//!
 //! Fields common to request events: `reason` (a
 //! [`DenialReason`](crate::rejection::DenialReason) name), `client_ip`, `principal`
 //! (the principal's id) and `method` (`api_key`, `service_token`, `unauthenticated`):
@@ -64,8 +72,13 @@ events! {
     /// `invalid_token`, ...), `client_ip`, `key_id` (the public id of a known key that
     /// was expired, revoked or not yet valid).
     AuthFailed => "auth_failed",
-    /// `INFO`, [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer): a
-    /// credential was accepted. Fields: `principal`, `method`, `client_ip`.
+    /// `INFO`, [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer), **opt-in**
+    /// ([`AuthenticateLayer::audit_successes`](crate::authenticate::AuthenticateLayer::audit_successes),
+    /// [`StackBuilder::audit_successes`](crate::stack::StackBuilder::audit_successes)):
+    /// a credential was accepted. Fields: `principal`, `method`, `client_ip`. Without
+    /// it, the access event of the request records the same facts.
+    /// [`VerifySignatureLayer`](crate::signature::VerifySignatureLayer) emits it for
+    /// every verified signature, unconditionally.
     AuthSucceeded => "auth_succeeded",
     /// `WARN`, at construction: the unauthenticated mode
     /// (`allow_unauthenticated_requests_dangerously`) lets every request in. Fields:

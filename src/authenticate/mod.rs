@@ -25,11 +25,13 @@
 //!
 //! The credential header is removed before the request reaches the inner service
 //! (like Kong's `hide_credentials`; see [`AuthenticateLayer::hide_credentials`]), and
-//! marked sensitive if kept. Every success and failure is an audit event on
-//! [`audit::TARGET`](crate::audit::TARGET): `auth_succeeded` (principal, method,
-//! client ip) and `auth_failed` (reason class, client ip, and the key id only when the
-//! key matched a revoked, expired or not-yet-valid record). No credential is ever
-//! logged.
+//! marked sensitive if kept. Every failure is an audit event on
+//! [`audit::TARGET`](crate::audit::TARGET), `auth_failed` (reason class, client ip,
+//! and the key id only when the key matched a revoked, expired or not-yet-valid
+//! record). A success is recorded by the access log's one event per request (its
+//! `principal` and `auth_method` fields); an `auth_succeeded` audit event per accepted
+//! credential as well is opt-in, [`AuthenticateLayer::audit_successes`]. No
+//! credential is ever logged.
 //!
 //! ```
 //! # #[cfg(feature = "api-key")]
@@ -215,6 +217,8 @@ pub(crate) struct Config {
     /// logged already (once per layer and its clones).
     #[cfg(feature = "api-key")]
     credits_unenforced_logged: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether every accepted credential is also an `auth_succeeded` audit event.
+    audit_successes: bool,
 }
 
 /// Layer applying [`Authenticate`]: verifies the request's credential and inserts the
@@ -239,6 +243,7 @@ impl AuthenticateLayer {
                 credits_spent: false,
                 #[cfg(feature = "api-key")]
                 credits_unenforced_logged: Arc::default(),
+                audit_successes: false,
             }),
         }
     }
@@ -325,6 +330,28 @@ impl AuthenticateLayer {
         Ok(self)
     }
 
+    /// Also emits an `auth_succeeded` audit event (`principal`, `method`,
+    /// `client_ip`) for every accepted credential. Off by default: the access log's
+    /// event for the request already names the principal and how it authenticated
+    /// ([`access_log`](crate::access_log)), so a second event per request only costs.
+    /// Turn it on when the audit target goes to a sink of its own that must list
+    /// successes as well; failures are always audit events.
+    ///
+    /// ```
+    /// # #[cfg(feature = "api-key")] {
+    /// use portcullis::api_key::{generate_key, ApiKeys, KeyStore};
+    /// use portcullis::authenticate::AuthenticateLayer;
+    /// let key = generate_key("pc_test").unwrap();
+    /// let store = KeyStore::from_key_list(key.expose_secret(), Default::default()).unwrap();
+    /// let auth = AuthenticateLayer::api_keys(ApiKeys::new(store)).audit_successes();
+    /// # let _ = auth;
+    /// # }
+    /// ```
+    pub fn audit_successes(mut self) -> Self {
+        Arc::make_mut(&mut self.config).audit_successes = true;
+        self
+    }
+
     /// Whether the credential is removed from the request before the inner service
     /// sees it (default `true`). When kept, the header value is marked sensitive.
     pub fn hide_credentials(mut self, hide: bool) -> Self {
@@ -402,7 +429,8 @@ impl fmt::Debug for Config {
         d.field("realm", &self.challenge.realm())
             .field("hide_credentials", &self.hide_credentials)
             .field("query_param", &self.query_param)
-            .field("unauthenticated", &self.unauthenticated.is_some());
+            .field("unauthenticated", &self.unauthenticated.is_some())
+            .field("audit_successes", &self.audit_successes);
         #[cfg(feature = "api-key")]
         d.field("credits_spent_inside", &self.credits_spent);
         d.finish()
@@ -486,13 +514,15 @@ impl Config {
             );
             return Err(DenialReason::KeyIpDenied);
         }
-        crate::audit::emit!(
-            info,
-            AuthSucceeded,
-            principal = &*crate::log_text::sanitize_id(principal.id()),
-            method = principal.method().as_str(),
-            client_ip = client_ip.map(tracing::field::display),
-        );
+        if self.audit_successes {
+            crate::audit::emit!(
+                info,
+                AuthSucceeded,
+                principal = &*crate::log_text::sanitize_id(principal.id()),
+                method = principal.method().as_str(),
+                client_ip = client_ip.map(tracing::field::display),
+            );
+        }
         Ok((proof, credential.source()))
     }
 

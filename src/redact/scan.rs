@@ -231,7 +231,28 @@ struct Match {
 }
 
 /// Redacts `input`; `None` when nothing was found (the common case, no allocation).
+///
+/// The rules run at the positions the prefilter proposes, each confirmed against the
+/// pair table: exactly the positions [`redact_plain`] visits, found without a look at
+/// every byte (property-tested and fuzzed against it).
 pub(super) fn redact(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
+    let mut candidates = Candidates::new(rules, input);
+    redact_at(rules, input, |from| candidates.next(from))
+}
+
+/// The reference scan: one pair-table lookup per byte, no prefilter. What
+/// [`redact`] must agree with; compiled for the tests and the fuzz target only.
+#[cfg(any(test, fuzzing))]
+pub(super) fn redact_plain(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
+    redact_at(rules, input, |from| {
+        next_candidate(&rules.pairs, input, from)
+    })
+}
+
+/// The scan over the candidate positions `next(from)` returns: the first position at
+/// or after `from` where a rule can start (by the pair table), or `input.len()`.
+/// `from` never decreases from one call to the next.
+fn redact_at(rules: &Rules, input: &[u8], mut next: impl FnMut(usize) -> usize) -> Option<Vec<u8>> {
     let n = input.len();
     let mut out: Option<Vec<u8>> = None;
     let mut last = 0;
@@ -239,7 +260,7 @@ pub(super) fn redact(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
     // The JWT rule failed for every start before this index.
     let mut jwt_fail_until = 0;
     loop {
-        i = next_candidate(&rules.pairs, input, i);
+        i = next(i);
         if i >= n {
             break;
         }
@@ -288,13 +309,17 @@ pub(super) fn redact(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
     Some(o)
 }
 
+/// Whether a rule can start at a byte `a` followed by `b` (`0` past the end).
+#[inline]
+fn hit(pairs: &[u64; 1024], a: u8, b: u8) -> bool {
+    let k = usize::from(a) << 8 | usize::from(b);
+    pairs[k >> 6] >> (k & 63) & 1 != 0
+}
+
 /// The first index at or after `from` where a rule can start (by the byte there and
-/// the next one), or `input.len()`. The hot loop: one table lookup per byte.
+/// the next one), or `input.len()`: one table lookup per byte.
+#[cfg(any(test, fuzzing))]
 fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
-    let hit = |a: u8, b: u8| {
-        let k = usize::from(a) << 8 | usize::from(b);
-        pairs[k >> 6] >> (k & 63) & 1 != 0
-    };
     let Some(rest) = input.get(from..) else {
         return input.len();
     };
@@ -304,15 +329,166 @@ fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
     };
     let mut prev = first;
     for (off, &b) in it.enumerate() {
-        if hit(prev, b) {
+        if hit(pairs, prev, b) {
             return from + off;
         }
         prev = b;
     }
-    if hit(prev, 0) {
+    if hit(pairs, prev, 0) {
         input.len() - 1
     } else {
         input.len()
+    }
+}
+
+/// The prefilter: where in a text a rule can match, found by vectorised searches
+/// instead of a look at every byte.
+///
+/// - The separators `=` and `:` and the `_` before a key body, which start rules
+///   whatever follows them, are found with `memchr3`.
+/// - Every other rule needs a literal start of at least three bytes: `eyJ` (JWT),
+///   `bea`/`bas` in any case (`Bearer`, `Basic`), `---` (PEM), `%5F` (an escaped
+///   `_` before a key body), and the first three bytes of every shape's prefix in
+///   each form the scan accepts (`_` and `-` also written `%5F`, `%2D`). These are
+///   found with one Aho-Corasick automaton, which searches for a few dozen short
+///   strings at once with SIMD (Teddy) where the CPU has it.
+///
+/// At any other position every rule fails, so skipping it changes nothing; a
+/// proposed position is still confirmed by the pair table, so the scan runs its rules
+/// at exactly the positions where the reference scan, which looks at every byte,
+/// finds them a match (property-tested and fuzzed against it).
+pub(super) struct Prefilter {
+    /// With its SIMD prefilter, for long texts.
+    starts: aho_corasick::AhoCorasick,
+    /// The same literals as a plain DFA, for short texts (a field of an access event),
+    /// where setting up the SIMD search costs more than it saves.
+    starts_short: aho_corasick::AhoCorasick,
+}
+
+/// Below this many bytes left, the literal starts are searched with the plain DFA.
+const SHORT: usize = 64;
+
+/// The bytes that start a rule whatever follows them.
+const SEPARATORS: [u8; 3] = [b'=', b':', b'_'];
+
+impl Prefilter {
+    pub(super) fn new(shapes: &[Shape]) -> Self {
+        let mut starts: Vec<Vec<u8>> = Vec::new();
+        for word in [b"bea", b"bas"] {
+            for mask in 0..8u8 {
+                let mut w = *word;
+                for (k, c) in w.iter_mut().enumerate() {
+                    if mask >> k & 1 == 1 {
+                        c.make_ascii_uppercase();
+                    }
+                }
+                starts.push(w.to_vec());
+            }
+        }
+        for lit in [&b"eyJ"[..], b"---", b"%5F", b"%5f"] {
+            starts.push(lit.to_vec());
+        }
+        for s in shapes {
+            input_starts(&s.prefix, &mut Vec::new(), &mut starts);
+        }
+        starts.sort();
+        starts.dedup();
+        let build = |prefilter: bool| {
+            aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+                .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+                .prefilter(prefilter)
+                .build(&starts)
+                .expect("a few dozen three-byte patterns always build")
+        };
+        Self {
+            starts: build(true),
+            starts_short: build(false),
+        }
+    }
+}
+
+/// The first three bytes of every form of `prefix` that [`match_prefix`] accepts
+/// (each `_` or `-` may be a percent-escape, in either case of hex digit).
+fn input_starts(prefix: &[u8], acc: &mut Vec<u8>, out: &mut Vec<Vec<u8>>) {
+    let Some((&c, rest)) = prefix.split_first().filter(|_| acc.len() < 3) else {
+        out.push(acc[..acc.len().min(3)].to_vec());
+        return;
+    };
+    let forms: &[&[u8]] = match c {
+        b'_' => &[b"_", b"%5F", b"%5f"],
+        b'-' => &[b"-", b"%2D", b"%2d"],
+        _ => &[std::slice::from_ref(&c)],
+    };
+    for form in forms {
+        let len = acc.len();
+        acc.extend_from_slice(form);
+        input_starts(rest, acc, out);
+        acc.truncate(len);
+    }
+}
+
+/// The candidate positions of one text: the prefilter's two searches, each result
+/// kept until the scan has passed it, confirmed by the pair table.
+struct Candidates<'a> {
+    rules: &'a Rules,
+    input: &'a [u8],
+    /// The next separator at or after the last search's start.
+    byte: Option<usize>,
+    /// The next literal start, likewise.
+    pair: Option<usize>,
+}
+
+impl<'a> Candidates<'a> {
+    fn new(rules: &'a Rules, input: &'a [u8]) -> Self {
+        Self {
+            rules,
+            input,
+            byte: None,
+            pair: None,
+        }
+    }
+
+    /// See [`redact_at`]; `from` never decreases.
+    fn next(&mut self, mut from: usize) -> usize {
+        let input = self.input;
+        let n = input.len();
+        let pre = &self.rules.prefilter;
+        while from < n {
+            if self.byte.is_none_or(|p| p < from) {
+                let [a, b, c] = SEPARATORS;
+                self.byte = Some(memchr::memchr3(a, b, c, &input[from..]).map_or(n, |p| from + p));
+            }
+            if self.pair.is_none_or(|p| p < from) {
+                let ac = if n - from < SHORT {
+                    &pre.starts_short
+                } else {
+                    &pre.starts
+                };
+                self.pair = Some(
+                    ac.find(aho_corasick::Input::new(input).span(from..n))
+                        .map_or(n, |m| m.start()),
+                );
+            }
+            let c = self.byte.unwrap_or(n).min(self.pair.unwrap_or(n));
+            if c >= n {
+                break;
+            }
+            if hit(
+                &self.rules.pairs,
+                input[c],
+                input.get(c + 1).copied().unwrap_or(0),
+            ) {
+                return c;
+            }
+            from = c + 1;
+        }
+        // The last byte is also tried against the end of the input, as a pair with 0.
+        if n > 0 && from < n && hit(&self.rules.pairs, input[n - 1], 0) {
+            n - 1
+        } else {
+            n
+        }
     }
 }
 
@@ -329,6 +505,11 @@ fn left_boundary(input: &[u8], i: usize) -> bool {
         && input[i - 3] == b'%'
         && input[i - 2].is_ascii_hexdigit()
         && input[i - 1].is_ascii_hexdigit()
+}
+
+/// Whether `b` can be part of a field name (`[A-Za-z0-9_.%-]`).
+pub(super) fn is_name_byte(b: u8) -> bool {
+    is(b, NAME)
 }
 
 fn run(input: &[u8], from: usize, mask: u8) -> usize {
@@ -698,6 +879,10 @@ fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         j -= 1;
     }
     let name_end = j;
+    // Most names are turned down by their last two letters.
+    if rules.surely_not_sensitive(&input[name_end.saturating_sub(MAX_NAME)..name_end]) {
+        return None;
+    }
     while j > 0 && is(input[j - 1], NAME) && name_end - j < MAX_NAME {
         j -= 1;
     }

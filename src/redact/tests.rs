@@ -431,3 +431,224 @@ fn a_value_ending_in_a_colon_is_redacted_idempotently() {
         );
     }
 }
+
+mod prefilter {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Pieces that start, nearly start, or end a rule, glued in any order.
+    const PIECES: &[&str] = &[
+        "=",
+        ":",
+        "://",
+        "_",
+        "%",
+        "%5F",
+        "%5f",
+        "%2D",
+        "%20",
+        "-",
+        "--",
+        "-----BEGIN ",
+        "RSA PRIVATE KEY-----",
+        "-----END ",
+        "\\n",
+        "\\\"",
+        "\"",
+        "'",
+        " ",
+        "\n",
+        ",",
+        "@",
+        "e",
+        "ey",
+        "eyJ",
+        "eyJhbGciOiJIUzI1NiJ9",
+        ".",
+        "b",
+        "B",
+        "be",
+        "Bearer ",
+        "basic ",
+        "token",
+        "password",
+        "api_key",
+        "x-api-key",
+        "cookie",
+        "authorization",
+        "pc_live_",
+        "pc_test_",
+        "cnp_live_",
+        "billing_live_",
+        "AbCdEfGhIjKlMnOpQrStUvWx0123",
+        "EXAMPLExDOxNOTxUSE00000frrQx",
+        "AKIA",
+        "IOSFODNN7EXAMPLE",
+        "AIza",
+        "ghp_",
+        "github_pat_",
+        "glpat-",
+        "sk_live_",
+        "sk-ant-",
+        "sk-",
+        "xoxb-",
+        "whsec_",
+        "rk_test_",
+        "gh",
+        "sk",
+        "0123456789",
+        "abcdefghij",
+        "é",
+        "\u{202e}",
+        "\0",
+        "{\"a\":\"",
+        "\"}",
+    ];
+
+    fn text() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300),
+            proptest::collection::vec(
+                prop_oneof![
+                    proptest::sample::select(PIECES).prop_map(|p| p.as_bytes().to_vec()),
+                    "[a-zA-Z0-9_]{0,12}".prop_map(String::into_bytes),
+                    proptest::collection::vec(any::<u8>(), 0..4),
+                ],
+                0..40,
+            )
+            .prop_map(|v| v.concat()),
+        ]
+    }
+
+    fn redactors() -> [Redactor; 2] {
+        [
+            Redactor::new(),
+            Redactor::builder()
+                .key_prefix("cnp_live_")
+                .key_prefix("a_b_")
+                .token_prefix("acme-", 8)
+                .token_prefix("b_x", 8)
+                .sensitive_name("x-internal-auth")
+                .build()
+                .unwrap(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// The prefiltered scan and the reference scan, which looks at every byte,
+        /// give the same output on any bytes, secrets and near-secrets included.
+        #[test]
+        fn the_prefiltered_scan_agrees_with_the_plain_scan(t in text(), cut in 0usize..300) {
+            for r in redactors() {
+                prop_assert_eq!(r.redact_bytes(&t), r.redact_bytes_plain(&t));
+                // Every suffix: a candidate at the very start or end of the input.
+                let s = &t[cut.min(t.len())..];
+                prop_assert_eq!(r.redact_bytes(s), r.redact_bytes_plain(s));
+            }
+        }
+    }
+
+    #[test]
+    fn agrees_on_log_lines_clean_and_secret() {
+        let r = Redactor::new();
+        for line in [
+            r#"{"timestamp":"2026-12-01T02:15:18.000001Z","level":"INFO","fields":{"request_id":"0b6c1e2a","path":"/v1/jobs/1","latency_us":412},"target":"portcullis::access"}"#,
+            r#"{"note":"Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlc2ln","k":"pc_live_AbCdEfGhIjKlMnOpQrStUvWx0123"}"#,
+            "REDIS_URL=redis://:hunter2@cache:6379/0 AKIAIOSFODNN7EXAMPLE token=x",
+            "=",
+            ":",
+            "_",
+            "e",
+            "",
+            "ab",
+            "x=",
+            "x:",
+        ] {
+            assert_eq!(
+                r.redact_bytes(line.as_bytes()),
+                r.redact_bytes_plain(line.as_bytes()),
+                "{line}"
+            );
+        }
+    }
+}
+
+mod names {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        /// The one-lookup shortcut never turns down a name the full check finds sensitive.
+        #[test]
+        fn the_name_shortcut_only_turns_down_names_that_are_not_sensitive(
+            name in proptest::prop_oneof![
+                "[a-zA-Z0-9_.%-]{0,20}",
+                (
+                    "[a-zA-Z0-9_.-]{0,6}",
+                    proptest::sample::select(SUFFIX_NAMES.iter().chain(EXACT_NAMES).copied().collect::<Vec<_>>()),
+                    "[_.-]?[0-9]{0,3}",
+                )
+                    .prop_map(|(a, n, b)| format!("{a}{}{b}", String::from_utf8_lossy(n).to_uppercase())),
+            ],
+            whole in proptest::bool::ANY,
+        ) {
+            let r = Redactor::new();
+            let rules = &r.rules;
+            if rules.surely_not_sensitive(name.as_bytes()) {
+                proptest::prop_assert!(!rules.is_sensitive_name_closely(name.as_bytes(), whole), "{}", name);
+            }
+        }
+    }
+}
+
+#[test]
+fn tokens_of_your_own_format() {
+    let r = Redactor::builder()
+        .token_prefix("acme-", 24)
+        .token_prefix("XY_live_", 10)
+        .build()
+        .unwrap();
+    let cases = [
+        ("t=acme-Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5", "t=acme-****"),
+        (
+            "{\"k\":\"XY_live_abcDEF_123-x\"}",
+            "{\"k\":\"XY_live_****\"}",
+        ),
+        (
+            "GET /v1?k=acme%2DZm9vYmFyYmF6cXV4MTIzNDU2Nzg5",
+            "GET /v1?k=acme%2D****",
+        ),
+        // Too short, or another prefix: left alone.
+        ("acme-widgets-and-more", "acme-widgets-and-more"),
+        ("XY_test_abcdefghijkl", "XY_test_abcdefghijkl"),
+    ];
+    for (input, want) in cases {
+        let once = r.redact(input);
+        assert_eq!(once, want, "{input}");
+        assert_eq!(r.redact(&once), once, "not idempotent: {input}");
+    }
+    // The default redactor does not know the format.
+    assert_eq!(
+        Redactor::new().redact("t=acme-Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5"),
+        "t=acme-Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5"
+    );
+    for (prefix, min) in [
+        ("ac", 24),
+        ("-acme", 24),
+        ("acme!", 24),
+        ("acme-", 7),
+        ("acme-", 2000),
+    ] {
+        assert!(
+            Redactor::builder()
+                .token_prefix(prefix, min)
+                .build()
+                .is_err(),
+            "{prefix} {min}"
+        );
+    }
+}

@@ -48,6 +48,7 @@ pub struct StackBuilder {
     service_tokens: Option<TokenVerifier>,
     unauthenticated: Option<Scopes>,
     realm: Option<String>,
+    audit_successes: bool,
     throttle: Option<AuthThrottleLayer>,
     rate_limit: RateLimitChoice,
     #[cfg(feature = "redis")]
@@ -104,6 +105,7 @@ impl StackBuilder {
             service_tokens: None,
             unauthenticated: None,
             realm: None,
+            audit_successes: false,
             throttle: Some(AuthThrottleLayer::recommended()),
             rate_limit: RateLimitChoice::Default,
             #[cfg(feature = "redis")]
@@ -208,6 +210,14 @@ impl StackBuilder {
     /// The realm of the `WWW-Authenticate` challenges (default `api`).
     pub fn realm(mut self, realm: &str) -> Self {
         self.realm = Some(realm.to_owned());
+        self
+    }
+
+    /// Also emits an `auth_succeeded` audit event for every accepted credential
+    /// (see [`AuthenticateLayer::audit_successes`]). Off by default: the access
+    /// event of each request names its principal already.
+    pub fn audit_successes(mut self) -> Self {
+        self.audit_successes = true;
         self
     }
 
@@ -362,6 +372,9 @@ impl StackBuilder {
         // The stack's rate limiter runs inside the authentication and spends the
         // keys' usage credits.
         auth = auth.credits_spent_inside();
+        if self.audit_successes {
+            auth = auth.audit_successes();
+        }
 
         // Throttle: one failure budget across instances when they share Redis.
         #[cfg(feature = "redis")]

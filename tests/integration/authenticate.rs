@@ -134,7 +134,8 @@ async fn every_bad_input_case() {
     let capture = log_capture::capture();
     let from = "127.3.0.1";
     let (k, store) = keys_and_store("itest-bad");
-    let addr = serve(AuthenticateLayer::api_keys(ApiKeys::new(store))).await;
+    // Successes are audit events too here (opt-in); failures always are.
+    let addr = serve(AuthenticateLayer::api_keys(ApiKeys::new(store)).audit_successes()).await;
     let valid = k.valid.expose_secret();
 
     // Accepted: the header name in any case, the scheme in any case, surrounding

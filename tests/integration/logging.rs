@@ -636,7 +636,7 @@ async fn a_token_subject_with_bidi_controls_reaches_no_log_line_raw() {
         .layer(RequestIdLayer::new())
         .layer(AccessLogLayer::new())
         .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
-        .layer(AuthenticateLayer::service_tokens(verifier))
+        .layer(AuthenticateLayer::service_tokens(verifier).audit_successes())
         .layer(
             RateLimitLayer::builder()
                 .policy(Policy::new("bidi", Quota::per_hour(1).unwrap()).unwrap())
@@ -719,4 +719,51 @@ async fn a_token_subject_with_bidi_controls_reaches_no_log_line_raw() {
         assert!(!line.contains(HIDDEN), "{line}");
     }
     assert!(!text.contains(&token));
+}
+
+/// A successful authenticated request is one event, the access event, which names
+/// the principal and how it authenticated; an `auth_succeeded` audit event is added
+/// only when asked for.
+#[tokio::test]
+async fn a_successful_request_is_one_event_naming_its_principal() {
+    use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
+    use portcullis::stack::StackLayer;
+
+    capture();
+    for (id, audit_successes) in [("one-event-default", false), ("one-event-audited", true)] {
+        let key = generate_key("pc_test").unwrap();
+        let store = KeyStore::from_records([KeyRecord::new(id, key.digest()).unwrap()]).unwrap();
+        let mut builder = StackLayer::builder().api_keys(ApiKeys::new(store));
+        if audit_successes {
+            builder = builder.audit_successes();
+        }
+        let addr = serve(builder.build().unwrap(), echo_request_id()).await;
+        let credential = format!("X-API-Key: {}", key.expose_secret());
+        let request_id = format!("X-Request-Id: {id}-1");
+        let (status, _, _) = send(addr, &get("/one-event", &[&credential, &request_id])).await;
+        assert_eq!(status, 200);
+
+        let access = access_events(&format!("{id}-1")).await;
+        assert_eq!(access.len(), 1, "{access:?}");
+        let f = &access[0]["fields"];
+        assert_eq!(f["principal"], id);
+        assert_eq!(f["auth_method"], "api_key");
+        assert_eq!(f["status"], 200);
+        assert_eq!(f["outcome"], "response");
+
+        // The audit events naming the principal (emitted before the access event).
+        let audit: Vec<String> = capture()
+            .events_with(id)
+            .into_iter()
+            .filter(|e| e["target"] == "portcullis::audit")
+            .map(|e| e["fields"]["event"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        let expected: &[&str] = if audit_successes {
+            &["auth_succeeded"]
+        } else {
+            &[]
+        };
+        assert_eq!(audit, expected, "{id}");
+        assert!(!capture().text().contains(key.expose_secret()));
+    }
 }
