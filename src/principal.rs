@@ -255,6 +255,24 @@ impl fmt::Display for Scopes {
     }
 }
 
+/// Principal ids and tiers of every credential kind (API key ids, signature key
+/// ids): 1 to 64 characters of `A-Z a-z 0-9 . _ : -`, safe in logs and as
+/// rate-limit keys.
+#[cfg(any(feature = "api-key", feature = "signature"))]
+pub(crate) fn check_name(what: &str, s: &str) -> Result<(), ConfigError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(format!(
+            "{what} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

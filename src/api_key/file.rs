@@ -7,7 +7,8 @@ use toml::de::{DeTable, DeValue};
 use toml_datetime::{Datetime, Offset};
 
 use super::KeyDigest;
-use super::record::{KeyRecord, check_name};
+use super::record::KeyRecord;
+use crate::principal::check_name;
 use crate::{ConfigError, IpSet, Scopes};
 
 const FIELDS: &str =

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::KeyDigest;
+use crate::principal::check_name;
 use crate::{AuthMethod, ConfigError, IpSet, Principal, Scopes};
 
 /// One key as the store knows it: public facts and the digest, never the key.
@@ -70,22 +71,6 @@ impl Credits {
             total,
             name: name.into(),
         }
-    }
-}
-
-/// Ids and tiers: 1 to 64 characters of `A-Z a-z 0-9 . _ : -`, safe in logs and as
-/// rate-limit keys.
-pub(crate) fn check_name(what: &str, s: &str) -> Result<(), ConfigError> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::new(format!(
-            "{what} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
-        )))
     }
 }
 

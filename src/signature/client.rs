@@ -15,8 +15,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::parse::{self, Component, DigestAlg, Message};
-use super::{BoxError, CONTENT_DIGEST, SIGNATURE, SIGNATURE_INPUT, SignedBody, check_name};
+use super::{BoxError, CONTENT_DIGEST, SIGNATURE, SIGNATURE_INPUT, SignedBody};
 use crate::ConfigError;
+use crate::principal::check_name;
 
 /// A client's signing key: its id (`keyid`) and its secret. `Debug` shows the id
 /// and algorithm only.

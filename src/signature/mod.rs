@@ -101,6 +101,7 @@ use tower_service::Service;
 pub use body::SignedBody;
 pub use client::{SignRequest, SignRequestLayer, SigningKey};
 
+use crate::principal::check_name;
 use crate::rejection::{Challenge, DenialReason, RefusalBody, Rejection};
 use crate::{AuthMethod, ClientIp, ConfigError, Principal, Scopes};
 use parse::{Component, Message, ParseError, SignatureInput};
@@ -173,21 +174,6 @@ impl fmt::Debug for SignatureKey {
             .field("scopes", &self.scopes)
             .field("tier", &self.tier)
             .finish()
-    }
-}
-
-/// Key ids and tiers: 1 to 64 characters of `A-Z a-z 0-9 . _ : -` (as API key ids).
-fn check_name(what: &str, s: &str) -> Result<(), ConfigError> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::new(format!(
-            "{what} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
-        )))
     }
 }
 
