@@ -841,13 +841,9 @@ where
             if let Err(r) = v.claim(&checked, now).await {
                 return Ok(v.refuse(r, ip, Some(&checked.key)));
             }
-            crate::audit::emit!(
-                info,
-                AuthSucceeded,
-                principal = &*crate::log_text::sanitize_id(checked.principal.id()),
-                method = checked.principal.method().as_str(),
-                client_ip = ip.map(tracing::field::display),
-            );
+            // The success is recorded by the access event; the opt-in
+            // `auth_succeeded` audit event is the authentication layer's, emitted
+            // when it accepts this principal.
             parts.extensions.insert(checked.principal.clone());
             parts
                 .extensions
