@@ -707,6 +707,9 @@ async fn a_token_subject_with_bidi_controls_reaches_no_log_line_raw() {
     for id in ["bidi-tok-1", "bidi-tok-2"] {
         let e = &access_events(id).await[0]["fields"];
         assert_eq!(e["principal"], escaped_sub, "{id}");
+        assert_eq!(e["sub"], escaped_sub, "{id}");
+        assert_eq!(e["jti"], escaped_jti, "{id}");
+        assert_eq!(e["kid"], "hs-log", "{id}");
     }
     // No line that names this principal or token carries any of the characters raw.
     let text = capture().text();
