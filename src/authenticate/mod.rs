@@ -493,7 +493,7 @@ fn audit_success(principal: &Principal, client_ip: Option<ClientIp>) {
 /// records the token's `sub`, `jti` and `kid`). One reference count each.
 pub(crate) struct Authenticated {
     principal: Principal,
-    #[cfg(feature = "jwt")]
+    #[cfg(all(feature = "jwt", feature = "access-log"))]
     token: Option<Arc<crate::jwt::VerifiedToken>>,
 }
 
@@ -501,7 +501,7 @@ impl Authenticated {
     fn principal(principal: Principal) -> Self {
         Self {
             principal,
-            #[cfg(feature = "jwt")]
+            #[cfg(all(feature = "jwt", feature = "access-log"))]
             token: None,
         }
     }
@@ -509,15 +509,16 @@ impl Authenticated {
 
 /// The verified service token of a request, in its *response* extensions, where
 /// the access log reads it. Crate-private: nothing outside this crate can put one
-/// there, so the access log records only what this layer verified.
-#[cfg(feature = "jwt")]
+/// there, so the access log records only what this layer verified. Without the
+/// access log, nothing is copied.
+#[cfg(all(feature = "jwt", feature = "access-log"))]
 #[derive(Clone)]
 pub(crate) struct AuthenticatedToken(pub(crate) Arc<crate::jwt::VerifiedToken>);
 
 impl crate::future::CopyToResponse for Authenticated {
     fn copy_to(self, extensions: &mut http::Extensions) {
         extensions.insert(self.principal);
-        #[cfg(feature = "jwt")]
+        #[cfg(all(feature = "jwt", feature = "access-log"))]
         if let Some(token) = self.token {
             extensions.insert(AuthenticatedToken(token));
         }
@@ -742,6 +743,8 @@ where
                 let token = proof.token.inspect(|token| {
                     req.extensions_mut().insert(token.clone());
                 });
+                #[cfg(all(feature = "jwt", not(feature = "access-log")))]
+                drop(token);
                 #[cfg(feature = "api-key")]
                 if let Some(credits) = credits {
                     req.extensions_mut().insert(credits);
@@ -752,7 +755,7 @@ where
                 req.extensions_mut().insert(principal.clone());
                 let copy = Authenticated {
                     principal,
-                    #[cfg(feature = "jwt")]
+                    #[cfg(all(feature = "jwt", feature = "access-log"))]
                     token,
                 };
                 ResponseFuture::inner_with(self.inner.call(req), Some(copy))

@@ -38,7 +38,8 @@ pub struct VerifiedToken {
     alg: Algorithm,
     jti: Option<String>,
     /// The `sub` claim when the principal id is another claim (the verified email);
-    /// `None` when the principal id is the `sub`.
+    /// `None` when the principal id is the `sub`. Read by the access log.
+    #[cfg_attr(not(feature = "access-log"), allow(dead_code))]
     sub: Option<String>,
     issued_at: i64,
     expires_at: i64,
@@ -82,6 +83,9 @@ impl VerifiedToken {
     }
     /// The first second (since the epoch) at which the verifier refuses the token:
     /// `exp` plus the leeway. The cache serves the token only before it.
+    /// The `sub` claim (the principal id, unless an issuer maps principals by
+    /// email).
+    #[cfg(feature = "access-log")]
     pub(crate) fn sub_claim(&self) -> &str {
         self.sub.as_deref().unwrap_or_else(|| self.principal.id())
     }
