@@ -47,7 +47,11 @@
 //!    [`RedisLimiter`](crate::rate_limit::redis::RedisLimiter).
 //!
 //! Every refusal is the crate's generic problem document: which check failed is in
-//! the denial reason and the audit event `auth_failed`, never in the response.
+//! the denial reason and the audit event `auth_failed`, never in the response. A
+//! verified request is recorded by the access event (`principal` the key id,
+//! `auth_method` `http_signature`); the `auth_succeeded` audit event for it is the
+//! authentication layer's opt-in
+//! ([`AuthenticateLayer::audit_successes`](crate::authenticate::AuthenticateLayer::audit_successes)).
 //!
 //! # Keys and secrets
 //!
