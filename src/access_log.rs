@@ -32,7 +32,8 @@
 //!
 //! Every field a client can influence (request id, method, path, query, user agent,
 //! principal id, which for a service token is its `sub`; a token's `jti` and `kid`)
-//! is redacted where it can carry a secret, then passed through the one sanitiser the audit events use too
+//! is redacted where it can carry a secret, then passed through the one sanitiser
+//! the audit events use too
 //! ([`sanitize`](crate::redact::sanitize)): control characters, line separators,
 //! bidirectional controls and invisible format characters are escaped (`\u{202e}`),
 //! and the value is bounded. The redactor finds this crate's keys with any prefix
