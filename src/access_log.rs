@@ -13,15 +13,17 @@
 //! | `status` | the response status (absent on error or cancel) |
 //! | `latency_us` | microseconds from the request reaching this layer to the response head |
 //! | `client_ip` | the [`ClientIp`] |
-//! | `principal` | the [`Principal`]'s public id: the key id of an API key, the `sub` of a service token |
-//! | `auth_method` | how it authenticated: `api_key`, `service_token`, `unauthenticated` (with `principal`, the [identity](Principal::identity)) |
+//! | `principal` | the [`Principal`]'s public id: the key id of an API key or of a request signature, the `sub` of a service token (its verified email, for an issuer mapped by email) |
+//! | `auth_method` | how it authenticated: `api_key`, `service_token`, `http_signature`, `unauthenticated` (with `principal`, the [identity](Principal::identity)) |
+//! | `sub`, `jti`, `kid` | a service token's `sub` and `jti` claims and the `kid` of the key that verified it (each absent when the token has none; all absent for other methods) |
 //! | `denial_reason` | the [`DenialReason`] class of a refusal, e.g. `unknown_key` |
 //! | `user_agent` | redacted, control characters escaped, at most 256 bytes |
 //! | `outcome` | `response`, `error` (the inner service failed) or `cancelled` |
 //!
 //! **The one event of a successful request.** The access event records the
 //! authentication outcome, so a request that passes every layer is this one event:
-//! the per-request `auth_succeeded` audit event is opt-in
+//! the per-request success audit events (`auth_succeeded`, and
+//! `service_token_accepted` for a token) are opt-in
 //! ([`AuthenticateLayer::audit_successes`](crate::authenticate::AuthenticateLayer::audit_successes)),
 //! while refusals are audit events as well (see [`audit`](crate::audit)). Every
 //! field is recorded as a string or an integer, never through `Debug` or `Display`
@@ -29,8 +31,9 @@
 //! string.
 //!
 //! Every field a client can influence (request id, method, path, query, user agent,
-//! principal id, which for a service token is its `sub`) is redacted where it can
-//! carry a secret, then passed through the one sanitiser the audit events use too
+//! principal id, which for a service token is its `sub`; a token's `jti` and `kid`)
+//! is redacted where it can carry a secret, then passed through the one sanitiser
+//! the audit events use too
 //! ([`sanitize`](crate::redact::sanitize)): control characters, line separators,
 //! bidirectional controls and invisible format characters are escaped (`\u{202e}`),
 //! and the value is bounded. The redactor finds this crate's keys with any prefix
@@ -45,8 +48,9 @@
 //! The layer sits *outside* [`ClientIpLayer`](crate::client_ip::ClientIpLayer) and
 //! the authentication layer so that it logs their refusals too; those layers copy
 //! what they found into the *response* extensions, where this layer reads
-//! `ClientIp`, `Principal` and `DenialReason` (the request extensions are read as well,
-//! for a `ClientIp` or `Principal` set outside this layer).
+//! `ClientIp`, `Principal`, `DenialReason` and the verified service token (the
+//! request extensions are read as well, for a `ClientIp` or `Principal` set outside
+//! this layer).
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -404,6 +408,10 @@ impl Pending {
         let mut ip_text = IpText::default();
         let client_ip = client_ip.and_then(|ip| ip_text.format(ip));
         let principal_id = principal.map(|p| sanitize_id(p.id()));
+        let token = TokenFields::of(
+            ext,
+            principal.map(Principal::id).zip(principal_id.as_deref()),
+        );
         let outcome = match outcome {
             Outcome::Response(_) => "response",
             Outcome::Error => "error",
@@ -420,11 +428,52 @@ impl Pending {
             client_ip,
             principal = principal_id.as_deref(),
             auth_method = principal.map(|p| p.method().as_str()),
+            sub = token.sub.as_deref(),
+            jti = token.jti.as_deref(),
+            kid = token.kid.as_deref(),
             denial_reason = denial.map(DenialReason::as_str),
             user_agent = user_agent.as_deref(),
             outcome,
             "request"
         );
+    }
+}
+
+/// The service token's fields of the event, sanitised and bounded: from the
+/// verified token the authentication layer put in the response extensions (a
+/// crate-private type: nothing else can put one there). All `None` otherwise.
+#[derive(Default)]
+struct TokenFields<'a> {
+    sub: Option<Cow<'a, str>>,
+    jti: Option<Cow<'a, str>>,
+    kid: Option<Cow<'a, str>>,
+}
+
+impl<'a> TokenFields<'a> {
+    /// `principal` is the principal id and its sanitised text: the `sub` of most
+    /// tokens, whose text is reused rather than sanitised twice.
+    #[cfg(feature = "jwt")]
+    fn of(ext: Option<&'a http::Extensions>, principal: Option<(&str, &'a str)>) -> Self {
+        let Some(token) = ext.and_then(|e| e.get::<crate::authenticate::AuthenticatedToken>())
+        else {
+            return Self::default();
+        };
+        let t = &*token.0;
+        let sub = t.sub_claim();
+        let sub = match principal {
+            Some((raw, clean)) if raw == sub => Cow::Borrowed(clean),
+            _ => sanitize_id(sub),
+        };
+        Self {
+            sub: Some(sub),
+            jti: t.jti().map(sanitize_id),
+            kid: t.key_id().map(sanitize_id),
+        }
+    }
+
+    #[cfg(not(feature = "jwt"))]
+    fn of(_: Option<&'a http::Extensions>, _: Option<(&str, &'a str)>) -> Self {
+        Self::default()
     }
 }
 

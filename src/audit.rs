@@ -17,11 +17,15 @@
 //!
 //! **Successes are recorded once, by the access log.** A request that passes every
 //! layer is one event, the access event ([`access_log`](crate::access_log)), whose
-//! `principal` and `auth_method` fields say who it was and how it authenticated. The
-//! per-request success event `auth_succeeded` is opt-in (`audit_successes` on the
-//! authentication layer or the stack), for an audit sink that must list successes
-//! on its own. Failures, refusals, throttling, reloads and configuration events are
-//! always audit events.
+//! `principal` and `auth_method` fields say who it was and how it authenticated
+//! (for an API key or a signature, `principal` is the key id), and whose `sub`,
+//! `jti` and `kid` fields name a service token. The per-request success events,
+//! `auth_succeeded` and `service_token_accepted`, are opt-in: one setting,
+//! `audit_successes` on the authentication layer or the stack
+//! (`PORTCULLIS_AUDIT_SUCCESSES=true` from the environment), for an audit sink that
+//! must list successes on its own. Failures, refusals, throttling, reloads and
+//! configuration events are always audit events, `service_token_rejected`
+//! included.
 //!
 //! Fields common to request events: `reason` (a
 //! [`DenialReason`](crate::rejection::DenialReason) name), `client_ip`, `principal`
@@ -75,10 +79,11 @@ events! {
     /// `INFO`, [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer), **opt-in**
     /// ([`AuthenticateLayer::audit_successes`](crate::authenticate::AuthenticateLayer::audit_successes),
     /// [`StackBuilder::audit_successes`](crate::stack::StackBuilder::audit_successes)):
-    /// a credential was accepted. Fields: `principal`, `method`, `client_ip`. Without
-    /// it, the access event of the request records the same facts.
-    /// [`VerifySignatureLayer`](crate::signature::VerifySignatureLayer) emits it for
-    /// every verified signature, unconditionally.
+    /// a credential was accepted: an API key, a service token, or the signature a
+    /// [`VerifySignatureLayer`](crate::signature::VerifySignatureLayer) outside it
+    /// verified (`method` `http_signature`). Fields: `principal`, `method`,
+    /// `client_ip`. Without the opt-in, the access event of the request records the
+    /// same facts.
     AuthSucceeded => "auth_succeeded",
     /// `WARN`, at construction: the unauthenticated mode
     /// (`allow_unauthenticated_requests_dangerously`) lets every request in. Fields:
@@ -146,6 +151,10 @@ events! {
     RateLimitBackendConnectFailed => "rate_limit_backend_connect_failed",
     /// `INFO`, [`TokenVerifier`](crate::jwt::TokenVerifier) (feature `jwt`): a service
     /// token was accepted. Fields: `sub`, `iss`, `kid`, `jti`, `scopes`, `cached`.
+    /// Behind an [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer),
+    /// **opt-in** with `auth_succeeded` (the same setting); the access event records
+    /// the token's `sub`, `jti` and `kid` either way. A direct call of
+    /// [`TokenVerifier::verify`](crate::jwt::TokenVerifier::verify) always emits it.
     ServiceTokenAccepted => "service_token_accepted",
     /// `INFO`, [`TokenVerifier`](crate::jwt::TokenVerifier): a service token was
     /// refused. Fields: `reason` (the check that failed, e.g. `expired`,

@@ -64,7 +64,7 @@ impl<F, B, X> ResponseFuture<F, B, X> {
 impl<F, B, E, X> Future for ResponseFuture<F, B, X>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    X: Clone + Send + Sync + 'static,
+    X: CopyToResponse,
 {
     type Output = Result<Response<B>, E>;
 
@@ -79,9 +79,26 @@ where
         if let Poll::Ready(Ok(res)) = &mut out
             && let Some(copy) = this.copy.take()
         {
-            res.extensions_mut().insert(copy);
+            copy.copy_to(res.extensions_mut());
         }
         out
+    }
+}
+
+/// What a layer copies into the response extensions on completion: usually the
+/// value itself, for an outer layer to read.
+pub(crate) trait CopyToResponse {
+    /// Inserts what the layers outside read into `extensions`.
+    fn copy_to(self, extensions: &mut http::Extensions);
+}
+
+impl CopyToResponse for () {
+    fn copy_to(self, _: &mut http::Extensions) {}
+}
+
+impl CopyToResponse for crate::ClientIp {
+    fn copy_to(self, extensions: &mut http::Extensions) {
+        extensions.insert(self);
     }
 }
 

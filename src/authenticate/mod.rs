@@ -29,9 +29,10 @@
 //! [`audit::TARGET`](crate::audit::TARGET), `auth_failed` (reason class, client ip,
 //! and the key id only when the key matched a revoked, expired or not-yet-valid
 //! record). A success is recorded by the access log's one event per request (its
-//! `principal` and `auth_method` fields); an `auth_succeeded` audit event per accepted
-//! credential as well is opt-in, [`AuthenticateLayer::audit_successes`]. No
-//! credential is ever logged.
+//! `principal` and `auth_method` fields, and a service token's `sub`, `jti` and
+//! `kid`); the success audit events as well (`auth_succeeded` per accepted
+//! credential, `service_token_accepted` per accepted token) are opt-in,
+//! [`AuthenticateLayer::audit_successes`]. No credential is ever logged.
 //!
 //! ```
 //! # #[cfg(feature = "api-key")]
@@ -149,8 +150,11 @@ impl Verifiers {
         Ok(Challenge::api_key(realm)?.and_bearer())
     }
 
+    /// `audit_success`: whether the service-token verifier also emits its success
+    /// event, `service_token_accepted` (the layer's
+    /// [`audit_successes`](AuthenticateLayer::audit_successes)).
     #[allow(unused_variables)]
-    fn verify(&self, credential: &Credential<'_>) -> Result<Proof, Failure> {
+    fn verify(&self, credential: &Credential<'_>, audit_success: bool) -> Result<Proof, Failure> {
         // A Bearer credential shaped like a JWT goes to the service-token verifier
         // (every Bearer credential, when no API keys are configured). The verifier
         // audits the failure's class (`service_token_rejected`); the client and the
@@ -162,7 +166,7 @@ impl Verifiers {
                 && (!self.has_api_keys() || crate::jwt::looks_like_jwt(secret))
             {
                 return tokens
-                    .verify_token(secret)
+                    .verify_token_audited(secret, audit_success)
                     .map(|t| Proof {
                         principal: t.principal().clone(),
                         token: Some(t),
@@ -331,11 +335,16 @@ impl AuthenticateLayer {
     }
 
     /// Also emits an `auth_succeeded` audit event (`principal`, `method`,
-    /// `client_ip`) for every accepted credential. Off by default: the access log's
-    /// event for the request already names the principal and how it authenticated
+    /// `client_ip`) for every accepted credential (an API key, a service token, or
+    /// the signature a [`VerifySignatureLayer`](crate::signature::VerifySignatureLayer)
+    /// outside verified), and the verifier's `service_token_accepted` (`sub`, `iss`,
+    /// `kid`, `jti`, `scopes`, `cached`) for every accepted service token. Off by
+    /// default: the access log's event for the request already names the principal,
+    /// how it authenticated and, for a service token, its `sub`, `jti` and `kid`
     /// ([`access_log`](crate::access_log)), so a second event per request only costs.
     /// Turn it on when the audit target goes to a sink of its own that must list
-    /// successes as well; failures are always audit events.
+    /// successes as well; failures (`auth_failed`, `service_token_rejected`) are
+    /// always audit events.
     ///
     /// ```
     /// # #[cfg(feature = "api-key")] {
@@ -467,6 +476,55 @@ impl<S: fmt::Debug> fmt::Debug for Authenticate<S> {
     }
 }
 
+/// The opt-in `auth_succeeded` audit event of an accepted credential.
+fn audit_success(principal: &Principal, client_ip: Option<ClientIp>) {
+    crate::audit::emit!(
+        info,
+        AuthSucceeded,
+        principal = &*crate::log_text::sanitize_id(principal.id()),
+        method = principal.method().as_str(),
+        client_ip = client_ip.map(tracing::field::display),
+    );
+}
+
+/// What the layer copies into the response extensions for the layers outside it:
+/// the [`Principal`] (read by the access log and the failed-authentication
+/// throttle) and, for a service token, its claims (read by the access log, which
+/// records the token's `sub`, `jti` and `kid`). One reference count each.
+pub(crate) struct Authenticated {
+    principal: Principal,
+    #[cfg(all(feature = "jwt", feature = "access-log"))]
+    token: Option<Arc<crate::jwt::VerifiedToken>>,
+}
+
+impl Authenticated {
+    fn principal(principal: Principal) -> Self {
+        Self {
+            principal,
+            #[cfg(all(feature = "jwt", feature = "access-log"))]
+            token: None,
+        }
+    }
+}
+
+/// The verified service token of a request, in its *response* extensions, where
+/// the access log reads it. Crate-private: nothing outside this crate can put one
+/// there, so the access log records only what this layer verified. Without the
+/// access log, nothing is copied.
+#[cfg(all(feature = "jwt", feature = "access-log"))]
+#[derive(Clone)]
+pub(crate) struct AuthenticatedToken(pub(crate) Arc<crate::jwt::VerifiedToken>);
+
+impl crate::future::CopyToResponse for Authenticated {
+    fn copy_to(self, extensions: &mut http::Extensions) {
+        extensions.insert(self.principal);
+        #[cfg(all(feature = "jwt", feature = "access-log"))]
+        if let Some(token) = self.token {
+            extensions.insert(AuthenticatedToken(token));
+        }
+    }
+}
+
 impl Config {
     /// The policy: who is calling, or the refusal. Reads the request, changes nothing.
     fn authenticate(
@@ -498,7 +556,10 @@ impl Config {
             }
             Err(_) => return Err(refuse(Failure::new(DenialReason::MalformedCredential))),
         };
-        let proof = self.verifiers.verify(&credential).map_err(refuse)?;
+        let proof = self
+            .verifiers
+            .verify(&credential, self.audit_successes)
+            .map_err(refuse)?;
         let principal = &proof.principal;
         #[cfg(feature = "api-key")]
         if let Some(allowed) = proof.policy.as_ref().and_then(|p| p.allowed_ips.as_ref())
@@ -515,13 +576,7 @@ impl Config {
             return Err(DenialReason::KeyIpDenied);
         }
         if self.audit_successes {
-            crate::audit::emit!(
-                info,
-                AuthSucceeded,
-                principal = &*crate::log_text::sanitize_id(principal.id()),
-                method = principal.method().as_str(),
-                client_ip = client_ip.map(tracing::field::display),
-            );
+            audit_success(principal, client_ip);
         }
         Ok((proof, credential.source()))
     }
@@ -637,7 +692,8 @@ where
         let config = &*self.config;
         if let Some(p) = &config.unauthenticated {
             req.extensions_mut().insert(p.clone());
-            return ResponseFuture::inner_with(self.inner.call(req), Some(p.clone()));
+            let copy = Authenticated::principal(p.clone());
+            return ResponseFuture::inner_with(self.inner.call(req), Some(copy));
         }
         let client_ip = req.extensions().get::<ClientIp>().copied();
         // A request whose signature the signature layer outside verified: its
@@ -660,8 +716,14 @@ where
                     self.config.rejection(reason).into_response_to(&req),
                 );
             }
+            if config.audit_successes {
+                audit_success(&p, client_ip);
+            }
             req.extensions_mut().insert(p.clone());
-            return ResponseFuture::inner_with(self.inner.call(req), Some(p));
+            return ResponseFuture::inner_with(
+                self.inner.call(req),
+                Some(Authenticated::principal(p)),
+            );
         }
         match config.authenticate(req.headers(), req.uri(), client_ip) {
             Ok((proof, source)) => {
@@ -678,9 +740,11 @@ where
                     );
                 }
                 #[cfg(feature = "jwt")]
-                if let Some(token) = proof.token {
-                    req.extensions_mut().insert(token);
-                }
+                let token = proof.token.inspect(|token| {
+                    req.extensions_mut().insert(token.clone());
+                });
+                #[cfg(all(feature = "jwt", not(feature = "access-log")))]
+                drop(token);
                 #[cfg(feature = "api-key")]
                 if let Some(credits) = credits {
                     req.extensions_mut().insert(credits);
@@ -689,7 +753,12 @@ where
                 let _ = proof.policy;
                 let principal = proof.principal;
                 req.extensions_mut().insert(principal.clone());
-                ResponseFuture::inner_with(self.inner.call(req), Some(principal))
+                let copy = Authenticated {
+                    principal,
+                    #[cfg(all(feature = "jwt", feature = "access-log"))]
+                    token,
+                };
+                ResponseFuture::inner_with(self.inner.call(req), Some(copy))
             }
             Err(reason) => {
                 ResponseFuture::rejected(self.config.rejection(reason).into_response_to(&req))
@@ -701,7 +770,7 @@ where
 opaque_response_future! {
     /// Response future of [`Authenticate`]: the inner service's future, which also
     /// copies the [`Principal`] into the response extensions, or a refusal.
-    copies Principal
+    copies Authenticated
 }
 
 #[cfg(all(test, feature = "api-key"))]

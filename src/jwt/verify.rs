@@ -37,6 +37,10 @@ pub struct VerifiedToken {
     kid: Option<Arc<str>>,
     alg: Algorithm,
     jti: Option<String>,
+    /// The `sub` claim when the principal id is another claim (the verified email);
+    /// `None` when the principal id is the `sub`. Read by the access log.
+    #[cfg_attr(not(feature = "access-log"), allow(dead_code))]
+    sub: Option<String>,
     issued_at: i64,
     expires_at: i64,
     refused_from: i64,
@@ -79,6 +83,12 @@ impl VerifiedToken {
     }
     /// The first second (since the epoch) at which the verifier refuses the token:
     /// `exp` plus the leeway. The cache serves the token only before it.
+    /// The `sub` claim (the principal id, unless an issuer maps principals by
+    /// email).
+    #[cfg(feature = "access-log")]
+    pub(crate) fn sub_claim(&self) -> &str {
+        self.sub.as_deref().unwrap_or_else(|| self.principal.id())
+    }
     pub(crate) fn refused_from(&self) -> i64 {
         self.refused_from
     }
@@ -346,8 +356,25 @@ impl TokenVerifier {
     }
 
     /// Like [`verify`](Self::verify), returning the verified claims as well.
+    ///
+    /// Every call is an audit event: `service_token_accepted` or
+    /// `service_token_rejected`. Behind an
+    /// [`AuthenticateLayer`](crate::authenticate::AuthenticateLayer), the acceptance
+    /// is an audit event only with the layer's
+    /// [`audit_successes`](crate::authenticate::AuthenticateLayer::audit_successes)
+    /// (the access event records the token's `sub`, `jti` and `kid`).
     pub fn verify_token(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenRejection> {
         self.verify_token_at(token, unix_now())
+    }
+
+    /// [`verify_token`](Self::verify_token), with `service_token_accepted` emitted
+    /// only when `audit_success` (a refusal is always an audit event).
+    pub(crate) fn verify_token_audited(
+        &self,
+        token: &str,
+        audit_success: bool,
+    ) -> Result<Arc<VerifiedToken>, TokenRejection> {
+        self.verify_token_at_audited(token, unix_now(), audit_success)
     }
 
     /// [`verify_token`](Self::verify_token) with the clock read by the caller: `now`
@@ -358,8 +385,18 @@ impl TokenVerifier {
         token: &str,
         now: i64,
     ) -> Result<Arc<VerifiedToken>, TokenRejection> {
+        self.verify_token_at_audited(token, now, true)
+    }
+
+    fn verify_token_at_audited(
+        &self,
+        token: &str,
+        now: i64,
+        audit_success: bool,
+    ) -> Result<Arc<VerifiedToken>, TokenRejection> {
         let result = self.verify_inner(token, now);
         match &result {
+            Ok(_) if !audit_success => {}
             Ok((t, cached)) => crate::audit::emit!(
             info,
             ServiceTokenAccepted,
@@ -769,14 +806,14 @@ fn check(
         return Err(R::WrongAudience);
     }
     let refused_from = check_times(exp, iat, claims.nbf, now, policy.leeway, rules.max_lifetime)?;
-    let id = if rules.verified_email {
+    let (id, sub) = if rules.verified_email {
         let email = claims.email.ok_or(R::MissingClaim)?;
         if claims.email_verified != Some(true) {
             return Err(R::EmailNotVerified);
         }
-        email
+        (email, Some(sub))
     } else {
-        sub
+        (sub, None)
     };
     if policy
         .subjects
@@ -796,6 +833,7 @@ fn check(
         kid: key.kid.clone(),
         alg: key.alg,
         jti: claims.jti,
+        sub,
         issued_at: iat,
         expires_at: exp,
         // The cache serves the token only while the keys that verified it are fresh.

@@ -47,7 +47,11 @@
 //!    [`RedisLimiter`](crate::rate_limit::redis::RedisLimiter).
 //!
 //! Every refusal is the crate's generic problem document: which check failed is in
-//! the denial reason and the audit event `auth_failed`, never in the response.
+//! the denial reason and the audit event `auth_failed`, never in the response. A
+//! verified request is recorded by the access event (`principal` the key id,
+//! `auth_method` `http_signature`); the `auth_succeeded` audit event for it is the
+//! authentication layer's opt-in
+//! ([`AuthenticateLayer::audit_successes`](crate::authenticate::AuthenticateLayer::audit_successes)).
 //!
 //! # Keys and secrets
 //!
@@ -827,13 +831,9 @@ where
             if let Err(r) = v.claim(&checked, now).await {
                 return Ok(v.refuse(r, ip, Some(&checked.key)));
             }
-            crate::audit::emit!(
-                info,
-                AuthSucceeded,
-                principal = &*crate::log_text::sanitize_id(checked.principal.id()),
-                method = checked.principal.method().as_str(),
-                client_ip = ip.map(tracing::field::display),
-            );
+            // The success is recorded by the access event; the opt-in
+            // `auth_succeeded` audit event is the authentication layer's, emitted
+            // when it accepts this principal.
             parts.extensions.insert(checked.principal.clone());
             parts
                 .extensions

@@ -213,9 +213,11 @@ impl StackBuilder {
         self
     }
 
-    /// Also emits an `auth_succeeded` audit event for every accepted credential
+    /// Also emits the success audit events, `auth_succeeded` for every accepted
+    /// credential and `service_token_accepted` for every accepted service token
     /// (see [`AuthenticateLayer::audit_successes`]). Off by default: the access
-    /// event of each request names its principal already.
+    /// event of each request names its principal already, and a token's `sub`,
+    /// `jti` and `kid`. From the environment: `PORTCULLIS_AUDIT_SUCCESSES=true`.
     pub fn audit_successes(mut self) -> Self {
         self.audit_successes = true;
         self

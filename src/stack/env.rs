@@ -60,10 +60,12 @@ const REDIS_ON_FAILURE: &str = "PORTCULLIS_REDIS_ON_FAILURE";
 const REDIS_TIMEOUT_MS: &str = "PORTCULLIS_REDIS_TIMEOUT_MS";
 /// Milliseconds one connection attempt to Redis (TCP, TLS, `AUTH`) may take.
 const REDIS_CONNECT_TIMEOUT_MS: &str = "PORTCULLIS_REDIS_CONNECT_TIMEOUT_MS";
+/// Whether every accepted credential is an audit event too (`true` or `false`).
+const AUDIT_SUCCESSES: &str = "PORTCULLIS_AUDIT_SUCCESSES";
 
 /// Every variable [`StackBuilder::from_env`] reads, in the order of the table in the
 /// [module docs](crate::stack).
-pub(crate) const ALL: [&str; 21] = [
+pub(crate) const ALL: [&str; 22] = [
     TRUSTED_PROXIES,
     FORWARDED_HEADER,
     ALLOWLIST,
@@ -85,6 +87,7 @@ pub(crate) const ALL: [&str; 21] = [
     REDIS_ON_FAILURE,
     REDIS_TIMEOUT_MS,
     REDIS_CONNECT_TIMEOUT_MS,
+    AUDIT_SUCCESSES,
 ];
 
 /// The variables that are set, each checked to be UTF-8 and not blank.
@@ -297,6 +300,17 @@ impl StackBuilder {
             b = b.auth_throttle(AuthThrottleLayer::new(q));
         }
         b = b.redis_from_env(&vars)?;
+        if let Some(v) = get(AUDIT_SUCCESSES) {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" => b = b.audit_successes(),
+                "false" => {}
+                _ => {
+                    return Err(ConfigError::new(format!(
+                        "{AUDIT_SUCCESSES}: must be true or false"
+                    )));
+                }
+            }
+        }
         Ok(b)
     }
 
@@ -616,6 +630,7 @@ mod tests {
             REDIS_ON_FAILURE => "closed".into(),
             REDIS_TIMEOUT_MS => "20".into(),
             REDIS_CONNECT_TIMEOUT_MS => "5000".into(),
+            AUDIT_SUCCESSES => "true".into(),
             other => panic!("no valid value for {other}"),
         }
     }
@@ -681,6 +696,10 @@ mod tests {
             (REDIS_ON_FAILURE, &["sometimes", "garbage!!"]),
             (REDIS_TIMEOUT_MS, &["0", "1001", "5ms", "-5"]),
             (REDIS_CONNECT_TIMEOUT_MS, &["9", "60001", "2s"]),
+            (
+                AUDIT_SUCCESSES,
+                &["yes", "1", "on", "tru", "true false", "garbage!!"],
+            ),
         ];
         for (name, values) in garbage {
             for value in *values {
@@ -715,6 +734,8 @@ mod tests {
             ("PORTCULLIS_APIKEYS", API_KEYS),
             ("PORTCULLIS_TRUSTED_PROXY", TRUSTED_PROXIES),
             ("PORTCULLIS_REDIS_UR", REDIS_URL),
+            ("PORTCULLIS_AUDIT_SUCCESS", AUDIT_SUCCESSES),
+            ("PORTCULLIS_AUDIT_SUCESSES", AUDIT_SUCCESSES),
         ] {
             let e = check(&[typo]).unwrap_err().to_string();
             assert_eq!(

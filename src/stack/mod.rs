@@ -112,6 +112,7 @@
 //! | `PORTCULLIS_REDIS_ON_FAILURE` | when Redis is down: `local` (default, limit in memory), `closed` (503), `open` | `closed` |
 //! | `PORTCULLIS_REDIS_TIMEOUT_MS` | how long one Redis call may take, 1 to 1000 (default 5) | `20` |
 //! | `PORTCULLIS_REDIS_CONNECT_TIMEOUT_MS` | how long one connection attempt (TCP, TLS, `AUTH`) may take, 10 to 60000 (default 2000) | `5000` |
+//! | `PORTCULLIS_AUDIT_SUCCESSES` | `true`: every accepted credential is an audit event too (`auth_succeeded`, `service_token_accepted`; [`StackBuilder::audit_successes`]); `false` (default): the access event records it | `true` |
 //!
 //! `PORTCULLIS_KEY_FILE` and `PORTCULLIS_API_KEYS` exclude each other. A variable of
 //! a feature that is not compiled in is an error, not silently ignored.

@@ -1041,3 +1041,71 @@ async fn the_stack_from_the_environment_trusts_a_discovery_issuer() {
     .to_string();
     assert!(e.starts_with("PORTCULLIS_OIDC_ISSUERS"), "{e}");
 }
+
+/// For an issuer that maps principals by verified email, the access event names
+/// the principal by its email and the token by its own `sub`, `jti` and `kid`.
+#[cfg(feature = "access-log")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_event_of_an_email_mapped_token_carries_its_own_sub() {
+    use portcullis::access_log::AccessLogLayer;
+    use portcullis::request_id::RequestIdLayer;
+    use tower::ServiceBuilder;
+
+    let capture = log_capture::capture();
+    let p = google_provider();
+    let aud = "https://jobs.internal.example";
+    let sa = "access-mapped@my-project.iam.gserviceaccount.com";
+    let jwks_url = p.jwks_url();
+    let v = tokio::task::spawn_blocking(move || {
+        TokenVerifier::builder()
+            .remote_issuer(
+                RemoteIssuer::google(aud)
+                    .jwks_url(jwks_url)
+                    .tls_root_certificates(&ca())
+                    .scopes_for(sa, "jobs:write")
+                    .unwrap(),
+            )
+            .build()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let layer = ServiceBuilder::new()
+        .layer(RequestIdLayer::new())
+        .layer(AccessLogLayer::new())
+        .layer(AuthenticateLayer::service_tokens(v))
+        .into_inner();
+    let addr = common::serve("127.0.0.1:0", layer, Peer::Attached).await;
+    let good = format!(
+        "Authorization: Bearer {}",
+        google_token(aud, GOOGLE_ISSUER, sa, json!(true))
+    );
+    assert_eq!(common::get(addr, &[good.as_bytes()]).await.status, 200);
+    let mut access = Vec::new();
+    for _ in 0..100 {
+        access = capture
+            .events_with(sa)
+            .into_iter()
+            .filter(|e| e["target"] == "portcullis::access")
+            .collect();
+        if !access.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(access.len(), 1, "{access:?}");
+    let f = &access[0]["fields"];
+    assert_eq!(f["principal"], sa);
+    assert_eq!(f["auth_method"], "service_token");
+    assert_eq!(f["sub"], "113774264463038321964");
+    assert_eq!(f["kid"], "6f7254101f56e41cf35c9926de84a2d552b4c6f1");
+    assert!(f.get("jti").is_none(), "{f}");
+    // Without the opt-in, no success audit event names the principal.
+    assert!(
+        capture
+            .events_with(sa)
+            .iter()
+            .all(|e| e["target"] != "portcullis::audit"),
+        "{access:?}"
+    );
+}

@@ -105,11 +105,13 @@ fn echo_principal() -> Handler {
 }
 
 /// A server with the service-token layer (and optionally a scope requirement) in
-/// front of [`echo_principal`].
+/// front of [`echo_principal`]. Successes are audited too: these tests read the
+/// `service_token_accepted` events.
 async fn serve(verifier: TokenVerifier, scope: Option<&str>) -> SocketAddr {
     let auth = AuthenticateLayer::service_tokens(verifier)
         .realm("jobs")
-        .unwrap();
+        .unwrap()
+        .audit_successes();
     let scope = scope.map(|s| RequireScopeLayer::new(s).unwrap().realm("jobs").unwrap());
     let layer = ServiceBuilder::new()
         .layer(auth)

@@ -13,6 +13,27 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use tracing_subscriber::fmt::MakeWriter;
 
+/// The fields of the access event, as its documentation lists them
+/// (`portcullis::access_log`), and the formatter's `message`.
+const ACCESS_FIELDS: &[&str] = &[
+    "message",
+    "request_id",
+    "method",
+    "path",
+    "query",
+    "status",
+    "latency_us",
+    "client_ip",
+    "principal",
+    "auth_method",
+    "sub",
+    "jti",
+    "kid",
+    "denial_reason",
+    "user_agent",
+    "outcome",
+];
+
 /// The captured output of every test in this binary.
 #[derive(Clone, Default)]
 pub struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -33,6 +54,15 @@ impl Capture {
             .map(|line| serde_json::from_str(line).expect("every captured line is JSON"))
             .collect();
         for e in &events {
+            if e["target"] == "portcullis::access" {
+                let fields = e["fields"].as_object().expect("an event has fields");
+                for name in fields.keys() {
+                    assert!(
+                        ACCESS_FIELDS.contains(&name.as_str()),
+                        "access field {name:?} is not in the documented table: {e}"
+                    );
+                }
+            }
             if e["target"] == portcullis::audit::TARGET {
                 let name = e["fields"]["event"].as_str().unwrap_or_default();
                 assert!(

@@ -707,6 +707,9 @@ async fn a_token_subject_with_bidi_controls_reaches_no_log_line_raw() {
     for id in ["bidi-tok-1", "bidi-tok-2"] {
         let e = &access_events(id).await[0]["fields"];
         assert_eq!(e["principal"], escaped_sub, "{id}");
+        assert_eq!(e["sub"], escaped_sub, "{id}");
+        assert_eq!(e["jti"], escaped_jti, "{id}");
+        assert_eq!(e["kid"], "hs-log", "{id}");
     }
     // No line that names this principal or token carries any of the characters raw.
     let text = capture().text();
@@ -766,4 +769,151 @@ async fn a_successful_request_is_one_event_naming_its_principal() {
         assert_eq!(audit, expected, "{id}");
         assert!(!capture().text().contains(key.expose_secret()));
     }
+}
+
+/// The audit events (their names) among the captured lines that contain `marker`.
+fn audit_events_with(marker: &str) -> Vec<String> {
+    let mut names: Vec<String> = capture()
+        .events_with(marker)
+        .into_iter()
+        .filter(|e| e["target"] == "portcullis::audit")
+        .map(|e| e["fields"]["event"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A request with a service token is one event, the access event, which carries
+/// the token's `sub`, `jti` and `kid`, whether the token was verified or served
+/// from the verifier's cache; with the stack's one opt-in, the success audit events
+/// (`service_token_accepted` and `auth_succeeded`) are added.
+#[cfg(all(feature = "jwt", feature = "stack"))]
+#[tokio::test]
+async fn a_token_request_is_one_event_carrying_the_token_ids() {
+    use jsonwebtoken::{EncodingKey, Header};
+    use portcullis::jwt::{TokenVerifier, VerifyingKey};
+    use portcullis::stack::StackLayer;
+
+    const SECRET: &[u8; 32] = b"one-event-test-hs256-secret-32by";
+    capture();
+    for (run, audit_successes) in [("tok-one-default", false), ("tok-one-audited", true)] {
+        let verifier = TokenVerifier::builder()
+            .key(VerifyingKey::hs256(SECRET).unwrap().kid("hs-one"))
+            .issuer("https://issuer.example")
+            .audience("jobs-api")
+            .build()
+            .unwrap();
+        let mut builder = StackLayer::builder().service_tokens(verifier);
+        if audit_successes {
+            builder = builder.audit_successes();
+        }
+        let addr = serve(builder.build().unwrap(), echo_request_id()).await;
+
+        let sub = format!("{run}-sub");
+        let jti = format!("{run}-jti");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({
+            "iss": "https://issuer.example", "aud": "jobs-api", "sub": sub, "jti": jti,
+            "iat": now, "exp": now + 300,
+        });
+        let mut header = Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some("hs-one".into());
+        let token =
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(SECRET)).unwrap();
+        let auth = format!("Authorization: Bearer {token}");
+        // Verified, then served from the cache.
+        for n in 1..=2 {
+            let request_id = format!("X-Request-Id: {run}-{n}");
+            let (status, _, _) = send(addr, &get("/one-event", &[&auth, &request_id])).await;
+            assert_eq!(status, 200);
+        }
+        for n in 1..=2 {
+            let access = access_events(&format!("{run}-{n}")).await;
+            assert_eq!(access.len(), 1, "{access:?}");
+            let f = &access[0]["fields"];
+            assert_eq!(f["principal"], sub.as_str());
+            assert_eq!(f["auth_method"], "service_token");
+            assert_eq!(f["sub"], sub.as_str());
+            assert_eq!(f["jti"], jti.as_str());
+            assert_eq!(f["kid"], "hs-one");
+            assert_eq!(f["status"], 200);
+        }
+        // Every line naming the token: the two access events, plus the audit
+        // events only with the opt-in.
+        let expected: &[&str] = if audit_successes {
+            &[
+                "auth_succeeded",
+                "auth_succeeded",
+                "service_token_accepted",
+                "service_token_accepted",
+            ]
+        } else {
+            &[]
+        };
+        assert_eq!(audit_events_with(&sub), expected, "{run}");
+        let lines = capture().events_with(&sub).len();
+        assert_eq!(lines, 2 + expected.len(), "{run}");
+        assert!(!capture().text().contains(&token));
+    }
+}
+
+/// An API key's access event names the key by its id (`principal`) and has no
+/// token fields; `PORTCULLIS_AUDIT_SUCCESSES` is the stack's opt-in from the
+/// environment: `true` adds the `auth_succeeded` audit event, `false` does not.
+#[cfg(feature = "stack")]
+#[tokio::test]
+async fn the_audit_successes_variable_switches_the_success_audit_event() {
+    use portcullis::stack::StackBuilder;
+
+    capture();
+    for (run, value) in [("env-audit-false", "false"), ("env-audit-true", " TRUE ")] {
+        let mut raw = [0u8; 24];
+        getrandom::fill(&mut raw).unwrap();
+        let key: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let vars = [
+            ("PORTCULLIS_API_KEYS", key.clone()),
+            ("PORTCULLIS_AUDIT_SUCCESSES", value.to_owned()),
+        ];
+        let stack = StackBuilder::from_env_with(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap()
+        .build()
+        .unwrap();
+        let addr = serve(stack, echo_request_id()).await;
+        let credential = format!("X-API-Key: {key}");
+        let request_id = format!("X-Request-Id: {run}-1");
+        let (status, _, _) = send(addr, &get("/env-audit", &[&credential, &request_id])).await;
+        assert_eq!(status, 200);
+
+        let access = access_events(&format!("{run}-1")).await;
+        assert_eq!(access.len(), 1, "{access:?}");
+        let f = &access[0]["fields"];
+        assert_eq!(f["auth_method"], "api_key");
+        for absent in ["sub", "jti", "kid"] {
+            assert!(f.get(absent).is_none(), "{absent}: {f}");
+        }
+        let id = f["principal"].as_str().unwrap().to_owned();
+        assert!(id.starts_with("env-"), "{id}");
+        let expected: &[&str] = if value == "false" {
+            &[]
+        } else {
+            &["auth_succeeded"]
+        };
+        assert_eq!(audit_events_with(&id), expected, "{run}");
+        assert!(!capture().text().contains(&key));
+    }
+    let bad = StackBuilder::from_env_with(|name| {
+        (name == "PORTCULLIS_AUDIT_SUCCESSES").then(|| "yes".to_owned())
+    })
+    .unwrap_err();
+    assert_eq!(
+        bad.to_string(),
+        "PORTCULLIS_AUDIT_SUCCESSES: must be true or false"
+    );
 }

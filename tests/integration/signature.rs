@@ -800,3 +800,98 @@ async fn a_nonce_replayed_at_another_instance_sharing_redis_is_refused() {
     assert_eq!(r.status, 401, "{r:?}");
     assert_nothing_echoed(&r, &w);
 }
+
+/// A signed request is one event, the access event naming the key id and
+/// `http_signature`; the `auth_succeeded` audit event is added only with the
+/// authentication layer's opt-in.
+#[cfg(feature = "access-log")]
+#[tokio::test]
+async fn a_signed_request_is_one_event_unless_successes_are_audited() {
+    use portcullis::access_log::AccessLogLayer;
+    use portcullis::request_id::RequestIdLayer;
+
+    let capture = log_capture::capture();
+    for (key_id, audit_successes) in [("sig-one-default", false), ("sig-one-audited", true)] {
+        let verifier = SignatureVerifier::builder()
+            .key(SignatureKey::hmac_sha256(key_id, SECRET).unwrap())
+            .build()
+            .unwrap();
+        let store = KeyStore::from_records([KeyRecord::new(
+            "api-key-client",
+            generate_key("pc_test").unwrap().digest(),
+        )
+        .unwrap()])
+        .unwrap();
+        let mut auth = AuthenticateLayer::api_keys(ApiKeys::new(store));
+        if audit_successes {
+            auth = auth.audit_successes();
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let layer = VerifySignatureLayer::new(verifier);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, remote)) = listener.accept().await else {
+                    continue;
+                };
+                let svc = ServiceBuilder::new()
+                    .layer(PeerAddrLayer::new(remote))
+                    .layer(RequestIdLayer::new())
+                    .layer(AccessLogLayer::new())
+                    .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+                    .layer(layer.clone())
+                    .layer(auth.clone())
+                    .service_fn(|_req: Request<SignedBody<Incoming>>| async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                        .await;
+                });
+            }
+        });
+        let params = format!(
+            ";created={};keyid=\"{key_id}\";nonce=\"{}\"",
+            now(),
+            nonce()
+        );
+        let w = Wire::new("GET", "/v1/jobs", b"")
+            .header("x-job", "1")
+            .header("x-request-id", &format!("{key_id}-req"))
+            .signed(GET_COMPONENTS, &params, SECRET);
+        let r = send(addr, &w).await;
+        assert_eq!(r.status, 200, "{r:?}");
+
+        // The access event is emitted when the response head is ready.
+        let mut events = Vec::new();
+        for _ in 0..100 {
+            events = capture.events_with(key_id);
+            if events.iter().any(|e| e["target"] == "portcullis::access") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let access: Vec<_> = events
+            .iter()
+            .filter(|e| e["target"] == "portcullis::access")
+            .collect();
+        assert_eq!(access.len(), 1, "{events:?}");
+        let f = &access[0]["fields"];
+        assert_eq!(f["principal"], key_id);
+        assert_eq!(f["auth_method"], "http_signature");
+        assert_eq!(f["status"], 200);
+        let audit: Vec<_> = events
+            .iter()
+            .filter(|e| e["target"] == "portcullis::audit")
+            .map(|e| (&e["fields"]["event"], &e["fields"]["method"]))
+            .collect();
+        if audit_successes {
+            assert_eq!(audit.len(), 1, "{events:?}");
+            assert_eq!(audit[0].0, "auth_succeeded");
+            assert_eq!(audit[0].1, "http_signature");
+        } else {
+            assert!(audit.is_empty(), "{events:?}");
+        }
+    }
+}
