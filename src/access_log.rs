@@ -91,6 +91,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::ip::AddrText;
 use crate::log_text::{sanitize, sanitize_id};
 use crate::redact::Redactor;
 use crate::rejection::DenialReason;
@@ -405,8 +406,8 @@ impl Pending {
             .and_then(|e| e.get::<Principal>())
             .or(self.principal.as_ref());
         let denial = ext.and_then(|e| e.get::<DenialReason>()).copied();
-        let mut ip_text = IpText::default();
-        let client_ip = client_ip.and_then(|ip| ip_text.format(ip));
+        let ip_text = client_ip.map(|ip| AddrText::new(ip.addr()));
+        let client_ip = ip_text.as_ref().map(AddrText::as_str);
         let principal_id = principal.map(|p| sanitize_id(p.id()));
         let token = TokenFields::of(
             ext,
@@ -491,43 +492,6 @@ fn is_standard(m: &Method) -> bool {
         Method::TRACE,
     ]
     .contains(m)
-}
-
-/// A client address as text, formatted on the stack (an address is at most 45
-/// bytes), so that the event records a `&str`.
-struct IpText {
-    bytes: [u8; 64],
-    len: usize,
-}
-
-impl Default for IpText {
-    fn default() -> Self {
-        Self {
-            bytes: [0; 64],
-            len: 0,
-        }
-    }
-}
-
-impl IpText {
-    fn format(&mut self, ip: ClientIp) -> Option<&str> {
-        use std::fmt::Write as _;
-        self.len = 0;
-        write!(self, "{ip}").ok()?;
-        std::str::from_utf8(&self.bytes[..self.len]).ok()
-    }
-}
-
-impl fmt::Write for IpText {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let end = self.len + s.len();
-        self.bytes
-            .get_mut(self.len..end)
-            .ok_or(fmt::Error)?
-            .copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
 }
 
 /// Redacted text sanitised for the log line, without a copy when there is nothing

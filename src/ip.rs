@@ -52,11 +52,24 @@ impl fmt::Display for ClientIp {
     /// standard formatting makes seven writes for an IPv4 address, and a log writer
     /// (JSON escaping, redaction) pays for each one.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut buf = AddrBuf {
+        f.pad(AddrText::new(self.0).as_str())
+    }
+}
+
+/// An address as text in a stack buffer (at most 45 bytes), formatted once: the
+/// access log records it as a `&str`, `Display` hands it over in one piece.
+pub(crate) struct AddrText {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl AddrText {
+    pub(crate) fn new(ip: IpAddr) -> Self {
+        let mut buf = Self {
             bytes: [0; 64],
             len: 0,
         };
-        match self.0 {
+        match ip {
             IpAddr::V4(a) => {
                 for (i, octet) in a.octets().into_iter().enumerate() {
                     if i > 0 {
@@ -71,26 +84,29 @@ impl fmt::Display for ClientIp {
                     buf.push(b'0' + octet % 10);
                 }
             }
-            IpAddr::V6(a) => fmt::Write::write_fmt(&mut buf, format_args!("{a}"))?,
+            IpAddr::V6(a) => {
+                // At most 45 bytes: the buffer cannot overflow; if it ever did, the
+                // text would be empty rather than cut.
+                if fmt::Write::write_fmt(&mut buf, format_args!("{a}")).is_err() {
+                    buf.len = 0;
+                }
+            }
         }
-        f.pad(std::str::from_utf8(&buf.bytes[..buf.len]).map_err(|_| fmt::Error)?)
+        buf
     }
-}
 
-/// A stack buffer for one formatted address (at most 45 bytes).
-struct AddrBuf {
-    bytes: [u8; 64],
-    len: usize,
-}
+    /// The text (ASCII digits, `.`, `:` and hex letters only).
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
 
-impl AddrBuf {
     fn push(&mut self, b: u8) {
         self.bytes[self.len] = b;
         self.len += 1;
     }
 }
 
-impl fmt::Write for AddrBuf {
+impl fmt::Write for AddrText {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let end = self.len + s.len();
         self.bytes
