@@ -275,6 +275,20 @@ mod num {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Every address, v4 or v6 (mapped, compressed, with leading zeros in any
+        /// group), is the standard text, in `Display` and in the log's buffer.
+        #[test]
+        fn every_address_formats_as_the_standard_text(v4: u32, v6: u128, mapped: bool) {
+            let v6 = if mapped { u128::from(v4) | 0xffff_0000_0000 } else { v6 };
+            for ip in [IpAddr::from(v4.to_be_bytes()), IpAddr::from(v6.to_be_bytes())] {
+                let text = AddrText::new(ip);
+                proptest::prop_assert_eq!(text.as_str(), ip.to_string());
+                proptest::prop_assert_eq!(ClientIp(ip).to_string(), ip.to_string());
+            }
+        }
+    }
+
     #[test]
     fn client_ip_displays_as_the_standard_address() {
         for s in [
