@@ -174,20 +174,20 @@ impl KeySource<'_> {
     /// per-process random key cannot be steered (see [`LocalKey`]).
     #[inline]
     pub(crate) fn local(&self, hasher: &impl BuildHasher) -> LocalKey {
-        // Each kind hashes a message of its own shape (a `u64` with the kind in its
-        // top byte, a `u8` kind then a `u64`, or bytes then a kind byte), so keys of
-        // different kinds are distinct inputs to the hash.
+        // Every hashed message is the value's bytes then its kind's byte: a kind's
+        // messages are its values' bytes (of one length for addresses), and messages
+        // of different kinds differ in their last byte.
         let (hash, tag) = match self {
-            KeySource::Global => (hasher.hash_one(0u64), 0),
+            KeySource::Global => (hash64(hasher, 0, &[]), 0),
             KeySource::Ip(IpAddr::V4(a)) => {
                 let tag = u64::from(u32::from(*a)) | (1 << 56);
-                (hasher.hash_one(tag), tag)
+                (hash64(hasher, 1, &a.octets()), tag)
             }
             KeySource::Ip(IpAddr::V6(a)) => {
                 let v = u128::from(*a);
                 let (net, host) = ((v >> 64) as u64, v as u64);
                 if host == 0 {
-                    (hasher.hash_one((2u8, net)), net)
+                    (hash64(hasher, 2, &net.to_be_bytes()), net)
                 } else {
                     hash128(hasher, 5, &v.to_be_bytes())
                 }
@@ -225,6 +225,15 @@ impl KeySource<'_> {
             KeySource::Custom(s) => hex("c", s),
         }
     }
+}
+
+/// The keyed hash of `bytes kind`.
+#[inline]
+fn hash64(hasher: &impl BuildHasher, kind: u8, bytes: &[u8]) -> u64 {
+    let mut h = hasher.build_hasher();
+    h.write(bytes);
+    h.write_u8(kind);
+    h.finish()
 }
 
 fn hash128(hasher: &impl BuildHasher, kind: u8, bytes: &[u8]) -> (u64, u64) {
@@ -350,6 +359,42 @@ mod tests {
     }
 
     type AllCollide = std::hash::BuildHasherDefault<Zero>;
+
+    /// A hasher whose value is the last byte written.
+    #[derive(Default)]
+    struct LastByte(u64);
+
+    impl Hasher for LastByte {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            if let Some(&b) = bytes.last() {
+                self.0 = u64::from(b);
+            }
+        }
+    }
+
+    /// Every hashed message ends in its kind's byte, so keys of different kinds are
+    /// different inputs to the keyed hash, whatever bytes a string key holds (here a
+    /// custom key made of an IPv6 network's bytes).
+    #[test]
+    fn each_kind_hashes_its_own_messages() {
+        let h = std::hash::BuildHasherDefault::<LastByte>::default();
+        let net = 0x0a03_0405_0607_0809_u64;
+        let mut as_custom = net.to_be_bytes().to_vec();
+        as_custom.push(2);
+        for (source, kind) in [
+            (KeySource::Global, 0),
+            (KeySource::Ip("192.0.2.1".parse().unwrap()), 1),
+            (KeySource::Ip(IpAddr::V6((u128::from(net) << 64).into())), 2),
+            (KeySource::Principal("2001:db8::"), 3),
+            (KeySource::Custom(String::from_utf8(as_custom).unwrap()), 4),
+            (KeySource::Ip("2001:db8::1".parse().unwrap()), 5),
+        ] {
+            assert_eq!(source.local(&h).hash, kind, "{source:?}");
+        }
+    }
 
     proptest::proptest! {
         /// Addresses are their own tags: two different IPv4 addresses, or two
