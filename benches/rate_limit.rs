@@ -6,6 +6,8 @@
 //! - `spread_1m`: requests cycle over 1 000 000 addresses, all already tracked;
 //! - each with and without response header fields (portcullis: `RateLimit-Policy` +
 //!   `RateLimit`; tower_governor: its `x-ratelimit-*` headers via `use_headers`);
+//! - `bare`: the inner service alone, with the same requests made and dropped, so
+//!   that each limiter's own cost is its time less this one;
 //! - tower_governor twice without headers: keyed on the `ClientIp` alone (the least
 //!   it can do), and `same_key`, keyed as portcullis keys by default (the `Principal`
 //!   identity if any, else the address with IPv6 masked to its /64), so that both sides
@@ -220,6 +222,7 @@ fn service(name: &str, keys: u32) -> Box<dyn FnMut(Request<()>) -> Response<Body
         Box::new(move |req| once(&mut s, req))
     }
     match name {
+        "bare" => boxed(inner()),
         "portcullis/no_fields" => boxed(portcullis(false, keys).layer(inner())),
         "portcullis/fields" => boxed(portcullis(true, keys).layer(inner())),
         "tower_governor/no_headers" => {
@@ -309,6 +312,7 @@ fn timings(c: &mut Criterion) {
         ("rate_limit/spread_1m", SPREAD),
     ] {
         let mut g = c.benchmark_group(group);
+        time(&mut g, "bare", keys, inner);
         time(&mut g, "portcullis/no_fields", keys, || {
             portcullis(false, keys).layer(inner())
         });

@@ -164,33 +164,38 @@ pub(crate) enum KeySource<'a> {
 }
 
 impl KeySource<'_> {
-    /// The fixed-size in-memory key: addresses as they are, strings through the
-    /// limiter's randomly keyed SipHash, 128 bits (collisions cannot be steered).
+    /// The fixed-size in-memory key, two words: the table's hash, the store's
+    /// randomly keyed SipHash of the kind and value, and a tag. The tag is the value
+    /// itself where it fits in a word beside that hash (an IPv4 address with its
+    /// kind, the first half of an IPv6 network of at most 64 bits), so that two such
+    /// keys of one kind never share a state; otherwise (a string, a longer IPv6
+    /// network) it is a second keyed hash, 128 bits in all. Two distinct keys can
+    /// only share a state if their keyed hashes are equal, which without the
+    /// per-process random key cannot be steered (see [`LocalKey`]).
     #[inline]
     pub(crate) fn local(&self, hasher: &impl BuildHasher) -> LocalKey {
-        // `hash` is the table's hash, computed here once with the store's randomly
-        // keyed SipHash: over the (attacker-chosen) address itself, or, for a string
-        // key, one half of its keyed fingerprint. The table only passes it on.
-        let (kind, hi, lo, hash) = match self {
-            KeySource::Global => (0, 0, 0, 0),
+        // Every hashed message is the value's bytes then its kind's byte: a kind's
+        // messages are its values' bytes (of one length for addresses), and messages
+        // of different kinds differ in their last byte.
+        let (hash, tag) = match self {
+            KeySource::Global => (hash64(hasher, 0, &[]), 0),
             KeySource::Ip(IpAddr::V4(a)) => {
-                let lo = u64::from(u32::from(*a));
-                (1, 0, lo, hasher.hash_one(lo | (1 << 56)))
+                let tag = u64::from(u32::from(*a)) | (1 << 56);
+                (hash64(hasher, 1, &a.octets()), tag)
             }
             KeySource::Ip(IpAddr::V6(a)) => {
                 let v = u128::from(*a);
-                (2, (v >> 64) as u64, v as u64, hasher.hash_one(v))
+                let (net, host) = ((v >> 64) as u64, v as u64);
+                if host == 0 {
+                    (hash64(hasher, 2, &net.to_be_bytes()), net)
+                } else {
+                    hash128(hasher, 5, &v.to_be_bytes())
+                }
             }
-            KeySource::Principal(s) => {
-                let (hi, lo) = hash128(hasher, 3, s);
-                (3, hi, lo, hi)
-            }
-            KeySource::Custom(s) => {
-                let (hi, lo) = hash128(hasher, 4, s);
-                (4, hi, lo, hi)
-            }
+            KeySource::Principal(s) => hash128(hasher, 3, s.as_bytes()),
+            KeySource::Custom(s) => hash128(hasher, 4, s.as_bytes()),
         };
-        LocalKey { hi, lo, kind, hash }
+        LocalKey { hash, tag }
     }
 
     /// A stable, printable name for the key, for shared backends: the same on every
@@ -222,33 +227,48 @@ impl KeySource<'_> {
     }
 }
 
-fn hash128(hasher: &impl BuildHasher, kind: u8, s: &str) -> (u64, u64) {
-    // Two keyed hashes of distinct inputs, `s kind` and `s kind 0xff` (a fixed-length
-    // suffix, so each input has one reading), the string compressed once.
+/// The keyed hash of `bytes kind`.
+#[inline]
+fn hash64(hasher: &impl BuildHasher, kind: u8, bytes: &[u8]) -> u64 {
     let mut h = hasher.build_hasher();
-    h.write(s.as_bytes());
+    h.write(bytes);
+    h.write_u8(kind);
+    h.finish()
+}
+
+fn hash128(hasher: &impl BuildHasher, kind: u8, bytes: &[u8]) -> (u64, u64) {
+    // Two keyed hashes of distinct inputs, `bytes kind` and `bytes kind 0xff` (a
+    // fixed-length suffix, so each input has one reading), the bytes compressed once.
+    let mut h = hasher.build_hasher();
+    h.write(bytes);
     h.write_u8(kind);
     let hi = h.finish();
     h.write_u8(0xff);
     (hi, h.finish())
 }
 
-/// The in-memory key: a kind, then an address or a 128-bit hash in two words,
-/// whatever the principal identity's length, and the table's hash of them: 32 bytes,
-/// built and compared in registers.
+/// The in-memory key, 16 bytes whatever the principal identity's length: a keyed
+/// hash, which is also the table's hash, and a tag (see [`KeySource::local`]).
+///
+/// Keys are compared on both words. Two distinct keys of one kind whose value is
+/// its own tag (IPv4 addresses, IPv6 networks of at most 64 bits) never compare
+/// equal. Any other two distinct keys compare equal only if the store's keyed
+/// SipHash maps their inputs to equal 64-bit values and their tags are equal too (a
+/// second 64-bit keyed hash for strings): about 2⁻¹²⁸ per pair of strings, and at
+/// worst 2⁻⁶⁴ per pair when an attacker picks an address as the tag. The hash key
+/// is random per process and never leaves it, so equal hashes cannot be searched
+/// for offline. If two keys did collide, they would share one state: both held to
+/// one budget, stricter than their own, never looser than a single key's quota.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LocalKey {
-    hi: u64,
-    lo: u64,
-    kind: u8,
-    /// The keyed hash, a function of the three fields above (see [`KeySource::local`]).
     hash: u64,
+    tag: u64,
 }
 
 impl PartialEq for LocalKey {
     #[inline]
     fn eq(&self, other: &Self) -> bool {
-        (self.hi, self.lo, self.kind) == (other.hi, other.lo, other.kind)
+        (self.hash, self.tag) == (other.hash, other.tag)
     }
 }
 
@@ -309,8 +329,8 @@ mod tests {
     }
 
     #[test]
-    fn a_key_is_four_words() {
-        assert_eq!(std::mem::size_of::<LocalKey>(), 32);
+    fn a_key_is_two_words() {
+        assert_eq!(std::mem::size_of::<LocalKey>(), 16);
     }
 
     #[test]
@@ -324,5 +344,111 @@ mod tests {
             KeySource::Ip("0.0.0.0".parse().unwrap()).local(&h),
             KeySource::Global.local(&h)
         );
+    }
+
+    /// A hasher that maps everything to 0: every key collides on its hash, so
+    /// only the tag tells keys apart.
+    #[derive(Default)]
+    struct Zero;
+
+    impl Hasher for Zero {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+
+    type AllCollide = std::hash::BuildHasherDefault<Zero>;
+
+    /// A hasher whose value is the last byte written.
+    #[derive(Default)]
+    struct LastByte(u64);
+
+    impl Hasher for LastByte {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            if let Some(&b) = bytes.last() {
+                self.0 = u64::from(b);
+            }
+        }
+    }
+
+    /// Every hashed message ends in its kind's byte, so keys of different kinds are
+    /// different inputs to the keyed hash, whatever bytes a string key holds (here a
+    /// custom key made of an IPv6 network's bytes).
+    #[test]
+    fn each_kind_hashes_its_own_messages() {
+        let h = std::hash::BuildHasherDefault::<LastByte>::default();
+        let net = 0x0a03_0405_0607_0809_u64;
+        let mut as_custom = net.to_be_bytes().to_vec();
+        as_custom.push(2);
+        for (source, kind) in [
+            (KeySource::Global, 0),
+            (KeySource::Ip("192.0.2.1".parse().unwrap()), 1),
+            (KeySource::Ip(IpAddr::V6((u128::from(net) << 64).into())), 2),
+            (KeySource::Principal("2001:db8::"), 3),
+            (KeySource::Custom(String::from_utf8(as_custom).unwrap()), 4),
+            (KeySource::Ip("2001:db8::1".parse().unwrap()), 5),
+        ] {
+            assert_eq!(source.local(&h).hash, kind, "{source:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Addresses are their own tags: two different IPv4 addresses, or two
+        /// different IPv6 networks of at most 64 bits, never share a key, even
+        /// under a hash where everything collides.
+        #[test]
+        fn distinct_addresses_never_share_a_key(
+            a in proptest::prelude::any::<u32>(),
+            b in proptest::prelude::any::<u32>(),
+            x in proptest::prelude::any::<u64>(),
+            y in proptest::prelude::any::<u64>(),
+        ) {
+            let h = AllCollide::default();
+            let v4 = |n: u32| KeySource::Ip(IpAddr::V4(n.into())).local(&h);
+            let v6 = |n: u64| KeySource::Ip(IpAddr::V6((u128::from(n) << 64).into())).local(&h);
+            proptest::prop_assert_eq!(a == b, v4(a) == v4(b));
+            proptest::prop_assert_eq!(x == y, v6(x) == v6(y));
+            proptest::prop_assert_ne!(v4(a), KeySource::Global.local(&h));
+        }
+
+        /// With the store's hasher, a key depends on its source alone, and two
+        /// different sources (of any kind, including strings and full IPv6
+        /// addresses, which are hashed) get different keys.
+        #[test]
+        fn keys_follow_their_source(
+            s in "[a-z:]{0,24}",
+            t in "[a-z:]{0,24}",
+            a in proptest::prelude::any::<u128>(),
+            b in proptest::prelude::any::<u128>(),
+        ) {
+            let h = std::hash::RandomState::new();
+            let all = |s: &str, a: u128| {
+                [
+                    KeySource::Principal(s).local(&h),
+                    KeySource::Custom(s.to_owned()).local(&h),
+                    KeySource::Ip(IpAddr::V6(a.into())).local(&h),
+                    KeySource::Ip(IpAddr::V4((a as u32).into())).local(&h),
+                    KeySource::Global.local(&h),
+                ]
+            };
+            let (x, y) = (all(&s, a), all(&t, b));
+            proptest::prop_assert_eq!(x, all(&s, a));
+            for (i, kx) in x.iter().enumerate() {
+                for (j, ky) in y.iter().enumerate() {
+                    let same_source = i == j
+                        && match i {
+                            0 | 1 => s == t,
+                            2 => a == b,
+                            3 => a as u32 == b as u32,
+                            _ => true,
+                        };
+                    proptest::prop_assert_eq!(same_source, kx == ky, "kinds {} and {}", i, j);
+                }
+            }
+        }
     }
 }

@@ -418,6 +418,19 @@ impl Shared {
         Some(self.render_fields(entries, outcome))
     }
 
+    /// [`render`](Self::render) with the entries of the request's principal, or of
+    /// an anonymous request if `None`.
+    #[inline]
+    fn render_for(&self, entries: Option<&Entries<'_>>, outcome: &Outcome) -> Option<FieldSet> {
+        if !self.fields && !self.legacy {
+            return None;
+        }
+        Some(match entries {
+            Some(e) => self.render_fields(e, outcome),
+            None => self.render_fields(&self.entries(None), outcome),
+        })
+    }
+
     #[inline(never)]
     fn render_fields(&self, entries: &Entries<'_>, outcome: &Outcome) -> FieldSet {
         let mut set = FieldSet::default();
@@ -810,18 +823,20 @@ where
         let (outcome, fields) = {
             let cx = KeyContext::of(&req);
             let key = shared.key.derive(&cx).local(shared.local.hasher());
-            // Anonymous requests use the default quotas, computed at build time.
-            let entries = shared.entries(cx.principal());
+            // Anonymous requests use the default quotas, computed at build time; their
+            // policy entries are looked up only if fields are rendered.
+            let principal = cx.principal();
+            let entries = principal.map(|p| shared.entries(Some(p)));
             let per_principal;
-            let gcras = match cx.principal() {
+            let gcras = match &entries {
                 None => &shared.anonymous[..shared.policies.len()],
-                Some(_) => {
-                    per_principal = Shared::gcras(&entries);
+                Some(entries) => {
+                    per_principal = Shared::gcras(entries);
                     &per_principal[..shared.policies.len()]
                 }
             };
             let outcome = shared.local.check(key, gcras, shared.local.now());
-            let fields = shared.render(&entries, &outcome);
+            let fields = shared.render_for(entries.as_ref(), &outcome);
             (outcome, fields)
         };
         // An admitted request (shadow mode admits them all) spends one of its key's
