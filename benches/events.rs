@@ -5,54 +5,16 @@
 //! `auth_succeeded`). The token is served from the verifier's cache, as a reused
 //! token is; `oneshot` over a cloned service, in process.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use http::{Request, Response};
-use http_body_util::Full;
-use portcullis::client_ip::PeerAddr;
 use portcullis::jwt::{SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
 use portcullis::stack::StackLayer;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, ServiceExt};
 use tracing::Level;
 
-type Body = Full<Bytes>;
-
-fn handler()
--> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Unpin> + Clone
-{
-    tower::service_fn(|_req: Request<Body>| {
-        std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(
-            Bytes::from_static(b"ok"),
-        ))))
-    })
-}
-
-fn request(authorization: &str) -> Request<Body> {
-    let mut req = Request::builder()
-        .uri("/v1/jobs/01J9Z6Q?page=2")
-        .header("user-agent", "bench/1.0")
-        .header("authorization", authorization)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    req.extensions_mut()
-        .insert(PeerAddr("10.1.2.3:51000".parse().unwrap()));
-    req
-}
-
-/// Drives a future that is ready without waiting (every service here is).
-fn now<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("the benchmark services never wait"),
-    }
-}
+mod common;
+use common::{handler, now, request};
 
 fn events(c: &mut Criterion) {
     let secret = [7u8; 32];
@@ -87,11 +49,17 @@ fn events(c: &mut Criterion) {
         }
         let svc = builder.build().unwrap().layer(handler());
         // Every variant must answer 200: a refusal would measure the wrong path.
-        let res = now(svc.clone().oneshot(request(&authorization))).unwrap();
+        let res = now(svc
+            .clone()
+            .oneshot(request("authorization", &authorization)))
+        .unwrap();
         assert_eq!(res.status(), 200);
         g.bench_function(name, |b| {
             b.iter(|| {
-                let res = now(svc.clone().oneshot(request(&authorization))).unwrap();
+                let res = now(svc
+                    .clone()
+                    .oneshot(request("authorization", &authorization)))
+                .unwrap();
                 black_box(res.status())
             })
         });

@@ -5,11 +5,7 @@
 //! tower user would otherwise pick), both emitting one INFO event per request through
 //! a JSON subscriber that writes to a sink, and beside no layer at all.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -21,6 +17,9 @@ use portcullis::request_id::RequestIdLayer;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
+
+mod common;
+use common::{Body, handler, now};
 
 /// About 64 KiB of JSON access-log lines; with `secrets`, every line carries one.
 fn log_text(secrets: bool) -> String {
@@ -100,18 +99,6 @@ fn redactor(c: &mut Criterion) {
     g.finish();
 }
 
-type Body = Full<Bytes>;
-
-fn handler()
--> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Unpin> + Clone
-{
-    tower::service_fn(|_req: Request<Body>| {
-        std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(
-            Bytes::from_static(b"ok"),
-        ))))
-    })
-}
-
 fn request() -> Request<Body> {
     Request::builder()
         .uri("/v1/jobs/01J9Z6Q?page=2&api_key=pc_live_AbCdEfGhIjKlMnOpQrStUvWx0123")
@@ -123,15 +110,6 @@ fn request() -> Request<Body> {
         .header("x-request-id", "bench-request-1")
         .body(Full::new(Bytes::new()))
         .unwrap()
-}
-
-/// Drives a future that is ready without waiting (every service here is).
-fn now<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("the benchmark services never wait"),
-    }
 }
 
 fn per_request<S, B>(b: &mut criterion::Bencher<'_>, svc: S)
