@@ -198,17 +198,19 @@ async fn retries_with_backoff_then_the_dead_letter_queue(b: &Backend) {
 }
 
 async fn a_retry_is_not_claimed_before_its_time(b: &Backend) {
-    let q = b
-        .make(QueueConfig {
-            backoff: Backoff {
-                base: Duration::from_secs(60),
-                cap: Duration::from_secs(60),
-            },
-            ..config()
-        })
-        .await;
-    // Full jitter may draw 0: try until a job waits (each draw is fresh).
+    // Full jitter may draw 0: try until a job waits (each draw is fresh). Each try has
+    // a queue of its own, since the queue's next retry is its earliest one: an early
+    // short draw would otherwise hide every later long one.
     for i in 0..20 {
+        let q = b
+            .make(QueueConfig {
+                backoff: Backoff {
+                    base: Duration::from_secs(60),
+                    cap: Duration::from_secs(60),
+                },
+                ..config()
+            })
+            .await;
         let a = new(&q, "o", &format!("j{i}"), 0).await;
         q.start(a).await.unwrap();
         q.fail(a).await.unwrap();
