@@ -1924,6 +1924,16 @@ fn browser_driver() -> Option<std::path::PathBuf> {
     None
 }
 
+/// A path under the demo's `test-artifacts` (kept for a person to look at), with no
+/// file left there by an earlier run.
+fn fresh_artifact(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
 #[tokio::test]
 async fn a_real_browser_shows_the_dashboard_only_with_the_credential() {
     let Some(driver) = browser_driver() else {
@@ -1937,10 +1947,7 @@ async fn a_real_browser_shows_the_dashboard_only_with_the_credential() {
         Some(r#"{"input":"seen in a browser"}"#),
     )
     .await;
-    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
-    std::fs::create_dir_all(&shots).unwrap();
-    let shot = shots.join("dashboard.png");
-    let _ = std::fs::remove_file(&shot);
+    let shot = fresh_artifact("dashboard.png");
     let base = format!("http://{}", demo.addr);
     let admin = demo.auth("admin").to_owned();
     let (header, value) = admin
@@ -2249,10 +2256,7 @@ async fn a_real_browser_logs_in_sees_the_figures_and_is_refused_after_logout() {
         Some(r#"{"input":"seen after a login"}"#),
     )
     .await;
-    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
-    std::fs::create_dir_all(&shots).unwrap();
-    let shot = shots.join("dashboard-login.png");
-    let _ = std::fs::remove_file(&shot);
+    let shot = fresh_artifact("dashboard-login.png");
     let base = format!("http://{}", demo.addr);
     let key = key_of(&demo, "admin").to_owned();
     let out = {
