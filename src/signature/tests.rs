@@ -677,3 +677,46 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn no_debug_output_shows_key_material() {
+    use base64::engine::general_purpose::STANDARD;
+    let secret = b"SECRET-material-of-a-client-0123456789";
+    let seed = [0x5a_u8; 32];
+    let hmac = SigningKey::hmac_sha256("client-a", secret).unwrap();
+    let ed = SigningKey::ed25519("client-b", &seed).unwrap();
+    let verifier = SignatureVerifier::builder()
+        .key(SignatureKey::hmac_sha256("client-a", secret).unwrap())
+        .key(SignatureKey::ed25519("client-b", &ed.public_key().unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let shown = [
+        format!(
+            "{:?}",
+            SignatureKey::hmac_sha256("client-a", secret).unwrap()
+        ),
+        format!("{hmac:?}"),
+        format!("{ed:?}"),
+        format!("{verifier:?}"),
+        format!("{:?}", VerifySignatureLayer::new(verifier.clone())),
+        format!("{:?}", SignRequestLayer::new(hmac.clone())),
+        format!("{:?}", SignRequestLayer::new(ed.clone())),
+    ];
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let forbidden = [
+        String::from_utf8(secret.to_vec()).unwrap(),
+        hex(secret),
+        STANDARD.encode(secret),
+        hex(&seed),
+        STANDARD.encode(seed),
+        format!("{:?}", secret.as_slice()),
+        format!("{:?}", seed),
+        "90, 90, 90".to_owned(),
+    ];
+    for text in &shown {
+        assert!(text.contains("client-"), "the id is shown: {text}");
+        for f in &forbidden {
+            assert!(!text.contains(f.as_str()), "key material in {text}");
+        }
+    }
+}
