@@ -820,25 +820,21 @@ where
             return call_shared_backend(&self.shared, &mut self.inner, req);
         }
         let shared = &*self.shared;
-        let (outcome, fields) = {
-            let cx = KeyContext::of(&req);
-            let key = shared.key.derive(&cx).local(shared.local.hasher());
-            // Anonymous requests use the default quotas, computed at build time; their
-            // policy entries are looked up only if fields are rendered.
-            let principal = cx.principal();
-            let entries = principal.map(|p| shared.entries(Some(p)));
-            let per_principal;
-            let gcras = match &entries {
-                None => &shared.anonymous[..shared.policies.len()],
-                Some(entries) => {
-                    per_principal = Shared::gcras(entries);
-                    &per_principal[..shared.policies.len()]
-                }
-            };
-            let outcome = shared.local.check(key, gcras, shared.local.now());
-            let fields = shared.render_for(entries.as_ref(), &outcome);
-            (outcome, fields)
+        let cx = KeyContext::of(&req);
+        let key = shared.key.derive(&cx).local(shared.local.hasher());
+        // Anonymous requests use the default quotas, computed at build time; their
+        // policy entries are looked up only if fields are rendered.
+        let entries = cx.principal().map(|p| shared.entries(Some(p)));
+        let per_principal;
+        let gcras = match &entries {
+            None => &shared.anonymous[..shared.policies.len()],
+            Some(entries) => {
+                per_principal = Shared::gcras(entries);
+                &per_principal[..shared.policies.len()]
+            }
         };
+        let outcome = shared.local.check(key, gcras, shared.local.now());
+        let fields = shared.render_for(entries.as_ref(), &outcome);
         // An admitted request (shadow mode admits them all) spends one of its key's
         // credits, if it has credits.
         #[cfg(feature = "api-key")]
