@@ -854,9 +854,9 @@ where
                 None => Kind::Inner {
                     future: self.inner.call(req),
                 },
-                fields => Kind::WithFields {
+                Some(set) => Kind::WithFields {
                     future: self.inner.call(req),
-                    fields,
+                    fields: Some(Box::new(set)),
                 },
             };
             return ResponseFuture { kind };
@@ -940,8 +940,10 @@ pin_project! {
         S: Service<Request<ReqBody>>,
     {
         Inner { #[pin] future: S::Future },
-        // Its own variant, so that a response without fields has nothing more to drop.
-        WithFields { #[pin] future: S::Future, fields: Option<FieldSet> },
+        // Its own variant, so that a response without fields has nothing more to
+        // drop; the fields boxed, so that the future stays one word larger than the
+        // inner one, whichever variant it is.
+        WithFields { #[pin] future: S::Future, fields: Option<Box<FieldSet>> },
         // Boxed, so that the future (and its drop) stays small on the common path.
         Other { state: Box<Other<S, ReqBody, B>> },
     }
@@ -955,7 +957,10 @@ where
     fn pass(future: S::Future, fields: Option<FieldSet>) -> Self {
         match fields {
             None => Kind::Inner { future },
-            fields => Kind::WithFields { future, fields },
+            Some(set) => Kind::WithFields {
+                future,
+                fields: Some(Box::new(set)),
+            },
         }
     }
 }
@@ -993,7 +998,7 @@ where
                 if let Poll::Ready(Ok(r)) = &mut out
                     && let Some(set) = fields.take()
                 {
-                    set.apply(r.headers_mut());
+                    (*set).apply(r.headers_mut());
                 }
                 return out;
             }
@@ -1019,7 +1024,7 @@ where
             KindProj::WithFields { future, fields } => {
                 let mut res = ready!(future.poll(cx));
                 if let (Ok(r), Some(set)) = (&mut res, fields.take()) {
-                    set.apply(r.headers_mut());
+                    (*set).apply(r.headers_mut());
                 }
                 return Poll::Ready(res);
             }
