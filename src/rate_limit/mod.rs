@@ -29,22 +29,22 @@
 //! time until each policy's quota is back (the `RateLimit` fields). A property test
 //! checks that it decides exactly as `governor` does for one policy.
 //!
-//! **Memory.** A tracked key costs one map entry: a 32-byte key (the address, or a
-//! randomly keyed 128-bit hash of a principal identity, and the table's hash) and
-//! one 8-byte timestamp per policy, 40 bytes with one policy, plus the hash map's
-//! slack (about 70 bytes per key in all with one policy, measured by
-//! `benches/rate_limit.rs`). At most
-//! [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys) keys (default 100 000)
-//! are tracked; a key is forgotten once its quota has fully refilled (then it is
-//! indistinguishable from a new key). Cleanup is amortised over the requests that
-//! add keys: nothing runs in the background and you spawn nothing. At the cap, new
-//! keys share one overflow bucket until tracked keys refill, so a flood of fresh
-//! addresses can neither evict the keys already tracked (and reset their limits) nor
-//! grow memory: it can only exhaust the overflow bucket, i.e. newcomers get limited
-//! together while the flood lasts. The overflow bucket has each policy's default
-//! quota; a newcomer whose tier or override is stricter stays held to its own quota
-//! too, one whose quota is larger gets no more than the default, so together the
-//! untracked keys never get more than one default quota.
+//! **Memory.** A tracked key costs one map entry: a 16-byte key (a SipHash of the
+//! key under a random key drawn when the layer is built, beside the address itself
+//! or, for a string, the second half of a 128-bit SipHash) and one 8-byte timestamp
+//! per policy, 24 bytes with one policy, plus one control byte and the hash map's
+//! slack (at most 64 bytes per key in all with one policy; `benches/rate_limit.rs`
+//! measures it). At most [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys)
+//! keys (default 100 000) are tracked; a key is forgotten once its quota has fully
+//! refilled (then it is indistinguishable from a new key). Cleanup is amortised over
+//! the requests that add keys: nothing runs in the background and you spawn nothing.
+//! At the cap, new keys share one overflow bucket until tracked keys refill, so a
+//! flood of fresh addresses can neither evict the keys already tracked (and reset
+//! their limits) nor grow memory: it can only exhaust the overflow bucket, i.e.
+//! newcomers get limited together while the flood lasts. The overflow bucket has
+//! each policy's default quota; a newcomer whose tier or override is stricter stays
+//! held to its own quota too, one whose quota is larger gets no more than the
+//! default, so together the untracked keys never get more than one default quota.
 //!
 //! **Responses.** Every response (allowed or not) carries `RateLimit-Policy` and
 //! `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11); optionally
