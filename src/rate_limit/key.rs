@@ -1,7 +1,6 @@
 //! Who a request counts against.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -121,7 +120,7 @@ impl KeyRule {
         Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn derive<'a>(&self, cx: &KeyContext<'a>) -> KeySource<'a> {
         if let Some(f) = &self.custom
             && let Some(k) = f(cx)
@@ -169,31 +168,31 @@ impl KeySource<'_> {
     /// itself where it fits in a word beside that hash (an IPv4 address with its
     /// kind, the first half of an IPv6 network of at most 64 bits), so that two such
     /// keys of one kind never share a state; otherwise (a string, a longer IPv6
-    /// network) it is a second keyed hash, 128 bits in all. Two distinct keys can
+    /// network) it is the second half of a 128-bit keyed hash. Two distinct keys can
     /// only share a state if their keyed hashes are equal, which without the
     /// per-process random key cannot be steered (see [`LocalKey`]).
-    #[inline]
-    pub(crate) fn local(&self, hasher: &impl BuildHasher) -> LocalKey {
+    #[inline(always)]
+    pub(crate) fn local(&self, hasher: &impl KeyHash) -> LocalKey {
         // Every hashed message is the value's bytes then its kind's byte: a kind's
         // messages are its values' bytes (of one length for addresses), and messages
         // of different kinds differ in their last byte.
         let (hash, tag) = match self {
-            KeySource::Global => (hash64(hasher, 0, &[]), 0),
+            KeySource::Global => (hasher.hash64(&[], 0), 0),
             KeySource::Ip(IpAddr::V4(a)) => {
                 let tag = u64::from(u32::from(*a)) | (1 << 56);
-                (hash64(hasher, 1, &a.octets()), tag)
+                (hasher.hash64(&a.octets(), 1), tag)
             }
             KeySource::Ip(IpAddr::V6(a)) => {
                 let v = u128::from(*a);
                 let (net, host) = ((v >> 64) as u64, v as u64);
                 if host == 0 {
-                    (hash64(hasher, 2, &net.to_be_bytes()), net)
+                    (hasher.hash64(&net.to_be_bytes(), 2), net)
                 } else {
-                    hash128(hasher, 5, &v.to_be_bytes())
+                    hasher.hash128(&v.to_be_bytes(), 5)
                 }
             }
-            KeySource::Principal(s) => hash128(hasher, 3, s.as_bytes()),
-            KeySource::Custom(s) => hash128(hasher, 4, s.as_bytes()),
+            KeySource::Principal(s) => hasher.hash128(s.as_bytes(), 3),
+            KeySource::Custom(s) => hasher.hash128(s.as_bytes(), 4),
         };
         LocalKey { hash, tag }
     }
@@ -227,24 +226,143 @@ impl KeySource<'_> {
     }
 }
 
-/// The keyed hash of `bytes kind`.
-#[inline]
-fn hash64(hasher: &impl BuildHasher, kind: u8, bytes: &[u8]) -> u64 {
-    let mut h = hasher.build_hasher();
-    h.write(bytes);
-    h.write_u8(kind);
-    h.finish()
+/// A keyed hash of the messages keys are made of: `bytes` followed by one `kind`
+/// byte.
+pub(crate) trait KeyHash {
+    /// A 64-bit keyed hash of `bytes ‖ kind`.
+    fn hash64(&self, bytes: &[u8], kind: u8) -> u64;
+    /// A 128-bit keyed hash of `bytes ‖ kind`, as two words.
+    fn hash128(&self, bytes: &[u8], kind: u8) -> (u64, u64);
 }
 
-fn hash128(hasher: &impl BuildHasher, kind: u8, bytes: &[u8]) -> (u64, u64) {
-    // Two keyed hashes of distinct inputs, `bytes kind` and `bytes kind 0xff` (a
-    // fixed-length suffix, so each input has one reading), the bytes compressed once.
-    let mut h = hasher.build_hasher();
-    h.write(bytes);
-    h.write_u8(kind);
-    let hi = h.finish();
-    h.write_u8(0xff);
-    (hi, h.finish())
+/// SipHash-1-3 (the keyed hash of the standard library's `HashMap`) under a random
+/// 128-bit key, with its 64-bit and its 128-bit output.
+///
+/// The key is drawn once per store from the standard library's per-process random
+/// hashing keys (seeded from the operating system): two outputs of its keyed SipHash
+/// on fixed inputs, unpredictable without that key. It never leaves the process and
+/// is never logged (`Debug` does not show it). The messages are hashed in one pass
+/// over their bytes, the last partial block and the length assembled in a register;
+/// an address's message (at most 17 bytes) takes one to three compressions.
+#[derive(Clone)]
+pub(crate) struct SipKey {
+    k0: u64,
+    k1: u64,
+}
+
+impl fmt::Debug for SipKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SipKey(..)")
+    }
+}
+
+impl SipKey {
+    /// A fresh random key.
+    pub(crate) fn random() -> Self {
+        use std::hash::BuildHasher;
+        let s = std::hash::RandomState::new();
+        Self {
+            k0: s.hash_one(0x6b30_u64),
+            k1: s.hash_one(0x6b31_u64),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn from_words(k0: u64, k1: u64) -> Self {
+        Self { k0, k1 }
+    }
+}
+
+impl KeyHash for SipKey {
+    #[inline(always)]
+    fn hash64(&self, bytes: &[u8], kind: u8) -> u64 {
+        sip::<1, 3>(self, bytes, kind, false).0
+    }
+
+    /// Out of line: strings are the rarer keys, and their loop the larger code.
+    #[inline(never)]
+    fn hash128(&self, bytes: &[u8], kind: u8) -> (u64, u64) {
+        sip::<1, 3>(self, bytes, kind, true)
+    }
+}
+
+/// The SipHash state.
+struct Sip([u64; 4]);
+
+impl Sip {
+    #[inline(always)]
+    fn round(&mut self) {
+        let [v0, v1, v2, v3] = &mut self.0;
+        *v0 = v0.wrapping_add(*v1);
+        *v1 = v1.rotate_left(13) ^ *v0;
+        *v0 = v0.rotate_left(32);
+        *v2 = v2.wrapping_add(*v3);
+        *v3 = v3.rotate_left(16) ^ *v2;
+        *v0 = v0.wrapping_add(*v3);
+        *v3 = v3.rotate_left(21) ^ *v0;
+        *v2 = v2.wrapping_add(*v1);
+        *v1 = v1.rotate_left(17) ^ *v2;
+        *v2 = v2.rotate_left(32);
+    }
+
+    #[inline(always)]
+    fn block<const C: usize>(&mut self, m: u64) {
+        self.0[3] ^= m;
+        for _ in 0..C {
+            self.round();
+        }
+        self.0[0] ^= m;
+    }
+
+    #[inline(always)]
+    fn out<const D: usize>(&mut self) -> u64 {
+        for _ in 0..D {
+            self.round();
+        }
+        let [v0, v1, v2, v3] = self.0;
+        v0 ^ v1 ^ v2 ^ v3
+    }
+}
+
+/// SipHash-`C`-`D` under `key` of the message `bytes ‖ kind`: its 64-bit output in
+/// the first word, or (`wide`) its 128-bit output in two.
+#[inline(always)]
+fn sip<const C: usize, const D: usize>(
+    key: &SipKey,
+    bytes: &[u8],
+    kind: u8,
+    wide: bool,
+) -> (u64, u64) {
+    let mut s = Sip([
+        key.k0 ^ 0x736f_6d65_7073_6575,
+        key.k1 ^ 0x646f_7261_6e64_6f6d ^ if wide { 0xee } else { 0 },
+        key.k0 ^ 0x6c79_6765_6e65_7261,
+        key.k1 ^ 0x7465_6462_7974_6573,
+    ]);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        s.block::<C>(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+    }
+    // The rest (0 to 7 bytes) and the kind byte, little-endian, in one word.
+    let rest = chunks.remainder();
+    let mut word = 0u64;
+    for (i, &b) in rest.iter().enumerate() {
+        word |= u64::from(b) << (8 * i);
+    }
+    word |= u64::from(kind) << (8 * rest.len());
+    if rest.len() == 7 {
+        s.block::<C>(word);
+        word = 0;
+    }
+    // The last block ends with the message length (mod 256).
+    s.block::<C>(word | ((bytes.len() as u64 + 1) << 56));
+    s.0[2] ^= if wide { 0xee } else { 0xff };
+    let first = s.out::<D>();
+    if !wide {
+        return (first, 0);
+    }
+    s.0[1] ^= 0xdd;
+    (first, s.out::<D>())
 }
 
 /// The in-memory key, 16 bytes whatever the principal identity's length: a keyed
@@ -335,7 +453,7 @@ mod tests {
 
     #[test]
     fn kinds_never_collide() {
-        let h = std::hash::RandomState::new();
+        let h = SipKey::random();
         let a = KeySource::Principal("x").local(&h);
         let b = KeySource::Custom("x".into()).local(&h);
         assert_ne!(a, b);
@@ -346,32 +464,28 @@ mod tests {
         );
     }
 
-    /// A hasher that maps everything to 0: every key collides on its hash, so
-    /// only the tag tells keys apart.
-    #[derive(Default)]
-    struct Zero;
+    /// A hash that maps everything to 0: every key collides on its hash, so only the
+    /// tag tells keys apart.
+    struct AllCollide;
 
-    impl Hasher for Zero {
-        fn finish(&self) -> u64 {
+    impl KeyHash for AllCollide {
+        fn hash64(&self, _: &[u8], _: u8) -> u64 {
             0
         }
-        fn write(&mut self, _: &[u8]) {}
+        fn hash128(&self, _: &[u8], _: u8) -> (u64, u64) {
+            (0, 0)
+        }
     }
 
-    type AllCollide = std::hash::BuildHasherDefault<Zero>;
+    /// A hash whose value is the message's last byte, and whose tag its length.
+    struct LastByte;
 
-    /// A hasher whose value is the last byte written.
-    #[derive(Default)]
-    struct LastByte(u64);
-
-    impl Hasher for LastByte {
-        fn finish(&self) -> u64 {
-            self.0
+    impl KeyHash for LastByte {
+        fn hash64(&self, _: &[u8], kind: u8) -> u64 {
+            u64::from(kind)
         }
-        fn write(&mut self, bytes: &[u8]) {
-            if let Some(&b) = bytes.last() {
-                self.0 = u64::from(b);
-            }
+        fn hash128(&self, bytes: &[u8], kind: u8) -> (u64, u64) {
+            (u64::from(kind), bytes.len() as u64 + 1)
         }
     }
 
@@ -380,7 +494,7 @@ mod tests {
     /// custom key made of an IPv6 network's bytes).
     #[test]
     fn each_kind_hashes_its_own_messages() {
-        let h = std::hash::BuildHasherDefault::<LastByte>::default();
+        let h = LastByte;
         let net = 0x0a03_0405_0607_0809_u64;
         let mut as_custom = net.to_be_bytes().to_vec();
         as_custom.push(2);
@@ -396,6 +510,48 @@ mod tests {
         }
     }
 
+    /// The message `bytes ‖ kind` as one byte string.
+    fn message(bytes: &[u8], kind: u8) -> Vec<u8> {
+        let mut m = bytes.to_vec();
+        m.push(kind);
+        m
+    }
+
+    /// SipHash-2-4 with its 128-bit output: the reference implementation's vectors
+    /// (key 00 01 .. 0f, message 00 01 .. of each length), the output's two words
+    /// little-endian.
+    #[test]
+    fn sip_128_matches_the_reference_vectors() {
+        let key = SipKey::from_words(0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908);
+        let vectors: [[u8; 16]; 4] = [
+            [
+                0xda, 0x87, 0xc1, 0xd8, 0x6b, 0x99, 0xaf, 0x44, 0x34, 0x76, 0x59, 0x11, 0x9b, 0x22,
+                0xfc, 0x45,
+            ],
+            [
+                0x81, 0x77, 0x22, 0x8d, 0xa4, 0xa4, 0x5d, 0xc7, 0xfc, 0xa3, 0x8b, 0xde, 0xf6, 0x0a,
+                0xff, 0xe4,
+            ],
+            [
+                0x9c, 0x70, 0xb6, 0x0c, 0x52, 0x67, 0xa9, 0x4e, 0x5f, 0x33, 0xb6, 0xb0, 0x29, 0x85,
+                0xed, 0x51,
+            ],
+            [
+                0xf8, 0x81, 0x64, 0xc1, 0x2d, 0x9c, 0x8f, 0xaf, 0x7d, 0x0f, 0x6e, 0x7c, 0x7b, 0xcd,
+                0x55, 0x79,
+            ],
+        ];
+        let input: Vec<u8> = (0..=4).collect();
+        for (i, want) in vectors.iter().enumerate() {
+            // The message of length i + 1: bytes 0 .. i, then the byte i as the kind.
+            let (a, b) = sip::<2, 4>(&key, &input[..i], i as u8, true);
+            let mut got = [0u8; 16];
+            got[..8].copy_from_slice(&a.to_le_bytes());
+            got[8..].copy_from_slice(&b.to_le_bytes());
+            assert_eq!(&got, want, "length {}", i + 1);
+        }
+    }
+
     proptest::proptest! {
         /// Addresses are their own tags: two different IPv4 addresses, or two
         /// different IPv6 networks of at most 64 bits, never share a key, even
@@ -407,7 +563,7 @@ mod tests {
             x in proptest::prelude::any::<u64>(),
             y in proptest::prelude::any::<u64>(),
         ) {
-            let h = AllCollide::default();
+            let h = AllCollide;
             let v4 = |n: u32| KeySource::Ip(IpAddr::V4(n.into())).local(&h);
             let v6 = |n: u64| KeySource::Ip(IpAddr::V6((u128::from(n) << 64).into())).local(&h);
             proptest::prop_assert_eq!(a == b, v4(a) == v4(b));
@@ -425,7 +581,7 @@ mod tests {
             a in proptest::prelude::any::<u128>(),
             b in proptest::prelude::any::<u128>(),
         ) {
-            let h = std::hash::RandomState::new();
+            let h = SipKey::random();
             let all = |s: &str, a: u128| {
                 [
                     KeySource::Principal(s).local(&h),
@@ -449,6 +605,33 @@ mod tests {
                     proptest::prop_assert_eq!(same_source, kx == ky, "kinds {} and {}", i, j);
                 }
             }
+        }
+
+        /// SipHash-2-4 with its 64-bit output equals the standard library's
+        /// (`SipHasher`, the one it lets a caller key), for any key and message of up
+        /// to three blocks; SipHash-1-3, the store's, equals its `DefaultHasher`
+        /// (SipHash-1-3 with the zero key).
+        #[test]
+        fn sip_matches_the_standard_library(
+            k0 in proptest::prelude::any::<u64>(),
+            k1 in proptest::prelude::any::<u64>(),
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+            kind in proptest::prelude::any::<u8>(),
+        ) {
+            use std::hash::Hasher;
+            let m = message(&bytes, kind);
+            #[allow(deprecated)]
+            let mut std24 = std::hash::SipHasher::new_with_keys(k0, k1);
+            std24.write(&m);
+            let ours = sip::<2, 4>(&SipKey::from_words(k0, k1), &bytes, kind, false);
+            proptest::prop_assert_eq!(ours, (std24.finish(), 0));
+            let mut std13 = std::hash::DefaultHasher::new();
+            std13.write(&m);
+            let zero = SipKey::from_words(0, 0);
+            proptest::prop_assert_eq!(zero.hash64(&bytes, kind), std13.finish());
+            // The wide output's first word is not the narrow one (their
+            // initialisations differ).
+            proptest::prop_assert_ne!(zero.hash128(&bytes, kind).0, std13.finish());
         }
     }
 }

@@ -6,13 +6,13 @@
 //! key while the table grows (it doubles, and is at least 7/16 full after). Nothing
 //! runs in the background: cleanup is amortised over the requests that add keys.
 
-use std::hash::{BuildHasherDefault, RandomState};
+use std::hash::BuildHasherDefault;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
-use super::key::{LocalKey, PreHashed};
+use super::key::{LocalKey, PreHashed, SipKey};
 use super::quota::{Cell, Gcra};
 
 /// At most this many policies are checked together.
@@ -94,7 +94,7 @@ pub(crate) struct LocalStore {
     clock: quanta::Clock,
     /// The clock's raw reading when the store was made.
     epoch: u64,
-    hasher: RandomState,
+    hasher: SipKey,
     inserts_since_sweep: AtomicUsize,
     last_sweep: AtomicU64,
     sweeping: AtomicBool,
@@ -318,7 +318,7 @@ impl LocalStore {
             overflow: quota,
             epoch: clock.raw(),
             clock,
-            hasher: RandomState::new(),
+            hasher: SipKey::random(),
             inserts_since_sweep: AtomicUsize::new(0),
             last_sweep: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
@@ -358,7 +358,7 @@ impl LocalStore {
         g
     }
 
-    pub(crate) fn hasher(&self) -> &RandomState {
+    pub(crate) fn hasher(&self) -> &SipKey {
         &self.hasher
     }
 

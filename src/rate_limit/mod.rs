@@ -29,22 +29,22 @@
 //! time until each policy's quota is back (the `RateLimit` fields). A property test
 //! checks that it decides exactly as `governor` does for one policy.
 //!
-//! **Memory.** A tracked key costs one map entry: a 32-byte key (the address, or a
-//! randomly keyed 128-bit hash of a principal identity, and the table's hash) and
-//! one 8-byte timestamp per policy, 40 bytes with one policy, plus the hash map's
-//! slack (about 70 bytes per key in all with one policy, measured by
-//! `benches/rate_limit.rs`). At most
-//! [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys) keys (default 100 000)
-//! are tracked; a key is forgotten once its quota has fully refilled (then it is
-//! indistinguishable from a new key). Cleanup is amortised over the requests that
-//! add keys: nothing runs in the background and you spawn nothing. At the cap, new
-//! keys share one overflow bucket until tracked keys refill, so a flood of fresh
-//! addresses can neither evict the keys already tracked (and reset their limits) nor
-//! grow memory: it can only exhaust the overflow bucket, i.e. newcomers get limited
-//! together while the flood lasts. The overflow bucket has each policy's default
-//! quota; a newcomer whose tier or override is stricter stays held to its own quota
-//! too, one whose quota is larger gets no more than the default, so together the
-//! untracked keys never get more than one default quota.
+//! **Memory.** A tracked key costs one map entry: a 16-byte key (a SipHash of the
+//! key under a random key drawn when the layer is built, beside the address itself
+//! or, for a string, the second half of a 128-bit SipHash) and one 8-byte timestamp
+//! per policy, 24 bytes with one policy, plus one control byte and the hash map's
+//! slack (at most 64 bytes per key in all with one policy; `benches/rate_limit.rs`
+//! measures it). At most [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys)
+//! keys (default 100 000) are tracked; a key is forgotten once its quota has fully
+//! refilled (then it is indistinguishable from a new key). Cleanup is amortised over
+//! the requests that add keys: nothing runs in the background and you spawn nothing.
+//! At the cap, new keys share one overflow bucket until tracked keys refill, so a
+//! flood of fresh addresses can neither evict the keys already tracked (and reset
+//! their limits) nor grow memory: it can only exhaust the overflow bucket, i.e.
+//! newcomers get limited together while the flood lasts. The overflow bucket has
+//! each policy's default quota; a newcomer whose tier or override is stricter stays
+//! held to its own quota too, one whose quota is larger gets no more than the
+//! default, so together the untracked keys never get more than one default quota.
 //!
 //! **Responses.** Every response (allowed or not) carries `RateLimit-Policy` and
 //! `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11); optionally
@@ -63,7 +63,8 @@
 //! An API key may have `credits` in the key file (see
 //! [`KeyRecord::with_credits`](crate::api_key::KeyRecord::with_credits)): the number
 //! of requests it may make in all. The authentication layer hands a verified key's
-//! credits on with the request; this layer spends one per request it admits (in
+//! credits on with the request, beside the key's principal (a request without one
+//! has no credits to spend); this layer spends one per request it admits (in
 //! shadow mode, every request), after the quotas: a request refused with 429 for its
 //! rate does not spend a credit. A key with none left gets 429 with `Retry-After` of
 //! an hour (credits do not refill by themselves) and the generic body; the audit event
@@ -820,30 +821,27 @@ where
             return call_shared_backend(&self.shared, &mut self.inner, req);
         }
         let shared = &*self.shared;
-        let (outcome, fields) = {
-            let cx = KeyContext::of(&req);
-            let key = shared.key.derive(&cx).local(shared.local.hasher());
-            // Anonymous requests use the default quotas, computed at build time; their
-            // policy entries are looked up only if fields are rendered.
-            let principal = cx.principal();
-            let entries = principal.map(|p| shared.entries(Some(p)));
-            let per_principal;
-            let gcras = match &entries {
-                None => &shared.anonymous[..shared.policies.len()],
-                Some(entries) => {
-                    per_principal = Shared::gcras(entries);
-                    &per_principal[..shared.policies.len()]
-                }
-            };
-            let outcome = shared.local.check(key, gcras, shared.local.now());
-            let fields = shared.render_for(entries.as_ref(), &outcome);
-            (outcome, fields)
+        let cx = KeyContext::of(&req);
+        let key = shared.key.derive(&cx).local(shared.local.hasher());
+        // Anonymous requests use the default quotas, computed at build time; their
+        // policy entries are looked up only if fields are rendered.
+        let principal = cx.principal();
+        let entries = principal.map(|p| shared.entries(Some(p)));
+        let per_principal;
+        let gcras = match &entries {
+            None => &shared.anonymous[..shared.policies.len()],
+            Some(entries) => {
+                per_principal = Shared::gcras(entries);
+                &per_principal[..shared.policies.len()]
+            }
         };
+        let outcome = shared.local.check(key, gcras, shared.local.now());
+        let fields = shared.render_for(entries.as_ref(), &outcome);
         // An admitted request (shadow mode admits them all) spends one of its key's
         // credits, if it has credits.
         #[cfg(feature = "api-key")]
         if (outcome.allowed || shared.shadow)
-            && let Some(credits) = req.extensions().get::<Credits>()
+            && let Some(credits) = credits(&req, principal)
             && !shared.spend_local(credits)
         {
             let total = credits.total;
@@ -856,9 +854,9 @@ where
                 None => Kind::Inner {
                     future: self.inner.call(req),
                 },
-                fields => Kind::WithFields {
+                Some(set) => Kind::WithFields {
                     future: self.inner.call(req),
-                    fields,
+                    fields: Some(Box::new(set)),
                 },
             };
             return ResponseFuture { kind };
@@ -867,6 +865,18 @@ where
             kind: shared.refuse(&mut self.inner, req, outcome, fields),
         }
     }
+}
+
+/// The usage credits of the key that authenticated `req`, if it has any.
+///
+/// The authentication layer hands them on with the key's principal, in the same
+/// step: a request without a principal (or with the unauthenticated mode's, which no
+/// key has) carries none, so its extensions are not searched for them.
+#[cfg(feature = "api-key")]
+#[inline]
+fn credits<'a, B>(req: &'a Request<B>, principal: Option<&Principal>) -> Option<&'a Credits> {
+    principal?;
+    req.extensions().get::<Credits>()
 }
 
 /// The check through a shared backend: a future that decides, then acts.
@@ -895,7 +905,7 @@ where
         n,
         shared_arc.clone(),
         #[cfg(feature = "api-key")]
-        req.extensions().get::<Credits>().cloned(),
+        credits(&req, cx.principal()).cloned(),
     );
     let clone = inner.clone();
     let inner = std::mem::replace(inner, clone);
@@ -930,8 +940,10 @@ pin_project! {
         S: Service<Request<ReqBody>>,
     {
         Inner { #[pin] future: S::Future },
-        // Its own variant, so that a response without fields has nothing more to drop.
-        WithFields { #[pin] future: S::Future, fields: Option<FieldSet> },
+        // Its own variant, so that a response without fields has nothing more to
+        // drop; the fields boxed, so that the future stays one word larger than the
+        // inner one, whichever variant it is.
+        WithFields { #[pin] future: S::Future, fields: Option<Box<FieldSet>> },
         // Boxed, so that the future (and its drop) stays small on the common path.
         Other { state: Box<Other<S, ReqBody, B>> },
     }
@@ -945,7 +957,10 @@ where
     fn pass(future: S::Future, fields: Option<FieldSet>) -> Self {
         match fields {
             None => Kind::Inner { future },
-            fields => Kind::WithFields { future, fields },
+            Some(set) => Kind::WithFields {
+                future,
+                fields: Some(Box::new(set)),
+            },
         }
     }
 }
@@ -983,7 +998,7 @@ where
                 if let Poll::Ready(Ok(r)) = &mut out
                     && let Some(set) = fields.take()
                 {
-                    set.apply(r.headers_mut());
+                    (*set).apply(r.headers_mut());
                 }
                 return out;
             }
@@ -1009,7 +1024,7 @@ where
             KindProj::WithFields { future, fields } => {
                 let mut res = ready!(future.poll(cx));
                 if let (Ok(r), Some(set)) = (&mut res, fields.take()) {
-                    set.apply(r.headers_mut());
+                    (*set).apply(r.headers_mut());
                 }
                 return Poll::Ready(res);
             }

@@ -274,6 +274,7 @@ pub(crate) enum Cell {
 impl Gcra {
     /// Tests one request at `now` against the stored `tat` (0 = never seen).
     /// Pure: the caller stores the new `tat` only if every policy allowed.
+    #[inline]
     pub(crate) fn test(&self, tat: u64, now: u64) -> Cell {
         let tat = tat.max(now);
         let ahead = tat - now;
