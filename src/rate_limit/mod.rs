@@ -63,8 +63,7 @@
 //! An API key may have `credits` in the key file (see
 //! [`KeyRecord::with_credits`](crate::api_key::KeyRecord::with_credits)): the number
 //! of requests it may make in all. The authentication layer hands a verified key's
-//! credits on with the request, beside the key's principal (a request without one
-//! has no credits to spend); this layer spends one per request it admits (in
+//! credits on with the request; this layer spends one per request it admits (in
 //! shadow mode, every request), after the quotas: a request refused with 429 for its
 //! rate does not spend a credit. A key with none left gets 429 with `Retry-After` of
 //! an hour (credits do not refill by themselves) and the generic body; the audit event
@@ -825,8 +824,7 @@ where
         let key = shared.key.derive(&cx).local(shared.local.hasher());
         // Anonymous requests use the default quotas, computed at build time; their
         // policy entries are looked up only if fields are rendered.
-        let principal = cx.principal();
-        let entries = principal.map(|p| shared.entries(Some(p)));
+        let entries = cx.principal().map(|p| shared.entries(Some(p)));
         let per_principal;
         let gcras = match &entries {
             None => &shared.anonymous[..shared.policies.len()],
@@ -841,7 +839,7 @@ where
         // credits, if it has credits.
         #[cfg(feature = "api-key")]
         if (outcome.allowed || shared.shadow)
-            && let Some(credits) = credits(&req, principal)
+            && let Some(credits) = req.extensions().get::<Credits>()
             && !shared.spend_local(credits)
         {
             let total = credits.total;
@@ -865,18 +863,6 @@ where
             kind: shared.refuse(&mut self.inner, req, outcome, fields),
         }
     }
-}
-
-/// The usage credits of the key that authenticated `req`, if it has any.
-///
-/// The authentication layer hands them on with the key's principal, in the same
-/// step: a request without a principal (or with the unauthenticated mode's, which no
-/// key has) carries none, so its extensions are not searched for them.
-#[cfg(feature = "api-key")]
-#[inline]
-fn credits<'a, B>(req: &'a Request<B>, principal: Option<&Principal>) -> Option<&'a Credits> {
-    principal?;
-    req.extensions().get::<Credits>()
 }
 
 /// The check through a shared backend: a future that decides, then acts.
@@ -905,7 +891,7 @@ where
         n,
         shared_arc.clone(),
         #[cfg(feature = "api-key")]
-        credits(&req, cx.principal()).cloned(),
+        req.extensions().get::<Credits>().cloned(),
     );
     let clone = inner.clone();
     let inner = std::mem::replace(inner, clone);
