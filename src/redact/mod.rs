@@ -325,8 +325,8 @@ impl Rules {
     /// (they may end in digits), no percent-escape is among the bytes read, and the
     /// name, read leftwards over field-name bytes with separators and trailing
     /// digits set aside (exactly what the full check ignores), either ends before a
-    /// third letter or digit (every built-in name is longer) or its last two or three
-    /// end no built-in name. `false` means "look closer". Reads only the end of `text`.
+    /// third letter or digit (every built-in name is longer), or its last two or
+    /// three end no built-in name. `false` means "look closer". Reads only the end of `text`.
     fn surely_not_sensitive(&self, text: &[u8]) -> bool {
         if !self.names.is_empty() {
             return false;
@@ -338,7 +338,7 @@ impl Rules {
             let c = text[k];
             if !scan::is_name_byte(c) {
                 // The name starts after `k`: two letters or digits are no name's.
-                return got == 2;
+                return true;
             }
             if k >= 2 && text[k - 2] == b'%' {
                 return false;
@@ -365,31 +365,49 @@ impl Rules {
 
     /// Whether the separator at `sep` ends a name that [`surely_not_sensitive`]
     /// turns down, in the common case where no space or escape comes between them:
-    /// `name=`, `name:` or `"name":`, the name ending in two letters with no
-    /// percent-escape among them. `false` means "look closer". This is the answer
-    /// [`field`](scan) would reach by its longer way round (property-tested).
+    /// `name=`, `name:` or `"name":`, the name ending in a letter or digit. Most
+    /// names are told by their last two letters, without reading further. `false`
+    /// means "look closer". This is the answer [`field`](scan) reaches by its
+    /// longer way round (property-tested).
     ///
     /// [`surely_not_sensitive`]: Self::surely_not_sensitive
     #[inline]
     fn plainly_not_sensitive(&self, input: &[u8], sep: usize) -> bool {
-        if !self.names.is_empty() || sep < 2 {
+        if !self.names.is_empty() || sep == 0 {
             return false;
+        }
+        let before = input[sep - 1];
+        if !scan::is_name_byte(before) && !matches!(before, b' ' | b'\t' | b'"' | b'\'' | b'\\') {
+            // No name at all (`::`, `}:`).
+            return true;
         }
         // The name ends at `sep`, or before a closing `"` there.
-        let end = if input[sep - 1] == b'"' { sep - 1 } else { sep };
-        if end < 2 {
+        let end = if before == b'"' { sep - 1 } else { sep };
+        if end == 0 || !input[end - 1].is_ascii_alphanumeric() {
             return false;
         }
-        let (a, b) = (input[end - 2], input[end - 1]);
-        if !a.is_ascii_alphabetic()
-            || !b.is_ascii_alphabetic()
-            || (end >= 3 && input[end - 3] == b'%')
-            || (end >= 4 && input[end - 4] == b'%')
-        {
-            return false;
+        if end >= 2 {
+            let (a, b) = (input[end - 2], input[end - 1]);
+            if a.is_ascii_alphabetic()
+                && b.is_ascii_alphabetic()
+                && !(end >= 3 && input[end - 3] == b'%')
+                && !(end >= 4 && input[end - 4] == b'%')
+            {
+                let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
+                let k = usize::from(a) << 8 | usize::from(b);
+                if self.tails[k >> 6] >> (k & 63) & 1 == 0 {
+                    return true;
+                }
+                // A third letter right before them decides too (`path`, `target`).
+                if end >= 3
+                    && input[end - 3].is_ascii_alphabetic()
+                    && !(end >= 5 && input[end - 5] == b'%')
+                {
+                    return !ends_a_name(&self.tails3, [b, a, input[end - 3].to_ascii_lowercase()]);
+                }
+            }
         }
-        let k = usize::from(a.to_ascii_lowercase()) << 8 | usize::from(b.to_ascii_lowercase());
-        self.tails[k >> 6] >> (k & 63) & 1 == 0
+        self.surely_not_sensitive(&input[end.saturating_sub(scan::MAX_NAME)..end])
     }
 
     /// `whole`: the name was seen from its start (not cut, not glued to other text).

@@ -26,7 +26,7 @@ pub(super) const REDACTED: &[u8] = b"REDACTED";
 pub(super) const PEM: &[u8] = b"[REDACTED PRIVATE KEY]";
 
 /// Longest identifier looked at before `=` or `:`.
-const MAX_NAME: usize = 128;
+pub(super) const MAX_NAME: usize = 128;
 
 // Byte classes.
 const ALNUM: u8 = 1;

@@ -722,6 +722,26 @@ mod names {
                 proptest::prop_assert!(!rules.is_sensitive_name_closely(name.as_bytes(), whole), "{}", name);
             }
         }
+
+        /// Read from the end of a longer text, the shortcut stops where the name
+        /// starts, and still never turns down a sensitive name.
+        #[test]
+        fn the_name_shortcut_stops_where_the_name_starts(
+            before in "[ :\"'={},/a-z0-9%]{0,3}",
+            name in "[a-zA-Z0-9_.%-]{0,6}",
+            word in proptest::sample::select(SUFFIX_NAMES.iter().chain(EXACT_NAMES).copied().collect::<Vec<_>>()),
+            cut in 0usize..12,
+        ) {
+            let r = Redactor::new();
+            let rules = &r.rules;
+            let word = String::from_utf8_lossy(word);
+            let text = format!("{before}{name}{}", &word[cut.min(word.len())..]);
+            let t = text.as_bytes();
+            let start = t.iter().rposition(|&c| !scan::is_name_byte(c)).map_or(0, |p| p + 1);
+            if rules.surely_not_sensitive(t) {
+                proptest::prop_assert!(!rules.is_sensitive_name_closely(&t[start..], true), "{}", text);
+            }
+        }
     }
 }
 
