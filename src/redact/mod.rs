@@ -371,7 +371,7 @@ impl Rules {
     /// longer way round (property-tested).
     ///
     /// [`surely_not_sensitive`]: Self::surely_not_sensitive
-    #[inline]
+    #[inline(always)]
     fn plainly_not_sensitive(&self, input: &[u8], sep: usize) -> bool {
         if !self.names.is_empty() || sep == 0 {
             return false;
