@@ -234,14 +234,17 @@ struct Match {
 ///
 /// The rules run at the positions the prefilter proposes, each confirmed against the
 /// pair table: exactly the positions [`redact_plain`] visits, found without a look at
-/// every byte (property-tested and fuzzed against it).
+/// every byte (property-tested and fuzzed against it). The last [`SHORT`] bytes of a
+/// text (all of a short one, such as a field of an access event) are read byte by
+/// byte as [`redact_plain`] reads them: there, setting up the vector searches would
+/// cost more than it saves.
 pub(super) fn redact(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
     let mut candidates = Candidates::new(rules, input);
     redact_at(rules, input, |from| candidates.next(from))
 }
 
 /// The reference scan: one pair-table lookup per byte, no prefilter. What
-/// [`redact`] must agree with; compiled for the tests and the fuzz target only.
+/// [`redact`] must agree with.
 #[cfg(any(test, fuzzing))]
 pub(super) fn redact_plain(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
     redact_at(rules, input, |from| {
@@ -318,7 +321,6 @@ fn hit(pairs: &[u64; 1024], a: u8, b: u8) -> bool {
 
 /// The first index at or after `from` where a rule can start (by the byte there and
 /// the next one), or `input.len()`: one table lookup per byte.
-#[cfg(any(test, fuzzing))]
 fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
     let Some(rest) = input.get(from..) else {
         return input.len();
@@ -360,14 +362,11 @@ fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
 pub(super) struct Prefilter {
     /// The separators' search.
     separators: Separators,
-    /// With its SIMD prefilter, for long texts.
+    /// The literal starts, with its SIMD prefilter.
     starts: aho_corasick::AhoCorasick,
-    /// The same literals as a plain DFA, for short texts (a field of an access event),
-    /// where setting up the SIMD search costs more than it saves.
-    starts_short: aho_corasick::AhoCorasick,
 }
 
-/// Below this many bytes left, the literal starts are searched with the plain DFA.
+/// Below this many bytes left, the scan reads byte by byte (see [`redact`]).
 const SHORT: usize = 64;
 
 /// The bytes that start a rule whatever follows them.
@@ -402,18 +401,13 @@ impl Prefilter {
         others.dedup();
         others.retain(|o| !starts.contains(o));
         starts.extend(others);
-        let build = |prefilter: bool| {
-            aho_corasick::AhoCorasick::builder()
-                .match_kind(aho_corasick::MatchKind::LeftmostFirst)
-                .kind(Some(aho_corasick::AhoCorasickKind::DFA))
-                .prefilter(prefilter)
-                .build(&starts)
-                .expect("a few dozen three-byte patterns always build")
-        };
         Self {
             separators: Separators::new(),
-            starts: build(true),
-            starts_short: build(false),
+            starts: aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+                .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+                .build(&starts)
+                .expect("a few dozen three-byte patterns always build"),
         }
     }
 }
@@ -495,16 +489,15 @@ impl<'a> Candidates<'a> {
         let n = input.len();
         let pre = &self.rules.prefilter;
         while from < n {
+            if n - from < SHORT {
+                return next_candidate(&self.rules.pairs, input, from);
+            }
             if self.byte < from {
                 self.byte = pre.separators.find(&input[from..]).map_or(n, |p| from + p);
             }
             if self.pair < from {
-                let ac = if n - from < SHORT {
-                    &pre.starts_short
-                } else {
-                    &pre.starts
-                };
-                self.pair = ac
+                self.pair = pre
+                    .starts
                     .find(aho_corasick::Input::new(input).span(from..n))
                     .map_or(n, |m| m.start());
             }
