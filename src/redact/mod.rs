@@ -168,6 +168,10 @@ struct Rules {
     /// The last two letters (lower case) of every built-in sensitive name, as a
     /// 65536-bit set: most names in a log line are turned down by one lookup.
     tails: Box<[u64; 1024]>,
+    /// For the last two letters of a built-in sensitive name (`26 * a + b`), the
+    /// letters that come before them, as bits: three letters turn down the names
+    /// whose last two are shared with a sensitive one (`request_id`, `path`).
+    tails3: [u32; 26 * 26],
     /// Extra exact names, normalised.
     names: Vec<Box<[u8]>>,
 }
@@ -175,6 +179,25 @@ struct Rules {
 fn set_pair(pairs: &mut [u64; 1024], first: u8, next: u8) {
     let k = usize::from(first) << 8 | usize::from(next);
     pairs[k >> 6] |= 1 << (k & 63);
+}
+
+/// The index of a lower-case letter of a built-in name (all are `a`-`z`).
+fn letter(b: u8) -> u8 {
+    assert!(
+        b.is_ascii_lowercase(),
+        "built-in names are lower-case letters"
+    );
+    b - b'a'
+}
+
+/// Whether some built-in sensitive name ends with the three bytes `tail` (the last
+/// one first, lower case).
+fn ends_a_name(tails3: &[u32; 26 * 26], tail: [u8; 3]) -> bool {
+    if !tail.iter().all(u8::is_ascii_lowercase) {
+        return false;
+    }
+    let [c, b, a] = tail.map(|t| t - b'a');
+    tails3[usize::from(b) * 26 + usize::from(c)] >> a & 1 == 1
 }
 
 impl Rules {
@@ -264,8 +287,11 @@ impl Rules {
         };
         let prefilter = scan::Prefilter::new(&shapes);
         let mut tails = Box::new([0u64; 1024]);
+        let mut tails3 = [0u32; 26 * 26];
         for n in EXACT_NAMES.iter().chain(SUFFIX_NAMES) {
             set_pair(&mut tails, n[n.len() - 2], n[n.len() - 1]);
+            let [a, b, c] = [n[n.len() - 3], n[n.len() - 2], n[n.len() - 1]].map(letter);
+            tails3[usize::from(b) * 26 + usize::from(c)] |= 1 << a;
         }
         Self {
             shapes,
@@ -276,6 +302,7 @@ impl Rules {
             suffix_by_last: by_last(SUFFIX_NAMES),
             exact_by_last: by_last(EXACT_NAMES),
             tails,
+            tails3,
             names,
         }
     }
@@ -293,37 +320,94 @@ impl Rules {
         buf[..n].ends_with(b"cookie")
     }
 
-    /// Whether the name that ends `text` cannot be sensitive by its last two letters,
-    /// when that can be told from those alone: there are no extra names (they may
-    /// end in digits), no percent-escape is among the bytes read, and two letters or
-    /// digits are found, going left over field-name bytes, once separators and
-    /// trailing digits are set aside (exactly what the full check ignores). `false`
-    /// means "look closer". Reads only the end of `text`.
+    /// Whether the name that ends `text` cannot be sensitive by its last three
+    /// letters, when that can be told from those alone: there are no extra names
+    /// (they may end in digits), no percent-escape is among the bytes read, and the
+    /// name, read leftwards over field-name bytes with separators and trailing
+    /// digits set aside (exactly what the full check ignores), either ends before a
+    /// third letter or digit (every built-in name is longer), or its last two or
+    /// three end no built-in name. `false` means "look closer". Reads only the end of `text`.
     fn surely_not_sensitive(&self, text: &[u8]) -> bool {
         if !self.names.is_empty() {
             return false;
         }
-        let mut tail = [0u8; 2];
+        // The last letters or digits, lower case, the last one first.
+        let mut tail = [0u8; 3];
         let mut got = 0;
         for k in (0..text.len()).rev() {
             let c = text[k];
-            if !scan::is_name_byte(c) || (k >= 2 && text[k - 2] == b'%') {
+            if !scan::is_name_byte(c) {
+                // The name starts after `k`: two letters or digits are no name's.
+                return true;
+            }
+            if k >= 2 && text[k - 2] == b'%' {
                 return false;
             }
             match c {
                 b'_' | b'-' | b'.' => {}
                 b'0'..=b'9' if got == 0 => {}
                 c => {
+                    tail[got] = c.to_ascii_lowercase();
                     got += 1;
-                    tail[2 - got] = c.to_ascii_lowercase();
                     if got == 2 {
-                        let k = usize::from(tail[0]) << 8 | usize::from(tail[1]);
-                        return self.tails[k >> 6] >> (k & 63) & 1 == 0;
+                        let k = usize::from(tail[1]) << 8 | usize::from(tail[0]);
+                        if self.tails[k >> 6] >> (k & 63) & 1 == 0 {
+                            return true;
+                        }
+                    } else if got == 3 {
+                        return !ends_a_name(&self.tails3, tail);
                     }
                 }
             }
         }
         false
+    }
+
+    /// Whether the separator at `sep` ends a name that [`surely_not_sensitive`]
+    /// turns down, in the common case where no space or escape comes between them:
+    /// `name=`, `name:` or `"name":`, the name ending in a letter or digit. Most
+    /// names are told by their last two letters, without reading further. `false`
+    /// means "look closer". This is the answer [`field`](scan) reaches by its
+    /// longer way round (property-tested).
+    ///
+    /// [`surely_not_sensitive`]: Self::surely_not_sensitive
+    #[inline(always)]
+    fn plainly_not_sensitive(&self, input: &[u8], sep: usize) -> bool {
+        if !self.names.is_empty() || sep == 0 {
+            return false;
+        }
+        let before = input[sep - 1];
+        if !scan::is_name_byte(before) && !matches!(before, b' ' | b'\t' | b'"' | b'\'' | b'\\') {
+            // No name at all (`::`, `}:`).
+            return true;
+        }
+        // The name ends at `sep`, or before a closing `"` there.
+        let end = if before == b'"' { sep - 1 } else { sep };
+        if end == 0 || !input[end - 1].is_ascii_alphanumeric() {
+            return false;
+        }
+        if end >= 2 {
+            let (a, b) = (input[end - 2], input[end - 1]);
+            if a.is_ascii_alphabetic()
+                && b.is_ascii_alphabetic()
+                && !(end >= 3 && input[end - 3] == b'%')
+                && !(end >= 4 && input[end - 4] == b'%')
+            {
+                let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
+                let k = usize::from(a) << 8 | usize::from(b);
+                if self.tails[k >> 6] >> (k & 63) & 1 == 0 {
+                    return true;
+                }
+                // A third letter right before them decides too (`path`, `target`).
+                if end >= 3
+                    && input[end - 3].is_ascii_alphabetic()
+                    && !(end >= 5 && input[end - 5] == b'%')
+                {
+                    return !ends_a_name(&self.tails3, [b, a, input[end - 3].to_ascii_lowercase()]);
+                }
+            }
+        }
+        self.surely_not_sensitive(&input[end.saturating_sub(scan::MAX_NAME)..end])
     }
 
     /// `whole`: the name was seen from its start (not cut, not glued to other text).

@@ -26,7 +26,7 @@ pub(super) const REDACTED: &[u8] = b"REDACTED";
 pub(super) const PEM: &[u8] = b"[REDACTED PRIVATE KEY]";
 
 /// Longest identifier looked at before `=` or `:`.
-const MAX_NAME: usize = 128;
+pub(super) const MAX_NAME: usize = 128;
 
 // Byte classes.
 const ALNUM: u8 = 1;
@@ -234,14 +234,17 @@ struct Match {
 ///
 /// The rules run at the positions the prefilter proposes, each confirmed against the
 /// pair table: exactly the positions [`redact_plain`] visits, found without a look at
-/// every byte (property-tested and fuzzed against it).
+/// every byte (property-tested and fuzzed against it). The last [`SHORT`] bytes of a
+/// text (all of a short one, such as a field of an access event) are read byte by
+/// byte as [`redact_plain`] reads them: there, setting up the vector searches would
+/// cost more than it saves.
 pub(super) fn redact(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
     let mut candidates = Candidates::new(rules, input);
     redact_at(rules, input, |from| candidates.next(from))
 }
 
 /// The reference scan: one pair-table lookup per byte, no prefilter. What
-/// [`redact`] must agree with; compiled for the tests and the fuzz target only.
+/// [`redact`] must agree with.
 #[cfg(any(test, fuzzing))]
 pub(super) fn redact_plain(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
     redact_at(rules, input, |from| {
@@ -318,7 +321,6 @@ fn hit(pairs: &[u64; 1024], a: u8, b: u8) -> bool {
 
 /// The first index at or after `from` where a rule can start (by the byte there and
 /// the next one), or `input.len()`: one table lookup per byte.
-#[cfg(any(test, fuzzing))]
 fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
     let Some(rest) = input.get(from..) else {
         return input.len();
@@ -358,14 +360,13 @@ fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
 /// at exactly the positions where the reference scan, which looks at every byte,
 /// finds them a match (property-tested and fuzzed against it).
 pub(super) struct Prefilter {
-    /// With its SIMD prefilter, for long texts.
+    /// The separators' search.
+    separators: Separators,
+    /// The literal starts, with its SIMD prefilter.
     starts: aho_corasick::AhoCorasick,
-    /// The same literals as a plain DFA, for short texts (a field of an access event),
-    /// where setting up the SIMD search costs more than it saves.
-    starts_short: aho_corasick::AhoCorasick,
 }
 
-/// Below this many bytes left, the literal starts are searched with the plain DFA.
+/// Below this many bytes left, the scan reads byte by byte (see [`redact`]).
 const SHORT: usize = 64;
 
 /// The bytes that start a rule whatever follows them.
@@ -385,26 +386,59 @@ impl Prefilter {
                 starts.push(w.to_vec());
             }
         }
+        let mut others: Vec<Vec<u8>> = Vec::new();
         for lit in [&b"eyJ"[..], b"---", b"%5F", b"%5f"] {
-            starts.push(lit.to_vec());
+            others.push(lit.to_vec());
         }
         for s in shapes {
-            input_starts(&s.prefix, &mut Vec::new(), &mut starts);
+            input_starts(&s.prefix, &mut Vec::new(), &mut others);
         }
-        starts.sort();
-        starts.dedup();
-        let build = |prefilter: bool| {
-            aho_corasick::AhoCorasick::builder()
+        // The case variants first, then every other literal once, in byte order. The
+        // order changes nothing that is found (only where a match starts is used);
+        // it decides how the SIMD search groups the literals, and this one raises
+        // few false alarms on log lines and prose (benches/redact.rs).
+        others.sort();
+        others.dedup();
+        others.retain(|o| !starts.contains(o));
+        starts.extend(others);
+        Self {
+            separators: Separators::new(),
+            starts: aho_corasick::AhoCorasick::builder()
                 .match_kind(aho_corasick::MatchKind::LeftmostFirst)
                 .kind(Some(aho_corasick::AhoCorasickKind::DFA))
-                .prefilter(prefilter)
                 .build(&starts)
-                .expect("a few dozen three-byte patterns always build")
-        };
-        Self {
-            starts: build(true),
-            starts_short: build(false),
+                .expect("a few dozen three-byte patterns always build"),
         }
+    }
+}
+
+/// `memchr3` over [`SEPARATORS`], with its vectors set up once rather than at
+/// every call: separators are dense in JSON (one per field), so the scan searches
+/// for them every few bytes.
+struct Separators {
+    /// AVX2 where the CPU has it (checked when built).
+    #[cfg(target_arch = "x86_64")]
+    avx2: Option<memchr::arch::x86_64::avx2::memchr::Three>,
+}
+
+impl Separators {
+    fn new() -> Self {
+        let [a, b, c] = SEPARATORS;
+        let _ = (a, b, c);
+        Self {
+            #[cfg(target_arch = "x86_64")]
+            avx2: memchr::arch::x86_64::avx2::memchr::Three::new(a, b, c),
+        }
+    }
+
+    #[inline]
+    fn find(&self, haystack: &[u8]) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = &self.avx2 {
+            return t.find(haystack);
+        }
+        let [a, b, c] = SEPARATORS;
+        memchr::memchr3(a, b, c, haystack)
     }
 }
 
@@ -433,10 +467,10 @@ fn input_starts(prefix: &[u8], acc: &mut Vec<u8>, out: &mut Vec<Vec<u8>>) {
 struct Candidates<'a> {
     rules: &'a Rules,
     input: &'a [u8],
-    /// The next separator at or after the last search's start.
-    byte: Option<usize>,
+    /// The next separator at or after the last search's start (0 before any).
+    byte: usize,
     /// The next literal start, likewise.
-    pair: Option<usize>,
+    pair: usize,
 }
 
 impl<'a> Candidates<'a> {
@@ -444,8 +478,8 @@ impl<'a> Candidates<'a> {
         Self {
             rules,
             input,
-            byte: None,
-            pair: None,
+            byte: 0,
+            pair: 0,
         }
     }
 
@@ -455,22 +489,19 @@ impl<'a> Candidates<'a> {
         let n = input.len();
         let pre = &self.rules.prefilter;
         while from < n {
-            if self.byte.is_none_or(|p| p < from) {
-                let [a, b, c] = SEPARATORS;
-                self.byte = Some(memchr::memchr3(a, b, c, &input[from..]).map_or(n, |p| from + p));
+            if n - from < SHORT {
+                return next_candidate(&self.rules.pairs, input, from);
             }
-            if self.pair.is_none_or(|p| p < from) {
-                let ac = if n - from < SHORT {
-                    &pre.starts_short
-                } else {
-                    &pre.starts
-                };
-                self.pair = Some(
-                    ac.find(aho_corasick::Input::new(input).span(from..n))
-                        .map_or(n, |m| m.start()),
-                );
+            if self.byte < from {
+                self.byte = pre.separators.find(&input[from..]).map_or(n, |p| from + p);
             }
-            let c = self.byte.unwrap_or(n).min(self.pair.unwrap_or(n));
+            if self.pair < from {
+                self.pair = pre
+                    .starts
+                    .find(aho_corasick::Input::new(input).span(from..n))
+                    .map_or(n, |m| m.start());
+            }
+            let c = self.byte.min(self.pair);
             if c >= n {
                 break;
             }
@@ -478,7 +509,8 @@ impl<'a> Candidates<'a> {
                 &self.rules.pairs,
                 input[c],
                 input.get(c + 1).copied().unwrap_or(0),
-            ) {
+            ) && !nothing_at(self.rules, input, c)
+            {
                 return c;
             }
             from = c + 1;
@@ -489,6 +521,22 @@ impl<'a> Candidates<'a> {
         } else {
             n
         }
+    }
+}
+
+/// Whether no rule can match at `i`, told cheaply for the dense cases: a separator
+/// after a name that is plainly not sensitive (one per field of a JSON line), and
+/// an `_` not followed by the run of letters and digits a key body needs. At such a
+/// position [`redact_at`] runs only the rule this answers for; `false` means "try".
+#[inline]
+fn nothing_at(rules: &Rules, input: &[u8], i: usize) -> bool {
+    match input[i] {
+        b'=' => rules.plainly_not_sensitive(input, i),
+        b':' => !input[i + 1..].starts_with(b"//") && rules.plainly_not_sensitive(input, i),
+        b'_' => input
+            .get(i + 1..i + 5)
+            .is_none_or(|next| !next.iter().all(|&c| is(c, ALNUM))),
+        _ => false,
     }
 }
 
@@ -870,6 +918,21 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// name is sensitive: the value becomes `REDACTED` (or `Bearer ****` for an
 /// authorization value with a scheme word). `sep` is the index of `=` or `:`.
 fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
+    if rules.plainly_not_sensitive(input, sep) {
+        return None;
+    }
+    field_closely(rules, input, sep)
+}
+
+/// Whether [`field`]'s shortcut agrees with its long way round at `sep`: when the
+/// shortcut turns the name down, the full rule finds nothing either.
+#[cfg(test)]
+pub(super) fn field_shortcut_holds(rules: &Rules, input: &[u8], sep: usize) -> bool {
+    !rules.plainly_not_sensitive(input, sep) || field_closely(rules, input, sep).is_none()
+}
+
+/// [`field`] without the shortcut for the common `name=`, `name:` and `"name":`.
+fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
     // Look back over spaces, closing quotes and escapes to the name.
     let mut j = sep;
     while j > 0 && matches!(input[j - 1], b' ' | b'\t') && sep - j < 4 {

@@ -550,6 +550,108 @@ mod prefilter {
         }
     }
 
+    /// Field names as they come in JSON log lines: ordinary ones, sensitive ones in
+    /// any case, and near misses that share a sensitive name's last letters (the
+    /// shortcuts decide by those), with separators, digits and escapes.
+    fn json_name() -> impl Strategy<Value = String> {
+        let words: Vec<&'static [u8]> = SUFFIX_NAMES.iter().chain(EXACT_NAMES).copied().collect();
+        prop_oneof![
+            proptest::sample::select(vec![
+                "timestamp",
+                "level",
+                "message",
+                "request_id",
+                "method",
+                "path",
+                "status",
+                "latency_us",
+                "client_ip",
+                "principal",
+                "target",
+                "sid",
+                "id",
+                "t",
+                "",
+            ])
+            .prop_map(str::to_owned),
+            (
+                proptest::sample::select(words.clone()),
+                "[_.-]?[0-9]{0,2}",
+                proptest::bool::ANY
+            )
+                .prop_map(|(w, tail, upper)| {
+                    let w = String::from_utf8_lossy(w).into_owned();
+                    format!("{}{tail}", if upper { w.to_uppercase() } else { w })
+                }),
+            (
+                "[a-zA-Z_]{0,3}",
+                proptest::sample::select(words),
+                0usize..5,
+                proptest::sample::select(vec!["", "_", "-", ".", "%5F", "%2d", "1"]),
+                0usize..4,
+            )
+                .prop_map(|(head, w, cut, sep, at)| {
+                    // The word without its first letters, a separator put inside.
+                    let rest = &w[cut.min(w.len() - 1)..];
+                    let at = rest.len().saturating_sub(at.min(rest.len()));
+                    format!(
+                        "{head}{}{sep}{}",
+                        String::from_utf8_lossy(&rest[..at]),
+                        String::from_utf8_lossy(&rest[at..])
+                    )
+                }),
+        ]
+    }
+
+    /// JSON lines of such names: quoted, escaped as inside a string, or `name=value`.
+    fn json_line() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            (
+                json_name(),
+                proptest::sample::select(vec![
+                    r#""{}":"#,
+                    r#"\"{}\":"#,
+                    "{}=",
+                    "{}: ",
+                    r#""{}" : "#,
+                ]),
+                prop_oneof![
+                    proptest::sample::select(PIECES).prop_map(str::to_owned),
+                    "[a-zA-Z0-9 /:._-]{0,16}",
+                ],
+            ),
+            0..8,
+        )
+        .prop_map(|fields| {
+            let body: Vec<String> = fields
+                .into_iter()
+                .map(|(name, form, value)| format!("{}\"{value}\"", form.replace("{}", &name)))
+                .collect();
+            format!("{{{}}}", body.join(",")).into_bytes()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// On JSON-shaped lines the prefiltered scan agrees with the plain one, and at
+        /// every separator the field rule's shortcut agrees with its long way round.
+        #[test]
+        fn json_lines_agree_with_the_plain_scan_and_the_full_field_rule(line in json_line()) {
+            for r in redactors() {
+                prop_assert_eq!(r.redact_bytes(&line), r.redact_bytes_plain(&line));
+                for (i, &b) in line.iter().enumerate() {
+                    if b == b':' || b == b'=' {
+                        prop_assert!(
+                            scan::field_shortcut_holds(&r.rules, &line, i),
+                            "{} at {}", String::from_utf8_lossy(&line), i
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn agrees_on_log_lines_clean_and_secret() {
         let r = Redactor::new();
@@ -593,6 +695,24 @@ mod names {
                     "[_.-]?[0-9]{0,3}",
                 )
                     .prop_map(|(a, n, b)| format!("{a}{}{b}", String::from_utf8_lossy(n).to_uppercase())),
+                // Near misses: a name's last letters after other ones, a separator
+                // or digit among them (`request_id` ends like `sessionid`).
+                (
+                    "[a-zA-Z0-9_.-]{0,3}",
+                    proptest::sample::select(SUFFIX_NAMES.iter().chain(EXACT_NAMES).copied().collect::<Vec<_>>()),
+                    1usize..6,
+                    "[_.0-9-]?",
+                    0usize..3,
+                )
+                    .prop_map(|(a, n, keep, sep, at)| {
+                        let tail = &n[n.len() - keep.min(n.len())..];
+                        let at = at.min(tail.len());
+                        format!(
+                            "{a}{}{sep}{}",
+                            String::from_utf8_lossy(&tail[..at]),
+                            String::from_utf8_lossy(&tail[at..])
+                        )
+                    }),
             ],
             whole in proptest::bool::ANY,
         ) {
@@ -600,6 +720,26 @@ mod names {
             let rules = &r.rules;
             if rules.surely_not_sensitive(name.as_bytes()) {
                 proptest::prop_assert!(!rules.is_sensitive_name_closely(name.as_bytes(), whole), "{}", name);
+            }
+        }
+
+        /// Read from the end of a longer text, the shortcut stops where the name
+        /// starts, and still never turns down a sensitive name.
+        #[test]
+        fn the_name_shortcut_stops_where_the_name_starts(
+            before in "[ :\"'={},/a-z0-9%]{0,3}",
+            name in "[a-zA-Z0-9_.%-]{0,6}",
+            word in proptest::sample::select(SUFFIX_NAMES.iter().chain(EXACT_NAMES).copied().collect::<Vec<_>>()),
+            cut in 0usize..12,
+        ) {
+            let r = Redactor::new();
+            let rules = &r.rules;
+            let word = String::from_utf8_lossy(word);
+            let text = format!("{before}{name}{}", &word[cut.min(word.len())..]);
+            let t = text.as_bytes();
+            let start = t.iter().rposition(|&c| !scan::is_name_byte(c)).map_or(0, |p| p + 1);
+            if rules.surely_not_sensitive(t) {
+                proptest::prop_assert!(!rules.is_sensitive_name_closely(&t[start..], true), "{}", text);
             }
         }
     }
