@@ -358,7 +358,9 @@ fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
 /// At any other position every rule fails, so skipping it changes nothing; a
 /// proposed position is still confirmed by the pair table, so the scan runs its rules
 /// at exactly the positions where the reference scan, which looks at every byte,
-/// finds them a match (property-tested and fuzzed against it).
+/// finds them a match (property-tested and fuzzed against it). A separator that
+/// [`nothing_at`] turns down (one per field of a JSON line: the name before it is
+/// plainly not sensitive) is passed over without running the rules at all.
 pub(super) struct Prefilter {
     /// The separators' search.
     separators: Separators,
