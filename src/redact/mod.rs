@@ -326,7 +326,8 @@ impl Rules {
     /// name, read leftwards over field-name bytes with separators and trailing
     /// digits set aside (exactly what the full check ignores), either ends before a
     /// third letter or digit (every built-in name is longer), or its last two or
-    /// three end no built-in name. `false` means "look closer". Reads only the end of `text`.
+    /// three end no built-in name. `false` means "look closer". Reads only the end of
+    /// `text`.
     fn surely_not_sensitive(&self, text: &[u8]) -> bool {
         if !self.names.is_empty() {
             return false;

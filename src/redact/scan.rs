@@ -425,8 +425,8 @@ struct Separators {
 
 impl Separators {
     fn new() -> Self {
+        #[cfg(target_arch = "x86_64")]
         let [a, b, c] = SEPARATORS;
-        let _ = (a, b, c);
         Self {
             #[cfg(target_arch = "x86_64")]
             avx2: memchr::arch::x86_64::avx2::memchr::Three::new(a, b, c),
