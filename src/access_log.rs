@@ -37,7 +37,9 @@
 //! ([`sanitize`](crate::redact::sanitize)): control characters, line separators,
 //! bidirectional controls and invisible format characters are escaped (`\u{202e}`),
 //! and the value is bounded. The redactor finds this crate's keys with any prefix
-//! (by their checksum), so a key built with a prefix of your own is hidden too.
+//! (by their checksum), so a key built with a prefix of your own is hidden too. A
+//! request id the [`RequestIdLayer`](crate::request_id::RequestIdLayer) generated
+//! (a UUID v4, hex digits and dashes) is not client text: it is logged as it is.
 //!
 //! Headers other than the user agent are never recorded, bodies never. The
 //! credential headers (`authorization`, `proxy-authorization`, `cookie`,
@@ -288,7 +290,7 @@ where
         });
         let span = self.config.span.then(|| {
             let id = req.extensions().get::<RequestId>();
-            let id = id.map(|id| clean(self.config.redactor.redact(id.as_str()), MAX_REQUEST_ID));
+            let id = id.map(|id| request_id_text(&self.config.redactor, id));
             tracing::info_span!(target: TARGET, "request", request_id = id.as_deref())
         });
         ResponseFuture {
@@ -378,11 +380,7 @@ impl Pending {
         } else {
             clean(r.redact(self.method.as_str()), MAX_METHOD)
         };
-        // Safe characters only, but a client can still send a token as its id.
-        let request_id = self
-            .request_id
-            .as_ref()
-            .map(|id| clean(r.redact(id.as_str()), MAX_REQUEST_ID));
+        let request_id = self.request_id.as_ref().map(|id| request_id_text(r, id));
         let path = clean(r.redact_uri_part(self.uri.path()), MAX_PATH);
         let query = self.uri.query().map(|q| r.redact_query(q));
         let query = query
@@ -494,6 +492,18 @@ fn is_standard(m: &Method) -> bool {
     .contains(m)
 }
 
+/// The request id as logged. Safe characters only, but a client can still send a
+/// token as its id, so a kept id is redacted and bounded; an id this crate
+/// generated is 36 bytes of hex digits and dashes, which the redactor and the
+/// sanitiser would return unchanged, so it is logged as it is.
+fn request_id_text<'a>(r: &Redactor, id: &'a RequestId) -> Cow<'a, str> {
+    if id.is_generated() {
+        Cow::Borrowed(id.as_str())
+    } else {
+        clean(r.redact(id.as_str()), MAX_REQUEST_ID)
+    }
+}
+
 /// Redacted text sanitised for the log line, without a copy when there is nothing
 /// to escape or cut.
 fn clean(s: Cow<'_, str>, max: usize) -> Cow<'_, str> {
@@ -517,6 +527,18 @@ mod tests {
     use super::*;
     use std::convert::Infallible;
     use tower::{ServiceBuilder, ServiceExt};
+
+    #[test]
+    fn a_kept_request_id_is_redacted_a_generated_one_logged_as_it_is() {
+        let r = Redactor::new();
+        let secret = "sk-proj-PlantedOpenAiKeyInRequestId0123";
+        let kept = RequestId::parse(secret.as_bytes()).unwrap();
+        let logged = request_id_text(&r, &kept);
+        assert!(!logged.contains("Planted"), "{logged}");
+        let made = RequestId::generate();
+        assert_eq!(request_id_text(&r, &made), made.as_str());
+        assert_eq!(r.redact(made.as_str()), made.as_str());
+    }
 
     #[tokio::test]
     async fn credential_headers_are_marked_sensitive_on_the_way_in_and_out() {

@@ -60,9 +60,29 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The request's correlation id, in the request extensions.
 ///
 /// Always 1 to [`MAX_LEN`] bytes of `[A-Za-z0-9._:-]`: safe to log and to put in a
-/// header as it is.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct RequestId(HeaderValue);
+/// header as it is. Two ids are equal when their text is.
+#[derive(Clone)]
+pub struct RequestId {
+    value: HeaderValue,
+    /// Made here by [`RequestId::generate`] (hex digits and dashes only), not sent by
+    /// the client: the access log skips the redactor for it, since no secret can
+    /// hide in text this crate chose.
+    generated: bool,
+}
+
+impl PartialEq for RequestId {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl Eq for RequestId {}
+
+impl std::hash::Hash for RequestId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.value.hash(state);
+    }
+}
 
 impl RequestId {
     /// Accepts `value` if it is a safe id: 1 to [`MAX_LEN`] bytes, each in
@@ -78,7 +98,10 @@ impl RequestId {
         if !is_safe_request_id(value) {
             return None;
         }
-        HeaderValue::from_bytes(value).ok().map(Self)
+        HeaderValue::from_bytes(value).ok().map(|value| Self {
+            value,
+            generated: false,
+        })
     }
 
     /// A fresh random UUID v4, e.g. `0b6c1e2a-5f3d-4c8e-9a71-2d4f6b8e0c13`.
@@ -95,20 +118,29 @@ impl RequestId {
         // One allocation shared by every copy: the id goes into the request's headers
         // and extensions and the response's, and cloning `Bytes` built from a `Vec`
         // would allocate again on the first clone.
-        Self(
-            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(s))
+        Self {
+            value: HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(s))
                 .expect("hex and dashes are a valid header value"),
-        )
+            generated: true,
+        }
     }
 
     /// The id.
     pub fn as_str(&self) -> &str {
-        self.0.to_str().expect("a request id is ASCII")
+        // Every constructor checked the bytes against `[A-Za-z0-9._:-]` or wrote
+        // only hex digits and dashes: ASCII, so valid UTF-8.
+        std::str::from_utf8(self.value.as_bytes()).expect("a request id is ASCII")
     }
 
     /// The id as a header value.
     pub fn header_value(&self) -> &HeaderValue {
-        &self.0
+        &self.value
+    }
+
+    /// Whether this crate generated the id (rather than keeping the client's).
+    #[cfg_attr(not(feature = "access-log"), allow(dead_code))]
+    pub(crate) fn is_generated(&self) -> bool {
+        self.generated
     }
 }
 
@@ -282,7 +314,8 @@ where
 }
 
 pin_project! {
-    /// Response future of [`SetRequestId`]: sets the header on the response.
+    /// Response future of [`SetRequestId`]: sets the header on the response (the
+    /// [`RequestId`] itself is in the request extensions only).
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
@@ -308,8 +341,7 @@ where
         if let Poll::Ready(Ok(res)) = &mut out
             && let Some((name, id)) = this.header.take()
         {
-            res.headers_mut().insert(name, id.header_value().clone());
-            res.extensions_mut().insert(id);
+            res.headers_mut().insert(name, id.value);
         }
         out
     }
@@ -338,6 +370,17 @@ mod tests {
             );
             assert!(seen.insert(s.to_owned()), "duplicate id {s}");
         }
+    }
+
+    #[test]
+    fn only_generated_ids_are_marked_generated_and_equality_is_the_text() {
+        let made = RequestId::generate();
+        assert!(made.is_generated());
+        assert!(made.clone().is_generated());
+        let kept = RequestId::parse(made.as_str().as_bytes()).unwrap();
+        assert!(!kept.is_generated());
+        assert_eq!(kept, made);
+        assert!(!RequestId::parse(b"client-7").unwrap().is_generated());
     }
 
     #[test]
