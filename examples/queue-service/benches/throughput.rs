@@ -20,12 +20,15 @@
 //! Without `--bench` (as a test target) it runs one short round as a check.
 //!
 //! Each server has a runtime of its own (two worker threads); the load generator
-//! runs on another. Only `full-logs`'s threads have the log subscriber.
+//! runs on another. Only `full-logs`'s threads have the log subscriber; the other
+//! servers' threads have one that takes no event (see `main`). The bytes of log
+//! written are counted, and a run in which `full-logs` wrote none fails.
 
 mod common;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Extension;
@@ -41,6 +44,22 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tracing::Dispatch;
 use tracing::dispatcher::DefaultGuard;
+
+/// The bytes of log `full-logs` wrote (through the redacting writer, then dropped).
+static LOGGED: AtomicUsize = AtomicUsize::new(0);
+
+/// A sink that counts what it is given.
+struct Counted;
+
+impl std::io::Write for Counted {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        LOGGED.fetch_add(b.len(), Ordering::Relaxed);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Keep-alive connections of the load generator.
 const CONNECTIONS: usize = 32;
@@ -60,16 +79,16 @@ thread_local! {
     static LOGS: RefCell<Option<DefaultGuard>> = const { RefCell::new(None) };
 }
 
-/// A runtime for one server; with `logs`, each of its threads has that subscriber.
-fn server_runtime(logs: Option<Dispatch>) -> Runtime {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    b.worker_threads(2).enable_all();
-    if let Some(dispatch) = logs {
-        b.on_thread_start(move || {
-            LOGS.with(|g| *g.borrow_mut() = Some(tracing::dispatcher::set_default(&dispatch)));
-        });
-    }
-    b.build().unwrap()
+/// A runtime for one server, each of its threads with `logs` as its subscriber.
+fn server_runtime(logs: Dispatch) -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || {
+            LOGS.with(|g| *g.borrow_mut() = Some(tracing::dispatcher::set_default(&logs)));
+        })
+        .build()
+        .unwrap()
 }
 
 /// A free loopback port, bound now; the server takes it on its own runtime.
@@ -218,14 +237,20 @@ fn main() {
     let logs = Dispatch::new(
         tracing_subscriber::fmt()
             .json()
-            .with_writer(RedactingMakeWriter::new(std::io::sink))
+            .with_writer(RedactingMakeWriter::new(|| Counted))
             .finish(),
     );
+    // The other servers' threads get a subscriber that takes no event, rather than
+    // none: tracing decides once per call site whether any subscriber may want its
+    // events, and while only one subscriber exists it asks the one of the thread that
+    // reaches the call site first. Were the logs the only one, the first request to
+    // `full` would switch the access log off for `full-logs` too.
+    let off = Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let runtimes = [
-        server_runtime(None),
-        server_runtime(None),
-        server_runtime(None),
-        server_runtime(Some(logs)),
+        server_runtime(off.clone()),
+        server_runtime(off.clone()),
+        server_runtime(off),
+        server_runtime(logs),
     ];
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -276,6 +301,11 @@ fn main() {
             load(&targets[which], Duration::from_secs(1)).await;
             let rate = load(&targets[which], Duration::from_secs(secs)).await;
             println!("{name}: {rate:.0} req/s over {secs} s (after 1 s of warm-up)");
+            assert_eq!(
+                LOGGED.load(Ordering::Relaxed) > 0,
+                name == "full-logs",
+                "only full-logs writes log lines"
+            );
             return;
         }
         let (rounds, dur) = if measuring {
@@ -312,5 +342,9 @@ fn main() {
             );
             assert!(median(r) > 0.0);
         }
+        assert!(
+            LOGGED.load(Ordering::Relaxed) > 0,
+            "full-logs wrote no log line"
+        );
     });
 }
