@@ -181,6 +181,13 @@ fn set_pair(pairs: &mut [u64; 1024], first: u8, next: u8) {
     pairs[k >> 6] |= 1 << (k & 63);
 }
 
+/// Whether `first` followed by `next` is in a 65536-bit pair set made by [`set_pair`].
+#[inline]
+fn has_pair(pairs: &[u64; 1024], first: u8, next: u8) -> bool {
+    let k = usize::from(first) << 8 | usize::from(next);
+    pairs[k >> 6] >> (k & 63) & 1 != 0
+}
+
 /// The index of a lower-case letter of a built-in name (all are `a`-`z`).
 fn letter(b: u8) -> u8 {
     assert!(
@@ -351,8 +358,7 @@ impl Rules {
                     tail[got] = c.to_ascii_lowercase();
                     got += 1;
                     if got == 2 {
-                        let k = usize::from(tail[1]) << 8 | usize::from(tail[0]);
-                        if self.tails[k >> 6] >> (k & 63) & 1 == 0 {
+                        if !has_pair(&self.tails, tail[1], tail[0]) {
                             return true;
                         }
                     } else if got == 3 {
@@ -395,8 +401,7 @@ impl Rules {
                 && !(end >= 4 && input[end - 4] == b'%')
             {
                 let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
-                let k = usize::from(a) << 8 | usize::from(b);
-                if self.tails[k >> 6] >> (k & 63) & 1 == 0 {
+                if !has_pair(&self.tails, a, b) {
                     return true;
                 }
                 // A third letter right before them decides too (`path`, `target`).

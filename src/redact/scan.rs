@@ -315,8 +315,7 @@ fn redact_at(rules: &Rules, input: &[u8], mut next: impl FnMut(usize) -> usize) 
 /// Whether a rule can start at a byte `a` followed by `b` (`0` past the end).
 #[inline]
 fn hit(pairs: &[u64; 1024], a: u8, b: u8) -> bool {
-    let k = usize::from(a) << 8 | usize::from(b);
-    pairs[k >> 6] >> (k & 63) & 1 != 0
+    super::has_pair(pairs, a, b)
 }
 
 /// The first index at or after `from` where a rule can start (by the byte there and
