@@ -462,6 +462,19 @@ pub fn redactor(data: &[u8]) {
     );
     let twice = r.redact_bytes(&once);
     assert_eq!(once, twice, "redaction is not idempotent");
+    // A JSON document stays one, with the same objects, arrays and members.
+    #[cfg(feature = "jwt")]
+    if serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok() {
+        assert!(
+            serde_json::from_slice::<serde::de::IgnoredAny>(&once).is_ok(),
+            "redaction broke a JSON document"
+        );
+        assert_eq!(
+            json_skeleton(data),
+            json_skeleton(&once),
+            "redaction changed a JSON document's structure"
+        );
+    }
     if let Ok(s) = std::str::from_utf8(data) {
         let out = r.redact(s);
         assert_eq!(
@@ -472,6 +485,38 @@ pub fn redactor(data: &[u8]) {
         let uri = r.redact_uri_part(s);
         assert_eq!(r.redact(&uri), uri, "redacted URL part still holds a shape");
     }
+}
+
+/// The structure of a valid JSON document: its brackets, colons and commas, each
+/// string, number or literal as one `s`.
+#[cfg(all(feature = "redact", any(test, feature = "jwt")))]
+pub(crate) fn json_skeleton(doc: &[u8]) -> Vec<u8> {
+    let end = |c: u8| {
+        matches!(c, b'{' | b'}' | b'[' | b']' | b':' | b',' | b'"') || c.is_ascii_whitespace()
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < doc.len() {
+        match doc[i] {
+            b'"' => {
+                i += 1;
+                while i < doc.len() && doc[i] != b'"' {
+                    i += if doc[i] == b'\\' { 2 } else { 1 };
+                }
+                out.push(b's');
+            }
+            c @ (b'{' | b'}' | b'[' | b']' | b':' | b',') => out.push(c),
+            c if c.is_ascii_whitespace() => {}
+            _ => {
+                while i + 1 < doc.len() && !end(doc[i + 1]) {
+                    i += 1;
+                }
+                out.push(b's');
+            }
+        }
+        i += 1;
+    }
+    out
 }
 
 /// `query_redaction` target: a query string through

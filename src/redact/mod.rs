@@ -8,6 +8,15 @@
 //!    ending in `token`, `secret`, `password`, `signature`, ... see
 //!    [`Redactor::is_sensitive_name`]) becomes `REDACTED`; an authorization value
 //!    keeps its scheme (`authorization: Bearer ****`).
+//!
+//!    In a JSON document a replacement never changes the structure: a sensitive
+//!    member's number or literal becomes the string `"REDACTED"`, a value in quotes
+//!    ends where the JSON string holding it ends, and the quote that ends a string
+//!    (`"token="` followed by `,`) is never taken as a value's opening quote. So a
+//!    client cannot make its request's access line invalid JSON, or swallow the
+//!    fields after its own, by sending text such as `token='`. An object or array
+//!    under a sensitive name is not replaced whole: its members are looked at by
+//!    their own names, its strings by their shapes.
 //! 2. **Patterns second.** Known secret shapes anywhere in the text, whatever
 //!    surrounds them:
 //!

@@ -22,6 +22,8 @@ use crate::key_format::{BODY_LEN, MAX_PREFIX_LEN, ends_with_checksummed_prefix};
 pub(super) const STARS: &[u8] = b"****";
 /// Replacement for the value of a sensitive field.
 pub(super) const REDACTED: &[u8] = b"REDACTED";
+/// What replaces a JSON member's number or literal: a string, so the line stays JSON.
+const QUOTED_REDACTED: &[u8] = b"\"REDACTED\"";
 /// Replacement for a whole PEM private-key block.
 pub(super) const PEM: &[u8] = b"[REDACTED PRIVATE KEY]";
 
@@ -939,10 +941,23 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
     while j > 0 && matches!(input[j - 1], b' ' | b'\t') && sep - j < 4 {
         j -= 1;
     }
+    let quotes_end = j;
     while j > 0 && matches!(input[j - 1], b'"' | b'\'' | b'\\') && sep - j < 8 {
         j -= 1;
     }
     let name_end = j;
+    // `"name":`, a member of a JSON object: its closing quote is not escaped (an
+    // even number of backslashes before it), so it is not inside a string.
+    let member = input[sep] == b':'
+        && quotes_end > 0
+        && input[quotes_end - 1] == b'"'
+        && input[..quotes_end - 1]
+            .iter()
+            .rev()
+            .take_while(|&&c| c == b'\\')
+            .count()
+            % 2
+            == 0;
     // Most names are turned down by their last two letters.
     if rules.surely_not_sensitive(&input[name_end.saturating_sub(MAX_NAME)..name_end]) {
         return None;
@@ -972,12 +987,35 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         (start, end)
     } else if v < input.len() && (input[v] == b'"' || input[v] == b'\'') {
         let q = input[v];
+        if q == b'"' && !member && closes_json_string(input, v) {
+            // `"k":"token=","n":1`: the quote ends the string the name is in; what
+            // follows is the document's structure, not a value.
+            return None;
+        }
         let start = v + 1;
         let mut e = start;
-        while e < input.len() && input[e] != q {
+        // A quoted value ends at its quote, or where the JSON string it is in ends
+        // (`"k":"token='abc","n":1` keeps `","n":1`), so that a replacement never
+        // takes in the structure of a JSON line.
+        while e < input.len()
+            && input[e] != q
+            && !(input[e] == b'"' && closes_json_string(input, e))
+        {
             e += if input[e] == b'\\' { 2 } else { 1 };
         }
         (start, e.min(input.len()))
+    } else if member && matches!(input.get(v), Some(b'{' | b'[')) {
+        // An object or array as a member's value: its own members are looked at by
+        // their names, and its strings by their shapes.
+        return None;
+    } else if let Some(e) = member.then(|| json_scalar(input, v)).flatten() {
+        // A number, `true`, `false` or `null` as a member's value: replaced by a
+        // string, so that the document stays valid JSON.
+        return Some(Match {
+            start: v,
+            end: e,
+            with: QUOTED_REDACTED,
+        });
     } else {
         if input[v..].starts_with(PEM) {
             // Already redacted by the rule below.
@@ -1084,6 +1122,29 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         end,
         with: REDACTED,
     })
+}
+
+/// Whether the `"` at `i` can end a JSON string: what follows it, past any
+/// whitespace, is `,`, `:`, `}`, `]` or the end of the input.
+fn closes_json_string(input: &[u8], i: usize) -> bool {
+    input[i + 1..]
+        .iter()
+        .find(|c| !matches!(c, b' ' | b'\t' | b'\r' | b'\n'))
+        .is_none_or(|c| matches!(c, b',' | b':' | b'}' | b']'))
+}
+
+/// The end of the JSON number or literal (`true`, `false`, `null`) at `v`, if one is
+/// there and ends at `,`, `}`, `]`, whitespace or the end of the input.
+fn json_scalar(input: &[u8], v: usize) -> Option<usize> {
+    let e = input[v..]
+        .iter()
+        .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))
+        .map_or(input.len(), |p| v + p);
+    let t = &input[v..e];
+    let number = t.first().is_some_and(|c| c.is_ascii_digit() || *c == b'-')
+        && t.iter()
+            .all(|c| matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'));
+    (number || matches!(t, b"true" | b"false" | b"null")).then_some(e)
 }
 
 /// Whether a PEM block (or its replacement) starts at `e`: a field value stops

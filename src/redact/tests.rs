@@ -88,7 +88,8 @@ fn field_names_first() {
         r(r#"{"client_secret":"x y z","n":1}"#),
         r#"{"client_secret":"REDACTED","n":1}"#
     );
-    assert_eq!(r(r#"{"token": 12345}"#), r#"{"token": REDACTED}"#);
+    // A number becomes a string, so that the line stays JSON.
+    assert_eq!(r(r#"{"token": 12345}"#), r#"{"token": "REDACTED"}"#);
     assert_eq!(
         r(r#"{"message":"login with \"password\":\"hunter2\" failed"}"#),
         r#"{"message":"login with \"password\":\"REDACTED\" failed"}"#
@@ -505,7 +506,7 @@ mod prefilter {
         "\"}",
     ];
 
-    fn text() -> impl Strategy<Value = Vec<u8>> {
+    pub(super) fn text() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
             proptest::collection::vec(any::<u8>(), 0..300),
             proptest::collection::vec(
@@ -520,7 +521,7 @@ mod prefilter {
         ]
     }
 
-    fn redactors() -> [Redactor; 2] {
+    pub(super) fn redactors() -> [Redactor; 2] {
         [
             Redactor::new(),
             Redactor::builder()
@@ -553,7 +554,7 @@ mod prefilter {
     /// Field names as they come in JSON log lines: ordinary ones, sensitive ones in
     /// any case, and near misses that share a sensitive name's last letters (the
     /// shortcuts decide by those), with separators, digits and escapes.
-    fn json_name() -> impl Strategy<Value = String> {
+    pub(super) fn json_name() -> impl Strategy<Value = String> {
         let words: Vec<&'static [u8]> = SUFFIX_NAMES.iter().chain(EXACT_NAMES).copied().collect();
         prop_oneof![
             proptest::sample::select(vec![
@@ -790,5 +791,126 @@ fn tokens_of_your_own_format() {
                 .is_err(),
             "{prefix} {min}"
         );
+    }
+}
+
+/// Redaction keeps a JSON document what it was: valid, with the same objects, arrays
+/// and members in the same places; only the text of strings (and a sensitive
+/// member's scalar, which becomes a string) changes.
+mod json_structure {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::prefilter::{json_name, redactors, text};
+    use crate::fuzzing::json_skeleton;
+
+    /// Text as log lines carry it: anything, and sensitive names followed by each
+    /// separator and quote, the value left open or closed.
+    fn value_text() -> impl Strategy<Value = String> {
+        let lossy = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        prop_oneof![
+            text().prop_map(lossy),
+            (
+                json_name(),
+                proptest::sample::select(vec![
+                    "=", ": ", ":", "=\"", "='", ":\"", ": '", "=\\\"", " = ", "=`"
+                ]),
+                text(),
+                proptest::sample::select(vec!["", "\"", "'", " x", "\\"]),
+            )
+                .prop_map(move |(n, s, t, end)| format!("{n}{s}{}{end}", lossy(t))),
+        ]
+    }
+
+    fn member_name() -> impl Strategy<Value = String> {
+        prop_oneof![json_name(), value_text()]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            value_text().prop_map(Value::String),
+            any::<i64>().prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+            Just(Value::Null),
+            (-1e6f64..1e6).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec((member_name(), inner), 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn object() -> impl Strategy<Value = Value> {
+        proptest::collection::vec((member_name(), value()), 0..8)
+            .prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn redaction_keeps_json_lines_whole(doc in object(), pretty in any::<bool>()) {
+            let doc = if pretty {
+                serde_json::to_string_pretty(&doc)
+            } else {
+                serde_json::to_string(&doc)
+            };
+            let line = format!("{}\n", doc.unwrap());
+            for r in redactors() {
+                let out = r.redact(&line);
+                let parsed = serde_json::from_str::<Value>(&out);
+                prop_assert!(parsed.is_ok(), "{:?}:\n{}{}", parsed.err(), line, out);
+                prop_assert_eq!(
+                    json_skeleton(line.as_bytes()),
+                    json_skeleton(out.as_bytes()),
+                    "\n{}{}", line, out
+                );
+                prop_assert_eq!(out.matches('\n').count(), line.matches('\n').count(), "{}", out);
+            }
+            // The fuzz target's checks on the same input.
+            crate::fuzzing::redactor(line.as_bytes());
+        }
+    }
+
+    #[test]
+    fn json_cases() {
+        let r = crate::redact::Redactor::new();
+        for (line, want) in [
+            // A value's quote that is the end of the string the name is in.
+            (r#"{"m":"token=","s":""}"#, r#"{"m":"token=","s":""}"#),
+            (r#"{"m":"Bearer =","s":"x"}"#, r#"{"m":"Bearer =","s":"x"}"#),
+            (r#"{"m":"token="}"#, r#"{"m":"token="}"#),
+            // A value in single quotes ends with the JSON string it is in.
+            (
+                r#"{"m":"token='abc","s":"x'"}"#,
+                r#"{"m":"token='REDACTED","s":"x'"}"#,
+            ),
+            (
+                "{\"m\":\"password='\",\"s\":\"x\"}\n",
+                "{\"m\":\"password='\",\"s\":\"x\"}\n",
+            ),
+            // A sensitive member's number or literal becomes a string.
+            (
+                r#"{"password":5,"token":true,"secret":-1.5e3,"n":1}"#,
+                r#"{"password":"REDACTED","token":"REDACTED","secret":"REDACTED","n":1}"#,
+            ),
+            (
+                r#"{"k\\\"":{"token":null}}"#,
+                r#"{"k\\\"":{"token":"REDACTED"}}"#,
+            ),
+            // Inside a string, a member of escaped JSON is text: no quotes are added.
+            (
+                r#"{"m":"{\"password\":5}"}"#,
+                r#"{"m":"{\"password\":REDACTED}"}"#,
+            ),
+            // Plain text keeps its quoted values.
+            (r#"token="abc def" x"#, r#"token="REDACTED" x"#),
+            (r#"password='ab"cd' x"#, r#"password='REDACTED' x"#),
+        ] {
+            assert_eq!(r.redact(line), want, "{line}");
+        }
     }
 }
