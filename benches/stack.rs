@@ -3,7 +3,10 @@
 //! the bare handler, against the same layers assembled by hand with `ServiceBuilder`,
 //! and against the stack a tower user would assemble from peers, in process:
 //! `oneshot` over a cloned service, with the events formatted as JSON into a sink and
-//! with no subscriber.
+//! with no subscriber. With JSON, the crate's layers log through the crate's
+//! `RedactingJson` format (every line redacted), the peer stack through
+//! `tracing-subscriber`'s JSON format (nothing redacted); `StackLayer` is also
+//! measured with the peer's format.
 //!
 //! The peer stack, outermost first: tower-http's `SetRequestId` (UUID v4) and
 //! `PropagateRequestId` on `x-request-id`, `SetSensitiveRequestHeaders`
@@ -28,6 +31,7 @@ use portcullis::auth_throttle::AuthThrottleLayer;
 use portcullis::authenticate::AuthenticateLayer;
 use portcullis::client_ip::{ClientIpConfig, ClientIpLayer};
 use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};
+use portcullis::redact::RedactingJson;
 use portcullis::request_id::RequestIdLayer;
 use portcullis::stack::StackLayer;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -38,7 +42,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tower_http::validate_request::ValidateRequestHeaderLayer;
-use tracing::Level;
+use tracing::{Dispatch, Level};
 
 mod common;
 use common::{Body, now, request};
@@ -135,18 +139,49 @@ where
 /// subscriber (the layers' own work only). Every variant answers 200 with the
 /// same request.
 fn stack(c: &mut Criterion) {
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_max_level(Level::INFO)
-        .with_writer(std::io::sink)
-        .finish();
-    let guard = tracing::subscriber::set_default(subscriber);
-    group(c, "stack_per_request");
-    drop(guard);
-    group(c, "stack_per_request_no_subscriber");
+    group(c, "stack_per_request", true);
+    group(c, "stack_per_request_no_subscriber", false);
 }
 
-fn group(c: &mut Criterion, name: &str) {
+/// `tracing-subscriber`'s JSON format into a sink: the peer stack's logs.
+fn peer_json() -> Dispatch {
+    Dispatch::new(
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(Level::INFO)
+            .with_writer(std::io::sink)
+            .finish(),
+    )
+}
+
+/// The crate's JSON format, which redacts every line, into a sink.
+fn redacting_json() -> Dispatch {
+    Dispatch::new(
+        tracing_subscriber::fmt()
+            .event_format(RedactingJson::new())
+            .with_max_level(Level::INFO)
+            .with_writer(std::io::sink)
+            .finish(),
+    )
+}
+
+/// Runs `f` with `logs` as the thread's subscriber, if there is one.
+fn with_logs(logs: Option<fn() -> Dispatch>, f: impl FnOnce()) {
+    match logs {
+        Some(make) => tracing::dispatcher::with_default(&make(), f),
+        None => f(),
+    }
+}
+
+fn group(c: &mut Criterion, name: &str, logs: bool) {
+    let (ours, peer) = if logs {
+        (
+            Some(redacting_json as fn() -> Dispatch),
+            Some(peer_json as fn() -> Dispatch),
+        )
+    } else {
+        (None, None)
+    };
     let key = generate_key("pc_live").unwrap();
     let store = KeyStore::from_key_list(key.expose_secret(), Scopes::default()).unwrap();
     let keys = ApiKeys::new(store);
@@ -157,7 +192,7 @@ fn group(c: &mut Criterion, name: &str) {
     let mut g = c.benchmark_group(name);
     g.bench_function("bare_handler", |b| {
         // The request is still built with its headers: only the layers differ.
-        per_request(b, handler(), k)
+        with_logs(peer, || per_request(b, handler(), k))
     });
     g.bench_function("hand_assembled_ServiceBuilder", |b| {
         let svc = ServiceBuilder::new()
@@ -178,20 +213,26 @@ fn group(c: &mut Criterion, name: &str) {
                     .unwrap(),
             )
             .service(handler());
-        per_request(b, svc, k)
+        with_logs(ours, || per_request(b, svc, k))
     });
+    let stack = StackLayer::builder()
+        .api_keys(keys.clone())
+        .trusted_proxies("172.16.0.0/12")
+        .allowlist("10.0.0.0/8")
+        .quotas(quota)
+        .build()
+        .unwrap();
     g.bench_function("portcullis_StackLayer", |b| {
-        let stack = StackLayer::builder()
-            .api_keys(keys.clone())
-            .trusted_proxies("172.16.0.0/12")
-            .allowlist("10.0.0.0/8")
-            .quotas(quota)
-            .build()
-            .unwrap();
-        per_request(b, stack.layer(handler()), k)
+        with_logs(ours, || per_request(b, stack.layer(handler()), k))
     });
+    if logs {
+        // The same stack with the peer's log format, which does not redact.
+        g.bench_function("portcullis_StackLayer_peer_json_format", |b| {
+            with_logs(peer, || per_request(b, stack.layer(handler()), k))
+        });
+    }
     g.bench_function("peer_stack_tower_http_tower_governor", |b| {
-        per_request(b, peer_stack(k), k)
+        with_logs(peer, || per_request(b, peer_stack(k), k))
     });
     g.finish();
 }

@@ -87,8 +87,10 @@
 //! - `request-id` (default): [`request_id`].
 //! - `access-log` (default): [`access_log`].
 //! - `redact` (default): [`redact`], the redactor the access log uses.
-//! - `redact-writer`: [`RedactingMakeWriter`](redact::RedactingMakeWriter), a
-//!   `tracing-subscriber` writer that scrubs every formatted event.
+//! - `redact-writer`: for `tracing-subscriber`, [`RedactingJson`](redact::RedactingJson),
+//!   a JSON event format that scrubs every line, and
+//!   [`RedactingMakeWriter`](redact::RedactingMakeWriter), a writer that scrubs what
+//!   any format writes.
 //! - `axum`: accept axum's `ConnectInfo<SocketAddr>` as the peer address;
 //!   [`extract`]: [`Principal`], [`ClientIp`] and verified tokens as handler arguments.
 //! - `tonic`: accept the `TcpConnectInfo` tonic's server attaches as the peer address.

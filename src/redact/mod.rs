@@ -60,7 +60,7 @@
 //! generated format, the prefix is what is known: building a key store from raw keys
 //! ([`KeyStore::from_key_list`](crate::api_key::KeyStore::from_key_list),
 //! `from_env`) registers each key's prefix in a small process-wide list that every
-//! `Redactor` consults, the access log's and [`RedactingMakeWriter`]'s included.
+//! `Redactor` consults, the access log's, [`RedactingJson`]'s and [`RedactingMakeWriter`]'s included.
 //! That list only ever adds rules, holds no secret (a prefix names a kind of key),
 //! is bounded (64 prefixes; when full, checksummed keys are still found) and is
 //! filled only from configured keys. A store built from digests (a key file,
@@ -108,6 +108,8 @@
 //! the redactor as the net under them. Secrets percent-encoded in a URL are found by
 //! the access log, which also looks at the decoded form.
 
+#[cfg(feature = "redact-writer")]
+mod json;
 mod prefixes;
 mod scan;
 #[cfg(feature = "redact-writer")]
@@ -118,6 +120,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::ConfigError;
+#[cfg(feature = "redact-writer")]
+pub use json::RedactingJson;
 #[cfg(feature = "api-key")]
 pub(crate) use prefixes::register_prefix_of;
 use scan::{NAME_BUF, SHAPES, Set, Shape, normalise_name};

@@ -794,6 +794,161 @@ fn tokens_of_your_own_format() {
     }
 }
 
+/// `RedactingJson` writes the line `tracing-subscriber`'s JSON format would write,
+/// and redacts it as `RedactingMakeWriter` would.
+#[cfg(feature = "redact-writer")]
+mod json_format {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use proptest::prelude::*;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use super::prefilter::text;
+    use super::*;
+
+    /// Collects what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Capture {
+        fn take(&self) -> String {
+            String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
+        }
+    }
+
+    impl io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl MakeWriter<'_> for Capture {
+        type Writer = Capture;
+        fn make_writer(&self) -> Capture {
+            self.clone()
+        }
+    }
+
+    /// The line each formatter writes for the event `emit` makes, the timestamps
+    /// (read from the clock by each) cut off.
+    fn both(r: &Redactor, emit: impl Fn()) -> (String, String) {
+        let (peer, ours) = (Capture::default(), Capture::default());
+        let s = tracing_subscriber::fmt()
+            .json()
+            .with_writer(RedactingMakeWriter::with_redactor(peer.clone(), r.clone()))
+            .finish();
+        tracing::subscriber::with_default(s, &emit);
+        let s = tracing_subscriber::fmt()
+            .event_format(RedactingJson::with_redactor(r.clone()))
+            .with_writer(ours.clone())
+            .finish();
+        tracing::subscriber::with_default(s, &emit);
+        (untimed(&peer.take()), untimed(&ours.take()))
+    }
+
+    /// Each line without its `{"timestamp":"` and 27 characters of time.
+    fn untimed(lines: &str) -> String {
+        let mut out = String::new();
+        for line in lines.split_inclusive('\n') {
+            assert_eq!(&line[..14], r#"{"timestamp":""#, "{line}");
+            out.push_str(&line[41..]);
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Any text in any kind of field, secrets and control characters included:
+        /// the same line as the peer format through the redacting writer.
+        #[test]
+        fn lines_match_the_redacted_peer_format(
+            a in text(), b in text(), c in text(), n in any::<i64>(), u in any::<u64>(), flag in any::<bool>()
+        ) {
+            let (a, b, c) = (
+                String::from_utf8_lossy(&a).into_owned(),
+                String::from_utf8_lossy(&b).into_owned(),
+                String::from_utf8_lossy(&c).into_owned(),
+            );
+            for r in prefilter::redactors() {
+                let (peer, ours) = both(&r, || {
+                    tracing::info!(target: "app::part", s = a.as_str(), n, u, flag, d = ?b, "{c}");
+                    tracing::warn!(shown = %a, "{}", b.len());
+                    tracing::error!(api_key = a.as_str(), token = %c);
+                });
+                prop_assert_eq!(&peer, &ours);
+                // Every line is JSON, and none leaks what the redactor removes.
+                for line in ours.lines() {
+                    let line = format!("{{\"t\":\"{line}");
+                    prop_assert!(serde_json::from_str::<serde_json::Value>(&line).is_ok(), "{}", line);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// The escaping is serde_json's, for any text.
+        #[test]
+        fn strings_are_escaped_as_serde_json_escapes_them(
+            s in prop_oneof![any::<String>(), "[\\x00-\\x7f]{0,40}", "[\"\\\\a\\x1b\\n]{0,40}"]
+        ) {
+            let mut ours = String::from("\"");
+            super::super::json::push_escaped(&mut ours, &s);
+            ours.push('"');
+            prop_assert_eq!(ours, serde_json::to_string(&s).unwrap());
+        }
+    }
+
+    #[test]
+    fn floats_spans_and_nesting() {
+        let r = Redactor::new();
+        let (peer, ours) = both(&r, || {
+            tracing::info!(x = 1.0f64, y = -0.5f64, z = 12345.25f64, w = 3u8, "m");
+        });
+        assert_eq!(peer, ours);
+        // A large float: a JSON number that reads back the same (its form may differ).
+        let (_, ours) = both(&r, || tracing::info!(z = 1e300f64, m = f64::MIN_POSITIVE));
+        let v: serde_json::Value = serde_json::from_str(&format!("{{\"t\":\"{ours}")).unwrap();
+        assert_eq!(v["fields"]["z"].as_f64(), Some(1e300), "{ours}");
+        assert_eq!(v["fields"]["m"].as_f64(), Some(f64::MIN_POSITIVE), "{ours}");
+        let (_, ours) = both(&r, || tracing::info!(x = f64::NAN, y = f64::INFINITY));
+        assert!(ours.contains(r#""fields":{"x":null,"y":null}"#), "{ours}");
+
+        // Spans: from the root, each with its fields as the field formatter wrote
+        // them, redacted with the rest of the line.
+        let (_, ours) = both(&r, || {
+            let outer = tracing::info_span!("outer", token = "abc123", n = 1);
+            let _o = outer.enter();
+            let inner = tracing::info_span!("inner");
+            let _i = inner.enter();
+            tracing::info!("in");
+        });
+        let v: serde_json::Value = serde_json::from_str(&format!("{{\"t\":\"{ours}")).unwrap();
+        assert_eq!(v["spans"][0]["name"], "outer");
+        assert_eq!(v["spans"][0]["fields"], "token=\"REDACTED\" n=1");
+        assert_eq!(v["spans"][1]["name"], "inner");
+        assert!(v["spans"][1].get("fields").is_none(), "{ours}");
+        assert!(!ours.contains("abc123"), "{ours}");
+
+        // An event logged while another is being formatted gets its own buffer.
+        struct Nested;
+        impl fmt::Debug for Nested {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                tracing::info!(password = "hunter2", "inner");
+                f.write_str("outer value")
+            }
+        }
+        let (peer, ours) = both(&r, || tracing::info!(v = ?Nested));
+        assert_eq!(peer, ours);
+        assert!(!ours.contains("hunter2"), "{ours}");
+    }
+}
+
 /// Redaction keeps a JSON document what it was: valid, with the same objects, arrays
 /// and members in the same places; only the text of strings (and a sensitive
 /// member's scalar, which becomes a string) changes.

@@ -3,7 +3,7 @@
 //!
 //! Configurations (`PORTCULLIS_BENCH_CONFIG`; all three in turn when unset):
 //! `bare` (the handler with no layers), `full` (the demo as it serves, no log
-//! subscriber) and `full-logs` (JSON logs through the redacting writer into a
+//! subscriber) and `full-logs` (JSON logs in the redacting JSON format into a
 //! sink). `PORTCULLIS_BENCH_N` requests each (default 100 000; 100 without
 //! `--bench`), after as many of warm-up; prints the wall time per request.
 //!
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request};
 use axum::response::Response;
-use portcullis::redact::RedactingMakeWriter;
+use portcullis::redact::RedactingJson;
 use tokio::runtime::Runtime;
 use tower::{Service, ServiceExt};
 
@@ -89,8 +89,8 @@ fn run(config: &str, n: u64) -> Duration {
         "full" => measure(&mut queue_service::service(&f.state, &f.guard), n, request),
         "full-logs" => {
             let subscriber = tracing_subscriber::fmt()
-                .json()
-                .with_writer(RedactingMakeWriter::new(std::io::sink))
+                .event_format(RedactingJson::new())
+                .with_writer(std::io::sink)
                 .finish();
             tracing::subscriber::with_default(subscriber, || {
                 measure(&mut queue_service::service(&f.state, &f.guard), n, request)

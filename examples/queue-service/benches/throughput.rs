@@ -8,7 +8,7 @@
 //!   the client's parsing included;
 //! - `full`: the demo as it serves (every layer, the scope table, the refusal
 //!   counters), with no log subscriber;
-//! - `full-logs`: the same with JSON logs through the redacting writer into a sink,
+//! - `full-logs`: the same with JSON logs in the redacting JSON format into a sink,
 //!   as the binary writes them to standard error.
 //!
 //! `cargo bench -p queue-service --bench throughput` runs rounds of 1 s, each
@@ -38,14 +38,14 @@ use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use portcullis::redact::RedactingMakeWriter;
+use portcullis::redact::RedactingJson;
 use queue_service::routes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tracing::Dispatch;
 use tracing::dispatcher::DefaultGuard;
 
-/// The bytes of log `full-logs` wrote (through the redacting writer, then dropped).
+/// The bytes of log `full-logs` wrote (in the redacting JSON format, then dropped).
 static LOGGED: AtomicUsize = AtomicUsize::new(0);
 
 /// A sink that counts what it is given.
@@ -236,8 +236,8 @@ fn main() {
     }
     let logs = Dispatch::new(
         tracing_subscriber::fmt()
-            .json()
-            .with_writer(RedactingMakeWriter::new(|| Counted))
+            .event_format(RedactingJson::new())
+            .with_writer(|| Counted)
             .finish(),
     );
     // The other servers' threads get a subscriber that takes no event, rather than

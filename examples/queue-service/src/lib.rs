@@ -3,7 +3,7 @@
 //! `cargo run -p queue-service --release` listens on 127.0.0.1:8080, makes
 //! ephemeral credentials (an admin key, a client key, a worker signing key) and
 //! prints them once to standard output with ready-to-paste curl lines. Logs are
-//! JSON lines on standard error, through the redacting writer.
+//! JSON lines on standard error, every line redacted (`RedactingJson`).
 //!
 //! Settings (flags win over the environment):
 //!

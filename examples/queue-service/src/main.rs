@@ -3,15 +3,15 @@
 
 #![forbid(unsafe_code)]
 
-use portcullis::redact::RedactingMakeWriter;
+use portcullis::redact::RedactingJson;
 use queue_service::guard::BoxError;
 use queue_service::worker::WorkerConfig;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     tracing_subscriber::fmt()
-        .json()
-        .with_writer(RedactingMakeWriter::new(std::io::stderr))
+        .event_format(RedactingJson::new())
+        .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let shutdown = queue_service::shutdown_signal()?;
