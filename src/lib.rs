@@ -172,6 +172,9 @@ pub mod signature;
 #[doc(hidden)]
 pub mod fuzzing;
 
+#[cfg(feature = "redact-writer")]
+mod civil;
+
 #[cfg(feature = "request-id")]
 pub mod request_id;
 

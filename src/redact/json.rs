@@ -11,6 +11,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 
 use super::Redactor;
+use crate::civil::civil_from_days;
 
 /// Formats each event as one line of JSON and passes the whole line through a
 /// [`Redactor`] before the subscriber's writer sees any of it: a secret that any code
@@ -313,32 +314,18 @@ fn put_digits(buf: &mut [u8], mut n: u64) {
 fn push_timestamp(out: &mut String, t: SystemTime) {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    let (y, m, d) = civil_from_days(secs / 86_400);
+    // `secs / 86_400` is below 2^47: the conversion never saturates.
+    let (y, m, d) = civil_from_days(i64::try_from(secs / 86_400).unwrap_or(i64::MAX));
     let s = secs % 86_400;
     let mut buf = *b"0000-00-00T00:00:00.000000Z";
-    put_digits(&mut buf[0..4], y);
-    put_digits(&mut buf[5..7], m);
-    put_digits(&mut buf[8..10], d);
+    put_digits(&mut buf[0..4], y.unsigned_abs());
+    put_digits(&mut buf[5..7], m.into());
+    put_digits(&mut buf[8..10], d.into());
     put_digits(&mut buf[11..13], s / 3600);
     put_digits(&mut buf[14..16], s / 60 % 60);
     put_digits(&mut buf[17..19], s % 60);
     put_digits(&mut buf[20..26], u64::from(since.subsec_micros()));
     out.push_str(std::str::from_utf8(&buf).expect("ASCII digits"));
-}
-
-/// The proleptic Gregorian date of a day count since 1970-01-01 (days_from_civil
-/// inverted, after H. Hinnant's `chrono`-compatible algorithms).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]
