@@ -1,9 +1,10 @@
 //! The acceptance test of the logging stack: a real server with
 //! RequestId → AccessLog → ClientIp → authentication → a handler that logs carelessly,
-//! JSON output through `RedactingMakeWriter` captured in memory. Requests carry planted
+//! JSON output captured in memory twice: `tracing-subscriber`'s JSON format through
+//! `RedactingMakeWriter`, and the `RedactingJson` format. Requests carry planted
 //! secrets in every place a client can put them (headers, query, path, user agent,
 //! request id, body); none may appear in the output, while the request ids and the
-//! principal ids must.
+//! principal ids must; both outputs hold the same events.
 //!
 //! Its own test binary: it installs its own global subscriber (with the redacting
 //! writer), which the integration binary's capture must not be.
@@ -25,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use portcullis::access_log::AccessLogLayer;
 use portcullis::client_ip::{ClientIpConfig, ClientIpLayer, PeerAddrLayer};
-use portcullis::redact::RedactingMakeWriter;
+use portcullis::redact::{RedactingJson, RedactingMakeWriter};
 use portcullis::rejection::{Challenge, DenialReason, Rejection};
 use portcullis::request_id::RequestIdLayer;
 use portcullis::{AuthMethod, Principal, Scopes};
@@ -34,13 +35,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, Service, ServiceBuilder};
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
 
 type Body = Full<Bytes>;
 
 // ---- capture: every formatted line, after the redacting writer ----
 
 #[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
+struct Buf(Arc<Mutex<Vec<u8>>>);
+
+/// What each format wrote.
+#[derive(Default)]
+struct Sink {
+    /// `tracing-subscriber`'s JSON through `RedactingMakeWriter`.
+    writer: Buf,
+    /// `RedactingJson`.
+    format: Buf,
+}
 
 struct SinkWriter(Arc<Mutex<Vec<u8>>>);
 
@@ -54,16 +65,28 @@ impl io::Write for SinkWriter {
     }
 }
 
-impl<'a> MakeWriter<'a> for Sink {
+impl<'a> MakeWriter<'a> for Buf {
     type Writer = SinkWriter;
     fn make_writer(&'a self) -> SinkWriter {
         SinkWriter(self.0.clone())
     }
 }
 
-impl Sink {
+impl Buf {
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Sink {
+    /// What went through `RedactingMakeWriter`.
+    fn text(&self) -> String {
+        self.writer.text()
+    }
+
+    /// What the `RedactingJson` format wrote.
+    fn format_text(&self) -> String {
+        self.format.text()
     }
 }
 
@@ -71,12 +94,18 @@ fn sink() -> &'static Sink {
     static SINK: OnceLock<Sink> = OnceLock::new();
     SINK.get_or_init(|| {
         let sink = Sink::default();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing::Level::TRACE)
-            .with_current_span(false)
-            .with_writer(RedactingMakeWriter::new(sink.clone()))
-            .finish();
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_writer(RedactingMakeWriter::new(sink.writer.clone())),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(RedactingJson::new())
+                    .with_writer(sink.format.clone()),
+            );
         tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
         sink
     })
@@ -360,6 +389,37 @@ async fn no_planted_secret_reaches_the_logs() {
         .expect("missing-credential event");
     assert_eq!(anonymous["fields"]["request_id"], "sk-proj-****");
 
+    // The `RedactingJson` format wrote the same access events, and no secret.
+    let access_fields = |text: &str| -> Vec<String> {
+        let mut v: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("every line is JSON"))
+            .filter(|e| {
+                e["target"] == "portcullis::access"
+                    && e["fields"]["path"] == "/v1/jobs/pc_live_****/AKIA****/pc_live_****"
+            })
+            .map(|e| e["fields"].to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut formatted = String::new();
+    for _ in 0..100 {
+        formatted = sink.format_text();
+        if access_fields(&formatted).len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for secret in SECRETS {
+        assert!(
+            !formatted.contains(secret),
+            "planted secret {secret} reached the RedactingJson lines:\n{formatted}"
+        );
+    }
+    assert_eq!(access_fields(&formatted), access_fields(&text));
+    assert!(formatted.contains("sk-ant-****"), "{formatted}");
+
     // The careless handler's lines were written, and scrubbed.
     assert!(text.contains("handling request"), "{text}");
     assert!(text.contains("dumping the request parts"));
@@ -495,6 +555,13 @@ fn keys_of_any_prefix_never_reach_the_logs() {
                 !text.contains(body),
                 "the body of {key} reached the logs:\n{text}"
             );
+            // What the other format has written by now (its line of an event follows
+            // the writer's).
+            let formatted = sink.format_text();
+            prop_assert!(
+                !formatted.contains(body),
+                "the body of {key} reached the RedactingJson lines:\n{formatted}"
+            );
             let access: Vec<Value> = text
                 .lines()
                 .filter(|l| l.contains("\"target\":\"portcullis::access\"") && l.contains(&marker))
@@ -573,6 +640,11 @@ async fn a_key_stores_prefixes_reach_the_access_log_and_the_writer() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!text.contains("MistypedKeyAbCdEfGhIjKlMnOp"), "{text}");
+    let formatted = sink.format_text();
+    assert!(
+        !formatted.contains("MistypedKeyAbCdEfGhIjKlMnOp"),
+        "{formatted}"
+    );
     assert!(text.contains("user code logged acmelisted_live_**** by mistake"));
     assert!(
         text.contains("\"path\":\"/registered/acmelisted_live_****\""),
