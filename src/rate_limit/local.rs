@@ -9,8 +9,9 @@
 //! two-policy slots, or one slot of three or four policies. A key's tag is its
 //! keyed 64-bit SipHash (never 0: 0 marks a slot never used), and the same hash
 //! picks its home bucket; the key lives in one of the slots of its probe window,
-//! the eight slots of its home bucket and the buckets after it. A tracked key is
-//! almost always in its home bucket: its check reads one cache line.
+//! the sixteen slots of its home bucket and the buckets after it. A tracked key is
+//! almost always in its home bucket (with one policy, the four slots of the home
+//! bucket are taken first): its check reads one cache line.
 //!
 //! The table holds one and a half slots per key of the cap (at least one window).
 //! With one policy a slot is 16 bytes, so a store reserves 24 bytes per key of its
@@ -32,8 +33,10 @@
 //! has no free slot, or only never-used ones at the cap, counts against the shared
 //! overflow state, as at the cap (see [`LocalStore`]): a flood of new keys neither
 //! evicts a key whose state still counts nor grows memory. Near the cap, a key can
-//! thus share the overflow state before the cap is reached, if its eight slots are
-//! all taken by keys whose state still counts.
+//! thus share the overflow state before the cap is reached, if its sixteen slots
+//! are all taken by keys whose state still counts: of random keys filling a
+//! one-policy table up to its cap, about one in 200, the first of them once about
+//! two fifths of the cap is tracked.
 //!
 //! # Why no key gets more than its quota
 //!
@@ -89,7 +92,7 @@ pub(crate) const MAX_TRACKED_KEYS: usize = 1 << 24;
 /// 64-bit words per bucket: one cache line.
 const LINE: usize = 8;
 /// Slots in a probe window, whatever their size.
-const WINDOW_SLOTS: usize = 8;
+const WINDOW_SLOTS: usize = 16;
 /// The first time word of a slot being taken by a new key, refunded, or updated
 /// over several policies. No stored time equals it (times are clamped below it).
 const CLAIMED: u64 = u64::MAX;
@@ -254,15 +257,20 @@ impl<const N: usize> Slots<N> {
         ((u128::from(id) * self.buckets as u128) >> 64) as usize
     }
 
-    /// Slot `s` of bucket `b`: its tag word, then its `N` time words.
+    /// Bucket `b`: one cache line.
     #[inline(always)]
-    fn slot(&self, b: usize, s: usize) -> &[AtomicU64] {
-        let at = self.base + b * LINE + s * (1 + N);
-        &self.words[at..at + 1 + N]
+    fn line(&self, b: usize) -> &[AtomicU64; LINE] {
+        let at = self.base + b * LINE;
+        self.words[at..at + LINE].try_into().expect("a line")
+    }
+
+    /// Slot `s` of a bucket: its tag word, then its `N` time words.
+    #[inline(always)]
+    fn slot(line: &[AtomicU64; LINE], s: usize) -> &[AtomicU64] {
+        &line[s * (1 + N)..s * (1 + N) + 1 + N]
     }
 
     /// The slots of `id`'s window, in probe order.
-    #[inline(always)]
     fn window(&self, id: u64) -> impl Iterator<Item = &[AtomicU64]> {
         let home = self.home(id);
         (0..Self::WINDOW).flat_map(move |k| {
@@ -272,15 +280,28 @@ impl<const N: usize> Slots<N> {
             } else {
                 b
             };
-            (0..Self::PER_BUCKET).map(move |s| self.slot(b, s))
+            (0..Self::PER_BUCKET).map(move |s| Self::slot(self.line(b), s))
         })
     }
 
     /// The slot holding `id`'s tag, if any (at most one does).
     #[inline(always)]
     fn find(&self, id: u64) -> Option<&[AtomicU64]> {
-        self.window(id)
-            .find(|slot| slot[0].load(Ordering::Acquire) == id)
+        let mut b = self.home(id);
+        for _ in 0..Self::WINDOW {
+            let line = self.line(b);
+            for s in 0..Self::PER_BUCKET {
+                let slot = Self::slot(line, s);
+                if slot[0].load(Ordering::Acquire) == id {
+                    return Some(slot);
+                }
+            }
+            b += 1;
+            if b == self.buckets {
+                b = 0;
+            }
+        }
+        None
     }
 
     /// One policy, lock-free: the check of `id`'s state in `slot`. `None` if the
@@ -927,8 +948,8 @@ mod tests {
             let g = vec![Quota::per_hour(1).unwrap().gcra(); policies];
             for cap in [1usize, 7, 100, 100_000, 1 << 20] {
                 let bytes = LocalStore::new(cap, &g).table_bytes();
-                // At least one window of 8 slots: 2, 4 or 8 lines.
-                let least = [128, 256, 512, 512][policies - 1];
+                // At least one window of 16 slots: 4, 8 or 16 lines.
+                let least = [256, 512, 1024, 1024][policies - 1];
                 assert!(
                     bytes <= (per_key * cap).max(least) + 64,
                     "{policies} policies, cap {cap}: {bytes} B"
@@ -954,8 +975,7 @@ mod tests {
         assert_eq!(store.peek(k, &g, now), Some(30_000_000_000));
     }
 
-    /// Threads hammer a table of two buckets (every key's window is the whole
-    /// table) with checks of 8 keys whose states refill between rounds, so that
+    /// Threads hammer a table of one window (every key may take every slot) with checks of 8 keys whose states refill between rounds, so that
     /// slots change hands while other threads update them. The clock moves only
     /// between rounds. No key is ever allowed more than its quota over any span
     /// of rounds: its burst plus one request per emission interval elapsed, under
@@ -983,7 +1003,8 @@ mod tests {
         let g = &quotas[..policies];
         let (clock, mock) = quanta::Clock::mock();
         let store = LocalStore::new(5, g).with_clock(clock);
-        assert_eq!(store.table_bytes(), 2 * 64 * policies);
+        // One window: every key may take every slot.
+        assert_eq!(store.table_bytes(), 64 * 16 / (8 / (1 + policies)));
         let keys: Vec<LocalKey> = (0..KEYS)
             .map(|i| key(&store, IpAddr::V4(Ipv4Addr::new(192, 0, 2, i as u8))))
             .collect();

@@ -42,7 +42,7 @@
 //! is cleaned up, nothing runs in the background and you spawn nothing. A check of
 //! a tracked key reads one cache line and takes no lock.
 //! At the cap, new keys share one overflow bucket until tracked keys refill (so
-//! does a new key whose eight possible slots are all held by keys whose quota still
+//! does a new key whose sixteen possible slots are all held by keys whose quota still
 //! counts, which near the cap can happen before it is reached), so a
 //! flood of fresh addresses can neither evict the keys already tracked (and reset
 //! their limits) nor grow memory: it can only exhaust the overflow bucket, i.e.
