@@ -9,9 +9,9 @@
 //! two-policy slots, or one slot of three or four policies. A key's tag is its
 //! keyed 64-bit SipHash (never 0: 0 marks a slot never used), and the same hash
 //! picks its home bucket; the key lives in one of the slots of its probe window,
-//! the sixteen slots of its home bucket and the buckets after it. A tracked key is
-//! almost always in its home bucket (with one policy, the four slots of the home
-//! bucket are taken first): its check reads one cache line.
+//! the sixteen slots of its home bucket and the buckets after it. A new key takes
+//! the first free slot in that order, so a tracked key is usually in its home
+//! bucket, and its check then reads one cache line.
 //!
 //! The table holds one and a half slots per key of the cap (at least one window).
 //! With one policy a slot is 16 bytes, so a store reserves 24 bytes per key of its
@@ -50,13 +50,14 @@
 //!   new one. If the swap succeeds and the slot still holds the key's tag after it,
 //!   the request counted in the key's state: had the slot changed hands before the
 //!   swap, the swap read a value written after the new tag, and the tag read after
-//!   it sees that tag (acquire/release order). Had it changed hands after the swap,
-//!   the new owner took a state whose times were all past, request included: as a
-//!   fresh key's, which changes no decision. If the tag changed, the request is
-//!   checked again from the start: the other key's state took one request more
-//!   (that key is refused earlier than its quota, never later), and this key gets
-//!   its own slot or the overflow state. A refusal is answered only if the slot
-//!   still held the key's tag after its time was read.
+//!   it sees that tag (acquire/release order). Had it changed hands after the
+//!   swap, the new owner took a state whose times were all past, request
+//!   included: as a fresh key's, which changes no decision. If the tag changed, the
+//!   request is checked again from the start: the state it was swapped into (the
+//!   other key's, or this key's refilled one) took one request more, so that key
+//!   is refused earlier than its quota, never later, and this key's request counts
+//!   in its own new slot or the overflow state. A refusal is answered only if the
+//!   slot still held the key's tag after its time was read.
 //! - **Several policies**, all or nothing: the check takes the slot by swapping its
 //!   first time for the mark, reads every time, decides, writes them and releases
 //!   the mark with the first time. Refunds take the slot the same way for every
