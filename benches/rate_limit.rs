@@ -195,6 +195,13 @@ fn bench(c: &mut Criterion) {
         calls(spec.to_str().expect("ASCII"));
         return;
     }
+    // PORTCULLIS_BENCH_INTERLEAVED=<group>:<rounds> times `bare`, portcullis and
+    // tower_governor keyed alike in turns of 20 000 requests each, so that a busy
+    // machine slows all three alike, and prints the medians (see `interleaved`).
+    if let Some(spec) = std::env::var_os("PORTCULLIS_BENCH_INTERLEAVED") {
+        interleaved(spec.to_str().expect("ASCII"));
+        return;
+    }
     // Memory first, each limiter fresh (PORTCULLIS_BENCH_NO_MEMORY=1 skips it, for
     // profiling one timing).
     if std::env::var_os("PORTCULLIS_BENCH_NO_MEMORY").is_none() {
@@ -273,6 +280,60 @@ fn calls(spec: &str) {
         svc(request(ip(k)));
     }
     calls_loop(&mut *svc, keys, n);
+}
+
+/// Times the three services of the target's ratio (`bare`, portcullis without
+/// fields, tower_governor keyed as portcullis keys) in turns: each round runs
+/// 20 000 requests of each, one service after the other. Prints per service the
+/// median time per request over the rounds, and the median over the rounds of the
+/// ratio (portcullis − `bare`) ÷ (tower_governor − `bare`), each round's three
+/// timings taken within a few milliseconds of each other.
+fn interleaved(spec: &str) {
+    const BLOCK: u32 = 20_000;
+    let (group, rounds) = spec.rsplit_once(':').expect("<group>:<rounds>");
+    let rounds: usize = rounds.parse().expect("a count");
+    let keys = if group == "hot_key" { 1 } else { SPREAD };
+    let names = [
+        "bare",
+        "portcullis/no_fields",
+        "tower_governor/no_headers_same_key",
+    ];
+    let mut services: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let mut svc = service(name, keys);
+            for k in 0..keys {
+                svc(request(ip(k)));
+            }
+            svc
+        })
+        .collect();
+    let mut next = [0u32; 3];
+    let mut times = vec![Vec::with_capacity(rounds); 3];
+    for _ in 0..rounds {
+        for (j, svc) in services.iter_mut().enumerate() {
+            let start = std::time::Instant::now();
+            for _ in 0..BLOCK {
+                next[j] = if next[j] + 1 == keys { 0 } else { next[j] + 1 };
+                black_box(svc(request(ip(next[j]))));
+            }
+            times[j].push(start.elapsed().as_nanos() as f64 / f64::from(BLOCK));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut ratios: Vec<f64> = (0..rounds)
+        .map(|r| (times[1][r] - times[0][r]) / (times[2][r] - times[0][r]))
+        .collect();
+    for (name, t) in names.iter().zip(&mut times) {
+        println!("{group}/{name}: median {:.1} ns per request", median(t));
+    }
+    println!(
+        "{group}: (portcullis - bare) / (tower_governor same key - bare), median of {rounds} rounds: {:.3}",
+        median(&mut ratios)
+    );
 }
 
 #[inline(never)]

@@ -318,7 +318,8 @@ impl AuthThrottleLayer {
         self.shared.config.redis.is_some()
     }
 
-    /// Addresses currently tracked.
+    /// Slots ever given an address: the addresses tracked, and the slots of those
+    /// whose bucket has refilled, which any new address may take. At most the cap.
     /// Introspection for the tests and benchmarks; hidden, not part of the API.
     #[doc(hidden)]
     pub fn tracked_addresses(&self) -> usize {

@@ -751,8 +751,10 @@ impl RateLimitLayer {
         }
     }
 
-    /// Keys currently tracked in memory.
-    /// Introspection for the tests and benchmarks; hidden, not part of the API.
+    /// Slots of the in-memory table ever given a key: the keys tracked, and the
+    /// slots of keys whose quota has refilled, which any new key may take. At most
+    /// the cap. Introspection for the tests and benchmarks; hidden, not part of the
+    /// API.
     #[doc(hidden)]
     pub fn tracked_keys(&self) -> usize {
         self.shared.local.len()
