@@ -309,7 +309,7 @@ fn interleaved(spec: &str) {
         })
         .collect();
     let mut next = [0u32; 3];
-    let mut times = vec![Vec::with_capacity(rounds); 3];
+    let mut times: Vec<Vec<f64>> = (0..3).map(|_| Vec::with_capacity(rounds)).collect();
     for _ in 0..rounds {
         for (j, svc) in services.iter_mut().enumerate() {
             let start = std::time::Instant::now();
