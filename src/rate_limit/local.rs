@@ -1134,6 +1134,41 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
 
+        /// A slot whose state has refilled is as good as a never-used one: after
+        /// every state of a store has refilled, any sequence of requests gets the
+        /// same decisions, and the same keys tracked, as on a store never used.
+        /// (With a cap of at most 10 every key's window is the whole table, so both
+        /// stores have a free slot exactly when fewer than the cap keys count.)
+        #[test]
+        fn refilled_slots_are_as_good_as_new(
+            cap in 1usize..=10,
+            defaults in proptest::collection::vec(small_quotas(), 1..=4),
+            before in proptest::collection::vec((0u8..16, 0u64..2_000_000_000), 0..100),
+            after in proptest::collection::vec((0u8..16, 0u64..2_000_000_000), 1..100),
+        ) {
+            let g: Vec<Gcra> = defaults.into_iter().map(small_quota).collect();
+            let (clock, mock) = quanta::Clock::mock();
+            let used = LocalStore::new(cap, &g).with_clock(clock);
+            let (clock, fresh_mock) = quanta::Clock::mock();
+            let fresh = LocalStore::new(cap, &g).with_clock(clock);
+            let ip = |s: &LocalStore, h: u8| key(s, IpAddr::V4(Ipv4Addr::new(192, 0, 2, h)));
+            for (host, step) in before {
+                mock.increment(step);
+                let _ = used.check(ip(&used, host), &g, used.now());
+            }
+            // Every state refills within 10 bursts of 10 s windows.
+            mock.increment(1_000_000_000_000);
+            for (host, step) in after {
+                mock.increment(step);
+                fresh_mock.increment(step);
+                let (a, b) = (ip(&used, host), ip(&fresh, host));
+                let (now_a, now_b) = (used.now(), fresh.now());
+                proptest::prop_assert_eq!(used.peek(a, &g, now_a), fresh.peek(b, &g, now_b));
+                proptest::prop_assert_eq!(used.check(a, &g, now_a), fresh.check(b, &g, now_b));
+                proptest::prop_assert_eq!(used.is_tracked(a), fresh.is_tracked(b));
+            }
+        }
+
         /// The store decides as a reference model that never forgets a key: per key
         /// a GCRA state, and one overflow state for the requests the store counts
         /// without a slot. A key whose state still counts is never moved out of its
