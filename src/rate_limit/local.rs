@@ -16,9 +16,10 @@
 //! The table holds one and a half slots per key of the cap (at least one window).
 //! With one policy a slot is 16 bytes, so a store reserves 24 bytes per key of its
 //! cap: 2.4 MB for the default cap of 100 000 keys, 24 MB for 1 000 000. The
-//! allocation is zeroed by the allocator (`calloc`), so its pages take memory only
-//! once a key lands on them. Two policies take 48 bytes per key of the cap, three
-//! or four 96.
+//! allocation is zeroed by the allocator (`calloc`), which for a block this large
+//! usually maps fresh pages that take memory only once a key lands on them (the
+//! system allocator may also reuse and clear memory it holds). Two policies take 48
+//! bytes per key of the cap, three or four 96.
 //!
 //! # Reuse without a sweep
 //!

@@ -35,9 +35,9 @@
 //! most 16 777 216). A slot is a 64-bit keyed SipHash of the key (under a random
 //! key drawn when the layer is built) and one 8-byte timestamp per policy: with
 //! one policy 16 bytes, so the table takes 24 bytes per key of the cap (2.4 MB by
-//! default; 48 with two policies, 96 with three or four). Its memory is zeroed by
-//! the allocator, so the pages no key has reached cost nothing; `benches/rate_limit.rs`
-//! measures the bytes per tracked key. A key whose quota has fully refilled is
+//! default; 48 with two policies, 96 with three or four). The allocator zeroes it,
+//! usually by mapping fresh pages, which take memory only once a key reaches them;
+//! `benches/rate_limit.rs` measures the bytes per tracked key. A key whose quota has fully refilled is
 //! indistinguishable from a new key, so its slot is free for any other key: nothing
 //! is cleaned up, nothing runs in the background and you spawn nothing. A check of
 //! a tracked key reads one cache line and takes no lock.
