@@ -14,7 +14,8 @@
 //!   look up the same extensions per request.
 //!
 //! Before the timings it prints the heap bytes per tracked key of each limiter,
-//! measured with a counting allocator over 1 000 000 inserted keys.
+//! measured with a counting allocator from building it to after 1 000 000 inserted
+//! keys (portcullis allocates its table when built, for its cap of 2 000 000).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -169,11 +170,14 @@ fn portcullis(fields: bool, keys: u32) -> RateLimitLayer {
         .unwrap()
 }
 
-fn bytes_per_key<S>(mut svc: S) -> f64
+/// Live heap bytes from building `make()`'s service to after its 1 000 000 keys,
+/// divided by the keys: what a limiter allocates up front counts too.
+fn bytes_per_key<S>(make: impl FnOnce() -> S) -> f64
 where
     S: Service<Request<()>, Response = Response<Body>, Error = Infallible>,
 {
     let before = LIVE.load(Ordering::Relaxed);
+    let mut svc = make();
     for i in 0..SPREAD {
         black_box(once(&mut svc, request(ip(i))));
     }
@@ -191,6 +195,13 @@ fn bench(c: &mut Criterion) {
         calls(spec.to_str().expect("ASCII"));
         return;
     }
+    // PORTCULLIS_BENCH_INTERLEAVED=<group>:<rounds> times `bare`, portcullis and
+    // tower_governor keyed alike in turns of 20 000 requests each, so that a busy
+    // machine slows all three alike, and prints the medians (see `interleaved`).
+    if let Some(spec) = std::env::var_os("PORTCULLIS_BENCH_INTERLEAVED") {
+        interleaved(spec.to_str().expect("ASCII"));
+        return;
+    }
     // Memory first, each limiter fresh (PORTCULLIS_BENCH_NO_MEMORY=1 skips it, for
     // profiling one timing).
     if std::env::var_os("PORTCULLIS_BENCH_NO_MEMORY").is_none() {
@@ -200,14 +211,16 @@ fn bench(c: &mut Criterion) {
 }
 
 fn memory() {
-    let ours = bytes_per_key(portcullis(true, SPREAD).layer(inner()));
-    let cfg = GovernorConfigBuilder::default()
-        .period(period(SPREAD))
-        .burst_size(BURST)
-        .key_extractor(ClientIpKey)
-        .finish()
-        .unwrap();
-    let theirs = bytes_per_key(tower_governor::GovernorLayer::new(cfg).layer(inner()));
+    let ours = bytes_per_key(|| portcullis(true, SPREAD).layer(inner()));
+    let theirs = bytes_per_key(|| {
+        let cfg = GovernorConfigBuilder::default()
+            .period(period(SPREAD))
+            .burst_size(BURST)
+            .key_extractor(ClientIpKey)
+            .finish()
+            .unwrap();
+        tower_governor::GovernorLayer::new(cfg).layer(inner())
+    });
     println!(
         "memory per tracked key over {SPREAD} keys: portcullis {ours:.1} B, tower_governor {theirs:.1} B"
     );
@@ -267,6 +280,60 @@ fn calls(spec: &str) {
         svc(request(ip(k)));
     }
     calls_loop(&mut *svc, keys, n);
+}
+
+/// Times the three services of the target's ratio (`bare`, portcullis without
+/// fields, tower_governor keyed as portcullis keys) in turns: each round runs
+/// 20 000 requests of each, one service after the other. Prints per service the
+/// median time per request over the rounds, and the median over the rounds of the
+/// ratio (portcullis − `bare`) ÷ (tower_governor − `bare`), each round's three
+/// timings taken within a few milliseconds of each other.
+fn interleaved(spec: &str) {
+    const BLOCK: u32 = 20_000;
+    let (group, rounds) = spec.rsplit_once(':').expect("<group>:<rounds>");
+    let rounds: usize = rounds.parse().expect("a count");
+    let keys = if group == "hot_key" { 1 } else { SPREAD };
+    let names = [
+        "bare",
+        "portcullis/no_fields",
+        "tower_governor/no_headers_same_key",
+    ];
+    let mut services: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let mut svc = service(name, keys);
+            for k in 0..keys {
+                svc(request(ip(k)));
+            }
+            svc
+        })
+        .collect();
+    let mut next = [0u32; 3];
+    let mut times: Vec<Vec<f64>> = (0..3).map(|_| Vec::with_capacity(rounds)).collect();
+    for _ in 0..rounds {
+        for (j, svc) in services.iter_mut().enumerate() {
+            let start = std::time::Instant::now();
+            for _ in 0..BLOCK {
+                next[j] = if next[j] + 1 == keys { 0 } else { next[j] + 1 };
+                black_box(svc(request(ip(next[j]))));
+            }
+            times[j].push(start.elapsed().as_nanos() as f64 / f64::from(BLOCK));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut ratios: Vec<f64> = (0..rounds)
+        .map(|r| (times[1][r] - times[0][r]) / (times[2][r] - times[0][r]))
+        .collect();
+    for (name, t) in names.iter().zip(&mut times) {
+        println!("{group}/{name}: median {:.1} ns per request", median(t));
+    }
+    println!(
+        "{group}: (portcullis - bare) / (tower_governor same key - bare), median of {rounds} rounds: {:.3}",
+        median(&mut ratios)
+    );
 }
 
 #[inline(never)]

@@ -101,7 +101,8 @@ use crate::rate_limit::redis::{Bypassed, FailurePolicy, RedisLimiter};
 ///
 /// At most [`max_tracked_addresses`](AuthThrottleLayer::max_tracked_addresses)
 /// (default 100 000) addresses are tracked, each forgotten once its bucket has
-/// refilled, with no background task (as the rate limiter's keys). At the cap, the
+/// refilled, with no background task (as the rate limiter's keys). At the cap (or,
+/// near it, when the few slots an address may take are all counting), the
 /// addresses not tracked share **one** bucket of the same quota, which both the
 /// counting and the refusing read: together they get one address's worth of answered
 /// failures. A flood of fresh addresses can therefore neither grow memory, nor evict
@@ -251,12 +252,17 @@ impl AuthThrottleLayer {
         }))
     }
 
-    /// The most addresses tracked at once (default 100 000; at least 1). At the cap,
+    /// The most addresses tracked at once (default 100 000; 1 to 16 777 216). At the cap,
     /// the untracked addresses share one bucket (see the
     /// [type docs](Self#memory-and-what-happens-at-the-cap)).
     pub fn max_tracked_addresses(self, n: usize) -> Result<Self, ConfigError> {
         if n == 0 {
             return Err(ConfigError::new("max_tracked_addresses must be at least 1"));
+        }
+        if n > crate::rate_limit::local::MAX_TRACKED_KEYS {
+            return Err(ConfigError::new(
+                "max_tracked_addresses must be at most 16777216",
+            ));
         }
         Ok(Self::build(Config {
             cap: n,
@@ -312,7 +318,8 @@ impl AuthThrottleLayer {
         self.shared.config.redis.is_some()
     }
 
-    /// Addresses currently tracked.
+    /// Slots ever given an address: the addresses tracked, and the slots of those
+    /// whose bucket has refilled, which any new address may take. At most the cap.
     /// Introspection for the tests and benchmarks; hidden, not part of the API.
     #[doc(hidden)]
     pub fn tracked_addresses(&self) -> usize {

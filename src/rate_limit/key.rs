@@ -366,21 +366,32 @@ fn sip<const C: usize, const D: usize>(
 }
 
 /// The in-memory key, 16 bytes whatever the principal identity's length: a keyed
-/// hash, which is also the table's hash, and a tag (see [`KeySource::local`]).
+/// hash and a tag (see [`KeySource::local`]).
 ///
 /// Keys are compared on both words. Two distinct keys of one kind whose value is
 /// its own tag (IPv4 addresses, IPv6 networks of at most 64 bits) never compare
 /// equal. Any other two distinct keys compare equal only if the store's keyed
 /// SipHash maps their inputs to equal 64-bit values and their tags are equal too (a
-/// second 64-bit keyed hash for strings): about 2⁻¹²⁸ per pair of strings, and at
-/// worst 2⁻⁶⁴ per pair when an attacker picks an address as the tag. The hash key
-/// is random per process and never leaves it, so equal hashes cannot be searched
-/// for offline. If two keys did collide, they would share one state: both held to
-/// one budget, stricter than their own, never looser than a single key's quota.
+/// second 64-bit keyed hash for strings).
+///
+/// The in-memory store identifies a key by its keyed hash alone (one word per slot,
+/// see `local`): there two distinct keys share a state only if their keyed 64-bit
+/// hashes are equal, about 2⁻⁶⁴ per pair, addresses included. The hash key is
+/// random per process and never leaves it, so equal hashes cannot be searched for
+/// offline. If two keys did collide, they would share one state: both held to one
+/// budget, stricter than their own, never looser than a single key's quota.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LocalKey {
     hash: u64,
     tag: u64,
+}
+
+impl LocalKey {
+    /// The keyed 64-bit hash: the in-memory store's tag and bucket.
+    #[inline(always)]
+    pub(crate) fn hash(&self) -> u64 {
+        self.hash
+    }
 }
 
 impl PartialEq for LocalKey {
@@ -391,39 +402,6 @@ impl PartialEq for LocalKey {
 }
 
 impl Eq for LocalKey {}
-
-impl std::hash::Hash for LocalKey {
-    #[inline]
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
-    }
-}
-
-/// The hasher of the tables keyed by [`LocalKey`]: the key's hash is already keyed
-/// and computed once (see [`KeySource::local`]), so hashing it again would only add
-/// a SipHash per lookup. The tables stay resistant to flooding with chosen keys.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct PreHashed(u64);
-
-impl std::hash::Hasher for PreHashed {
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `LocalKey`'s `write_u64` is expected; fold anything else in all the same.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    #[inline]
-    fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
-    }
-}
 
 #[cfg(test)]
 mod tests {

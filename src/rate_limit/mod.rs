@@ -29,16 +29,21 @@
 //! time until each policy's quota is back (the `RateLimit` fields). A property test
 //! checks that it decides exactly as `governor` does for one policy.
 //!
-//! **Memory.** A tracked key costs one map entry: a 16-byte key (a SipHash of the
-//! key under a random key drawn when the layer is built, beside the address itself
-//! or, for a string, the second half of a 128-bit SipHash) and one 8-byte timestamp
-//! per policy, 24 bytes with one policy, plus one control byte and the hash map's
-//! slack (at most 64 bytes per key in all with one policy; `benches/rate_limit.rs`
-//! measures it). At most [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys)
-//! keys (default 100 000) are tracked; a key is forgotten once its quota has fully
-//! refilled (then it is indistinguishable from a new key). Cleanup is amortised over
-//! the requests that add keys: nothing runs in the background and you spawn nothing.
-//! At the cap, new keys share one overflow bucket until tracked keys refill, so a
+//! **Memory.** Keys live in a table of 64-byte cache lines allocated once, when
+//! the layer is built, at one and a half slots per key of
+//! [`max_tracked_keys`](RateLimitBuilder::max_tracked_keys) (default 100 000, at
+//! most 16 777 216). A slot is a 64-bit keyed SipHash of the key (under a random
+//! key drawn when the layer is built) and one 8-byte timestamp per policy: with
+//! one policy 16 bytes, so the table takes 24 bytes per key of the cap (2.4 MB by
+//! default; 48 with two policies, 96 with three or four). The allocator zeroes it,
+//! usually by mapping fresh pages, which take memory only once a key reaches them;
+//! `benches/rate_limit.rs` measures the bytes per tracked key. A key whose quota has fully refilled is
+//! indistinguishable from a new key, so its slot is free for any other key: nothing
+//! is cleaned up, nothing runs in the background and you spawn nothing. A check of
+//! a tracked key reads one cache line and takes no lock.
+//! At the cap, new keys share one overflow bucket until tracked keys refill (so
+//! does a new key whose sixteen possible slots are all held by keys whose quota still
+//! counts, which near the cap can happen before it is reached), so a
 //! flood of fresh addresses can neither evict the keys already tracked (and reset
 //! their limits) nor grow memory: it can only exhaust the overflow bucket, i.e.
 //! newcomers get limited together while the flood lasts. The overflow bucket has
@@ -217,8 +222,9 @@ impl RateLimitBuilder {
         self
     }
 
-    /// The most keys tracked in memory at once (default 100 000; see the module
-    /// docs for what happens at the cap).
+    /// The most keys tracked in memory at once (default 100 000, at most
+    /// 16 777 216; see the module docs for the memory it takes and what happens at
+    /// the cap).
     pub fn max_tracked_keys(mut self, n: usize) -> Self {
         self.max_tracked_keys = n;
         self
@@ -272,6 +278,11 @@ impl RateLimitBuilder {
         if self.max_tracked_keys == 0 {
             return Err(ConfigError::new(
                 "rate limit: max_tracked_keys must be at least 1",
+            ));
+        }
+        if self.max_tracked_keys > local::MAX_TRACKED_KEYS {
+            return Err(ConfigError::new(
+                "rate limit: max_tracked_keys must be at most 16777216",
             ));
         }
         self.key.check()?;
@@ -740,8 +751,10 @@ impl RateLimitLayer {
         }
     }
 
-    /// Keys currently tracked in memory.
-    /// Introspection for the tests and benchmarks; hidden, not part of the API.
+    /// Slots of the in-memory table ever given a key: the keys tracked, and the
+    /// slots of keys whose quota has refilled, which any new key may take. At most
+    /// the cap. Introspection for the tests and benchmarks; hidden, not part of the
+    /// API.
     #[doc(hidden)]
     pub fn tracked_keys(&self) -> usize {
         self.shared.local.len()

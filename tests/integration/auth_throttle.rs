@@ -288,3 +288,20 @@ async fn at_the_cap_untracked_addresses_share_one_quota() {
         assert_eq!(r.status, 401);
     }
 }
+
+/// The address table is allocated when the layer is built: the cap is 1 to 2^24.
+#[test]
+fn tracked_address_cap_is_checked_at_build() {
+    let q = Quota::per_minute(5).unwrap();
+    assert!(AuthThrottleLayer::new(q).max_tracked_addresses(0).is_err());
+    assert!(
+        AuthThrottleLayer::new(q)
+            .max_tracked_addresses((1 << 24) + 1)
+            .is_err()
+    );
+    assert!(
+        AuthThrottleLayer::new(q)
+            .max_tracked_addresses(1 << 24)
+            .is_ok()
+    );
+}

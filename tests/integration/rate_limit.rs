@@ -571,6 +571,19 @@ fn bad_configuration_fails_at_build() {
             .build()
             .is_err()
     );
+    // The table is allocated up front: a cap past 2^24 keys is refused, not reserved.
+    let too_many = RateLimitLayer::builder()
+        .policy(Policy::new("a", q).unwrap())
+        .max_tracked_keys((1 << 24) + 1)
+        .build();
+    assert!(too_many.unwrap_err().to_string().contains("at most"));
+    assert!(
+        RateLimitLayer::builder()
+            .policy(Policy::new("a", q).unwrap())
+            .max_tracked_keys(1 << 24)
+            .build()
+            .is_ok()
+    );
 }
 
 /// At the cap, principals not tracked share one overflow bucket under the default
