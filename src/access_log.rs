@@ -113,8 +113,47 @@ static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 pub(crate) struct Config {
     redactor: Redactor,
-    sensitive: Vec<HeaderName>,
+    sensitive: SensitiveNames,
     span: bool,
+}
+
+/// The request headers marked sensitive, with the set of their lengths (modulo 64)
+/// as a bit mask: a header whose name has none of those lengths is passed over
+/// without comparing its name with each sensitive one. A length in the mask only
+/// means the names are compared; the names decide.
+#[derive(Clone)]
+struct SensitiveNames {
+    names: Vec<HeaderName>,
+    lengths: u64,
+}
+
+impl SensitiveNames {
+    fn new(names: Vec<HeaderName>) -> Self {
+        let mut set = Self {
+            names: Vec::new(),
+            lengths: 0,
+        };
+        for name in names {
+            set.add(name);
+        }
+        set
+    }
+
+    fn add(&mut self, name: HeaderName) {
+        if !self.names.contains(&name) {
+            self.lengths |= length_bit(&name);
+            self.names.push(name);
+        }
+    }
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        self.lengths & length_bit(name) != 0 && self.names.contains(name)
+    }
+}
+
+/// The bit of `name`'s length (modulo 64) in [`SensitiveNames::lengths`].
+fn length_bit(name: &HeaderName) -> u64 {
+    1 << (name.as_str().len() % 64)
 }
 
 /// Layer applying [`AccessLog`]; see the [module docs](self).
@@ -127,7 +166,7 @@ impl fmt::Debug for AccessLogLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AccessLogLayer")
             .field("redactor", &self.config.redactor)
-            .field("sensitive_headers", &self.config.sensitive)
+            .field("sensitive_headers", &self.config.sensitive.names)
             .finish()
     }
 }
@@ -144,12 +183,12 @@ impl AccessLogLayer {
         Self {
             config: Arc::new(Config {
                 redactor: Redactor::new(),
-                sensitive: vec![
+                sensitive: SensitiveNames::new(vec![
                     AUTHORIZATION,
                     PROXY_AUTHORIZATION,
                     COOKIE,
                     X_API_KEY.clone(),
-                ],
+                ]),
                 span: false,
             }),
         }
@@ -168,9 +207,7 @@ impl AccessLogLayer {
     /// never logged either way.
     pub fn sensitive_header(self, name: HeaderName) -> Self {
         let mut config = self.into_config();
-        if !config.sensitive.contains(&name) {
-            config.sensitive.push(name);
-        }
+        config.sensitive.add(name);
         Self {
             config: Arc::new(config),
         }
@@ -243,7 +280,7 @@ impl<S> AccessLog<S> {
 
 /// Marks every value of the headers named in `names` sensitive, in one pass over the
 /// headers (`HeaderMap::entry` per name would clone the name and reserve capacity).
-fn mark_sensitive(headers: &mut HeaderMap, names: &[HeaderName]) {
+fn mark_sensitive(headers: &mut HeaderMap, names: &SensitiveNames) {
     for (name, value) in headers.iter_mut() {
         if names.contains(name) {
             value.set_sensitive(true);
@@ -538,6 +575,35 @@ mod tests {
         let made = RequestId::generate();
         assert_eq!(request_id_text(&r, &made), made.as_str());
         assert_eq!(r.redact(made.as_str()), made.as_str());
+    }
+
+    /// A header name of 1 to 80 letters from a small alphabet: lengths 64 apart share
+    /// a bit of the length mask, and names of one length often differ.
+    fn header_name() -> impl proptest::strategy::Strategy<Value = HeaderName> {
+        use proptest::strategy::Strategy;
+        proptest::string::string_regex("[ab-]{0,2}[ab]{1,78}")
+            .unwrap()
+            .prop_map(|s| HeaderName::from_bytes(s.as_bytes()).unwrap())
+    }
+
+    proptest::proptest! {
+        /// Exactly the values of the headers named in the set are marked, whatever
+        /// the lengths the set's mask lets through.
+        #[test]
+        fn marks_exactly_the_named_headers(
+            sensitive in proptest::collection::vec(header_name(), 0..6),
+            headers in proptest::collection::vec((header_name(), 0u8..3), 0..12),
+        ) {
+            let set = SensitiveNames::new(sensitive.clone());
+            let mut map = HeaderMap::new();
+            for (name, value) in &headers {
+                map.append(name, http::HeaderValue::from(u16::from(*value)));
+            }
+            mark_sensitive(&mut map, &set);
+            for (name, value) in &map {
+                proptest::prop_assert_eq!(value.is_sensitive(), sensitive.contains(name), "{}", name);
+            }
+        }
     }
 
     #[tokio::test]

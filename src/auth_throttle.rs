@@ -419,9 +419,11 @@ impl Shared {
             }
             return self.refusal(ip, Duration::from_nanos(outcome.wait()), true, grpc);
         }
-        if let Some(p) = res.extensions().get::<Principal>()
+        // The throttle state first: it is usually empty, and then the principal is
+        // not looked up.
+        if self.throttled(ip).is_some()
+            && let Some(p) = res.extensions().get::<Principal>()
             && p.method() != AuthMethod::Unauthenticated
-            && self.throttled(ip).is_some()
         {
             crate::audit::emit!(
                 info,

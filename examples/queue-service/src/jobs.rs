@@ -5,6 +5,11 @@
 //!
 //! Every call may fail with [`QueueError::Unavailable`] (Redis only): the routes
 //! answer 503 with `Retry-After`, the worker waits and tries again.
+//!
+//! A Redis call's future is boxed when the call is made: the client's futures are
+//! kilobytes large, and held inline they would make every caller's future (each
+//! route's handler, which axum allocates per request) as large with the in-memory
+//! queue too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,7 +64,7 @@ impl Jobs {
     ) -> Result<Enqueued, QueueError> {
         match self {
             Self::Memory(q) => q.enqueue(owner, input, priority),
-            Self::Redis(q) => q.enqueue(owner, input, priority).await,
+            Self::Redis(q) => Box::pin(q.enqueue(owner, input, priority)).await,
         }
     }
 
@@ -67,7 +72,7 @@ impl Jobs {
     pub async fn get(&self, id: JobId) -> Result<JobView, QueueError> {
         match self {
             Self::Memory(q) => q.get(id),
-            Self::Redis(q) => q.get(id).await,
+            Self::Redis(q) => Box::pin(q.get(id)).await,
         }
     }
 
@@ -75,7 +80,7 @@ impl Jobs {
     pub async fn peek_next(&self) -> Result<Option<JobView>, QueueError> {
         match self {
             Self::Memory(q) => Ok(q.peek_next()),
-            Self::Redis(q) => q.peek_next().await,
+            Self::Redis(q) => Box::pin(q.peek_next()).await,
         }
     }
 
@@ -97,7 +102,7 @@ impl Jobs {
     ) -> Result<JobView, QueueError> {
         match self {
             Self::Memory(q) => q.set_state_for(id, to, attempt),
-            Self::Redis(q) => q.set_state(id, to, attempt).await,
+            Self::Redis(q) => Box::pin(q.set_state(id, to, attempt)).await,
         }
     }
 
@@ -121,7 +126,7 @@ impl Jobs {
     ) -> Result<JobView, QueueError> {
         match self {
             Self::Memory(q) => q.progress_for(id, progress, attempt),
-            Self::Redis(q) => q.progress(id, progress, attempt).await,
+            Self::Redis(q) => Box::pin(q.progress(id, progress, attempt)).await,
         }
     }
 
@@ -144,7 +149,7 @@ impl Jobs {
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         match self {
             Self::Memory(q) => Ok(q.stats()),
-            Self::Redis(q) => q.stats().await,
+            Self::Redis(q) => Box::pin(q.stats()).await,
         }
     }
 
@@ -152,7 +157,7 @@ impl Jobs {
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<JobView>, QueueError> {
         match self {
             Self::Memory(q) => Ok(q.dead_letters(limit)),
-            Self::Redis(q) => q.dead_letters(limit).await,
+            Self::Redis(q) => Box::pin(q.dead_letters(limit)).await,
         }
     }
 
@@ -160,7 +165,7 @@ impl Jobs {
     pub async fn latest_runs(&self, limit: usize) -> Result<Vec<JobView>, QueueError> {
         match self {
             Self::Memory(q) => Ok(q.latest_runs(limit)),
-            Self::Redis(q) => q.latest_runs(limit).await,
+            Self::Redis(q) => Box::pin(q.latest_runs(limit)).await,
         }
     }
 
@@ -168,7 +173,50 @@ impl Jobs {
     pub async fn next_retry_in(&self) -> Result<Option<Duration>, QueueError> {
         match self {
             Self::Memory(q) => Ok(q.next_retry_in()),
-            Self::Redis(q) => q.next_retry_in().await,
+            Self::Redis(q) => Box::pin(q.next_retry_in()).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of_val;
+
+    use super::*;
+    use crate::queue::QueueConfig;
+
+    /// Every call's future is small whichever the backend, as the Redis branch's
+    /// future is boxed: a route's handler future stays a small allocation.
+    #[test]
+    fn every_call_future_is_small() {
+        const MAX: usize = 256;
+        let jobs = Jobs::from(Arc::new(Queue::new(QueueConfig::default())));
+        let id = JobId::parse("0123456789abcdef0123456789abcdef").unwrap();
+        let sizes = [
+            ("enqueue", size_of_val(&jobs.enqueue("o", "i", 0))),
+            ("get", size_of_val(&jobs.get(id))),
+            ("peek_next", size_of_val(&jobs.peek_next())),
+            (
+                "set_state_for",
+                size_of_val(&jobs.set_state_for(id, JobState::Running, None)),
+            ),
+            (
+                "set_state",
+                size_of_val(&jobs.set_state(id, JobState::Running)),
+            ),
+            ("start", size_of_val(&jobs.start(id))),
+            ("progress_for", size_of_val(&jobs.progress_for(id, 1, None))),
+            ("progress", size_of_val(&jobs.progress(id, 1))),
+            ("complete", size_of_val(&jobs.complete(id))),
+            ("fail", size_of_val(&jobs.fail(id))),
+            ("cancel", size_of_val(&jobs.cancel(id))),
+            ("stats", size_of_val(&jobs.stats())),
+            ("dead_letters", size_of_val(&jobs.dead_letters(1))),
+            ("latest_runs", size_of_val(&jobs.latest_runs(1))),
+            ("next_retry_in", size_of_val(&jobs.next_retry_in())),
+        ];
+        for (call, size) in sizes {
+            assert!(size <= MAX, "{call}: {size} bytes");
         }
     }
 }
