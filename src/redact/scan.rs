@@ -1134,12 +1134,20 @@ fn closes_json_string(input: &[u8], i: usize) -> bool {
 }
 
 /// The end of the JSON number or literal (`true`, `false`, `null`) at `v`, if one is
-/// there and ends at `,`, `}`, `]`, whitespace or the end of the input.
+/// there and ends at `,`, `}`, `]`, whitespace or the end of the input. Reads only
+/// the run of letters, digits, `+`, `-` and `.` at `v`, which no separator is in, so
+/// the scan stays linear however many members there are.
 fn json_scalar(input: &[u8], v: usize) -> Option<usize> {
     let e = input[v..]
         .iter()
-        .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))
+        .position(|c| !(c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.')))
         .map_or(input.len(), |p| v + p);
+    if !input
+        .get(e)
+        .is_none_or(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))
+    {
+        return None;
+    }
     let t = &input[v..e];
     let number = t.first().is_some_and(|c| c.is_ascii_digit() || *c == b'-')
         && t.iter()
