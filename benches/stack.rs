@@ -18,6 +18,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -139,8 +140,120 @@ where
 /// subscriber (the layers' own work only). Every variant answers 200 with the
 /// same request.
 fn stack(c: &mut Criterion) {
+    // PORTCULLIS_BENCH_INTERLEAVED=<rounds> times the stack and the peer stack in
+    // turns instead (see `interleaved`).
+    if let Some(rounds) = std::env::var_os("PORTCULLIS_BENCH_INTERLEAVED") {
+        interleaved(
+            rounds
+                .to_str()
+                .and_then(|r| r.parse().ok())
+                .expect("a number of rounds"),
+        );
+        return;
+    }
     group(c, "stack_per_request", true);
     group(c, "stack_per_request_no_subscriber", false);
+}
+
+/// One variant for [`interleaved`]: `n` requests through a service under a
+/// subscriber, returning the time per request.
+type Timed = Box<dyn FnMut(u32) -> Duration>;
+
+fn timed<S, B>(svc: S, key: String, logs: Option<fn() -> Dispatch>) -> Timed
+where
+    S: Service<Request<Body>, Response = Response<B>> + Clone + 'static,
+    S::Error: std::fmt::Debug,
+{
+    let dispatch = logs.map(|make| make());
+    Box::new(move |n| {
+        let run = || {
+            let start = Instant::now();
+            for _ in 0..n {
+                let res = now(svc.clone().oneshot(request("x-api-key", &key))).unwrap();
+                assert_eq!(res.status(), 200);
+                black_box(res);
+            }
+            start.elapsed() / n
+        };
+        match &dispatch {
+            Some(d) => tracing::dispatcher::with_default(d, run),
+            None => run(),
+        }
+    })
+}
+
+/// The stack, the stack with the peer's log format and the peer stack, with logs and
+/// without, each `REQUESTS` requests in turn per round, the order reversed every
+/// other round: a change of the machine's speed falls on all of them alike. Prints
+/// each variant's median time per request and the median over the rounds of each
+/// ratio to the peer stack.
+fn interleaved(rounds: usize) {
+    const REQUESTS: u32 = 2_000;
+    let key = generate_key("pc_live").unwrap();
+    let store = KeyStore::from_key_list(key.expose_secret(), Scopes::default()).unwrap();
+    // The peer stack's service borrows the key for as long as it lives.
+    let k: &'static str = Box::leak(key.expose_secret().to_owned().into_boxed_str());
+    let stack = StackLayer::builder()
+        .api_keys(ApiKeys::new(store))
+        .trusted_proxies("172.16.0.0/12")
+        .allowlist("10.0.0.0/8")
+        .quotas("1000000000/s")
+        .build()
+        .unwrap();
+    let ours = Some(redacting_json as fn() -> Dispatch);
+    let peer = Some(peer_json as fn() -> Dispatch);
+    let mut variants: Vec<(&str, Timed)> = vec![
+        (
+            "json/portcullis_StackLayer",
+            timed(stack.layer(handler()), k.to_owned(), ours),
+        ),
+        (
+            "json/portcullis_StackLayer_peer_json_format",
+            timed(stack.layer(handler()), k.to_owned(), peer),
+        ),
+        ("json/peer_stack", timed(peer_stack(k), k.to_owned(), peer)),
+        (
+            "none/portcullis_StackLayer",
+            timed(stack.layer(handler()), k.to_owned(), None),
+        ),
+        ("none/peer_stack", timed(peer_stack(k), k.to_owned(), None)),
+    ];
+    // Warm-up.
+    for (_, v) in &mut variants {
+        v(REQUESTS);
+    }
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); variants.len()];
+    for round in 0..rounds {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..variants.len()).collect()
+        } else {
+            (0..variants.len()).rev().collect()
+        };
+        for i in order {
+            times[i].push((variants[i].1)(REQUESTS));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for ((name, _), t) in variants.iter().zip(&times) {
+        let ns = median(t.iter().map(|d| d.as_nanos() as f64).collect());
+        println!("{name}: median {ns:.0} ns per request");
+    }
+    for (a, b) in [(0, 2), (1, 2), (3, 4)] {
+        let ratio = median(
+            times[a]
+                .iter()
+                .zip(&times[b])
+                .map(|(x, y)| x.as_nanos() as f64 / y.as_nanos() as f64)
+                .collect(),
+        );
+        println!(
+            "{} / {}: median of {rounds} rounds {ratio:.3}",
+            variants[a].0, variants[b].0
+        );
+    }
 }
 
 /// `tracing-subscriber`'s JSON format into a sink: the peer stack's logs.
