@@ -163,38 +163,31 @@ pub(crate) enum KeySource<'a> {
 }
 
 impl KeySource<'_> {
-    /// The fixed-size in-memory key, two words: the table's hash, the store's
-    /// randomly keyed SipHash of the kind and value, and a tag. The tag is the value
-    /// itself where it fits in a word beside that hash (an IPv4 address with its
-    /// kind, the first half of an IPv6 network of at most 64 bits), so that two such
-    /// keys of one kind never share a state; otherwise (a string, a longer IPv6
-    /// network) it is the second half of a 128-bit keyed hash. Two distinct keys can
-    /// only share a state if their keyed hashes are equal, which without the
-    /// per-process random key cannot be steered (see [`LocalKey`]).
+    /// The fixed-size in-memory key: the store's randomly keyed SipHash of the kind
+    /// and value. Two distinct keys share a state only if their keyed hashes are
+    /// equal, which without the per-process random key cannot be steered (see
+    /// [`LocalKey`]).
     #[inline(always)]
     pub(crate) fn local(&self, hasher: &impl KeyHash) -> LocalKey {
         // Every hashed message is the value's bytes then its kind's byte: a kind's
         // messages are its values' bytes (of one length for addresses), and messages
         // of different kinds differ in their last byte.
-        let (hash, tag) = match self {
-            KeySource::Global => (hasher.hash64(&[], 0), 0),
-            KeySource::Ip(IpAddr::V4(a)) => {
-                let tag = u64::from(u32::from(*a)) | (1 << 56);
-                (hasher.hash64(&a.octets(), 1), tag)
-            }
+        let hash = match self {
+            KeySource::Global => hasher.hash64(&[], 0),
+            KeySource::Ip(IpAddr::V4(a)) => hasher.hash64(&a.octets(), 1),
             KeySource::Ip(IpAddr::V6(a)) => {
                 let v = u128::from(*a);
-                let (net, host) = ((v >> 64) as u64, v as u64);
-                if host == 0 {
-                    (hasher.hash64(&net.to_be_bytes(), 2), net)
+                if v as u64 == 0 {
+                    // A network of at most 64 bits: its first half.
+                    hasher.hash64(&((v >> 64) as u64).to_be_bytes(), 2)
                 } else {
-                    hasher.hash128(&v.to_be_bytes(), 5)
+                    hasher.hash64(&v.to_be_bytes(), 5)
                 }
             }
-            KeySource::Principal(s) => hasher.hash128(s.as_bytes(), 3),
-            KeySource::Custom(s) => hasher.hash128(s.as_bytes(), 4),
+            KeySource::Principal(s) => hasher.hash64(s.as_bytes(), 3),
+            KeySource::Custom(s) => hasher.hash64(s.as_bytes(), 4),
         };
-        LocalKey { hash, tag }
+        LocalKey { hash }
     }
 
     /// A stable, printable name for the key, for shared backends: the same on every
@@ -231,12 +224,10 @@ impl KeySource<'_> {
 pub(crate) trait KeyHash {
     /// A 64-bit keyed hash of `bytes ‖ kind`.
     fn hash64(&self, bytes: &[u8], kind: u8) -> u64;
-    /// A 128-bit keyed hash of `bytes ‖ kind`, as two words.
-    fn hash128(&self, bytes: &[u8], kind: u8) -> (u64, u64);
 }
 
 /// SipHash-1-3 (the keyed hash of the standard library's `HashMap`) under a random
-/// 128-bit key, with its 64-bit and its 128-bit output.
+/// 128-bit key, with its 64-bit output.
 ///
 /// The key is drawn once per store from the standard library's per-process random
 /// hashing keys (seeded from the operating system): two outputs of its keyed SipHash
@@ -276,13 +267,7 @@ impl SipKey {
 impl KeyHash for SipKey {
     #[inline(always)]
     fn hash64(&self, bytes: &[u8], kind: u8) -> u64 {
-        sip::<1, 3>(self, bytes, kind, false).0
-    }
-
-    /// Out of line: strings are the rarer keys, and their loop the larger code.
-    #[inline(never)]
-    fn hash128(&self, bytes: &[u8], kind: u8) -> (u64, u64) {
-        sip::<1, 3>(self, bytes, kind, true)
+        sip::<1, 3>(self, bytes, kind)
     }
 }
 
@@ -324,18 +309,12 @@ impl Sip {
     }
 }
 
-/// SipHash-`C`-`D` under `key` of the message `bytes ‖ kind`: its 64-bit output in
-/// the first word, or (`wide`) its 128-bit output in two.
+/// SipHash-`C`-`D` under `key` of the message `bytes ‖ kind`, its 64-bit output.
 #[inline(always)]
-fn sip<const C: usize, const D: usize>(
-    key: &SipKey,
-    bytes: &[u8],
-    kind: u8,
-    wide: bool,
-) -> (u64, u64) {
+fn sip<const C: usize, const D: usize>(key: &SipKey, bytes: &[u8], kind: u8) -> u64 {
     let mut s = Sip([
         key.k0 ^ 0x736f_6d65_7073_6575,
-        key.k1 ^ 0x646f_7261_6e64_6f6d ^ if wide { 0xee } else { 0 },
+        key.k1 ^ 0x646f_7261_6e64_6f6d,
         key.k0 ^ 0x6c79_6765_6e65_7261,
         key.k1 ^ 0x7465_6462_7974_6573,
     ]);
@@ -356,34 +335,22 @@ fn sip<const C: usize, const D: usize>(
     }
     // The last block ends with the message length (mod 256).
     s.block::<C>(word | ((bytes.len() as u64 + 1) << 56));
-    s.0[2] ^= if wide { 0xee } else { 0xff };
-    let first = s.out::<D>();
-    if !wide {
-        return (first, 0);
-    }
-    s.0[1] ^= 0xdd;
-    (first, s.out::<D>())
+    s.0[2] ^= 0xff;
+    s.out::<D>()
 }
 
-/// The in-memory key, 16 bytes whatever the principal identity's length: a keyed
-/// hash and a tag (see [`KeySource::local`]).
+/// The in-memory key, one word whatever the principal identity's length: a keyed
+/// hash (see [`KeySource::local`]).
 ///
-/// Keys are compared on both words. Two distinct keys of one kind whose value is
-/// its own tag (IPv4 addresses, IPv6 networks of at most 64 bits) never compare
-/// equal. Any other two distinct keys compare equal only if the store's keyed
-/// SipHash maps their inputs to equal 64-bit values and their tags are equal too (a
-/// second 64-bit keyed hash for strings).
-///
-/// The in-memory store identifies a key by its keyed hash alone (one word per slot,
-/// see `local`): there two distinct keys share a state only if their keyed 64-bit
-/// hashes are equal, about 2⁻⁶⁴ per pair, addresses included. The hash key is
-/// random per process and never leaves it, so equal hashes cannot be searched for
-/// offline. If two keys did collide, they would share one state: both held to one
-/// budget, stricter than their own, never looser than a single key's quota.
-#[derive(Clone, Copy, Debug)]
+/// The in-memory store identifies a key by this hash alone (one word per slot, see
+/// `local`): two distinct keys share a state only if their keyed 64-bit hashes are
+/// equal, about 2⁻⁶⁴ per pair, addresses included. The hash key is random per
+/// process and never leaves it, so equal hashes cannot be searched for offline. If
+/// two keys did collide, they would share one state: both held to one budget,
+/// stricter than their own, never looser than a single key's quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct LocalKey {
     hash: u64,
-    tag: u64,
 }
 
 impl LocalKey {
@@ -393,15 +360,6 @@ impl LocalKey {
         self.hash
     }
 }
-
-impl PartialEq for LocalKey {
-    #[inline]
-    fn eq(&self, other: &Self) -> bool {
-        (self.hash, self.tag) == (other.hash, other.tag)
-    }
-}
-
-impl Eq for LocalKey {}
 
 #[cfg(test)]
 mod tests {
@@ -425,8 +383,8 @@ mod tests {
     }
 
     #[test]
-    fn a_key_is_two_words() {
-        assert_eq!(std::mem::size_of::<LocalKey>(), 16);
+    fn a_key_is_one_word() {
+        assert_eq!(std::mem::size_of::<LocalKey>(), 8);
     }
 
     #[test]
@@ -442,28 +400,12 @@ mod tests {
         );
     }
 
-    /// A hash that maps everything to 0: every key collides on its hash, so only the
-    /// tag tells keys apart.
-    struct AllCollide;
-
-    impl KeyHash for AllCollide {
-        fn hash64(&self, _: &[u8], _: u8) -> u64 {
-            0
-        }
-        fn hash128(&self, _: &[u8], _: u8) -> (u64, u64) {
-            (0, 0)
-        }
-    }
-
-    /// A hash whose value is the message's last byte, and whose tag its length.
+    /// A hash whose value is the message's last byte.
     struct LastByte;
 
     impl KeyHash for LastByte {
         fn hash64(&self, _: &[u8], kind: u8) -> u64 {
             u64::from(kind)
-        }
-        fn hash128(&self, bytes: &[u8], kind: u8) -> (u64, u64) {
-            (u64::from(kind), bytes.len() as u64 + 1)
         }
     }
 
@@ -495,60 +437,7 @@ mod tests {
         m
     }
 
-    /// SipHash-2-4 with its 128-bit output: the reference implementation's vectors
-    /// (key 00 01 .. 0f, message 00 01 .. of each length), the output's two words
-    /// little-endian.
-    #[test]
-    fn sip_128_matches_the_reference_vectors() {
-        let key = SipKey::from_words(0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908);
-        let vectors: [[u8; 16]; 4] = [
-            [
-                0xda, 0x87, 0xc1, 0xd8, 0x6b, 0x99, 0xaf, 0x44, 0x34, 0x76, 0x59, 0x11, 0x9b, 0x22,
-                0xfc, 0x45,
-            ],
-            [
-                0x81, 0x77, 0x22, 0x8d, 0xa4, 0xa4, 0x5d, 0xc7, 0xfc, 0xa3, 0x8b, 0xde, 0xf6, 0x0a,
-                0xff, 0xe4,
-            ],
-            [
-                0x9c, 0x70, 0xb6, 0x0c, 0x52, 0x67, 0xa9, 0x4e, 0x5f, 0x33, 0xb6, 0xb0, 0x29, 0x85,
-                0xed, 0x51,
-            ],
-            [
-                0xf8, 0x81, 0x64, 0xc1, 0x2d, 0x9c, 0x8f, 0xaf, 0x7d, 0x0f, 0x6e, 0x7c, 0x7b, 0xcd,
-                0x55, 0x79,
-            ],
-        ];
-        let input: Vec<u8> = (0..=4).collect();
-        for (i, want) in vectors.iter().enumerate() {
-            // The message of length i + 1: bytes 0 .. i, then the byte i as the kind.
-            let (a, b) = sip::<2, 4>(&key, &input[..i], i as u8, true);
-            let mut got = [0u8; 16];
-            got[..8].copy_from_slice(&a.to_le_bytes());
-            got[8..].copy_from_slice(&b.to_le_bytes());
-            assert_eq!(&got, want, "length {}", i + 1);
-        }
-    }
-
     proptest::proptest! {
-        /// Addresses are their own tags: two different IPv4 addresses, or two
-        /// different IPv6 networks of at most 64 bits, never share a key, even
-        /// under a hash where everything collides.
-        #[test]
-        fn distinct_addresses_never_share_a_key(
-            a in proptest::prelude::any::<u32>(),
-            b in proptest::prelude::any::<u32>(),
-            x in proptest::prelude::any::<u64>(),
-            y in proptest::prelude::any::<u64>(),
-        ) {
-            let h = AllCollide;
-            let v4 = |n: u32| KeySource::Ip(IpAddr::V4(n.into())).local(&h);
-            let v6 = |n: u64| KeySource::Ip(IpAddr::V6((u128::from(n) << 64).into())).local(&h);
-            proptest::prop_assert_eq!(a == b, v4(a) == v4(b));
-            proptest::prop_assert_eq!(x == y, v6(x) == v6(y));
-            proptest::prop_assert_ne!(v4(a), KeySource::Global.local(&h));
-        }
-
         /// With the store's hasher, a key depends on its source alone, and two
         /// different sources (of any kind, including strings and full IPv6
         /// addresses, which are hashed) get different keys.
@@ -601,15 +490,12 @@ mod tests {
             #[allow(deprecated)]
             let mut std24 = std::hash::SipHasher::new_with_keys(k0, k1);
             std24.write(&m);
-            let ours = sip::<2, 4>(&SipKey::from_words(k0, k1), &bytes, kind, false);
-            proptest::prop_assert_eq!(ours, (std24.finish(), 0));
+            let ours = sip::<2, 4>(&SipKey::from_words(k0, k1), &bytes, kind);
+            proptest::prop_assert_eq!(ours, std24.finish());
             let mut std13 = std::hash::DefaultHasher::new();
             std13.write(&m);
             let zero = SipKey::from_words(0, 0);
             proptest::prop_assert_eq!(zero.hash64(&bytes, kind), std13.finish());
-            // The wide output's first word is not the narrow one (their
-            // initialisations differ).
-            proptest::prop_assert_ne!(zero.hash128(&bytes, kind).0, std13.finish());
         }
     }
 }
