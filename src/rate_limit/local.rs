@@ -375,14 +375,19 @@ impl<const N: usize> Slots<N> {
                     slot[1].store(first, Ordering::Release);
                     return None;
                 }
-                let mut tats = [0; N];
-                tats[0] = first;
-                for (t, w) in tats.iter_mut().zip(&slot[1..]).skip(1) {
-                    *t = w.load(Ordering::Relaxed);
-                }
-                return Some(tats);
+                return Some(Self::times(slot, first));
             }
         }
+    }
+
+    /// The times of a slot whose first time word the caller swapped for the mark:
+    /// `first`, the value it replaced, then the others.
+    fn times(slot: &[AtomicU64], first: u64) -> [u64; N] {
+        let mut tats = [first; N];
+        for (t, w) in tats.iter_mut().zip(&slot[1..]).skip(1) {
+            *t = w.load(Ordering::Relaxed);
+        }
+        tats
     }
 
     /// Writes `tats` into a slot taken by `lock` or `claim`, the mark last.
@@ -421,11 +426,7 @@ impl<const N: usize> Slots<N> {
             {
                 continue;
             }
-            let mut tats = [0; N];
-            tats[0] = first;
-            for (t, w) in tats.iter_mut().zip(&slot[1..]).skip(1) {
-                *t = w.load(Ordering::Relaxed);
-            }
+            let mut tats = Self::times(slot, first);
             let free = tats.iter().all(|&t| t <= now)
                 && (slot[0].load(Ordering::Relaxed) != 0
                     || self
