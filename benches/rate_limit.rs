@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use criterion::{Criterion, criterion_group, criterion_main};
+use governor::middleware::NoOpMiddleware;
 use http::{Request, Response};
 use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};
 use portcullis::{ClientIp, Principal};
@@ -213,17 +214,21 @@ fn bench(c: &mut Criterion) {
 fn memory() {
     let ours = bytes_per_key(|| portcullis(true, SPREAD).layer(inner()));
     let theirs = bytes_per_key(|| {
-        let cfg = GovernorConfigBuilder::default()
-            .period(period(SPREAD))
-            .burst_size(BURST)
-            .key_extractor(ClientIpKey)
-            .finish()
-            .unwrap();
+        let cfg = governor(SPREAD, ClientIpKey).finish().unwrap();
         tower_governor::GovernorLayer::new(cfg).layer(inner())
     });
     println!(
         "memory per tracked key over {SPREAD} keys: portcullis {ours:.1} B, tower_governor {theirs:.1} B"
     );
+}
+
+/// tower_governor's configuration on the bench's quota for `keys` keys, keyed by
+/// `key`.
+fn governor<K: KeyExtractor>(keys: u32, key: K) -> GovernorConfigBuilder<K, NoOpMiddleware> {
+    GovernorConfigBuilder::default()
+        .period(period(keys))
+        .burst_size(BURST)
+        .key_extractor(key)
 }
 
 /// The four services of one group, by name.
@@ -239,31 +244,15 @@ fn service(name: &str, keys: u32) -> Box<dyn FnMut(Request<()>) -> Response<Body
         "portcullis/no_fields" => boxed(portcullis(false, keys).layer(inner())),
         "portcullis/fields" => boxed(portcullis(true, keys).layer(inner())),
         "tower_governor/no_headers" => {
-            let cfg = GovernorConfigBuilder::default()
-                .period(period(keys))
-                .burst_size(BURST)
-                .key_extractor(ClientIpKey)
-                .finish()
-                .unwrap();
+            let cfg = governor(keys, ClientIpKey).finish().unwrap();
             boxed(tower_governor::GovernorLayer::new(cfg).layer(inner()))
         }
         "tower_governor/no_headers_same_key" => {
-            let cfg = GovernorConfigBuilder::default()
-                .period(period(keys))
-                .burst_size(BURST)
-                .key_extractor(SameKey)
-                .finish()
-                .unwrap();
+            let cfg = governor(keys, SameKey).finish().unwrap();
             boxed(tower_governor::GovernorLayer::new(cfg).layer(inner()))
         }
         "tower_governor/headers" => {
-            let cfg = GovernorConfigBuilder::default()
-                .period(period(keys))
-                .burst_size(BURST)
-                .key_extractor(ClientIpKey)
-                .use_headers()
-                .finish()
-                .unwrap();
+            let cfg = governor(keys, ClientIpKey).use_headers().finish().unwrap();
             boxed(tower_governor::GovernorLayer::new(cfg).layer(inner()))
         }
         _ => panic!("unknown case {name}"),
@@ -387,31 +376,15 @@ fn timings(c: &mut Criterion) {
             portcullis(true, keys).layer(inner())
         });
         time(&mut g, "tower_governor/no_headers", keys, || {
-            let cfg = GovernorConfigBuilder::default()
-                .period(period(keys))
-                .burst_size(BURST)
-                .key_extractor(ClientIpKey)
-                .finish()
-                .unwrap();
+            let cfg = governor(keys, ClientIpKey).finish().unwrap();
             tower_governor::GovernorLayer::new(cfg).layer(inner())
         });
         time(&mut g, "tower_governor/no_headers_same_key", keys, || {
-            let cfg = GovernorConfigBuilder::default()
-                .period(period(keys))
-                .burst_size(BURST)
-                .key_extractor(SameKey)
-                .finish()
-                .unwrap();
+            let cfg = governor(keys, SameKey).finish().unwrap();
             tower_governor::GovernorLayer::new(cfg).layer(inner())
         });
         time(&mut g, "tower_governor/headers", keys, || {
-            let cfg = GovernorConfigBuilder::default()
-                .period(period(keys))
-                .burst_size(BURST)
-                .key_extractor(ClientIpKey)
-                .use_headers()
-                .finish()
-                .unwrap();
+            let cfg = governor(keys, ClientIpKey).use_headers().finish().unwrap();
             tower_governor::GovernorLayer::new(cfg).layer(inner())
         });
         g.finish();
