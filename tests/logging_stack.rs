@@ -111,6 +111,21 @@ fn sink() -> &'static Sink {
     })
 }
 
+/// What `read` returns once `ready` holds of it, or after two seconds: the access
+/// events are written when each response head is ready, after the client may
+/// have read it.
+async fn wait_for(read: impl Fn() -> String, ready: impl Fn(&str) -> bool) -> String {
+    let mut text = read();
+    for _ in 0..100 {
+        if ready(&text) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = read();
+    }
+    text
+}
+
 // ---- a stand-in for the authentication layer ----
 
 /// Accepts one API key in `x-api-key`; the principal goes into the request
@@ -327,18 +342,15 @@ async fn no_planted_secret_reaches_the_logs() {
     assert_eq!(send(addr, &request(target, &headers, body)).await, 401);
 
     // The access events are written when each response head is ready.
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = sink.text();
-        if text
-            .matches("\"path\":\"/v1/jobs/pc_live_****/AKIA****/pc_live_****\"")
-            .count()
-            >= 3
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let text = wait_for(
+        || sink.text(),
+        |t| {
+            t.matches("\"path\":\"/v1/jobs/pc_live_****/AKIA****/pc_live_****\"")
+                .count()
+                >= 3
+        },
+    )
+    .await;
 
     for secret in SECRETS {
         assert!(
@@ -403,14 +415,7 @@ async fn no_planted_secret_reaches_the_logs() {
         v.sort();
         v
     };
-    let mut formatted = String::new();
-    for _ in 0..100 {
-        formatted = sink.format_text();
-        if access_fields(&formatted).len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let formatted = wait_for(|| sink.format_text(), |t| access_fields(t).len() >= 3).await;
     for secret in SECRETS {
         assert!(
             !formatted.contains(secret),
@@ -536,19 +541,19 @@ fn keys_of_any_prefix_never_reach_the_logs() {
                     }
                 }
                 // Wait for this case's access events.
-                for _ in 0..100 {
-                    let events = sink
-                        .text()
-                        .lines()
-                        .filter(|l| {
-                            l.contains("\"target\":\"portcullis::access\"") && l.contains(&marker)
-                        })
-                        .count();
-                    if events >= n {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                wait_for(
+                    || sink.text(),
+                    |t| {
+                        t.lines()
+                            .filter(|l| {
+                                l.contains("\"target\":\"portcullis::access\"")
+                                    && l.contains(&marker)
+                            })
+                            .count()
+                            >= n
+                    },
+                )
+                .await;
             });
             let text = sink.text();
             prop_assert!(
@@ -631,14 +636,7 @@ async fn a_key_stores_prefixes_reach_the_access_log_and_the_writer() {
     )
     .await;
     assert_eq!(status, 200);
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = sink.text();
-        if text.contains("registered-prefix-1") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let text = wait_for(|| sink.text(), |t| t.contains("registered-prefix-1")).await;
     assert!(!text.contains("MistypedKeyAbCdEfGhIjKlMnOp"), "{text}");
     let formatted = sink.format_text();
     assert!(
