@@ -181,6 +181,10 @@ struct Rules {
     /// The last two letters (lower case) of every built-in sensitive name, as a
     /// 65536-bit set: most names in a log line are turned down by one lookup.
     tails: Box<[u64; 1024]>,
+    /// The pairs of a letter or digit and a letter (any case) that end no built-in
+    /// sensitive name, as a 65536-bit set over the bytes as written: one lookup
+    /// turns down most names.
+    not_tails: Box<[u64; 1024]>,
     /// For the last two letters of a built-in sensitive name (`26 * a + b`), the
     /// letters that come before them, as bits: three letters turn down the names
     /// whose last two are shared with a sensitive one (`request_id`, `path`).
@@ -212,6 +216,7 @@ fn letter(b: u8) -> u8 {
 
 /// Whether some built-in sensitive name ends with the three bytes `tail` (the last
 /// one first, lower case).
+#[inline]
 fn ends_a_name(tails3: &[u32; 26 * 26], tail: [u8; 3]) -> bool {
     if !tail.iter().all(u8::is_ascii_lowercase) {
         return false;
@@ -313,6 +318,14 @@ impl Rules {
             let [a, b, c] = [n[n.len() - 3], n[n.len() - 2], n[n.len() - 1]].map(letter);
             tails3[usize::from(b) * 26 + usize::from(c)] |= 1 << a;
         }
+        let mut not_tails = Box::new([0u64; 1024]);
+        for a in (b'a'..=b'z').chain(b'A'..=b'Z').chain(b'0'..=b'9') {
+            for b in (b'a'..=b'z').chain(b'A'..=b'Z') {
+                if !has_pair(&tails, a.to_ascii_lowercase(), b.to_ascii_lowercase()) {
+                    set_pair(&mut not_tails, a, b);
+                }
+            }
+        }
         Self {
             shapes,
             by_first,
@@ -322,6 +335,7 @@ impl Rules {
             suffix_by_last: by_last(SUFFIX_NAMES),
             exact_by_last: by_last(EXACT_NAMES),
             tails,
+            not_tails,
             tails3,
             names,
         }
@@ -393,6 +407,48 @@ impl Rules {
     /// [`surely_not_sensitive`]: Self::surely_not_sensitive
     #[inline(always)]
     fn plainly_not_sensitive(&self, input: &[u8], sep: usize) -> bool {
+        self.not_sensitive_by_tail(input, sep) || self.plainly_not_sensitive_closely(input, sep)
+    }
+
+    /// The common case of [`plainly_not_sensitive`](Self::plainly_not_sensitive),
+    /// in a few lookups: the name (before a closing `"` or not) ends in a letter or
+    /// digit and a letter that end no built-in name, or in three letters that end
+    /// none, and none of them is part of a percent-escape. `false` means "look
+    /// closer".
+    #[inline(always)]
+    fn not_sensitive_by_tail(&self, input: &[u8], sep: usize) -> bool {
+        if sep < 6 || !self.names.is_empty() {
+            return false;
+        }
+        let end = sep - usize::from(input[sep - 1] == b'"');
+        let &[p5, p4, c, a, b] = &input[end - 5..end] else {
+            return false;
+        };
+        if c == b'%' || p4 == b'%' {
+            return false;
+        }
+        if has_pair(&self.not_tails, a, b) {
+            return true;
+        }
+        // The pairs that end a built-in name: a third letter decides (`path`).
+        a.is_ascii_alphabetic()
+            && b.is_ascii_alphabetic()
+            && c.is_ascii_alphabetic()
+            && p5 != b'%'
+            && !ends_a_name(
+                &self.tails3,
+                [
+                    b.to_ascii_lowercase(),
+                    a.to_ascii_lowercase(),
+                    c.to_ascii_lowercase(),
+                ],
+            )
+    }
+
+    /// [`plainly_not_sensitive`](Self::plainly_not_sensitive) for the names
+    /// [`not_sensitive_by_tail`](Self::not_sensitive_by_tail) leaves.
+    #[inline(never)]
+    fn plainly_not_sensitive_closely(&self, input: &[u8], sep: usize) -> bool {
         if !self.names.is_empty() || sep == 0 {
             return false;
         }
@@ -406,24 +462,22 @@ impl Rules {
         if end == 0 || !input[end - 1].is_ascii_alphanumeric() {
             return false;
         }
-        if end >= 2 {
-            let (a, b) = (input[end - 2], input[end - 1]);
-            if a.is_ascii_alphabetic()
-                && b.is_ascii_alphabetic()
-                && !(end >= 3 && input[end - 3] == b'%')
-                && !(end >= 4 && input[end - 4] == b'%')
+        // Trailing digits, which no name rule reads: the letters before them decide,
+        // or there is no name (`12:15:18`).
+        let mut j = end;
+        while j > 0 && input[j - 1].is_ascii_digit() && end - j < 8 {
+            j -= 1;
+        }
+        if j < end {
+            if j >= 4
+                && has_pair(&self.not_tails, input[j - 2], input[j - 1])
+                && input[j - 3] != b'%'
+                && input[j - 4] != b'%'
             {
-                let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
-                if !has_pair(&self.tails, a, b) {
-                    return true;
-                }
-                // A third letter right before them decides too (`path`, `target`).
-                if end >= 3
-                    && input[end - 3].is_ascii_alphabetic()
-                    && !(end >= 5 && input[end - 5] == b'%')
-                {
-                    return !ends_a_name(&self.tails3, [b, a, input[end - 3].to_ascii_lowercase()]);
-                }
+                return true;
+            }
+            if j >= 1 && !scan::is_name_byte(input[j - 1]) && (j < 2 || input[j - 2] != b'%') {
+                return true;
             }
         }
         self.surely_not_sensitive(&input[end.saturating_sub(scan::MAX_NAME)..end])

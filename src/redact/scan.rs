@@ -378,6 +378,18 @@ const SEPARATORS: [u8; 3] = [b'=', b':', b'_'];
 impl Prefilter {
     pub(super) fn new(shapes: &[Shape]) -> Self {
         let mut starts: Vec<Vec<u8>> = Vec::new();
+        for lit in [&b"eyJ"[..], b"---", b"%5F", b"%5f"] {
+            starts.push(lit.to_vec());
+        }
+        for s in shapes {
+            input_starts(&s.prefix, &mut Vec::new(), &mut starts);
+        }
+        starts.sort();
+        starts.dedup();
+        // Every literal once, in byte order, then the case variants of `bea` and
+        // `bas`. The order changes nothing that is found (only where a match starts
+        // is used); it decides how the SIMD search groups the literals, and this
+        // one raises few false alarms on log lines and prose (benches/redact.rs).
         for word in [b"bea", b"bas"] {
             for mask in 0..8u8 {
                 let mut w = *word;
@@ -386,24 +398,11 @@ impl Prefilter {
                         c.make_ascii_uppercase();
                     }
                 }
-                starts.push(w.to_vec());
+                if !starts.iter().any(|s| *s == w) {
+                    starts.push(w.to_vec());
+                }
             }
         }
-        let mut others: Vec<Vec<u8>> = Vec::new();
-        for lit in [&b"eyJ"[..], b"---", b"%5F", b"%5f"] {
-            others.push(lit.to_vec());
-        }
-        for s in shapes {
-            input_starts(&s.prefix, &mut Vec::new(), &mut others);
-        }
-        // The case variants first, then every other literal once, in byte order. The
-        // order changes nothing that is found (only where a match starts is used);
-        // it decides how the SIMD search groups the literals, and this one raises
-        // few false alarms on log lines and prose (benches/redact.rs).
-        others.sort();
-        others.dedup();
-        others.retain(|o| !starts.contains(o));
-        starts.extend(others);
         Self {
             separators: Separators::new(),
             starts: aho_corasick::AhoCorasick::builder()
@@ -470,8 +469,9 @@ fn input_starts(prefix: &[u8], acc: &mut Vec<u8>, out: &mut Vec<Vec<u8>>) {
 struct Candidates<'a> {
     rules: &'a Rules,
     input: &'a [u8],
-    /// The next separator at or after the last search's start (0 before any).
-    byte: usize,
+    /// The next separator that [`nothing_at`] keeps, at or after the last search's
+    /// start (`None` before any).
+    byte: Option<usize>,
     /// The next literal start, likewise.
     pair: usize,
 }
@@ -481,7 +481,7 @@ impl<'a> Candidates<'a> {
         Self {
             rules,
             input,
-            byte: 0,
+            byte: None,
             pair: 0,
         }
     }
@@ -495,18 +495,29 @@ impl<'a> Candidates<'a> {
             if n - from < SHORT {
                 return next_candidate(&self.rules.pairs, input, from);
             }
-            if self.byte < from {
-                self.byte = pre.separators.find(&input[from..]).map_or(n, |p| from + p);
-            }
+            let byte = match self.byte {
+                Some(b) if b >= from => b,
+                _ => *self.byte.insert(self.next_separator(from)),
+            };
             if self.pair < from {
                 self.pair = pre
                     .starts
                     .find(aho_corasick::Input::new(input).span(from..n))
                     .map_or(n, |m| m.start());
             }
-            let c = self.byte.min(self.pair);
+            let c = byte.min(self.pair);
             if c >= n {
                 break;
+            }
+            if c == byte {
+                // A separator `nothing_at` keeps is in the pair table whatever
+                // follows it (`_` by the letter or digit `nothing_at` saw after it).
+                debug_assert!(hit(
+                    &self.rules.pairs,
+                    input[c],
+                    input.get(c + 1).copied().unwrap_or(0)
+                ));
+                return c;
             }
             if hit(
                 &self.rules.pairs,
@@ -525,13 +536,28 @@ impl<'a> Candidates<'a> {
             n
         }
     }
+
+    /// The first separator at or after `from` that [`nothing_at`] does not turn
+    /// down, or `input.len()`: in JSON, the separators after the names of a line
+    /// are passed over in this one loop.
+    fn next_separator(&self, mut from: usize) -> usize {
+        let input = self.input;
+        while let Some(p) = self.rules.prefilter.separators.find(&input[from..]) {
+            let c = from + p;
+            if !nothing_at(self.rules, input, c) {
+                return c;
+            }
+            from = c + 1;
+        }
+        input.len()
+    }
 }
 
 /// Whether no rule can match at `i`, told cheaply for the dense cases: a separator
 /// after a name that is plainly not sensitive (one per field of a JSON line), and
 /// an `_` not followed by the run of letters and digits a key body needs. At such a
 /// position [`redact_at`] runs only the rule this answers for; `false` means "try".
-#[inline]
+#[inline(always)]
 fn nothing_at(rules: &Rules, input: &[u8], i: usize) -> bool {
     match input[i] {
         b'=' => rules.plainly_not_sensitive(input, i),

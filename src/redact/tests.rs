@@ -575,6 +575,8 @@ mod prefilter {
                 "",
             ])
             .prop_map(str::to_owned),
+            // Trailing digits, after letters, digits, escapes or nothing (`T02`, `15`).
+            "[a-zA-Z0-9%:_-]{0,4}[0-9]{1,9}",
             (
                 proptest::sample::select(words.clone()),
                 "[_.-]?[0-9]{0,2}",
