@@ -410,18 +410,25 @@ impl Rules {
         self.not_sensitive_by_tail(input, sep) || self.plainly_not_sensitive_closely(input, sep)
     }
 
-    /// The common case of [`plainly_not_sensitive`](Self::plainly_not_sensitive),
-    /// in a few lookups: the name (before a closing `"` or not) ends in a letter or
-    /// digit and a letter that end no built-in name, or in three letters that end
-    /// none, and none of them is part of a percent-escape. `false` means "look
-    /// closer".
+    /// The common cases of [`plainly_not_sensitive`](Self::plainly_not_sensitive),
+    /// in a few lookups, reading at most six bytes before the name's end (before a
+    /// closing `"` or not), each step what [`surely_not_sensitive`] would conclude:
+    /// - a letter or digit and a letter that end no built-in name;
+    /// - two letters that end one, and the letter before them (`path`), past one
+    ///   separator (`request_id`);
+    /// - trailing digits after such a pair, or after no name (`T02:`, `15:18`);
+    /// - no name at all (`::`, `}:`).
+    ///
+    /// `false` means "look closer".
+    ///
+    /// [`surely_not_sensitive`]: Self::surely_not_sensitive
     #[inline(always)]
     fn not_sensitive_by_tail(&self, input: &[u8], sep: usize) -> bool {
-        if sep < 6 || !self.names.is_empty() {
+        if sep < 7 || !self.names.is_empty() {
             return false;
         }
         let end = sep - usize::from(input[sep - 1] == b'"');
-        let &[p5, p4, c, a, b] = &input[end - 5..end] else {
+        let &[p6, p5, p4, c, a, b] = &input[end - 6..end] else {
             return false;
         };
         if c == b'%' || p4 == b'%' {
@@ -430,19 +437,37 @@ impl Rules {
         if has_pair(&self.not_tails, a, b) {
             return true;
         }
-        // The pairs that end a built-in name: a third letter decides (`path`).
-        a.is_ascii_alphabetic()
-            && b.is_ascii_alphabetic()
-            && c.is_ascii_alphabetic()
-            && p5 != b'%'
-            && !ends_a_name(
-                &self.tails3,
-                [
-                    b.to_ascii_lowercase(),
-                    a.to_ascii_lowercase(),
-                    c.to_ascii_lowercase(),
-                ],
-            )
+        if b.is_ascii_alphabetic() {
+            if !a.is_ascii_alphabetic() {
+                return false;
+            }
+            let l = u8::to_ascii_lowercase;
+            if c.is_ascii_alphabetic() {
+                return p5 != b'%' && !ends_a_name(&self.tails3, [l(&b), l(&a), l(&c)]);
+            }
+            return matches!(c, b'_' | b'-' | b'.')
+                && p4.is_ascii_alphabetic()
+                && p5 != b'%'
+                && p6 != b'%'
+                && !ends_a_name(&self.tails3, [l(&b), l(&a), l(&p4)]);
+        }
+        if b.is_ascii_digit() {
+            // Trailing digits, which no name rule reads.
+            let mut j = end - 1;
+            while j > 0 && input[j - 1].is_ascii_digit() && end - j < 8 {
+                j -= 1;
+            }
+            if j >= 4
+                && has_pair(&self.not_tails, input[j - 2], input[j - 1])
+                && input[j - 3] != b'%'
+                && input[j - 4] != b'%'
+            {
+                return true;
+            }
+            return j >= 2 && !scan::is_name_byte(input[j - 1]) && input[j - 2] != b'%';
+        }
+        // No name at all.
+        sep == end && !scan::is_name_byte(b) && !matches!(b, b' ' | b'\t' | b'\'' | b'\\')
     }
 
     /// [`plainly_not_sensitive`](Self::plainly_not_sensitive) for the names
@@ -461,24 +486,6 @@ impl Rules {
         let end = if before == b'"' { sep - 1 } else { sep };
         if end == 0 || !input[end - 1].is_ascii_alphanumeric() {
             return false;
-        }
-        // Trailing digits, which no name rule reads: the letters before them decide,
-        // or there is no name (`12:15:18`).
-        let mut j = end;
-        while j > 0 && input[j - 1].is_ascii_digit() && end - j < 8 {
-            j -= 1;
-        }
-        if j < end {
-            if j >= 4
-                && has_pair(&self.not_tails, input[j - 2], input[j - 1])
-                && input[j - 3] != b'%'
-                && input[j - 4] != b'%'
-            {
-                return true;
-            }
-            if j >= 1 && !scan::is_name_byte(input[j - 1]) && (j < 2 || input[j - 2] != b'%') {
-                return true;
-            }
         }
         self.surely_not_sensitive(&input[end.saturating_sub(scan::MAX_NAME)..end])
     }
