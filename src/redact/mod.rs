@@ -95,9 +95,10 @@
 //! - **Idempotent**: redacting redacted text changes nothing (property-tested).
 //! - **Linear time** in the input, whatever it contains: a single pass with bounded
 //!   look-around, no backtracking (fuzzed, and benchmarked on adversarial input).
-//! - **Fast on clean text**: a prefilter (`memchr` and an Aho-Corasick automaton)
-//!   jumps to the few places where a rule can start, so the bytes between them are
-//!   not looked at one by one; clean text is returned borrowed, without allocating.
+//! - **Fast on clean text**: a prefilter (SSE2 compares, `memchr` and an
+//!   Aho-Corasick automaton) jumps to the few places where a rule can start, so the
+//!   bytes between them are not looked at one by one; clean text is returned
+//!   borrowed, without allocating.
 //!
 //! ## Limits
 //!

@@ -348,7 +348,9 @@ fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
 /// instead of a look at every byte.
 ///
 /// - The separators `=` and `:` and the `_` before a key body, which start rules
-///   whatever follows them, are found with `memchr3`.
+///   whatever follows them, are found 64 bytes at a time as a bit mask (SSE2
+///   compares where the target has them), and with `memchr3` across stretches
+///   without any (plain text).
 /// - Every other rule needs a literal start of at least three bytes: `eyJ` (JWT),
 ///   `bea`/`bas` in any case (`Bearer`, `Basic`), `---` (PEM), `%5F` (an escaped
 ///   `_` before a key body), and the first three bytes of every shape's prefix in
@@ -363,8 +365,6 @@ fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
 /// [`nothing_at`] turns down (one per field of a JSON line: the name before it is
 /// plainly not sensitive) is passed over without running the rules at all.
 pub(super) struct Prefilter {
-    /// The separators' search.
-    separators: Separators,
     /// The literal starts, with its SIMD prefilter.
     starts: aho_corasick::AhoCorasick,
 }
@@ -404,7 +404,6 @@ impl Prefilter {
             }
         }
         Self {
-            separators: Separators::new(),
             starts: aho_corasick::AhoCorasick::builder()
                 .match_kind(aho_corasick::MatchKind::LeftmostFirst)
                 .kind(Some(aho_corasick::AhoCorasickKind::DFA))
@@ -414,34 +413,38 @@ impl Prefilter {
     }
 }
 
-/// `memchr3` over [`SEPARATORS`], with its vectors set up once rather than at
-/// every call: separators are dense in JSON (one per field), so the scan searches
-/// for them every few bytes.
-struct Separators {
-    /// AVX2 where the CPU has it (checked when built).
-    #[cfg(target_arch = "x86_64")]
-    avx2: Option<memchr::arch::x86_64::avx2::memchr::Three>,
+/// The separators among the 64 bytes of `block`, as bits (bit `k` for byte `k`).
+#[inline(always)]
+fn separator_bits(block: &[u8; 64]) -> u64 {
+    block.chunks_exact(16).enumerate().fold(0, |m, (k, chunk)| {
+        m | u64::from(separators_in(chunk.try_into().expect("16 bytes"))) << (16 * k)
+    })
 }
 
-impl Separators {
-    fn new() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        let [a, b, c] = SEPARATORS;
-        Self {
-            #[cfg(target_arch = "x86_64")]
-            avx2: memchr::arch::x86_64::avx2::memchr::Three::new(a, b, c),
-        }
-    }
+/// The separators among 16 bytes, as bits: SSE2 compares and a mask, where the
+/// target has them.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[inline(always)]
+pub(super) fn separators_in(chunk: [u8; 16]) -> u16 {
+    use safe_arch::{cmp_eq_mask_i8_m128i, m128i, move_mask_i8_m128i, set_splat_i8_m128i};
+    let v = m128i::from(chunk);
+    let eq = |b: u8| cmp_eq_mask_i8_m128i(v, set_splat_i8_m128i(b as i8));
+    let [x, y, z] = SEPARATORS;
+    // The mask has one bit per byte: 16 bits.
+    move_mask_i8_m128i(eq(x) | eq(y) | eq(z)) as u16
+}
 
-    #[inline]
-    fn find(&self, haystack: &[u8]) -> Option<usize> {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(t) = &self.avx2 {
-            return t.find(haystack);
-        }
-        let [a, b, c] = SEPARATORS;
-        memchr::memchr3(a, b, c, haystack)
-    }
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+use separators_in_plain as separators_in;
+
+/// The separators among 16 bytes, as bits, one byte at a time.
+#[cfg(any(test, not(all(target_arch = "x86_64", target_feature = "sse2"))))]
+#[inline(always)]
+pub(super) fn separators_in_plain(chunk: [u8; 16]) -> u16 {
+    chunk
+        .iter()
+        .enumerate()
+        .fold(0, |m, (k, b)| m | u16::from(SEPARATORS.contains(b)) << k)
 }
 
 /// The first three bytes of every form of `prefix` that [`match_prefix`] accepts
@@ -542,14 +545,29 @@ impl<'a> Candidates<'a> {
     /// are passed over in this one loop.
     fn next_separator(&self, mut from: usize) -> usize {
         let input = self.input;
-        while let Some(p) = self.rules.prefilter.separators.find(&input[from..]) {
-            let c = from + p;
-            if !nothing_at(self.rules, input, c) {
-                return c;
+        while let Some(block) = input.get(from..from + 64) {
+            let mut bits = separator_bits(block.try_into().expect("64 bytes"));
+            if bits == 0 {
+                // Sparse separators (plain text): `memchr3` takes longer strides.
+                let [x, y, z] = SEPARATORS;
+                match memchr::memchr3(x, y, z, &input[from + 64..]) {
+                    Some(p) => from += 64 + p,
+                    None => return input.len(),
+                }
+                continue;
             }
-            from = c + 1;
+            while bits != 0 {
+                let c = from + bits.trailing_zeros() as usize;
+                if !nothing_at(self.rules, input, c) {
+                    return c;
+                }
+                bits &= bits - 1;
+            }
+            from += 64;
         }
-        input.len()
+        (from..input.len())
+            .find(|&c| SEPARATORS.contains(&input[c]) && !nothing_at(self.rules, input, c))
+            .unwrap_or(input.len())
     }
 }
 

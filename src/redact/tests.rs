@@ -437,6 +437,43 @@ mod prefilter {
     use super::*;
     use proptest::prelude::*;
 
+    proptest! {
+        /// The vector search for separators finds what a look at every byte finds.
+        #[test]
+        fn separator_bits_match_a_look_at_every_byte(
+            chunk in proptest::array::uniform16(prop_oneof![Just(b'='), Just(b':'), Just(b'_'), any::<u8>()])
+        ) {
+            prop_assert_eq!(scan::separators_in(chunk), scan::separators_in_plain(chunk));
+        }
+    }
+
+    /// The separators are looked for 64 bytes at a time, and past a stretch of text
+    /// without any by a longer search: a field at every offset from the start, and
+    /// after every length of such a stretch, is found.
+    #[test]
+    fn fields_are_found_at_every_offset_of_the_separator_search() {
+        let r = Redactor::new();
+        for pad in 0..200 {
+            for (sep, field) in [
+                (":", "password: hunter2"),
+                ("=", "token=hunter2"),
+                ("_", "pc_live_AbCdEfGhIjKlMnOpQrStUv"),
+            ] {
+                let text = format!("{}{field} {}", "a".repeat(pad), "b".repeat(150));
+                let out = r.redact(&text);
+                assert!(
+                    !out.contains("hunter2") && !out.contains("AbCdEfGh"),
+                    "{sep} after {pad}: {out}"
+                );
+                assert_eq!(
+                    out.as_bytes(),
+                    r.redact_bytes_plain(text.as_bytes()).as_ref(),
+                    "{sep} after {pad}"
+                );
+            }
+        }
+    }
+
     /// Pieces that start, nearly start, or end a rule, glued in any order.
     const PIECES: &[&str] = &[
         "=",
