@@ -1,5 +1,6 @@
 //! The redactor's throughput on clean and on secret-bearing JSON log lines (and on
-//! clean plain-text lines, about 64 KiB each), beside the same
+//! clean plain-text lines, about 64 KiB each; the JSON lines also with a rule set
+//! holding a sensitive name of the user's own), beside the same
 //! secret shapes written as one `regex` (what a user would otherwise write); and the
 //! per-request cost of `AccessLogLayer` beside tower-http's `TraceLayer` (the layer a
 //! tower user would otherwise pick), both emitting one INFO event per request through
@@ -86,6 +87,20 @@ fn redactor(c: &mut Criterion) {
         });
         g.bench_with_input(BenchmarkId::new("regex", name), &text, |b, t| {
             b.iter(|| black_box(re.replace_all(black_box(t), "****")).len())
+        });
+    }
+    // A rule set with a sensitive name of the user's own, on the same lines.
+    let own = Redactor::builder()
+        .sensitive_name("x-custom-secret")
+        .build()
+        .expect("a valid name");
+    for (name, text) in [
+        ("clean_own_name", log_text(false)),
+        ("secrets_own_name", log_text(true)),
+    ] {
+        g.throughput(Throughput::Bytes(text.len() as u64));
+        g.bench_with_input(BenchmarkId::new("portcullis", name), &text, |b, t| {
+            b.iter(|| black_box(own.redact(black_box(t))).len())
         });
     }
     // Adversarial input: no rule may go quadratic.

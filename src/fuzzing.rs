@@ -451,7 +451,29 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(feature = "redact")]
 pub fn redactor(data: &[u8]) {
     use crate::redact::Redactor;
-    let r = Redactor::new();
+    use std::sync::OnceLock;
+    // The default rules, and rules with a key prefix, a token prefix and sensitive
+    // names of a user's own (one with trailing digits), built once.
+    static RULES: OnceLock<[Redactor; 2]> = OnceLock::new();
+    let rules = RULES.get_or_init(|| {
+        [
+            Redactor::new(),
+            Redactor::builder()
+                .key_prefix("acme_")
+                .token_prefix("tok-", 8)
+                .sensitive_name("x-internal-auth")
+                .sensitive_name("route.pin-42")
+                .build()
+                .expect("valid rules"),
+        ]
+    });
+    for r in rules {
+        redactor_with(r, data);
+    }
+}
+
+#[cfg(feature = "redact")]
+fn redactor_with(r: &crate::redact::Redactor, data: &[u8]) {
     let once = r.redact_bytes(data);
     // Under the fuzzer, the prefiltered scan against the reference scan.
     #[cfg(fuzzing)]

@@ -179,19 +179,22 @@ struct Rules {
     /// ending with it.
     suffix_by_last: [u32; 256],
     exact_by_last: [u32; 256],
-    /// The last two letters (lower case) of every built-in sensitive name, as a
-    /// 65536-bit set: most names in a log line are turned down by one lookup.
+    /// The last two letters (lower case) of every sensitive name, built-in or
+    /// extra (before its trailing digits), as a 65536-bit set.
     tails: Box<[u64; 1024]>,
-    /// The pairs of a letter or digit and a letter (any case) that end no built-in
-    /// sensitive name, as a 65536-bit set over the bytes as written: one lookup
-    /// turns down most names.
+    /// The pairs of a letter or digit and a letter (any case) that end no sensitive
+    /// name, as a 65536-bit set over the bytes as written: one lookup turns down
+    /// most names.
     not_tails: Box<[u64; 1024]>,
-    /// For the last two letters of a built-in sensitive name (`26 * a + b`), the
+    /// For the last two letters of a sensitive name (`26 * a + b`), the
     /// letters that come before them, as bits: three letters turn down the names
     /// whose last two are shared with a sensitive one (`request_id`, `path`).
     tails3: [u32; 26 * 26],
     /// Extra exact names, normalised.
     names: Vec<Box<[u8]>>,
+    /// Whether the name shortcuts apply: every extra name has three letters before
+    /// its trailing digits (the built-in names all do), and is in `tails`/`tails3`.
+    shortcuts: bool,
 }
 
 fn set_pair(pairs: &mut [u64; 1024], first: u8, next: u8) {
@@ -206,16 +209,16 @@ fn has_pair(pairs: &[u64; 1024], first: u8, next: u8) -> bool {
     pairs[k >> 6] >> (k & 63) & 1 != 0
 }
 
-/// The index of a lower-case letter of a built-in name (all are `a`-`z`).
+/// The index of a lower-case letter of a sensitive name's last three (all are `a`-`z`).
 fn letter(b: u8) -> u8 {
     assert!(
         b.is_ascii_lowercase(),
-        "built-in names are lower-case letters"
+        "the last three letters of a name are lower-case letters"
     );
     b - b'a'
 }
 
-/// Whether some built-in sensitive name ends with the three bytes `tail` (the last
+/// Whether some sensitive name ends with the three bytes `tail` (the last
 /// one first, lower case).
 #[inline]
 fn ends_a_name(tails3: &[u32; 26 * 26], tail: [u8; 3]) -> bool {
@@ -314,7 +317,21 @@ impl Rules {
         let prefilter = scan::Prefilter::new(&shapes);
         let mut tails = Box::new([0u64; 1024]);
         let mut tails3 = [0u32; 26 * 26];
-        for n in EXACT_NAMES.iter().chain(SUFFIX_NAMES) {
+        // The shortcuts tell names by their last three letters, trailing digits set
+        // aside: every name they may turn down must have them. The extra names are
+        // compared whole, digits included; one without three letters before its
+        // trailing digits switches the shortcuts off.
+        let mut shortcuts = true;
+        let mut extra: Vec<&[u8]> = Vec::new();
+        for n in &names {
+            let t = &n[..n.len() - n.iter().rev().take_while(|c| c.is_ascii_digit()).count()];
+            if t.len() >= 3 && t[t.len() - 3..].iter().all(u8::is_ascii_lowercase) {
+                extra.push(t);
+            } else {
+                shortcuts = false;
+            }
+        }
+        for n in EXACT_NAMES.iter().chain(SUFFIX_NAMES).chain(&extra) {
             set_pair(&mut tails, n[n.len() - 2], n[n.len() - 1]);
             let [a, b, c] = [n[n.len() - 3], n[n.len() - 2], n[n.len() - 1]].map(letter);
             tails3[usize::from(b) * 26 + usize::from(c)] |= 1 << a;
@@ -337,6 +354,7 @@ impl Rules {
             exact_by_last: by_last(EXACT_NAMES),
             tails,
             not_tails,
+            shortcuts,
             tails3,
             names,
         }
@@ -356,15 +374,15 @@ impl Rules {
     }
 
     /// Whether the name that ends `text` cannot be sensitive by its last three
-    /// letters, when that can be told from those alone: there are no extra names
-    /// (they may end in digits), no percent-escape is among the bytes read, and the
-    /// name, read leftwards over field-name bytes with separators and trailing
-    /// digits set aside (exactly what the full check ignores), either ends before a
-    /// third letter or digit (every built-in name is longer), or its last two or
-    /// three end no built-in name. `false` means "look closer". Reads only the end of
-    /// `text`.
+    /// letters, when that can be told from those alone: the shortcuts apply (every
+    /// extra name has three letters before its trailing digits), no percent-escape
+    /// is among the bytes read, and the name, read leftwards over field-name bytes
+    /// with separators and trailing digits set aside (what the full check ignores,
+    /// or for an extra name compares too), either ends before a third letter or
+    /// digit (every sensitive name is longer), or its last two or three end no
+    /// sensitive name. `false` means "look closer". Reads only the end of `text`.
     fn surely_not_sensitive(&self, text: &[u8]) -> bool {
-        if !self.names.is_empty() {
+        if !self.shortcuts {
             return false;
         }
         // The last letters or digits, lower case, the last one first.
@@ -414,7 +432,7 @@ impl Rules {
     /// The common cases of [`plainly_not_sensitive`](Self::plainly_not_sensitive),
     /// in a few lookups, reading at most six bytes before the name's end (before a
     /// closing `"` or not), each step what [`surely_not_sensitive`] would conclude:
-    /// - a letter or digit and a letter that end no built-in name;
+    /// - a letter or digit and a letter that end no sensitive name;
     /// - two letters that end one, and the letter before them (`path`), past one
     ///   separator (`request_id`);
     /// - trailing digits after such a pair, or after no name (`T02:`, `15:18`);
@@ -425,7 +443,7 @@ impl Rules {
     /// [`surely_not_sensitive`]: Self::surely_not_sensitive
     #[inline(always)]
     fn not_sensitive_by_tail(&self, input: &[u8], sep: usize) -> bool {
-        if sep < 7 || !self.names.is_empty() {
+        if sep < 7 || !self.shortcuts {
             return false;
         }
         let end = sep - usize::from(input[sep - 1] == b'"');
@@ -475,7 +493,7 @@ impl Rules {
     /// [`not_sensitive_by_tail`](Self::not_sensitive_by_tail) leaves.
     #[inline(never)]
     fn plainly_not_sensitive_closely(&self, input: &[u8], sep: usize) -> bool {
-        if !self.names.is_empty() || sep == 0 {
+        if !self.shortcuts || sep == 0 {
             return false;
         }
         let before = input[sep - 1];
