@@ -377,9 +377,10 @@ impl Rules {
     /// letters, when that can be told from those alone: the shortcuts apply (every
     /// extra name has three letters before its trailing digits), no percent-escape
     /// is among the bytes read, and the name, read leftwards over field-name bytes
-    /// with separators and trailing digits set aside (what the full check ignores,
-    /// or for an extra name compares too), either ends before a third letter or
-    /// digit (every sensitive name is longer), or its last two or three end no
+    /// with separators and trailing digits set aside (the full check ignores both
+    /// for the built-in names; an extra name's digits are compared, which setting
+    /// them aside here only makes more cautious), either ends before a third letter
+    /// or digit (every sensitive name is longer), or its last two or three end no
     /// sensitive name. `false` means "look closer". Reads only the end of `text`.
     fn surely_not_sensitive(&self, text: &[u8]) -> bool {
         if !self.shortcuts {
