@@ -180,7 +180,7 @@ struct Rules {
     suffix_by_last: [u32; 256],
     exact_by_last: [u32; 256],
     /// The last two letters (lower case) of every sensitive name, built-in or
-    /// extra (before its trailing digits), as a 65536-bit set.
+    /// extra, as a 65536-bit set.
     tails: Box<[u64; 1024]>,
     /// The pairs of a letter or digit and a letter (any case) that end no sensitive
     /// name, as a 65536-bit set over the bytes as written: one lookup turns down
@@ -190,10 +190,10 @@ struct Rules {
     /// letters that come before them, as bits: three letters turn down the names
     /// whose last two are shared with a sensitive one (`request_id`, `path`).
     tails3: [u32; 26 * 26],
-    /// Extra exact names, normalised.
+    /// Extra exact names, normalised, without their trailing digits.
     names: Vec<Box<[u8]>>,
-    /// Whether the name shortcuts apply: every extra name has three letters before
-    /// its trailing digits (the built-in names all do), and is in `tails`/`tails3`.
+    /// Whether the name shortcuts apply: every extra name ends in three letters (the
+    /// built-in names all do), and is in `tails`/`tails3`.
     shortcuts: bool,
 }
 
@@ -319,14 +319,13 @@ impl Rules {
         let mut tails3 = [0u32; 26 * 26];
         // The shortcuts tell names by their last three letters, trailing digits set
         // aside: every name they may turn down must have them. The extra names are
-        // compared whole, digits included; one without three letters before its
-        // trailing digits switches the shortcuts off.
+        // stored without their trailing digits; one that does not end in three
+        // letters switches the shortcuts off.
         let mut shortcuts = true;
         let mut extra: Vec<&[u8]> = Vec::new();
         for n in &names {
-            let t = &n[..n.len() - n.iter().rev().take_while(|c| c.is_ascii_digit()).count()];
-            if t.len() >= 3 && t[t.len() - 3..].iter().all(u8::is_ascii_lowercase) {
-                extra.push(t);
+            if n.len() >= 3 && n[n.len() - 3..].iter().all(u8::is_ascii_lowercase) {
+                extra.push(n);
             } else {
                 shortcuts = false;
             }
@@ -375,13 +374,12 @@ impl Rules {
 
     /// Whether the name that ends `text` cannot be sensitive by its last three
     /// letters, when that can be told from those alone: the shortcuts apply (every
-    /// extra name has three letters before its trailing digits), no percent-escape
-    /// is among the bytes read, and the name, read leftwards over field-name bytes
-    /// with separators and trailing digits set aside (the full check ignores both
-    /// for the built-in names; an extra name's digits are compared, which setting
-    /// them aside here only makes more cautious), either ends before a third letter
-    /// or digit (every sensitive name is longer), or its last two or three end no
-    /// sensitive name. `false` means "look closer". Reads only the end of `text`.
+    /// extra name ends in three letters), no percent-escape is among the bytes
+    /// read, and the name, read leftwards over field-name bytes with separators and
+    /// trailing digits set aside (the full check ignores both), either ends before a
+    /// third letter or digit (every sensitive name is longer), or its last two or
+    /// three end no sensitive name. `false` means "look closer". Reads only the end
+    /// of `text`.
     fn surely_not_sensitive(&self, text: &[u8]) -> bool {
         if !self.shortcuts {
             return false;
@@ -564,7 +562,7 @@ impl Rules {
                 return true;
             }
         }
-        self.names.iter().any(|x| norm.eq_ignore_ascii_case(x))
+        self.names.iter().any(|x| trimmed.eq_ignore_ascii_case(x))
     }
 }
 
@@ -729,9 +727,10 @@ pub struct RedactorBuilder {
 }
 
 impl RedactorBuilder {
-    /// Also redacts keys with this prefix (3 to 32 characters of `[a-z0-9_]`, ending
-    /// in `_`, e.g. `cnp_live_`), keeping the prefix as the hint. The run after it
-    /// must be at least 20 base62 characters. Keys in the generated format are found
+    /// Also redacts keys with this prefix (3 to 32 characters of `[a-z0-9_]`,
+    /// starting with a letter or digit and ending in `_`, e.g. `cnp_live_`), keeping
+    /// the prefix as the hint. The run after it must be at least 20 base62
+    /// characters. Keys in the generated format are found
     /// whatever their prefix; this also catches mistyped and truncated ones, and
     /// keys of another format that share the prefix.
     pub fn key_prefix(mut self, prefix: &str) -> Self {
@@ -762,8 +761,19 @@ impl RedactorBuilder {
         self
     }
 
-    /// Also treats this field name as sensitive (compared as a whole, normalised like
-    /// the built-in names). 1 to 64 characters of `[A-Za-z0-9_.-]`.
+    /// Also treats this field name as sensitive: 1 to 64 characters of
+    /// `[A-Za-z0-9_.-]`, at least one a letter. It is compared as a whole,
+    /// normalised like the built-in names: case, `_`, `-` and `.` do not matter, and
+    /// trailing digits are ignored on both sides, so `pin` also covers `pin1`, and
+    /// `pin2` covers `pin` and `pin22`.
+    ///
+    /// ```
+    /// use portcullis::redact::Redactor;
+    /// let r = Redactor::builder().sensitive_name("x-pin").build()?;
+    /// assert_eq!(r.redact("X_PIN=1234 x.pin2=5678"), "X_PIN=REDACTED x.pin2=REDACTED");
+    /// assert!(Redactor::builder().sensitive_name("42").build().is_err());
+    /// # Ok::<(), portcullis::ConfigError>(())
+    /// ```
     pub fn sensitive_name(mut self, name: &str) -> Self {
         self.names.push(name.to_owned());
         self
@@ -773,13 +783,16 @@ impl RedactorBuilder {
     pub fn build(self) -> Result<Redactor, ConfigError> {
         let mut prefixes: Vec<String> = KEY_PREFIXES.iter().map(|p| (*p).to_owned()).collect();
         for (i, p) in self.key_prefixes.into_iter().enumerate() {
+            // A prefix starting with `_` would never be found: at a `_` the scan
+            // looks for a key by its checksum, not for a prefix.
             let ok = (3..=32).contains(&p.len())
                 && p.ends_with('_')
+                && (p.as_bytes()[0].is_ascii_lowercase() || p.as_bytes()[0].is_ascii_digit())
                 && p.bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
             if !ok {
                 return Err(ConfigError::new(format!(
-                    "redactor key prefix {}: must be 3 to 32 characters of [a-z0-9_] ending in '_'",
+                    "redactor key prefix {}: must be 3 to 32 characters of [a-z0-9_] starting with a letter or digit and ending in '_'",
                     i + 1
                 )));
             }
@@ -816,11 +829,19 @@ impl RedactorBuilder {
                     i + 1
                 )));
             }
+            // Stored without its trailing digits, as names are compared. Without a
+            // letter nothing would be left to compare: refused rather than ignored.
             let mut buf = [0u8; NAME_BUF];
             let (len, _) = normalise_name(n.as_bytes(), &mut buf);
+            let len = len
+                - buf[..len]
+                    .iter()
+                    .rev()
+                    .take_while(|c| c.is_ascii_digit())
+                    .count();
             if len == 0 {
                 return Err(ConfigError::new(format!(
-                    "redactor sensitive name {}: has no letters or digits",
+                    "redactor sensitive name {}: has no letter",
                     i + 1
                 )));
             }

@@ -268,6 +268,13 @@ fn builder_checks_its_rules() {
     assert!(Redactor::builder().sensitive_name("").build().is_err());
     assert!(Redactor::builder().sensitive_name("a b").build().is_err());
     assert!(Redactor::builder().sensitive_name("---").build().is_err());
+    // Names are compared without trailing digits: one of digits alone is nothing.
+    assert!(Redactor::builder().sensitive_name("42").build().is_err());
+    assert!(Redactor::builder().sensitive_name("_4.2").build().is_err());
+    // At a `_` the scan looks for a key by its checksum, never for a prefix: a
+    // prefix starting with `_` would be accepted and never found.
+    assert!(Redactor::builder().key_prefix("_cn_").build().is_err());
+    assert!(Redactor::builder().key_prefix("__x_").build().is_err());
     let red = Redactor::builder()
         .key_prefix("acme_")
         .sensitive_name("X-Acme")
@@ -277,6 +284,56 @@ fn builder_checks_its_rules() {
         red.redact("acme_AbCdEfGhIjKlMnOpQrStUv x_acme=1"),
         "acme_**** x_acme=REDACTED"
     );
+}
+
+#[test]
+fn every_key_prefix_the_builder_accepts_is_found() {
+    for prefix in ["cn_", "cn__", "9ab_", "a_b_", "x9_live_", "zz___"] {
+        let r = Redactor::builder().key_prefix(prefix).build().unwrap();
+        for line in [
+            format!("k={prefix}AbCdEfGhIjKlMnOpQrStUv x"),
+            format!("{{\"k\":\"{prefix}AbCdEfGhIjKlMnOpQrStUv\"}}"),
+            format!("{prefix}AbCdEfGhIjKlMnOpQrStUv"),
+        ] {
+            let out = r.redact(&line);
+            assert!(!out.contains("AbCdEfGhIjKlMnOpQrStUv"), "{prefix}: {out}");
+            assert!(out.contains(&format!("{prefix}****")), "{prefix}: {out}");
+        }
+    }
+}
+
+#[test]
+fn extra_names_ignore_trailing_digits_like_the_built_in_ones() {
+    let r = Redactor::builder()
+        .sensitive_name("pin")
+        .sensitive_name("Route.Code-42")
+        .sensitive_name("pw7")
+        .build()
+        .unwrap();
+    for name in [
+        "pin",
+        "PIN1",
+        "pin_22",
+        "route_code",
+        "routecode42",
+        "ROUTE-CODE7",
+        "pw",
+        "pw7",
+        "PW_77",
+    ] {
+        assert!(r.is_sensitive_name(name), "{name}");
+        assert_eq!(
+            r.redact(&format!("{name}=s3cr3t")),
+            format!("{name}=REDACTED")
+        );
+        assert_eq!(
+            r.redact(&format!(r#"{{"{name}":"s3cr3t"}}"#)),
+            format!(r#"{{"{name}":"REDACTED"}}"#)
+        );
+    }
+    for name in ["pins", "spin", "route", "routes", "pwd7x", "pw7x"] {
+        assert!(!r.is_sensitive_name(name), "{name}");
+    }
 }
 
 /// A key in the generated format: `<prefix>_<random><checksum>`.
