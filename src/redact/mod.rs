@@ -163,6 +163,7 @@ const SUFFIX_NAMES: &[&[u8]] = &[
 const KEY_PREFIXES: &[&str] = &["pc_live_", "pc_test_"];
 
 /// The rule set, shared by clones of a [`Redactor`].
+#[derive(Clone)]
 struct Rules {
     /// Sorted by first byte, longest prefix first within one (`sk-ant-` before `sk-`).
     shapes: Vec<Shape>,
@@ -629,10 +630,13 @@ impl Redactor {
     }
 
     /// [`redact_bytes`](Self::redact_bytes) by the reference scan, which looks at
-    /// every byte: what the prefiltered scan must agree with.
+    /// every byte and checks every name in full, without the name shortcuts: what
+    /// the prefiltered scan must agree with.
     #[cfg(any(test, fuzzing))]
     pub(crate) fn redact_bytes_plain<'a>(&self, bytes: &'a [u8]) -> Cow<'a, [u8]> {
-        match scan::redact_plain(&self.rules, bytes) {
+        let mut rules = (*self.rules).clone();
+        rules.shortcuts = false;
+        match scan::redact_plain(&rules, bytes) {
             None => Cow::Borrowed(bytes),
             Some(v) => Cow::Owned(v),
         }

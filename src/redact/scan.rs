@@ -364,6 +364,7 @@ fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
 /// finds them a match (property-tested and fuzzed against it). A separator that
 /// [`nothing_at`] turns down (one per field of a JSON line: the name before it is
 /// plainly not sensitive) is passed over without running the rules at all.
+#[derive(Clone)]
 pub(super) struct Prefilter {
     /// The literal starts, with its SIMD prefilter.
     starts: aho_corasick::AhoCorasick,

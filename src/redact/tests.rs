@@ -698,6 +698,27 @@ mod prefilter {
                     let w = String::from_utf8_lossy(w).into_owned();
                     format!("{}{tail}", if upper { w.to_uppercase() } else { w })
                 }),
+            // One letter percent-escaped (`pa%73s1`), which names are compared after
+            // decoding, then trailing digits.
+            (
+                proptest::sample::select(words.clone()),
+                0usize..16,
+                "[0-9]{0,2}",
+                proptest::bool::ANY,
+            )
+                .prop_map(|(w, at, tail, upper)| {
+                    let at = at % w.len();
+                    let escape = if upper {
+                        format!("%{:02X}", w[at])
+                    } else {
+                        format!("%{:02x}", w[at])
+                    };
+                    format!(
+                        "{}{escape}{}{tail}",
+                        String::from_utf8_lossy(&w[..at]),
+                        String::from_utf8_lossy(&w[at + 1..])
+                    )
+                }),
             (
                 "[a-zA-Z_]{0,3}",
                 proptest::sample::select(words),
