@@ -107,7 +107,10 @@
 //! hunter2`) is not found; an unquoted value that contains spaces is redacted up to
 //! the first space only. Keep secrets out of log calls in the first place, and use
 //! the redactor as the net under them. Secrets percent-encoded in a URL are found by
-//! the access log, which also looks at the decoded form.
+//! the access log, which also looks at the decoded form. A name is read after
+//! percent-decoding (`api%5Fkey`), but not after decoding JSON's `\u` escapes:
+//! `"\u0070assword":"…"`, which JSON encoders do not write for a letter, leaves
+//! its value to the shape rules.
 
 #[cfg(feature = "redact-writer")]
 mod json;
