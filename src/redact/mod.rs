@@ -107,10 +107,10 @@
 //! hunter2`) is not found; an unquoted value that contains spaces is redacted up to
 //! the first space only. Keep secrets out of log calls in the first place, and use
 //! the redactor as the net under them. Secrets percent-encoded in a URL are found by
-//! the access log, which also looks at the decoded form. A name is read after
-//! percent-decoding (`api%5Fkey`), but not after decoding JSON's `\u` escapes:
-//! `"\u0070assword":"…"`, which JSON encoders do not write for a letter, leaves
-//! its value to the shape rules.
+//! the access log, which also looks at the decoded form. A field name is read
+//! after decoding its percent-escapes (`api%5Fkey`) and JSON escapes
+//! (`\u0070assword`), which JSON encoders do not write for a letter but a client
+//! can.
 
 #[cfg(feature = "redact-writer")]
 mod json;
@@ -211,6 +211,21 @@ fn set_pair(pairs: &mut [u64; 1024], first: u8, next: u8) {
 fn has_pair(pairs: &[u64; 1024], first: u8, next: u8) -> bool {
     let k = usize::from(first) << 8 | usize::from(next);
     pairs[k >> 6] >> (k & 63) & 1 != 0
+}
+
+/// The 8 bytes before `end` (at least 8), the last one in the top byte.
+#[inline(always)]
+fn eight_before(input: &[u8], end: usize) -> u64 {
+    u64::from_le_bytes(input[end - 8..end].try_into().expect("8 bytes"))
+}
+
+/// Whether one of the 8 bytes of `w` is a `\`, the 8 compared at once.
+#[inline(always)]
+fn has_backslash(w: u64) -> bool {
+    const ONES: u64 = u64::MAX / 255;
+    let x = w ^ (ONES * u64::from(b'\\'));
+    // A byte of `x` is zero where `w` has a `\`.
+    x.wrapping_sub(ONES) & !x & (ONES << 7) != 0
 }
 
 /// The index of a lower-case letter of a sensitive name's last three (all are `a`-`z`).
@@ -378,8 +393,8 @@ impl Rules {
 
     /// Whether the name that ends `text` cannot be sensitive by its last three
     /// letters, when that can be told from those alone: the shortcuts apply (every
-    /// extra name ends in three letters), no percent-escape is among the bytes
-    /// read, and the name, read leftwards over field-name bytes with separators and
+    /// extra name ends in three letters), no percent-escape or JSON escape is among
+    /// the bytes read, and the name, read leftwards over field-name bytes with separators and
     /// trailing digits set aside (the full check ignores both), either ends before a
     /// third letter or digit (every sensitive name is longer), or its last two or
     /// three end no sensitive name. `false` means "look closer". Reads only the end
@@ -397,7 +412,9 @@ impl Rules {
                 // The name starts after `k`: two letters or digits are no name's.
                 return true;
             }
-            if k >= 2 && text[k - 2] == b'%' {
+            if k >= 2 && text[k - 2] == b'%'
+                || k >= 5 && text[k - 5] == b'\\' && text[k - 4] == b'u'
+            {
                 return false;
             }
             match c {
@@ -446,13 +463,18 @@ impl Rules {
     /// [`surely_not_sensitive`]: Self::surely_not_sensitive
     #[inline(always)]
     fn not_sensitive_by_tail(&self, input: &[u8], sep: usize) -> bool {
-        if sep < 7 || !self.shortcuts {
+        if sep < 18 || !self.shortcuts {
             return false;
         }
         let end = sep - usize::from(input[sep - 1] == b'"');
-        let &[p6, p5, p4, c, a, b] = &input[end - 6..end] else {
+        // A JSON escape (`\u0070`) is six bytes from its `\`: with no `\` among
+        // the 8 bytes before `end`, none covers the last three read below. The
+        // bytes before those are read only after a wider look.
+        let last8 = eight_before(input, end);
+        if has_backslash(last8) {
             return false;
-        };
+        }
+        let [_, _, p6, p5, p4, c, a, b] = last8.to_le_bytes();
         if c == b'%' || p4 == b'%' {
             return false;
         }
@@ -471,9 +493,15 @@ impl Rules {
                 && p4.is_ascii_alphabetic()
                 && p5 != b'%'
                 && p6 != b'%'
+                && input[end - 9] != b'\\'
                 && !ends_a_name(&self.tails3, [l(&b), l(&a), l(&p4)]);
         }
         if b.is_ascii_digit() {
+            // Reads down to 12 bytes before `end`: an escape there starts up to 17
+            // before it.
+            if has_backslash(eight_before(input, end - 8)) || input[end - 17] == b'\\' {
+                return false;
+            }
             // Trailing digits, which no name rule reads.
             let mut j = end - 1;
             while j > 0 && input[j - 1].is_ascii_digit() && end - j < 8 {
@@ -660,8 +688,9 @@ impl Redactor {
     }
 
     /// Whether a field, header or query-parameter name is sensitive. Case, `_`, `-`
-    /// and `.` do not matter; trailing digits are ignored. Sensitive are names ending
-    /// in `password`, `passwd`, `passphrase`, `secret`, `token`, `apikey`,
+    /// and `.` do not matter; trailing digits are ignored; percent-escapes
+    /// (`api%5Fkey`) and JSON escapes (`\u0070assword`) are decoded. Sensitive are
+    /// names ending in `password`, `passwd`, `passphrase`, `secret`, `token`, `apikey`,
     /// `accesskey`, `secretkey`, `privatekey`, `authorization`, `cookie`,
     /// `credential(s)`, `signature`, `sessionid`, `sessionkey`; the whole names
     /// `key`, `sig`, `code`, `pwd`, `pass`, `auth`, `jwt`, `session`, `bearer`; and the

@@ -1007,7 +1007,10 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
     if rules.surely_not_sensitive(&input[name_end.saturating_sub(MAX_NAME)..name_end]) {
         return None;
     }
-    while j > 0 && is(input[j - 1], NAME) && name_end - j < MAX_NAME {
+    while j > 0
+        && name_end - j < MAX_NAME
+        && (is(input[j - 1], NAME) || json_escape(&input[j - 1..name_end.min(j + 5)]).is_some())
+    {
         j -= 1;
     }
     if j == name_end {
@@ -1241,13 +1244,17 @@ pub(super) fn normalise_name(name: &[u8], buf: &mut [u8; NAME_BUF]) -> (usize, b
     while i > 0 {
         i -= 1;
         let mut c = name[i];
-        // A percent-escape (`api%5Fkey`) counts as the byte it encodes.
+        // A percent-escape (`api%5Fkey`) or a JSON escape (`\u0070assword`) counts
+        // as the byte it encodes.
         if i >= 2
             && name[i - 2] == b'%'
             && let (Some(h), Some(l)) = (hex(name[i - 1]), hex(c))
         {
             c = h << 4 | l;
             i -= 2;
+        } else if let Some(d) = json_escape(&name[i.saturating_sub(5)..=i]) {
+            c = d;
+            i -= 5;
         }
         if matches!(c, b'_' | b'-' | b'.') {
             continue;
@@ -1265,6 +1272,17 @@ pub(super) fn normalise_name(name: &[u8], buf: &mut [u8; NAME_BUF]) -> (usize, b
 
 fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// The byte `s` encodes when it is a JSON escape `\u00XX` of a field-name byte
+/// (`\u0070` is `p`). JSON encoders do not write a letter so, but hand-made text
+/// may, and a name written with one is still the name.
+pub(super) fn json_escape(s: &[u8]) -> Option<u8> {
+    let &[b'\\', b'u', b'0', b'0', h, l] = s else {
+        return None;
+    };
+    let c = hex(h)? << 4 | hex(l)?;
+    is(c, NAME).then_some(c)
 }
 
 /// Room for a normalised name.

@@ -303,6 +303,51 @@ fn every_key_prefix_the_builder_accepts_is_found() {
 }
 
 #[test]
+fn names_written_with_json_escapes_are_decoded() {
+    let r = Redactor::new();
+    for (line, want) in [
+        (
+            r#"{"\u0070assword":"hunter2"}"#,
+            r#"{"\u0070assword":"REDACTED"}"#,
+        ),
+        (
+            r#"{"passwor\u0064":"hunter2"}"#,
+            r#"{"passwor\u0064":"REDACTED"}"#,
+        ),
+        (r#"{"toke\u006E":"abc"}"#, r#"{"toke\u006E":"REDACTED"}"#),
+        (r#"{"to\u006B_en":"abc"}"#, r#"{"to\u006B_en":"REDACTED"}"#),
+        (
+            r#"{"to\u006Ben77":"abc"}"#,
+            r#"{"to\u006Ben77":"REDACTED"}"#,
+        ),
+        (
+            r#"{"TOKE\u006e12":"abc"}"#,
+            r#"{"TOKE\u006e12":"REDACTED"}"#,
+        ),
+        (
+            r#"{"api\u005fkey":"abc"}"#,
+            r#"{"api\u005fkey":"REDACTED"}"#,
+        ),
+        (r#"{"k\u0065y":7}"#, r#"{"k\u0065y":"REDACTED"}"#),
+        (r#"x \u0073ecret=abc y"#, r#"x \u0073ecret=REDACTED y"#),
+        // Inside a JSON string, as a log line holds a client's JSON body.
+        (
+            r#"{"body":"{\"\\u0070assword\":\"hunter2\"}"}"#,
+            r#"{"body":"{\"\\u0070assword\":\"REDACTED\"}"}"#,
+        ),
+        // An escape of a byte no name has ends the name: `word` is not sensitive.
+        (r#"{"pass\u0022word":"abc"}"#, r#"{"pass\u0022word":"abc"}"#),
+    ] {
+        assert_eq!(r.redact(line), want, "{line}");
+        assert_eq!(r.redact_bytes_plain(line.as_bytes()), want.as_bytes());
+        // Far into a long line, where the shortcuts apply.
+        let pad = format!(r#"{{"level":"INFO","message":"{}"}} "#, "a".repeat(100));
+        assert_eq!(r.redact(&format!("{pad}{line}")), format!("{pad}{want}"));
+    }
+    assert!(r.is_sensitive_name("\\u0070assword"));
+}
+
+#[test]
 fn extra_names_ignore_trailing_digits_like_the_built_in_ones() {
     let r = Redactor::builder()
         .sensitive_name("pin")
@@ -502,6 +547,19 @@ mod prefilter {
         ) {
             prop_assert_eq!(scan::separators_in(chunk), scan::separators_in_plain(chunk));
         }
+
+        /// The 8-byte look for a `\` finds what a look at each byte finds.
+        #[test]
+        fn backslash_search_matches_a_look_at_every_byte(
+            bytes in proptest::collection::vec(prop_oneof![Just(b'\\'), Just(0x5d), Just(0xdc), any::<u8>()], 8..24),
+            end in 8usize..24,
+        ) {
+            let end = end.min(bytes.len());
+            prop_assert_eq!(
+                crate::redact::has_backslash(crate::redact::eight_before(&bytes, end)),
+                bytes[end - 8..end].contains(&b'\\')
+            );
+        }
     }
 
     /// The separators are looked for 64 bytes at a time, and past a stretch of text
@@ -698,23 +756,25 @@ mod prefilter {
                     let w = String::from_utf8_lossy(w).into_owned();
                     format!("{}{tail}", if upper { w.to_uppercase() } else { w })
                 }),
-            // One letter percent-escaped (`pa%73s1`), which names are compared after
-            // decoding, then trailing digits.
+            // One letter percent-escaped (`pa%73s1`) or JSON-escaped (`to\u006Ben`),
+            // which names are compared after decoding, then trailing digits.
             (
                 proptest::sample::select(words.clone()),
                 0usize..16,
                 "[0-9]{0,2}",
                 proptest::bool::ANY,
+                proptest::sample::select(vec!["%", "\\u00"]),
+                proptest::sample::select(vec!["", "", "_", "-", "."]),
             )
-                .prop_map(|(w, at, tail, upper)| {
+                .prop_map(|(w, at, tail, upper, how, sep)| {
                     let at = at % w.len();
                     let escape = if upper {
-                        format!("%{:02X}", w[at])
+                        format!("{how}{:02X}", w[at])
                     } else {
-                        format!("%{:02x}", w[at])
+                        format!("{how}{:02x}", w[at])
                     };
                     format!(
-                        "{}{escape}{}{tail}",
+                        "{}{escape}{sep}{}{tail}",
                         String::from_utf8_lossy(&w[..at]),
                         String::from_utf8_lossy(&w[at + 1..])
                     )
@@ -835,6 +895,21 @@ mod names {
         fn the_name_shortcut_only_turns_down_names_that_are_not_sensitive(
             name in proptest::prop_oneof![
                 "[a-zA-Z0-9_.%-]{0,20}",
+                // A name with one letter JSON-escaped (`to\u006Ben`).
+                (
+                    proptest::sample::select(known_names()),
+                    0usize..16,
+                    "[0-9]{0,2}",
+                )
+                    .prop_map(|(n, at, tail)| {
+                        let at = at % n.len();
+                        format!(
+                            "{}\\u00{:02X}{}{tail}",
+                            String::from_utf8_lossy(&n[..at]),
+                            n[at],
+                            String::from_utf8_lossy(&n[at + 1..])
+                        )
+                    }),
                 (
                     "[a-zA-Z0-9_.-]{0,6}",
                     proptest::sample::select(known_names()),
