@@ -443,10 +443,14 @@ impl Rules {
     /// means "look closer". This is the answer [`field`](scan) reaches by its
     /// longer way round (property-tested).
     ///
+    /// `no_backslash`: the caller knows that none of the 18 bytes before `sep` is a
+    /// `\` (so no JSON escape is among them); `false` when it does not know.
+    ///
     /// [`surely_not_sensitive`]: Self::surely_not_sensitive
     #[inline(always)]
-    fn plainly_not_sensitive(&self, input: &[u8], sep: usize) -> bool {
-        self.not_sensitive_by_tail(input, sep) || self.plainly_not_sensitive_closely(input, sep)
+    fn plainly_not_sensitive(&self, input: &[u8], sep: usize, no_backslash: bool) -> bool {
+        self.not_sensitive_by_tail(input, sep, no_backslash)
+            || self.plainly_not_sensitive_closely(input, sep)
     }
 
     /// The common cases of [`plainly_not_sensitive`](Self::plainly_not_sensitive),
@@ -462,7 +466,7 @@ impl Rules {
     ///
     /// [`surely_not_sensitive`]: Self::surely_not_sensitive
     #[inline(always)]
-    fn not_sensitive_by_tail(&self, input: &[u8], sep: usize) -> bool {
+    fn not_sensitive_by_tail(&self, input: &[u8], sep: usize, no_backslash: bool) -> bool {
         if sep < 18 || !self.shortcuts {
             return false;
         }
@@ -471,7 +475,7 @@ impl Rules {
         // the 8 bytes before `end`, none covers the last three read below. The
         // bytes before those are read only after a wider look.
         let last8 = eight_before(input, end);
-        if has_backslash(last8) {
+        if !no_backslash && has_backslash(last8) {
             return false;
         }
         let [_, _, p6, p5, p4, c, a, b] = last8.to_le_bytes();
@@ -493,13 +497,15 @@ impl Rules {
                 && p4.is_ascii_alphabetic()
                 && p5 != b'%'
                 && p6 != b'%'
-                && input[end - 9] != b'\\'
+                && (no_backslash || input[end - 9] != b'\\')
                 && !ends_a_name(&self.tails3, [l(&b), l(&a), l(&p4)]);
         }
         if b.is_ascii_digit() {
             // Reads down to 12 bytes before `end`: an escape there starts up to 17
             // before it.
-            if has_backslash(eight_before(input, end - 8)) || input[end - 17] == b'\\' {
+            if !no_backslash
+                && (has_backslash(eight_before(input, end - 8)) || input[end - 17] == b'\\')
+            {
                 return false;
             }
             // Trailing digits, which no name rule reads.

@@ -448,6 +448,29 @@ pub(super) fn separators_in_plain(chunk: [u8; 16]) -> u16 {
         .fold(0, |m, (k, b)| m | u16::from(SEPARATORS.contains(b)) << k)
 }
 
+/// Whether one of the 64 bytes of `block` is a `\`: SSE2 compares and one mask,
+/// where the target has them.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[inline(always)]
+pub(super) fn block_has_backslash(block: &[u8; 64]) -> bool {
+    use safe_arch::{cmp_eq_mask_i8_m128i, m128i, move_mask_i8_m128i, set_splat_i8_m128i};
+    let eq = |k: usize| {
+        let chunk: [u8; 16] = block[16 * k..16 * k + 16].try_into().expect("16 bytes");
+        cmp_eq_mask_i8_m128i(m128i::from(chunk), set_splat_i8_m128i(b'\\' as i8))
+    };
+    move_mask_i8_m128i(eq(0) | eq(1) | eq(2) | eq(3)) != 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+use block_has_backslash_plain as block_has_backslash;
+
+/// Whether one of the 64 bytes of `block` is a `\`, one byte at a time.
+#[cfg(any(test, not(all(target_arch = "x86_64", target_feature = "sse2"))))]
+#[inline(always)]
+pub(super) fn block_has_backslash_plain(block: &[u8; 64]) -> bool {
+    block.contains(&b'\\')
+}
+
 /// The first three bytes of every form of `prefix` that [`match_prefix`] accepts
 /// (each `_` or `-` may be a percent-escape, in either case of hex digit).
 fn input_starts(prefix: &[u8], acc: &mut Vec<u8>, out: &mut Vec<Vec<u8>>) {
@@ -527,7 +550,7 @@ impl<'a> Candidates<'a> {
                 &self.rules.pairs,
                 input[c],
                 input.get(c + 1).copied().unwrap_or(0),
-            ) && !nothing_at(self.rules, input, c)
+            ) && !nothing_at(self.rules, input, c, false)
             {
                 return c;
             }
@@ -546,8 +569,11 @@ impl<'a> Candidates<'a> {
     /// are passed over in this one loop.
     fn next_separator(&self, mut from: usize) -> usize {
         let input = self.input;
+        // Whether the 64 bytes before `from` are known to hold no `\`.
+        let mut clean_before = false;
         while let Some(block) = input.get(from..from + 64) {
-            let mut bits = separator_bits(block.try_into().expect("64 bytes"));
+            let block: &[u8; 64] = block.try_into().expect("64 bytes");
+            let mut bits = separator_bits(block);
             if bits == 0 {
                 // Sparse separators (plain text): `memchr3` takes longer strides.
                 let [x, y, z] = SEPARATORS;
@@ -555,19 +581,25 @@ impl<'a> Candidates<'a> {
                     Some(p) => from += 64 + p,
                     None => return input.len(),
                 }
+                clean_before = false;
                 continue;
             }
+            // With no `\` in this block or the one before, none is among the 18
+            // bytes before any separator of this block.
+            let clean = !block_has_backslash(block);
+            let no_backslash = clean_before && clean;
             while bits != 0 {
                 let c = from + bits.trailing_zeros() as usize;
-                if !nothing_at(self.rules, input, c) {
+                if !nothing_at(self.rules, input, c, no_backslash) {
                     return c;
                 }
                 bits &= bits - 1;
             }
+            clean_before = clean;
             from += 64;
         }
         (from..input.len())
-            .find(|&c| SEPARATORS.contains(&input[c]) && !nothing_at(self.rules, input, c))
+            .find(|&c| SEPARATORS.contains(&input[c]) && !nothing_at(self.rules, input, c, false))
             .unwrap_or(input.len())
     }
 }
@@ -576,11 +608,15 @@ impl<'a> Candidates<'a> {
 /// after a name that is plainly not sensitive (one per field of a JSON line), and
 /// an `_` not followed by the run of letters and digits a key body needs. At such a
 /// position [`redact_at`] runs only the rule this answers for; `false` means "try".
+/// `no_backslash`: the caller knows that none of the 18 bytes before `i` is a `\`.
 #[inline(always)]
-fn nothing_at(rules: &Rules, input: &[u8], i: usize) -> bool {
+fn nothing_at(rules: &Rules, input: &[u8], i: usize, no_backslash: bool) -> bool {
     match input[i] {
-        b'=' => rules.plainly_not_sensitive(input, i),
-        b':' => !input[i + 1..].starts_with(b"//") && rules.plainly_not_sensitive(input, i),
+        b'=' => rules.plainly_not_sensitive(input, i, no_backslash),
+        b':' => {
+            !input[i + 1..].starts_with(b"//")
+                && rules.plainly_not_sensitive(input, i, no_backslash)
+        }
         b'_' => input
             .get(i + 1..i + 5)
             .is_none_or(|next| !next.iter().all(|&c| is(c, ALNUM))),
@@ -966,7 +1002,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// name is sensitive: the value becomes `REDACTED` (or `Bearer ****` for an
 /// authorization value with a scheme word). `sep` is the index of `=` or `:`.
 fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
-    if rules.plainly_not_sensitive(input, sep) {
+    if rules.plainly_not_sensitive(input, sep, false) {
         return None;
     }
     field_closely(rules, input, sep)
@@ -976,7 +1012,7 @@ fn field(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
 /// shortcut turns the name down, the full rule finds nothing either.
 #[cfg(test)]
 pub(super) fn field_shortcut_holds(rules: &Rules, input: &[u8], sep: usize) -> bool {
-    !rules.plainly_not_sensitive(input, sep) || field_closely(rules, input, sep).is_none()
+    !rules.plainly_not_sensitive(input, sep, false) || field_closely(rules, input, sep).is_none()
 }
 
 /// [`field`] without the shortcut for the common `name=`, `name:` and `"name":`.

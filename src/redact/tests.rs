@@ -340,9 +340,22 @@ fn names_written_with_json_escapes_are_decoded() {
     ] {
         assert_eq!(r.redact(line), want, "{line}");
         assert_eq!(r.redact_bytes_plain(line.as_bytes()), want.as_bytes());
-        // Far into a long line, where the shortcuts apply.
-        let pad = format!(r#"{{"level":"INFO","message":"{}"}} "#, "a".repeat(100));
-        assert_eq!(r.redact(&format!("{pad}{line}")), format!("{pad}{want}"));
+        // Inside long text, where the separators are looked for 64 bytes at a time,
+        // at every offset from those blocks; after dense fields too, so that no
+        // block is skipped for having no separator (the escape's `\` may be in the
+        // block before the separator's).
+        let tail = r#","a":1"#.repeat(30);
+        for n in 0..140 {
+            let sparse = format!(r#"{{"level":"INFO","message":"{}"}} "#, "a".repeat(n));
+            let dense = format!(r#"{}"{}":2,"#, r#""a":1,"#.repeat(12), "y".repeat(n % 64));
+            for pad in [sparse, dense] {
+                assert_eq!(
+                    r.redact(&format!("{pad}{line}{tail}")),
+                    format!("{pad}{want}{tail}"),
+                    "{n}"
+                );
+            }
+        }
     }
     assert!(r.is_sensitive_name("\\u0070assword"));
 }
@@ -546,6 +559,22 @@ mod prefilter {
             chunk in proptest::array::uniform16(prop_oneof![Just(b'='), Just(b':'), Just(b'_'), any::<u8>()])
         ) {
             prop_assert_eq!(scan::separators_in(chunk), scan::separators_in_plain(chunk));
+        }
+
+        /// The vector look for a `\` in a block finds what a look at every byte finds.
+        #[test]
+        fn block_backslash_search_matches_a_look_at_every_byte(
+            at in proptest::collection::vec(0usize..64, 0..3),
+            noise in proptest::array::uniform32(prop_oneof![Just(0x5d), Just(0xdc), Just(0x1c), any::<u8>()]),
+        ) {
+            let mut block = [0u8; 64];
+            for (k, b) in block.iter_mut().enumerate() {
+                *b = noise[k % 32].wrapping_add((k / 32) as u8);
+            }
+            for &k in &at {
+                block[k] = b'\\';
+            }
+            prop_assert_eq!(scan::block_has_backslash(&block), scan::block_has_backslash_plain(&block));
         }
 
         /// The 8-byte look for a `\` finds what a look at each byte finds.
