@@ -394,11 +394,11 @@ impl Rules {
     /// Whether the name that ends `text` cannot be sensitive by its last three
     /// letters, when that can be told from those alone: the shortcuts apply (every
     /// extra name ends in three letters), no percent-escape or JSON escape is among
-    /// the bytes read, and the name, read leftwards over field-name bytes with separators and
-    /// trailing digits set aside (the full check ignores both), either ends before a
-    /// third letter or digit (every sensitive name is longer), or its last two or
-    /// three end no sensitive name. `false` means "look closer". Reads only the end
-    /// of `text`.
+    /// the bytes read, and the name, read leftwards over field-name bytes with
+    /// separators and trailing digits set aside (the full check ignores both),
+    /// either ends before a third letter or digit (every sensitive name is longer),
+    /// or its last two or three end no sensitive name. `false` means "look closer".
+    /// Reads only the end of `text`.
     fn surely_not_sensitive(&self, text: &[u8]) -> bool {
         if !self.shortcuts {
             return false;
