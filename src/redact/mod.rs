@@ -413,7 +413,7 @@ impl Rules {
                 return true;
             }
             if k >= 2 && text[k - 2] == b'%'
-                || k >= 5 && text[k - 5] == b'\\' && text[k - 4] == b'u'
+                || scan::json_escape(&text[k.saturating_sub(5)..=k]).is_some()
             {
                 return false;
             }
