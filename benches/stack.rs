@@ -14,10 +14,8 @@
 //! response event at INFO, `ValidateRequestHeader` checking `x-api-key` against a key
 //! set, and tower_governor keyed by that key, on the same quota.
 
-use std::collections::HashSet;
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -36,13 +34,6 @@ use portcullis::redact::RedactingJson;
 use portcullis::request_id::RequestIdLayer;
 use portcullis::stack::StackLayer;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
-use tower_governor::GovernorError;
-use tower_governor::governor::GovernorConfigBuilder;
-use tower_governor::key_extractor::KeyExtractor;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
-use tower_http::validate_request::ValidateRequestHeaderLayer;
 use tracing::{Dispatch, Level};
 
 mod common;
@@ -52,8 +43,10 @@ use common::{Body, now, request};
 type ResBody = axum::body::Body;
 
 fn handler()
--> impl Service<Request<Body>, Response = Response<ResBody>, Error = Infallible, Future: Unpin> + Clone
-{
+-> impl Service<Request<Body>, Response = Response<ResBody>, Error = Infallible, Future: Unpin + Send>
++ Clone
++ Send
++ Sync {
     tower::service_fn(|_req: Request<Body>| {
         std::future::ready(Ok::<_, Infallible>(Response::new(ResBody::from(
             Bytes::from_static(b"ok"),
@@ -61,65 +54,13 @@ fn handler()
     })
 }
 
-/// tower_governor keyed by the API key, as the peer stack counts per key.
-#[derive(Clone)]
-struct ApiKeyHeader;
-
-impl KeyExtractor for ApiKeyHeader {
-    type Key = String;
-    fn extract<T>(&self, req: &Request<T>) -> Result<String, GovernorError> {
-        req.headers()
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .ok_or(GovernorError::UnableToExtractKey)
-    }
-}
-
 /// The peer stack (see the module docs) around the handler, knowing `key`.
-// tower-http's `ValidateRequest` returns the refusal as the error of a `Result`.
-#[allow(clippy::result_large_err)]
 fn peer_stack(
     key: &str,
-) -> impl Service<Request<Body>, Response = Response<impl Sized>, Error = Infallible> + Clone {
-    let keys: Arc<HashSet<String>> = Arc::new([key.to_owned()].into_iter().collect());
-    let governor = GovernorConfigBuilder::default()
-        .per_nanosecond(1)
-        .burst_size(1_000_000_000)
-        .key_extractor(ApiKeyHeader)
-        .finish()
-        .unwrap();
-    ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            http::header::AUTHORIZATION,
-            http::header::COOKIE,
-            http::HeaderName::from_static("x-api-key"),
-        ]))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
-        )
-        .layer(ValidateRequestHeaderLayer::custom(
-            move |req: &mut Request<Body>| -> Result<(), Response<ResBody>> {
-                let known = req
-                    .headers()
-                    .get("x-api-key")
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|k| keys.contains(k));
-                if known {
-                    Ok(())
-                } else {
-                    let mut res = Response::new(ResBody::empty());
-                    *res.status_mut() = http::StatusCode::UNAUTHORIZED;
-                    Err(res)
-                }
-            },
-        ))
-        .layer(tower_governor::GovernorLayer::new(governor))
-        .service(handler())
+) -> impl Service<Request<Body>, Response = Response<impl Sized + use<>>, Error = Infallible>
++ Clone
++ use<> {
+    common::peer::peer_stack(key, handler())
 }
 
 fn per_request<S, B>(b: &mut criterion::Bencher<'_>, svc: S, key: &str)
@@ -191,8 +132,7 @@ fn interleaved(rounds: usize) {
     const REQUESTS: u32 = 2_000;
     let key = generate_key("pc_live").unwrap();
     let store = KeyStore::from_key_list(key.expose_secret(), Scopes::default()).unwrap();
-    // The peer stack's service borrows the key for as long as it lives.
-    let k: &'static str = Box::leak(key.expose_secret().to_owned().into_boxed_str());
+    let k = key.expose_secret();
     let stack = StackLayer::builder()
         .api_keys(ApiKeys::new(store))
         .trusted_proxies("172.16.0.0/12")

@@ -1,5 +1,6 @@
 //! What several benchmarks share: the request body type, a handler answering `ok`,
-//! a request as a client sends it, and a poll of a future that is ready at once.
+//! a request as a client sends it, a poll of a future that is ready at once, and the
+//! stack a tower user would assemble from peers ([`peer`]).
 //! Each benchmark uses part of it.
 #![allow(dead_code)]
 
@@ -13,6 +14,8 @@ use http::{Request, Response};
 use http_body_util::Full;
 use portcullis::client_ip::PeerAddr;
 use tower::Service;
+
+pub mod peer;
 
 pub type Body = Full<Bytes>;
 

@@ -1,5 +1,5 @@
 //! Requests per second of `GET /v1/jobs/{id}` over keep-alive loopback connections,
-//! in four configurations served side by side:
+//! in seven configurations served side by side:
 //!
 //! - `bare`: the handler with no layers (the `Principal` it reads is a fixed
 //!   extension);
@@ -9,22 +9,32 @@
 //! - `full`: the demo as it serves (every layer, the scope table, the refusal
 //!   counters), with no log subscriber;
 //! - `full-logs`: the same with JSON logs in the redacting JSON format into a sink,
-//!   as the binary writes them to standard error.
+//!   as the binary writes them to standard error;
+//! - `peer`: `bare` inside the stack a tower user would assemble from peers
+//!   (tower-http and tower_governor, `benches/common/peer.rs` of the crate), the
+//!   request carrying the key it checks, no log subscriber;
+//! - `peer-logs`: the same with `tracing-subscriber`'s JSON logs into a sink;
+//! - `bare+1us`: `bare` busy for 1 µs per request before the handler: what one
+//!   microsecond of the server's work per request costs in this measurement.
 //!
 //! `cargo bench -p queue-service --bench throughput` runs rounds of 1 s, each
 //! loading every configuration in turn, the order reversed every other round; it
 //! prints each configuration's median rate and the median of its per-round ratios
-//! to `bare`. `PORTCULLIS_BENCH_ROUNDS` sets the number of rounds (default 11).
+//! to `bare`, then the medians of the per-round ratios `full` ÷ `fields`, `full` ÷
+//! `peer` and `full-logs` ÷ `peer-logs`. `PORTCULLIS_BENCH_ROUNDS` sets the number of rounds (default 11).
 //! `PORTCULLIS_BENCH_CONFIG=<name>` loads that configuration alone for
 //! `PORTCULLIS_BENCH_SECS` (default 10) after 1 s of warm-up, for a profiler.
 //! Without `--bench` (as a test target) it runs one short round as a check.
 //!
 //! Each server has a runtime of its own (two worker threads); the load generator
-//! runs on another. Only `full-logs`'s threads have the log subscriber; the other
-//! servers' threads have one that takes no event (see `main`). The bytes of log
-//! written are counted, and a run in which `full-logs` wrote none fails.
+//! runs on another. Only `full-logs`'s and `peer-logs`'s threads have a log
+//! subscriber; the other servers' threads have one that takes no event (see
+//! `main`). The bytes of log written are counted, and a run in which either wrote
+//! none, or another configuration wrote some, fails.
 
 mod common;
+#[path = "../../../benches/common/peer.rs"]
+mod peer;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -47,13 +57,15 @@ use tracing::dispatcher::DefaultGuard;
 
 /// The bytes of log `full-logs` wrote (in the redacting JSON format, then dropped).
 static LOGGED: AtomicUsize = AtomicUsize::new(0);
+/// The bytes of log `peer-logs` wrote (in `tracing-subscriber`'s JSON format).
+static PEER_LOGGED: AtomicUsize = AtomicUsize::new(0);
 
 /// A sink that counts what it is given.
-struct Counted;
+struct Counted(&'static AtomicUsize);
 
 impl std::io::Write for Counted {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        LOGGED.fetch_add(b.len(), Ordering::Relaxed);
+        self.0.fetch_add(b.len(), Ordering::Relaxed);
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -65,7 +77,18 @@ impl std::io::Write for Counted {
 const CONNECTIONS: usize = 32;
 
 /// The configurations, in the order of a round.
-const CONFIGS: [&str; 4] = ["bare", "fields", "full", "full-logs"];
+const CONFIGS: [&str; 7] = [
+    "bare",
+    "fields",
+    "full",
+    "full-logs",
+    "peer",
+    "peer-logs",
+    "bare+1us",
+];
+
+/// The ratios printed besides those to `bare`: (numerator, denominator).
+const PAIRS: [(usize, usize); 3] = [(2, 1), (2, 4), (3, 5)];
 
 /// One served configuration: where, what to ask, with which credential.
 struct Target {
@@ -143,6 +166,58 @@ fn fields_router(state: routes::AppState, fields: HeaderMap) -> axum::Router {
             }),
         ))
         .with_state(state)
+}
+
+/// `bare` inside the peer stack, which checks `key`.
+fn peer_router(state: routes::AppState, key: &str) -> axum::Router {
+    let key = key.to_owned();
+    let peer = tower::layer::layer_fn(move |inner| {
+        tower::ServiceExt::map_response(peer::peer_stack(&key, inner), |res| {
+            res.map(axum::body::Body::new)
+        })
+    });
+    axum::Router::new()
+        .route("/v1/jobs/{id}", get(routes::get_job))
+        .layer((peer, Extension(common::client())))
+        .with_state(state)
+}
+
+/// `bare` busy for one microsecond per request before the handler.
+fn busy_router(state: routes::AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/jobs/{id}", get(routes::get_job))
+        .layer((
+            Extension(common::client()),
+            tower::util::MapRequestLayer::new(|req: Request| {
+                let start = std::time::Instant::now();
+                while start.elapsed() < Duration::from_micros(1) {
+                    std::hint::spin_loop();
+                }
+                req
+            }),
+        ))
+        .with_state(state)
+}
+
+/// `router` with a fresh fixture's state on `rt`; the requests carry the fixture's
+/// key when `with_key`.
+fn serve_fixture(
+    rt: &Runtime,
+    router: impl FnOnce(routes::AppState, &str) -> axum::Router,
+    with_key: bool,
+) -> Target {
+    let f = common::fixture();
+    let auth = with_key.then(|| {
+        (
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::try_from(f.key.as_str()).unwrap(),
+        )
+    });
+    Target {
+        addr: serve_router(rt, router(f.state, &f.key)),
+        path: f.path,
+        auth,
+    }
 }
 
 /// A client connection to `addr`.
@@ -237,7 +312,13 @@ fn main() {
     let logs = Dispatch::new(
         tracing_subscriber::fmt()
             .event_format(RedactingJson::new())
-            .with_writer(|| Counted)
+            .with_writer(|| Counted(&LOGGED))
+            .finish(),
+    );
+    let peer_logs = Dispatch::new(
+        tracing_subscriber::fmt()
+            .json()
+            .with_writer(|| Counted(&PEER_LOGGED))
             .finish(),
     );
     // The other servers' threads get a subscriber that takes no event, rather than
@@ -249,8 +330,11 @@ fn main() {
     let runtimes = [
         server_runtime(off.clone()),
         server_runtime(off.clone()),
-        server_runtime(off),
+        server_runtime(off.clone()),
         server_runtime(logs),
+        server_runtime(off.clone()),
+        server_runtime(peer_logs),
+        server_runtime(off),
     ];
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -258,13 +342,7 @@ fn main() {
         .build()
         .unwrap();
 
-    let bare = common::fixture();
-    let bare_path = bare.path.clone();
-    let bare = Target {
-        addr: serve_router(&runtimes[0], common::bare(bare.state)),
-        path: bare_path,
-        auth: None,
-    };
+    let bare = serve_fixture(&runtimes[0], |state, _| common::bare(state), false);
     let full = serve_full(&runtimes[2]);
     let full_logs = serve_full(&runtimes[3]);
     // The fields a full response has and a bare one lacks, with their values.
@@ -281,14 +359,11 @@ fn main() {
         assert!(names.contains(&required), "{names:?}");
     }
     println!("fields: {}", names.join(", "));
-    let fields = common::fixture();
-    let fields_path = fields.path.clone();
-    let fields = Target {
-        addr: serve_router(&runtimes[1], fields_router(fields.state, added)),
-        path: fields_path,
-        auth: None,
-    };
-    let targets = [bare, fields, full, full_logs];
+    let fields = serve_fixture(&runtimes[1], |state, _| fields_router(state, added), false);
+    let peer = serve_fixture(&runtimes[4], peer_router, true);
+    let peer_logs = serve_fixture(&runtimes[5], peer_router, true);
+    let busy = serve_fixture(&runtimes[6], |state, _| busy_router(state), false);
+    let targets = [bare, fields, full, full_logs, peer, peer_logs, busy];
 
     client.block_on(async {
         if let Some(name) = only {
@@ -302,9 +377,12 @@ fn main() {
             let rate = load(&targets[which], Duration::from_secs(secs)).await;
             println!("{name}: {rate:.0} req/s over {secs} s (after 1 s of warm-up)");
             assert_eq!(
-                LOGGED.load(Ordering::Relaxed) > 0,
-                name == "full-logs",
-                "only full-logs writes log lines"
+                (
+                    LOGGED.load(Ordering::Relaxed) > 0,
+                    PEER_LOGGED.load(Ordering::Relaxed) > 0
+                ),
+                (name == "full-logs", name == "peer-logs"),
+                "only full-logs and peer-logs write log lines"
             );
             return;
         }
@@ -342,9 +420,18 @@ fn main() {
             );
             assert!(median(r) > 0.0);
         }
+        for (a, b) in PAIRS {
+            let ratios: Vec<f64> = rates[a].iter().zip(&rates[b]).map(|(x, y)| x / y).collect();
+            println!(
+                "{:>10} ÷ {}: {:.1} %",
+                CONFIGS[a],
+                CONFIGS[b],
+                100.0 * median(&ratios)
+            );
+        }
         assert!(
-            LOGGED.load(Ordering::Relaxed) > 0,
-            "full-logs wrote no log line"
+            LOGGED.load(Ordering::Relaxed) > 0 && PEER_LOGGED.load(Ordering::Relaxed) > 0,
+            "full-logs and peer-logs both write log lines"
         );
     });
 }
