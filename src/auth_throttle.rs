@@ -1069,6 +1069,22 @@ mod tests {
         assert_eq!(ran.load(Ordering::Relaxed), 3, "credentials verified");
     }
 
+    /// The strict mode verifies exactly the burst from one address, for the longest
+    /// bursts a quota may have (back in 300 days here).
+    #[test]
+    fn lockout_holds_a_long_window_burst_exactly() {
+        let quota = Quota::per_day(1).unwrap().with_burst(300).unwrap();
+        let layer = AuthThrottleLayer::new(quota).lockout_before_verify();
+        let ip = addr("192.0.2.1");
+        let verified = (0..310)
+            .filter(|_| send(&layer, ip, Credential::Wrong).1)
+            .count();
+        assert_eq!(
+            verified, 300,
+            "{verified} of 310 wrong guesses were verified"
+        );
+    }
+
     #[test]
     fn exempt_addresses_are_never_counted_nor_throttled() {
         for layer in [

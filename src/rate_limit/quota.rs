@@ -19,8 +19,10 @@ const MAX_COUNT: u32 = 1_000_000_000;
 /// rather than at window boundaries, and so has no "double burst" at a window edge.
 ///
 /// A zero count, a window that is not a whole number of seconds, a window over a
-/// year, or more than 10⁹ requests per window are configuration errors: every one of
-/// them is a typo, not a policy.
+/// year, more than 10⁹ requests per window, or a burst that takes more than a year to
+/// come back (`burst × window ÷ count`) are configuration errors: every one of them
+/// is a typo, not a policy. Within these bounds a key gets exactly its burst at once
+/// and never more than `count` per window after it.
 ///
 /// ```
 /// use portcullis::rate_limit::Quota;
@@ -90,10 +92,25 @@ impl Quota {
     }
 
     /// Sets how many requests a fresh key may make at once (default: the count).
-    /// The sustained rate stays `count` per window.
+    /// The sustained rate stays `count` per window. A burst must come back within
+    /// 366 days (`burst × window ÷ count`), as a window must.
+    ///
+    /// ```
+    /// use portcullis::rate_limit::Quota;
+    /// assert!(Quota::per_day(10)?.with_burst(3_000).is_ok()); // back in 300 days
+    /// assert!(Quota::per_day(10)?.with_burst(4_000).is_err()); // 400 days
+    /// # Ok::<(), portcullis::ConfigError>(())
+    /// ```
     pub fn with_burst(mut self, burst: u32) -> Result<Self, ConfigError> {
         if burst == 0 || burst > MAX_COUNT {
             return Err(ConfigError::new("quota burst must be 1 to 1000000000"));
+        }
+        // Both sides are below 2^55 (10^9 × 3.2 × 10^7): no overflow.
+        if u64::from(burst) * u64::from(self.window_secs) > MAX_WINDOW_SECS * u64::from(self.count)
+        {
+            return Err(ConfigError::new(
+                "quota burst must come back within 366 days (burst × window ÷ count)",
+            ));
         }
         self.burst = burst;
         Ok(self)
@@ -115,12 +132,16 @@ impl Quota {
     }
 
     pub(crate) fn gcra(&self) -> Gcra {
-        // Nanoseconds: a 366-day window is 3.2e16 ns, well inside u64.
+        // Nanoseconds: a 366-day window is 3.2e16 ns, well inside u64. The interval
+        // is rounded up, so the sustained rate is at most `count` per window.
         let window = u64::from(self.window_secs) * 1_000_000_000;
-        let t = (window / u64::from(self.count)).max(1);
+        let t = window.div_ceil(u64::from(self.count));
+        // `t × (burst − 1)` is at most the burst's time to come back plus
+        // `burst − 1` ns of rounding: under 366 days + 1 s by the constructors, so
+        // far from u64's end that no timestamp saturates into "always allowed".
         Gcra {
             t,
-            tau: t.saturating_mul(u64::from(self.burst) - 1),
+            tau: t * (u64::from(self.burst) - 1),
         }
     }
 }
@@ -255,7 +276,8 @@ impl fmt::Debug for Quota {
 }
 
 /// GCRA parameters in nanoseconds: `t` the emission interval (one request's worth
-/// of time), `tau` the tolerance (`t × (burst − 1)`).
+/// of time, at least 1), `tau` the tolerance (`t × (burst − 1)`); both under 367
+/// days (see [`Quota::gcra`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Gcra {
     pub(crate) t: u64,
@@ -298,6 +320,15 @@ impl Gcra {
         }
     }
 
+    /// `(t, tau)` in whole microseconds, for a store counting in them (Redis): the
+    /// interval rounded up, so the sustained rate stays at most the quota's, and the
+    /// tolerance the same number of intervals, so the burst stays exact.
+    #[cfg(feature = "redis")]
+    pub(crate) fn micros(&self) -> (u64, u64) {
+        let t = self.t.div_ceil(1000);
+        (t, t * (self.tau / self.t))
+    }
+
     /// Requests still allowed at once at `now`, given the stored `tat`.
     pub(crate) fn remaining(&self, tat: u64, now: u64) -> u64 {
         let ahead = tat.saturating_sub(now);
@@ -325,11 +356,14 @@ mod tests {
         assert!(Quota::new(1, Duration::ZERO).is_err());
         assert!(Quota::new(1, Duration::from_secs(MAX_WINDOW_SECS + 1)).is_err());
         assert!(Quota::per_second(1).unwrap().with_burst(0).is_err());
+        let yearly = Quota::new(1, Duration::from_secs(MAX_WINDOW_SECS)).unwrap();
+        assert!(yearly.with_burst(2).is_err(), "two years to come back");
+        assert!(Quota::per_minute(1).unwrap().with_burst(MAX_COUNT).is_err());
     }
 
     proptest::proptest! {
-        /// Every valid quota, at any stored state and time: the GCRA arithmetic never
-        /// overflows (a day-long window with a burst of 10^9 saturates `tau`).
+        /// Every quota the constructors accept, at any stored state and time: the
+        /// GCRA arithmetic never overflows.
         #[test]
         fn gcra_arithmetic_never_overflows(
             count in 1u32..=MAX_COUNT,
@@ -338,12 +372,106 @@ mod tests {
             tat in proptest::prelude::any::<u64>(),
             now in proptest::prelude::any::<u64>(),
         ) {
-            let g = Quota::new(count, Duration::from_secs(window))
+            let Ok(q) = Quota::new(count, Duration::from_secs(window))
                 .unwrap()
                 .with_burst(burst)
-                .unwrap()
-                .gcra();
+            else {
+                return Ok(());
+            };
+            let g = q.gcra();
             let _ = (g.test(tat, now), g.would_deny(tat, now), g.remaining(tat, now));
+        }
+
+        /// Every quota the constructors accept holds its promise at any time of the
+        /// clock: a fresh key gets exactly `burst` requests at once, and the interval
+        /// lets at most `count` through per window after it. The bursts refused are
+        /// exactly those that take more than 366 days to come back.
+        #[test]
+        fn accepted_quotas_hold_their_burst_and_rate(
+            count in proptest::prop_oneof![1u32..=10, 1u32..=MAX_COUNT],
+            window in proptest::prop_oneof![1u64..=10, 1u64..=MAX_WINDOW_SECS],
+            burst in proptest::prop_oneof![1u32..=1000, 1u32..=MAX_COUNT],
+            now in 0u64..=(1 << 62),
+        ) {
+            let refused = u128::from(burst) * u128::from(window)
+                > u128::from(MAX_WINDOW_SECS) * u128::from(count);
+            let q = Quota::new(count, Duration::from_secs(window)).unwrap().with_burst(burst);
+            proptest::prop_assert_eq!(q.is_err(), refused);
+            let Ok(q) = q else { return Ok(()) };
+            let g = q.gcra();
+            proptest::prop_assert!(
+                u128::from(g.t) * u128::from(count) >= u128::from(window) * 1_000_000_000,
+                "more than {} per {}s: t = {} ns", count, window, g.t
+            );
+            proptest::prop_assert_eq!(g.remaining(0, now), u64::from(burst));
+            // After `k` requests at `now`, the stored time is `now + k × t`.
+            let after = |k: u32| now + g.t * u64::from(k);
+            let last = matches!(g.test(after(burst - 1), now), Cell::Allow { .. });
+            let one_more = matches!(g.test(after(burst), now), Cell::Allow { .. });
+            proptest::prop_assert!(last && !one_more, "burst {} not exact", burst);
+        }
+
+        /// The same by sending, for bursts small enough to send one by one.
+        #[test]
+        fn a_fresh_key_gets_exactly_its_burst_by_sending(
+            count in 1u32..=10,
+            window in 1u64..=MAX_WINDOW_SECS,
+            burst in 1u32..=3000,
+        ) {
+            let Ok(q) = Quota::new(count, Duration::from_secs(window)).unwrap().with_burst(burst)
+            else {
+                return Ok(());
+            };
+            let g = q.gcra();
+            let now = 1_000_000_000;
+            let (mut tat, mut allowed) = (0, 0u32);
+            while let Cell::Allow { tat: next } = g.test(tat, now) {
+                tat = next;
+                allowed += 1;
+                proptest::prop_assert!(allowed <= burst, "more than the burst of {}", burst);
+            }
+            proptest::prop_assert_eq!(allowed, burst);
+        }
+    }
+
+    /// A rate the interval cannot hold exactly (10^9 / 6 × 10^8 ns) is held below,
+    /// not above: a key sending every nanosecond gets at most the count.
+    #[test]
+    fn an_inexact_interval_rounds_towards_fewer_requests() {
+        let g = Quota::per_second(600_000_000)
+            .unwrap()
+            .with_burst(1)
+            .unwrap()
+            .gcra();
+        let start = 1_000_000_000;
+        let (mut tat, mut allowed) = (0, 0u64);
+        for now in start..start + 1_000_000 {
+            if let Cell::Allow { tat: next } = g.test(tat, now) {
+                tat = next;
+                allowed += 1;
+            }
+        }
+        assert!(allowed <= 600_000, "{allowed} in 1 ms at 600000000/s");
+    }
+
+    #[cfg(feature = "redis")]
+    proptest::proptest! {
+        /// In microseconds (the Redis store's unit) the interval is not shorter and
+        /// the burst is the same.
+        #[test]
+        fn micros_keep_the_rate_and_the_burst(
+            count in 1u32..=MAX_COUNT,
+            window in 1u64..=MAX_WINDOW_SECS,
+            burst in 1u32..=MAX_COUNT,
+        ) {
+            let Ok(q) = Quota::new(count, Duration::from_secs(window)).unwrap().with_burst(burst)
+            else {
+                return Ok(());
+            };
+            let g = q.gcra();
+            let (t, tau) = g.micros();
+            proptest::prop_assert!(t * 1000 >= g.t);
+            proptest::prop_assert_eq!(tau / t + 1, u64::from(burst));
         }
     }
 

@@ -589,7 +589,7 @@ impl RedisLimiter {
             .call(|mut conn| async move {
                 script
                     .key(k)
-                    .arg(g.tau / 1000)
+                    .arg(g.micros().1)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -605,7 +605,7 @@ impl RedisLimiter {
             .call(|mut conn| async move {
                 script
                     .key(k)
-                    .arg((g.t / 1000).max(1))
+                    .arg(g.micros().0)
                     .invoke_async::<i64>(&mut conn)
                     .await
             })
@@ -862,7 +862,8 @@ impl Inner {
             inv.key(k);
         }
         for g in gcras {
-            inv.arg((g.t / 1000).max(1)).arg(g.tau / 1000);
+            let (t, tau) = g.micros();
+            inv.arg(t).arg(tau);
         }
         let v: Vec<i64> = inv.invoke_async(conn).await?;
         if v.len() != 1 + 3 * gcras.len() {

@@ -556,6 +556,31 @@ async fn two_instances_share_one_quota() {
     assert_eq!((r.status, limits(&r)[0].remaining), (200, 3));
 }
 
+/// Through Redis a burst on a long window (back in 300 days) is held exactly.
+#[tokio::test]
+async fn redis_holds_a_long_window_burst_exactly() {
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    let long = Quota::per_day(1).unwrap().with_burst(300).unwrap();
+    let addr = serve_limited(
+        layer(
+            connected(&server.url(), FailurePolicy::FailClosed, "long").await,
+            long,
+        ),
+        ClientIpConfig::peer_only(),
+    )
+    .await;
+    let who: &[&[u8]] = &[b"X-Test-Principal: bursty"];
+    let mut ok = 0;
+    for _ in 0..310 {
+        if get(addr, who).await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 300, "a burst of 300 let {ok} of 310 through");
+}
+
 #[tokio::test]
 async fn script_is_reloaded_after_script_flush() {
     let Some(server) = RedisServer::start().await else {
