@@ -276,10 +276,26 @@ impl SignatureVerifierBuilder {
 
     /// The components every signature must cover, space separated (default
     /// `@method @authority @path @query`). `content-digest` is required on top
-    /// whenever a request has a body.
+    /// whenever a request has a body. An empty list is a configuration error: a
+    /// signature covering nothing would authorise any method, path and query.
+    ///
+    /// ```
+    /// use portcullis::signature::{SignatureKey, SignatureVerifier};
+    /// let key = || SignatureKey::hmac_sha256("k1", &[7; 32]).unwrap();
+    /// let v = SignatureVerifier::builder().key(key()).required_components("@method @path");
+    /// assert!(v.build().is_ok());
+    /// let none = SignatureVerifier::builder().key(key()).required_components(" ");
+    /// assert!(none.build().is_err());
+    /// ```
     pub fn required_components(mut self, list: &str) -> Self {
         let parsed: Result<Vec<_>, _> = list.split_whitespace().map(Component::parse).collect();
         match parsed {
+            Ok(v) if v.is_empty() => {
+                self.required_error = Some(ConfigError::new(
+                    "required signature components: at least one (a signature covering \
+                     nothing would authorise any request)",
+                ))
+            }
             Ok(v) => self.required = v,
             Err(_) => {
                 self.required_error = Some(ConfigError::new(

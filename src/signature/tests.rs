@@ -42,13 +42,14 @@ fn last32(b64: &str) -> [u8; 32] {
 }
 
 /// A verifier with the RFC's keys and rules loose enough for its vectors (which
-/// carry no nonce and cover neither `@query` nor `content-digest`).
+/// carry no nonce and cover neither `@query` nor `content-digest`; both cover
+/// `@authority`, `date` and `content-type`).
 fn rfc_verifier() -> Arc<Inner> {
     let secret = B64.decode(B15_SECRET).unwrap();
     SignatureVerifier::builder()
         .key(SignatureKey::hmac_sha256("test-shared-secret", &secret).unwrap())
         .key(SignatureKey::ed25519("test-key-ed25519", &last32(B14_PUBLIC)).unwrap())
-        .required_components("")
+        .required_components("@authority date content-type")
         .allow_signatures_without_nonce_dangerously()
         .build()
         .unwrap()
@@ -506,7 +507,7 @@ mod tcp {
         let verifier = SignatureVerifier::builder()
             .key(SignatureKey::hmac_sha256("test-shared-secret", &secret).unwrap())
             .key(SignatureKey::ed25519("test-key-ed25519", &last32(B14_PUBLIC)).unwrap())
-            .required_components("")
+            .required_components("@authority date content-type")
             .allow_signatures_without_nonce_dangerously()
             .clock(rfc_time)
             .build()
@@ -537,7 +538,7 @@ mod tcp {
         }
         let strict = SignatureVerifier::builder()
             .key(SignatureKey::hmac_sha256("test-shared-secret", &secret).unwrap())
-            .required_components("")
+            .required_components("@authority date content-type")
             .allow_signatures_without_nonce_dangerously()
             .clock(rfc_time_too)
             .build()
