@@ -6,7 +6,8 @@
 //! of an access or audit event. A client therefore cannot forge a line (CR, LF,
 //! NEL, U+2028), colour or rewrite a terminal (ESC and the other C0/C1 controls),
 //! reorder what a reader sees (bidirectional embeddings, overrides, isolates and
-//! marks), or hide text (zero-width and other invisible format characters).
+//! marks), or hide text (zero-width characters, the other format characters, and
+//! every character Unicode says to render as nothing: see [`INVISIBLE`]).
 //!
 //! Such characters are *escaped* (`\u{202e}`), not removed: removing them would join
 //! what they separated, so a subject `adm\u{200b}in` would be logged as the
@@ -30,25 +31,85 @@ pub(crate) const MAX_ID: usize = 128;
 const CUT: char = '…';
 
 /// Whether `c` must not reach a log line as itself: a control character (C0, DEL,
-/// C1, which includes NEL), a line or paragraph separator, a bidirectional
-/// control (U+061C, U+200E, U+200F, U+202A..U+202E, U+2066..U+2069), or another
-/// invisible format character (soft hyphen, zero-width characters, word joiner and
-/// invisible operators, U+FEFF, interlinear annotations, tag characters).
+/// C1, which includes NEL) or a character of [`INVISIBLE`] (format characters, the
+/// line and paragraph separators, and the characters Unicode says to render as
+/// nothing). ASCII is answered without the table, so that text which is mostly
+/// ASCII (paths, user agents, ids) costs one comparison per character.
 pub(crate) fn is_unsafe(c: char) -> bool {
+    if c.is_ascii() {
+        return c.is_ascii_control();
+    }
     c.is_control()
-        || matches!(
-            c,
-            '\u{ad}'
-                | '\u{61c}'
-                | '\u{180e}'
-                | '\u{200b}'..='\u{200f}'
-                | '\u{2028}'..='\u{202e}'
-                | '\u{2060}'..='\u{206f}'
-                | '\u{feff}'
-                | '\u{fff9}'..='\u{fffb}'
-                | '\u{e0000}'..='\u{e007f}'
-        )
+        || INVISIBLE
+            .binary_search_by(|&(lo, hi)| {
+                if hi < c {
+                    std::cmp::Ordering::Less
+                } else if lo > c {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .is_ok()
 }
+
+/// The characters other than controls that [`sanitize`] escapes, as sorted,
+/// disjoint, non-adjacent inclusive ranges (the binary search of [`is_unsafe`]
+/// relies on the order). Unicode 16.0.0, the union of:
+///
+/// - general category Cf (format): soft hyphen, the Arabic and Syriac number and
+///   end-of-ayah signs, bidirectional controls, zero-width characters, the word
+///   joiner and invisible operators, U+FEFF, interlinear annotations, Egyptian
+///   hieroglyph, shorthand and musical format controls, tag characters;
+/// - Zl and Zp (U+2028, U+2029), which end a line in some viewers;
+/// - the property Default_Ignorable_Code_Point: what a renderer shows as nothing
+///   though it is not Cf (combining grapheme joiner, Hangul fillers, Khmer inherent
+///   vowels, Mongolian and other variation selectors), and the code points Unicode
+///   reserves for future invisible characters (U+2065, U+FFF0..U+FFF8,
+///   U+E0000..U+E0FFF), so that a later Unicode version cannot make one invisible.
+///
+/// Escaping the variation selectors also escapes U+FE0F in emoji (`❤\u{fe0f}`):
+/// legible, and a log line is not the place for presentation.
+///
+/// Not here, on purpose: private use (Co: U+E000..U+F8FF, planes 15 and 16) has no
+/// standard meaning and is shown as a glyph or a box, never as nothing;
+/// surrogates (Cs) cannot occur in a `&str`; other unassigned code points
+/// are shown as a box until a Unicode version assigns them.
+///
+/// Generated from the `ucd-generate` tables of regex-syntax 0.8.12 (Unicode
+/// 16.0.0: `FORMAT`, `LINE_SEPARATOR`, `PARAGRAPH_SEPARATOR`,
+/// `DEFAULT_IGNORABLE_CODE_POINT`), merged into ranges; Python's `unicodedata`
+/// (Unicode 14.0.0) was checked to list no Cf, Zl or Zp code point outside them.
+/// The tests compare the table with the regex crate's `\p{…}` classes over every
+/// `char` and with Python's Cf list, so a regex release with a newer Unicode that
+/// adds a format character fails them until the table is regenerated.
+const INVISIBLE: [(char, char); 25] = [
+    ('\u{ad}', '\u{ad}'),
+    ('\u{34f}', '\u{34f}'),
+    ('\u{600}', '\u{605}'),
+    ('\u{61c}', '\u{61c}'),
+    ('\u{6dd}', '\u{6dd}'),
+    ('\u{70f}', '\u{70f}'),
+    ('\u{890}', '\u{891}'),
+    ('\u{8e2}', '\u{8e2}'),
+    ('\u{115f}', '\u{1160}'),
+    ('\u{17b4}', '\u{17b5}'),
+    ('\u{180b}', '\u{180f}'),
+    ('\u{200b}', '\u{200f}'),
+    ('\u{2028}', '\u{202e}'),
+    ('\u{2060}', '\u{206f}'),
+    ('\u{3164}', '\u{3164}'),
+    ('\u{fe00}', '\u{fe0f}'),
+    ('\u{feff}', '\u{feff}'),
+    ('\u{ffa0}', '\u{ffa0}'),
+    ('\u{fff0}', '\u{fffb}'),
+    ('\u{110bd}', '\u{110bd}'),
+    ('\u{110cd}', '\u{110cd}'),
+    ('\u{13430}', '\u{1343f}'),
+    ('\u{1bca0}', '\u{1bca3}'),
+    ('\u{1d173}', '\u{1d17a}'),
+    ('\u{e0000}', '\u{e0fff}'),
+];
 
 /// Makes a client-influenced string safe for a log line: every character of
 /// [`is_unsafe`] becomes its escape `\u{…}` (lower-case hex), and the result is cut
@@ -129,11 +190,108 @@ mod tests {
             '\u{2069}',
             '\u{feff}',
             '\u{e0041}',
+            '\u{600}',
+            '\u{34f}',
+            '\u{3164}',
+            '\u{1343f}',
+            '\u{1d173}',
         ] {
             assert!(is_unsafe(c), "{c:?}");
         }
-        for c in ['a', ' ', 'é', '…', '\u{fffd}', '中', '\u{1f600}'] {
+        // Private use is shown as a glyph or a box: not escaped (see `INVISIBLE`).
+        for c in [
+            'a',
+            ' ',
+            'é',
+            '…',
+            '\u{fffd}',
+            '中',
+            '\u{1f600}',
+            '\u{e000}',
+        ] {
             assert!(!is_unsafe(c), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn every_character_of_the_table_is_escaped() {
+        // The binary search of `is_unsafe` needs sorted, disjoint ranges.
+        for w in INVISIBLE.windows(2) {
+            assert!(
+                w[0].0 <= w[0].1 && (w[0].1 as u32) + 1 < w[1].0 as u32,
+                "{w:?}"
+            );
+        }
+        for &(lo, hi) in &INVISIBLE {
+            for c in lo..=hi {
+                let escaped = format!("adm{}in", c.escape_unicode());
+                assert_eq!(sanitize(&format!("adm{c}in"), 128), escaped, "{c:?}");
+            }
+        }
+    }
+
+    /// Every `char` against a second definition, the regex crate's Unicode classes
+    /// (its own tables): a range missing from `INVISIBLE`, or one too many, fails.
+    #[test]
+    fn escapes_exactly_controls_format_separators_and_default_ignorables() {
+        let every: String = (0..=0x10_ffff).filter_map(char::from_u32).collect();
+        let class = r"[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Default_Ignorable_Code_Point}]";
+        let regex = regex::Regex::new(class).unwrap();
+        let want: Vec<char> = regex
+            .find_iter(&every)
+            .flat_map(|m| m.as_str().chars())
+            .collect();
+        let got: Vec<char> = every.chars().filter(|&c| is_unsafe(c)).collect();
+        // Both lists are in code point order.
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|c| got.binary_search(c).is_err())
+            .take(20)
+            .collect();
+        let extra: Vec<_> = got
+            .iter()
+            .filter(|c| want.binary_search(c).is_err())
+            .take(20)
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "not escaped: {missing:?}; escaped but not in {class}: {extra:?}"
+        );
+    }
+
+    /// Category Cf as Python's `unicodedata` (Unicode 14.0.0) lists it, printed by
+    /// `python3 -c 'import unicodedata as u; print([c for c in range(0x110000) if
+    /// u.category(chr(c)) == "Cf"])'` and merged into ranges: a second source for
+    /// the table, from another implementation of the Unicode data.
+    #[test]
+    fn escapes_every_format_character_python_knows() {
+        const PYTHON_CF_14: [(u32, u32); 21] = [
+            (0xAD, 0xAD),
+            (0x600, 0x605),
+            (0x61C, 0x61C),
+            (0x6DD, 0x6DD),
+            (0x70F, 0x70F),
+            (0x890, 0x891),
+            (0x8E2, 0x8E2),
+            (0x180E, 0x180E),
+            (0x200B, 0x200F),
+            (0x202A, 0x202E),
+            (0x2060, 0x2064),
+            (0x2066, 0x206F),
+            (0xFEFF, 0xFEFF),
+            (0xFFF9, 0xFFFB),
+            (0x110BD, 0x110BD),
+            (0x110CD, 0x110CD),
+            (0x13430, 0x13438),
+            (0x1BCA0, 0x1BCA3),
+            (0x1D173, 0x1D17A),
+            (0xE0001, 0xE0001),
+            (0xE0020, 0xE007F),
+        ];
+        for (lo, hi) in PYTHON_CF_14 {
+            for c in (lo..=hi).filter_map(char::from_u32) {
+                assert!(!sanitize(&format!("adm{c}in"), 128).contains(c), "{c:?}");
+            }
         }
     }
 

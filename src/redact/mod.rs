@@ -989,9 +989,11 @@ pub(crate) fn percent_decode(s: &[u8], plus: bool) -> Cow<'_, [u8]> {
 
 /// Makes a client-controlled string safe to put in a log line, as the access log and
 /// the audit events do with every client-influenced field: control characters (C0,
-/// DEL, C1), line and paragraph separators, bidirectional controls and invisible
-/// format characters are escaped as `\u{…}`, so no one can forge a line, rewrite a
-/// terminal, reorder or hide text; then the string is cut at a character or escape
+/// DEL, C1), line and paragraph separators, and every format character (Unicode
+/// category Cf: bidirectional controls, zero-width characters, tags, …) or other
+/// character Unicode renders as nothing (Default_Ignorable_Code_Point: variation
+/// selectors, fillers) are escaped as `\u{…}`, so no one can forge a line, rewrite
+/// a terminal, reorder or hide text; then the string is cut at a character or escape
 /// boundary to at most `max_bytes` bytes, `…` included when it was cut.
 ///
 /// Characters are escaped rather than removed, so that removing one cannot join
