@@ -176,7 +176,8 @@ events! {
     KeyFileReloadFailed => "key_file_reload_failed",
     /// `INFO`, [`RemoteIssuer`](crate::jwt::RemoteIssuer) (feature `jwks-remote`): a
     /// fetched JWK Set differs from the one in force and replaced it (keys removed
-    /// upstream stop verifying). Fields: `issuer`, `keys` (count).
+    /// upstream stop verifying). Fields: `issuer` (`scheme://host[:port]/path`: never
+    /// a URL's user information or query, here and below), `keys` (count).
     RemoteKeysUpdated => "remote_keys_updated",
     /// `ERROR`, [`RemoteIssuer`](crate::jwt::RemoteIssuer): fetching the discovery
     /// document or the JWK Set failed or gave an invalid document; the keys in force

@@ -2,6 +2,7 @@
 //! document, a fetched JWK Set, `Cache-Control` and `Content-Type`. Plain functions
 //! over strings and bytes, fuzzed and property-tested; the fetcher only decides.
 
+use std::fmt;
 use std::net::IpAddr;
 
 use http::Uri;
@@ -14,9 +15,58 @@ use crate::ConfigError;
 /// The path OpenID Connect Discovery 1.0 §4 appends to an issuer.
 pub(crate) const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 
+/// A configured URL (an issuer, a JWK Set or discovery URL) as every error, log
+/// event and `Debug` of the remote-key code shows it: `scheme://host[:port]/path`.
+/// User information, the query and the fragment are left out, since each can carry
+/// a credential (`https://svc:password@…`, `?access_token=…`).
+///
+/// A string that is not plainly such a URL is not shown at all (`<URL not shown>`):
+/// one without `://`, with a character that is not printable ASCII, or with an `@`
+/// past the authority, where a user information holding `/`, `?` or `#` may have
+/// ended (`https://svc:pa/ss@host`): there, which part is the host is a guess.
+#[derive(Clone, Copy)]
+pub(crate) struct ShownUrl<'a>(pub(crate) &'a str);
+
+/// What [`ShownUrl`] shows for a string that is not plainly a URL.
+const NOT_SHOWN: &str = "<URL not shown>";
+
+impl<'a> ShownUrl<'a> {
+    /// The scheme, the host with its port, and the path (empty or from `/`).
+    fn parts(self) -> Option<(&'a str, &'a str, &'a str)> {
+        let (scheme, rest) = self.0.split_once("://")?;
+        if !self.0.bytes().all(|b| b.is_ascii_graphic()) || scheme.is_empty() {
+            return None;
+        }
+        let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+        if tail.contains('@') {
+            return None;
+        }
+        // The user information ends at the authority's last `@`.
+        let host = authority.rsplit('@').next().unwrap_or(authority);
+        let path = &tail[..tail.find(['?', '#']).unwrap_or(tail.len())];
+        Some((scheme, host, path))
+    }
+}
+
+impl fmt::Display for ShownUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.parts() {
+            Some((scheme, host, path)) => write!(f, "{scheme}://{host}{path}"),
+            None => f.write_str(NOT_SHOWN),
+        }
+    }
+}
+
+impl fmt::Debug for ShownUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
 /// A URL the fetcher may request: `https://host[:port]/path[?query]`, or
-/// `http://` to a loopback host when plain HTTP was allowed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `http://` to a loopback host when plain HTTP was allowed. `Debug` shows it as
+/// [`ShownUrl`] does, without the query.
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct FetchUrl {
     /// TLS (`https`) or not.
     pub(crate) tls: bool,
@@ -34,6 +84,13 @@ impl FetchUrl {
     pub(crate) fn origin(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.authority)
+    }
+}
+
+impl fmt::Debug for FetchUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = format!("{}{}", self.origin(), self.target);
+        f.debug_tuple("FetchUrl").field(&ShownUrl(&url)).finish()
     }
 }
 
@@ -244,6 +301,31 @@ mod tests {
     }
 
     #[test]
+    fn shown_urls_keep_scheme_host_port_and_path_only() {
+        let shown = |s| ShownUrl(s).to_string();
+        assert_eq!(
+            shown("https://svc:Sup3rSecretPw@idp.example.com:8443/jwks?access_token=T#f"),
+            "https://idp.example.com:8443/jwks"
+        );
+        assert_eq!(shown("https://idp.example.com"), "https://idp.example.com");
+        assert_eq!(shown("http://[::1]:8080/a/b/?x"), "http://[::1]:8080/a/b/");
+        assert_eq!(shown("https://a:b@c@idp.example/"), "https://idp.example/");
+        for unclear in [
+            "https://svc:pa/ss@idp.example/",
+            "https://svc:pa?ss@idp.example/",
+            "https://svc:pa#ss@idp.example/",
+            "https://idp.example/ pw",
+            "idp.example/jwks",
+            "",
+            "://x",
+        ] {
+            assert_eq!(shown(unclear), NOT_SHOWN, "{unclear}");
+        }
+        let u = parse_url("https://idp.example/jwks?access_token=T", false).unwrap();
+        assert_eq!(format!("{u:?}"), r#"FetchUrl("https://idp.example/jwks")"#);
+    }
+
+    #[test]
     fn discovery_documents() {
         let iss = "https://container.googleapis.com/v1/projects/p/locations/l/clusters/c";
         let doc = format!(
@@ -342,6 +424,30 @@ mod tests {
             prop_assert_eq!(u.port, port);
             let want = if path.is_empty() { "/" } else { path.as_str() };
             prop_assert_eq!(&*u.target, want);
+        }
+
+        /// Whatever the user information and query hold, `/ ? # @` included (which
+        /// a URL would escape, and a hand-written one may not), neither is shown.
+        #[test]
+        fn shown_urls_never_hold_user_information_or_query(
+            scheme in "https?",
+            user in "[A-Z]{0,8}",
+            password in "[A-Z]{4}([/?#@:;&=]|%2F)?[A-Z]{4}",
+            host in "[a-z][a-z0-9-]{0,12}(\\.[a-z]{2,6}){1,2}",
+            port in proptest::option::of(1u16..),
+            path in "(/[a-z0-9._~-]{0,8}){0,3}",
+            query in "\\?([a-z]{1,6}=)?[A-Z]{8}",
+            fragment in "(#[A-Z]{0,6})?",
+        ) {
+            let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+            let url = format!("{scheme}://{user}:{password}@{host}{port}{path}{query}{fragment}");
+            let shown = ShownUrl(&url).to_string();
+            // The secrets are the only upper-case letters of `url`.
+            let clean = shown == NOT_SHOWN || !shown.bytes().any(|b| b.is_ascii_uppercase());
+            prop_assert!(clean, "{} -> {}", url, shown);
+            if !password.contains(['/', '?', '#']) {
+                prop_assert_eq!(shown, format!("{scheme}://{host}{port}{path}"));
+            }
         }
 
         #[test]

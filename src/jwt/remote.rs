@@ -10,7 +10,9 @@ use sha2::{Digest as _, Sha256};
 
 use super::fetch::{Client, FetchError};
 use super::keys::VerifyingKey;
-use super::oidc::{FetchUrl, discovery_url, parse_discovery, parse_remote_jwks, parse_url};
+use super::oidc::{
+    FetchUrl, ShownUrl, discovery_url, parse_discovery, parse_remote_jwks, parse_url,
+};
 use super::time::{LONGEST_LIFETIME, secs_i64, unix_now};
 use super::verify::Inner;
 use crate::{ConfigError, Scopes};
@@ -394,9 +396,12 @@ impl RemoteIssuer {
         &self.issuer
     }
 
-    /// Checks the settings and makes the fetcher.
+    /// Checks the settings and makes the fetcher. Errors show the issuer as
+    /// [`ShownUrl`] does, never its user information or query.
     pub(crate) fn fetcher(&self) -> Result<Fetcher, ConfigError> {
-        let err = |what: &str| ConfigError::new(format!("remote issuer {}: {what}", self.issuer));
+        let err = |what: &str| {
+            ConfigError::new(format!("remote issuer {}: {what}", ShownUrl(&self.issuer)))
+        };
         parse_url(&self.issuer, self.loopback_http).map_err(err)?;
         let source = match &self.source {
             KeySource::Discovery => {
@@ -557,7 +562,7 @@ pub(crate) fn start(
 ) -> Result<(), ConfigError> {
     let wait = fetcher.start == RemoteStart::WaitForFirstFetch;
     let deadline = fetcher.first_fetch_deadline();
-    let issuer = fetcher.issuer.clone();
+    let issuer = ShownUrl(&fetcher.issuer).to_string();
     let (first_tx, first_rx) = mpsc::sync_channel(1);
     let weak = Arc::downgrade(inner);
     std::thread::Builder::new()
@@ -630,7 +635,7 @@ fn run(
                 crate::audit::emit!(
                     error,
                     RemoteKeysExpired,
-                    issuer = %fetcher.issuer,
+                    issuer = %ShownUrl(&fetcher.issuer),
                     max_staleness_secs = fetcher.max_staleness.as_secs(),
                     "no successful fetch within the maximum staleness: the issuer's tokens are refused"
                 );
@@ -665,7 +670,7 @@ fn run(
                 crate::audit::emit!(
                     error,
                     RemoteKeysFetchFailed,
-                    issuer = %fetcher.issuer,
+                    issuer = %ShownUrl(&fetcher.issuer),
                     url = %fetcher.origin(jwks.as_ref()),
                     error = class,
                     detail = %message,
@@ -680,6 +685,46 @@ fn run(
                     let _ = first.send(Err(message));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwt::TokenVerifier;
+
+    const SECRETS: [&str; 2] = ["Sup3rSecretPw", "Sup3rSecretTok"];
+
+    #[test]
+    fn refusals_do_not_repeat_url_credentials() {
+        let with_password = "https://svc:Sup3rSecretPw@idp.example.com";
+        let with_token = RemoteIssuer::jwks(
+            "https://idp.example.com/?access_token=Sup3rSecretTok",
+            "https://idp.example.com/jwks",
+        );
+        let remote = |r: RemoteIssuer| TokenVerifier::builder().remote_issuer(r);
+        for (builder, why) in [
+            // Refused by the issuer's own checks, then by the verifier's.
+            (
+                remote(RemoteIssuer::discover(with_password).audience("api")),
+                "user information",
+            ),
+            (
+                remote(RemoteIssuer::discover(with_password))
+                    .issuer(with_password)
+                    .audience("api"),
+                "configured twice",
+            ),
+            (remote(with_token), "audience"),
+        ] {
+            let e = builder.build().unwrap_err();
+            let e = format!("{e} {e:?}");
+            assert!(
+                e.contains(why) && e.contains("https://idp.example.com"),
+                "{e}"
+            );
+            assert!(!SECRETS.iter().any(|s| e.contains(s)), "{e}");
         }
     }
 }

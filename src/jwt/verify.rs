@@ -609,7 +609,9 @@ impl Inner {
         crate::audit::emit!(
             info,
             RemoteKeysUpdated,
-            issuer = &*crate::log_text::sanitize_id(self.policy.remote_name(index)),
+            issuer = &*crate::log_text::sanitize_id(
+                &super::oidc::ShownUrl(self.policy.remote_name(index)).to_string()
+            ),
             keys = count,
         );
         Ok(())
@@ -1124,7 +1126,10 @@ fn remote_policies(
     let mut policies = Vec::new();
     let mut fetchers = Vec::new();
     for (i, r) in remote.iter().enumerate() {
-        let err = |what: &str| ConfigError::new(format!("remote issuer {}: {what}", r.issuer));
+        let err = |what: &str| {
+            let issuer = super::oidc::ShownUrl(&r.issuer);
+            ConfigError::new(format!("remote issuer {issuer}: {what}"))
+        };
         if local.contains(&r.issuer) || by_name.insert(r.issuer.clone().into(), i).is_some() {
             return Err(err("configured twice"));
         }
