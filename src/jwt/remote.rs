@@ -60,10 +60,19 @@ pub enum RemoteStart {
     StartEmpty,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 enum KeySource {
     Discovery,
     Jwks(String),
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Discovery => f.write_str("Discovery"),
+            KeySource::Jwks(url) => f.debug_tuple("Jwks").field(&ShownUrl(url)).finish(),
+        }
+    }
 }
 
 /// An issuer whose keys are fetched from a URL, with its own audiences, principal
@@ -154,10 +163,12 @@ pub struct RemoteIssuer {
     max_staleness: Duration,
 }
 
+/// The issuer and the JWK Set URL are shown as [`ShownUrl`] does: no user
+/// information, query or fragment, which can carry a credential.
 impl fmt::Debug for RemoteIssuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteIssuer")
-            .field("issuer", &self.issuer)
+            .field("issuer", &ShownUrl(&self.issuer))
             .field("source", &self.source)
             .field("audiences", &self.audiences)
             .field("principal_claim", &self.id_claim)
@@ -726,5 +737,15 @@ mod tests {
             );
             assert!(!SECRETS.iter().any(|s| e.contains(s)), "{e}");
         }
+    }
+    #[test]
+    fn debug_hides_url_credentials() {
+        let r = RemoteIssuer::jwks(
+            "https://idp.example.com/?access_token=Sup3rSecretTok",
+            "https://svc:Sup3rSecretPw@idp.example.com/jwks?access_token=Sup3rSecretTok",
+        );
+        let d = format!("{r:?}");
+        assert!(!SECRETS.iter().any(|s| d.contains(s)), "{d}");
+        assert!(d.contains(r#"Jwks("https://idp.example.com/jwks")"#), "{d}");
     }
 }
