@@ -128,7 +128,7 @@ use crate::ConfigError;
 pub use json::RedactingJson;
 #[cfg(feature = "api-key")]
 pub(crate) use prefixes::register_prefix_of;
-use scan::{NAME_BUF, SHAPES, Set, Shape, normalise_name};
+use scan::{NAME_BUF, SHAPES, Set, Shape, camel_words, normalise_name};
 #[cfg(feature = "redact-writer")]
 pub use writer::{RedactingMakeWriter, RedactingWriter};
 
@@ -145,6 +145,14 @@ const EXACT_NAMES: &[&[u8]] = &[
 /// `client_secret`, `X-Hub-Signature-256`, `refresh_token`, `set-cookie`.
 const SUFFIX_NAMES: &[&[u8]] = &[
     b"password",
+    // What forms and models keep beside a password (`password_confirmation`,
+    // `passwordConfirm`, `password_digest`): a password or what cracks to one.
+    b"passwordconfirmation",
+    b"passwordconfirm",
+    b"passwordagain",
+    b"passwordrepeat",
+    b"passwordhash",
+    b"passworddigest",
     b"passwd",
     b"passphrase",
     b"secret",
@@ -160,7 +168,22 @@ const SUFFIX_NAMES: &[&[u8]] = &[
     b"signature",
     b"sessionid",
     b"sessionkey",
+    // PHP's `PHPSESSID`.
+    b"sessid",
+    // Rails' `SECRET_KEY_BASE`, Azure's `AccountKey=` in a connection string.
+    b"secretkeybase",
+    b"signingkey",
+    b"encryptionkey",
+    b"accountkey",
 ];
+
+// `Rules` indexes the suffix and exact names by bits of a `u32`.
+const _: () = assert!(SUFFIX_NAMES.len() <= 32 && EXACT_NAMES.len() <= 32);
+
+/// Names that are sensitive when a name ends with them as a word of their own, after
+/// a separator or a change to upper case (`DB_PASS`, `smtp-pwd`, `dbPass`), not
+/// glued to another word (`bypass`, `compass`).
+const WORD_NAMES: &[&[u8]] = &[b"pass", b"pwd"];
 
 /// The default key prefixes of this crate's API keys.
 const KEY_PREFIXES: &[&str] = &["pc_live_", "pc_test_"];
@@ -315,6 +338,7 @@ impl Rules {
         for n in EXACT_NAMES
             .iter()
             .chain(SUFFIX_NAMES)
+            .chain(WORD_NAMES)
             .copied()
             .chain(names.iter().map(|n| &**n))
         {
@@ -322,8 +346,9 @@ impl Rules {
                 last[usize::from(l)] = true;
             }
         }
-        // Trailing digits, separators and the hex digits of a trailing escape.
-        for b in b"0123456789abcdef_-.".iter() {
+        // Trailing digits, separators, the hex digits of a trailing escape and the
+        // `]` that ends a bracketed name (`user[password]`).
+        for b in b"0123456789abcdef_-.]".iter() {
             last[usize::from(*b)] = true;
         }
         let by_last = |list: &[&[u8]]| {
@@ -349,7 +374,12 @@ impl Rules {
                 shortcuts = false;
             }
         }
-        for n in EXACT_NAMES.iter().chain(SUFFIX_NAMES).chain(&extra) {
+        for n in EXACT_NAMES
+            .iter()
+            .chain(SUFFIX_NAMES)
+            .chain(WORD_NAMES)
+            .chain(&extra)
+        {
             set_pair(&mut tails, n[n.len() - 2], n[n.len() - 1]);
             let [a, b, c] = [n[n.len() - 3], n[n.len() - 2], n[n.len() - 1]].map(letter);
             tails3[usize::from(b) * 26 + usize::from(c)] |= 1 << a;
@@ -387,18 +417,19 @@ impl Rules {
     /// space or `;` (a `Cookie` header holds several `name=value` pairs).
     fn is_wide_name(name: &[u8]) -> bool {
         let mut buf = [0u8; NAME_BUF];
-        let (n, _) = normalise_name(name, &mut buf);
+        let (n, _, _) = normalise_name(name, &mut buf);
         buf[..n].ends_with(b"cookie")
     }
 
     /// Whether the name that ends `text` cannot be sensitive by its last three
     /// letters, when that can be told from those alone: the shortcuts apply (every
     /// extra name ends in three letters), no percent-escape or JSON escape is among
-    /// the bytes read, and the name, read leftwards over field-name bytes with
-    /// separators and trailing digits set aside (the full check ignores both),
-    /// either ends before a third letter or digit (every sensitive name is longer),
-    /// or its last two or three end no sensitive name. `false` means "look closer".
-    /// Reads only the end of `text`.
+    /// the bytes read, the name does not end in `]` (a bracketed name is told by
+    /// its segments), and the name, read leftwards over field-name bytes with
+    /// separators, spaces and trailing digits set aside (the full check ignores
+    /// them), either ends before a third letter or digit (every sensitive name is
+    /// longer), or its last two or three end no sensitive name. `false` means "look
+    /// closer". Reads only the end of `text`.
     fn surely_not_sensitive(&self, text: &[u8]) -> bool {
         if !self.shortcuts {
             return false;
@@ -408,7 +439,12 @@ impl Rules {
         let mut got = 0;
         for k in (0..text.len()).rev() {
             let c = text[k];
-            if !scan::is_name_byte(c) {
+            if c == b']' && got == 0 {
+                // A bracketed name (`user[password]`) is told by a segment the
+                // last letters do not show.
+                return false;
+            }
+            if c != b' ' && !scan::is_name_byte(c) {
                 // The name starts after `k`: two letters or digits are no name's.
                 return true;
             }
@@ -418,7 +454,10 @@ impl Rules {
                 return false;
             }
             match c {
-                b'_' | b'-' | b'.' => {}
+                // Dropped by the full check, as a space is (`api key`). Before a
+                // name in a text, reading on past one only reads more letters than
+                // the name has; with fewer than three it is not sensitive.
+                b'_' | b'-' | b'.' | b' ' => {}
                 b'0'..=b'9' if got == 0 => {}
                 c => {
                     tail[got] = c.to_ascii_lowercase();
@@ -523,7 +562,7 @@ impl Rules {
             return j >= 2 && !scan::is_name_byte(input[j - 1]) && input[j - 2] != b'%';
         }
         // No name at all.
-        sep == end && !scan::is_name_byte(b) && !matches!(b, b' ' | b'\t' | b'\'' | b'\\')
+        sep == end && !scan::is_name_byte(b) && !matches!(b, b' ' | b'\t' | b'\'' | b'\\' | b']')
     }
 
     /// [`plainly_not_sensitive`](Self::plainly_not_sensitive) for the names
@@ -534,7 +573,9 @@ impl Rules {
             return false;
         }
         let before = input[sep - 1];
-        if !scan::is_name_byte(before) && !matches!(before, b' ' | b'\t' | b'"' | b'\'' | b'\\') {
+        if !scan::is_name_byte(before)
+            && !matches!(before, b' ' | b'\t' | b'"' | b'\'' | b'\\' | b']')
+        {
             // No name at all (`::`, `}:`).
             return true;
         }
@@ -561,15 +602,29 @@ impl Rules {
         }
         if name.len() <= NAME_BUF && name.iter().all(u8::is_ascii_alphanumeric) {
             // The common case: nothing to normalise.
-            return self.check_normalised(name, whole, true);
+            return self.check_normalised(name, whole, true, || camel_words(name));
         }
         let mut buf = [0u8; NAME_BUF];
-        let (n, fit) = normalise_name(name, &mut buf);
-        self.check_normalised(&buf[..n], whole, fit)
+        let (n, fit, words) = normalise_name(name, &mut buf);
+        match bracketed(&buf[..n]) {
+            // A segment between brackets is a name seen whole.
+            Some((part, true)) => {
+                self.check_normalised(&buf[part.clone()], true, true, || words >> part.start)
+            }
+            Some((part, false)) => self.check_normalised(&buf[part], whole, fit, || words),
+            None => self.check_normalised(&buf[..n], whole, fit, || words),
+        }
     }
 
-    /// `norm`: letters and digits only, any case.
-    fn check_normalised(&self, norm: &[u8], whole: bool, fit: bool) -> bool {
+    /// `norm`: letters and digits only, any case. `words`: where words start in
+    /// it (bit `p` for the byte at `p`), asked only for the names in `WORD_NAMES`.
+    fn check_normalised(
+        &self,
+        norm: &[u8],
+        whole: bool,
+        fit: bool,
+        words: impl FnOnce() -> u128,
+    ) -> bool {
         let mut e = norm.len();
         while e > 0 && norm[e - 1].is_ascii_digit() {
             e -= 1;
@@ -589,6 +644,12 @@ impl Rules {
                 return true;
             }
         }
+        if let Some(w) = WORD_NAMES.iter().find(|w| {
+            trimmed.len() > w.len() && trimmed[trimmed.len() - w.len()..].eq_ignore_ascii_case(w)
+        }) && words() >> (trimmed.len() - w.len()) & 1 == 1
+        {
+            return true;
+        }
         if !(whole && fit) {
             return false;
         }
@@ -602,6 +663,26 @@ impl Rules {
         }
         self.names.iter().any(|x| trimmed.eq_ignore_ascii_case(x))
     }
+}
+
+/// The part of a normalised name ending in `]` that names its value, as Rails, PHP
+/// and `qs` read nested parameters: the last bracket segment that is not empty or
+/// a number (`user[password]`, `a[token][0]`; `true` with it), else the name before
+/// the brackets (`password[]`; `false`), as a range of `norm`. `None` when the name does not end in `]`,
+/// or a `]` has no `[` before it. Reads each byte once.
+fn bracketed(norm: &[u8]) -> Option<(std::ops::Range<usize>, bool)> {
+    if norm.last() != Some(&b']') {
+        return None;
+    }
+    let mut end = norm.len();
+    while end > 0 && norm[end - 1] == b']' {
+        let open = norm[..end - 1].iter().rposition(|&c| c == b'[')?;
+        if !norm[open + 1..end - 1].iter().all(u8::is_ascii_digit) {
+            return Some((open + 1..end - 1, true));
+        }
+        end = open;
+    }
+    Some((0..end, false))
 }
 
 /// Finds secrets in text and replaces them; see the [module docs](self).
@@ -874,7 +955,7 @@ impl RedactorBuilder {
             // Stored without its trailing digits, as names are compared. Without a
             // letter nothing would be left to compare: refused rather than ignored.
             let mut buf = [0u8; NAME_BUF];
-            let (len, _) = normalise_name(n.as_bytes(), &mut buf);
+            let (len, _, _) = normalise_name(n.as_bytes(), &mut buf);
             let len = len
                 - buf[..len]
                     .iter()

@@ -29,6 +29,8 @@ pub(super) const PEM: &[u8] = b"[REDACTED PRIVATE KEY]";
 
 /// Longest identifier looked at before `=` or `:`.
 pub(super) const MAX_NAME: usize = 128;
+/// Most spaces and tabs looked over between a name and its `=` or `:`.
+const MAX_PADDING: usize = 64;
 
 // Byte classes.
 const ALNUM: u8 = 1;
@@ -1017,13 +1019,14 @@ pub(super) fn field_shortcut_holds(rules: &Rules, input: &[u8], sep: usize) -> b
 
 /// [`field`] without the shortcut for the common `name=`, `name:` and `"name":`.
 fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
-    // Look back over spaces, closing quotes and escapes to the name.
+    // Look back over spaces (up to [`MAX_PADDING`]: `password      = v` in an aligned
+    // listing), closing quotes and escapes to the name.
     let mut j = sep;
-    while j > 0 && matches!(input[j - 1], b' ' | b'\t') && sep - j < 4 {
+    while j > 0 && matches!(input[j - 1], b' ' | b'\t') && sep - j < MAX_PADDING {
         j -= 1;
     }
     let quotes_end = j;
-    while j > 0 && matches!(input[j - 1], b'"' | b'\'' | b'\\') && sep - j < 8 {
+    while j > 0 && matches!(input[j - 1], b'"' | b'\'' | b'\\') && quotes_end - j < 8 {
         j -= 1;
     }
     let name_end = j;
@@ -1043,9 +1046,14 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
     if rules.surely_not_sensitive(&input[name_end.saturating_sub(MAX_NAME)..name_end]) {
         return None;
     }
+    // The brackets of a name ending in `]` belong to it (`user[password]`): the
+    // name rule reads its segments. Elsewhere a `[` starts a name (`map[key:v]`).
+    let brackets = name_end > 0 && input[name_end - 1] == b']';
     while j > 0
         && name_end - j < MAX_NAME
-        && (is(input[j - 1], NAME) || json_escape(&input[j - 1..name_end.min(j + 5)]).is_some())
+        && (is(input[j - 1], NAME)
+            || brackets && matches!(input[j - 1], b'[' | b']')
+            || json_escape(&input[j - 1..name_end.min(j + 5)]).is_some())
     {
         j -= 1;
     }
@@ -1057,8 +1065,8 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
     if !rules.is_sensitive_name(&input[j..name_end], whole) {
         return None;
     }
-    // Forward to the value.
-    let mut v = sep + 1;
+    // Forward to the value, past Ruby's `=>` (`"password" => "v"`).
+    let mut v = sep + 1 + usize::from(input[sep] == b'=' && input.get(sep + 1) == Some(&b'>'));
     while v < input.len() && matches!(input[v], b' ' | b'\t') {
         v += 1;
     }
@@ -1114,7 +1122,9 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         {
             return Some(m);
         }
-        let mut e = v;
+        // A Rust `Debug` value (`Some("…")`, `ApiToken("…")`) is hidden whole; the
+        // rules below then run on from its end, as from a value's start.
+        let mut e = debug_value(input, v).unwrap_or(v);
         if Rules::is_wide_name(&input[j..name_end]) {
             while e < input.len()
                 && !matches!(input[e], b'\r' | b'\n' | b'"' | b'\'' | b'\\')
@@ -1239,6 +1249,80 @@ fn json_scalar(input: &[u8], v: usize) -> Option<usize> {
     (number || matches!(t, b"true" | b"false" | b"null")).then_some(e)
 }
 
+/// Longest Rust `Debug` value [`debug_value`] reads.
+const MAX_DEBUG: usize = 4096;
+
+/// The end of a Rust `Debug` value `Ident(…)` at `v` (`Some("x")`,
+/// `ApiToken("x")`, nested, written as is or JSON-escaped inside a JSON string):
+/// after its matching `)`, with parentheses inside its strings ignored. It ends
+/// earlier where the JSON string holding it ends, so a replacement never takes in a
+/// JSON line's structure: in a JSON-escaped value (its first quote is `\"`, or a
+/// `\` comes before any quote) at any raw `"`; in a value written as is, at a `"`
+/// that opens no string but can end a JSON one ([`closes_json_string`]). Reads at
+/// most [`MAX_DEBUG`] bytes and ends there if no `)` closed it: every byte read is
+/// in the value, which the scan then jumps over. `None` when no identifier and `(`
+/// start at `v`.
+fn debug_value(input: &[u8], v: usize) -> Option<usize> {
+    let name = input[v..]
+        .iter()
+        .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_')
+        .count();
+    if name == 0 || !input[v].is_ascii_alphabetic() || input.get(v + name) != Some(&b'(') {
+        return None;
+    }
+    let end = input.len().min(v + MAX_DEBUG);
+    // Whether the value is JSON-escaped: unknown until its first quote or `\`.
+    let mut escaped: Option<bool> = None;
+    // Inside a string of the value, and after its `\`.
+    let (mut in_string, mut after_backslash) = (false, false);
+    let mut depth = 0usize;
+    let mut k = v + name;
+    while k < end {
+        // The byte of the `Debug` text at `k`, and how many bytes of input it takes.
+        let (c, width) = match input[k] {
+            b'"' if escaped == Some(true) => return Some(k),
+            b'"' if !in_string && closes_json_string(input, k) => return Some(k),
+            b'\\' if escaped != Some(false) => {
+                escaped = Some(true);
+                match input.get(k + 1) {
+                    Some(&d @ (b'"' | b'\\')) => (d, 2),
+                    // Another escape (`\n`, `\u0041`) is no quote, backslash or parenthesis.
+                    Some(_) => (b' ', 2),
+                    None => return Some(k + 1),
+                }
+            }
+            c => (c, 1),
+        };
+        if c == b'"' && escaped.is_none() {
+            escaped = Some(false);
+        }
+        k += width;
+        if in_string {
+            if after_backslash {
+                after_backslash = false;
+            } else if c == b'\\' {
+                after_backslash = true;
+            } else if c == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_string = true,
+            b'(' => depth += 1,
+            b')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(k);
+                }
+            }
+            _ => {}
+        }
+    }
+    // `k` is past `end` only by the second byte of an escape.
+    Some(k)
+}
+
 /// Whether a PEM block (or its replacement) starts at `e`: a field value stops
 /// there and leaves the block to its own rule.
 fn starts_pem(input: &[u8], e: usize) -> bool {
@@ -1272,11 +1356,17 @@ fn is_scheme(word: &[u8]) -> bool {
 }
 
 /// Normalises the tail of a field name for matching: ASCII lower case without `_`,
-/// `-`, `.`, into `buf`; returns the used length and whether the whole name fit.
-pub(super) fn normalise_name(name: &[u8], buf: &mut [u8; NAME_BUF]) -> (usize, bool) {
+/// `-`, `.` and spaces (PHP reads `api key` as `api_key`), into `buf`; returns the
+/// used length, whether the whole name fit, and where words start in it (bit `p`
+/// for the byte at `p`): after a dropped separator, or at an upper-case letter after
+/// a lower-case one (`dbPass`).
+pub(super) fn normalise_name(name: &[u8], buf: &mut [u8; NAME_BUF]) -> (usize, bool, u128) {
     // Filled from the end: the suffix rules look at the end of a name.
     let mut k = buf.len();
     let mut i = name.len();
+    let mut words = 0u128;
+    // Whether the byte written last (the one after this one) is an upper-case letter.
+    let mut after_upper = false;
     while i > 0 {
         i -= 1;
         let mut c = name[i];
@@ -1292,18 +1382,38 @@ pub(super) fn normalise_name(name: &[u8], buf: &mut [u8; NAME_BUF]) -> (usize, b
             c = d;
             i -= 5;
         }
-        if matches!(c, b'_' | b'-' | b'.') {
+        if matches!(c, b'_' | b'-' | b'.' | b' ') {
+            if k < buf.len() {
+                words |= 1 << k;
+            }
+            after_upper = false;
             continue;
         }
         if k == 0 {
-            return (buf.len(), false);
+            return (buf.len(), false, words);
         }
+        if after_upper && c.is_ascii_lowercase() {
+            words |= 1 << k;
+        }
+        after_upper = c.is_ascii_uppercase();
         k -= 1;
         buf[k] = c.to_ascii_lowercase();
     }
     let n = buf.len() - k;
     buf.copy_within(k.., 0);
-    (n, true)
+    (n, true, words.checked_shr(k as u32).unwrap_or(0))
+}
+
+/// Where words start in a name of letters and digits as written (see
+/// [`normalise_name`]): at an upper-case letter after a lower-case one.
+pub(super) fn camel_words(name: &[u8]) -> u128 {
+    let mut words = 0u128;
+    for (p, w) in name.windows(2).enumerate().take(NAME_BUF - 1) {
+        if w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase() {
+            words |= 1 << (p + 1);
+        }
+    }
+    words
 }
 
 fn hex(b: u8) -> Option<u8> {

@@ -231,7 +231,8 @@ fn query_redaction() {
         "=x&&token=&%ff%fe=1&code=REDACTED"
     );
     assert_eq!(redact_query("access%5ftoken=x"), "access%5ftoken=REDACTED");
-    assert_eq!(redact_query("pass+word=x"), "pass+word=x");
+    // PHP reads `+` and a space as `_`: `pass+word` is its `pass_word`.
+    assert_eq!(redact_query("pass+word=x"), "pass+word=REDACTED");
     assert_eq!(
         redact_query("x=1&client_secret=a%26b"),
         "x=1&client_secret=REDACTED"
@@ -685,6 +686,26 @@ mod prefilter {
         "\0",
         "{\"a\":\"",
         "\"}",
+        "[",
+        "]",
+        "[]",
+        "%5B",
+        "%5D",
+        "user[",
+        "password]",
+        "(",
+        ")",
+        "Some(",
+        "ApiToken(\\\"",
+        "\\\\",
+        "        ",
+        "\t",
+        "=>",
+        "_pass",
+        "Pwd",
+        "api key",
+        "PHPSESSID",
+        "password_confirmation",
     ];
 
     pub(super) fn text() -> impl Strategy<Value = Vec<u8>> {
@@ -911,6 +932,7 @@ mod names {
         SUFFIX_NAMES
             .iter()
             .chain(EXACT_NAMES)
+            .chain(WORD_NAMES)
             .copied()
             .chain([&b"xinternalauth"[..], b"routepin42", b"pw7"])
             .collect()
@@ -924,6 +946,14 @@ mod names {
         fn the_name_shortcut_only_turns_down_names_that_are_not_sensitive(
             name in proptest::prop_oneof![
                 "[a-zA-Z0-9_.%-]{0,20}",
+                // Spaces (dropped, as PHP reads them), brackets, a word's case.
+                "[a-zA-Z0-9_.%\\[\\] -]{0,20}",
+                (
+                    "[a-zA-Z0-9_ \\[-]{0,6}",
+                    proptest::sample::select(known_names()),
+                    proptest::sample::select(vec!["]", "[]", "][]", "[0]", "%5D", "%5d", "] ", ""]),
+                )
+                    .prop_map(|(a, n, b)| format!("{a}{}{b}", String::from_utf8_lossy(n))),
                 // A name with one letter JSON-escaped (`to\u006Ben`).
                 (
                     proptest::sample::select(known_names()),
@@ -1318,5 +1348,288 @@ mod json_structure {
         ] {
             assert_eq!(r.redact(line), want, "{line}");
         }
+    }
+}
+
+/// The forms of names and values a field can take beyond `name=value`: bracketed
+/// names, Rust `Debug` values, aligned listings, and the names that hold a secret
+/// without ending in a sensitive word. Each property is checked by the prefiltered
+/// scan and by the plain one, which must agree.
+mod field_forms {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A secret of a length and alphabet that nothing else in a line has.
+    const SECRET: &str = "[A-Z][a-z]{3}[0-9]{2}[A-Za-z]{8,12}";
+
+    /// Redacts `text` with the default rules, checking the two scans agree and the
+    /// output is stable.
+    fn red(text: &str) -> String {
+        let red = Redactor::new();
+        let out = red.redact(text).into_owned();
+        assert_eq!(
+            out.as_bytes(),
+            &*red.redact_bytes_plain(text.as_bytes()),
+            "the scans disagree on {text:?}"
+        );
+        assert_eq!(red.redact(&out), out, "not idempotent for {text:?}");
+        out
+    }
+
+    /// A built-in sensitive name, written in one of the ways names are written.
+    fn sensitive_name() -> impl Strategy<Value = String> {
+        (
+            proptest::sample::select(vec![
+                "password",
+                "api_key",
+                "token",
+                "client_secret",
+                "key",
+                "pass",
+                "access-token",
+                "Authorization",
+                "SECRET_KEY_BASE",
+                "password_confirmation",
+                "PHPSESSID",
+            ]),
+            any::<bool>(),
+        )
+            .prop_map(|(n, upper)| {
+                if upper {
+                    n.to_uppercase()
+                } else {
+                    n.to_owned()
+                }
+            })
+    }
+
+    /// A name as Rails, PHP and `qs` nest parameters, raw or percent-encoded, whose
+    /// value is that of `inner`.
+    fn bracketed(inner: &str, outer: &str, form: usize, encoded: u8) -> String {
+        let name = match form {
+            0 => format!("{outer}[{inner}]"),
+            1 => format!("{inner}[]"),
+            2 => format!("{outer}[{inner}][]"),
+            3 => format!("{outer}[{inner}][0]"),
+            _ => format!("{outer}[x][{inner}]"),
+        };
+        match encoded {
+            0 => name,
+            1 => name.replace('[', "%5B").replace(']', "%5D"),
+            _ => name.replace('[', "%5b").replace(']', "%5d"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// A bracketed name is sensitive when its last segment (or the name
+        /// before `[]`) is: in a query, in free text and in JSON lines.
+        #[test]
+        fn bracketed_sensitive_names_hide_their_value(
+            inner in sensitive_name(),
+            outer in proptest::sample::select(vec!["user", "session", "a", "creds_0"]),
+            form in 0usize..5,
+            encoded in 0u8..3,
+            secret in SECRET,
+            context in 0usize..5,
+        ) {
+            let name = bracketed(&inner, outer, form, encoded);
+            let out = match context {
+                0 => redact_query(&format!("page=1&{name}={secret}&q=x")).into_owned(),
+                1 => red(&format!("GET /login?{name}={secret} 200")),
+                2 => red(&format!("{name}: {secret}")),
+                3 => red(&format!(r#"{{"{name}":"{secret}","n":1}}"#)),
+                _ => red(&format!(r#"{{"msg":"params {{\"{name}\":\"{secret}\"}}"}}"#)),
+            };
+            prop_assert!(!out.contains(&secret), "{} -> {}", name, out);
+        }
+
+        /// A bracketed name whose segments are ordinary keeps its value, and the
+        /// name rule answers for it what it answers for its last segment.
+        #[test]
+        fn bracketed_ordinary_names_keep_their_value(
+            inner in proptest::sample::select(vec!["email", "key_id", "status", "request_id", "path", "passage"]),
+            outer in proptest::sample::select(vec!["user", "password", "token"]),
+            form in 0usize..5,
+            encoded in 0u8..3,
+        ) {
+            let name = bracketed(inner, outer, form, encoded);
+            let r = Redactor::new();
+            let decoded = String::from_utf8(percent_decode(name.as_bytes(), true).into_owned()).unwrap();
+            let expect = if form == 1 { r.is_sensitive_name(inner) } else { false };
+            prop_assert_eq!(r.is_sensitive_name(&decoded), expect, "{}", decoded);
+            if !expect {
+                let q = format!("{name}=plainvalue");
+                prop_assert_eq!(redact_query(&q), q.as_str());
+                prop_assert_eq!(red(&q), q);
+            }
+        }
+    }
+
+    /// A Rust `Debug` string of a value, as `{:?}` writes it.
+    fn debug_of(wrappers: &[&str], secret: &str) -> String {
+        let mut v = format!("{secret:?}");
+        for w in wrappers.iter().rev() {
+            v = format!("{w}({v})");
+        }
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// A sensitive field of a `Debug` dump whose value is an `Option` or a
+        /// newtype (`password: Some("…")`, nested, with quotes, backslashes and
+        /// parentheses inside) is hidden whole: written as is, and JSON-escaped in
+        /// a JSON line, which stays the same JSON document.
+        #[test]
+        fn debug_values_of_sensitive_fields_are_hidden_whole(
+            name in sensitive_name(),
+            wrappers in proptest::collection::vec(
+                proptest::sample::select(vec!["Some", "ApiToken", "Secret", "Box"]), 1..4),
+            secret in SECRET,
+            noise in proptest::sample::select(vec!["", "\"", "\\", ")", "(", "\")", "\\\")", ", x: ("]),
+            after in proptest::sample::select(vec!["", ", port: 5432", " }", ")"]),
+            in_json in any::<bool>(),
+        ) {
+            let value = debug_of(&wrappers, &format!("{secret}{noise}{secret}"));
+            let dump = format!("Config {{ host: \"db\", {name}: {value}{after} }}");
+            let out = if in_json {
+                let line = serde_json::json!({"cfg": dump, "n": 1}).to_string();
+                let out = red(&line);
+                let doc: serde_json::Value = serde_json::from_str(&out)
+                    .map_err(|e| TestCaseError::fail(format!("{e}: {out}")))?;
+                prop_assert_eq!(&doc["n"], 1);
+                prop_assert!(doc["cfg"].as_str().unwrap().starts_with("Config { host: \"db\", "), "{}", out);
+                out
+            } else {
+                red(&dump)
+            };
+            prop_assert!(!out.contains(&secret), "{} -> {}", dump, out);
+            if after == ", port: 5432" {
+                prop_assert!(out.contains("port: 5432"), "{}", out);
+            }
+        }
+
+        /// Text a client controls, inside a JSON string, cannot make a `Debug`
+        /// value take in the fields after it.
+        #[test]
+        fn debug_values_end_with_their_json_string(
+            name in sensitive_name(),
+            text in proptest::collection::vec(proptest::sample::select(vec![
+                "Some(", "(", ")", "\"", "\\", "\\\"", ",", "x", " ", "}", ":"]), 0..12),
+        ) {
+            let line = serde_json::json!({"ua": format!("{name}: Some({})", text.concat()), "n": 1}).to_string();
+            let out = red(&line);
+            let doc: serde_json::Value = serde_json::from_str(&out)
+                .map_err(|e| TestCaseError::fail(format!("{e}: {line} -> {out}")))?;
+            prop_assert_eq!(&doc["n"], 1, "{}", out);
+        }
+
+        /// A name padded for alignment (`password      = v`, with spaces or tabs)
+        /// keeps its value hidden, whatever the padding up to 64 (with the separator's).
+        #[test]
+        fn aligned_names_hide_their_value(
+            name in sensitive_name(),
+            pad in proptest::collection::vec(proptest::sample::select(vec![" ", "\t"]), 0..=62),
+            sep in proptest::sample::select(vec!["=", ":", " = ", ": "]),
+            quoted in any::<bool>(),
+            secret in SECRET,
+        ) {
+            let name = if quoted { format!("\"{name}\"") } else { name };
+            let text = format!("{name}{}{sep}{secret}\n", pad.concat());
+            let out = red(&text);
+            prop_assert!(!out.contains(&secret), "{:?} -> {:?}", text, out);
+            let r = Redactor::new();
+            for (i, &b) in text.as_bytes().iter().enumerate() {
+                if b == b'=' || b == b':' {
+                    prop_assert!(scan::field_shortcut_holds(&r.rules, text.as_bytes(), i), "{:?}", text);
+                }
+            }
+        }
+
+        /// The names that hold a secret without ending in one of the sensitive
+        /// words: what forms keep beside a password, `pass` and `pwd` as words of
+        /// their own, PHP's session cookie, framework keys, and names PHP reads with
+        /// `+` or a space as `_`; in any case, with any separators.
+        #[test]
+        fn names_holding_a_secret_are_sensitive(
+            head in proptest::sample::select(vec!["", "new_", "user.", "DB_", "smtp-", "x"]),
+            word in proptest::sample::select(vec![
+                "password_confirmation", "passwordConfirm", "password_hash", "password_digest",
+                "password_again", "password_repeat", "_pass", "_pwd", "-PASS", ".Pwd", "Pass",
+                "Pwd", "sessid", "SECRET_KEY_BASE", "signing_key", "encryption-key",
+                "AccountKey", "api key", "api+key", "api%20key", "access token",
+            ]),
+            digits in "[0-9]{0,2}",
+            upper in any::<bool>(),
+            secret in SECRET,
+        ) {
+            // A word marked by case alone needs a lower-case letter before it.
+            let head = if head.is_empty() && matches!(word, "Pass" | "Pwd") { "db" } else { head };
+            let mut name = format!("{head}{word}{digits}");
+            if upper && !matches!(word, "passwordConfirm" | "Pass" | "Pwd" | "AccountKey") {
+                name = name.to_uppercase();
+            }
+            let decoded = String::from_utf8(percent_decode(name.as_bytes(), true).into_owned()).unwrap();
+            prop_assert!(Redactor::new().is_sensitive_name(&decoded), "{}", decoded);
+            let q = format!("a=1&{name}={secret}");
+            prop_assert!(!redact_query(&q).contains(&secret), "{}", q);
+            if !name.contains(['+', ' ']) {
+                for text in [format!("{name}={secret}"), format!(r#"{{"{name}":"{secret}"}}"#)] {
+                    let out = red(&text);
+                    prop_assert!(!out.contains(&secret), "{} -> {}", text, out);
+                }
+            }
+        }
+    }
+
+    /// Ordinary names stay ordinary, near misses of the new names included.
+    #[test]
+    fn ordinary_names_stay_ordinary() {
+        let r = Redactor::new();
+        for name in [
+            "request_id",
+            "path",
+            "user",
+            "status",
+            "key_id",
+            "passage",
+            "bypass",
+            "compass",
+            "cache_bypass",
+            "password_length",
+            "password_policy",
+            "passwordless",
+            "session_count",
+            "key_base",
+            "account",
+            "signing_alg",
+            "DBPass",
+            "passport",
+            "pwd_dir",
+        ] {
+            assert!(!r.is_sensitive_name(name), "{name}");
+            let q = format!("{name}=v");
+            assert_eq!(redact_query(&q), q, "{name}");
+            assert_eq!(red(&q), q, "{name}");
+        }
+    }
+
+    /// The low-cost forms: Ruby's `=>`, and a Go map's `map[key:v]`, which the
+    /// bracket rule must not change.
+    #[test]
+    fn ruby_hashes_and_go_maps() {
+        assert_eq!(
+            red(r#"{"password" => "hunter2", "user" => "ann"}"#),
+            r#"{"password" => "REDACTED", "user" => "ann"}"#
+        );
+        assert_eq!(red("{:token=>abc123}"), "{:token=>REDACTED}");
+        assert_eq!(red("map[key:abc user:ann]"), "map[key:REDACTED user:ann]");
+        assert_eq!(
+            red("user[password]=x&user[email]=a"),
+            "user[password]=REDACTED&user[email]=a"
+        );
     }
 }
