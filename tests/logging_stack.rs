@@ -284,6 +284,9 @@ const SECRETS: &[&str] = &[
     "PlantedStripeKeyInBody12345",             // sk_live_ in the body
     "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC",        // PEM body in the body
     "AKIABODYPLANTED12345",                    // AWS id in the body
+    "bracketPassw0rdInQuery",                  // ?user%5Bpassword%5D=
+    "bracketPassw0rdArray",                    // ?password%5B%5D=
+    "bodyPasswordConfirmation7",               // "password_confirmation" in the body
     "basicUser:basicPass",                     // decoded Basic credential
     "YmFzaWNVc2VyOmJhc2ljUGFzcw",              // Basic credential
 ];
@@ -303,7 +306,7 @@ async fn no_planted_secret_reaches_the_logs() {
     let sink = sink();
     let addr = serve().await;
     let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhZG1pbiIsImV4cCI6OTk5OTk5OTk5OX0.c2lnbmF0dXJlLXNlY3JldC1zaWduYXR1cmU";
-    let body = r#"{"user":"ann","password":"bodyPassw0rdHunter2","note":"use sk_live_PlantedStripeKeyInBody12345 and AKIABODYPLANTED12345","pem":"-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"}"#;
+    let body = r#"{"user":"ann","password":"bodyPassw0rdHunter2","password_confirmation":"bodyPasswordConfirmation7","note":"use sk_live_PlantedStripeKeyInBody12345 and AKIABODYPLANTED12345","pem":"-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"}"#;
     let common = |key: &str, id: &str| {
         vec![
             format!("X-API-Key: {key}"),
@@ -317,7 +320,8 @@ async fn no_planted_secret_reaches_the_logs() {
     };
     let target = "/v1/jobs/pc_live_PlantedKeyInPath0123456789/AKIAPLANTED0PATH1234/pc%5Flive%5FSplitEncodedKeyInPath98765\
                   ?api_key=querySecretApiKey11&API%5FKEY=querySecretApiKey22&q=ghp_PlantedGithubToken0123456789abcdefghijk\
-                  &cache=redis://:redisPw0rdInQuery@cache:6379&page=2";
+                  &cache=redis://:redisPw0rdInQuery@cache:6379&page=2\
+                  &user%5Bemail%5D=ann&user%5Bpassword%5D=bracketPassw0rdInQuery&password%5B%5D=bracketPassw0rdArray";
 
     // Authenticated, with every secret planted.
     assert_eq!(
@@ -388,6 +392,11 @@ async fn no_planted_secret_reaches_the_logs() {
     let query = ok["fields"]["query"].as_str().unwrap();
     assert!(query.contains("api_key=REDACTED"), "{query}");
     assert!(query.contains("page=2"), "{query}");
+    // The query holds escaped secrets (`API%5FKEY`), so its decoded form is logged.
+    assert!(
+        query.contains("&user[email]=ann&user[password]=REDACTED&password[]=REDACTED"),
+        "{query}"
+    );
     let denied = access
         .iter()
         .find(|e| e["fields"]["request_id"] == "stack-denied-2")
@@ -648,4 +657,60 @@ async fn a_key_stores_prefixes_reach_the_access_log_and_the_writer() {
         text.contains("\"path\":\"/registered/acmelisted_live_****\""),
         "{text}"
     );
+}
+
+// ---- `Debug` dumps of configuration ----
+
+#[derive(Debug)]
+#[allow(dead_code)]
+struct DbConfig {
+    host: String,
+    password: Option<String>,
+    port: u16,
+}
+
+#[derive(Debug)]
+#[allow(dead_code)]
+struct ApiToken(String);
+
+#[derive(Debug)]
+#[allow(dead_code)]
+struct VendorClient {
+    api_key: ApiToken,
+    retries: u8,
+}
+
+/// A configuration logged with `?` (its `Debug`), the ordinary way a service logs
+/// one: a secret in an `Option` or a newtype is hidden whole through both sinks, a
+/// quote or parenthesis in it included, the other fields are kept, and every line
+/// stays JSON.
+#[test]
+fn debug_dumps_of_secrets_in_options_and_newtypes_are_hidden() {
+    let sink = sink();
+    let cfg = DbConfig {
+        host: "db.internal".into(),
+        password: Some("debugPassw0rd\"(Hunter2)".into()),
+        port: 5432,
+    };
+    let client = VendorClient {
+        api_key: ApiToken("debugOpaqueVendorKey123".into()),
+        retries: 3,
+    };
+    tracing::info!(?cfg, "connecting debug-dump-1");
+    tracing::info!(?client, "calling debug-dump-2");
+    for text in [sink.text(), sink.format_text()] {
+        let lines: Vec<Value> = text
+            .lines()
+            .filter(|l| l.contains("debug-dump-"))
+            .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for secret in ["debugPassw0rd", "Hunter2", "debugOpaqueVendorKey123"] {
+            assert!(!text.contains(secret), "{secret} reached the logs:\n{text}");
+        }
+        let cfg = lines[0]["fields"]["cfg"].as_str().unwrap();
+        assert!(cfg.contains("password: REDACTED, port: 5432"), "{cfg}");
+        let client = lines[1]["fields"]["client"].as_str().unwrap();
+        assert!(client.contains("api_key: REDACTED, retries: 3"), "{client}");
+    }
 }
