@@ -3,11 +3,17 @@
 //! [`Redactor`] applies two kinds of rules in one pass:
 //!
 //! 1. **Field names first.** In `name=value`, `name: value`, `"name":"value"` (also
-//!    JSON-escaped inside a string), a value whose name is sensitive (`password`,
-//!    `api_key`, `x-api-key`, `authorization`, `cookie`, `client_secret`, anything
+//!    JSON-escaped inside a string), `name => value`, with up to 64 spaces or tabs
+//!    before the separator (an aligned listing), a value whose name is sensitive
+//!    (`password`, `api_key`, `x-api-key`, `authorization`, `cookie`,
+//!    `client_secret`, `password_confirmation`, `DB_PASS`, `PHPSESSID`, anything
 //!    ending in `token`, `secret`, `password`, `signature`, ... see
 //!    [`Redactor::is_sensitive_name`]) becomes `REDACTED`; an authorization value
-//!    keeps its scheme (`authorization: Bearer ****`).
+//!    keeps its scheme (`authorization: Bearer ****`). A bracketed name, as forms
+//!    send nested parameters (`user[password]`, `password[]`, also
+//!    percent-encoded), is sensitive when its last segment is. A value written as
+//!    Rust's `Debug` writes an `Option` or a newtype (`password: Some("…")`,
+//!    `api_key: ApiToken("…")`) is hidden up to its matching `)`, at most 4 KiB.
 //!
 //!    In a JSON document a replacement never changes the structure: a sensitive
 //!    member's number or literal becomes the string `"REDACTED"`, a value in quotes
@@ -105,7 +111,12 @@
 //! A redactor recognises shapes; it cannot know that an arbitrary string is secret.
 //! A password logged without a sensitive name next to it (`login failed for
 //! hunter2`) is not found; an unquoted value that contains spaces is redacted up to
-//! the first space only. Keep secrets out of log calls in the first place, and use
+//! the first space only, and one that contains a quote up to the quote; a YAML
+//! value on the line after its name (`password:` then `  hunter2`) is not found. A
+//! name is told by how it ends: `password` followed by another word is sensitive
+//! only for the words a form or model keeps beside a password (`_confirmation`,
+//! `_hash`, `_digest`, ...), not for every word (`password_policy` is not). Some
+//! ordinary names are redacted because they end like a secret's (`first_pass`). Keep secrets out of log calls in the first place, and use
 //! the redactor as the net under them. Secrets percent-encoded in a URL are found by
 //! the access log, which also looks at the decoded form. A field name is read
 //! after decoding its percent-escapes (`api%5Fkey`) and JSON escapes
@@ -774,22 +785,33 @@ impl Redactor {
         }
     }
 
-    /// Whether a field, header or query-parameter name is sensitive. Case, `_`, `-`
-    /// and `.` do not matter; trailing digits are ignored; percent-escapes
-    /// (`api%5Fkey`) and JSON escapes (`\u0070assword`) are decoded. Sensitive are
-    /// names ending in `password`, `passwd`, `passphrase`, `secret`, `token`, `apikey`,
-    /// `accesskey`, `secretkey`, `privatekey`, `authorization`, `cookie`,
-    /// `credential(s)`, `signature`, `sessionid`, `sessionkey`; the whole names
-    /// `key`, `sig`, `code`, `pwd`, `pass`, `auth`, `jwt`, `session`, `bearer`; and the
-    /// names added with [`RedactorBuilder::sensitive_name`].
+    /// Whether a field, header or query-parameter name is sensitive. Case, `_`, `-`,
+    /// `.` and spaces do not matter (PHP reads `api key` and `api+key` as
+    /// `api_key`); trailing digits are ignored; percent-escapes (`api%5Fkey`) and
+    /// JSON escapes (`\u0070assword`) are decoded. Sensitive are names ending in
+    /// `password`, `passwd`, `passphrase`, `secret`, `token`, `apikey`, `accesskey`,
+    /// `secretkey`, `privatekey`, `authorization`, `cookie`, `credential(s)`,
+    /// `signature`, `sessionid`, `sessionkey`, `sessid`, `secretkeybase`,
+    /// `signingkey`, `encryptionkey`, `accountkey`, and `password` followed by
+    /// `confirmation`, `confirm`, `again`, `repeat`, `hash` or `digest`; names ending
+    /// in `pass` or `pwd` as a word of their own (after a separator or a lower-case
+    /// letter: `DB_PASS`, `smtpPwd`, not `bypass`); the whole names `key`, `sig`,
+    /// `code`, `pwd`, `pass`, `auth`, `jwt`, `session`, `bearer`; and the names added
+    /// with [`RedactorBuilder::sensitive_name`]. A name ending in `]` is read as
+    /// Rails, PHP and `qs` nest parameters: by its last bracket segment that is not
+    /// empty or a number (`user[password]`, `user[tokens][0]`), else by the name
+    /// before the brackets (`password[]`).
     ///
     /// ```
     /// use portcullis::redact::Redactor;
     /// let r = Redactor::new();
-    /// for name in ["API_KEY", "x-api-key", "access_token", "Client-Secret", "sig", "set-cookie"] {
+    /// for name in [
+    ///     "API_KEY", "x-api-key", "access_token", "Client-Secret", "sig", "set-cookie",
+    ///     "user[password]", "password[]", "password_confirmation", "DB_PASS", "PHPSESSID",
+    /// ] {
     ///     assert!(r.is_sensitive_name(name), "{name}");
     /// }
-    /// for name in ["key_id", "max_tokens", "user", "status_code", "kid"] {
+    /// for name in ["key_id", "max_tokens", "user", "status_code", "kid", "user[email]", "bypass"] {
     ///     assert!(!r.is_sensitive_name(name), "{name}");
     /// }
     /// ```
