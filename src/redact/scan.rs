@@ -930,10 +930,27 @@ fn url_credentials(input: &[u8], from: usize) -> Option<Match> {
     })
 }
 
-/// `-----BEGIN … PRIVATE KEY-----`, its base64 body (raw or JSON-escaped newlines)
-/// and its `-----END … PRIVATE KEY-----` line, replaced as a whole.
+/// `-----BEGIN … PRIVATE KEY-----` and everything after it up to and including
+/// the next `-----END …-----` line, replaced as a whole: the base64 body and any
+/// armor header lines before it (`Proc-Type:` and `DEK-Info:` of an encrypted key,
+/// OpenPGP's `Version:` and `Comment:`), whatever bytes they hold, raw or with
+/// escaped line breaks (`\n`, `\\n`, `\r\n`).
+///
+/// Without an END line the block is taken to the end of the text that holds it,
+/// so that no part of the body is left (trailing whitespace and escaped line
+/// breaks are kept out):
+/// - written on lines of its own (a raw line break after the BEGIN line): to the
+///   end of the input, a writer's whole event;
+/// - otherwise (line breaks escaped, as in a JSON string, or none): to the first
+///   `"` that is not backslash-escaped, which ends the string holding the block, so
+///   that the document's structure after it is kept; or to the end of the input.
+///
+/// Work is linear: the bytes read are the ones the match then covers, apart from
+/// the trailing whitespace left out, and the label after each `-----END ` is read
+/// once (a label holds no `-`).
 fn pem(input: &[u8], i: usize) -> Option<Match> {
     const BEGIN: &[u8] = b"-----BEGIN ";
+    const END: &[u8] = b"-----END ";
     if !input[i..].starts_with(BEGIN) {
         return None;
     }
@@ -942,46 +959,55 @@ fn pem(input: &[u8], i: usize) -> Option<Match> {
     if !contains(&input[label_start..label_end], b"PRIVATE KEY") {
         return None;
     }
-    let mut j = label_end + 5;
-    let mut end = j;
-    // Body: base64 with any line breaks, raw or escaped (`\n`, `\\n`, `\r\n`).
+    let body = label_end + 5;
+    let raw_lines = input[body..]
+        .iter()
+        .find(|c| !matches!(c, b' ' | b'\t'))
+        .is_some_and(|c| matches!(c, b'\r' | b'\n'));
+    let mut j = body;
+    // Backslashes right before `j`: a `"` after an odd number is escaped.
+    let mut backslashes = 0usize;
     while j < input.len() {
         let c = input[j];
-        if c == b'-' && input[j..].starts_with(b"-----END ") {
+        if c == b'-'
+            && input[j..].starts_with(END)
+            && let Some(e) = label(input, j + END.len())
+        {
+            return Some(Match {
+                start: i,
+                end: e + 5,
+                with: PEM,
+            });
+        }
+        if c == b'"' && !raw_lines && backslashes % 2 == 0 {
             break;
         }
-        if is(c, ALNUM | UNDERSCORE | DASH) || matches!(c, b'+' | b'/' | b'=' | b'.') {
-            j += 1;
-            end = j;
-        } else if matches!(c, b' ' | b'\t' | b'\r' | b'\n') {
-            // Trailing whitespace is not part of the block.
-            j += 1;
-        } else if c == b'\\' {
-            let k = input[j..]
-                .iter()
-                .position(|&c| c != b'\\')
-                .map_or(input.len(), |p| j + p);
-            if k < input.len() && matches!(input[k], b'n' | b'r' | b't') {
-                j = k + 1;
-            } else {
-                break;
-            }
-        } else {
-            break;
-        }
-    }
-    // The END line, if it is there.
-    const END: &[u8] = b"-----END ";
-    if input[j..].starts_with(END)
-        && let Some(e) = label(input, j + END.len())
-    {
-        end = e + 5;
+        backslashes = if c == b'\\' { backslashes + 1 } else { 0 };
+        j += 1;
     }
     Some(Match {
         start: i,
-        end,
+        end: without_trailing_breaks(input, body, j),
         with: PEM,
     })
+}
+
+/// `end`, moved back over whitespace and escaped line breaks (`\n`, `\\r`, `\t`)
+/// but not before `from`.
+fn without_trailing_breaks(input: &[u8], from: usize, mut end: usize) -> usize {
+    while end > from {
+        match input[end - 1] {
+            b' ' | b'\t' | b'\r' | b'\n' => end -= 1,
+            b'n' | b'r' | b't' if end - 1 > from && input[end - 2] == b'\\' => {
+                end -= 1;
+                while end > from && input[end - 1] == b'\\' {
+                    end -= 1;
+                }
+            }
+            _ => break,
+        }
+    }
+    end
 }
 
 /// A PEM label (`RSA PRIVATE KEY`) followed by `-----`: returns the label's end.

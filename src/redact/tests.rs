@@ -1633,3 +1633,182 @@ mod field_forms {
         );
     }
 }
+
+/// Secret shapes written in the variants their producers use: PEM blocks with armor
+/// headers, URL passwords with the bytes RFC 3986 allows in userinfo, JWTs with
+/// padding or spaced header JSON. For each: nothing of the secret is left, the
+/// prefiltered and the plain scan agree, and redaction is idempotent.
+mod shape_variants {
+    use super::prefilter::redactors;
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Redacts `text` with every test redactor, checking that the two scans agree
+    /// and that a second pass changes nothing; returns the default redactor's output.
+    fn checked(text: &str) -> Result<String, TestCaseError> {
+        let mut first = None;
+        for red in redactors() {
+            let out = red.redact(text).into_owned();
+            prop_assert_eq!(
+                out.as_bytes(),
+                &*red.redact_bytes_plain(text.as_bytes()),
+                "{:?}",
+                text
+            );
+            prop_assert_eq!(&red.redact(&out), &out, "not idempotent: {:?}", text);
+            first.get_or_insert(out);
+        }
+        Ok(first.unwrap())
+    }
+
+    /// Whether any 12 bytes in a row of `secret` are in `out`.
+    fn shows_part_of(out: &str, secret: &str) -> bool {
+        secret
+            .as_bytes()
+            .windows(12.min(secret.len()))
+            .any(|w| out.contains(std::str::from_utf8(w).unwrap()))
+    }
+
+    /// A private key block: its label, armor headers, base64 body lines (and an
+    /// OpenPGP checksum line) and END line, with `\n` line breaks.
+    fn pem_block() -> impl Strategy<Value = (String, Vec<String>)> {
+        (
+            proptest::sample::select(vec![
+                "RSA PRIVATE KEY",
+                "EC PRIVATE KEY",
+                "PRIVATE KEY",
+                "ENCRYPTED PRIVATE KEY",
+                "OPENSSH PRIVATE KEY",
+                "PGP PRIVATE KEY BLOCK",
+            ]),
+            proptest::sample::select(vec![
+                "",
+                "Proc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,0123456789ABCDEF\n\n",
+                "Version: GnuPG v2\n\n",
+                "Comment: \"Ann's key\", backup; see https://example.com/k?a=1&b=2\n\n",
+                "Version: OpenPGP.js v4\nComment: token=x password: y\n\n",
+                "Hash: SHA256\nCharset: UTF-8\n\n",
+            ]),
+            proptest::collection::vec("[A-Za-z0-9+/]{16,64}", 1..5),
+            proptest::bool::ANY,
+        )
+            .prop_map(|(label, headers, body, checksum)| {
+                let mut text = format!("-----BEGIN {label}-----\n{headers}");
+                for line in &body {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+                if checksum {
+                    text.push_str("=Xb2Q\n");
+                }
+                text.push_str(&format!("-----END {label}-----"));
+                (text, body)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Everything from the BEGIN line to the END line goes, armor headers and
+        /// all, however the line breaks are written and wherever the block is.
+        #[test]
+        fn private_key_blocks_with_armor_headers_go_whole(
+            (block, body) in pem_block(),
+            crlf in proptest::bool::ANY,
+            // Written raw, as in a JSON string, or as in a JSON string in a string.
+            escapes in 0usize..3,
+            context in proptest::sample::select(vec!["{}", "key={} next", "loaded:\n{}\nnext line", "msg=\"{}\" x=1"]),
+        ) {
+            let mut block = if crlf { block.replace('\n', "\r\n") } else { block };
+            for _ in 0..escapes {
+                let quoted = serde_json::to_string(&block).unwrap();
+                block = quoted[1..quoted.len() - 1].to_owned();
+            }
+            let text = context.replace("{}", &block);
+            let out = checked(&text)?;
+            for line in &body {
+                prop_assert!(!shows_part_of(&out, line), "{:?} -> {:?}", text, out);
+            }
+            prop_assert!(!out.contains("Proc-Type") && !out.contains("Comment"), "{:?}", out);
+            prop_assert!(out.contains("[REDACTED PRIVATE KEY]"), "{:?}", out);
+            // What follows the END line is kept.
+            let after = &context[context.find("{}").unwrap() + 2..];
+            prop_assert!(out.ends_with(after), "{:?} -> {:?}", text, out);
+        }
+
+        /// Cut anywhere after its BEGIN line (a truncated log field), no byte of the
+        /// body that is there is left; in a JSON string the block ends with the
+        /// string, and the document keeps its structure.
+        #[test]
+        fn private_key_blocks_without_an_end_line_fail_closed(
+            (block, body) in pem_block(),
+            cut in 0usize..400,
+            json in proptest::bool::ANY,
+        ) {
+            let begin_line = block.find('\n').unwrap();
+            let cut = (begin_line + cut).min(block.len() - 1);
+            let cut_block = &block[..cut];
+            let text = if json {
+                let doc = serde_json::json!({"m": cut_block, "n": "after", "k": 1});
+                serde_json::to_string(&doc).unwrap()
+            } else {
+                format!("loaded {cut_block}")
+            };
+            let out = checked(&text)?;
+            for line in &body {
+                for part in cut_block.split('\n') {
+                    if part.len() >= 12 && line.contains(part) {
+                        prop_assert!(!out.contains(part), "{:?} -> {:?}", text, out);
+                    }
+                }
+                prop_assert!(!shows_part_of(&out, line), "{:?} -> {:?}", text, out);
+            }
+            if json {
+                let v: serde_json::Value = serde_json::from_str(&out)
+                    .map_err(|e| TestCaseError::fail(format!("{e}: {out}")))?;
+                prop_assert_eq!(&v["n"], "after");
+                prop_assert_eq!(&v["k"], 1);
+            }
+        }
+    }
+
+    #[test]
+    fn private_key_block_cases() {
+        let body = "MIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7MhgHcTz6sE2I2yPB";
+        let enc = format!(
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,0123\n\n{body}\n-----END RSA PRIVATE KEY-----"
+        );
+        assert_eq!(
+            r(&format!("key:\n{enc}\nnext")),
+            "key:\n[REDACTED PRIVATE KEY]\nnext"
+        );
+        let escaped = enc.replace('\n', "\\n");
+        assert_eq!(
+            r(&format!(r#"{{"pem":"{escaped}","n":1}}"#)),
+            r#"{"pem":"[REDACTED PRIVATE KEY]","n":1}"#
+        );
+        // No END line: on lines of its own, to the end of the input (its last line
+        // break kept); in a string, to the string's end.
+        let cut = &enc[..enc.find(body).unwrap() + 20];
+        assert_eq!(
+            r(&format!("loaded {cut}\nmore text: x\n")),
+            "loaded [REDACTED PRIVATE KEY]\n"
+        );
+        let cut = cut.replace('\n', "\\n");
+        assert_eq!(
+            r(&format!(r#"{{"m":"{cut}\n","n":"x"}}"#)),
+            r#"{"m":"[REDACTED PRIVATE KEY]\n","n":"x"}"#
+        );
+        // An escaped quote in a header does not end the string.
+        let pgp = format!(
+            r#"-----BEGIN PGP PRIVATE KEY BLOCK-----\nComment: \"ann\"\n\n{body}\n-----END PGP PRIVATE KEY BLOCK-----"#
+        );
+        assert_eq!(
+            r(&format!(r#"{{"m":"{pgp}"}}"#)),
+            r#"{"m":"[REDACTED PRIVATE KEY]"}"#
+        );
+        // Public blocks are left alone.
+        let public = "-----BEGIN PUBLIC KEY-----\nComment: x\n\nMIIBIjANBgkqh\n-----END PUBLIC KEY-----";
+        assert_eq!(r(public), public);
+    }
+}
