@@ -905,29 +905,42 @@ fn starts_with_ci(s: &[u8], word: &[u8]) -> bool {
 }
 
 /// `scheme://user:password@host`: the password becomes `****`. `from` is the index
-/// after `://`. Userinfo never contains `/`, so the scans of two URLs never overlap.
+/// after `://`.
+///
+/// The authority is the run of bytes RFC 3986 allows in one (letters, digits,
+/// `-._~`, `%`, the sub-delims `!$&'()*+,;=`, `:`, `@`, `[`, `]`) and of non-ASCII
+/// bytes, which URL parsers percent-encode; it ends at `/`, `?`, `#`, whitespace,
+/// a `"`, a `\`, any other byte or the end of the input. As the `url` crate reads
+/// it, the userinfo runs to the authority's last `@` and the password from the
+/// first `:` in it: `redis://:pa@ss;w@host` hides `pa@ss;w`.
+///
+/// An authority holds no `/`, so the authorities read from two `://` never
+/// overlap: each byte is read once by this rule, and the work is linear however
+/// long the authority is.
 fn url_credentials(input: &[u8], from: usize) -> Option<Match> {
     let mut colon = None;
+    let mut at = None;
     let mut j = from;
-    while j < input.len() {
+    while j < input.len() && in_authority(input[j]) {
         match input[j] {
-            b'@' => break,
+            b'@' => at = Some(j),
             b':' if colon.is_none() => colon = Some(j),
-            b'/' | b'?' | b'#' | b'[' | b']' => return None,
-            c if is(c, DELIM) => return None,
             _ => {}
         }
         j += 1;
     }
-    if j >= input.len() {
-        return None;
-    }
-    let colon = colon?;
+    let at = at?;
+    let colon = colon.filter(|&c| c < at)?;
     Some(Match {
         start: colon + 1,
-        end: j,
+        end: at,
         with: STARS,
     })
+}
+
+/// Whether `c` can be part of a URL's authority (see [`url_credentials`]).
+fn in_authority(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c >= 0x80 || b"-._~%!$&'()*+,;=:@[]".contains(&c)
 }
 
 /// `-----BEGIN … PRIVATE KEY-----` and everything after it up to and including

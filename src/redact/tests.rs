@@ -1772,6 +1772,67 @@ mod shape_variants {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// A URL password holding the bytes RFC 3986 allows in userinfo (the
+        /// sub-delims, `:`, escapes, non-ASCII) or an `@` (URL parsers take the
+        /// last one of the authority) is hidden whole, and only the password.
+        #[test]
+        fn url_passwords_with_any_userinfo_byte_are_hidden_whole(
+            scheme in proptest::sample::select(vec!["redis", "rediss", "postgres", "amqp", "https"]),
+            user in proptest::sample::select(vec!["", "default", "app", "a;b", "u%40x", "é"]),
+            a in "[A-Za-z0-9]{6,12}",
+            mid in "[!$&'()*+,;=@:%~._-]{1,3}|é|%40|%2F",
+            b in "[A-Za-z0-9]{6,12}",
+            host in proptest::sample::select(vec!["cache.internal:6379", "[::1]:6379", "db", "h@st"]),
+            rest in proptest::sample::select(vec!["", "/0", "/db?sslmode=require", "#f", "?x=1"]),
+            (before, after) in proptest::sample::select(vec![
+                ("", ""),
+                ("connecting to ", " then mail ann@example.com"),
+                ("url=", " x=1"),
+                ("{\"dsn\":\"", "\",\"n\":\"a@b\"}"),
+                ("url='", "' ok"),
+            ]),
+        ) {
+            // A host holding `@` is read as part of the userinfo, as by `url`.
+            let (host, hidden_host) = match host.split_once('@') {
+                Some((h, rest)) => (host, Some((h, rest))),
+                None => (host, None),
+            };
+            let text = format!("{before}{scheme}://{user}:{a}{mid}{b}@{host}{rest}{after}");
+            let out = checked(&text)?;
+            prop_assert!(!out.contains(&a) && !out.contains(&b), "{:?} -> {:?}", text, out);
+            let want = match hidden_host {
+                None => format!("{before}{scheme}://{user}:****@{host}{rest}{after}"),
+                Some((_, tail)) => format!("{before}{scheme}://{user}:****@{tail}{rest}{after}"),
+            };
+            prop_assert_eq!(out, want);
+        }
+    }
+
+    #[test]
+    fn url_password_cases() {
+        for (text, want) in [
+            (
+                "redis://:aa0aa0;A0AA0a@cache.internal:6379/0",
+                "redis://:****@cache.internal:6379/0",
+            ),
+            ("redis://:pa@ss@host", "redis://:****@host"),
+            ("x redis://u:p'w)d,(x@h y", "x redis://u:****@h y"),
+            ("redis://a@b:c@host/0", "redis://a@b:****@host/0"),
+            // The authority ends at `/`, `?`, `#`, whitespace and quotes.
+            ("https://example.com:8443/x@y", "https://example.com:8443/x@y"),
+            ("https://h:1?u=a:b@c", "https://h:1?u=a:b@c"),
+            ("https://h:1#a:b@c", "https://h:1#a:b@c"),
+            ("ssh://git@github.com/org/repo", "ssh://git@github.com/org/repo"),
+            ("see http://h:1 or mail a:b@c", "see http://h:1 or mail a:b@c"),
+            (r#"{"a":"http://h:1","b":"x:y@z"}"#, r#"{"a":"http://h:1","b":"x:y@z"}"#),
+        ] {
+            assert_eq!(r(text), want, "{text}");
+        }
+    }
+
     #[test]
     fn private_key_block_cases() {
         let body = "MIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7MhgHcTz6sE2I2yPB";
