@@ -323,16 +323,14 @@ impl Rules {
                 set_pair(&mut pairs, s.prefix[0], b'%');
             }
         }
-        // `Bearer`, `Basic` (any case), `eyJ`, `-----BEGIN`.
-        for (first, next) in [
-            (b'b', b"eEaA"),
-            (b'B', b"eEaA"),
-            (b'e', b"yyyy"),
-            (b'-', b"----"),
-        ] {
+        // `Bearer`, `Basic` (any case), `-----BEGIN`, and the starts of a JWT.
+        for (first, next) in [(b'b', b"eEaA"), (b'B', b"eEaA"), (b'-', b"----")] {
             for &n in next {
                 set_pair(&mut pairs, first, n);
             }
+        }
+        for s in scan::JWT_STARTS {
+            set_pair(&mut pairs, s[0], s[1]);
         }
         // This crate's keys of any prefix, at the `_` (or `%5F`) before the body.
         for n in (b'0'..=b'9').chain(b'A'..=b'Z').chain(b'a'..=b'z') {

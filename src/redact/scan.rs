@@ -353,7 +353,8 @@ fn next_candidate(pairs: &[u64; 1024], input: &[u8], from: usize) -> usize {
 ///   whatever follows them, are found 64 bytes at a time as a bit mask (SSE2
 ///   compares where the target has them), and with `memchr3` across stretches
 ///   without any (plain text).
-/// - Every other rule needs a literal start of at least three bytes: `eyJ` (JWT),
+/// - Every other rule needs a literal start of at least three bytes: `eyJ` and
+///   the other [`JWT_STARTS`] (JWT),
 ///   `bea`/`bas` in any case (`Bearer`, `Basic`), `---` (PEM), `%5F` (an escaped
 ///   `_` before a key body), and the first three bytes of every shape's prefix in
 ///   each form the scan accepts (`_` and `-` also written `%5F`, `%2D`). These are
@@ -381,7 +382,7 @@ const SEPARATORS: [u8; 3] = [b'=', b':', b'_'];
 impl Prefilter {
     pub(super) fn new(shapes: &[Shape]) -> Self {
         let mut starts: Vec<Vec<u8>> = Vec::new();
-        for lit in [&b"eyJ"[..], b"---", b"%5F", b"%5f"] {
+        for lit in JWT_STARTS.iter().map(|s| &s[..]).chain([&b"---"[..], b"%5F", b"%5f"]) {
             starts.push(lit.to_vec());
         }
         for s in shapes {
@@ -799,27 +800,91 @@ fn is_escaped_underscore(input: &[u8], j: usize) -> bool {
         && matches!(input[j + 2], b'F' | b'f')
 }
 
-/// `eyJ<header>.<payload>.<signature>`: keeps `eyJ`. On failure returns the index
-/// before which no other start can succeed (the same segments would be re-read).
+/// The base64url starts of a JWT header, the JSON object `{"…` (`eyJ`) or, as
+/// some encoders write it, `{` then whitespace: a space (`eyA`), a line feed
+/// (`ewo`), a carriage return (`ew0`) or a tab (`ewk`).
+pub(super) const JWT_STARTS: [&[u8; 3]; 5] = [b"eyJ", b"eyA", b"ewo", b"ew0", b"ewk"];
+
+/// `<header>.<payload>.<signature>` with a header starting as in [`JWT_STARTS`]:
+/// keeps those three bytes. Each segment may end in base64 padding (`=`, `==`).
+/// A header that does not start with `eyJ` must also start the word and decode to
+/// an object (its last byte other than whitespace a `}`), since those three bytes
+/// occur in words (`framework.a.b`).
+///
+/// On failure returns the index before which no other start can succeed (the same
+/// segments would be re-read): any start inside the header is a shorter header
+/// before the same `.`, or the payload.
 fn jwt(input: &[u8], i: usize) -> Result<Match, usize> {
-    const SEG: u8 = ALNUM | UNDERSCORE | DASH;
-    if !input[i..].starts_with(b"eyJ") {
+    let Some(&start) = JWT_STARTS.iter().find(|s| input[i..].starts_with(&s[..])) else {
+        return Err(0);
+    };
+    let spaced = start != b"eyJ";
+    if spaced && i > 0 && is(input[i - 1], JWT_SEGMENT) {
         return Err(0);
     }
-    let h = run(input, i, SEG);
+    let h = segment(input, i);
     if h - i < 10 || input.get(h) != Some(&b'.') {
         return Err(h);
     }
-    let p = run(input, h + 1, SEG);
+    let p = segment(input, h + 1);
     if p - (h + 1) < 2 || input.get(p) != Some(&b'.') {
         return Err(p);
     }
-    let end = run(input, p + 1, SEG);
+    // An `eyJ` inside this header may still start a token: only this start failed.
+    if spaced && last_decoded_non_space(&input[i..h]) != Some(b'}') {
+        return Err(i + 1);
+    }
+    let end = segment(input, p + 1);
     Ok(Match {
         start: i + 3,
         end,
         with: STARS,
     })
+}
+
+/// The bytes of a JWT segment other than padding.
+const JWT_SEGMENT: u8 = ALNUM | UNDERSCORE | DASH;
+
+/// The end of the JWT segment at `from`: base64url, then up to two `=` when no
+/// segment byte follows them (`sig=abc` is not padding).
+fn segment(input: &[u8], from: usize) -> usize {
+    let end = run(input, from, JWT_SEGMENT);
+    let pad = input[end..].iter().take(2).take_while(|&&c| c == b'=').count();
+    if pad > 0
+        && input
+            .get(end + pad)
+            .is_some_and(|&c| is(c, JWT_SEGMENT) || c == b'=')
+    {
+        return end;
+    }
+    end + pad
+}
+
+/// The last byte, other than ASCII whitespace, of what the base64url `seg`
+/// (padding allowed) decodes to.
+fn last_decoded_non_space(seg: &[u8]) -> Option<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'-' => Some(62),
+        b'_' => Some(63),
+        _ => None,
+    };
+    let mut last = None;
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for v in seg.iter().map_while(|&c| value(c)) {
+        acc = (acc << 6 | u32::from(v)) & 0xfff;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            let byte = (acc >> bits) as u8;
+            if !byte.is_ascii_whitespace() {
+                last = Some(byte);
+            }
+        }
+    }
+    last
 }
 
 /// `Bearer <credential>` / `Basic <credential>` anywhere in text.

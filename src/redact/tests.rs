@@ -505,7 +505,14 @@ fn adversarial_inputs_stay_linear() {
         "eyJ",
         "eyJa.",
         "eyJaaaaaaaaaaa.b",
+        "eyJaaaaaaaaaaa=.b=",
+        "ewoAAAAAAAAAA.b",
+        " ewoAAAAAAAAAA.b.c",
         "://",
+        "://:;@",
+        "redis://a:b@",
+        "-----BEGIN RSA PRIVATE KEY-----\n",
+        "-----BEGIN RSA PRIVATE KEY-----\\n\"-----END ",
         "=",
         "-----BEGIN ",
         "Bearer ",
@@ -635,6 +642,13 @@ mod prefilter {
         "-----BEGIN ",
         "RSA PRIVATE KEY-----",
         "-----END ",
+        "-----END RSA PRIVATE KEY-----",
+        "Proc-Type: 4,ENCRYPTED",
+        "redis://:",
+        ";",
+        "'",
+        ")",
+        "!",
         "\\n",
         "\\\"",
         "\"",
@@ -647,6 +661,11 @@ mod prefilter {
         "ey",
         "eyJ",
         "eyJhbGciOiJIUzI1NiJ9",
+        "ewo",
+        "eyA",
+        "ewogImFsZyI6ICJIUzI1NiIKfQ",
+        "=.",
+        "==",
         ".",
         "b",
         "B",
@@ -1830,6 +1849,95 @@ mod shape_variants {
             (r#"{"a":"http://h:1","b":"x:y@z"}"#, r#"{"a":"http://h:1","b":"x:y@z"}"#),
         ] {
             assert_eq!(r(text), want, "{text}");
+        }
+    }
+
+    fn b64url(bytes: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// A JWT: its header JSON written compactly or with whitespace after `{` (and
+    /// inside), any segment padded or not, and its signature.
+    fn jwt() -> impl Strategy<Value = (String, String)> {
+        (
+            proptest::sample::select(vec!["", " ", "\n  ", "\r\n", "\t", "\n"]),
+            proptest::sample::select(vec!["HS256", "RS256", "ES384"]),
+            "[a-z0-9]{1,12}",
+            proptest::collection::vec(any::<u8>(), 16..64),
+            proptest::array::uniform3(0usize..3),
+        )
+            .prop_map(|(ws, alg, sub, sig, pads)| {
+                let end = if ws.is_empty() { "" } else { "\n" };
+                let header = format!(r#"{{{ws}"alg":{ws}"{alg}",{ws}"typ":"JWT"{end}}}"#);
+                let payload = format!(r#"{{"sub":"{sub}","exp":1900000000}}"#);
+                let sig = b64url(&sig);
+                let seg = |s: String, pad: usize| format!("{s}{}", "=".repeat(pad));
+                let token = format!(
+                    "{}.{}.{}",
+                    seg(b64url(header.as_bytes()), pads[0]),
+                    seg(b64url(payload.as_bytes()), pads[1]),
+                    seg(sig.clone(), pads[2]),
+                );
+                (token, sig)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// A JWT is found whether its segments carry padding and whether its header
+        /// JSON has whitespace after `{`; only its first three bytes are kept.
+        #[test]
+        fn jwts_with_padding_or_spaced_headers_are_found(
+            (token, sig) in jwt(),
+            (before, after) in proptest::sample::select(vec![
+                ("", ""), ("x ", " y"), ("\"", "\""), ("GET /cb?t=", "&s=1"), ("{\"m\":\"", "\"}"),
+            ]),
+        ) {
+            let text = format!("{before}{token}{after}");
+            let out = checked(&text)?;
+            prop_assert_eq!(&out, &format!("{before}{}****{after}", &token[..3]));
+            prop_assert!(!shows_part_of(&out, &sig));
+        }
+    }
+
+    #[test]
+    fn jwt_cases() {
+        for (text, want) in [
+            (
+                "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZG1pbiJ9=.SecretSignatureAAAA",
+                "eyJ****",
+            ),
+            (
+                "t=eyJhbGciOiJIUzI1NiJ9==.eyJzdWIiOiJhZG1pbiJ9.c2lnbmF0dXJl= x",
+                "t=eyJ**** x",
+            ),
+            // `{ "alg": "HS256" }` and `{\n "alg": "HS256"\n}`.
+            ("eyAiYWxnIjogIkhTMjU2IiB9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl", "eyA****"),
+            ("ewogImFsZyI6ICJIUzI1NiIKfQ.eyJzdWIiOiJ4In0.c2lnbmF0dXJl", "ewo****"),
+            // Padding is only padding before a `.` or a byte no segment has.
+            (
+                "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln=abc",
+                "eyJ****=abc",
+            ),
+            // Not a token: words and dotted names with the same first bytes, a
+            // header that is not a JSON object, a start glued to a word.
+            ("framework.configuration.value", "framework.configuration.value"),
+            ("ewoAAAAAAAAAAAAAAA.bb.cc", "ewoAAAAAAAAAAAAAAA.bb.cc"),
+            (
+                "xewogImFsZyI6ICJIUzI1NiIKfQ.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
+                "xewogImFsZyI6ICJIUzI1NiIKfQ.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
+            ),
+            // An `eyJ` token inside a word that failed as a spaced header is found.
+            (
+                "ewoAAAAeyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
+                "ewoAAAAeyJ****",
+            ),
+        ] {
+            assert_eq!(r(text), want, "{text}");
+            let red = Redactor::new();
+            assert_eq!(&*red.redact_bytes_plain(text.as_bytes()), want.as_bytes(), "{text}");
         }
     }
 
