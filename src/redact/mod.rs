@@ -826,14 +826,19 @@ impl Redactor {
     /// Redacts a URL path or query as it appears on the wire: the raw form, and also
     /// the percent-decoded form (up to three rounds of decoding), so that a secret
     /// written partly or wholly in percent-escapes (`pc%5Flive%5F…`) is caught. When
-    /// the decoded form holds a secret the raw form does not show, the redacted
-    /// *decoded* form is returned (lossy UTF-8).
+    /// a decoded form holds a secret the raw form does not show, the *decoded* form
+    /// is returned (lossy UTF-8), with every byte hidden that the redaction of any
+    /// form, the raw one included, hides: what [`redact`](Self::redact) hides in
+    /// `part` stays hidden (property-tested).
     ///
     /// ```
     /// use portcullis::redact::Redactor;
     /// let r = Redactor::new();
     /// let out = r.redact_uri_part("/keys/pc%5Flive%5FAbCdEfGhIjKlMnOpQrStUvWx");
     /// assert_eq!(out, "/keys/pc_live_****");
+    /// // The raw form's URL password (its `/` escaped) stays hidden as well.
+    /// let out = r.redact_uri_part("/p/redis://:pa%2Fss@cache/x%3Dy;token=1");
+    /// assert_eq!(out, "/p/redis://:****@cache/x=y;token=REDACTED");
     /// ```
     pub fn redact_uri_part<'a>(&self, part: &'a str) -> Cow<'a, str> {
         let raw = self.redact(part);
@@ -856,8 +861,53 @@ impl Redactor {
         if !found {
             return raw;
         }
-        let redacted = self.redact_bytes(&decoded).into_owned();
-        Cow::Owned(String::from_utf8_lossy(&redacted).into_owned())
+        let hidden = self.hidden_in_every_form(part.as_bytes());
+        Cow::Owned(String::from_utf8_lossy(&self.redact_bytes(&hidden)).into_owned())
+    }
+
+    /// `part` decoded as [`redact_uri_part`](Self::redact_uri_part) decodes it, with
+    /// the bytes that a match in any of its forms (raw, then each decoded one)
+    /// covers replaced: a run of such bytes becomes the replacement of the match it
+    /// starts in. A decoded byte is covered when a byte of the escape it comes from
+    /// was, so that decoding never brings back what an earlier form hid.
+    fn hidden_in_every_form(&self, part: &[u8]) -> Vec<u8> {
+        let mut text = part.to_vec();
+        // For each byte of `text`, the replacement of the match covering it.
+        let mut cover: Vec<Option<&'static [u8]>> = vec![None; text.len()];
+        let mut round = 0;
+        loop {
+            for (span, with) in scan::spans(&self.rules, &text) {
+                cover[span].fill(Some(with));
+            }
+            if round == 3 || !text.contains(&b'%') {
+                break;
+            }
+            round += 1;
+            let Some((next, origin)) = percent_decode_mapped(&text) else {
+                break;
+            };
+            cover = (0..next.len())
+                .map(|k| cover[origin[k]..origin[k + 1]].iter().find_map(|c| *c))
+                .collect();
+            text = next;
+        }
+        let mut out = Vec::with_capacity(text.len());
+        let mut k = 0;
+        while k < text.len() {
+            match cover[k] {
+                None => {
+                    out.push(text[k]);
+                    k += 1;
+                }
+                Some(with) => {
+                    out.extend_from_slice(with);
+                    while k < text.len() && cover[k].is_some() {
+                        k += 1;
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -1086,6 +1136,33 @@ pub(crate) fn percent_decode(s: &[u8], plus: bool) -> Cow<'_, [u8]> {
     } else {
         Cow::Owned(out)
     }
+}
+
+/// [`percent_decode`] (no `+`), with where each decoded byte comes from: byte `k`
+/// of the result is decoded from `s[origin[k]..origin[k + 1]]`. `None` when
+/// nothing was decoded.
+fn percent_decode_mapped(s: &[u8]) -> Option<(Vec<u8>, Vec<usize>)> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut origin = Vec::with_capacity(s.len() + 1);
+    let mut changed = false;
+    let mut i = 0;
+    while i < s.len() {
+        origin.push(i);
+        if s[i] == b'%'
+            && i + 2 < s.len()
+            && let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            changed = true;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    origin.push(s.len());
+    changed.then_some((out, origin))
 }
 
 /// Makes a client-controlled string safe to put in a log line, as the access log and

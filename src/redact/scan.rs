@@ -256,13 +256,46 @@ pub(super) fn redact_plain(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
-/// The scan over the candidate positions `next(from)` returns: the first position at
-/// or after `from` where a rule can start (by the pair table), or `input.len()`.
-/// `from` never decreases from one call to the next.
-fn redact_at(rules: &Rules, input: &[u8], mut next: impl FnMut(usize) -> usize) -> Option<Vec<u8>> {
-    let n = input.len();
+/// The spans [`redact`] replaces, in order, each with its replacement.
+pub(super) fn spans(rules: &Rules, input: &[u8]) -> Vec<(std::ops::Range<usize>, &'static [u8])> {
+    let mut candidates = Candidates::new(rules, input);
+    let mut found = Vec::new();
+    each_match(
+        rules,
+        input,
+        |from| candidates.next(from),
+        |m| found.push((m.start..m.end, m.with)),
+    );
+    found
+}
+
+/// [`each_match`], writing the text with every match replaced; `None` when
+/// nothing matched.
+fn redact_at(rules: &Rules, input: &[u8], next: impl FnMut(usize) -> usize) -> Option<Vec<u8>> {
     let mut out: Option<Vec<u8>> = None;
     let mut last = 0;
+    each_match(rules, input, next, |m| {
+        let o = out.get_or_insert_with(|| Vec::with_capacity(input.len()));
+        o.extend_from_slice(&input[last..m.start]);
+        o.extend_from_slice(m.with);
+        last = m.end;
+    });
+    let mut o = out?;
+    o.extend_from_slice(&input[last..]);
+    Some(o)
+}
+
+/// The scan over the candidate positions `next(from)` returns: the first position at
+/// or after `from` where a rule can start (by the pair table), or `input.len()`.
+/// `from` never decreases from one call to the next. Calls `found` with each match,
+/// in order; matches do not overlap.
+fn each_match(
+    rules: &Rules,
+    input: &[u8],
+    mut next: impl FnMut(usize) -> usize,
+    mut found: impl FnMut(&Match),
+) {
+    let n = input.len();
     let mut i = 0;
     // The JWT rule failed for every start before this index.
     let mut jwt_fail_until = 0;
@@ -302,18 +335,12 @@ fn redact_at(rules: &Rules, input: &[u8], mut next: impl FnMut(usize) -> usize) 
         };
         match m {
             Some(m) => {
-                let o = out.get_or_insert_with(|| Vec::with_capacity(n));
-                o.extend_from_slice(&input[last..m.start]);
-                o.extend_from_slice(m.with);
-                last = m.end;
+                found(&m);
                 i = m.end.max(i + 1);
             }
             None => i += 1,
         }
     }
-    let mut o = out?;
-    o.extend_from_slice(&input[last..]);
-    Some(o)
 }
 
 /// Whether a rule can start at a byte `a` followed by `b` (`0` past the end).

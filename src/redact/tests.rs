@@ -1941,6 +1941,109 @@ mod shape_variants {
         }
     }
 
+    /// A secret of each kind in a URL path or query, percent-escaped in part, and
+    /// the random pieces that no output may show once hidden.
+    fn uri_secret() -> impl Strategy<Value = (String, Vec<String>)> {
+        let esc = proptest::sample::select(vec!["%40", "%2F", "%2f", "%3F", "%23", "%25", "%20", "%3A", "%2B", "%30", "%41", "%5F"]);
+        (
+            0usize..5,
+            "[A-Za-z0-9]{8,12}",
+            esc,
+            "[A-Za-z0-9]{8,12}",
+            "[A-Za-z0-9]{22}",
+        )
+            .prop_map(|(kind, a, esc, b, random)| match kind {
+                // A URL password with a byte escaped, as userinfo requires for `@ / ? #`.
+                0 => (format!("postgres://app:{a}{esc}{b}@db.internal/x"), vec![a, b]),
+                // A bearer credential with a base64 byte escaped.
+                1 => (format!("Bearer%20{a}{esc}{b}"), vec![a, b]),
+                // A key of any prefix found by its checksum, then an escape.
+                2 => {
+                    let k = key_with("billing_live", &random);
+                    let body = k["billing_live_".len()..].to_owned();
+                    (format!("{k}{esc}{a}"), vec![body])
+                }
+                // A key with its `_` escaped, then an escape.
+                3 => (format!("pc%5Flive%5F{a}{b}{esc}"), vec![format!("{a}{b}")]),
+                // A sensitive parameter.
+                _ => (format!("token={a}{esc}{b}"), vec![a, b]),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Whatever the decoded forms of a URL part hold, every secret that the
+        /// redaction of the part as it is hides is hidden by `redact_uri_part` too,
+        /// and its output is redacted already.
+        #[test]
+        fn uri_parts_keep_hidden_what_the_raw_form_hides(
+            (secret, pieces) in uri_secret(),
+            before in proptest::sample::select(vec!["/proxy/", "/v1/keys/", "/connect?dsn=", "/a%20b/", "q=", ""]),
+            after in proptest::sample::select(vec!["", "/x;token=1", "%3Btoken%3D1", "?q=a%20b", "/Bearer%20abcdefgh12", "&n=%2541"]),
+        ) {
+            let part = format!("{before}{secret}{after}");
+            for red in redactors() {
+                let raw = red.redact(&part);
+                let out = red.redact_uri_part(&part);
+                for piece in &pieces {
+                    if !raw.contains(piece.as_str()) {
+                        prop_assert!(!out.contains(piece.as_str()), "{:?}: {:?} -> {:?}", piece, part, out);
+                    }
+                }
+                prop_assert_eq!(&red.redact(&out), &out, "{:?}", part);
+            }
+        }
+
+        /// The same on any text: no stretch of 8 bytes that the raw redaction hid
+        /// (as written, or decoded) is shown.
+        #[test]
+        fn uri_parts_never_show_what_the_raw_redaction_hid(t in super::prefilter::text()) {
+            let part = String::from_utf8_lossy(&t).into_owned();
+            for red in redactors() {
+                let out = red.redact_uri_part(&part);
+                let shown = red.redact(&part);
+                for (span, _) in scan::spans(&red.rules, part.as_bytes()) {
+                    let hidden = &part.as_bytes()[span];
+                    for form in [hidden.to_vec(), percent_decode(hidden, false).into_owned()] {
+                        for w in form.windows(8) {
+                            // Only pieces that occur nowhere else in the part.
+                            let w = String::from_utf8_lossy(w);
+                            if !shown.contains(&*w) && part.matches(&*w).count() == 1 {
+                                prop_assert!(!out.contains(&*w), "{:?}: {:?} -> {:?}", w, part, out);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn uri_part_cases() {
+        let red = Redactor::new();
+        let k = key_with("billing_live", "AbCdEfGhIjKlMnOpQrStUv");
+        for (part, want) in [
+            (
+                "/proxy/postgres://app:aa0aa0%40A0AA0a@db.internal/x;token=1".to_owned(),
+                "/proxy/postgres://app:****@db.internal/x;token=REDACTED".to_owned(),
+            ),
+            (
+                "/proxy/redis://:Sup3rSecretPa%2Fssw0rd@cache:6379/token=1".to_owned(),
+                "/proxy/redis://:****@cache:6379/token=REDACTED".to_owned(),
+            ),
+            // Decoded, the key body is 29 characters and no longer a key.
+            (format!("/v1/keys/{k}%30/token=1"), "/v1/keys/billing_live_****0/token=REDACTED".to_owned()),
+            // What only the decoded form shows is hidden as before.
+            (
+                "/x?next=Bearer%20abcdefgh12%2Bijklmnop".to_owned(),
+                "/x?next=Bearer ****".to_owned(),
+            ),
+        ] {
+            assert_eq!(red.redact_uri_part(&part), want, "{part}");
+        }
+    }
+
     #[test]
     fn private_key_block_cases() {
         let body = "MIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7MhgHcTz6sE2I2yPB";

@@ -406,6 +406,44 @@ async fn secrets_split_across_encodings_are_caught() {
     assert!(!capture().text().contains("ZyXwVuTsRqPoNmLkJiHgFeDc9876"));
 }
 
+/// A secret the target shows as it is, next to something only its decoded form
+/// shows (`token=1` once `%3D` is decoded): the logged, decoded line keeps the
+/// first hidden too.
+#[tokio::test]
+async fn what_the_raw_target_hides_stays_hidden_when_decoding_finds_more() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    let cases = [
+        // A URL password with its `/` or `@` escaped, as userinfo requires.
+        (
+            "raw-1",
+            "/proxy/redis://:QwErTyUiOpAsDf%2FGhJkLzXcVbNm@cache:6379/token%3D1",
+            "path",
+        ),
+        (
+            "raw-2",
+            "/connect?dsn=postgres://app:QwErTyUiOpAsDf%40GhJkLzXcVbNm@db/x&t=token%253D1",
+            "query",
+        ),
+        // A bearer credential with a base64 byte escaped.
+        (
+            "raw-3",
+            "/x?next=Bearer%20QwErTyUiOpAsDf%2BGhJkLzXcVbNm",
+            "query",
+        ),
+    ];
+    for (marker, target, field) in cases {
+        let (status, _, _) = send(addr, &get(target, &[&format!("X-Request-Id: {marker}")])).await;
+        assert_eq!(status, 200);
+        let e = &access_events(marker).await[0]["fields"];
+        let logged = e[field].as_str().unwrap();
+        assert!(logged.contains("****"), "{marker}: {logged}");
+    }
+    let text = capture().text();
+    assert!(!text.contains("QwErTyUiOpAsDf"), "{text}");
+    assert!(!text.contains("GhJkLzXcVbNm"), "{text}");
+}
+
 #[tokio::test]
 async fn credential_headers_and_bodies_are_never_logged_user_agent_is_cleaned() {
     capture();
