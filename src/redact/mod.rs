@@ -30,10 +30,10 @@
 //! |---|---|
 //! | this crate's API keys with any prefix, `<prefix>_` + 28 base62 characters whose checksum verifies | `pc_demo_****` |
 //! | any run of 20+ letters and digits after `pc_live_`, `pc_test_`, a prefix you add, or a prefix a key store registered (a mistyped or truncated key) | `pc_live_****` |
-//! | JWTs `eyJ….….…` | `eyJ****` |
+//! | JWTs `eyJ….….…`, also with padded segments (`…=.`) or a header with whitespace after its `{` (`eyA…`, `ewo…`, `ew0…`, `ewk…`) | `eyJ****` |
 //! | `Bearer …`, `Basic …` credentials | `Bearer ****` |
-//! | PEM private keys (`-----BEGIN … PRIVATE KEY-----` to its `END` line) | `[REDACTED PRIVATE KEY]` |
-//! | passwords in URLs `redis://:password@host`, `postgres://u:pw@h` | `redis://:****@host` |
+//! | PEM and OpenPGP private keys, from `-----BEGIN … PRIVATE KEY…-----` to the next `-----END …-----` line, armor headers (`Proc-Type:`, `Comment:`) included | `[REDACTED PRIVATE KEY]` |
+//! | passwords in URLs `redis://:password@host`, `postgres://u:pw@h`: from the first `:` of the userinfo to the authority's last `@`, sub-delims (`;`, `,`, `&`, `'`, ...) and `@` included | `redis://:****@host` |
 //! | AWS access key ids `AKIA…`, `ASIA…` | `AKIA****` |
 //! | GitHub `ghp_`, `gho_`, `ghu_`, `ghs_`, `ghr_`, `github_pat_` | `ghp_****` |
 //! | GitLab `glpat-`, `glrt-`, `gldt-` | `glpat-****` |
@@ -118,7 +118,18 @@
 //! `_hash`, `_digest`, ...), not for every word (`password_policy` is not). Some
 //! ordinary names are redacted because they end like a secret's (`first_pass`). Keep secrets out of log calls in the first place, and use
 //! the redactor as the net under them. Secrets percent-encoded in a URL are found by
-//! the access log, which also looks at the decoded form. A field name is read
+//! the access log, which also looks at the decoded form
+//! ([`Redactor::redact_uri_part`]); what the raw form's rules hide stays hidden there.
+//!
+//! A private key block without its END line (a truncated field) is redacted to
+//! the end of the text that holds it, fail-closed: on lines of its own, to the end
+//! of the input (a writer's event); with its line breaks escaped, as in a JSON
+//! string, or on one line, to the first unescaped `"` (the end of that string) or
+//! the end of the input. A URL's authority ends at `/`, `?`, `#`, whitespace, `"`,
+//! `\` or another byte RFC 3986 does not allow in one: a password holding one of
+//! these unescaped is cut there.
+//!
+//! A field name is read
 //! after decoding its percent-escapes (`api%5Fkey`) and JSON escapes
 //! (`\u0070assword`), which JSON encoders do not write for a letter but a client
 //! can.

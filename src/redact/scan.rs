@@ -409,7 +409,11 @@ const SEPARATORS: [u8; 3] = [b'=', b':', b'_'];
 impl Prefilter {
     pub(super) fn new(shapes: &[Shape]) -> Self {
         let mut starts: Vec<Vec<u8>> = Vec::new();
-        for lit in JWT_STARTS.iter().map(|s| &s[..]).chain([&b"---"[..], b"%5F", b"%5f"]) {
+        for lit in JWT_STARTS
+            .iter()
+            .map(|s| &s[..])
+            .chain([&b"---"[..], b"%5F", b"%5f"])
+        {
             starts.push(lit.to_vec());
         }
         for s in shapes {
@@ -876,7 +880,11 @@ const JWT_SEGMENT: u8 = ALNUM | UNDERSCORE | DASH;
 /// segment byte follows them (`sig=abc` is not padding).
 fn segment(input: &[u8], from: usize) -> usize {
     let end = run(input, from, JWT_SEGMENT);
-    let pad = input[end..].iter().take(2).take_while(|&&c| c == b'=').count();
+    let pad = input[end..]
+        .iter()
+        .take(2)
+        .take_while(|&&c| c == b'=')
+        .count();
     if pad > 0
         && input
             .get(end + pad)

@@ -1841,12 +1841,24 @@ mod shape_variants {
             ("x redis://u:p'w)d,(x@h y", "x redis://u:****@h y"),
             ("redis://a@b:c@host/0", "redis://a@b:****@host/0"),
             // The authority ends at `/`, `?`, `#`, whitespace and quotes.
-            ("https://example.com:8443/x@y", "https://example.com:8443/x@y"),
+            (
+                "https://example.com:8443/x@y",
+                "https://example.com:8443/x@y",
+            ),
             ("https://h:1?u=a:b@c", "https://h:1?u=a:b@c"),
             ("https://h:1#a:b@c", "https://h:1#a:b@c"),
-            ("ssh://git@github.com/org/repo", "ssh://git@github.com/org/repo"),
-            ("see http://h:1 or mail a:b@c", "see http://h:1 or mail a:b@c"),
-            (r#"{"a":"http://h:1","b":"x:y@z"}"#, r#"{"a":"http://h:1","b":"x:y@z"}"#),
+            (
+                "ssh://git@github.com/org/repo",
+                "ssh://git@github.com/org/repo",
+            ),
+            (
+                "see http://h:1 or mail a:b@c",
+                "see http://h:1 or mail a:b@c",
+            ),
+            (
+                r#"{"a":"http://h:1","b":"x:y@z"}"#,
+                r#"{"a":"http://h:1","b":"x:y@z"}"#,
+            ),
         ] {
             assert_eq!(r(text), want, "{text}");
         }
@@ -1914,8 +1926,14 @@ mod shape_variants {
                 "t=eyJ**** x",
             ),
             // `{ "alg": "HS256" }` and `{\n "alg": "HS256"\n}`.
-            ("eyAiYWxnIjogIkhTMjU2IiB9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl", "eyA****"),
-            ("ewogImFsZyI6ICJIUzI1NiIKfQ.eyJzdWIiOiJ4In0.c2lnbmF0dXJl", "ewo****"),
+            (
+                "eyAiYWxnIjogIkhTMjU2IiB9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
+                "eyA****",
+            ),
+            (
+                "ewogImFsZyI6ICJIUzI1NiIKfQ.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
+                "ewo****",
+            ),
             // Padding is only padding before a `.` or a byte no segment has.
             (
                 "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln=abc",
@@ -1923,7 +1941,10 @@ mod shape_variants {
             ),
             // Not a token: words and dotted names with the same first bytes, a
             // header that is not a JSON object, a start glued to a word.
-            ("framework.configuration.value", "framework.configuration.value"),
+            (
+                "framework.configuration.value",
+                "framework.configuration.value",
+            ),
             ("ewoAAAAAAAAAAAAAAA.bb.cc", "ewoAAAAAAAAAAAAAAA.bb.cc"),
             (
                 "xewogImFsZyI6ICJIUzI1NiIKfQ.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
@@ -1937,14 +1958,20 @@ mod shape_variants {
         ] {
             assert_eq!(r(text), want, "{text}");
             let red = Redactor::new();
-            assert_eq!(&*red.redact_bytes_plain(text.as_bytes()), want.as_bytes(), "{text}");
+            assert_eq!(
+                &*red.redact_bytes_plain(text.as_bytes()),
+                want.as_bytes(),
+                "{text}"
+            );
         }
     }
 
     /// A secret of each kind in a URL path or query, percent-escaped in part, and
     /// the random pieces that no output may show once hidden.
     fn uri_secret() -> impl Strategy<Value = (String, Vec<String>)> {
-        let esc = proptest::sample::select(vec!["%40", "%2F", "%2f", "%3F", "%23", "%25", "%20", "%3A", "%2B", "%30", "%41", "%5F"]);
+        let esc = proptest::sample::select(vec![
+            "%40", "%2F", "%2f", "%3F", "%23", "%25", "%20", "%3A", "%2B", "%30", "%41", "%5F",
+        ]);
         (
             0usize..5,
             "[A-Za-z0-9]{8,12}",
@@ -1954,7 +1981,10 @@ mod shape_variants {
         )
             .prop_map(|(kind, a, esc, b, random)| match kind {
                 // A URL password with a byte escaped, as userinfo requires for `@ / ? #`.
-                0 => (format!("postgres://app:{a}{esc}{b}@db.internal/x"), vec![a, b]),
+                0 => (
+                    format!("postgres://app:{a}{esc}{b}@db.internal/x"),
+                    vec![a, b],
+                ),
                 // A bearer credential with a base64 byte escaped.
                 1 => (format!("Bearer%20{a}{esc}{b}"), vec![a, b]),
                 // A key of any prefix found by its checksum, then an escape.
@@ -2033,7 +2063,10 @@ mod shape_variants {
                 "/proxy/redis://:****@cache:6379/token=REDACTED".to_owned(),
             ),
             // Decoded, the key body is 29 characters and no longer a key.
-            (format!("/v1/keys/{k}%30/token=1"), "/v1/keys/billing_live_****0/token=REDACTED".to_owned()),
+            (
+                format!("/v1/keys/{k}%30/token=1"),
+                "/v1/keys/billing_live_****0/token=REDACTED".to_owned(),
+            ),
             // What only the decoded form shows is hidden as before.
             (
                 "/x?next=Bearer%20abcdefgh12%2Bijklmnop".to_owned(),
@@ -2080,7 +2113,8 @@ mod shape_variants {
             r#"{"m":"[REDACTED PRIVATE KEY]"}"#
         );
         // Public blocks are left alone.
-        let public = "-----BEGIN PUBLIC KEY-----\nComment: x\n\nMIIBIjANBgkqh\n-----END PUBLIC KEY-----";
+        let public =
+            "-----BEGIN PUBLIC KEY-----\nComment: x\n\nMIIBIjANBgkqh\n-----END PUBLIC KEY-----";
         assert_eq!(r(public), public);
     }
 }
