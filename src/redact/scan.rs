@@ -1092,7 +1092,7 @@ fn pem(input: &[u8], i: usize) -> Option<Match> {
                 with: PEM,
             });
         }
-        if c == b'"' && !raw_lines && backslashes % 2 == 0 {
+        if c == b'"' && !raw_lines && backslashes.is_multiple_of(2) {
             break;
         }
         backslashes = if c == b'\\' { backslashes + 1 } else { 0 };
