@@ -30,7 +30,7 @@
 //! |---|---|
 //! | this crate's API keys with any prefix, `<prefix>_` + 28 base62 characters whose checksum verifies | `pc_demo_****` |
 //! | any run of 20+ letters and digits after `pc_live_`, `pc_test_`, a prefix you add, or a prefix a key store registered (a mistyped or truncated key) | `pc_live_****` |
-//! | JWTs `eyJ….….…`, also with padded segments (`…=.`) or a header with whitespace after its `{` (`eyA…`, `ewo…`, `ew0…`, `ewk…`) | `eyJ****` |
+//! | JWTs `eyJ….….…`, also with padded segments (`…=.`) | `eyJ****` |
 //! | `Bearer …`, `Basic …` credentials | `Bearer ****` |
 //! | PEM and OpenPGP private keys, from `-----BEGIN … PRIVATE KEY…-----` to the next `-----END …-----` line, armor headers (`Proc-Type:`, `Comment:`) included | `[REDACTED PRIVATE KEY]` |
 //! | passwords in URLs `redis://:password@host`, `postgres://u:pw@h`: from the first `:` of the userinfo to the authority's last `@`, sub-delims (`;`, `,`, `&`, `'`, ...) and `@` included | `redis://:****@host` |
@@ -116,8 +116,11 @@
 //! name is told by how it ends: `password` followed by another word is sensitive
 //! only for the words a form or model keeps beside a password (`_confirmation`,
 //! `_hash`, `_digest`, ...), not for every word (`password_policy` is not). Some
-//! ordinary names are redacted because they end like a secret's (`first_pass`). Keep secrets out of log calls in the first place, and use
-//! the redactor as the net under them. Secrets percent-encoded in a URL are found by
+//! ordinary names are redacted because they end like a secret's (`first_pass`). A
+//! JWT is found by its header's first bytes `eyJ` (the JSON `{"` every JWT library
+//! writes); one whose header has whitespace after its `{` is found only as a
+//! credential (`Bearer …`) or under a sensitive name. Keep secrets out of log calls
+//! in the first place, and use the redactor as the net under them. Secrets percent-encoded in a URL are found by
 //! the access log, which also looks at the decoded form
 //! ([`Redactor::redact_uri_part`]); what the raw form's rules hide stays hidden there.
 //!
@@ -334,14 +337,16 @@ impl Rules {
                 set_pair(&mut pairs, s.prefix[0], b'%');
             }
         }
-        // `Bearer`, `Basic` (any case), `-----BEGIN`, and the starts of a JWT.
-        for (first, next) in [(b'b', b"eEaA"), (b'B', b"eEaA"), (b'-', b"----")] {
+        // `Bearer`, `Basic` (any case), `eyJ`, `-----BEGIN`.
+        for (first, next) in [
+            (b'b', b"eEaA"),
+            (b'B', b"eEaA"),
+            (b'e', b"yyyy"),
+            (b'-', b"----"),
+        ] {
             for &n in next {
                 set_pair(&mut pairs, first, n);
             }
-        }
-        for s in scan::JWT_STARTS {
-            set_pair(&mut pairs, s[0], s[1]);
         }
         // This crate's keys of any prefix, at the `_` (or `%5F`) before the body.
         for n in (b'0'..=b'9').chain(b'A'..=b'Z').chain(b'a'..=b'z') {

