@@ -968,6 +968,13 @@ fn starts_with_ci(s: &[u8], word: &[u8]) -> bool {
 /// it, the userinfo runs to the authority's last `@` and the password from the
 /// first `:` in it: `redis://:pa@ss;w@host` hides `pa@ss;w`.
 ///
+/// The authority also ends before a `REDACTED` (the field rule's replacement): a
+/// field inside an authority that the first pass hid, with the byte that ended the
+/// authority (`redis://password:?;@` becomes `redis://password:REDACTED;@`), must
+/// not join the `@` after it on a second pass, or redaction would not be
+/// idempotent. A password that itself holds that word is then hidden only by the
+/// field rule, if its user name is a sensitive name.
+///
 /// An authority holds no `/`, so the authorities read from two `://` never
 /// overlap: each byte is read once by this rule, and the work is linear however
 /// long the authority is.
@@ -975,7 +982,10 @@ fn url_credentials(input: &[u8], from: usize) -> Option<Match> {
     let mut colon = None;
     let mut at = None;
     let mut j = from;
-    while j < input.len() && in_authority(input[j]) {
+    while j < input.len()
+        && in_authority(input[j])
+        && !(input[j] == b'R' && input[j..].starts_with(REDACTED))
+    {
         match input[j] {
             b'@' => at = Some(j),
             b':' if colon.is_none() => colon = Some(j),
