@@ -424,6 +424,17 @@ async fn unauthenticated_mode_is_limited_per_client_address() {
     }
 }
 
+/// How many of `n` requests carrying `header`, sent one after another, got 200.
+pub async fn admitted(addr: SocketAddr, header: &[u8], n: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        if get(addr, &[header]).await.status == 200 {
+            ok += 1;
+        }
+    }
+    ok
+}
+
 /// The longest bursts a quota may have (back in 300 days here) are held exactly:
 /// the tolerance is far from the clock's end, never saturated into "always
 /// allowed".
@@ -435,13 +446,7 @@ async fn a_burst_on_a_long_window_is_held_exactly() {
         .build()
         .unwrap();
     let addr = serve_limited(layer, ClientIpConfig::peer_only()).await;
-    let who: &[&[u8]] = &[b"X-Test-Principal: bursty"];
-    let mut ok = 0;
-    for _ in 0..310 {
-        if get(addr, who).await.status == 200 {
-            ok += 1;
-        }
-    }
+    let ok = admitted(addr, b"X-Test-Principal: bursty", 310).await;
     assert_eq!(ok, 300, "a burst of 300 let {ok} of 310 through");
     // A burst that would take more than 366 days to come back is refused.
     assert!(Quota::per_day(1).unwrap().with_burst(367).is_err());
