@@ -163,8 +163,8 @@ pub struct RemoteIssuer {
     max_staleness: Duration,
 }
 
-/// The issuer and the JWK Set URL are shown as [`ShownUrl`] does: no user
-/// information, query or fragment, which can carry a credential.
+/// The issuer and the JWK Set URL are shown without user information, query or
+/// fragment, which can carry a credential: `scheme://host[:port]/path`.
 impl fmt::Debug for RemoteIssuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteIssuer")
