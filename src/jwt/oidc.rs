@@ -21,7 +21,8 @@ pub(crate) const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 /// a credential (`https://svc:password@…`, `?access_token=…`).
 ///
 /// A string that is not plainly such a URL is not shown at all (`<URL not shown>`):
-/// one without `://`, with a character that is not printable ASCII, or with an `@`
+/// one that does not start with a scheme (a letter, then letters, digits, `+`, `-`
+/// or `.`) and `://`, with a character that is not printable ASCII, or with an `@`
 /// past the authority, where a user information holding `/`, `?` or `#` may have
 /// ended (`https://svc:pa/ss@host`): there, which part is the host is a guess.
 #[derive(Clone, Copy)]
@@ -34,7 +35,16 @@ impl<'a> ShownUrl<'a> {
     /// The scheme, the host with its port, and the path (empty or from `/`).
     fn parts(self) -> Option<(&'a str, &'a str, &'a str)> {
         let (scheme, rest) = self.0.split_once("://")?;
-        if !self.0.bytes().all(|b| b.is_ascii_graphic()) || scheme.is_empty() {
+        // A `://` after anything but a scheme is in a path or query
+        // (`https:/u:pw@h/?r=https://x`): what comes before it is not a scheme.
+        let is_scheme = scheme
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic())
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+        if !self.0.bytes().all(|b| b.is_ascii_graphic()) || !is_scheme {
             return None;
         }
         let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
@@ -448,6 +458,19 @@ mod tests {
             if !password.contains(['/', '?', '#']) {
                 prop_assert_eq!(shown, format!("{scheme}://{host}{port}{path}"));
             }
+        }
+
+        /// A string that only looks like a URL further on (a malformed scheme, a
+        /// `://` in its query) never shows the user information before it.
+        #[test]
+        fn malformed_urls_never_show_user_information(
+            start in "[a-z0-9:/.+-]{0,10}",
+            password in "[A-Z]{8}",
+            rest in "[a-z./]{0,10}(\\?[a-z]{1,4}=[a-z]{0,5}://[a-z]{1,5})?",
+        ) {
+            let url = format!("{start}svc:{password}@idp{rest}");
+            let shown = ShownUrl(&url).to_string();
+            prop_assert!(!shown.contains(&password), "{} -> {}", url, shown);
         }
 
         #[test]
