@@ -748,4 +748,22 @@ mod tests {
         assert!(!SECRETS.iter().any(|s| d.contains(s)), "{d}");
         assert!(d.contains(r#"Jwks("https://idp.example.com/jwks")"#), "{d}");
     }
+
+    /// The verifier that holds such an issuer shows it the same way.
+    #[tokio::test]
+    async fn the_verifier_debug_hides_its_remote_issuers_credentials() {
+        let r = RemoteIssuer::jwks(
+            "https://idp.example.com/?access_token=Sup3rSecretTok",
+            "https://idp.example.com/jwks",
+        )
+        .audience("api")
+        .start(RemoteStart::StartEmpty);
+        let v = TokenVerifier::builder().remote_issuer(r).build().unwrap();
+        let d = format!("{v:?}");
+        assert!(!SECRETS.iter().any(|s| d.contains(s)), "{d}");
+        assert!(
+            d.contains(r#"remote_issuers: ["https://idp.example.com/"]"#),
+            "{d}"
+        );
+    }
 }

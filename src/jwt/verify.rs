@@ -533,7 +533,13 @@ impl fmt::Debug for TokenVerifier {
         f.debug_struct("TokenVerifier")
             .field("issuers", &p.issuers)
             .field("audiences", &p.local.audiences)
-            .field("remote_issuers", &p.remote.keys())
+            .field(
+                "remote_issuers",
+                &p.remote
+                    .keys()
+                    .map(|k| super::oidc::ShownUrl(k))
+                    .collect::<Vec<_>>(),
+            )
             .field("keys", &self.inner.state.load().keys)
             .finish_non_exhaustive()
     }
