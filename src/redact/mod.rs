@@ -127,10 +127,12 @@
 //! A private key block without its END line (a truncated field) is redacted to
 //! the end of the text that holds it, fail-closed: on lines of its own, to the end
 //! of the input (a writer's event); with its line breaks escaped, as in a JSON
-//! string, or on one line, to the first unescaped `"` (the end of that string) or
-//! the end of the input. A URL's authority ends at `/`, `?`, `#`, whitespace, `"`,
-//! `\` or another byte RFC 3986 does not allow in one: a password holding one of
-//! these unescaped is cut there.
+//! string, or on one line, to the first unescaped `"` that can end a JSON string
+//! (followed by `,`, `:`, `}`, `]` or the end) or the end of the input. A URL's
+//! authority ends at `/`, `?`, `#`, whitespace, `"`, `\`, another byte RFC 3986
+//! does not allow in one, or the word `REDACTED`: a password holding one of these
+//! unescaped, with no `@` after it in the authority, is not found by the URL rule
+//! (only by the field rule, when its user name is a sensitive name).
 //!
 //! A field name is read
 //! after decoding its percent-escapes (`api%5Fkey`) and JSON escapes

@@ -1019,8 +1019,10 @@ fn in_authority(c: u8) -> bool {
 /// - written on lines of its own (a raw line break after the BEGIN line): to the
 ///   end of the input, a writer's whole event;
 /// - otherwise (line breaks escaped, as in a JSON string, or none): to the first
-///   `"` that is not backslash-escaped, which ends the string holding the block, so
-///   that the document's structure after it is kept; or to the end of the input.
+///   `"` that is not backslash-escaped and can end a JSON string (`,`, `:`, `}`,
+///   `]` or the end of the input after it), which ends the string holding the
+///   block, so that the document's structure after it is kept; or to the end of the
+///   input. A quote inside the block (`Comment: "backup"`) does not end it.
 ///
 /// Work is linear: the bytes read are the ones the match then covers, apart from
 /// the trailing whitespace left out, and the label after each `-----END ` is read
@@ -1056,7 +1058,8 @@ fn pem(input: &[u8], i: usize) -> Option<Match> {
                 with: PEM,
             });
         }
-        if c == b'"' && !raw_lines && backslashes.is_multiple_of(2) {
+        if c == b'"' && !raw_lines && backslashes.is_multiple_of(2) && closes_json_string(input, j)
+        {
             break;
         }
         backslashes = if c == b'\\' { backslashes + 1 } else { 0 };

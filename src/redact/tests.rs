@@ -2133,6 +2133,14 @@ mod shape_variants {
             r(&format!(r#"{{"m":"{pgp}"}}"#)),
             r#"{"m":"[REDACTED PRIVATE KEY]"}"#
         );
+        // On one line, a quote that cannot end a JSON string does not end it
+        // either: the block goes to its END line.
+        for comment in [r#""ann""#, r#""a" b"#, r#"x""#] {
+            let line = format!(
+                "loaded -----BEGIN RSA PRIVATE KEY----- Comment: {comment} {body} -----END RSA PRIVATE KEY----- ok"
+            );
+            assert_eq!(r(&line), "loaded [REDACTED PRIVATE KEY] ok", "{line}");
+        }
         // Public blocks are left alone.
         let public =
             "-----BEGIN PUBLIC KEY-----\nComment: x\n\nMIIBIjANBgkqh\n-----END PUBLIC KEY-----";
