@@ -277,7 +277,10 @@ impl SignatureVerifierBuilder {
     /// The components every signature must cover, space separated (default
     /// `@method @authority @path @query`). `content-digest` is required on top
     /// whenever a request has a body. An empty list is a configuration error: a
-    /// signature covering nothing would authorise any method, path and query.
+    /// signature covering nothing would authorise any method, path and query. A list
+    /// that leaves out `@method`, `@path` or `@query` lets one signature authorise
+    /// the requests that differ only there: keep them unless a client cannot sign
+    /// them.
     ///
     /// ```
     /// use portcullis::signature::{SignatureKey, SignatureVerifier};

@@ -30,7 +30,7 @@
 //! runs on another. Only `full-logs`'s and `peer-logs`'s threads have a log
 //! subscriber; the other servers' threads have one that takes no event (see
 //! `main`). The bytes of log written are counted, and a run in which either wrote
-//! none, or another configuration wrote some, fails.
+//! none fails (and, for one configuration alone, one in which another wrote some).
 
 mod common;
 #[path = "../../../benches/common/peer.rs"]
