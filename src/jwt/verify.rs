@@ -530,17 +530,19 @@ impl TokenVerifier {
 impl fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let p = &self.inner.policy;
-        f.debug_struct("TokenVerifier")
-            .field("issuers", &p.issuers)
-            .field("audiences", &p.local.audiences)
-            .field(
-                "remote_issuers",
-                &p.remote
-                    .keys()
-                    .map(|k| super::oidc::ShownUrl(k))
-                    .collect::<Vec<_>>(),
-            )
-            .field("keys", &self.inner.state.load().keys)
+        let mut d = f.debug_struct("TokenVerifier");
+        d.field("issuers", &p.issuers)
+            .field("audiences", &p.local.audiences);
+        // Remote issuers exist only with the feature; their names are URLs.
+        #[cfg(feature = "jwks-remote")]
+        d.field(
+            "remote_issuers",
+            &p.remote
+                .keys()
+                .map(|k| super::oidc::ShownUrl(k))
+                .collect::<Vec<_>>(),
+        );
+        d.field("keys", &self.inner.state.load().keys)
             .finish_non_exhaustive()
     }
 }
