@@ -1124,30 +1124,12 @@ pub(crate) fn percent_decode(s: &[u8], plus: bool) -> Cow<'_, [u8]> {
     if !s.iter().any(|&b| b == b'%' || (plus && b == b'+')) {
         return Cow::Borrowed(s);
     }
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
-        match s[i] {
-            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 3;
-                }
-                _ => {
-                    out.push(b'%');
-                    i += 1;
-                }
-            },
-            b'+' if plus => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+        let (b, len) = decoded_at(s, i, plus);
+        out.push(b);
+        i += len;
     }
     if out == s {
         Cow::Borrowed(s)
@@ -1160,27 +1142,32 @@ pub(crate) fn percent_decode(s: &[u8], plus: bool) -> Cow<'_, [u8]> {
 /// of the result is decoded from `s[origin[k]..origin[k + 1]]`. `None` when
 /// nothing was decoded.
 fn percent_decode_mapped(s: &[u8]) -> Option<(Vec<u8>, Vec<usize>)> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(s.len());
     let mut origin = Vec::with_capacity(s.len() + 1);
-    let mut changed = false;
     let mut i = 0;
     while i < s.len() {
         origin.push(i);
-        if s[i] == b'%'
-            && i + 2 < s.len()
-            && let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2]))
-        {
-            out.push(h << 4 | l);
-            i += 3;
-            changed = true;
-        } else {
-            out.push(s[i]);
-            i += 1;
-        }
+        let (b, len) = decoded_at(s, i, false);
+        out.push(b);
+        i += len;
     }
     origin.push(s.len());
-    changed.then_some((out, origin))
+    (out.len() < s.len()).then_some((out, origin))
+}
+
+/// The byte that `s[i..]` decodes to, and how many bytes of `s` it takes: `%XY`
+/// (two hex digits) is one byte, `+` is a space when `plus`, any other byte (a `%`
+/// not followed by two hex digits included) stands for itself.
+fn decoded_at(s: &[u8], i: usize, plus: bool) -> (u8, usize) {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    match s[i] {
+        b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+            (Some(h), Some(l)) => (h << 4 | l, 3),
+            _ => (b'%', 1),
+        },
+        b'+' if plus => (b' ', 1),
+        b => (b, 1),
+    }
 }
 
 /// Makes a client-controlled string safe to put in a log line, as the access log and
