@@ -122,7 +122,10 @@ impl fmt::Write for AddrText {
 ///
 /// Parsed from a comma-separated list (the form an environment variable holds) of
 /// CIDRs or single addresses. A CIDR with host bits set (`10.0.0.1/8`) is refused as
-/// ambiguous rather than guessed at; an IPv4-mapped IPv6 network
+/// ambiguous rather than guessed at, and so is an octet or prefix length written with
+/// a leading zero (`010.0.0.0/8`: 8.0.0.0/8 to `inet_aton`, 10.0.0.0/8 elsewhere):
+/// the address of a CIDR is read exactly as a single address is, by the standard
+/// parser (four decimal octets, no short forms). An IPv4-mapped IPv6 network
 /// (`::ffff:10.0.0.0/104`) is stored as the IPv4 network it names, since addresses
 /// are normalised the same way before lookup.
 ///
@@ -135,6 +138,7 @@ impl fmt::Write for AddrText {
 /// assert!(!set.contains("192.0.2.8".parse().unwrap()));
 /// let err = IpSet::parse("10.0.0.1/8").unwrap_err();
 /// assert!(err.to_string().contains("host bits"));
+/// assert!(IpSet::parse("010.0.0.0/8").is_err());
 /// ```
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct IpSet {
@@ -209,18 +213,55 @@ impl std::str::FromStr for IpSet {
 }
 
 fn parse_net(s: &str) -> Result<IpNet, &'static str> {
+    const NOT_AN_ADDRESS: &str = "not an IP address or CIDR";
     if s.is_empty() {
         return Err("empty entry");
     }
-    if !s.contains('/') {
-        let ip: IpAddr = s.parse().map_err(|_| "not an IP address or CIDR")?;
+    // One grammar for both forms: the address by the standard parser (as forwarded
+    // headers are read), the prefix in plain decimal. A leading zero is refused in
+    // either: `010.0.0.0/8` is 8.0.0.0/8 to `inet_aton` and to tools built on it.
+    let (addr, prefix) = match s.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (s, None),
+    };
+    let Ok(ip) = addr.parse::<IpAddr>() else {
+        return Err(if has_leading_zero_octet(addr) {
+            "an octet with a leading zero is ambiguous (octal to some tools): write it without"
+        } else {
+            NOT_AN_ADDRESS
+        });
+    };
+    let Some(prefix) = prefix else {
         return Ok(IpNet::from(ip));
-    }
-    let net: IpNet = s.parse().map_err(|_| "not an IP address or CIDR")?;
-    if net.addr() != net.network() {
-        return Err("host bits are set below the prefix (write the network address)");
+    };
+    let is_decimal = (1..=3).contains(&prefix.len())
+        && prefix.bytes().all(|b| b.is_ascii_digit())
+        && (prefix == "0" || !prefix.starts_with('0'));
+    let net = is_decimal
+        .then(|| prefix.parse::<u8>().ok())
+        .flatten()
+        .and_then(|len| IpNet::new(ip, len).ok())
+        .ok_or("not a prefix length (0 to 32 for IPv4, 0 to 128 for IPv6, no leading zero)")?;
+    if has_host_bits(net) {
+        return Err(HOST_BITS);
     }
     Ok(net)
+}
+
+const HOST_BITS: &str = "host bits are set below the prefix (write the network address)";
+
+fn has_host_bits(net: IpNet) -> bool {
+    net.addr() != net.network()
+}
+
+/// Whether the dotted-decimal part of `addr` has an octet written with a leading
+/// zero (only to name the mistake; the standard parser refuses it anyway).
+fn has_leading_zero_octet(addr: &str) -> bool {
+    let dotted = addr.rsplit(':').next().unwrap_or(addr);
+    dotted.contains('.')
+        && dotted
+            .split('.')
+            .any(|o| o.len() > 1 && o.starts_with('0') && o.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn normalise_net(net: IpNet) -> IpNet {
@@ -289,6 +330,47 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// An entry is read as the standard parser reads its address, with or
+        /// without a prefix, plain or IPv4-mapped: an octet or a prefix length with a
+        /// leading zero (`010.0.0.0/8`, `10.0.0.0/08`), which tools built on
+        /// `inet_aton` read as octal, is refused, and an accepted entry is exactly
+        /// the network its text names.
+        #[test]
+        fn entries_are_read_as_the_standard_parser_reads_them(
+            addr: u32,
+            len in 0u8..=32,
+            zeros in proptest::collection::vec(0usize..3, 4),
+            prefix_zero: bool,
+            mapped: bool,
+            with_prefix: bool,
+        ) {
+            let (len, prefix_zero) = if with_prefix { (len, prefix_zero) } else { (32, false) };
+            let net = Ipv4Net::new(addr.into(), len).unwrap().trunc();
+            let octets: Vec<String> = net
+                .network()
+                .octets()
+                .iter()
+                .zip(&zeros)
+                .map(|(o, &z)| format!("{}{o}", "0".repeat(z)))
+                .collect();
+            let mut text = octets.join(".");
+            if mapped {
+                text = format!("::ffff:{text}");
+            }
+            if with_prefix {
+                let len = if mapped { len + 96 } else { len };
+                text = format!("{text}/{}{len}", if prefix_zero { "0" } else { "" });
+            }
+            let plain = zeros.iter().all(|&z| z == 0) && !prefix_zero;
+            let got = IpSet::parse(&text);
+            proptest::prop_assert_eq!(got.is_ok(), plain, "{} -> {:?}", text, got);
+            if let Ok(set) = got {
+                proptest::prop_assert_eq!(set.nets(), &[IpNet::V4(net)][..]);
+            }
+        }
+    }
+
     #[test]
     fn client_ip_displays_as_the_standard_address() {
         for s in [
@@ -318,6 +400,12 @@ mod tests {
             ("10.0.0.0/8,", 2),
             ("10.0.0.0/8, x", 2),
             ("1.2.3.4/33", 1),
+            ("10.0.0.0/8, 010.0.0.0/8", 2),
+            ("10.0.0.0/08", 1),
+            ("::/0128", 1),
+            ("::ffff:010.0.0.0/104", 1),
+            ("1.2.3/24", 1),
+            ("10.0.0.0/", 1),
         ] {
             let e = IpSet::parse(list).unwrap_err().to_string();
             assert!(e.contains(&format!("entry {pos}")), "{list:?}: {e}");
