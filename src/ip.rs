@@ -162,9 +162,24 @@ impl IpSet {
     }
 
     /// Builds a set from networks. An empty set is refused: a list that matches
-    /// nothing is almost always a configuration mistake.
+    /// nothing is almost always a configuration mistake. So is a network with host
+    /// bits set (`10.0.0.1/8`, an interface's address and mask, as
+    /// [`parse`](Self::parse) refuses it): it is not widened to the network.
     pub fn from_nets(nets: impl IntoIterator<Item = IpNet>) -> Result<Self, ConfigError> {
-        let nets: Vec<IpNet> = nets.into_iter().map(normalise_net).collect();
+        let nets = nets
+            .into_iter()
+            .enumerate()
+            .map(|(i, net)| {
+                if has_host_bits(net) {
+                    Err(ConfigError::new(format!(
+                        "IP list entry {}: {HOST_BITS}",
+                        i + 1
+                    )))
+                } else {
+                    Ok(normalise_net(net))
+                }
+            })
+            .collect::<Result<Vec<IpNet>, ConfigError>>()?;
         if nets.is_empty() {
             return Err(ConfigError::new("IP list is empty"));
         }
@@ -237,15 +252,12 @@ fn parse_net(s: &str) -> Result<IpNet, &'static str> {
     let is_decimal = (1..=3).contains(&prefix.len())
         && prefix.bytes().all(|b| b.is_ascii_digit())
         && (prefix == "0" || !prefix.starts_with('0'));
-    let net = is_decimal
+    // Host bits are refused by `from_nets`, for every way a set is built.
+    is_decimal
         .then(|| prefix.parse::<u8>().ok())
         .flatten()
         .and_then(|len| IpNet::new(ip, len).ok())
-        .ok_or("not a prefix length (0 to 32 for IPv4, 0 to 128 for IPv6, no leading zero)")?;
-    if has_host_bits(net) {
-        return Err(HOST_BITS);
-    }
-    Ok(net)
+        .ok_or("not a prefix length (0 to 32 for IPv4, 0 to 128 for IPv6, no leading zero)")
 }
 
 const HOST_BITS: &str = "host bits are set below the prefix (write the network address)";
@@ -367,6 +379,27 @@ mod tests {
             proptest::prop_assert_eq!(got.is_ok(), plain, "{} -> {:?}", text, got);
             if let Ok(set) = got {
                 proptest::prop_assert_eq!(set.nets(), &[IpNet::V4(net)][..]);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// A network built from parts is accepted by `from_nets` exactly when its
+        /// text is accepted by `parse`, as the same set: a network with host bits
+        /// set is refused by both, never widened to the network around it.
+        #[test]
+        fn from_nets_accepts_what_parse_accepts(addr: u128, len in 0u8..=128, v4: bool) {
+            let net = if v4 {
+                IpNet::V4(Ipv4Net::new((addr as u32).into(), len % 33).unwrap())
+            } else {
+                IpNet::V6(ipnet::Ipv6Net::new(addr.into(), len).unwrap())
+            };
+            let built = IpSet::from_nets([net]);
+            let parsed = IpSet::parse(&net.to_string());
+            proptest::prop_assert_eq!(built.is_ok(), parsed.is_ok(), "{}", net);
+            proptest::prop_assert_eq!(built.is_ok(), net.addr() == net.network(), "{}", net);
+            if let (Ok(b), Ok(p)) = (built, parsed) {
+                proptest::prop_assert_eq!(b, p);
             }
         }
     }
