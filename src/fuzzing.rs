@@ -17,17 +17,19 @@ use http::{HeaderMap, HeaderValue};
 use crate::IpSet;
 #[cfg(feature = "client-ip")]
 use crate::client_ip::{
-    ClientIpConfig, ForwardedHeader, Node, parse_forwarded, parse_x_forwarded_for, walk,
+    ClientIpConfig, ForwardedHeader, Node, parse_forwarded, parse_x_forwarded_for, walk, walk_depth,
 };
 
 /// `forwarded_headers` target. Input: one selector byte, then header values
 /// separated by `\n` (one per header instance). Selector bits 0-1 pick the peer;
-/// bit 3 clear: bit 2 picks `X-Forwarded-For` or `Forwarded`; bit 3 set: a
-/// single-value header (`X-Real-IP` and the CDN headers, picked by bits 4-6).
+/// bit 3 clear: bit 2 picks `X-Forwarded-For` or `Forwarded`, bits 4-7 the depth
+/// of hop-count mode (0: the trusted-hop walk); bit 3 set: a single-value header
+/// (`X-Real-IP` and the CDN headers, picked by bits 4-6).
 ///
 /// Checks, besides "no panic": the resolved client is the peer or an address that
 /// appears in the chain with only trusted hops to its right; and the resolver over a
-/// `HeaderMap` agrees with the pure walk over the same values. For a single-value
+/// `HeaderMap` agrees with the pure walk over every node of the same values (in
+/// hop-count mode, with the pure count from the right). For a single-value
 /// header: the client is the peer when the peer is untrusted or sent no header, the
 /// one value's address when it parses, and nothing otherwise (two instances, or a
 /// value that is not exactly one address).
@@ -90,6 +92,15 @@ pub fn forwarded_headers(data: &[u8]) {
             client,
             "resolver and walk disagree"
         );
+        let depth = usize::from(sel >> 4);
+        if depth > 0 {
+            let cfg = cfg.depth(depth).expect("a depth of 1 to 15");
+            assert_eq!(
+                cfg.resolve(peer, &headers),
+                walk_depth(peer, nodes.iter().copied(), depth, is_trusted),
+                "resolver and count from the right disagree"
+            );
+        }
     }
 }
 

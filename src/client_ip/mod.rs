@@ -36,9 +36,10 @@
 //!
 //! ## Costs and limits
 //! From an untrusted peer: one set lookup, no header parsing. From a trusted peer:
-//! one pass over at most 32 entries from the right (no allocation for
-//! `X-Forwarded-For`; one small vector per `Forwarded` instance). A longer chain of
-//! trusted hops resolves to no address.
+//! one pass over at most 33 entries from the right, and no allocation. A `Forwarded`
+//! value is scanned whole, since quotes may hide commas, but only its last 33
+//! entries are kept, in a fixed buffer. A chain of more than 32 trusted hops
+//! resolves to no address.
 
 mod parse;
 #[cfg(test)]
@@ -56,7 +57,8 @@ use tower_service::Service;
 use crate::rejection::{RefusalBody, Rejection};
 use crate::{ClientIp, ConfigError, IpSet};
 pub(crate) use parse::{
-    MAX_HOPS, Node, parse_forwarded, parse_single_address, parse_x_forwarded_for, walk, walk_depth,
+    MAX_HOPS, Node, parse_forwarded, parse_forwarded_rev, parse_single_address,
+    parse_x_forwarded_for, walk, walk_depth,
 };
 
 /// The TCP peer of the connection, in the request extensions.
@@ -215,13 +217,11 @@ impl ClientIpConfig {
                 self.pick(peer, nodes, is_trusted)
             }
             ForwardedHeader::Forwarded => {
-                let nodes = headers.get_all(FORWARDED).iter().rev().flat_map(|v| {
-                    // Elements are delimited left to right (quotes may hide commas), so
-                    // a value is parsed whole and then read from its right end.
-                    let mut per_value: Vec<Node> = parse_forwarded(v.as_bytes()).collect();
-                    per_value.reverse();
-                    per_value
-                });
+                let nodes = headers
+                    .get_all(FORWARDED)
+                    .iter()
+                    .rev()
+                    .flat_map(|v| parse_forwarded_rev(v.as_bytes()));
                 self.pick(peer, nodes, is_trusted)
             }
             single => {

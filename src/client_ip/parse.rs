@@ -101,6 +101,22 @@ pub(crate) fn parse_forwarded(value: &[u8]) -> Forwarded<'_> {
     }
 }
 
+/// The nodes of one `Forwarded` value **right to left** (nearest hop first), at most
+/// its last `MAX_HOPS + 1`: all that a walk can look at, since [`walk`] stops at the
+/// `MAX_HOPS + 1`-th node and a depth is at most [`MAX_HOPS`]. Elements are
+/// delimited left to right (quotes may hide commas), so the value is parsed whole,
+/// its last nodes kept in a fixed ring: no allocation, whatever the element count.
+pub(crate) fn parse_forwarded_rev(value: &[u8]) -> impl Iterator<Item = Node> {
+    const KEPT: usize = MAX_HOPS + 1;
+    let mut ring = [Node::Invalid; KEPT];
+    let mut count = 0usize;
+    for node in parse_forwarded(value) {
+        ring[count % KEPT] = node;
+        count += 1;
+    }
+    (1..=count.min(KEPT)).map(move |i| ring[(count - i) % KEPT])
+}
+
 /// Iterator returned by [`parse_forwarded`].
 #[derive(Debug, Clone)]
 pub(crate) struct Forwarded<'a> {

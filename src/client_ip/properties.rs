@@ -36,6 +36,19 @@ fn hop() -> impl Strategy<Value = Hop> {
     ]
 }
 
+fn hop_trusted() -> impl Strategy<Value = Hop> {
+    any::<[u8; 3]>().prop_map(|b| Hop::Trusted(IpAddr::from([10, b[0], b[1], b[2]])))
+}
+
+/// One `Forwarded` element: a hop, or a syntax error that ends its value.
+fn forwarded_element() -> impl Strategy<Value = String> {
+    prop_oneof![
+        38 => hop().prop_map(|h| forwarded_text(&h)),
+        1 => Just(r#"for="10.0.0.7"#.to_owned()),
+        1 => Just("for=10.0.0.7:80".to_owned()),
+    ]
+}
+
 fn xff_text(h: &Hop) -> String {
     match h {
         Hop::Trusted(ip) | Hop::Untrusted(ip) => ip.to_string(),
@@ -138,6 +151,47 @@ proptest! {
         nodes.reverse();
         let set = trusted();
         prop_assert_eq!(walk(peer, nodes, |ip| set.contains(ip)), model(peer.to_canonical(), &hops));
+    }
+
+    /// The resolver over `Forwarded` values of any length (a long run of trusted hops
+    /// on the right, broken elements anywhere), split over header instances, equals
+    /// the walk over every node of every value, in both modes: the last entries it
+    /// keeps of each value are all that a walk can look at.
+    #[test]
+    fn forwarded_resolver_matches_the_whole_chain(
+        peer in peer(),
+        head in proptest::collection::vec(forwarded_element(), 0..40),
+        tail in proptest::collection::vec(hop_trusted(), 0..50),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..3),
+        depth in prop::option::of(1usize..=MAX_HOPS),
+    ) {
+        let mut text = head;
+        text.extend(tail.iter().map(forwarded_text));
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| c.index(text.len() + 1)).collect();
+        bounds.extend([0, text.len()]);
+        bounds.sort_unstable();
+        bounds.dedup();
+        let values: Vec<String> = bounds.windows(2).map(|w| text[w[0]..w[1]].join(", ")).collect();
+        let mut headers = http::HeaderMap::new();
+        for v in &values {
+            headers.append(http::header::FORWARDED, http::HeaderValue::from_str(v).unwrap());
+        }
+        let whole: Vec<Node> = values
+            .iter()
+            .rev()
+            .flat_map(|v| {
+                let mut nodes: Vec<Node> = parse_forwarded(v.as_bytes()).collect();
+                nodes.reverse();
+                nodes
+            })
+            .collect();
+        let set = trusted();
+        let cfg = ClientIpConfig::trusted_proxy_set(set.clone()).header(ForwardedHeader::Forwarded);
+        let (cfg, want) = match depth {
+            None => (cfg, walk(peer, whole, |ip| set.contains(ip))),
+            Some(d) => (cfg.depth(d).unwrap(), walk_depth(peer, whole, d, |ip| set.contains(ip))),
+        };
+        prop_assert_eq!(cfg.resolve(peer, &headers), want);
     }
 
     /// Depth mode only ever picks an address that is in the header, or the peer.
