@@ -441,9 +441,10 @@ const NO_PEER_TONIC: &str = "; with tonic, enable portcullis's `tonic` feature (
     tonic's TcpConnectInfo)";
 
 /// The layer's request-side work, in place: resolves the client address and inserts
-/// it into the request extensions. Returns the address (also for the response
-/// extensions), `Ok(None)` when a trusted proxy reported none, `Err` (logged) when
-/// the request has no peer address.
+/// it into the request extensions, replacing any an outer layer put there (and
+/// removing it when this layer resolves none). Returns the address (also for the
+/// response extensions), `Ok(None)` when a trusted proxy reported none, `Err`
+/// (logged) when the request has no peer address.
 fn resolve<ReqBody>(
     config: &ClientIpConfig,
     req: &mut Request<ReqBody>,
@@ -466,7 +467,11 @@ fn resolve<ReqBody>(
                 target: "portcullis::client_ip",
                 "a trusted proxy reported no usable client address; request has no ClientIp"
             );
-            req.extensions_mut().insert(Unresolved);
+            // An address an outer layer resolved (the peer, when that one reads no
+            // header) must not stand in for the one this layer could not resolve.
+            let extensions = req.extensions_mut();
+            extensions.remove::<ClientIp>();
+            extensions.insert(Unresolved);
         }
     }
     Ok(ip)

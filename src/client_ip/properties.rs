@@ -194,6 +194,32 @@ proptest! {
         prop_assert_eq!(cfg.resolve(peer, &headers), want);
     }
 
+    /// After the layer, the request's `ClientIp` is the one this layer resolved, or
+    /// none: never one an outer layer (e.g. a peer-only one, which saw the proxy)
+    /// put there before it.
+    #[test]
+    fn the_layer_leaves_only_its_own_address(
+        peer in peer(),
+        hops in proptest::collection::vec(hop(), 0..6),
+        earlier in prop::option::of(prop_oneof![
+            Just("10.0.0.1".parse::<IpAddr>().unwrap()),
+            Just("192.0.2.1".parse().unwrap()),
+        ]),
+    ) {
+        let text = hops.iter().map(xff_text).collect::<Vec<_>>().join(", ");
+        let mut req = http::Request::new(());
+        req.headers_mut().append("x-forwarded-for", http::HeaderValue::from_str(&text).unwrap());
+        req.extensions_mut().insert(super::PeerAddr(std::net::SocketAddr::new(peer, 443)));
+        if let Some(ip) = earlier {
+            req.extensions_mut().insert(crate::ClientIp::new(ip));
+        }
+        let cfg = ClientIpConfig::trusted_proxy_set(trusted());
+        let want = cfg.resolve(peer, req.headers()).map(crate::ClientIp::new);
+        let got = super::resolve(&cfg, &mut req).ok().flatten();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(req.extensions().get::<crate::ClientIp>().copied(), want);
+    }
+
     /// Depth mode only ever picks an address that is in the header, or the peer.
     #[test]
     fn depth_picks_from_the_header(peer in peer(), hops in proptest::collection::vec(hop(), 0..10), depth in 1usize..12) {
