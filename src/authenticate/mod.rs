@@ -376,6 +376,14 @@ impl AuthenticateLayer {
     /// (generated keys are); a parameter given twice, or with a header credential, is
     /// `invalid_request`. With hidden credentials the parameter is removed from the
     /// URI before the inner service.
+    ///
+    /// With the `redact` feature (which the access log needs), `name` must also be
+    /// one the log redactor hides the value of ([`Redactor::is_sensitive_name`], e.g.
+    /// `api_key`, `key`, `token`, `access_token`): the access log sits outside this
+    /// layer and records the query as the client sent it, and a parameter it does
+    /// not know (`k`) would put every key sent in it, in full, into the log.
+    ///
+    /// [`Redactor::is_sensitive_name`]: crate::redact::Redactor::is_sensitive_name
     pub fn allow_key_in_query_dangerously(mut self, name: &str) -> Result<Self, ConfigError> {
         let ok = !name.is_empty()
             && name.len() <= 64
@@ -385,6 +393,13 @@ impl AuthenticateLayer {
         if !ok {
             return Err(ConfigError::new(
                 "query parameter name must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'",
+            ));
+        }
+        #[cfg(feature = "redact")]
+        if !crate::redact::Redactor::new().is_sensitive_name(name) {
+            return Err(ConfigError::new(
+                "the query parameter of a key must be a name the log redactor hides \
+                 (e.g. api_key, key, token, access_token): the access log records the query",
             ));
         }
         Arc::make_mut(&mut self.config).query_param = Some(name.into());
@@ -879,5 +894,71 @@ mod tests {
         let p = res.extensions().get::<Principal>().unwrap();
         assert_eq!(p.method(), AuthMethod::Unauthenticated);
         assert_eq!(p.id(), UNAUTHENTICATED_ID);
+    }
+}
+
+/// The query-string parameter of a key, against the log redaction of the query.
+#[cfg(all(test, feature = "api-key", feature = "redact"))]
+mod query_properties {
+    use super::*;
+    use crate::api_key::{KeyDigest, KeyRecord, KeyStore};
+    use crate::redact::Redactor;
+    use proptest::prelude::*;
+
+    fn layer() -> AuthenticateLayer {
+        let store = KeyStore::from_records([KeyRecord::new("k", KeyDigest::of("x")).unwrap()]);
+        AuthenticateLayer::api_keys(ApiKeys::new(store.unwrap()))
+    }
+
+    #[test]
+    fn a_parameter_the_log_shows_is_refused() {
+        for shown in ["k", "q", "apikey_id", "key_id", "x-key-name"] {
+            assert!(
+                layer().allow_key_in_query_dangerously(shown).is_err(),
+                "{shown}"
+            );
+        }
+        for hidden in [
+            "api_key",
+            "apiKey",
+            "key",
+            "token",
+            "access_token",
+            "X-API-Key",
+        ] {
+            assert!(
+                layer().allow_key_in_query_dangerously(hidden).is_ok(),
+                "{hidden}"
+            );
+        }
+    }
+
+    proptest! {
+        /// Whatever parameter the layer is told to read a key from, the key the
+        /// layer reads there is hidden by what the access log does to the query
+        /// (`redact_query`, then the pattern rules), for plain keys too.
+        #[test]
+        fn a_key_read_from_the_query_never_reaches_the_log(
+            name in prop_oneof![
+                "[A-Za-z0-9_-]{1,12}",
+                "[a-z_-]{0,6}(api_key|apikey|key|token|secret|auth|sig|access_token)[0-9]{0,2}",
+            ],
+            key in "[0-9A-Za-z._~-]{32,64}",
+        ) {
+            let Ok(layer) = layer().allow_key_in_query_dangerously(&name) else {
+                return Ok(());
+            };
+            let query = format!("page=2&{name}={key}&q=cats");
+            let headers = HeaderMap::new();
+            let found = extract_credential(
+                &headers,
+                Some(&query),
+                layer.config.query_param.as_deref(),
+            );
+            prop_assert_eq!(found.map(|c| c.map(|c| c.expose_secret())), Ok(Some(key.as_str())));
+            let r = Redactor::new();
+            let logged = r.redact_uri_part(&r.redact_query(&query)).into_owned();
+            prop_assert!(!logged.contains(&key), "{} -> {}", query, logged);
+        }
     }
 }
