@@ -142,8 +142,8 @@ fn parse_record(
                 check_name("tier", s).map_err(|e| err_at(text, at, e))?;
                 tier = Some(s);
             }
-            "not_before" => not_before = Some(datetime(text, at, v, "not_before")?),
-            "expires_at" => expires_at = Some(datetime(text, at, v, "expires_at")?),
+            "not_before" => not_before = Some(datetime(text, at, v, "not_before", Leap::Late)?),
+            "expires_at" => expires_at = Some(datetime(text, at, v, "expires_at", Leap::Early)?),
             "revoked" => {
                 let DeValue::Boolean(b) = v else {
                     return Err(err_at(text, at, "`revoked` must be true or false"));
@@ -262,6 +262,7 @@ fn datetime(
     at: Range<usize>,
     v: &DeValue<'_>,
     what: &str,
+    leap: Leap,
 ) -> Result<SystemTime, ConfigError> {
     let DeValue::Datetime(dt) = v else {
         return Err(err_at(
@@ -270,7 +271,7 @@ fn datetime(
             format_args!("`{what}` must be an RFC 3339 date-time such as 2027-01-31T00:00:00Z"),
         ));
     };
-    to_system_time(dt).ok_or_else(|| {
+    to_system_time(dt, leap).ok_or_else(|| {
         err_at(
             text,
             at,
@@ -281,20 +282,34 @@ fn datetime(
     })
 }
 
+/// How a leap second (`:60`) is read. It has no time of its own since the epoch, so
+/// it is read on the safe side of the bound it is: a start of validity no earlier
+/// than the next minute, an end of validity no later than the end of the second
+/// before it. Either way, a later date-time is never read as an earlier time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Leap {
+    /// `:60` is the last nanosecond of `:59` (for `expires_at`).
+    Early,
+    /// `:60` is the start of the next minute (for `not_before`).
+    Late,
+}
+
 /// An offset date-time as a `SystemTime`; `None` for local or partial date-times.
-pub(crate) fn to_system_time(dt: &Datetime) -> Option<SystemTime> {
+pub(crate) fn to_system_time(dt: &Datetime, leap: Leap) -> Option<SystemTime> {
     let (date, time, offset) = (dt.date?, dt.time?, dt.offset?);
+    let (second, nanosecond) = match (time.second, leap) {
+        (60.., Leap::Early) => (59, 999_999_999),
+        (60.., Leap::Late) => (60, 0),
+        (s, _) => (i64::from(s), time.nanosecond),
+    };
     let days = days_from_civil(i64::from(date.year), date.month.into(), date.day.into());
     let offset_secs = match offset {
         Offset::Z => 0,
         Offset::Custom { minutes } => i64::from(minutes) * 60,
     };
-    let secs = days * 86_400
-        + i64::from(time.hour) * 3600
-        + i64::from(time.minute) * 60
-        + i64::from(time.second.min(59))
+    let secs = days * 86_400 + i64::from(time.hour) * 3600 + i64::from(time.minute) * 60 + second
         - offset_secs;
-    let nanos = Duration::from_nanos(u64::from(time.nanosecond));
+    let nanos = Duration::from_nanos(u64::from(nanosecond));
     if secs >= 0 {
         UNIX_EPOCH.checked_add(Duration::from_secs(secs as u64) + nanos)
     } else {
@@ -425,16 +440,16 @@ revoked = true
     fn datetimes() {
         let dt: Datetime = "1970-01-02T00:00:01.5+01:00".parse().unwrap();
         assert_eq!(
-            to_system_time(&dt),
+            to_system_time(&dt, Leap::Early),
             Some(UNIX_EPOCH + Duration::from_millis(86_401_500 - 3_600_000))
         );
         let dt: Datetime = "1969-12-31T23:59:59Z".parse().unwrap();
         assert_eq!(
-            to_system_time(&dt),
+            to_system_time(&dt, Leap::Early),
             UNIX_EPOCH.checked_sub(Duration::from_secs(1))
         );
         let local: Datetime = "2027-01-01T00:00:00".parse().unwrap();
-        assert_eq!(to_system_time(&local), None);
+        assert_eq!(to_system_time(&local, Leap::Early), None);
         assert_eq!(days_from_civil(2000, 3, 1), 11_017);
     }
 
@@ -506,5 +521,71 @@ revoked = true
     fn sanitize_drops_quoted_text() {
         assert_eq!(sanitize("invalid \"abc\" here"), "invalid \"…\" here");
         assert_eq!(sanitize("a 'b' c\nsecond line"), "a \"…\" c");
+    }
+}
+
+/// Properties of the date-times of a key file.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// `yyyy-mm-ddThh:mm:ss.nnnnnnnnnZ`, leap seconds included.
+    fn text(day: (u16, u8, u8, u8, u8), second: u8, nanos: u32) -> String {
+        let (y, mo, d, h, mi) = day;
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{second:02}.{nanos:09}Z")
+    }
+
+    fn read(text: &str, leap: Leap) -> SystemTime {
+        to_system_time(&text.parse().unwrap(), leap).unwrap()
+    }
+
+    proptest! {
+        /// Within one minute, a later date-time is never read as an earlier time,
+        /// for either bound; a leap second opens a key no earlier than the next
+        /// minute and ends one before it; other seconds are read exactly.
+        #[test]
+        fn date_times_keep_their_order_and_leap_seconds_their_safe_side(
+            day in (1970u16..2200, 1u8..=12, 1u8..=28, 0u8..24, 0u8..60),
+            a in (0u8..=60, 0u32..1_000_000_000),
+            b in (0u8..=60, 0u32..1_000_000_000),
+        ) {
+            let (early, late) = if a <= b { (a, b) } else { (b, a) };
+            let (t1, t2) = (text(day, early.0, early.1), text(day, late.0, late.1));
+            for leap in [Leap::Early, Leap::Late] {
+                prop_assert!(read(&t1, leap) <= read(&t2, leap), "{} {} {:?}", t1, t2, leap);
+            }
+            let next_minute = read(&text(day, 0, 0), Leap::Early) + Duration::from_secs(60);
+            for (second, nanos) in [a, b] {
+                let t = text(day, second, nanos);
+                if second == 60 {
+                    prop_assert!(read(&t, Leap::Early) < next_minute);
+                    prop_assert_eq!(read(&t, Leap::Late), next_minute);
+                } else {
+                    let exact = read(&text(day, 0, 0), Leap::Early)
+                        + Duration::from_secs(second.into())
+                        + Duration::from_nanos(nanos.into());
+                    prop_assert_eq!(read(&t, Leap::Early), exact);
+                    prop_assert_eq!(read(&t, Leap::Late), exact);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_leap_second_not_before_does_not_open_the_key_early() {
+        use crate::api_key::KeyStore;
+        let key = "pc_live_EXAMPLExDOxNOTxUSE00000bJVDo";
+        let store = KeyStore::from_toml(&format!(
+            "[[keys]]\nid = \"a\"\ndigest = \"{}\"\nnot_before = 2016-12-31T23:59:60Z\n\
+             expires_at = 2017-01-01T00:00:01Z\n",
+            KeyDigest::of(key)
+        ))
+        .unwrap();
+        let at = |secs: u64| store.verify(key, UNIX_EPOCH + Duration::from_secs(secs));
+        // 2016-12-31T23:59:59Z, then 2017-01-01T00:00:00Z.
+        assert!(at(1_483_228_799).is_err());
+        assert!(at(1_483_228_800).is_ok());
     }
 }
