@@ -589,3 +589,60 @@ mod properties {
         assert!(at(1_483_228_800).is_ok());
     }
 }
+
+/// Errors of key files with a key pasted into them anywhere.
+#[cfg(test)]
+mod error_properties {
+    use proptest::prelude::*;
+
+    use crate::api_key::{KeyDigest, KeyStore};
+
+    const PASTED: &str = "pc_live_PaStEdPaStEdPaStEdPaStEd123456";
+
+    fn every_field() -> String {
+        format!(
+            "[[keys]]\nid = \"billing\"\ndigest = \"{}\"\nscopes = [\"jobs:read\", \"jobs:write\"]\n\
+             tier = \"gold\"\nnot_before = 2026-01-01T00:00:00Z\nexpires_at = 2027-01-01T00:00:00Z\n\
+             revoked = false\nallowed_ips = [\"10.0.0.0/8\"]\ncredits = 10000\n",
+            KeyDigest::of("x")
+        )
+    }
+
+    proptest! {
+        /// A key pasted anywhere into a key file (bare, quoted, in an array, as a
+        /// key name, cut short, replacing some of the text) never appears in the
+        /// load error, in part or in full.
+        #[test]
+        fn a_pasted_key_never_reaches_the_error(
+            at in any::<prop::sample::Index>(),
+            replaced in 0usize..12,
+            form in 0usize..8,
+            cut in any::<bool>(),
+        ) {
+            let file = every_field();
+            let mut i = at.index(file.len() + 1);
+            while !file.is_char_boundary(i) {
+                i -= 1;
+            }
+            let j = (i + replaced).min(file.len());
+            let paste = match form {
+                0 => PASTED.to_owned(),
+                1 => format!("\"{PASTED}\""),
+                2 => format!("'{PASTED}'"),
+                3 => format!("[\"{PASTED}\"]"),
+                4 => format!("{PASTED} = 1"),
+                5 => format!("\n{PASTED}\n"),
+                6 => format!("\"{PASTED}"),
+                _ => format!("`{PASTED}`"),
+            };
+            let mut text = format!("{}{paste}{}", &file[..i], &file[j..]);
+            if cut {
+                text.truncate(i + paste.len() / 2);
+            }
+            if let Err(e) = KeyStore::from_toml(&text) {
+                let e = e.to_string();
+                prop_assert!(!e.contains("PaStEd") && !e.contains("123456"), "{:?} -> {}", text, e);
+            }
+        }
+    }
+}
