@@ -653,7 +653,8 @@ pub fn stack_config(data: &[u8]) {
 /// user information, and is HTTPS unless it goes to a loopback host with plain HTTP
 /// allowed; a URL accepted without loopback HTTP is accepted the same with it; an
 /// accepted discovery document names an HTTPS `jwks_uri`; an accepted JWK Set is a
-/// valid key set without HMAC keys; a `max-age` read back is the one written.
+/// valid key set without HMAC keys, each of whose keys the crypto backend can
+/// verify with; a `max-age` read back is the one written.
 #[cfg(feature = "jwks-remote")]
 pub fn jwks_documents(data: &[u8]) {
     use crate::jwt::{KeySet, oidc};
@@ -694,6 +695,15 @@ pub fn jwks_documents(data: &[u8]) {
                     keys.iter()
                         .all(|k| k.algorithm() != crate::jwt::Algorithm::HS256)
                 );
+                // Every accepted key is usable: it verifies (here, refuses a
+                // signature that is not its own) without an error or a panic.
+                for k in &keys {
+                    assert_eq!(
+                        jsonwebtoken::crypto::verify("AAAA", b"x", &k.key, k.alg.to_jwt()).ok(),
+                        Some(false),
+                        "an accepted key the backend cannot use"
+                    );
+                }
                 let set = KeySet::new(keys).expect("an accepted document is a valid key set");
                 assert!(!set.is_empty());
             }

@@ -163,7 +163,9 @@ impl VerifyingKey {
 
     /// A public key in PEM form (`PUBLIC KEY` / SubjectPublicKeyInfo, or
     /// `RSA PUBLIC KEY`), pinned to `alg`, which must be an RSA, EC or EdDSA
-    /// algorithm matching the key's type.
+    /// algorithm matching the key's type. The key material is checked as described
+    /// under [`KeySet`]: a private key, an RSA modulus outside 2048 to 4096 bits, or
+    /// a point that is not on the curve (or of small order, for Ed25519) is refused.
     ///
     /// ```
     /// use portcullis::jwt::{Algorithm, VerifyingKey};
@@ -197,7 +199,7 @@ impl VerifyingKey {
         if key.family() != expected {
             return Err(bad());
         }
-        Ok(Self::new(alg, key))
+        Self::public(alg, key).map_err(|what| ConfigError::new(format!("{}: {what}", bad())))
     }
 
     /// One JWK (RFC 7517) as JSON. The key must name or imply exactly one algorithm
@@ -205,6 +207,7 @@ impl VerifyingKey {
     /// `sig`, and its `key_ops`, if present, must include `verify`. A JWK carrying
     /// any private member (`d`, `p`, `q`, `dp`, `dq`, `qi`, `oth`, or `k` in a key
     /// that is not `oct`) is refused: verification needs the public half only.
+    /// The key material is checked as described under [`KeySet`].
     /// Its `kid`, if any, becomes the key's.
     pub fn from_jwk(json: &str) -> Result<Self, ConfigError> {
         let value: Value = serde_json::from_str(json)
@@ -277,9 +280,15 @@ impl VerifyingKey {
             _ => return Err(err("`alg` does not match the key type")),
         };
         let key = DecodingKey::from_jwk(&jwk).map_err(|_| err("invalid key parameters"))?;
-        let mut key = Self::new(alg, key);
+        let mut key = Self::public(alg, key).map_err(err)?;
         key.kid = common.key_id.as_deref().map(Into::into);
         Ok(key)
+    }
+
+    /// A public key, once its material passes [`check_public_key`].
+    fn public(alg: Algorithm, key: DecodingKey) -> Result<Self, &'static str> {
+        check_public_key(alg, &key)?;
+        Ok(Self::new(alg, key))
     }
 
     fn new(alg: Algorithm, key: DecodingKey) -> Self {
@@ -315,6 +324,158 @@ impl VerifyingKey {
     }
 }
 
+/// The RSA moduli accepted, in bits: RFC 7518 §3.3 requires at least 2048, and the
+/// crypto backend verifies with moduli of at most 4096.
+const RSA_BITS: std::ops::RangeInclusive<usize> = 2048..=4096;
+
+/// The largest RSA public exponent the crypto backend verifies with.
+const MAX_RSA_EXPONENT: u64 = (1 << 33) - 1;
+
+/// The Ed25519 points of small order (the eight-torsion subgroup: order 1, 2, 4
+/// and 8), as the `y` coordinate of their canonical encoding with the sign bit of
+/// `x` cleared. A public key among them verifies forged signatures: with the
+/// neutral point (`y = 1`), the signature `R` = the neutral point, `s = 0` passes
+/// for every message, and a point of order 4 or 8 lets a forger succeed once in 4
+/// or 8 tries, without the private key.
+const ED25519_SMALL_ORDER: [[u8; 32]; 5] = [
+    // y = 0: order 4.
+    [0; 32],
+    // y = 1: the neutral point, order 1.
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    // Order 8.
+    [
+        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98,
+        0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53,
+        0xfc, 0x05,
+    ],
+    // Order 8.
+    [
+        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67,
+        0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac,
+        0x03, 0x7a,
+    ],
+    // y = p - 1: order 2.
+    [
+        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+];
+
+/// Checks the material of an asymmetric key for `alg` before it can verify
+/// anything; the error says what is wrong, never a value.
+///
+/// - RSA: a public key (`n` and `e` only: a PEM private key is refused), a modulus
+///   of 2048 to 4096 bits, odd, and an odd exponent from 3 to 2^33 - 1.
+/// - Ed25519: 32 bytes, the canonical encoding of a point that is not of small
+///   order (see [`ED25519_SMALL_ORDER`]).
+/// - Every key: the crypto backend loads it (an EC point must be on its curve, of
+///   the curve's size), so a key that could verify nothing is refused at load
+///   rather than failing, or panicking in, every verification.
+pub(crate) fn check_public_key(alg: Algorithm, key: &DecodingKey) -> Result<(), &'static str> {
+    use jsonwebtoken::DecodingKeyKind as Kind;
+    if alg.is_rsa() {
+        let (n, e) = match key.kind() {
+            Kind::RsaModulusExponent { n, e } => (n.as_slice(), e.as_slice()),
+            Kind::SecretOrDer(der) => rsa_public_der(der).ok_or("not an RSA public key")?,
+        };
+        return check_rsa(n, e);
+    }
+    if alg == Algorithm::EdDSA {
+        let x = key.try_get_as_bytes().map_err(|_| "not an Ed25519 key")?;
+        let x: &[u8; 32] = x
+            .try_into()
+            .map_err(|_| "an Ed25519 public key is 32 bytes")?;
+        let mut y = *x;
+        y[31] &= 0x7f;
+        // y >= p = 2^255 - 19: not the canonical encoding of any point.
+        if y[31] == 0x7f && y[1..31].iter().all(|&b| b == 0xff) && y[0] >= 0xed {
+            return Err("the Ed25519 public key is not canonically encoded");
+        }
+        if ED25519_SMALL_ORDER.contains(&y) {
+            return Err("the Ed25519 public key is a point of small order");
+        }
+    }
+    // The backend parses the key before it decodes the signature: an error here is
+    // the key's. ("AA" is one byte, no signature of any algorithm.)
+    match jsonwebtoken::crypto::verify("AA", b"", key, alg.to_jwt()) {
+        Ok(_) => Ok(()),
+        Err(_) => Err("the key is not a valid point or key of its type"),
+    }
+}
+
+fn check_rsa(n: &[u8], e: &[u8]) -> Result<(), &'static str> {
+    let n = strip_zeros(n);
+    let bits = n
+        .first()
+        .map_or(0, |&b| n.len() * 8 - b.leading_zeros() as usize);
+    if !RSA_BITS.contains(&bits) || n.last().is_some_and(|b| b & 1 == 0) {
+        return Err("an RSA modulus must be odd and of 2048 to 4096 bits");
+    }
+    let e = strip_zeros(e);
+    let e = match e.len() {
+        1..=8 => e.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)),
+        _ => 0,
+    };
+    if !(3..=MAX_RSA_EXPONENT).contains(&e) || e & 1 == 0 {
+        return Err("an RSA public exponent must be odd, from 3 to 2^33 - 1");
+    }
+    Ok(())
+}
+
+fn strip_zeros(b: &[u8]) -> &[u8] {
+    &b[b.iter().take_while(|&&x| x == 0).count()..]
+}
+
+/// The modulus and exponent of a DER `RSAPublicKey` (RFC 8017 §A.1.1: a SEQUENCE
+/// of exactly two non-negative INTEGERs, nothing after it), or `None`: a private
+/// key (a SEQUENCE of nine INTEGERs) is not one.
+fn rsa_public_der(der: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (seq, rest) = der_element(der, 0x30)?;
+    let (n, seq) = der_element(seq, 0x02)?;
+    let (e, seq) = der_element(seq, 0x02)?;
+    if !rest.is_empty() || !seq.is_empty() {
+        return None;
+    }
+    for int in [n, e] {
+        // Non-negative and minimally encoded.
+        match int {
+            [] => return None,
+            [b, ..] if b & 0x80 != 0 => return None,
+            [0, b, ..] if b & 0x80 == 0 => return None,
+            _ => {}
+        }
+    }
+    Some((n, e))
+}
+
+/// One DER element with tag `tag`: its content and what follows it. Definite,
+/// minimal lengths of up to two bytes (an RSA key of 4096 bits needs two).
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&t, rest) = input.split_first()?;
+    if t != tag {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = match first {
+        0..=0x7f => (usize::from(first), rest),
+        0x81 => {
+            let (&b, rest) = rest.split_first()?;
+            (b >= 0x80).then_some((usize::from(b), rest))?
+        }
+        0x82 => {
+            let (b, rest) = rest.split_at_checked(2)?;
+            let len = usize::from(u16::from_be_bytes([b[0], b[1]]));
+            (len >= 0x100).then_some((len, rest))?
+        }
+        _ => return None,
+    };
+    rest.split_at_checked(len)
+}
+
 fn jwk_alg(a: KeyAlgorithm) -> Option<Algorithm> {
     Some(match a {
         KeyAlgorithm::HS256 => Algorithm::HS256,
@@ -346,6 +507,13 @@ impl fmt::Debug for VerifyingKey {
 /// A token names its key with `kid`; a token without `kid` is accepted only when the
 /// set holds exactly one key. Several keys must each have a distinct `kid`. Lookup is
 /// one hash-map probe.
+///
+/// Every public key's material is checked when it is loaded (from PEM, a JWK, a key
+/// file or a fetched JWK Set), so a key that would verify forgeries, or nothing, is
+/// a configuration error: an RSA key must be a public key (not a private key's
+/// PEM) with a modulus of 2048 to 4096 bits (RFC 7518 §3.3); an EC point must lie
+/// on the key's curve; an Ed25519 key must be 32 bytes, canonically encoded, and not
+/// a point of small order (whose "signatures" anyone can forge).
 ///
 /// ```
 /// use portcullis::jwt::{KeySet, VerifyingKey};
@@ -455,5 +623,20 @@ pub(crate) fn keys_from_jwks(json: &str) -> Result<Vec<VerifyingKey>, ConfigErro
 impl fmt::Debug for KeySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    /// Every listed small-order encoding with both values of the sign bit.
+    pub(crate) fn small_order_encodings() -> Vec<[u8; 32]> {
+        super::ED25519_SMALL_ORDER
+            .iter()
+            .flat_map(|y| {
+                let mut negative = *y;
+                negative[31] |= 0x80;
+                [*y, negative]
+            })
+            .collect()
     }
 }

@@ -101,8 +101,9 @@ impl fmt::Debug for KeySource {
 ///   requests never wait on the network. A failed fetch is retried after the same
 ///   interval.
 /// - A failed or invalid fetch (an error status, a timeout, a body that is not a
-///   JWK Set, an empty set, a key with `use: enc`, without a pinnable algorithm, or
-///   an `oct` secret) keeps the last good keys for up to
+///   JWK Set, an empty set, a key with `use: enc`, without a pinnable algorithm,
+///   with weak key material (see [`KeySet`](super::KeySet)), or an `oct` secret)
+///   keeps the last good keys for up to
 ///   [`max_staleness`](Self::max_staleness) (default 24 h) after the last successful
 ///   fetch; past it, the issuer's tokens are refused
 ///   ([`KeysUnavailable`](super::TokenRejection::KeysUnavailable)) until a fetch

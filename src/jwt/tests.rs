@@ -1088,3 +1088,219 @@ fn doc_parse_claims_reads_the_registered_claims() {
         TokenRejection::Malformed
     );
 }
+
+/// A key whose material is unusable or weak is a configuration error wherever it
+/// comes from (PEM, JWK, a key file on reload), never a key that verifies forgeries,
+/// nothing, or panics.
+mod key_material {
+    use super::*;
+
+    fn okp(x: &[u8]) -> String {
+        format!(r#"{{"kty":"OKP","crv":"Ed25519","x":"{}"}}"#, b64(x))
+    }
+
+    fn rsa_jwk(n: &[u8], e: &[u8]) -> String {
+        format!(
+            r#"{{"kty":"RSA","alg":"RS256","n":"{}","e":"{}"}}"#,
+            b64(n),
+            b64(e)
+        )
+    }
+
+    /// A DER `RSAPublicKey` of `n` and `e` (magnitudes without leading zeros).
+    fn rsa_der(n: &[u8], e: &[u8]) -> Vec<u8> {
+        fn element(tag: u8, content: &[u8]) -> Vec<u8> {
+            let mut out = vec![tag];
+            match content.len() {
+                l @ 0..=0x7f => out.push(l as u8),
+                l @ 0x80..=0xff => out.extend([0x81, l as u8]),
+                l => out.extend([0x82, (l >> 8) as u8, l as u8]),
+            }
+            out.extend_from_slice(content);
+            out
+        }
+        let int = |m: &[u8]| {
+            let mut c = Vec::new();
+            if m.first().is_some_and(|b| b & 0x80 != 0) {
+                c.push(0);
+            }
+            c.extend_from_slice(m);
+            element(0x02, &c)
+        };
+        element(0x30, &[int(n), int(e)].concat())
+    }
+
+    /// A token naming the algorithm `alg`, with `sig` as its signature bytes.
+    fn token(alg: &str, sig: &[u8]) -> String {
+        format!(
+            "{}.{}.{}",
+            b64(format!(r#"{{"alg":"{alg}"}}"#).as_bytes()),
+            b64(good_claims().to_string().as_bytes()),
+            b64(sig)
+        )
+    }
+
+    /// With the neutral point as the public key, `R` = the neutral point and
+    /// `s = 0` is a valid Ed25519 signature of every message.
+    #[test]
+    fn small_order_ed25519_keys_are_refused() {
+        let mut neutral = [0u8; 32];
+        neutral[0] = 1;
+        for x in super::super::keys::tests_support::small_order_encodings() {
+            let e = VerifyingKey::from_jwk(&okp(&x)).unwrap_err().to_string();
+            assert!(e.contains("small order"), "{e}");
+        }
+        // The forgery such a key would let through.
+        let forged = token("EdDSA", &[&neutral[..], &[0u8; 32]].concat());
+        let v = multi_verifier();
+        assert_eq!(v.verify(&forged).unwrap_err(), TokenRejection::UnknownKey);
+        // Non-canonical encodings (y >= p) are refused too.
+        let mut p = [0xffu8; 32];
+        p[0] = 0xed;
+        p[31] = 0x7f;
+        assert!(VerifyingKey::from_jwk(&okp(&p)).is_err());
+    }
+
+    #[test]
+    fn unusable_keys_are_refused_at_load() {
+        // Ed25519 keys of another length (a shorter one used to panic in every
+        // verification).
+        for len in [0, 1, 16, 31, 33, 57, 64] {
+            assert!(
+                VerifyingKey::from_jwk(&okp(&vec![7u8; len])).is_err(),
+                "{len}"
+            );
+        }
+        // EC points off the curve, or of the other curve's size.
+        for (crv, len) in [("P-256", 32), ("P-256", 48), ("P-384", 48), ("P-384", 32)] {
+            let c = b64(&vec![3u8; len]);
+            let jwk = format!(r#"{{"kty":"EC","crv":"{crv}","x":"{c}","y":"{c}"}}"#);
+            assert!(VerifyingKey::from_jwk(&jwk).is_err(), "{crv} {len}");
+        }
+        // An RSA private key in PEM form is not a verifying key.
+        assert!(VerifyingKey::from_pem(Algorithm::RS256, RSA_KEY).is_err());
+        assert!(VerifyingKey::from_pem(Algorithm::RS256, RSA_PUB).is_ok());
+        // RSA moduli below 2048 bits (RFC 7518 §3.3) or beyond what verifies.
+        let mut n = vec![0xc5u8; 256];
+        n[255] |= 1;
+        assert!(VerifyingKey::from_jwk(&rsa_jwk(&n, &[1, 0, 1])).is_ok());
+        let mut even = n.clone();
+        even[255] &= 0xfe;
+        let mut huge = vec![0xc5u8; 513];
+        huge[512] |= 1;
+        for bad_n in [&n[1..], &even, &huge] {
+            assert!(VerifyingKey::from_jwk(&rsa_jwk(bad_n, &[1, 0, 1])).is_err());
+        }
+        for bad_e in [&[][..], &[1], &[2], &[1, 0, 0], &[2, 0, 0, 0, 1]] {
+            assert!(
+                VerifyingKey::from_jwk(&rsa_jwk(&n, bad_e)).is_err(),
+                "{bad_e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_file_with_a_weak_key_keeps_the_keys_in_force() {
+        let dir = std::env::temp_dir().join(format!("portcullis-jwt-weak-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, JWKS).unwrap();
+        let v = builder().key_file(KeyFile::jwks(&path)).build().unwrap();
+        let weak = format!(
+            r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"ed-2","x":"{}"}}]}}"#,
+            b64(&[0u8; 32])
+        );
+        std::fs::write(&path, &weak).unwrap();
+        let e = v.reload().unwrap_err().to_string();
+        assert!(
+            e.contains("small order") && !e.contains(&b64(&[0u8; 32])),
+            "{e}"
+        );
+        assert_eq!(v.key_count(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    proptest! {
+        /// Whatever the bytes of an OKP or EC key, a key that loads verifies
+        /// without panicking, and refuses a signature that is not its own.
+        #[test]
+        fn loaded_keys_never_panic_nor_pass_garbage(
+            x in proptest::collection::vec(any::<u8>(), 0..70),
+            y in proptest::collection::vec(any::<u8>(), 0..70),
+            kind in 0u8..3,
+            sig in proptest::collection::vec(any::<u8>(), 1..100),
+        ) {
+            let (jwk, alg) = match kind {
+                0 => (okp(&x), "EdDSA"),
+                1 => (format!(r#"{{"kty":"EC","crv":"P-256","x":"{}","y":"{}"}}"#, b64(&x), b64(&y)), "ES256"),
+                _ => (format!(r#"{{"kty":"EC","crv":"P-384","x":"{}","y":"{}"}}"#, b64(&x), b64(&y)), "ES384"),
+            };
+            if let Ok(key) = VerifyingKey::from_jwk(&jwk) {
+                let v = builder().key(key).build().unwrap();
+                let r = std::panic::catch_unwind(|| v.verify(&token(alg, &sig)));
+                prop_assert!(r.is_ok(), "{}", jwk);
+                prop_assert!(r.unwrap().is_err());
+            }
+        }
+
+        /// The RSA rules read the same from a JWK and from a DER public key, and
+        /// accept exactly the odd moduli of 2048 to 4096 bits with an odd exponent
+        /// from 3 to 2^33 - 1.
+        #[test]
+        fn rsa_rules_agree_across_forms(
+            bytes in 200usize..560,
+            top in any::<u8>(),
+            fill in any::<u8>(),
+            low in any::<u8>(),
+            e in prop_oneof![Just(65537u64), Just(3), any::<u64>(), 0u64..8, (1u64 << 33) - 2..(1 << 33) + 2],
+        ) {
+            let mut n = vec![fill; bytes];
+            n[0] = top;
+            n[bytes - 1] = low;
+            let n = &n[n.iter().take_while(|&&b| b == 0).count()..];
+            let e_bytes = e.to_be_bytes();
+            let e_bytes = &e_bytes[e_bytes.iter().take_while(|&&b| b == 0).count()..];
+            let bits = n.first().map_or(0, |&b| n.len() * 8 - b.leading_zeros() as usize);
+            let want = (2048..=4096).contains(&bits)
+                && low & 1 == 1
+                && (3..=(1u64 << 33) - 1).contains(&e)
+                && e & 1 == 1;
+            let jwk = VerifyingKey::from_jwk(&rsa_jwk(n, e_bytes)).is_ok();
+            let der = jsonwebtoken::DecodingKey::from_rsa_der(&rsa_der(n, e_bytes));
+            let der = super::super::keys::check_public_key(Algorithm::RS256, &der).is_ok();
+            prop_assert_eq!(jwk, want, "bits {} e {}", bits, e);
+            prop_assert_eq!(der, want, "bits {} e {}", bits, e);
+        }
+    }
+
+    /// The list of small-order points agrees with the Ed25519 implementation the
+    /// crate verifies with: each encoding (either sign bit) that decodes is weak,
+    /// and a key that loads is never weak.
+    #[cfg(feature = "signature")]
+    mod against_dalek {
+        use super::*;
+
+        #[test]
+        fn every_listed_encoding_is_weak() {
+            let mut decoded = 0;
+            for x in super::super::super::keys::tests_support::small_order_encodings() {
+                if let Ok(k) = ed25519_dalek::VerifyingKey::from_bytes(&x) {
+                    assert!(k.is_weak(), "{x:?}");
+                    decoded += 1;
+                }
+            }
+            // The eight points of small order, and "negative zero" `x` for two.
+            assert!(decoded >= 8, "{decoded}");
+        }
+
+        proptest! {
+            #[test]
+            fn loaded_ed25519_keys_are_never_weak(x in any::<[u8; 32]>()) {
+                if VerifyingKey::from_jwk(&okp(&x)).is_ok() {
+                    let k = ed25519_dalek::VerifyingKey::from_bytes(&x);
+                    prop_assert!(k.is_ok_and(|k| !k.is_weak()));
+                }
+            }
+        }
+    }
+}
