@@ -12,7 +12,7 @@ use jsonwebtoken::jwk::{
 use serde_json::Value;
 
 use super::TokenRejection;
-use super::parse::decode_part;
+use super::parse::{decode_part, strict_value};
 use crate::ConfigError;
 
 /// JWK members that hold private key material (RFC 7518 §6.2.2, §6.3.2).
@@ -202,7 +202,9 @@ impl VerifyingKey {
         Self::public(alg, key).map_err(|what| ConfigError::new(format!("{}: {what}", bad())))
     }
 
-    /// One JWK (RFC 7517) as JSON. The key must name or imply exactly one algorithm
+    /// One JWK (RFC 7517) as JSON, with no member name repeated in any object (which
+    /// of two `use` members counts is parser-dependent). The key must name or imply
+    /// exactly one algorithm
     /// (`alg`, or the curve of an `EC`/`OKP` key), its `use`, if present, must be
     /// `sig`, and its `key_ops`, if present, must include `verify`. A JWK carrying
     /// any private member (`d`, `p`, `q`, `dp`, `dq`, `qi`, `oth`, or `k` in a key
@@ -210,8 +212,9 @@ impl VerifyingKey {
     /// The key material is checked as described under [`KeySet`].
     /// Its `kid`, if any, becomes the key's.
     pub fn from_jwk(json: &str) -> Result<Self, ConfigError> {
-        let value: Value = serde_json::from_str(json)
-            .map_err(|_| ConfigError::new("the JWK is not valid JSON"))?;
+        let value = strict_value(json.as_bytes()).ok_or_else(|| {
+            ConfigError::new("the JWK is not valid JSON without duplicate members")
+        })?;
         Self::from_jwk_value(value, 1)
     }
 
@@ -604,8 +607,9 @@ impl KeySet {
 }
 
 pub(crate) fn keys_from_jwks(json: &str) -> Result<Vec<VerifyingKey>, ConfigError> {
-    let value: Value = serde_json::from_str(json)
-        .map_err(|_| ConfigError::new("the JWK Set is not valid JSON"))?;
+    let value = strict_value(json.as_bytes()).ok_or_else(|| {
+        ConfigError::new("the JWK Set is not valid JSON without duplicate members")
+    })?;
     match value {
         Value::Object(mut obj) if obj.contains_key("keys") => {
             let Some(Value::Array(keys)) = obj.remove("keys") else {

@@ -23,7 +23,8 @@
 //! token "signed" with a public key's bytes as an HMAC secret matches nothing.
 //! Signatures are checked with `jsonwebtoken` and its pure-Rust (`rust_crypto`)
 //! backend; the parsing around it is this crate's own and strict (one JSON object
-//! per part, no duplicate members, integer times only), fuzzed and property-tested.
+//! per part, no duplicate members in any object, integer times only), fuzzed and
+//! property-tested. Key documents (JWK, JWK Set) are read as strictly.
 //!
 //! A failure is a [`TokenRejection`]: the class of the failure, for the audit log.
 //! The client sees only "invalid token" (RFC 6750).

@@ -201,7 +201,7 @@ pub(crate) fn parse_discovery(
 }
 
 /// Reads a fetched JWK Set: UTF-8, a `{"keys": [...]}` object (a single JWK is not
-/// a set), at least one key, every key valid for verification under the rules of
+/// a set) with no member name repeated in any object, at least one key, every key valid for verification under the rules of
 /// [`VerifyingKey::from_jwk`] (no `use: enc`, no key without a pinnable algorithm,
 /// no private member), no `oct` (HMAC) key (a secret is never fetched), and the
 /// set rules of [`KeySet::new`]. One bad key refuses the whole document.

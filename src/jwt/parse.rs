@@ -148,27 +148,89 @@ fn string(v: Value) -> Result<String, TokenRejection> {
     }
 }
 
-/// A JSON object's members in order; a duplicate member name at the top level is an
-/// error (RFC 7515 §5.2 lets a parser reject them, RFC 8725 §3.12 asks it to).
-pub(crate) fn unique_object(json: &[u8]) -> Result<Vec<(String, Value)>, TokenRejection> {
-    struct Members;
-    impl<'de> Visitor<'de> for Members {
-        type Value = Vec<(String, Value)>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut seen = HashSet::new();
-            let mut out = Vec::new();
-            while let Some(name) = map.next_key::<String>()? {
-                if !seen.insert(name.clone()) {
-                    return Err(de::Error::custom("duplicate member"));
-                }
-                out.push((name, map.next_value::<Value>()?));
+/// A JSON value in which no object, at any depth, repeats a member name: parsers
+/// disagree on which of two equal members counts (the first, the last, both), so a
+/// document that has them is refused rather than read one way.
+struct Strict(Value);
+
+impl<'de> de::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Value;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
             }
-            Ok(out)
+            fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+                Ok(Value::Bool(b))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+                Ok(Value::from(n))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+                Ok(Value::from(n))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+                Ok(Value::from(n))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+                Ok(Value::String(s.to_owned()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Value, E> {
+                Ok(Value::String(s))
+            }
+            fn visit_unit<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Strict(v)) = seq.next_element()? {
+                    out.push(v);
+                }
+                Ok(Value::Array(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+                Members
+                    .visit_map(map)
+                    .map(|m| Value::Object(m.into_iter().collect()))
+            }
         }
+        d.deserialize_any(V).map(Strict)
     }
+}
+
+/// An object's members in order, each name once, the values [`Strict`] too.
+struct Members;
+
+impl<'de> Visitor<'de> for Members {
+    type Value = Vec<(String, Value)>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if !seen.insert(name.clone()) {
+                return Err(de::Error::custom("duplicate member"));
+            }
+            let Strict(value) = map.next_value()?;
+            out.push((name, value));
+        }
+        Ok(out)
+    }
+}
+
+/// One JSON value, whole, with no member name repeated in any object (see
+/// [`Strict`]); `None` otherwise. How key documents (JWK, JWK Set) are read.
+pub(crate) fn strict_value(json: &[u8]) -> Option<Value> {
+    serde_json::from_slice::<Strict>(json).ok().map(|s| s.0)
+}
+
+/// A JSON object's members in order; a duplicate member name, at the top level or
+/// in any object within, is an error (RFC 7515 §5.2 lets a parser reject them,
+/// RFC 8725 §3.12 asks it to).
+pub(crate) fn unique_object(json: &[u8]) -> Result<Vec<(String, Value)>, TokenRejection> {
     let mut de = serde_json::Deserializer::from_slice(json);
     let members = de
         .deserialize_map(Members)
@@ -309,6 +371,101 @@ fn numeric_date(v: &Value) -> Result<i64, TokenRejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A JSON value of objects, arrays and scalars, as text, built so that
+    /// `dup` (when some) repeats one member of the object it lands in.
+    fn json_text(v: &Value, dup: &mut Option<usize>, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                out.push('{');
+                let here = dup.map(|d| d == 0);
+                *dup = dup.and_then(|d| d.checked_sub(1));
+                let mut first = true;
+                for (k, v) in m {
+                    if !first {
+                        out.push(',');
+                    }
+                    first = false;
+                    out.push_str(&serde_json::to_string(k).unwrap());
+                    out.push(':');
+                    json_text(v, dup, out);
+                }
+                if here == Some(true)
+                    && let Some((k, v)) = m.iter().next()
+                {
+                    out.push(',');
+                    out.push_str(&serde_json::to_string(k).unwrap());
+                    out.push(':');
+                    out.push_str(&v.to_string());
+                }
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, v) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    json_text(v, dup, out);
+                }
+                out.push(']');
+                return;
+            }
+            other => {
+                out.push_str(&other.to_string());
+                return;
+            }
+        }
+        out.push('}');
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[a-z]{0,4}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-c]{1,2}", inner, 1..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn objects(v: &Value) -> usize {
+        match v {
+            Value::Object(m) => 1 + m.values().map(objects).sum::<usize>(),
+            Value::Array(a) => a.iter().map(objects).sum(),
+            _ => 0,
+        }
+    }
+
+    proptest! {
+        /// A member repeated in any object, at any depth, refuses the document in
+        /// every reader of this module (headers, claims, key documents); without
+        /// it, the document reads as serde_json reads it.
+        #[test]
+        fn duplicate_members_are_refused_at_any_depth(
+            members in proptest::collection::btree_map("[a-c]{1,2}", json_value(), 1..4),
+            pick in any::<prop::sample::Index>(),
+        ) {
+            let root = Value::Object(members.into_iter().collect());
+            let mut clean = String::new();
+            json_text(&root, &mut None, &mut clean);
+            prop_assert_eq!(strict_value(clean.as_bytes()), Some(root.clone()));
+            prop_assert!(unique_object(clean.as_bytes()).is_ok());
+            let mut dup = Some(pick.index(objects(&root)));
+            let mut doubled = String::new();
+            json_text(&root, &mut dup, &mut doubled);
+            prop_assert!(strict_value(doubled.as_bytes()).is_none(), "{}", doubled);
+            prop_assert!(unique_object(doubled.as_bytes()).is_err(), "{}", doubled);
+            prop_assert!(parse_claims(doubled.as_bytes()).is_err(), "{}", doubled);
+            prop_assert!(crate::jwt::KeySet::from_jwks(&doubled).is_err(), "{}", doubled);
+        }
+    }
 
     fn b64(s: &str) -> String {
         URL_SAFE_NO_PAD.encode(s)
@@ -417,6 +574,19 @@ mod tests {
                 TokenRejection::Malformed,
                 "{bad}"
             );
+        }
+        // Nested duplicates, escaped or not, are refused as well.
+        for bad in [
+            r#"{"x":{"a":1,"a":2}}"#,
+            r#"{"x":[{"a":1,"\u0061":2}]}"#,
+            r#"{"aud":"a","x":[[{"b":{"c":1,"c":1}}]]}"#,
+        ] {
+            assert_eq!(
+                parse_claims(bad.as_bytes()).unwrap_err(),
+                TokenRejection::Malformed,
+                "{bad}"
+            );
+            assert!(strict_value(bad.as_bytes()).is_none(), "{bad}");
         }
         let long = format!(r#"{{"sub":"{}"}}"#, "a".repeat(257));
         assert_eq!(
