@@ -45,7 +45,8 @@
 //! both sources: `key_file_reloaded` (`INFO`; fields `source`, `path`, `keys`) and
 //! `key_file_reload_failed` (`ERROR`; fields `source`, `path`, `error`). `source` is
 //! `api_keys` or `service_tokens`; `error` names the file and the position of a
-//! problem, never a value from the file.
+//! problem, never a value from the file but a key id, escaped as in every log
+//! field.
 //!
 //! An explicit `reload()` (on `ApiKeys` and `TokenVerifier`) reads the files once and
 //! applies what it reads without waiting for it to settle: call it when the files are

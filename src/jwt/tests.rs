@@ -1304,3 +1304,21 @@ mod key_material {
         }
     }
 }
+
+/// A `kid` in a refusal (it goes to the audit log) cannot forge a log line.
+#[test]
+fn a_kid_in_a_pin_refusal_is_escaped() {
+    let kid = "k\n{\"event\":\"forged\"}\u{202e}";
+    let v = builder()
+        .key(VerifyingKey::hs256(&SECRET).unwrap().kid(kid))
+        .build()
+        .unwrap();
+    let e = v
+        .replace_keys([VerifyingKey::from_pem(Algorithm::RS256, RSA_PUB)
+            .unwrap()
+            .kid(kid)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("was HS256 and would become RS256"), "{e}");
+    assert!(!e.contains('\n') && !e.contains('\u{202e}'), "{e}");
+}

@@ -701,7 +701,9 @@ fn combine(
 }
 
 /// `pinned` plus the keys of `set`, or an error naming the first `kid` whose
-/// algorithm differs from the one it was pinned to.
+/// algorithm differs from the one it was pinned to. The `kid` comes from a key file
+/// or a fetched document and the error goes to the audit log: it is escaped there
+/// as every key id is (`log_text`), so it cannot forge a log line.
 fn pin(pinned: &Pins, source: Option<usize>, set: &KeySet) -> Result<Pins, ConfigError> {
     let mut next = pinned.clone();
     for key in set.iter() {
@@ -710,7 +712,9 @@ fn pin(pinned: &Pins, source: Option<usize>, set: &KeySet) -> Result<Pins, Confi
             let name = key
                 .kid
                 .as_deref()
-                .map_or("the key without a kid".to_owned(), |k| format!("kid `{k}`"));
+                .map_or("the key without a kid".to_owned(), |k| {
+                    format!("kid `{}`", crate::log_text::sanitize_id(k))
+                });
             return Err(ConfigError::new(format!(
                 "{name} was {was} and would become {}: a key id never changes algorithm; publish the new key under a new kid",
                 key.alg
