@@ -10,7 +10,7 @@ use portcullis::client_ip::{ClientIpConfig, ForwardedHeader};
 
 fn bench(c: &mut Criterion) {
     let cfg = ClientIpConfig::trusted_proxies("10.0.0.0/8, 172.16.0.0/12").unwrap();
-    let fwd_cfg = cfg.clone().header(ForwardedHeader::Forwarded);
+    let fwd_cfg = cfg.clone().header(ForwardedHeader::Forwarded).unwrap();
     let mut xff = HeaderMap::new();
     xff.append(
         "x-forwarded-for",

@@ -86,7 +86,9 @@ pub fn forwarded_headers(data: &[u8]) {
         }
     }
     if representable {
-        let cfg = ClientIpConfig::trusted_proxy_set(trusted.clone()).header(header);
+        let cfg = ClientIpConfig::trusted_proxy_set(trusted.clone())
+            .header(header)
+            .expect("trusted proxies are set");
         assert_eq!(
             cfg.resolve(peer, &headers),
             client,
@@ -133,6 +135,7 @@ fn single_value_header(sel: u8, peer: IpAddr, trusted: IpSet, rest: &[u8]) {
     }
     let got = ClientIpConfig::trusted_proxy_set(trusted.clone())
         .header(header)
+        .expect("trusted proxies are set")
         .resolve(peer, &headers);
     let peer = peer.to_canonical();
     let expected = if !trusted.contains(peer) {

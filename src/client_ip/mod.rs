@@ -26,7 +26,7 @@
 //!
 //! // Behind two load balancers in 10.0.0.0/8 that append to `Forwarded`:
 //! let layer = ClientIpLayer::new(
-//!     ClientIpConfig::trusted_proxies("10.0.0.0/8")?.header(ForwardedHeader::Forwarded),
+//!     ClientIpConfig::trusted_proxies("10.0.0.0/8")?.header(ForwardedHeader::Forwarded)?,
 //! );
 //! // Exposed directly, no proxy: headers are never read.
 //! let direct = ClientIpLayer::new(ClientIpConfig::peer_only());
@@ -160,17 +160,36 @@ impl ClientIpConfig {
         }
     }
 
-    /// Which header the trusted proxies write.
-    pub fn header(mut self, header: ForwardedHeader) -> Self {
+    /// Which header the trusted proxies write. Refused on a
+    /// [`peer_only`](Self::peer_only) configuration, which reads no header (a header
+    /// is read only from trusted proxies), and, in [hop-count mode](Self::depth), for
+    /// a single-value header (`X-Real-IP`, the CDN headers), which has no entries to
+    /// count: either would be a setting with no effect.
+    ///
+    /// ```
+    /// use portcullis::client_ip::{ClientIpConfig, ForwardedHeader};
+    /// let cfg = ClientIpConfig::trusted_proxies("10.0.0.0/8")?.header(ForwardedHeader::XRealIp)?;
+    /// # let _ = cfg;
+    /// assert!(ClientIpConfig::peer_only().header(ForwardedHeader::Forwarded).is_err());
+    /// # Ok::<(), portcullis::ConfigError>(())
+    /// ```
+    pub fn header(mut self, header: ForwardedHeader) -> Result<Self, ConfigError> {
+        if self.trusted.is_none() {
+            return Err(ConfigError::new(
+                "a forwarding header is read only from trusted proxies: configure them first",
+            ));
+        }
         self.header = header;
-        self
+        self.check_depth_header()?;
+        Ok(self)
     }
 
     /// Hop-count mode, for proxies whose addresses are not known in advance: when
     /// the peer is trusted, the client is the `depth`-th entry from the right of the
     /// header (1 = the entry the peer appended). `depth` must be 1 to 32,
     /// and the peer must still be inside the trusted networks, so that a client
-    /// connecting directly cannot choose its own address.
+    /// connecting directly cannot choose its own address. Only `X-Forwarded-For` and
+    /// `Forwarded` have entries to count: with a single-value header it is refused.
     pub fn depth(mut self, depth: usize) -> Result<Self, ConfigError> {
         if self.trusted.is_none() {
             return Err(ConfigError::new(
@@ -183,7 +202,18 @@ impl ClientIpConfig {
             )));
         }
         self.mode = Mode::Depth(depth);
+        self.check_depth_header()?;
         Ok(self)
+    }
+
+    /// Hop-count mode counts the entries of a list header.
+    fn check_depth_header(&self) -> Result<(), ConfigError> {
+        match (self.mode, self.header.single_value_name()) {
+            (Mode::Depth(_), Some(name)) => Err(ConfigError::new(format!(
+                "client IP depth counts the entries of X-Forwarded-For or Forwarded; {name} holds one address"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Resolves the client address of a request from `peer`. `None` when a trusted

@@ -186,7 +186,7 @@ proptest! {
             })
             .collect();
         let set = trusted();
-        let cfg = ClientIpConfig::trusted_proxy_set(set.clone()).header(ForwardedHeader::Forwarded);
+        let cfg = ClientIpConfig::trusted_proxy_set(set.clone()).header(ForwardedHeader::Forwarded).unwrap();
         let (cfg, want) = match depth {
             None => (cfg, walk(peer, whole, |ip| set.contains(ip))),
             Some(d) => (cfg.depth(d).unwrap(), walk_depth(peer, whole, d, |ip| set.contains(ip))),
@@ -260,7 +260,7 @@ proptest! {
         }
         // A client-written header of another kind is never read.
         headers.append("x-forwarded-for", http::HeaderValue::from_static("192.0.2.77"));
-        let got = ClientIpConfig::trusted_proxy_set(trusted()).header(header).resolve(peer, &headers);
+        let got = ClientIpConfig::trusted_proxy_set(trusted()).header(header).unwrap().resolve(peer, &headers);
         let peer = peer.to_canonical();
         if !trusted().contains(peer) {
             prop_assert_eq!(got, Some(peer));
@@ -313,4 +313,88 @@ fn std_single(v: &str) -> Option<IpAddr> {
         .parse::<std::net::Ipv6Addr>()
         .ok()
         .map(|ip| IpAddr::V6(ip).to_canonical())
+}
+
+/// One call of the configuration's builder.
+#[derive(Clone, Copy, Debug)]
+enum Setting {
+    Header(ForwardedHeader),
+    Depth(usize),
+}
+
+fn any_header() -> impl Strategy<Value = ForwardedHeader> {
+    prop::sample::select(vec![
+        ForwardedHeader::XForwardedFor,
+        ForwardedHeader::Forwarded,
+        ForwardedHeader::XRealIp,
+        ForwardedHeader::CfConnectingIp,
+        ForwardedHeader::TrueClientIp,
+        ForwardedHeader::FlyClientIp,
+        ForwardedHeader::FastlyClientIp,
+    ])
+}
+
+proptest! {
+    /// Every configuration the builder accepts, whatever the order of its calls,
+    /// does what each call says: the header it names is the one read, from a trusted
+    /// peer, and a depth picks that many entries from the right. A call that would
+    /// have no effect (a header on a peer-only configuration, a depth with a
+    /// single-value header) is refused instead of ignored.
+    #[test]
+    fn every_accepted_setting_takes_effect(
+        peer_only: bool,
+        settings in proptest::collection::vec(prop_oneof![
+            any_header().prop_map(Setting::Header),
+            (1usize..=4).prop_map(Setting::Depth),
+        ], 0..4),
+    ) {
+        let mut cfg = Ok(if peer_only {
+            ClientIpConfig::peer_only()
+        } else {
+            ClientIpConfig::trusted_proxy_set(trusted())
+        });
+        let (mut header, mut depth, mut called) = (ForwardedHeader::XForwardedFor, None, false);
+        for s in settings {
+            cfg = cfg.and_then(|c| {
+                called = true;
+                match s {
+                Setting::Header(h) => {
+                    header = h;
+                    c.header(h)
+                }
+                Setting::Depth(d) => {
+                    depth = Some(d);
+                    c.depth(d)
+                }
+                }
+            });
+        }
+        // What the calls made so far (up to a refused one) would leave without effect.
+        let void = (peer_only && called) || (depth.is_some() && header.single_value_name().is_some());
+        let Ok(cfg) = cfg else {
+            prop_assert!(void, "refused: {:?} {:?}", header, depth);
+            return Ok(());
+        };
+        prop_assert!(!void, "accepted: {:?} {:?}", header, depth);
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let client: IpAddr = "192.0.2.9".parse().unwrap();
+        let mut headers = http::HeaderMap::new();
+        // The client's entry, then `depth - 1` more proxies: the entry a depth of
+        // `depth` picks, and the first untrusted one from the right.
+        let proxies = depth.unwrap_or(1) - 1;
+        let entries: Vec<String> = std::iter::once(client.to_string())
+            .chain((0..proxies).map(|i| format!("10.0.1.{i}")))
+            .collect();
+        let value = match header {
+            ForwardedHeader::Forwarded => entries.iter().map(|e| format!("for={e}")).collect::<Vec<_>>().join(", "),
+            _ => entries.join(", "),
+        };
+        let name = header.single_value_name().cloned().unwrap_or(match header {
+            ForwardedHeader::Forwarded => http::header::FORWARDED,
+            _ => http::HeaderName::from_static("x-forwarded-for"),
+        });
+        headers.append(name, http::HeaderValue::from_str(&value).unwrap());
+        let want = if peer_only { peer } else { client };
+        prop_assert_eq!(cfg.resolve(peer, &headers), Some(want));
+    }
 }

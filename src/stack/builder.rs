@@ -299,7 +299,9 @@ impl StackBuilder {
                     "forwarded header set without trusted proxies: headers are read only from trusted proxies",
                 ));
             }
-            client_ip = client_ip.header(header);
+            client_ip = client_ip
+                .header(header)
+                .map_err(|e| ConfigError::new(format!("forwarded header: {e}")))?;
         }
 
         // Allow and deny lists.

@@ -77,7 +77,8 @@ async fn trusted_chain_of_three_hops_skips_proxies_and_client_spoofing() {
     let fwd = ClientIpLayer::new(
         ClientIpConfig::trusted_proxies("127.0.0.0/8, 10.0.0.0/8")
             .unwrap()
-            .header(ForwardedHeader::Forwarded),
+            .header(ForwardedHeader::Forwarded)
+            .unwrap(),
     );
     let addr = serve("127.0.0.1:0", fwd, Peer::Attached).await;
     let r = get_from(
@@ -157,7 +158,8 @@ async fn depth_mode_and_x_real_ip() {
     let real = ClientIpLayer::new(
         ClientIpConfig::trusted_proxies("127.0.0.1")
             .unwrap()
-            .header(ForwardedHeader::XRealIp),
+            .header(ForwardedHeader::XRealIp)
+            .unwrap(),
     );
     let addr = serve("127.0.0.1:0", real, Peer::Attached).await;
     assert_eq!(
@@ -229,7 +231,8 @@ async fn cdn_single_value_headers_are_read_only_from_the_edge() {
         let layer = ClientIpLayer::new(
             ClientIpConfig::trusted_proxies("127.0.0.0/28")
                 .unwrap()
-                .header(header),
+                .header(header)
+                .unwrap(),
         );
         let addr = serve("127.0.0.1:0", layer, Peer::Attached).await;
         let line = |v: &str| format!("{name}: {v}");
