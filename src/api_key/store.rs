@@ -268,8 +268,10 @@ impl KeyStore {
 
     /// Builds a store from a comma-separated list of raw keys, the simple case.
     ///
-    /// Every key gets `scopes` and the id `env-` followed by the first 8 hex digits of
-    /// its digest (stable across restarts and reorderings, and not secret). Each entry
+    /// Every key gets `scopes` and the id `env-<n>`, its position in the list (`env-1`
+    /// for the first): stable across restarts of the same list, and derived from
+    /// nothing secret. (An id taken from the key's digest would let anyone who reads
+    /// the logs check guesses of a key chosen by hand.) Each entry
     /// is trimmed; an empty entry, one under 32 characters, one with characters outside
     /// printable ASCII or a comma, a key in the generated format whose checksum is
     /// wrong (a typo), and a repeated key are load errors naming the entry's position.
@@ -313,11 +315,9 @@ impl KeyStore {
                     "key list entry {n} looks like a generated key but its checksum is wrong (a typo?)"
                 )));
             }
-            let digest = KeyDigest::of(key);
-            let hex = digest.to_string();
-            let id = format!("env-{}", &hex["sha256:".len()..][..8]);
+            let id = format!("env-{n}");
             records.push((
-                KeyRecord::new(&id, digest)?.with_scopes(scopes.clone()),
+                KeyRecord::new(&id, KeyDigest::of(key))?.with_scopes(scopes.clone()),
                 Some(format!("key list entry {n}")),
             ));
         }
@@ -492,7 +492,9 @@ mod tests {
                 .unwrap();
         assert_eq!(store.len(), 2);
         let p = store.verify(&a, SystemTime::now()).unwrap();
-        assert!(p.id().starts_with("env-") && p.id().len() == 12);
+        assert_eq!(p.id(), "env-1");
+        let p = store.verify(&"b".repeat(40), SystemTime::now()).unwrap();
+        assert_eq!(p.id(), "env-2");
         assert_eq!(
             store
                 .verify(&"A".repeat(31), SystemTime::now())
@@ -592,5 +594,22 @@ mod tests {
         let dbg = format!("{s:?}");
         assert!(!dbg.contains(&k.digest().to_string()[7..]));
         assert!(!dbg.contains(k.expose_secret()));
+    }
+
+    proptest::proptest! {
+        /// A listed key's id is its position in the list, whatever the key: an id
+        /// carries nothing of the key (a digest prefix in every log line would let a
+        /// reader test guesses of a key chosen by hand).
+        #[test]
+        fn listed_keys_ids_carry_nothing_of_the_keys(
+            keys in proptest::collection::hash_set("[!-+\\--^`-~]{32,48}", 1..5),
+        ) {
+            let keys: Vec<String> = keys.into_iter().collect();
+            let store = KeyStore::from_key_list(&keys.join(","), Scopes::default()).unwrap();
+            for (i, key) in keys.iter().enumerate() {
+                let p = store.verify(key, SystemTime::now()).unwrap();
+                proptest::prop_assert_eq!(p.id(), format!("env-{}", i + 1));
+            }
+        }
     }
 }
