@@ -31,12 +31,13 @@ use portcullis::ConfigError;
 use portcullis::IpSet;
 use portcullis::Scopes;
 use portcullis::access_log::AccessLogLayer;
-use portcullis::api_key::{ApiKeys, KeyRecord, KeyStore, generate_key};
+use portcullis::api_key::{ApiKeys, KeyDigest, KeyRecord, KeyStore, generate_key};
 use portcullis::auth_throttle::AuthThrottleLayer;
 use portcullis::client_ip::{ClientIpConfig, ClientIpLayer};
 use portcullis::jwt::{RemoteIssuer, SigningKey, TokenIssuer, TokenVerifier, VerifyingKey};
 use portcullis::rate_limit::redis::{FailurePolicy, RedisLimiter};
 use portcullis::rate_limit::{Policy, Quota, RateLimitLayer};
+use portcullis::rejection::DenialReason;
 use portcullis::reload::ReloadHandle;
 use portcullis::request_id::RequestIdLayer;
 use portcullis::stack::StackLayer;
@@ -62,6 +63,10 @@ pub const DASHBOARD_SESSION: Duration = Duration::from_secs(10 * 60);
 /// The `sub` of the in-process worker's tokens. Its own quota applies to service
 /// tokens with this subject only, never to an API key with the same id.
 pub const WORKER_SUBJECT: &str = "queue-worker";
+/// The scope that binds a dashboard session to the key that signed in:
+/// `session-key:` and the key's digest (`sha256:<hex>`, as in the key file). Only
+/// the dashboard's sessions carry it; no route requires it.
+pub const SESSION_KEY_SCOPE: &str = "session-key:";
 /// The prefix of the generated demo keys.
 pub const KEY_PREFIX: &str = "pc_demo";
 
@@ -252,16 +257,62 @@ impl Guard {
         b.build()
     }
 
-    /// The issuer of a dashboard session for `subject`: audience
-    /// [`DASHBOARD_AUDIENCE`], scope `dashboard:read`, [`DASHBOARD_SESSION`].
-    pub fn dashboard_issuer(&self, subject: &str) -> Result<TokenIssuer, ConfigError> {
+    /// The issuer of a dashboard session for `subject`, signed in with the key
+    /// whose digest is `key`: audience [`DASHBOARD_AUDIENCE`], scope
+    /// `dashboard:read` and the key's binding ([`SESSION_KEY_SCOPE`]),
+    /// [`DASHBOARD_SESSION`].
+    pub fn dashboard_issuer(
+        &self,
+        subject: &str,
+        key: &KeyDigest,
+    ) -> Result<TokenIssuer, ConfigError> {
         TokenIssuer::builder(SigningKey::hs256(&self.secret.0)?)
             .issuer(ISSUER)
             .subject(subject)
             .audience(DASHBOARD_AUDIENCE)
             .lifetime(DASHBOARD_SESSION)
             .scope(crate::auth::DASHBOARD_READ)
+            .scope(format!("{SESSION_KEY_SCOPE}{key}"))
             .build()
+    }
+
+    /// Why the key whose digest is `key` may not hold a dashboard session now, from
+    /// `client` (the request's [`ClientIp`](portcullis::ClientIp)), or `None` when
+    /// it may. A session is a token minted from one key (bound to it by
+    /// [`SESSION_KEY_SCOPE`]), so it keeps every limit of that key in the live
+    /// store: the key must still be listed, not revoked, inside its validity
+    /// window, hold `dashboard:read`, and accept `client` if it lists
+    /// `allowed_ips`. A key with usage credits never holds one (a session would
+    /// spend none). Checked at login and on every request a session makes
+    /// ([`crate::session::session_follows_key`]).
+    pub fn session_refusal(
+        &self,
+        key: &KeyDigest,
+        now: std::time::SystemTime,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<DenialReason> {
+        let store = self.keys.snapshot();
+        let Some(r) = store.records().find(|r| r.digest() == key) else {
+            return Some(DenialReason::UnknownKey);
+        };
+        Some(if r.is_revoked() {
+            DenialReason::RevokedKey
+        } else if r.valid_from().is_some_and(|t| now < t) {
+            DenialReason::NotYetValidKey
+        } else if r.valid_until().is_some_and(|t| now >= t) {
+            DenialReason::ExpiredKey
+        } else if !r.scopes().contains(crate::auth::DASHBOARD_READ) {
+            DenialReason::InsufficientScope
+        } else if r
+            .allowed_ips()
+            .is_some_and(|allowed| !client.is_some_and(|ip| allowed.contains(ip)))
+        {
+            DenialReason::KeyIpDenied
+        } else if r.credits().is_some() {
+            DenialReason::AuthMethodNotAllowed
+        } else {
+            return None;
+        })
     }
 
     /// The stack of `GET /dashboard`: the same layers and shared state as

@@ -137,6 +137,10 @@ pub fn app(state: AppState, guard: &Guard) -> Router {
     // and the login, whose form key the stack authenticates.
     let dashboard = Router::new()
         .route("/dashboard", get(dashboard))
+        .route_layer(axum::middleware::from_fn_with_state(
+            guard.clone(),
+            session::session_follows_key,
+        ))
         .route_layer((guard.dashboard_stack(), auth::ScopeCheckLayer))
         .route_layer(axum::middleware::from_fn(session::cookie_to_bearer));
     let login = Router::new()

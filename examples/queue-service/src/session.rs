@@ -11,27 +11,37 @@
 //!   token with the crate's `TokenIssuer` for the dashboard's own audience
 //!   ([`crate::guard::DASHBOARD_AUDIENCE`], scope `dashboard:read`, 10 minutes)
 //!   and sets it as the cookie [`SESSION_COOKIE`]: `HttpOnly`, `SameSite=Strict`,
-//!   `Path=/dashboard`, `Max-Age` the token's lifetime.
+//!   `Path=/dashboard`, `Max-Age` the token's lifetime. The token is bound to the
+//!   key that signed in (its digest, in the scope
+//!   [`crate::guard::SESSION_KEY_SCOPE`]); a key with usage credits gets no
+//!   session, since a session would spend none.
 //! - `GET /dashboard` takes the cookie's token as its bearer credential
 //!   ([`cookie_to_bearer`]) and verifies it with a verifier that accepts only the
 //!   dashboard audience; the API's verifier accepts only the API's audience, and
 //!   no API route reads cookies: the cookie grants the dashboard, never the API.
+//!   Then [`session_follows_key`] holds the session to its key as the key file
+//!   stands now: revoked, expired, removed, without `dashboard:read`, or from an
+//!   address outside its `allowed_ips`, and the session is refused at once.
 //! - `POST /dashboard/logout` (same-origin only) clears the cookie.
 //!
 //! Nothing from the request is echoed or logged: refusals are fixed problem
 //! documents, and the key and the token travel only in headers the access log
 //! redacts.
 
+use std::time::SystemTime;
+
 use axum::Extension;
 use axum::body::{Body, to_bytes};
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::header::{
     AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, LOCATION, SET_COOKIE,
 };
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use portcullis::Principal;
+use portcullis::api_key::KeyDigest;
+use portcullis::rejection::{Challenge, DenialReason, Rejection};
+use portcullis::{AuthMethod, ClientIp, Principal, Scopes};
 
 use crate::guard::Guard;
 use crate::routes::problem;
@@ -159,6 +169,12 @@ fn cross_origin() -> Response {
     )
 }
 
+/// The digest of the key a login form carries: [`form_key_to_header`] sets it
+/// beside the `X-API-Key` header it makes, and [`login`] binds the session to it
+/// once the stack has verified that header.
+#[derive(Clone, Copy)]
+struct SignInKey(KeyDigest);
+
 /// Drops every credential a request carries (headers and cookies).
 fn drop_credentials(h: &mut HeaderMap) {
     h.remove(AUTHORIZATION);
@@ -208,6 +224,9 @@ pub async fn form_key_to_header(req: Request, next: Next) -> Response {
         let mut v = v;
         v.set_sensitive(true);
         parts.headers.insert(X_API_KEY, v);
+        // Which key the session will be bound to, once the stack has verified it
+        // (the stack drops the credential header itself).
+        parts.extensions.insert(SignInKey(KeyDigest::of(&key)));
     }
     next.run(Request::from_parts(parts, Body::empty())).await
 }
@@ -288,20 +307,88 @@ fn see_other(to: &'static str, cookie: HeaderValue) -> Response {
     res
 }
 
+/// The refusal of a session (or of a login) whose key may not hold one
+/// ([`Guard::session_refusal`]): 401 when the key is no longer listed or usable,
+/// 403 when it lacks `dashboard:read`, refuses the client address, or has usage
+/// credits. Audited with the reason and the principal.
+fn session_refused(p: &Principal, reason: DenialReason) -> Response {
+    tracing::info!(
+        event = "dashboard_session_refused",
+        reason = reason.as_str(),
+        principal = %p.identity()
+    );
+    let challenge = Challenge::bearer(crate::guard::REALM)
+        .expect("the realm is valid")
+        .and_api_key();
+    let rejection = match reason {
+        DenialReason::InsufficientScope => Rejection::insufficient_scope(
+            &challenge,
+            &Scopes::parse(crate::auth::DASHBOARD_READ).expect("a valid scope"),
+        ),
+        DenialReason::KeyIpDenied | DenialReason::AuthMethodNotAllowed => {
+            Rejection::forbidden(reason)
+        }
+        _ => Rejection::invalid_credential(&challenge, reason),
+    };
+    rejection.into_response()
+}
+
+fn client_ip(req: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    req.get::<ClientIp>().map(|c| c.addr())
+}
+
+/// Between the dashboard's stack and its page: a session (a dashboard token) holds
+/// only while the key it was minted from would still open the dashboard itself
+/// ([`Guard::session_refusal`]): revoking or expiring the key, taking its
+/// `dashboard:read`, or a client address outside its `allowed_ips` ends its
+/// sessions at once, not when their token expires. A request with an API key is
+/// the stack's alone.
+pub async fn session_follows_key(State(guard): State<Guard>, req: Request, next: Next) -> Response {
+    let Some(p) = req.extensions().get::<Principal>() else {
+        return next.run(req).await;
+    };
+    if p.method() != AuthMethod::ServiceToken {
+        return next.run(req).await;
+    }
+    let key = p
+        .scopes()
+        .iter()
+        .find_map(|s| s.strip_prefix(crate::guard::SESSION_KEY_SCOPE))
+        .and_then(|d| KeyDigest::parse(d).ok());
+    let refusal = match key {
+        Some(key) => guard.session_refusal(&key, SystemTime::now(), client_ip(req.extensions())),
+        None => Some(DenialReason::InvalidToken),
+    };
+    match refusal {
+        None => next.run(req).await,
+        Some(reason) => session_refused(p, reason),
+    }
+}
+
 /// `POST /dashboard/login`, behind [`form_key_to_header`], the stack and the scope
-/// check: the principal holds `dashboard:read`. Sets the session cookie and sends
-/// the browser to the dashboard.
-pub async fn login(
-    Extension(guard): Extension<Guard>,
-    Extension(p): Extension<Principal>,
-) -> Response {
+/// check: the principal holds `dashboard:read`. Sets the session cookie, bound to
+/// the key that signed in, and sends the browser to the dashboard. A key that may
+/// not hold a session ([`Guard::session_refusal`]) gets none.
+pub async fn login(Extension(guard): Extension<Guard>, req: Request) -> Response {
+    let Some(p) = req.extensions().get::<Principal>() else {
+        return Rejection::misconfigured().into_response();
+    };
+    // The form's key, which the stack has just verified.
+    let Some(&SignInKey(key)) = req.extensions().get::<SignInKey>() else {
+        return Rejection::misconfigured().into_response();
+    };
+    if let Some(reason) =
+        guard.session_refusal(&key, SystemTime::now(), client_ip(req.extensions()))
+    {
+        return session_refused(p, reason);
+    }
     let token = guard
-        .dashboard_issuer(p.id())
+        .dashboard_issuer(p.id(), &key)
         .ok()
         .and_then(|issuer| issuer.mint().ok());
     let Some(token) = token else {
         tracing::error!(event = "dashboard_session_not_minted");
-        return portcullis::rejection::Rejection::misconfigured().into_response();
+        return Rejection::misconfigured().into_response();
     };
     let cookie = format!(
         "{SESSION_COOKIE}={}; Path=/dashboard; Max-Age={}; HttpOnly; SameSite=Strict",
@@ -309,7 +396,7 @@ pub async fn login(
         crate::guard::DASHBOARD_SESSION.as_secs()
     );
     let Ok(mut cookie) = HeaderValue::from_str(&cookie) else {
-        return portcullis::rejection::Rejection::misconfigured().into_response();
+        return Rejection::misconfigured().into_response();
     };
     cookie.set_sensitive(true);
     tracing::info!(event = "dashboard_login", principal = %p.identity());

@@ -56,6 +56,9 @@ struct Setup {
     secret: TokenSecret,
     /// The in-process worker's token issuer instead of the guard's.
     worker_issuer: Option<portcullis::jwt::TokenIssuer>,
+    /// A key store instead of the test keys (whose names then authenticate as
+    /// nothing).
+    keys: Option<ApiKeys>,
 }
 
 impl Setup {
@@ -71,6 +74,7 @@ impl Setup {
             redis: None,
             secret: TokenSecret::generate().unwrap(),
             worker_issuer: None,
+            keys: None,
         }
     }
 }
@@ -114,7 +118,9 @@ impl Demo {
                 .with_credits(2),
         );
         credentials.insert("metered", format!("X-API-Key: {}", key.expose_secret()));
-        let keys = ApiKeys::new(KeyStore::from_records(records).unwrap());
+        let keys = setup
+            .keys
+            .unwrap_or_else(|| ApiKeys::new(KeyStore::from_records(records).unwrap()));
         let mut config = GuardConfig::new(keys, setup.secret, setup.internal).unwrap();
         config.client_ip = setup.client_ip;
         config.rate = setup.rate;
@@ -2218,7 +2224,14 @@ async fn bad_dashboard_logins_and_cookies_are_refused_and_never_echoed() {
     let aud = guard::DASHBOARD_AUDIENCE;
     let expired = craft_token(&secret, aud, "dashboard:read", -700, -100);
     let forged = craft_token(&[1u8; 32], aud, "dashboard:read", -10, 600);
-    let valid = craft_token(&secret, aud, "dashboard:read", -10, 600);
+    // A session names the key it was minted from; one that names none is refused.
+    let bound = format!(
+        "dashboard:read {}{}",
+        guard::SESSION_KEY_SCOPE,
+        portcullis::api_key::KeyDigest::of(&admin)
+    );
+    let valid = craft_token(&secret, aud, &bound, -10, 600);
+    let unbound = craft_token(&secret, aud, "dashboard:read", -10, 600);
     let no_scope = craft_token(&secret, aud, "jobs:read", -10, 600);
     for (t, status) in [
         (worker.as_str(), 401),
@@ -2227,6 +2240,7 @@ async fn bad_dashboard_logins_and_cookies_are_refused_and_never_echoed() {
         ("not-a-token", 401),
         ("<script>alert(1)</script>", 401),
         (no_scope.as_str(), 403),
+        (unbound.as_str(), 401),
         (valid.as_str(), 200),
     ] {
         let r = demo
@@ -2339,4 +2353,171 @@ async fn the_admin_view_reports_usage_credits() {
     assert_eq!(credits(s.clone())[0]["remaining"], 0);
     assert_eq!(s["rate_limited"], 1);
     demo.shutdown().await;
+}
+
+/// A session is a token minted from one key: it ends as soon as that key could not
+/// open the dashboard itself (revoked, expired, its scope taken, removed, another
+/// client address than its `allowed_ips`), not when the token expires; a key with
+/// usage credits, which a session would not spend, gets none.
+#[tokio::test]
+async fn a_dashboard_session_keeps_the_limits_of_its_key() {
+    let dir = std::env::temp_dir().join(format!("qs-session-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("keys.toml");
+    // Two keys share the id `admin` (a rotation: the old one is revoked later).
+    let ids = ["admin", "admin", "confined", "metered"];
+    let keys: Vec<_> = ids
+        .iter()
+        .map(|_| generate_key("pc_test").unwrap())
+        .collect();
+    const SCOPE: &str = "scopes = [\"dashboard:read\"]";
+    // Each key's lines after its digest; `None` leaves the key out.
+    let file = |lines: [Option<&str>; 4]| {
+        let mut text = String::new();
+        for ((id, key), lines) in ids.iter().zip(&keys).zip(lines) {
+            if let Some(lines) = lines {
+                let digest = key.digest();
+                text.push_str(&format!(
+                    "[[keys]]\nid = \"{id}\"\ndigest = \"{digest}\"\n{lines}\n"
+                ));
+            }
+        }
+        std::fs::write(&path, text).unwrap();
+    };
+    let confined = format!("{SCOPE}\nallowed_ips = [\"192.0.2.0/24\"]");
+    let metered = format!("{SCOPE}\ncredits = 100");
+    let base = [Some(SCOPE), Some(SCOPE), Some(&*confined), Some(&*metered)];
+    file(base);
+    let store = ApiKeys::from_file(&path).unwrap();
+    let secret = [7u8; 32];
+    let demo = Demo::launch(Setup {
+        client_ip: ClientIpConfig::trusted_proxies("127.0.0.1/32").unwrap(),
+        keys: Some(store.clone()),
+        secret: TokenSecret::from_bytes(&secret),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let from = |ip: &str| format!("X-Forwarded-For: {ip}");
+    let inside = from("192.0.2.7");
+    let login = async |i: usize| {
+        let body = format!("key={}", keys[i].expose_secret());
+        login_with(&demo, &body, &[SAME_ORIGIN, &inside]).await
+    };
+    let page = async |token: &str, ip: &str| {
+        let cookie = format!("Cookie: pc_dashboard={token}");
+        demo.call_with("GET", "/dashboard", &[&cookie, &from(ip)], None)
+            .await
+            .status
+    };
+    let admin = session_token(&login(0).await);
+    let rotated = session_token(&login(1).await);
+    let confined = session_token(&login(2).await);
+    for t in [&admin, &rotated, &confined] {
+        assert_eq!(page(t, "192.0.2.7").await, 200);
+    }
+    // Another address than the key's allowed_ips: the session does not escape them.
+    assert_eq!(page(&confined, "198.51.100.9").await, 403);
+    // A metered key gets no session.
+    let r = login(3).await;
+    r.assert_problem(403);
+    assert!(r.header("set-cookie").is_none());
+    // The rotated-out key is revoked: its sessions end, the other key's do not,
+    // though both have the id `admin`.
+    let revoked = format!("{SCOPE}\nrevoked = true");
+    file([base[0], Some(&revoked), base[2], base[3]]);
+    store.reload().unwrap();
+    assert_eq!(page(&rotated, "192.0.2.7").await, 401);
+    assert_eq!(page(&admin, "192.0.2.7").await, 200);
+    // Revoked, expired, not yet valid, its scope taken, removed: each ends the
+    // key's sessions, and undoing it restores them.
+    let expired = format!("{SCOPE}\nexpires_at = 2001-01-01T00:00:00Z");
+    let later = format!("{SCOPE}\nnot_before = 2999-01-01T00:00:00Z");
+    for (change, status) in [
+        (Some(&*revoked), 401),
+        (Some(&*expired), 401),
+        (Some(&*later), 401),
+        (Some("scopes = [\"jobs:read\"]"), 403),
+        (None, 401),
+    ] {
+        file([change, Some(&revoked), base[2], base[3]]);
+        store.reload().unwrap();
+        assert_eq!(page(&admin, "192.0.2.7").await, status, "{change:?}");
+        file(base);
+        store.reload().unwrap();
+        assert_eq!(page(&admin, "192.0.2.7").await, 200, "{change:?}");
+    }
+    // A session token bound to no key (the demo never mints one) opens nothing.
+    let aud = guard::DASHBOARD_AUDIENCE;
+    let bare = craft_token(&secret, aud, "dashboard:read", -10, 600);
+    assert_eq!(page(&bare, "192.0.2.7").await, 401);
+    let digest = keys[0].digest();
+    let bound = craft_token(
+        &secret,
+        aud,
+        &format!("dashboard:read session-key:{digest}"),
+        -10,
+        600,
+    );
+    assert_eq!(page(&bound, "192.0.2.7").await, 200);
+    std::fs::remove_dir_all(&dir).unwrap();
+    demo.shutdown().await;
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// A session is accepted exactly when the key it is bound to would be accepted
+    /// itself, from the same address, with `dashboard:read`, and spends no credits:
+    /// never where the key would be refused.
+    #[test]
+    fn a_session_is_never_accepted_where_its_key_would_not_be(
+        revoked in proptest::prelude::any::<bool>(),
+        window in 0u8..4,
+        dashboard in proptest::prelude::any::<bool>(),
+        confined in proptest::prelude::any::<bool>(),
+        inside in proptest::prelude::any::<bool>(),
+        credits in proptest::prelude::any::<bool>(),
+        listed in proptest::prelude::any::<bool>(),
+    ) {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let key = generate_key("pc_test").unwrap();
+        let scopes = if dashboard { "admin dashboard:read" } else { "admin" };
+        let mut r = KeyRecord::new("admin", key.digest())
+            .unwrap()
+            .with_scopes(Scopes::parse(scopes).unwrap())
+            .revoked(revoked);
+        r = match window {
+            1 => r.expires_at(now - hour),
+            2 => r.not_before(now + hour),
+            3 => r.not_before(now - hour).expires_at(now + hour),
+            _ => r,
+        };
+        if confined {
+            r = r.with_allowed_ips(IpSet::parse("192.0.2.0/24").unwrap());
+        }
+        if credits {
+            r = r.with_credits(10);
+        }
+        let other = generate_key("pc_test").unwrap();
+        // Another key with the same id, always usable: it never vouches for this one.
+        let twin = KeyRecord::new("admin", other.digest())
+            .unwrap()
+            .with_scopes(Scopes::parse("dashboard:read").unwrap());
+        let records = if listed { vec![r, twin] } else { vec![twin] };
+        let store = KeyStore::from_records(records).unwrap();
+        let key_ok = store.verify(key.expose_secret(), now).is_ok();
+        let keys = ApiKeys::new(store);
+        let config = GuardConfig::new(
+            keys,
+            TokenSecret::generate().unwrap(),
+            IpSet::parse(DEFAULT_INTERNAL).unwrap(),
+        )
+        .unwrap();
+        let guard = Guard::new(config).unwrap();
+        let client: std::net::IpAddr = if inside { "192.0.2.7" } else { "198.51.100.9" }.parse().unwrap();
+        let accepted = guard.session_refusal(&key.digest(), now, Some(client)).is_none();
+        let expected = key_ok && dashboard && (!confined || inside) && !credits;
+        proptest::prop_assert_eq!(accepted, expected);
+    }
 }
