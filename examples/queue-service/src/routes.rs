@@ -327,7 +327,8 @@ impl<S: Send + Sync> FromRequestParts<S> for JobPath {
     }
 }
 
-/// The query of a worker call: empty, or `attempt=N` (the failed attempts behind
+/// The query of a worker call: empty, or `attempt=N` (`N` in decimal as printed:
+/// no sign, no leading zero; the failed attempts behind
 /// the run that claimed the job, as its claim answered), so a run whose lease
 /// lapsed cannot record an outcome over the run that claimed the job since.
 /// Anything else is [`BadAttempt`].
@@ -336,7 +337,13 @@ pub fn attempt_param(query: Option<&str>) -> Result<Option<u32>, BadAttempt> {
         None | Some("") => Ok(None),
         Some(q) => {
             let n = q.strip_prefix("attempt=").ok_or(BadAttempt)?;
-            if n.is_empty() || n.len() > 10 || !n.bytes().all(|b| b.is_ascii_digit()) {
+            // Digits as printed: no sign, no leading zero, so one run has one spelling.
+            let leading_zero = n.len() > 1 && n.starts_with('0');
+            if n.is_empty()
+                || n.len() > 10
+                || leading_zero
+                || !n.bytes().all(|b| b.is_ascii_digit())
+            {
                 return Err(BadAttempt);
             }
             n.parse().map(Some).map_err(|_| BadAttempt)

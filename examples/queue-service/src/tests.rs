@@ -1307,6 +1307,9 @@ fn the_attempt_of_a_worker_call_is_a_number_or_nothing() {
         "attempt=1 ",
         "attempt=%31",
         "Attempt=1",
+        "attempt=01",
+        "attempt=00",
+        "attempt=04294967295",
     ] {
         assert_eq!(
             routes::attempt_param(Some(bad)),
@@ -1324,6 +1327,16 @@ proptest::proptest! {
         if let Ok(Some(m)) = routes::attempt_param(Some(&q)) {
             proptest::prop_assert_eq!(q, format!("attempt={m}"));
         }
+    }
+
+    /// Digits with leading zeros, a sign or padding are not the printed form: refused.
+    #[test]
+    fn attempt_params_in_another_spelling_are_refused(
+        pad in "(0{1,3}|\\+|-| )",
+        n in proptest::prelude::any::<u32>(),
+    ) {
+        let q = format!("attempt={pad}{n}");
+        proptest::prop_assert_eq!(routes::attempt_param(Some(&q)), Err(routes::BadAttempt));
     }
 }
 
