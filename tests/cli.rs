@@ -148,7 +148,10 @@ fn key_out_creates_a_private_file_and_never_overwrites() {
     assert!(check_key(key).is_ok());
     assert!(!stderr.contains(key), "the key is only in the file");
     assert!(keys_in(&stderr).is_empty());
-    assert!(stderr.contains(p), "a note names the path: {stderr}");
+    assert!(
+        !stderr.contains(p) && stderr.contains("--key-out file"),
+        "a note names the option, never its value: {stderr}"
+    );
     assert_eq!(stderr.lines().count(), 1);
     assert!(!stdout.contains(key));
     let store = KeyStore::from_toml(&stdout).unwrap();
@@ -162,6 +165,7 @@ fn key_out_creates_a_private_file_and_never_overwrites() {
     assert_eq!(code(&again), 1);
     assert!(again.stdout.is_empty(), "no entry for an undelivered key");
     assert!(keys_in(&text(&again.stderr)).is_empty());
+    assert!(!text(&again.stderr).contains(p), "{}", text(&again.stderr));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), written);
 
     // A symbolic link is not written through, even to a file that does not exist.
@@ -189,6 +193,11 @@ fn key_out_creates_a_private_file_and_never_overwrites() {
     ]);
     assert_eq!(code(&out), 1);
     assert!(out.stdout.is_empty());
+    assert!(
+        !text(&out.stderr).contains("missing/k"),
+        "{}",
+        text(&out.stderr)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -546,10 +546,9 @@ fn keygen(a: &EntryArgs) -> Result<(), Failure> {
         }
     }
     write_stdout(cmd, &entry)?;
-    if let Some(path) = &a.key_out {
+    if a.key_out.is_some() {
         eprintln!(
-            "portcullis keygen: the key is in {} (mode 0600); hand it to its owner, then delete the file",
-            path.display()
+            "portcullis keygen: the key is in the --key-out file (mode 0600); hand it to its owner, then delete the file"
         );
     }
     Ok(())
@@ -568,12 +567,9 @@ fn write_key_file(path: &Path, key: &str) -> Result<(), Failure> {
         .open(path)
         .map_err(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
-                failed(
-                    cmd,
-                    format!("{} exists; refusing to overwrite it", path.display()),
-                )
+                failed(cmd, "the --key-out file exists; refusing to overwrite it")
             } else {
-                failed(cmd, format!("cannot create {}: {e}", path.display()))
+                failed(cmd, format!("cannot create the --key-out file: {e}"))
             }
         })?;
     let written = file
@@ -583,7 +579,7 @@ fn write_key_file(path: &Path, key: &str) -> Result<(), Failure> {
     if let Err(e) = written {
         drop(file);
         let _ = std::fs::remove_file(path);
-        return Err(failed(cmd, format!("cannot write {}: {e}", path.display())));
+        return Err(failed(cmd, format!("cannot write the --key-out file: {e}")));
     }
     Ok(())
 }
