@@ -10,7 +10,7 @@
 //! | flag / variable | meaning | default |
 //! |---|---|---|
 //! | `--addr HOST:PORT` / `PORTCULLIS_DEMO_ADDR` | listen address (port 0: a free port, printed) | `127.0.0.1:8080` |
-//! | `--redis URL` / `REDIS_URL` | keep the queue and the rate limits in Redis, shared by every instance (fails closed) | in memory |
+//! | `--redis URL` / `REDIS_URL` | keep the queue and the rate limits in Redis, shared by every instance (fails closed); a URL with a password only in `REDIS_URL` | in memory |
 //! | `PORTCULLIS_DEMO_REDIS_NAMESPACE` | the prefix of every Redis key (`A-Z a-z 0-9 _ - .`, 1 to 64) | `portcullis-demo` |
 //! | `PORTCULLIS_DEMO_REDIS_CA_FILE` | a CA (PEM) to trust for `rediss://` instead of the platform's roots | platform roots |
 //! | `PORTCULLIS_DEMO_KEY_FILE` | API-key file (TOML, reloaded on change) | ephemeral keys |
@@ -314,11 +314,28 @@ pub fn parse_args(args: &[String], get: impl Fn(&str) -> Option<String>) -> Resu
     let addr = raw
         .parse()
         .map_err(|_| format!("not a socket address (HOST:PORT): {raw:?}"))?;
+    if redis.as_deref().is_some_and(has_password) {
+        return Err(
+            "--redis: a URL with a password is readable by every local user in \
+                    the process list; pass it in REDIS_URL instead"
+                .into(),
+        );
+    }
     let redis = redis.or_else(|| get("REDIS_URL"));
     if redis.as_deref().is_some_and(|u| u.trim().is_empty()) {
         return Err("--redis / REDIS_URL: is set but empty; leave it out instead".into());
     }
     Ok(Args { addr, redis })
+}
+
+/// Whether a URL's authority holds a password (`scheme://user:password@host`): its
+/// user information, before the authority's last `@`, has a `:`.
+fn has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
 }
 
 /// What standard output shows at start: the address, and for ephemeral

@@ -347,7 +347,28 @@ fn the_command_line_and_its_environment() {
     assert!(parse_args(&args(&["--port", "1"]), env(&[])).is_err());
     assert!(parse_args(&[], env(&[("PORTCULLIS_DEMO_ADDR", "localhost")])).is_err());
     assert!(parse_args(&args(&["--redis", ""]), env(&[])).is_err());
-    let a = parse_args(&args(&["--redis", "redis://:hunter2@h:1"]), env(&[])).unwrap();
+    // A password on the command line is visible to every local user: refused, and
+    // never repeated; in the environment it is taken, and hidden from `Debug`.
+    for url in [
+        "redis://:hunter2@h:1",
+        "rediss://user:hunter2@h:1/0",
+        "redis://u:hunter2@x@h:1",
+        "redis://:@h:1",
+    ] {
+        let err = parse_args(&args(&["--redis", url]), env(&[])).unwrap_err();
+        assert!(
+            err.contains("REDIS_URL") && !err.contains("hunter2"),
+            "{err}"
+        );
+    }
+    for url in ["redis://h:1", "redis://user@h:1", "redis://h:1/0?x=a:b@c"] {
+        assert!(
+            parse_args(&args(&["--redis", url]), env(&[])).is_ok(),
+            "{url}"
+        );
+    }
+    let a = parse_args(&[], env(&[("REDIS_URL", "redis://:hunter2@h:1")])).unwrap();
+    assert_eq!(a.redis.as_deref(), Some("redis://:hunter2@h:1"));
     assert!(!format!("{a:?}").contains("hunter2"), "{a:?}");
 }
 
@@ -501,9 +522,11 @@ fn a_redis_url_never_shows_in_errors_or_debug() {
     let plain = format!("redis://:{secret}@127.0.0.1:1/0");
     let e = RedisQueue::new(&plain, Some(b"pem"), "ns", [0; 32], config).unwrap_err();
     assert!(e.contains("rediss://") && !e.contains(secret), "{e}");
-    let args = ["--redis".to_owned(), plain];
-    let e = parse_args(&args, |_| None).unwrap();
-    assert!(!format!("{e:?}").contains(secret));
+    let args = ["--redis".to_owned(), plain.clone()];
+    let e = parse_args(&args, |_| None).unwrap_err();
+    assert!(e.contains("REDIS_URL") && !e.contains(secret), "{e}");
+    let a = parse_args(&[], |k| (k == "REDIS_URL").then(|| plain.clone())).unwrap();
+    assert!(!format!("{a:?}").contains(secret));
 }
 
 #[tokio::test]
