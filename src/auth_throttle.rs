@@ -15,7 +15,7 @@ use tower_service::Service;
 
 use crate::rate_limit::Quota;
 use crate::rate_limit::key::{KeySource, LocalKey, mask};
-use crate::rate_limit::local::LocalStore;
+use crate::rate_limit::local::{Charge, LocalStore};
 use crate::rate_limit::quota::Gcra;
 use crate::rejection::{DenialReason, RefusalBody, Rejection, is_grpc_request};
 use crate::{AuthMethod, ClientIp, ConfigError, IpSet, Principal};
@@ -84,7 +84,12 @@ use crate::rate_limit::redis::{Bypassed, FailurePolicy, RedisLimiter};
 /// failure when it arrives and the count is given back when its answer is not one,
 /// so requests sent at once (HTTP/2 streams) get no more verified guesses than one
 /// at a time; while valid requests are in flight they hold part of the quota, and a
-/// burst larger than the quota is refused in part. The price: every client sharing the
+/// burst larger than the quota is refused in part. What is given back is what is
+/// left of the count when the answer comes: all of it for an answer within
+/// moments, less the time the request took, nothing for one that took a refill
+/// interval or more (a long poll), whose count had run out on its own meanwhile;
+/// giving it back then would credit the address with a failure on top of a full
+/// quota. The price: every client sharing the
 /// address is locked out as well, valid credentials included, until the bucket
 /// refills. Use it when the secrets can be guessed (e.g. keys people chose, accepted
 /// from a plain list), and exempt the addresses that must never be locked out.
@@ -388,15 +393,17 @@ impl Shared {
         Rejection::too_many_requests(DenialReason::AuthThrottled, retry).render(grpc)
     }
 
-    /// The inner response in the lockout mode: the failure counted on arrival stays
-    /// counted for a wrong credential and is given back otherwise.
-    fn settle<B>(&self, ip: Option<ClientIp>, res: Response<B>) -> Response<B> {
+    /// The inner response in the lockout mode: the failure counted on arrival
+    /// (`charge`) stays counted for a wrong credential and is given back otherwise,
+    /// to the bucket that counted it, as much of it as has not run out meanwhile.
+    fn settle<B>(&self, ip: Option<ClientIp>, charge: Charge, res: Response<B>) -> Response<B> {
         let failed = res
             .extensions()
             .get::<DenialReason>()
             .is_some_and(|&r| is_credential_failure(r));
         if !failed {
-            self.store.refund(self.key(ip), &self.gcra);
+            self.store
+                .refund(self.key(ip), &self.gcra, charge, self.store.now());
         }
         res
     }
@@ -533,7 +540,8 @@ impl Shared {
         S: Service<Request<ReqBody>, Response = Response<B>>,
         B: RefusalBody,
     {
-        let outcome = self.store.check(self.key(ip), &self.gcra, self.store.now());
+        let now = self.store.now();
+        let outcome = self.store.check(self.key(ip), &self.gcra, now);
         if !outcome.allowed {
             let retry = Duration::from_nanos(outcome.wait());
             return ThrottleKind::Rejected {
@@ -543,6 +551,7 @@ impl Shared {
         ThrottleKind::Charged {
             future: inner.call(req),
             ip,
+            charge: outcome.charge(now),
             shared: self.clone(),
         }
     }
@@ -568,7 +577,7 @@ pin_project! {
     {
         Counted { #[pin] future: S::Future, ip: Option<ClientIp>, grpc: bool, shared: Arc<Shared> },
         // The lockout mode: a failure was counted when the request arrived.
-        Charged { #[pin] future: S::Future, ip: Option<ClientIp>, shared: Arc<Shared> },
+        Charged { #[pin] future: S::Future, ip: Option<ClientIp>, charge: Charge, shared: Arc<Shared> },
         Exempt { #[pin] future: S::Future },
         Rejected { response: Option<Response<B>> },
         // The counts on Redis (boxed: the rarer, slower path).
@@ -601,9 +610,12 @@ where
                 grpc,
                 shared,
             } => Poll::Ready(ready!(future.poll(cx)).map(|res| shared.respond(*ip, *grpc, res))),
-            ThrottleKindProj::Charged { future, ip, shared } => {
-                Poll::Ready(ready!(future.poll(cx)).map(|res| shared.settle(*ip, res)))
-            }
+            ThrottleKindProj::Charged {
+                future,
+                ip,
+                charge,
+                shared,
+            } => Poll::Ready(ready!(future.poll(cx)).map(|res| shared.settle(*ip, *charge, res))),
             ThrottleKindProj::Exempt { future } => future.poll(cx),
             ThrottleKindProj::Rejected { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
@@ -642,7 +654,8 @@ mod redis {
     use super::*;
     use crate::rate_limit::local::Outcome;
 
-    type Decision = Pin<Box<dyn Future<Output = Result<Outcome, Bypassed>> + Send>>;
+    /// A count on Redis: its outcome, and the server's time of it (µs).
+    type Decision = Pin<Box<dyn Future<Output = Result<(Outcome, u64), Bypassed>> + Send>>;
 
     pub(super) fn call<S, ReqBody, B>(
         shared: &Arc<Shared>,
@@ -674,7 +687,7 @@ mod redis {
         ThrottleKind::Remote {
             state: Box::new(State::Inner {
                 future: Box::pin(inner.call(req)),
-                charged: false,
+                charged: None,
                 ip,
                 grpc,
                 shared: shared.clone(),
@@ -714,10 +727,11 @@ mod redis {
             grpc: bool,
             shared: Arc<Shared>,
         },
-        /// The credential being verified; `charged`: a failure was counted on arrival.
+        /// The credential being verified; `charged`: the server's time (µs) of the
+        /// failure counted on arrival, if one was.
         Inner {
             future: Pin<Box<S::Future>>,
-            charged: bool,
+            charged: Option<u64>,
             ip: Option<ClientIp>,
             grpc: bool,
             shared: Arc<Shared>,
@@ -754,14 +768,14 @@ mod redis {
                         let (ip, grpc, shared) = (*ip, *grpc, shared.clone());
                         let (mut inner, req) = pending.take().expect("polled after completion");
                         let charged = match decided {
-                            Ok(o) if o.allowed => true,
-                            Ok(o) => {
+                            Ok((o, at)) if o.allowed => Some(at),
+                            Ok((o, _)) => {
                                 let retry = Duration::from_nanos(o.wait());
                                 *self = State::Done;
                                 return Poll::Ready(Ok(shared.refusal(ip, retry, false, grpc)));
                             }
                             Err(Bypassed) => match redis(&shared).failure_policy() {
-                                FailurePolicy::FailOpen => false,
+                                FailurePolicy::FailOpen => None,
                                 FailurePolicy::FailClosed => {
                                     *self = State::Done;
                                     return Poll::Ready(Ok(unavailable(&shared, grpc)));
@@ -802,7 +816,7 @@ mod redis {
                             .extensions()
                             .get::<DenialReason>()
                             .is_some_and(|&r| is_credential_failure(r));
-                        if charged {
+                        if let Some(at) = charged {
                             if !failed {
                                 let (redis, key, g) = (
                                     redis(&shared).clone(),
@@ -810,7 +824,7 @@ mod redis {
                                     shared.gcra[0],
                                 );
                                 detach(async move {
-                                    let _ = redis.throttle_refund(&key, g).await;
+                                    let _ = redis.throttle_refund(&key, g, at).await;
                                 });
                             }
                             *self = State::Done;
@@ -847,8 +861,10 @@ mod redis {
                         let (ip, grpc, shared) = (*ip, *grpc, shared.clone());
                         *self = State::Done;
                         return Poll::Ready(Ok(match decided {
-                            Ok(o) if o.allowed => res,
-                            Ok(o) => shared.refusal(ip, Duration::from_nanos(o.wait()), true, grpc),
+                            Ok((o, _)) if o.allowed => res,
+                            Ok((o, _)) => {
+                                shared.refusal(ip, Duration::from_nanos(o.wait()), true, grpc)
+                            }
                             Err(Bypassed) => match redis(&shared).failure_policy() {
                                 FailurePolicy::FailOpen => res,
                                 FailurePolicy::FailClosed => unavailable(&shared, grpc),
@@ -1105,6 +1121,114 @@ mod tests {
         }
     }
 
+    /// A request whose answer is held until its gate opens (a long poll, a slow
+    /// upload): the inner service is called at once, its response waits.
+    type Held = Pin<Box<dyn Future<Output = Result<Response<Bytes>, Infallible>>>>;
+
+    /// Sends a request from `ip` with `credential` whose answer waits for `gate`:
+    /// the answer, unless it came at once (a refusal), and whether the
+    /// authentication layer ran (the credential was verified).
+    fn send_held(
+        layer: &AuthThrottleLayer,
+        ip: IpAddr,
+        credential: Credential,
+        gate: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (Option<Held>, bool) {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let seen = ran.clone();
+        let svc = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service_fn(move |_req: Request<()>| {
+                seen.fetch_add(1, Ordering::Relaxed);
+                let gate = gate.clone();
+                std::future::poll_fn(move |_| match gate.load(Ordering::Acquire) {
+                    true => Poll::Ready(Ok::<_, Infallible>(authenticate(credential))),
+                    false => Poll::Pending,
+                })
+            });
+        let mut req = Request::new(());
+        req.extensions_mut().insert(ClientIp::new(ip));
+        let mut fut: Held = Box::pin(svc.oneshot(req));
+        let cx = &mut Context::from_waker(std::task::Waker::noop());
+        let pending = fut.as_mut().poll(cx).is_pending();
+        (pending.then_some(fut), ran.load(Ordering::Relaxed) == 1)
+    }
+
+    /// Opens `gate` and takes the held answer's status.
+    fn release(mut held: Held, gate: &std::sync::atomic::AtomicBool) -> u16 {
+        gate.store(true, Ordering::Release);
+        let cx = &mut Context::from_waker(std::task::Waker::noop());
+        match held.as_mut().poll(cx) {
+            Poll::Ready(res) => res.unwrap().status().as_u16(),
+            Poll::Pending => panic!("released"),
+        }
+    }
+
+    /// A valid request held in flight until its address's bucket has refilled
+    /// gives back nothing when it is answered: its count had expired on its own,
+    /// and giving it back again would let the address's next burst of guesses
+    /// verify one more than the quota.
+    #[test]
+    fn lockout_a_count_that_expired_in_flight_is_not_given_back() {
+        use std::sync::atomic::AtomicBool;
+        let (clock, mock) = quanta::Clock::mock();
+        let layer = AuthThrottleLayer::new(Quota::per_minute(3).unwrap())
+            .lockout_before_verify()
+            .with_clock(clock);
+        let ip = addr("192.0.2.1");
+        let gates: Vec<_> = (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let held: Vec<_> = gates
+            .iter()
+            .map(|g| send_held(&layer, ip, Credential::Valid, g.clone()))
+            .collect();
+        assert!(held.iter().all(|(_, ran)| *ran));
+        // The bucket refills while the requests wait (three intervals of 20 s).
+        mock.increment(61_000_000_000);
+        let mut verified = (0..5)
+            .filter(|_| send(&layer, ip, Credential::Wrong).1)
+            .count();
+        for ((h, _), g) in held.into_iter().zip(&gates) {
+            assert_eq!(release(h.expect("held"), g), 200);
+        }
+        verified += (0..5)
+            .filter(|_| send(&layer, ip, Credential::Wrong).1)
+            .count();
+        assert_eq!(verified, 3, "{verified} guesses verified at once, quota 3");
+    }
+
+    /// In the lockout mode, a request counted against the shared bucket of the
+    /// untracked addresses is given back to that bucket, never to a slot its
+    /// address took meanwhile (which holds the count of a later guess).
+    #[test]
+    fn lockout_gives_a_count_back_to_the_bucket_that_took_it() {
+        use std::sync::atomic::AtomicBool;
+        let (clock, mock) = quanta::Clock::mock();
+        // 2 per minute: one every 30 s, 2 at once.
+        let layer = AuthThrottleLayer::new(Quota::per_minute(2).unwrap())
+            .lockout_before_verify()
+            .max_tracked_addresses(1)
+            .unwrap()
+            .with_clock(clock);
+        let shared = layer.shared.clone();
+        let (a, b) = (addr("192.0.2.1"), addr("192.0.2.2"));
+        // A takes the one slot, for 30 s.
+        assert_eq!(send(&layer, a, Credential::Wrong), (401, true));
+        mock.increment(15_000_000_000);
+        // B is counted against the shared bucket, and held.
+        let gate = Arc::new(AtomicBool::new(false));
+        let (held, ran) = send_held(&layer, b, Credential::Valid, gate.clone());
+        assert!(ran);
+        assert!(!shared.store.is_tracked(shared.key(Some(ClientIp::new(b)))));
+        // A's slot refills; B's next request (a guess) takes it.
+        mock.increment(15_000_000_000);
+        assert_eq!(send(&layer, b, Credential::Wrong), (401, true));
+        assert!(shared.store.is_tracked(shared.key(Some(ClientIp::new(b)))));
+        assert_eq!(release(held.expect("held"), &gate), 200);
+        // B's slot still counts its guess: one more, then 429.
+        assert_eq!(send(&layer, b, Credential::Wrong), (401, true));
+        assert_eq!(send(&layer, b, Credential::Wrong), (429, false));
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
 
@@ -1164,6 +1288,69 @@ mod tests {
                     );
                 }
                 proptest::prop_assert!(shared.store.len() <= cap);
+            }
+        }
+
+        /// In the lockout mode, with requests held in flight and answered in any
+        /// order, valid ones among them (whose counts are given back): over every
+        /// span of time, the wrong credentials verified for one address never
+        /// exceed its quota (its burst plus one per emission interval elapsed).
+        #[test]
+        fn lockout_never_verifies_more_guesses_than_the_quota(
+            count in 1u32..5,
+            window in 1u64..20,
+            burst in 1u32..5,
+            steps in proptest::collection::vec(
+                (0u8..4, 0u8..2, 0u8..3, proptest::bool::ANY, 0u8..8, 0u64..4_000_000_000),
+                1..150,
+            ),
+        ) {
+            use std::sync::atomic::AtomicBool;
+            let quota = Quota::new(count, Duration::from_secs(window))
+                .unwrap()
+                .with_burst(burst)
+                .unwrap();
+            let g = quota.gcra();
+            let (clock, mock) = quanta::Clock::mock();
+            let layer = AuthThrottleLayer::new(quota).lockout_before_verify().with_clock(clock);
+            let shared = layer.shared.clone();
+            let mut held: Vec<(Held, Arc<AtomicBool>)> = Vec::new();
+            // Per address, the times at which a wrong credential was verified.
+            let mut guesses: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+            for (op, host, outcome, hold, pick, step) in steps {
+                mock.increment(step);
+                let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, host));
+                if op == 0 && !held.is_empty() {
+                    let (h, gate) = held.swap_remove(usize::from(pick) % held.len());
+                    release(h, &gate);
+                    continue;
+                }
+                let credential = [Credential::Valid, Credential::Wrong, Credential::Missing]
+                    [usize::from(outcome)];
+                let ran = if hold {
+                    let gate = Arc::new(AtomicBool::new(false));
+                    let (h, ran) = send_held(&layer, ip, credential, gate.clone());
+                    held.extend(h.map(|h| (h, gate)));
+                    ran
+                } else {
+                    send(&layer, ip, credential).1
+                };
+                if ran && credential == Credential::Wrong {
+                    guesses[usize::from(host)].push(shared.store.now());
+                }
+            }
+            for times in &guesses {
+                for (i, first) in times.iter().enumerate() {
+                    for (j, last) in times.iter().enumerate().skip(i) {
+                        let n = (j - i + 1) as u64;
+                        let bound = 1 + (g.tau + (last - first)) / g.t;
+                        proptest::prop_assert!(
+                            n <= bound,
+                            "{} guesses verified in {} ns, quota {:?} allows {}",
+                            n, last - first, g, bound
+                        );
+                    }
+                }
             }
         }
     }

@@ -108,12 +108,15 @@ const RETRIES: usize = 8;
 /// The decision for one request over every policy. Per policy, in nanoseconds:
 /// how far its theoretical arrival time is ahead of now (after the decision), and
 /// the wait before a refused request could succeed (0 where the policy allowed).
+/// `overflow` says whether the request was counted against the shared overflow
+/// state rather than its key's own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Outcome {
     pub(crate) allowed: bool,
     pub(crate) len: usize,
     pub(crate) ahead: [u64; MAX_POLICIES],
     pub(crate) waits: [u64; MAX_POLICIES],
+    pub(crate) overflow: bool,
 }
 
 impl Outcome {
@@ -131,6 +134,38 @@ impl Outcome {
     pub(crate) fn reset(&self, i: usize) -> u64 {
         self.ahead[i]
     }
+
+    /// The request this outcome allowed at `at`, as [`LocalStore::refund`] takes
+    /// it back.
+    #[cfg(feature = "auth-throttle")]
+    pub(crate) fn charge(&self, at: u64) -> Charge {
+        Charge {
+            at,
+            overflow: self.overflow,
+        }
+    }
+}
+
+/// A request [`LocalStore::check`] allowed ahead of its outcome: when, and in
+/// which state (the key's own or the shared overflow state) it was counted.
+#[cfg(feature = "auth-throttle")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Charge {
+    at: u64,
+    overflow: bool,
+}
+
+#[cfg(feature = "auth-throttle")]
+impl Charge {
+    /// What is left at `now` of the interval `t` the request added at `at`: all of
+    /// it at once, nothing from one interval on. However the state changed since
+    /// (other requests counted or given back, the state emptied and refilled, its
+    /// slot taken by another key and won back), at least this much of the state's
+    /// time is still this request's, so giving it back never gives a key more than
+    /// it would have had without the request.
+    fn left(&self, t: u64, now: u64) -> u64 {
+        t.saturating_sub(now.saturating_sub(self.at))
+    }
 }
 
 /// GCRA over every policy of one key, all or nothing: a request refused by one
@@ -142,6 +177,7 @@ pub(crate) fn decide(gcras: &[Gcra], tats: &mut [u64], now: u64) -> Outcome {
         len: gcras.len(),
         ahead: [0; MAX_POLICIES],
         waits: [0; MAX_POLICIES],
+        overflow: false,
     };
     for (i, g) in gcras.iter().enumerate() {
         match g.test(tats[i], now) {
@@ -316,6 +352,7 @@ impl<const N: usize> Slots<N> {
             len: 1,
             ahead: [0; MAX_POLICIES],
             waits: [0; MAX_POLICIES],
+            overflow: false,
         };
         let mut cur = time.load(Ordering::Acquire);
         let mut spins = 0;
@@ -485,7 +522,9 @@ impl<const N: usize> Slots<N> {
             }
             let g = store.overflow_gcras(gcras);
             let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
-            return decide(&g[..gcras.len()], &mut tats[..], now);
+            let mut out = decide(&g[..gcras.len()], &mut tats[..], now);
+            out.overflow = true;
+            return out;
         }
         // The slot changed hands on every try: refuse (never allow unchecked).
         let mut out = Outcome {
@@ -493,6 +532,7 @@ impl<const N: usize> Slots<N> {
             len: gcras.len(),
             ahead: [0; MAX_POLICIES],
             waits: [0; MAX_POLICIES],
+            overflow: false,
         };
         for (w, g) in out.waits.iter_mut().zip(gcras) {
             *w = g.t;
@@ -544,22 +584,22 @@ impl<const N: usize> Slots<N> {
     }
 
     #[cfg(feature = "auth-throttle")]
-    fn refund(&self, store: &LocalStore, id: u64, gcras: &[Gcra]) {
+    fn refund(&self, store: &LocalStore, id: u64, gcras: &[Gcra], charge: Charge, now: u64) {
+        if charge.overflow {
+            let g = store.overflow_gcras(gcras);
+            let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+            for (t, g) in tats.iter_mut().zip(&g[..gcras.len()]) {
+                *t = t.saturating_sub(charge.left(g.t, now));
+            }
+            return;
+        }
         if let Some(slot) = self.find(id) {
             // Under the mark, so that the refund lands in this key's state or nowhere.
             if let Some(mut tats) = Self::lock(slot, id) {
                 for (t, g) in tats.iter_mut().zip(gcras) {
-                    *t = t.saturating_sub(g.t);
+                    *t = t.saturating_sub(charge.left(g.t, now));
                 }
                 Self::unlock(slot, &tats);
-            }
-            return;
-        }
-        if self.used.load(Ordering::Acquire) >= store.cap {
-            let g = store.overflow_gcras(gcras);
-            let mut tats = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
-            for (t, g) in tats.iter_mut().zip(&g[..gcras.len()]) {
-                *t = t.saturating_sub(g.t);
             }
         }
     }
@@ -726,17 +766,24 @@ impl LocalStore {
     }
 
     #[cfg(feature = "auth-throttle")]
-    /// Takes back one request that [`check`](Self::check) allowed for `key` under
-    /// `gcras` (the same ones): a request counted up front whose outcome turned out
-    /// not to count. It moves the key's state, or the overflow state at the cap, one
-    /// emission interval back; a key whose slot went to another key meanwhile had
-    /// refilled, and is fresh already.
-    pub(crate) fn refund(&self, key: LocalKey, gcras: &[Gcra]) {
+    /// Takes back at `now` one request that [`check`](Self::check) allowed for `key`
+    /// under `gcras` (the same ones), as its outcome's [`Charge`] recorded it: a
+    /// request counted up front whose outcome turned out not to count. It moves the
+    /// state that counted it (the key's own, or the overflow state), never another,
+    /// back by what is left of the request's interval (see [`Charge`]): all of it
+    /// for a request answered at once, nothing for one that took an interval or
+    /// more, whose count had run out on its own. A key whose slot went to another
+    /// key meanwhile had refilled, and is fresh already.
+    pub(crate) fn refund(&self, key: LocalKey, gcras: &[Gcra], charge: Charge, now: u64) {
+        // Nothing left of it (the common case of a long request): nothing to look up.
+        if !charge.overflow && gcras.iter().all(|g| charge.left(g.t, now) == 0) {
+            return;
+        }
         let id = id(&key);
         match &self.table {
-            Table::One(t) => t.refund(self, id, gcras),
-            Table::Two(t) => t.refund(self, id, gcras),
-            Table::Four(t) => t.refund(self, id, gcras),
+            Table::One(t) => t.refund(self, id, gcras, charge, now),
+            Table::Two(t) => t.refund(self, id, gcras, charge, now),
+            Table::Four(t) => t.refund(self, id, gcras, charge, now),
         }
     }
 }
@@ -1174,7 +1221,9 @@ mod tests {
         /// The store decides as a reference model that never forgets a key: per key
         /// a GCRA state, and one overflow state for the requests the store counts
         /// without a slot. A key whose state still counts is never moved out of its
-        /// slot; `peek` agrees with `check`; refunds land in the state that counted.
+        /// slot; `peek` agrees with `check`; a refund lands in the state that
+        /// counted its request, whatever slot its key holds since, and gives back
+        /// only what is left of the request's interval.
         #[test]
         fn the_store_decides_as_a_map_that_never_forgets(
             cap in 1usize..24,
@@ -1189,6 +1238,8 @@ mod tests {
             let og = store.overflow_gcras(&g);
             let mut model: HashMap<u8, Vec<u64>> = HashMap::new();
             let mut overflow = vec![0u64; n];
+            // Per key, the requests allowed and not yet given back.
+            let mut charges: HashMap<u8, Vec<Charge>> = HashMap::new();
             for (host, op, step) in steps {
                 mock.increment(step);
                 let now = store.now();
@@ -1201,17 +1252,23 @@ mod tests {
                     .map(|(h, _)| *h)
                     .collect();
                 if op == 0 {
-                    if store.is_tracked(k) {
-                        let t = model.get_mut(&host).expect("a tracked key is modelled");
-                        for (t, q) in t.iter_mut().zip(&g) {
-                            *t = t.saturating_sub(q.t);
-                        }
-                    } else if store.len() >= cap {
+                    let Some(charge) = charges.get_mut(&host).and_then(Vec::pop) else {
+                        continue;
+                    };
+                    if charge.overflow {
                         for (t, q) in overflow.iter_mut().zip(&og) {
-                            *t = t.saturating_sub(q.t);
+                            *t = t.saturating_sub(charge.left(q.t, now));
+                        }
+                    } else {
+                        let t = model.get_mut(&host).expect("a counted key is modelled");
+                        if g.iter().any(|q| charge.left(q.t, now) > 0) {
+                            proptest::prop_assert!(store.is_tracked(k), "a counting key lost its slot");
+                        }
+                        for (t, q) in t.iter_mut().zip(&g) {
+                            *t = t.saturating_sub(charge.left(q.t, now));
                         }
                     }
-                    store.refund(k, &g);
+                    store.refund(k, &g, charge, now);
                 } else {
                     let peeked = store.peek(k, &g, now);
                     let out = store.check(k, &g, now);
@@ -1219,9 +1276,14 @@ mod tests {
                     let want = if store.is_tracked(k) {
                         decide(&g, model.entry(host).or_insert_with(|| vec![0; n]), now)
                     } else {
-                        decide(&og[..n], &mut overflow, now)
+                        let mut o = decide(&og[..n], &mut overflow, now);
+                        o.overflow = true;
+                        o
                     };
                     proptest::prop_assert_eq!(out, want);
+                    if out.allowed && op % 2 == 1 {
+                        charges.entry(host).or_default().push(out.charge(now));
+                    }
                 }
                 proptest::prop_assert!(store.len() <= cap);
                 for h in live {

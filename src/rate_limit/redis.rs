@@ -101,7 +101,8 @@ pub enum FailurePolicy {
 }
 
 /// GCRA over N policies. KEYS: one per policy. ARGV: t1, tau1, t2, tau2, ... in
-/// microseconds. Returns {allowed, remaining1, reset1, wait1, ...} (µs).
+/// microseconds. Returns {allowed, remaining1, reset1, wait1, ..., now} (µs; `now`
+/// the server's time of the decision, for a refund to measure from).
 const SCRIPT: &str = r#"
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
@@ -133,6 +134,7 @@ for i = 1, n do
   out[#out + 1] = tat - now
   out[#out + 1] = wait
 end
+out[#out + 1] = now
 return out
 "#;
 
@@ -148,14 +150,20 @@ if over > 0 then return over end
 return 0
 "#;
 
-/// Gives back one counted request. KEYS: the key. ARGV: t (µs).
+/// Gives back one request counted at the server's time `at`: what is left of its
+/// interval `t` (all of it at once, nothing from one interval on, as in memory).
+/// KEYS: the key. ARGV: t, at (µs).
 #[cfg(feature = "auth-throttle")]
 const REFUND_SCRIPT: &str = r#"
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+local elapsed = now - tonumber(ARGV[2])
+if elapsed < 0 then elapsed = 0 end
+local left = tonumber(ARGV[1]) - elapsed
+if left <= 0 then return 0 end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '')
 if not tat then return 0 end
-tat = tat - tonumber(ARGV[1])
+tat = tat - left
 if tat <= now then
   redis.call('DEL', KEYS[1])
 else
@@ -571,8 +579,13 @@ impl RedisLimiter {
         format!("{}:at:{key}", self.inner.namespace)
     }
 
-    /// Counts one failure for `key`, all or nothing, as the rate limits count.
-    pub(crate) async fn throttle_count(&self, key: &str, g: Gcra) -> Result<Outcome, Bypassed> {
+    /// Counts one failure for `key`, all or nothing, as the rate limits count; with
+    /// the server's time of the decision (µs), which a refund measures from.
+    pub(crate) async fn throttle_count(
+        &self,
+        key: &str,
+        g: Gcra,
+    ) -> Result<(Outcome, u64), Bypassed> {
         let keys = vec![self.throttle_key(key)];
         let inner = &*self.inner;
         self.inner
@@ -597,8 +610,14 @@ impl RedisLimiter {
         Ok((wait > 0).then(|| (wait as u64).saturating_mul(1000)))
     }
 
-    /// Gives back one failure counted for `key`.
-    pub(crate) async fn throttle_refund(&self, key: &str, g: Gcra) -> Result<(), Bypassed> {
+    /// Gives back one failure counted for `key` at the server's time `at` (µs), as
+    /// much of it as has not run out since.
+    pub(crate) async fn throttle_refund(
+        &self,
+        key: &str,
+        g: Gcra,
+        at: u64,
+    ) -> Result<(), Bypassed> {
         let k = self.throttle_key(key);
         let script = &self.inner.refund_script;
         self.inner
@@ -606,6 +625,7 @@ impl RedisLimiter {
                 script
                     .key(k)
                     .arg(g.micros().0)
+                    .arg(at)
                     .invoke_async::<i64>(&mut conn)
                     .await
             })
@@ -713,7 +733,7 @@ impl Inner {
             .call(|mut conn| async move { this.run(&mut conn, keys, gcra).await })
             .await
         {
-            Ok(outcome) => Verdict::Decided(outcome),
+            Ok((outcome, _)) => Verdict::Decided(outcome),
             Err(Bypassed) => self.on_failure(local_key, gcra, &shared),
         }
     }
@@ -856,7 +876,7 @@ impl Inner {
         conn: &mut MultiplexedConnection,
         keys: Vec<String>,
         gcras: &[Gcra],
-    ) -> redis::RedisResult<Outcome> {
+    ) -> redis::RedisResult<(Outcome, u64)> {
         let mut inv = self.script.prepare_invoke();
         for k in &keys {
             inv.key(k);
@@ -866,7 +886,7 @@ impl Inner {
             inv.arg(t).arg(tau);
         }
         let v: Vec<i64> = inv.invoke_async(conn).await?;
-        if v.len() != 1 + 3 * gcras.len() {
+        if v.len() != 2 + 3 * gcras.len() {
             return Err((ErrorKind::Parse, "unexpected script reply").into());
         }
         let mut out = Outcome {
@@ -874,6 +894,7 @@ impl Inner {
             len: gcras.len(),
             ahead: [0; MAX_POLICIES],
             waits: [0; MAX_POLICIES],
+            overflow: false,
         };
         for i in 0..gcras.len() {
             // Microseconds from the script; the remaining count follows from `ahead`.
@@ -881,7 +902,8 @@ impl Inner {
             out.ahead[i] = us(v[2 + 3 * i]);
             out.waits[i] = us(v[3 + 3 * i]);
         }
-        Ok(out)
+        let now = v[1 + 3 * gcras.len()].max(0) as u64;
+        Ok((out, now))
     }
 }
 

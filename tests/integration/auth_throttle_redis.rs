@@ -207,3 +207,76 @@ async fn stacks_sharing_redis_share_the_failure_budget() {
     }
     assert_throttled(&call(b, from, Some(wrong), &[]).await);
 }
+
+/// In the lockout mode on Redis, valid requests held in flight until their counts
+/// have run out (a long poll, a slow upload) give nothing back when answered: the
+/// address's next burst of guesses is verified up to the quota and no further.
+#[tokio::test]
+async fn lockout_a_count_that_expired_in_flight_is_not_given_back() {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    use portcullis::authenticate::AuthenticateLayer;
+    use portcullis::client_ip::ClientIpLayer;
+    use tower::ServiceBuilder;
+    use tower::util::BoxCloneService;
+
+    use crate::common::{Peer, serve_with};
+
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    let redis = connected(&server.url(), FailurePolicy::FailClosed, "at-held").await;
+    // 2 failures at once, then one per second.
+    let throttle = AuthThrottleLayer::new(Quota::new(2, Duration::from_secs(2)).unwrap())
+        .lockout_before_verify()
+        .redis(redis);
+    let (valid, unknown, store) = keys("held-lockout-client");
+    let (valid, wrong) = (valid.expose_secret(), unknown.expose_secret());
+    // The service answers once the gate opens.
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let handler = BoxCloneService::new(tower::service_fn(move |_req: Request<Incoming>| {
+        let mut opened = opened.clone();
+        async move {
+            let _ = opened.wait_for(|open| *open).await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }
+    }));
+    let layers = ServiceBuilder::new()
+        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+        .layer(throttle)
+        .layer(AuthenticateLayer::api_keys(store))
+        .into_inner();
+    let to = serve_with("127.0.0.1:0", layers, Peer::Attached, handler).await;
+    let from = "127.5.4.1";
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let valid = valid.to_owned();
+            tokio::spawn(async move { call(to, from, Some(&valid), &[]).await.status })
+        })
+        .collect();
+    // Both counted, then both run out while the requests wait.
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let mut verified = 0;
+    for _ in 0..3 {
+        if call(to, from, Some(wrong), &[]).await.status == 401 {
+            verified += 1;
+        }
+    }
+    gate.send(true).unwrap();
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    // The refunds run after the answers; let them land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..2 {
+        if call(to, from, Some(wrong), &[]).await.status == 401 {
+            verified += 1;
+        }
+    }
+    assert_eq!(verified, 2, "{verified} guesses verified at once, quota 2");
+}
