@@ -44,7 +44,10 @@
 //! 8. The nonce was not seen before for this key within the freshness window, else
 //!    401 `replayed_signature`: kept in memory (bounded per key, see below), or in
 //!    Redis, shared by every instance, when the verifier has the
-//!    [`RedisLimiter`](crate::rate_limit::redis::RedisLimiter).
+//!    [`RedisLimiter`](crate::rate_limit::redis::RedisLimiter). The memory is this
+//!    process's alone: a request replayed to another instance, or to this one after
+//!    a restart, is not recognised. Use Redis wherever several processes serve the
+//!    same keys.
 //!
 //! Every refusal is the crate's generic problem document: which check failed is in
 //! the denial reason and the audit event `auth_failed`, never in the response. A
