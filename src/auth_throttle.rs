@@ -317,8 +317,8 @@ impl AuthThrottleLayer {
         })
     }
 
-    /// Whether the counts are kept in Redis.
-    #[cfg(feature = "redis")]
+    /// Whether the counts are kept in Redis (for the stack's builder).
+    #[cfg(all(feature = "redis", feature = "stack"))]
     pub(crate) fn has_redis(&self) -> bool {
         self.shared.config.redis.is_some()
     }
