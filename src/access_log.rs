@@ -17,7 +17,7 @@
 //! | `auth_method` | how it authenticated: `api_key`, `service_token`, `http_signature`, `unauthenticated` (with `principal`, the [identity](Principal::identity)) |
 //! | `sub`, `jti`, `kid` | a service token's `sub` and `jti` claims and the `kid` of the key that verified it (each absent when the token has none; all absent for other methods) |
 //! | `denial_reason` | the [`DenialReason`] class of a refusal, e.g. `unknown_key` |
-//! | `user_agent` | redacted, control characters escaped, at most 256 bytes |
+//! | `user_agent` | redacted (raw and percent-decoded, as the path), control characters escaped, at most 256 bytes |
 //! | `outcome` | `response`, `error` (the inner service failed) or `cancelled` |
 //!
 //! **The one event of a successful request.** The access event records the
@@ -32,7 +32,8 @@
 //!
 //! Every field a client can influence (request id, method, path, query, user agent,
 //! principal id, which for a service token is its `sub`; a token's `jti` and `kid`)
-//! is redacted where it can carry a secret, then passed through the one sanitiser
+//! is redacted where it can carry a secret (the request line and the user agent in
+//! their raw and percent-decoded forms alike), then passed through the one sanitiser
 //! the audit events use too
 //! ([`sanitize`](crate::redact::sanitize)): control characters, line separators,
 //! bidirectional controls and invisible format characters are escaped (`\u{202e}`),
@@ -415,21 +416,19 @@ impl Pending {
         let method = if is_standard(&self.method) {
             Cow::Borrowed(self.method.as_str())
         } else {
-            clean(r.redact(self.method.as_str()), MAX_METHOD)
+            client_text(r, self.method.as_str(), MAX_METHOD)
         };
         let request_id = self.request_id.as_ref().map(|id| request_id_text(r, id));
-        let path = clean(r.redact_uri_part(self.uri.path()), MAX_PATH);
+        let path = client_text(r, self.uri.path(), MAX_PATH);
         let query = self.uri.query().map(|q| r.redact_query(q));
-        let query = query
-            .as_deref()
-            .map(|q| clean(r.redact_uri_part(q), MAX_QUERY));
+        let query = query.as_deref().map(|q| client_text(r, q, MAX_QUERY));
         let user_agent = self
             .user_agent
             .as_ref()
             .map(|v| String::from_utf8_lossy(v.as_bytes()));
         let user_agent = user_agent
             .as_deref()
-            .map(|ua| clean(r.redact(ua), MAX_USER_AGENT));
+            .map(|ua| client_text(r, ua, MAX_USER_AGENT));
         let (status, ext) = match &outcome {
             Outcome::Response(res) => (Some(res.status().as_u16()), Some(res.extensions())),
             _ => (None, None),
@@ -537,8 +536,17 @@ fn request_id_text<'a>(r: &Redactor, id: &'a RequestId) -> Cow<'a, str> {
     if id.is_generated() {
         Cow::Borrowed(id.as_str())
     } else {
-        clean(r.redact(id.as_str()), MAX_REQUEST_ID)
+        client_text(r, id.as_str(), MAX_REQUEST_ID)
     }
+}
+
+/// A client-written string as logged: redacted in its raw and percent-decoded
+/// forms ([`Redactor::redact_uri_part`]: a secret whose `=`, `_` or space is
+/// escaped, `token%3D…`, is caught wherever the client put it, the user agent and
+/// an extension method included), then sanitised and bounded. Text without `%`
+/// costs one redaction pass, as before.
+fn client_text<'a>(r: &Redactor, s: &'a str, max: usize) -> Cow<'a, str> {
+    clean(r.redact_uri_part(s), max)
 }
 
 /// Redacted text sanitised for the log line, without a copy when there is nothing
@@ -639,5 +647,218 @@ mod tests {
         let res = svc.oneshot(req).await.unwrap();
         assert!(res.headers()[SET_COOKIE].is_sensitive());
         assert!(!format!("{:?}", res.headers()).contains("s3cret"));
+    }
+
+    /// Runs `run` under a subscriber that writes every event as a JSON line, and
+    /// returns the access events' fields.
+    fn access_fields(run: impl FnOnce()) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        use std::sync::Mutex;
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, run);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["target"] == TARGET)
+            .map(|e| e["fields"].as_object().unwrap().clone())
+            .collect()
+    }
+
+    mod properties {
+        use std::net::{IpAddr, Ipv4Addr};
+        use std::task::Waker;
+
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::AuthMethod;
+        use crate::log_text::is_unsafe;
+        use crate::rejection::Rejection;
+
+        /// Every reason, each with whether it is a refusal at authentication
+        /// (written out here, apart from the code).
+        const REASONS: &[(DenialReason, bool)] = &[
+            (DenialReason::MissingCredential, true),
+            (DenialReason::MalformedCredential, true),
+            (DenialReason::MultipleCredentials, true),
+            (DenialReason::InvalidKeyFormat, true),
+            (DenialReason::UnknownKey, true),
+            (DenialReason::ExpiredKey, true),
+            (DenialReason::NotYetValidKey, true),
+            (DenialReason::RevokedKey, true),
+            (DenialReason::InvalidToken, true),
+            (DenialReason::InsufficientScope, false),
+            (DenialReason::AuthMethodNotAllowed, false),
+            (DenialReason::IpDenied, false),
+            (DenialReason::KeyIpDenied, true),
+            (DenialReason::CreditsExhausted, false),
+            (DenialReason::InvalidSignature, true),
+            (DenialReason::StaleSignature, true),
+            (DenialReason::ReplayedSignature, true),
+            (DenialReason::DigestMismatch, true),
+            (DenialReason::BodyTooLarge, true),
+            (DenialReason::ReplayCacheFull, true),
+            (DenialReason::NoClientIp, false),
+            (DenialReason::RateLimited, false),
+            (DenialReason::AuthThrottled, true),
+            (DenialReason::BackendUnavailable, false),
+            (DenialReason::Misconfigured, false),
+        ];
+
+        /// The planted secret: behind a sensitive name, and after `Bearer `.
+        const SECRET: &str = "Zq9Wv8Xu7Ts6Rp5On4Ml3";
+
+        /// `text` with each byte of `escape` percent-encoded where `pick` says so.
+        fn encode(text: &str, escape: &[u8], pick: &[bool]) -> String {
+            let mut out = String::new();
+            for (i, c) in text.chars().enumerate() {
+                if c.is_ascii() && (escape.contains(&(c as u8)) || pick.get(i) == Some(&true)) {
+                    out.push_str(&format!("%{:02X}", c as u32));
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+
+        /// Up to four rounds of percent-decoding, lossy: what a reader of the line can
+        /// recover from a field.
+        fn decoded(s: &str) -> String {
+            let mut b = s.as_bytes().to_vec();
+            for _ in 0..4 {
+                b = crate::redact::percent_decode(&b, true).into_owned();
+            }
+            String::from_utf8_lossy(&b).into_owned()
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![
+                    4 => proptest::char::range('a', 'z'),
+                    1 => Just('/'),
+                    1 => Just('%'),
+                    1 => Just('\u{202e}'),
+                    1 => Just('\u{2028}'),
+                    1 => Just('\u{85}'),
+                    1 => Just('é'),
+                    1 => any::<char>(),
+                ],
+                0..40,
+            )
+            .prop_map(|v| v.into_iter().collect())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Whatever the request and the response: every string field of the
+            /// one access event is free of unsafe characters and within its bound,
+            /// and a secret planted in the method, path, query or user agent, raw or
+            /// percent-encoded, cannot be read back even after decoding.
+            #[test]
+            fn the_access_event_is_clean_and_bounded(
+                reason in proptest::option::of(0..REASONS.len()),
+                principal_inside in any::<bool>(),
+                principal_outside in any::<bool>(),
+                id in text(),
+                filler in text(),
+                long in 0usize..1500,
+                place in 0usize..4,
+                bearer in any::<bool>(),
+                pick in proptest::collection::vec(any::<bool>(), 40),
+            ) {
+                let planted = if bearer {
+                    format!("Bearer {SECRET}")
+                } else {
+                    format!("token={SECRET}")
+                };
+                // Encoded as each place requires, and otherwise as `pick` says.
+                let (method, path, query, ua) = {
+                    let enc = |escape: &[u8]| encode(&planted, escape, &pick);
+                    let pad = "a".repeat(long % 40);
+                    match place {
+                        0 => (enc(b" ="), "/p".to_owned(), None, filler.clone()),
+                        1 => ("GET".to_owned(), format!("/p/{pad}/{}", enc(b" ")), None, filler.clone()),
+                        2 => ("GET".to_owned(), "/p".to_owned(), Some(format!("q={pad}&{}", enc(b" &"))), filler.clone()),
+                        _ => ("GET".to_owned(), "/p".to_owned(), None, format!("{filler}{pad} {}", enc(b""))),
+                    }
+                };
+                let path = format!("{path}/{}", encode(&filler, b" ?#", &[]).replace(|c: char| c.is_control() || c == '\u{7f}', "x"));
+                let path = format!("{path}{}", "b".repeat(long));
+                let uri = match &query {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path,
+                };
+                let Ok(uri) = uri.parse::<Uri>() else {
+                    // Not a request line hyper would hand over.
+                    return Ok(());
+                };
+                let ua: Vec<u8> = ua.into_bytes().into_iter().map(|b| if b < 0x20 || b == 0x7f { b'x' } else { b }).collect();
+                let mut req = Request::builder()
+                    .method(Method::from_bytes(method.as_bytes()).unwrap())
+                    .uri(uri)
+                    .header(USER_AGENT, HeaderValue::from_bytes(&ua).unwrap())
+                    .body(())
+                    .unwrap();
+                let p = Principal::new(&id, AuthMethod::HttpSignature);
+                if principal_outside {
+                    req.extensions_mut().insert(p.clone());
+                }
+                let reason = reason.map(|i| REASONS[i]);
+                let inner = {
+                    let p = p.clone();
+                    tower::service_fn(move |_req: Request<()>| {
+                        let mut res = match reason {
+                            Some((r, _)) => Rejection::forbidden(r).into_response::<()>(),
+                            None => Response::new(()),
+                        };
+                        // As a signature layer outside an authentication layer does.
+                        if principal_inside {
+                            res.extensions_mut().insert(p.clone());
+                        }
+                        res.extensions_mut().insert(ClientIp::new(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+                        std::future::ready(Ok::<_, Infallible>(res))
+                    })
+                };
+                let events = access_fields(|| {
+                    let mut svc = AccessLogLayer::new().layer(inner);
+                    let fut = std::pin::pin!(svc.call(req));
+                    let polled = fut.poll(&mut Context::from_waker(Waker::noop()));
+                    assert!(polled.is_ready());
+                });
+                prop_assert_eq!(events.len(), 1);
+                let e = &events[0];
+                let bounds = [
+                    ("method", MAX_METHOD),
+                    ("path", MAX_PATH),
+                    ("query", MAX_QUERY),
+                    ("user_agent", MAX_USER_AGENT),
+                    ("principal", crate::log_text::MAX_ID),
+                ];
+                for (name, max) in bounds {
+                    if let Some(v) = e.get(name) {
+                        let v = v.as_str().unwrap();
+                        prop_assert!(v.len() <= max, "{} over {}: {}", name, max, v.len());
+                        prop_assert!(!v.chars().any(is_unsafe), "{}: {:?}", name, v);
+                        prop_assert!(!decoded(v).contains(SECRET), "{} leaks: {:?}", name, v);
+                    }
+                }
+            }
+        }
     }
 }

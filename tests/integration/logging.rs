@@ -955,3 +955,33 @@ async fn the_audit_successes_variable_switches_the_success_audit_event() {
         "PORTCULLIS_AUDIT_SUCCESSES: must be true or false"
     );
 }
+
+/// The user agent and an extension method are redacted in their percent-decoded
+/// form as the path is: `token%3D…` and `Bearer%20…` show no secret.
+#[tokio::test]
+async fn a_secret_escaped_in_the_user_agent_or_method_is_caught() {
+    capture();
+    let addr = serve(logging_stack(), echo_request_id()).await;
+    for (marker, ua) in [
+        ("agent-escaped-1", "app/1 token%3DUaSecretZyXwVuTsRqPoNm"),
+        ("agent-escaped-2", "app/1 Bearer%20UaSecretZyXwVuTsRqPoNm"),
+    ] {
+        let ua = format!("User-Agent: {ua}");
+        let (status, _, _) = send(
+            addr,
+            &get("/ua", &[&format!("X-Request-Id: {marker}"), &ua]),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let e = &access_events(marker).await[0]["fields"];
+        assert!(
+            e["user_agent"].as_str().unwrap().starts_with("app/1 "),
+            "{e}"
+        );
+    }
+    let raw = b"token%3DUaSecretZyXwVuTsRqPoNm /m HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\
+                X-Request-Id: verb-escaped-1\r\n\r\n";
+    assert_eq!(send(addr, raw).await.0, 200);
+    access_events("verb-escaped-1").await;
+    assert!(!capture().text().contains("UaSecret"));
+}
