@@ -13,7 +13,7 @@
 //! | `status` | the response status (absent on error or cancel) |
 //! | `latency_us` | microseconds from the request reaching this layer to the response head |
 //! | `client_ip` | the [`ClientIp`] |
-//! | `principal` | the [`Principal`]'s public id: the key id of an API key or of a request signature, the `sub` of a service token (its verified email, for an issuer mapped by email) |
+//! | `principal` | the [`Principal`]'s public id: the key id of an API key or of a request signature, the `sub` of a service token (its verified email, for an issuer mapped by email); absent, with `auth_method`, `sub`, `jti` and `kid`, for a request refused at authentication (an unknown, expired or second credential, a key outside its address list, a throttled address), whatever principal a layer outside the refusing one found |
 //! | `auth_method` | how it authenticated: `api_key`, `service_token`, `http_signature`, `unauthenticated` (with `principal`, the [identity](Principal::identity)) |
 //! | `sub`, `jti`, `kid` | a service token's `sub` and `jti` claims and the `kid` of the key that verified it (each absent when the token has none; all absent for other methods) |
 //! | `denial_reason` | the [`DenialReason`] class of a refusal, e.g. `unknown_key` |
@@ -436,15 +436,13 @@ impl Pending {
         let client_ip = ext
             .and_then(|e| e.get::<ClientIp>().copied())
             .or(self.client_ip);
-        let principal = ext
-            .and_then(|e| e.get::<Principal>())
-            .or(self.principal.as_ref());
         let denial = ext.and_then(|e| e.get::<DenialReason>()).copied();
+        let principal = recorded_principal(ext, self.principal.as_ref(), denial);
         let ip_text = client_ip.map(|ip| AddrText::new(ip.addr()));
         let client_ip = ip_text.as_ref().map(AddrText::as_str);
         let principal_id = principal.map(|p| sanitize_id(p.id()));
         let token = TokenFields::of(
-            ext,
+            ext.filter(|_| principal.is_some()),
             principal.map(Principal::id).zip(principal_id.as_deref()),
         );
         let outcome = match outcome {
@@ -472,6 +470,23 @@ impl Pending {
             "request"
         );
     }
+}
+
+/// The principal the event names: the one a layer inside put in the response
+/// extensions, else one set outside this layer; none for a request refused at
+/// authentication ([`DenialReason::refuses_authentication`]), whichever layer put a
+/// principal next to that refusal (a signature layer outside an authentication
+/// layer that refused a second credential): the event never names a principal
+/// whose request was refused at authentication.
+fn recorded_principal<'a>(
+    ext: Option<&'a http::Extensions>,
+    outside: Option<&'a Principal>,
+    denial: Option<DenialReason>,
+) -> Option<&'a Principal> {
+    if denial.is_some_and(DenialReason::refuses_authentication) {
+        return None;
+    }
+    ext.and_then(|e| e.get::<Principal>()).or(outside)
 }
 
 /// The service token's fields of the event, sanitised and bounded: from the
@@ -690,8 +705,8 @@ mod tests {
         use crate::log_text::is_unsafe;
         use crate::rejection::Rejection;
 
-        /// Every reason, each with whether it is a refusal at authentication
-        /// (written out here, apart from the code).
+        /// Every reason, and the oracle: the refusals at authentication, after which
+        /// no principal may be named (written out here, apart from the code).
         const REASONS: &[(DenialReason, bool)] = &[
             (DenialReason::MissingCredential, true),
             (DenialReason::MalformedCredential, true),
@@ -768,10 +783,11 @@ mod tests {
 
             /// Whatever the request and the response: every string field of the
             /// one access event is free of unsafe characters and within its bound,
-            /// and a secret planted in the method, path, query or user agent, raw or
-            /// percent-encoded, cannot be read back even after decoding.
+            /// a secret planted in the method, path, query or user agent, raw or
+            /// percent-encoded, cannot be read back even after decoding, and a
+            /// principal is named only for a request not refused at authentication.
             #[test]
-            fn the_access_event_is_clean_and_bounded(
+            fn the_access_event_is_clean_bounded_and_names_no_refused_principal(
                 reason in proptest::option::of(0..REASONS.len()),
                 principal_inside in any::<bool>(),
                 principal_outside in any::<bool>(),
@@ -858,6 +874,10 @@ mod tests {
                         prop_assert!(!decoded(v).contains(SECRET), "{} leaks: {:?}", name, v);
                     }
                 }
+                let refused = reason.is_some_and(|(_, refused)| refused);
+                let named = (principal_inside || principal_outside) && !refused;
+                prop_assert_eq!(e.contains_key("principal"), named, "{:?}", e);
+                prop_assert_eq!(e.contains_key("auth_method"), named, "{:?}", e);
             }
         }
     }

@@ -179,6 +179,39 @@ impl DenialReason {
             DenialReason::Misconfigured => "misconfigured",
         }
     }
+
+    /// Whether the request was refused at authentication: no credential was
+    /// accepted (none, a malformed, unknown, expired, revoked or stale one,
+    /// several, a signature that does not verify or cover its body), or the one
+    /// that was verified was refused before the request got in (outside its key's
+    /// address list, a throttled address). No principal speaks for such a request,
+    /// whatever a layer outside the refusing one put in the response (a signature
+    /// layer around an authentication layer that then refused a second credential).
+    /// Refusals after authentication (scope, method, rate limit, credits) keep
+    /// theirs.
+    #[cfg_attr(not(feature = "access-log"), allow(dead_code))]
+    pub(crate) fn refuses_authentication(self) -> bool {
+        matches!(
+            self,
+            DenialReason::MissingCredential
+                | DenialReason::MalformedCredential
+                | DenialReason::MultipleCredentials
+                | DenialReason::InvalidKeyFormat
+                | DenialReason::UnknownKey
+                | DenialReason::ExpiredKey
+                | DenialReason::NotYetValidKey
+                | DenialReason::RevokedKey
+                | DenialReason::InvalidToken
+                | DenialReason::KeyIpDenied
+                | DenialReason::InvalidSignature
+                | DenialReason::StaleSignature
+                | DenialReason::ReplayedSignature
+                | DenialReason::DigestMismatch
+                | DenialReason::BodyTooLarge
+                | DenialReason::ReplayCacheFull
+                | DenialReason::AuthThrottled
+        )
+    }
 }
 
 impl fmt::Display for DenialReason {

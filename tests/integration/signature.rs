@@ -895,3 +895,80 @@ async fn a_signed_request_is_one_event_unless_successes_are_audited() {
         }
     }
 }
+
+/// A request whose signature verifies but which the authentication layer inside
+/// refuses (it carries an API key too: `multiple_credentials`) is logged with the
+/// refusal and without the signing key as its principal: the access event never
+/// names a principal whose request was refused at authentication.
+#[cfg(feature = "access-log")]
+#[tokio::test]
+async fn a_signed_request_refused_inside_names_no_principal() {
+    use portcullis::access_log::AccessLogLayer;
+    use portcullis::request_id::RequestIdLayer;
+
+    let capture = log_capture::capture();
+    let key_id = "sig-refused-inside";
+    let verifier = SignatureVerifier::builder()
+        .key(SignatureKey::hmac_sha256(key_id, SECRET).unwrap())
+        .build()
+        .unwrap();
+    let key = generate_key("pc_test").unwrap();
+    let store =
+        KeyStore::from_records([KeyRecord::new("api-key-client", key.digest()).unwrap()]).unwrap();
+    let auth = AuthenticateLayer::api_keys(ApiKeys::new(store));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let layer = VerifySignatureLayer::new(verifier);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, remote)) = listener.accept().await else {
+                continue;
+            };
+            let svc = ServiceBuilder::new()
+                .layer(PeerAddrLayer::new(remote))
+                .layer(RequestIdLayer::new())
+                .layer(AccessLogLayer::new())
+                .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+                .layer(layer.clone())
+                .layer(auth.clone())
+                .service_fn(|_req: Request<SignedBody<Incoming>>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .await;
+            });
+        }
+    });
+    let params = format!(
+        ";created={};keyid=\"{key_id}\";nonce=\"{}\"",
+        now(),
+        nonce()
+    );
+    let w = Wire::new("GET", "/v1/jobs", b"")
+        .header("x-job", "1")
+        .header("x-api-key", key.expose_secret())
+        .header("x-request-id", &format!("{key_id}-req"))
+        .signed(GET_COMPONENTS, &params, SECRET);
+    let r = send(addr, &w).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    let mut access = Vec::new();
+    for _ in 0..100 {
+        access = capture
+            .events_with(&format!("{key_id}-req"))
+            .into_iter()
+            .filter(|e| e["target"] == "portcullis::access")
+            .collect();
+        if !access.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(access.len(), 1, "{access:?}");
+    let f = &access[0]["fields"];
+    assert_eq!(f["status"], 400);
+    assert_eq!(f["denial_reason"], "multiple_credentials");
+    assert!(f.get("principal").is_none(), "{f}");
+    assert!(f.get("auth_method").is_none(), "{f}");
+}
