@@ -676,8 +676,10 @@ fn retry_pushback_ms(d: Duration) -> u64 {
 }
 
 /// Whole seconds, rounded up, never 0 (a `Retry-After: 0` invites a tight retry loop).
+/// Saturating: a wait of `Duration::MAX` is `u64::MAX` seconds, never a wrapped 0
+/// read as 1 (nor a panic in a debug build).
 pub(crate) fn retry_after_secs(d: Duration) -> u64 {
-    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let s = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
     s.max(1)
 }
 
@@ -692,6 +694,10 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(1000)), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
         assert_eq!(retry_after_secs(Duration::from_secs(60)), 60);
+        assert_eq!(retry_after_secs(Duration::MAX), u64::MAX);
+        let r: Response<Bytes> =
+            Rejection::too_many_requests(DenialReason::RateLimited, Duration::MAX).into_response();
+        assert_eq!(r.headers()[RETRY_AFTER], u64::MAX.to_string().as_str());
     }
 
     #[test]
@@ -999,6 +1005,21 @@ mod tests {
         }
 
         proptest! {
+            /// `Retry-After` is the wait in whole seconds rounded up, at least 1, and
+            /// saturates rather than wraps: computed in 128-bit nanoseconds here.
+            #[test]
+            fn retry_after_is_the_wait_rounded_up(
+                secs in prop_oneof![0u64..100_000, Just(u64::MAX), u64::MAX - 3..=u64::MAX],
+                nanos in prop_oneof![Just(0u32), 0u32..1_000_000_000, Just(999_999_999u32)],
+            ) {
+                use std::time::Duration;
+                let d = Duration::new(secs, nanos);
+                let exact = d.as_nanos().div_ceil(1_000_000_000);
+                let want = u64::try_from(exact).unwrap_or(u64::MAX).max(1);
+                prop_assert_eq!(super::super::retry_after_secs(d), want);
+                prop_assert!(super::super::retry_pushback_ms(d) >= 1);
+            }
+
             #[test]
             fn matches_its_definition(v in prop_oneof![near_grpc(), proptest::collection::vec(any::<u8>(), 0..40)]) {
                 prop_assert_eq!(is_grpc_content_type(&v), oracle(&v));
