@@ -12,7 +12,7 @@
 //! | `query` | sensitive parameters replaced by `REDACTED` (names kept), then redacted like the path |
 //! | `status` | the response status (absent on error or cancel) |
 //! | `latency_us` | microseconds from the request reaching this layer to the response head |
-//! | `client_ip` | the [`ClientIp`] |
+//! | `client_ip` | the [`ClientIp`] (absent when the client-ip layer inside resolved none, whatever a layer outside resolved) |
 //! | `principal` | the [`Principal`]'s public id: the key id of an API key or of a request signature, the `sub` of a service token (its verified email, for an issuer mapped by email); absent, with `auth_method`, `sub`, `jti` and `kid`, for a request refused at authentication (an unknown, expired or second credential, a key outside its address list, a throttled address), whatever principal a layer outside the refusing one found |
 //! | `auth_method` | how it authenticated: `api_key`, `service_token`, `http_signature`, `unauthenticated` (with `principal`, the [identity](Principal::identity)) |
 //! | `sub`, `jti`, `kid` | a service token's `sub` and `jti` claims and the `kid` of the key that verified it (each absent when the token has none; all absent for other methods) |
@@ -433,9 +433,7 @@ impl Pending {
             Outcome::Response(res) => (Some(res.status().as_u16()), Some(res.extensions())),
             _ => (None, None),
         };
-        let client_ip = ext
-            .and_then(|e| e.get::<ClientIp>().copied())
-            .or(self.client_ip);
+        let client_ip = recorded_client_ip(ext, self.client_ip);
         let denial = ext.and_then(|e| e.get::<DenialReason>()).copied();
         let principal = recorded_principal(ext, self.principal.as_ref(), denial);
         let ip_text = client_ip.map(|ip| AddrText::new(ip.addr()));
@@ -470,6 +468,27 @@ impl Pending {
             "request"
         );
     }
+}
+
+/// The client address the event records: the one a client-ip layer inside put in
+/// the response extensions, else one set outside this layer, unless a layer inside
+/// resolved none (a trusted proxy reported no usable address): then none, as the
+/// request had none past that layer.
+fn recorded_client_ip(
+    ext: Option<&http::Extensions>,
+    outside: Option<ClientIp>,
+) -> Option<ClientIp> {
+    let Some(ext) = ext else {
+        return outside;
+    };
+    if let Some(&ip) = ext.get::<ClientIp>() {
+        return Some(ip);
+    }
+    #[cfg(feature = "client-ip")]
+    if ext.get::<crate::client_ip::Unresolved>().is_some() {
+        return None;
+    }
+    outside
 }
 
 /// The principal the event names: the one a layer inside put in the response
@@ -784,13 +803,18 @@ mod tests {
             /// Whatever the request and the response: every string field of the
             /// one access event is free of unsafe characters and within its bound,
             /// a secret planted in the method, path, query or user agent, raw or
-            /// percent-encoded, cannot be read back even after decoding, and a
-            /// principal is named only for a request not refused at authentication.
+            /// percent-encoded, cannot be read back even after decoding, a
+            /// principal is named only for a request not refused at authentication,
+            /// and the client address is the one the client-ip layer inside
+            /// resolved, none when it resolved none, and one set outside only when
+            /// no such layer ran.
             #[test]
             fn the_access_event_is_clean_bounded_and_names_no_refused_principal(
                 reason in proptest::option::of(0..REASONS.len()),
                 principal_inside in any::<bool>(),
                 principal_outside in any::<bool>(),
+                ip_inside in 0u8..3,
+                ip_outside in any::<bool>(),
                 id in text(),
                 filler in text(),
                 long in 0usize..1500,
@@ -835,6 +859,10 @@ mod tests {
                 if principal_outside {
                     req.extensions_mut().insert(p.clone());
                 }
+                let (outer_ip, inner_ip) = (ClientIp::new(IpAddr::V4(Ipv4Addr::LOCALHOST)), ClientIp::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7))));
+                if ip_outside {
+                    req.extensions_mut().insert(outer_ip);
+                }
                 let reason = reason.map(|i| REASONS[i]);
                 let inner = {
                     let p = p.clone();
@@ -847,7 +875,14 @@ mod tests {
                         if principal_inside {
                             res.extensions_mut().insert(p.clone());
                         }
-                        res.extensions_mut().insert(ClientIp::new(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+                        // What a client-ip layer inside copies: an address, none, or
+                        // (0) nothing, when no such layer ran.
+                        #[cfg(feature = "client-ip")]
+                        if ip_inside > 0 {
+                            use crate::future::CopyToResponse;
+                            let ip = (ip_inside == 1).then_some(inner_ip);
+                            crate::client_ip::Resolution(ip).copy_to(res.extensions_mut());
+                        }
                         std::future::ready(Ok::<_, Infallible>(res))
                     })
                 };
@@ -878,6 +913,13 @@ mod tests {
                 let named = (principal_inside || principal_outside) && !refused;
                 prop_assert_eq!(e.contains_key("principal"), named, "{:?}", e);
                 prop_assert_eq!(e.contains_key("auth_method"), named, "{:?}", e);
+                let logged_ip = e.get("client_ip").and_then(|v| v.as_str());
+                let want = match ip_inside {
+                    1 if cfg!(feature = "client-ip") => Some(inner_ip),
+                    2 if cfg!(feature = "client-ip") => None,
+                    _ => ip_outside.then_some(outer_ip),
+                };
+                prop_assert_eq!(logged_ip.map(str::to_owned), want.map(|ip| ip.to_string()));
             }
         }
     }

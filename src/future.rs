@@ -96,12 +96,6 @@ impl CopyToResponse for () {
     fn copy_to(self, _: &mut http::Extensions) {}
 }
 
-impl CopyToResponse for crate::ClientIp {
-    fn copy_to(self, extensions: &mut http::Extensions) {
-        extensions.insert(self);
-    }
-}
-
 impl<F, B, X> fmt::Debug for ResponseFuture<F, B, X> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {

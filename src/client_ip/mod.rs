@@ -437,7 +437,7 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         match resolve(&self.config, &mut req) {
-            Ok(ip) => ResponseFuture::inner_with(self.inner.call(req), ip),
+            Ok(ip) => ResponseFuture::inner_with(self.inner.call(req), Some(Resolution(ip))),
             Err(NoPeer) => {
                 ResponseFuture::rejected(Rejection::misconfigured().into_response_to(&req))
             }
@@ -449,9 +449,29 @@ where
 struct NoPeer;
 
 /// In the request extensions when the layer ran and resolved no address (a trusted
-/// proxy reported none usable), so that a handler can tell this from a missing layer.
+/// proxy reported none usable), so that a handler can tell this from a missing layer;
+/// and in the response extensions, so that the access log outside does not record
+/// an address a layer further out resolved in its place.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Unresolved;
+
+/// What the layer copies into the response extensions: the resolved [`ClientIp`],
+/// or [`Unresolved`] (and no `ClientIp`) when it resolved none.
+pub(crate) struct Resolution(pub(crate) Option<ClientIp>);
+
+impl crate::future::CopyToResponse for Resolution {
+    fn copy_to(self, extensions: &mut http::Extensions) {
+        match self.0 {
+            Some(ip) => {
+                extensions.insert(ip);
+            }
+            None => {
+                extensions.remove::<ClientIp>();
+                extensions.insert(Unresolved);
+            }
+        }
+    }
+}
 
 /// What a request without a peer address means and how to fix it (logged once).
 #[cfg(feature = "axum")]
@@ -510,7 +530,7 @@ fn resolve<ReqBody>(
 opaque_response_future! {
     /// Response future of [`ClientIpService`]: the inner service's future, or the 500
     /// answer to a request without a peer address. It also copies the resolved
-    /// [`ClientIp`] into the response extensions, where an access log *outside* this
-    /// layer reads it.
-    copies ClientIp
+    /// [`ClientIp`] (or that none was resolved) into the response extensions, where
+    /// an access log *outside* this layer reads it.
+    copies Resolution
 }

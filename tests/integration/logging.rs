@@ -985,3 +985,46 @@ async fn a_secret_escaped_in_the_user_agent_or_method_is_caught() {
     access_events("verb-escaped-1").await;
     assert!(!capture().text().contains("UaSecret"));
 }
+
+/// A trusted proxy reported no usable address: the client-ip layer inside the
+/// access log resolves none, and the event records none, not the address a layer
+/// outside resolved (here the proxy itself, which is not the client).
+#[tokio::test]
+async fn an_address_the_inner_layer_could_not_resolve_is_not_logged_as_an_outer_one() {
+    capture();
+    let stack = ServiceBuilder::new()
+        .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+        .layer(RequestIdLayer::new())
+        .layer(AccessLogLayer::new())
+        .layer(ClientIpLayer::new(
+            ClientIpConfig::trusted_proxies("127.0.0.0/8").unwrap(),
+        ))
+        .into_inner();
+    let addr = serve(stack, echo_request_id()).await;
+    let (status, _, _) = send(
+        addr,
+        &get(
+            "/",
+            &["X-Request-Id: unresolved-1", "X-Forwarded-For: unknown"],
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let e = &access_events("unresolved-1").await[0]["fields"];
+    assert!(e.get("client_ip").is_none(), "{e}");
+    // Resolved inside: that address, not the outer one.
+    let (status, _, _) = send(
+        addr,
+        &get(
+            "/",
+            &[
+                "X-Request-Id: unresolved-2",
+                "X-Forwarded-For: 198.51.100.4",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let e = &access_events("unresolved-2").await[0]["fields"];
+    assert_eq!(e["client_ip"], "198.51.100.4");
+}
