@@ -18,7 +18,7 @@
 //! | `sub`, `jti`, `kid` | a service token's `sub` and `jti` claims and the `kid` of the key that verified it (each absent when the token has none; all absent for other methods) |
 //! | `denial_reason` | the [`DenialReason`] class of a refusal, e.g. `unknown_key` |
 //! | `user_agent` | redacted (raw and percent-decoded, as the path), control characters escaped, at most 256 bytes |
-//! | `outcome` | `response`, `error` (the inner service failed) or `cancelled` |
+//! | `outcome` | `response`, `error` (the inner service failed: returned an error or panicked) or `cancelled` (the request was dropped first: the client went away) |
 //!
 //! **The one event of a successful request.** The access event records the
 //! authentication outcome, so a request that passes every layer is this one event:
@@ -594,9 +594,16 @@ fn clean(s: Cow<'_, str>, max: usize) -> Cow<'_, str> {
 }
 
 impl Drop for Pending {
+    /// A request dropped before it ended: the client went away (`cancelled`), or
+    /// the inner service panicked, in `call` or while its future was polled, and
+    /// the unwinding drops the request (`error`: the inner service failed).
     fn drop(&mut self) {
         if !self.done {
-            self.emit::<()>(Outcome::Cancelled);
+            if std::thread::panicking() {
+                self.emit::<()>(Outcome::Error);
+            } else {
+                self.emit::<()>(Outcome::Cancelled);
+            }
         }
     }
 }
@@ -715,7 +722,7 @@ mod tests {
 
     mod properties {
         use std::net::{IpAddr, Ipv4Addr};
-        use std::task::Waker;
+        use std::task::{Poll, Waker};
 
         use proptest::prelude::*;
 
@@ -920,6 +927,70 @@ mod tests {
                     _ => ip_outside.then_some(outer_ip),
                 };
                 prop_assert_eq!(logged_ip.map(str::to_owned), want.map(|ip| ip.to_string()));
+            }
+        }
+
+        /// How the inner service ends a request.
+        #[derive(Clone, Copy, Debug)]
+        enum End {
+            Respond,
+            Fail,
+            PanicInCall,
+            PanicInPoll,
+            Drop,
+        }
+
+        proptest! {
+            /// Whatever the inner service does, the request is one event, whose
+            /// outcome says what happened: a panic in the inner service (in `call`
+            /// or while polling) is its failure, `error`, never `cancelled`, which
+            /// is kept for a request dropped before it ended (the client went away).
+            #[test]
+            fn every_request_is_one_event_with_its_outcome(
+                end in prop_oneof![
+                    Just(End::Respond), Just(End::Fail), Just(End::PanicInCall),
+                    Just(End::PanicInPoll), Just(End::Drop),
+                ],
+                polls in 0usize..3,
+            ) {
+                let inner = tower::service_fn(move |_req: Request<()>| {
+                    if matches!(end, End::PanicInCall) {
+                        panic!("inner call");
+                    }
+                    let mut n = 0;
+                    std::future::poll_fn(move |_| {
+                        if n < polls {
+                            n += 1;
+                            return Poll::Pending;
+                        }
+                        match end {
+                            End::Respond => Poll::Ready(Ok(Response::new(()))),
+                            End::Fail => Poll::Ready(Err("inner error")),
+                            End::PanicInPoll => panic!("inner poll"),
+                            End::PanicInCall | End::Drop => Poll::Pending,
+                        }
+                    })
+                });
+                let events = access_fields(|| {
+                    let mut svc = AccessLogLayer::new().layer(inner);
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        let mut fut = Box::pin(svc.call(Request::new(())));
+                        let cx = &mut Context::from_waker(Waker::noop());
+                        for _ in 0..=polls {
+                            if fut.as_mut().poll(cx).is_ready() {
+                                break;
+                            }
+                        }
+                    });
+                    let _ = std::panic::catch_unwind(run);
+                });
+                prop_assert_eq!(events.len(), 1, "{:?}", events);
+                let want = match end {
+                    End::Respond => "response",
+                    End::Fail | End::PanicInCall | End::PanicInPoll => "error",
+                    End::Drop => "cancelled",
+                };
+                prop_assert_eq!(events[0]["outcome"].as_str(), Some(want));
             }
         }
     }
