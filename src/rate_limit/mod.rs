@@ -737,6 +737,13 @@ pub struct RateLimitLayer {
 }
 
 impl RateLimitLayer {
+    /// The Redis limiter the limits are kept in, if any (for the stack's builder,
+    /// which gives it to the failed-authentication throttle too).
+    #[cfg(all(feature = "redis", feature = "stack"))]
+    pub(crate) fn redis_limiter(&self) -> Option<&redis::RedisLimiter> {
+        self.shared.redis.as_ref()
+    }
+
     /// Starts a configuration.
     pub fn builder() -> RateLimitBuilder {
         RateLimitBuilder {

@@ -251,7 +251,9 @@ impl StackBuilder {
     }
 
     /// Replaces the rate limiter with a fully configured one (tiers, per-principal
-    /// overrides, a key function, Redis ...).
+    /// overrides, a key function, Redis ...). When the layer keeps its limits in
+    /// Redis, the failed-authentication throttle keeps its counts there too (see
+    /// [`redis`](Self::redis)), unless it has a Redis backend of its own.
     pub fn rate_limit(mut self, layer: RateLimitLayer) -> Self {
         if matches!(self.rate_limit, RateLimitChoice::Quotas(_)) {
             self.conflict = Some("set either quotas or a whole rate-limit layer, not both");
@@ -380,9 +382,15 @@ impl StackBuilder {
             auth = auth.audit_successes();
         }
 
-        // Throttle: one failure budget across instances when they share Redis.
+        // Throttle: one failure budget across instances when they share Redis,
+        // whether the stack or the rate-limit layer given to it holds the limiter.
         #[cfg(feature = "redis")]
-        let throttle = match (self.throttle, &self.redis) {
+        let shared = match &self.rate_limit {
+            RateLimitChoice::Layer(layer) => layer.redis_limiter().or(self.redis.as_ref()),
+            _ => self.redis.as_ref(),
+        };
+        #[cfg(feature = "redis")]
+        let throttle = match (self.throttle, shared) {
             (Some(t), Some(redis)) if !t.has_redis() => Some(t.redis(redis.clone())),
             (t, _) => t,
         };
@@ -436,5 +444,108 @@ impl StackBuilder {
             rate_limit,
             reloads: (!self.reloads.is_empty()).then(|| self.reloads.into()),
         })
+    }
+}
+
+#[cfg(all(test, feature = "redis"))]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::Full;
+    use proptest::prelude::*;
+    use tower::ServiceExt as _;
+    use tower_layer::Layer as _;
+
+    use super::*;
+    use crate::api_key::KeyStore;
+    use crate::client_ip::PeerAddr;
+    use crate::rate_limit::redis::{FailurePolicy, RedisLimiter};
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+    /// A limiter of a Redis that never answers: fail-closed, so a count it is asked
+    /// for answers 503.
+    fn unreachable_redis() -> RedisLimiter {
+        RedisLimiter::builder("redis://127.0.0.1:1", FailurePolicy::FailClosed)
+            .unwrap()
+            .build()
+            .unwrap()
+    }
+
+    fn redis_layer() -> RateLimitLayer {
+        RateLimitLayer::builder()
+            .policy(Policy::new("p", Quota::per_second(100).unwrap()).unwrap())
+            .redis(unreachable_redis())
+            .build()
+            .unwrap()
+    }
+
+    fn builder() -> StackBuilder {
+        StackBuilder::new().api_keys(ApiKeys::new(
+            KeyStore::from_key_list(KEY, Scopes::default()).unwrap(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_layer_on_redis_puts_the_throttle_there_too() {
+        for stack in [
+            builder().redis(unreachable_redis()).build().unwrap(),
+            builder().rate_limit(redis_layer()).build().unwrap(),
+        ] {
+            let service = stack.layer(tower::service_fn(|_: Request<Full<Bytes>>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }));
+            let mut req = Request::new(Full::new(Bytes::new()));
+            req.headers_mut().insert(
+                "x-api-key",
+                "pc_test_not_a_listed_key_at_all_x".parse().unwrap(),
+            );
+            req.extensions_mut()
+                .insert(PeerAddr("10.0.0.1:1000".parse().unwrap()));
+            // The wrong key's count is asked of the unreachable Redis: 503, not a
+            // 401 counted in this instance's memory alone.
+            let status = service.oneshot(req).await.unwrap().status();
+            assert_eq!(status, 503);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Wherever Redis is configured (on the stack or on the rate-limit layer),
+        /// the throttle counts there, unless it was disabled or has its own.
+        #[test]
+        fn the_throttle_counts_in_any_redis_the_stack_has(
+            redis_at in 0u8..3,
+            throttle in 0u8..4,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _guard = rt.enter();
+            let mut b = builder();
+            b = match redis_at {
+                0 => b,
+                1 => b.redis(unreachable_redis()),
+                _ => b.rate_limit(redis_layer()),
+            };
+            b = match throttle {
+                0 => b,
+                1 => b.auth_throttle(AuthThrottleLayer::new(Quota::per_hour(3).unwrap())),
+                2 => b.auth_throttle(AuthThrottleLayer::recommended().redis(unreachable_redis())),
+                _ => b.disable_auth_throttle_dangerously(),
+            };
+            let stack = b.build().unwrap();
+            let on_redis = stack.auth_throttle().map(AuthThrottleLayer::has_redis);
+            let expected = match throttle {
+                3 => None,
+                2 => Some(true),
+                _ => Some(redis_at != 0),
+            };
+            prop_assert_eq!(on_redis, expected);
+        }
     }
 }

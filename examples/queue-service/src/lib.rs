@@ -10,7 +10,7 @@
 //! | flag / variable | meaning | default |
 //! |---|---|---|
 //! | `--addr HOST:PORT` / `PORTCULLIS_DEMO_ADDR` | listen address (port 0: a free port, printed) | `127.0.0.1:8080` |
-//! | `--redis URL` / `REDIS_URL` | keep the queue and the rate limits in Redis, shared by every instance (fails closed); a URL with a password only in `REDIS_URL` | in memory |
+//! | `--redis URL` / `REDIS_URL` | keep the queue, the rate limits and the failed-authentication counts in Redis, shared by every instance (fails closed); a URL with a password only in `REDIS_URL` | in memory |
 //! | `PORTCULLIS_DEMO_REDIS_NAMESPACE` | the prefix of every Redis key (`A-Z a-z 0-9 _ - .`, 1 to 64) | `portcullis-demo` |
 //! | `PORTCULLIS_DEMO_REDIS_CA_FILE` | a CA (PEM) to trust for `rediss://` instead of the platform's roots | platform roots |
 //! | `PORTCULLIS_DEMO_KEY_FILE` | API-key file (TOML, reloaded on change) | ephemeral keys |
