@@ -126,19 +126,22 @@ impl Vars {
     }
 }
 
-/// An error for the first name that starts with `PORTCULLIS_`, is not a variable
-/// [`StackBuilder::from_env`] reads, and is within a few edits of one that it reads.
-/// Names further from every variable (another program's, e.g. a demo's own
+/// An error for the first name that is not a variable [`StackBuilder::from_env`]
+/// reads but is within a few edits of one that it reads, in any case: a typo in the
+/// prefix (`PORTCULIS_ALLOWLIST`) or the case (`portcullis_allowlist`) would
+/// otherwise leave the setting out as surely as one in the rest of the name. Names
+/// further from every variable (another program's, e.g. a demo's own
 /// `PORTCULLIS_DEMO_*` settings) are left alone.
 pub(crate) fn check_names(names: impl Iterator<Item = OsString>) -> Result<(), ConfigError> {
     for name in names {
         let Some(name) = name.to_str() else { continue };
-        if !name.starts_with("PORTCULLIS_") || ALL.contains(&name) {
+        if ALL.contains(&name) {
             continue;
         }
+        let upper = name.to_ascii_uppercase();
         let closest = ALL
             .iter()
-            .map(|known| (edit_distance(name, known), *known))
+            .map(|known| (edit_distance(&upper, known), *known))
             .min();
         if let Some((distance, known)) = closest
             && distance <= 3
@@ -198,8 +201,9 @@ impl StackBuilder {
     /// Reads the configuration from the process environment; see the
     /// [module docs](crate::stack) for the variables.
     ///
-    /// A `PORTCULLIS_*` variable that is not one of them but is spelled like one
-    /// (e.g. `PORTCULLIS_ALOWLIST`) is an error naming the setting it resembles: a
+    /// A variable that is not one of them but is spelled like one, in its prefix, its
+    /// name or its case (e.g. `PORTCULLIS_ALOWLIST`, `PORTCULIS_ALLOWLIST`,
+    /// `portcullis_allowlist`), is an error naming the setting it resembles: a
     /// misspelled allowlist must not leave the service open.
     pub fn from_env() -> Result<Self, ConfigError> {
         check_names(std::env::vars_os().map(|(name, _)| name))?;
@@ -743,26 +747,74 @@ mod tests {
                 format!("{typo} is not a portcullis setting; did you mean {meant}?")
             );
         }
-        // Known names, other programs' names, and names far from every setting pass.
+        // A typo in the prefix or the case is caught as well.
+        for (typo, meant) in [
+            ("PORTCULIS_ALLOWLIST", ALLOWLIST),
+            ("PORTCULLIS-ALLOWLIST", ALLOWLIST),
+            ("PORTCULLISALLOWLIST", ALLOWLIST),
+            ("portcullis_allowlist", ALLOWLIST),
+            ("Portcullis_Denylist", DENYLIST),
+            ("PORTCULLIS_KEY_FIL", KEY_FILE),
+        ] {
+            let e = check(&[typo]).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("{typo} is not a portcullis setting; did you mean {meant}?")
+            );
+        }
+        // Known names, other programs' names, and names far from every setting pass:
+        // the demo's own variables among them.
         assert!(check(&ALL).is_ok());
-        assert!(check(&["PATH", "PORTCULLIS_DEMO_ADDR", "PORTCULLIS_DEMO_KEY_FILE"]).is_ok());
+        assert!(
+            check(&[
+                "PATH",
+                "ALLOWLIST",
+                "REDIS_URL",
+                "PORTCULLIS_DEMO_ADDR",
+                "PORTCULLIS_DEMO_REDIS_NAMESPACE",
+                "PORTCULLIS_DEMO_REDIS_CA_FILE",
+                "PORTCULLIS_DEMO_LEASE_SECS",
+                "PORTCULLIS_DEMO_KEY_FILE",
+                "PORTCULLIS_DEMO_TOKEN_KEY_FILE",
+                "PORTCULLIS_DEMO_INTERNAL_CIDRS",
+                "PORTCULLIS_DEMO_INTERNAL_ISSUER",
+                "PORTCULLIS_DEMO_INTERNAL_CALLERS",
+                "PORTCULLIS_DEMO_TRUSTED_PROXIES",
+                "PORTCULLIS_DEMO_JOB_TTL_SECS",
+                "PORTCULLIS_DEMO_MAX_DEPTH",
+            ])
+            .is_ok()
+        );
     }
 
     proptest! {
-        /// A known name with one byte changed, removed or doubled is always caught.
+        /// A known name with one byte changed, removed or doubled anywhere, the
+        /// prefix included, and its letters in any case, is always caught.
         #[test]
-        fn one_edit_from_a_setting_is_caught(index in 0..ALL.len(), at in 11usize..40, byte in b'A'..=b'Z', op in 0u8..3) {
+        fn one_edit_from_a_setting_is_caught(
+            index in 0..ALL.len(),
+            at in 0usize..40,
+            byte in prop_oneof![b'A'..=b'Z', b'a'..=b'z', Just(b'_'), Just(b'-')],
+            op in 0u8..4,
+            lower in any::<u64>(),
+        ) {
             let known = ALL[index];
-            let at = at.min(known.len() - 1).max(11);
+            let at = at.min(known.len() - 1);
             let mut typo = known.as_bytes().to_vec();
             match op {
                 0 => typo[at] = byte,
                 1 => { typo.remove(at); }
-                _ => typo.insert(at, byte),
+                2 => typo.insert(at, byte),
+                _ => {}
+            }
+            for (i, b) in typo.iter_mut().enumerate() {
+                if lower >> (i % 64) & 1 == 1 {
+                    b.make_ascii_lowercase();
+                }
             }
             let typo = String::from_utf8(typo).unwrap();
             let e = check_names(std::iter::once(OsString::from(&typo)));
-            prop_assert!(typo == known || ALL.contains(&typo.as_str()) || e.is_err(), "{}", typo);
+            prop_assert!(ALL.contains(&typo.as_str()) || e.is_err(), "{}", typo);
         }
 
         /// Arbitrary bytes in any variable: never a panic; bytes that are not UTF-8,

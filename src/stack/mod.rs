@@ -85,9 +85,10 @@
 //! value, so one that is not UTF-8, empty or blank, or that does not parse, is an
 //! error naming the variable (never repeating the value); unset a variable to leave
 //! its setting out. A variable that only means something with another one that is
-//! not set is an error too, and so, for [`StackBuilder::from_env`], is a
-//! `PORTCULLIS_*` variable spelled like one of these (`PORTCULLIS_ALOWLIST`): the
-//! error names the setting it resembles.
+//! not set is an error too, and so, for [`StackBuilder::from_env`], is a variable
+//! spelled like one of these, in its prefix, its name or its case
+//! (`PORTCULLIS_ALOWLIST`, `PORTCULIS_ALLOWLIST`, `portcullis_allowlist`): the error
+//! names the setting it resembles.
 //!
 //! | variable | meaning | example |
 //! |---|---|---|
