@@ -34,7 +34,12 @@ enum RateLimitChoice {
 /// Builds a [`StackLayer`]; see the [module docs](crate::stack).
 ///
 /// String settings are checked by [`build`](Self::build), which reports the first
-/// problem; nothing is checked at request time.
+/// problem; nothing is checked at request time. Each setting is given at most once
+/// (the [`keep_reloading`](Self::keep_reloading) handles excepted): a second call of
+/// a setter, or of two setters of one setting (`allowlist` and `allow`,
+/// `auth_throttle` and `disable_auth_throttle_dangerously`), including after
+/// [`from_env`](Self::from_env) gave it from a variable, is an error at build rather
+/// than a silent replacement of the first.
 pub struct StackBuilder {
     request_id: RequestIdLayer,
     access_log: AccessLogLayer,
@@ -55,6 +60,9 @@ pub struct StackBuilder {
     redis: Option<crate::rate_limit::redis::RedisLimiter>,
     pub(super) reloads: Vec<ReloadHandle>,
     conflict: Option<&'static str>,
+    /// The settings given so far, and the first one given twice.
+    given: Vec<&'static str>,
+    twice: Option<&'static str>,
 }
 
 impl Default for StackBuilder {
@@ -112,17 +120,31 @@ impl StackBuilder {
             redis: None,
             reloads: Vec::new(),
             conflict: None,
+            given: Vec::new(),
+            twice: None,
+        }
+    }
+
+    /// Records that `setting` was given; a second time is an error at build (it
+    /// would silently replace the first, e.g. a deny list read from the environment).
+    fn given(&mut self, setting: &'static str) {
+        if self.given.contains(&setting) {
+            self.twice.get_or_insert(setting);
+        } else {
+            self.given.push(setting);
         }
     }
 
     /// Replaces the request-id layer (e.g. another header name).
     pub fn request_id(mut self, layer: RequestIdLayer) -> Self {
+        self.given("request-id layer");
         self.request_id = layer;
         self
     }
 
     /// Replaces the access-log layer (e.g. more sensitive headers, a request span).
     pub fn access_log(mut self, layer: AccessLogLayer) -> Self {
+        self.given("access-log layer");
         self.access_log = layer;
         self
     }
@@ -130,6 +152,7 @@ impl StackBuilder {
     /// How the client address is found (default: the TCP peer only). Conflicts with
     /// [`trusted_proxies`](Self::trusted_proxies).
     pub fn client_ip(mut self, config: ClientIpConfig) -> Self {
+        self.given("client address configuration");
         self.client_ip = Some(config);
         self
     }
@@ -137,6 +160,7 @@ impl StackBuilder {
     /// Reads the forwarding header from peers inside these comma-separated CIDRs
     /// (checked by [`build`](Self::build)).
     pub fn trusted_proxies(mut self, cidrs: &str) -> Self {
+        self.given("trusted proxies");
         self.trusted_proxies = Some(cidrs.to_owned());
         self
     }
@@ -144,18 +168,21 @@ impl StackBuilder {
     /// Which forwarding header the trusted proxies write (default
     /// `X-Forwarded-For`).
     pub fn forwarded_header(mut self, header: ForwardedHeader) -> Self {
+        self.given("forwarded header");
         self.forwarded_header = Some(header);
         self
     }
 
     /// Only these comma-separated CIDRs get in (checked by [`build`](Self::build)).
     pub fn allowlist(mut self, cidrs: &str) -> Self {
+        self.given("allow list");
         self.allow = Some(IpSet::parse(cidrs).map_err(|e| e.to_string()));
         self
     }
 
     /// Only these networks get in.
     pub fn allow(mut self, set: IpSet) -> Self {
+        self.given("allow list");
         self.allow = Some(Ok(set));
         self
     }
@@ -164,18 +191,21 @@ impl StackBuilder {
     /// [`build`](Self::build)). Without an allow list, every other address is
     /// allowed.
     pub fn denylist(mut self, cidrs: &str) -> Self {
+        self.given("deny list");
         self.deny = Some(IpSet::parse(cidrs).map_err(|e| e.to_string()));
         self
     }
 
     /// These networks never get in.
     pub fn deny(mut self, set: IpSet) -> Self {
+        self.given("deny list");
         self.deny = Some(Ok(set));
         self
     }
 
     /// Authenticates with these API keys.
     pub fn api_keys(mut self, keys: ApiKeys) -> Self {
+        self.given("API keys");
         self.api_keys = Some(keys);
         self
     }
@@ -195,6 +225,7 @@ impl StackBuilder {
     /// (feature `jwks-remote`; from the environment, `PORTCULLIS_OIDC_ISSUERS`).
     #[cfg(feature = "jwt")]
     pub fn service_tokens(mut self, verifier: TokenVerifier) -> Self {
+        self.given("service tokens");
         self.service_tokens = Some(verifier);
         self
     }
@@ -203,12 +234,14 @@ impl StackBuilder {
     /// [`AuthenticateLayer::allow_unauthenticated_requests_dangerously`]). For local
     /// development only; cannot be combined with credentials.
     pub fn allow_unauthenticated_requests_dangerously(mut self, scopes: Scopes) -> Self {
+        self.given("unauthenticated mode");
         self.unauthenticated = Some(scopes);
         self
     }
 
     /// The realm of the `WWW-Authenticate` challenges (default `api`).
     pub fn realm(mut self, realm: &str) -> Self {
+        self.given("realm");
         self.realm = Some(realm.to_owned());
         self
     }
@@ -226,6 +259,7 @@ impl StackBuilder {
     /// Replaces the failed-authentication throttle (default
     /// [`AuthThrottleLayer::recommended`]).
     pub fn auth_throttle(mut self, layer: AuthThrottleLayer) -> Self {
+        self.given("failed-authentication throttle");
         self.throttle = Some(layer);
         self
     }
@@ -235,6 +269,7 @@ impl StackBuilder {
     /// audit target when the stack is built. Use only when something in front
     /// throttles failures already.
     pub fn disable_auth_throttle_dangerously(mut self) -> Self {
+        self.given("failed-authentication throttle");
         self.throttle = None;
         self
     }
@@ -243,6 +278,7 @@ impl StackBuilder {
     /// [`Quota`]s (see its `FromStr`), enforced together, parsed at build time (default
     /// [`DEFAULT_QUOTA`]), keyed per principal, else per client address.
     pub fn quotas(mut self, quotas: &str) -> Self {
+        self.given("rate limit");
         if matches!(self.rate_limit, RateLimitChoice::Layer(_)) {
             self.conflict = Some("set either quotas or a whole rate-limit layer, not both");
         }
@@ -255,6 +291,7 @@ impl StackBuilder {
     /// Redis, the failed-authentication throttle keeps its counts there too (see
     /// [`redis`](Self::redis)), unless it has a Redis backend of its own.
     pub fn rate_limit(mut self, layer: RateLimitLayer) -> Self {
+        self.given("rate limit");
         if matches!(self.rate_limit, RateLimitChoice::Quotas(_)) {
             self.conflict = Some("set either quotas or a whole rate-limit layer, not both");
         }
@@ -269,6 +306,7 @@ impl StackBuilder {
     /// [`auth_throttle`](Self::auth_throttle) has a Redis backend of its own.
     #[cfg(feature = "redis")]
     pub fn redis(mut self, limiter: crate::rate_limit::redis::RedisLimiter) -> Self {
+        self.given("Redis limiter");
         self.redis = Some(limiter);
         self
     }
@@ -277,10 +315,16 @@ impl StackBuilder {
     ///
     /// Errors: no credentials and not the unauthenticated mode; credentials together
     /// with the unauthenticated mode; an allow, deny or trusted-proxy list that does
-    /// not parse; a bad quota; contradicting settings.
+    /// not parse; a bad quota; contradicting settings; a setting given twice.
     pub fn build(self) -> Result<StackLayer, ConfigError> {
         if let Some(conflict) = self.conflict {
             return Err(ConfigError::new(format!("stack: {conflict}")));
+        }
+        if let Some(setting) = self.twice {
+            return Err(ConfigError::new(format!(
+                "stack: {setting} given twice (in code, or in the environment and in code): \
+                 give each setting once, since the second would silently replace the first"
+            )));
         }
 
         // Client address.
@@ -511,8 +555,106 @@ mod tests {
         }
     }
 
+    /// Calls setter `i` (of 18, each with a valid value); returns the setting it sets.
+    fn set(b: StackBuilder, i: u8) -> (StackBuilder, &'static str) {
+        let net = || IpSet::parse("10.0.0.0/8").unwrap();
+        match i {
+            0 => (b.request_id(RequestIdLayer::new()), "request id"),
+            1 => (b.access_log(AccessLogLayer::new()), "access log"),
+            2 => (b.client_ip(ClientIpConfig::peer_only()), "client ip"),
+            3 => (b.trusted_proxies("10.0.0.0/8"), "trusted proxies"),
+            4 => (b.forwarded_header(ForwardedHeader::XRealIp), "header"),
+            5 => (b.allowlist("10.0.0.0/8"), "allow"),
+            6 => (b.allow(net()), "allow"),
+            7 => (b.denylist("10.9.0.0/16"), "deny"),
+            8 => (b.deny(net()), "deny"),
+            9 => (b.api_keys(builder().api_keys.unwrap()), "keys"),
+            10 => (
+                b.allow_unauthenticated_requests_dangerously(Scopes::default()),
+                "open",
+            ),
+            11 => (b.realm("api"), "realm"),
+            12 => (
+                b.auth_throttle(AuthThrottleLayer::recommended()),
+                "throttle",
+            ),
+            13 => (b.disable_auth_throttle_dangerously(), "throttle"),
+            14 => (b.quotas("10/s"), "rate"),
+            15 => (b.rate_limit(redis_layer()), "rate"),
+            _ => (b.redis(unreachable_redis()), "redis"),
+        }
+    }
+
+    #[test]
+    fn a_setting_given_twice_is_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let e = builder()
+            .denylist("10.0.0.0/8")
+            .deny(IpSet::parse("192.168.0.0/16").unwrap())
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "stack: deny list given twice (in code, or in the environment and in code): \
+             give each setting once, since the second would silently replace the first"
+        );
+        // A list read from the environment is not replaced by one given in code.
+        let env = |name: &str| match name {
+            "PORTCULLIS_API_KEYS" => Some(KEY.to_owned()),
+            "PORTCULLIS_ALLOWLIST" => Some("10.0.0.0/8".to_owned()),
+            _ => None,
+        };
+        let e = StackBuilder::from_env_with(env)
+            .unwrap()
+            .allowlist("0.0.0.0/0")
+            .build()
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("stack: allow list given twice"),
+            "{e}"
+        );
+        assert!(
+            builder()
+                .disable_auth_throttle_dangerously()
+                .auth_throttle(AuthThrottleLayer::recommended())
+                .build()
+                .is_err()
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Whatever the settings and their order, a stack in which one setting was
+        /// given twice is never built.
+        #[test]
+        fn no_stack_is_built_with_a_setting_given_twice(
+            calls in proptest::collection::vec(0u8..17, 1..8),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _guard = rt.enter();
+            let mut b = StackBuilder::new();
+            let mut seen = Vec::new();
+            let mut twice = false;
+            for i in calls {
+                let (next, setting) = set(b, i);
+                b = next;
+                twice |= seen.contains(&setting);
+                seen.push(setting);
+            }
+            let built = b.build();
+            if twice {
+                prop_assert!(built.is_err());
+            }
+        }
 
         /// Wherever Redis is configured (on the stack or on the rate-limit layer),
         /// the throttle counts there, unless it was disabled or has its own.

@@ -23,7 +23,9 @@
 //! - an allow list, deny list or trusted-proxy list that does not parse;
 //! - a zero (or otherwise invalid) quota, a quota list that does not parse;
 //! - two settings that contradict each other (e.g. a whole rate-limit layer and a
-//!   quota string).
+//!   quota string), or one setting given twice (e.g. a deny list read by
+//!   [`from_env`](StackBuilder::from_env) and another given in code), which would
+//!   otherwise silently replace the first.
 //!
 //! **Rate limit default.** Without a configured limit the stack applies
 //! [`DEFAULT_QUOTA`], `100/s` (100 requests per second, burst 100) per principal
