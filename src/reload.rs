@@ -20,13 +20,17 @@
 //!   rename within one timestamp tick, a store whose files all carry one fixed time
 //!   behind a symlink swap, a Kubernetes `..data` swap) is found.
 //! - **Only settled content is applied.** A new content is applied once two
-//!   consecutive polls read the same bytes with the same metadata, so a change is in
-//!   force about two intervals after the file stops changing. A file written in place
-//!   that is caught half-way is not applied if the writer finishes within one
-//!   interval; a half-written file that stays unchanged for a whole interval is taken
-//!   as written. Writers should therefore **write a temporary file in the same
-//!   directory, flush it to disk, and rename it over the old one**: readers then see
-//!   the old or the new file, never a mixture.
+//!   consecutive polls read the same bytes with the same metadata, or three read the
+//!   same bytes whatever their metadata, so a change is in force about two intervals
+//!   after the file stops changing, and at most three after it is written even when
+//!   the same content is renamed into place (or rewritten) again before every poll,
+//!   as a periodic sync job does. A file written in place that is caught half-way is
+//!   not applied if the writer finishes within one interval; a half-written file
+//!   that stays unchanged for a whole interval is taken as written. Writers should
+//!   therefore **write a temporary file in the same directory, flush it to disk, and
+//!   rename it over the old one**: readers then see the old or the new file, never a
+//!   mixture. A file whose content differs on four polls in a row (so nothing of it
+//!   is applied) is reported with `key_file_reload_failed`, once.
 //! - **A bad file never replaces good keys.** A file that cannot be read, is not a
 //!   regular file, is larger than the limit, does not parse, or fails a key rule keeps
 //!   the keys in force and emits `key_file_reload_failed`. A refused content is
@@ -242,11 +246,26 @@ struct SetState {
 struct FileState {
     /// The digest of the content in force.
     applied: Option<[u8; 32]>,
-    /// A new content seen by the last poll, applied if the next one reads it again.
-    candidate: Option<([u8; 32], Stamp)>,
+    /// A new content seen by the last poll, the metadata of the last read, and how
+    /// many polls in a row read it: applied when the next poll reads it again with
+    /// the same metadata, or at the [`SETTLED_READS`]th read whatever its metadata.
+    candidate: Option<([u8; 32], Stamp, u32)>,
     /// The read error last reported, so a lasting failure is reported once.
     unreadable: Option<String>,
+    /// Consecutive polls that read a new content which had not settled; reported
+    /// once on reaching [`UNSETTLED_REPORT`].
+    unsettled: u32,
 }
+
+/// Polls in a row that read the same new content, each with other metadata, after
+/// which it is applied: a file renamed into place (or rewritten) again before every
+/// poll holds the same bytes, and must not hold its change back for ever.
+const SETTLED_READS: u32 = 3;
+
+/// Polls in a row that find a file changed but not settled before the change is
+/// reported: a file rewritten in place more often than it is polled is never
+/// applied, and must not stay so silently.
+const UNSETTLED_REPORT: u32 = 4;
 
 /// The contents of every file of a set, from one numbered read.
 pub(crate) struct Snapshot {
@@ -334,6 +353,7 @@ impl FileSet {
             file.applied = Some(content.digest);
             file.candidate = None;
             file.unreadable = None;
+            file.unsettled = 0;
         }
     }
 
@@ -350,6 +370,7 @@ impl FileSet {
                 Err(e) => {
                     failed = true;
                     file.candidate = None;
+                    file.unsettled = 0;
                     let message = e.to_string();
                     if file.unreadable.as_deref() != Some(&message) {
                         audit_failed(source, &self.files[i].0.display().to_string(), e);
@@ -360,11 +381,34 @@ impl FileSet {
                     file.unreadable = None;
                     if file.applied == Some(content.digest) {
                         file.candidate = None;
-                    } else if file.candidate == Some((content.digest, content.stamp)) {
+                        file.unsettled = 0;
+                        continue;
+                    }
+                    let reads = match file.candidate {
+                        Some((digest, stamp, _))
+                            if digest == content.digest && stamp == content.stamp =>
+                        {
+                            SETTLED_READS
+                        }
+                        Some((digest, _, reads)) if digest == content.digest => reads + 1,
+                        _ => 1,
+                    };
+                    if reads >= SETTLED_READS {
                         changed = true;
+                        file.unsettled = 0;
                     } else {
-                        file.candidate = Some((content.digest, content.stamp));
+                        file.candidate = Some((content.digest, content.stamp, reads));
                         settling = true;
+                        file.unsettled = file.unsettled.saturating_add(1);
+                        if file.unsettled == UNSETTLED_REPORT {
+                            let e = ConfigError::new(format!(
+                                "key file {}: its content differed on each of the last {UNSETTLED_REPORT} \
+                                 reads, so none of it is applied; write a temporary file and \
+                                 rename it into place once it is complete",
+                                self.files[i].0.display()
+                            ));
+                            audit_failed(source, &self.files[i].0.display().to_string(), &e);
+                        }
                     }
                 }
             }
@@ -581,6 +625,79 @@ mod tests {
         assert_eq!(current(&t), "three");
     }
 
+    /// Renames `text` into place at `path` through a new temporary file.
+    fn rename_in(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    /// The `key_file_reload_failed` events `f` emits, as JSON lines.
+    fn failures(f: impl FnOnce()) -> Vec<String> {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || Sink(writer.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .filter(|l| l.contains("key_file_reload_failed"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_file_renamed_in_again_before_every_poll_is_applied_by_the_third() {
+        let dir = TempDir::new("rewrite");
+        let path = dir.0.join("f");
+        std::fs::write(&path, "one").unwrap();
+        let t = text(&path);
+        let reported = failures(|| {
+            for polls in 1..=3 {
+                rename_in(&path, "two");
+                poll(&t);
+                let want = if polls < 3 { "one" } else { "two" };
+                assert_eq!(current(&t), want, "after {polls} polls");
+            }
+        });
+        assert!(reported.is_empty(), "{reported:?}");
+    }
+
+    #[test]
+    fn a_file_that_differs_on_every_poll_is_reported_once() {
+        let dir = TempDir::new("churn");
+        let path = dir.0.join("f");
+        std::fs::write(&path, "one").unwrap();
+        let t = text(&path);
+        let reported = failures(|| {
+            for n in 0..(UNSETTLED_REPORT * 3) {
+                std::fs::write(&path, format!("content-{n}")).unwrap();
+                poll(&t);
+            }
+        });
+        assert_eq!(current(&t), "one");
+        assert_eq!(reported.len(), 1, "{reported:?}");
+        assert!(
+            reported[0].contains("differed on each of the last 4 reads"),
+            "{}",
+            reported[0]
+        );
+    }
+
     #[test]
     fn a_refused_content_is_not_retried_until_it_changes_and_an_explicit_reload_skips_the_wait() {
         let dir = TempDir::new("refused");
@@ -660,6 +777,43 @@ mod tests {
             poll(&t);
             poll(&t);
             proptest::prop_assert_eq!(&current(&t), written.last().unwrap());
+        }
+
+        /// A writer that renames (or rewrites) a content into place again before
+        /// every poll, as a periodic sync job does, never holds a change back: after
+        /// any history, the content it keeps writing is in force by the third poll,
+        /// and only content that was written is ever in force.
+        #[test]
+        fn a_content_written_again_before_every_poll_is_applied(
+            steps in proptest::collection::vec((0u8..4, proptest::prelude::any::<bool>(), 0u8..3), 0..8),
+            last in 0u8..4,
+            rename in proptest::prelude::any::<bool>(),
+        ) {
+            let dir = TempDir::new("again");
+            let path = dir.0.join("f");
+            std::fs::write(&path, "content-0").unwrap();
+            let t = text(&path);
+            let mut written = vec!["content-0".to_owned()];
+            let write = |text: &str, rename: bool| match rename {
+                true => rename_in(&path, text),
+                false => std::fs::write(&path, text).unwrap(),
+            };
+            for (c, rename, polls) in steps {
+                let content = format!("content-{c}");
+                write(&content, rename);
+                written.push(content);
+                for _ in 0..polls {
+                    poll(&t);
+                }
+            }
+            let content = format!("content-{last}");
+            written.push(content.clone());
+            for _ in 0..SETTLED_READS {
+                write(&content, rename);
+                poll(&t);
+                proptest::prop_assert!(written.contains(&current(&t)));
+            }
+            proptest::prop_assert_eq!(current(&t), content);
         }
     }
 
