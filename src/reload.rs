@@ -128,7 +128,9 @@ pub(crate) trait Source: Send + Sync + 'static {
     fn parse(&self, contents: &[&[u8]]) -> Result<Self::Parsed, ConfigError>;
     /// Swaps the parsed keys in, or refuses them (a rule that depends on the keys in
     /// force). Called with the file set's lock held, so swaps are ordered. Returns the
-    /// number of keys now in force.
+    /// number of keys now in force. A source whose other keys can change calls
+    /// [`FileSet::rejudge`] when they do, so that a content refused because of them
+    /// is judged again instead of waiting for the file to change.
     fn swap(&self, parsed: Self::Parsed) -> Result<usize, ConfigError>;
 }
 
@@ -340,6 +342,14 @@ impl FileSet {
         })
     }
 
+    /// Forgets the contents last refused, so the next poll judges them afresh: for
+    /// a source whose keys in force changed another way (keys given in code), which
+    /// may be what made [`Source::swap`] refuse them.
+    #[cfg(feature = "jwt")]
+    pub(crate) fn rejudge(&self) {
+        self.lock().refused = None;
+    }
+
     /// Records `snapshot` as the contents in force (the initial load).
     pub(crate) fn loaded(&self, snapshot: &Snapshot) {
         let mut state = self.lock();
@@ -474,7 +484,7 @@ fn audit_failed(source: &'static str, path: &str, error: &ConfigError) {
 }
 
 /// One poll of the watcher: applies the files once a change has settled.
-fn poll<S: Source>(source: &S) {
+pub(crate) fn poll<S: Source>(source: &S) {
     let Some(files) = source.files() else { return };
     if let Some(snapshot) = files.poll(S::NAME) {
         // A refusal is in the audit log; the keys in force stay.

@@ -1322,3 +1322,109 @@ fn a_kid_in_a_pin_refusal_is_escaped() {
     assert!(e.contains("was HS256 and would become RS256"), "{e}");
     assert!(!e.contains('\n') && !e.contains('\u{202e}'), "{e}");
 }
+
+/// A key file refused because its `kid`s clash with the keys given in code is
+/// judged again once those keys are replaced: whatever the order of file writes,
+/// replacements and polls, three polls after the last change the keys in force are
+/// the file's current keys whenever they can be combined with the keys in code, and
+/// a key the file no longer lists (nor the code) never verifies then.
+mod refused_key_files {
+    use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+
+    use super::*;
+
+    const KIDS: [&str; 3] = ["k0", "k1", "k2"];
+
+    /// The secret of `kid` in the file (`file`) or in code.
+    fn secret(kid: usize, file: bool) -> [u8; 32] {
+        [kid as u8 + if file { 10 } else { 50 }; 32]
+    }
+
+    fn keys_in_code(kids: &[usize]) -> Vec<VerifyingKey> {
+        kids.iter()
+            .map(|&k| VerifyingKey::hs256(&secret(k, false)).unwrap().kid(KIDS[k]))
+            .collect()
+    }
+
+    fn jwks(kids: &[usize]) -> String {
+        let keys: Vec<_> = kids
+            .iter()
+            .map(|&k| json!({"kty": "oct", "alg": "HS256", "kid": KIDS[k], "k": b64(&secret(k, true))}))
+            .collect();
+        json!({ "keys": keys }).to_string()
+    }
+
+    fn token(kid: usize, file: bool) -> String {
+        sign(
+            &json!({"alg": "HS256", "kid": KIDS[kid]}).to_string(),
+            &good_claims().to_string(),
+            &EncodingKey::from_secret(&secret(kid, file)),
+            jsonwebtoken::Algorithm::HS256,
+        )
+    }
+
+    /// A non-empty subset of the kids, from three bits.
+    fn kids(bits: u8) -> Vec<usize> {
+        let bits = if bits & 7 == 0 { 1 } else { bits & 7 };
+        (0..3).filter(|k| bits >> k & 1 == 1).collect()
+    }
+
+    fn rename_in(path: &std::path::Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn the_current_file_is_in_force_once_it_combines_with_the_keys_in_code(
+            ops in proptest::collection::vec((any::<bool>(), 0u8..8, 0u8..4), 1..10),
+        ) {
+            static RUN: AtomicU64 = AtomicU64::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "portcullis-jwt-rejudge-{}-{}",
+                std::process::id(),
+                RUN.fetch_add(1, AtomicOrdering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("jwks.json");
+            let mut file = vec![0];
+            let mut code = vec![1];
+            std::fs::write(&path, jwks(&file)).unwrap();
+            let mut builder = TokenVerifier::builder()
+                .key_file(KeyFile::jwks(&path))
+                .allow_symmetric_keys_from_files()
+                .issuer(ISS)
+                .audience(AUD);
+            for k in keys_in_code(&code) {
+                builder = builder.key(k);
+            }
+            let v = builder.build().unwrap();
+            for (write, set, polls) in ops {
+                let set = kids(set);
+                if write {
+                    rename_in(&path, &jwks(&set));
+                    file = set;
+                } else if v.replace_keys(keys_in_code(&set)).is_ok() {
+                    code = set;
+                }
+                for _ in 0..polls {
+                    v.poll_key_files();
+                }
+            }
+            for _ in 0..3 {
+                v.poll_key_files();
+            }
+            if file.iter().any(|k| code.contains(k)) {
+                return Ok(());
+            }
+            for k in 0..3 {
+                let verified = v.verify(&token(k, true)).is_ok();
+                prop_assert_eq!(verified, file.contains(&k), "kid {} of the file {:?}, code {:?}", k, file, code);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}

@@ -451,7 +451,8 @@ impl TokenVerifier {
 
     /// Replaces the keys given in code (key files stay) and empties the cache. As on
     /// every change of the key set, a `kid` that was ever in force must keep its
-    /// algorithm.
+    /// algorithm. A watched key file that was refused for clashing with the keys
+    /// replaced is judged again at the next poll.
     pub fn replace_keys(
         &self,
         keys: impl IntoIterator<Item = VerifyingKey>,
@@ -468,6 +469,12 @@ impl TokenVerifier {
         match result {
             Ok(count) => {
                 crate::audit::emit!(info, ServiceTokenKeysReplaced, keys = count,);
+                // A key file refused for clashing with the keys replaced (a `kid`
+                // both used) is judged again at the next poll, not left out, with
+                // the keys it removed still in force, until it changes.
+                if let Some(files) = &self.inner.key_files.watched {
+                    files.rejudge();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -491,6 +498,12 @@ impl TokenVerifier {
     /// cannot be started.
     pub fn watch_key_files(&self, interval: Duration) -> Result<ReloadHandle, ConfigError> {
         reload::watch(&self.inner, interval)
+    }
+
+    /// One poll of the key files' watcher, now (tests drive it without a thread).
+    #[cfg(test)]
+    pub(crate) fn poll_key_files(&self) {
+        reload::poll(&*self.inner);
     }
 
     /// Number of keys in force.
