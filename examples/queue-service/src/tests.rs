@@ -1773,6 +1773,36 @@ async fn two_instances_share_their_limits_through_redis() {
     b.shutdown().await;
 }
 
+/// With Redis, the failed-authentication counts are kept there too (one budget
+/// of guesses across instances, not one per instance): a wrong key's count is asked
+/// of Redis, so while Redis does not answer the fail-closed demo refuses it with 503
+/// rather than counting it in this instance's memory alone.
+#[tokio::test]
+async fn failed_authentications_are_counted_in_redis() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let limiter = guard::redis_limiter(Some(&url), guard::DEFAULT_NAMESPACE, None)
+        .unwrap()
+        .unwrap();
+    let demo = Demo::launch(Setup {
+        redis: Some(limiter),
+        ..Setup::new(fast_queue(), None)
+    })
+    .await;
+    let unknown = format!(
+        "X-API-Key: {}",
+        generate_key("pc_test").unwrap().expose_secret()
+    );
+    demo.call_with("GET", "/v1/admin/stats", &[&unknown], None)
+        .await
+        .assert_problem(503);
+    demo.shutdown().await;
+}
+
 /// Replays one printed curl line without curl: `-H`, `-d` and the URL.
 async fn replay(line: &str, job: &str) -> String {
     let line = line.replace("$JOB", job);
