@@ -126,6 +126,13 @@ impl Vars {
     }
 }
 
+/// The scopes of `PORTCULLIS_API_KEY_SCOPES`: separated by spaces or commas, as the
+/// key-file tool takes them. `a,b` is a valid scope token of its own, which no route
+/// would require: read as two scopes, as its writer meant.
+fn scope_list(s: &str) -> Result<Scopes, ConfigError> {
+    Scopes::from_iter_checked(s.split([' ', ',']).filter(|t| !t.is_empty()))
+}
+
 /// An error for the first name that is not a variable [`StackBuilder::from_env`]
 /// reads but is within a few edits of one that it reads, in any case: a typo in the
 /// prefix (`PORTCULIS_ALLOWLIST`) or the case (`portcullis_allowlist`) would
@@ -281,7 +288,7 @@ impl StackBuilder {
             }
             (None, Some(list)) => {
                 let scopes = match get(API_KEY_SCOPES) {
-                    Some(s) => Scopes::parse(&s).map_err(named(API_KEY_SCOPES))?,
+                    Some(s) => scope_list(&s).map_err(named(API_KEY_SCOPES))?,
                     None => Scopes::default(),
                 };
                 let store = KeyStore::from_key_list(&list, scopes).map_err(named(API_KEYS))?;
@@ -785,6 +792,20 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn key_scopes_are_separated_by_spaces_or_commas() {
+        let both = Scopes::parse("jobs:read jobs:write").unwrap();
+        for list in [
+            "jobs:read jobs:write",
+            "jobs:read,jobs:write",
+            "jobs:read, jobs:write",
+            " ,jobs:write,,jobs:read ",
+        ] {
+            assert_eq!(scope_list(list).unwrap(), both, "{list}");
+        }
+        assert!(scope_list("jobs:read,bad\"scope").is_err());
     }
 
     proptest! {

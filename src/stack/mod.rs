@@ -101,7 +101,7 @@
 //! | `PORTCULLIS_KEY_FILE` | TOML key file (digests only), reloaded when it changes | `/etc/svc/keys.toml` |
 //! | `PORTCULLIS_KEY_FILE_RELOAD_SECS` | how often the key file is checked (default 10, `0` never) | `30` |
 //! | `PORTCULLIS_API_KEYS` | comma-separated raw keys (32+ characters each), the simple case | `pc_live_...` |
-//! | `PORTCULLIS_API_KEY_SCOPES` | space-separated scopes of the `PORTCULLIS_API_KEYS` keys | `jobs:read jobs:write` |
+//! | `PORTCULLIS_API_KEY_SCOPES` | space- or comma-separated scopes of the `PORTCULLIS_API_KEYS` keys | `jobs:read jobs:write` |
 //! | `PORTCULLIS_JWKS_FILE` | JWK Set of the service-token signers (feature `jwt`) | `/etc/svc/jwks.json` |
 //! | `PORTCULLIS_TOKEN_ISSUERS` | comma-separated accepted `iss` values (required with a JWKS file) | `https://ci.example` |
 //! | `PORTCULLIS_TOKEN_AUDIENCE` | our `aud` (required with a JWKS file or discovery issuers) | `jobs-api` |
