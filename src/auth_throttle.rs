@@ -173,25 +173,6 @@ impl fmt::Debug for AuthThrottleLayer {
     }
 }
 
-/// Whether a refusal means a presented credential was wrong.
-pub(crate) fn is_credential_failure(reason: DenialReason) -> bool {
-    matches!(
-        reason,
-        DenialReason::InvalidKeyFormat
-            | DenialReason::UnknownKey
-            | DenialReason::ExpiredKey
-            | DenialReason::NotYetValidKey
-            | DenialReason::RevokedKey
-            | DenialReason::InvalidToken
-            | DenialReason::MalformedCredential
-            | DenialReason::MultipleCredentials
-            | DenialReason::InvalidSignature
-            | DenialReason::StaleSignature
-            | DenialReason::ReplayedSignature
-            | DenialReason::DigestMismatch
-    )
-}
-
 impl AuthThrottleLayer {
     /// 10 failed authentications per address per 5 minutes, in the default mode: a
     /// person mistyping a key never meets it; past it, a wrong credential is answered
@@ -400,7 +381,7 @@ impl Shared {
         let failed = res
             .extensions()
             .get::<DenialReason>()
-            .is_some_and(|&r| is_credential_failure(r));
+            .is_some_and(|r| r.is_credential_failure());
         if !failed {
             self.store
                 .refund(self.key(ip), &self.gcra, charge, self.store.now());
@@ -418,7 +399,7 @@ impl Shared {
         res: Response<B>,
     ) -> Response<B> {
         if let Some(&reason) = res.extensions().get::<DenialReason>()
-            && is_credential_failure(reason)
+            && reason.is_credential_failure()
         {
             let outcome = self.store.check(self.key(ip), &self.gcra, self.store.now());
             if outcome.allowed {
@@ -815,7 +796,7 @@ mod redis {
                         let failed = res
                             .extensions()
                             .get::<DenialReason>()
-                            .is_some_and(|&r| is_credential_failure(r));
+                            .is_some_and(|r| r.is_credential_failure());
                         if let Some(at) = charged {
                             if !failed {
                                 let (redis, key, g) = (

@@ -191,25 +191,40 @@ impl DenialReason {
     /// theirs.
     #[cfg_attr(not(feature = "access-log"), allow(dead_code))]
     pub(crate) fn refuses_authentication(self) -> bool {
+        self.is_credential_failure()
+            || matches!(
+                self,
+                DenialReason::MissingCredential
+                    | DenialReason::KeyIpDenied
+                    | DenialReason::BodyTooLarge
+                    | DenialReason::ReplayCacheFull
+                    | DenialReason::AuthThrottled
+            )
+    }
+
+    /// Whether the refusal means a presented credential was wrong (what the
+    /// failed-authentication throttle counts): malformed, unknown, expired, revoked
+    /// or stale, several at once, or a signature that does not verify or cover its
+    /// body.
+    #[cfg_attr(
+        not(any(feature = "access-log", feature = "auth-throttle")),
+        allow(dead_code)
+    )]
+    pub(crate) fn is_credential_failure(self) -> bool {
         matches!(
             self,
-            DenialReason::MissingCredential
-                | DenialReason::MalformedCredential
-                | DenialReason::MultipleCredentials
-                | DenialReason::InvalidKeyFormat
+            DenialReason::InvalidKeyFormat
                 | DenialReason::UnknownKey
                 | DenialReason::ExpiredKey
                 | DenialReason::NotYetValidKey
                 | DenialReason::RevokedKey
                 | DenialReason::InvalidToken
-                | DenialReason::KeyIpDenied
+                | DenialReason::MalformedCredential
+                | DenialReason::MultipleCredentials
                 | DenialReason::InvalidSignature
                 | DenialReason::StaleSignature
                 | DenialReason::ReplayedSignature
                 | DenialReason::DigestMismatch
-                | DenialReason::BodyTooLarge
-                | DenialReason::ReplayCacheFull
-                | DenialReason::AuthThrottled
         )
     }
 }

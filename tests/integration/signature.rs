@@ -801,15 +801,48 @@ async fn a_nonce_replayed_at_another_instance_sharing_redis_is_refused() {
     assert_nothing_echoed(&r, &w);
 }
 
+/// A server on loopback with the request id, the access log and the client address
+/// outside `verifier`'s signature layer, and `auth` inside it, answering 200 to what
+/// they let through.
+#[cfg(feature = "access-log")]
+async fn serve_logged(verifier: SignatureVerifier, auth: AuthenticateLayer) -> SocketAddr {
+    use portcullis::access_log::AccessLogLayer;
+    use portcullis::request_id::RequestIdLayer;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let layer = VerifySignatureLayer::new(verifier);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, remote)) = listener.accept().await else {
+                continue;
+            };
+            let svc = ServiceBuilder::new()
+                .layer(PeerAddrLayer::new(remote))
+                .layer(RequestIdLayer::new())
+                .layer(AccessLogLayer::new())
+                .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
+                .layer(layer.clone())
+                .layer(auth.clone())
+                .service_fn(|_req: Request<SignedBody<Incoming>>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// A signed request is one event, the access event naming the key id and
 /// `http_signature`; the `auth_succeeded` audit event is added only with the
 /// authentication layer's opt-in.
 #[cfg(feature = "access-log")]
 #[tokio::test]
 async fn a_signed_request_is_one_event_unless_successes_are_audited() {
-    use portcullis::access_log::AccessLogLayer;
-    use portcullis::request_id::RequestIdLayer;
-
     let capture = log_capture::capture();
     for (key_id, audit_successes) in [("sig-one-default", false), ("sig-one-audited", true)] {
         let verifier = SignatureVerifier::builder()
@@ -826,31 +859,7 @@ async fn a_signed_request_is_one_event_unless_successes_are_audited() {
         if audit_successes {
             auth = auth.audit_successes();
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let layer = VerifySignatureLayer::new(verifier);
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, remote)) = listener.accept().await else {
-                    continue;
-                };
-                let svc = ServiceBuilder::new()
-                    .layer(PeerAddrLayer::new(remote))
-                    .layer(RequestIdLayer::new())
-                    .layer(AccessLogLayer::new())
-                    .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
-                    .layer(layer.clone())
-                    .layer(auth.clone())
-                    .service_fn(|_req: Request<SignedBody<Incoming>>| async move {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    });
-                tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
-                        .await;
-                });
-            }
-        });
+        let addr = serve_logged(verifier, auth).await;
         let params = format!(
             ";created={};keyid=\"{key_id}\";nonce=\"{}\"",
             now(),
@@ -903,9 +912,6 @@ async fn a_signed_request_is_one_event_unless_successes_are_audited() {
 #[cfg(feature = "access-log")]
 #[tokio::test]
 async fn a_signed_request_refused_inside_names_no_principal() {
-    use portcullis::access_log::AccessLogLayer;
-    use portcullis::request_id::RequestIdLayer;
-
     let capture = log_capture::capture();
     let key_id = "sig-refused-inside";
     let verifier = SignatureVerifier::builder()
@@ -916,31 +922,7 @@ async fn a_signed_request_refused_inside_names_no_principal() {
     let store =
         KeyStore::from_records([KeyRecord::new("api-key-client", key.digest()).unwrap()]).unwrap();
     let auth = AuthenticateLayer::api_keys(ApiKeys::new(store));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let layer = VerifySignatureLayer::new(verifier);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, remote)) = listener.accept().await else {
-                continue;
-            };
-            let svc = ServiceBuilder::new()
-                .layer(PeerAddrLayer::new(remote))
-                .layer(RequestIdLayer::new())
-                .layer(AccessLogLayer::new())
-                .layer(ClientIpLayer::new(ClientIpConfig::peer_only()))
-                .layer(layer.clone())
-                .layer(auth.clone())
-                .service_fn(|_req: Request<SignedBody<Incoming>>| async move {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
-                    .await;
-            });
-        }
-    });
+    let addr = serve_logged(verifier, auth).await;
     let params = format!(
         ";created={};keyid=\"{key_id}\";nonce=\"{}\"",
         now(),
