@@ -2051,6 +2051,13 @@ mod shape_variants {
         #[test]
         fn uri_parts_never_show_what_the_raw_redaction_hid(t in super::prefilter::text()) {
             let part = String::from_utf8_lossy(&t).into_owned();
+            // The part as written and decoded, as `redact_uri_part` reads it.
+            let mut forms = vec![part.clone()];
+            for _ in 0..3 {
+                let next = percent_decode(forms.last().unwrap().as_bytes(), false);
+                let Cow::Owned(next) = next else { break };
+                forms.push(String::from_utf8_lossy(&next).into_owned());
+            }
             for red in redactors() {
                 let out = red.redact_uri_part(&part);
                 let shown = red.redact(&part);
@@ -2058,9 +2065,13 @@ mod shape_variants {
                     let hidden = &part.as_bytes()[span];
                     for form in [hidden.to_vec(), percent_decode(hidden, false).into_owned()] {
                         for w in form.windows(8) {
-                            // Only pieces that occur nowhere else in the part.
+                            // Only pieces that occur nowhere else in the part, in
+                            // any of its forms (`%5Fab…` decodes to another `_ab…`).
                             let w = String::from_utf8_lossy(w);
-                            if !shown.contains(&*w) && part.matches(&*w).count() == 1 {
+                            if !shown.contains(&*w)
+                                && part.matches(&*w).count() == 1
+                                && forms.iter().all(|f| f.matches(&*w).count() <= 1)
+                            {
                                 prop_assert!(!out.contains(&*w), "{:?}: {:?} -> {:?}", w, part, out);
                             }
                         }
