@@ -693,26 +693,7 @@ mod tests {
     /// Runs `run` under a subscriber that writes every event as a JSON line, and
     /// returns the access events' fields.
     fn access_fields(run: impl FnOnce()) -> Vec<serde_json::Map<String, serde_json::Value>> {
-        use std::sync::Mutex;
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let out = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || out.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, run);
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let text = crate::test_support::json_lines(run);
         text.lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .filter(|e| e["target"] == TARGET)

@@ -172,6 +172,11 @@ pub mod signature;
 #[doc(hidden)]
 pub mod fuzzing;
 
+// Each feature set's tests use part of it.
+#[cfg(test)]
+#[allow(dead_code)]
+mod test_support;
+
 #[cfg(feature = "redact-writer")]
 mod civil;
 

@@ -613,16 +613,23 @@ mod tests {
         }
     }
 
+    /// A file holding `content` in a temporary directory (removed when the first
+    /// value is dropped), and its content loaded as a watched text.
+    fn watched(tag: &str, content: &str) -> (TempDir, PathBuf, Text) {
+        let dir = TempDir::new(tag);
+        let path = dir.0.join("f");
+        std::fs::write(&path, content).unwrap();
+        let t = text(&path);
+        (dir, path, t)
+    }
+
     fn current(t: &Text) -> String {
         t.current.lock().unwrap().clone()
     }
 
     #[test]
     fn a_change_is_applied_on_the_second_identical_read() {
-        let dir = TempDir::new("settle");
-        let path = dir.0.join("f");
-        std::fs::write(&path, "one").unwrap();
-        let t = text(&path);
+        let (_dir, path, t) = watched("settle", "one");
         poll(&t);
         assert_eq!(current(&t), "one");
         std::fs::write(&path, "two").unwrap();
@@ -644,38 +651,16 @@ mod tests {
 
     /// The `key_file_reload_failed` events `f` emits, as JSON lines.
     fn failures(f: impl FnOnce()) -> Vec<String> {
-        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || Sink(writer.clone()))
-            .finish();
-        tracing::subscriber::with_default(subscriber, f);
-        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
-        text.lines()
+        crate::test_support::json_lines(f)
+            .lines()
             .filter(|l| l.contains("key_file_reload_failed"))
             .map(str::to_owned)
             .collect()
     }
 
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_file_renamed_in_again_before_every_poll_is_applied_by_the_third() {
-        let dir = TempDir::new("rewrite");
-        let path = dir.0.join("f");
-        std::fs::write(&path, "one").unwrap();
-        let t = text(&path);
+        let (_dir, path, t) = watched("rewrite", "one");
         let reported = failures(|| {
             for polls in 1..=3 {
                 rename_in(&path, "two");
@@ -689,10 +674,7 @@ mod tests {
 
     #[test]
     fn a_file_that_differs_on_every_poll_is_reported_once() {
-        let dir = TempDir::new("churn");
-        let path = dir.0.join("f");
-        std::fs::write(&path, "one").unwrap();
-        let t = text(&path);
+        let (_dir, path, t) = watched("churn", "one");
         let reported = failures(|| {
             for n in 0..(UNSETTLED_REPORT * 3) {
                 std::fs::write(&path, format!("content-{n}")).unwrap();
@@ -710,10 +692,7 @@ mod tests {
 
     #[test]
     fn a_refused_content_is_not_retried_until_it_changes_and_an_explicit_reload_skips_the_wait() {
-        let dir = TempDir::new("refused");
-        let path = dir.0.join("f");
-        std::fs::write(&path, "one").unwrap();
-        let t = text(&path);
+        let (_dir, path, t) = watched("refused", "one");
         std::fs::write(&path, "bad").unwrap();
         poll(&t);
         poll(&t);
@@ -731,10 +710,7 @@ mod tests {
 
     #[test]
     fn a_stale_read_never_replaces_a_later_one() {
-        let dir = TempDir::new("order");
-        let path = dir.0.join("f");
-        std::fs::write(&path, "one").unwrap();
-        let t = text(&path);
+        let (_dir, path, t) = watched("order", "one");
         let files = t.files.as_ref().unwrap();
         std::fs::write(&path, "two").unwrap();
         let older = files.read_all().unwrap();
@@ -799,10 +775,7 @@ mod tests {
             last in 0u8..4,
             rename in proptest::prelude::any::<bool>(),
         ) {
-            let dir = TempDir::new("again");
-            let path = dir.0.join("f");
-            std::fs::write(&path, "content-0").unwrap();
-            let t = text(&path);
+            let (_dir, path, t) = watched("again", "content-0");
             let mut written = vec!["content-0".to_owned()];
             let write = |text: &str, rename: bool| match rename {
                 true => rename_in(&path, text),

@@ -1105,41 +1105,11 @@ fn tokens_of_your_own_format() {
 /// and redacts it as `RedactingMakeWriter` would.
 #[cfg(feature = "redact-writer")]
 mod json_format {
-    use std::io;
-    use std::sync::{Arc, Mutex};
-
     use proptest::prelude::*;
-    use tracing_subscriber::fmt::MakeWriter;
 
     use super::prefilter::text;
     use super::*;
-
-    /// Collects what a subscriber writes.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-
-    impl Capture {
-        fn take(&self) -> String {
-            String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
-        }
-    }
-
-    impl io::Write for Capture {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl MakeWriter<'_> for Capture {
-        type Writer = Capture;
-        fn make_writer(&self) -> Capture {
-            self.clone()
-        }
-    }
+    use crate::test_support::Capture;
 
     /// The line each formatter writes for the event `emit` makes, the timestamps
     /// (read from the clock by each) cut off.
