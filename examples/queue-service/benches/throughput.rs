@@ -1,5 +1,5 @@
 //! Requests per second of `GET /v1/jobs/{id}` over keep-alive loopback connections,
-//! in seven configurations served side by side:
+//! in ten configurations served side by side:
 //!
 //! - `bare`: the handler with no layers (the `Principal` it reads is a fixed
 //!   extension);
@@ -15,22 +15,34 @@
 //!   request carrying the key it checks, no log subscriber;
 //! - `peer-logs`: the same with `tracing-subscriber`'s JSON logs into a sink;
 //! - `bare+1us`: `bare` busy for 1 µs per request before the handler: what one
-//!   microsecond of the server's work per request costs in this measurement.
+//!   microsecond of the server's work per request costs in this measurement;
+//! - `bare-served`: `bare` served as the demo's binary serves (connect info,
+//!   graceful shutdown), where the others are served by a plain `axum::serve`;
+//! - `auth`: the handler behind the crate's authentication layer alone (API keys);
+//! - `peer-auth`: `bare` behind the peer stack's key check alone (tower-http's
+//!   `ValidateRequestHeader`, the key looked up in a set).
 //!
 //! `cargo bench -p queue-service --bench throughput` runs rounds of 1 s, each
 //! loading every configuration in turn, the order reversed every other round; it
 //! prints each configuration's median rate and the median of its per-round ratios
-//! to `bare`, then the medians of the per-round ratios `full` ÷ `fields`, `full` ÷
-//! `peer` and `full-logs` ÷ `peer-logs`. `PORTCULLIS_BENCH_ROUNDS` sets the number of rounds (default 11).
+//! to `bare`, and beside them the server's CPU time per request (its threads' time
+//! on a CPU, user and kernel, over the requests served) and the median of the
+//! per-round ratios of `bare`'s to it; then the medians of the per-round rate ratios
+//! `full` ÷ `fields`, `full` ÷ `peer`, `full-logs` ÷ `peer-logs` and `auth` ÷
+//! `peer-auth`. `PORTCULLIS_BENCH_ROUNDS` sets the number of rounds
+//! (default 11), `PORTCULLIS_BENCH_CONNECTIONS` the load generator's connections
+//! (default 32), `PORTCULLIS_BENCH_SERVER_THREADS` each server's worker threads
+//! (default 2).
 //! `PORTCULLIS_BENCH_CONFIG=<name>` loads that configuration alone for
 //! `PORTCULLIS_BENCH_SECS` (default 10) after 1 s of warm-up, for a profiler.
 //! Without `--bench` (as a test target) it runs one short round as a check.
 //!
-//! Each server has a runtime of its own (two worker threads); the load generator
-//! runs on another. Only `full-logs`'s and `peer-logs`'s threads have a log
-//! subscriber; the other servers' threads have one that takes no event (see
-//! `main`). The bytes of log written are counted, and a run in which either wrote
-//! none fails (and, for one configuration alone, one in which another wrote some).
+//! Each server has a runtime of its own (two worker threads, named
+//! `server-<configuration's position>`); the load generator runs on another. Only
+//! `full-logs`'s and `peer-logs`'s threads have a log subscriber; the other servers'
+//! threads have one that takes no event (see `main`). The bytes of log written are
+//! counted, and a run in which either wrote none fails (and, for one configuration
+//! alone, one in which another wrote some).
 
 mod common;
 #[path = "../../../benches/common/peer.rs"]
@@ -44,7 +56,7 @@ use std::time::Duration;
 use axum::Extension;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -73,11 +85,12 @@ impl std::io::Write for Counted {
     }
 }
 
-/// Keep-alive connections of the load generator.
-const CONNECTIONS: usize = 32;
+/// Keep-alive connections of the load generator, unless `PORTCULLIS_BENCH_CONNECTIONS`
+/// says otherwise.
+const CONNECTIONS: u64 = 32;
 
 /// The configurations, in the order of a round.
-const CONFIGS: [&str; 7] = [
+const CONFIGS: [&str; 10] = [
     "bare",
     "fields",
     "full",
@@ -85,10 +98,13 @@ const CONFIGS: [&str; 7] = [
     "peer",
     "peer-logs",
     "bare+1us",
+    "bare-served",
+    "auth",
+    "peer-auth",
 ];
 
 /// The ratios printed besides those to `bare`: (numerator, denominator).
-const PAIRS: [(usize, usize); 3] = [(2, 1), (2, 4), (3, 5)];
+const PAIRS: [(usize, usize); 4] = [(2, 1), (2, 4), (3, 5), (8, 9)];
 
 /// One served configuration: where, what to ask, with which credential.
 struct Target {
@@ -103,15 +119,46 @@ thread_local! {
 }
 
 /// A runtime for one server, each of its threads with `logs` as its subscriber.
-fn server_runtime(logs: Dispatch) -> Runtime {
+fn server_runtime(which: usize, logs: Dispatch) -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(server_threads())
+        .thread_name(server_thread_name(which))
         .enable_all()
         .on_thread_start(move || {
             LOGS.with(|g| *g.borrow_mut() = Some(tracing::dispatcher::set_default(&logs)));
         })
         .build()
         .unwrap()
+}
+
+/// Worker threads per server: `PORTCULLIS_BENCH_SERVER_THREADS`, else 2.
+fn server_threads() -> usize {
+    usize::try_from(env_number("PORTCULLIS_BENCH_SERVER_THREADS", 2)).unwrap()
+}
+
+/// The name of the threads of configuration `which`'s server.
+fn server_thread_name(which: usize) -> String {
+    format!("server-{which}")
+}
+
+/// The CPU time (ns) the threads of configuration `which`'s server have used so far,
+/// from `/proc/self/task/*/schedstat` (its first field: time on a CPU, user and
+/// kernel). `None` where the kernel does not provide it.
+fn server_cpu_ns(which: usize) -> Option<u64> {
+    let name = server_thread_name(which);
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue; // the thread has ended
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 /// A free loopback port, bound now; the server takes it on its own runtime.
@@ -128,6 +175,25 @@ fn serve_router(rt: &Runtime, router: axum::Router) -> SocketAddr {
     rt.spawn(async move {
         let listener = TcpListener::from_std(listener).unwrap();
         axum::serve(listener, router).await
+    });
+    addr
+}
+
+/// `router` on `rt`, served as the demo's binary serves (connect info, graceful
+/// shutdown).
+fn serve_router_as_demo(rt: &Runtime, router: axum::Router) -> SocketAddr {
+    let (listener, addr) = bind();
+    rt.spawn(async move {
+        let listener = TcpListener::from_std(listener).unwrap();
+        let (_tx, mut rx) = tokio::sync::watch::channel(false);
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        })
+        .await
     });
     addr
 }
@@ -179,6 +245,41 @@ fn peer_router(state: routes::AppState, key: &str) -> axum::Router {
     axum::Router::new()
         .route("/v1/jobs/{id}", get(routes::get_job))
         .layer((peer, Extension(common::client())))
+        .with_state(state)
+}
+
+/// The handler behind the crate's authentication layer alone, API keys only: the
+/// `Principal` the handler reads is the layer's.
+fn auth_router(state: routes::AppState, keys: portcullis::api_key::ApiKeys) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/jobs/{id}", get(routes::get_job))
+        .layer(portcullis::authenticate::AuthenticateLayer::api_keys(keys))
+        .with_state(state)
+}
+
+/// `bare` behind the peer stack's key check alone (tower-http's
+/// `ValidateRequestHeader`, the key looked up in a set).
+// tower-http's `ValidateRequest` returns the refusal as the error of a `Result`.
+#[allow(clippy::result_large_err)]
+fn peer_auth_router(state: routes::AppState, key: &str) -> axum::Router {
+    let keys: std::collections::HashSet<String> = [key.to_owned()].into_iter().collect();
+    let check = tower_http::validate_request::ValidateRequestHeaderLayer::custom(
+        move |req: &mut Request| -> Result<(), Response> {
+            let known = req
+                .headers()
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|k| keys.contains(k));
+            if known {
+                Ok(())
+            } else {
+                Err(axum::http::StatusCode::UNAUTHORIZED.into_response())
+            }
+        },
+    );
+    axum::Router::new()
+        .route("/v1/jobs/{id}", get(routes::get_job))
+        .layer((Extension(common::client()), check))
         .with_state(state)
 }
 
@@ -257,11 +358,11 @@ async fn headers_of(target: &Target) -> HeaderMap {
     res.headers().clone()
 }
 
-/// Requests per second to `target` over [`CONNECTIONS`] connections for `dur`.
-async fn load(target: &Target, dur: Duration) -> f64 {
+/// Requests per second to `target` over `connections` connections for `dur`.
+async fn load(target: &Target, connections: u64, dur: Duration) -> f64 {
     let deadline = tokio::time::Instant::now() + dur;
     let uri: Uri = target.path.parse().unwrap();
-    let tasks: Vec<_> = (0..CONNECTIONS)
+    let tasks: Vec<_> = (0..connections)
         .map(|_| {
             let (addr, uri, auth) = (target.addr, uri.clone(), target.auth.clone());
             tokio::spawn(async move {
@@ -327,15 +428,16 @@ fn main() {
     // reaches the call site first. Were the logs the only one, the first request to
     // `full` would switch the access log off for `full-logs` too.
     let off = Dispatch::new(tracing::subscriber::NoSubscriber::default());
-    let runtimes = [
-        server_runtime(off.clone()),
-        server_runtime(off.clone()),
-        server_runtime(off.clone()),
-        server_runtime(logs),
-        server_runtime(off.clone()),
-        server_runtime(peer_logs),
-        server_runtime(off),
-    ];
+    let subscribers = CONFIGS.map(|name| match name {
+        "full-logs" => logs.clone(),
+        "peer-logs" => peer_logs.clone(),
+        _ => off.clone(),
+    });
+    let runtimes: Vec<Runtime> = subscribers
+        .into_iter()
+        .enumerate()
+        .map(|(which, logs)| server_runtime(which, logs))
+        .collect();
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -363,9 +465,43 @@ fn main() {
     let peer = serve_fixture(&runtimes[4], peer_router, true);
     let peer_logs = serve_fixture(&runtimes[5], peer_router, true);
     let busy = serve_fixture(&runtimes[6], |state, _| busy_router(state), false);
-    let targets = [bare, fields, full, full_logs, peer, peer_logs, busy];
+    let bare_served = {
+        let f = common::fixture();
+        Target {
+            addr: serve_router_as_demo(&runtimes[7], common::bare(f.state)),
+            path: f.path,
+            auth: None,
+        }
+    };
+    let auth = {
+        let (keys, store) = queue_service::guard::demo_keys(&[("client", "jobs:read")]).unwrap();
+        // The job of the fixture belongs to the principal of this key too (`client`).
+        let f = common::fixture();
+        Target {
+            addr: serve_router(&runtimes[8], auth_router(f.state, store)),
+            path: f.path,
+            auth: Some((
+                HeaderName::from_static("x-api-key"),
+                HeaderValue::try_from(keys[0].key.expose_secret()).unwrap(),
+            )),
+        }
+    };
+    let peer_auth = serve_fixture(&runtimes[9], peer_auth_router, true);
+    let targets = [
+        bare,
+        fields,
+        full,
+        full_logs,
+        peer,
+        peer_logs,
+        busy,
+        bare_served,
+        auth,
+        peer_auth,
+    ];
 
     client.block_on(async {
+        let connections = env_number("PORTCULLIS_BENCH_CONNECTIONS", CONNECTIONS);
         if let Some(name) = only {
             let which = CONFIGS.iter().position(|c| *c == name).unwrap();
             let secs = if measuring {
@@ -373,8 +509,8 @@ fn main() {
             } else {
                 1
             };
-            load(&targets[which], Duration::from_secs(1)).await;
-            let rate = load(&targets[which], Duration::from_secs(secs)).await;
+            load(&targets[which], connections, Duration::from_secs(1)).await;
+            let rate = load(&targets[which], connections, Duration::from_secs(secs)).await;
             println!("{name}: {rate:.0} req/s over {secs} s (after 1 s of warm-up)");
             assert_eq!(
                 (
@@ -395,29 +531,47 @@ fn main() {
             (1, Duration::from_millis(100))
         };
         for t in &targets {
-            load(t, dur).await;
+            load(t, connections, dur).await;
         }
         let mut rates: [Vec<f64>; CONFIGS.len()] = Default::default();
+        // The server's CPU time per request (ns), where the kernel reports it.
+        let mut cpu: [Vec<f64>; CONFIGS.len()] = Default::default();
         for round in 0..rounds {
             let mut order: Vec<usize> = (0..CONFIGS.len()).collect();
             if round % 2 == 1 {
                 order.reverse();
             }
             for which in order {
-                rates[which].push(load(&targets[which], dur).await);
+                let before = server_cpu_ns(which);
+                let rate = load(&targets[which], connections, dur).await;
+                if let (Some(a), Some(b)) = (before, server_cpu_ns(which)) {
+                    cpu[which].push(b.saturating_sub(a) as f64 / (rate * dur.as_secs_f64()));
+                }
+                rates[which].push(rate);
             }
         }
         println!(
-            "GET /v1/jobs/{{id}}, {CONNECTIONS} connections, rounds of {dur:?}: {rounds}; \
-             median req/s, and the median of the per-round ratios to bare"
+            "GET /v1/jobs/{{id}}, {connections} connections, rounds of {dur:?}: {rounds}; \
+             median req/s, and the median of the per-round ratios to bare; the server's \
+             CPU time per request, and the median of bare's per-round CPU time over it"
         );
-        for (name, r) in CONFIGS.iter().zip(&rates) {
+        for (which, name) in CONFIGS.iter().enumerate() {
+            let (r, c) = (&rates[which], &cpu[which]);
             let ratios: Vec<f64> = r.iter().zip(&rates[0]).map(|(x, b)| x / b).collect();
-            println!(
+            print!(
                 "{name:>10}: {:>8.0} req/s {:>6.1} %",
                 median(r),
                 100.0 * median(&ratios)
             );
+            if c.len() == rounds {
+                let ratios: Vec<f64> = cpu[0].iter().zip(c).map(|(b, x)| b / x).collect();
+                print!(
+                    "   server CPU {:>5.2} µs/request {:>6.1} %",
+                    median(c) / 1e3,
+                    100.0 * median(&ratios)
+                );
+            }
+            println!();
             assert!(median(r) > 0.0);
         }
         for (a, b) in PAIRS {
