@@ -66,7 +66,6 @@ where
     S::Future: Send + 'static,
     B: HttpBody + Send + 'static,
 {
-    let keys: Arc<HashSet<String>> = Arc::new([key.to_owned()].into_iter().collect());
     let governor = GovernorConfigBuilder::default()
         .per_nanosecond(1)
         .burst_size(1_000_000_000)
@@ -86,22 +85,35 @@ where
                 .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
-        .layer(ValidateRequestHeaderLayer::custom(
-            move |req: &mut Request<B>| -> Result<(), Response<AxumBody>> {
-                let known = req
-                    .headers()
-                    .get("x-api-key")
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|k| keys.contains(k));
-                if known {
-                    Ok(())
-                } else {
-                    let mut res = Response::new(AxumBody::empty());
-                    *res.status_mut() = http::StatusCode::UNAUTHORIZED;
-                    Err(res)
-                }
-            },
-        ))
+        .layer(key_check(key))
         .layer(tower_governor::GovernorLayer::new(governor))
         .service(inner)
+}
+
+/// The peer stack's key check alone: tower-http's `ValidateRequestHeader`, the
+/// `x-api-key` value looked up in a set holding `key`; 401 otherwise.
+// tower-http's `ValidateRequest` returns the refusal as the error of a `Result`.
+#[allow(clippy::result_large_err)]
+pub fn key_check<B>(
+    key: &str,
+) -> ValidateRequestHeaderLayer<
+    impl FnMut(&mut Request<B>) -> Result<(), Response<AxumBody>> + Clone + Send + Sync + use<B>,
+> {
+    let keys: Arc<HashSet<String>> = Arc::new([key.to_owned()].into_iter().collect());
+    ValidateRequestHeaderLayer::custom(
+        move |req: &mut Request<B>| -> Result<(), Response<AxumBody>> {
+            let known = req
+                .headers()
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|k| keys.contains(k));
+            if known {
+                Ok(())
+            } else {
+                let mut res = Response::new(AxumBody::empty());
+                *res.status_mut() = http::StatusCode::UNAUTHORIZED;
+                Err(res)
+            }
+        },
+    )
 }

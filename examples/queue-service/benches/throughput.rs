@@ -56,7 +56,7 @@ use std::time::Duration;
 use axum::Extension;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -259,27 +259,10 @@ fn auth_router(state: routes::AppState, keys: portcullis::api_key::ApiKeys) -> a
 
 /// `bare` behind the peer stack's key check alone (tower-http's
 /// `ValidateRequestHeader`, the key looked up in a set).
-// tower-http's `ValidateRequest` returns the refusal as the error of a `Result`.
-#[allow(clippy::result_large_err)]
 fn peer_auth_router(state: routes::AppState, key: &str) -> axum::Router {
-    let keys: std::collections::HashSet<String> = [key.to_owned()].into_iter().collect();
-    let check = tower_http::validate_request::ValidateRequestHeaderLayer::custom(
-        move |req: &mut Request| -> Result<(), Response> {
-            let known = req
-                .headers()
-                .get("x-api-key")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|k| keys.contains(k));
-            if known {
-                Ok(())
-            } else {
-                Err(axum::http::StatusCode::UNAUTHORIZED.into_response())
-            }
-        },
-    );
     axum::Router::new()
         .route("/v1/jobs/{id}", get(routes::get_job))
-        .layer((Extension(common::client()), check))
+        .layer((Extension(common::client()), peer::key_check(key)))
         .with_state(state)
 }
 
