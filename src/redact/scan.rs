@@ -299,16 +299,29 @@ fn each_match(
     let mut i = 0;
     // The JWT rule failed for every start before this index.
     let mut jwt_fail_until = 0;
+    // A URL's password, found from the `://` before its user name, held back while
+    // the rules run over that user name: a secret there (a key, a token as the user
+    // name) is found as anywhere else. Every other rule's match starts at most a
+    // separator, a quote or its own prefix after the position that found it, so
+    // only this one passes over bytes that no rule has read.
+    let mut held: Option<Match> = None;
     loop {
         i = next(i);
+        if let Some(h) = held.take_if(|h| i >= h.start) {
+            found(&h);
+            i = i.max(h.end);
+            continue;
+        }
         if i >= n {
             break;
         }
         let b = input[i];
+        let mut url = false;
         let m = match b {
             b'=' => field(rules, input, i),
             b':' => {
                 if input[i + 1..].starts_with(b"//") {
+                    url = true;
                     url_credentials(input, i + 3)
                 } else {
                     field(rules, input, i)
@@ -334,7 +347,29 @@ fn each_match(
             }
         };
         match m {
-            Some(m) => {
+            Some(m) if url && held.is_none() => {
+                held = Some(m);
+                i += 1;
+            }
+            Some(mut m) => {
+                if let Some(h) = held.take_if(|h| m.start >= h.start) {
+                    // At or past the password: the password first, and the scan
+                    // goes on after it, as it does after any match.
+                    found(&h);
+                    i = i.max(h.end);
+                    continue;
+                }
+                if let Some(h) = &held {
+                    // In the user name: the match ends at the `:` before the
+                    // password (a field's value would run on through it), so that
+                    // the output reads the same on a second pass: a replacement
+                    // followed by `:` is taken as that replacement alone.
+                    m.end = m.end.min(h.start - 1);
+                    if m.end <= m.start {
+                        i += 1;
+                        continue;
+                    }
+                }
                 found(&m);
                 i = m.end.max(i + 1);
             }

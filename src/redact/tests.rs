@@ -2128,3 +2128,29 @@ mod shape_variants {
         assert_eq!(r(public), public);
     }
 }
+
+#[test]
+fn a_secret_as_a_urls_user_name_is_hidden_with_its_password() {
+    for (text, want) in [
+        (
+            "https://ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789:x-oauth-basic@github.com/org/repo",
+            "https://ghp_****:****@github.com/org/repo",
+        ),
+        (
+            "redis://pc_live_AbCdEfGhIjKlMnOpQrStUvWxYz0123:pw@cache:6379/0",
+            "redis://pc_live_****:****@cache:6379/0",
+        ),
+        (
+            "amqp://'a_oSxfeMEMvtLDPaYs9maZZ53E0eME':@mq",
+            "amqp://'a_****':****@mq",
+        ),
+        // Without a password the user name is read as any other text.
+        (
+            "https://ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789@github.com",
+            "https://ghp_****@github.com",
+        ),
+    ] {
+        assert_eq!(r(text), want, "{text}");
+        assert_eq!(r(want), want, "{want}");
+    }
+}

@@ -108,6 +108,30 @@ proptest! {
         prop_assert_eq!(r.redact(&out), out.as_ref());
     }
 
+    /// A secret as a URL's user name (`https://ghp_…:x-oauth-basic@github.com`) is
+    /// hidden as anywhere else, and so is the password after it.
+    #[test]
+    fn a_secret_as_a_urls_user_name_never_survives(
+        left in noisy_text(),
+        (planted, body) in secret(),
+        scheme in prop::sample::select(vec!["https", "redis", "postgres", "amqp"]),
+        quote in prop::sample::select(vec!["", "'", "(", "!", "%27"]),
+        password in "[A-Za-z0-9._~!$&'()+,;=%-]{0,20}",
+        host in "[a-z]{1,10}(:[0-9]{1,5})?",
+    ) {
+        let text = format!("{left} {scheme}://{quote}{planted}{quote}:{password}@{host}/x");
+        let r = Redactor::new();
+        let out = r.redact(&text);
+        prop_assert!(!out.contains(&body), "{:?} -> {:?}", text, out);
+        let authority = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@[]".contains(&b);
+        if !password.is_empty() && planted.bytes().all(authority) {
+            let shown = format!(":{password}@{host}/x");
+            prop_assert!(!out.ends_with(&shown), "{:?} -> {:?}", text, out);
+        }
+        prop_assert_eq!(r.redact(&out), out.as_ref());
+        prop_assert_eq!(&*r.redact_bytes(text.as_bytes()), out.as_bytes());
+    }
+
     #[test]
     fn secrets_split_across_percent_encodings_are_found(
         (planted, body) in secret(),
