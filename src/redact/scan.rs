@@ -360,11 +360,15 @@ fn each_match(
                     continue;
                 }
                 if let Some(h) = &held {
-                    // In the user name: the match ends at the `:` before the
-                    // password (a field's value would run on through it), so that
-                    // the output reads the same on a second pass: a replacement
-                    // followed by `:` is taken as that replacement alone.
+                    // In the user name: a match that would run on through the `:`
+                    // before the password (a field's value) ends there, and a
+                    // field's value is replaced by `****`, not `REDACTED`, at which
+                    // the URL rule stops: a second pass then reads the same URL
+                    // and makes the same matches.
                     m.end = m.end.min(h.start - 1);
+                    if m.with == REDACTED {
+                        m.with = STARS;
+                    }
                     if m.end <= m.start {
                         i += 1;
                         continue;
@@ -1003,23 +1007,40 @@ fn starts_with_ci(s: &[u8], word: &[u8]) -> bool {
 /// it, the userinfo runs to the authority's last `@` and the password from the
 /// first `:` in it: `redis://:pa@ss;w@host` hides `pa@ss;w`.
 ///
-/// The authority also ends before a `REDACTED` (the field rule's replacement): a
-/// field inside an authority that the first pass hid, with the byte that ended the
-/// authority (`redis://password:?;@` becomes `redis://password:REDACTED;@`), must
-/// not join the `@` after it on a second pass, or redaction would not be
-/// idempotent. A password that itself holds that word is then hidden only by the
-/// field rule, if its user name is a sensitive name.
+/// The authority also ends before a `REDACTED` that starts a word, as the field
+/// rule's replacement does: a field inside an authority that the first pass hid,
+/// with the byte that ended the authority (`redis://password:?;@` becomes
+/// `redis://password:REDACTED;@`, `://(password=x/y':@` becomes
+/// `://(password=REDACTED':@`), must not join the `@` after it on a second pass, or
+/// redaction would not be idempotent. A user name or password that itself starts a
+/// word with that one is then not read as part of a URL; glued to the letters or
+/// digits before it (a token holding the word) it is.
 ///
 /// An authority holds no `/`, so the authorities read from two `://` never
 /// overlap: each byte is read once by this rule, and the work is linear however
 /// long the authority is.
 fn url_credentials(input: &[u8], from: usize) -> Option<Match> {
+    let (_, colon, at) = authority(input, from);
+    let at = at?;
+    let colon = colon.filter(|&c| c < at)?;
+    Some(Match {
+        start: colon + 1,
+        end: at,
+        with: STARS,
+    })
+}
+
+/// The URL authority that starts at `from` (after `://`), as [`url_credentials`]
+/// reads it: where it ends, its first `:` and its last `@`.
+fn authority(input: &[u8], from: usize) -> (usize, Option<usize>, Option<usize>) {
     let mut colon = None;
     let mut at = None;
     let mut j = from;
     while j < input.len()
         && in_authority(input[j])
-        && !(input[j] == b'R' && input[j..].starts_with(REDACTED))
+        && !(input[j] == b'R'
+            && input[j..].starts_with(REDACTED)
+            && (j == 0 || !input[j - 1].is_ascii_alphanumeric()))
     {
         match input[j] {
             b'@' => at = Some(j),
@@ -1028,13 +1049,32 @@ fn url_credentials(input: &[u8], from: usize) -> Option<Match> {
         }
         j += 1;
     }
-    let at = at?;
-    let colon = colon.filter(|&c| c < at)?;
-    Some(Match {
-        start: colon + 1,
-        end: at,
-        with: STARS,
-    })
+    (j, colon, at)
+}
+
+/// The end of a field's value that would end at `e`, when a URL starts in it: not
+/// before the end of that URL's authority, then where `end_from` ends a value
+/// from there, and so on while the value takes in another URL. A delimiter in a
+/// user name (`password=redis://u;x:pw@h`) would otherwise end the value and leave
+/// the password after it, which the URL rule, whose `://` the value took, no
+/// longer sees. Only the last `://` before the end can start an authority that
+/// runs past it (an authority holds no `/`), so each round looks only at what the
+/// last one added: the work is linear.
+fn past_url_authority(
+    input: &[u8],
+    v: usize,
+    mut e: usize,
+    end_from: impl Fn(usize) -> usize,
+) -> usize {
+    let mut from = v;
+    while let Some(k) = input[from..e].windows(3).rposition(|w| w == b"://") {
+        let (a, _, _) = authority(input, from + k + 3);
+        if a <= e {
+            break;
+        }
+        (from, e) = (e - 2, end_from(a));
+    }
+    e
 }
 
 /// Whether `c` can be part of a URL's authority (see [`url_credentials`]).
@@ -1267,12 +1307,17 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         // rules below then run on from its end, as from a value's start.
         let mut e = debug_value(input, v).unwrap_or(v);
         if Rules::is_wide_name(&input[j..name_end]) {
-            while e < input.len()
-                && !matches!(input[e], b'\r' | b'\n' | b'"' | b'\'' | b'\\')
-                && !starts_pem(input, e)
-            {
-                e += 1;
-            }
+            let end_from = |mut e: usize| {
+                while e < input.len()
+                    && !matches!(input[e], b'\r' | b'\n' | b'"' | b'\'' | b'\\')
+                    && !starts_pem(input, e)
+                {
+                    e += 1;
+                }
+                e
+            };
+            e = end_from(e);
+            e = past_url_authority(input, v, e, end_from);
             // Keep the separator to the next field (`"cookie": Sensitive, "x": 1`).
             while e > v && matches!(input[e - 1], b' ' | b',' | b'\t') {
                 e -= 1;
@@ -1283,9 +1328,14 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
                 with: REDACTED,
             });
         }
-        while e < input.len() && !is(input[e], DELIM) && !starts_pem(input, e) {
-            e += 1;
-        }
+        let end_from = |mut e: usize| {
+            while e < input.len() && !is(input[e], DELIM) && !starts_pem(input, e) {
+                e += 1;
+            }
+            e
+        };
+        e = end_from(e);
+        e = past_url_authority(input, v, e, end_from);
         // `password: X-Api-Key: v`: a trailing `:` makes the word a name of its own,
         // left for the rule at that `:`.
         while e > v && input[e - 1] == b':' {

@@ -2144,6 +2144,32 @@ fn a_secret_as_a_urls_user_name_is_hidden_with_its_password() {
             "amqp://'a_oSxfeMEMvtLDPaYs9maZZ53E0eME':@mq",
             "amqp://'a_****':****@mq",
         ),
+        // A field's value in the user name ends at the `:` before the password.
+        (
+            "redis://token=abc0123456789:pw@cache/0 next",
+            "redis://token=****:****@cache/0 next",
+        ),
+        (
+            "https://(cookie=ghp_AbCdE@c00A(:A&@a/x rest",
+            "https://(cookie=****:****@a/x rest",
+        ),
+        // The word `REDACTED` glued inside a user name ends nothing there.
+        (
+            "https://ghp_AbCdEfGhIjKlMnOpQrStUvWxREDACTEDYz0123456789:x-oauth-basic@github.com",
+            "https://ghp_****:****@github.com",
+        ),
+        // A field's replacement in an authority, where the first pass took the `/`
+        // that ended it: a second pass reads no URL across it.
+        (
+            "://(password=ghp_AbCdE@c/oSxfeMEMvtLDPaYs9maZZ53E0eME':@",
+            "://(password=REDACTED':@",
+        ),
+        // A field's value in the user name is replaced by `****` (the URL rule
+        // stops at a `REDACTED`), so that a second pass reads the same URL.
+        (
+            "redis://password=abc0123456789&token:pw@cache/0",
+            "redis://password=****&token:****@cache/0",
+        ),
         // Without a password the user name is read as any other text.
         (
             "https://ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789@github.com",

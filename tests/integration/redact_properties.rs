@@ -132,6 +132,29 @@ proptest! {
         prop_assert_eq!(&*r.redact_bytes(text.as_bytes()), out.as_bytes());
     }
 
+    /// A sensitive field as a URL's user name, its value running into the password
+    /// or not: both hidden, and the output a fixed point.
+    #[test]
+    fn a_sensitive_field_as_a_urls_user_name_is_hidden_once(
+        left in noisy_text(),
+        name in prop::sample::select(vec!["password", "token", "cookie", "authorization", "api_key"]),
+        value in "[A-Za-z0-9]{12,20}",
+        tail in prop::sample::select(vec!["", ";", "&", "'", "&token", ";password", "&x=1", "@x"]),
+        password in "[A-Za-z0-9._~!$&'()+,;=%-]{1,20}",
+        host in "[a-z]{1,10}",
+        right in noisy_text(),
+    ) {
+        let text = format!("{left} redis://{name}={value}{tail}:{password}@{host}/0 {right}");
+        let r = Redactor::new();
+        let out = r.redact(&text);
+        prop_assert!(!out.contains(&value), "{:?} -> {:?}", text, out);
+        if !password.contains('*') {
+            prop_assert!(!out.contains(&format!(":{password}@{host}/0")), "{:?} -> {:?}", text, out);
+        }
+        prop_assert_eq!(r.redact(&out), out.as_ref());
+        prop_assert_eq!(&*r.redact_bytes(text.as_bytes()), out.as_bytes());
+    }
+
     #[test]
     fn secrets_split_across_percent_encodings_are_found(
         (planted, body) in secret(),
