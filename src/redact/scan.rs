@@ -1052,27 +1052,23 @@ fn authority(input: &[u8], from: usize) -> (usize, Option<usize>, Option<usize>)
     (j, colon, at)
 }
 
-/// The end of a field's value that would end at `e`, when a URL starts in it: not
-/// before the end of that URL's authority, then where `end_from` ends a value
-/// from there, and so on while the value takes in another URL. A delimiter in a
-/// user name (`password=redis://u;x:pw@h`) would otherwise end the value and leave
-/// the password after it, which the URL rule, whose `://` the value took, no
-/// longer sees. Only the last `://` before the end can start an authority that
-/// runs past it (an authority holds no `/`), so each round looks only at what the
-/// last one added: the work is linear.
-fn past_url_authority(
-    input: &[u8],
-    v: usize,
-    mut e: usize,
-    end_from: impl Fn(usize) -> usize,
-) -> usize {
-    let mut from = v;
-    while let Some(k) = input[from..e].windows(3).rposition(|w| w == b"://") {
-        let (a, _, _) = authority(input, from + k + 3);
+/// The end of a field's value that starts at `v`: where `end_from(from)` ends it,
+/// or, when a URL starts in it, not before the end of that URL's authority, then
+/// where `end_from` ends a value from there, and so on while the value takes in
+/// another URL. A delimiter in a user name (`password=redis://u;x:pw@h`) would
+/// otherwise end the value and leave the password after it, which the URL rule,
+/// whose `://` the value took, no longer sees. Only the last `://` before the end
+/// can start an authority that runs past it (an authority holds no `/`), so each
+/// round looks only at what the last one added: the work is linear.
+fn value_end(input: &[u8], v: usize, from: usize, end_from: impl Fn(usize) -> usize) -> usize {
+    let mut e = end_from(from);
+    let mut search = v;
+    while let Some(k) = input[search..e].windows(3).rposition(|w| w == b"://") {
+        let (a, _, _) = authority(input, search + k + 3);
         if a <= e {
             break;
         }
-        (from, e) = (e - 2, end_from(a));
+        (search, e) = (e - 2, end_from(a));
     }
     e
 }
@@ -1307,7 +1303,7 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         // rules below then run on from its end, as from a value's start.
         let mut e = debug_value(input, v).unwrap_or(v);
         if Rules::is_wide_name(&input[j..name_end]) {
-            let end_from = |mut e: usize| {
+            e = value_end(input, v, e, |mut e| {
                 while e < input.len()
                     && !matches!(input[e], b'\r' | b'\n' | b'"' | b'\'' | b'\\')
                     && !starts_pem(input, e)
@@ -1315,9 +1311,7 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
                     e += 1;
                 }
                 e
-            };
-            e = end_from(e);
-            e = past_url_authority(input, v, e, end_from);
+            });
             // Keep the separator to the next field (`"cookie": Sensitive, "x": 1`).
             while e > v && matches!(input[e - 1], b' ' | b',' | b'\t') {
                 e -= 1;
@@ -1328,14 +1322,12 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
                 with: REDACTED,
             });
         }
-        let end_from = |mut e: usize| {
+        e = value_end(input, v, e, |mut e| {
             while e < input.len() && !is(input[e], DELIM) && !starts_pem(input, e) {
                 e += 1;
             }
             e
-        };
-        e = end_from(e);
-        e = past_url_authority(input, v, e, end_from);
+        });
         // `password: X-Api-Key: v`: a trailing `:` makes the word a name of its own,
         // left for the rule at that `:`.
         while e > v && input[e - 1] == b':' {
