@@ -2170,6 +2170,11 @@ fn a_secret_as_a_urls_user_name_is_hidden_with_its_password() {
             "redis://password=abc0123456789&token:pw@cache/0",
             "redis://password=****&token:****@cache/0",
         ),
+        // A credential that took a URL's `://` and ends in its user name.
+        (
+            "password=Bearer  https://'pc_live_aAa00A0AaaAaaA0AA0aA0aaAa0aaAA':$@a/x",
+            "password=Bearer  ****'pc_live_****':****@a/x",
+        ),
         // Without a password the user name is read as any other text.
         (
             "https://ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789@github.com",
