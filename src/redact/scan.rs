@@ -376,20 +376,17 @@ fn each_match(
                 }
                 found(&m);
                 i = m.end.max(i + 1);
-                // A match that took a URL's `://` and ends inside its authority (a
-                // scheme word's credential, `password=Bearer https://u;x:pw@h`): the
+                // A match that took a URL's `://` and ends in its user name (a
+                // scheme word's credential, `password=Bearer https://u'x:pw@h`): the
                 // URL rule starts at that `://` and would not run, so its password
                 // is held here, and the rest of the user name read, as above.
                 if held.is_none()
                     && !url
                     && let Some(k) = input[m.start..m.end].windows(3).rposition(|w| w == b"://")
                     && let Some(p) = url_credentials(input, m.start + k + 3)
-                    && p.end > m.end
+                    && p.start > m.end
                 {
-                    held = Some(Match {
-                        start: p.start.max(m.end),
-                        ..p
-                    });
+                    held = Some(p);
                 }
             }
             None => i += 1,
