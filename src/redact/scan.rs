@@ -1077,6 +1077,8 @@ fn value_end(input: &[u8], v: usize, from: usize, end_from: impl Fn(usize) -> us
     let mut search = v;
     while let Some(k) = input[search..e].windows(3).rposition(|w| w == b"://") {
         let (a, _, _) = authority(input, search + k + 3);
+        // Never into a private key block, which its own rule hides whole.
+        let a = (e..a).find(|&p| starts_pem(input, p)).unwrap_or(a);
         if a <= e {
             break;
         }

@@ -2175,6 +2175,11 @@ fn a_secret_as_a_urls_user_name_is_hidden_with_its_password() {
             "password=Bearer  https://'pc_live_aAa00A0AaaAaaA0AA0aA0aaAa0aaAA':$@a/x",
             "password=Bearer  ****'pc_live_****':****@a/x",
         ),
+        // A value holding a URL never runs into a private key block.
+        (
+            "password= https://-----BEGIN PRIVATE KEY-----\nAaaA00AaAA0AaaaAAA0AAAAA0AAaa0a0aAAAAa0aaA000Aa0\n-----END PRIVATE KEY-----:@a/x",
+            "password= REDACTED[REDACTED PRIVATE KEY]:REDACTED",
+        ),
         // Without a password the user name is read as any other text.
         (
             "https://ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789@github.com",
