@@ -1,6 +1,7 @@
-//! The single-pass scanner behind [`Redactor`](super::Redactor).
+//! The scanner behind [`Redactor`](super::Redactor).
 //!
-//! One left-to-right pass over the bytes. Most bytes cost one table lookup: only a
+//! One left-to-right pass over the bytes (made again over its output only in the
+//! rare case [`until_settled`] describes). Most bytes cost one table lookup: only a
 //! few bytes can start a secret shape (the first byte of a known prefix, `-` of a PEM
 //! header, `=` and `:` of a `name=value` pair, `b`/`B` of `Bearer`/`Basic`, `_` or
 //! `%5F` before the body of one of this crate's keys). At such a byte each rule
@@ -243,17 +244,53 @@ struct Match {
 /// byte as [`redact_plain`] reads them: there, setting up the vector searches would
 /// cost more than it saves.
 pub(super) fn redact(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
-    let mut candidates = Candidates::new(rules, input);
-    redact_at(rules, input, |from| candidates.next(from))
+    until_settled(input, |text| {
+        let mut candidates = Candidates::new(rules, text);
+        redact_at(rules, text, |from| candidates.next(from))
+    })
 }
 
 /// The reference scan: one pair-table lookup per byte, no prefilter. What
 /// [`redact`] must agree with.
 #[cfg(any(test, fuzzing))]
 pub(super) fn redact_plain(rules: &Rules, input: &[u8]) -> Option<Vec<u8>> {
-    redact_at(rules, input, |from| {
-        next_candidate(&rules.pairs, input, from)
+    until_settled(input, |text| {
+        redact_at(rules, text, |from| next_candidate(&rules.pairs, text, from))
     })
+}
+
+/// Most passes [`until_settled`] makes over one text.
+const MAX_PASSES: usize = 8;
+
+/// `pass` over `input`, then over its own output again for as long as a pass
+/// reports that the output reads a URL otherwise than the text it came from (see
+/// [`each_match`]):
+/// - a match replaced the byte that ended a URL's authority: the URL rule reads
+///   that authority further in the output, and may find a password there (`://x
+///   Bearer ab/c:pw@h`, whose `ab/c` hid the `/`);
+/// - a match took a URL's `://` and the URL's password was hidden on its own: the
+///   output holds no URL there, and the rules read what was its user name and
+///   password as any other text (`Bearer ://&password:pw@h`, whose `password:` is
+///   then a field).
+///
+/// So the output is redacted again until every rule reads it as it will on any
+/// later pass. Each pass only hides more. Such text is rare (a secret that runs
+/// past the end of a URL's authority, or over its `://`), so nearly every text
+/// takes one pass, and no text more than [`MAX_PASSES`], which keeps the work
+/// linear.
+fn until_settled(input: &[u8], pass: impl Fn(&[u8]) -> (Option<Vec<u8>>, bool)) -> Option<Vec<u8>> {
+    let (mut out, mut again) = pass(input);
+    for _ in 1..MAX_PASSES {
+        let Some(text) = out.as_deref().filter(|_| again) else {
+            break;
+        };
+        let next;
+        (next, again) = pass(text);
+        if next.is_some() {
+            out = next;
+        }
+    }
+    out
 }
 
 /// The spans [`redact`] replaces, in order, each with its replacement.
@@ -269,34 +306,49 @@ pub(super) fn spans(rules: &Rules, input: &[u8]) -> Vec<(std::ops::Range<usize>,
     found
 }
 
-/// [`each_match`], writing the text with every match replaced; `None` when
-/// nothing matched.
-fn redact_at(rules: &Rules, input: &[u8], next: impl FnMut(usize) -> usize) -> Option<Vec<u8>> {
+/// [`each_match`], writing the text with every match replaced (`None` when nothing
+/// matched), and whether the output must be read again.
+fn redact_at(
+    rules: &Rules,
+    input: &[u8],
+    next: impl FnMut(usize) -> usize,
+) -> (Option<Vec<u8>>, bool) {
     let mut out: Option<Vec<u8>> = None;
     let mut last = 0;
-    each_match(rules, input, next, |m| {
+    let again = each_match(rules, input, next, |m| {
         let o = out.get_or_insert_with(|| Vec::with_capacity(input.len()));
         o.extend_from_slice(&input[last..m.start]);
         o.extend_from_slice(m.with);
         last = m.end;
     });
-    let mut o = out?;
+    let Some(mut o) = out else {
+        return (None, false);
+    };
     o.extend_from_slice(&input[last..]);
-    Some(o)
+    (Some(o), again)
 }
 
 /// The scan over the candidate positions `next(from)` returns: the first position at
 /// or after `from` where a rule can start (by the pair table), or `input.len()`.
 /// `from` never decreases from one call to the next. Calls `found` with each match,
 /// in order; matches do not overlap.
+///
+/// Returns whether the output must be read again ([`until_settled`]): a match that
+/// starts in a URL's authority covered the byte that ended it, with a replacement
+/// that an authority runs through (`****`, or `REDACTED` glued to a letter), or a
+/// URL's password was held for a match that took its `://`.
 fn each_match(
     rules: &Rules,
     input: &[u8],
     mut next: impl FnMut(usize) -> usize,
     mut found: impl FnMut(&Match),
-) {
+) -> bool {
     let n = input.len();
     let mut i = 0;
+    // The authority of the last URL the scan read: its first byte and the byte that
+    // ended it (authorities do not overlap, so no earlier one is still open).
+    let mut open: Option<(usize, usize)> = None;
+    let mut again = false;
     // The JWT rule failed for every start before this index.
     let mut jwt_fail_until = 0;
     // A URL's password, found from the `://` before its user name, held back while
@@ -322,7 +374,9 @@ fn each_match(
             b':' => {
                 if input[i + 1..].starts_with(b"//") {
                     url = true;
-                    url_credentials(input, i + 3)
+                    let a = authority(input, i + 3);
+                    open = Some((i + 3, a.0));
+                    url_credentials(a)
                 } else {
                     field(rules, input, i)
                 }
@@ -375,6 +429,11 @@ fn each_match(
                     }
                 }
                 found(&m);
+                if open.is_some_and(|(from, end)| (from..=end).contains(&m.start) && m.end > end)
+                    && (m.with == STARS || m.with == REDACTED)
+                {
+                    again = true;
+                }
                 i = m.end.max(i + 1);
                 // A match that took a URL's `://` and ends in its user name (a
                 // scheme word's credential, `password=Bearer https://u'x:pw@h`): the
@@ -383,15 +442,19 @@ fn each_match(
                 if held.is_none()
                     && !url
                     && let Some(k) = input[m.start..m.end].windows(3).rposition(|w| w == b"://")
-                    && let Some(p) = url_credentials(input, m.start + k + 3)
-                    && p.start > m.end
                 {
-                    held = Some(p);
+                    let a = authority(input, m.start + k + 3);
+                    open = Some((m.start + k + 3, a.0));
+                    if let Some(p) = url_credentials(a).filter(|p| p.start > m.end) {
+                        held = Some(p);
+                        again = true;
+                    }
                 }
             }
             None => i += 1,
         }
     }
+    again
 }
 
 /// Whether a rule can start at a byte `a` followed by `b` (`0` past the end).
@@ -981,8 +1044,14 @@ fn b64token(input: &[u8], start: usize) -> usize {
         while input.get(end) == Some(&b'=') {
             end += 1;
         }
-        // `Bearer password=x` is a name and a value, not a padded token.
-        if end > unpadded && input.get(end).is_some_and(|&c| is(c, ALNUM | UNDERSCORE)) {
+        // `Bearer password=x` is a name and a value, not a padded token; so is
+        // `Bearer password=****`, which a value hidden in a URL's user name becomes
+        // (a second pass must read it as the first did).
+        if end > unpadded
+            && input
+                .get(end)
+                .is_some_and(|&c| c == b'*' || is(c, ALNUM | UNDERSCORE))
+        {
             end = unpadded;
         }
     }
@@ -1009,8 +1078,8 @@ fn starts_with_ci(s: &[u8], word: &[u8]) -> bool {
     s.len() >= word.len() && s[..word.len()].eq_ignore_ascii_case(word)
 }
 
-/// `scheme://user:password@host`: the password becomes `****`. `from` is the index
-/// after `://`.
+/// `scheme://user:password@host`: the password becomes `****`. Reads the
+/// [`authority`] after the `://`.
 ///
 /// The authority is the run of bytes RFC 3986 allows in one (letters, digits,
 /// `-._~`, `%`, the sub-delims `!$&'()*+,;=`, `:`, `@`, `[`, `]`) and of non-ASCII
@@ -1031,8 +1100,7 @@ fn starts_with_ci(s: &[u8], word: &[u8]) -> bool {
 /// An authority holds no `/`, so the authorities read from two `://` never
 /// overlap: each byte is read once by this rule, and the work is linear however
 /// long the authority is.
-fn url_credentials(input: &[u8], from: usize) -> Option<Match> {
-    let (_, colon, at) = authority(input, from);
+fn url_credentials((_, colon, at): (usize, Option<usize>, Option<usize>)) -> Option<Match> {
     let at = at?;
     let colon = colon.filter(|&c| c < at)?;
     Some(Match {
@@ -1042,8 +1110,8 @@ fn url_credentials(input: &[u8], from: usize) -> Option<Match> {
     })
 }
 
-/// The URL authority that starts at `from` (after `://`), as [`url_credentials`]
-/// reads it: where it ends, its first `:` and its last `@`.
+/// The URL authority that starts at `from` (after `://`), from which
+/// [`url_credentials`] reads the password: where it ends, its first `:` and its last `@`.
 fn authority(input: &[u8], from: usize) -> (usize, Option<usize>, Option<usize>) {
     let mut colon = None;
     let mut at = None;
