@@ -293,16 +293,50 @@ fn until_settled(input: &[u8], pass: impl Fn(&[u8]) -> (Option<Vec<u8>>, bool)) 
     out
 }
 
-/// The spans [`redact`] replaces, in order, each with its replacement.
+/// The spans of `input` that [`redact`] replaces, each with its replacement: the
+/// matches of its first pass, in order, then those of each later pass, whose
+/// spans in the text that pass read are taken back to the bytes of `input` they
+/// stand for (a replacement, to the whole span it replaced).
 pub(super) fn spans(rules: &Rules, input: &[u8]) -> Vec<(std::ops::Range<usize>, &'static [u8])> {
-    let mut candidates = Candidates::new(rules, input);
+    use std::ops::Range;
     let mut found = Vec::new();
-    each_match(
-        rules,
-        input,
-        |from| candidates.next(from),
-        |m| found.push((m.start..m.end, m.with)),
-    );
+    let mut text = input.to_vec();
+    // For each byte of `text`, and its end, the bytes of `input` it stands for.
+    let mut origin: Vec<Range<usize>> = (0..=input.len()).map(|k| k..k + 1).collect();
+    for _ in 0..MAX_PASSES {
+        let mut candidates = Candidates::new(rules, &text);
+        let mut pass = Vec::new();
+        let again = each_match(
+            rules,
+            &text,
+            |from| candidates.next(from),
+            |m| pass.push((m.start..m.end, m.with)),
+        );
+        let in_input = |r: &Range<usize>| {
+            let end = if r.is_empty() {
+                origin[r.start].start
+            } else {
+                origin[r.end - 1].end
+            };
+            origin[r.start].start..end
+        };
+        found.extend(pass.iter().map(|(r, with)| (in_input(r), *with)));
+        if !again || pass.is_empty() {
+            break;
+        }
+        let (mut next, mut next_origin) = (Vec::new(), Vec::new());
+        let mut last = 0;
+        for (r, with) in &pass {
+            next.extend_from_slice(&text[last..r.start]);
+            next_origin.extend_from_slice(&origin[last..r.start]);
+            next.extend_from_slice(with);
+            next_origin.extend(std::iter::repeat_n(in_input(r), with.len()));
+            last = r.end;
+        }
+        next.extend_from_slice(&text[last..]);
+        next_origin.extend_from_slice(&origin[last..]);
+        (text, origin) = (next, next_origin);
+    }
     found
 }
 
