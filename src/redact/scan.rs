@@ -300,9 +300,10 @@ fn until_settled(input: &[u8], pass: impl Fn(&[u8]) -> (Option<Vec<u8>>, bool)) 
 pub(super) fn spans(rules: &Rules, input: &[u8]) -> Vec<(std::ops::Range<usize>, &'static [u8])> {
     use std::ops::Range;
     let mut found = Vec::new();
-    let mut text = input.to_vec();
-    // For each byte of `text`, and its end, the bytes of `input` it stands for.
-    let mut origin: Vec<Range<usize>> = (0..=input.len()).map(|k| k..k + 1).collect();
+    let mut text = std::borrow::Cow::Borrowed(input);
+    // For each byte of `text`, and its end, the bytes of `input` it stands for;
+    // `None` while `text` is `input`.
+    let mut origin: Option<Vec<Range<usize>>> = None;
     for _ in 0..MAX_PASSES {
         let mut candidates = Candidates::new(rules, &text);
         let mut pass = Vec::new();
@@ -312,30 +313,31 @@ pub(super) fn spans(rules: &Rules, input: &[u8]) -> Vec<(std::ops::Range<usize>,
             |from| candidates.next(from),
             |m| pass.push((m.start..m.end, m.with)),
         );
-        let in_input = |r: &Range<usize>| {
-            let end = if r.is_empty() {
-                origin[r.start].start
-            } else {
-                origin[r.end - 1].end
-            };
-            origin[r.start].start..end
+        let in_input = |r: &Range<usize>| match &origin {
+            None => r.clone(),
+            Some(o) if r.is_empty() => o[r.start].start..o[r.start].start,
+            Some(o) => o[r.start].start..o[r.end - 1].end,
         };
-        found.extend(pass.iter().map(|(r, with)| (in_input(r), *with)));
+        let here: Vec<_> = pass.iter().map(|(r, with)| (in_input(r), *with)).collect();
         if !again || pass.is_empty() {
+            found.extend(here);
             break;
         }
+        let o = origin.unwrap_or_else(|| (0..=input.len()).map(|k| k..k + 1).collect());
         let (mut next, mut next_origin) = (Vec::new(), Vec::new());
         let mut last = 0;
-        for (r, with) in &pass {
+        for ((r, with), (r_in, _)) in pass.iter().zip(&here) {
             next.extend_from_slice(&text[last..r.start]);
-            next_origin.extend_from_slice(&origin[last..r.start]);
+            next_origin.extend_from_slice(&o[last..r.start]);
             next.extend_from_slice(with);
-            next_origin.extend(std::iter::repeat_n(in_input(r), with.len()));
+            next_origin.extend(std::iter::repeat_n(r_in.clone(), with.len()));
             last = r.end;
         }
         next.extend_from_slice(&text[last..]);
-        next_origin.extend_from_slice(&origin[last..]);
-        (text, origin) = (next, next_origin);
+        next_origin.extend_from_slice(&o[last..]);
+        found.extend(here);
+        text = std::borrow::Cow::Owned(next);
+        origin = Some(next_origin);
     }
     found
 }

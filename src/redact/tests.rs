@@ -2069,6 +2069,13 @@ mod shape_variants {
                 format!("/v1/keys/{k}%30/token=1"),
                 "/v1/keys/billing_live_****0/token=REDACTED".to_owned(),
             ),
+            // A password that only a second pass over the raw form hides (the
+            // token hid the `/` that ended the authority) stays hidden decoded,
+            // where the space ends the authority before it.
+            (
+                "/p/://x%20Bearer%20ab/c:pw2@h/".to_owned(),
+                "/p/://x Bearer ****:****@h/".to_owned(),
+            ),
             // What only the decoded form shows is hidden as before.
             (
                 "/x?next=Bearer%20abcdefgh12%2Bijklmnop".to_owned(),
