@@ -1,6 +1,7 @@
 //! Find secrets in text and replace them, keeping a short hint that is not secret.
 //!
-//! [`Redactor`] applies two kinds of rules in one pass:
+//! [`Redactor`] applies two kinds of rules in one pass over the text (made again
+//! over its output in the rare case the guarantees below name):
 //!
 //! 1. **Field names first.** In `name=value`, `name: value`, `"name":"value"` (also
 //!    JSON-escaped inside a string), `name => value`, with up to 64 spaces or tabs
@@ -101,8 +102,9 @@
 //! - **Idempotent**: redacting redacted text changes nothing (property-tested).
 //! - **Linear time** in the input, whatever it contains: a pass with bounded
 //!   look-around, no backtracking (fuzzed, and benchmarked on adversarial input),
-//!   made again over its output only where a secret ran past the end of a URL's
-//!   authority or over its `://`, at most eight passes in all.
+//!   made again over its output only where a replacement changed how a URL's
+//!   authority reads (a secret ran past its end, or took its `://`), at most eight
+//!   passes in all.
 //! - **Fast on clean text**: a prefilter (SSE2 compares, `memchr` and an
 //!   Aho-Corasick automaton) jumps to the few places where a rule can start, so the
 //!   bytes between them are not looked at one by one; clean text is returned

@@ -14,7 +14,9 @@
 //! Every match ends either at a byte that no rule continues through (the end of a
 //! maximal run, a delimiter, a closing quote) or at the end of the input, and every
 //! replacement ends in `*`, `]` or `REDACTED` followed by that same byte, which is
-//! what makes redaction idempotent (checked by the property tests).
+//! what makes redaction idempotent (checked by the property tests). The one rule
+//! that reads on through other matches, a URL's authority, is why a pass is made
+//! again when a match changed where an authority ends ([`until_settled`]).
 
 use super::{Rules, prefixes};
 use crate::key_format::{BODY_LEN, MAX_PREFIX_LEN, ends_with_checksummed_prefix};
@@ -266,12 +268,12 @@ const MAX_PASSES: usize = 8;
 /// reports that the output reads a URL otherwise than the text it came from (see
 /// [`each_match`]):
 /// - a match replaced the byte that ended a URL's authority: the URL rule reads
-///   that authority further in the output, and may find a password there (`://x
-///   Bearer ab/c:pw@h`, whose `ab/c` hid the `/`);
+///   that authority further in the output, and may find a password there
+///   (`://x%20Bearer%20ab/c:pw@h`, whose `ab/c` hid the `/`);
 /// - a match took a URL's `://` and the URL's password was hidden on its own: the
 ///   output holds no URL there, and the rules read what was its user name and
-///   password as any other text (`Bearer ://&password:pw@h`, whose `password:` is
-///   then a field).
+///   password as any other text (`token='https://u'password:pw@h`, whose quoted
+///   value ends in the user name, and whose `password:****@h` is then a field).
 ///
 /// So the output is redacted again until every rule reads it as it will on any
 /// later pass. Each pass only hides more. Such text is rare (a secret that runs
@@ -370,9 +372,11 @@ fn redact_at(
 /// in order; matches do not overlap.
 ///
 /// Returns whether the output must be read again ([`until_settled`]): a match that
-/// starts in a URL's authority covered the byte that ended it, with a replacement
-/// that an authority runs through (`****`, or `REDACTED` glued to a letter), or a
-/// URL's password was held for a match that took its `://`.
+/// starts in a URL's authority covered the byte that ended it and changed it to a
+/// replacement that an authority may run through (`****`, `REDACTED`), or a URL's
+/// password was held for a match that took its `://`. A match whose bytes are
+/// already its replacement (text redacted before) changes nothing and asks for no
+/// other pass.
 fn each_match(
     rules: &Rules,
     input: &[u8],
@@ -467,12 +471,13 @@ fn each_match(
                 found(&m);
                 if open.is_some_and(|(from, end)| (from..=end).contains(&m.start) && m.end > end)
                     && (m.with == STARS || m.with == REDACTED)
+                    && input[m.start..m.end] != *m.with
                 {
                     again = true;
                 }
                 i = m.end.max(i + 1);
                 // A match that took a URL's `://` and ends in its user name (a
-                // scheme word's credential, `password=Bearer https://u'x:pw@h`): the
+                // quoted value, `password='https://u'x:pw@h`): the
                 // URL rule starts at that `://` and would not run, so its password
                 // is held here, and the rest of the user name read, as above.
                 if held.is_none()
@@ -1084,9 +1089,8 @@ fn b64token(input: &[u8], start: usize) -> usize {
         // `Bearer password=****`, which a value hidden in a URL's user name becomes
         // (a second pass must read it as the first did).
         if end > unpadded
-            && input
-                .get(end)
-                .is_some_and(|&c| c == b'*' || is(c, ALNUM | UNDERSCORE))
+            && (input[end..].starts_with(STARS)
+                || input.get(end).is_some_and(|&c| is(c, ALNUM | UNDERSCORE)))
         {
             end = unpadded;
         }
@@ -1457,14 +1461,21 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         if input[v..e].starts_with(REDACTED) && input.get(v + REDACTED.len()) == Some(&b':') {
             e = v + REDACTED.len();
         }
+        // The end of an unquoted credential that starts at `c`; as a value's, a
+        // credential that holds a URL runs at least to the end of its authority
+        // ([`value_end`]), so that its password is hidden whatever it holds.
+        let to_delimiter = |mut c: usize| {
+            while c < input.len() && !is(input[c], DELIM) {
+                c += 1;
+            }
+            c
+        };
         // An unquoted scheme word: the credential is the next word.
         if is_scheme(&input[v..e]) {
             let mut c = skip_separators(input, e);
             let mut ce = c;
             loop {
-                while ce < input.len() && !is(input[ce], DELIM) {
-                    ce += 1;
-                }
+                ce = to_delimiter(ce);
                 let next = skip_separators(input, ce);
                 if !is_scheme(&input[c..ce]) || next == ce {
                     break;
@@ -1474,17 +1485,14 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
             if c > e && ce > c && !starts_pem(input, c) {
                 return Some(Match {
                     start: c,
-                    end: ce,
+                    end: value_end(input, c, ce, to_delimiter),
                     with: STARS,
                 });
             }
         } else if ends_with_scheme(&input[v..e]) && !starts_pem(input, skip_separators(input, e)) {
             // `password=(Bearer abc`: the credential after the space goes too.
             let c = skip_separators(input, e);
-            let mut ce = c;
-            while ce < input.len() && !is(input[ce], DELIM) {
-                ce += 1;
-            }
+            let ce = value_end(input, c, c, to_delimiter);
             if c > e && ce > c {
                 return Some(Match {
                     start: v,

@@ -2177,10 +2177,22 @@ fn a_secret_as_a_urls_user_name_is_hidden_with_its_password() {
             "redis://password=abc0123456789&token:pw@cache/0",
             "redis://password=****&token:****@cache/0",
         ),
-        // A credential that took a URL's `://` and ends in its user name.
+        // A credential after a scheme word that holds a URL runs through its
+        // authority, as a value does.
         (
             "password=Bearer  https://'pc_live_aAa00A0AaaAaaA0AA0aA0aaAa0aaAA':$@a/x",
-            "password=Bearer  ****'pc_live_****':****@a/x",
+            "password=Bearer  ****",
+        ),
+        (
+            "authorization: Bearer https://u:se;cret@h/",
+            "authorization: Bearer ****",
+        ),
+        // A quoted value that took a URL's `://` and ends in its user name: the
+        // password is hidden, and the output, which holds no URL there, is read
+        // again (`password:****@h` is then a field).
+        (
+            "token='https://u'password:pw@h/",
+            "token='REDACTED'password:REDACTED",
         ),
         // A value holding a URL never runs into a private key block.
         (

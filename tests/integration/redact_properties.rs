@@ -194,6 +194,31 @@ proptest! {
         prop_assert_eq!(&*r.redact_bytes(text.as_bytes()), once.as_bytes());
     }
 
+    /// A URL as the credential after a scheme word, in a sensitive field or not,
+    /// its password holding bytes that end a field's value (`;`, `'`, `,`, `&`):
+    /// no part of the password is shown.
+    #[test]
+    fn a_url_as_a_credential_never_shows_its_password(
+        left in noisy_text(),
+        name in prop::sample::select(vec![
+            "authorization: ", "Authorization=", "password=(", "token=", "x-api-key: ",
+            "password: ", "", "note=",
+        ]),
+        scheme_word in prop::sample::select(vec!["Bearer ", "bearer ", "Basic ", "Bearer%20"]),
+        scheme in prop::sample::select(vec!["https", "redis", "postgres"]),
+        user in "[a-z]{0,6}",
+        head in "[A-Za-z0-9]{8}",
+        delimiter in prop::sample::select(vec![";", "'", ",", "&", "(", ")", "=", "!", "$", "+", "*"]),
+        tail in "[A-Za-z0-9]{8}",
+        rest in prop::sample::select(vec!["@h/x", "@h", "@h:6379/0 x", "@h?token=1"]),
+    ) {
+        let text = format!("{left} {name}{scheme_word}{scheme}://{user}:{head}{delimiter}{tail}{rest}");
+        let r = Redactor::new();
+        let out = r.redact(&text);
+        prop_assert!(!out.contains(&head) && !out.contains(&tail), "{:?} -> {:?}", text, out);
+        prop_assert_eq!(r.redact(&out), out.as_ref());
+    }
+
     /// The same text as a URL path: what the redaction of the raw text hides, on
     /// any of its passes, stays hidden in what `redact_uri_part` shows, raw or
     /// decoded.
