@@ -770,13 +770,15 @@ mod prefilter {
 
         /// The prefiltered scan and the reference scan, which looks at every byte,
         /// give the same output on any bytes, secrets and near-secrets included,
-        /// and redacting that output changes nothing.
+        /// and redacting that output changes nothing in one pass.
         #[test]
         fn the_prefiltered_scan_agrees_with_the_plain_scan(t in text(), cut in 0usize..300) {
             for r in redactors() {
                 let once = r.redact_bytes(&t);
                 prop_assert_eq!(&once, &r.redact_bytes_plain(&t));
                 prop_assert_eq!(&r.redact_bytes(&once), &once, "not idempotent");
+                // Redacted text is read once: it asks for no other pass.
+                prop_assert!(!scan::asks_again(&r.rules, &once), "{:?}", String::from_utf8_lossy(&once));
                 // Every suffix: a candidate at the very start or end of the input.
                 let s = &t[cut.min(t.len())..];
                 prop_assert_eq!(r.redact_bytes(s), r.redact_bytes_plain(s));
@@ -2207,5 +2209,24 @@ fn a_secret_as_a_urls_user_name_is_hidden_with_its_password() {
     ] {
         assert_eq!(r(text), want, "{text}");
         assert_eq!(r(want), want, "{want}");
+    }
+}
+
+/// Text that is already redacted is read once, whatever URL it holds; text whose
+/// replacement changes how a URL's authority reads is read again.
+#[test]
+fn only_a_replacement_that_moves_an_authoritys_end_asks_for_another_pass() {
+    let r = Redactor::new();
+    for settled in [
+        "x://password=REDACTED",
+        "redis://x&password='REDACTED' rest",
+        "://x%20Bearer%20****:****@h",
+        "token='REDACTED'password:REDACTED",
+    ] {
+        assert_eq!(r.redact(settled), settled);
+        assert!(!scan::asks_again(&r.rules, settled.as_bytes()), "{settled}");
+    }
+    for moving in ["://x%20Bearer%20ab/c:pw@h", "token='https://u'password:pw@h/"] {
+        assert!(scan::asks_again(&r.rules, moving.as_bytes()), "{moving}");
     }
 }
