@@ -2226,7 +2226,10 @@ fn only_a_replacement_that_moves_an_authoritys_end_asks_for_another_pass() {
         assert_eq!(r.redact(settled), settled);
         assert!(!scan::asks_again(&r.rules, settled.as_bytes()), "{settled}");
     }
-    for moving in ["://x%20Bearer%20ab/c:pw@h", "token='https://u'password:pw@h/"] {
+    for moving in [
+        "://x%20Bearer%20ab/c:pw@h",
+        "token='https://u'password:pw@h/",
+    ] {
         assert!(scan::asks_again(&r.rules, moving.as_bytes()), "{moving}");
     }
 }
