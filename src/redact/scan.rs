@@ -329,7 +329,8 @@ pub(super) fn spans(rules: &Rules, input: &[u8]) -> Vec<(std::ops::Range<usize>,
             Some(o) => o[r.start].start..o[r.end - 1].end,
         };
         let here: Vec<_> = pass.iter().map(|(r, with)| (in_input(r), *with)).collect();
-        if !again || pass.is_empty() {
+        // A pass that asks for another has matched (see `each_match`).
+        if !again {
             found.extend(here);
             break;
         }
