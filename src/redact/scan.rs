@@ -495,7 +495,10 @@ fn each_match(
                 {
                     let a = authority(input, m.start + k + 3);
                     open = Some((m.start + k + 3, a.0));
-                    if let Some(p) = url_credentials(a).filter(|p| p.start > m.end) {
+                    // The password, or what of it runs on past the match (a quoted
+                    // value that ends inside it: `password=' https://:a'b@h`).
+                    if let Some(mut p) = url_credentials(a).filter(|p| p.end > m.end) {
+                        p.start = p.start.max(m.end);
                         held = Some(p);
                         again = true;
                     }

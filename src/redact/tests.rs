@@ -2196,6 +2196,12 @@ fn a_secret_as_a_urls_user_name_is_hidden_with_its_password() {
             "token='https://u'password:pw@h/",
             "token='REDACTED'password:REDACTED",
         ),
+        // A quoted value that ends inside a URL's password: the rest of the
+        // password is hidden too.
+        (
+            "password=' authorization: Bearer https://:0a0A0aA0'0AaaA00A@h/x",
+            "password='REDACTED",
+        ),
         // A value holding a URL never runs into a private key block.
         (
             "password= https://-----BEGIN PRIVATE KEY-----\nAaaA00AaAA0AaaaAAA0AAAAA0AAaa0a0aAAAAa0aaA000Aa0\n-----END PRIVATE KEY-----:@a/x",
