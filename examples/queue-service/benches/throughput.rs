@@ -90,7 +90,7 @@ impl std::io::Write for Counted {
 const CONNECTIONS: u64 = 32;
 
 /// The configurations, in the order of a round.
-const CONFIGS: [&str; 10] = [
+const CONFIGS: [&str; 12] = [
     "bare",
     "fields",
     "full",
@@ -101,10 +101,12 @@ const CONFIGS: [&str; 10] = [
     "bare-served",
     "auth",
     "peer-auth",
+    "auth-fields",
+    "peer-auth-fields",
 ];
 
 /// The ratios printed besides those to `bare`: (numerator, denominator).
-const PAIRS: [(usize, usize); 4] = [(2, 1), (2, 4), (3, 5), (8, 9)];
+const PAIRS: [(usize, usize); 6] = [(2, 1), (2, 4), (3, 5), (8, 9), (10, 1), (11, 1)];
 
 /// One served configuration: where, what to ask, with which credential.
 struct Target {
@@ -255,6 +257,18 @@ fn auth_router(state: routes::AppState, keys: portcullis::api_key::ApiKeys) -> a
         .route("/v1/jobs/{id}", get(routes::get_job))
         .layer(portcullis::authenticate::AuthenticateLayer::api_keys(keys))
         .with_state(state)
+}
+
+/// `router` sending `fields` on every response, the same way as [`fields_router`].
+fn with_fields(router: axum::Router, fields: HeaderMap) -> axum::Router {
+    router.layer(tower::util::MapResponseLayer::new(
+        move |mut res: Response| {
+            for (k, v) in &fields {
+                res.headers_mut().insert(k, v.clone());
+            }
+            res
+        },
+    ))
 }
 
 /// `bare` behind the peer stack's key check alone (tower-http's
@@ -444,7 +458,11 @@ fn main() {
         assert!(names.contains(&required), "{names:?}");
     }
     println!("fields: {}", names.join(", "));
-    let fields = serve_fixture(&runtimes[1], |state, _| fields_router(state, added), false);
+    let fields = serve_fixture(
+        &runtimes[1],
+        |state, _| fields_router(state, added.clone()),
+        false,
+    );
     let peer = serve_fixture(&runtimes[4], peer_router, true);
     let peer_logs = serve_fixture(&runtimes[5], peer_router, true);
     let busy = serve_fixture(&runtimes[6], |state, _| busy_router(state), false);
@@ -470,6 +488,25 @@ fn main() {
         }
     };
     let peer_auth = serve_fixture(&runtimes[9], peer_auth_router, true);
+    // The least a stack that checks a key and sends the required fields does.
+    let auth_fields = {
+        let (keys, store) = queue_service::guard::demo_keys(&[("client", "jobs:read")]).unwrap();
+        let f = common::fixture();
+        let router = with_fields(auth_router(f.state, store), added.clone());
+        Target {
+            addr: serve_router(&runtimes[10], router),
+            path: f.path,
+            auth: Some((
+                HeaderName::from_static("x-api-key"),
+                HeaderValue::try_from(keys[0].key.expose_secret()).unwrap(),
+            )),
+        }
+    };
+    let peer_auth_fields = serve_fixture(
+        &runtimes[11],
+        |state, key| with_fields(peer_auth_router(state, key), added.clone()),
+        true,
+    );
     let targets = [
         bare,
         fields,
@@ -481,6 +518,8 @@ fn main() {
         bare_served,
         auth,
         peer_auth,
+        auth_fields,
+        peer_auth_fields,
     ];
 
     client.block_on(async {
@@ -542,7 +581,7 @@ fn main() {
             let (r, c) = (&rates[which], &cpu[which]);
             let ratios: Vec<f64> = r.iter().zip(&rates[0]).map(|(x, b)| x / b).collect();
             print!(
-                "{name:>10}: {:>8.0} req/s {:>6.1} %",
+                "{name:>16}: {:>8.0} req/s {:>6.1} %",
                 median(r),
                 100.0 * median(&ratios)
             );
@@ -560,7 +599,7 @@ fn main() {
         for (a, b) in PAIRS {
             let ratios: Vec<f64> = rates[a].iter().zip(&rates[b]).map(|(x, y)| x / y).collect();
             println!(
-                "{:>10} ÷ {}: {:.1} %",
+                "{:>16} ÷ {}: {:.1} %",
                 CONFIGS[a],
                 CONFIGS[b],
                 100.0 * median(&ratios)
