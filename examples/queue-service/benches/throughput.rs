@@ -224,16 +224,20 @@ fn serve_full(rt: &Runtime) -> Target {
 fn fields_router(state: routes::AppState, fields: HeaderMap) -> axum::Router {
     axum::Router::new()
         .route("/v1/jobs/{id}", get(routes::get_job))
-        .layer((
-            Extension(common::client()),
-            tower::util::MapResponseLayer::new(move |mut res: Response| {
-                for (k, v) in &fields {
-                    res.headers_mut().insert(k, v.clone());
-                }
-                res
-            }),
-        ))
+        .layer((Extension(common::client()), fields_layer(fields)))
         .with_state(state)
+}
+
+/// A layer that sets `fields` on every response.
+fn fields_layer(
+    fields: HeaderMap,
+) -> tower::util::MapResponseLayer<impl Fn(Response) -> Response + Clone> {
+    tower::util::MapResponseLayer::new(move |mut res: Response| {
+        for (k, v) in &fields {
+            res.headers_mut().insert(k, v.clone());
+        }
+        res
+    })
 }
 
 /// `bare` inside the peer stack, which checks `key`.
@@ -257,18 +261,6 @@ fn auth_router(state: routes::AppState, keys: portcullis::api_key::ApiKeys) -> a
         .route("/v1/jobs/{id}", get(routes::get_job))
         .layer(portcullis::authenticate::AuthenticateLayer::api_keys(keys))
         .with_state(state)
-}
-
-/// `router` sending `fields` on every response, the same way as [`fields_router`].
-fn with_fields(router: axum::Router, fields: HeaderMap) -> axum::Router {
-    router.layer(tower::util::MapResponseLayer::new(
-        move |mut res: Response| {
-            for (k, v) in &fields {
-                res.headers_mut().insert(k, v.clone());
-            }
-            res
-        },
-    ))
 }
 
 /// `bare` behind the peer stack's key check alone (tower-http's
@@ -315,6 +307,21 @@ fn serve_fixture(
         addr: serve_router(rt, router(f.state, &f.key)),
         path: f.path,
         auth,
+    }
+}
+
+/// [`auth_router`] with a fresh fixture's state, wrapped by `wrap`, on `rt`; the
+/// requests carry a key of the principal the fixture's job belongs to (`client`).
+fn serve_auth(rt: &Runtime, wrap: impl FnOnce(axum::Router) -> axum::Router) -> Target {
+    let (keys, store) = queue_service::guard::demo_keys(&[("client", "jobs:read")]).unwrap();
+    let f = common::fixture();
+    Target {
+        addr: serve_router(rt, wrap(auth_router(f.state, store))),
+        path: f.path,
+        auth: Some((
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::try_from(keys[0].key.expose_secret()).unwrap(),
+        )),
     }
 }
 
@@ -474,37 +481,15 @@ fn main() {
             auth: None,
         }
     };
-    let auth = {
-        let (keys, store) = queue_service::guard::demo_keys(&[("client", "jobs:read")]).unwrap();
-        // The job of the fixture belongs to the principal of this key too (`client`).
-        let f = common::fixture();
-        Target {
-            addr: serve_router(&runtimes[8], auth_router(f.state, store)),
-            path: f.path,
-            auth: Some((
-                HeaderName::from_static("x-api-key"),
-                HeaderValue::try_from(keys[0].key.expose_secret()).unwrap(),
-            )),
-        }
-    };
+    let auth = serve_auth(&runtimes[8], |router| router);
     let peer_auth = serve_fixture(&runtimes[9], peer_auth_router, true);
     // The least a stack that checks a key and sends the required fields does.
-    let auth_fields = {
-        let (keys, store) = queue_service::guard::demo_keys(&[("client", "jobs:read")]).unwrap();
-        let f = common::fixture();
-        let router = with_fields(auth_router(f.state, store), added.clone());
-        Target {
-            addr: serve_router(&runtimes[10], router),
-            path: f.path,
-            auth: Some((
-                HeaderName::from_static("x-api-key"),
-                HeaderValue::try_from(keys[0].key.expose_secret()).unwrap(),
-            )),
-        }
-    };
+    let auth_fields = serve_auth(&runtimes[10], |router| {
+        router.layer(fields_layer(added.clone()))
+    });
     let peer_auth_fields = serve_fixture(
         &runtimes[11],
-        |state, key| with_fields(peer_auth_router(state, key), added.clone()),
+        |state, key| peer_auth_router(state, key).layer(fields_layer(added.clone())),
         true,
     );
     let targets = [
