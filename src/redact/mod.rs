@@ -133,10 +133,12 @@
 //! of the input (a writer's event); with its line breaks escaped, as in a JSON
 //! string, or on one line, to the first unescaped `"` that can end a JSON string
 //! (followed by `,`, `:`, `}`, `]` or the end) or the end of the input. A URL's
-//! authority ends at `/`, `?`, `#`, whitespace, `"`, `\`, another byte RFC 3986
-//! does not allow in one, or the word `REDACTED`: a password holding one of these
-//! unescaped, with no `@` after it in the authority, is not found by the URL rule
-//! (only by the field rule, when its user name is a sensitive name).
+//! authority holds what a URL parser keeps in one, `^{}|<>` and `` ` `` included,
+//! which the WHATWG parser takes into a password as written; it ends at `/`, `?`,
+//! `#`, whitespace, `"`, `\`, a control character, or the word `REDACTED`: a
+//! password holding one of these unescaped, with no `@` after it in the authority,
+//! is not found by the URL rule (only by the field rule, when its user name is a
+//! sensitive name).
 //!
 //! A field name is read
 //! after decoding its percent-escapes (`api%5Fkey`) and JSON escapes

@@ -1133,12 +1133,18 @@ fn starts_with_ci(s: &[u8], word: &[u8]) -> bool {
 /// `scheme://user:password@host`: the password becomes `****`. Reads the
 /// [`authority`] after the `://`.
 ///
-/// The authority is the run of bytes RFC 3986 allows in one (letters, digits,
-/// `-._~`, `%`, the sub-delims `!$&'()*+,;=`, `:`, `@`, `[`, `]`) and of non-ASCII
-/// bytes, which URL parsers percent-encode; it ends at `/`, `?`, `#`, whitespace,
-/// a `"`, a `\`, any other byte or the end of the input. As the `url` crate reads
-/// it, the userinfo runs to the authority's last `@` and the password from the
-/// first `:` in it: `redis://:pa@ss;w@host` hides `pa@ss;w`.
+/// The authority is the run of bytes a URL parser keeps in one: those RFC 3986
+/// allows (letters, digits, `-._~`, `%`, the sub-delims `!$&'()*+,;=`, `:`, `@`,
+/// `[`, `]`), and those the WHATWG parser (the `url` crate's, which the `redis`
+/// and `reqwest` crates use) also takes into a user name or password and
+/// percent-encodes there: `^`, `{`, `}`, `|`, `<`, `>`, `` ` `` and non-ASCII
+/// bytes. A generated password holding them works in such a URL written as is
+/// (`redis://:Xy7^k{9|Q@cache`), so it must be hidden as written. The authority
+/// ends at `/`, `?`, `#`, whitespace, a `"`, a `\`, a control character or the end
+/// of the input: bytes that end a URL in the text around it (a quoted string, a
+/// JSON string, a sentence). As the `url` crate reads it, the userinfo runs to the
+/// authority's last `@` and the password from the first `:` in it:
+/// `redis://:pa@ss;w@host` hides `pa@ss;w`.
 ///
 /// The authority also ends before a `REDACTED` that starts a word, as the field
 /// rule's replacement does: a field inside an authority that the first pass hid,
@@ -1209,7 +1215,7 @@ fn value_end(input: &[u8], v: usize, from: usize, end_from: impl Fn(usize) -> us
 
 /// Whether `c` can be part of a URL's authority (see [`url_credentials`]).
 fn in_authority(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c >= 0x80 || b"-._~%!$&'()*+,;=:@[]".contains(&c)
+    c.is_ascii_alphanumeric() || c >= 0x80 || b"-._~%!$&'()*+,;=:@[]^{}|<>`".contains(&c)
 }
 
 /// `-----BEGIN … PRIVATE KEY-----` and everything after it up to and including

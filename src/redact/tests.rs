@@ -163,6 +163,22 @@ fn urls_with_passwords() {
         "postgres://app:****@db/app"
     );
     assert_eq!(r("url=\"amqp://u:p@h\""), "url=\"amqp://u:****@h\"");
+    // What the WHATWG parser takes into a password as written (`^{}|<>` and `` ` ``).
+    assert_eq!(
+        r("redis://:Xy7^k{9|Q@cache:6379"),
+        "redis://:****@cache:6379"
+    );
+    assert_eq!(
+        r("postgres://app:a<b>c`d@db/app"),
+        "postgres://app:****@db/app"
+    );
+    assert_eq!(
+        r("{\"url\":\"redis://u:Xy7^k{9}|Q@cache\",\"n\":1}"),
+        "{\"url\":\"redis://u:****@cache\",\"n\":1}"
+    );
+    // A URL in braces or angle brackets keeps them.
+    assert_eq!(r("<https://u:p@h>"), "<https://u:****@h>");
+    assert_eq!(r("{redis://u:p@h}"), "{redis://u:****@h}");
     assert_eq!(
         r("https://example.com:8443/x@y"),
         "https://example.com:8443/x@y"

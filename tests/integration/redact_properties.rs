@@ -29,7 +29,7 @@ fn noisy_text() -> impl Strategy<Value = String> {
 /// (`/` in a bearer token, a field's value), then a byte that ends it or not.
 fn url_piece() -> impl Strategy<Value = String> {
     let part = prop_oneof![
-        3 => "[A-Za-z0-9._~!$&'()+,;=-]{0,6}",
+        3 => "[A-Za-z0-9._~!$&'()+,;=^{}|<>`-]{0,6}",
         2 => prop::sample::select(vec![":", "@", ":@", "%2F", "%1D", "%20", "**", "REDACTED"])
             .prop_map(str::to_owned),
         2 => (
@@ -129,7 +129,8 @@ fn authority_piece() -> impl Strategy<Value = String> {
         2 => "[a-z0-9]{0,4}",
         3 => prop::sample::select(vec![
             "'", "(", ")", ";", ",", "&", "=", "!", "$", "+", "*", ":", "@", "~", ".", "-", "_",
-            "[", "]", "%22", "%27", "%5C", "%20", "%3A", "%40", "password=", "token:", "Bearer",
+            "[", "]", "^", "{", "}", "|", "<", ">", "`", "%22", "%27", "%5C", "%20", "%3A", "%40",
+            "password=", "token:", "Bearer",
             "Bearer%20", "Basic", "pc_live_", "eyJ", "sk-", "Some(", "cookie=", "**", "**:",
         ])
         .prop_map(str::to_owned),
@@ -198,14 +199,15 @@ proptest! {
         (planted, body) in secret(),
         scheme in prop::sample::select(vec!["https", "redis", "postgres", "amqp"]),
         quote in prop::sample::select(vec!["", "'", "(", "!", "%27"]),
-        password in "[A-Za-z0-9._~!$&'()+,;=%-]{0,20}",
+        password in "[A-Za-z0-9._~!$&'()+,;=%^{}|<>`-]{0,20}",
         host in "[a-z]{1,10}(:[0-9]{1,5})?",
     ) {
         let text = format!("{left} {scheme}://{quote}{planted}{quote}:{password}@{host}/x");
         let r = Redactor::new();
         let out = r.redact(&text);
         prop_assert!(!out.contains(&body), "{:?} -> {:?}", text, out);
-        let authority = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@[]".contains(&b);
+        let authority =
+            |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@[]^{}|<>`".contains(&b);
         if !password.is_empty() && planted.bytes().all(authority) {
             let shown = format!(":{password}@{host}/x");
             prop_assert!(!out.ends_with(&shown), "{:?} -> {:?}", text, out);
@@ -222,7 +224,7 @@ proptest! {
         name in prop::sample::select(vec!["password", "token", "cookie", "authorization", "api_key"]),
         value in "[A-Za-z0-9]{12,20}",
         tail in prop::sample::select(vec!["", ";", "&", "'", "&token", ";password", "&x=1", "@x"]),
-        password in "[A-Za-z0-9._~!$&'()+,;=%-]{1,20}",
+        password in "[A-Za-z0-9._~!$&'()+,;=%^{}|<>`-]{1,20}",
         host in "[a-z]{1,10}",
         right in noisy_text(),
     ) {
