@@ -1488,18 +1488,25 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
             }
             c
         };
-        // An unquoted scheme word: the credential is the next word.
-        if is_scheme(&input[v..e]) {
-            let mut c = skip_separators(input, e);
+        // The credential after a scheme word that ends at `from`: the next word, or,
+        // while that word names a credential in its place ([`names_credential`]:
+        // `Bearer {Bearer abc`), the word after it.
+        let credential = |from: usize| {
+            let mut c = skip_separators(input, from);
             let mut ce = c;
             loop {
                 ce = to_delimiter(ce);
                 let next = skip_separators(input, ce);
-                if !is_scheme(&input[c..ce]) || next == ce {
-                    break;
+                if !names_credential(&input[c..ce]) || next == ce {
+                    return (c, ce);
                 }
                 (c, ce) = (next, next);
             }
+        };
+        if is_scheme(&input[v..e]) {
+            // An unquoted scheme word: the credential is hidden, the words before
+            // it kept.
+            let (c, ce) = credential(e);
             if c > e && ce > c && !starts_pem(input, c) {
                 return Some(Match {
                     start: c,
@@ -1507,14 +1514,13 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
                     with: STARS,
                 });
             }
-        } else if ends_with_scheme(&input[v..e]) && !starts_pem(input, skip_separators(input, e)) {
+        } else if ends_with_scheme(&input[v..e]) {
             // `password=(Bearer abc`: the credential after the space goes too.
-            let c = skip_separators(input, e);
-            let ce = value_end(input, c, c, to_delimiter);
-            if c > e && ce > c {
+            let (c, ce) = credential(e);
+            if c > e && ce > c && !starts_pem(input, c) {
                 return Some(Match {
                     start: v,
-                    end: ce,
+                    end: value_end(input, c, ce, to_delimiter),
                     with: REDACTED,
                 });
             }
@@ -1676,6 +1682,40 @@ fn ends_with_escaped_separator(b: &[u8]) -> bool {
     n >= 3
         && b[n - 3] == b'%'
         && matches!((hex(b[n - 2]), hex(b[n - 1])), (Some(h), Some(l)) if !(h << 4 | l).is_ascii_alphanumeric())
+}
+
+/// Whether `word` names a credential rather than being one: a scheme word, alone
+/// or glued after bytes that are neither letters, digits, `/` nor a lone `%`
+/// (`{Bearer`, `(Basic`, `%22Bearer`). The field rule then takes the word after
+/// it as the credential, and keeps `word` as it is: it holds nothing another rule
+/// reads (no name, no prefix of a shape, no `://`), so the scan loses nothing by
+/// going on after the credential.
+fn names_credential(word: &[u8]) -> bool {
+    SCHEMES.iter().any(|s| {
+        let Some(split) = word.len().checked_sub(s.len()) else {
+            return false;
+        };
+        if !word[split..].eq_ignore_ascii_case(s) {
+            return false;
+        }
+        let mut before = &word[..split];
+        loop {
+            match before {
+                [] => return true,
+                [rest @ .., b'%', h, l]
+                    if hex(*h)
+                        .zip(hex(*l))
+                        .is_some_and(|(h, l)| !(h << 4 | l).is_ascii_alphanumeric()) =>
+                {
+                    before = rest;
+                }
+                [rest @ .., c] if !c.is_ascii_alphanumeric() && !matches!(c, b'/' | b'%') => {
+                    before = rest;
+                }
+                _ => return false,
+            }
+        }
+    })
 }
 
 fn is_scheme(word: &[u8]) -> bool {

@@ -2255,3 +2255,36 @@ fn only_a_replacement_that_moves_an_authoritys_end_asks_for_another_pass() {
         assert!(scan::asks_again(&r.rules, moving.as_bytes()), "{moving}");
     }
 }
+
+/// A scheme word glued to a byte that is not a letter or digit, after a field's
+/// scheme word, names the credential after it: that credential is hidden.
+#[test]
+fn a_scheme_word_after_a_fields_scheme_word_names_the_next_credential() {
+    for glue in ["{", "(", "[", ":", "=", "^", "`", "%22"] {
+        let text = format!("Bearer :Bearer {glue}Bearer aa0aa0aAa00aaaAAAaaAAaaA ");
+        let out = r(&text);
+        assert!(
+            !out.contains("aa0aa0aAa00aaaAAAaaAAaaA"),
+            "{text:?} -> {out:?}"
+        );
+        let text = format!("authorization: Basic {glue}Bearer Zm9vOmJhcg== x");
+        let out = r(&text);
+        assert!(!out.contains("Zm9vOmJhcg"), "{text:?} -> {out:?}");
+        // After a value that ends with a scheme word, too.
+        let text = format!("Bearer :¡Bearer {glue}Bearer aa0aa0aAa00aaaAAAaaAAaaA ");
+        let out = r(&text);
+        assert!(
+            !out.contains("aa0aa0aAa00aaaAAAaaAAaaA"),
+            "{text:?} -> {out:?}"
+        );
+    }
+    // A word that holds more than a scheme word is the credential: a URL in it is
+    // hidden with its password, not passed over.
+    let out = r("authorization: Bearer https://:AAAAAAAAAA@h-Bearer a");
+    assert!(!out.contains("AAAAAAAAAA"), "{out:?}");
+    assert_eq!(
+        r("token: Bearer (Bearer abc123xyz"),
+        "token: Bearer (Bearer ****"
+    );
+    assert_eq!(r("password=(Bearer (Basic abc123xyz"), "password=REDACTED");
+}
