@@ -1215,7 +1215,37 @@ fn value_end(input: &[u8], v: usize, from: usize, end_from: impl Fn(usize) -> us
 
 /// Whether `c` can be part of a URL's authority (see [`url_credentials`]).
 fn in_authority(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c >= 0x80 || b"-._~%!$&'()*+,;=:@[]^{}|<>`".contains(&c)
+    c.is_ascii_alphanumeric()
+        || c >= 0x80
+        || matches!(
+            c,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'%'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+                | b'['
+                | b']'
+                | b'^'
+                | b'{'
+                | b'}'
+                | b'|'
+                | b'<'
+                | b'>'
+                | b'`'
+        )
 }
 
 /// `-----BEGIN … PRIVATE KEY-----` and everything after it up to and including
