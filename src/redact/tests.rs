@@ -2288,3 +2288,20 @@ fn a_scheme_word_after_a_fields_scheme_word_names_the_next_credential() {
     );
     assert_eq!(r("password=(Bearer (Basic abc123xyz"), "password=REDACTED");
 }
+
+/// A private key as a JSON-escaped quoted value under a sensitive name (a `Debug`
+/// print of a configuration in a JSON log line) is hidden whole, not only its
+/// first line.
+#[test]
+fn a_private_key_in_an_escaped_quoted_value_is_hidden_whole() {
+    let body = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC";
+    for line in [
+        "{\"message\":\"loaded Config { private_key: \\\"-----BEGIN PRIVATE KEY-----\\\\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\\\\n-----END PRIVATE KEY-----\\\" }\"}",
+        "{\"message\":\"password=\\\" -----BEGIN EC PRIVATE KEY-----\\\\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\\\\n-----END EC PRIVATE KEY-----\\\"\"}",
+    ] {
+        let out = r(line);
+        assert!(!out.contains(body), "{line} -> {out}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
+        assert!(v["message"].is_string());
+    }
+}
