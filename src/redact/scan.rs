@@ -1421,9 +1421,11 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         let start = v + 2;
         // It ends before a private key block, which its own rule hides whole (its
         // line breaks are escaped here, so a `\` would end the value in its first line).
-        let end = (start..input.len())
-            .find(|&p| matches!(input[p], b'\\' | b'"') || starts_pem(input, p))
-            .unwrap_or(input.len());
+        let end = input[start..]
+            .iter()
+            .position(|&c| c == b'\\' || c == b'"')
+            .map_or(input.len(), |p| start + p);
+        let end = (start..end).find(|&p| starts_pem(input, p)).unwrap_or(end);
         (start, end)
     } else if v < input.len() && (input[v] == b'"' || input[v] == b'\'') {
         let q = input[v];
