@@ -1733,19 +1733,16 @@ fn names_credential(word: &[u8]) -> bool {
         }
         let mut before = &word[..split];
         loop {
-            match before {
-                [] => return true,
-                [rest @ .., b'%', h, l]
-                    if hex(*h)
-                        .zip(hex(*l))
-                        .is_some_and(|(h, l)| !(h << 4 | l).is_ascii_alphanumeric()) =>
-                {
+            if ends_with_escaped_separator(before) {
+                before = &before[..before.len() - 3];
+                continue;
+            }
+            match before.split_last() {
+                None => return true,
+                Some((c, rest)) if !c.is_ascii_alphanumeric() && !matches!(c, b'/' | b'%') => {
                     before = rest;
                 }
-                [rest @ .., c] if !c.is_ascii_alphanumeric() && !matches!(c, b'/' | b'%') => {
-                    before = rest;
-                }
-                _ => return false,
+                Some(_) => return false,
             }
         }
     })
