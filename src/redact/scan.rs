@@ -1515,8 +1515,9 @@ fn field_closely(rules: &Rules, input: &[u8], sep: usize) -> Option<Match> {
         // The end of an unquoted credential that starts at `c`; as a value's, a
         // credential that holds a URL runs at least to the end of its authority
         // ([`value_end`]), so that its password is hidden whatever it holds.
+        // It stops before a private key block, as a value does, for the block's rule.
         let to_delimiter = |mut c: usize| {
-            while c < input.len() && !is(input[c], DELIM) {
+            while c < input.len() && !is(input[c], DELIM) && !starts_pem(input, c) {
                 c += 1;
             }
             c

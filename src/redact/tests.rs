@@ -2305,3 +2305,21 @@ fn a_private_key_in_an_escaped_quoted_value_is_hidden_whole() {
         assert!(v["message"].is_string());
     }
 }
+
+/// A credential after a scheme word that runs into a private key block ends before
+/// it: the block is hidden whole by its own rule.
+#[test]
+fn a_credential_that_runs_into_a_private_key_block_leaves_it_to_its_rule() {
+    let body = "A0aAAAaaa0A0aaA0aaaA0aa0A0AaA0AaA0aa0aaA0A0aaaaa";
+    for text in [
+        format!(
+            "password=token https://-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----:@a/x"
+        ),
+        format!(
+            "authorization: Bearer x-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----"
+        ),
+    ] {
+        let out = r(&text);
+        assert!(!out.contains(body), "{text:?} -> {out:?}");
+    }
+}
